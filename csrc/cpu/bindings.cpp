@@ -1,0 +1,276 @@
+// Python bindings of the CPU extension `l2m_kernels._C`: tensor checks, then the plain-struct
+// launchers of merge.h. The Python layer validates first; these checks are the last line that
+// keeps a bad call from reading or writing out of bounds. Every function returns None, writes
+// every element of its preallocated outputs (passed last) and runs with the GIL released.
+#include <torch/extension.h>
+
+#include <ATen/MemoryOverlap.h>
+
+#include <initializer_list>
+#include <string>
+
+#include "merge.h"
+
+// Build facts, defined by setup.py on the compiler command line. Defaults keep a build outside
+// setup.py (e.g. torch.utils.cpp_extension.load) working.
+#ifndef L2M_TORCH_VERSION
+#define L2M_TORCH_VERSION "unknown"
+#endif
+#ifndef L2M_CPU_ARCH
+#define L2M_CPU_ARCH "unknown"
+#endif
+#ifndef L2M_CUDA_EXT
+#define L2M_CUDA_EXT 0
+#endif
+#ifndef L2M_CUDA_ARCHS
+#define L2M_CUDA_ARCHS ""
+#endif
+
+namespace {
+
+namespace py = pybind11;
+
+c10::ScalarType acc_dtype_for(c10::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// "(4, 8)". Formatted here rather than by streaming tensor.sizes() into TORCH_CHECK: with
+// torch 2.11 (cu130 wheel, gcc 13) that stream crashed the process instead of raising.
+std::string shape_of(const at::Tensor& tensor) {
+  std::string text = "(";
+  for (int64_t axis = 0; axis < tensor.dim(); ++axis) {
+    text += (axis ? ", " : "") + std::to_string(tensor.size(axis));
+  }
+  return text + (tensor.dim() == 1 ? ",)" : ")");
+}
+
+void check_storage(const at::Tensor& tensor, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(tensor.defined(), op, ": ", name, " is undefined");
+  TORCH_CHECK_VALUE(tensor.device().is_cpu(), op, ": ", name, " must be on the cpu, got ",
+                    c10::DeviceTypeName(tensor.device().type(), /*lower_case=*/true));
+  TORCH_CHECK_VALUE(tensor.layout() == at::kStrided, op, ": ", name,
+                    " must be a strided (dense) tensor");
+  TORCH_CHECK_VALUE(tensor.is_contiguous(), op, ": ", name, " must be contiguous");
+  TORCH_CHECK_VALUE(!tensor.is_neg() && !tensor.is_conj(), op, ": ", name,
+                    " must not be a lazily negated or conjugated view");
+}
+
+// A (rows, dim) tensor of `dtype`.
+void check_rows(const at::Tensor& tensor, const char* op, const char* name, c10::ScalarType dtype,
+                int64_t rows, int64_t dim) {
+  check_storage(tensor, op, name);
+  TORCH_CHECK_VALUE(tensor.dim() == 2 && tensor.size(0) == rows && tensor.size(1) == dim, op,
+                    ": ", name, " must have shape (", rows, ", ", dim, "), got ", shape_of(tensor));
+  TORCH_CHECK_TYPE(tensor.scalar_type() == dtype, op, ": ", name, " must have dtype ", dtype,
+                   ", got ", tensor.scalar_type());
+}
+
+// A (rows,) tensor of `dtype`.
+void check_row_scalars(const at::Tensor& tensor, const char* op, const char* name,
+                       c10::ScalarType dtype, int64_t rows) {
+  check_storage(tensor, op, name);
+  TORCH_CHECK_VALUE(tensor.dim() == 1 && tensor.size(0) == rows, op, ": ", name,
+                    " must have shape (", rows, ",), got ", shape_of(tensor));
+  TORCH_CHECK_TYPE(tensor.scalar_type() == dtype, op, ": ", name, " must have dtype ", dtype,
+                   ", got ", tensor.scalar_type());
+}
+
+// The first (R, D) argument fixes R, D and the storage dtype.
+void check_first_rows(const at::Tensor& tensor, const char* op, const char* name) {
+  check_storage(tensor, op, name);
+  TORCH_CHECK_VALUE(tensor.dim() == 2, op, ": ", name, " must have shape (R, D), got ",
+                    shape_of(tensor));
+  const auto dtype = tensor.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                       dtype == at::kBFloat16,
+                   op, ": ", name, " must be float32, float64, float16 or bfloat16, got ", dtype);
+}
+
+// Outputs may alias an input exactly (every element is read before it is written) but must not
+// overlap one partially, nor overlap each other.
+void check_outputs_apart(std::initializer_list<const at::Tensor*> outputs,
+                         std::initializer_list<const at::Tensor*> inputs) {
+  for (const at::Tensor* output : outputs) {
+    for (const at::Tensor* input : inputs) {
+      at::assert_no_partial_overlap(*output, *input);
+    }
+    for (const at::Tensor* other : outputs) {
+      if (other != output) {
+        at::assert_no_overlap(*output, *other);
+      }
+    }
+  }
+}
+
+void merge_attention_fwd(const at::Tensor& out_a, const at::Tensor& lse_a, const at::Tensor& out_b,
+                         const at::Tensor& lse_b, const at::Tensor& out, const at::Tensor& lse) {
+  constexpr const char* op = "merge_attention_fwd";
+  check_first_rows(out_a, op, "out_a");
+  const auto dtype = out_a.scalar_type();
+  const auto acc = acc_dtype_for(dtype);
+  const int64_t rows = out_a.size(0), dim = out_a.size(1);
+  check_row_scalars(lse_a, op, "lse_a", acc, rows);
+  check_rows(out_b, op, "out_b", dtype, rows, dim);
+  check_row_scalars(lse_b, op, "lse_b", acc, rows);
+  check_rows(out, op, "out", dtype, rows, dim);
+  check_row_scalars(lse, op, "lse", acc, rows);
+  check_outputs_apart({&out, &lse}, {&out_a, &lse_a, &out_b, &lse_b});
+  if (rows == 0) {
+    return;
+  }
+  l2m::cpu::MergeAttentionFwdParams params{};
+  params.dtype = dtype;
+  params.rows = rows;
+  params.dim = dim;
+  params.out_a = out_a.const_data_ptr();
+  params.lse_a = lse_a.const_data_ptr();
+  params.out_b = out_b.const_data_ptr();
+  params.lse_b = lse_b.const_data_ptr();
+  params.out = out.data_ptr();
+  params.lse = lse.data_ptr();
+  l2m::cpu::merge_attention_fwd(params);
+}
+
+void merge_attention_bwd(const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& out_a,
+                         const at::Tensor& lse_a, const at::Tensor& out_b, const at::Tensor& lse_b,
+                         const at::Tensor& lse, const at::Tensor& d_out_a,
+                         const at::Tensor& d_lse_a, const at::Tensor& d_out_b,
+                         const at::Tensor& d_lse_b) {
+  constexpr const char* op = "merge_attention_bwd";
+  check_first_rows(dout, op, "dout");
+  const auto dtype = dout.scalar_type();
+  const auto acc = acc_dtype_for(dtype);
+  const int64_t rows = dout.size(0), dim = dout.size(1);
+  check_row_scalars(dlse, op, "dlse", acc, rows);
+  check_rows(out_a, op, "out_a", dtype, rows, dim);
+  check_row_scalars(lse_a, op, "lse_a", acc, rows);
+  check_rows(out_b, op, "out_b", dtype, rows, dim);
+  check_row_scalars(lse_b, op, "lse_b", acc, rows);
+  check_row_scalars(lse, op, "lse", acc, rows);
+  check_rows(d_out_a, op, "d_out_a", dtype, rows, dim);
+  check_row_scalars(d_lse_a, op, "d_lse_a", acc, rows);
+  check_rows(d_out_b, op, "d_out_b", dtype, rows, dim);
+  check_row_scalars(d_lse_b, op, "d_lse_b", acc, rows);
+  check_outputs_apart({&d_out_a, &d_lse_a, &d_out_b, &d_lse_b},
+                      {&dout, &dlse, &out_a, &lse_a, &out_b, &lse_b, &lse});
+  if (rows == 0) {
+    return;
+  }
+  l2m::cpu::MergeAttentionBwdParams params{};
+  params.dtype = dtype;
+  params.rows = rows;
+  params.dim = dim;
+  params.dout = dout.const_data_ptr();
+  params.dlse = dlse.const_data_ptr();
+  params.out_a = out_a.const_data_ptr();
+  params.lse_a = lse_a.const_data_ptr();
+  params.out_b = out_b.const_data_ptr();
+  params.lse_b = lse_b.const_data_ptr();
+  params.lse = lse.const_data_ptr();
+  params.d_out_a = d_out_a.data_ptr();
+  params.d_lse_a = d_lse_a.data_ptr();
+  params.d_out_b = d_out_b.data_ptr();
+  params.d_lse_b = d_lse_b.data_ptr();
+  l2m::cpu::merge_attention_bwd(params);
+}
+
+void gated_merge_fwd(const at::Tensor& out_local, const at::Tensor& out_mem,
+                     const at::Tensor& gate, const at::Tensor& out) {
+  constexpr const char* op = "gated_merge_fwd";
+  check_first_rows(out_local, op, "out_local");
+  const auto dtype = out_local.scalar_type();
+  const int64_t rows = out_local.size(0), dim = out_local.size(1);
+  check_rows(out_mem, op, "out_mem", dtype, rows, dim);
+  check_row_scalars(gate, op, "gate", dtype, rows);
+  check_rows(out, op, "out", dtype, rows, dim);
+  check_outputs_apart({&out}, {&out_local, &out_mem, &gate});
+  if (rows == 0) {
+    return;
+  }
+  l2m::cpu::GatedMergeFwdParams params{};
+  params.dtype = dtype;
+  params.rows = rows;
+  params.dim = dim;
+  params.out_local = out_local.const_data_ptr();
+  params.out_mem = out_mem.const_data_ptr();
+  params.gate = gate.const_data_ptr();
+  params.out = out.data_ptr();
+  l2m::cpu::gated_merge_fwd(params);
+}
+
+void gated_merge_bwd(const at::Tensor& dout, const at::Tensor& out_local, const at::Tensor& out_mem,
+                     const at::Tensor& gate, const at::Tensor& d_local, const at::Tensor& d_mem,
+                     const at::Tensor& d_gate) {
+  constexpr const char* op = "gated_merge_bwd";
+  check_first_rows(dout, op, "dout");
+  const auto dtype = dout.scalar_type();
+  const auto acc = acc_dtype_for(dtype);
+  const int64_t rows = dout.size(0), dim = dout.size(1);
+  check_rows(out_local, op, "out_local", dtype, rows, dim);
+  check_rows(out_mem, op, "out_mem", dtype, rows, dim);
+  check_row_scalars(gate, op, "gate", dtype, rows);
+  check_rows(d_local, op, "d_local", dtype, rows, dim);
+  check_rows(d_mem, op, "d_mem", dtype, rows, dim);
+  check_row_scalars(d_gate, op, "d_gate", acc, rows);
+  check_outputs_apart({&d_local, &d_mem, &d_gate}, {&dout, &out_local, &out_mem, &gate});
+  if (rows == 0) {
+    return;
+  }
+  l2m::cpu::GatedMergeBwdParams params{};
+  params.dtype = dtype;
+  params.rows = rows;
+  params.dim = dim;
+  params.dout = dout.const_data_ptr();
+  params.out_local = out_local.const_data_ptr();
+  params.out_mem = out_mem.const_data_ptr();
+  params.gate = gate.const_data_ptr();
+  params.d_local = d_local.data_ptr();
+  params.d_mem = d_mem.data_ptr();
+  params.d_gate = d_gate.data_ptr();
+  l2m::cpu::gated_merge_bwd(params);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "l2m-kernels CPU (C++/OpenMP) kernels. Low-level: call through l2m_kernels.";
+
+  // The torch this binary was compiled against: the C++ ABI is only stable within one release,
+  // so the Python layer compares this with torch.__version__ before using the extension.
+  m.attr("TORCH_VERSION") = L2M_TORCH_VERSION;
+  // What the build that produced this binary made. Kept in the binary (not in a generated .py
+  // file) so it can never disagree with the extension actually loaded.
+  py::dict build_info;
+  build_info["torch"] = L2M_TORCH_VERSION;
+  build_info["cpu_ext"] = true;
+  build_info["cpu_arch"] = L2M_CPU_ARCH;  // -march value; "" means the compiler default
+#ifdef _OPENMP
+  build_info["openmp"] = true;
+#else
+  build_info["openmp"] = false;
+#endif
+  build_info["cuda_ext"] = static_cast<bool>(L2M_CUDA_EXT);  // _C_cuda built by the same setup.py
+  build_info["cuda_archs"] = L2M_CUDA_ARCHS;                  // TORCH_CUDA_ARCH_LIST used for it
+  m.attr("BUILD_INFO") = build_info;
+
+  const auto release_gil = py::call_guard<py::gil_scoped_release>();
+  m.def("merge_attention_fwd", &merge_attention_fwd, release_gil, py::arg("out_a"),
+        py::arg("lse_a"), py::arg("out_b"), py::arg("lse_b"), py::arg("out"), py::arg("lse"),
+        "out_a, out_b, out: (R, D) dtype; lse_a, lse_b, lse: (R,) acc. Writes out and lse =\n"
+        "logaddexp(lse_a, lse_b); out = exp(lse_a - lse) * out_a + exp(lse_b - lse) * out_b.");
+  m.def("merge_attention_bwd", &merge_attention_bwd, release_gil, py::arg("dout"),
+        py::arg("dlse"), py::arg("out_a"), py::arg("lse_a"), py::arg("out_b"), py::arg("lse_b"),
+        py::arg("lse"), py::arg("d_out_a"), py::arg("d_lse_a"), py::arg("d_out_b"),
+        py::arg("d_lse_b"),
+        "Gradients of merge_attention_fwd. (R, D) dtype: dout, out_a, out_b, d_out_a, d_out_b;\n"
+        "(R,) acc: dlse, lse_a, lse_b, lse (the forward's output), d_lse_a, d_lse_b.");
+  m.def("gated_merge_fwd", &gated_merge_fwd, release_gil, py::arg("out_local"),
+        py::arg("out_mem"), py::arg("gate"), py::arg("out"),
+        "out_local, out_mem, out: (R, D) dtype; gate: (R,) dtype logits. Writes\n"
+        "out = sigmoid(gate) * out_mem + (1 - sigmoid(gate)) * out_local.");
+  m.def("gated_merge_bwd", &gated_merge_bwd, release_gil, py::arg("dout"), py::arg("out_local"),
+        py::arg("out_mem"), py::arg("gate"), py::arg("d_local"), py::arg("d_mem"),
+        py::arg("d_gate"),
+        "Gradients of gated_merge_fwd. (R, D) dtype: dout, out_local, out_mem, d_local, d_mem;\n"
+        "(R,) dtype: gate; (R,) acc: d_gate.");
+}

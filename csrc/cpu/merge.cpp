@@ -1,0 +1,371 @@
+// CPU kernels of the row-wise merge ops (interface: merge.h, /work/notes/merge_kernels.md).
+//
+// Rows are independent: each is read once and written once, so these loops are bound by memory
+// bandwidth. Threads split the rows (at::parallel_for, so torch.set_num_threads applies and tiny
+// calls stay on the calling thread); within a row, D is walked in tiles whose inner loops are
+// `omp simd`. Half types are converted to float in small stack buffers so those loops see plain
+// float arrays; float and double are used in place. Per-row reductions run in a fixed order, so
+// results do not depend on the number of threads.
+#include "merge.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+namespace l2m::cpu {
+namespace {
+
+// Elements of a row handled per tile: the half-type staging buffers (a few KiB) stay in L1.
+constexpr int64_t kTile = 256;
+// Work, in row elements, below which a chunk of rows is not worth handing to another thread.
+constexpr int64_t kMinElementsPerTask = 32768;
+
+int64_t rows_per_task(int64_t dim) {
+  return std::max<int64_t>(1, kMinElementsPerTask / std::max<int64_t>(dim, 1));
+}
+
+template <typename scalar_t>
+struct AccTypeOf {
+  using type = float;
+};
+template <>
+struct AccTypeOf<double> {
+  using type = double;
+};
+template <typename scalar_t>
+using acc_type = typename AccTypeOf<scalar_t>::type;
+
+// ---- conversions between storage and accumulation types (n elements) ----
+
+inline void to_acc(const c10::BFloat16* src, float* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    dst[i] = c10::detail::f32_from_bits(src[i].x);
+  }
+}
+
+inline void from_acc(const float* src, c10::BFloat16* dst, int64_t n) {
+  // Same rounding as c10::BFloat16(float): to nearest even, NaN kept NaN.
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    dst[i].x = c10::detail::round_to_nearest_even(src[i]);
+  }
+}
+
+inline void to_acc(const c10::Half* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__F16C__)
+  // The scalar c10 conversion is one F16C instruction per element that compilers do not
+  // vectorise; convert eight at a time instead (bitwise the same result).
+  for (; i + 8 <= n; i += 8) {
+    const __m128i halves = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(halves));
+  }
+#endif
+  for (; i < n; ++i) {
+    dst[i] = static_cast<float>(src[i]);
+  }
+}
+
+inline void from_acc(const float* src, c10::Half* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__F16C__)
+  for (; i + 8 <= n; i += 8) {
+    const __m128i halves = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), halves);
+  }
+#endif
+  for (; i < n; ++i) {
+    dst[i] = c10::Half(src[i]);
+  }
+}
+
+// A tile of n elements of `src` as the accumulation type: `src` itself when it already is that
+// type, else converted into `buffer`.
+template <typename scalar_t>
+inline const acc_type<scalar_t>* load_tile(const scalar_t* src, int64_t n,
+                                           acc_type<scalar_t>* buffer) {
+  if constexpr (std::is_same_v<scalar_t, acc_type<scalar_t>>) {
+    return src;
+  } else {
+    to_acc(src, buffer, n);
+    return buffer;
+  }
+}
+
+// Where to compute an output tile: the output itself when it has the accumulation type, else
+// `buffer`, which store_tile then converts into the output.
+template <typename scalar_t>
+inline acc_type<scalar_t>* tile_target(scalar_t* dst, acc_type<scalar_t>* buffer) {
+  if constexpr (std::is_same_v<scalar_t, acc_type<scalar_t>>) {
+    return dst;
+  } else {
+    return buffer;
+  }
+}
+
+template <typename scalar_t>
+inline void store_tile(scalar_t* dst, const acc_type<scalar_t>* values, int64_t n) {
+  if constexpr (!std::is_same_v<scalar_t, acc_type<scalar_t>>) {
+    from_acc(values, dst, n);
+  }
+}
+
+// ---- per-row scalars ----
+
+// Weight of a side with log-sum-exp `side_lse` in the merged result: exactly 0 for an empty side
+// (-inf), so that empty rows give 0 rather than exp(-inf - (-inf)) = NaN.
+template <typename acc_t>
+inline acc_t side_weight(acc_t side_lse, acc_t merged_lse) {
+  return side_lse == -std::numeric_limits<acc_t>::infinity() ? acc_t(0)
+                                                             : std::exp(side_lse - merged_lse);
+}
+
+template <typename acc_t>
+struct MergeWeights {
+  acc_t lse;
+  acc_t weight_a;
+  acc_t weight_b;
+};
+
+template <typename acc_t>
+inline MergeWeights<acc_t> merge_weights(acc_t lse_a, acc_t lse_b) {
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  // Not fmax, which drops NaN: a NaN on either side must give a NaN row. The comparison alone
+  // propagates a NaN lse_b; the isnan test also catches (NaN, -inf), which it would map to -inf.
+  acc_t max_lse = lse_a > lse_b ? lse_a : lse_b;
+  if (std::isnan(lse_a)) {
+    max_lse = lse_a;
+  }
+  const acc_t lse =
+      max_lse == kNegInf ? kNegInf : max_lse + std::log1p(std::exp(-std::abs(lse_a - lse_b)));
+  return {lse, side_weight(lse_a, lse), side_weight(lse_b, lse)};
+}
+
+template <typename acc_t>
+inline acc_t sigmoid(acc_t logit) {
+  return acc_t(1) / (acc_t(1) + std::exp(-logit));
+}
+
+// ---- kernels ----
+
+template <typename scalar_t>
+void merge_attention_fwd_impl(const MergeAttentionFwdParams& params) {
+  using acc_t = acc_type<scalar_t>;
+  const auto* out_a = static_cast<const scalar_t*>(params.out_a);
+  const auto* out_b = static_cast<const scalar_t*>(params.out_b);
+  const auto* lse_a = static_cast<const acc_t*>(params.lse_a);
+  const auto* lse_b = static_cast<const acc_t*>(params.lse_b);
+  auto* out = static_cast<scalar_t*>(params.out);
+  auto* lse = static_cast<acc_t*>(params.lse);
+  const int64_t dim = params.dim;
+
+  at::parallel_for(0, params.rows, rows_per_task(dim), [&](int64_t row_begin, int64_t row_end) {
+    acc_t a_buffer[kTile], b_buffer[kTile], out_buffer[kTile];  // used by half types only
+    for (int64_t row = row_begin; row < row_end; ++row) {
+      const MergeWeights<acc_t> w = merge_weights(lse_a[row], lse_b[row]);
+      lse[row] = w.lse;
+      const int64_t row_offset = row * dim;
+      for (int64_t d0 = 0; d0 < dim; d0 += kTile) {
+        const int64_t n = std::min(kTile, dim - d0);
+        const acc_t* a = load_tile(out_a + row_offset + d0, n, a_buffer);
+        const acc_t* b = load_tile(out_b + row_offset + d0, n, b_buffer);
+        acc_t* merged = tile_target(out + row_offset + d0, out_buffer);
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) {
+          merged[i] = w.weight_a * a[i] + w.weight_b * b[i];
+        }
+        store_tile(out + row_offset + d0, merged, n);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void merge_attention_bwd_impl(const MergeAttentionBwdParams& params) {
+  using acc_t = acc_type<scalar_t>;
+  const auto* dout = static_cast<const scalar_t*>(params.dout);
+  const auto* out_a = static_cast<const scalar_t*>(params.out_a);
+  const auto* out_b = static_cast<const scalar_t*>(params.out_b);
+  const auto* dlse = static_cast<const acc_t*>(params.dlse);
+  const auto* lse_a = static_cast<const acc_t*>(params.lse_a);
+  const auto* lse_b = static_cast<const acc_t*>(params.lse_b);
+  const auto* lse = static_cast<const acc_t*>(params.lse);
+  auto* d_out_a = static_cast<scalar_t*>(params.d_out_a);
+  auto* d_out_b = static_cast<scalar_t*>(params.d_out_b);
+  auto* d_lse_a = static_cast<acc_t*>(params.d_lse_a);
+  auto* d_lse_b = static_cast<acc_t*>(params.d_lse_b);
+  const int64_t dim = params.dim;
+
+  at::parallel_for(0, params.rows, rows_per_task(dim), [&](int64_t row_begin, int64_t row_end) {
+    acc_t dout_buffer[kTile], a_buffer[kTile], b_buffer[kTile];  // used by half types only
+    acc_t da_buffer[kTile], db_buffer[kTile];
+    for (int64_t row = row_begin; row < row_end; ++row) {
+      const acc_t weight_a = side_weight(lse_a[row], lse[row]);
+      const acc_t weight_b = side_weight(lse_b[row], lse[row]);
+      const int64_t row_offset = row * dim;
+      // One pass: the d_out tiles need only the weights, the dot products only the inputs.
+      acc_t dot_a = 0;  // sum_d dout * out_a
+      acc_t dot_b = 0;  // sum_d dout * out_b
+      for (int64_t d0 = 0; d0 < dim; d0 += kTile) {
+        const int64_t n = std::min(kTile, dim - d0);
+        const acc_t* g = load_tile(dout + row_offset + d0, n, dout_buffer);
+        const acc_t* a = load_tile(out_a + row_offset + d0, n, a_buffer);
+        const acc_t* b = load_tile(out_b + row_offset + d0, n, b_buffer);
+        acc_t* da = tile_target(d_out_a + row_offset + d0, da_buffer);
+        acc_t* db = tile_target(d_out_b + row_offset + d0, db_buffer);
+        acc_t tile_dot_a = 0, tile_dot_b = 0;
+#pragma omp simd reduction(+ : tile_dot_a, tile_dot_b)
+        for (int64_t i = 0; i < n; ++i) {
+          const acc_t grad = g[i];
+          tile_dot_a += grad * a[i];
+          tile_dot_b += grad * b[i];
+          da[i] = weight_a * grad;
+          db[i] = weight_b * grad;
+        }
+        dot_a += tile_dot_a;
+        dot_b += tile_dot_b;
+        store_tile(d_out_a + row_offset + d0, da, n);
+        store_tile(d_out_b + row_offset + d0, db, n);
+      }
+      const acc_t mixed = weight_a * dot_a + weight_b * dot_b;
+      d_lse_a[row] = weight_a * (dlse[row] + dot_a - mixed);
+      d_lse_b[row] = weight_b * (dlse[row] + dot_b - mixed);
+    }
+  });
+}
+
+template <typename scalar_t>
+void gated_merge_fwd_impl(const GatedMergeFwdParams& params) {
+  using acc_t = acc_type<scalar_t>;
+  const auto* out_local = static_cast<const scalar_t*>(params.out_local);
+  const auto* out_mem = static_cast<const scalar_t*>(params.out_mem);
+  const auto* gate = static_cast<const scalar_t*>(params.gate);
+  auto* out = static_cast<scalar_t*>(params.out);
+  const int64_t dim = params.dim;
+
+  at::parallel_for(0, params.rows, rows_per_task(dim), [&](int64_t row_begin, int64_t row_end) {
+    acc_t local_buffer[kTile], mem_buffer[kTile], out_buffer[kTile];  // used by half types only
+    for (int64_t row = row_begin; row < row_end; ++row) {
+      const acc_t g = sigmoid(static_cast<acc_t>(gate[row]));
+      const acc_t one_minus_g = acc_t(1) - g;
+      const int64_t row_offset = row * dim;
+      for (int64_t d0 = 0; d0 < dim; d0 += kTile) {
+        const int64_t n = std::min(kTile, dim - d0);
+        const acc_t* local = load_tile(out_local + row_offset + d0, n, local_buffer);
+        const acc_t* mem = load_tile(out_mem + row_offset + d0, n, mem_buffer);
+        acc_t* blended = tile_target(out + row_offset + d0, out_buffer);
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) {
+          blended[i] = g * mem[i] + one_minus_g * local[i];
+        }
+        store_tile(out + row_offset + d0, blended, n);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void gated_merge_bwd_impl(const GatedMergeBwdParams& params) {
+  using acc_t = acc_type<scalar_t>;
+  const auto* dout = static_cast<const scalar_t*>(params.dout);
+  const auto* out_local = static_cast<const scalar_t*>(params.out_local);
+  const auto* out_mem = static_cast<const scalar_t*>(params.out_mem);
+  const auto* gate = static_cast<const scalar_t*>(params.gate);
+  auto* d_local = static_cast<scalar_t*>(params.d_local);
+  auto* d_mem = static_cast<scalar_t*>(params.d_mem);
+  auto* d_gate = static_cast<acc_t*>(params.d_gate);
+  const int64_t dim = params.dim;
+
+  at::parallel_for(0, params.rows, rows_per_task(dim), [&](int64_t row_begin, int64_t row_end) {
+    acc_t dout_buffer[kTile], local_buffer[kTile], mem_buffer[kTile];  // used by half types only
+    acc_t d_local_buffer[kTile], d_mem_buffer[kTile];
+    for (int64_t row = row_begin; row < row_end; ++row) {
+      const acc_t g = sigmoid(static_cast<acc_t>(gate[row]));
+      const acc_t one_minus_g = acc_t(1) - g;
+      const int64_t row_offset = row * dim;
+      acc_t dot_diff = 0;  // sum_d dout * (out_mem - out_local)
+      for (int64_t d0 = 0; d0 < dim; d0 += kTile) {
+        const int64_t n = std::min(kTile, dim - d0);
+        const acc_t* grad_out = load_tile(dout + row_offset + d0, n, dout_buffer);
+        const acc_t* local = load_tile(out_local + row_offset + d0, n, local_buffer);
+        const acc_t* mem = load_tile(out_mem + row_offset + d0, n, mem_buffer);
+        acc_t* dl = tile_target(d_local + row_offset + d0, d_local_buffer);
+        acc_t* dm = tile_target(d_mem + row_offset + d0, d_mem_buffer);
+        acc_t tile_dot = 0;
+#pragma omp simd reduction(+ : tile_dot)
+        for (int64_t i = 0; i < n; ++i) {
+          const acc_t grad = grad_out[i];
+          tile_dot += grad * (mem[i] - local[i]);
+          dl[i] = one_minus_g * grad;
+          dm[i] = g * grad;
+        }
+        dot_diff += tile_dot;
+        store_tile(d_local + row_offset + d0, dl, n);
+        store_tile(d_mem + row_offset + d0, dm, n);
+      }
+      d_gate[row] = g * one_minus_g * dot_diff;
+    }
+  });
+}
+
+// Calls fn(scalar_t{}) for the storage type named by dtype.
+template <typename Fn>
+void dispatch_floating(c10::ScalarType dtype, const char* op_name, Fn&& fn) {
+  switch (dtype) {
+    case c10::ScalarType::Float:
+      fn(float{});
+      break;
+    case c10::ScalarType::Double:
+      fn(double{});
+      break;
+    case c10::ScalarType::Half:
+      fn(c10::Half{});
+      break;
+    case c10::ScalarType::BFloat16:
+      fn(c10::BFloat16{});
+      break;
+    default:
+      TORCH_CHECK_TYPE(false, op_name, ": unsupported dtype ", dtype,
+                       " (expected float32, float64, float16 or bfloat16)");
+  }
+}
+
+}  // namespace
+
+void merge_attention_fwd(const MergeAttentionFwdParams& params) {
+  dispatch_floating(params.dtype, "merge_attention_fwd", [&](auto tag) {
+    merge_attention_fwd_impl<decltype(tag)>(params);
+  });
+}
+
+void merge_attention_bwd(const MergeAttentionBwdParams& params) {
+  dispatch_floating(params.dtype, "merge_attention_bwd", [&](auto tag) {
+    merge_attention_bwd_impl<decltype(tag)>(params);
+  });
+}
+
+void gated_merge_fwd(const GatedMergeFwdParams& params) {
+  dispatch_floating(params.dtype, "gated_merge_fwd", [&](auto tag) {
+    gated_merge_fwd_impl<decltype(tag)>(params);
+  });
+}
+
+void gated_merge_bwd(const GatedMergeBwdParams& params) {
+  dispatch_floating(params.dtype, "gated_merge_bwd", [&](auto tag) {
+    gated_merge_bwd_impl<decltype(tag)>(params);
+  });
+}
+
+}  // namespace l2m::cpu

@@ -1,0 +1,21 @@
+"""l2m-kernels: fused kernels for Large Memory Models (sparse memory reads, gated writes, merging).
+
+Every op is a plain function here and a custom op under ``torch.ops.l2m``; see SPEC.md and README.md.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .backends import available_backends, select_backend  # noqa: F401
+from .ops.merge import gated_merge, merge_attention  # noqa: F401
+from .ops._common import MemoryAttention, MemoryRead  # noqa: F401,E402
+from .ops.memory_attention import memory_attention  # noqa: F401,E402
+from .ops.memory_write import gated_dense_update, gated_memory_write  # noqa: F401,E402
+from .ops.product_key import product_key_read  # noqa: F401,E402
+from .ops.topk_read import topk_memory_read  # noqa: F401,E402
+
+__all__ = [
+    "topk_memory_read", "product_key_read", "gated_memory_write", "gated_dense_update",
+    "merge_attention", "gated_merge", "memory_attention", "MemoryRead", "MemoryAttention",
+    "available_backends", "select_backend",
+]

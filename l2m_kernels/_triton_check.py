@@ -1,0 +1,295 @@
+"""Compile every production Triton configuration for NVIDIA targets without a GPU.
+
+Each module named in :data:`TRITON_MODULES` exposes ``COMPILE_CONFIGS``, a list of dicts:
+
+    kernel           the @triton.jit function
+    signature        {runtime argument name: Triton type string}, e.g. {"x": "*fp16", "n": "i32"}
+    constexprs       {constexpr argument name: value}
+    num_warps        int
+    options          optional dict of extra compile options (e.g. {"enable_fp_fusion": True})
+    divisible_by_16  optional names the JIT would specialize as 16-divisible (aligned pointers,
+                     sizes that are multiples of 16), so the check sees the vectorised code
+    label            optional short text for the table
+    allow_spills     optional bool, default False
+
+For every entry and every requested compute capability this compiles the kernel with
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``, writes the cubin to a
+temporary file and reads the per-kernel resource usage (REG, STACK, SHARED, LOCAL) with the
+``cuobjdump`` shipped inside Triton's package.
+
+Spills: ptxas places spilled registers in the per-thread ABI stack frame, which cuobjdump reports
+as STACK (checked against ``ptxas -v``: a kernel forced to 40 registers reports "864 bytes stack
+frame, 1096 bytes spill stores" and cuobjdump shows STACK:864 LOCAL:0). LOCAL is non-ABI local
+memory, which current ptxas does not use for spills. A kernel therefore counts as spilling when
+STACK > 0 or LOCAL > 0 (a genuine local array would also trip this; our kernels have none).
+
+Usage:
+    python -m l2m_kernels._triton_check [--arch 80 90] [--jobs N] [--module MOD ...] [--json PATH]
+
+Exit status: 0 when everything compiled and nothing spilled that may not; 1 otherwise; 2 when it
+cannot run at all (TRITON_INTERPRET set, triton or cuobjdump missing).
+
+Triton compatibility (see :func:`make_ast_source`): tested with 3.9 here; 3.3 .. 3.8 by their
+``ASTSource`` code. Triton <= 3.2 (``AttrsDescriptor``) is refused with a clear message.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import importlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+# Modules whose COMPILE_CONFIGS are checked; extend this tuple as Triton ops are added.
+TRITON_MODULES = ("l2m_kernels.ops.merge.triton",)
+DEFAULT_ARCHS = (80, 90)
+
+_INTERPRET_MESSAGE = (
+    "TRITON_INTERPRET is set: Triton decorated the kernels for its CPU interpreter, and they cannot "
+    "be compiled for a GPU target. Run the check in a clean environment, e.g.\n"
+    "    env -u TRITON_INTERPRET python -m l2m_kernels._triton_check")
+
+
+class CheckUnavailable(RuntimeError):
+    """The check cannot run in this environment (interpreter mode, no triton, no cuobjdump)."""
+
+
+def interpreter_enabled() -> bool:
+    """Whether TRITON_INTERPRET asks for the interpreter (Triton reads it as a boolean)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
+
+
+@dataclasses.dataclass
+class CompileResult:
+    module: str
+    kernel: str
+    label: str
+    arch: int
+    num_warps: int
+    ok: bool = False
+    error: str = ""
+    reg: int | None = None
+    stack: int | None = None
+    shared: int | None = None
+    local: int | None = None
+    allow_spills: bool = False
+
+    @property
+    def spills(self) -> bool:
+        return bool(self.stack) or bool(self.local)
+
+    @property
+    def passed(self) -> bool:
+        return self.ok and self.reg is not None and (self.allow_spills or not self.spills)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton version shim
+# ---------------------------------------------------------------------------------------------
+
+def triton_version() -> tuple[int, int]:
+    import triton
+    major, minor = (int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
+    return major, minor
+
+
+def make_ast_source(fn, signature: dict, constexprs: dict, divisible_by_16=()):
+    """Build ``triton.compiler.ASTSource`` for Triton 3.3 .. 3.9.
+
+    What moved across versions, and what this passes so that every one accepts it:
+    - signature: 3.3 builds the argument types positionally from ``signature.values()``, so the
+      dict must hold *every* argument in ``fn.arg_names`` order, constexpr ones typed
+      ``"constexpr"``; 3.4+ maps by name and accepts (the JIT itself passes) the same full dict.
+    - constexprs: keyed by an index path tuple ``(i,)`` internally from 3.3 on; 3.3+ also converts
+      names, but the tuple form is what the JIT passes in every one of these versions.
+    - attrs: 3.3+ take ``{(i,): [["tt.divisibility", 16]]}``; 3.2 and older took an
+      ``AttrsDescriptor`` (and ``constants=``) instead and are refused here.
+    """
+    from triton.compiler import ASTSource
+
+    if triton_version() < (3, 3):
+        raise CheckUnavailable(f"Triton {'.'.join(map(str, triton_version()))} is too old for this "
+                               "check (needs >= 3.3: ASTSource with attrs dicts)")
+    arg_names = list(fn.arg_names)
+    unknown = (set(signature) | set(constexprs) | set(divisible_by_16)) - set(arg_names)
+    if unknown:
+        raise ValueError(f"{fn.__name__}: no such arguments {sorted(unknown)}")
+    missing = [name for name in arg_names if name not in signature and name not in constexprs]
+    if missing:
+        raise ValueError(f"{fn.__name__}: arguments without a type or constexpr value: {missing}")
+    full_signature = {name: ("constexpr" if name in constexprs else signature[name]) for name in arg_names}
+    constants = {(arg_names.index(name),): value for name, value in constexprs.items()}
+    attrs = {(arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible_by_16}
+    return ASTSource(fn, full_signature, constants, attrs)
+
+
+def find_cuobjdump() -> str:
+    """cuobjdump: $TRITON_CUOBJDUMP_PATH, then the one in Triton's package, then $PATH."""
+    import triton
+    candidates = [os.environ.get("TRITON_CUOBJDUMP_PATH", ""),
+                  os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"),
+                  shutil.which("cuobjdump") or ""]
+    for path in candidates:
+        if path and os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    raise CheckUnavailable("cuobjdump not found (looked at $TRITON_CUOBJDUMP_PATH, "
+                           "<triton>/backends/nvidia/bin/cuobjdump and $PATH)")
+
+
+_FUNCTION_RE = re.compile(r"^\s*Function\s+(\S+):\s*$")
+_FIELD_RE = re.compile(r"([A-Z_]+(?:\[\d+\])?):(\d+)")
+
+
+def resource_usage(cubin: bytes, cuobjdump: str) -> dict[str, dict[str, int]]:
+    """{function name: {"REG": .., "STACK": .., "SHARED": .., "LOCAL": .., ...}} of a cubin."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as handle:
+        handle.write(cubin)
+        path = handle.name
+    try:
+        text = subprocess.run([cuobjdump, "--dump-resource-usage", path], check=True,
+                              capture_output=True, text=True).stdout
+    finally:
+        os.unlink(path)
+    usage, current = {}, None
+    for line in text.splitlines():
+        match = _FUNCTION_RE.match(line)
+        if match:
+            current = usage.setdefault(match.group(1), {})
+        elif current is not None:
+            current.update({key: int(value) for key, value in _FIELD_RE.findall(line)})
+    return usage
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking
+# ---------------------------------------------------------------------------------------------
+
+def load_configs(module_name: str) -> list[dict]:
+    module = importlib.import_module(module_name)
+    configs = list(getattr(module, "COMPILE_CONFIGS"))
+    from triton.runtime.jit import JITFunction
+    for config in configs:
+        if not isinstance(config["kernel"], JITFunction):
+            raise CheckUnavailable(f"{module_name}.{config['kernel'].__name__} is not a compilable "
+                                   f"JITFunction ({type(config['kernel']).__name__}). " + _INTERPRET_MESSAGE)
+    return configs
+
+
+def compile_one(module_name: str, index: int, arch: int, cuobjdump: str) -> CompileResult:
+    """Compile ``COMPILE_CONFIGS[index]`` of ``module_name`` for sm_<arch> and read its resources."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    config = load_configs(module_name)[index]
+    fn = config["kernel"]
+    result = CompileResult(module=module_name, kernel=fn.__name__, label=config.get("label", str(index)),
+                           arch=arch, num_warps=config["num_warps"],
+                           allow_spills=bool(config.get("allow_spills", False)))
+    try:
+        source = make_ast_source(fn, config["signature"], config["constexprs"],
+                                 config.get("divisible_by_16", ()))
+        options = dict(config.get("options", {}), num_warps=config["num_warps"])
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+        usage = resource_usage(compiled.asm["cubin"], cuobjdump)
+    except CheckUnavailable:
+        raise
+    except Exception as error:  # a compile failure is a result, reported in the table
+        result.error = f"{type(error).__name__}: {error}".strip().splitlines()[0][:300]
+        return result
+    if len(usage) != 1:
+        result.error = f"expected one kernel in the cubin, cuobjdump listed {sorted(usage)}"
+        return result
+    (fields,) = usage.values()
+    result.ok = True
+    result.reg, result.stack = fields.get("REG"), fields.get("STACK", 0)
+    result.shared, result.local = fields.get("SHARED", 0), fields.get("LOCAL", 0)
+    return result
+
+
+def _compile_job(job):
+    return compile_one(*job)
+
+
+def check(modules=TRITON_MODULES, archs=DEFAULT_ARCHS, jobs: int | None = None) -> list[CompileResult]:
+    """Compile every config of every module for every arch; results in a stable order.
+
+    Raises :class:`CheckUnavailable` when the check cannot run here.
+    """
+    if interpreter_enabled():
+        raise CheckUnavailable(_INTERPRET_MESSAGE)
+    try:
+        import triton  # noqa: F401
+    except ImportError as error:
+        raise CheckUnavailable(f"triton is not importable: {error}") from error
+    cuobjdump = find_cuobjdump()
+    work = [(module_name, index, int(arch), cuobjdump)
+            for module_name in modules
+            for index in range(len(load_configs(module_name)))
+            for arch in archs]
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(work) or 1))
+    if jobs == 1:
+        return [_compile_job(job) for job in work]
+    # Compiles are CPU bound and independent; worker processes import the modules themselves.
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(_compile_job, work))
+
+
+def format_table(results: list[CompileResult]) -> str:
+    header = ("kernel", "config", "arch", "warps", "REG", "STACK", "SHARED", "LOCAL", "status")
+    rows = []
+    for r in results:
+        status = ("ok" if not r.spills else ("spills (allowed)" if r.allow_spills else "SPILLS")) \
+            if r.ok else f"FAILED: {r.error}"
+        cell = lambda value: "-" if value is None else str(value)  # noqa: E731
+        rows.append((r.kernel, r.label, f"sm_{r.arch}", str(r.num_warps), cell(r.reg), cell(r.stack),
+                     cell(r.shared), cell(r.local), status))
+    widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header) - 1)]
+    lines = []
+    for row in [header] + rows:
+        lines.append("  ".join(text.ljust(width) for text, width in zip(row, widths)) + "  " + row[-1])
+        if row is header:
+            lines.append("-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m l2m_kernels._triton_check", description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=list(DEFAULT_ARCHS),
+                        help="compute capabilities, e.g. 80 90 (default: %(default)s)")
+    parser.add_argument("--module", nargs="+", default=list(TRITON_MODULES),
+                        help="modules exposing COMPILE_CONFIGS (default: %(default)s)")
+    parser.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: CPU count)")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as a JSON list")
+    args = parser.parse_args(argv)
+    try:
+        results = check(args.module, args.arch, args.jobs)
+    except CheckUnavailable as error:
+        print(f"l2m_kernels._triton_check: {error}", file=sys.stderr)
+        return 2
+    import triton
+    print(f"Triton {triton.__version__}; {len(results)} compiles "
+          f"({', '.join(f'sm_{arch}' for arch in args.arch)}); "
+          "spills = STACK or LOCAL > 0 (ptxas puts spilled registers in the stack frame)")
+    print(format_table(results))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump([dict(dataclasses.asdict(r), spills=r.spills, passed=r.passed) for r in results],
+                      handle, indent=1)
+    failed = [r for r in results if not r.passed]
+    if failed:
+        print(f"\n{len(failed)} of {len(results)} failed "
+              f"({sum(not r.ok for r in failed)} compile errors, {sum(r.ok for r in failed)} spilling)",
+              file=sys.stderr)
+        return 1
+    print(f"\nall {len(results)} compiled without spills")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""Benchmark utilities shared by ``benchmarks/bench_*.py`` and the suite.
+
+Every benchmark compares, in one run: the fused path, the reference in eager mode and the reference
+under ``torch.compile``; it reports median times of forward, backward and both, peak memory, and
+GB/s or GFLOP/s against ceilings measured in the same run (a large copy, a large matmul).
+
+Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` above the memory held before the call; on
+CPU, the process's peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) above the
+resident set before the call — that counts every allocation, also those inside compiled code and
+the C++ extension.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import statistics
+import time
+from typing import Callable, Optional
+
+import torch
+
+
+# ----------------------------------------------------------------------------------------------
+# timing and memory
+# ----------------------------------------------------------------------------------------------
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, reps: int = 7,
+                setup: Optional[Callable[[], object]] = None, max_seconds: float = 20.0) -> float:
+    """Median seconds of ``fn()`` over ``reps`` runs after ``warmup`` runs.
+
+    ``setup()`` (untimed) runs before each call and its result is passed to ``fn``; CUDA work is
+    timed with events. Stops early (with at least 3 samples) once ``max_seconds`` are spent.
+    """
+    def once():
+        arg = setup() if setup is not None else None
+        synchronize(device)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(arg) if setup is not None else fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        t0 = time.perf_counter()
+        fn(arg) if setup is not None else fn()
+        return time.perf_counter() - t0
+
+    for _ in range(warmup):
+        once()
+    samples, spent = [], 0.0
+    for _ in range(reps):
+        t = once()
+        samples.append(t)
+        spent += t
+        if spent > max_seconds and len(samples) >= 3:
+            break
+    return statistics.median(samples)
+
+
+def _read_status_kb(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+_MALLOC_TUNED = False
+
+
+def _tune_malloc_for_rss() -> None:
+    # glibc raises its mmap threshold dynamically after frees, after which freed tensors stay in the
+    # heap and the resident set stops following live memory. A fixed 64 KiB threshold makes every
+    # tensor buffer above it an mmap that is returned on free, so the peak RSS measures live memory.
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return
+    _MALLOC_TUNED = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def _reset_peak_rss() -> bool:
+    _tune_malloc_for_rss()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
+    """Peak memory that ``fn()`` adds above what is live before it (None when not measurable)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        result = fn()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        del result
+        return peak
+    if not _reset_peak_rss():
+        return None
+    base = _read_status_kb("VmRSS")
+    result = fn()
+    peak = _read_status_kb("VmHWM")
+    del result
+    if base is None or peak is None:
+        return None
+    return max(0, peak - base) * 1024
+
+
+# ----------------------------------------------------------------------------------------------
+# ceilings
+# ----------------------------------------------------------------------------------------------
+
+def measure_ceilings(device: torch.device, quick: bool = False) -> dict:
+    """Measured in this run: matmul GFLOP/s (float32 here; bfloat16 too on CUDA) and copy GB/s."""
+    out = {}
+    n = (1024 if quick else 2048) if device.type == "cpu" else 8192
+    dtypes = [torch.float32] if device.type == "cpu" else [torch.float32, torch.bfloat16]
+    for dtype in dtypes:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        t = median_time(lambda: torch.mm(a, b), device, warmup=1, reps=3 if quick else 5)
+        out[f"matmul_gflops_{str(dtype).replace('torch.', '')}"] = 2 * n ** 3 / t / 1e9
+        del a, b
+    numel = (32 if quick else 64) * 2 ** 20 if device.type == "cpu" else 1024 * 2 ** 20
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    t = median_time(lambda: dst.copy_(src), device, warmup=1, reps=5)
+    out["copy_gbps"] = 2 * src.numel() * src.element_size() / t / 1e9  # bytes read + written
+    del src, dst
+    return out
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+# ----------------------------------------------------------------------------------------------
+# one benchmark: fused vs reference eager vs reference compiled
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Row:
+    op: str
+    shape: str
+    dtype: str
+    variant: str          # fused backend name, "reference", "reference+compile"
+    fwd_ms: float
+    bwd_ms: Optional[float]
+    both_ms: Optional[float]
+    peak_mb: Optional[float]
+    fwd_gbps: Optional[float] = None
+    fwd_gflops: Optional[float] = None
+    note: str = ""
+
+
+def run_variant(op: str, shape: str, dtype: torch.dtype, variant: str, forward: Callable, make_inputs: Callable,
+                device: torch.device, *, backward: bool = True, fwd_bytes: Optional[float] = None,
+                fwd_flops: Optional[float] = None, reps: int = 7, warmup: int = 2) -> Row:
+    """Time ``forward(**inputs)`` (which returns a tensor or tuple of tensors) and its backward.
+
+    ``make_inputs(requires_grad)`` returns fresh inputs; the backward seeds every floating output
+    with a fixed random cotangent.
+    """
+    inputs = make_inputs(False)
+    with torch.no_grad():
+        fwd = median_time(lambda: forward(**inputs), device, warmup=warmup, reps=reps)
+    row = Row(op, shape, str(dtype).replace("torch.", ""), variant, fwd * 1e3, None, None, None)
+    if fwd_bytes:
+        row.fwd_gbps = fwd_bytes / fwd / 1e9
+    if fwd_flops:
+        row.fwd_gflops = fwd_flops / fwd / 1e9
+    del inputs
+
+    if backward:
+        grad_inputs = make_inputs(True)
+        leaves = [t for t in grad_inputs.values() if isinstance(t, torch.Tensor) and t.requires_grad]
+
+        def outputs_and_cotangents():
+            outs = forward(**grad_inputs)
+            outs = [o for o in (outs if isinstance(outs, (tuple, list)) else (outs,))
+                    if isinstance(o, torch.Tensor) and o.requires_grad]
+            return outs
+
+        probe = outputs_and_cotangents()
+        gen = torch.Generator(device=device).manual_seed(0)
+        cots = [torch.randn(o.shape, dtype=o.dtype, device=device, generator=gen) for o in probe]
+        del probe
+
+        def both():
+            outs = outputs_and_cotangents()
+            torch.autograd.backward(outs, cots)
+            for leaf in leaves:
+                leaf.grad = None
+
+        def bwd_only(outs):
+            torch.autograd.backward(outs, cots)
+            for leaf in leaves:
+                leaf.grad = None
+
+        row.both_ms = median_time(both, device, warmup=warmup, reps=reps) * 1e3
+        row.bwd_ms = median_time(bwd_only, device, warmup=1, reps=reps, setup=outputs_and_cotangents) * 1e3
+
+        def keep_graph():
+            outs = outputs_and_cotangents()
+            torch.autograd.backward(outs, cots)
+            return [leaf.grad for leaf in leaves]
+
+        peak = peak_memory_bytes(keep_graph, device)
+        for leaf in leaves:
+            leaf.grad = None
+        del grad_inputs, leaves
+    else:
+        inputs = make_inputs(False)
+        with torch.no_grad():
+            peak = peak_memory_bytes(lambda: forward(**inputs), device)
+        del inputs
+    row.peak_mb = None if peak is None else peak / 2 ** 20
+    gc.collect()
+    return row
+
+
+def compare(op: str, shape: str, dtype: torch.dtype, fused: dict, reference: Callable, make_inputs: Callable,
+            device: torch.device, *, compile_reference: bool = True, **kw) -> list:
+    """Rows for every fused variant in ``fused`` (name -> forward), the eager reference and the
+    reference under torch.compile."""
+    rows = []
+    for name, forward in fused.items():
+        rows.append(run_variant(op, shape, dtype, name, forward, make_inputs, device, **kw))
+    rows.append(run_variant(op, shape, dtype, "reference", reference, make_inputs, device, **kw))
+    if compile_reference:
+        torch._dynamo.reset()
+        compiled = torch.compile(reference)
+        try:
+            rows.append(run_variant(op, shape, dtype, "reference+compile", compiled, make_inputs, device, **kw))
+        except Exception as exc:  # report, don't hide: the table says why the row is missing
+            rows.append(Row(op, shape, str(dtype).replace("torch.", ""), "reference+compile", float("nan"), None,
+                            None, None, note=f"torch.compile failed: {type(exc).__name__}: {exc}"[:200]))
+    return rows
+
+
+def format_table(rows: list, ceilings: dict) -> str:
+    """A Markdown table; speedups are against the eager reference of the same op/shape/dtype."""
+    header = ("| op | shape | dtype | variant | fwd ms | bwd ms | fwd+bwd ms | speedup fwd+bwd | peak MB "
+              "| fwd GB/s (% copy) | fwd GFLOP/s (% matmul) |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    base = {(r.op, r.shape, r.dtype): r for r in rows if r.variant == "reference"}
+    copy = ceilings.get("copy_gbps")
+    mm = ceilings.get("matmul_gflops_float32")
+
+    def f(x, spec=".3f"):
+        return "-" if x is None or x != x else format(x, spec)
+
+    for r in rows:
+        ref = base.get((r.op, r.shape, r.dtype))
+        speed = None
+        if ref is not None and ref.both_ms and r.both_ms:
+            speed = ref.both_ms / r.both_ms
+        elif ref is not None and ref.fwd_ms and r.fwd_ms:
+            speed = ref.fwd_ms / r.fwd_ms
+        gbps = "-" if r.fwd_gbps is None else f"{r.fwd_gbps:.1f} ({100 * r.fwd_gbps / copy:.0f}%)" if copy else f"{r.fwd_gbps:.1f}"
+        gflops = "-" if r.fwd_gflops is None else f"{r.fwd_gflops:.1f} ({100 * r.fwd_gflops / mm:.0f}%)" if mm else f"{r.fwd_gflops:.1f}"
+        lines.append(f"| {r.op} | {r.shape} | {r.dtype} | {r.variant} | {f(r.fwd_ms)} | {f(r.bwd_ms)} | "
+                     f"{f(r.both_ms)} | {'-' if speed is None else f'{speed:.2f}x'} | {f(r.peak_mb, '.1f')} | "
+                     f"{gbps} | {gflops} |" + (f" {r.note}" if r.note else ""))
+    return "\n".join(lines)
+
+
+def save(rows: list, ceilings: dict, device: torch.device, out_dir: str, name: str) -> dict:
+    """Write ``<name>.json`` and ``<name>.md`` (and ``<name>.png`` when matplotlib is present)."""
+    os.makedirs(out_dir, exist_ok=True)
+    meta = {"device": device_name(device), "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "ceilings": ceilings}
+    payload = {"meta": meta, "rows": [dataclasses.asdict(r) for r in rows]}
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+        json.dump(payload, f, indent=2)
+    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+        f.write(f"{name} on {meta['device']}, torch {meta['torch']}, {meta['date']}\n\n")
+        f.write("ceilings: " + ", ".join(f"{k} {v:.1f}" for k, v in ceilings.items()) + "\n\n")
+        f.write(format_table(rows, ceilings) + "\n")
+    try:
+        plot(rows, os.path.join(out_dir, f"{name}.png"), title=f"{name} on {meta['device']}")
+    except ImportError:
+        pass
+    return payload
+
+
+def plot(rows: list, path: str, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r.op, r.shape, r.dtype) for r in rows})
+    variants = list(dict.fromkeys(r.variant for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups) * len(variants) / 3), 4))
+    width = 0.8 / max(1, len(variants))
+    for vi, variant in enumerate(variants):
+        xs, ys = [], []
+        for gi, grp in enumerate(groups):
+            for r in rows:
+                if (r.op, r.shape, r.dtype) == grp and r.variant == variant:
+                    xs.append(gi + vi * width)
+                    ys.append(r.both_ms if r.both_ms else r.fwd_ms)
+        ax.bar(xs, ys, width=width, label=variant)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
+    ax.set_xticklabels([f"{o}\n{s}\n{d}" for o, s, d in groups], fontsize=7)
+    ax.set_ylabel("fwd+bwd median ms (log)")
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

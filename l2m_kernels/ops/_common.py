@@ -1,0 +1,63 @@
+"""Pieces shared by the op packages: result tuples, per-backend launcher tables, the reference vjp."""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+
+class MemoryRead(NamedTuple):
+    """Result of a top-k or product-key memory read."""
+
+    out: Tensor
+    indices: Tensor
+    weights: Tensor
+    lse: Tensor
+
+
+class MemoryAttention(NamedTuple):
+    """Result of :func:`l2m_kernels.memory_attention`."""
+
+    out: Tensor
+    lse_local: Tensor
+    lse_mem: Tensor
+    indices: Tensor
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype (and the dtype of weights/lse outputs) for inputs of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def unavailable(op: str, backend: str):
+    """A launcher for a backend that the dispatcher should never have picked for ``op``."""
+    def launcher(*args, **kwargs):
+        raise NotImplementedError(f"backend {backend!r} has no kernel for {op}")
+    return launcher
+
+
+def reference_vjp(fn: Callable, primals: Sequence[Tensor], cotangents, differentiable: Sequence[bool]):
+    """Gradients of ``fn(*primals)`` (a tuple of outputs) for the primals flagged ``differentiable``.
+
+    Runs ``torch.func.vjp``, which works inside a custom op's implementation (below autograd). Output
+    cotangents given as None are taken as zeros; integer outputs get no cotangent.
+    """
+    primals = list(primals)
+    idx = [i for i, d in enumerate(differentiable) if d]
+
+    def partial(*diff_args):
+        args = list(primals)
+        for i, a in zip(idx, diff_args):
+            args[i] = a
+        outs = fn(*args)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        return tuple(o for o in outs if o.is_floating_point())
+
+    outs, vjp = torch.func.vjp(partial, *[primals[i] for i in idx])
+    cot = [torch.zeros_like(o) if c is None else c.to(o.dtype) for o, c in zip(outs, cotangents)]
+    grads = vjp(tuple(cot))
+    result = [None] * len(primals)
+    for i, g in zip(idx, grads):
+        result[i] = g
+    return result

@@ -1,0 +1,122 @@
+"""Launchers, custom ops and autograd for ``gated_memory_write`` and ``gated_dense_update``."""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+from .._common import reference_vjp
+from .reference import gated_dense_update_ref, gated_memory_write_ref, gated_memory_write_ref_
+
+
+def _reference_write_bwd(dnew, memory, indices, weights, add, erase):
+    return tuple(reference_vjp(lambda m, w, a, e: gated_memory_write_ref(m, indices, w, a, e),
+                               (memory, weights, add, erase), (dnew,), (True, True, True, True)))
+
+
+WRITE_FWD = {"reference": lambda memory, indices, weights, add, erase:
+             gated_memory_write_ref(memory, indices, weights, add, erase).contiguous()}
+WRITE_INPLACE = {"reference": gated_memory_write_ref_}
+WRITE_BWD = {"reference": _reference_write_bwd}
+
+
+@torch.library.custom_op("l2m::gated_memory_write", mutates_args=())
+def gated_memory_write_op(memory: Tensor, indices: Tensor, weights: Tensor, add: Tensor, erase: Tensor,
+                          backend: str) -> Tensor:
+    return WRITE_FWD[backend](memory, indices, weights, add, erase)
+
+
+@gated_memory_write_op.register_fake
+def _(memory, indices, weights, add, erase, backend):
+    return torch.empty_like(memory, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("l2m::gated_memory_write_", mutates_args=("memory",))
+def gated_memory_write_inplace_op(memory: Tensor, indices: Tensor, weights: Tensor, add: Tensor,
+                                  erase: Tensor, backend: str) -> None:
+    WRITE_INPLACE[backend](memory, indices, weights, add, erase)
+
+
+@gated_memory_write_inplace_op.register_fake
+def _(memory, indices, weights, add, erase, backend):
+    return None
+
+
+@torch.library.custom_op("l2m::gated_memory_write_backward", mutates_args=())
+def gated_memory_write_backward_op(dnew: Tensor, memory: Tensor, indices: Tensor, weights: Tensor,
+                                   add: Tensor, erase: Tensor, backend: str
+                                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return WRITE_BWD[backend](dnew, memory, indices, weights, add, erase)
+
+
+@gated_memory_write_backward_op.register_fake
+def _(dnew, memory, indices, weights, add, erase, backend):
+    return (torch.empty_like(memory), torch.empty_like(weights), torch.empty_like(add),
+            torch.empty_like(erase))
+
+
+def _write_setup(ctx, inputs, output):
+    memory, indices, weights, add, erase, backend = inputs
+    ctx.save_for_backward(memory, indices, weights, add, erase)
+    ctx.backend = backend
+
+
+def _write_backward(ctx, dnew):
+    memory, indices, weights, add, erase = ctx.saved_tensors
+    grads = torch.ops.l2m.gated_memory_write_backward(dnew, memory, indices, weights, add, erase,
+                                                      ctx.backend)
+    needs = ctx.needs_input_grad
+    dmemory, dweights, dadd, derase = grads
+    return (dmemory if needs[0] else None, None, dweights if needs[2] else None,
+            dadd if needs[3] else None, derase if needs[4] else None, None)
+
+
+torch.library.register_autograd("l2m::gated_memory_write", _write_backward, setup_context=_write_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# gated_dense_update
+# ----------------------------------------------------------------------------------------------
+
+DENSE_FWD = {"reference": lambda m, u, i, f: gated_dense_update_ref(m, u, i, f).contiguous()}
+DENSE_BWD = {"reference": lambda dout, m, u, i, f: tuple(
+    reference_vjp(gated_dense_update_ref, (m, u, i, f), (dout,), (True, True, True, True)))}
+
+
+@torch.library.custom_op("l2m::gated_dense_update", mutates_args=())
+def gated_dense_update_op(memory: Tensor, update: Tensor, input_gate: Tensor, forget_gate: Tensor,
+                          backend: str) -> Tensor:
+    return DENSE_FWD[backend](memory, update, input_gate, forget_gate)
+
+
+@gated_dense_update_op.register_fake
+def _(memory, update, input_gate, forget_gate, backend):
+    shape = torch.broadcast_shapes(memory.shape, update.shape, input_gate.shape, forget_gate.shape)
+    return memory.new_empty(shape)
+
+
+@torch.library.custom_op("l2m::gated_dense_update_backward", mutates_args=())
+def gated_dense_update_backward_op(dout: Tensor, memory: Tensor, update: Tensor, input_gate: Tensor,
+                                   forget_gate: Tensor, backend: str
+                                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return DENSE_BWD[backend](dout, memory, update, input_gate, forget_gate)
+
+
+@gated_dense_update_backward_op.register_fake
+def _(dout, memory, update, input_gate, forget_gate, backend):
+    return tuple(torch.empty_like(t) for t in (memory, update, input_gate, forget_gate))
+
+
+def _dense_setup(ctx, inputs, output):
+    *tensors, backend = inputs
+    ctx.save_for_backward(*tensors)
+    ctx.backend = backend
+
+
+def _dense_backward(ctx, dout):
+    grads = torch.ops.l2m.gated_dense_update_backward(dout, *ctx.saved_tensors, ctx.backend)
+    return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad)) + (None,)
+
+
+torch.library.register_autograd("l2m::gated_dense_update", _dense_backward, setup_context=_dense_setup)

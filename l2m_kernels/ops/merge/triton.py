@@ -1,0 +1,485 @@
+"""Triton kernels and launchers for the merge ops (``merge_attention`` and ``gated_merge``).
+
+The four launchers implement the low-level merge interface shared with the cpu and cuda backends:
+inputs are contiguous ``(R, D)`` row tensors (``(R,)`` per-row scalars), outputs are preallocated
+and passed last, every element of every output is written, and the functions return ``None``.
+
+Each program handles a tile of ``BLOCK_R`` rows by ``BLOCK_D`` columns. The forwards have no
+reduction along ``D``, so they also spread ``D`` over a second grid axis; the backwards need the
+full-row dot product for ``d_lse`` / ``d_gate``, so one program walks its rows' ``D`` chunks,
+writing the elementwise gradients as it goes and the per-row gradient after the loop. Every input
+is read once and every output written once.
+
+Numerics: loads in the input dtype, computes in ``ACC_DTYPE`` (float32; float64 for float64 input,
+which only the interpreter sees), stores in the output dtype.
+
+The kernels are decorated at import time, so Triton decides then whether they run under the
+interpreter (``TRITON_INTERPRET=1``, CPU tensors) or compile for the GPU. This module never sets
+that variable itself.
+
+``COMPILE_CONFIGS`` lists the configurations the launchers pick for the production dtypes and head
+sizes; ``python -m l2m_kernels._triton_check`` compiles them for sm_80/sm_90 without a GPU.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "merge_attention_fwd",
+    "merge_attention_bwd",
+    "gated_merge_fwd",
+    "gated_merge_bwd",
+    "tile_config",
+    "COMPILE_CONFIGS",
+]
+
+# Widest D chunk one tile covers; larger D loops (backward) or uses more programs (forward).
+MAX_BLOCK_D = 256
+# Elements per (BLOCK_R, BLOCK_D) tile at 4 warps: 32 per thread and tensor in the forwards (two
+# input tiles), 16 in the backwards, which hold three input tiles plus the per-row dot products: at
+# 4096 they need up to 254 registers (fp32) and ptxas 12.4 (Triton 3.3) spills; at 2048 they run at the same
+# bandwidth on an H100 (tile sweep, bf16/fp32, D = 64..256, R = 65536).
+TILE_ELEMENTS_FWD = 4096
+TILE_ELEMENTS_BWD = 2048
+NUM_WARPS = 4
+# Pinned rather than left to the Triton default, which 3.9 warns is about to change: fused
+# multiply-adds are both faster and more accurate for these blends and dot products.
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _log1p(b_x):
+    # log(1 + x) without losing the low bits of small x (Goldberg's trick): with u = fl(1 + x),
+    # log(u) * x / (u - 1) cancels the rounding error of u. Avoids libdevice, whose module path
+    # differs across Triton versions and under the interpreter.
+    b_u = 1. + b_x
+    return tl.where(b_u == 1., b_x, tl.log(b_u) * (b_x / (b_u - 1.)))
+
+
+@triton.jit
+def _merged_lse(b_la, b_lb):
+    # m = la if la > lb else lb: a select, not tl.maximum, so a NaN in lb propagates and a NaN in
+    # la reaches lse through |la - lb|.
+    b_m = tl.where(b_la > b_lb, b_la, b_lb)
+    b_lse = b_m + _log1p(tl.exp(-tl.abs(b_la - b_lb)))
+    # Both sides empty: -inf. Tested on the inputs rather than on m == -inf so that (NaN, -inf)
+    # still gives NaN, as the reference (torch.maximum) does.
+    b_both_empty = (b_la == float("-inf")) & (b_lb == float("-inf"))
+    return tl.where(b_both_empty, float("-inf"), b_lse)
+
+
+@triton.jit
+def _side_weight(b_l, b_lse):
+    # exp(l - lse), and exactly 0 for an empty side even when lse is -inf as well.
+    return tl.where(b_l == float("-inf"), 0., tl.exp(b_l - b_lse))
+
+
+@triton.jit
+def _sigmoid_pair(b_gate):
+    # (sigmoid(x), 1 - sigmoid(x)); the second as sigmoid(-x) so it keeps its precision when
+    # sigmoid(x) is close to 1.
+    b_g = 1. / (1. + tl.exp(-b_gate))
+    b_one_minus_g = 1. / (1. + tl.exp(b_gate))
+    return b_g, b_one_minus_g
+
+
+@triton.jit
+def merge_attention_fwd_kernel(
+    out_a,  # [R, D] x
+    lse_a,  # [R] acc
+    out_b,  # [R, D] x
+    lse_b,  # [R] acc
+    out,  # [R, D] x, written
+    lse,  # [R] acc, written
+    R,
+    D,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Grid (cdiv(R, BLOCK_R), cdiv(D, BLOCK_D)); the programs with i_d == 0 also write lse."""
+    i_r = tl.program_id(0).to(tl.int64)
+    i_d = tl.program_id(1).to(tl.int64)
+    o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    m_r = o_r < R
+    m_rd = m_r[:, None] & (o_d < D)[None, :]
+
+    # [BR]
+    b_la = tl.load(lse_a + o_r, mask=m_r, other=0.).to(ACC_DTYPE)
+    b_lb = tl.load(lse_b + o_r, mask=m_r, other=0.).to(ACC_DTYPE)
+    b_lse = _merged_lse(b_la, b_lb)
+    b_wa = _side_weight(b_la, b_lse)
+    b_wb = _side_weight(b_lb, b_lse)
+    if i_d == 0:
+        tl.store(lse + o_r, b_lse.to(lse.dtype.element_ty), mask=m_r)
+
+    o_rd = o_r[:, None] * D + o_d[None, :]
+    # [BR, BD]
+    b_a = tl.load(out_a + o_rd, mask=m_rd, other=0.).to(ACC_DTYPE)
+    b_b = tl.load(out_b + o_rd, mask=m_rd, other=0.).to(ACC_DTYPE)
+    b_out = b_wa[:, None] * b_a + b_wb[:, None] * b_b
+    tl.store(out + o_rd, b_out.to(out.dtype.element_ty), mask=m_rd)
+
+
+@triton.jit
+def merge_attention_bwd_kernel(
+    dout,  # [R, D] x
+    dlse,  # [R] acc
+    out_a,  # [R, D] x
+    lse_a,  # [R] acc
+    out_b,  # [R, D] x
+    lse_b,  # [R] acc
+    lse,  # [R] acc, the forward's output
+    d_out_a,  # [R, D] x, written
+    d_lse_a,  # [R] acc, written
+    d_out_b,  # [R, D] x, written
+    d_lse_b,  # [R] acc, written
+    R,
+    D,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Grid (cdiv(R, BLOCK_R),); each program walks all D chunks of its rows."""
+    i_r = tl.program_id(0).to(tl.int64)
+    o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    m_r = o_r < R
+
+    # [BR]
+    b_la = tl.load(lse_a + o_r, mask=m_r, other=0.).to(ACC_DTYPE)
+    b_lb = tl.load(lse_b + o_r, mask=m_r, other=0.).to(ACC_DTYPE)
+    b_lse = tl.load(lse + o_r, mask=m_r, other=0.).to(ACC_DTYPE)
+    b_dlse = tl.load(dlse + o_r, mask=m_r, other=0.).to(ACC_DTYPE)
+    b_wa = _side_weight(b_la, b_lse)
+    b_wb = _side_weight(b_lb, b_lse)
+    # <dout, out_a> and <dout, out_b> per row, accumulated over the D chunks.
+    b_pa = tl.zeros([BLOCK_R], dtype=ACC_DTYPE)
+    b_pb = tl.zeros([BLOCK_R], dtype=ACC_DTYPE)
+
+    for i_d in range(0, tl.cdiv(D, BLOCK_D)):
+        o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        m_rd = m_r[:, None] & (o_d < D)[None, :]
+        o_rd = o_r[:, None] * D + o_d[None, :]
+        # [BR, BD]
+        b_do = tl.load(dout + o_rd, mask=m_rd, other=0.).to(ACC_DTYPE)
+        b_a = tl.load(out_a + o_rd, mask=m_rd, other=0.).to(ACC_DTYPE)
+        b_b = tl.load(out_b + o_rd, mask=m_rd, other=0.).to(ACC_DTYPE)
+        tl.store(d_out_a + o_rd, (b_wa[:, None] * b_do).to(d_out_a.dtype.element_ty), mask=m_rd)
+        tl.store(d_out_b + o_rd, (b_wb[:, None] * b_do).to(d_out_b.dtype.element_ty), mask=m_rd)
+        b_pa += tl.sum(b_do * b_a, axis=1)
+        b_pb += tl.sum(b_do * b_b, axis=1)
+
+    # [BR]; d lse / d la = wa and d wa / d la = wa (1 - wa), d wb / d la = -wa wb.
+    b_mixed = b_wa * b_pa + b_wb * b_pb
+    b_dla = b_wa * (b_dlse + b_pa - b_mixed)
+    b_dlb = b_wb * (b_dlse + b_pb - b_mixed)
+    tl.store(d_lse_a + o_r, b_dla.to(d_lse_a.dtype.element_ty), mask=m_r)
+    tl.store(d_lse_b + o_r, b_dlb.to(d_lse_b.dtype.element_ty), mask=m_r)
+
+
+@triton.jit
+def gated_merge_fwd_kernel(
+    out_local,  # [R, D] x
+    out_mem,  # [R, D] x
+    gate,  # [R] x, logits
+    out,  # [R, D] x, written
+    R,
+    D,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Grid (cdiv(R, BLOCK_R), cdiv(D, BLOCK_D))."""
+    i_r = tl.program_id(0).to(tl.int64)
+    i_d = tl.program_id(1).to(tl.int64)
+    o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    m_r = o_r < R
+    m_rd = m_r[:, None] & (o_d < D)[None, :]
+
+    # [BR]
+    b_gate = tl.load(gate + o_r, mask=m_r, other=0.).to(ACC_DTYPE)
+    b_g, b_one_minus_g = _sigmoid_pair(b_gate)
+
+    o_rd = o_r[:, None] * D + o_d[None, :]
+    # [BR, BD]
+    b_local = tl.load(out_local + o_rd, mask=m_rd, other=0.).to(ACC_DTYPE)
+    b_mem = tl.load(out_mem + o_rd, mask=m_rd, other=0.).to(ACC_DTYPE)
+    b_out = b_g[:, None] * b_mem + b_one_minus_g[:, None] * b_local
+    tl.store(out + o_rd, b_out.to(out.dtype.element_ty), mask=m_rd)
+
+
+@triton.jit
+def gated_merge_bwd_kernel(
+    dout,  # [R, D] x
+    out_local,  # [R, D] x
+    out_mem,  # [R, D] x
+    gate,  # [R] x, logits
+    d_local,  # [R, D] x, written
+    d_mem,  # [R, D] x, written
+    d_gate,  # [R] acc, written
+    R,
+    D,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Grid (cdiv(R, BLOCK_R),); each program walks all D chunks of its rows."""
+    i_r = tl.program_id(0).to(tl.int64)
+    o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    m_r = o_r < R
+
+    # [BR]
+    b_gate = tl.load(gate + o_r, mask=m_r, other=0.).to(ACC_DTYPE)
+    b_g, b_one_minus_g = _sigmoid_pair(b_gate)
+    # <dout, out_mem - out_local> per row, accumulated over the D chunks.
+    b_dot = tl.zeros([BLOCK_R], dtype=ACC_DTYPE)
+
+    for i_d in range(0, tl.cdiv(D, BLOCK_D)):
+        o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        m_rd = m_r[:, None] & (o_d < D)[None, :]
+        o_rd = o_r[:, None] * D + o_d[None, :]
+        # [BR, BD]
+        b_do = tl.load(dout + o_rd, mask=m_rd, other=0.).to(ACC_DTYPE)
+        b_local = tl.load(out_local + o_rd, mask=m_rd, other=0.).to(ACC_DTYPE)
+        b_mem = tl.load(out_mem + o_rd, mask=m_rd, other=0.).to(ACC_DTYPE)
+        tl.store(d_local + o_rd, (b_one_minus_g[:, None] * b_do).to(d_local.dtype.element_ty), mask=m_rd)
+        tl.store(d_mem + o_rd, (b_g[:, None] * b_do).to(d_mem.dtype.element_ty), mask=m_rd)
+        b_dot += tl.sum(b_do * (b_mem - b_local), axis=1)
+
+    # [BR]
+    b_dgate = b_g * b_one_minus_g * b_dot
+    tl.store(d_gate + o_r, b_dgate.to(d_gate.dtype.element_ty), mask=m_r)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch configuration (shared by the launchers and COMPILE_CONFIGS, so the two cannot drift)
+# ---------------------------------------------------------------------------------------------
+
+class TileConfig(NamedTuple):
+    block_r: int
+    block_d: int
+    num_warps: int
+
+
+def tile_config(D: int, dtype: torch.dtype, backward: bool = False) -> TileConfig:
+    """Deterministic tile choice for rows of ``D`` elements of ``dtype``.
+
+    These ops are memory bound and read each element once, so a fixed heuristic is as good as
+    autotuning (a sweep of tile sizes and warp counts on an H100 found no consistent winner) and
+    keeps runs reproducible: ``BLOCK_D`` is the next power of two of ``D`` capped at
+    ``MAX_BLOCK_D``; ``BLOCK_R`` fills a tile of ``TILE_ELEMENTS_FWD`` / ``TILE_ELEMENTS_BWD``
+    elements (half that for float64, which takes two registers per element).
+    """
+    block_d = min(triton.next_power_of_2(max(int(D), 1)), MAX_BLOCK_D)
+    tile_elements = TILE_ELEMENTS_BWD if backward else TILE_ELEMENTS_FWD
+    if dtype == torch.float64:
+        tile_elements //= 2
+    block_r = max(1, tile_elements // block_d)
+    return TileConfig(block_r, block_d, NUM_WARPS)
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _constexprs(D: int, dtype: torch.dtype, backward: bool) -> tuple[dict, int]:
+    """The constexpr arguments and num_warps every merge kernel is launched with."""
+    config = tile_config(D, dtype, backward)
+    constexprs = {"ACC_DTYPE": _acc_dtype(dtype), "BLOCK_R": config.block_r, "BLOCK_D": config.block_d}
+    return constexprs, config.num_warps
+
+
+def _device_guard(tensor: torch.Tensor):
+    # Triton launches on the current CUDA device; make it the tensors' device.
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers (the low-level merge interface)
+# ---------------------------------------------------------------------------------------------
+
+def merge_attention_fwd(out_a, lse_a, out_b, lse_b, out, lse) -> None:
+    """Merge two partial attention results over disjoint key sets, per row.
+
+    Args:
+        out_a, out_b: (R, D) x, contiguous.   lse_a, lse_b: (R,) acc.
+        out: (R, D) x, written.   lse: (R,) acc, written.
+
+    Equivalent PyTorch:
+        lse = torch.logaddexp(lse_a, lse_b)   # -inf when both are -inf
+        wa = exp(lse_a - lse) (0 where lse_a == -inf); wb likewise
+        out = wa[:, None] * out_a + wb[:, None] * out_b
+    """
+    R, D = out_a.shape
+    if R == 0:
+        return
+    constexprs, num_warps = _constexprs(D, out_a.dtype, backward=False)
+    # At least one D program so lse is written even for a degenerate D == 0.
+    grid = (triton.cdiv(R, constexprs["BLOCK_R"]), max(1, triton.cdiv(D, constexprs["BLOCK_D"])))
+    with _device_guard(out_a):
+        merge_attention_fwd_kernel[grid](
+            out_a, lse_a, out_b, lse_b, out, lse, R, D, **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
+        )
+
+
+def merge_attention_bwd(dout, dlse, out_a, lse_a, out_b, lse_b, lse,
+                        d_out_a, d_lse_a, d_out_b, d_lse_b) -> None:
+    """Gradients of :func:`merge_attention_fwd`.
+
+    Args:
+        dout, out_a, out_b: (R, D) x.   dlse, lse_a, lse_b, lse: (R,) acc (``lse`` from the forward).
+        d_out_a, d_out_b: (R, D) x, written.   d_lse_a, d_lse_b: (R,) acc, written.
+
+    Equivalent PyTorch:
+        pa = (dout * out_a).sum(-1); pb = (dout * out_b).sum(-1); mixed = wa * pa + wb * pb
+        d_out_a = wa[:, None] * dout;  d_lse_a = wa * (dlse + pa - mixed)   (b likewise)
+    """
+    R, D = out_a.shape
+    if R == 0:
+        return
+    constexprs, num_warps = _constexprs(D, out_a.dtype, backward=True)
+    grid = (triton.cdiv(R, constexprs["BLOCK_R"]),)
+    with _device_guard(out_a):
+        merge_attention_bwd_kernel[grid](
+            dout, dlse, out_a, lse_a, out_b, lse_b, lse, d_out_a, d_lse_a, d_out_b, d_lse_b, R, D,
+            **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
+        )
+
+
+def gated_merge_fwd(out_local, out_mem, gate, out) -> None:
+    """Blend two row sets with one gate logit per row.
+
+    Args:
+        out_local, out_mem: (R, D) x.   gate: (R,) x logits.   out: (R, D) x, written.
+
+    Equivalent PyTorch:
+        g = torch.sigmoid(gate)[:, None]; out = g * out_mem + (1 - g) * out_local
+    """
+    R, D = out_local.shape
+    if R == 0:
+        return
+    constexprs, num_warps = _constexprs(D, out_local.dtype, backward=False)
+    grid = (triton.cdiv(R, constexprs["BLOCK_R"]), max(1, triton.cdiv(D, constexprs["BLOCK_D"])))
+    with _device_guard(out_local):
+        gated_merge_fwd_kernel[grid](
+            out_local, out_mem, gate, out, R, D, **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
+        )
+
+
+def gated_merge_bwd(dout, out_local, out_mem, gate, d_local, d_mem, d_gate) -> None:
+    """Gradients of :func:`gated_merge_fwd`.
+
+    Args:
+        dout, out_local, out_mem: (R, D) x.   gate: (R,) x.
+        d_local, d_mem: (R, D) x, written.   d_gate: (R,) acc, written.
+
+    Equivalent PyTorch:
+        d_local = (1 - g) * dout;  d_mem = g * dout
+        d_gate = g * (1 - g) * (dout * (out_mem - out_local)).sum(-1)
+    """
+    R, D = out_local.shape
+    if R == 0:
+        return
+    constexprs, num_warps = _constexprs(D, out_local.dtype, backward=True)
+    grid = (triton.cdiv(R, constexprs["BLOCK_R"]),)
+    with _device_guard(out_local):
+        gated_merge_bwd_kernel[grid](
+            dout, out_local, out_mem, gate, d_local, d_mem, d_gate, R, D,
+            **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Production configurations, for the compile check (l2m_kernels._triton_check)
+# ---------------------------------------------------------------------------------------------
+
+# Dtypes and head sizes the GPU path is compile-checked for.
+COMPILE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+COMPILE_HEAD_DIMS = (64, 128, 256, 512)
+
+_SIGNATURE_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+                    torch.float64: "fp64"}
+
+# Runtime arguments of each kernel, in order, by role: "x" a pointer of the input dtype, "acc" a
+# pointer of the accumulation dtype, "int" a row count or size. The launchers
+# pass exactly these positionally; _build_compile_configs checks the names against the kernels.
+_KERNEL_ARGS = {
+    merge_attention_fwd_kernel: (("out_a", "x"), ("lse_a", "acc"), ("out_b", "x"), ("lse_b", "acc"),
+                                 ("out", "x"), ("lse", "acc"), ("R", "int"), ("D", "int")),
+    merge_attention_bwd_kernel: (("dout", "x"), ("dlse", "acc"), ("out_a", "x"), ("lse_a", "acc"),
+                                 ("out_b", "x"), ("lse_b", "acc"), ("lse", "acc"),
+                                 ("d_out_a", "x"), ("d_lse_a", "acc"), ("d_out_b", "x"),
+                                 ("d_lse_b", "acc"), ("R", "int"), ("D", "int")),
+    gated_merge_fwd_kernel: (("out_local", "x"), ("out_mem", "x"), ("gate", "x"), ("out", "x"),
+                             ("R", "int"), ("D", "int")),
+    gated_merge_bwd_kernel: (("dout", "x"), ("out_local", "x"), ("out_mem", "x"), ("gate", "x"),
+                             ("d_local", "x"), ("d_mem", "x"), ("d_gate", "acc"),
+                             ("R", "int"), ("D", "int")),
+}
+
+_BACKWARD_KERNELS = (merge_attention_bwd_kernel, gated_merge_bwd_kernel)
+
+
+def _build_compile_configs() -> list[dict]:
+    """One entry per distinct (kernel, dtype, constexprs) the launchers pick for COMPILE_HEAD_DIMS.
+
+    Entry keys (the format l2m_kernels._triton_check reads):
+        kernel:          the @triton.jit function.
+        signature:       {runtime arg name: Triton type string}, e.g. "*fp16", "i32".
+        constexprs:      {constexpr arg name: value}.
+        num_warps:       int.
+        options:         the other compile options the launchers pass.
+        divisible_by_16: names the JIT would specialize as 16-divisible for these calls
+                         (torch's allocations are 16-byte aligned; D is a multiple of 16 here).
+        label:           short text for the table.
+    """
+    configs = []
+    for kernel, args in _KERNEL_ARGS.items():
+        constexpr_names = [name for name in kernel.arg_names if name not in dict(args)]
+        if [name for name, _ in args] + constexpr_names != list(kernel.arg_names) or \
+                sorted(constexpr_names) != ["ACC_DTYPE", "BLOCK_D", "BLOCK_R"]:
+            raise AssertionError(f"_KERNEL_ARGS out of date for {kernel.__name__}: {kernel.arg_names}")
+        for dtype in COMPILE_DTYPES:
+            acc = "fp64" if dtype == torch.float64 else "fp32"
+            types = {"x": "*" + _SIGNATURE_DTYPE[dtype], "acc": "*" + acc, "int": "i32"}
+            seen = {}
+            for D in COMPILE_HEAD_DIMS:
+                constexprs, num_warps = _constexprs(D, dtype, backward=kernel in _BACKWARD_KERNELS)
+                key = (tuple(constexprs.items()), num_warps, D % 16 == 0)
+                if key in seen:
+                    seen[key]["head_dims"].append(D)
+                    continue
+                divisible = [name for name, role in args if role != "int"]
+                if D % 16 == 0:
+                    divisible.append("D")
+                entry = {
+                    "kernel": kernel,
+                    "signature": {name: types[role] for name, role in args},
+                    "constexprs": constexprs,
+                    "num_warps": num_warps,
+                    "options": dict(COMPILE_OPTIONS),
+                    "divisible_by_16": tuple(divisible),
+                    "head_dims": [D],
+                }
+                seen[key] = entry
+                configs.append(entry)
+            for entry in seen.values():
+                entry["label"] = (f"{_SIGNATURE_DTYPE[dtype]} D={','.join(map(str, entry['head_dims']))} "
+                                  f"BR={entry['constexprs']['BLOCK_R']} BD={entry['constexprs']['BLOCK_D']}")
+    return configs
+
+
+# Kernels decorated under the interpreter have no compile path; they still get the list (the
+# check refuses them with a clear message) because it is pure data.
+COMPILE_CONFIGS = _build_compile_configs()

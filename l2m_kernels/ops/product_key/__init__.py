@@ -1,0 +1,66 @@
+"""Product-key memory read for million-slot memories (SPEC section 2)."""
+from __future__ import annotations
+
+from ... import _validation as v
+from ...backends import resolve_deterministic, select_backend
+from .._common import MemoryRead
+from ..topk_read import resolve_scale
+from .function import product_key_read_op
+from .reference import product_key_read_ref
+
+__all__ = ["product_key_read", "product_key_read_ref"]
+
+
+def product_key_read(q, subkeys, values, k, *, k_sub=None, scale=None, sum_heads=False,
+                     sparse_grad=False, deterministic=False, backend=None):
+    """Sparse read of an ``n_sub ** 2``-slot memory addressed by two halves of the query.
+
+    Args:
+        q:       (B, H, T, Dk) queries, Dk even.
+        subkeys: (H, 2, n_sub, Dk // 2) sub-keys of the two halves, per head. Same dtype as q.
+        values:  (n_sub ** 2, Dv) slot values, shared by all heads.
+        k:       slots read per query and head, 1 <= k <= k_sub ** 2.
+        k_sub:   candidates kept per half, default k, k_sub <= n_sub.
+        scale:   score scale, default Dk ** -0.5.
+        sum_heads: sum the heads' reads into one (B, T, Dv) output.
+        sparse_grad: the values gradient is a coalesced torch.sparse_coo tensor (as
+            nn.EmbeddingBag(sparse=True)) instead of a dense (n_sub ** 2, Dv) tensor.
+        deterministic: bitwise-reproducible gradients.
+        backend: None (automatic), "reference", "cpu", "triton" or "cuda".
+
+    Returns:
+        MemoryRead(out (B, H, T, Dv) or (B, T, Dv), indices (B, H, T, k) int64 slot ids
+        i * n_sub + j, weights (B, H, T, k) float32, lse (B, H, T) float32; float64 for float64).
+
+    Equivalent PyTorch:
+        s1 = scale * q[..., :Dk//2] @ subkeys[:, 0].mT; s2 = scale * q[..., Dk//2:] @ subkeys[:, 1].mT
+        v1, i1 = s1.topk(k_sub); v2, i2 = s2.topk(k_sub)
+        cand = v1[..., :, None] + v2[..., None, :]; slot = i1[..., :, None] * n_sub + i2[..., None, :]
+        top, j = cand.flatten(-2).topk(k); indices = slot.flatten(-2).gather(-1, j)
+        weights = top.softmax(-1); out = (weights[..., None] * values[indices]).sum(-2)
+    """
+    v.require_ndim("q", q, (4,), "(B, H, T, Dk)")
+    B, H, T, Dk = q.shape
+    if Dk % 2:
+        raise ValueError(f"q: the feature size Dk must be even (two halves), got q shape {tuple(q.shape)}")
+    v.require_ndim("subkeys", subkeys, (4,), "(H, 2, n_sub, Dk // 2)")
+    n_sub = subkeys.shape[2]
+    v.require_shape("subkeys", subkeys, (H, 2, None, Dk // 2), "(H, 2, n_sub, Dk // 2)")
+    v.require_ndim("values", values, (2,), "(n_sub ** 2, Dv)")
+    v.require_shape("values", values, (n_sub * n_sub, None), "(n_sub ** 2, Dv)")
+    v.require_same_dtype("q", q, subkeys=subkeys, values=values)
+    device = v.require_same_device(q=q, subkeys=subkeys, values=values)
+    if n_sub == 0:
+        raise ValueError("subkeys: n_sub must be at least 1, got shape " + str(tuple(subkeys.shape)))
+    k = v.require_int("k", k, 1, n_sub * n_sub, f" (n_sub ** 2 = {n_sub * n_sub})")
+    k_sub = v.require_int("k_sub", k if k_sub is None else k_sub, 1, n_sub, f" (n_sub = {n_sub})")
+    if k > k_sub * k_sub:
+        raise ValueError(f"k: expected 1 <= k <= k_sub ** 2 = {k_sub * k_sub}, got {k}")
+    scale = resolve_scale(scale, Dk)
+    deterministic = resolve_deterministic(deterministic)
+    name = select_backend("product_key_read", device, q.dtype, backend)
+    if name == "reference":
+        return MemoryRead(*product_key_read_ref(q, subkeys, values, k, k_sub=k_sub, scale=scale,
+                                                sum_heads=bool(sum_heads), sparse_grad=bool(sparse_grad)))
+    return MemoryRead(*product_key_read_op(q, subkeys, values, k, k_sub, scale, bool(sum_heads),
+                                           bool(sparse_grad), deterministic, name))

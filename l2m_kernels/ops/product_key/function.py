@@ -1,0 +1,108 @@
+"""Launchers, custom ops and autograd for ``product_key_read``.
+
+The backward op returns the values gradient either dense ``(n_sub**2, Dv)`` or, with
+``sparse_grad=True``, as one row per selected entry ``(B*H*T*k, Dv)``; the autograd function then
+builds a coalesced ``torch.sparse_coo`` tensor from those rows, never the dense gradient.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+from .._common import acc_dtype, reference_vjp
+from .reference import product_key_gather, product_key_select
+
+
+def _reference_fwd(q, subkeys, values, k, k_sub, scale, sum_heads, deterministic):
+    indices = product_key_select(q, subkeys, k, k_sub, scale)
+    out, weights, lse = product_key_gather(q, subkeys, values, indices, scale, sum_heads=sum_heads)
+    return out.contiguous(), indices.contiguous(), weights.contiguous(), lse.contiguous()
+
+
+def value_grad_rows(dout: Tensor, weights: Tensor, sum_heads: bool) -> Tensor:
+    """d values[indices[b, h, t, j]] += weights[b, h, t, j] * dout[b, (h,) t]: one row per entry."""
+    if sum_heads:
+        dout = dout.unsqueeze(1)  # (B, 1, T, Dv): every head read into the same output
+    rows = weights.unsqueeze(-1) * dout.unsqueeze(-2).to(weights.dtype)  # (B, H, T, k, Dv)
+    return rows.reshape(-1, rows.shape[-1])
+
+
+def _reference_bwd(dout, dweights, dlse, q, subkeys, values, indices, weights, scale, sum_heads,
+                   sparse_grad, deterministic):
+    # Values enter linearly: their gradient is the weighted scatter of dout; q and subkeys by vjp.
+    dq, dsubkeys, _ = reference_vjp(
+        lambda q_, s_, v_: product_key_gather(q_, s_, v_, indices, scale, sum_heads=sum_heads),
+        (q, subkeys, values), (dout, dweights, dlse), (True, True, False))
+    rows = value_grad_rows(dout, weights, sum_heads)
+    if sparse_grad:
+        return dq, dsubkeys, rows.to(values.dtype)
+    dense = torch.zeros(values.shape, dtype=rows.dtype, device=values.device)
+    dense.index_add_(0, indices.reshape(-1), rows)
+    return dq, dsubkeys, dense.to(values.dtype)
+
+
+FWD = {"reference": _reference_fwd}
+BWD = {"reference": _reference_bwd}
+
+
+@torch.library.custom_op("l2m::product_key_read", mutates_args=())
+def product_key_read_op(q: Tensor, subkeys: Tensor, values: Tensor, k: int, k_sub: int, scale: float,
+                        sum_heads: bool, sparse_grad: bool, deterministic: bool, backend: str
+                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return FWD[backend](q, subkeys, values, k, k_sub, scale, sum_heads, deterministic)
+
+
+@product_key_read_op.register_fake
+def _(q, subkeys, values, k, k_sub, scale, sum_heads, sparse_grad, deterministic, backend):
+    B, H, T, _ = q.shape
+    acc = acc_dtype(q.dtype)
+    out_shape = (B, T, values.shape[-1]) if sum_heads else (B, H, T, values.shape[-1])
+    return (q.new_empty(out_shape), q.new_empty((B, H, T, k), dtype=torch.int64),
+            q.new_empty((B, H, T, k), dtype=acc), q.new_empty((B, H, T), dtype=acc))
+
+
+@torch.library.custom_op("l2m::product_key_read_backward", mutates_args=())
+def product_key_read_backward_op(dout: Tensor, dweights: Tensor, dlse: Tensor, q: Tensor, subkeys: Tensor,
+                                 values: Tensor, indices: Tensor, weights: Tensor, scale: float,
+                                 sum_heads: bool, sparse_grad: bool, deterministic: bool, backend: str
+                                 ) -> Tuple[Tensor, Tensor, Tensor]:
+    return BWD[backend](dout, dweights, dlse, q, subkeys, values, indices, weights, scale, sum_heads,
+                        sparse_grad, deterministic)
+
+
+@product_key_read_backward_op.register_fake
+def _(dout, dweights, dlse, q, subkeys, values, indices, weights, scale, sum_heads, sparse_grad,
+      deterministic, backend):
+    dvalues = (values.new_empty((indices.numel(), values.shape[-1])) if sparse_grad
+               else torch.empty_like(values))
+    return torch.empty_like(q), torch.empty_like(subkeys), dvalues
+
+
+def _setup(ctx, inputs, output):
+    q, subkeys, values, k, k_sub, scale, sum_heads, sparse_grad, deterministic, backend = inputs
+    ctx.save_for_backward(q, subkeys, values, output[1], output[2])
+    ctx.options = (scale, sum_heads, sparse_grad, deterministic, backend)
+
+
+def _backward(ctx, dout, dindices, dweights, dlse):
+    q, subkeys, values, indices, weights = ctx.saved_tensors
+    scale, sum_heads, sparse_grad, deterministic, backend = ctx.options
+    B, H, T, k = indices.shape
+    acc = acc_dtype(q.dtype)
+    if dout is None:
+        dout = q.new_zeros((B, T, values.shape[-1]) if sum_heads else (B, H, T, values.shape[-1]))
+    dweights = q.new_zeros((B, H, T, k), dtype=acc) if dweights is None else dweights
+    dlse = q.new_zeros((B, H, T), dtype=acc) if dlse is None else dlse
+    dq, dsubkeys, dvalues = torch.ops.l2m.product_key_read_backward(
+        dout, dweights, dlse, q, subkeys, values, indices, weights, scale, sum_heads, sparse_grad,
+        deterministic, backend)
+    if sparse_grad:
+        dvalues = torch.sparse_coo_tensor(indices.reshape(1, -1), dvalues, values.shape).coalesce()
+    needs = ctx.needs_input_grad
+    return (dq if needs[0] else None, dsubkeys if needs[1] else None, dvalues if needs[2] else None,
+            None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("l2m::product_key_read", _backward, setup_context=_setup)

@@ -1,0 +1,89 @@
+"""Launchers, custom ops and autograd for ``topk_memory_read``.
+
+``torch.ops.l2m.topk_memory_read`` returns ``(out, indices, weights, lse)``; its backward op
+``torch.ops.l2m.topk_memory_read_backward`` takes the saved indices, so the backward is sparse (only
+the k selected slots per query are touched). Backends other than the reference plug their
+``_fwd``/``_bwd`` launchers into :data:`FWD` / :data:`BWD`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .._common import acc_dtype, reference_vjp
+from .reference import topk_read_gather, topk_read_select
+
+
+def _reference_fwd(q, keys, values, k, scale, valid_len, deterministic):
+    indices = topk_read_select(q, keys, k, scale, valid_len)
+    out, weights, lse = topk_read_gather(q, keys, values, indices, scale)
+    return out.contiguous(), indices.contiguous(), weights.contiguous(), lse.contiguous()
+
+
+def _reference_bwd(dout, dweights, dlse, q, keys, values, indices, scale, deterministic):
+    return tuple(reference_vjp(lambda q_, k_, v_: topk_read_gather(q_, k_, v_, indices, scale),
+                               (q, keys, values), (dout, dweights, dlse), (True, True, True)))
+
+
+FWD = {"reference": _reference_fwd}
+BWD = {"reference": _reference_bwd}
+
+
+def topk_memory_read_fwd(q, keys, values, k, scale, valid_len, deterministic, backend):
+    return FWD[backend](q, keys, values, k, scale, valid_len, deterministic)
+
+
+def topk_memory_read_bwd(dout, dweights, dlse, q, keys, values, indices, scale, deterministic, backend):
+    return BWD[backend](dout, dweights, dlse, q, keys, values, indices, scale, deterministic)
+
+
+@torch.library.custom_op("l2m::topk_memory_read", mutates_args=())
+def topk_memory_read_op(q: Tensor, keys: Tensor, values: Tensor, k: int, scale: float,
+                        valid_len: Optional[Tensor], deterministic: bool, backend: str
+                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return topk_memory_read_fwd(q, keys, values, k, scale, valid_len, deterministic, backend)
+
+
+@topk_memory_read_op.register_fake
+def _(q, keys, values, k, scale, valid_len, deterministic, backend):
+    B, H, T, _ = q.shape
+    acc = acc_dtype(q.dtype)
+    return (q.new_empty((B, H, T, values.shape[-1])), q.new_empty((B, H, T, k), dtype=torch.int64),
+            q.new_empty((B, H, T, k), dtype=acc), q.new_empty((B, H, T), dtype=acc))
+
+
+@torch.library.custom_op("l2m::topk_memory_read_backward", mutates_args=())
+def topk_memory_read_backward_op(dout: Tensor, dweights: Tensor, dlse: Tensor, q: Tensor, keys: Tensor,
+                                 values: Tensor, indices: Tensor, scale: float, deterministic: bool,
+                                 backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    return topk_memory_read_bwd(dout, dweights, dlse, q, keys, values, indices, scale, deterministic, backend)
+
+
+@topk_memory_read_backward_op.register_fake
+def _(dout, dweights, dlse, q, keys, values, indices, scale, deterministic, backend):
+    return torch.empty_like(q), torch.empty_like(keys), torch.empty_like(values)
+
+
+def _setup(ctx, inputs, output):
+    q, keys, values, k, scale, valid_len, deterministic, backend = inputs
+    ctx.save_for_backward(q, keys, values, output[1])
+    ctx.scale, ctx.deterministic, ctx.backend = scale, deterministic, backend
+
+
+def _backward(ctx, dout, dindices, dweights, dlse):
+    q, keys, values, indices = ctx.saved_tensors
+    B, H, T, k = indices.shape
+    acc = acc_dtype(q.dtype)
+    dout = q.new_zeros((B, H, T, values.shape[-1])) if dout is None else dout
+    dweights = q.new_zeros((B, H, T, k), dtype=acc) if dweights is None else dweights
+    dlse = q.new_zeros((B, H, T), dtype=acc) if dlse is None else dlse
+    dq, dkeys, dvalues = torch.ops.l2m.topk_memory_read_backward(
+        dout, dweights, dlse, q, keys, values, indices, ctx.scale, ctx.deterministic, ctx.backend)
+    needs = ctx.needs_input_grad
+    return (dq if needs[0] else None, dkeys if needs[1] else None, dvalues if needs[2] else None,
+            None, None, None, None, None)
+
+
+torch.library.register_autograd("l2m::topk_memory_read", _backward, setup_context=_setup)

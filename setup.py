@@ -1,0 +1,145 @@
+"""Build of l2m-kernels: the Python package plus its compiled extensions.
+
+    pip install --no-build-isolation -e .      # uses the torch already installed; never pulls one
+
+Extensions:
+- ``l2m_kernels._C`` (always): C++17/OpenMP CPU kernels from ``csrc/cpu/*.cpp``.
+- ``l2m_kernels._C_cuda``: CUDA kernels from ``csrc/cuda/*.cu`` and ``csrc/cuda/*.cpp``, built when
+  those sources exist and torch has CUDA and nvcc is found, or when ``L2M_FORCE_CUDA=1``.
+
+Environment:
+- ``L2M_CPU_ARCH``: ``-march`` value for the CPU extension (default ``native``, fastest on the
+  build machine but not portable; e.g. ``x86-64-v3`` for wheels; empty: no ``-march`` flag).
+- ``L2M_SKIP_CUDA=1``: never build the CUDA extension. ``L2M_FORCE_CUDA=1``: build it even when
+  torch has no CUDA or nvcc was not found by torch (for instance a CPU-only build machine).
+- ``TORCH_CUDA_ARCH_LIST``: GPU architectures (default ``8.0;9.0``).
+- ``MAX_JOBS``: parallel compile jobs (ninja), as for any torch extension.
+
+What was built is recorded in the binaries, not in a generated Python file: setup.py passes the
+facts as macros and ``l2m_kernels._C.BUILD_INFO`` returns them as a dict (torch, cpu_ext, cpu_arch,
+openmp, cuda_ext, cuda_archs), and each extension exposes ``TORCH_VERSION``, the torch it was
+compiled against. A generated ``_build_info.py`` could go stale under editable installs and
+disagree with the binary actually loaded; macros cannot.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+
+from setuptools import find_namespace_packages, setup
+
+import torch
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCHS = "8.0;9.0"
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def sources(pattern: str) -> list[str]:
+    # setuptools wants source paths relative to the project root.
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def string_macro(name: str, value: str) -> str:
+    """``-DNAME="value"`` for the C++ compiler.
+
+    torch's build passes each flag as one argument (quoted for the shell when ninja runs it), so
+    the double quotes reach the compiler and make a string literal. Values are restricted to
+    characters that need no escaping inside one.
+    """
+    if not re.fullmatch(r"[A-Za-z0-9_.+;:/ -]*", value):
+        value = "unknown"
+    return f'-D{name}="{value}"'
+
+
+TORCH_VERSION = torch.__version__.split()[0]
+
+# ---- CPU extension ----
+cpu_arch = os.environ.get("L2M_CPU_ARCH", "native").strip()
+# The code is C++17; the -std flag is left to torch, whose headers set the minimum (c++17 for
+# torch 2.6, c++20 for recent releases).
+cpu_cxx_flags = ["-O3", "-fopenmp", "-Wall"]
+if cpu_arch:
+    cpu_cxx_flags.append(f"-march={cpu_arch}")
+
+# ---- CUDA extension (decided before the CPU one: its BUILD_INFO records the decision) ----
+cuda_sources = sources("csrc/cuda/*.cu") + sources("csrc/cuda/*.cpp")
+has_cuda_sources = bool(sources("csrc/cuda/*.cu")) and os.path.exists(
+    os.path.join(ROOT, "csrc", "cuda", "bindings.cpp"))
+if env_flag("L2M_SKIP_CUDA"):
+    build_cuda = False
+elif env_flag("L2M_FORCE_CUDA"):
+    if not has_cuda_sources:
+        raise RuntimeError("L2M_FORCE_CUDA=1 but csrc/cuda/ has no *.cu sources and bindings.cpp")
+    build_cuda = True
+else:
+    build_cuda = (has_cuda_sources and torch.version.cuda is not None
+                  and cpp_extension.CUDA_HOME is not None)
+
+cuda_archs = ""
+if build_cuda:
+    # torch.utils.cpp_extension reads TORCH_CUDA_ARCH_LIST when it compiles: set the default here.
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    cuda_archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+
+build_macros = [
+    string_macro("L2M_TORCH_VERSION", TORCH_VERSION),
+    string_macro("L2M_CPU_ARCH", cpu_arch),
+    f"-DL2M_CUDA_EXT={int(build_cuda)}",
+    string_macro("L2M_CUDA_ARCHS", cuda_archs),
+]
+
+ext_modules = [
+    cpp_extension.CppExtension(
+        name="l2m_kernels._C",
+        sources=sources("csrc/cpu/*.cpp"),
+        extra_compile_args={"cxx": cpu_cxx_flags + build_macros},
+        extra_link_args=["-fopenmp"],
+    )
+]
+
+if build_cuda:
+    ext_modules.append(
+        cpp_extension.CUDAExtension(
+            name="l2m_kernels._C_cuda",
+            sources=cuda_sources,
+            # The build macros go to the C++ compiler only (bindings.cpp exposes them): nvcc splits
+            # option values at commas, and torch skips its own -gencode flags when any nvcc flag
+            # contains "arch".
+            extra_compile_args={
+                "cxx": ["-O3"] + build_macros,
+                # No --use_fast_math: results must match the reference (exp, log1p, division).
+                "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"],
+            },
+        )
+    )
+
+setup(
+    name="l2m-kernels",
+    version="0.1.0",
+    description="PyTorch kernels for Large Memory Models: sparse memory reads, gated writes, "
+                "memory attention (reference, C++/OpenMP, Triton and CUDA backends)",
+    packages=find_namespace_packages(include=["l2m_kernels", "l2m_kernels.*"],
+                                     exclude=["*.__pycache__"]),
+    python_requires=">=3.9",
+    install_requires=["torch>=2.6", "numpy"],
+    extras_require={
+        "triton": ["triton>=3.3"],
+        "test": ["pytest", "hypothesis"],
+        "bench": ["matplotlib", "tqdm"],
+    },
+    entry_points={
+        "console_scripts": [
+            "l2m-bench = l2m_kernels.bench:main",
+            "l2m-check = l2m_kernels.check:main",
+        ]
+    },
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    zip_safe=False,
+)

@@ -1,0 +1,32 @@
+"""Test configuration.
+
+Without a GPU, Triton kernels run on CPU tensors through the interpreter: ``TRITON_INTERPRET=1`` must
+be set before any ``@triton.jit`` function is created, so it is set here, before the package is
+imported. Every fused launcher's outputs are pre-filled with NaN during tests (``poison`` fixture).
+"""
+import os
+import warnings
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import l2m_kernels  # noqa: E402
+from l2m_kernels import _ext, backends  # noqa: E402
+from l2m_kernels.testing import poisoned_outputs  # noqa: E402
+
+# The fallback warning (missing extension) is tested explicitly; elsewhere it is noise.
+warnings.filterwarnings("ignore", message="l2m_kernels: backend", category=RuntimeWarning)
+
+
+@pytest.fixture(autouse=True)
+def poison():
+    with poisoned_outputs():
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,174 @@
+"""merge_attention and gated_merge: every fused backend against the float64 reference, outputs and
+every gradient, by relative RMS error (per-dtype tolerances in l2m_kernels.testing)."""
+import pytest
+import torch
+
+import l2m_kernels as l2m
+from l2m_kernels.ops.merge.reference import gated_merge_ref, merge_attention_ref
+from l2m_kernels.testing import TOLERANCE, assert_close, fused_backend_params, lse_dtype, rand, rand_lse
+
+SHAPES = [(1, 1, 1, 1), (2, 3, 7, 63), (1, 2, 129, 7), (2, 1, 5, 129), (1, 1, 3, 512)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def _dtypes_for(backend):
+    return [d for d in DTYPES if d in l2m.backends.BACKENDS[backend].dtypes]
+
+
+def _merge_inputs(shape, dtype, device, special_rows=True):
+    B, H, T, D = shape
+    out_a, out_b = rand(B, H, T, D, dtype=dtype, device=device), rand(B, H, T, D, dtype=dtype, device=device)
+    lse_a, lse_b = rand_lse(B, H, T, dtype=dtype, device=device), rand_lse(B, H, T, dtype=dtype, device=device)
+    if special_rows and T >= 3:
+        lse_a[..., 0] = float("-inf")                     # side A empty
+        lse_b[..., 1] = float("-inf")                     # side B empty
+        lse_a[..., 2] = lse_b[..., 2] = float("-inf")     # both empty
+    return out_a, lse_a, out_b, lse_b
+
+
+def _grads(fn, inputs, cotangents):
+    leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    grads = torch.autograd.grad(outs, leaves, cotangents)
+    return [o.detach() for o in outs], list(grads)
+
+
+def _reference64(fn, inputs, cotangents):
+    as64 = [x.detach().to(torch.float64).cpu() for x in inputs]
+    cot64 = [c.detach().to(torch.float64).cpu() for c in cotangents]
+    return _grads(fn, as64, cot64)
+
+
+@pytest.mark.parametrize("backend,device", fused_backend_params("merge_attention"))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_merge_attention_matches_reference(backend, device, shape, dtype):
+    if dtype not in _dtypes_for(backend):
+        pytest.skip(f"{backend} does not support {dtype} (SPEC: float64 on reference and cpu only)")
+    inputs = _merge_inputs(shape, dtype, device)
+    dout = rand(*shape, dtype=dtype, device=device)
+    dlse = rand(*shape[:3], dtype=lse_dtype(dtype), device=device)
+    (out, lse), grads = _grads(lambda *x: l2m.merge_attention(*x, backend=backend), inputs, (dout, dlse))
+    (ref_out, ref_lse), ref_grads = _reference64(merge_attention_ref, inputs, (dout, dlse))
+    assert out.dtype == dtype and lse.dtype == lse_dtype(dtype)
+    assert_close("out", out, ref_out, dtype)
+    assert torch.equal(torch.isneginf(lse).cpu(), torch.isneginf(ref_lse))
+    assert_close("lse", lse, ref_lse, dtype)
+    for name, g, rg, x in zip(("d_out_a", "d_lse_a", "d_out_b", "d_lse_b"), grads, ref_grads, inputs):
+        assert g.dtype == x.dtype
+        assert_close(name, g, rg, dtype)
+    if shape[2] >= 3:  # both sides empty: out = 0, lse = -inf, zero gradients
+        assert torch.all(out[..., 2, :] == 0) and torch.all(torch.isneginf(lse[..., 2]))
+        assert torch.all(grads[0][..., 2, :] == 0) and torch.all(grads[1][..., 2] == 0)
+
+
+@pytest.mark.parametrize("backend,device", fused_backend_params("merge_attention"))
+def test_merge_attention_nan_row_is_isolated(backend, device):
+    out_a, lse_a, out_b, lse_b = _merge_inputs((1, 2, 9, 33), torch.float32, device, special_rows=False)
+    out_a[0, 1, 4, 5] = float("nan")
+    lse_b[0, 0, 7] = float("nan")
+    lse_a[0, 1, 2], lse_b[0, 1, 2] = float("nan"), float("-inf")   # NaN beside an empty side
+    out, lse = l2m.merge_attention(out_a, lse_a, out_b, lse_b, backend=backend)
+    ref_out, ref_lse = merge_attention_ref(out_a, lse_a, out_b, lse_b)
+    assert torch.isnan(out[0, 1, 4, 5]) and torch.isnan(lse[0, 0, 7]) and torch.isnan(out[0, 0, 7]).all()
+    nan_rows = torch.zeros(1, 2, 9, dtype=torch.bool, device=device)
+    nan_rows[0, 1, 4] = nan_rows[0, 0, 7] = nan_rows[0, 1, 2] = True
+    assert torch.isnan(lse[0, 1, 2]) and torch.isnan(out[0, 1, 2]).all()
+    assert torch.isfinite(out[~nan_rows]).all() and torch.isfinite(lse[~nan_rows]).all()
+    assert_close("out", out[~nan_rows], ref_out[~nan_rows])
+
+
+@pytest.mark.parametrize("backend,device", fused_backend_params("merge_attention"))
+def test_merge_attention_empty_and_noncontiguous(backend, device):
+    for shape in [(0, 2, 3, 8), (2, 2, 0, 8)]:
+        out, lse = l2m.merge_attention(*_merge_inputs(shape, torch.float32, device), backend=backend)
+        assert out.shape == shape and lse.shape == shape[:3]
+    # Non-contiguous views (transposed head/time) are accepted and give the same result.
+    base = _merge_inputs((2, 5, 4, 16), torch.float32, device, special_rows=False)
+    views = [base[0].transpose(1, 2), base[1].transpose(1, 2), base[2].transpose(1, 2), base[3].transpose(1, 2)]
+    assert not views[0].is_contiguous()
+    out, lse = l2m.merge_attention(*views, backend=backend)
+    ref_out, ref_lse = merge_attention_ref(*[t.contiguous() for t in views])
+    assert_close("out", out, ref_out)
+    assert_close("lse", lse, ref_lse)
+
+
+GATE_SHAPES = [(), (1,), (3, 1, 1), (2, 3, 1, 1), (2, 3, 7, 1), (7, 1), (1, 1, 7, 1)]
+
+
+@pytest.mark.parametrize("backend,device", fused_backend_params("gated_merge"))
+@pytest.mark.parametrize("gate_shape", GATE_SHAPES, ids=lambda s: "g" + "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gated_merge_matches_reference(backend, device, gate_shape, dtype):
+    if dtype not in _dtypes_for(backend):
+        pytest.skip(f"{backend} does not support {dtype} (SPEC: float64 on reference and cpu only)")
+    shape = (2, 3, 7, 63)
+    inputs = (rand(*shape, dtype=dtype, device=device), rand(*shape, dtype=dtype, device=device),
+              rand(*gate_shape, dtype=dtype, device=device, scale=2.0))
+    dout = rand(*shape, dtype=dtype, device=device)
+    (out,), grads = _grads(lambda *x: l2m.gated_merge(*x, backend=backend), inputs, (dout,))
+    (ref_out,), ref_grads = _reference64(gated_merge_ref, inputs, (dout,))
+    assert out.dtype == dtype
+    assert_close("out", out, ref_out, dtype)
+    for name, g, rg, x in zip(("d_out_local", "d_out_mem", "d_gate"), grads, ref_grads, inputs):
+        assert g.shape == x.shape and g.dtype == x.dtype
+        assert_close(name, g, rg, dtype)
+
+
+@pytest.mark.parametrize("backend,device", fused_backend_params("gated_merge"))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gated_merge_shapes(backend, device, shape):
+    B, H, T, D = shape
+    inputs = (rand(*shape, device=device), rand(*shape, device=device), rand(B, H, T, 1, device=device))
+    dout = rand(*shape, device=device)
+    (out,), grads = _grads(lambda *x: l2m.gated_merge(*x, backend=backend), inputs, (dout,))
+    (ref_out,), ref_grads = _reference64(gated_merge_ref, inputs, (dout,))
+    assert_close("out", out, ref_out)
+    for name, g, rg in zip(("d_out_local", "d_out_mem", "d_gate"), grads, ref_grads):
+        assert_close(name, g, rg)
+
+
+@pytest.mark.parametrize("backend,device", fused_backend_params("gated_merge"))
+def test_gated_merge_empty_batch(backend, device):
+    out = l2m.gated_merge(rand(0, 2, 3, 4, device=device), rand(0, 2, 3, 4, device=device),
+                          rand(2, 1, 1, device=device, requires_grad=True), backend=backend)
+    assert out.shape == (0, 2, 3, 4)
+
+
+def test_tolerance_table_covers_every_dtype():
+    assert set(TOLERANCE) == set(DTYPES)
+
+
+def test_reference_merge_matches_logaddexp_float64():
+    out_a, lse_a, out_b, lse_b = _merge_inputs((2, 2, 5, 6), torch.float64, "cpu", special_rows=False)
+    out, lse = merge_attention_ref(out_a, lse_a, out_b, lse_b)
+    want_lse = torch.logaddexp(lse_a, lse_b)
+    want = (lse_a - want_lse).exp()[..., None] * out_a + (lse_b - want_lse).exp()[..., None] * out_b
+    torch.testing.assert_close(lse, want_lse)
+    torch.testing.assert_close(out, want)
+
+
+def test_reference_merge_is_attention_over_the_union():
+    # Brute force: softmax attention over keys A ∪ B equals the merge of the two partial attentions.
+    torch.manual_seed(1)
+    q = torch.randn(1, 1, 4, 8, dtype=torch.float64)
+    ka, va = torch.randn(1, 1, 5, 8, dtype=torch.float64), torch.randn(1, 1, 5, 3, dtype=torch.float64)
+    kb, vb = torch.randn(1, 1, 6, 8, dtype=torch.float64), torch.randn(1, 1, 6, 3, dtype=torch.float64)
+
+    def attend(k, v):
+        s = q @ k.transpose(-1, -2)
+        return s.softmax(-1) @ v, s.logsumexp(-1)
+
+    out, lse = merge_attention_ref(*attend(ka, va), *attend(kb, vb))
+    want, want_lse = attend(torch.cat([ka, kb], 2), torch.cat([va, vb], 2))
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(lse, want_lse)
+
+
+def test_reference_merge_gradcheck():
+    out_a, lse_a, out_b, lse_b = _merge_inputs((1, 2, 3, 4), torch.float64, "cpu", special_rows=False)
+    gate = torch.randn(2, 1, 1, dtype=torch.float64)
+    args = [t.requires_grad_() for t in (out_a, lse_a, out_b, lse_b)]
+    assert torch.autograd.gradcheck(merge_attention_ref, args)
+    assert torch.autograd.gradcheck(gated_merge_ref, (args[0], args[2], gate.requires_grad_()))

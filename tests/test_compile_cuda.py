@@ -1,0 +1,84 @@
+"""The CUDA kernels compile for sm_80 and sm_90 without spilling (nvcc only, no GPU needed).
+
+Every ``csrc/cuda/*.cu`` is compiled by :func:`l2m_kernels._nvcc_check.compile_cuda_sources`
+(``nvcc -c -O3 -std=c++17 -arch=sm_XX -Xptxas -v`` plus torch's half/bfloat16 defines) and ptxas's
+per-kernel report is checked. Also checked without nvcc: only ``csrc/cuda/bindings.cpp`` includes
+torch headers, so the kernels build on machines whose torch has no CUDA headers.
+"""
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from l2m_kernels import _nvcc_check
+
+CUDA_DIR = Path(__file__).resolve().parents[1] / "csrc" / "cuda"
+ARCHS = ("80", "90")
+
+
+@pytest.fixture(scope="module")
+def report():
+    if _nvcc_check.find_nvcc() is None:
+        pytest.skip("nvcc not found")
+    return _nvcc_check.compile_cuda_sources(ARCHS, sources=None)
+
+
+def _logs(report):
+    return "\n".join(f"--- {r.source} sm_{r.arch}:\n{r.log}" for r in report.results)
+
+
+def test_every_source_compiles_for_each_arch(report):
+    sources = _nvcc_check.cuda_sources(CUDA_DIR)
+    assert sources, f"no .cu files under {CUDA_DIR}"
+    compiled = {(result.source, result.arch) for result in report.results if result.ok}
+    expected = {(source.name, arch) for source in sources for arch in ARCHS}
+    assert compiled == expected, f"failed: {sorted(expected - compiled)}\n{_logs(report)}"
+    with_kernels = {(record.source, record.arch) for record in report.kernels}
+    assert with_kernels == expected, f"no kernel reported for {sorted(expected - with_kernels)}"
+
+
+def test_every_kernel_reports_registers(report):
+    assert report.kernels
+    missing = report.kernels_without_registers
+    assert not missing, f"no register count: {missing}\n{_logs(report)}"
+    for record in report.kernels:
+        assert 0 < record.registers <= 255, record
+
+
+def test_merge_kernels_do_not_spill(report):
+    merge_kernels = [record for record in report.kernels if _nvcc_check.is_merge_kernel(record.kernel)]
+    # fwd + bwd of both ops, for float, half and bfloat16, on every arch.
+    assert len(merge_kernels) == 4 * 3 * len(ARCHS), [r.kernel for r in merge_kernels]
+    for record in merge_kernels:
+        assert record.spill_stores == 0 and record.spill_loads == 0, record
+        assert record.stack == 0, f"stack frame (local memory) in a row kernel: {record}"
+
+
+def test_only_bindings_include_torch():
+    torch_facing = [path.relative_to(CUDA_DIR).as_posix()
+                    for path in _nvcc_check.files_including_torch(CUDA_DIR)]
+    assert torch_facing == ["bindings.cpp"], torch_facing
+    for path in list(CUDA_DIR.glob("*.cu")) + list(CUDA_DIR.glob("*.cuh")) + list(CUDA_DIR.glob("*.h")):
+        text = path.read_text()
+        assert not re.search(r"#\s*include\s*[<\"](torch|ATen|c10)/", text), path.name
+
+
+def test_merge_header_is_plain_cpp(tmp_path):
+    """merge.h (what bindings.cpp sees of the kernels) compiles with the host compiler alone."""
+    nvcc = _nvcc_check.find_nvcc()
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if nvcc is None or compiler is None:
+        pytest.skip("nvcc not found" if nvcc is None else "no host C++ compiler")
+    cuda_include = _nvcc_check.cuda_include_dir(nvcc)
+    if cuda_include is None:
+        pytest.skip("the CUDA toolkit's include directory (cuda_runtime_api.h) was not found")
+    unit = tmp_path / "uses_merge_h.cpp"
+    unit.write_text('#include "merge.h"\n'
+                    "static_assert(sizeof(l2m::cuda::MergeAttentionFwdParams) > 0, \"\");\n"
+                    "int main() { return static_cast<int>(l2m::cuda::MergeDtype::kFloat32); }\n")
+    completed = subprocess.run([compiler, "-std=c++17", "-fsyntax-only", "-Wall", "-Werror",
+                                f"-I{CUDA_DIR}", f"-I{cuda_include}", str(unit)],
+                               capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr
