@@ -133,12 +133,6 @@ setup(
         "test": ["pytest", "hypothesis"],
         "bench": ["matplotlib", "tqdm"],
     },
-    entry_points={
-        "console_scripts": [
-            "l2m-bench = l2m_kernels.bench:main",
-            "l2m-check = l2m_kernels.check:main",
-        ]
-    },
     ext_modules=ext_modules,
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,

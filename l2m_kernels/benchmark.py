@@ -5,9 +5,9 @@ under ``torch.compile``; it reports median times of forward, backward and both, 
 GB/s or GFLOP/s against ceilings measured in the same run (a large copy, a large matmul).
 
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` above the memory held before the call; on
-CPU, the process's peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) above the
-resident set before the call — that counts every allocation, also those inside compiled code and
-the C++ extension.
+CPU, the maximum of the allocator's running total recorded by ``torch.profiler`` (profile_memory)
+during the call — that counts every tensor allocation, also those inside compiled code and the C++
+extension. The peak is measured in a separate, untimed run.
 """
 from __future__ import annotations
 
@@ -64,50 +64,38 @@ def median_time(fn: Callable[[], object], device: torch.device, *, warmup: int =
     return statistics.median(samples)
 
 
-def _read_status_kb(field: str) -> Optional[int]:
+def _cpu_peak_bytes(fn: Callable[[], object]) -> Optional[int]:
+    # The profiler's memory events carry the allocator's running total of bytes allocated since
+    # profiling started: every CPU tensor allocation, including those made inside compiled
+    # (inductor) code and inside the C++ extension. Its maximum is the peak the call added.
+    import json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    del result
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
     try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-_MALLOC_TUNED = False
-
-
-def _tune_malloc_for_rss() -> None:
-    # glibc raises its mmap threshold dynamically after frees, after which freed tensors stay in the
-    # heap and the resident set stops following live memory. A fixed 64 KiB threshold makes every
-    # tensor buffer above it an mmap that is returned on free, so the peak RSS measures live memory.
-    global _MALLOC_TUNED
-    if _MALLOC_TUNED:
-        return
-    _MALLOC_TUNED = True
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
-def _reset_peak_rss() -> bool:
-    _tune_malloc_for_rss()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f).get("traceEvents", [])
+    finally:
+        os.unlink(path)
+    totals = [e["args"]["Total Allocated"] for e in events
+              if e.get("name") == "[memory]" and "Total Allocated" in e.get("args", {})
+              and e["args"].get("Device Type", 0) == 0]
+    return max([0] + totals)
 
 
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
-    """Peak memory that ``fn()`` adds above what is live before it (None when not measurable)."""
+    """Peak memory that ``fn()`` adds above what is live before it.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` above the allocation before the call. CPU: the
+    maximum of the CPU allocator's running total recorded by the profiler during the call.
+    """
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -119,15 +107,7 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> Optiona
         peak = torch.cuda.max_memory_allocated(device) - base
         del result
         return peak
-    if not _reset_peak_rss():
-        return None
-    base = _read_status_kb("VmRSS")
-    result = fn()
-    peak = _read_status_kb("VmHWM")
-    del result
-    if base is None or peak is None:
-        return None
-    return max(0, peak - base) * 1024
+    return _cpu_peak_bytes(fn)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,62 +166,84 @@ class Row:
     note: str = ""
 
 
+def _tensor_bytes(inputs: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in inputs.values() if isinstance(t, torch.Tensor))
+
+
+def _input_sets(make_inputs: Callable, requires_grad: bool, rotate_bytes: int) -> list:
+    """Enough independent input sets that cycling through them spans ``rotate_bytes``: repeated
+    runs then read from memory, not from a cache warmed by the previous run."""
+    first = make_inputs(requires_grad)
+    count = max(1, min(8, -(-rotate_bytes // max(1, _tensor_bytes(first)))))
+    return [first] + [make_inputs(requires_grad) for _ in range(count - 1)]
+
+
 def run_variant(op: str, shape: str, dtype: torch.dtype, variant: str, forward: Callable, make_inputs: Callable,
                 device: torch.device, *, backward: bool = True, fwd_bytes: Optional[float] = None,
-                fwd_flops: Optional[float] = None, reps: int = 7, warmup: int = 2) -> Row:
+                fwd_flops: Optional[float] = None, reps: int = 7, warmup: int = 2,
+                rotate_bytes: int = 256 * 2 ** 20) -> Row:
     """Time ``forward(**inputs)`` (which returns a tensor or tuple of tensors) and its backward.
 
-    ``make_inputs(requires_grad)`` returns fresh inputs; the backward seeds every floating output
-    with a fixed random cotangent.
+    ``make_inputs(requires_grad)`` returns fresh inputs; successive runs cycle through several input
+    sets (at least ``rotate_bytes`` together, at most 8 sets) so that caches do not flatter small
+    shapes. The backward seeds every floating output with a fixed random cotangent.
     """
-    inputs = make_inputs(False)
+    sets = _input_sets(make_inputs, False, rotate_bytes)
+    turn = iter(range(10 ** 9))
     with torch.no_grad():
-        fwd = median_time(lambda: forward(**inputs), device, warmup=warmup, reps=reps)
+        fwd = median_time(lambda: forward(**sets[next(turn) % len(sets)]), device, warmup=warmup, reps=reps)
     row = Row(op, shape, str(dtype).replace("torch.", ""), variant, fwd * 1e3, None, None, None)
     if fwd_bytes:
         row.fwd_gbps = fwd_bytes / fwd / 1e9
     if fwd_flops:
         row.fwd_gflops = fwd_flops / fwd / 1e9
-    del inputs
+    del sets
 
     if backward:
-        grad_inputs = make_inputs(True)
-        leaves = [t for t in grad_inputs.values() if isinstance(t, torch.Tensor) and t.requires_grad]
+        grad_sets = _input_sets(make_inputs, True, rotate_bytes)
 
-        def outputs_and_cotangents():
-            outs = forward(**grad_inputs)
-            outs = [o for o in (outs if isinstance(outs, (tuple, list)) else (outs,))
+        def outputs(inputs):
+            outs = forward(**inputs)
+            return [o for o in (outs if isinstance(outs, (tuple, list)) else (outs,))
                     if isinstance(o, torch.Tensor) and o.requires_grad]
-            return outs
 
-        probe = outputs_and_cotangents()
+        def leaves(inputs):
+            return [t for t in inputs.values() if isinstance(t, torch.Tensor) and t.requires_grad]
+
+        probe = outputs(grad_sets[0])
         gen = torch.Generator(device=device).manual_seed(0)
         cots = [torch.randn(o.shape, dtype=o.dtype, device=device, generator=gen) for o in probe]
         del probe
 
-        def both():
-            outs = outputs_and_cotangents()
+        def next_set():
+            return grad_sets[next(turn) % len(grad_sets)]
+
+        def backward_and_clear(outs, inputs):
             torch.autograd.backward(outs, cots)
-            for leaf in leaves:
+            for leaf in leaves(inputs):
                 leaf.grad = None
 
-        def bwd_only(outs):
-            torch.autograd.backward(outs, cots)
-            for leaf in leaves:
-                leaf.grad = None
+        def both():
+            inputs = next_set()
+            backward_and_clear(outputs(inputs), inputs)
+
+        def forward_only():
+            inputs = next_set()
+            return outputs(inputs), inputs
 
         row.both_ms = median_time(both, device, warmup=warmup, reps=reps) * 1e3
-        row.bwd_ms = median_time(bwd_only, device, warmup=1, reps=reps, setup=outputs_and_cotangents) * 1e3
+        row.bwd_ms = median_time(lambda prepared: backward_and_clear(*prepared), device, warmup=1, reps=reps,
+                                 setup=forward_only) * 1e3
 
         def keep_graph():
-            outs = outputs_and_cotangents()
-            torch.autograd.backward(outs, cots)
-            return [leaf.grad for leaf in leaves]
+            inputs = grad_sets[0]
+            torch.autograd.backward(outputs(inputs), cots)
+            return [leaf.grad for leaf in leaves(inputs)]
 
         peak = peak_memory_bytes(keep_graph, device)
-        for leaf in leaves:
+        for leaf in leaves(grad_sets[0]):
             leaf.grad = None
-        del grad_inputs, leaves
+        del grad_sets
     else:
         inputs = make_inputs(False)
         with torch.no_grad():

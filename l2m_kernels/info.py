@@ -42,7 +42,8 @@ def report() -> str:
     ]
     cpu = _ext.cpu_extension()
     lines.append("  cpu  (l2m_kernels._C):      " + (
-        f"built for torch {getattr(cpu, 'TORCH_VERSION', '?')}, arch {getattr(cpu, 'CPU_ARCH', '?')}"
+        f"built for torch {getattr(cpu, 'TORCH_VERSION', '?')}, -march={getattr(cpu, 'BUILD_INFO', {}).get('cpu_arch', '?') or '(none)'}, "
+        f"OpenMP {getattr(cpu, 'BUILD_INFO', {}).get('openmp', '?')}"
         if cpu is not None else _ext.cpu_extension_error()))
     cuda = _ext.cuda_extension()
     lines.append("  cuda (l2m_kernels._C_cuda): " + (

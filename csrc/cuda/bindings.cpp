@@ -140,8 +140,9 @@ void merge_attention_fwd(const at::Tensor& out_a, const at::Tensor& lse_a, const
 
 void merge_attention_bwd(const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& out_a,
                          const at::Tensor& lse_a, const at::Tensor& out_b, const at::Tensor& lse_b,
-                         const at::Tensor& lse, const at::Tensor& d_out_a, const at::Tensor& d_lse_a,
-                         const at::Tensor& d_out_b, const at::Tensor& d_lse_b) {
+                         const at::Tensor& lse, const at::Tensor& d_out_a,
+                         const at::Tensor& d_lse_a, const at::Tensor& d_out_b,
+                         const at::Tensor& d_lse_b) {
   constexpr const char* op = "l2m merge_attention_bwd (cuda)";
   check_placement(op, {{"dout", &dout},
                        {"dlse", &dlse},

@@ -8,6 +8,7 @@
 //   pa = <dout, out_a>, pb = <dout, out_b>, mixed = wa * pa + wb * pb
 //   d_out_a = wa * dout, d_out_b = wb * dout
 //   d_lse_a = wa * (dlse + pa - mixed), d_lse_b = wb * (dlse + pb - mixed)
+//           (computed as wa * (dlse + wb * (pa - pb)) and wb * (dlse - wa * (pa - pb)))
 // Both passes read each input once and write each output once; see merge_common.cuh for the
 // row/group layout.
 #include "merge_common.cuh"
@@ -116,10 +117,13 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock)
     dot_a = group_sum(dot_a, g.group_size);
     dot_b = group_sum(dot_b, g.group_size);
     if (active && g.lane == 0) {
+      // dot_a - mixed == weight_b * (dot_a - dot_b) since weight_a + weight_b == 1 (also when a
+      // side is empty; both empty gives 0 through the outer weight either way). This form skips
+      // the rounding of `mixed` at the scale of |dot_a|, which dominated when the result is small.
       const float row_dlse = __ldg(&dlse[row]);
-      const float mixed = weight_a * dot_a + weight_b * dot_b;
-      d_lse_a[row] = weight_a * (row_dlse + dot_a - mixed);
-      d_lse_b[row] = weight_b * (row_dlse + dot_b - mixed);
+      const float dot_diff = dot_a - dot_b;
+      d_lse_a[row] = weight_a * (row_dlse + weight_b * dot_diff);
+      d_lse_b[row] = weight_b * (row_dlse - weight_a * dot_diff);
     }
   }
 }
