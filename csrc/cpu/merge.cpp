@@ -239,9 +239,11 @@ void merge_attention_bwd_impl(const MergeAttentionBwdParams& params) {
         store_tile(d_out_a + row_offset + d0, da, n);
         store_tile(d_out_b + row_offset + d0, db, n);
       }
-      const acc_t mixed = weight_a * dot_a + weight_b * dot_b;
-      d_lse_a[row] = weight_a * (dlse[row] + dot_a - mixed);
-      d_lse_b[row] = weight_b * (dlse[row] + dot_b - mixed);
+      // wa (dlse + pa - (wa pa + wb pb)) with wa + wb = 1, written without the cancelling
+      // difference (the same form as the CUDA and Triton kernels); exact 0 / dlse on empty sides.
+      const acc_t dot_diff = dot_a - dot_b;
+      d_lse_a[row] = weight_a * (dlse[row] + weight_b * dot_diff);
+      d_lse_b[row] = weight_b * (dlse[row] - weight_a * dot_diff);
     }
   });
 }

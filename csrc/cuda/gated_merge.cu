@@ -100,58 +100,30 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock)
 }
 
 template <typename T>
-cudaError_t launch_fwd(const GatedMergeFwdParams& params, cudaStream_t stream) {
-  const void* const row_pointers[] = {params.out_local, params.out_mem, params.out};
-  LaunchPlan plan;
-  const cudaError_t status = detail::plan_launch<T, gated_merge_fwd_kernel<T>>(
-      params.rows, params.head_dim, row_pointers, &plan);
-  if (status != cudaSuccess) return status;
-  gated_merge_fwd_kernel<T><<<plan.grid, detail::kThreadsPerBlock, 0, stream>>>(
-      params, plan.group_log2, plan.vectorised);
-  return cudaGetLastError();
-}
+struct LaunchFwd {
+  static cudaError_t run(const GatedMergeFwdParams& params, cudaStream_t stream) {
+    const void* const row_pointers[] = {params.out_local, params.out_mem, params.out};
+    return detail::launch_rows<T, gated_merge_fwd_kernel<T>>(params, row_pointers, stream);
+  }
+};
 
 template <typename T>
-cudaError_t launch_bwd(const GatedMergeBwdParams& params, cudaStream_t stream) {
-  const void* const row_pointers[] = {params.dout, params.out_local, params.out_mem, params.d_local,
-                                      params.d_mem};
-  LaunchPlan plan;
-  const cudaError_t status = detail::plan_launch<T, gated_merge_bwd_kernel<T>>(
-      params.rows, params.head_dim, row_pointers, &plan);
-  if (status != cudaSuccess) return status;
-  gated_merge_bwd_kernel<T><<<plan.grid, detail::kThreadsPerBlock, 0, stream>>>(
-      params, plan.group_log2, plan.vectorised);
-  return cudaGetLastError();
-}
+struct LaunchBwd {
+  static cudaError_t run(const GatedMergeBwdParams& params, cudaStream_t stream) {
+    const void* const row_pointers[] = {params.dout, params.out_local, params.out_mem, params.d_local,
+                                        params.d_mem};
+    return detail::launch_rows<T, gated_merge_bwd_kernel<T>>(params, row_pointers, stream);
+  }
+};
 
 }  // namespace
 
 cudaError_t gated_merge_fwd_launch(const GatedMergeFwdParams& params, cudaStream_t stream) {
-  if (!detail::valid_sizes(params.rows, params.head_dim)) return cudaErrorInvalidValue;
-  if (params.rows == 0) return cudaSuccess;  // an empty grid is a launch error, and nothing to do
-  switch (params.dtype) {
-    case MergeDtype::kFloat32:
-      return launch_fwd<float>(params, stream);
-    case MergeDtype::kFloat16:
-      return launch_fwd<__half>(params, stream);
-    case MergeDtype::kBFloat16:
-      return launch_fwd<__nv_bfloat16>(params, stream);
-  }
-  return cudaErrorInvalidValue;
+  return detail::dispatch_dtype<LaunchFwd>(params, stream);
 }
 
 cudaError_t gated_merge_bwd_launch(const GatedMergeBwdParams& params, cudaStream_t stream) {
-  if (!detail::valid_sizes(params.rows, params.head_dim)) return cudaErrorInvalidValue;
-  if (params.rows == 0) return cudaSuccess;
-  switch (params.dtype) {
-    case MergeDtype::kFloat32:
-      return launch_bwd<float>(params, stream);
-    case MergeDtype::kFloat16:
-      return launch_bwd<__half>(params, stream);
-    case MergeDtype::kBFloat16:
-      return launch_bwd<__nv_bfloat16>(params, stream);
-  }
-  return cudaErrorInvalidValue;
+  return detail::dispatch_dtype<LaunchBwd>(params, stream);
 }
 
 }  // namespace cuda

@@ -302,6 +302,35 @@ inline cudaError_t plan_launch(int64_t rows, int64_t head_dim,
 
 inline bool valid_sizes(int64_t rows, int64_t head_dim) { return rows >= 0 && head_dim >= 0; }
 
+// Plans and launches one row kernel, kKernel(params, group_log2, vectorised), on `stream`.
+template <typename T, auto kKernel, typename Params, int kPointers>
+inline cudaError_t launch_rows(const Params& params, const void* const (&row_pointers)[kPointers],
+                               cudaStream_t stream) {
+  LaunchPlan plan;
+  const cudaError_t status =
+      plan_launch<T, kKernel>(params.rows, params.head_dim, row_pointers, &plan);
+  if (status != cudaSuccess) return status;
+  kKernel<<<plan.grid, kThreadsPerBlock, 0, stream>>>(params, plan.group_log2, plan.vectorised);
+  return cudaGetLastError();
+}
+
+// The body of every *_launch entry point: checks sizes, launches nothing for R == 0 (an empty
+// grid is a launch error), and runs Launch<T>::run(params, stream) for the runtime dtype.
+template <template <typename> class Launch, typename Params>
+inline cudaError_t dispatch_dtype(const Params& params, cudaStream_t stream) {
+  if (!valid_sizes(params.rows, params.head_dim)) return cudaErrorInvalidValue;
+  if (params.rows == 0) return cudaSuccess;
+  switch (params.dtype) {
+    case MergeDtype::kFloat32:
+      return Launch<float>::run(params, stream);
+    case MergeDtype::kFloat16:
+      return Launch<__half>::run(params, stream);
+    case MergeDtype::kBFloat16:
+      return Launch<__nv_bfloat16>::run(params, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
 }  // namespace detail
 }  // namespace cuda
 }  // namespace l2m

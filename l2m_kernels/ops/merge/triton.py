@@ -180,9 +180,10 @@ def merge_attention_bwd_kernel(
         b_pb += tl.sum(b_do * b_b, axis=1)
 
     # [BR]; d lse / d la = wa and d wa / d la = wa (1 - wa), d wb / d la = -wa wb.
-    b_mixed = b_wa * b_pa + b_wb * b_pb
-    b_dla = b_wa * (b_dlse + b_pa - b_mixed)
-    b_dlb = b_wb * (b_dlse + b_pb - b_mixed)
+    # wa (dlse + pa - (wa pa + wb pb)) with wa + wb = 1, without the cancelling difference.
+    b_diff = b_pa - b_pb
+    b_dla = b_wa * (b_dlse + b_wb * b_diff)
+    b_dlb = b_wb * (b_dlse - b_wa * b_diff)
     tl.store(d_lse_a + o_r, b_dla.to(d_lse_a.dtype.element_ty), mask=m_r)
     tl.store(d_lse_b + o_r, b_dlb.to(d_lse_b.dtype.element_ty), mask=m_r)
 
@@ -342,8 +343,9 @@ def merge_attention_bwd(dout, dlse, out_a, lse_a, out_b, lse_b, lse,
         d_out_a, d_out_b: (R, D) x, written.   d_lse_a, d_lse_b: (R,) acc, written.
 
     Equivalent PyTorch:
-        pa = (dout * out_a).sum(-1); pb = (dout * out_b).sum(-1); mixed = wa * pa + wb * pb
-        d_out_a = wa[:, None] * dout;  d_lse_a = wa * (dlse + pa - mixed)   (b likewise)
+        pa = (dout * out_a).sum(-1); pb = (dout * out_b).sum(-1)
+        d_out_a = wa[:, None] * dout;  d_lse_a = wa * (dlse + wb * (pa - pb))
+        d_out_b = wb[:, None] * dout;  d_lse_b = wb * (dlse - wa * (pa - pb))
     """
     R, D = out_a.shape
     if R == 0:
