@@ -1,5 +1,7 @@
 """merge_attention and gated_merge: every fused backend against the float64 reference, outputs and
 every gradient, by relative RMS error (per-dtype tolerances in l2m_kernels.testing)."""
+import math
+
 import pytest
 import torch
 
@@ -172,3 +174,54 @@ def test_reference_merge_gradcheck():
     args = [t.requires_grad_() for t in (out_a, lse_a, out_b, lse_b)]
     assert torch.autograd.gradcheck(merge_attention_ref, args)
     assert torch.autograd.gradcheck(gated_merge_ref, (args[0], args[2], gate.requires_grad_()))
+
+
+@pytest.mark.parametrize("backend,device", fused_backend_params("merge_attention"))
+def test_merge_ops_are_bitwise_deterministic(backend, device):
+    inputs = _merge_inputs((2, 3, 9, 40), torch.float32, device)
+    dout, dlse = rand(2, 3, 9, 40, device=device), rand(2, 3, 9, device=device)
+    (o1, l1), g1 = _grads(lambda *x: l2m.merge_attention(*x, backend=backend), inputs, (dout, dlse))
+    (o2, l2), g2 = _grads(lambda *x: l2m.merge_attention(*x, backend=backend), inputs, (dout, dlse))
+    gate_in = (inputs[0], inputs[2], rand(3, 1, 1, device=device))
+    (m1,), h1 = _grads(lambda *x: l2m.gated_merge(*x, backend=backend), gate_in, (dout,))
+    (m2,), h2 = _grads(lambda *x: l2m.gated_merge(*x, backend=backend), gate_in, (dout,))
+    for a, b in zip([o1, l1, m1, *g1, *h1], [o2, l2, m2, *g2, *h2]):
+        assert torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+try:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover - hypothesis is a test dependency
+    given = None
+
+if given is not None:
+    @pytest.mark.parametrize("backend,device", fused_backend_params("merge_attention"))
+    @settings(max_examples=15, deadline=None)
+    @given(B=st.integers(1, 2), H=st.integers(1, 3), T=st.integers(1, 9), D=st.integers(1, 70),
+           seed=st.integers(0, 2**31 - 1))
+    def test_merge_is_associative_and_equals_union_attention(backend, device, B, H, T, D, seed):
+        """Property: attention over three disjoint key sets, merged in either order, equals the
+        attention over their union (float64 brute force)."""
+        gen = torch.Generator().manual_seed(seed)
+        q = torch.randn(B, H, T, D, generator=gen, dtype=torch.float64)
+        parts = []
+        for n in (3, 1, 5):
+            k = torch.randn(B, H, n, D, generator=gen, dtype=torch.float64)
+            v = torch.randn(B, H, n, D, generator=gen, dtype=torch.float64)
+            parts.append((k, v))
+
+        def attend(k, v):
+            s = q @ k.transpose(-1, -2) / math.sqrt(D)
+            return s.softmax(-1) @ v, s.logsumexp(-1)
+
+        (oa, la), (ob, lb), (oc, lc) = [attend(k, v) for k, v in parts]
+        want, want_lse = attend(torch.cat([p[0] for p in parts], 2), torch.cat([p[1] for p in parts], 2))
+        f32 = lambda o, l: (o.float().to(device), l.float().to(device))  # noqa: E731
+        ab = l2m.merge_attention(*f32(oa, la), *f32(ob, lb), backend=backend)
+        left = l2m.merge_attention(*ab, *f32(oc, lc), backend=backend)
+        bc = l2m.merge_attention(*f32(ob, lb), *f32(oc, lc), backend=backend)
+        right = l2m.merge_attention(*f32(oa, la), *bc, backend=backend)
+        for out, lse in (left, right):
+            assert_close("out", out, want, torch.float32)
+            assert_close("lse", lse, want_lse, torch.float32)
