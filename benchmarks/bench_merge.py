@@ -41,7 +41,7 @@ def run(device: torch.device, quick: bool = False, ceilings: dict | None = None)
     shape = f"B={B} H={H} T={T} D={D}"
     es = torch.empty((), dtype=dtype).element_size()
     R = B * H * T
-    reps = 5 if quick else 10
+    reps = 7 if quick else 30
     rows = []
 
     def merge_inputs(requires_grad):

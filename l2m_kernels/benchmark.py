@@ -21,6 +21,9 @@ from typing import Callable, Optional
 
 import torch
 
+# Inductor's parallel-compile worker processes keep the CPU busy after a compile and slow down the
+# rows timed next on a small machine: compile in-process (read when inductor's config first loads).
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 # ----------------------------------------------------------------------------------------------
 # timing and memory
@@ -84,10 +87,14 @@ def _cpu_peak_bytes(fn: Callable[[], object]) -> Optional[int]:
             events = json.load(f).get("traceEvents", [])
     finally:
         os.unlink(path)
-    totals = [e["args"]["Total Allocated"] for e in events
-              if e.get("name") == "[memory]" and "Total Allocated" in e.get("args", {})
-              and e["args"].get("Device Type", 0) == 0]
-    return max([0] + totals)
+    memory = sorted((e for e in events if e.get("name") == "[memory]" and "Total Allocated" in e.get("args", {})
+                     and e["args"].get("Device Type", 0) == 0), key=lambda e: (e["ts"], e["args"].get("Ev Idx", 0)))
+    if not memory:
+        return 0
+    # The running total carries memory that earlier profiled calls allocated and freed after their
+    # profiling ended: measure from the total just before this call's first event.
+    base = memory[0]["args"]["Total Allocated"] - memory[0]["args"]["Bytes"]
+    return max(0, max(e["args"]["Total Allocated"] for e in memory) - base)
 
 
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
