@@ -13,6 +13,7 @@ from .ops.memory_attention import memory_attention  # noqa: F401,E402
 from .ops.memory_write import gated_dense_update, gated_memory_write  # noqa: F401,E402
 from .ops.product_key import product_key_read  # noqa: F401,E402
 from .ops.topk_read import topk_memory_read  # noqa: F401,E402
+from . import modules  # noqa: F401,E402
 
 __all__ = [
     "topk_memory_read", "product_key_read", "gated_memory_write", "gated_dense_update",

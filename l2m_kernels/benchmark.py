@@ -296,13 +296,13 @@ def format_table(rows: list, ceilings: dict) -> str:
         ref = base.get((r.op, r.shape, r.dtype))
         speed = None
         if ref is not None and ref.both_ms and r.both_ms:
-            speed = ref.both_ms / r.both_ms
+            speed = f"{ref.both_ms / r.both_ms:.2f}x"
         elif ref is not None and ref.fwd_ms and r.fwd_ms:
-            speed = ref.fwd_ms / r.fwd_ms
+            speed = f"{ref.fwd_ms / r.fwd_ms:.2f}x (fwd)"
         gbps = "-" if r.fwd_gbps is None else f"{r.fwd_gbps:.1f} ({100 * r.fwd_gbps / copy:.0f}%)" if copy else f"{r.fwd_gbps:.1f}"
         gflops = "-" if r.fwd_gflops is None else f"{r.fwd_gflops:.1f} ({100 * r.fwd_gflops / mm:.0f}%)" if mm else f"{r.fwd_gflops:.1f}"
         lines.append(f"| {r.op} | {r.shape} | {r.dtype} | {r.variant} | {f(r.fwd_ms)} | {f(r.bwd_ms)} | "
-                     f"{f(r.both_ms)} | {'-' if speed is None else f'{speed:.2f}x'} | {f(r.peak_mb, '.1f')} | "
+                     f"{f(r.both_ms)} | {speed or '-'} | {f(r.peak_mb, '.1f')} | "
                      f"{gbps} | {gflops} |" + (f" {r.note}" if r.note else ""))
     return "\n".join(lines)
 

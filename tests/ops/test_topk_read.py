@@ -1,0 +1,136 @@
+"""topk_memory_read: every fused backend against the reference, outputs and every gradient.
+
+Selection is compared robustly: the fused indices must form a valid top-k of the float64 scores
+(every selected score >= every unselected one, up to rounding) and agree exactly with the reference
+on exactly representable (integer-valued, tied) data; values, weights, lse and the gradients are
+compared with the reference evaluated at the fused selection, by relative RMS error.
+"""
+import pytest
+import torch
+
+import l2m_kernels as l2m
+from l2m_kernels.ops.topk_read.reference import topk_memory_read_ref, topk_read_gather
+from l2m_kernels.testing import assert_close, fused_backend_params, lse_dtype, rand
+
+BACKENDS = fused_backend_params("topk_memory_read")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+# (B, H, Hm, T, N, Dk, Dv, k, shared, valid_len)
+CASES = [
+    (1, 1, 1, 7, 63, 7, 5, 3, False, None),
+    (2, 4, 2, 9, 129, 16, 8, 8, False, [129, 40]),
+    (2, 4, 1, 5, 64, 8, 63, 64, False, [64, 10]),       # k = N, valid_len < k
+    (3, 2, 2, 6, 300, 32, 16, 256, True, [300, 0, 7]),  # k = 256, shared memory, empty batch element
+    (1, 2, 2, 33, 1000, 64, 64, 32, False, None),
+]
+
+
+def _inputs(case, dtype, device, requires_grad=True):
+    B, H, Hm, T, N, Dk, Dv, k, shared, valid = case
+    lead = (Hm, N) if shared else (B, Hm, N)
+    q = rand(B, H, T, Dk, dtype=dtype, device=device, requires_grad=requires_grad)
+    keys = rand(*lead, Dk, dtype=dtype, device=device, requires_grad=requires_grad)
+    values = rand(*lead, Dv, dtype=dtype, device=device, requires_grad=requires_grad)
+    valid_len = None if valid is None else torch.tensor(valid, device=device)
+    return q, keys, values, k, valid_len
+
+
+def _check_valid_topk(q, keys, indices, valid_len, scale):
+    """Every selected slot scores at least as high as every unselected existing slot."""
+    B, H, T, _ = q.shape
+    Hm = keys.shape[-3]
+    kk = keys.double().cpu()
+    kk = kk.unsqueeze(0).expand(B, *kk.shape) if kk.dim() == 3 else kk
+    kk = kk.repeat_interleave(H // Hm, dim=1)
+    s = (q.double().cpu() * scale) @ kk.transpose(-1, -2)  # (B, H, T, N)
+    N = s.shape[-1]
+    exists = torch.ones(B, N, dtype=torch.bool)
+    if valid_len is not None:
+        exists = torch.arange(N)[None, :] < valid_len.cpu()[:, None]
+    exists = exists[:, None, None, :].expand_as(s)
+    idx = indices.cpu()
+    n_exist = exists.sum(-1)
+    want_count = torch.clamp(n_exist, max=idx.shape[-1])
+    assert torch.equal((idx >= 0).sum(-1), want_count), "wrong number of selected slots"
+    hits = torch.zeros(s.shape, dtype=torch.int64).scatter_add_(-1, idx.clamp_min(0), (idx >= 0).long())
+    assert hits.max() <= 1, "a slot was selected twice"
+    chosen = hits > 0
+    assert not (chosen & ~exists).any(), "selected a slot that does not exist"
+    lowest = torch.where(chosen, s, torch.full_like(s, float("inf"))).amin(-1)
+    highest_left = torch.where(exists & ~chosen, s, torch.full_like(s, float("-inf"))).amax(-1)
+    slack = 1e-2 * s.abs().amax().clamp_min(1.0) if q.dtype in (torch.float16, torch.bfloat16) else 1e-5
+    assert (lowest >= highest_left - slack).all(), "selection is not a top-k"
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}H{}Hm{}T{}N{}D{}k{}".format(*c[:5], c[6], c[7]))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_topk_read_matches_reference(backend, device, case, dtype):
+    if dtype not in l2m.backends.BACKENDS[backend].dtypes:
+        pytest.skip(f"{backend} does not support {dtype} (SPEC: float64 on reference and cpu only)")
+    q, keys, values, k, valid_len = _inputs(case, dtype, device)
+    scale = q.shape[-1] ** -0.5
+    read = l2m.topk_memory_read(q, keys, values, k, valid_len=valid_len, backend=backend)
+    assert read.out.dtype == dtype and read.indices.dtype == torch.int64
+    assert read.weights.dtype == lse_dtype(dtype) and read.lse.dtype == lse_dtype(dtype)
+    _check_valid_topk(q.detach(), keys.detach(), read.indices, valid_len, scale)
+    # The reference evaluated at the fused selection, in float64.
+    leaves64 = [t.detach().double().cpu().requires_grad_() for t in (q, keys, values)]
+    ref_out, ref_w, ref_lse = topk_read_gather(*leaves64, read.indices.cpu(), scale)
+    assert_close("out", read.out, ref_out, dtype)
+    assert_close("weights", read.weights, ref_w, dtype)
+    assert_close("lse", read.lse, ref_lse, dtype)
+    cots = [rand(*t.shape, dtype=t.dtype, device=device) for t in (read.out, read.weights, read.lse)]
+    grads = torch.autograd.grad((read.out, read.weights, read.lse), (q, keys, values), cots)
+    ref_grads = torch.autograd.grad((ref_out, ref_w, ref_lse), leaves64, [c.double().cpu() for c in cots])
+    for name, g, rg, x in zip(("dq", "dkeys", "dvalues"), grads, ref_grads, (q, keys, values)):
+        assert g.shape == x.shape and g.dtype == x.dtype
+        assert_close(name, g, rg, dtype)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_topk_read_exact_ties_match_reference(backend, device):
+    # Integer-valued data: every score is exact, duplicated key rows tie across the k-th position.
+    g = torch.Generator().manual_seed(5)
+    q = torch.randint(-2, 3, (2, 2, 6, 8), generator=g).float()
+    base = torch.randint(-2, 3, (2, 2, 5, 8), generator=g).float()
+    keys = base[:, :, torch.randint(0, 5, (40,), generator=g)]
+    values = torch.randn(2, 2, 40, 4, generator=g)
+    for k in (1, 3, 7, 40):
+        read = l2m.topk_memory_read(q.to(device), keys.to(device), values.to(device), k, scale=1.0, backend=backend)
+        want = topk_memory_read_ref(q, keys, values, k, scale=1.0)
+        assert torch.equal(read.indices.cpu(), want[1]), f"k={k}"
+        assert_close("out", read.out, want[0])
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_topk_read_nan_row_empty_and_noncontiguous(backend, device):
+    q, keys, values, k, _ = _inputs((1, 2, 2, 6, 50, 8, 8, 4, False, None), torch.float32, device, False)
+    q[0, 1, 3, 2] = float("nan")
+    read = l2m.topk_memory_read(q, keys, values, k, backend=backend)
+    assert torch.isnan(read.out[0, 1, 3]).all() and torch.isnan(read.lse[0, 1, 3])
+    mask = torch.ones(1, 2, 6, dtype=torch.bool, device=device)
+    mask[0, 1, 3] = False
+    assert torch.isfinite(read.out[mask]).all() and torch.isfinite(read.lse[mask]).all()
+    for shape in [(0, 2, 6, 8), (1, 2, 0, 8)]:
+        empty = l2m.topk_memory_read(torch.randn(shape, device=device),
+                                     keys[:shape[0]] if shape[0] == 0 else keys, values[:shape[0]] if shape[0] == 0
+                                     else values, k, backend=backend)
+        assert empty.out.shape == shape[:3] + (8,) and empty.indices.shape == shape[:3] + (k,)
+    qt = q.transpose(2, 3).contiguous().transpose(2, 3)  # same values, non-contiguous
+    kt = keys.transpose(2, 3).contiguous().transpose(2, 3)
+    assert not qt.is_contiguous() and not kt.is_contiguous()
+    nc = l2m.topk_memory_read(qt, kt, values, k, backend=backend)
+    assert torch.equal(nc.indices, read.indices) and torch.equal(nc.out[mask], read.out[mask])
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_topk_read_deterministic_gradients(backend, device):
+    case = (2, 4, 2, 16, 60, 8, 8, 16, True, None)  # many queries hit the same slots
+    q, keys, values, k, _ = _inputs(case, torch.float32, device)
+    runs = []
+    for _ in range(2):
+        read = l2m.topk_memory_read(q, keys, values, k, deterministic=True, backend=backend)
+        runs.append(torch.autograd.grad(read.out.sum() + read.lse.sum(), (q, keys, values)))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
