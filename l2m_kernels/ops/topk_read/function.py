@@ -12,6 +12,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ... import _ext
+from ..._alloc import empty
 from .._common import acc_dtype, reference_vjp
 from .reference import topk_read_gather, topk_read_select
 
@@ -22,21 +24,61 @@ def _reference_fwd(q, keys, values, k, scale, valid_len, deterministic):
     return out.contiguous(), indices.contiguous(), weights.contiguous(), lse.contiguous()
 
 
-def _reference_bwd(dout, dweights, dlse, q, keys, values, indices, scale, deterministic):
+def _reference_bwd(dout, dweights, dlse, q, keys, values, indices, weights, scale, deterministic):
+    # weights are recomputed by the gather; the argument keeps one signature for every backend.
     return tuple(reference_vjp(lambda q_, k_, v_: topk_read_gather(q_, k_, v_, indices, scale),
                                (q, keys, values), (dout, dweights, dlse), (True, True, True)))
 
 
-FWD = {"reference": _reference_fwd}
-BWD = {"reference": _reference_bwd}
+def _kernels(backend: str):
+    if backend == "cpu":
+        return _ext.cpu_extension()
+    if backend == "cuda":
+        return _ext.cuda_extension()
+    from . import triton as triton_kernels
+    return triton_kernels
+
+
+def _fused_fwd(backend):
+    def fwd(q, keys, values, k, scale, valid_len, deterministic):
+        B, H, T, _ = q.shape
+        acc = acc_dtype(q.dtype)
+        out = empty((B, H, T, values.shape[-1]), dtype=q.dtype, device=q.device)
+        indices = empty((B, H, T, k), dtype=torch.int64, device=q.device)
+        weights = empty((B, H, T, k), dtype=acc, device=q.device)
+        lse = empty((B, H, T), dtype=acc, device=q.device)
+        if B * H * T:
+            vl = None if valid_len is None else valid_len.to(torch.int64).contiguous()
+            _kernels(backend).topk_read_fwd(q.contiguous(), keys.contiguous(), values.contiguous(), vl, k,
+                                           scale, out, indices, weights, lse)
+        return out, indices, weights, lse
+    return fwd
+
+
+def _fused_bwd(backend):
+    def bwd(dout, dweights, dlse, q, keys, values, indices, weights, scale, deterministic):
+        dq = empty(q.shape, dtype=q.dtype, device=q.device)
+        dkeys = empty(keys.shape, dtype=keys.dtype, device=q.device)
+        dvalues = empty(values.shape, dtype=values.dtype, device=q.device)
+        args = (dout.contiguous(), dweights.contiguous(), dlse.contiguous(), q.contiguous(), keys.contiguous(),
+                values.contiguous(), indices.contiguous(), weights.contiguous(), scale)
+        if backend == "triton":
+            args = args + (deterministic,)
+        _kernels(backend).topk_read_bwd(*args, dq, dkeys, dvalues)
+        return dq, dkeys, dvalues
+    return bwd
+
+
+FWD = {"reference": _reference_fwd, "cpu": _fused_fwd("cpu"), "triton": _fused_fwd("triton")}
+BWD = {"reference": _reference_bwd, "cpu": _fused_bwd("cpu"), "triton": _fused_bwd("triton")}
 
 
 def topk_memory_read_fwd(q, keys, values, k, scale, valid_len, deterministic, backend):
     return FWD[backend](q, keys, values, k, scale, valid_len, deterministic)
 
 
-def topk_memory_read_bwd(dout, dweights, dlse, q, keys, values, indices, scale, deterministic, backend):
-    return BWD[backend](dout, dweights, dlse, q, keys, values, indices, scale, deterministic)
+def topk_memory_read_bwd(dout, dweights, dlse, q, keys, values, indices, weights, scale, deterministic, backend):
+    return BWD[backend](dout, dweights, dlse, q, keys, values, indices, weights, scale, deterministic)
 
 
 @torch.library.custom_op("l2m::topk_memory_read", mutates_args=())
@@ -56,31 +98,32 @@ def _(q, keys, values, k, scale, valid_len, deterministic, backend):
 
 @torch.library.custom_op("l2m::topk_memory_read_backward", mutates_args=())
 def topk_memory_read_backward_op(dout: Tensor, dweights: Tensor, dlse: Tensor, q: Tensor, keys: Tensor,
-                                 values: Tensor, indices: Tensor, scale: float, deterministic: bool,
-                                 backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    return topk_memory_read_bwd(dout, dweights, dlse, q, keys, values, indices, scale, deterministic, backend)
+                                 values: Tensor, indices: Tensor, weights: Tensor, scale: float,
+                                 deterministic: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    return topk_memory_read_bwd(dout, dweights, dlse, q, keys, values, indices, weights, scale, deterministic,
+                                backend)
 
 
 @topk_memory_read_backward_op.register_fake
-def _(dout, dweights, dlse, q, keys, values, indices, scale, deterministic, backend):
+def _(dout, dweights, dlse, q, keys, values, indices, weights, scale, deterministic, backend):
     return torch.empty_like(q), torch.empty_like(keys), torch.empty_like(values)
 
 
 def _setup(ctx, inputs, output):
     q, keys, values, k, scale, valid_len, deterministic, backend = inputs
-    ctx.save_for_backward(q, keys, values, output[1])
+    ctx.save_for_backward(q, keys, values, output[1], output[2])
     ctx.scale, ctx.deterministic, ctx.backend = scale, deterministic, backend
 
 
 def _backward(ctx, dout, dindices, dweights, dlse):
-    q, keys, values, indices = ctx.saved_tensors
+    q, keys, values, indices, weights = ctx.saved_tensors
     B, H, T, k = indices.shape
     acc = acc_dtype(q.dtype)
     dout = q.new_zeros((B, H, T, values.shape[-1])) if dout is None else dout
     dweights = q.new_zeros((B, H, T, k), dtype=acc) if dweights is None else dweights
     dlse = q.new_zeros((B, H, T), dtype=acc) if dlse is None else dlse
     dq, dkeys, dvalues = torch.ops.l2m.topk_memory_read_backward(
-        dout, dweights, dlse, q, keys, values, indices, ctx.scale, ctx.deterministic, ctx.backend)
+        dout, dweights, dlse, q, keys, values, indices, weights, ctx.scale, ctx.deterministic, ctx.backend)
     needs = ctx.needs_input_grad
     return (dq if needs[0] else None, dkeys if needs[1] else None, dvalues if needs[2] else None,
             None, None, None, None, None)
