@@ -74,15 +74,32 @@ class ReferenceBackend(Backend):
     description = "naive PyTorch (differentiable with plain autograd, float64-capable)"
 
 
+# The extension function each op needs: an extension built from older sources lacks newer ones.
+_EXT_ENTRY = {"merge_attention": "merge_attention_fwd", "gated_merge": "gated_merge_fwd",
+              "topk_memory_read": "topk_read_fwd"}
+
+
+def _missing_entry(module, op: str, name: str) -> list[str]:
+    entry = _EXT_ENTRY.get(op)
+    if module is None or entry is None or hasattr(module, entry):
+        return []
+    return [f"the {name} extension was built from older sources without {entry}; rebuild with: "
+            f"{_ext.REBUILD_COMMAND}"]
+
+
 class CpuBackend(Backend):
     name = "cpu"
-    ops = frozenset({"merge_attention", "gated_merge"})
+    ops = frozenset({"merge_attention", "gated_merge", "topk_memory_read"})
     device_types = frozenset({"cpu"})
     dtypes = _ALL_FLOATS
     description = "C++/OpenMP extension l2m_kernels._C"
 
     def unavailable_reason(self):
         return _ext.cpu_extension_error()
+
+    def not_supported_reasons(self, op, device, dtype):
+        reasons = super().not_supported_reasons(op, device, dtype)
+        return reasons + _missing_entry(_ext.cpu_extension(), op, "cpu")
 
 
 class CudaBackend(Backend):
@@ -91,6 +108,10 @@ class CudaBackend(Backend):
     device_types = frozenset({"cuda"})
     dtypes = _HALF_AND_SINGLE
     description = "CUDA C++ extension l2m_kernels._C_cuda"
+
+    def not_supported_reasons(self, op, device, dtype):
+        reasons = super().not_supported_reasons(op, device, dtype)
+        return reasons + _missing_entry(_ext.cuda_extension(), op, "cuda")
 
     def unavailable_reason(self):
         if torch.version.cuda is None:

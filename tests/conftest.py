@@ -5,10 +5,15 @@ be set before any ``@triton.jit`` function is created, so it is set here, before
 imported. Every fused launcher's outputs are pre-filled with NaN during tests (``poison`` fixture).
 """
 import os
+import tempfile
 import warnings
 
 import pytest
 import torch
+
+# A fresh inductor cache per test run: a cache kept from an older checkout can replay graphs that
+# call our custom ops with an older schema.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="l2m_inductor_"))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -43,7 +43,7 @@ def test_env_override(monkeypatch):
     assert backends.select_backend("merge_attention", CPU, torch.float32) == "reference"
     # A preferred backend that cannot serve the call falls through to the automatic order.
     monkeypatch.setenv("L2M_BACKEND", "cuda")
-    assert backends.select_backend("topk_memory_read", CPU, torch.float32) == "reference"
+    assert backends.select_backend("product_key_read", CPU, torch.float32) == "reference"
     monkeypatch.setenv("L2M_BACKEND", "nonsense")
     with pytest.raises(ValueError, match="L2M_BACKEND"):
         backends.select_backend("merge_attention", CPU, torch.float32)

@@ -30,6 +30,10 @@ def op_cases():
                       (g(B, H, T, D), g(B, H, T), g(B, H, T, D), g(B, H, T), backend)))
         cases.append((f"gated_merge-{backend}", torch.ops.l2m.gated_merge.default,
                       (g(B, H, T, D), g(B, H, T, D), g(H, 1, 1), backend)))
+    if _ext.cpu_extension() is not None and hasattr(_ext.cpu_extension(), "topk_read_fwd"):
+        cases.append(("topk_memory_read-cpu", torch.ops.l2m.topk_memory_read.default,
+                      (g(B, H, T, D), g(B, Hm, N, D), g(B, Hm, N, Dv), 3, D ** -0.5, torch.tensor([N, 4]), False,
+                       "cpu")))
     cases += [
         ("topk_memory_read", torch.ops.l2m.topk_memory_read.default,
          (g(B, H, T, D), g(B, Hm, N, D), g(B, Hm, N, Dv), 3, D ** -0.5, None, False, "reference")),

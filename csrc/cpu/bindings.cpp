@@ -1,15 +1,19 @@
 // Python bindings of the CPU extension `l2m_kernels._C`: tensor checks, then the plain-struct
-// launchers of merge.h. The Python layer validates first; these checks are the last line that
-// keeps a bad call from reading or writing out of bounds. Every function returns None, writes
-// every element of its preallocated outputs (passed last) and runs with the GIL released.
+// launchers of merge.h and topk_read.h. The Python layer validates first; these checks are the
+// last line that keeps a bad call from reading or writing out of bounds. Every function returns
+// None, writes every element of its preallocated outputs (passed last) and runs with the GIL
+// released.
 #include <torch/extension.h>
 
 #include <ATen/MemoryOverlap.h>
 
 #include <initializer_list>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "merge.h"
+#include "topk_read.h"
 
 // Build facts, defined by setup.py on the compiler command line. Defaults keep a build outside
 // setup.py (e.g. torch.utils.cpp_extension.load) working.
@@ -230,6 +234,235 @@ void gated_merge_bwd(const at::Tensor& dout, const at::Tensor& out_local, const 
   l2m::cpu::gated_merge_bwd(params);
 }
 
+
+// ---- topk_memory_read (topk_read.h, /work/notes/topk_cpu.md) ----
+// Error messages are assembled as one std::string (no integers or sizes streamed into
+// TORCH_CHECK: see shape_of).
+
+std::string dims_text(const std::vector<int64_t>& dims) {
+  std::string text = "(";
+  for (size_t axis = 0; axis < dims.size(); ++axis) {
+    text += (axis ? ", " : "") + std::to_string(dims[axis]);
+  }
+  return text + (dims.size() == 1 ? ",)" : ")");
+}
+
+std::string dtype_text(c10::ScalarType dtype) {
+  return c10::toString(dtype);
+}
+
+// A tensor of exactly `dims` and `dtype`; `dims_names` spells the expected shape, e.g. "(B, H, T)".
+void check_tensor(const at::Tensor& tensor, const char* op, const char* name,
+                  c10::ScalarType dtype, const std::vector<int64_t>& dims, const char* dims_names) {
+  check_storage(tensor, op, name);
+  bool same_shape = tensor.dim() == static_cast<int64_t>(dims.size());
+  for (size_t axis = 0; same_shape && axis < dims.size(); ++axis) {
+    same_shape = tensor.size(static_cast<int64_t>(axis)) == dims[axis];
+  }
+  if (!same_shape) {
+    TORCH_CHECK_VALUE(false, std::string(op) + ": " + name + " must have shape " + dims_names +
+                                 " = " + dims_text(dims) + ", got " + shape_of(tensor));
+  }
+  if (tensor.scalar_type() != dtype) {
+    TORCH_CHECK_TYPE(false, std::string(op) + ": " + name + " must have dtype " +
+                                dtype_text(dtype) + ", got " + dtype_text(tensor.scalar_type()));
+  }
+}
+
+// q fixes B, H, T, Dk and the storage dtype.
+void check_query(const at::Tensor& q, const char* op, const char* name) {
+  check_storage(q, op, name);
+  if (q.dim() != 4) {
+    TORCH_CHECK_VALUE(false, std::string(op) + ": " + name +
+                                 " must have shape (B, H, T, Dk), got " + shape_of(q));
+  }
+  const auto dtype = q.scalar_type();
+  if (!(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+        dtype == at::kBFloat16)) {
+    TORCH_CHECK_TYPE(false, std::string(op) + ": " + name +
+                                " must be float32, float64, float16 or bfloat16, got " +
+                                dtype_text(dtype));
+  }
+}
+
+struct MemoryShape {
+  int64_t mem_heads;
+  int64_t num_slots;
+  bool shared;
+};
+
+// keys (B, Hm, N, Dk) or shared (Hm, N, Dk) with H % Hm == 0; values the same leading shape.
+MemoryShape check_memory(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                         const char* op) {
+  const auto dtype = q.scalar_type();
+  const int64_t batch = q.size(0), heads = q.size(1), dim_k = q.size(3);
+  check_storage(keys, op, "keys");
+  if (keys.dim() != 3 && keys.dim() != 4) {
+    TORCH_CHECK_VALUE(false, std::string(op) + ": keys must have shape (B, Hm, N, Dk) or " +
+                                 "(Hm, N, Dk), got " + shape_of(keys));
+  }
+  const bool shared = keys.dim() == 3;
+  const int64_t mem_heads = keys.size(-3), num_slots = keys.size(-2);
+  if (mem_heads < 1 || heads % mem_heads != 0) {
+    TORCH_CHECK_VALUE(false, std::string(op) + ": the memory head count Hm = " +
+                                 std::to_string(mem_heads) + " must divide H = " +
+                                 std::to_string(heads) + " (keys " + shape_of(keys) + ")");
+  }
+  if (shared) {
+    check_tensor(keys, op, "keys", dtype, {mem_heads, num_slots, dim_k}, "(Hm, N, Dk)");
+  } else {
+    check_tensor(keys, op, "keys", dtype, {batch, mem_heads, num_slots, dim_k}, "(B, Hm, N, Dk)");
+  }
+  check_storage(values, op, "values");
+  if (values.dim() != keys.dim()) {
+    TORCH_CHECK_VALUE(false, std::string(op) +
+                                 ": values must have keys' leading shape + (Dv,), got " +
+                                 shape_of(values) + " for keys " + shape_of(keys));
+  }
+  const int64_t dim_v = values.size(-1);
+  if (shared) {
+    check_tensor(values, op, "values", dtype, {mem_heads, num_slots, dim_v}, "(Hm, N, Dv)");
+  } else {
+    check_tensor(values, op, "values", dtype, {batch, mem_heads, num_slots, dim_v},
+                 "(B, Hm, N, Dv)");
+  }
+  return {mem_heads, num_slots, shared};
+}
+
+void check_apart(std::initializer_list<const at::Tensor*> outputs,
+                 std::initializer_list<const at::Tensor*> inputs) {
+  // Unlike the row-wise merges, these kernels read inputs (values, keys) for other rows after
+  // writing outputs: no overlap at all.
+  for (const at::Tensor* output : outputs) {
+    for (const at::Tensor* input : inputs) {
+      at::assert_no_overlap(*output, *input);
+    }
+    for (const at::Tensor* other : outputs) {
+      if (other != output) {
+        at::assert_no_overlap(*output, *other);
+      }
+    }
+  }
+}
+
+void topk_read_fwd(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                   const std::optional<at::Tensor>& valid_len, int64_t k, double scale,
+                   const at::Tensor& out, const at::Tensor& indices, const at::Tensor& weights,
+                   const at::Tensor& lse) {
+  constexpr const char* op = "topk_read_fwd";
+  check_query(q, op, "q");
+  const auto dtype = q.scalar_type();
+  const auto acc = acc_dtype_for(dtype);
+  const int64_t batch = q.size(0), heads = q.size(1), seq_len = q.size(2), dim_k = q.size(3);
+  const MemoryShape memory = check_memory(q, keys, values, op);
+  const int64_t num_slots = memory.num_slots, dim_v = values.size(-1);
+  const int64_t max_k = std::min<int64_t>(num_slots, 256);
+  if (k < 1 || k > max_k) {
+    TORCH_CHECK_VALUE(false, std::string(op) + ": k must be in [1, min(N, 256)] = [1, " +
+                                 std::to_string(max_k) + "], got " + std::to_string(k));
+  }
+  if (valid_len.has_value()) {
+    check_tensor(*valid_len, op, "valid_len", at::kLong, {batch}, "(B,)");
+  }
+  check_tensor(out, op, "out", dtype, {batch, heads, seq_len, dim_v}, "(B, H, T, Dv)");
+  check_tensor(indices, op, "indices", at::kLong, {batch, heads, seq_len, k}, "(B, H, T, k)");
+  check_tensor(weights, op, "weights", acc, {batch, heads, seq_len, k}, "(B, H, T, k)");
+  check_tensor(lse, op, "lse", acc, {batch, heads, seq_len}, "(B, H, T)");
+  if (valid_len.has_value()) {
+    check_apart({&out, &indices, &weights, &lse}, {&q, &keys, &values, &*valid_len});
+  } else {
+    check_apart({&out, &indices, &weights, &lse}, {&q, &keys, &values});
+  }
+  if (batch == 0 || heads == 0 || seq_len == 0) {
+    return;
+  }
+  l2m::cpu::TopkReadFwdParams params{};
+  params.dtype = dtype;
+  params.batch = batch;
+  params.heads = heads;
+  params.seq_len = seq_len;
+  params.mem_heads = memory.mem_heads;
+  params.num_slots = num_slots;
+  params.dim_k = dim_k;
+  params.dim_v = dim_v;
+  params.k = k;
+  params.shared_memory = memory.shared;
+  params.scale = scale;
+  params.q = q.const_data_ptr();
+  params.keys = keys.const_data_ptr();
+  params.values = values.const_data_ptr();
+  params.valid_len = valid_len.has_value() ? valid_len->const_data_ptr<int64_t>() : nullptr;
+  params.out = out.data_ptr();
+  params.indices = indices.data_ptr<int64_t>();
+  params.weights = weights.data_ptr();
+  params.lse = lse.data_ptr();
+  l2m::cpu::topk_read_fwd(params);
+}
+
+void topk_read_bwd(const at::Tensor& dout, const at::Tensor& dweights, const at::Tensor& dlse,
+                   const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                   const at::Tensor& indices, const at::Tensor& weights, double scale,
+                   const at::Tensor& dq, const at::Tensor& dkeys, const at::Tensor& dvalues) {
+  constexpr const char* op = "topk_read_bwd";
+  check_query(q, op, "q");
+  const auto dtype = q.scalar_type();
+  const auto acc = acc_dtype_for(dtype);
+  const int64_t batch = q.size(0), heads = q.size(1), seq_len = q.size(2), dim_k = q.size(3);
+  const MemoryShape memory = check_memory(q, keys, values, op);
+  const int64_t num_slots = memory.num_slots, dim_v = values.size(-1);
+  check_storage(indices, op, "indices");
+  if (indices.dim() != 4) {
+    TORCH_CHECK_VALUE(false, std::string(op) + ": indices must have shape (B, H, T, k), got " +
+                                 shape_of(indices));
+  }
+  const int64_t k = indices.size(3);
+  check_tensor(indices, op, "indices", at::kLong, {batch, heads, seq_len, k}, "(B, H, T, k)");
+  check_tensor(dout, op, "dout", dtype, {batch, heads, seq_len, dim_v}, "(B, H, T, Dv)");
+  check_tensor(dweights, op, "dweights", acc, {batch, heads, seq_len, k}, "(B, H, T, k)");
+  check_tensor(dlse, op, "dlse", acc, {batch, heads, seq_len}, "(B, H, T)");
+  check_tensor(weights, op, "weights", acc, {batch, heads, seq_len, k}, "(B, H, T, k)");
+  check_tensor(dq, op, "dq", dtype, q.sizes().vec(), "like q");
+  check_tensor(dkeys, op, "dkeys", dtype, keys.sizes().vec(), "like keys");
+  check_tensor(dvalues, op, "dvalues", dtype, values.sizes().vec(), "like values");
+  check_apart({&dq, &dkeys, &dvalues},
+              {&dout, &dweights, &dlse, &q, &keys, &values, &indices, &weights});
+  // The slots are used as addresses: every one must be -1 or name an existing row.
+  const int64_t* slot_ids = indices.const_data_ptr<int64_t>();
+  const int64_t num_indices = indices.numel();
+  for (int64_t i = 0; i < num_indices; ++i) {
+    if (slot_ids[i] < -1 || slot_ids[i] >= num_slots) {
+      TORCH_CHECK_INDEX(false, std::string(op) + ": indices must be -1 or in [0, N) with N = " +
+                                   std::to_string(num_slots) + ", got " +
+                                   std::to_string(slot_ids[i]));
+    }
+  }
+  l2m::cpu::TopkReadBwdParams params{};
+  params.dtype = dtype;
+  params.batch = batch;
+  params.heads = heads;
+  params.seq_len = seq_len;
+  params.mem_heads = memory.mem_heads;
+  params.num_slots = num_slots;
+  params.dim_k = dim_k;
+  params.dim_v = dim_v;
+  params.k = k;
+  params.shared_memory = memory.shared;
+  params.scale = scale;
+  params.dout = dout.const_data_ptr();
+  params.dweights = dweights.const_data_ptr();
+  params.dlse = dlse.const_data_ptr();
+  params.q = q.const_data_ptr();
+  params.keys = keys.const_data_ptr();
+  params.values = values.const_data_ptr();
+  params.indices = slot_ids;
+  params.weights = weights.const_data_ptr();
+  params.dq = dq.data_ptr();
+  params.dkeys = dkeys.data_ptr();
+  params.dvalues = dvalues.data_ptr();
+  // Runs even without queries: dkeys and dvalues (shared memories) must still be zeroed.
+  l2m::cpu::topk_read_bwd(params);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -273,4 +506,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("d_gate"),
         "Gradients of gated_merge_fwd. (R, D) dtype: dout, out_local, out_mem, d_local, d_mem;\n"
         "(R,) dtype: gate; (R,) acc: d_gate.");
+
+  m.def("topk_read_fwd", &topk_read_fwd, release_gil, py::arg("q"), py::arg("keys"),
+        py::arg("values"), py::arg("valid_len"), py::arg("k"), py::arg("scale"), py::arg("out"),
+        py::arg("indices"), py::arg("weights"), py::arg("lse"),
+        "Sparse top-k memory read. q (B, H, T, Dk); keys (B, Hm, N, Dk) or (Hm, N, Dk); values\n"
+        "the same leading shape, last Dv; valid_len None or int64 (B,); 1 <= k <= min(N, 256).\n"
+        "Writes out (B, H, T, Dv) dtype, indices (B, H, T, k) int64, weights (B, H, T, k) acc,\n"
+        "lse (B, H, T) acc (acc = float64 for float64 input, else float32).");
+  m.def("topk_read_bwd", &topk_read_bwd, release_gil, py::arg("dout"), py::arg("dweights"),
+        py::arg("dlse"), py::arg("q"), py::arg("keys"), py::arg("values"), py::arg("indices"),
+        py::arg("weights"), py::arg("scale"), py::arg("dq"), py::arg("dkeys"), py::arg("dvalues"),
+        "Gradients of topk_read_fwd for its indices and weights: writes dq (like q), dkeys (like\n"
+        "keys), dvalues (like values). Deterministic (slot-grouped, fixed-order reduction).");
 }

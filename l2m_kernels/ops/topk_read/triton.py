@@ -1,0 +1,910 @@
+"""Triton kernels and launchers for the sparse top-k memory read (SPEC section 1, issue 3).
+
+The two launchers implement the low-level ``topk_memory_read`` interface shared with the cpu and
+cuda backends (outputs preallocated and passed last, every element written, ``None`` returned):
+
+    topk_read_fwd(q, keys, values, valid_len, k, scale, out, indices, weights, lse)
+    topk_read_bwd(dout, dweights, dlse, q, keys, values, indices, weights, scale, deterministic,
+                  dq, dkeys, dvalues)
+
+Semantics are exactly :func:`l2m_kernels.ops.topk_read.reference.topk_memory_read_ref`: per query
+the ``k`` best existing slots by descending score ``(scale * q) . key`` (float32, no TF32), ties
+broken by the smaller slot; NaN ranks like +inf; an existing slot scoring -inf keeps its index
+with weight 0; missing entries are index -1, weight 0; with no existing slot ``out = 0`` and
+``lse = -inf``.
+
+Layout: the ``H // Hm`` query heads that share a memory head are contiguous in ``q``
+``(B, H, T, D)``, so each (batch, memory head) owns ``R = (H // Hm) * T`` contiguous query rows
+and one program reads every key tile once for all of them. Shared (3-D) memories use a batch
+stride of 0.
+
+Forward (no ``T x N`` buffer), two kernels:
+
+1. ``topk_read_fwd_select_kernel``: a program takes ``BLOCK_T`` query rows and streams the key
+   tiles of ``K_PAD`` slots (``K_PAD`` = next power of two of ``k``, at least 16 for ``tl.dot``).
+   Each (query, slot) becomes one int64 sort key: the order-preserving int32 image of the float32
+   score in the high word (NaN mapped to +inf, -0.0 to +0.0) and ``2**31 - 1 - slot`` in the low
+   word, so "larger key" is exactly "higher score, then smaller slot" and all keys of a row are
+   distinct. Non-existent slots get ``INT64_MIN``. A running top list ``[BLOCK_T, K_PAD]`` stays
+   sorted descending in registers; a key tile is merged only when one of its keys beats its row's
+   current k-th best (otherwise the tile is skipped after the scores). A merge sorts the tile
+   ascending, takes the elementwise maximum with the descending list (which keeps exactly the
+   ``K_PAD`` largest of the union, as a bitonic sequence) and bitonic-merges it descending. The
+   sorting network is written here with reshapes and ``tl.xor_sum`` (the same formulation
+   ``tl.sort`` uses) so that it does not depend on how ``tl.sort``/``tl.topk`` changed between
+   Triton 3.3 and 3.9. At the end the keys are decoded into slots and scores, and the softmax,
+   log-sum-exp, indices and weights are written.
+2. ``topk_read_fwd_out_kernel``: ``out = sum_j weights_j * values[indices_j]`` from what kernel 1
+   stored (a separate launch, so no cross-thread handoff inside one program is needed).
+
+Backward, per query row (entries with index -1 contribute nothing):
+    dw_j = dweights_j + <dout, v_j>;  ds_j = w_j * (dw_j - sum_i w_i dw_i + dlse)
+    dq = scale * sum_j ds_j key_j;  dkeys[idx_j] += scale * ds_j * q;  dvalues[idx_j] += w_j * dout
+
+1. ``topk_read_bwd_dweights_kernel`` (one program per ``BLOCK_E`` entries): ``dw`` into a float32
+   scratch buffer; non-deterministic mode also scatters ``w_j * dout`` into ``dvalues`` with
+   float32 atomics.
+2. ``topk_read_bwd_dq_kernel`` (one program per ``BLOCK_T`` query rows): ``ds`` and ``dq``;
+   non-deterministic mode scatters ``scale * ds_j * q`` into ``dkeys`` with float32 atomics,
+   deterministic mode stores ``ds`` instead.
+3. Deterministic mode only, ``topk_read_bwd_slot_kernel``: the host groups the entries by slot
+   (stable ``torch.sort`` of ``memory * N + slot``, run starts by ``torch.searchsorted``); one
+   program owns one slot and sums its entries in that fixed order, writing every row of
+   ``dkeys``/``dvalues`` (zeros for untouched slots). Bitwise identical run to run.
+
+Atomic mode accumulates into float32 buffers (the outputs themselves for float32 inputs, zeroed
+first) and casts once at the end.
+
+Numerics: loads in the input dtype, computes in float32, stores in the output dtype. float32
+scores use ``tl.dot(..., input_precision="ieee")`` (the keyword exists from Triton 3.0 to 3.9) on
+``scale * q``, as the reference; float16/bfloat16 scores are ``scale * dot(q, key)`` with the
+16-bit operands multiplied exactly and accumulated in float32. float64 is not supported here.
+
+``COMPILE_CONFIGS`` lists the configurations the launchers pick for the production dtypes, head
+sizes and ``k``; ``python -m l2m_kernels._triton_check`` compiles them for sm_80/sm_90.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+try:
+    from triton.runtime.interpreter import InterpretedFunction
+except ImportError:  # pragma: no cover - the interpreter module has always existed in 3.x
+    InterpretedFunction = ()
+
+__all__ = [
+    "topk_read_fwd",
+    "topk_read_bwd",
+    "select_config",
+    "COMPILE_CONFIGS",
+]
+
+MAX_K = 256
+# Smallest score tile: tl.dot needs every dimension >= 16.
+MIN_K_PAD = 16
+# Widest feature chunk a tile covers; larger D loops over chunks.
+MAX_BLOCK_D = 128
+# Pinned rather than left to the Triton default, which 3.9 warns is about to change.
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
+
+INT64_MIN: tl.constexpr = tl.constexpr(-(2**63))
+INT32_MIN: tl.constexpr = tl.constexpr(-(2**31))
+INT32_MAX: tl.constexpr = tl.constexpr(2**31 - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sorting network on the last dimension of a [BLOCK_T, W] tile (W a power of two)
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _compare_swap(b_x, b_flip, LOG_DIST: tl.constexpr, ROWS: tl.constexpr, W: tl.constexpr):
+    """One compare-and-swap layer between columns ``c`` and ``c ^ 2**LOG_DIST``.
+
+    ``b_flip`` (0/1, broadcastable to [ROWS, W]) is 1 where the pair should end descending.
+    """
+    DIST: tl.constexpr = 1 << LOG_DIST
+    # [ROWS * W / (2 DIST), 2, DIST]: axis 1 holds the two partners; the pair's sum minus an
+    # element is its partner (exact: integer arithmetic wraps modulo 2**64 and the partner is
+    # representable). tl.sort uses xor_sum the same way; a sum runs as one numpy call under the
+    # interpreter, where xor_sum runs element by element in Python.
+    b_pairs = tl.reshape(b_x, [ROWS * W // (2 * DIST), 2, DIST])
+    b_partner = tl.reshape(tl.sum(b_pairs, axis=1, keep_dims=True) - b_pairs, [ROWS, W])
+    # The right element of a pair takes the larger one in ascending order.
+    b_is_right = (tl.arange(0, W)[None, :] >> LOG_DIST) & 1
+    b_take = (b_x > b_partner) != ((b_is_right ^ b_flip) != 0)
+    return tl.where(b_take, b_partner, b_x)
+
+
+@triton.jit
+def _bitonic_sort(b_x, DESCENDING: tl.constexpr, ROWS: tl.constexpr, W: tl.constexpr, LOG_W: tl.constexpr):
+    """Sort each row of an integer [ROWS, W = 2**LOG_W] tile (DESCENDING: 0 or 1)."""
+    b_col = tl.arange(0, W)[None, :]
+    for stage in tl.static_range(1, LOG_W + 1):
+        # Blocks of 2**stage alternate direction, so that pairs of them form bitonic sequences;
+        # the last stage sorts the whole row the requested way.
+        if stage == LOG_W:
+            b_flip = tl.zeros([1, W], dtype=tl.int32) + DESCENDING
+        else:
+            b_flip = (b_col >> stage) & 1
+        for step in tl.static_range(stage):
+            b_x = _compare_swap(b_x, b_flip, stage - 1 - step, ROWS, W)
+    return b_x
+
+
+@triton.jit
+def _bitonic_merge(b_x, DESCENDING: tl.constexpr, ROWS: tl.constexpr, W: tl.constexpr, LOG_W: tl.constexpr):
+    """Sort each row of an integer [ROWS, W = 2**LOG_W] tile whose rows are bitonic sequences."""
+    b_flip = tl.zeros([1, W], dtype=tl.int32) + DESCENDING
+    for step in tl.static_range(LOG_W):
+        b_x = _compare_swap(b_x, b_flip, LOG_W - 1 - step, ROWS, W)
+    return b_x
+
+
+# ---------------------------------------------------------------------------------------------
+# Sort keys: (score desc, slot asc) as one int64
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _encode_keys(b_s, o_n, m_exists):
+    """[BT, BN] int64 keys of float32 scores ``b_s`` at slots ``o_n`` [BN] (int64).
+
+    High word: the float's bits mapped to an order-preserving int32 (NaN first mapped to +inf, so
+    it ties with it; -0.0 to +0.0, so they tie). Low word: ``2**31 - 1 - slot``, so among equal
+    scores the smaller slot has the larger key. ``m_exists`` false -> INT64_MIN (below every
+    real key: the image of -inf is -2**31 + 2**23 - 1 > -2**31).
+    """
+    b_s = tl.where(b_s != b_s, float("inf"), b_s)
+    b_s = tl.where(b_s == 0., 0., b_s)
+    b_bits = b_s.to(tl.int32, bitcast=True)
+    b_ordered = tl.where(b_bits < 0, b_bits ^ INT32_MAX, b_bits)
+    b_low = (-o_n + INT32_MAX).to(tl.int64)
+    b_key = (b_ordered.to(tl.int64) << 32) | b_low[None, :]
+    return tl.where(m_exists, b_key, INT64_MIN)
+
+
+@triton.jit
+def _decode_keys(b_key):
+    """Inverse of :func:`_encode_keys`: (exists, float32 score, int64 slot)."""
+    b_high = (b_key >> 32).to(tl.int32)
+    b_exists = b_high != INT32_MIN
+    b_bits = tl.where(b_high < 0, b_high ^ INT32_MAX, b_high)
+    b_score = b_bits.to(tl.float32, bitcast=True)
+    b_slot = -(b_key & INT32_MAX) + INT32_MAX
+    return b_exists, b_score, b_slot
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward kernels
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _row_block(num_row_blocks, Hm):
+    """(b * Hm + hm, row block, b, hm) of this program, as int64.
+
+    Divided in int32 (program ids fit): a 64-bit division is a subroutine call whose saved
+    registers ptxas puts in the stack frame.
+    """
+    i_prog = tl.program_id(0)
+    i_bh = i_prog // num_row_blocks
+    i_tb = i_prog - i_bh * num_row_blocks
+    i_b = i_bh // Hm
+    i_hm = i_bh - i_b * Hm
+    return i_bh.to(tl.int64), i_tb.to(tl.int64), i_b.to(tl.int64), i_hm.to(tl.int64)
+
+
+@triton.jit
+def _score_tile(p_q, p_k, o_t, m_t, o_n, m_n, Dk, scale, b_q0,
+                F32_DOT: tl.constexpr, BLOCK_T: tl.constexpr, K_PAD: tl.constexpr,
+                BLOCK_DK: tl.constexpr, DK_CHUNKS: tl.constexpr):
+    """[BT, K_PAD] float32 scores ``scale * <q_t, key_n>``; ``b_q0`` is the preloaded first chunk."""
+    o_d = tl.arange(0, BLOCK_DK)
+    # [BDK, BN]: keys transposed for the dot.
+    b_kt = tl.load(p_k + o_n[None, :] * Dk + o_d[:, None], mask=m_n[None, :] & (o_d < Dk)[:, None], other=0.)
+    if F32_DOT:
+        b_s = tl.dot(b_q0, b_kt.to(tl.float32), input_precision="ieee")
+    else:
+        b_s = tl.dot(b_q0, b_kt)
+    for i_d in range(1, DK_CHUNKS):
+        o_dc = i_d * BLOCK_DK + o_d
+        m_dc = o_dc < Dk
+        b_qc = tl.load(p_q + o_t[:, None] * Dk + o_dc[None, :], mask=m_t[:, None] & m_dc[None, :], other=0.)
+        b_kc = tl.load(p_k + o_n[None, :] * Dk + o_dc[:, None], mask=m_n[None, :] & m_dc[:, None], other=0.)
+        if F32_DOT:
+            b_s = tl.dot(b_qc.to(tl.float32) * scale, b_kc.to(tl.float32), b_s, input_precision="ieee")
+        else:
+            b_s = tl.dot(b_qc, b_kc, b_s)
+    if not F32_DOT:
+        b_s = b_s * scale
+    return b_s
+
+
+@triton.jit
+def topk_read_fwd_select_kernel(
+    q,  # [B, H, T, Dk] x
+    keys,  # [B, Hm, N, Dk] or [Hm, N, Dk] x
+    valid_len,  # [B] int64 (read only when HAS_VALID_LEN)
+    indices,  # [B, H, T, k] int64, written
+    weights,  # [B, H, T, k] fp32, written
+    lse,  # [B, H, T] fp32, written
+    R,  # query rows per (batch, memory head) = (H // Hm) * T
+    N,
+    Dk,
+    k,
+    scale,
+    Hm,
+    keys_batch_stride,  # Hm * N * Dk, or 0 for shared memories
+    num_row_blocks,  # cdiv(R, BLOCK_T)
+    HAS_VALID_LEN: tl.constexpr,
+    F32_DOT: tl.constexpr,  # scale q, then an ieee float32 dot (float32 input; see _f32_dot)
+    BLOCK_T: tl.constexpr,
+    K_PAD: tl.constexpr,  # key tile width and top-list width: next_pow2(k), >= 16
+    LOG_K_PAD: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    DK_CHUNKS: tl.constexpr,
+):
+    """Grid (num_row_blocks * B * Hm,): BLOCK_T query rows of one (batch, memory head)."""
+    i_bh, i_tb, i_b, i_hm = _row_block(num_row_blocks, Hm)
+
+    o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    m_t = o_t < R
+    o_c = tl.arange(0, K_PAD)
+    o_d = tl.arange(0, BLOCK_DK)
+    p_q = q + i_bh * R * Dk
+    p_k = keys + i_b * keys_batch_stride + i_hm * N * Dk
+
+    n_end = N
+    if HAS_VALID_LEN:
+        n_end = tl.minimum(tl.maximum(tl.load(valid_len + i_b), 0), N)
+
+    # [BT, BDK]: first feature chunk of the queries, kept for every key tile.
+    b_q0 = tl.load(p_q + o_t[:, None] * Dk + o_d[None, :], mask=m_t[:, None] & (o_d < Dk)[None, :], other=0.)
+    if F32_DOT:
+        b_q0 = b_q0.to(tl.float32) * scale
+
+    # [BT, K_PAD] running top list, sorted descending; [BT] its k-th best key.
+    b_top = tl.full([BLOCK_T, K_PAD], INT64_MIN, dtype=tl.int64)
+    b_kth = tl.full([BLOCK_T], INT64_MIN, dtype=tl.int64)
+    for n_start in range(0, n_end, K_PAD):
+        o_n = (n_start + o_c).to(tl.int64)
+        m_n = o_n < n_end
+        # [BT, BN]
+        b_s = _score_tile(p_q, p_k, o_t, m_t, o_n, m_n, Dk, scale, b_q0,
+                          F32_DOT, BLOCK_T, K_PAD, BLOCK_DK, DK_CHUNKS)
+        b_key = _encode_keys(b_s, o_n, m_t[:, None] & m_n[None, :])
+        # Keys are distinct, so a key enters a row's top k iff it beats the row's k-th best.
+        b_beats = tl.max(tl.max((b_key > b_kth[:, None]).to(tl.int32), axis=1), axis=0)
+        if b_beats > 0:
+            b_new = _bitonic_sort(b_key, 0, BLOCK_T, K_PAD, LOG_K_PAD)
+            # Descending list vs ascending tile: the elementwise maximum holds exactly the K_PAD
+            # largest keys of both, as a bitonic sequence.
+            b_top = _bitonic_merge(tl.maximum(b_top, b_new), 1, BLOCK_T, K_PAD, LOG_K_PAD)
+            b_kth = tl.max(tl.where(o_c[None, :] == k - 1, b_top, INT64_MIN), axis=1)
+
+    b_exists, b_score, b_slot = _decode_keys(b_top)
+    b_live = b_exists & (o_c[None, :] < k)
+    # Softmax over the live entries. A NaN score was ranked as +inf and decodes as +inf, which
+    # makes the row NaN below exactly as the reference's NaN does (exp(inf - inf) = NaN).
+    b_max = tl.max(tl.where(b_live, b_score, float("-inf")), axis=1)
+    b_empty = b_max == float("-inf")
+    b_shift = tl.where(b_empty, 0., b_max)
+    b_exp = tl.where(b_live, tl.exp(b_score - b_shift[:, None]), 0.)
+    b_total = tl.where(b_empty, 1., tl.sum(b_exp, axis=1))
+    b_w = tl.where(b_live, b_exp / b_total[:, None], 0.)
+    b_lse = tl.where(b_empty, float("-inf"), b_shift + tl.log(b_total))
+
+    o_row = i_bh * R + o_t
+    m_tc = m_t[:, None] & (o_c[None, :] < k)
+    o_tc = o_row[:, None] * k + o_c[None, :]
+    tl.store(indices + o_tc, tl.where(b_exists, b_slot, -1), mask=m_tc)
+    tl.store(weights + o_tc, b_w, mask=m_tc)
+    tl.store(lse + o_row, b_lse, mask=m_t)
+
+
+@triton.jit
+def topk_read_fwd_out_kernel(
+    values,  # [B, Hm, N, Dv] or [Hm, N, Dv] x
+    indices,  # [B, H, T, k] int64
+    weights,  # [B, H, T, k] fp32
+    out,  # [B, H, T, Dv] x, written
+    R,
+    N,
+    Dv,
+    k,
+    Hm,
+    values_batch_stride,
+    num_row_blocks,
+    BLOCK_T: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    """Grid (num_row_blocks * B * Hm, cdiv(Dv, BLOCK_DV))."""
+    i_bh, i_tb, i_b, i_hm = _row_block(num_row_blocks, Hm)
+    i_dv = tl.program_id(1).to(tl.int64)
+
+    o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    m_t = o_t < R
+    o_row = i_bh * R + o_t
+    o_d = i_dv * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    m_d = o_d < Dv
+    p_v = values + i_b * values_batch_stride + i_hm * N * Dv
+
+    # [BT, BDV]
+    b_out = tl.zeros([BLOCK_T, BLOCK_DV], dtype=tl.float32)
+    for j in range(0, k):
+        # [BT]
+        b_idx = tl.load(indices + o_row * k + j, mask=m_t, other=-1)
+        b_w = tl.load(weights + o_row * k + j, mask=m_t, other=0.)
+        m_live = (b_idx >= 0) & (b_idx < N)
+        b_v = tl.load(p_v + b_idx[:, None] * Dv + o_d[None, :], mask=m_live[:, None] & m_d[None, :], other=0.)
+        b_out += b_w[:, None] * b_v.to(tl.float32)
+    tl.store(out + o_row[:, None] * Dv + o_d[None, :], b_out.to(out.dtype.element_ty),
+             mask=m_t[:, None] & m_d[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward kernels
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def topk_read_bwd_dweights_kernel(
+    dout,  # [B, H, T, Dv] x
+    values,  # [B, Hm, N, Dv] or [Hm, N, Dv] x
+    indices,  # [B, H, T, k] int64
+    weights,  # [B, H, T, k] fp32
+    dweights,  # [B, H, T, k] fp32
+    dw,  # [B, H, T, k] fp32 scratch, written: dweights + <dout, v> (0 for missing entries)
+    dvalues_acc,  # like values, fp32, accumulated into (atomic mode only)
+    R,
+    N,
+    Dv,
+    k,
+    Hm,
+    values_batch_stride,
+    num_row_blocks,
+    ATOMIC: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    """Grid (num_row_blocks * B * Hm,): BLOCK_T query rows of one (batch, memory head)."""
+    i_bh, i_tb, i_b, i_hm = _row_block(num_row_blocks, Hm)
+    o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    m_t = o_t < R
+    o_row = i_bh * R + o_t
+    p_v = values + i_b * values_batch_stride + i_hm * N * Dv
+    p_dv = dvalues_acc + i_b * values_batch_stride + i_hm * N * Dv
+    o_d0 = tl.arange(0, BLOCK_DV)
+    m_d0 = o_d0 < Dv
+    # [BT, BDV]: first feature chunk of dout, kept for every entry.
+    b_do0 = tl.load(dout + o_row[:, None] * Dv + o_d0[None, :], mask=m_t[:, None] & m_d0[None, :],
+                    other=0.).to(tl.float32)
+
+    for j in range(0, k):
+        # [BT]
+        b_idx = tl.load(indices + o_row * k + j, mask=m_t, other=-1)
+        m_live = m_t & (b_idx >= 0) & (b_idx < N)
+        b_w = tl.load(weights + o_row * k + j, mask=m_live, other=0.)
+        # [BT, BDV]
+        m_vd = m_live[:, None] & m_d0[None, :]
+        o_vd = b_idx[:, None] * Dv + o_d0[None, :]
+        b_v = tl.load(p_v + o_vd, mask=m_vd, other=0.).to(tl.float32)
+        b_dot = tl.sum(b_do0 * b_v, axis=1)
+        if ATOMIC:
+            tl.atomic_add(p_dv + o_vd, b_w[:, None] * b_do0, mask=m_vd, sem="relaxed")
+        for i_d in range(1, tl.cdiv(Dv, BLOCK_DV)):
+            o_d = i_d * BLOCK_DV + o_d0
+            m_vd = m_live[:, None] & (o_d < Dv)[None, :]
+            o_vd = b_idx[:, None] * Dv + o_d[None, :]
+            b_do = tl.load(dout + o_row[:, None] * Dv + o_d[None, :], mask=m_vd, other=0.).to(tl.float32)
+            b_v = tl.load(p_v + o_vd, mask=m_vd, other=0.).to(tl.float32)
+            b_dot += tl.sum(b_do * b_v, axis=1)
+            if ATOMIC:
+                tl.atomic_add(p_dv + o_vd, b_w[:, None] * b_do, mask=m_vd, sem="relaxed")
+        b_dwt = tl.load(dweights + o_row * k + j, mask=m_live, other=0.)
+        tl.store(dw + o_row * k + j, tl.where(m_live, b_dwt + b_dot, 0.), mask=m_t)
+
+
+@triton.jit
+def topk_read_bwd_dq_kernel(
+    q,  # [B, H, T, Dk] x
+    keys,  # [B, Hm, N, Dk] or [Hm, N, Dk] x
+    indices,  # [B, H, T, k] int64
+    weights,  # [B, H, T, k] fp32
+    dw,  # [B, H, T, k] fp32 from topk_read_bwd_dweights_kernel
+    dlse,  # [B, H, T] fp32
+    dq,  # [B, H, T, Dk] x, written
+    dkeys_acc,  # like keys, fp32, accumulated into (atomic mode only)
+    ds,  # [B, H, T, k] fp32, written (deterministic mode only)
+    R,
+    N,
+    Dk,
+    k,
+    scale,
+    Hm,
+    keys_batch_stride,
+    num_row_blocks,
+    ATOMIC: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_KC: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+):
+    """Grid (num_row_blocks * B * Hm,): BLOCK_T query rows of one (batch, memory head)."""
+    i_bh, i_tb, i_b, i_hm = _row_block(num_row_blocks, Hm)
+
+    o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    m_t = o_t < R
+    o_row = i_bh * R + o_t
+    p_k = keys + i_b * keys_batch_stride + i_hm * N * Dk
+
+    # [BT] sum_i w_i dw_i over the live entries, in column chunks of BLOCK_KC.
+    b_wdw = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for c_start in range(0, k, BLOCK_KC):
+        o_c = c_start + tl.arange(0, BLOCK_KC)
+        m_tc = m_t[:, None] & (o_c < k)[None, :]
+        o_tc = o_row[:, None] * k + o_c[None, :]
+        # [BT, BKC]
+        b_idx = tl.load(indices + o_tc, mask=m_tc, other=-1)
+        m_live = m_tc & (b_idx >= 0) & (b_idx < N)
+        b_w = tl.load(weights + o_tc, mask=m_live, other=0.)
+        b_dw = tl.load(dw + o_tc, mask=m_live, other=0.)
+        b_wdw += tl.sum(tl.where(m_live, b_w * b_dw, 0.), axis=1)
+    b_dlse = tl.load(dlse + o_row, mask=m_t, other=0.)
+
+    for i_d in range(0, tl.cdiv(Dk, BLOCK_DK)):
+        o_d = i_d * BLOCK_DK + tl.arange(0, BLOCK_DK)
+        m_d = o_d < Dk
+        o_qd = o_row[:, None] * Dk + o_d[None, :]
+        # [BT, BDK]
+        b_q = tl.load(q + o_qd, mask=m_t[:, None] & m_d[None, :], other=0.).to(tl.float32)
+        b_dq = tl.zeros([BLOCK_T, BLOCK_DK], dtype=tl.float32)
+        for j in range(0, k):
+            # [BT]
+            b_idx = tl.load(indices + o_row * k + j, mask=m_t, other=-1)
+            m_live = m_t & (b_idx >= 0) & (b_idx < N)
+            b_w = tl.load(weights + o_row * k + j, mask=m_live, other=0.)
+            b_dwj = tl.load(dw + o_row * k + j, mask=m_live, other=0.)
+            b_ds = tl.where(m_live, b_w * (b_dwj - b_wdw + b_dlse), 0.)
+            m_kd = m_live[:, None] & m_d[None, :]
+            o_kd = b_idx[:, None] * Dk + o_d[None, :]
+            # [BT, BDK]
+            b_key = tl.load(p_k + o_kd, mask=m_kd, other=0.).to(tl.float32)
+            b_dq += b_ds[:, None] * b_key
+            if ATOMIC:
+                tl.atomic_add(dkeys_acc + i_b * keys_batch_stride + i_hm * N * Dk + o_kd,
+                              (scale * b_ds)[:, None] * b_q, mask=m_kd, sem="relaxed")
+            else:
+                tl.store(ds + o_row * k + j, b_ds, mask=m_t & (i_d == 0))
+        tl.store(dq + o_qd, (scale * b_dq).to(dq.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
+
+
+@triton.jit
+def topk_read_bwd_slot_kernel(
+    q,  # [B, H, T, Dk] x
+    dout,  # [B, H, T, Dv] x
+    weights,  # [B, H, T, k] fp32
+    ds,  # [B, H, T, k] fp32 from topk_read_bwd_dq_kernel
+    entry_order,  # [E] int64: entries sorted by (memory, slot), stably
+    entry_rows,  # [E] int64: entry_order // k, the query row of each (no 64-bit division here)
+    run_starts,  # [M * N + 1] int64: entry_order[run_starts[s]:run_starts[s + 1]] hit slot s
+    dkeys,  # [M, N, Dk] x, written
+    dvalues,  # [M, N, Dv] x, written
+    Dk,
+    Dv,
+    scale,
+    BLOCK_E: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    """Grid (M * N,): one program owns one memory slot (M memories: B * Hm, or Hm when shared).
+
+    Sums the slot's entries in ``entry_order`` order, chunk by chunk, with a fixed reduction tree:
+    the result depends only on the inputs (deterministic mode).
+    """
+    i_slot = tl.program_id(0).to(tl.int64)
+    e_start = tl.load(run_starts + i_slot)
+    e_end = tl.load(run_starts + i_slot + 1)
+
+    for i_d in range(0, tl.cdiv(Dk, BLOCK_DK)):
+        o_d = i_d * BLOCK_DK + tl.arange(0, BLOCK_DK)
+        m_d = o_d < Dk
+        b_acc = tl.zeros([BLOCK_DK], dtype=tl.float32)
+        for e_chunk in range(e_start, e_end, BLOCK_E):
+            o_e = e_chunk + tl.arange(0, BLOCK_E)
+            m_e = o_e < e_end
+            # [BE]
+            b_entry = tl.load(entry_order + o_e, mask=m_e, other=0)
+            b_row = tl.load(entry_rows + o_e, mask=m_e, other=0)
+            b_ds = tl.load(ds + b_entry, mask=m_e, other=0.)
+            # [BE, BDK]
+            b_q = tl.load(q + b_row[:, None] * Dk + o_d[None, :], mask=m_e[:, None] & m_d[None, :],
+                          other=0.).to(tl.float32)
+            b_acc += tl.sum(b_ds[:, None] * b_q, axis=0)
+        tl.store(dkeys + i_slot * Dk + o_d, (scale * b_acc).to(dkeys.dtype.element_ty), mask=m_d)
+
+    for i_d in range(0, tl.cdiv(Dv, BLOCK_DV)):
+        o_d = i_d * BLOCK_DV + tl.arange(0, BLOCK_DV)
+        m_d = o_d < Dv
+        b_acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
+        for e_chunk in range(e_start, e_end, BLOCK_E):
+            o_e = e_chunk + tl.arange(0, BLOCK_E)
+            m_e = o_e < e_end
+            b_entry = tl.load(entry_order + o_e, mask=m_e, other=0)
+            b_row = tl.load(entry_rows + o_e, mask=m_e, other=0)
+            b_w = tl.load(weights + b_entry, mask=m_e, other=0.)
+            b_do = tl.load(dout + b_row[:, None] * Dv + o_d[None, :], mask=m_e[:, None] & m_d[None, :],
+                           other=0.).to(tl.float32)
+            b_acc += tl.sum(b_w[:, None] * b_do, axis=0)
+        tl.store(dvalues + i_slot * Dv + o_d, b_acc.to(dvalues.dtype.element_ty), mask=m_d)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch configuration (shared by the launchers and COMPILE_CONFIGS, so the two cannot drift)
+# ---------------------------------------------------------------------------------------------
+
+class SelectConfig(NamedTuple):
+    block_t: int
+    k_pad: int
+    block_dk: int
+    dk_chunks: int
+    num_warps: int
+
+
+# (BLOCK_T, num_warps) of the select kernel by K_PAD. The running list and the sorted tile are
+# [BLOCK_T, K_PAD] int64 each (2 registers per element), so wider lists get fewer rows per program
+# and more warps; BLOCK_T >= 16 for tl.dot. Chosen by compiling every production configuration
+# (python -m l2m_kernels._triton_check): these have no spills on sm_80 and sm_90 with Triton 3.9.
+# Small row blocks also help the tile skip, which needs every row of the block to reject a tile.
+_SELECT_TILES = {16: (32, 4), 32: (32, 4), 64: (16, 4), 128: (16, 8), 256: (16, 8)}
+# float32 scores run on FMA units (no TF32), where the dot operands of a full 128-wide feature
+# chunk next to a 256-wide list spill: narrower feature chunks there.
+_SELECT_F32_MAX_BLOCK_DK = {256: 16}
+
+OUT_BLOCK_T = 32
+SLOT_BLOCK_E = 32
+# Backward row kernels: BLOCK_T rows, each walking its k entries. The float32 atomics take a 64-bit
+# address per element, so the atomic mode scatters feature chunks of at most 64 (at 32 x 128 the
+# sm_80 build spills).
+BWD_BLOCK_T = 16
+BWD_BLOCK_KC = 32
+BWD_ATOMIC_MAX_BLOCK_D = 64
+NUM_WARPS = 4
+
+
+def _block_d(D: int) -> int:
+    return min(max(16, triton.next_power_of_2(max(int(D), 1))), MAX_BLOCK_D)
+
+
+def select_config(k: int, Dk: int, dtype: torch.dtype) -> SelectConfig:
+    """Tiles of the select kernel for ``k`` winners over ``Dk`` features (deterministic choice)."""
+    k_pad = max(MIN_K_PAD, triton.next_power_of_2(int(k)))
+    block_t, num_warps = _SELECT_TILES[k_pad]
+    block_dk = _block_d(Dk)
+    if dtype == torch.float32:
+        block_dk = min(block_dk, _SELECT_F32_MAX_BLOCK_DK.get(k_pad, MAX_BLOCK_D))
+    return SelectConfig(block_t, k_pad, block_dk, max(1, triton.cdiv(int(Dk), block_dk)), num_warps)
+
+
+def _interpreted() -> bool:
+    return isinstance(topk_read_fwd_select_kernel, InterpretedFunction)
+
+
+def _f32_dot(dtype: torch.dtype) -> bool:
+    """Whether the scores use float32 operands (``scale * q`` in float32, ieee dot).
+
+    Always for float32 (no TF32: the selection depends on the scores). 16-bit inputs use the
+    tensor cores on their own operands instead, except bfloat16 under the interpreter: Triton 3.9's
+    interpreter multiplies the raw bfloat16 bit patterns in ``tl.dot`` (numpy has no bfloat16), so
+    there the operands are upcast first (same products: a 16-bit product is exact in float32).
+    """
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and _interpreted())
+
+
+def _select_constexprs(k: int, Dk: int, dtype: torch.dtype, has_valid_len: bool):
+    config = select_config(k, Dk, dtype)
+    return {"HAS_VALID_LEN": has_valid_len, "F32_DOT": _f32_dot(dtype),
+            "BLOCK_T": config.block_t, "K_PAD": config.k_pad, "LOG_K_PAD": config.k_pad.bit_length() - 1,
+            "BLOCK_DK": config.block_dk,
+            "DK_CHUNKS": config.dk_chunks}, config.num_warps
+
+
+def _out_constexprs(Dv: int):
+    return {"BLOCK_T": OUT_BLOCK_T, "BLOCK_DV": _block_d(Dv)}, NUM_WARPS
+
+
+def _bwd_block_d(D: int, atomic: bool) -> int:
+    return min(_block_d(D), BWD_ATOMIC_MAX_BLOCK_D) if atomic else _block_d(D)
+
+
+def _dweights_constexprs(Dv: int, atomic: bool):
+    return {"ATOMIC": atomic, "BLOCK_T": BWD_BLOCK_T, "BLOCK_DV": _bwd_block_d(Dv, atomic)}, NUM_WARPS
+
+
+def _dq_constexprs(Dk: int, atomic: bool):
+    return {"ATOMIC": atomic, "BLOCK_T": BWD_BLOCK_T, "BLOCK_KC": BWD_BLOCK_KC,
+            "BLOCK_DK": _bwd_block_d(Dk, atomic)}, NUM_WARPS
+
+
+def _slot_constexprs(Dk: int, Dv: int):
+    return {"BLOCK_E": SLOT_BLOCK_E, "BLOCK_DK": _block_d(Dk), "BLOCK_DV": _block_d(Dv)}, NUM_WARPS
+
+
+def _device_guard(tensor: torch.Tensor):
+    # Triton launches on the current CUDA device; make it the tensors' device.
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def _check_dtype(q: torch.Tensor):
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"q: the triton topk_memory_read supports float32/float16/bfloat16, got {q.dtype}")
+
+
+def _memory_layout(q: torch.Tensor, keys: torch.Tensor):
+    """(B, H, T, Hm, N, R = (H // Hm) * T, number of memories M)."""
+    B, H, T, _ = q.shape
+    Hm, N = keys.shape[-3], keys.shape[-2]
+    shared = keys.dim() == 3
+    return B, H, T, Hm, N, (H // Hm) * T, (Hm if shared else B * Hm)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers (the low-level topk_memory_read interface)
+# ---------------------------------------------------------------------------------------------
+
+def topk_read_fwd(q, keys, values, valid_len, k, scale, out, indices, weights, lse) -> None:
+    """Sparse top-k memory read into preallocated outputs.
+
+    Args:
+        q:         (B, H, T, Dk) x, contiguous; x in {float32, float16, bfloat16}.
+        keys:      (B, Hm, N, Dk) or shared (Hm, N, Dk) x, contiguous; H % Hm == 0.
+        values:    keys' leading shape + (Dv,), x, contiguous.
+        valid_len: None or (B,) int64, contiguous; clamped to [0, N].
+        k:         1 <= k <= min(N, 256).   scale: python float.
+        out:       (B, H, T, Dv) x, written.   indices: (B, H, T, k) int64, written.
+        weights:   (B, H, T, k) float32, written.   lse: (B, H, T) float32, written.
+
+    Equivalent PyTorch:
+        out, indices, weights, lse = topk_memory_read_ref(q, keys, values, k, scale, valid_len)
+    """
+    _check_dtype(q)
+    B, H, T, Hm, N, R, M = _memory_layout(q, keys)
+    Dk, Dv = q.shape[-1], values.shape[-1]
+    if B * H * T == 0:
+        return
+    if not 1 <= k <= min(N, MAX_K):
+        raise ValueError(f"k: expected 1 <= k <= min(N, {MAX_K}) = {min(N, MAX_K)}, got {k}")
+    keys_batch_stride = 0 if keys.dim() == 3 else Hm * N * Dk
+    values_batch_stride = 0 if values.dim() == 3 else Hm * N * Dv
+    has_valid_len = valid_len is not None
+    constexprs, num_warps = _select_constexprs(k, Dk, q.dtype, has_valid_len)
+    num_row_blocks = triton.cdiv(R, constexprs["BLOCK_T"])
+    with _device_guard(q):
+        # indices stands in for the valid_len pointer when there is none (never read).
+        topk_read_fwd_select_kernel[(num_row_blocks * B * Hm,)](
+            q, keys, valid_len if has_valid_len else indices, indices, weights, lse,
+            R, N, Dk, k, float(scale), Hm, keys_batch_stride, num_row_blocks,
+            **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
+        )
+        if Dv == 0:
+            return
+        constexprs, num_warps = _out_constexprs(Dv)
+        num_row_blocks = triton.cdiv(R, constexprs["BLOCK_T"])
+        grid = (num_row_blocks * B * Hm, triton.cdiv(Dv, constexprs["BLOCK_DV"]))
+        topk_read_fwd_out_kernel[grid](
+            values, indices, weights, out, R, N, Dv, k, Hm, values_batch_stride, num_row_blocks,
+            **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
+        )
+
+
+def _slot_runs(indices: torch.Tensor, B, H, T, Hm, N, R, M, shared: bool):
+    """Entries grouped by slot: (entry_order, entry_rows, run_starts) for topk_read_bwd_slot_kernel.
+
+    ``entry_order`` lists the flat (b, h, t, j) entry ids sorted stably by ``memory * N + slot``
+    (missing entries last, with key ``M * N``); ``run_starts[s]`` is where slot ``s`` (of the
+    ``M * N``) starts in it. A stable sort and a binary search: deterministic on every device.
+    """
+    k = indices.shape[-1]
+    device = indices.device
+    bh = torch.arange(B * H * T, device=device, dtype=torch.int64) // R   # b * Hm + hm of each row
+    memory = bh % Hm if shared else bh
+    flat = indices.reshape(B * H * T, k)
+    live = (flat >= 0) & (flat < N)
+    slot_key = torch.where(live, memory[:, None] * N + flat, M * N).reshape(-1)
+    sorted_keys, entry_order = torch.sort(slot_key, stable=True)
+    run_starts = torch.searchsorted(sorted_keys, torch.arange(M * N + 1, device=device, dtype=torch.int64))
+    return entry_order.contiguous(), (entry_order // k).contiguous(), run_starts.contiguous()
+
+
+def topk_read_bwd(dout, dweights, dlse, q, keys, values, indices, weights, scale, deterministic,
+                  dq, dkeys, dvalues) -> None:
+    """Gradients of :func:`topk_read_fwd` in q, keys and values (sparse: only selected slots).
+
+    Args:
+        dout:      (B, H, T, Dv) x.   dweights: (B, H, T, k) float32.   dlse: (B, H, T) float32.
+        q, keys, values: as in the forward.   indices, weights: the forward's outputs.
+        scale:     python float.
+        deterministic: True -> bitwise reproducible (slot-owner reduction, no float atomics);
+                   False -> float32 atomics into the slot gradients.
+        dq:        like q, written.   dkeys: like keys, written.   dvalues: like values, written
+                   (zeros at slots no query selected; shared memories sum over the batch).
+
+    Equivalent PyTorch (rows j with index -1 contribute nothing):
+        dw = dweights + (dout[..., None, :] * values_h[indices]).sum(-1)
+        ds = weights * (dw - (weights * dw).sum(-1, keepdim=True) + dlse[..., None])
+        dq = scale * (ds[..., None] * keys_h[indices]).sum(-2)
+        dkeys.index_add_(slot, scale * ds * q);  dvalues.index_add_(slot, weights * dout)
+    """
+    _check_dtype(q)
+    B, H, T, Hm, N, R, M = _memory_layout(q, keys)
+    Dk, Dv, k = q.shape[-1], values.shape[-1], indices.shape[-1]
+    shared = keys.dim() == 3
+    if B * H * T == 0:
+        dkeys.zero_()
+        dvalues.zero_()
+        return
+    keys_batch_stride = 0 if shared else Hm * N * Dk
+    values_batch_stride = 0 if shared else Hm * N * Dv
+    E = B * H * T * k
+    device = q.device
+    dw = torch.empty(E, dtype=torch.float32, device=device)
+    atomic = not deterministic
+    if atomic:
+        dkeys_acc = dkeys if dkeys.dtype == torch.float32 else torch.empty(keys.shape, dtype=torch.float32,
+                                                                              device=device)
+        dvalues_acc = dvalues if dvalues.dtype == torch.float32 else torch.empty(values.shape,
+                                                                                    dtype=torch.float32,
+                                                                                    device=device)
+        dkeys_acc.zero_()
+        dvalues_acc.zero_()
+        ds = dw  # not written in atomic mode
+    else:
+        dkeys_acc, dvalues_acc = dkeys, dvalues  # not written by the row kernels in this mode
+        ds = torch.empty(E, dtype=torch.float32, device=device)
+
+    with _device_guard(q):
+        constexprs, num_warps = _dweights_constexprs(Dv, atomic)
+        num_row_blocks = triton.cdiv(R, constexprs["BLOCK_T"])
+        topk_read_bwd_dweights_kernel[(num_row_blocks * B * Hm,)](
+            dout, values, indices, weights, dweights, dw, dvalues_acc,
+            R, N, Dv, k, Hm, values_batch_stride, num_row_blocks,
+            **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
+        )
+        constexprs, num_warps = _dq_constexprs(Dk, atomic)
+        num_row_blocks = triton.cdiv(R, constexprs["BLOCK_T"])
+        topk_read_bwd_dq_kernel[(num_row_blocks * B * Hm,)](
+            q, keys, indices, weights, dw, dlse, dq, dkeys_acc, ds,
+            R, N, Dk, k, float(scale), Hm, keys_batch_stride, num_row_blocks,
+            **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
+        )
+        if not atomic:
+            entry_order, entry_rows, run_starts = _slot_runs(indices, B, H, T, Hm, N, R, M, shared)
+            constexprs, num_warps = _slot_constexprs(Dk, Dv)
+            topk_read_bwd_slot_kernel[(M * N,)](
+                q, dout, weights, ds, entry_order, entry_rows, run_starts, dkeys, dvalues, Dk, Dv, float(scale),
+                **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
+            )
+    if atomic:
+        if dkeys_acc is not dkeys:
+            dkeys.copy_(dkeys_acc)
+        if dvalues_acc is not dvalues:
+            dvalues.copy_(dvalues_acc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Production configurations, for the compile check (l2m_kernels._triton_check)
+# ---------------------------------------------------------------------------------------------
+
+COMPILE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+COMPILE_HEAD_DIMS = (64, 128)
+# One k per K_PAD the launcher can pick (16 .. 256).
+COMPILE_KS = (16, 32, 64, 128, 256)
+
+_SIGNATURE_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+# Runtime arguments of each kernel, in order, by role: "x" a pointer of the input dtype, "i64" /
+# "f32" pointers of those types, "int" a size or count, "float" a scalar. The launchers pass
+# exactly these positionally; _build_compile_configs checks the names against the kernels.
+_KERNEL_ARGS = {
+    topk_read_fwd_select_kernel: (("q", "x"), ("keys", "x"), ("valid_len", "i64"), ("indices", "i64"),
+                                  ("weights", "f32"), ("lse", "f32"), ("R", "int"), ("N", "int"),
+                                  ("Dk", "int"), ("k", "int"), ("scale", "float"), ("Hm", "int"),
+                                  ("keys_batch_stride", "int"), ("num_row_blocks", "int")),
+    topk_read_fwd_out_kernel: (("values", "x"), ("indices", "i64"), ("weights", "f32"), ("out", "x"),
+                               ("R", "int"), ("N", "int"), ("Dv", "int"), ("k", "int"), ("Hm", "int"),
+                               ("values_batch_stride", "int"), ("num_row_blocks", "int")),
+    topk_read_bwd_dweights_kernel: (("dout", "x"), ("values", "x"), ("indices", "i64"), ("weights", "f32"),
+                                    ("dweights", "f32"), ("dw", "f32"), ("dvalues_acc", "f32"),
+                                    ("R", "int"), ("N", "int"), ("Dv", "int"), ("k", "int"),
+                                    ("Hm", "int"), ("values_batch_stride", "int"), ("num_row_blocks", "int")),
+    topk_read_bwd_dq_kernel: (("q", "x"), ("keys", "x"), ("indices", "i64"), ("weights", "f32"),
+                              ("dw", "f32"), ("dlse", "f32"), ("dq", "x"), ("dkeys_acc", "f32"),
+                              ("ds", "f32"), ("R", "int"), ("N", "int"), ("Dk", "int"), ("k", "int"),
+                              ("scale", "float"), ("Hm", "int"), ("keys_batch_stride", "int"),
+                              ("num_row_blocks", "int")),
+    topk_read_bwd_slot_kernel: (("q", "x"), ("dout", "x"), ("weights", "f32"), ("ds", "f32"),
+                                ("entry_order", "i64"), ("entry_rows", "i64"), ("run_starts", "i64"),
+                                ("dkeys", "x"), ("dvalues", "x"), ("Dk", "int"), ("Dv", "int"),
+                                ("scale", "float")),
+}
+
+
+def _production_constexprs(kernel, dtype):
+    """[(constexprs, num_warps, head_dim, k or None)] the launchers pick for production shapes."""
+    picks = []
+    for D in COMPILE_HEAD_DIMS:
+        if kernel is topk_read_fwd_select_kernel:
+            for k in COMPILE_KS:
+                # valid_len given or not: both are production paths.
+                for has_valid_len in (False, True):
+                    picks.append((*_select_constexprs(k, D, dtype, has_valid_len), D, k))
+        elif kernel is topk_read_fwd_out_kernel:
+            picks.append((*_out_constexprs(D), D, None))
+        elif kernel is topk_read_bwd_dweights_kernel:
+            for atomic in (True, False):
+                picks.append((*_dweights_constexprs(D, atomic), D, None))
+        elif kernel is topk_read_bwd_dq_kernel:
+            for atomic in (True, False):
+                picks.append((*_dq_constexprs(D, atomic), D, None))
+        else:
+            picks.append((*_slot_constexprs(D, D), D, None))
+    return picks
+
+
+def _label(dtype, D, k, constexprs) -> str:
+    parts = [_SIGNATURE_DTYPE[dtype], f"D={D}"]
+    if k is not None:
+        parts.append(f"k={k}")
+    short = {"HAS_VALID_LEN": "VL", "ATOMIC": "ATOMIC", "BLOCK_T": "BT", "K_PAD": "KP", "BLOCK_E": "BE"}
+    for name, value in constexprs.items():
+        if name in short:
+            parts.append(f"{short[name]}={int(value)}")
+    return " ".join(parts)
+
+
+def _build_compile_configs() -> list[dict]:
+    """One entry per distinct (kernel, dtype, constexprs) the launchers pick for production shapes.
+
+    Entry keys: as read by l2m_kernels._triton_check (kernel, signature, constexprs, num_warps,
+    options, divisible_by_16, label). The GPU path never takes the interpreter-only bfloat16
+    upcast, so F32_DOT is set here as on a GPU (float32 only).
+    """
+    configs = []
+    for kernel, args in _KERNEL_ARGS.items():
+        constexpr_names = [name for name in kernel.arg_names if name not in dict(args)]
+        if [name for name, _ in args] + constexpr_names != list(kernel.arg_names):
+            raise AssertionError(f"_KERNEL_ARGS out of date for {kernel.__name__}: {kernel.arg_names}")
+        for dtype in COMPILE_DTYPES:
+            types = {"x": "*" + _SIGNATURE_DTYPE[dtype], "i64": "*i64", "f32": "*fp32", "int": "i32",
+                     "float": "fp32"}
+            seen = set()
+            for constexprs, num_warps, D, k in _production_constexprs(kernel, dtype):
+                if "F32_DOT" in constexprs:
+                    constexprs = dict(constexprs, F32_DOT=dtype == torch.float32)
+                if sorted(constexprs) != sorted(constexpr_names):
+                    raise AssertionError(f"constexprs {sorted(constexprs)} do not match {kernel.__name__}")
+                key = (tuple(constexprs.items()), num_warps)
+                if key in seen:
+                    continue
+                seen.add(key)
+                # Pointers are 16-byte aligned; head sizes, strides and row counts of the
+                # production shapes are multiples of 16 (the JIT specializes them so).
+                divisible = [name for name, role in args if role in ("x", "i64", "f32")]
+                divisible += [name for name, role in args
+                              if role == "int" and name not in ("k", "Hm", "num_row_blocks")]
+                configs.append({
+                    "kernel": kernel,
+                    "signature": {name: types[role] for name, role in args},
+                    "constexprs": constexprs,
+                    "num_warps": num_warps,
+                    "options": dict(COMPILE_OPTIONS),
+                    "divisible_by_16": tuple(divisible),
+                    "label": _label(dtype, D, k, constexprs),
+                })
+    return configs
+
+
+# Kernels decorated under the interpreter have no compile path; they still get the list (the
+# check refuses them with a clear message) because it is pure data.
+COMPILE_CONFIGS = _build_compile_configs()
