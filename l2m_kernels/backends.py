@@ -141,7 +141,7 @@ def _triton_import_error() -> str | None:
 
 class TritonBackend(Backend):
     name = "triton"
-    ops = frozenset({"merge_attention", "gated_merge"})
+    ops = frozenset({"merge_attention", "gated_merge", "topk_memory_read"})
     device_types = frozenset({"cuda", "cpu"})
     dtypes = _HALF_AND_SINGLE
     description = "Triton kernels (CUDA tensors; CPU tensors under TRITON_INTERPRET=1)"

@@ -20,19 +20,22 @@ stride of 0.
 
 Forward (no ``T x N`` buffer), two kernels:
 
-1. ``topk_read_fwd_select_kernel``: a program takes ``BLOCK_T`` query rows and streams the key
-   tiles of ``K_PAD`` slots (``K_PAD`` = next power of two of ``k``, at least 16 for ``tl.dot``).
-   Each (query, slot) becomes one int64 sort key: the order-preserving int32 image of the float32
-   score in the high word (NaN mapped to +inf, -0.0 to +0.0) and ``2**31 - 1 - slot`` in the low
-   word, so "larger key" is exactly "higher score, then smaller slot" and all keys of a row are
-   distinct. Non-existent slots get ``INT64_MIN``. A running top list ``[BLOCK_T, K_PAD]`` stays
-   sorted descending in registers; a key tile is merged only when one of its keys beats its row's
-   current k-th best (otherwise the tile is skipped after the scores). A merge sorts the tile
-   ascending, takes the elementwise maximum with the descending list (which keeps exactly the
-   ``K_PAD`` largest of the union, as a bitonic sequence) and bitonic-merges it descending. The
-   sorting network is written here with reshapes and ``tl.xor_sum`` (the same formulation
-   ``tl.sort`` uses) so that it does not depend on how ``tl.sort``/``tl.topk`` changed between
-   Triton 3.3 and 3.9. At the end the keys are decoded into slots and scores, and the softmax,
+1. ``topk_read_fwd_select_kernel``: a program takes ``BLOCK_T`` query rows and streams key tiles
+   of ``BLOCK_N`` slots, keeping a running top list of ``K_PAD`` entries per row (``K_PAD`` = next
+   power of two of ``k``, at least 16 for ``tl.dot``; ``BLOCK_N <= K_PAD``). Each (query, slot)
+   becomes one int64 sort key: the order-preserving int32 image of the float32 score in the high
+   word (NaN mapped to +inf, -0.0 to +0.0) and ``2**31 - 1 - slot`` in the low word, so "larger
+   key" is exactly "higher score, then smaller slot" and all keys of a row are distinct.
+   Non-existent slots get ``INT64_MIN``. The list ``[BLOCK_T, K_PAD]`` stays sorted descending in
+   registers; a key tile is merged only when one of its keys beats its row's current k-th best
+   (otherwise the tile is skipped right after the scores). A merge sorts the tile ascending, pads
+   it on the left with ``INT64_MIN`` to ``K_PAD`` (still ascending), takes the elementwise maximum
+   with the descending list (which holds exactly the ``K_PAD`` largest keys of both, as a bitonic
+   sequence) and bitonic-merges that descending (``log2 K_PAD`` layers, not a second full sort).
+   The sorting network is written here with ``tl.reshape`` and a pairwise ``tl.sum``
+   (the formulation of ``tl.sort``, which in Triton 3.3 only offers a full sort of one tensor;
+   ``tl.topk``/``tl.bitonic_merge`` are newer), so the same code runs on 3.3 .. 3.9 and under the
+   interpreter. At the end the keys are decoded into slots and scores, and the softmax,
    log-sum-exp, indices and weights are written.
 2. ``topk_read_fwd_out_kernel``: ``out = sum_j weights_j * values[indices_j]`` from what kernel 1
    stored (a separate launch, so no cross-thread handoff inside one program is needed).
@@ -41,12 +44,13 @@ Backward, per query row (entries with index -1 contribute nothing):
     dw_j = dweights_j + <dout, v_j>;  ds_j = w_j * (dw_j - sum_i w_i dw_i + dlse)
     dq = scale * sum_j ds_j key_j;  dkeys[idx_j] += scale * ds_j * q;  dvalues[idx_j] += w_j * dout
 
-1. ``topk_read_bwd_dweights_kernel`` (one program per ``BLOCK_E`` entries): ``dw`` into a float32
-   scratch buffer; non-deterministic mode also scatters ``w_j * dout`` into ``dvalues`` with
-   float32 atomics.
-2. ``topk_read_bwd_dq_kernel`` (one program per ``BLOCK_T`` query rows): ``ds`` and ``dq``;
+1. ``topk_read_bwd_dweights_kernel`` (one program per ``BLOCK_T`` query rows, walking their
+   ``k`` entries): ``dw`` into a float32 scratch buffer; non-deterministic mode also scatters
+   ``w_j * dout`` into ``dvalues`` with float32 atomics.
+2. ``topk_read_bwd_dq_kernel`` (same rows): ``sum_i w_i dw_i``, then ``ds`` and ``dq``;
    non-deterministic mode scatters ``scale * ds_j * q`` into ``dkeys`` with float32 atomics,
-   deterministic mode stores ``ds`` instead.
+   deterministic mode stores ``ds`` instead. (Two launches rather than one: ``ds_j`` needs the
+   whole row's ``dw`` first, and a second launch hands it over without an in-kernel barrier.)
 3. Deterministic mode only, ``topk_read_bwd_slot_kernel``: the host groups the entries by slot
    (stable ``torch.sort`` of ``memory * N + slot``, run starts by ``torch.searchsorted``); one
    program owns one slot and sums its entries in that fixed order, writing every row of
@@ -107,12 +111,11 @@ def _compare_swap(b_x, b_flip, LOG_DIST: tl.constexpr, ROWS: tl.constexpr, W: tl
 
     ``b_flip`` (0/1, broadcastable to [ROWS, W]) is 1 where the pair should end descending.
     """
-    DIST: tl.constexpr = 1 << LOG_DIST
-    # [ROWS * W / (2 DIST), 2, DIST]: axis 1 holds the two partners; the pair's sum minus an
-    # element is its partner (exact: integer arithmetic wraps modulo 2**64 and the partner is
-    # representable). tl.sort uses xor_sum the same way; a sum runs as one numpy call under the
-    # interpreter, where xor_sum runs element by element in Python.
-    b_pairs = tl.reshape(b_x, [ROWS * W // (2 * DIST), 2, DIST])
+    # [ROWS * W / (2 DIST), 2, DIST] with DIST = 2**LOG_DIST: axis 1 holds the two partners; the
+    # pair's sum minus an element is its partner (exact: integer arithmetic wraps modulo 2**64 and
+    # the partner is representable). tl.sort uses xor_sum the same way; a sum runs as one numpy
+    # call under the interpreter, where xor_sum runs element by element in Python.
+    b_pairs = tl.reshape(b_x, [ROWS * W // (2 << LOG_DIST), 2, 1 << LOG_DIST])
     b_partner = tl.reshape(tl.sum(b_pairs, axis=1, keep_dims=True) - b_pairs, [ROWS, W])
     # The right element of a pair takes the larger one in ascending order.
     b_is_right = (tl.arange(0, W)[None, :] >> LOG_DIST) & 1
@@ -199,9 +202,9 @@ def _row_block(num_row_blocks, Hm):
 
 @triton.jit
 def _score_tile(p_q, p_k, o_t, m_t, o_n, m_n, Dk, scale, b_q0,
-                F32_DOT: tl.constexpr, BLOCK_T: tl.constexpr, K_PAD: tl.constexpr,
+                F32_DOT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_DK: tl.constexpr, DK_CHUNKS: tl.constexpr):
-    """[BT, K_PAD] float32 scores ``scale * <q_t, key_n>``; ``b_q0`` is the preloaded first chunk."""
+    """[BT, BN] float32 scores ``scale * <q_t, key_n>``; ``b_q0`` is the preloaded first chunk."""
     o_d = tl.arange(0, BLOCK_DK)
     # [BDK, BN]: keys transposed for the dot.
     b_kt = tl.load(p_k + o_n[None, :] * Dk + o_d[:, None], mask=m_n[None, :] & (o_d < Dk)[:, None], other=0.)
@@ -242,8 +245,10 @@ def topk_read_fwd_select_kernel(
     HAS_VALID_LEN: tl.constexpr,
     F32_DOT: tl.constexpr,  # scale q, then an ieee float32 dot (float32 input; see _f32_dot)
     BLOCK_T: tl.constexpr,
-    K_PAD: tl.constexpr,  # key tile width and top-list width: next_pow2(k), >= 16
+    K_PAD: tl.constexpr,  # top-list width: next_pow2(k), >= 16
     LOG_K_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # key tile width, a power of two in [16, K_PAD]
+    LOG_BLOCK_N: tl.constexpr,
     BLOCK_DK: tl.constexpr,
     DK_CHUNKS: tl.constexpr,
 ):
@@ -253,6 +258,7 @@ def topk_read_fwd_select_kernel(
     o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
     m_t = o_t < R
     o_c = tl.arange(0, K_PAD)
+    o_bn = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, BLOCK_DK)
     p_q = q + i_bh * R * Dk
     p_k = keys + i_b * keys_batch_stride + i_hm * N * Dk
@@ -269,17 +275,23 @@ def topk_read_fwd_select_kernel(
     # [BT, K_PAD] running top list, sorted descending; [BT] its k-th best key.
     b_top = tl.full([BLOCK_T, K_PAD], INT64_MIN, dtype=tl.int64)
     b_kth = tl.full([BLOCK_T], INT64_MIN, dtype=tl.int64)
-    for n_start in range(0, n_end, K_PAD):
-        o_n = (n_start + o_c).to(tl.int64)
+    for n_start in range(0, n_end, BLOCK_N):
+        o_n = (n_start + o_bn).to(tl.int64)
         m_n = o_n < n_end
         # [BT, BN]
         b_s = _score_tile(p_q, p_k, o_t, m_t, o_n, m_n, Dk, scale, b_q0,
-                          F32_DOT, BLOCK_T, K_PAD, BLOCK_DK, DK_CHUNKS)
+                          F32_DOT, BLOCK_T, BLOCK_N, BLOCK_DK, DK_CHUNKS)
         b_key = _encode_keys(b_s, o_n, m_t[:, None] & m_n[None, :])
         # Keys are distinct, so a key enters a row's top k iff it beats the row's k-th best.
         b_beats = tl.max(tl.max((b_key > b_kth[:, None]).to(tl.int32), axis=1), axis=0)
         if b_beats > 0:
-            b_new = _bitonic_sort(b_key, 0, BLOCK_T, K_PAD, LOG_K_PAD)
+            b_new = _bitonic_sort(b_key, 0, BLOCK_T, BLOCK_N, LOG_BLOCK_N)
+            if BLOCK_N < K_PAD:
+                # [BT, K_PAD]: the ascending tile padded on the left with INT64_MIN, still
+                # ascending (at most BLOCK_N keys can enter, displacing the list's tail).
+                o_seg = tl.arange(0, K_PAD // BLOCK_N)
+                b_new = tl.reshape(tl.where(o_seg[None, :, None] == K_PAD // BLOCK_N - 1, b_new[:, None, :],
+                                            INT64_MIN), [BLOCK_T, K_PAD])
             # Descending list vs ascending tile: the elementwise maximum holds exactly the K_PAD
             # largest keys of both, as a bitonic sequence.
             b_top = _bitonic_merge(tl.maximum(b_top, b_new), 1, BLOCK_T, K_PAD, LOG_K_PAD)
@@ -547,20 +559,44 @@ def topk_read_bwd_slot_kernel(
 class SelectConfig(NamedTuple):
     block_t: int
     k_pad: int
+    block_n: int
     block_dk: int
     dk_chunks: int
     num_warps: int
 
 
-# (BLOCK_T, num_warps) of the select kernel by K_PAD. The running list and the sorted tile are
-# [BLOCK_T, K_PAD] int64 each (2 registers per element), so wider lists get fewer rows per program
-# and more warps; BLOCK_T >= 16 for tl.dot. Chosen by compiling every production configuration
-# (python -m l2m_kernels._triton_check): these have no spills on sm_80 and sm_90 with Triton 3.9.
-# Small row blocks also help the tile skip, which needs every row of the block to reject a tile.
-_SELECT_TILES = {16: (32, 4), 32: (32, 4), 64: (16, 4), 128: (16, 8), 256: (16, 8)}
-# float32 scores run on FMA units (no TF32), where the dot operands of a full 128-wide feature
-# chunk next to a 256-wide list spill: narrower feature chunks there.
-_SELECT_F32_MAX_BLOCK_DK = {256: 16}
+class _SelectTile(NamedTuple):
+    block_t: int
+    block_n: int
+    num_warps: int
+    max_block_dk: int
+
+
+# Tiles of the select kernel by K_PAD, for 16-bit and float32 inputs. The running list is
+# [BLOCK_T, K_PAD] int64 (2 registers per element) and a merge sorts a [BLOCK_T, BLOCK_N] key tile,
+# so wide lists get narrower key tiles or more warps; BLOCK_T = 16, the smallest tl.dot allows.
+# float32 scores run on the FMA units (no TF32), whose dot operands take more registers than the
+# tensor-core path, hence narrower feature chunks at K_PAD >= 128. Chosen by compiling candidates
+# for D = 64/128, with and without valid_len, for sm_80 and sm_90 with Triton 3.9 (ptxas 12.9)
+# and 3.6 (ptxas 12.8): these have no spills in any of them (ptxas often caps 8-warp kernels at
+# 128 registers, so those must stay well below it). Triton 3.3 (ptxas 12.4) needs more registers
+# for the same code and spills at 16-bit K_PAD >= 64 and float32 K_PAD 256 (correct, slower).
+# Small row blocks and narrow key tiles also help the tile skip, which needs every row of the
+# block to reject the whole tile.
+_SELECT_TILES = {
+    16: _SelectTile(16, 16, 4, MAX_BLOCK_D),
+    32: _SelectTile(16, 32, 4, MAX_BLOCK_D),
+    64: _SelectTile(16, 64, 4, MAX_BLOCK_D),
+    128: _SelectTile(16, 64, 4, MAX_BLOCK_D),
+    256: _SelectTile(16, 32, 4, MAX_BLOCK_D),
+}
+_SELECT_TILES_F32 = {
+    16: _SelectTile(16, 16, 4, MAX_BLOCK_D),
+    32: _SelectTile(16, 32, 8, MAX_BLOCK_D),
+    64: _SelectTile(16, 64, 8, MAX_BLOCK_D),
+    128: _SelectTile(16, 64, 8, 32),
+    256: _SelectTile(16, 128, 8, 16),
+}
 
 OUT_BLOCK_T = 32
 SLOT_BLOCK_E = 32
@@ -580,11 +616,10 @@ def _block_d(D: int) -> int:
 def select_config(k: int, Dk: int, dtype: torch.dtype) -> SelectConfig:
     """Tiles of the select kernel for ``k`` winners over ``Dk`` features (deterministic choice)."""
     k_pad = max(MIN_K_PAD, triton.next_power_of_2(int(k)))
-    block_t, num_warps = _SELECT_TILES[k_pad]
-    block_dk = _block_d(Dk)
-    if dtype == torch.float32:
-        block_dk = min(block_dk, _SELECT_F32_MAX_BLOCK_DK.get(k_pad, MAX_BLOCK_D))
-    return SelectConfig(block_t, k_pad, block_dk, max(1, triton.cdiv(int(Dk), block_dk)), num_warps)
+    tile = (_SELECT_TILES_F32 if dtype == torch.float32 else _SELECT_TILES)[k_pad]
+    block_dk = min(_block_d(Dk), tile.max_block_dk)
+    return SelectConfig(tile.block_t, k_pad, tile.block_n, block_dk, max(1, triton.cdiv(int(Dk), block_dk)),
+                        tile.num_warps)
 
 
 def _interpreted() -> bool:
@@ -606,6 +641,7 @@ def _select_constexprs(k: int, Dk: int, dtype: torch.dtype, has_valid_len: bool)
     config = select_config(k, Dk, dtype)
     return {"HAS_VALID_LEN": has_valid_len, "F32_DOT": _f32_dot(dtype),
             "BLOCK_T": config.block_t, "K_PAD": config.k_pad, "LOG_K_PAD": config.k_pad.bit_length() - 1,
+            "BLOCK_N": config.block_n, "LOG_BLOCK_N": config.block_n.bit_length() - 1,
             "BLOCK_DK": config.block_dk,
             "DK_CHUNKS": config.dk_chunks}, config.num_warps
 
@@ -760,8 +796,8 @@ def topk_read_bwd(dout, dweights, dlse, q, keys, values, indices, weights, scale
         dvalues_acc.zero_()
         ds = dw  # not written in atomic mode
     else:
-        dkeys_acc, dvalues_acc = dkeys, dvalues  # not written by the row kernels in this mode
         ds = torch.empty(E, dtype=torch.float32, device=device)
+        dkeys_acc = dvalues_acc = ds  # float32 stand-ins, never touched in this mode
 
     with _device_guard(q):
         constexprs, num_warps = _dweights_constexprs(Dv, atomic)
@@ -852,11 +888,12 @@ def _production_constexprs(kernel, dtype):
     return picks
 
 
-def _label(dtype, D, k, constexprs) -> str:
-    parts = [_SIGNATURE_DTYPE[dtype], f"D={D}"]
+def _label(dtype, head_dims, k, constexprs) -> str:
+    parts = [_SIGNATURE_DTYPE[dtype], "D=" + ",".join(map(str, head_dims))]
     if k is not None:
         parts.append(f"k={k}")
-    short = {"HAS_VALID_LEN": "VL", "ATOMIC": "ATOMIC", "BLOCK_T": "BT", "K_PAD": "KP", "BLOCK_E": "BE"}
+    short = {"HAS_VALID_LEN": "VL", "ATOMIC": "ATOMIC", "BLOCK_T": "BT", "K_PAD": "KP", "BLOCK_N": "BN",
+             "BLOCK_E": "BE"}
     for name, value in constexprs.items():
         if name in short:
             parts.append(f"{short[name]}={int(value)}")
@@ -878,7 +915,7 @@ def _build_compile_configs() -> list[dict]:
         for dtype in COMPILE_DTYPES:
             types = {"x": "*" + _SIGNATURE_DTYPE[dtype], "i64": "*i64", "f32": "*fp32", "int": "i32",
                      "float": "fp32"}
-            seen = set()
+            seen = {}
             for constexprs, num_warps, D, k in _production_constexprs(kernel, dtype):
                 if "F32_DOT" in constexprs:
                     constexprs = dict(constexprs, F32_DOT=dtype == torch.float32)
@@ -886,22 +923,27 @@ def _build_compile_configs() -> list[dict]:
                     raise AssertionError(f"constexprs {sorted(constexprs)} do not match {kernel.__name__}")
                 key = (tuple(constexprs.items()), num_warps)
                 if key in seen:
+                    seen[key]["head_dims"].append(D)
                     continue
-                seen.add(key)
                 # Pointers are 16-byte aligned; head sizes, strides and row counts of the
                 # production shapes are multiples of 16 (the JIT specializes them so).
                 divisible = [name for name, role in args if role in ("x", "i64", "f32")]
                 divisible += [name for name, role in args
                               if role == "int" and name not in ("k", "Hm", "num_row_blocks")]
-                configs.append({
+                entry = {
                     "kernel": kernel,
                     "signature": {name: types[role] for name, role in args},
                     "constexprs": constexprs,
                     "num_warps": num_warps,
                     "options": dict(COMPILE_OPTIONS),
                     "divisible_by_16": tuple(divisible),
-                    "label": _label(dtype, D, k, constexprs),
-                })
+                    "head_dims": [D],
+                    "k": k,
+                }
+                seen[key] = entry
+                configs.append(entry)
+            for entry in seen.values():
+                entry["label"] = _label(dtype, entry["head_dims"], entry.pop("k"), entry["constexprs"])
     return configs
 
 

@@ -1,0 +1,284 @@
+"""Triton top-k memory read launchers against the reference, on CUDA when present, else under the
+interpreter (tests/conftest.py sets TRITON_INTERPRET=1 when there is no GPU).
+
+Calls ``topk_read_fwd`` / ``topk_read_bwd`` directly with outputs pre-filled with NaN (indices with
+a sentinel), so any element a kernel forgets to write fails. Shapes are tiny: the interpreter runs
+every program in Python.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from l2m_kernels.ops.topk_read import triton as topk_triton  # noqa: E402
+from l2m_kernels.ops.topk_read.reference import topk_memory_read_ref, topk_read_gather  # noqa: E402
+from l2m_kernels.testing import assert_close  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+if DEVICE == "cpu":
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(topk_triton.topk_read_fwd_select_kernel, InterpretedFunction):
+        pytest.skip("l2m_kernels.ops.topk_read.triton was imported before TRITON_INTERPRET=1 was set",
+                    allow_module_level=True)
+
+# numpy's warnings for the deliberate inf/NaN rows when the interpreter evaluates the kernels.
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
+                                        "ignore:divide by zero encountered:RuntimeWarning",
+                                        "ignore:overflow encountered:RuntimeWarning")
+
+NAN = float("nan")
+INDEX_SENTINEL = -(2**31) + 7
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+def _randn(*shape, dtype, scale=1.0):
+    return (torch.randn(*shape, dtype=torch.float32, device=DEVICE) * scale).to(dtype)
+
+
+def _inputs(B, H, Hm, T, N, Dk, Dv, dtype=torch.float32, shared=False):
+    lead = (Hm, N) if shared else (B, Hm, N)
+    return _randn(B, H, T, Dk, dtype=dtype), _randn(*lead, Dk, dtype=dtype), _randn(*lead, Dv, dtype=dtype)
+
+
+def _fwd(q, keys, values, k, scale, valid_len=None):
+    """Run the triton forward into NaN/sentinel-filled outputs."""
+    B, H, T, _ = q.shape
+    out = torch.full((B, H, T, values.shape[-1]), NAN, dtype=q.dtype, device=DEVICE)
+    indices = torch.full((B, H, T, k), INDEX_SENTINEL, dtype=torch.int64, device=DEVICE)
+    weights = torch.full((B, H, T, k), NAN, dtype=torch.float32, device=DEVICE)
+    lse = torch.full((B, H, T), NAN, dtype=torch.float32, device=DEVICE)
+    vl = None if valid_len is None else torch.tensor(valid_len, dtype=torch.int64, device=DEVICE)
+    topk_triton.topk_read_fwd(q, keys, values, vl, k, scale, out, indices, weights, lse)
+    return out, indices, weights, lse
+
+
+def _bwd(q, keys, values, indices, weights, scale, cotangents, deterministic):
+    """Run the triton backward into NaN-filled gradients."""
+    dout, dweights, dlse = cotangents
+    grads = [torch.full_like(t, NAN) for t in (q, keys, values)]
+    topk_triton.topk_read_bwd(dout, dweights, dlse, q, keys, values, indices, weights, scale, deterministic,
+                              *grads)
+    return grads
+
+
+def _cotangents(q, values, k):
+    B, H, T, _ = q.shape
+    return (_randn(B, H, T, values.shape[-1], dtype=q.dtype), _randn(B, H, T, k, dtype=torch.float32),
+            _randn(B, H, T, dtype=torch.float32))
+
+
+def _check_fwd(q, keys, values, k, scale, valid_len=None):
+    """Forward against the reference (same input dtype); returns the triton outputs."""
+    out, indices, weights, lse = _fwd(q, keys, values, k, scale, valid_len)
+    vl = None if valid_len is None else torch.tensor(valid_len, dtype=torch.int64, device=DEVICE)
+    ref_out, ref_indices, ref_weights, ref_lse = topk_memory_read_ref(q, keys, values, k, scale, vl)
+    assert torch.equal(indices, ref_indices), f"indices differ:\n{indices}\nvs\n{ref_indices}"
+    assert_close("out", out, ref_out, dtype=q.dtype)
+    assert_close("weights", weights, ref_weights, dtype=q.dtype)
+    assert_close("lse", lse, ref_lse, dtype=q.dtype)
+    return out, indices, weights, lse
+
+
+def _check_bwd(q, keys, values, k, scale, valid_len=None, deterministic=False):
+    """Backward against torch.autograd.grad of the float64 reference at the selected slots."""
+    out, indices, weights, lse = _check_fwd(q, keys, values, k, scale, valid_len)
+    cotangents = _cotangents(q, values, k)
+    grads = _bwd(q, keys, values, indices, weights, scale, cotangents, deterministic)
+    leaves = [t.detach().to(torch.float64).requires_grad_() for t in (q, keys, values)]
+    ref = topk_read_gather(*leaves, indices, scale)
+    ref_grads = torch.autograd.grad(ref, leaves, [c.to(torch.float64) for c in cotangents])
+    for name, grad, ref_grad in zip(("dq", "dkeys", "dvalues"), grads, ref_grads):
+        assert grad.dtype == q.dtype
+        assert_close(name, grad, ref_grad, dtype=q.dtype)
+    return grads, indices, weights, cotangents
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------
+
+# (B, H, Hm, T, N, Dk, Dv, k, shared)
+FWD_CASES = [
+    (1, 1, 1, 7, 63, 7, 5, 3, False),       # odd sizes, D < 16 (padded inside the kernel)
+    (1, 1, 1, 7, 129, 20, 9, 32, False),    # several key tiles, partial last tile
+    (1, 1, 1, 7, 63, 16, 8, 1, False),      # k = 1
+    (1, 1, 1, 5, 40, 16, 8, 40, False),     # k = N (K_PAD 64 > N)
+    (2, 4, 2, 7, 70, 16, 8, 5, False),      # grouped heads
+    (2, 4, 2, 3, 50, 12, 6, 4, True),       # shared (3-D) memories, grouped
+    (1, 2, 1, 3, 300, 8, 4, 200, False),    # K_PAD 256
+    (1, 1, 1, 3, 33, 150, 140, 2, False),   # D > 128: feature chunk loops
+]
+
+
+def _case_id(case):
+    B, H, Hm, T, N, Dk, Dv, k, shared = case
+    return f"B{B}H{H}Hm{Hm}T{T}N{N}Dk{Dk}Dv{Dv}k{k}" + ("-shared" if shared else "")
+
+
+@pytest.mark.parametrize("case", FWD_CASES, ids=_case_id)
+def test_forward_matches_reference(case):
+    B, H, Hm, T, N, Dk, Dv, k, shared = case
+    q, keys, values = _inputs(B, H, Hm, T, N, Dk, Dv, shared=shared)
+    _check_fwd(q, keys, values, k, Dk ** -0.5)
+
+
+@pytest.mark.parametrize("Dk", [24, 136], ids=["Dk24", "Dk136"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_forward_half(dtype, Dk):
+    q, keys, values = _inputs(2, 2, 1, 5, 45, Dk, 10, dtype=dtype)
+    _check_fwd(q, keys, values, 6, Dk ** -0.5)
+
+
+def test_valid_len_zero_and_below_k():
+    B, H, T, N, k = 3, 2, 4, 37, 5
+    q, keys, values = _inputs(B, H, H, T, N, 16, 8)
+    # A NaN in a slot that does not exist must be ignored.
+    keys[1, :, 3] = NAN
+    out, indices, weights, lse = _check_fwd(q, keys, values, k, 0.25, valid_len=[0, 3, N])
+    assert torch.all(indices[0] == -1) and torch.all(weights[0] == 0) and torch.all(out[0] == 0)
+    assert torch.all(lse[0] == float("-inf"))
+    assert torch.all(indices[1, ..., 3:] == -1) and torch.all(weights[1, ..., 3:] == 0)
+    assert torch.all(indices[1, ..., :3] >= 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_exact_ties_follow_the_smaller_slot(dtype):
+    """Integer data with a power-of-two scale: many exactly equal scores (also +0.0 vs -0.0)."""
+    B, H, T, N, D = 1, 2, 9, 77, 8
+    q = torch.randint(-2, 3, (B, H, T, D), device=DEVICE).to(dtype)
+    distinct = torch.randint(-1, 2, (6, D), device=DEVICE)
+    keys = distinct[torch.randint(0, 6, (B * H * N,), device=DEVICE)].reshape(B, H, N, D).to(dtype)
+    values = _randn(B, H, N, 5, dtype=dtype)
+    for k in (1, 7, 32, 77):
+        _check_fwd(q, keys, values, k, 0.5)
+
+
+@pytest.mark.parametrize("order", ["descending", "ascending"])
+def test_tile_skip_paths(order):
+    """Scores monotone in the slot: later tiles are all skipped (descending) or all merged."""
+    N, D = 150, 16
+    q = torch.ones(1, 1, 6, D, device=DEVICE)
+    ramp = torch.arange(N, dtype=torch.float32, device=DEVICE) / N
+    if order == "descending":
+        ramp = ramp.flip(0)
+    keys = (ramp[:, None] + 0.01 * _randn(N, D, dtype=torch.float32)).reshape(1, 1, N, D)
+    values = _randn(1, 1, N, 4, dtype=torch.float32)
+    _check_fwd(q, keys, values, 20, 1.0)
+
+
+def test_nan_rows_are_isolated():
+    B, H, T, N, k = 2, 2, 5, 40, 4
+    q, keys, values = _inputs(B, H, H, T, N, 16, 8)
+    q[0, 1, 2, 5] = NAN                 # one NaN query row: selects the first k slots, its row is NaN
+    keys[1, 0, 17, 3] = NAN             # a NaN key row: every query of (b=1, hm=0) selects it
+    out, indices, weights, lse = _check_fwd(q, keys, values, k, 0.25)
+    assert torch.equal(indices[0, 1, 2], torch.arange(k, device=DEVICE))
+    assert torch.isnan(out[0, 1, 2]).all() and torch.isnan(lse[0, 1, 2])
+    assert torch.all(indices[1, 0, :, 0] == 17) and torch.isnan(lse[1, 0]).all()
+    clean = torch.ones(B, H, T, dtype=torch.bool, device=DEVICE)
+    clean[0, 1, 2] = False
+    clean[1, 0] = False
+    assert torch.isfinite(out[clean]).all() and torch.isfinite(weights[clean]).all()
+    assert torch.isfinite(lse[clean]).all()
+
+
+def test_infinite_scores():
+    """An existing slot scoring -inf keeps its index with weight 0; +inf makes its rows NaN."""
+    N, D, k = 20, 16, 20
+    q = torch.full((1, 1, 3, D), 1e20, device=DEVICE)
+    q[0, 0, :, 2] = torch.tensor([0.0, 0.0, 1e10])
+    keys = torch.rand(1, 1, N, D, device=DEVICE)
+    keys[0, 0, 4, 0] = -1e30            # slot 4 scores -inf (float32 overflow) in every row
+    keys[0, 0, 9, 2] = 1e30             # slot 9 scores +inf in row 2 only
+    values = _randn(1, 1, N, 4, dtype=torch.float32)
+    out, indices, weights, lse = _check_fwd(q, keys, values, k, 1.0)
+    assert torch.all(indices[0, 0, :2, -1] == 4) and torch.all(weights[0, 0, :2, -1] == 0)
+    assert torch.isfinite(lse[0, 0, :2]).all()
+    assert indices[0, 0, 2, 0] == 9 and torch.isnan(lse[0, 0, 2]) and torch.isnan(out[0, 0, 2]).all()
+
+
+def test_empty_batch_launches_nothing():
+    for B, T in ((0, 3), (2, 0)):
+        q, keys, values = _inputs(B, 2, 1, T, 9, 8, 4)
+        out, indices, weights, lse = _fwd(q, keys, values, 3, 0.5)
+        assert out.numel() == 0 and indices.numel() == 0
+        grads = _bwd(q, keys, values, indices, weights, 0.5, _cotangents(q, values, 3), False)
+        assert all(torch.all(g == 0) for g in grads[1:])
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------
+
+# (B, H, Hm, T, N, Dk, Dv, k, shared, valid_len)
+BWD_CASES = [
+    (1, 1, 1, 7, 63, 7, 5, 3, False, None),
+    (2, 4, 2, 5, 33, 16, 8, 6, False, [0, 20]),     # grouped, an empty batch element
+    (2, 2, 1, 3, 40, 12, 6, 4, True, [2, 40]),      # shared memory: slot grads sum over the batch
+    (1, 1, 1, 5, 20, 16, 8, 20, False, None),       # k = N
+    (1, 1, 1, 3, 21, 140, 130, 3, False, None),     # feature chunk loops
+]
+
+
+def _bwd_case_id(case):
+    return _case_id(case[:9]) + ("" if case[9] is None else f"-vl{'_'.join(map(str, case[9]))}")
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("case", BWD_CASES, ids=_bwd_case_id)
+def test_backward_matches_autograd(case, deterministic):
+    B, H, Hm, T, N, Dk, Dv, k, shared, valid_len = case
+    q, keys, values = _inputs(B, H, Hm, T, N, Dk, Dv, shared=shared)
+    grads, indices, _, _ = _check_bwd(q, keys, values, k, Dk ** -0.5, valid_len, deterministic)
+    # Slots nobody selected get exact zeros.
+    lead = keys.shape[:-1]
+    touched = torch.zeros(lead.numel(), dtype=torch.bool, device=DEVICE)
+    if not shared:
+        memory = torch.arange(B * Hm, device=DEVICE).repeat_interleave(H // Hm * T * k).reshape(indices.shape)
+    else:
+        memory = torch.arange(Hm, device=DEVICE).repeat_interleave(H // Hm * T * k).repeat(B).reshape(indices.shape)
+    live = indices >= 0
+    touched[(memory * N + indices)[live]] = True
+    assert torch.all(grads[1].reshape(-1, Dk)[~touched] == 0)
+    assert torch.all(grads[2].reshape(-1, Dv)[~touched] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_backward_half(dtype, deterministic):
+    q, keys, values = _inputs(1, 2, 1, 4, 30, 24, 10, dtype=dtype)
+    _check_bwd(q, keys, values, 5, 24 ** -0.5, None, deterministic)
+
+
+def test_backward_nan_row_isolated():
+    B, H, T, N, k = 1, 1, 5, 24, 3
+    q, keys, values = _inputs(B, H, H, T, N, 16, 8)
+    q[0, 0, 1, 0] = NAN
+    grads, indices, _, _ = _check_bwd(q, keys, values, k, 0.25)
+    dq = grads[0]
+    assert torch.isnan(dq[0, 0, 1]).all()
+    assert torch.isfinite(dq[0, 0, [0, 2, 3, 4]]).all()
+
+
+def test_deterministic_is_bitwise_reproducible():
+    B, H, Hm, T, N, k = 2, 4, 2, 6, 12, 5     # few slots: many entries share each slot
+    q, keys, values = _inputs(B, H, Hm, T, N, 16, 8)
+    out, indices, weights, lse = _fwd(q, keys, values, k, 0.25)
+    cotangents = _cotangents(q, values, k)
+    first = _bwd(q, keys, values, indices, weights, 0.25, cotangents, True)
+    second = _bwd(q, keys, values, indices, weights, 0.25, cotangents, True)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    atomic = _bwd(q, keys, values, indices, weights, 0.25, cotangents, False)
+    for name, a, b in zip(("dq", "dkeys", "dvalues"), atomic, first):
+        assert_close(name, a, b, dtype=torch.float32)
