@@ -104,7 +104,7 @@ class CpuBackend(Backend):
 
 class CudaBackend(Backend):
     name = "cuda"
-    ops = frozenset({"merge_attention", "gated_merge"})
+    ops = frozenset({"merge_attention", "gated_merge", "topk_memory_read"})
     device_types = frozenset({"cuda"})
     dtypes = _HALF_AND_SINGLE
     description = "CUDA C++ extension l2m_kernels._C_cuda"

@@ -68,8 +68,12 @@ def topk_memory_read(q, keys, values, k, *, scale=None, valid_len=None, determin
         scale:  score scale, default Dk ** -0.5.
         valid_len: optional int (B,) tensor, 0 <= valid_len[b] <= N: slots n >= valid_len[b] do not
                 exist for batch element b.
-        deterministic: bitwise-reproducible gradients (also when
-                torch.are_deterministic_algorithms_enabled()).
+        deterministic: bitwise-reproducible gradients for keys and values (also switched on by
+                torch.are_deterministic_algorithms_enabled()). The default (False) lets the GPU
+                backends (triton, cuda) scatter dkeys/dvalues with float32 atomics, whose
+                summation order varies from run to run; True groups the selected entries by slot
+                (a stable sort) and sums each slot's entries in a fixed order. The reference and
+                cpu backends are always deterministic. dq never uses atomics.
         backend: None (automatic), "reference", "cpu", "triton" or "cuda".
 
     Returns:

@@ -62,15 +62,15 @@ def _fused_bwd(backend):
         dvalues = empty(values.shape, dtype=values.dtype, device=q.device)
         args = (dout.contiguous(), dweights.contiguous(), dlse.contiguous(), q.contiguous(), keys.contiguous(),
                 values.contiguous(), indices.contiguous(), weights.contiguous(), scale)
-        if backend == "triton":
+        if backend != "cpu":  # the cpu backward is always deterministic (per-slot reduction order)
             args = args + (deterministic,)
         _kernels(backend).topk_read_bwd(*args, dq, dkeys, dvalues)
         return dq, dkeys, dvalues
     return bwd
 
 
-FWD = {"reference": _reference_fwd, "cpu": _fused_fwd("cpu"), "triton": _fused_fwd("triton")}
-BWD = {"reference": _reference_bwd, "cpu": _fused_bwd("cpu"), "triton": _fused_bwd("triton")}
+FWD = {"reference": _reference_fwd, **{name: _fused_fwd(name) for name in ("cpu", "triton", "cuda")}}
+BWD = {"reference": _reference_bwd, **{name: _fused_bwd(name) for name in ("cpu", "triton", "cuda")}}
 
 
 def topk_memory_read_fwd(q, keys, values, k, scale, valid_len, deterministic, backend):
