@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from l2m_kernels import benchmark as bm  # noqa: E402
 
-BENCHMARKS = ("bench_merge", "bench_topk_read")
+BENCHMARKS = ("bench_merge", "bench_topk_read", "bench_product_key")
 
 
 def main(argv=None):

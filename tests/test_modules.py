@@ -66,3 +66,74 @@ def test_module_backend_is_used():
     with pytest.raises(NotImplementedError, match="cuda"):
         memory(rand(1, 1, 2, 4), k=2)
     assert isinstance(l2m.modules.TopKMemory, type)
+
+
+# ---- ProductKeyMemory ----
+
+class Block(nn.Module):
+    """A pre-norm Transformer block as an existing model has it: attention, then an MLP."""
+
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x):
+        h = self.norm1(x)
+        T = x.shape[1]
+        mask = torch.ones(T, T, dtype=torch.bool).triu(1)
+        x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+@pytest.mark.parametrize("sparse_grad", [False, True], ids=["dense", "sparse"])
+def test_product_key_memory_replaces_an_mlp(gated, sparse_grad):
+    torch.manual_seed(0)
+    block = Block()
+    layer = l2m.modules.ProductKeyMemory(dim=32, n_sub=16, key_dim=16, heads=2, k=5, k_sub=4,
+                                         gated=gated, sparse_grad=sparse_grad)
+    block.mlp = layer  # the drop-in replacement
+    x = rand(2, 7, 32)
+    y = block(x)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    # The layer computes exactly the op on its own queries.
+    q = layer.queries(block.norm2(x))
+    want = l2m.product_key_read(q, layer.subkeys, layer.values, 5, k_sub=4, scale=8 ** -0.5, sum_heads=True,
+                                backend="reference").out
+    if gated:
+        want = want * nn.functional.silu(layer.gate_proj(block.norm2(x)))
+    assert_close("out", layer(block.norm2(x)), layer.out_proj(want))
+    # One training step moves the loss down; values get a sparse gradient when asked for.
+    sparse = [layer.values]
+    dense = [p for p in block.parameters() if p is not layer.values]
+    opts = [torch.optim.SGD(sparse, lr=0.5), torch.optim.SGD(dense, lr=0.05)]
+    target = rand(2, 7, 32)
+    losses = []
+    seen = {}
+    layer.register_forward_pre_hook(lambda mod, args: seen.update(x=args[0].detach()))
+    for _ in range(3):
+        loss = (block(x) - target).square().mean()
+        read_rows = layer.read(seen["x"]).indices.unique()
+        losses.append(loss.item())
+        for opt in opts:
+            opt.zero_grad()
+        loss.backward()
+        assert layer.values.grad.is_sparse == sparse_grad
+        assert layer.subkeys.grad is not None and layer.subkeys.grad.abs().sum() > 0
+        if sparse_grad:  # exactly the rows this step read (at most 2*7*2*5 = 140 of 256)
+            assert torch.equal(layer.values.grad.coalesce().indices()[0], read_rows)
+        for opt in opts:
+            opt.step()
+    assert losses[-1] < losses[0]
+    assert {"mlp.subkeys", "mlp.values", "mlp.query_proj.weight"} <= set(block.state_dict())
+
+
+def test_product_key_memory_rejects_bad_config():
+    with pytest.raises(ValueError, match="key_dim"):
+        l2m.modules.ProductKeyMemory(dim=8, n_sub=4, key_dim=5)
+    with pytest.raises(ValueError, match="k_sub"):
+        l2m.modules.ProductKeyMemory(dim=8, n_sub=4, key_dim=4, k=20, k_sub=4)
+    with pytest.raises(ValueError, match="x"):
+        l2m.modules.ProductKeyMemory(dim=8, n_sub=4, key_dim=4, k=2)(rand(2, 3, 9))
