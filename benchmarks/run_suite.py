@@ -1,6 +1,6 @@
 """The benchmark suite: ceilings first, then every op benchmark, one table.
 
-    python benchmarks/run_suite.py [--quick] [--device cpu|cuda] [--out bench_out]
+    python benchmarks/run_suite.py [--quick] [--device cpu|cuda] [--out bench_out] [--only bench_merge,...]
 
 Writes ``suite.json``, ``suite.md`` and ``suite.png`` into ``--out`` and prints the table.
 """
@@ -25,7 +25,12 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="smaller shapes and fewer repetitions")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="bench_out")
+    parser.add_argument("--only", default="", help="comma-separated subset of " + ",".join(BENCHMARKS))
     args = parser.parse_args(argv)
+    names = [n for n in args.only.split(",") if n] or list(BENCHMARKS)
+    unknown = sorted(set(names) - set(BENCHMARKS))
+    if unknown:
+        parser.error(f"--only: unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
     device = torch.device(args.device)
     try:
         from tqdm import tqdm
@@ -34,7 +39,7 @@ def main(argv=None):
     print(f"measuring ceilings on {bm.device_name(device)} ...", flush=True)
     ceilings = bm.measure_ceilings(device, quick=args.quick)
     rows = []
-    for name in tqdm(BENCHMARKS, desc="benchmarks"):
+    for name in tqdm(names, desc="benchmarks"):
         rows += importlib.import_module(name).run(device, args.quick, ceilings)
     bm.save(rows, ceilings, device, args.out, "suite")
     print(f"device: {bm.device_name(device)}, torch {torch.__version__}; ceilings: "
