@@ -45,13 +45,20 @@ class Backend:
     device_types: frozenset = frozenset()
     dtypes: frozenset = frozenset()
     description: str = ""
+    # op -> {size name: largest value served}; sizes a call passes to select_backend are checked
+    # against it (e.g. the cuda top-k read keeps a head's query/key rows in shared memory).
+    size_limits: dict = {}
 
     def unavailable_reason(self) -> str | None:
         """Why this backend cannot run at all on this installation, or None."""
         return None
 
-    def not_supported_reasons(self, op: str, device: torch.device, dtype: torch.dtype) -> list[str]:
+    def not_supported_reasons(self, op: str, device: torch.device, dtype: torch.dtype,
+                              sizes: dict | None = None) -> list[str]:
         reasons = []
+        for size, limit in self.size_limits.get(op, {}).items():
+            if sizes is not None and sizes.get(size, 0) > limit:
+                reasons.append(f"{self.name} serves {op} with {size} <= {limit}, got {sizes[size]}")
         if op not in self.ops:
             reasons.append(f"{self.name} has no kernel for {op} (it implements: "
                            f"{', '.join(sorted(self.ops)) or 'nothing yet'})")
@@ -76,7 +83,7 @@ class ReferenceBackend(Backend):
 
 # The extension function each op needs: an extension built from older sources lacks newer ones.
 _EXT_ENTRY = {"merge_attention": "merge_attention_fwd", "gated_merge": "gated_merge_fwd",
-              "topk_memory_read": "topk_read_fwd"}
+              "topk_memory_read": "topk_read_fwd", "product_key_read": "product_key_fwd"}
 
 
 def _missing_entry(module, op: str, name: str) -> list[str]:
@@ -89,7 +96,7 @@ def _missing_entry(module, op: str, name: str) -> list[str]:
 
 class CpuBackend(Backend):
     name = "cpu"
-    ops = frozenset({"merge_attention", "gated_merge", "topk_memory_read"})
+    ops = frozenset({"merge_attention", "gated_merge", "topk_memory_read", "product_key_read"})
     device_types = frozenset({"cpu"})
     dtypes = _ALL_FLOATS
     description = "C++/OpenMP extension l2m_kernels._C"
@@ -97,8 +104,8 @@ class CpuBackend(Backend):
     def unavailable_reason(self):
         return _ext.cpu_extension_error()
 
-    def not_supported_reasons(self, op, device, dtype):
-        reasons = super().not_supported_reasons(op, device, dtype)
+    def not_supported_reasons(self, op, device, dtype, sizes=None):
+        reasons = super().not_supported_reasons(op, device, dtype, sizes)
         return reasons + _missing_entry(_ext.cpu_extension(), op, "cpu")
 
 
@@ -108,9 +115,10 @@ class CudaBackend(Backend):
     device_types = frozenset({"cuda"})
     dtypes = _HALF_AND_SINGLE
     description = "CUDA C++ extension l2m_kernels._C_cuda"
+    size_limits = {"topk_memory_read": {"Dk": 256, "Dv": 256, "N": 2 ** 31, "rows": 2 ** 31 - 1}}
 
-    def not_supported_reasons(self, op, device, dtype):
-        reasons = super().not_supported_reasons(op, device, dtype)
+    def not_supported_reasons(self, op, device, dtype, sizes=None):
+        reasons = super().not_supported_reasons(op, device, dtype, sizes)
         return reasons + _missing_entry(_ext.cuda_extension(), op, "cuda")
 
     def unavailable_reason(self):
@@ -141,7 +149,7 @@ def _triton_import_error() -> str | None:
 
 class TritonBackend(Backend):
     name = "triton"
-    ops = frozenset({"merge_attention", "gated_merge", "topk_memory_read"})
+    ops = frozenset({"merge_attention", "gated_merge", "topk_memory_read", "product_key_read"})
     device_types = frozenset({"cuda", "cpu"})
     dtypes = _HALF_AND_SINGLE
     description = "Triton kernels (CUDA tensors; CPU tensors under TRITON_INTERPRET=1)"
@@ -149,8 +157,8 @@ class TritonBackend(Backend):
     def unavailable_reason(self):
         return _triton_import_error()
 
-    def not_supported_reasons(self, op, device, dtype):
-        reasons = super().not_supported_reasons(op, device, dtype)
+    def not_supported_reasons(self, op, device, dtype, sizes=None):
+        reasons = super().not_supported_reasons(op, device, dtype, sizes)
         if device.type == "cpu" and not triton_interpret_enabled():
             reasons.append("triton runs CPU tensors only under TRITON_INTERPRET=1")
         return reasons
@@ -191,21 +199,26 @@ def _constant_at_trace_time(fn):
     return assume(fn) if assume is not None else fn
 
 
-def select_backend(op: str, device: torch.device, dtype: torch.dtype, backend: str | None = None) -> str:
+def select_backend(op: str, device: torch.device, dtype: torch.dtype, backend: str | None = None,
+                   sizes: dict | None = None) -> str:
     """The name of the backend that serves ``op`` for tensors on ``device`` of ``dtype``.
 
     Explicit ``backend``: that backend or ``NotImplementedError`` with its reasons.
     ``None``: ``L2M_BACKEND`` when it can serve, else the first of :data:`AUTO_ORDER` that can.
+    ``sizes`` (name -> int) are checked against each backend's ``size_limits``.
     """
-    return _select_backend(op, device.type, dtype, backend)
+    return _select_backend(op, device.type, dtype, backend,
+                           None if sizes is None else tuple(sorted((k, int(v)) for k, v in sizes.items())))
 
 
 @_constant_at_trace_time
-def _select_backend(op: str, device_type: str, dtype: torch.dtype, backend: str | None) -> str:
+def _select_backend(op: str, device_type: str, dtype: torch.dtype, backend: str | None,
+                    size_items: tuple | None = None) -> str:
     device = torch.device(device_type)
+    sizes = None if size_items is None else dict(size_items)
     if backend is not None:
         _check_name(backend)
-        reasons = BACKENDS[backend].not_supported_reasons(op, device, dtype)
+        reasons = BACKENDS[backend].not_supported_reasons(op, device, dtype, sizes)
         if reasons:
             raise NotImplementedError(f"backend {backend!r} cannot serve {op} on {device.type} "
                                       f"{dtype}: " + "; ".join(reasons))
@@ -216,7 +229,7 @@ def _select_backend(op: str, device_type: str, dtype: torch.dtype, backend: str 
         order = [preferred] + [name for name in order if name != preferred]
     all_reasons = {}
     for name in order:
-        reasons = BACKENDS[name].not_supported_reasons(op, device, dtype)
+        reasons = BACKENDS[name].not_supported_reasons(op, device, dtype, sizes)
         if not reasons:
             _note_fallback(op, name, all_reasons)
             logger.debug("%s on %s %s -> backend %s", op, device.type, dtype, name)

@@ -42,8 +42,10 @@ def test_env_override(monkeypatch):
     monkeypatch.setenv("L2M_BACKEND", "reference")
     assert backends.select_backend("merge_attention", CPU, torch.float32) == "reference"
     # A preferred backend that cannot serve the call falls through to the automatic order.
+    monkeypatch.delenv("L2M_BACKEND")
+    automatic = backends.select_backend("product_key_read", CPU, torch.float32)
     monkeypatch.setenv("L2M_BACKEND", "cuda")
-    assert backends.select_backend("product_key_read", CPU, torch.float32) == "reference"
+    assert backends.select_backend("product_key_read", CPU, torch.float32) == automatic
     monkeypatch.setenv("L2M_BACKEND", "nonsense")
     with pytest.raises(ValueError, match="L2M_BACKEND"):
         backends.select_backend("merge_attention", CPU, torch.float32)
@@ -94,3 +96,16 @@ def test_cpu_extension_records_its_build():
     if module is None:
         pytest.skip(f"CPU extension not usable: {_ext.cpu_extension_error()}")
     assert module.TORCH_VERSION == torch.__version__
+
+
+def test_size_limits_are_reasons():
+    cuda = backends.BACKENDS["cuda"]
+    device = torch.device("cuda")
+    big = cuda.not_supported_reasons("topk_memory_read", device, torch.float32, {"Dk": 300, "Dv": 64})
+    assert any("Dk <= 256, got 300" in r for r in big)
+    assert not any("Dv" in r for r in big)
+    fine = cuda.not_supported_reasons("topk_memory_read", device, torch.float32, {"Dk": 256, "Dv": 256})
+    assert not any("<=" in r for r in fine)
+    # Without CUDA the automatic choice for CPU tensors ignores the cuda limits entirely.
+    assert backends.select_backend("topk_memory_read", torch.device("cpu"), torch.float32,
+                                   sizes={"Dk": 300}) in ("cpu", "reference")

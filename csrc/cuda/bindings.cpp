@@ -1,4 +1,5 @@
-// Torch-facing bindings of the CUDA merge kernels: extension `l2m_kernels._C_cuda`.
+// Torch-facing bindings of the CUDA kernels (merge ops, top-k memory read): extension
+// `l2m_kernels._C_cuda`.
 //
 // The only file under csrc/cuda that includes torch headers (the kernels in *.cu see plain
 // structs, see merge.h). Each function follows notes/merge_kernels.md: the Python layer has
@@ -20,10 +21,14 @@
 #include <cuda_runtime_api.h>
 
 #include <initializer_list>
+#include <optional>
 #include <string>
+#include <tuple>
 #include <utility>
+#include <vector>
 
 #include "merge.h"
+#include "topk_read.h"
 
 namespace {
 
@@ -248,10 +253,277 @@ void gated_merge_bwd(const at::Tensor& dout, const at::Tensor& out_local, const 
   check_launch(op, l2m::cuda::gated_merge_bwd_launch(params, current_stream()));
 }
 
+// ---------------------------------------------------------------------------------------------
+// Sparse top-k memory read (SPEC section 1; interface: csrc/cuda/topk_read.h). Same Python
+// signatures as the cpu and triton backends; outputs preallocated by the caller, None returned.
+
+// dtype of the read's floating tensors: float32, float16 or bfloat16 (float64 is not served).
+MergeDtype topk_dtype(const char* op, const at::Tensor& q) {
+  switch (q.scalar_type()) {
+    case at::kFloat:
+      return MergeDtype::kFloat32;
+    case at::kHalf:
+      return MergeDtype::kFloat16;
+    case at::kBFloat16:
+      return MergeDtype::kBFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, op, ": q must be float32, float16 or bfloat16 on CUDA, got ",
+                       q.scalar_type());
+  }
+  return MergeDtype::kFloat32;
+}
+
+void expect_dtype(const char* op, at::ScalarType dtype, std::initializer_list<NamedTensor> tensors) {
+  for (const NamedTensor& named : tensors) {
+    const at::Tensor& tensor = *named.second;
+    TORCH_CHECK_TYPE(tensor.scalar_type() == dtype, op, ": ", named.first, " must be ", dtype,
+                     ", got ", tensor.scalar_type());
+  }
+}
+
+void expect_shape(const char* op, const char* name, const at::Tensor& tensor,
+                  const std::vector<int64_t>& expected) {
+  TORCH_CHECK_VALUE(tensor.sizes() == at::IntArrayRef(expected), op, ": ", name,
+                    " must have shape ", shape_string(expected), ", got ",
+                    shape_string(tensor.sizes()));
+}
+
+// The sizes shared by the forward and the backward, read from q, keys and values after checking
+// ranks and matching dimensions.
+struct TopkReadShape {
+  int64_t batch, heads, seq_len, mem_heads, num_slots, dim_k, dim_v;
+  bool shared_memory;
+};
+
+TopkReadShape check_topk_operands(const char* op, const at::Tensor& q, const at::Tensor& keys,
+                                  const at::Tensor& values) {
+  TORCH_CHECK_VALUE(q.dim() == 4, op, ": q must be 4-D (B, H, T, Dk), got shape ",
+                    shape_string(q.sizes()));
+  TORCH_CHECK_VALUE(keys.dim() == 4 || keys.dim() == 3, op,
+                    ": keys must be (B, Hm, N, Dk) or shared (Hm, N, Dk), got shape ",
+                    shape_string(keys.sizes()));
+  TopkReadShape shape;
+  shape.batch = q.size(0);
+  shape.heads = q.size(1);
+  shape.seq_len = q.size(2);
+  shape.dim_k = q.size(3);
+  shape.shared_memory = keys.dim() == 3;
+  shape.mem_heads = keys.size(-3);
+  shape.num_slots = keys.size(-2);
+  TORCH_CHECK_VALUE(values.dim() == keys.dim(), op, ": values must have the rank of keys ",
+                    shape_string(keys.sizes()), ", got shape ", shape_string(values.sizes()));
+  shape.dim_v = values.size(-1);
+  std::vector<int64_t> keys_shape(keys.sizes().begin(), keys.sizes().end());
+  if (!shape.shared_memory) keys_shape[0] = shape.batch;
+  keys_shape.back() = shape.dim_k;
+  expect_shape(op, "keys", keys, keys_shape);
+  std::vector<int64_t> values_shape = keys_shape;
+  values_shape.back() = shape.dim_v;
+  expect_shape(op, "values", values, values_shape);
+  TORCH_CHECK_VALUE(shape.mem_heads >= 1 && shape.heads % shape.mem_heads == 0, op,
+                    ": the query heads of q ", shape_string(q.sizes()),
+                    " must be a multiple of the memory heads of keys ",
+                    shape_string(keys.sizes()));
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      shape.dim_k <= l2m::cuda::kTopkReadMaxDim && shape.dim_v <= l2m::cuda::kTopkReadMaxDim, op,
+      ": the CUDA kernels serve Dk, Dv <= ", std::to_string(l2m::cuda::kTopkReadMaxDim),
+      ", got q ", shape_string(q.sizes()), " and values ", shape_string(values.sizes()));
+  TORCH_CHECK_NOT_IMPLEMENTED(shape.num_slots <= l2m::cuda::kTopkReadMaxSlots, op,
+                              ": the CUDA kernels serve N <= 2**31 slots, got keys ",
+                              shape_string(keys.sizes()));
+  TORCH_CHECK_NOT_IMPLEMENTED(shape.batch * shape.heads * shape.seq_len < (int64_t{1} << 31), op,
+                              ": the CUDA kernels serve B * H * T < 2**31 query rows, got q ",
+                              shape_string(q.sizes()));
+  return shape;
+}
+
+void topk_read_fwd(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                   const std::optional<at::Tensor>& valid_len, int64_t k, double scale,
+                   const at::Tensor& out, const at::Tensor& indices, const at::Tensor& weights,
+                   const at::Tensor& lse) {
+  constexpr const char* op = "l2m topk_read_fwd (cuda)";
+  check_placement(op, {{"q", &q}, {"keys", &keys}, {"values", &values}, {"out", &out},
+                       {"indices", &indices}, {"weights", &weights}, {"lse", &lse}});
+  if (valid_len.has_value()) {
+    check_placement(op, {{"q", &q}, {"valid_len", &*valid_len}});
+  }
+  const MergeDtype dtype = topk_dtype(op, q);
+  expect_dtype(op, q.scalar_type(), {{"keys", &keys}, {"values", &values}, {"out", &out}});
+  expect_dtype(op, at::kLong, {{"indices", &indices}});
+  expect_dtype(op, at::kFloat, {{"weights", &weights}, {"lse", &lse}});
+  const TopkReadShape shape = check_topk_operands(op, q, keys, values);
+  const int64_t B = shape.batch, H = shape.heads, T = shape.seq_len;
+  expect_shape(op, "out", out, {B, H, T, shape.dim_v});
+  expect_shape(op, "indices", indices, {B, H, T, k});
+  expect_shape(op, "weights", weights, {B, H, T, k});
+  expect_shape(op, "lse", lse, {B, H, T});
+  if (valid_len.has_value()) {
+    expect_dtype(op, at::kLong, {{"valid_len", &*valid_len}});
+    expect_shape(op, "valid_len", *valid_len, {B});
+  }
+  if (B * H * T == 0) return;
+  TORCH_CHECK_VALUE(k >= 1 && k <= shape.num_slots && k <= l2m::cuda::kTopkReadMaxK, op,
+                    ": k must satisfy 1 <= k <= min(N, 256) with keys ",
+                    shape_string(keys.sizes()), ", got k = ", std::to_string(k));
+
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  l2m::cuda::TopkReadFwdParams params;
+  params.dtype = dtype;
+  params.batch = B;
+  params.heads = H;
+  params.seq_len = T;
+  params.mem_heads = shape.mem_heads;
+  params.num_slots = shape.num_slots;
+  params.dim_k = shape.dim_k;
+  params.dim_v = shape.dim_v;
+  params.k = k;
+  params.shared_memory = shape.shared_memory;
+  params.scale = scale;
+  params.q = q.data_ptr();
+  params.keys = keys.data_ptr();
+  params.values = values.data_ptr();
+  params.valid_len = valid_len.has_value() ? valid_len->data_ptr<int64_t>() : nullptr;
+  params.out = out.data_ptr();
+  params.indices = indices.data_ptr<int64_t>();
+  params.weights = weights.data_ptr<float>();
+  params.lse = lse.data_ptr<float>();
+  check_launch(op, l2m::cuda::topk_read_fwd_launch(params, current_stream()));
+}
+
+void topk_read_bwd(const at::Tensor& dout, const at::Tensor& dweights, const at::Tensor& dlse,
+                   const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                   const at::Tensor& indices, const at::Tensor& weights, double scale,
+                   bool deterministic, const at::Tensor& dq, const at::Tensor& dkeys,
+                   const at::Tensor& dvalues) {
+  constexpr const char* op = "l2m topk_read_bwd (cuda)";
+  check_placement(op, {{"dout", &dout},
+                       {"dweights", &dweights},
+                       {"dlse", &dlse},
+                       {"q", &q},
+                       {"keys", &keys},
+                       {"values", &values},
+                       {"indices", &indices},
+                       {"weights", &weights},
+                       {"dq", &dq},
+                       {"dkeys", &dkeys},
+                       {"dvalues", &dvalues}});
+  const MergeDtype dtype = topk_dtype(op, q);
+  expect_dtype(op, q.scalar_type(),
+               {{"dout", &dout}, {"keys", &keys}, {"values", &values}, {"dq", &dq},
+                {"dkeys", &dkeys}, {"dvalues", &dvalues}});
+  expect_dtype(op, at::kLong, {{"indices", &indices}});
+  expect_dtype(op, at::kFloat, {{"dweights", &dweights}, {"dlse", &dlse}, {"weights", &weights}});
+  const TopkReadShape shape = check_topk_operands(op, q, keys, values);
+  const int64_t B = shape.batch, H = shape.heads, T = shape.seq_len;
+  TORCH_CHECK_VALUE(indices.dim() == 4, op, ": indices must be 4-D (B, H, T, k), got shape ",
+                    shape_string(indices.sizes()));
+  const int64_t k = indices.size(3);
+  expect_shape(op, "indices", indices, {B, H, T, k});
+  expect_shape(op, "weights", weights, {B, H, T, k});
+  expect_shape(op, "dweights", dweights, {B, H, T, k});
+  expect_shape(op, "dlse", dlse, {B, H, T});
+  expect_shape(op, "dout", dout, {B, H, T, shape.dim_v});
+  expect_shape(op, "dq", dq, std::vector<int64_t>(q.sizes().begin(), q.sizes().end()));
+  expect_shape(op, "dkeys", dkeys, std::vector<int64_t>(keys.sizes().begin(), keys.sizes().end()));
+  expect_shape(op, "dvalues", dvalues,
+               std::vector<int64_t>(values.sizes().begin(), values.sizes().end()));
+
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  const int64_t rows = B * H * T;
+  if (rows == 0) {  // no entry: every slot gradient is zero
+    dkeys.zero_();
+    dvalues.zero_();
+    return;
+  }
+  TORCH_CHECK_VALUE(k >= 1 && k <= l2m::cuda::kTopkReadMaxK, op,
+                    ": indices must have 1 <= k <= 256 entries per query, got shape ",
+                    shape_string(indices.sizes()));
+
+  l2m::cuda::TopkReadBwdParams params;
+  params.dtype = dtype;
+  params.batch = B;
+  params.heads = H;
+  params.seq_len = T;
+  params.mem_heads = shape.mem_heads;
+  params.num_slots = shape.num_slots;
+  params.dim_k = shape.dim_k;
+  params.dim_v = shape.dim_v;
+  params.k = k;
+  params.shared_memory = shape.shared_memory;
+  params.deterministic = deterministic;
+  params.scale = scale;
+  params.dout = dout.data_ptr();
+  params.dweights = dweights.data_ptr<float>();
+  params.dlse = dlse.data_ptr<float>();
+  params.q = q.data_ptr();
+  params.keys = keys.data_ptr();
+  params.values = values.data_ptr();
+  params.indices = indices.data_ptr<int64_t>();
+  params.weights = weights.data_ptr<float>();
+  params.dq = dq.data_ptr();
+  params.dkeys_acc = nullptr;
+  params.dvalues_acc = nullptr;
+  params.ds = nullptr;
+  params.entry_order = nullptr;
+  params.entry_rows = nullptr;
+  params.run_starts = nullptr;
+  params.dkeys = dkeys.data_ptr();
+  params.dvalues = dvalues.data_ptr();
+
+  if (deterministic) {
+    // Entries grouped by slot, as _slot_runs in l2m_kernels/ops/topk_read/triton.py: a stable sort
+    // of memory * N + slot (entries that contribute nothing last, key M * N) and the run starts by
+    // binary search; both are deterministic on every device.
+    const int64_t N = shape.num_slots;
+    const int64_t R = (H / shape.mem_heads) * T;
+    const int64_t memories = shape.shared_memory ? shape.mem_heads : B * shape.mem_heads;
+    const at::TensorOptions long_options = indices.options().dtype(at::kLong);
+    const at::Tensor row_memory_head = at::arange(rows, long_options).floor_divide(R);  // b*Hm+hm
+    const at::Tensor row_memory =
+        shape.shared_memory ? row_memory_head.remainder(shape.mem_heads) : row_memory_head;
+    const at::Tensor flat = indices.reshape({rows, k});
+    const at::Tensor live = flat.ge(0).logical_and(flat.lt(N));
+    const at::Tensor slot_key =
+        at::where(live, row_memory.unsqueeze(1) * N + flat, at::Scalar(memories * N)).reshape({-1});
+    const std::tuple<at::Tensor, at::Tensor> sorted =
+        at::sort(slot_key, std::optional<bool>(true), /*dim=*/0, /*descending=*/false);
+    const at::Tensor entry_order = std::get<1>(sorted).contiguous();
+    const at::Tensor entry_rows = entry_order.floor_divide(k).contiguous();
+    const at::Tensor run_starts =
+        at::searchsorted(std::get<0>(sorted), at::arange(memories * N + 1, long_options))
+            .contiguous();
+    const at::Tensor ds = at::empty({rows * k}, indices.options().dtype(at::kFloat));
+    params.ds = ds.data_ptr<float>();
+    params.entry_order = entry_order.data_ptr<int64_t>();
+    params.entry_rows = entry_rows.data_ptr<int64_t>();
+    params.run_starts = run_starts.data_ptr<int64_t>();
+    // The scratch tensors live until the end of this scope; the caching allocator reuses their
+    // memory only for later work on this stream, so the kernels are done with them by then.
+    check_launch(op, l2m::cuda::topk_read_bwd_launch(params, current_stream()));
+    return;
+  }
+
+  // Atomic mode: float32 accumulators, zeroed; float32 outputs accumulate in place.
+  const bool in_place = dtype == MergeDtype::kFloat32;
+  const at::TensorOptions float_options = q.options().dtype(at::kFloat);
+  const at::Tensor dkeys_acc = in_place ? dkeys : at::empty(keys.sizes(), float_options);
+  const at::Tensor dvalues_acc = in_place ? dvalues : at::empty(values.sizes(), float_options);
+  dkeys_acc.zero_();
+  dvalues_acc.zero_();
+  params.dkeys_acc = dkeys_acc.data_ptr<float>();
+  params.dvalues_acc = dvalues_acc.data_ptr<float>();
+  check_launch(op, l2m::cuda::topk_read_bwd_launch(params, current_stream()));
+  if (!in_place) {
+    dkeys.copy_(dkeys_acc);
+    dvalues.copy_(dvalues_acc);
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "l2m-kernels CUDA backend: merge ops (low-level interface, preallocated outputs).";
+  m.doc() = "l2m-kernels CUDA backend: merge ops and the sparse top-k memory read "
+          "(low-level interface, preallocated outputs).";
   m.attr("CUDA_ARCHS") = kCudaArchs;
   m.attr("CUDART_VERSION") = CUDART_VERSION;  // of the toolkit the extension was built with
 #ifdef L2M_TORCH_VERSION
@@ -273,4 +545,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Gradients of gated_merge_fwd; writes d_local, d_mem, d_gate.", py::arg("dout"),
         py::arg("out_local"), py::arg("out_mem"), py::arg("gate"), py::arg("d_local"),
         py::arg("d_mem"), py::arg("d_gate"));
+  m.def("topk_read_fwd", &topk_read_fwd,
+        "Sparse top-k memory read into preallocated out, indices, weights, lse (SPEC section 1).",
+        py::arg("q"), py::arg("keys"), py::arg("values"), py::arg("valid_len"), py::arg("k"),
+        py::arg("scale"), py::arg("out"), py::arg("indices"), py::arg("weights"), py::arg("lse"));
+  m.def("topk_read_bwd", &topk_read_bwd,
+        "Gradients of topk_read_fwd in q, keys, values; writes dq, dkeys, dvalues (every element).",
+        py::arg("dout"), py::arg("dweights"), py::arg("dlse"), py::arg("q"), py::arg("keys"),
+        py::arg("values"), py::arg("indices"), py::arg("weights"), py::arg("scale"),
+        py::arg("deterministic"), py::arg("dq"), py::arg("dkeys"), py::arg("dvalues"));
 }

@@ -1,13 +1,25 @@
-"""Standalone GPU check of the CUDA merge kernels, independent of the l2m_kernels Python layer.
+"""Standalone GPU check of the CUDA kernels, independent of the l2m_kernels Python layer.
 
 Builds csrc/cuda/*.cu + bindings.cpp with torch.utils.cpp_extension.load (or imports an already
-built module with --module), then checks the four low-level functions against the float64
-reference (l2m_kernels/ops/merge/reference.py, loaded by path) over dtypes, odd and large D,
-empty and single rows, misaligned row starts (scalar path and peeled vector path), -inf and NaN
-rows, extreme gates, and outputs pre-filled with NaN. Optionally times the kernels (--bench) and
-runs one launch with more than 2**31 rows (--huge, ~52 GB of GPU memory).
+built module with --module), then checks the low-level functions against the references (loaded
+by path):
 
-    python csrc/cuda/tests/gpu_selftest.py [--quick] [--bench] [--huge] [--json out.json]
+- merge (l2m_kernels/ops/merge/reference.py, float64): the four merge functions over dtypes, odd
+  and large D, empty and single rows, misaligned row starts (scalar path and peeled vector path),
+  -inf and NaN rows, extreme gates, and outputs pre-filled with NaN;
+- topk (l2m_kernels/ops/topk_read/reference.py): topk_read_fwd / topk_read_bwd in float32,
+  float16 and bfloat16 with outputs pre-filled with NaN: the selection checked robustly (a valid
+  top-k of the float64 scores, in descending order; exactly the reference's on exact ties and NaN
+  rows), out / weights / lse and dq / dkeys / dvalues by relative RMS error against the float64
+  reference evaluated at the kernel's selection, over odd sizes, k in {1 .. 256, N}, valid_len < k
+  and 0, grouped heads, shared memories, ties, NaN query rows, -inf scores, empty batches, both
+  backward modes (deterministic: bitwise repeatable), and bad calls.
+
+Optionally times the kernels (--bench) and runs one merge launch with more than 2**31 rows
+(--huge, ~52 GB of GPU memory).
+
+    python csrc/cuda/tests/gpu_selftest.py [--ops merge,topk] [--quick] [--bench] [--huge]
+                                           [--json out.json]
     compute-sanitizer --tool memcheck python csrc/cuda/tests/gpu_selftest.py --quick
 
 Not collected by pytest (no test_ prefix) and not compiled by setup.py (it globs csrc/cuda/*.cu).
@@ -239,6 +251,401 @@ class Checker:
         torch.cuda.synchronize()
 
 
+# ---- topk_memory_read ------------------------------------------------------------------------
+
+def load_topk_reference():
+    path = REPO_ROOT / "l2m_kernels" / "ops" / "topk_read" / "reference.py"
+    spec = importlib.util.spec_from_file_location("l2m_topk_read_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality (NaN payloads included)."""
+    if a.dtype.is_floating_point:
+        view = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        return torch.equal(a.view(view), b.view(view))
+    return torch.equal(a, b)
+
+
+# (B, H, Hm, T, N, Dk, Dv, k, shared, valid_len, special)
+TOPK_CASES = [
+    (1, 1, 1, 7, 63, 7, 7, 5, False, None, None),
+    (1, 1, 1, 7, 63, 1, 1, 1, False, None, None),
+    (2, 3, 1, 7, 63, 7, 5, 3, False, None, None),
+    (2, 4, 2, 7, 129, 64, 64, 32, False, [129, 40], None),
+    (2, 4, 2, 7, 129, 64, 64, 1, False, [129, 40], None),
+    (2, 2, 1, 7, 63, 64, 64, 63, False, [63, 5], None),           # k = N, valid_len < k
+    (2, 4, 2, 7, 129, 129, 129, 129, False, None, None),          # k = N (K_PAD 256), D = 129
+    (3, 2, 2, 6, 300, 32, 16, 256, True, [300, 0, 7], None),      # k = 256, shared, valid_len 0
+    (1, 2, 2, 33, 1000, 64, 64, 32, False, None, None),
+    (2, 4, 2, 9, 2100, 16, 24, 100, False, [2100, 1500], None),   # many tiles, K_PAD 128
+    (2, 4, 2, 7, 129, 256, 256, 64, True, None, None),            # the largest Dk, Dv
+    (2, 4, 2, 16, 60, 8, 8, 16, True, None, None),                # many queries per slot
+    (2, 2, 2, 6, 40, 8, 4, 7, False, None, "ties"),
+    (2, 2, 2, 6, 40, 8, 4, 40, False, [40, 13], "ties"),
+    (1, 2, 2, 6, 50, 8, 8, 4, False, None, "nan"),
+    (1, 1, 1, 5, 20, 8, 8, 20, False, None, "neginf"),
+    (0, 2, 2, 5, 20, 8, 8, 4, False, None, None),                 # empty batch
+    (0, 2, 2, 5, 20, 8, 8, 4, True, None, None),                  # empty batch, shared memory
+    (2, 2, 2, 0, 20, 8, 8, 4, True, None, None),                  # T = 0
+]
+TOPK_QUICK = {0, 3, 5, 7, 8, 11, 12, 14, 15, 16, 18}
+
+
+class TopkChecker(Checker):
+    """topk_read_fwd / topk_read_bwd against l2m_kernels/ops/topk_read/reference.py."""
+
+    def __init__(self, ext, ref):
+        super().__init__(ext, ref)
+
+    def _inputs(self, case, dtype):
+        B, H, Hm, T, N, Dk, Dv, k, shared, valid, special = case
+        lead = (Hm, N) if shared else (B, Hm, N)
+        scale = Dk ** -0.5
+        if special == "ties":
+            # Integer-valued data: every score is exact (also in 16 bits, scale 1), and duplicated
+            # key rows tie across the k-th position.
+            q = torch.randint(-2, 3, (B, H, T, Dk), device="cuda").to(dtype)
+            base = torch.randint(-2, 3, (*lead[:-1], 5, Dk), device="cuda")
+            keys = base[..., torch.randint(0, 5, (N,), device="cuda"), :].to(dtype).contiguous()
+            scale = 1.0
+        else:
+            q = torch.randn(B, H, T, Dk, device="cuda").to(dtype)
+            keys = torch.randn(*lead, Dk, device="cuda").to(dtype)
+        values = torch.randn(*lead, Dv, device="cuda").to(dtype)
+        if special == "nan" and B * T:
+            q[0, H - 1, T // 2, 0] = NAN
+        if special == "neginf":
+            # Slot 3 scores exactly -inf for every query: q[..., 0] > 0 against [-inf, 0, ...].
+            q[..., 0] = q[..., 0].abs() + 0.5
+            keys[..., 3, :] = 0.0
+            keys[..., 3, 0] = NEG_INF
+        valid_len = None if valid is None else torch.tensor(valid, dtype=torch.int64, device="cuda")
+        return q, keys, values, k, scale, valid_len
+
+    def _selection_problems(self, q, keys, indices, valid_len, scale, nan_rows):
+        """The kernel's selection is a valid top-k of the float64 scores (robust check)."""
+        B, H, T, _ = q.shape
+        Hm, N = keys.shape[-3], keys.shape[-2]
+        k = indices.shape[-1]
+        kk = keys.double()
+        kk = kk.unsqueeze(0).expand(B, *kk.shape) if kk.dim() == 3 else kk
+        kk = kk.repeat_interleave(H // Hm, dim=1)
+        s = (q.double() * scale) @ kk.transpose(-1, -2)  # (B, H, T, N)
+        exists = torch.ones(B, N, dtype=torch.bool, device="cuda")
+        if valid_len is not None:
+            exists = torch.arange(N, device="cuda")[None, :] < valid_len[:, None]
+        exists = exists[:, None, None, :].expand_as(s)
+        keep = ~nan_rows  # NaN rows are checked exactly against the reference elsewhere
+        problems = []
+        want_count = exists.sum(-1).clamp(max=k)
+        if not torch.equal((indices >= 0).sum(-1), want_count):
+            problems.append("wrong number of selected slots")
+        if ((indices < -1) | (indices >= N)).any():
+            problems.append("index out of [-1, N)")
+            return problems
+        # Missing entries come last.
+        live = indices >= 0
+        if (live[..., 1:] & ~live[..., :-1]).any():
+            problems.append("a missing entry (-1) before a selected one")
+        hits = torch.zeros(s.shape, dtype=torch.int64, device="cuda").scatter_add_(
+            -1, indices.clamp_min(0), live.long())
+        if hits.max() > 1:
+            problems.append("a slot was selected twice")
+        chosen = hits > 0
+        if (chosen & ~exists).any():
+            problems.append("selected a slot that does not exist")
+        finite = torch.where(s.isnan(), torch.full_like(s, float("inf")), s)
+        slack = 1e-5 * max(1.0, finite[finite.isfinite()].abs().max().item() if finite.isfinite().any() else 1.0)
+        inf = float("inf")
+        lowest = torch.where(chosen, finite, torch.full_like(s, inf)).amin(-1)
+        highest_left = torch.where(exists & ~chosen, finite, torch.full_like(s, -inf)).amax(-1)
+        bad = keep & ~(lowest >= highest_left - slack) & ~(lowest == highest_left)
+        if bad.any():
+            problems.append(f"selection is not a top-k in {int(bad.sum())} rows")
+        # Entries in descending score order.
+        picked = torch.gather(finite, -1, indices.clamp_min(0))
+        picked = torch.where(live, picked, torch.full_like(picked, -inf))
+        drops = picked[..., 1:] > picked[..., :-1] + slack
+        if (drops & keep[..., None]).any():
+            problems.append("entries not in descending score order")
+        return problems
+
+    def topk_case(self, case, dtype):
+        B, H, Hm, T, N, Dk, Dv, k, shared, valid, special = case
+        self.cases += 1
+        failures_before = len(self.failures)
+        worst_before = dict(self.worst)
+        self.worst = {}
+        label = (f"topk B={B} H={H} Hm={Hm} T={T} N={N} Dk={Dk} Dv={Dv} k={k}"
+                 f"{' shared' if shared else ''}{' valid_len=' + str(valid) if valid else ''}"
+                 f"{' ' + special if special else ''} {str(dtype).removeprefix('torch.')}")
+        q, keys, values, k, scale, valid_len = self._inputs(case, dtype)
+        ext, ref = self.ext, self.ref
+
+        def forward():
+            out = nan_filled((B, H, T, Dv), dtype)
+            indices = torch.full((B, H, T, k), -7, dtype=torch.int64, device="cuda")
+            weights = nan_filled((B, H, T, k), torch.float32)
+            lse = nan_filled((B, H, T), torch.float32)
+            ext.topk_read_fwd(q, keys, values, valid_len, k, scale, out, indices, weights, lse)
+            return out, indices, weights, lse
+
+        out, indices, weights, lse = forward()
+        again = forward()
+        if not all(bits_equal(a, b) for a, b in zip((out, indices, weights, lse), again)):
+            self.failures.append(f"{label}: forward not bitwise repeatable")
+
+        dout = torch.randn(B, H, T, Dv, device="cuda").to(dtype)
+        dweights = torch.randn(B, H, T, k, device="cuda")
+        dlse = torch.randn(B, H, T, device="cuda")
+
+        def backward(deterministic):
+            dq = nan_filled(tuple(q.shape), dtype)
+            dkeys = nan_filled(tuple(keys.shape), dtype)
+            dvalues = nan_filled(tuple(values.shape), dtype)
+            ext.topk_read_bwd(dout, dweights, dlse, q, keys, values, indices, weights, scale,
+                              deterministic, dq, dkeys, dvalues)
+            return dq, dkeys, dvalues
+
+        grads_atomic = backward(False)
+        grads_det = backward(True)
+        grads_det2 = backward(True)
+        if not all(bits_equal(a, b) for a, b in zip(grads_det, grads_det2)):
+            self.failures.append(f"{label}: deterministic backward not bitwise repeatable")
+
+        if B * H * T == 0:
+            for name, grad in zip(("dkeys", "dvalues"), (*grads_atomic[1:], *grads_det[1:])):
+                if not (grad == 0).all():
+                    self.failures.append(f"{label}: {name} of an empty batch is not all zeros")
+            self._report(label, failures_before, worst_before)
+            return
+
+        nan_rows = q.isnan().any(-1)  # (B, H, T)
+        for problem in self._selection_problems(q, keys, indices, valid_len, scale, nan_rows):
+            self.failures.append(f"{label}: {problem}")
+        ref_out, ref_indices, ref_w, ref_lse = ref.topk_memory_read_ref(
+            q.double(), keys.double(), values.double(), k, scale, valid_len)
+        if special == "ties" and not torch.equal(indices, ref_indices):
+            self.failures.append(f"{label}: indices differ from the reference on exact ties")
+        if nan_rows.any() and not torch.equal(indices[nan_rows], ref_indices[nan_rows]):
+            self.failures.append(f"{label}: NaN row indices differ from the reference")
+        if special == "neginf":
+            has_slot3 = (indices == 3).any(-1)
+            if not has_slot3.all():
+                self.failures.append(f"{label}: the -inf slot was not kept (k = N)")
+            elif not (weights[indices == 3] == 0).all():
+                self.failures.append(f"{label}: the -inf slot has a nonzero weight")
+
+        # The reference evaluated at the kernel's selection, in float64 with autograd, and the
+        # same at the input dtype (the baseline error).
+        leaves = [t.double().requires_grad_() for t in (q, keys, values)]
+        gathered = ref.topk_read_gather(*leaves, indices, scale)
+        baseline = ref.topk_read_gather(q, keys, values, indices, scale)
+        keep = ~nan_rows
+        if nan_rows.any():
+            if not (out[nan_rows].isnan().all() and lse[nan_rows].isnan().all()):
+                self.failures.append(f"{label}: NaN row did not give NaN out / lse")
+            if not (out[keep].isfinite().all() and (lse[keep].isfinite() | lse[keep].isneginf()).all()):
+                self.failures.append(f"{label}: NaN leaked into another row")
+        for name, actual, expected, base, check_dtype in (
+                ("out", out, gathered[0], baseline[0], dtype),
+                ("weights", weights, gathered[1], baseline[1], torch.float32),
+                ("lse", lse, gathered[2], baseline[2], torch.float32)):
+            self.check(f"{label} {name}", actual[keep], expected.detach()[keep], check_dtype,
+                       base[keep])
+        empty_rows = (indices < 0).all(-1)
+        if empty_rows.any():
+            if not ((out[empty_rows] == 0).all() and lse[empty_rows].isneginf().all()
+                    and (weights[empty_rows] == 0).all()):
+                self.failures.append(f"{label}: a row without slots is not out=0, lse=-inf, w=0")
+
+        cotangents = (dout, dweights, dlse)
+        expected = torch.autograd.grad(gathered, leaves, [c.double() for c in cotangents],
+                                       allow_unused=True)
+        low_leaves = [t.detach().clone().requires_grad_() for t in (q, keys, values)]
+        low = ref.topk_read_gather(*low_leaves, indices, scale)
+        low_grads = torch.autograd.grad(low, low_leaves, cotangents, allow_unused=True)
+        # Memory rows a NaN query selected are NaN in every backend; compare the others.
+        slot_mask_k = torch.ones(keys.shape[:-1], dtype=torch.bool, device="cuda")
+        if nan_rows.any():
+            group = H // Hm
+            for b, h, t in nan_rows.nonzero().tolist():
+                sel = indices[b, h, t]
+                sel = sel[sel >= 0]
+                if shared:
+                    slot_mask_k[h // group, sel] = False
+                else:
+                    slot_mask_k[b, h // group, sel] = False
+        for mode, grads in (("atomic", grads_atomic), ("deterministic", grads_det)):
+            masks = (keep, slot_mask_k, slot_mask_k)
+            for name, actual, exp, base, mask in zip(("dq", "dkeys", "dvalues"), grads, expected,
+                                                      low_grads, masks):
+                exp = torch.zeros_like(actual, dtype=torch.float64) if exp is None else exp
+                base = None if base is None else base[mask]
+                if special == "neginf" and name == "dq":
+                    # 0 * (-inf) at feature 0 is NaN in every backend; compare the other features.
+                    actual, exp = actual[..., 1:], exp[..., 1:]
+                    base = None
+                self.check(f"{label} {name} ({mode})", actual[mask], exp[mask], dtype, base)
+                if nan_rows.any() and not actual[~mask].isnan().all():
+                    self.failures.append(f"{label} {name} ({mode}): NaN row's gradient not NaN")
+        # Deterministic and atomic modes agree (both are also checked against the reference).
+        for name, a, d, mask in zip(("dq", "dkeys", "dvalues"), grads_atomic, grads_det,
+                                    (keep, slot_mask_k, slot_mask_k)):
+            if special == "neginf" and name == "dq":
+                a, d = a[..., 1:], d[..., 1:]
+            self.check(f"{label} {name} deterministic vs atomic", d[mask], a[mask].double(), dtype)
+        torch.cuda.synchronize()
+        self._report(label, failures_before, worst_before)
+
+    def _report(self, label, failures_before, worst_before):
+        case_worst = max(self.worst.values(), default=0.0)
+        for key, value in worst_before.items():
+            self.worst[key] = max(self.worst.get(key, 0.0), value)
+        problems = len(self.failures) - failures_before
+        print(f"  {'ok  ' if problems == 0 else 'FAIL'} {label}: worst rel RMS {case_worst:.2e}"
+              + (f", {problems} problem(s)" if problems else ""))
+
+
+def run_topk_checks(ext, quick: bool) -> TopkChecker:
+    checker = TopkChecker(ext, load_topk_reference())
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for number, case in enumerate(TOPK_CASES):
+            if quick and number not in TOPK_QUICK:
+                continue
+            try:
+                checker.topk_case(case, dtype)
+            except Exception as error:  # report and go on: one broken case must not hide others
+                checker.failures.append(f"topk case {case} {dtype}: raised "
+                                        f"{type(error).__name__}: {error}")
+                print(f"  FAIL topk case {case} {dtype}: raised {type(error).__name__}: {error}")
+    return checker
+
+
+def check_topk_errors(ext) -> list[str]:
+    """Bad topk calls raise (and never launch)."""
+    problems = []
+    B, H, T, N, D, k = 2, 2, 3, 16, 8, 4
+
+    def outputs(dtype=torch.float32, k=k, Dv=D):
+        return (torch.empty(B, H, T, Dv, dtype=dtype, device="cuda"),
+                torch.empty(B, H, T, k, dtype=torch.int64, device="cuda"),
+                torch.empty(B, H, T, k, device="cuda"), torch.empty(B, H, T, device="cuda"))
+
+    q = torch.randn(B, H, T, D, device="cuda")
+    keys = torch.randn(B, H, N, D, device="cuda")
+    values = torch.randn(B, H, N, D, device="cuda")
+    cases = {
+        "cpu tensor": lambda: ext.topk_read_fwd(q.cpu(), keys.cpu(), values.cpu(), None, k, 1.0,
+                                                *(t.cpu() for t in outputs())),
+        "float64": lambda: ext.topk_read_fwd(q.double(), keys.double(), values.double(), None, k,
+                                             1.0, *outputs(torch.float64)),
+        "k > N": lambda: ext.topk_read_fwd(q, keys, values, None, N + 1, 1.0, *outputs(k=N + 1)),
+        "k = 0": lambda: ext.topk_read_fwd(q, keys, values, None, 0, 1.0, *outputs(k=0)),
+        "out shape": lambda: ext.topk_read_fwd(q, keys, values, None, k, 1.0, *outputs(Dv=D + 1)),
+        "keys shape": lambda: ext.topk_read_fwd(q, keys[:, :, :, :-1].contiguous(), values, None,
+                                                k, 1.0, *outputs()),
+        "heads": lambda: ext.topk_read_fwd(torch.randn(B, 3, T, D, device="cuda"), keys, values,
+                                           None, k, 1.0, *outputs()),
+        "Dk > 256": lambda: ext.topk_read_fwd(torch.randn(B, H, T, 300, device="cuda"),
+                                              torch.randn(B, H, N, 300, device="cuda"), values,
+                                              None, k, 1.0, *outputs()),
+        "valid_len int32": lambda: ext.topk_read_fwd(q, keys, values,
+                                                     torch.full((B,), N, dtype=torch.int32,
+                                                                device="cuda"),
+                                                     k, 1.0, *outputs()),
+        "valid_len shape": lambda: ext.topk_read_fwd(q, keys, values,
+                                                     torch.full((B + 1,), N, dtype=torch.int64,
+                                                                device="cuda"),
+                                                     k, 1.0, *outputs()),
+        "non-contiguous": lambda: ext.topk_read_fwd(q.transpose(2, 3).contiguous().transpose(2, 3),
+                                                    keys, values, None, k, 1.0, *outputs()),
+        "bwd dkeys shape": lambda: ext.topk_read_bwd(
+            torch.randn(B, H, T, D, device="cuda"), torch.randn(B, H, T, k, device="cuda"),
+            torch.randn(B, H, T, device="cuda"), q, keys, values,
+            torch.zeros(B, H, T, k, dtype=torch.int64, device="cuda"),
+            torch.rand(B, H, T, k, device="cuda"), 1.0, False, torch.empty_like(q),
+            torch.empty(B, H, N - 1, D, device="cuda"), torch.empty_like(values)),
+        "bwd indices dtype": lambda: ext.topk_read_bwd(
+            torch.randn(B, H, T, D, device="cuda"), torch.randn(B, H, T, k, device="cuda"),
+            torch.randn(B, H, T, device="cuda"), q, keys, values,
+            torch.zeros(B, H, T, k, dtype=torch.int32, device="cuda"),
+            torch.rand(B, H, T, k, device="cuda"), 1.0, True, torch.empty_like(q),
+            torch.empty_like(keys), torch.empty_like(values)),
+    }
+    for name, call in cases.items():
+        try:
+            call()
+        except (RuntimeError, ValueError, TypeError, NotImplementedError) as error:
+            print(f"  bad topk call '{name}' raised {type(error).__name__}: "
+                  f"{str(error).splitlines()[0]}")
+        else:
+            problems.append(f"bad topk call '{name}' did not raise")
+    torch.cuda.synchronize()
+    return problems
+
+
+def bench_topk(ext) -> list[dict]:
+    """topk_read fwd/bwd at the read-gpu shape: B=8, H=1, T=4096, N=65536, D=64, k=32, bf16."""
+    try:
+        from triton.testing import do_bench
+    except ImportError:  # pragma: no cover
+        do_bench = None
+
+    def timed(fn):
+        if do_bench is not None:
+            return do_bench(fn, warmup=5, rep=50) * 1e-3
+        fn()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(5):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) * 1e-3 / 5
+
+    results = []
+    shapes = [("read-gpu B8 H1 T4096 N65536 D64 k32", 8, 1, 1, 4096, 65536, 64, 32),
+              ("read-heads-gpu B16 H8 T512 N16384 D64 k32", 16, 8, 8, 512, 16384, 64, 32)]
+    for name, B, H, Hm, T, N, D, k in shapes:
+        dtype = torch.bfloat16
+        q = torch.randn(B, H, T, D, device="cuda").to(dtype)
+        keys = torch.randn(B, Hm, N, D, device="cuda").to(dtype)
+        values = torch.randn(B, Hm, N, D, device="cuda").to(dtype)
+        out = torch.empty(B, H, T, D, dtype=dtype, device="cuda")
+        indices = torch.empty(B, H, T, k, dtype=torch.int64, device="cuda")
+        weights = torch.empty(B, H, T, k, device="cuda")
+        lse = torch.empty(B, H, T, device="cuda")
+        scale = D ** -0.5
+        fwd = lambda: ext.topk_read_fwd(q, keys, values, None, k, scale, out, indices, weights, lse)
+        fwd()
+        dout, dweights, dlse = torch.randn_like(out), torch.randn_like(weights), torch.randn_like(lse)
+        dq, dkeys, dvalues = torch.empty_like(q), torch.empty_like(keys), torch.empty_like(values)
+        ops = {"topk_read_fwd": fwd}
+        for deterministic in (False, True):
+            ops[f"topk_read_bwd{' det' if deterministic else ''}"] = (
+                lambda d=deterministic: ext.topk_read_bwd(dout, dweights, dlse, q, keys, values,
+                                                          indices, weights, scale, d, dq, dkeys,
+                                                          dvalues))
+        flops = 2 * B * H * T * N * D
+        for op, fn in ops.items():
+            seconds = timed(fn)
+            entry = {"shape": name, "dtype": "bfloat16", "op": op, "ms": seconds * 1e3}
+            if op == "topk_read_fwd":
+                entry["score_TFLOPs"] = flops / seconds / 1e12
+            results.append(entry)
+            print(f"  {op:22s} {name:42s} {entry['ms']:9.3f} ms"
+                  + (f"  ({entry['score_TFLOPs']:.1f} TFLOP/s of scores)" if "score_TFLOPs" in entry
+                     else ""))
+        del q, keys, values, dkeys, dvalues
+        torch.cuda.empty_cache()
+    return results
+
+
 def run_checks(ext, ref, quick: bool) -> Checker:
     checker = Checker(ext, ref)
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
@@ -391,6 +798,8 @@ def main(argv=None) -> int:
     parser.add_argument("--module", help="import this built module instead of JIT-building, "
                                          "e.g. l2m_kernels._C_cuda")
     parser.add_argument("--build-dir", default=None)
+    parser.add_argument("--ops", default="merge,topk",
+                        help="comma-separated op families to check: merge, topk (default both)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--bench", action="store_true")
     parser.add_argument("--huge", action="store_true")
@@ -398,6 +807,10 @@ def main(argv=None) -> int:
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--errors-only", action="store_true", help="only the bad-call checks")
     args = parser.parse_args(argv)
+    ops = {op.strip() for op in args.ops.split(",") if op.strip()}
+    unknown = ops - {"merge", "topk"}
+    if unknown:
+        parser.error(f"unknown --ops {sorted(unknown)}; choose from merge, topk")
 
     torch.manual_seed(0)
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
@@ -406,22 +819,38 @@ def main(argv=None) -> int:
     report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
 
     if args.errors_only:
-        problems = check_errors(ext)
+        problems = (check_errors(ext) if "merge" in ops else []) + (
+            check_topk_errors(ext) if "topk" in ops else [])
         print("\n".join(problems) or "bad calls: all raised")
         return 1 if problems else 0
-    started = time.perf_counter()
-    checker = run_checks(ext, ref, args.quick)
-    problems = checker.failures + check_errors(ext)
-    print(f"correctness: {checker.cases} cases in {time.perf_counter() - started:.1f}s, "
-          f"{len(problems)} problems; worst rel RMS per dtype: "
-          + ", ".join(f"{k} {v:.2e}" for k, v in checker.worst.items()))
-    report.update(cases=checker.cases, worst_rel_rms=checker.worst, problems=problems)
-    if args.huge:
+    problems = []
+    if "merge" in ops:
+        started = time.perf_counter()
+        checker = run_checks(ext, ref, args.quick)
+        merge_problems = checker.failures + check_errors(ext)
+        print(f"merge correctness: {checker.cases} cases in {time.perf_counter() - started:.1f}s, "
+              f"{len(merge_problems)} problems; worst rel RMS per dtype: "
+              + ", ".join(f"{k} {v:.2e}" for k, v in checker.worst.items()))
+        report.update(cases=checker.cases, worst_rel_rms=checker.worst)
+        problems += merge_problems
+    if "topk" in ops:
+        started = time.perf_counter()
+        topk_checker = run_topk_checks(ext, args.quick)
+        topk_problems = topk_checker.failures + check_topk_errors(ext)
+        print(f"topk correctness: {topk_checker.cases} cases in "
+              f"{time.perf_counter() - started:.1f}s, {len(topk_problems)} problems; worst rel RMS "
+              "per dtype: " + ", ".join(f"{k} {v:.2e}" for k, v in topk_checker.worst.items()))
+        report.update(topk_cases=topk_checker.cases, topk_worst_rel_rms=topk_checker.worst)
+        problems += topk_problems
+    report["problems"] = problems
+    if args.huge and "merge" in ops:
         problems += huge_rows(ext)
     if args.bench:
-        report["bench"] = bench(ext, ref)
+        report["bench"] = (bench(ext, ref) if "merge" in ops else []) + (
+            bench_topk(ext) if "topk" in ops else [])
     for problem in problems[:50]:
         print("FAIL", problem)
+    print(f"total problems: {len(problems)}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return 1 if problems else 0

@@ -96,7 +96,8 @@ def topk_memory_read(q, keys, values, k, *, scale=None, valid_len=None, determin
     device = v.require_same_device(q=q, keys=keys, values=values, valid_len=valid_len)
     scale = resolve_scale(scale, Dk)
     deterministic = resolve_deterministic(deterministic)
-    name = select_backend("topk_memory_read", device, q.dtype, backend)
+    name = select_backend("topk_memory_read", device, q.dtype, backend,
+                          sizes=dict(Dk=Dk, Dv=values.shape[-1], N=N, rows=B * H * T))
     if name == "reference":
         return MemoryRead(*topk_memory_read_ref(q, keys, values, k, scale=scale, valid_len=valid_len))
     return MemoryRead(*topk_memory_read_op(q, keys, values, k, scale, valid_len, deterministic, name))

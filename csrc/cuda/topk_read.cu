@@ -1,0 +1,676 @@
+// Sparse top-k memory read on CUDA (interface and limits: topk_read.h; semantics:
+// l2m_kernels/ops/topk_read/reference.py).
+//
+// Forward, one kernel, no T x N buffer (in the spirit of faiss' WarpSelect):
+//   A block of kWarps warps owns kBlockRows consecutive query rows of one (batch, memory head):
+//   the H / Hm query heads sharing a memory head are contiguous in q (B, H, T, Dk), so a memory
+//   head owns R = (H / Hm) * T contiguous rows. The block's queries sit in shared memory (float32,
+//   scale folded in for float32 inputs); key tiles of kTileN slots are streamed through shared
+//   memory (float32, rows padded by 4 floats so the per-lane float4 reads of different rows hit
+//   different banks) and reused by every query of the block. Each lane scores kKeysPerLane slots
+//   (slot n0 + c * 32 + lane) against each of its warp's kQueriesPerWarp queries: one float4 of a
+//   key and one (broadcast) float4 of a query feed 4 FMAs each, register-blocked over
+//   queries x slots. Every score is one sequential FMA chain over d = 0 .. Dk - 1, so it does not
+//   depend on where the query or the slot sits in a tile.
+//
+//   Each warp keeps, per query, the running top list of K_PAD (32..256, >= k) int64 sort keys,
+//   sorted descending, distributed over the lanes: element i = r * 32 + lane is register r of
+//   lane `lane`. A sort key is the order-preserving int32 image of the float32 score in the high
+//   word (NaN first mapped to +inf, -0.0 to +0.0) and 2**31 - 1 - slot in the low word (as the
+//   Triton kernel), so "larger key" is exactly "higher score, then smaller slot", the keys of one
+//   query are distinct, and non-existent slots get INT64_MIN. A batch of 32 candidates (one per
+//   lane) is merged only when one of them beats the query's current k-th best (a warp vote): the
+//   candidates are bitonic-sorted ascending across the lanes, the elementwise maximum with the
+//   last 32 list elements (the list's other elements face INT64_MIN padding) leaves the K_PAD
+//   largest keys of both as a bitonic sequence, and a bitonic merge sorts it descending (strides
+//   >= 32 are register swaps inside a lane, < 32 are __shfl_xor_sync).
+//
+//   After the last tile the warp decodes its lists, forms the softmax / log-sum-exp over the k
+//   winners and out = sum_j w_j * values[idx_j] (float32), lanes splitting Dv.
+//
+// Backward:
+//   topk_read_bwd_rows_kernel: one warp per query row, lanes splitting the feature dimension.
+//     Pass 1 over the row's k entries: dw_j = dweights_j + <dout, v_j> (warp butterfly sum) kept
+//     in shared memory, and sum_j w_j dw_j; atomic mode also scatters w_j * dout into dvalues.
+//     Pass 2: ds_j, dq = scale * sum_j ds_j key_j; atomic mode scatters scale * ds_j * q into
+//     dkeys, deterministic mode stores ds_j.
+//   topk_read_bwd_slot_kernel (deterministic mode): one warp per slot sums the slot's entries in
+//     the order the caller sorted them (stable, by slot) and writes every slot row.
+//
+// Numerics: inputs converted to float32 on load, float32 arithmetic, IEEE expf/logf (no
+// --use_fast_math: merge_common.cuh refuses it), outputs rounded once on store.
+#include <cstdint>
+#include <type_traits>
+
+#include "merge_common.cuh"  // to_float / from_float, MergeDtype
+#include "topk_read.h"
+
+namespace l2m {
+namespace cuda {
+namespace {
+
+using detail::from_float;
+using detail::to_float;
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kTileN = 64;                   // slots per key tile
+constexpr int kKeysPerLane = kTileN / 32;    // slots each lane scores per tile
+constexpr int kMaxDimPerLane = static_cast<int>(kTopkReadMaxDim / 32);  // feature registers
+constexpr int kKeyRowPad = 4;                // floats of padding per key row in shared memory
+constexpr long long kKeyMissing = static_cast<long long>(0x8000000000000000ull);  // INT64_MIN
+constexpr int kStaticSmemLimit = 48 * 1024;
+
+// Queries per warp: the lists take kQueriesPerWarp * K_PAD / 32 int64 registers per lane.
+__host__ __device__ constexpr int queries_per_warp(int k_pad) { return k_pad <= 32 ? 8 : k_pad <= 64 ? 4 : 2; }
+
+__device__ __forceinline__ long long max_key(long long a, long long b) { return a > b ? a : b; }
+__device__ __forceinline__ long long min_key(long long a, long long b) { return a < b ? a : b; }
+
+// ---------------------------------------------------------------------------------------------
+// Sort keys: (score descending, slot ascending) as one int64 (see the file comment).
+
+__device__ __forceinline__ long long encode_key(float score, long long slot) {
+  if (score != score) score = INFINITY;  // NaN ranks like +inf
+  if (score == 0.0f) score = 0.0f;       // -0.0 ties with +0.0
+  const int bits = __float_as_int(score);
+  const int ordered = bits < 0 ? (bits ^ 0x7fffffff) : bits;
+  const unsigned long long low = static_cast<unsigned long long>(0x7fffffffLL - slot);
+  return static_cast<long long>((static_cast<unsigned long long>(static_cast<unsigned>(ordered))
+                                 << 32) | low);
+}
+
+struct DecodedKey {
+  bool exists;
+  float score;
+  long long slot;
+};
+
+__device__ __forceinline__ DecodedKey decode_key(long long key) {
+  DecodedKey decoded;
+  const int high = static_cast<int>(key >> 32);
+  decoded.exists = high != static_cast<int>(0x80000000u);
+  const int bits = high < 0 ? (high ^ 0x7fffffff) : high;
+  decoded.score = __int_as_float(bits);
+  decoded.slot = 0x7fffffffLL - static_cast<long long>(key & 0xffffffffLL);
+  return decoded;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Warp-distributed sorted lists.
+
+// Offers the warp's 32 candidate keys (one per lane) to a list sorted descending (element
+// r * 32 + lane in top[r]); afterwards the list holds the K_PAD largest of both, sorted
+// descending. Every lane of the warp must call it.
+template <int kRegs>
+__device__ __forceinline__ void insert_candidates(long long (&top)[kRegs], long long candidate,
+                                                  int lane) {
+  // Bitonic sort of the 32 candidates, ascending over the lanes.
+#pragma unroll
+  for (int size = 2; size <= 32; size <<= 1) {
+    const bool ascending = (lane & size) == 0;  // always true in the last stage (size == 32)
+#pragma unroll
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      const long long other = __shfl_xor_sync(kFullMask, candidate, stride);
+      const bool lower = (lane & stride) == 0;
+      candidate = (lower == ascending) ? min_key(candidate, other) : max_key(candidate, other);
+    }
+  }
+  // Descending list vs the ascending candidates placed at its last 32 positions (INT64_MIN
+  // before them): the elementwise maximum is bitonic and holds the K_PAD largest keys.
+  top[kRegs - 1] = max_key(top[kRegs - 1], candidate);
+  // Bitonic merge, descending: the lower index of each pair takes the larger key.
+#pragma unroll
+  for (int stride = kRegs * 16; stride >= 32; stride >>= 1) {
+    const int reg_stride = stride >> 5;
+#pragma unroll
+    for (int r = 0; r < kRegs; ++r) {
+      if ((r & reg_stride) == 0) {
+        const long long high = max_key(top[r], top[r | reg_stride]);
+        const long long low = min_key(top[r], top[r | reg_stride]);
+        top[r] = high;
+        top[r | reg_stride] = low;
+      }
+    }
+  }
+#pragma unroll
+  for (int stride = 16; stride > 0; stride >>= 1) {
+    const bool lower = (lane & stride) == 0;
+#pragma unroll
+    for (int r = 0; r < kRegs; ++r) {
+      const long long other = __shfl_xor_sync(kFullMask, top[r], stride);
+      top[r] = lower ? max_key(top[r], other) : min_key(top[r], other);
+    }
+  }
+}
+
+// Element (kth_reg * 32 + kth_lane) of the list, in every lane. Registers are selected with a
+// static loop so the list never leaves registers.
+template <int kRegs>
+__device__ __forceinline__ long long list_element(const long long (&top)[kRegs], int kth_reg,
+                                                  int kth_lane) {
+  long long value = top[0];
+#pragma unroll
+  for (int r = 1; r < kRegs; ++r) {
+    if (r == kth_reg) value = top[r];
+  }
+  return __shfl_sync(kFullMask, value, kth_lane);
+}
+
+__device__ __forceinline__ float warp_sum(float value) {
+  // xor butterfly: every lane ends with the same bits (a + b == b + a), fixed order.
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1)
+    value += __shfl_xor_sync(kFullMask, value, offset);
+  return value;
+}
+
+__device__ __forceinline__ float warp_max(float value) {  // no NaN reaches it
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1)
+    value = fmaxf(value, __shfl_xor_sync(kFullMask, value, offset));
+  return value;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward.
+
+struct FwdLayout {
+  int64_t rows_per_memory;  // R = (H / Hm) * T
+  int64_t num_row_blocks;   // cdiv(R, kBlockRows)
+  int dim_k_pad;            // Dk rounded up to a multiple of 4
+};
+
+// Grid (num_row_blocks * B * Hm,), kThreads threads, dynamic shared memory
+// (kBlockRows * dim_k_pad + kTileN * (dim_k_pad + kKeyRowPad)) floats + kWarps * kKPad
+// (int64 + float).
+// The minimum of 1 block per SM in the launch bounds lets ptxas use the registers it needs
+// (~125-140); with the default it aimed at a register target and spilled a few bytes.
+template <typename T, int kKPad>
+__global__ void __launch_bounds__(kThreads, 1)
+    topk_read_fwd_kernel(const TopkReadFwdParams params, const FwdLayout layout) {
+  constexpr int kRegs = kKPad / 32;
+  constexpr int kQueriesPerWarp = queries_per_warp(kKPad);
+  constexpr int kBlockRows = kWarps * kQueriesPerWarp;
+  constexpr bool kScaleQ = std::is_same<T, float>::value;  // float32: (scale * q) . key
+
+  extern __shared__ float4 shared_storage[];
+  const int dim_k_pad = layout.dim_k_pad;
+  const int key_stride = dim_k_pad + kKeyRowPad;
+  float* q_tile = reinterpret_cast<float*>(shared_storage);  // [kBlockRows, dim_k_pad]
+  float* key_tile = q_tile + kBlockRows * dim_k_pad;          // [kTileN, key_stride]
+  // [kWarps, kKPad] the winners of the warp's current query, for the value sum (16-byte aligned:
+  // the float counts before it are multiples of 4).
+  long long* entry_slots = reinterpret_cast<long long*>(key_tile + kTileN * key_stride);
+  float* entry_weights = reinterpret_cast<float*>(entry_slots + kWarps * kKPad);
+
+  const int warp = static_cast<int>(threadIdx.x) >> 5;
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  const int64_t R = layout.rows_per_memory;
+  const int64_t mem_heads = params.mem_heads;
+  const int64_t N = params.num_slots;
+  const int64_t dim_k = params.dim_k;
+  const int64_t dim_v = params.dim_v;
+  const int k = static_cast<int>(params.k);
+  const float scale = static_cast<float>(params.scale);
+
+  // 32-bit divisions (the launcher keeps the grid below 2**31): a 64-bit division is a
+  // subroutine call whose saved registers ptxas puts in a stack frame.
+  const unsigned block = blockIdx.x;
+  const unsigned num_row_blocks = static_cast<unsigned>(layout.num_row_blocks);
+  const unsigned bh32 = block / num_row_blocks;  // b * Hm + hm
+  const int64_t bh = bh32;
+  const int64_t row_block = block - bh32 * num_row_blocks;
+  const int64_t b = bh32 / static_cast<unsigned>(mem_heads);
+  const int64_t memory = params.shared_memory ? bh - b * mem_heads : bh;
+  const T* __restrict__ q = static_cast<const T*>(params.q) + bh * R * dim_k;
+  const T* __restrict__ keys = static_cast<const T*>(params.keys) + memory * N * dim_k;
+  const T* __restrict__ values = static_cast<const T*>(params.values) + memory * N * dim_v;
+  int64_t n_end = N;
+  if (params.valid_len != nullptr) {
+    const int64_t length = params.valid_len[b];
+    n_end = length < 0 ? 0 : (length > N ? N : length);
+  }
+  const int64_t row0 = row_block * kBlockRows;  // first row of the block within the memory's R
+
+  // [kBlockRows, dim_k_pad] queries; rows past R and the padding columns are 0.
+  for (int i = warp; i < kBlockRows; i += kWarps) {
+    const int64_t row = row0 + i;
+    for (int col = lane; col < dim_k_pad; col += 32) {
+      float x = 0.0f;
+      if (row < R && col < dim_k) {
+        x = to_float<T>(q[row * dim_k + col]);
+        if (kScaleQ) x *= scale;  // rounded once, as the reference's q.float() * scale
+      }
+      q_tile[i * dim_k_pad + col] = x;
+    }
+  }
+
+  long long top[kQueriesPerWarp][kRegs];  // per query: K_PAD keys, descending
+  long long kth[kQueriesPerWarp];         // per query: its k-th best key so far
+  bool row_valid[kQueriesPerWarp];
+#pragma unroll
+  for (int i = 0; i < kQueriesPerWarp; ++i) {
+#pragma unroll
+    for (int r = 0; r < kRegs; ++r) top[i][r] = kKeyMissing;
+    kth[i] = kKeyMissing;
+    row_valid[i] = row0 + warp * kQueriesPerWarp + i < R;
+  }
+  const int kth_reg = (k - 1) >> 5;
+  const int kth_lane = (k - 1) & 31;
+
+  const float* q_rows = q_tile + warp * kQueriesPerWarp * dim_k_pad;
+  const float* key_rows = key_tile + lane * key_stride;
+  for (int64_t n0 = 0; n0 < n_end; n0 += kTileN) {  // uniform over the block
+    __syncthreads();  // the previous tile is consumed (first time: q_tile is complete)
+    for (int r = warp; r < kTileN; r += kWarps) {
+      const int64_t slot = n0 + r;
+      const bool exists = slot < n_end;
+      for (int col = lane; col < dim_k_pad; col += 32) {
+        float x = 0.0f;
+        if (exists && col < dim_k) x = to_float<T>(keys[slot * dim_k + col]);
+        key_tile[r * key_stride + col] = x;
+      }
+    }
+    __syncthreads();
+
+    // [kQueriesPerWarp, kKeysPerLane] scores of slot n0 + c * 32 + lane.
+    float acc[kQueriesPerWarp][kKeysPerLane];
+#pragma unroll
+    for (int i = 0; i < kQueriesPerWarp; ++i) {
+#pragma unroll
+      for (int c = 0; c < kKeysPerLane; ++c) acc[i][c] = 0.0f;
+    }
+    for (int d = 0; d < dim_k_pad; d += 4) {
+      float4 key_vec[kKeysPerLane];
+#pragma unroll
+      for (int c = 0; c < kKeysPerLane; ++c)
+        key_vec[c] = *reinterpret_cast<const float4*>(key_rows + c * 32 * key_stride + d);
+#pragma unroll
+      for (int i = 0; i < kQueriesPerWarp; ++i) {
+        const float4 q_vec = *reinterpret_cast<const float4*>(q_rows + i * dim_k_pad + d);
+#pragma unroll
+        for (int c = 0; c < kKeysPerLane; ++c) {
+          acc[i][c] = fmaf(q_vec.x, key_vec[c].x, acc[i][c]);
+          acc[i][c] = fmaf(q_vec.y, key_vec[c].y, acc[i][c]);
+          acc[i][c] = fmaf(q_vec.z, key_vec[c].z, acc[i][c]);
+          acc[i][c] = fmaf(q_vec.w, key_vec[c].w, acc[i][c]);
+        }
+      }
+    }
+
+#pragma unroll
+    for (int i = 0; i < kQueriesPerWarp; ++i) {
+#pragma unroll
+      for (int c = 0; c < kKeysPerLane; ++c) {
+        const int64_t slot = n0 + c * 32 + lane;
+        const float score = kScaleQ ? acc[i][c] : acc[i][c] * scale;
+        const long long candidate =
+            (row_valid[i] && slot < n_end) ? encode_key(score, slot) : kKeyMissing;
+        // Keys are distinct, so a candidate enters the top k iff it beats the k-th best.
+        if (__any_sync(kFullMask, candidate > kth[i])) {
+          insert_candidates<kRegs>(top[i], candidate, lane);
+          kth[i] = list_element<kRegs>(top[i], kth_reg, kth_lane);
+        }
+      }
+    }
+  }
+
+  // Softmax over the k winners and the weighted sum of their values, query by query.
+  float* __restrict__ weights = params.weights;
+  int64_t* __restrict__ indices = params.indices;
+  T* __restrict__ out = static_cast<T*>(params.out);
+  long long* warp_slots = entry_slots + warp * kKPad;
+  float* warp_weights = entry_weights + warp * kKPad;
+#pragma unroll
+  for (int i = 0; i < kQueriesPerWarp; ++i) {
+    if (!row_valid[i]) continue;  // uniform over the warp
+    const int64_t row = bh * R + row0 + warp * kQueriesPerWarp + i;  // global row (b, h, t)
+
+    float score[kRegs];
+    long long slot[kRegs];  // -1 for missing entries
+    bool live[kRegs];       // an existing slot at a position < k
+    float row_max = -INFINITY;
+#pragma unroll
+    for (int r = 0; r < kRegs; ++r) {
+      const DecodedKey decoded = decode_key(top[i][r]);
+      live[r] = decoded.exists && r * 32 + lane < k;
+      score[r] = decoded.score;
+      slot[r] = decoded.exists ? decoded.slot : -1;
+      if (live[r]) row_max = fmaxf(row_max, decoded.score);
+    }
+    // A NaN score was ranked (and decodes) as +inf: exp(inf - inf) = NaN below makes the row NaN
+    // exactly as the reference's NaN does. A row whose best is -inf (or that has no entry) gets
+    // weights 0 and lse = -inf.
+    row_max = warp_max(row_max);
+    const bool empty = row_max == -INFINITY;
+    const float shift = empty ? 0.0f : row_max;
+    float exp_terms[kRegs];
+    float total = 0.0f;
+#pragma unroll
+    for (int r = 0; r < kRegs; ++r) {
+      exp_terms[r] = live[r] ? expf(score[r] - shift) : 0.0f;
+      total += exp_terms[r];
+    }
+    total = warp_sum(total);
+    if (empty) total = 1.0f;
+    float weight[kRegs];
+#pragma unroll
+    for (int r = 0; r < kRegs; ++r) {
+      weight[r] = live[r] ? exp_terms[r] / total : 0.0f;
+      const int position = r * 32 + lane;
+      if (position < k) {
+        indices[row * k + position] = slot[r];
+        weights[row * k + position] = weight[r];
+        warp_slots[position] = slot[r];
+        warp_weights[position] = weight[r];
+      }
+    }
+    __syncwarp();  // warp_slots / warp_weights complete
+    if (lane == 0) params.lse[row] = empty ? -INFINITY : shift + logf(total);
+
+    // out = sum_j w_j * values[idx_j]; every selected entry enters (weight 0 included, as in
+    // the reference), entries with index -1 do not.
+    float out_acc[kMaxDimPerLane];
+#pragma unroll
+    for (int c = 0; c < kMaxDimPerLane; ++c) out_acc[c] = 0.0f;
+    for (int j = 0; j < k; ++j) {
+      const long long entry_slot = warp_slots[j];
+      if (entry_slot < 0) break;  // uniform; missing entries come last
+      const float entry_weight = warp_weights[j];
+      const T* value_row = values + entry_slot * dim_v;
+#pragma unroll
+      for (int c = 0; c < kMaxDimPerLane; ++c) {
+        const int col = lane + 32 * c;
+        if (col < dim_v) out_acc[c] = fmaf(entry_weight, to_float<T>(value_row[col]), out_acc[c]);
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < kMaxDimPerLane; ++c) {
+      const int col = lane + 32 * c;
+      if (col < dim_v) out[row * dim_v + col] = from_float<T>(out_acc[c]);
+    }
+    __syncwarp();  // the next query rewrites warp_slots / warp_weights
+  }
+}
+
+template <typename T, int kKPad>
+cudaError_t launch_fwd(const TopkReadFwdParams& params, cudaStream_t stream) {
+  constexpr int kBlockRows = kWarps * queries_per_warp(kKPad);
+  FwdLayout layout;
+  layout.rows_per_memory = (params.heads / params.mem_heads) * params.seq_len;
+  layout.num_row_blocks = (layout.rows_per_memory + kBlockRows - 1) / kBlockRows;
+  layout.dim_k_pad = static_cast<int>((params.dim_k + 3) / 4 * 4);
+  const int64_t blocks = layout.num_row_blocks * params.batch * params.mem_heads;
+  if (blocks <= 0) return cudaSuccess;
+  if (blocks > 0x7fffffffLL) return cudaErrorInvalidValue;
+  const size_t smem_bytes =
+      sizeof(float) * (static_cast<size_t>(kBlockRows) * layout.dim_k_pad +
+                       static_cast<size_t>(kTileN) * (layout.dim_k_pad + kKeyRowPad)) +
+      (sizeof(long long) + sizeof(float)) * kWarps * kKPad;
+  auto kernel = topk_read_fwd_kernel<T, kKPad>;
+  if (smem_bytes > static_cast<size_t>(kStaticSmemLimit)) {
+    const cudaError_t status = cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes));
+    if (status != cudaSuccess) return status;
+  }
+  kernel<<<static_cast<unsigned>(blocks), kThreads, smem_bytes, stream>>>(params, layout);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_fwd_for_k(const TopkReadFwdParams& params, cudaStream_t stream) {
+  if (params.k <= 32) return launch_fwd<T, 32>(params, stream);
+  if (params.k <= 64) return launch_fwd<T, 64>(params, stream);
+  if (params.k <= 128) return launch_fwd<T, 128>(params, stream);
+  return launch_fwd<T, 256>(params, stream);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward.
+
+// Grid-stride over query rows, one warp per row.
+// (Minimum 1 block per SM in the launch bounds, as for the forward: without it ptxas capped the
+// atomic variant at 80 registers on sm_90 and spilled.)
+template <typename T, bool kDeterministic>
+__global__ void __launch_bounds__(kThreads, 1) topk_read_bwd_rows_kernel(const TopkReadBwdParams params) {
+  __shared__ float dw_scratch[kWarps][kTopkReadMaxK];  // dw_j of the warp's current row
+
+  const int warp = static_cast<int>(threadIdx.x) >> 5;
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  const int64_t rows = params.batch * params.heads * params.seq_len;
+  const int64_t R = (params.heads / params.mem_heads) * params.seq_len;
+  const int64_t mem_heads = params.mem_heads;
+  const int64_t N = params.num_slots;
+  const int64_t dim_k = params.dim_k;
+  const int64_t dim_v = params.dim_v;
+  const int k = static_cast<int>(params.k);
+  const float scale = static_cast<float>(params.scale);
+  const T* __restrict__ dout = static_cast<const T*>(params.dout);
+  const T* __restrict__ q = static_cast<const T*>(params.q);
+  float* dw_row = dw_scratch[warp];
+
+  for (int64_t row = int64_t{blockIdx.x} * kWarps + warp; row < rows;
+       row += int64_t{gridDim.x} * kWarps) {
+    // 32-bit divisions (rows < 2**31, checked by the launcher): see topk_read_fwd_kernel.
+    const unsigned bh32 = static_cast<unsigned>(row) / static_cast<unsigned>(R);
+    const int64_t bh = bh32;
+    const int64_t memory =
+        params.shared_memory ? int64_t{bh32 % static_cast<unsigned>(mem_heads)} : bh;
+    const T* __restrict__ keys = static_cast<const T*>(params.keys) + memory * N * dim_k;
+    const T* __restrict__ values = static_cast<const T*>(params.values) + memory * N * dim_v;
+    const int64_t* row_indices = params.indices + row * k;
+    const float* row_weights = params.weights + row * k;
+    const float* row_dweights = params.dweights + row * k;
+
+    float dout_row[kMaxDimPerLane], q_row[kMaxDimPerLane];
+#pragma unroll
+    for (int c = 0; c < kMaxDimPerLane; ++c) {
+      const int col = lane + 32 * c;
+      dout_row[c] = col < dim_v ? to_float<T>(dout[row * dim_v + col]) : 0.0f;
+      q_row[c] = col < dim_k ? to_float<T>(q[row * dim_k + col]) : 0.0f;
+    }
+
+    // Pass 1: dw_j and sum_j w_j dw_j (identical in every lane).
+    float weighted_dw = 0.0f;
+    for (int j = 0; j < k; ++j) {
+      const int64_t slot = row_indices[j];
+      float dw = 0.0f;
+      if (slot >= 0 && slot < N) {  // uniform over the warp
+        const float weight = row_weights[j];
+        const T* value_row = values + slot * dim_v;
+        float dot = 0.0f;
+#pragma unroll
+        for (int c = 0; c < kMaxDimPerLane; ++c) {
+          const int col = lane + 32 * c;
+          if (col < dim_v) {
+            dot = fmaf(dout_row[c], to_float<T>(value_row[col]), dot);
+            if (!kDeterministic) {
+              atomicAdd(params.dvalues_acc + (memory * N + slot) * dim_v + col,
+                        weight * dout_row[c]);
+            }
+          }
+        }
+        dw = row_dweights[j] + warp_sum(dot);
+        weighted_dw += weight * dw;
+      }
+      if (lane == 0) dw_row[j] = dw;
+    }
+    __syncwarp();
+
+    // Pass 2: ds_j, dq, and the dkeys scatter (atomic) or ds (deterministic).
+    const float dlse = params.dlse[row];
+    float dq_acc[kMaxDimPerLane];
+#pragma unroll
+    for (int c = 0; c < kMaxDimPerLane; ++c) dq_acc[c] = 0.0f;
+    for (int j = 0; j < k; ++j) {
+      const int64_t slot = row_indices[j];
+      float ds = 0.0f;
+      if (slot >= 0 && slot < N) {  // uniform over the warp
+        ds = row_weights[j] * (dw_row[j] - weighted_dw + dlse);
+        const T* key_row = keys + slot * dim_k;
+        const float scaled_ds = scale * ds;
+#pragma unroll
+        for (int c = 0; c < kMaxDimPerLane; ++c) {
+          const int col = lane + 32 * c;
+          if (col < dim_k) {
+            dq_acc[c] = fmaf(ds, to_float<T>(key_row[col]), dq_acc[c]);
+            if (!kDeterministic) {
+              atomicAdd(params.dkeys_acc + (memory * N + slot) * dim_k + col, scaled_ds * q_row[c]);
+            }
+          }
+        }
+      }
+      if (kDeterministic && lane == 0) params.ds[row * k + j] = ds;
+    }
+    T* __restrict__ dq = static_cast<T*>(params.dq);
+#pragma unroll
+    for (int c = 0; c < kMaxDimPerLane; ++c) {
+      const int col = lane + 32 * c;
+      if (col < dim_k) dq[row * dim_k + col] = from_float<T>(scale * dq_acc[c]);
+    }
+    __syncwarp();  // dw_row is rewritten for the next row
+  }
+}
+
+// Deterministic mode: grid-stride over the M * N slots, one warp per slot.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    topk_read_bwd_slot_kernel(const TopkReadBwdParams params, const int64_t total_slots) {
+  const int warp = static_cast<int>(threadIdx.x) >> 5;
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  const int64_t dim_k = params.dim_k;
+  const int64_t dim_v = params.dim_v;
+  const float scale = static_cast<float>(params.scale);
+  const T* __restrict__ q = static_cast<const T*>(params.q);
+  const T* __restrict__ dout = static_cast<const T*>(params.dout);
+  T* __restrict__ dkeys = static_cast<T*>(params.dkeys);
+  T* __restrict__ dvalues = static_cast<T*>(params.dvalues);
+
+  for (int64_t slot = int64_t{blockIdx.x} * kWarps + warp; slot < total_slots;
+       slot += int64_t{gridDim.x} * kWarps) {
+    const int64_t entry_begin = params.run_starts[slot];
+    const int64_t entry_end = params.run_starts[slot + 1];
+    float dkey_acc[kMaxDimPerLane], dvalue_acc[kMaxDimPerLane];
+#pragma unroll
+    for (int c = 0; c < kMaxDimPerLane; ++c) {
+      dkey_acc[c] = 0.0f;
+      dvalue_acc[c] = 0.0f;
+    }
+    for (int64_t e = entry_begin; e < entry_end; ++e) {  // the caller's (stable) order
+      const int64_t entry = params.entry_order[e];
+      const int64_t row = params.entry_rows[e];
+      const float ds = params.ds[entry];
+      const float weight = params.weights[entry];
+#pragma unroll
+      for (int c = 0; c < kMaxDimPerLane; ++c) {
+        const int col = lane + 32 * c;
+        if (col < dim_k) dkey_acc[c] = fmaf(ds, to_float<T>(q[row * dim_k + col]), dkey_acc[c]);
+        if (col < dim_v)
+          dvalue_acc[c] = fmaf(weight, to_float<T>(dout[row * dim_v + col]), dvalue_acc[c]);
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < kMaxDimPerLane; ++c) {
+      const int col = lane + 32 * c;
+      if (col < dim_k) dkeys[slot * dim_k + col] = from_float<T>(scale * dkey_acc[c]);
+      if (col < dim_v) dvalues[slot * dim_v + col] = from_float<T>(dvalue_acc[c]);
+    }
+  }
+}
+
+// Blocks for a grid-stride loop over `units` warps' worth of work (capped; the kernels stride).
+inline unsigned stride_grid(int64_t units) {
+  constexpr int64_t kMaxBlocks = int64_t{1} << 20;
+  const int64_t blocks = (units + kWarps - 1) / kWarps;
+  return static_cast<unsigned>(blocks < kMaxBlocks ? blocks : kMaxBlocks);
+}
+
+template <typename T>
+cudaError_t launch_bwd(const TopkReadBwdParams& params, cudaStream_t stream) {
+  const int64_t rows = params.batch * params.heads * params.seq_len;
+  if (rows > 0) {
+    if (params.deterministic) {
+      topk_read_bwd_rows_kernel<T, true><<<stride_grid(rows), kThreads, 0, stream>>>(params);
+    } else {
+      topk_read_bwd_rows_kernel<T, false><<<stride_grid(rows), kThreads, 0, stream>>>(params);
+    }
+    const cudaError_t status = cudaGetLastError();
+    if (status != cudaSuccess) return status;
+  }
+  if (params.deterministic) {
+    const int64_t memories = params.shared_memory ? params.mem_heads
+                                                  : params.batch * params.mem_heads;
+    const int64_t total_slots = memories * params.num_slots;
+    if (total_slots > 0) {
+      topk_read_bwd_slot_kernel<T><<<stride_grid(total_slots), kThreads, 0, stream>>>(
+          params, total_slots);
+      return cudaGetLastError();
+    }
+  }
+  return cudaSuccess;
+}
+
+template <typename Params>
+bool valid_common_sizes(const Params& params) {
+  if (params.batch < 0 || params.heads < 0 || params.seq_len < 0 || params.mem_heads < 1 ||
+      params.num_slots < 0 || params.dim_k < 0 || params.dim_v < 0)
+    return false;
+  if (params.heads % params.mem_heads != 0) return false;
+  if (params.dim_k > kTopkReadMaxDim || params.dim_v > kTopkReadMaxDim) return false;
+  if (params.num_slots > kTopkReadMaxSlots) return false;
+  return params.k >= 1 && params.k <= kTopkReadMaxK;
+}
+
+}  // namespace
+
+cudaError_t topk_read_fwd_launch(const TopkReadFwdParams& params, cudaStream_t stream) {
+  if (params.batch == 0 || params.heads == 0 || params.seq_len == 0) {
+    return (params.batch >= 0 && params.heads >= 0 && params.seq_len >= 0) ? cudaSuccess
+                                                                           : cudaErrorInvalidValue;
+  }
+  if (!valid_common_sizes(params) || params.k > params.num_slots) return cudaErrorInvalidValue;
+  if (params.q == nullptr || params.keys == nullptr || params.out == nullptr ||
+      params.indices == nullptr || params.weights == nullptr || params.lse == nullptr ||
+      (params.values == nullptr && params.dim_v > 0))
+    return cudaErrorInvalidValue;
+  switch (params.dtype) {
+    case MergeDtype::kFloat32:
+      return launch_fwd_for_k<float>(params, stream);
+    case MergeDtype::kFloat16:
+      return launch_fwd_for_k<__half>(params, stream);
+    case MergeDtype::kBFloat16:
+      return launch_fwd_for_k<__nv_bfloat16>(params, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t topk_read_bwd_launch(const TopkReadBwdParams& params, cudaStream_t stream) {
+  if (!valid_common_sizes(params)) return cudaErrorInvalidValue;
+  const int64_t rows = params.batch * params.heads * params.seq_len;
+  if (rows > 0x7fffffffLL) return cudaErrorInvalidValue;
+  if (rows > 0 && (params.dout == nullptr || params.dweights == nullptr ||
+                   params.dlse == nullptr || params.q == nullptr || params.indices == nullptr ||
+                   params.weights == nullptr || params.dq == nullptr))
+    return cudaErrorInvalidValue;
+  if (params.deterministic) {
+    if (params.ds == nullptr || params.entry_order == nullptr || params.entry_rows == nullptr ||
+        params.run_starts == nullptr || params.dkeys == nullptr || params.dvalues == nullptr)
+      return cudaErrorInvalidValue;
+  } else if (rows > 0 && (params.dkeys_acc == nullptr || params.dvalues_acc == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+  switch (params.dtype) {
+    case MergeDtype::kFloat32:
+      return launch_bwd<float>(params, stream);
+    case MergeDtype::kFloat16:
+      return launch_bwd<__half>(params, stream);
+    case MergeDtype::kBFloat16:
+      return launch_bwd<__nv_bfloat16>(params, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda
+}  // namespace l2m

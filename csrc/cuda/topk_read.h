@@ -1,0 +1,122 @@
+// Sparse top-k memory read on CUDA (SPEC section 1): parameter structs and launchers.
+//
+// Plain C++ like merge.h: no torch headers, so the kernels build with nvcc alone. bindings.cpp
+// validates the tensors, fills these structs, allocates the scratch buffers the backward needs
+// (with ATen) and turns a non-success return into an exception.
+//
+// Semantics: exactly l2m_kernels/ops/topk_read/reference.py (see also the module docstring of
+// l2m_kernels/ops/topk_read/triton.py): per query the k best existing slots by descending score
+// (ties: smaller slot; NaN ranks like +inf; an existing slot scoring -inf keeps its index with
+// weight 0), missing entries index -1 / weight 0, no existing slot: out = 0, lse = -inf.
+// Scores: float32 inputs (scale * q) . key, float16/bfloat16 scale * (q . key), both accumulated
+// in float32 (no TF32, no tensor cores).
+//
+// Layout: every pointer addresses a contiguous tensor. q (B, H, T, Dk); keys (B, Hm, N, Dk) or
+// shared (Hm, N, Dk); values the same leading shape with last size Dv; H % Hm == 0 and query head
+// h reads memory head h / (H / Hm). float64 is not served on CUDA.
+//
+// Limits (the launchers return cudaErrorInvalidValue beyond them): 1 <= k <= min(N, 256),
+// 0 <= Dk, Dv <= 256 (kTopkReadMaxDim), N <= 2**31 (the sort key holds the slot in 31 bits),
+// B * H * T < 2**31 query rows (the forward's grid and the backward's 32-bit row divisions),
+// Hm >= 1 and H % Hm == 0. Launchers never throw; they return cudaSuccess, the
+// error of a CUDA call they made, or cudaErrorInvalidValue.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+#include "merge.h"  // MergeDtype
+
+namespace l2m {
+namespace cuda {
+
+constexpr int64_t kTopkReadMaxK = 256;
+constexpr int64_t kTopkReadMaxDim = 256;           // largest Dk and Dv
+constexpr int64_t kTopkReadMaxSlots = 2147483648;  // 2**31
+
+// Forward: writes out, indices, weights, lse (every element).
+struct TopkReadFwdParams {
+  MergeDtype dtype;      // of q, keys, values, out
+  int64_t batch;         // B
+  int64_t heads;         // H
+  int64_t seq_len;       // T
+  int64_t mem_heads;     // Hm, H % Hm == 0
+  int64_t num_slots;     // N
+  int64_t dim_k;         // Dk
+  int64_t dim_v;         // Dv
+  int64_t k;             // 1 <= k <= min(N, 256)
+  bool shared_memory;    // keys/values are (Hm, N, D), used by every batch element
+  double scale;          // rounded to float32 before use
+  const void* q;             // (B, H, T, Dk) dtype
+  const void* keys;          // (B, Hm, N, Dk) or (Hm, N, Dk) dtype
+  const void* values;        // (B, Hm, N, Dv) or (Hm, N, Dv) dtype
+  const int64_t* valid_len;  // (B,) or nullptr (every slot exists); clamped to [0, N]
+  void* out;                 // (B, H, T, Dv) dtype
+  int64_t* indices;          // (B, H, T, k); -1 for missing entries
+  float* weights;            // (B, H, T, k)
+  float* lse;                // (B, H, T)
+};
+
+// Backward of the read for a given selection. Per query row (entries whose index is outside
+// [0, N), e.g. -1, contribute nothing):
+//   dw_j = dweights_j + <dout, v_j>;  ds_j = w_j * (dw_j - sum_i w_i dw_i + dlse)
+//   dq = scale * sum_j ds_j key_j;  dkeys[idx_j] += scale * ds_j * q;  dvalues[idx_j] += w_j * dout
+// (shared memories sum the slot gradients over the batch too). dq is always written directly.
+//
+// deterministic == false: the slot gradients are scattered with float32 atomicAdd into
+// dkeys_acc / dvalues_acc, float32 buffers shaped like keys / values that the caller zeroed (for
+// float32 inputs they may be dkeys / dvalues themselves; else the caller casts them afterwards).
+// ds, entry_order, entry_rows, run_starts, dkeys, dvalues are not used.
+//
+// deterministic == true: no floating-point atomics, bitwise reproducible. The first kernel stores
+// ds (B*H*T*k float32 scratch, 0 for entries that contribute nothing); then one warp per slot of
+// the M * N slots (M = Hm for shared memories, else B * Hm) sums the entries of its run in the
+// order given, and writes every row of dkeys / dvalues (zeros for untouched slots). The caller
+// provides the grouping:
+//   entry_order (E = B*H*T*k,): flat entry ids (row * k + j) sorted stably by memory * N + slot,
+//       entries that contribute nothing last;
+//   entry_rows (E,): entry_order / k;
+//   run_starts (M * N + 1,): entry_order[run_starts[s] : run_starts[s + 1]] are the entries of
+//       slot s = memory * N + slot.
+// dkeys_acc, dvalues_acc are not used.
+struct TopkReadBwdParams {
+  MergeDtype dtype;  // of dout, q, keys, values, dq, dkeys, dvalues
+  int64_t batch;
+  int64_t heads;
+  int64_t seq_len;
+  int64_t mem_heads;
+  int64_t num_slots;
+  int64_t dim_k;
+  int64_t dim_v;
+  int64_t k;  // 1 <= k <= 256 (entries per query row)
+  bool shared_memory;
+  bool deterministic;
+  double scale;
+  const void* dout;        // (B, H, T, Dv) dtype
+  const float* dweights;   // (B, H, T, k)
+  const float* dlse;       // (B, H, T)
+  const void* q;           // (B, H, T, Dk) dtype
+  const void* keys;        // (B, Hm, N, Dk) or (Hm, N, Dk) dtype
+  const void* values;      // (B, Hm, N, Dv) or (Hm, N, Dv) dtype
+  const int64_t* indices;  // (B, H, T, k)
+  const float* weights;    // (B, H, T, k)
+  void* dq;                // like q, written
+  // atomic mode
+  float* dkeys_acc;    // like keys, float32, zeroed by the caller, accumulated into
+  float* dvalues_acc;  // like values, float32, zeroed by the caller, accumulated into
+  // deterministic mode
+  float* ds;                    // (B*H*T*k,) scratch
+  const int64_t* entry_order;   // (E,)
+  const int64_t* entry_rows;    // (E,)
+  const int64_t* run_starts;    // (M * N + 1,)
+  void* dkeys;                  // like keys, dtype, written (every element)
+  void* dvalues;                // like values, dtype, written (every element)
+};
+
+cudaError_t topk_read_fwd_launch(const TopkReadFwdParams& params, cudaStream_t stream);
+// Runs both kernels of the deterministic mode, or the single kernel of the atomic mode.
+cudaError_t topk_read_bwd_launch(const TopkReadBwdParams& params, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace l2m
