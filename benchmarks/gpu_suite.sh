@@ -9,7 +9,9 @@
 # Usage: bash benchmarks/gpu_suite.sh [output-dir]
 # Every step has a time limit (seconds; environment variables below) so that a slow or hung step
 # still leaves the later ones and the logs: BUILD_TIMEOUT, SELFTEST_TIMEOUT, TEST_TIMEOUT,
-# BENCH_TIMEOUT. PYTEST_ARGS adds pytest arguments; BENCH_ARGS adds run_suite arguments (e.g. --quick).
+# BENCH_TIMEOUT. TEST_PATHS replaces the test paths (default: tests); PYTEST_ARGS adds pytest
+# arguments; SELFTEST_ARGS replaces the self-test's (default --quick); BENCH_ARGS adds run_suite
+# arguments (e.g. --quick, --only bench_topk_read).
 # The compile-check tests are left to CI (they need no GPU); pytest-xdist is used when present.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -51,7 +53,7 @@ echo "== tests"
 start=$(date +%s)
 xdist=""
 "$PY" -c "import xdist" 2>/dev/null && xdist="-n ${PYTEST_WORKERS:-8}"
-timeout "${TEST_TIMEOUT:-300}" "$PY" -m pytest -q -ra -p no:cacheprovider $xdist tests \
+timeout "${TEST_TIMEOUT:-300}" "$PY" -m pytest -q -ra -p no:cacheprovider $xdist ${TEST_PATHS:-tests} \
   --ignore=tests/test_compile_triton.py --ignore=tests/test_compile_cuda.py ${PYTEST_ARGS:-} \
   > "$OUT_DIR/tests.log" 2>&1
 test_rc=$?
