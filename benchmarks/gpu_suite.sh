@@ -19,6 +19,8 @@ OUT_DIR=${1:-gpu_out}
 mkdir -p "$OUT_DIR"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
+# The extensions are built in place (no pip install on the GPU machine): import from this checkout.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 elapsed() { echo "$(( $(date +%s) - $1 )) s"; }
 
