@@ -36,7 +36,7 @@ def run(device: torch.device, quick: bool = False, ceilings: dict | None = None)
         s = dict(s)
         if device.type == "cuda":
             s["B"] *= 8
-            name += "-gpu"
+            name = name.replace("-cpu", "") + "-gpu"  # read-cpu -> read-gpu, read-heads -> read-heads-gpu
         if quick:
             s["T"] //= 4
             s["N"] //= 4
