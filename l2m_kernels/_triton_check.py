@@ -47,7 +47,8 @@ import sys
 import tempfile
 
 # Modules whose COMPILE_CONFIGS are checked; extend this tuple as Triton ops are added.
-TRITON_MODULES = ("l2m_kernels.ops.merge.triton", "l2m_kernels.ops.topk_read.triton")
+TRITON_MODULES = ("l2m_kernels.ops.merge.triton", "l2m_kernels.ops.topk_read.triton",
+                  "l2m_kernels.ops.product_key.triton")
 DEFAULT_ARCHS = (80, 90)
 
 _INTERPRET_MESSAGE = (

@@ -153,6 +153,7 @@ class TritonBackend(Backend):
     device_types = frozenset({"cuda", "cpu"})
     dtypes = _HALF_AND_SINGLE
     description = "Triton kernels (CUDA tensors; CPU tensors under TRITON_INTERPRET=1)"
+    size_limits = {"product_key_read": {"k": 256, "k_sub": 256, "N": 2 ** 31 - 1}}
 
     def unavailable_reason(self):
         return _triton_import_error()

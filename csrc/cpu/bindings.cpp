@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "merge.h"
+#include "product_key.h"
 #include "topk_read.h"
 
 // Build facts, defined by setup.py on the compiler command line. Defaults keep a build outside
@@ -463,6 +464,178 @@ void topk_read_bwd(const at::Tensor& dout, const at::Tensor& dweights, const at:
   l2m::cpu::topk_read_bwd(params);
 }
 
+// ---- product_key_read (product_key.h) ----
+
+struct SubkeyShape {
+  int64_t num_sub;
+  int64_t dim_v;
+};
+
+// q (B, H, T, Dk) with Dk even; subkeys (H, 2, n_sub, Dk / 2); values (n_sub ** 2, Dv).
+SubkeyShape check_product_key_inputs(const at::Tensor& q, const at::Tensor& subkeys,
+                                     const at::Tensor& values, const char* op) {
+  check_query(q, op, "q");
+  const auto dtype = q.scalar_type();
+  const int64_t heads = q.size(1), dim_k = q.size(3);
+  if (dim_k % 2 != 0) {
+    TORCH_CHECK_VALUE(false, std::string(op) + ": q's feature size Dk must be even, got q " +
+                                 shape_of(q));
+  }
+  check_storage(subkeys, op, "subkeys");
+  if (subkeys.dim() != 4) {
+    TORCH_CHECK_VALUE(false, std::string(op) + ": subkeys must have shape (H, 2, n_sub, Dk / 2)," +
+                                 " got " + shape_of(subkeys));
+  }
+  const int64_t num_sub = subkeys.size(2);
+  check_tensor(subkeys, op, "subkeys", dtype, {heads, 2, num_sub, dim_k / 2},
+               "(H, 2, n_sub, Dk / 2)");
+  if (num_sub < 1 || num_sub > (int64_t(1) << 31)) {
+    TORCH_CHECK_VALUE(false, std::string(op) + ": n_sub must be in [1, 2 ** 31], got " +
+                                 std::to_string(num_sub));
+  }
+  check_storage(values, op, "values");
+  if (values.dim() != 2) {
+    TORCH_CHECK_VALUE(false, std::string(op) + ": values must have shape (n_sub ** 2, Dv), got " +
+                                 shape_of(values));
+  }
+  const int64_t dim_v = values.size(1);
+  check_tensor(values, op, "values", dtype, {num_sub * num_sub, dim_v}, "(n_sub ** 2, Dv)");
+  return {num_sub, dim_v};
+}
+
+std::vector<int64_t> product_key_out_dims(const at::Tensor& q, bool sum_heads, int64_t dim_v) {
+  if (sum_heads) {
+    return {q.size(0), q.size(2), dim_v};
+  }
+  return {q.size(0), q.size(1), q.size(2), dim_v};
+}
+
+void product_key_fwd(const at::Tensor& q, const at::Tensor& subkeys, const at::Tensor& values,
+                     int64_t k, int64_t k_sub, double scale, bool sum_heads, const at::Tensor& out,
+                     const at::Tensor& indices, const at::Tensor& weights, const at::Tensor& lse) {
+  constexpr const char* op = "product_key_fwd";
+  const SubkeyShape shape = check_product_key_inputs(q, subkeys, values, op);
+  const auto dtype = q.scalar_type();
+  const auto acc = acc_dtype_for(dtype);
+  const int64_t batch = q.size(0), heads = q.size(1), seq_len = q.size(2);
+  if (k_sub < 1 || k_sub > shape.num_sub) {
+    TORCH_CHECK_VALUE(false, std::string(op) + ": k_sub must be in [1, n_sub] = [1, " +
+                                 std::to_string(shape.num_sub) + "], got " +
+                                 std::to_string(k_sub));
+  }
+  if (k < 1 || k > k_sub * k_sub) {
+    TORCH_CHECK_VALUE(false, std::string(op) + ": k must be in [1, k_sub ** 2] = [1, " +
+                                 std::to_string(k_sub * k_sub) + "], got " + std::to_string(k));
+  }
+  check_tensor(out, op, "out", dtype, product_key_out_dims(q, sum_heads, shape.dim_v),
+               sum_heads ? "(B, T, Dv)" : "(B, H, T, Dv)");
+  check_tensor(indices, op, "indices", at::kLong, {batch, heads, seq_len, k}, "(B, H, T, k)");
+  check_tensor(weights, op, "weights", acc, {batch, heads, seq_len, k}, "(B, H, T, k)");
+  check_tensor(lse, op, "lse", acc, {batch, heads, seq_len}, "(B, H, T)");
+  check_apart({&out, &indices, &weights, &lse}, {&q, &subkeys, &values});
+  if (batch == 0 || seq_len == 0) {
+    return;
+  }
+  if (heads == 0) {
+    out.zero_();  // a sum over no heads
+    return;
+  }
+  l2m::cpu::ProductKeyFwdParams params{};
+  params.dtype = dtype;
+  params.batch = batch;
+  params.heads = heads;
+  params.seq_len = seq_len;
+  params.dim_k = q.size(3);
+  params.num_sub = shape.num_sub;
+  params.dim_v = shape.dim_v;
+  params.k = k;
+  params.k_sub = k_sub;
+  params.sum_heads = sum_heads;
+  params.scale = scale;
+  params.q = q.const_data_ptr();
+  params.subkeys = subkeys.const_data_ptr();
+  params.values = values.const_data_ptr();
+  params.out = out.data_ptr();
+  params.indices = indices.data_ptr<int64_t>();
+  params.weights = weights.data_ptr();
+  params.lse = lse.data_ptr();
+  l2m::cpu::product_key_fwd(params);
+}
+
+void product_key_bwd(const at::Tensor& dout, const at::Tensor& dweights, const at::Tensor& dlse,
+                     const at::Tensor& q, const at::Tensor& subkeys, const at::Tensor& values,
+                     const at::Tensor& indices, const at::Tensor& weights, double scale,
+                     bool sum_heads, bool sparse_grad, const at::Tensor& dq,
+                     const at::Tensor& dsubkeys, const at::Tensor& dvalues) {
+  constexpr const char* op = "product_key_bwd";
+  const SubkeyShape shape = check_product_key_inputs(q, subkeys, values, op);
+  const auto dtype = q.scalar_type();
+  const auto acc = acc_dtype_for(dtype);
+  const int64_t batch = q.size(0), heads = q.size(1), seq_len = q.size(2);
+  check_storage(indices, op, "indices");
+  if (indices.dim() != 4) {
+    TORCH_CHECK_VALUE(false, std::string(op) + ": indices must have shape (B, H, T, k), got " +
+                                 shape_of(indices));
+  }
+  const int64_t k = indices.size(3);
+  if (k < 1) {
+    TORCH_CHECK_VALUE(false, std::string(op) + ": indices must have k >= 1 entries per query, " +
+                                 "got " + shape_of(indices));
+  }
+  check_tensor(indices, op, "indices", at::kLong, {batch, heads, seq_len, k}, "(B, H, T, k)");
+  check_tensor(dout, op, "dout", dtype, product_key_out_dims(q, sum_heads, shape.dim_v),
+               sum_heads ? "(B, T, Dv)" : "(B, H, T, Dv)");
+  check_tensor(dweights, op, "dweights", acc, {batch, heads, seq_len, k}, "(B, H, T, k)");
+  check_tensor(dlse, op, "dlse", acc, {batch, heads, seq_len}, "(B, H, T)");
+  check_tensor(weights, op, "weights", acc, {batch, heads, seq_len, k}, "(B, H, T, k)");
+  check_tensor(dq, op, "dq", dtype, q.sizes().vec(), "like q");
+  check_tensor(dsubkeys, op, "dsubkeys", dtype, subkeys.sizes().vec(), "like subkeys");
+  if (sparse_grad) {
+    check_tensor(dvalues, op, "dvalues", dtype, {indices.numel(), shape.dim_v},
+                 "(B * H * T * k, Dv)");
+  } else {
+    check_tensor(dvalues, op, "dvalues", dtype, values.sizes().vec(), "like values");
+  }
+  check_apart({&dq, &dsubkeys, &dvalues},
+              {&dout, &dweights, &dlse, &q, &subkeys, &values, &indices, &weights});
+  // The slots are used as addresses: every one must name an existing row.
+  const int64_t num_slots = shape.num_sub * shape.num_sub;
+  const int64_t* slot_ids = indices.const_data_ptr<int64_t>();
+  const int64_t num_indices = indices.numel();
+  for (int64_t i = 0; i < num_indices; ++i) {
+    if (slot_ids[i] < 0 || slot_ids[i] >= num_slots) {
+      TORCH_CHECK_INDEX(false, std::string(op) + ": indices must be in [0, n_sub ** 2) with " +
+                                   "n_sub ** 2 = " + std::to_string(num_slots) + ", got " +
+                                   std::to_string(slot_ids[i]));
+    }
+  }
+  l2m::cpu::ProductKeyBwdParams params{};
+  params.dtype = dtype;
+  params.batch = batch;
+  params.heads = heads;
+  params.seq_len = seq_len;
+  params.dim_k = q.size(3);
+  params.num_sub = shape.num_sub;
+  params.dim_v = shape.dim_v;
+  params.k = k;
+  params.sum_heads = sum_heads;
+  params.sparse_grad = sparse_grad;
+  params.scale = scale;
+  params.dout = dout.const_data_ptr();
+  params.dweights = dweights.const_data_ptr();
+  params.dlse = dlse.const_data_ptr();
+  params.q = q.const_data_ptr();
+  params.subkeys = subkeys.const_data_ptr();
+  params.values = values.const_data_ptr();
+  params.indices = slot_ids;
+  params.weights = weights.const_data_ptr();
+  params.dq = dq.data_ptr();
+  params.dsubkeys = dsubkeys.data_ptr();
+  params.dvalues = dvalues.data_ptr();
+  // Runs even without queries: dsubkeys and a dense dvalues must still be zeroed.
+  l2m::cpu::product_key_bwd(params);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -519,4 +692,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("weights"), py::arg("scale"), py::arg("dq"), py::arg("dkeys"), py::arg("dvalues"),
         "Gradients of topk_read_fwd for its indices and weights: writes dq (like q), dkeys (like\n"
         "keys), dvalues (like values). Deterministic (slot-grouped, fixed-order reduction).");
+
+  m.def("product_key_fwd", &product_key_fwd, release_gil, py::arg("q"), py::arg("subkeys"),
+        py::arg("values"), py::arg("k"), py::arg("k_sub"), py::arg("scale"), py::arg("sum_heads"),
+        py::arg("out"), py::arg("indices"), py::arg("weights"), py::arg("lse"),
+        "Product-key memory read. q (B, H, T, Dk), Dk even; subkeys (H, 2, n_sub, Dk / 2); values\n"
+        "(n_sub ** 2, Dv); 1 <= k_sub <= n_sub, 1 <= k <= k_sub ** 2. Writes out (B, H, T, Dv) or,\n"
+        "with sum_heads, (B, T, Dv) dtype; indices (B, H, T, k) int64; weights (B, H, T, k) and\n"
+        "lse (B, H, T) acc (acc = float64 for float64 input, else float32).");
+  m.def("product_key_bwd", &product_key_bwd, release_gil, py::arg("dout"), py::arg("dweights"),
+        py::arg("dlse"), py::arg("q"), py::arg("subkeys"), py::arg("values"), py::arg("indices"),
+        py::arg("weights"), py::arg("scale"), py::arg("sum_heads"), py::arg("sparse_grad"),
+        py::arg("dq"), py::arg("dsubkeys"), py::arg("dvalues"),
+        "Gradients of product_key_fwd for its indices and weights: writes dq (like q), dsubkeys\n"
+        "(like subkeys) and dvalues: like values (dense, every row), or with sparse_grad one row\n"
+        "w * dout per entry, (B * H * T * k, Dv). Deterministic (fixed-order reductions).");
 }

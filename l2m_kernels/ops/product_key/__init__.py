@@ -58,7 +58,8 @@ def product_key_read(q, subkeys, values, k, *, k_sub=None, scale=None, sum_heads
         raise ValueError(f"k: expected 1 <= k <= k_sub ** 2 = {k_sub * k_sub}, got {k}")
     scale = resolve_scale(scale, Dk)
     deterministic = resolve_deterministic(deterministic)
-    name = select_backend("product_key_read", device, q.dtype, backend)
+    name = select_backend("product_key_read", device, q.dtype, backend,
+                          sizes=dict(k=k, k_sub=k_sub, N=n_sub * n_sub))
     if name == "reference":
         return MemoryRead(*product_key_read_ref(q, subkeys, values, k, k_sub=k_sub, scale=scale,
                                                 sum_heads=bool(sum_heads), sparse_grad=bool(sparse_grad)))

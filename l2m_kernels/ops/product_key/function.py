@@ -11,6 +11,8 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
+from ... import _ext
+from ..._alloc import empty
 from .._common import acc_dtype, reference_vjp
 from .reference import product_key_gather, product_key_select
 
@@ -43,8 +45,67 @@ def _reference_bwd(dout, dweights, dlse, q, subkeys, values, indices, weights, s
     return dq, dsubkeys, dense.to(values.dtype)
 
 
-FWD = {"reference": _reference_fwd}
-BWD = {"reference": _reference_bwd}
+def _cpu_fwd(q, subkeys, values, k, k_sub, scale, sum_heads, deterministic):
+    # The cpu kernels are deterministic by construction; `deterministic` needs no switch.
+    B, H, T, _ = q.shape
+    acc = acc_dtype(q.dtype)
+    Dv = values.shape[-1]
+    out = empty((B, T, Dv) if sum_heads else (B, H, T, Dv), dtype=q.dtype, device=q.device)
+    indices = empty((B, H, T, k), dtype=torch.int64, device=q.device)
+    weights = empty((B, H, T, k), dtype=acc, device=q.device)
+    lse = empty((B, H, T), dtype=acc, device=q.device)
+    if B * H * T:
+        _ext.cpu_extension().product_key_fwd(q.contiguous(), subkeys.contiguous(), values.contiguous(),
+                                             k, k_sub, scale, sum_heads, out, indices, weights, lse)
+    elif out.numel():
+        out.zero_()  # sum_heads with H == 0: a sum over no heads
+    return out, indices, weights, lse
+
+
+def _cpu_bwd(dout, dweights, dlse, q, subkeys, values, indices, weights, scale, sum_heads,
+             sparse_grad, deterministic):
+    dq = empty(q.shape, dtype=q.dtype, device=q.device)
+    dsubkeys = empty(subkeys.shape, dtype=subkeys.dtype, device=q.device)
+    dvalues_shape = (indices.numel(), values.shape[-1]) if sparse_grad else values.shape
+    dvalues = empty(dvalues_shape, dtype=values.dtype, device=q.device)
+    _ext.cpu_extension().product_key_bwd(
+        dout.contiguous(), dweights.contiguous(), dlse.contiguous(), q.contiguous(), subkeys.contiguous(),
+        values.contiguous(), indices.contiguous(), weights.contiguous(), scale, sum_heads, sparse_grad,
+        dq, dsubkeys, dvalues)
+    return dq, dsubkeys, dvalues
+
+
+def _triton_fwd(q, subkeys, values, k, k_sub, scale, sum_heads, deterministic):
+    # The forward has no float atomics (heads summed in a fixed order): always deterministic.
+    from . import triton as triton_kernels
+    B, H, T, _ = q.shape
+    acc = acc_dtype(q.dtype)
+    Dv = values.shape[-1]
+    out = empty((B, T, Dv) if sum_heads else (B, H, T, Dv), dtype=q.dtype, device=q.device)
+    indices = empty((B, H, T, k), dtype=torch.int64, device=q.device)
+    weights = empty((B, H, T, k), dtype=acc, device=q.device)
+    lse = empty((B, H, T), dtype=acc, device=q.device)
+    triton_kernels.product_key_fwd(q.contiguous(), subkeys.contiguous(), values.contiguous(), k, k_sub, scale,
+                                   sum_heads, out, indices, weights, lse)
+    return out, indices, weights, lse
+
+
+def _triton_bwd(dout, dweights, dlse, q, subkeys, values, indices, weights, scale, sum_heads,
+                sparse_grad, deterministic):
+    from . import triton as triton_kernels
+    dq = empty(q.shape, dtype=q.dtype, device=q.device)
+    dsubkeys = empty(subkeys.shape, dtype=subkeys.dtype, device=q.device)
+    dvalues_shape = (indices.numel(), values.shape[-1]) if sparse_grad else values.shape
+    dvalues = empty(dvalues_shape, dtype=values.dtype, device=q.device)
+    triton_kernels.product_key_bwd(
+        dout.contiguous(), dweights.contiguous(), dlse.contiguous(), q.contiguous(), subkeys.contiguous(),
+        values.contiguous(), indices.contiguous(), weights.contiguous(), scale, sum_heads, sparse_grad,
+        deterministic, dq, dsubkeys, dvalues)
+    return dq, dsubkeys, dvalues
+
+
+FWD = {"reference": _reference_fwd, "cpu": _cpu_fwd, "triton": _triton_fwd}
+BWD = {"reference": _reference_bwd, "cpu": _cpu_bwd, "triton": _triton_bwd}
 
 
 @torch.library.custom_op("l2m::product_key_read", mutates_args=())

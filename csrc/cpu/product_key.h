@@ -1,0 +1,79 @@
+// Product-key memory read of l2m-kernels, CPU backend: the plain parameter structs and launchers.
+//
+// The launchers know nothing about at::Tensor: bindings.cpp validates tensors and fills these
+// structs. Semantics: SPEC section 2 and l2m_kernels/ops/product_key/reference.py. Every pointer
+// addresses a contiguous tensor; `acc` below is float64 for float64 input, else float32; Dh is
+// Dk / 2. Every output element is written.
+#pragma once
+
+#include <cstdint>
+
+#include <c10/core/ScalarType.h>
+
+namespace l2m::cpu {
+
+// Per query (b, h, t): half scores s1_i = (q[:Dh] . subkeys[h, 0, i]) * scale and
+// s2_j = (q[Dh:] . subkeys[h, 1, j]) * scale (dot first, then the scale, as the reference); the
+// k_sub best of each half (ties: smaller sub-key; NaN ranks above everything, as torch.sort);
+// candidates (i, j) with score s1_i + s2_j and slot i * n_sub + j; the k best (ties: smaller
+// slot); weights = softmax, lse = logsumexp, out = sum_m weights_m * values[slot_m], summed over
+// heads (in acc, rounded once) when sum_heads.
+struct ProductKeyFwdParams {
+  c10::ScalarType dtype;  // of q, subkeys, values, out
+  int64_t batch;          // B
+  int64_t heads;          // H
+  int64_t seq_len;        // T
+  int64_t dim_k;          // Dk, even
+  int64_t num_sub;        // n_sub
+  int64_t dim_v;          // Dv
+  int64_t k;              // 1 <= k <= k_sub ** 2
+  int64_t k_sub;          // 1 <= k_sub <= n_sub
+  bool sum_heads;
+  double scale;
+  const void* q;        // (B, H, T, Dk) dtype
+  const void* subkeys;  // (H, 2, n_sub, Dh) dtype
+  const void* values;   // (n_sub ** 2, Dv) dtype
+  void* out;            // (B, H, T, Dv) or, with sum_heads, (B, T, Dv) dtype
+  int64_t* indices;     // (B, H, T, k)
+  void* weights;        // (B, H, T, k) acc
+  void* lse;            // (B, H, T) acc
+};
+
+// Gradients of the read for the given selection:
+//   dw_m = dweights_m + <dout, v_m>;  ds_m = w_m * (dw_m - sum_n w_n dw_n) + w_m * dlse
+//   g1_i = scale * sum_{m: i_m = i} ds_m (likewise g2_j); dq[:Dh] = sum_i g1_i subkeys[h, 0, i],
+//   dq[Dh:] = sum_j g2_j subkeys[h, 1, j]; dsubkeys[h, 0, i] = sum over queries of g1_i q[:Dh]
+//   (likewise half 1); dvalues[slot_m] += w_m * dout (dout of (b, t) when sum_heads).
+// dvalues is dense (n_sub ** 2, Dv), every row written, or with sparse_grad one row per entry
+// (B * H * T * k, Dv): row (b, h, t, m) = w_m * dout. Reductions run in a fixed order (per sub-key
+// and per slot, over the queries in order): bitwise deterministic whatever the thread count.
+struct ProductKeyBwdParams {
+  c10::ScalarType dtype;  // of dout, q, subkeys, values, dq, dsubkeys, dvalues
+  int64_t batch;
+  int64_t heads;
+  int64_t seq_len;
+  int64_t dim_k;
+  int64_t num_sub;
+  int64_t dim_v;
+  int64_t k;
+  bool sum_heads;
+  bool sparse_grad;
+  double scale;
+  const void* dout;        // like out
+  const void* dweights;    // (B, H, T, k) acc
+  const void* dlse;        // (B, H, T) acc
+  const void* q;           // (B, H, T, Dk) dtype
+  const void* subkeys;     // (H, 2, n_sub, Dh) dtype
+  const void* values;      // (n_sub ** 2, Dv) dtype
+  const int64_t* indices;  // (B, H, T, k), each in [0, n_sub ** 2)
+  const void* weights;     // (B, H, T, k) acc
+  void* dq;                // like q
+  void* dsubkeys;          // like subkeys
+  void* dvalues;           // like values, or (B * H * T * k, Dv) with sparse_grad
+};
+
+// dtype must be Float, Double, Half or BFloat16 (checked again here: an unknown dtype throws).
+void product_key_fwd(const ProductKeyFwdParams& params);
+void product_key_bwd(const ProductKeyBwdParams& params);
+
+}  // namespace l2m::cpu

@@ -1,0 +1,270 @@
+"""product_key_read: every fused backend against the reference, outputs and every gradient.
+
+Selection is compared robustly: the fused indices must be a valid product-key top-k of the float64
+half scores (each chosen sub-key within the k_sub best of its half, every chosen candidate at least
+as good as every candidate left out, descending order, all up to rounding) and agree exactly with
+the reference on exactly representable (integer-valued, tied) data. Values, weights, lse and the
+gradients (dq, dsubkeys, dvalues dense and sparse) are compared with the float64 reference
+evaluated at the fused selection, by relative RMS error. Outputs are NaN-poisoned (conftest).
+"""
+import importlib
+
+import pytest
+import torch
+
+import l2m_kernels as l2m
+from l2m_kernels.ops.product_key.reference import product_key_gather, product_key_read_ref
+from l2m_kernels.testing import assert_close, fused_backend_params, lse_dtype, rand
+
+BACKENDS = fused_backend_params("product_key_read")
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+# (B, H, T, Dk, n_sub, Dv, k, k_sub, sum_heads)
+CASES = [
+    (1, 1, 7, 2, 7, 1, 3, 3, False),       # Dk = 2, Dv = 1
+    (2, 2, 7, 14, 33, 7, 5, 4, True),
+    (1, 2, 63, 130, 7, 129, 49, 7, False),  # k = k_sub ** 2, k_sub = n_sub
+    (2, 1, 63, 14, 33, 7, 1, 8, True),      # k = 1
+    (1, 3, 9, 16, 33, 16, 32, 33, False),   # k_sub = n_sub
+    (1, 2, 7, 130, 33, 129, 16, 16, True),
+]
+
+
+def _case_id(case):
+    B, H, T, Dk, n_sub, Dv, k, k_sub, sum_heads = case
+    return f"B{B}H{H}T{T}Dk{Dk}n{n_sub}Dv{Dv}k{k}ks{k_sub}" + ("-sum" if sum_heads else "")
+
+
+def _inputs(case, dtype, device, requires_grad=True):
+    B, H, T, Dk, n_sub, Dv, k, k_sub, sum_heads = case
+    q = rand(B, H, T, Dk, dtype=dtype, device=device, requires_grad=requires_grad)
+    subkeys = rand(H, 2, n_sub, Dk // 2, dtype=dtype, device=device, requires_grad=requires_grad)
+    values = rand(n_sub * n_sub, Dv, dtype=dtype, device=device, requires_grad=requires_grad)
+    return q, subkeys, values
+
+
+def _half_scores64(q, subkeys, scale):
+    q, subkeys = q.detach().double().cpu(), subkeys.detach().double().cpu()
+    half = q.shape[-1] // 2
+    s1 = (q[..., :half] @ subkeys[:, 0].transpose(-1, -2)) * scale
+    s2 = (q[..., half:] @ subkeys[:, 1].transpose(-1, -2)) * scale
+    return s1, s2  # (B, H, T, n_sub) each
+
+
+def _check_valid_selection(q, subkeys, indices, k, k_sub, scale, dtype):
+    """The fused indices are a product-key top-k of the float64 scores, up to rounding."""
+    s1, s2 = _half_scores64(q, subkeys, scale)
+    n_sub = subkeys.shape[2]
+    idx = indices.cpu()
+    assert idx.shape[-1] == k
+    assert ((idx >= 0) & (idx < n_sub * n_sub)).all(), "index out of range (poison left?)"
+    assert (idx.sort(-1).values.diff(dim=-1) > 0).all(), "a slot was selected twice"
+    span = max(s1.abs().max().item(), s2.abs().max().item(), 1.0)
+    slack = (2e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-5) * span
+    i, j = idx // n_sub, idx % n_sub
+    # Each chosen sub-key ranks within the k_sub best of its half.
+    kth1 = s1.topk(k_sub, dim=-1).values[..., -1:]
+    kth2 = s2.topk(k_sub, dim=-1).values[..., -1:]
+    assert (s1.gather(-1, i) >= kth1 - slack).all(), "a first-half sub-key is not in its top k_sub"
+    assert (s2.gather(-1, j) >= kth2 - slack).all(), "a second-half sub-key is not in its top k_sub"
+    # Chosen scores descend, and beat every float64 candidate left out.
+    chosen = s1.gather(-1, i) + s2.gather(-1, j)
+    assert (chosen[..., :-1] >= chosen[..., 1:] - 2 * slack).all(), "selection is not in order"
+    v1, i1 = s1.topk(k_sub, dim=-1)
+    v2, i2 = s2.topk(k_sub, dim=-1)
+    cand = (v1.unsqueeze(-1) + v2.unsqueeze(-2)).flatten(-2)
+    cand_slots = (i1.unsqueeze(-1) * n_sub + i2.unsqueeze(-2)).flatten(-2)
+    left_out = ~(cand_slots.unsqueeze(-1) == idx.unsqueeze(-2)).any(-1)
+    best_left = torch.where(left_out, cand, torch.full_like(cand, float("-inf"))).amax(-1)
+    assert (chosen.amin(-1) >= best_left - 2 * slack).all(), "selection is not a top-k"
+
+
+def _leaves64(*tensors):
+    return [t.detach().double().cpu().requires_grad_() for t in tensors]
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_product_key_matches_reference(backend, device, case, dtype):
+    if dtype not in l2m.backends.BACKENDS[backend].dtypes:
+        pytest.skip(f"{backend} does not support {dtype} (SPEC: float64 on reference and cpu only)")
+    B, H, T, Dk, n_sub, Dv, k, k_sub, sum_heads = case
+    q, subkeys, values = _inputs(case, dtype, device)
+    scale = Dk ** -0.5
+    read = l2m.product_key_read(q, subkeys, values, k, k_sub=k_sub, sum_heads=sum_heads, backend=backend)
+    assert read.out.shape == ((B, T, Dv) if sum_heads else (B, H, T, Dv))
+    assert read.out.dtype == dtype and read.indices.dtype == torch.int64
+    assert read.weights.dtype == lse_dtype(dtype) and read.lse.dtype == lse_dtype(dtype)
+    _check_valid_selection(q, subkeys, read.indices, k, k_sub, scale, dtype)
+
+    leaves64 = _leaves64(q, subkeys, values)
+    ref_out, ref_w, ref_lse = product_key_gather(*leaves64, read.indices.cpu(), scale, sum_heads=sum_heads)
+    assert_close("out", read.out, ref_out, dtype)
+    assert_close("weights", read.weights, ref_w, dtype)
+    assert_close("lse", read.lse, ref_lse, dtype)
+
+    cots = [rand(*t.shape, dtype=t.dtype, device=device) for t in (read.out, read.weights, read.lse)]
+    grads = torch.autograd.grad((read.out, read.weights, read.lse), (q, subkeys, values), cots)
+    ref_grads = torch.autograd.grad((ref_out, ref_w, ref_lse), leaves64, [c.double().cpu() for c in cots])
+    for name, g, rg, x in zip(("dq", "dsubkeys", "dvalues"), grads, ref_grads, (q, subkeys, values)):
+        assert g.shape == x.shape and g.dtype == x.dtype and g.layout == torch.strided
+        assert_close(name, g, rg, dtype)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("sum_heads", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_product_key_sparse_grad(backend, device, sum_heads, dtype):
+    case = (2, 2, 9, 14, 7, 7, 6, 4, sum_heads)  # 36 entries per (b, t) over 49 slots: repeats
+    q, subkeys, values = _inputs(case, dtype, device)
+    read = l2m.product_key_read(q, subkeys, values, 6, k_sub=4, sum_heads=sum_heads, sparse_grad=True,
+                                backend=backend)
+    dout = rand(*read.out.shape, dtype=dtype, device=device)
+    dq, dsubkeys, dvalues = torch.autograd.grad((read.out * dout).sum() + read.lse.sum(), (q, subkeys, values))
+    assert dvalues.is_sparse and dvalues.is_coalesced() and dvalues.dtype == dtype
+    assert dvalues.shape == values.shape
+    touched = torch.unique(read.indices.cpu())
+    assert torch.equal(dvalues.indices().cpu()[0], touched), "sparse gradient rows != touched slots"
+
+    leaves64 = _leaves64(q, subkeys, values)
+    ref_out, _, ref_lse = product_key_gather(*leaves64, read.indices.cpu(), q.shape[-1] ** -0.5,
+                                             sum_heads=sum_heads)
+    ref = torch.autograd.grad((ref_out * dout.double().cpu()).sum() + ref_lse.sum(), leaves64)
+    assert_close("dq", dq, ref[0], dtype)
+    assert_close("dsubkeys", dsubkeys, ref[1], dtype)
+    assert_close("dvalues", dvalues.to_dense(), ref[2], dtype)
+    # The dense path's gradient (up to summation order), and the reference's own sparse path.
+    read_dense = l2m.product_key_read(q, subkeys, values, 6, k_sub=4, sum_heads=sum_heads, backend=backend)
+    dense = torch.autograd.grad((read_dense.out * dout).sum() + read_dense.lse.sum(), values)[0]
+    assert_close("dvalues vs dense", dvalues.to_dense(), dense, dtype)
+    ref_sparse = l2m.product_key_read(q, subkeys, values, 6, k_sub=4, sum_heads=sum_heads, sparse_grad=True,
+                                      backend="reference")
+    ref_dv = torch.autograd.grad((ref_sparse.out * dout).sum(), values)[0]
+    assert torch.equal(ref_dv.indices(), dvalues.indices())
+    assert_close("dvalues vs reference sparse", dvalues.values(), ref_dv.values(), dtype)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_product_key_exact_ties_match_reference(backend, device, dtype):
+    if dtype not in l2m.backends.BACKENDS[backend].dtypes:
+        pytest.skip(f"{backend} does not support {dtype}")
+    # Integer-valued data: every score is exact and ties abound, in the halves and the candidates.
+    g = torch.Generator().manual_seed(3)
+    B, H, T, Dk, n_sub = 2, 2, 11, 8, 9
+    q = torch.randint(-2, 3, (B, H, T, Dk), generator=g).to(dtype)
+    subkeys = torch.randint(-1, 2, (H, 2, n_sub, Dk // 2), generator=g).to(dtype)
+    values = torch.randn(n_sub * n_sub, 5, generator=g).to(dtype)
+    for k, k_sub, scale in ((1, 1, 1.0), (4, 3, 1.0), (9, 9, 0.5), (20, 5, 0.25), (81, 9, 1.0)):
+        for sum_heads in (False, True):
+            read = l2m.product_key_read(q.to(device), subkeys.to(device), values.to(device), k, k_sub=k_sub,
+                                        scale=scale, sum_heads=sum_heads, backend=backend)
+            want = product_key_read_ref(q, subkeys, values, k, k_sub=k_sub, scale=scale, sum_heads=sum_heads)
+            assert torch.equal(read.indices.cpu(), want[1]), f"k={k} k_sub={k_sub}"
+            assert_close("out", read.out, want[0], dtype)
+            assert_close("weights", read.weights, want[2], dtype)
+            assert_close("lse", read.lse, want[3], dtype)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("sum_heads", [False, True])
+def test_product_key_nan_rows(backend, device, sum_heads):
+    case = (2, 3, 6, 8, 9, 4, 5, 3, sum_heads)
+    q, subkeys, values = _inputs(case, torch.float32, device, requires_grad=False)
+    q[0, 1, 3, 2] = float("nan")   # first half
+    q[1, 2, 0, 7] = float("nan")   # second half
+    read = l2m.product_key_read(q, subkeys, values, 5, k_sub=3, sum_heads=sum_heads, backend=backend)
+    want = product_key_read_ref(q.cpu(), subkeys.cpu(), values.cpu(), 5, k_sub=3, sum_heads=sum_heads)
+    assert torch.equal(read.indices.cpu(), want[1]), "NaN rows select as torch.sort ranks NaN"
+    bad = torch.zeros(2, 3, 6, dtype=torch.bool, device=device)
+    bad[0, 1, 3] = bad[1, 2, 0] = True
+    assert torch.isnan(read.lse[bad]).all() and torch.isnan(read.weights[bad]).all()
+    assert torch.isfinite(read.lse[~bad]).all() and torch.isfinite(read.weights[~bad]).all()
+    out_bad = bad.any(1) if sum_heads else bad
+    assert torch.isnan(read.out[out_bad]).all()
+    assert torch.isfinite(read.out[~out_bad]).all()
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("sum_heads", [False, True])
+def test_product_key_empty_and_noncontiguous(backend, device, sum_heads):
+    H, Dk, n_sub, Dv, k = 2, 8, 9, 4, 5
+    subkeys = rand(H, 2, n_sub, Dk // 2, device=device, requires_grad=True)
+    values = rand(n_sub * n_sub, Dv, device=device, requires_grad=True)
+    for B, T in ((0, 6), (2, 0)):
+        q = rand(B, H, T, Dk, device=device, requires_grad=True)
+        read = l2m.product_key_read(q, subkeys, values, k, sum_heads=sum_heads, backend=backend)
+        assert read.out.shape == ((B, T, Dv) if sum_heads else (B, H, T, Dv))
+        assert read.indices.shape == (B, H, T, k) and read.lse.shape == (B, H, T)
+        dq, dsubkeys, dvalues = torch.autograd.grad(read.out.sum() + read.lse.sum(), (q, subkeys, values),
+                                                    allow_unused=True)
+        assert dq.shape == q.shape
+        assert torch.equal(dsubkeys, torch.zeros_like(subkeys))
+        assert torch.equal(dvalues, torch.zeros_like(values))
+
+    q = rand(2, H, 7, Dk, device=device)
+    read = l2m.product_key_read(q, subkeys, values, k, sum_heads=sum_heads, backend=backend)
+    qt = q.transpose(2, 3).contiguous().transpose(2, 3)  # same values, non-contiguous
+    st = subkeys.detach().transpose(2, 3).contiguous().transpose(2, 3)
+    vt = values.detach().t().contiguous().t()
+    assert not (qt.is_contiguous() or st.is_contiguous() or vt.is_contiguous())
+    nc = l2m.product_key_read(qt, st, vt, k, sum_heads=sum_heads, backend=backend)
+    for a, b in zip(nc, read):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("sparse_grad", [False, True])
+def test_product_key_deterministic_gradients(backend, device, sparse_grad):
+    case = (2, 3, 40, 16, 6, 8, 16, 5, True)  # many queries hit the same sub-keys and slots
+    q, subkeys, values = _inputs(case, torch.float32, device)
+    runs = []
+    threads = torch.get_num_threads()
+    try:
+        for num_threads in (threads, threads, 1):
+            torch.set_num_threads(num_threads)
+            read = l2m.product_key_read(q, subkeys, values, 16, k_sub=5, sum_heads=True, sparse_grad=sparse_grad,
+                                        deterministic=True, backend=backend)
+            grads = torch.autograd.grad(read.out.sum() + read.lse.sum() + read.weights[..., 0].sum(),
+                                        (q, subkeys, values))
+            runs.append([g.to_dense() if g.is_sparse else g for g in grads])
+    finally:
+        torch.set_num_threads(threads)
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            assert torch.equal(a, b)
+
+
+def test_cpu_kernels_reject_bad_arguments():
+    if "cpu" not in l2m.available_backends("cpu"):
+        pytest.skip("cpu backend unavailable")
+    ext = importlib.import_module("l2m_kernels._C")
+    B, H, T, Dk, n_sub, Dv, k = 1, 2, 3, 4, 3, 2, 2
+    q, subkeys, values = torch.randn(B, H, T, Dk), torch.randn(H, 2, n_sub, Dk // 2), torch.randn(n_sub ** 2, Dv)
+
+    def outs(k=k, sum_heads=False):
+        return (torch.empty((B, T, Dv) if sum_heads else (B, H, T, Dv)),
+                torch.empty(B, H, T, k, dtype=torch.int64), torch.empty(B, H, T, k), torch.empty(B, H, T))
+
+    with pytest.raises(ValueError, match="k must be"):
+        ext.product_key_fwd(q, subkeys, values, 5, 2, 1.0, False, *outs(5))
+    with pytest.raises(ValueError, match="k_sub"):
+        ext.product_key_fwd(q, subkeys, values, k, 4, 1.0, False, *outs())
+    with pytest.raises(ValueError, match="out"):
+        ext.product_key_fwd(q, subkeys, values, k, 2, 1.0, True, *outs())
+    with pytest.raises(ValueError, match="values"):
+        ext.product_key_fwd(q, subkeys, torch.randn(n_sub ** 2 + 1, Dv), k, 2, 1.0, False, *outs())
+    with pytest.raises(TypeError, match="subkeys"):
+        ext.product_key_fwd(q, subkeys.double(), values, k, 2, 1.0, False, *outs())
+    out, indices, weights, lse = outs()
+    ext.product_key_fwd(q, subkeys, values, k, 2, 1.0, False, out, indices, weights, lse)
+    grads = (torch.empty_like(q), torch.empty_like(subkeys), torch.empty_like(values))
+    cots = (torch.randn(B, H, T, Dv), torch.randn(B, H, T, k), torch.randn(B, H, T))
+    for bad_slot in (-1, n_sub ** 2):
+        bad = indices.clone()
+        bad[0, 1, 2, 1] = bad_slot
+        with pytest.raises(IndexError, match="indices"):
+            ext.product_key_bwd(*cots, q, subkeys, values, bad, weights, 1.0, False, False, *grads)
+    with pytest.raises(ValueError, match="dvalues"):
+        ext.product_key_bwd(*cots, q, subkeys, values, indices, weights, 1.0, False, True, *grads)
