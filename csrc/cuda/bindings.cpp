@@ -337,10 +337,15 @@ TopkReadShape check_topk_operands(const char* op, const at::Tensor& q, const at:
   return shape;
 }
 
+// use_threshold (default true): first the pre-pass writes each row's chunk maxima of the sort
+// keys (csrc/cuda/topk_read.h); the k-th largest of them, tau, is a lower bound on the row's k-th
+// best key, so the selection kernel merges only candidates >= tau (about k merges per query
+// instead of k * ln(N / k)). With fewer than k chunks (N < k * kTopkReadChunkSlots) there is no
+// bound and the selection runs as without it. false: the selection kernel alone (same result).
 void topk_read_fwd(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
                    const std::optional<at::Tensor>& valid_len, int64_t k, double scale,
                    const at::Tensor& out, const at::Tensor& indices, const at::Tensor& weights,
-                   const at::Tensor& lse) {
+                   const at::Tensor& lse, bool use_threshold) {
   constexpr const char* op = "l2m topk_read_fwd (cuda)";
   check_placement(op, {{"q", &q}, {"keys", &keys}, {"values", &values}, {"out", &out},
                        {"indices", &indices}, {"weights", &weights}, {"lse", &lse}});
@@ -387,6 +392,21 @@ void topk_read_fwd(const at::Tensor& q, const at::Tensor& keys, const at::Tensor
   params.indices = indices.data_ptr<int64_t>();
   params.weights = weights.data_ptr<float>();
   params.lse = lse.data_ptr<float>();
+  params.tau = nullptr;
+  at::Tensor tau;  // kept alive until the selection kernel is enqueued
+  const int64_t num_chunks = l2m::cuda::topk_read_num_chunks(shape.num_slots);
+  if (use_threshold && num_chunks >= k) {
+    const at::Tensor chunk_max = at::empty({B * H * T, num_chunks}, q.options().dtype(at::kLong));
+    check_launch(op, l2m::cuda::topk_read_chunk_max_launch(params, chunk_max.data_ptr<int64_t>(),
+                                                           current_stream()));
+    // Exactly k chunks have a maximum >= the k-th largest maximum (the keys are distinct), so
+    // the row's k best keys are all >= it. Chunks without an existing slot hold INT64_MIN: when
+    // fewer than k chunks have one, tau is INT64_MIN (no bound).
+    tau = std::get<0>(at::topk(chunk_max, k, /*dim=*/1, /*largest=*/true, /*sorted=*/true))
+              .select(1, k - 1)
+              .contiguous();
+    params.tau = tau.data_ptr<int64_t>();
+  }
   check_launch(op, l2m::cuda::topk_read_fwd_launch(params, current_stream()));
 }
 
@@ -548,7 +568,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("topk_read_fwd", &topk_read_fwd,
         "Sparse top-k memory read into preallocated out, indices, weights, lse (SPEC section 1).",
         py::arg("q"), py::arg("keys"), py::arg("values"), py::arg("valid_len"), py::arg("k"),
-        py::arg("scale"), py::arg("out"), py::arg("indices"), py::arg("weights"), py::arg("lse"));
+        py::arg("scale"), py::arg("out"), py::arg("indices"), py::arg("weights"), py::arg("lse"),
+        py::arg("use_threshold") = true);
   m.def("topk_read_bwd", &topk_read_bwd,
         "Gradients of topk_read_fwd in q, keys, values; writes dq, dkeys, dvalues (every element).",
         py::arg("dout"), py::arg("dweights"), py::arg("dlse"), py::arg("q"), py::arg("keys"),

@@ -1,28 +1,38 @@
 // Sparse top-k memory read on CUDA (interface and limits: topk_read.h; semantics:
 // l2m_kernels/ops/topk_read/reference.py).
 //
-// Forward, one kernel, no T x N buffer (in the spirit of faiss' WarpSelect):
+// Forward, no T x N buffer (in the spirit of faiss' WarpSelect), one or two kernels:
 //   A block of kWarps warps owns kBlockRows consecutive query rows of one (batch, memory head):
 //   the H / Hm query heads sharing a memory head are contiguous in q (B, H, T, Dk), so a memory
-//   head owns R = (H / Hm) * T contiguous rows. The block's queries sit in shared memory (float32,
-//   scale folded in for float32 inputs); key tiles of kTileN slots are streamed through shared
-//   memory (float32, rows padded by 4 floats so the per-lane float4 reads of different rows hit
-//   different banks) and reused by every query of the block. Each lane scores kKeysPerLane slots
-//   (slot n0 + c * 32 + lane) against each of its warp's kQueriesPerWarp queries: one float4 of a
-//   key and one (broadcast) float4 of a query feed 4 FMAs each, register-blocked over
-//   queries x slots. Every score is one sequential FMA chain over d = 0 .. Dk - 1, so it does not
-//   depend on where the query or the slot sits in a tile.
+//   head owns R = (H / Hm) * T contiguous rows. The block's queries sit in shared memory; key
+//   tiles of kTileN slots are streamed through shared memory and reused by every query of the
+//   block. Scoring (score_tile, the same code in both kernels, so their keys are bit-identical):
+//   - float16 / bfloat16: the (queries x slots) tile by tensor-core mma (nvcuda::wmma 16x16x16,
+//     float32 accumulation; blocks of 8 rows pad the mma to 16 with zero rows) into a float32
+//     score tile in shared memory; each warp reads back its queries' rows, times scale.
+//   - float32: CUDA-core FMAs in full precision (rows padded by 4 floats so the per-lane float4
+//     reads of different rows hit different banks): each lane scores kKeysPerLane slots
+//     (n0 + c * 32 + lane) against each of its warp's kQueriesPerWarp queries, register-blocked
+//     over queries x slots, one sequential FMA chain over d per score.
+//   Either way a score depends only on its query and slot, not on where they sit in a tile.
 //
-//   Each warp keeps, per query, the running top list of K_PAD (32..256, >= k) int64 sort keys,
-//   sorted descending, distributed over the lanes: element i = r * 32 + lane is register r of
-//   lane `lane`. A sort key is the order-preserving int32 image of the float32 score in the high
-//   word (NaN first mapped to +inf, -0.0 to +0.0) and 2**31 - 1 - slot in the low word (as the
-//   Triton kernel), so "larger key" is exactly "higher score, then smaller slot", the keys of one
-//   query are distinct, and non-existent slots get INT64_MIN. A batch of 32 candidates (one per
-//   lane) is merged only when one of them beats the query's current k-th best (a warp vote): the
-//   candidates are bitonic-sorted ascending across the lanes, the elementwise maximum with the
-//   last 32 list elements (the list's other elements face INT64_MIN padding) leaves the K_PAD
-//   largest keys of both as a bitonic sequence, and a bitonic merge sorts it descending (strides
+//   Threshold pre-pass (topk_read_chunk_max_kernel, optional): the same blocks and scoring write
+//   the maximum sort key of every (row, chunk of kTopkReadChunkSlots slots); bindings.cpp takes
+//   tau = the k-th largest chunk maximum of each row (a lower bound on the row's k-th best key:
+//   exactly k chunks reach it). The selection kernel then starts each row's gate at tau - 1, so
+//   an online top-k that would merge ~k * ln(N / k) times per query merges about k times.
+//
+//   Selection (topk_read_fwd_kernel): each warp keeps, per query, the running top list of K_PAD
+//   (32..256, >= k) int64 sort keys, sorted descending, distributed over the lanes: element
+//   i = r * 32 + lane is register r of lane `lane`. A sort key is the order-preserving int32
+//   image of the float32 score in the high word (NaN first mapped to +inf, -0.0 to +0.0) and
+//   2**31 - 1 - slot in the low word (as the Triton kernel), so "larger key" is exactly "higher
+//   score, then smaller slot", the keys of one query are distinct, and non-existent slots get
+//   INT64_MIN. A batch of 32 candidates (one per lane) is merged only when one of them beats the
+//   query's gate, max(k-th best so far, tau - 1) (a warp vote): the candidates are bitonic-sorted
+//   ascending across the lanes, the elementwise maximum with the last 32 list elements (the
+//   list's other elements face INT64_MIN padding) leaves the K_PAD largest keys of both as a
+//   bitonic sequence, and a bitonic merge sorts it descending (strides
 //   >= 32 are register swaps inside a lane, < 32 are __shfl_xor_sync).
 //
 //   After the last tile the warp decodes its lists, forms the softmax / log-sum-exp over the k
@@ -37,10 +47,13 @@
 //   topk_read_bwd_slot_kernel (deterministic mode): one warp per slot sums the slot's entries in
 //     the order the caller sorted them (stable, by slot) and writes every slot row.
 //
-// Numerics: inputs converted to float32 on load, float32 arithmetic, IEEE expf/logf (no
+// Numerics: inputs converted to float32 on load (16-bit scores: exact products, float32
+// accumulation in the tensor cores), float32 arithmetic, IEEE expf/logf (no
 // --use_fast_math: merge_common.cuh refuses it), outputs rounded once on store.
 #include <cstdint>
 #include <type_traits>
+
+#include <mma.h>
 
 #include "merge_common.cuh"  // to_float / from_float, MergeDtype
 #include "topk_read.h"
@@ -174,17 +187,360 @@ __device__ __forceinline__ float warp_max(float value) {  // no NaN reaches it
 }
 
 // ---------------------------------------------------------------------------------------------
-// Forward.
+// Forward: scoring (shared by the chunk-max pre-pass and the selection kernel, so that both see
+// bit-identical keys), the pre-pass, the selection kernel.
 
+// Shared-memory layout of a forward block (both kernels of one <T, kKPad> use the same one).
 struct FwdLayout {
   int64_t rows_per_memory;  // R = (H / Hm) * T
   int64_t num_row_blocks;   // cdiv(R, kBlockRows)
-  int dim_k_pad;            // Dk rounded up to a multiple of 4
+  int64_t num_chunks;       // cdiv(N, kTopkReadChunkSlots) (pre-pass output columns)
+  int q_stride;             // elements per query row in the query tile
+  int key_stride;           // elements per slot row in the key tile
+  int dim_k_pad;            // Dk rounded up: to 4 (float32), to 16 (16-bit, the mma depth)
+  int key_offset;           // bytes from the start of shared memory to the key tile
+  int score_offset;         // bytes to the score tile (16-bit only)
+  int entry_offset;         // bytes to the per-warp winner lists (selection kernel only)
+  int smem_bytes;           // total dynamic shared memory
 };
 
-// Grid (num_row_blocks * B * Hm,), kThreads threads, dynamic shared memory
-// (kBlockRows * dim_k_pad + kTileN * (dim_k_pad + kKeyRowPad)) floats + kWarps * kKPad
-// (int64 + float).
+constexpr int kScoreStride = kTileN + 4;  // floats per query row of the 16-bit score tile
+constexpr int kTopkChunk = static_cast<int>(kTopkReadChunkSlots);
+static_assert(kTopkChunk % kTileN == 0, "a chunk is a whole number of key tiles");
+
+template <typename T>
+struct FwdTraits {
+  // float16 / bfloat16: tensor cores (16x16x16, float32 accumulation); float32: CUDA-core FMAs
+  // in full precision (no TF32).
+  static constexpr bool kTensorCores = !std::is_same<T, float>::value;
+};
+
+// Rows of the query tile: kBlockRows, or 16 (the mma height) for the 8-row blocks.
+__host__ __device__ constexpr int mma_rows(int block_rows) {
+  return block_rows < 16 ? 16 : block_rows;
+}
+
+inline int round_up_int(int64_t value, int64_t multiple) {
+  return static_cast<int>((value + multiple - 1) / multiple * multiple);
+}
+
+template <typename T, int kKPad>
+FwdLayout make_fwd_layout(const TopkReadFwdParams& params) {
+  constexpr int kBlockRows = kWarps * queries_per_warp(kKPad);
+  FwdLayout layout;
+  layout.rows_per_memory = (params.heads / params.mem_heads) * params.seq_len;
+  layout.num_row_blocks = (layout.rows_per_memory + kBlockRows - 1) / kBlockRows;
+  layout.num_chunks = (params.num_slots + kTopkChunk - 1) / kTopkChunk;
+  int q_bytes, key_bytes, score_bytes;
+  if (FwdTraits<T>::kTensorCores) {
+    // Strides of dim_k_pad + 8 elements: 16-byte rows offset by 4 banks, multiples of 8
+    // elements (wmma's ldm), and every 16-row fragment 32-byte aligned.
+    layout.dim_k_pad = round_up_int(params.dim_k, 16);
+    layout.q_stride = layout.dim_k_pad + 8;
+    layout.key_stride = layout.dim_k_pad + 8;
+    q_bytes = mma_rows(kBlockRows) * layout.q_stride * static_cast<int>(sizeof(T));
+    key_bytes = kTileN * layout.key_stride * static_cast<int>(sizeof(T));
+    score_bytes = mma_rows(kBlockRows) * kScoreStride * static_cast<int>(sizeof(float));
+  } else {
+    // float32 rows padded by kKeyRowPad floats: per-lane float4 reads of different rows hit
+    // different banks.
+    layout.dim_k_pad = round_up_int(params.dim_k, 4);
+    layout.q_stride = layout.dim_k_pad;
+    layout.key_stride = layout.dim_k_pad + kKeyRowPad;
+    q_bytes = kBlockRows * layout.q_stride * static_cast<int>(sizeof(float));
+    key_bytes = kTileN * layout.key_stride * static_cast<int>(sizeof(float));
+    score_bytes = 0;
+  }
+  // Sections 128-byte aligned (wmma wants 32).
+  layout.key_offset = round_up_int(q_bytes, 128);
+  layout.score_offset = layout.key_offset + round_up_int(key_bytes, 128);
+  layout.entry_offset = layout.score_offset + round_up_int(score_bytes, 128);
+  layout.smem_bytes = layout.entry_offset +
+                      static_cast<int>((sizeof(long long) + sizeof(float)) * kWarps * kKPad);
+  return layout;
+}
+
+// Which rows / memory / slots a forward block serves (block = (b * Hm + hm) * blocks + rb).
+struct FwdBlock {
+  int64_t bh;     // b * Hm + hm
+  int64_t b;
+  int64_t memory;  // index of the key / value memory
+  int64_t row0;   // first row of the block within the memory head's R rows
+  int64_t n_end;  // existing slots: [0, n_end)
+};
+
+__device__ __forceinline__ FwdBlock fwd_block(const TopkReadFwdParams& params,
+                                              const FwdLayout& layout, int block_rows) {
+  // 32-bit divisions (the launcher keeps the grid below 2**31): a 64-bit division is a
+  // subroutine call whose saved registers ptxas puts in a stack frame.
+  FwdBlock info;
+  const unsigned block = blockIdx.x;
+  const unsigned num_row_blocks = static_cast<unsigned>(layout.num_row_blocks);
+  const unsigned bh32 = block / num_row_blocks;  // b * Hm + hm
+  info.bh = bh32;
+  const int64_t row_block = block - bh32 * num_row_blocks;
+  info.b = bh32 / static_cast<unsigned>(params.mem_heads);
+  info.memory = params.shared_memory ? info.bh - info.b * params.mem_heads : info.bh;
+  info.row0 = row_block * block_rows;
+  const int64_t N = params.num_slots;
+  info.n_end = N;
+  if (params.valid_len != nullptr) {
+    const int64_t length = params.valid_len[info.b];
+    info.n_end = length < 0 ? 0 : (length > N ? N : length);
+  }
+  return info;
+}
+
+// Stages the block's queries in shared memory: float32 with the scale folded in (as the
+// reference's q.float() * scale), or the raw 16-bit values; rows past R, padding columns and
+// (16-bit) the extra mma rows are 0. 16-bit: also zeroes the key tile's padding columns, which
+// the tile loads never write. Callers __syncthreads before reading.
+template <typename T, int kBlockRows>
+__device__ __forceinline__ void stage_queries(unsigned char* smem, const FwdLayout& layout,
+                                              const T* __restrict__ q, int64_t row0, int64_t R,
+                                              int64_t dim_k, float scale, int warp, int lane) {
+  if constexpr (FwdTraits<T>::kTensorCores) {
+    T* q_tile = reinterpret_cast<T*>(smem);
+    for (int i = warp; i < mma_rows(kBlockRows); i += kWarps) {
+      const int64_t row = row0 + i;
+      const bool exists = i < kBlockRows && row < R;
+      for (int col = lane; col < layout.dim_k_pad; col += 32) {
+        q_tile[i * layout.q_stride + col] =
+            (exists && col < dim_k) ? q[row * dim_k + col] : from_float<T>(0.0f);
+      }
+    }
+    T* key_tile = reinterpret_cast<T*>(smem + layout.key_offset);
+    for (int r = warp; r < kTileN; r += kWarps) {
+      for (int col = static_cast<int>(dim_k) + lane; col < layout.dim_k_pad; col += 32)
+        key_tile[r * layout.key_stride + col] = from_float<T>(0.0f);
+    }
+  } else {
+    float* q_tile = reinterpret_cast<float*>(smem);
+    for (int i = warp; i < kBlockRows; i += kWarps) {
+      const int64_t row = row0 + i;
+      for (int col = lane; col < layout.dim_k_pad; col += 32) {
+        float x = 0.0f;
+        if (row < R && col < dim_k) x = to_float<T>(q[row * dim_k + col]) * scale;
+        q_tile[i * layout.q_stride + col] = x;
+      }
+    }
+  }
+}
+
+// Loads key tile [n0, n0 + kTileN) into shared memory (slots >= n_end as 0). The tile is a
+// contiguous span of kTileN * Dk elements in global memory, copied by the whole block.
+template <typename T>
+__device__ __forceinline__ void load_key_tile(unsigned char* smem, const FwdLayout& layout,
+                                              const T* __restrict__ keys, int64_t n0,
+                                              int64_t n_end, int dim_k, bool vectorized) {
+  const int thread = static_cast<int>(threadIdx.x);
+  if constexpr (FwdTraits<T>::kTensorCores) {
+    T* key_tile = reinterpret_cast<T*>(smem + layout.key_offset);
+    if (vectorized) {  // dim_k % 8 == 0 (> 0) and 16-byte aligned keys: 16-byte copies
+      const int vectors_per_row = dim_k >> 3;
+      for (int v = thread; v < kTileN * vectors_per_row; v += kThreads) {
+        const int r = v / vectors_per_row;
+        const int col = (v - r * vectors_per_row) << 3;
+        const int64_t slot = n0 + r;
+        uint4 x = make_uint4(0u, 0u, 0u, 0u);
+        if (slot < n_end) x = *reinterpret_cast<const uint4*>(keys + slot * dim_k + col);
+        *reinterpret_cast<uint4*>(key_tile + r * layout.key_stride + col) = x;
+      }
+    } else {
+      for (int e = thread; e < kTileN * dim_k; e += kThreads) {
+        const int r = e / dim_k;
+        const int col = e - r * dim_k;
+        const int64_t slot = n0 + r;
+        key_tile[r * layout.key_stride + col] =
+            slot < n_end ? keys[slot * dim_k + col] : from_float<T>(0.0f);
+      }
+    }
+  } else {
+    float* key_tile = reinterpret_cast<float*>(smem + layout.key_offset);
+    const int warp = thread >> 5;
+    const int lane = thread & 31;
+    for (int r = warp; r < kTileN; r += kWarps) {
+      const int64_t slot = n0 + r;
+      const bool exists = slot < n_end;
+      for (int col = lane; col < layout.dim_k_pad; col += 32) {
+        float x = 0.0f;
+        if (exists && col < dim_k) x = to_float<T>(keys[slot * dim_k + col]);
+        key_tile[r * layout.key_stride + col] = x;
+      }
+    }
+  }
+}
+
+// Scores of the current key tile: score[i][c] of the warp's query i and slot n0 + c * 32 + lane.
+// Each score depends only on its query and its slot (not on where they sit in the tiles, nor on
+// the kernel that asks), so the pre-pass and the selection kernel compute identical keys.
+//   float32: (scale * q) . key, one sequential FMA chain over d in every lane.
+//   16-bit: scale * (q . key): the block's (queries x slots) tile by tensor-core mma (float32
+//     accumulation over 16-deep steps of d) into the shared score tile, then read back.
+// Every thread of the block must call it (16-bit: it contains a __syncthreads).
+template <typename T, int kBlockRows, int kQueriesPerWarp>
+__device__ __forceinline__ void score_tile(unsigned char* smem, const FwdLayout& layout,
+                                           float scale, int warp, int lane,
+                                           float (&score)[kQueriesPerWarp][kKeysPerLane]) {
+  if constexpr (FwdTraits<T>::kTensorCores) {
+    constexpr int kRowFrags = mma_rows(kBlockRows) / 16;
+    constexpr int kColFrags = kTileN / 16;
+    static_assert(mma_rows(kBlockRows) % 16 == 0, "mma rows");
+    const T* q_tile = reinterpret_cast<const T*>(smem);
+    const T* key_tile = reinterpret_cast<const T*>(smem + layout.key_offset);
+    float* score_tile_smem = reinterpret_cast<float*>(smem + layout.score_offset);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    for (int f = warp; f < kRowFrags * kColFrags; f += kWarps) {
+      const int m = f / kColFrags;
+      const int n = f - m * kColFrags;
+      nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc;
+      nvcuda::wmma::fill_fragment(acc, 0.0f);
+      for (int d = 0; d < layout.dim_k_pad; d += 16) {
+        nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::row_major> a;
+        nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, nvcuda::wmma::col_major> b;
+        nvcuda::wmma::load_matrix_sync(a, q_tile + m * 16 * layout.q_stride + d, layout.q_stride);
+        nvcuda::wmma::load_matrix_sync(b, key_tile + n * 16 * layout.key_stride + d,
+                                       layout.key_stride);
+        nvcuda::wmma::mma_sync(acc, a, b, acc);
+      }
+      nvcuda::wmma::store_matrix_sync(score_tile_smem + m * 16 * kScoreStride + n * 16, acc,
+                                      kScoreStride, nvcuda::wmma::mem_row_major);
+    }
+#else
+    // Older architectures (not built by default): the same tile with CUDA-core FMAs.
+    for (int e = static_cast<int>(threadIdx.x); e < mma_rows(kBlockRows) * kTileN;
+         e += kThreads) {
+      const int m = e / kTileN;
+      const int n = e - m * kTileN;
+      float acc = 0.0f;
+      for (int d = 0; d < layout.dim_k_pad; ++d)
+        acc = fmaf(to_float<T>(q_tile[m * layout.q_stride + d]),
+                   to_float<T>(key_tile[n * layout.key_stride + d]), acc);
+      score_tile_smem[m * kScoreStride + n] = acc;
+    }
+#endif
+    __syncthreads();  // the score tile is complete
+    const float* rows = score_tile_smem + warp * kQueriesPerWarp * kScoreStride + lane;
+#pragma unroll
+    for (int i = 0; i < kQueriesPerWarp; ++i) {
+#pragma unroll
+      for (int c = 0; c < kKeysPerLane; ++c) score[i][c] = rows[i * kScoreStride + c * 32] * scale;
+    }
+  } else {
+    (void)scale;
+    const float* q_rows =
+        reinterpret_cast<const float*>(smem) + warp * kQueriesPerWarp * layout.q_stride;
+    const float* key_rows =
+        reinterpret_cast<const float*>(smem + layout.key_offset) + lane * layout.key_stride;
+#pragma unroll
+    for (int i = 0; i < kQueriesPerWarp; ++i) {
+#pragma unroll
+      for (int c = 0; c < kKeysPerLane; ++c) score[i][c] = 0.0f;
+    }
+    for (int d = 0; d < layout.dim_k_pad; d += 4) {
+      float4 key_vec[kKeysPerLane];
+#pragma unroll
+      for (int c = 0; c < kKeysPerLane; ++c)
+        key_vec[c] = *reinterpret_cast<const float4*>(key_rows + c * 32 * layout.key_stride + d);
+#pragma unroll
+      for (int i = 0; i < kQueriesPerWarp; ++i) {
+        const float4 q_vec = *reinterpret_cast<const float4*>(q_rows + i * layout.q_stride + d);
+#pragma unroll
+        for (int c = 0; c < kKeysPerLane; ++c) {
+          score[i][c] = fmaf(q_vec.x, key_vec[c].x, score[i][c]);
+          score[i][c] = fmaf(q_vec.y, key_vec[c].y, score[i][c]);
+          score[i][c] = fmaf(q_vec.z, key_vec[c].z, score[i][c]);
+          score[i][c] = fmaf(q_vec.w, key_vec[c].w, score[i][c]);
+        }
+      }
+    }
+  }
+}
+
+// Whether the 16-bit key tiles can be copied in 16-byte vectors.
+template <typename T>
+__device__ __forceinline__ bool keys_vectorizable(const void* keys, int64_t dim_k) {
+  return FwdTraits<T>::kTensorCores && dim_k > 0 && dim_k % 8 == 0 &&
+         (reinterpret_cast<uintptr_t>(keys) & 15) == 0;
+}
+
+__device__ __forceinline__ long long warp_max_key(long long value) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1)
+    value = max_key(value, __shfl_xor_sync(kFullMask, value, offset));
+  return value;
+}
+
+// Pre-pass: chunk_max[row, ch] = the largest sort key of query row `row` over the slots
+// [ch * C, (ch + 1) * C) (C = kTopkReadChunkSlots), INT64_MIN where none exists.
+// Same grid, block and shared memory as topk_read_fwd_kernel<T, kKPad> (minus the winner lists).
+// (Minimum 1 block per SM in the launch bounds, as for the selection kernel: with the default,
+// ptxas spilled a few bytes of the float32 variants on sm_90.)
+template <typename T, int kKPad>
+__global__ void __launch_bounds__(kThreads, 1)
+    topk_read_chunk_max_kernel(const TopkReadFwdParams params, const FwdLayout layout,
+                               long long* __restrict__ chunk_max) {
+  constexpr int kQueriesPerWarp = queries_per_warp(kKPad);
+  constexpr int kBlockRows = kWarps * kQueriesPerWarp;
+  extern __shared__ __align__(128) unsigned char topk_fwd_smem[];
+
+  const int warp = static_cast<int>(threadIdx.x) >> 5;
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  const int64_t R = layout.rows_per_memory;
+  const int64_t N = params.num_slots;
+  const int64_t dim_k = params.dim_k;
+  const int64_t num_chunks = layout.num_chunks;
+  const float scale = static_cast<float>(params.scale);
+  const FwdBlock info = fwd_block(params, layout, kBlockRows);
+  const T* __restrict__ q = static_cast<const T*>(params.q) + info.bh * R * dim_k;
+  const T* __restrict__ keys = static_cast<const T*>(params.keys) + info.memory * N * dim_k;
+  const bool vectorized = keys_vectorizable<T>(params.keys, dim_k);
+
+  stage_queries<T, kBlockRows>(topk_fwd_smem, layout, q, info.row0, R, dim_k, scale, warp, lane);
+
+  // This lane writes the chunk maxima of query `lane` of the warp (lanes < kQueriesPerWarp).
+  const int64_t warp_row = info.row0 + warp * kQueriesPerWarp;  // within the memory head
+  const bool writer = lane < kQueriesPerWarp && warp_row + lane < R;
+  long long* out_row = chunk_max + (info.bh * R + warp_row + (writer ? lane : 0)) * num_chunks;
+
+  int64_t chunk = 0;
+  for (int64_t c0 = 0; c0 < info.n_end; c0 += kTopkChunk, ++chunk) {  // uniform over the block
+    long long best[kQueriesPerWarp];
+#pragma unroll
+    for (int i = 0; i < kQueriesPerWarp; ++i) best[i] = kKeyMissing;
+    const int64_t c1 = c0 + kTopkChunk < info.n_end ? c0 + kTopkChunk : info.n_end;
+    for (int64_t n0 = c0; n0 < c1; n0 += kTileN) {
+      __syncthreads();  // the previous tiles are consumed (first time: the query tile is staged)
+      load_key_tile<T>(topk_fwd_smem, layout, keys, n0, info.n_end, static_cast<int>(dim_k),
+                       vectorized);
+      __syncthreads();
+      float score[kQueriesPerWarp][kKeysPerLane];
+      score_tile<T, kBlockRows, kQueriesPerWarp>(topk_fwd_smem, layout, scale, warp, lane, score);
+#pragma unroll
+      for (int c = 0; c < kKeysPerLane; ++c) {
+        const int64_t slot = n0 + c * 32 + lane;
+        if (slot < info.n_end) {
+#pragma unroll
+          for (int i = 0; i < kQueriesPerWarp; ++i)
+            best[i] = max_key(best[i], encode_key(score[i][c], slot));
+        }
+      }
+    }
+    long long mine = kKeyMissing;  // the chunk maximum of query `lane`
+#pragma unroll
+    for (int i = 0; i < kQueriesPerWarp; ++i) {
+      const long long reduced = warp_max_key(best[i]);
+      if (lane == i) mine = reduced;
+    }
+    if (writer) out_row[chunk] = mine;
+  }
+  // Chunks past n_end hold no existing slot.
+  if (writer) {
+    for (; chunk < num_chunks; ++chunk) out_row[chunk] = kKeyMissing;
+  }
+}
+
+// Grid (num_row_blocks * B * Hm,), kThreads threads, layout.smem_bytes of dynamic shared memory.
 // The minimum of 1 block per SM in the launch bounds lets ptxas use the registers it needs
 // (~125-140); with the default it aimed at a register target and spilled a few bytes.
 template <typename T, int kKPad>
@@ -193,125 +549,73 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr int kRegs = kKPad / 32;
   constexpr int kQueriesPerWarp = queries_per_warp(kKPad);
   constexpr int kBlockRows = kWarps * kQueriesPerWarp;
-  constexpr bool kScaleQ = std::is_same<T, float>::value;  // float32: (scale * q) . key
-
-  extern __shared__ float4 shared_storage[];
-  const int dim_k_pad = layout.dim_k_pad;
-  const int key_stride = dim_k_pad + kKeyRowPad;
-  float* q_tile = reinterpret_cast<float*>(shared_storage);  // [kBlockRows, dim_k_pad]
-  float* key_tile = q_tile + kBlockRows * dim_k_pad;          // [kTileN, key_stride]
-  // [kWarps, kKPad] the winners of the warp's current query, for the value sum (16-byte aligned:
-  // the float counts before it are multiples of 4).
-  long long* entry_slots = reinterpret_cast<long long*>(key_tile + kTileN * key_stride);
+  extern __shared__ __align__(128) unsigned char topk_fwd_smem[];
+  // [kWarps, kKPad] the winners of the warp's current query, for the value sum.
+  long long* entry_slots = reinterpret_cast<long long*>(topk_fwd_smem + layout.entry_offset);
   float* entry_weights = reinterpret_cast<float*>(entry_slots + kWarps * kKPad);
 
   const int warp = static_cast<int>(threadIdx.x) >> 5;
   const int lane = static_cast<int>(threadIdx.x) & 31;
   const int64_t R = layout.rows_per_memory;
-  const int64_t mem_heads = params.mem_heads;
   const int64_t N = params.num_slots;
   const int64_t dim_k = params.dim_k;
   const int64_t dim_v = params.dim_v;
   const int k = static_cast<int>(params.k);
   const float scale = static_cast<float>(params.scale);
+  const FwdBlock info = fwd_block(params, layout, kBlockRows);
+  const T* __restrict__ q = static_cast<const T*>(params.q) + info.bh * R * dim_k;
+  const T* __restrict__ keys = static_cast<const T*>(params.keys) + info.memory * N * dim_k;
+  const T* __restrict__ values = static_cast<const T*>(params.values) + info.memory * N * dim_v;
+  const int64_t n_end = info.n_end;
+  const int64_t row0 = info.row0;
+  const bool vectorized = keys_vectorizable<T>(params.keys, dim_k);
 
-  // 32-bit divisions (the launcher keeps the grid below 2**31): a 64-bit division is a
-  // subroutine call whose saved registers ptxas puts in a stack frame.
-  const unsigned block = blockIdx.x;
-  const unsigned num_row_blocks = static_cast<unsigned>(layout.num_row_blocks);
-  const unsigned bh32 = block / num_row_blocks;  // b * Hm + hm
-  const int64_t bh = bh32;
-  const int64_t row_block = block - bh32 * num_row_blocks;
-  const int64_t b = bh32 / static_cast<unsigned>(mem_heads);
-  const int64_t memory = params.shared_memory ? bh - b * mem_heads : bh;
-  const T* __restrict__ q = static_cast<const T*>(params.q) + bh * R * dim_k;
-  const T* __restrict__ keys = static_cast<const T*>(params.keys) + memory * N * dim_k;
-  const T* __restrict__ values = static_cast<const T*>(params.values) + memory * N * dim_v;
-  int64_t n_end = N;
-  if (params.valid_len != nullptr) {
-    const int64_t length = params.valid_len[b];
-    n_end = length < 0 ? 0 : (length > N ? N : length);
-  }
-  const int64_t row0 = row_block * kBlockRows;  // first row of the block within the memory's R
+  stage_queries<T, kBlockRows>(topk_fwd_smem, layout, q, row0, R, dim_k, scale, warp, lane);
 
-  // [kBlockRows, dim_k_pad] queries; rows past R and the padding columns are 0.
-  for (int i = warp; i < kBlockRows; i += kWarps) {
-    const int64_t row = row0 + i;
-    for (int col = lane; col < dim_k_pad; col += 32) {
-      float x = 0.0f;
-      if (row < R && col < dim_k) {
-        x = to_float<T>(q[row * dim_k + col]);
-        if (kScaleQ) x *= scale;  // rounded once, as the reference's q.float() * scale
-      }
-      q_tile[i * dim_k_pad + col] = x;
-    }
-  }
-
+  // Global row of the warp's first query; tau[row] (if given) lower-bounds the row's k-th best
+  // key, so only candidates >= tau can enter the top k: the gate is max(k-th best, tau - 1).
+  const int64_t warp_row = info.bh * R + row0 + warp * kQueriesPerWarp;
+  const int64_t* __restrict__ tau = params.tau;
   long long top[kQueriesPerWarp][kRegs];  // per query: K_PAD keys, descending
-  long long kth[kQueriesPerWarp];         // per query: its k-th best key so far
+  long long kth[kQueriesPerWarp];         // per query: the gate (k-th best so far, or tau - 1)
   bool row_valid[kQueriesPerWarp];
 #pragma unroll
   for (int i = 0; i < kQueriesPerWarp; ++i) {
 #pragma unroll
     for (int r = 0; r < kRegs; ++r) top[i][r] = kKeyMissing;
-    kth[i] = kKeyMissing;
     row_valid[i] = row0 + warp * kQueriesPerWarp + i < R;
+    kth[i] = kKeyMissing;
+    if (tau != nullptr && row_valid[i]) {
+      const long long floor = tau[warp_row + i];
+      kth[i] = floor == kKeyMissing ? kKeyMissing : floor - 1;
+    }
   }
   const int kth_reg = (k - 1) >> 5;
   const int kth_lane = (k - 1) & 31;
 
-  const float* q_rows = q_tile + warp * kQueriesPerWarp * dim_k_pad;
-  const float* key_rows = key_tile + lane * key_stride;
   for (int64_t n0 = 0; n0 < n_end; n0 += kTileN) {  // uniform over the block
-    __syncthreads();  // the previous tile is consumed (first time: q_tile is complete)
-    for (int r = warp; r < kTileN; r += kWarps) {
-      const int64_t slot = n0 + r;
-      const bool exists = slot < n_end;
-      for (int col = lane; col < dim_k_pad; col += 32) {
-        float x = 0.0f;
-        if (exists && col < dim_k) x = to_float<T>(keys[slot * dim_k + col]);
-        key_tile[r * key_stride + col] = x;
-      }
-    }
+    __syncthreads();  // the previous tile is consumed (first time: the query tile is staged)
+    load_key_tile<T>(topk_fwd_smem, layout, keys, n0, n_end, static_cast<int>(dim_k), vectorized);
     __syncthreads();
-
-    // [kQueriesPerWarp, kKeysPerLane] scores of slot n0 + c * 32 + lane.
-    float acc[kQueriesPerWarp][kKeysPerLane];
-#pragma unroll
-    for (int i = 0; i < kQueriesPerWarp; ++i) {
-#pragma unroll
-      for (int c = 0; c < kKeysPerLane; ++c) acc[i][c] = 0.0f;
-    }
-    for (int d = 0; d < dim_k_pad; d += 4) {
-      float4 key_vec[kKeysPerLane];
-#pragma unroll
-      for (int c = 0; c < kKeysPerLane; ++c)
-        key_vec[c] = *reinterpret_cast<const float4*>(key_rows + c * 32 * key_stride + d);
-#pragma unroll
-      for (int i = 0; i < kQueriesPerWarp; ++i) {
-        const float4 q_vec = *reinterpret_cast<const float4*>(q_rows + i * dim_k_pad + d);
-#pragma unroll
-        for (int c = 0; c < kKeysPerLane; ++c) {
-          acc[i][c] = fmaf(q_vec.x, key_vec[c].x, acc[i][c]);
-          acc[i][c] = fmaf(q_vec.y, key_vec[c].y, acc[i][c]);
-          acc[i][c] = fmaf(q_vec.z, key_vec[c].z, acc[i][c]);
-          acc[i][c] = fmaf(q_vec.w, key_vec[c].w, acc[i][c]);
-        }
-      }
-    }
+    float score[kQueriesPerWarp][kKeysPerLane];
+    score_tile<T, kBlockRows, kQueriesPerWarp>(topk_fwd_smem, layout, scale, warp, lane, score);
 
 #pragma unroll
     for (int i = 0; i < kQueriesPerWarp; ++i) {
 #pragma unroll
       for (int c = 0; c < kKeysPerLane; ++c) {
         const int64_t slot = n0 + c * 32 + lane;
-        const float score = kScaleQ ? acc[i][c] : acc[i][c] * scale;
         const long long candidate =
-            (row_valid[i] && slot < n_end) ? encode_key(score, slot) : kKeyMissing;
-        // Keys are distinct, so a candidate enters the top k iff it beats the k-th best.
+            (row_valid[i] && slot < n_end) ? encode_key(score[i][c], slot) : kKeyMissing;
+        // Keys are distinct, so a candidate enters the top k iff it beats the k-th best (and,
+        // with tau, is >= tau).
         if (__any_sync(kFullMask, candidate > kth[i])) {
           insert_candidates<kRegs>(top[i], candidate, lane);
           kth[i] = list_element<kRegs>(top[i], kth_reg, kth_lane);
+          if (tau != nullptr) {  // rare (about k times per query): reload rather than hold
+            const long long floor = tau[warp_row + i];
+            if (floor != kKeyMissing) kth[i] = max_key(kth[i], floor - 1);
+          }
         }
       }
     }
@@ -326,7 +630,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
   for (int i = 0; i < kQueriesPerWarp; ++i) {
     if (!row_valid[i]) continue;  // uniform over the warp
-    const int64_t row = bh * R + row0 + warp * kQueriesPerWarp + i;  // global row (b, h, t)
+    const int64_t row = warp_row + i;  // global row (b, h, t)
 
     float score[kRegs];
     long long slot[kRegs];  // -1 for missing entries
@@ -395,27 +699,40 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
+template <typename T, int kKPad, typename Kernel>
+cudaError_t prepare_fwd_kernel(Kernel kernel, const FwdLayout& layout) {
+  if (layout.smem_bytes > kStaticSmemLimit) {
+    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                layout.smem_bytes);
+  }
+  return cudaSuccess;
+}
+
 template <typename T, int kKPad>
 cudaError_t launch_fwd(const TopkReadFwdParams& params, cudaStream_t stream) {
-  constexpr int kBlockRows = kWarps * queries_per_warp(kKPad);
-  FwdLayout layout;
-  layout.rows_per_memory = (params.heads / params.mem_heads) * params.seq_len;
-  layout.num_row_blocks = (layout.rows_per_memory + kBlockRows - 1) / kBlockRows;
-  layout.dim_k_pad = static_cast<int>((params.dim_k + 3) / 4 * 4);
+  const FwdLayout layout = make_fwd_layout<T, kKPad>(params);
   const int64_t blocks = layout.num_row_blocks * params.batch * params.mem_heads;
   if (blocks <= 0) return cudaSuccess;
   if (blocks > 0x7fffffffLL) return cudaErrorInvalidValue;
-  const size_t smem_bytes =
-      sizeof(float) * (static_cast<size_t>(kBlockRows) * layout.dim_k_pad +
-                       static_cast<size_t>(kTileN) * (layout.dim_k_pad + kKeyRowPad)) +
-      (sizeof(long long) + sizeof(float)) * kWarps * kKPad;
   auto kernel = topk_read_fwd_kernel<T, kKPad>;
-  if (smem_bytes > static_cast<size_t>(kStaticSmemLimit)) {
-    const cudaError_t status = cudaFuncSetAttribute(
-        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes));
-    if (status != cudaSuccess) return status;
-  }
-  kernel<<<static_cast<unsigned>(blocks), kThreads, smem_bytes, stream>>>(params, layout);
+  const cudaError_t status = prepare_fwd_kernel<T, kKPad>(kernel, layout);
+  if (status != cudaSuccess) return status;
+  kernel<<<static_cast<unsigned>(blocks), kThreads, layout.smem_bytes, stream>>>(params, layout);
+  return cudaGetLastError();
+}
+
+template <typename T, int kKPad>
+cudaError_t launch_chunk_max(const TopkReadFwdParams& params, int64_t* chunk_max,
+                             cudaStream_t stream) {
+  const FwdLayout layout = make_fwd_layout<T, kKPad>(params);
+  const int64_t blocks = layout.num_row_blocks * params.batch * params.mem_heads;
+  if (blocks <= 0) return cudaSuccess;
+  if (blocks > 0x7fffffffLL) return cudaErrorInvalidValue;
+  auto kernel = topk_read_chunk_max_kernel<T, kKPad>;
+  const cudaError_t status = prepare_fwd_kernel<T, kKPad>(kernel, layout);
+  if (status != cudaSuccess) return status;
+  kernel<<<static_cast<unsigned>(blocks), kThreads, layout.smem_bytes, stream>>>(
+      params, layout, reinterpret_cast<long long*>(chunk_max));
   return cudaGetLastError();
 }
 
@@ -425,6 +742,16 @@ cudaError_t launch_fwd_for_k(const TopkReadFwdParams& params, cudaStream_t strea
   if (params.k <= 64) return launch_fwd<T, 64>(params, stream);
   if (params.k <= 128) return launch_fwd<T, 128>(params, stream);
   return launch_fwd<T, 256>(params, stream);
+}
+
+// The pre-pass must use the block layout (K_PAD) of the selection kernel it serves.
+template <typename T>
+cudaError_t launch_chunk_max_for_k(const TopkReadFwdParams& params, int64_t* chunk_max,
+                                   cudaStream_t stream) {
+  if (params.k <= 32) return launch_chunk_max<T, 32>(params, chunk_max, stream);
+  if (params.k <= 64) return launch_chunk_max<T, 64>(params, chunk_max, stream);
+  if (params.k <= 128) return launch_chunk_max<T, 128>(params, chunk_max, stream);
+  return launch_chunk_max<T, 256>(params, chunk_max, stream);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -642,6 +969,30 @@ cudaError_t topk_read_fwd_launch(const TopkReadFwdParams& params, cudaStream_t s
       return launch_fwd_for_k<__half>(params, stream);
     case MergeDtype::kBFloat16:
       return launch_fwd_for_k<__nv_bfloat16>(params, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+int64_t topk_read_num_chunks(int64_t num_slots) {
+  return num_slots <= 0 ? 0 : (num_slots + kTopkReadChunkSlots - 1) / kTopkReadChunkSlots;
+}
+
+cudaError_t topk_read_chunk_max_launch(const TopkReadFwdParams& params, int64_t* chunk_max,
+                                       cudaStream_t stream) {
+  if (params.batch == 0 || params.heads == 0 || params.seq_len == 0) {
+    return (params.batch >= 0 && params.heads >= 0 && params.seq_len >= 0) ? cudaSuccess
+                                                                           : cudaErrorInvalidValue;
+  }
+  if (!valid_common_sizes(params) || params.k > params.num_slots) return cudaErrorInvalidValue;
+  if (params.q == nullptr || params.keys == nullptr || chunk_max == nullptr)
+    return cudaErrorInvalidValue;
+  switch (params.dtype) {
+    case MergeDtype::kFloat32:
+      return launch_chunk_max_for_k<float>(params, chunk_max, stream);
+    case MergeDtype::kFloat16:
+      return launch_chunk_max_for_k<__half>(params, chunk_max, stream);
+    case MergeDtype::kBFloat16:
+      return launch_chunk_max_for_k<__nv_bfloat16>(params, chunk_max, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -8,8 +8,8 @@
 // l2m_kernels/ops/topk_read/triton.py): per query the k best existing slots by descending score
 // (ties: smaller slot; NaN ranks like +inf; an existing slot scoring -inf keeps its index with
 // weight 0), missing entries index -1 / weight 0, no existing slot: out = 0, lse = -inf.
-// Scores: float32 inputs (scale * q) . key, float16/bfloat16 scale * (q . key), both accumulated
-// in float32 (no TF32, no tensor cores).
+// Scores: float32 inputs (scale * q) . key on CUDA cores (full float32, no TF32); float16/bfloat16
+// scale * (q . key) on tensor cores with float32 accumulation.
 //
 // Layout: every pointer addresses a contiguous tensor. q (B, H, T, Dk); keys (B, Hm, N, Dk) or
 // shared (Hm, N, Dk); values the same leading shape with last size Dv; H % Hm == 0 and query head
@@ -56,6 +56,10 @@ struct TopkReadFwdParams {
   int64_t* indices;          // (B, H, T, k); -1 for missing entries
   float* weights;            // (B, H, T, k)
   float* lse;                // (B, H, T)
+  // Optional (nullptr: none): per query row (B*H*T,) a lower bound tau on its k-th best sort
+  // key (INT64_MIN: no bound); candidates below it are skipped without a merge. Correct for any
+  // tau <= the row's true k-th best key; the k-th largest of the pre-pass's chunk maxima is one.
+  const int64_t* tau = nullptr;
 };
 
 // Backward of the read for a given selection. Per query row (entries whose index is outside
@@ -115,6 +119,20 @@ struct TopkReadBwdParams {
 };
 
 cudaError_t topk_read_fwd_launch(const TopkReadFwdParams& params, cudaStream_t stream);
+
+// Threshold pre-pass of the forward. Sort key of (query, slot): the order-preserving int32 image
+// of the float32 score (NaN as +inf, -0.0 as +0.0) in the high word, 2**31 - 1 - slot in the low
+// word; keys of one row are distinct and "larger" is "better". Writes chunk_max (B*H*T,
+// topk_read_num_chunks(N)) int64: the largest key of the row over the slots
+// [c * kTopkReadChunkSlots, (c + 1) * kTopkReadChunkSlots), INT64_MIN where no slot exists
+// (valid_len). The scores are computed by the same code as topk_read_fwd_launch's (for the same
+// params, dtype and k), so the keys are bit-identical; with n_chunks >= k, the k-th largest
+// chunk maximum of a row is a valid tau (exactly k chunks reach it, each with a distinct key).
+// params.tau, out, indices, weights, lse and values are not used.
+constexpr int64_t kTopkReadChunkSlots = 128;
+int64_t topk_read_num_chunks(int64_t num_slots);
+cudaError_t topk_read_chunk_max_launch(const TopkReadFwdParams& params, int64_t* chunk_max,
+                                       cudaStream_t stream);
 // Runs both kernels of the deterministic mode, or the single kernel of the atomic mode.
 cudaError_t topk_read_bwd_launch(const TopkReadBwdParams& params, cudaStream_t stream);
 

@@ -13,7 +13,10 @@ by path):
   rows), out / weights / lse and dq / dkeys / dvalues by relative RMS error against the float64
   reference evaluated at the kernel's selection, over odd sizes, k in {1 .. 256, N}, valid_len < k
   and 0, grouped heads, shared memories, ties, NaN query rows, -inf scores, empty batches, both
-  backward modes (deterministic: bitwise repeatable), and bad calls.
+  backward modes (deterministic: bitwise repeatable), and bad calls. Every case runs the forward
+  with and without the threshold pre-pass (use_threshold=True / False; the two must agree
+  bitwise), plus cases where the threshold matters: N >= 128 * k, valid_len < k and 0, N < 128,
+  fewer chunks than k, k = N = 1, exact ties across chunks, sorted score ramps.
 
 Optionally times the kernels (--bench) and runs one merge launch with more than 2**31 rows
 (--huge, ~52 GB of GPU memory).
@@ -290,8 +293,28 @@ TOPK_CASES = [
     (0, 2, 2, 5, 20, 8, 8, 4, False, None, None),                 # empty batch
     (0, 2, 2, 5, 20, 8, 8, 4, True, None, None),                  # empty batch, shared memory
     (2, 2, 2, 0, 20, 8, 8, 4, True, None, None),                  # T = 0
+    # Threshold pre-pass (chunks of 128 slots; tau applies when N >= 128 * k, i.e. n_chunks >= k).
+    (2, 2, 1, 9, 1000, 64, 32, 4, False, None, None),             # 8 chunks >= k
+    (2, 2, 2, 7, 1000, 16, 16, 8, False, [1000, 5], None),        # valid_len < k (tau INT64_MIN)
+    (2, 2, 2, 5, 1000, 16, 16, 8, True, [0, 1000], None),         # valid_len 0, shared
+    (2, 2, 2, 6, 1000, 16, 16, 4, False, [385, 1000], None),      # exactly k chunks exist
+    (1, 2, 1, 7, 100, 16, 16, 1, False, None, None),              # N < C, k = 1: tau = row max
+    (1, 2, 1, 7, 100, 16, 16, 4, False, None, None),              # N < C, n_chunks < k
+    (1, 1, 1, 5, 600, 16, 16, 8, False, None, None),              # n_chunks (5) < k
+    (1, 2, 2, 5, 1, 8, 8, 1, False, None, None),                  # k = N = 1 (1 chunk)
+    (2, 2, 2, 6, 1200, 8, 4, 7, False, None, "ties"),             # exact ties across chunks
+    (2, 2, 2, 6, 1200, 8, 4, 1, False, [1200, 700], "ties"),
+    (2, 2, 2, 5, 3000, 8, 8, 20, False, [3000, 2900], "ramp_up"),  # sorted ramps
+    (2, 2, 2, 5, 3000, 8, 8, 20, False, None, "ramp_down"),
+    (1, 2, 2, 5, 6000, 8, 8, 40, True, None, "ramp_up"),          # K_PAD 64
+    (1, 2, 1, 4, 13000, 16, 8, 100, False, None, None),           # K_PAD 128, 102 chunks
+    (1, 1, 1, 3, 33000, 8, 8, 256, True, None, "ramp_up"),        # K_PAD 256, 258 chunks
+    (1, 2, 2, 6, 1000, 8, 8, 4, False, None, "nan"),
+    (1, 2, 2, 7, 1100, 256, 256, 8, True, None, None),            # the largest Dk with tau
+    (1, 2, 1, 7, 1000, 7, 5, 3, False, None, None),               # Dk % 8 != 0 (scalar loads)
+    (1, 1, 1, 40, 4100, 64, 64, 32, False, None, None),           # 33 chunks, partial last
 ]
-TOPK_QUICK = {0, 3, 5, 7, 8, 11, 12, 14, 15, 16, 18}
+TOPK_QUICK = {0, 3, 5, 7, 8, 11, 12, 14, 15, 16, 18, 19, 20, 21, 22, 23, 27, 29, 33, 37}
 
 
 class TopkChecker(Checker):
@@ -314,6 +337,16 @@ class TopkChecker(Checker):
         else:
             q = torch.randn(B, H, T, Dk, device="cuda").to(dtype)
             keys = torch.randn(*lead, Dk, device="cuda").to(dtype)
+        if special in ("ramp_up", "ramp_down"):
+            # Scores monotone in the slot (an online top-k sees a new best at every slot for
+            # ramp_up): q[..., 0] > 0 against keys[..., n, 0] = +-n / N, other features 0.
+            q = torch.zeros(B, H, T, Dk, device="cuda")
+            q[..., 0] = torch.rand(B, H, T, device="cuda") + 0.5
+            q = q.to(dtype)
+            ramp = torch.arange(N, device="cuda", dtype=torch.float32) / N
+            keys = torch.zeros(*lead, Dk, device="cuda")
+            keys[..., 0] = ramp if special == "ramp_up" else -ramp
+            keys = keys.to(dtype)
         values = torch.randn(*lead, Dv, device="cuda").to(dtype)
         if special == "nan" and B * T:
             q[0, H - 1, T // 2, 0] = NAN
@@ -373,7 +406,7 @@ class TopkChecker(Checker):
             problems.append("entries not in descending score order")
         return problems
 
-    def topk_case(self, case, dtype):
+    def topk_case(self, case, dtype, use_threshold=True):
         B, H, Hm, T, N, Dk, Dv, k, shared, valid, special = case
         self.cases += 1
         failures_before = len(self.failures)
@@ -381,22 +414,28 @@ class TopkChecker(Checker):
         self.worst = {}
         label = (f"topk B={B} H={H} Hm={Hm} T={T} N={N} Dk={Dk} Dv={Dv} k={k}"
                  f"{' shared' if shared else ''}{' valid_len=' + str(valid) if valid else ''}"
-                 f"{' ' + special if special else ''} {str(dtype).removeprefix('torch.')}")
+                 f"{' ' + special if special else ''} {str(dtype).removeprefix('torch.')}"
+                 f" {'tau' if use_threshold else 'no-tau'}")
         q, keys, values, k, scale, valid_len = self._inputs(case, dtype)
         ext, ref = self.ext, self.ref
 
-        def forward():
+        def forward(threshold=use_threshold):
             out = nan_filled((B, H, T, Dv), dtype)
             indices = torch.full((B, H, T, k), -7, dtype=torch.int64, device="cuda")
             weights = nan_filled((B, H, T, k), torch.float32)
             lse = nan_filled((B, H, T), torch.float32)
-            ext.topk_read_fwd(q, keys, values, valid_len, k, scale, out, indices, weights, lse)
+            ext.topk_read_fwd(q, keys, values, valid_len, k, scale, out, indices, weights, lse,
+                              threshold)
             return out, indices, weights, lse
 
         out, indices, weights, lse = forward()
         again = forward()
         if not all(bits_equal(a, b) for a, b in zip((out, indices, weights, lse), again)):
             self.failures.append(f"{label}: forward not bitwise repeatable")
+        # Both paths score with the same code and select the same keys: identical outputs.
+        other = forward(not use_threshold)
+        if not all(bits_equal(a, b) for a, b in zip((out, indices, weights, lse), other)):
+            self.failures.append(f"{label}: forward with and without the threshold differ")
 
         dout = torch.randn(B, H, T, Dv, device="cuda").to(dtype)
         dweights = torch.randn(B, H, T, k, device="cuda")
@@ -516,12 +555,14 @@ def run_topk_checks(ext, quick: bool) -> TopkChecker:
         for number, case in enumerate(TOPK_CASES):
             if quick and number not in TOPK_QUICK:
                 continue
-            try:
-                checker.topk_case(case, dtype)
-            except Exception as error:  # report and go on: one broken case must not hide others
-                checker.failures.append(f"topk case {case} {dtype}: raised "
-                                        f"{type(error).__name__}: {error}")
-                print(f"  FAIL topk case {case} {dtype}: raised {type(error).__name__}: {error}")
+            for use_threshold in (True, False):
+                try:
+                    checker.topk_case(case, dtype, use_threshold)
+                except Exception as error:  # report and go on: one broken case must not hide others
+                    checker.failures.append(f"topk case {case} {dtype} threshold={use_threshold}: "
+                                            f"raised {type(error).__name__}: {error}")
+                    print(f"  FAIL topk case {case} {dtype} threshold={use_threshold}: raised "
+                          f"{type(error).__name__}: {error}")
     return checker
 
 
@@ -621,11 +662,12 @@ def bench_topk(ext) -> list[dict]:
         weights = torch.empty(B, H, T, k, device="cuda")
         lse = torch.empty(B, H, T, device="cuda")
         scale = D ** -0.5
-        fwd = lambda: ext.topk_read_fwd(q, keys, values, None, k, scale, out, indices, weights, lse)
+        fwd = lambda t=True: ext.topk_read_fwd(q, keys, values, None, k, scale, out, indices,
+                                               weights, lse, t)
         fwd()
         dout, dweights, dlse = torch.randn_like(out), torch.randn_like(weights), torch.randn_like(lse)
         dq, dkeys, dvalues = torch.empty_like(q), torch.empty_like(keys), torch.empty_like(values)
-        ops = {"topk_read_fwd": fwd}
+        ops = {"topk_read_fwd": fwd, "topk_read_fwd no-tau": lambda: fwd(False)}
         for deterministic in (False, True):
             ops[f"topk_read_bwd{' det' if deterministic else ''}"] = (
                 lambda d=deterministic: ext.topk_read_bwd(dout, dweights, dlse, q, keys, values,
@@ -635,7 +677,7 @@ def bench_topk(ext) -> list[dict]:
         for op, fn in ops.items():
             seconds = timed(fn)
             entry = {"shape": name, "dtype": "bfloat16", "op": op, "ms": seconds * 1e3}
-            if op == "topk_read_fwd":
+            if op.startswith("topk_read_fwd"):
                 entry["score_TFLOPs"] = flops / seconds / 1e12
             results.append(entry)
             print(f"  {op:22s} {name:42s} {entry['ms']:9.3f} ms"
