@@ -111,11 +111,12 @@ class CpuBackend(Backend):
 
 class CudaBackend(Backend):
     name = "cuda"
-    ops = frozenset({"merge_attention", "gated_merge", "topk_memory_read"})
+    ops = frozenset({"merge_attention", "gated_merge", "topk_memory_read", "product_key_read"})
     device_types = frozenset({"cuda"})
     dtypes = _HALF_AND_SINGLE
     description = "CUDA C++ extension l2m_kernels._C_cuda"
-    size_limits = {"topk_memory_read": {"Dk": 256, "Dv": 256, "N": 2 ** 31, "rows": 2 ** 31 - 1}}
+    size_limits = {"topk_memory_read": {"Dk": 256, "Dv": 256, "N": 2 ** 31, "rows": 2 ** 31 - 1},
+                   "product_key_read": {"k": 256, "k_sub": 256, "N": 2 ** 31 - 1, "Dk": 512}}
 
     def not_supported_reasons(self, op, device, dtype, sizes=None):
         reasons = super().not_supported_reasons(op, device, dtype, sizes)

@@ -4,6 +4,11 @@ interpreter (tests/conftest.py sets TRITON_INTERPRET=1 when there is no GPU).
 Calls ``topk_read_fwd`` / ``topk_read_bwd`` directly with outputs pre-filled with NaN (indices with
 a sentinel), so any element a kernel forgets to write fails. Shapes are tiny: the interpreter runs
 every program in Python.
+
+Every test runs on each forward path (the autouse ``forward_path`` fixture): ``stream`` (the running
+top-k select kernel), ``threshold`` (chunk maxima, compaction, finish; production tiles, so tiny N
+mostly takes its N <= cap shortcut) and ``threshold-small`` (16-slot chunks and a small candidate
+capacity, so tiny shapes run the chunk pass, the threshold and the overflow fallback).
 """
 import os
 
@@ -35,6 +40,25 @@ pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:Runtim
 
 NAN = float("nan")
 INDEX_SENTINEL = -(2**31) + 7
+
+# Chunks of 16 slots and capacity 2 * K_PAD: tiny shapes exercise every branch of the threshold path.
+SMALL_TILE = topk_triton._ScanTile(16, 16, 4, 128)
+SMALL_CAP_FACTOR = 2
+PATHS = ["stream", "threshold", "threshold-small"]
+
+
+def _use_path(monkeypatch, path):
+    monkeypatch.setenv(topk_triton.PATH_ENV, "stream" if path == "stream" else "threshold")
+    if path == "threshold-small":
+        for f32 in (False, True):
+            monkeypatch.setitem(topk_triton._SCAN_TILES, f32, SMALL_TILE)
+        monkeypatch.setattr(topk_triton, "CAP_FACTOR", SMALL_CAP_FACTOR)
+
+
+@pytest.fixture(autouse=True, params=PATHS)
+def forward_path(request, monkeypatch):
+    _use_path(monkeypatch, request.param)
+    return request.param
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,3 +306,88 @@ def test_deterministic_is_bitwise_reproducible():
     atomic = _bwd(q, keys, values, indices, weights, 0.25, cotangents, False)
     for name, a, b in zip(("dq", "dkeys", "dvalues"), atomic, first):
         assert_close(name, a, b, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Threshold path: which branch ran, fallbacks
+# ---------------------------------------------------------------------------------------------
+
+def _small_threshold(monkeypatch, cap_factor=SMALL_CAP_FACTOR):
+    _use_path(monkeypatch, "threshold-small")
+    monkeypatch.setattr(topk_triton, "CAP_FACTOR", cap_factor)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("forward_path", ["threshold-small"], indirect=True)
+def test_threshold_chunk_pass_without_fallback(forward_path, monkeypatch, dtype):
+    """N > cap and n_chunks >= k: chunk maxima, threshold, compaction and finish, no fallback;
+    valid_len 0 and < k (fewer existing chunks than k: tau = INT64_MIN) in the same call."""
+    _small_threshold(monkeypatch)
+    q, keys, values = _inputs(3, 2, 1, 21, 300, 24, 6, dtype=dtype)
+    for valid_len in (None, [300, 0, 3]):
+        _check_fwd(q, keys, values, 4, 24 ** -0.5, valid_len)
+        assert topk_triton.last_forward_path == "threshold"
+
+
+@pytest.mark.parametrize("forward_path", ["threshold-small"], indirect=True)
+def test_threshold_fallback_on_overflow(forward_path, monkeypatch):
+    """Rows with more candidates than cap are finished by the select kernel (only their blocks), exactly."""
+    _small_threshold(monkeypatch, cap_factor=1)
+    N, D, k = 160, 16, 5
+    # Ascending ramp: the top k sit in the last chunk, every key of the last k chunks is >= tau.
+    q = torch.ones(1, 1, 5, D, device=DEVICE)
+    ramp = torch.arange(N, dtype=torch.float32, device=DEVICE) / N
+    keys = (ramp[:, None] + 0.001 * _randn(N, D, dtype=torch.float32)).reshape(1, 1, N, D)
+    values = _randn(1, 1, N, 4, dtype=torch.float32)
+    _check_fwd(q, keys, values, k, 1.0)
+    assert topk_triton.last_forward_path == "threshold+stream"
+    # Every score tied (integer data): ties by slot put (k - 1) * 16 + 1 keys above tau.
+    keys = torch.ones(1, 1, N, D, device=DEVICE)
+    _check_fwd(q, keys, values, k, 0.5)
+    assert topk_triton.last_forward_path == "threshold+stream"
+    # A NaN query row ranks every slot like +inf: the same overflow, NaN outputs in that row only.
+    q, keys, values = _inputs(1, 2, 1, 4, N, 16, 4)
+    q[0, 1, 2, 3] = NAN
+    out, indices, _, lse = _check_fwd(q, keys, values, k, 0.25)
+    assert topk_triton.last_forward_path == "threshold+stream"
+    assert torch.equal(indices[0, 1, 2], torch.arange(k, device=DEVICE)) and torch.isnan(lse[0, 1, 2])
+    assert torch.isfinite(lse[0, 0]).all()
+
+
+@pytest.mark.parametrize("forward_path", ["threshold"], indirect=True)
+def test_threshold_few_chunks_and_small_n(forward_path, monkeypatch):
+    """n_chunks < k with N > cap goes straight to the select kernel; N <= cap needs no pass 1."""
+    q, keys, values = _inputs(1, 2, 2, 5, 100, 16, 4)
+    _check_fwd(q, keys, values, 5, 0.25)        # production tiles: 4 chunks < k = 5, cap 64 < N
+    assert topk_triton.last_forward_path == "threshold->stream"
+    _check_fwd(q, keys[:, :, :50].contiguous(), values[:, :, :50].contiguous(), 4, 0.25)   # N <= cap
+    assert topk_triton.last_forward_path == "threshold"
+    _small_threshold(monkeypatch, cap_factor=1)
+    _check_fwd(q, keys, values, 9, 0.25)        # 7 chunks of 16 < k = 9, cap 16 < N
+    assert topk_triton.last_forward_path == "threshold->stream"
+
+
+@pytest.mark.parametrize("forward_path", ["threshold-small"], indirect=True)
+def test_threshold_infinite_scores_and_nan_key(forward_path, monkeypatch):
+    """Chunk path: an existing slot scoring -inf keeps its index with weight 0; a NaN key row is
+    selected first by every query of its memory and makes those rows NaN."""
+    _small_threshold(monkeypatch)
+    N, D, k = 200, 16, 8
+    q = torch.rand(2, 1, 6, D, device=DEVICE) + 0.5
+    keys = torch.rand(2, 1, N, D, device=DEVICE)
+    keys[0, 0, 4, 0] = -1e30            # slot 4 of batch 0 scores -inf in every row
+    keys[1, 0, 150, 1] = NAN            # slot 150 of batch 1 scores NaN
+    values = _randn(2, 1, N, 4, dtype=torch.float32)
+    out, indices, weights, lse = _check_fwd(q, keys, values, k, 1.0, valid_len=[6, N])
+    assert topk_triton.last_forward_path == "threshold"
+    assert torch.all(indices[0, 0, :, 5] == 4) and torch.all(weights[0, 0, :, 5] == 0)
+    assert torch.all(indices[0, 0, :, 6:] == -1) and torch.isfinite(lse[0]).all()
+    assert torch.all(indices[1, 0, :, 0] == 150) and torch.isnan(lse[1]).all()
+
+
+@pytest.mark.parametrize("forward_path", ["threshold-small"], indirect=True)
+def test_unknown_path_is_refused(forward_path, monkeypatch):
+    monkeypatch.setenv(topk_triton.PATH_ENV, "bogus")
+    q, keys, values = _inputs(1, 1, 1, 2, 9, 8, 4)
+    with pytest.raises(ValueError, match=topk_triton.PATH_ENV):
+        _fwd(q, keys, values, 3, 0.5)

@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "merge.h"
+#include "product_key.h"
 #include "topk_read.h"
 
 namespace {
@@ -539,6 +540,296 @@ void topk_read_bwd(const at::Tensor& dout, const at::Tensor& dweights, const at:
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Product-key memory read (SPEC section 2; interface: csrc/cuda/product_key.h). Same Python
+// signatures as the cpu and triton launchers; outputs preallocated by the caller, None returned.
+// Indices given to the backward are range-checked on the device: an entry outside
+// [0, n_sub ** 2) contributes nothing (never read or written out of bounds).
+
+struct ProductKeyShape {
+  int64_t batch, heads, seq_len, dim_k, n_sub, dim_v;
+};
+
+ProductKeyShape check_product_key_operands(const char* op, const at::Tensor& q,
+                                           const at::Tensor& subkeys, const at::Tensor& values) {
+  TORCH_CHECK_VALUE(q.dim() == 4, op, ": q must be 4-D (B, H, T, Dk), got shape ",
+                    shape_string(q.sizes()));
+  ProductKeyShape shape;
+  shape.batch = q.size(0);
+  shape.heads = q.size(1);
+  shape.seq_len = q.size(2);
+  shape.dim_k = q.size(3);
+  TORCH_CHECK_VALUE(shape.dim_k % 2 == 0, op, ": q's feature size Dk must be even, got q ",
+                    shape_string(q.sizes()));
+  TORCH_CHECK_VALUE(subkeys.dim() == 4, op,
+                    ": subkeys must be 4-D (H, 2, n_sub, Dk // 2), got shape ",
+                    shape_string(subkeys.sizes()));
+  shape.n_sub = subkeys.size(2);
+  expect_shape(op, "subkeys", subkeys, {shape.heads, 2, shape.n_sub, shape.dim_k / 2});
+  TORCH_CHECK_VALUE(shape.n_sub >= 1, op, ": subkeys must hold n_sub >= 1 sub-keys, got shape ",
+                    shape_string(subkeys.sizes()));
+  TORCH_CHECK_NOT_IMPLEMENTED(shape.n_sub * shape.n_sub <= l2m::cuda::kProductKeyMaxSlots, op,
+                              ": the CUDA kernels serve n_sub ** 2 < 2**31 slots, got subkeys ",
+                              shape_string(subkeys.sizes()));
+  TORCH_CHECK_VALUE(values.dim() == 2, op, ": values must be 2-D (n_sub ** 2, Dv), got shape ",
+                    shape_string(values.sizes()));
+  shape.dim_v = values.size(1);
+  expect_shape(op, "values", values, {shape.n_sub * shape.n_sub, shape.dim_v});
+  TORCH_CHECK_NOT_IMPLEMENTED(shape.dim_k <= l2m::cuda::kProductKeyMaxDimK, op,
+                              ": the CUDA kernels serve Dk <= ",
+                              std::to_string(l2m::cuda::kProductKeyMaxDimK), ", got q ",
+                              shape_string(q.sizes()));
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      shape.batch * shape.heads * shape.seq_len < (int64_t{1} << 31) &&
+          shape.batch * shape.seq_len < (int64_t{1} << 31),
+      op, ": the CUDA kernels serve B * H * T < 2**31 query rows, got q ", shape_string(q.sizes()));
+  return shape;
+}
+
+void product_key_fwd(const at::Tensor& q, const at::Tensor& subkeys, const at::Tensor& values,
+                     int64_t k, int64_t k_sub, double scale, bool sum_heads, const at::Tensor& out,
+                     const at::Tensor& indices, const at::Tensor& weights, const at::Tensor& lse) {
+  constexpr const char* op = "l2m product_key_fwd (cuda)";
+  check_placement(op, {{"q", &q}, {"subkeys", &subkeys}, {"values", &values}, {"out", &out},
+                       {"indices", &indices}, {"weights", &weights}, {"lse", &lse}});
+  const MergeDtype dtype = topk_dtype(op, q);
+  expect_dtype(op, q.scalar_type(), {{"subkeys", &subkeys}, {"values", &values}, {"out", &out}});
+  expect_dtype(op, at::kLong, {{"indices", &indices}});
+  expect_dtype(op, at::kFloat, {{"weights", &weights}, {"lse", &lse}});
+  const ProductKeyShape shape = check_product_key_operands(op, q, subkeys, values);
+  const int64_t B = shape.batch, H = shape.heads, T = shape.seq_len;
+  if (sum_heads) {
+    expect_shape(op, "out", out, {B, T, shape.dim_v});
+  } else {
+    expect_shape(op, "out", out, {B, H, T, shape.dim_v});
+  }
+  expect_shape(op, "indices", indices, {B, H, T, k});
+  expect_shape(op, "weights", weights, {B, H, T, k});
+  expect_shape(op, "lse", lse, {B, H, T});
+  TORCH_CHECK_VALUE(k_sub >= 1 && k_sub <= shape.n_sub, op,
+                    ": k_sub must satisfy 1 <= k_sub <= n_sub = ", std::to_string(shape.n_sub),
+                    ", got k_sub = ", std::to_string(k_sub));
+  TORCH_CHECK_VALUE(k >= 1 && k <= k_sub * k_sub, op,
+                    ": k must satisfy 1 <= k <= k_sub ** 2 = ", std::to_string(k_sub * k_sub),
+                    ", got k = ", std::to_string(k));
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      k <= l2m::cuda::kProductKeyMaxK && k_sub <= l2m::cuda::kProductKeyMaxKSub, op,
+      ": the CUDA kernels serve k <= ", std::to_string(l2m::cuda::kProductKeyMaxK),
+      " and k_sub <= ", std::to_string(l2m::cuda::kProductKeyMaxKSub), ", got k = ",
+      std::to_string(k), ", k_sub = ", std::to_string(k_sub));
+
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  const int64_t rows = B * H * T;
+  if (rows == 0) {
+    if (out.numel() > 0) out.zero_();  // sum_heads with H == 0: a sum over no heads
+    return;
+  }
+  // Scratch: each row's sorted top-k_sub of both halves (scores and sub-key ids).
+  const at::Tensor half_scores = at::empty({rows, 2, k_sub}, q.options().dtype(at::kFloat));
+  const at::Tensor half_ids = at::empty({rows, 2, k_sub}, q.options().dtype(at::kInt));
+  l2m::cuda::ProductKeyFwdParams params;
+  params.dtype = dtype;
+  params.batch = B;
+  params.heads = H;
+  params.seq_len = T;
+  params.dim_k = shape.dim_k;
+  params.n_sub = shape.n_sub;
+  params.dim_v = shape.dim_v;
+  params.k = k;
+  params.k_sub = k_sub;
+  params.sum_heads = sum_heads;
+  params.scale = scale;
+  params.q = q.data_ptr();
+  params.subkeys = subkeys.data_ptr();
+  params.values = values.data_ptr();
+  params.out = out.data_ptr();
+  params.indices = indices.data_ptr<int64_t>();
+  params.weights = weights.data_ptr<float>();
+  params.lse = lse.data_ptr<float>();
+  params.half_scores = half_scores.data_ptr<float>();
+  params.half_ids = half_ids.data_ptr<int32_t>();
+  // The scratch tensors live until the end of this scope; the caching allocator reuses their
+  // memory only for later work on this stream.
+  check_launch(op, l2m::cuda::product_key_fwd_launch(params, current_stream()));
+}
+
+// Deterministic segment sum (product_key.h): entries grouped by destination key with a stable
+// sort (keys >= num_dst: entries that contribute nothing, sorted last), run starts by binary
+// search. entry_coef / entry_src map each entry id (the position in `keys`) to its coefficient
+// and source row.
+void product_key_segment_sum(const char* op, MergeDtype dtype, const at::Tensor& keys,
+                             const at::Tensor& entry_coef, const at::Tensor& entry_src,
+                             int64_t num_dst, const at::Tensor& src, int64_t num_src,
+                             const at::Tensor& coef, double scale, const at::Tensor& dst,
+                             int64_t dim) {
+  const std::tuple<at::Tensor, at::Tensor> sorted =
+      at::sort(keys, std::optional<bool>(true), /*dim=*/0, /*descending=*/false);
+  const at::Tensor order = std::get<1>(sorted);
+  const at::Tensor sorted_coef = entry_coef.index_select(0, order).contiguous();
+  const at::Tensor sorted_src = entry_src.index_select(0, order).contiguous();
+  const at::Tensor run_starts =
+      at::searchsorted(std::get<0>(sorted), at::arange(num_dst + 1, keys.options())).contiguous();
+  l2m::cuda::ProductKeySegmentParams params;
+  params.dtype = dtype;
+  params.num_dst = num_dst;
+  params.num_src = num_src;
+  params.num_coef = coef.numel();
+  params.dim = dim;
+  params.scale = scale;
+  params.src = src.data_ptr();
+  params.coef = coef.data_ptr<float>();
+  params.entry_coef = sorted_coef.data_ptr<int64_t>();
+  params.entry_src = sorted_src.data_ptr<int64_t>();
+  params.run_starts = run_starts.data_ptr<int64_t>();
+  params.dst = dst.data_ptr();
+  check_launch(op, l2m::cuda::product_key_segment_launch(params, current_stream()));
+}
+
+void product_key_bwd(const at::Tensor& dout, const at::Tensor& dweights, const at::Tensor& dlse,
+                     const at::Tensor& q, const at::Tensor& subkeys, const at::Tensor& values,
+                     const at::Tensor& indices, const at::Tensor& weights, double scale,
+                     bool sum_heads, bool sparse_grad, bool deterministic, const at::Tensor& dq,
+                     const at::Tensor& dsubkeys, const at::Tensor& dvalues) {
+  constexpr const char* op = "l2m product_key_bwd (cuda)";
+  check_placement(op, {{"dout", &dout},
+                       {"dweights", &dweights},
+                       {"dlse", &dlse},
+                       {"q", &q},
+                       {"subkeys", &subkeys},
+                       {"values", &values},
+                       {"indices", &indices},
+                       {"weights", &weights},
+                       {"dq", &dq},
+                       {"dsubkeys", &dsubkeys},
+                       {"dvalues", &dvalues}});
+  const MergeDtype dtype = topk_dtype(op, q);
+  expect_dtype(op, q.scalar_type(),
+               {{"dout", &dout}, {"subkeys", &subkeys}, {"values", &values}, {"dq", &dq},
+                {"dsubkeys", &dsubkeys}, {"dvalues", &dvalues}});
+  expect_dtype(op, at::kLong, {{"indices", &indices}});
+  expect_dtype(op, at::kFloat, {{"dweights", &dweights}, {"dlse", &dlse}, {"weights", &weights}});
+  const ProductKeyShape shape = check_product_key_operands(op, q, subkeys, values);
+  const int64_t B = shape.batch, H = shape.heads, T = shape.seq_len;
+  const int64_t N = shape.n_sub * shape.n_sub, Dv = shape.dim_v, Dh = shape.dim_k / 2;
+  TORCH_CHECK_VALUE(indices.dim() == 4, op, ": indices must be 4-D (B, H, T, k), got shape ",
+                    shape_string(indices.sizes()));
+  const int64_t k = indices.size(3);
+  expect_shape(op, "indices", indices, {B, H, T, k});
+  expect_shape(op, "weights", weights, {B, H, T, k});
+  expect_shape(op, "dweights", dweights, {B, H, T, k});
+  expect_shape(op, "dlse", dlse, {B, H, T});
+  if (sum_heads) {
+    expect_shape(op, "dout", dout, {B, T, Dv});
+  } else {
+    expect_shape(op, "dout", dout, {B, H, T, Dv});
+  }
+  expect_shape(op, "dq", dq, std::vector<int64_t>(q.sizes().begin(), q.sizes().end()));
+  expect_shape(op, "dsubkeys", dsubkeys,
+               std::vector<int64_t>(subkeys.sizes().begin(), subkeys.sizes().end()));
+  const int64_t rows = B * H * T;
+  const int64_t entries = rows * k;
+  if (sparse_grad) {
+    expect_shape(op, "dvalues", dvalues, {entries, Dv});
+  } else {
+    expect_shape(op, "dvalues", dvalues, {N, Dv});
+  }
+
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  if (rows == 0) {  // no entry: every sub-key / value gradient is zero
+    dsubkeys.zero_();
+    if (!sparse_grad) dvalues.zero_();
+    return;
+  }
+  TORCH_CHECK_NOT_IMPLEMENTED(k >= 1 && k <= l2m::cuda::kProductKeyMaxK, op,
+                              ": the CUDA kernels serve 1 <= k <= ",
+                              std::to_string(l2m::cuda::kProductKeyMaxK),
+                              " entries per query, got indices ", shape_string(indices.sizes()));
+
+  l2m::cuda::ProductKeyBwdParams params;
+  params.dtype = dtype;
+  params.batch = B;
+  params.heads = H;
+  params.seq_len = T;
+  params.dim_k = shape.dim_k;
+  params.n_sub = shape.n_sub;
+  params.dim_v = Dv;
+  params.k = k;
+  params.sum_heads = sum_heads;
+  params.sparse_grad = sparse_grad;
+  params.deterministic = deterministic;
+  params.scale = scale;
+  params.dout = dout.data_ptr();
+  params.dweights = dweights.data_ptr<float>();
+  params.dlse = dlse.data_ptr<float>();
+  params.q = q.data_ptr();
+  params.subkeys = subkeys.data_ptr();
+  params.values = values.data_ptr();
+  params.indices = indices.data_ptr<int64_t>();
+  params.weights = weights.data_ptr<float>();
+  params.dq = dq.data_ptr();
+  params.dsubkeys_acc = nullptr;
+  params.dvalues_acc = nullptr;
+  params.dvalues_rows = sparse_grad ? dvalues.data_ptr() : nullptr;
+  params.ds = nullptr;
+
+  if (deterministic) {
+    const at::TensorOptions long_options = indices.options().dtype(at::kLong);
+    const at::Tensor ds = at::empty({entries}, q.options().dtype(at::kFloat));
+    params.ds = ds.data_ptr<float>();
+    check_launch(op, l2m::cuda::product_key_bwd_launch(params, current_stream()));
+
+    const at::Tensor flat = indices.reshape({rows, k});
+    const at::Tensor live = flat.ge(0).logical_and(flat.lt(N));
+    const at::Tensor row_ids = at::arange(rows, long_options);
+    // Sub-keys: entry (row, m, half) -> destination row (h * 2 + half) * n_sub + sub-key id,
+    // source row row * 2 + half of q viewed as (rows * 2, Dh), coefficient ds[row * k + m].
+    const int64_t num_sub_rows = H * 2 * shape.n_sub;
+    const at::Tensor head = row_ids.floor_divide(T).remainder(H).unsqueeze(1);  // (rows, 1)
+    const at::Tensor sub0 = flat.floor_divide(shape.n_sub);
+    const at::Tensor sub1 = flat.remainder(shape.n_sub);
+    const at::Tensor dead = at::full({}, num_sub_rows, long_options);
+    const at::Tensor key0 = at::where(live, head * (2 * shape.n_sub) + sub0, dead);
+    const at::Tensor key1 = at::where(live, head * (2 * shape.n_sub) + shape.n_sub + sub1, dead);
+    const at::Tensor sub_keys = at::stack({key0, key1}, /*dim=*/2).reshape({-1});  // (E * 2,)
+    const at::Tensor sub_entry = at::arange(entries * 2, long_options);
+    const at::Tensor sub_coef = sub_entry.floor_divide(2);
+    const at::Tensor sub_src = sub_coef.floor_divide(k) * 2 + sub_entry.remainder(2);
+    product_key_segment_sum(op, dtype, sub_keys, sub_coef, sub_src, num_sub_rows, q, rows * 2, ds,
+                            scale, dsubkeys, Dh);
+    if (!sparse_grad) {
+      // Values: entry (row, m) -> destination slot, source row of dout, coefficient weights.
+      const at::Tensor value_keys =
+          at::where(live, flat, at::full({}, N, long_options)).reshape({-1});
+      const at::Tensor value_entry = at::arange(entries, long_options);
+      const at::Tensor entry_row = value_entry.floor_divide(k);
+      const at::Tensor value_src =
+          sum_heads ? entry_row.floor_divide(H * T) * T + entry_row.remainder(T) : entry_row;
+      const at::Tensor flat_weights = weights.reshape({-1});
+      product_key_segment_sum(op, dtype, value_keys, value_entry, value_src, N, dout,
+                              sum_heads ? B * T : rows, flat_weights, 1.0, dvalues, Dv);
+    }
+    return;
+  }
+
+  // Atomic mode: float32 accumulators, zeroed; float32 outputs accumulate in place.
+  const bool in_place = dtype == MergeDtype::kFloat32;
+  const at::TensorOptions float_options = q.options().dtype(at::kFloat);
+  const at::Tensor dsubkeys_acc = in_place ? dsubkeys : at::empty(subkeys.sizes(), float_options);
+  dsubkeys_acc.zero_();
+  params.dsubkeys_acc = dsubkeys_acc.data_ptr<float>();
+  at::Tensor dvalues_acc;
+  if (!sparse_grad) {
+    dvalues_acc = in_place ? dvalues : at::empty(values.sizes(), float_options);
+    dvalues_acc.zero_();
+    params.dvalues_acc = dvalues_acc.data_ptr<float>();
+  }
+  check_launch(op, l2m::cuda::product_key_bwd_launch(params, current_stream()));
+  if (!in_place) {
+    dsubkeys.copy_(dsubkeys_acc);
+    if (!sparse_grad) dvalues.copy_(dvalues_acc);
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -575,4 +866,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dout"), py::arg("dweights"), py::arg("dlse"), py::arg("q"), py::arg("keys"),
         py::arg("values"), py::arg("indices"), py::arg("weights"), py::arg("scale"),
         py::arg("deterministic"), py::arg("dq"), py::arg("dkeys"), py::arg("dvalues"));
+  m.def("product_key_fwd", &product_key_fwd,
+        "Product-key memory read into preallocated out, indices, weights, lse (SPEC section 2).",
+        py::arg("q"), py::arg("subkeys"), py::arg("values"), py::arg("k"), py::arg("k_sub"),
+        py::arg("scale"), py::arg("sum_heads"), py::arg("out"), py::arg("indices"),
+        py::arg("weights"), py::arg("lse"));
+  m.def("product_key_bwd", &product_key_bwd,
+        "Gradients of product_key_fwd in q, subkeys, values; writes dq, dsubkeys, dvalues (dense "
+        "(n_sub ** 2, Dv), or one row w * dout per entry with sparse_grad).",
+        py::arg("dout"), py::arg("dweights"), py::arg("dlse"), py::arg("q"), py::arg("subkeys"),
+        py::arg("values"), py::arg("indices"), py::arg("weights"), py::arg("scale"),
+        py::arg("sum_heads"), py::arg("sparse_grad"), py::arg("deterministic"), py::arg("dq"),
+        py::arg("dsubkeys"), py::arg("dvalues"));
 }

@@ -18,10 +18,19 @@ by path):
   bitwise), plus cases where the threshold matters: N >= 128 * k, valid_len < k and 0, N < 128,
   fewer chunks than k, k = N = 1, exact ties across chunks, sorted score ramps.
 
+- pkm (l2m_kernels/ops/product_key/reference.py): product_key_fwd / product_key_bwd in float32,
+  float16 and bfloat16 with outputs pre-filled with NaN: the selection checked exactly on
+  integer-valued data (ties everywhere) and on NaN query rows, robustly otherwise (a valid top-k
+  of the float64 candidate scores); out / weights / lse and dq / dsubkeys / dvalues by relative
+  RMS error against the float64 reference at the kernel's selection (dense atomic, dense
+  deterministic and bitwise repeatable, sparse per-entry rows), over odd sizes (n_sub 7/33, T 7,
+  Dk 2/14/130/512, Dv 1/7/129/300/520), k = k_sub ** 2, k_sub = n_sub, k = 1, sum_heads both
+  ways, empty batches, bad calls and out-of-range indices in the backward.
+
 Optionally times the kernels (--bench) and runs one merge launch with more than 2**31 rows
 (--huge, ~52 GB of GPU memory).
 
-    python csrc/cuda/tests/gpu_selftest.py [--ops merge,topk] [--quick] [--bench] [--huge]
+    python csrc/cuda/tests/gpu_selftest.py [--ops merge,topk,pkm] [--quick] [--bench] [--huge]
                                            [--json out.json]
     compute-sanitizer --tool memcheck python csrc/cuda/tests/gpu_selftest.py --quick
 
@@ -35,6 +44,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shlex
 import sys
 import time
@@ -835,13 +845,382 @@ def huge_rows(ext) -> list[str]:
     return problems
 
 
+# ---- product_key_read ------------------------------------------------------------------------
+
+def load_pkm_reference():
+    path = REPO_ROOT / "l2m_kernels" / "ops" / "product_key" / "reference.py"
+    spec = importlib.util.spec_from_file_location("l2m_product_key_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# (B, H, T, Dk, n_sub, Dv, k, k_sub, sum_heads, special)
+# special: None (random data, selection checked robustly), "int" (integer-valued q / subkeys and
+# scale 0.25: exact scores with many ties, selection checked exactly), "nan" (NaN query rows).
+PKM_CASES = [
+    (2, 2, 7, 14, 7, 7, 5, 3, False, None),
+    (2, 2, 7, 14, 7, 7, 9, 3, True, None),           # k = k_sub ** 2
+    (1, 3, 7, 2, 7, 1, 1, 7, False, None),           # k = 1, k_sub = n_sub, Dk 2, Dv 1
+    (1, 3, 7, 2, 7, 1, 1, 7, True, None),
+    (2, 2, 7, 130, 33, 129, 32, 33, True, None),     # k_sub = n_sub = 33, Dh 65, Dv 129
+    (1, 2, 7, 130, 33, 129, 256, 16, False, None),   # k = 256 = k_sub ** 2
+    (2, 2, 9, 64, 300, 64, 100, 200, False, None),   # K_PAD 128, KS_PAD 256, many tiles
+    (1, 1, 5, 512, 256, 16, 256, 256, False, None),  # the largest Dk, k, k_sub (= n_sub)
+    (1, 2, 5, 8, 16, 300, 4, 4, False, None),        # Dv > one chunk
+    (1, 2, 4, 8, 16, 520, 4, 4, True, None),         # Dv multiple of 8, 3 chunks
+    (2, 2, 7, 16, 33, 8, 16, 8, False, "int"),
+    (2, 2, 7, 16, 33, 8, 64, 33, True, "int"),       # exact ties, k_sub = n_sub
+    (2, 3, 7, 6, 7, 7, 49, 7, False, "int"),         # every slot, ties everywhere
+    (1, 2, 6, 16, 20, 8, 8, 4, False, "nan"),
+    (1, 2, 6, 16, 20, 8, 8, 4, True, "nan"),
+    (0, 2, 5, 16, 7, 8, 4, 3, False, None),          # empty batch
+    (0, 2, 5, 16, 7, 8, 4, 3, True, None),
+    (2, 2, 0, 16, 7, 8, 4, 3, True, None),           # T = 0 (sum_heads)
+    (2, 2, 0, 16, 7, 8, 4, 3, False, None),
+]
+PKM_QUICK = {0, 1, 2, 4, 7, 10, 13, 15}
+INDEX_SENTINEL = -7  # indices are pre-filled with it: an unwritten entry fails the checks
+
+
+class PkmChecker(Checker):
+    def __init__(self, ext, ref):
+        super().__init__(ext, ref)
+
+    def half_scores64(self, q, subkeys, scale):
+        half = q.shape[-1] // 2
+        q64, s64 = q.double(), subkeys.double()
+        s1 = torch.matmul(q64[..., :half], s64[:, 0].transpose(-1, -2)) * scale
+        s2 = torch.matmul(q64[..., half:], s64[:, 1].transpose(-1, -2)) * scale
+        return s1, s2
+
+    def check_selection(self, label, indices, ref_indices, q, subkeys, scale, exact_rows):
+        """indices valid, distinct per row; exact_rows (B, H, T) bool: equal to the reference's;
+        other rows: a valid top-k of the float64 candidate scores (within float32 rounding)."""
+        n_sub = subkeys.shape[-2]
+        N = n_sub * n_sub
+        if not ((indices >= 0) & (indices < N)).all():
+            self.failures.append(f"{label}: indices out of [0, {N}) (unwritten: {INDEX_SENTINEL})")
+            return
+        sorted_idx = indices.sort(dim=-1).values
+        if indices.shape[-1] > 1 and not (sorted_idx[..., 1:] != sorted_idx[..., :-1]).all():
+            self.failures.append(f"{label}: duplicate indices in a row")
+        if exact_rows.any() and not torch.equal(indices[exact_rows], ref_indices[exact_rows]):
+            bad = (indices != ref_indices).any(-1) & exact_rows
+            self.failures.append(f"{label}: selection differs from the reference on "
+                                 f"{int(bad.sum())} exact row(s)")
+        robust = ~exact_rows
+        if robust.any():
+            s1, s2 = self.half_scores64(q, subkeys, scale)
+            def slot_scores(idx):
+                return s1.gather(-1, idx // n_sub) + s2.gather(-1, idx % n_sub)
+            ours, theirs = slot_scores(indices)[robust], slot_scores(ref_indices)[robust]
+            magnitude = max(1.0, s1[robust].abs().max().item() + s2[robust].abs().max().item())
+            tol = 2e-5 * magnitude
+            if not ((ours - theirs).abs() <= tol).all():
+                self.failures.append(f"{label}: selected scores differ from the reference's by "
+                                     f"{(ours - theirs).abs().max().item():.3e} > {tol:.1e}")
+            if ours.shape[-1] > 1 and not (ours[..., :-1] >= ours[..., 1:] - tol).all():
+                self.failures.append(f"{label}: selection not in descending score order")
+
+    def pkm_case(self, case, dtype):
+        B, H, T, Dk, n_sub, Dv, k, k_sub, sum_heads, special = case
+        self.cases += 1
+        label = (f"pkm B={B} H={H} T={T} Dk={Dk} n_sub={n_sub} Dv={Dv} k={k} k_sub={k_sub} "
+                 f"sum_heads={sum_heads} {special or 'random'} {str(dtype).removeprefix('torch.')}")
+        failures_before = len(self.failures)
+        ref = self.ref
+        dev = "cuda"
+        if special == "int":
+            q = torch.randint(-2, 3, (B, H, T, Dk), device=dev).to(dtype)
+            subkeys = torch.randint(-2, 3, (H, 2, n_sub, Dk // 2), device=dev).to(dtype)
+            scale = 0.25
+        else:
+            q = torch.randn(B, H, T, Dk, device=dev).to(dtype)
+            subkeys = torch.randn(H, 2, n_sub, Dk // 2, device=dev).to(dtype)
+            scale = Dk ** -0.5 if Dk else 1.0
+        values = torch.randn(n_sub * n_sub, Dv, device=dev).to(dtype)
+        nan_rows = torch.zeros(B, H, T, dtype=torch.bool, device=dev)
+        if special == "nan" and B * H * T:
+            nan_rows[0, 0, min(1, T - 1)] = True
+            nan_rows[-1, -1, T - 1] = True
+            q[nan_rows] = NAN
+        out_shape = (B, T, Dv) if sum_heads else (B, H, T, Dv)
+        out = nan_filled(out_shape, dtype)
+        indices = torch.full((B, H, T, k), INDEX_SENTINEL, dtype=torch.int64, device=dev)
+        weights = nan_filled((B, H, T, k), torch.float32)
+        lse = nan_filled((B, H, T), torch.float32)
+        self.ext.product_key_fwd(q, subkeys, values, k, k_sub, scale, sum_heads, out, indices,
+                                 weights, lse)
+        torch.cuda.synchronize()
+
+        ref_indices = ref.product_key_select(q, subkeys, k, k_sub, scale)
+        exact_rows = nan_rows.clone() if special != "int" else torch.ones_like(nan_rows)
+        if B * H * T:
+            self.check_selection(label, indices, ref_indices, q, subkeys, scale, exact_rows)
+        if len(self.failures) > failures_before:  # no point checking the rest against garbage
+            print(f"  FAIL {label}")
+            return
+        use = indices.clamp(0, n_sub * n_sub - 1)
+
+        # float64 reference at the kernel's selection, and the same in the input dtype (baseline).
+        q64 = q.double().requires_grad_()
+        s64 = subkeys.double().requires_grad_()
+        v64 = values.double().requires_grad_()
+        out64, w64, lse64 = ref.product_key_gather(q64, s64, v64, use, scale, sum_heads=sum_heads)
+        qb = q.clone().requires_grad_()
+        sb = subkeys.clone().requires_grad_()
+        vb = values.clone().requires_grad_()
+        outb, wb, lseb = ref.product_key_gather(qb, sb, vb, use, scale, sum_heads=sum_heads)
+        self.check(label + " out", out, out64, dtype, baseline=outb)
+        self.check(label + " weights", weights, w64, dtype, baseline=wb)
+        self.check(label + " lse", lse, lse64, dtype, baseline=lseb, scale=1.0)
+
+        # Backward.
+        dout = torch.randn(out_shape, device=dev).to(dtype)
+        dweights = torch.randn(B, H, T, k, device=dev)
+        dlse = torch.randn(B, H, T, device=dev)
+        grads64 = torch.autograd.grad((out64, w64, lse64), (q64, s64, v64),
+                                      (dout.double(), dweights.double(), dlse.double()),
+                                      allow_unused=True)
+        grads64 = [g if g is not None else torch.zeros_like(x)
+                   for g, x in zip(grads64, (q64, s64, v64))]
+        gradsb = torch.autograd.grad((outb, wb, lseb), (qb, sb, vb), (dout, dweights, dlse),
+                                     allow_unused=True)
+        gradsb = [g if g is not None else torch.zeros_like(x) for g, x in zip(gradsb, (qb, sb, vb))]
+        value_rows_expected = (weights.unsqueeze(-1) * (dout.unsqueeze(1) if sum_heads else dout)
+                               .unsqueeze(-2).float()).reshape(-1, Dv).to(dtype)
+
+        def run_bwd(sparse, deterministic):
+            dq = nan_filled(q.shape, dtype)
+            dsub = nan_filled(subkeys.shape, dtype)
+            dval = nan_filled((B * H * T * k, Dv) if sparse else values.shape, dtype)
+            self.ext.product_key_bwd(dout, dweights, dlse, q, subkeys, values, indices, weights,
+                                     scale, sum_heads, sparse, deterministic, dq, dsub, dval)
+            return dq, dsub, dval
+
+        finite_rows = ~nan_rows
+        for sparse in (False, True):
+            for deterministic in (False, True):
+                mode = f" bwd sparse={sparse} det={deterministic}"
+                dq, dsub, dval = run_bwd(sparse, deterministic)
+                if deterministic:
+                    again = run_bwd(sparse, deterministic)
+                    for name, a, b in zip(("dq", "dsubkeys", "dvalues"), (dq, dsub, dval), again):
+                        if not bits_equal(a, b):
+                            self.failures.append(f"{label}{mode} {name}: not bitwise repeatable")
+                if special == "nan":
+                    # The reference's matmul backward spreads a NaN query into every sub-key
+                    # gradient (0 * NaN), the kernel only into the selected ones: compare dq of
+                    # the finite rows, and require NaN only where a NaN row reads.
+                    self.check(label + mode + " dq (finite rows)", dq[finite_rows],
+                               grads64[0][finite_rows], dtype, baseline=gradsb[0][finite_rows])
+                    continue
+                self.check(label + mode + " dq", dq, grads64[0], dtype, baseline=gradsb[0])
+                self.check(label + mode + " dsubkeys", dsub, grads64[1], dtype, baseline=gradsb[1])
+                if sparse:
+                    self.check(label + mode + " dvalues rows", dval, value_rows_expected, dtype)
+                else:
+                    self.check(label + mode + " dvalues", dval, grads64[2], dtype,
+                               baseline=gradsb[2])
+        problems = len(self.failures) - failures_before
+        print(f"  {'ok  ' if problems == 0 else 'FAIL'} {label}"
+              + (f", {problems} problem(s)" if problems else ""))
+
+
+def run_pkm_checks(ext, quick: bool) -> PkmChecker:
+    checker = PkmChecker(ext, load_pkm_reference())
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for number, case in enumerate(PKM_CASES):
+            if quick and number not in PKM_QUICK:
+                continue
+            try:
+                checker.pkm_case(case, dtype)
+            except Exception as error:  # report and go on: one broken case must not hide others
+                checker.failures.append(f"pkm case {case} {dtype}: raised "
+                                        f"{type(error).__name__}: {error}")
+                print(f"  FAIL pkm case {case} {dtype}: raised {type(error).__name__}: {error}")
+    return checker
+
+
+def check_pkm_errors(ext) -> list[str]:
+    """Bad product_key calls raise the documented exception types (and never launch)."""
+    problems = []
+    dev = "cuda"
+    B, H, T, Dk, n_sub, Dv, k, k_sub = 1, 2, 3, 8, 5, 4, 4, 3
+    q = torch.randn(B, H, T, Dk, device=dev)
+    subkeys = torch.randn(H, 2, n_sub, Dk // 2, device=dev)
+    values = torch.randn(n_sub * n_sub, Dv, device=dev)
+
+    def outs(k_=k):
+        return (torch.empty(B, H, T, Dv, device=dev),
+                torch.empty(B, H, T, k_, dtype=torch.int64, device=dev),
+                torch.empty(B, H, T, k_, device=dev), torch.empty(B, H, T, device=dev))
+
+    def expect(name, error_type, fn):
+        try:
+            fn()
+            torch.cuda.synchronize()
+        except error_type:
+            return
+        except Exception as error:  # the wrong type
+            problems.append(f"pkm bad call {name}: raised {type(error).__name__}, expected "
+                            f"{error_type.__name__}: {error}")
+            return
+        problems.append(f"pkm bad call {name}: did not raise {error_type.__name__}")
+
+    expect("k > k_sub ** 2", ValueError,
+           lambda: ext.product_key_fwd(q, subkeys, values, 10, k_sub, 1.0, False, *outs(10)))
+    expect("k_sub > n_sub", ValueError,
+           lambda: ext.product_key_fwd(q, subkeys, values, k, 6, 1.0, False, *outs()))
+    expect("wrong subkeys shape", ValueError,
+           lambda: ext.product_key_fwd(q, subkeys[:, :, :4].contiguous(), values, k, k_sub, 1.0, False, *outs()))
+    expect("wrong values shape", ValueError,
+           lambda: ext.product_key_fwd(q, subkeys, values[:-1], k, k_sub, 1.0, False, *outs()))
+    expect("float64", TypeError,
+           lambda: ext.product_key_fwd(q.double(), subkeys.double(), values.double(), k, k_sub,
+                                       1.0, False, *outs()))
+    expect("cpu tensor", ValueError,
+           lambda: ext.product_key_fwd(q.cpu(), subkeys, values, k, k_sub, 1.0, False, *outs()))
+    big_q = torch.randn(1, 1, 2, 514, device=dev)
+    big_sub = torch.randn(1, 2, 4, 257, device=dev)
+    big_values = torch.randn(16, 4, device=dev)
+    expect("Dk > 512", NotImplementedError,
+           lambda: ext.product_key_fwd(
+               big_q, big_sub, big_values, 2, 2, 1.0, False, torch.empty(1, 1, 2, 4, device=dev),
+               torch.empty(1, 1, 2, 2, dtype=torch.int64, device=dev),
+               torch.empty(1, 1, 2, 2, device=dev), torch.empty(1, 1, 2, device=dev)))
+    n_big = 300
+    q3 = torch.randn(1, 1, 2, 4, device=dev)
+    sub3 = torch.randn(1, 2, n_big, 2, device=dev)
+    values3 = torch.randn(n_big * n_big, 1, device=dev)
+    expect("k_sub > 256", NotImplementedError,
+           lambda: ext.product_key_fwd(
+               q3, sub3, values3, 4, 257, 1.0, False, torch.empty(1, 1, 2, 1, device=dev),
+               torch.empty(1, 1, 2, 4, dtype=torch.int64, device=dev),
+               torch.empty(1, 1, 2, 4, device=dev), torch.empty(1, 1, 2, device=dev)))
+    # Out-of-range indices in the backward: skipped, never out of bounds.
+    out, indices, weights, lse = outs()
+    ext.product_key_fwd(q, subkeys, values, k, k_sub, 1.0, False, out, indices, weights, lse)
+    bad = indices.clone()
+    bad[0, 0, 0, 0] = n_sub * n_sub + 100
+    bad[0, 1, 2, 1] = -5
+    for deterministic in (False, True):
+        try:
+            dq, dsub, dval = torch.empty_like(q), torch.empty_like(subkeys), torch.empty_like(values)
+            ext.product_key_bwd(torch.randn_like(out), torch.randn_like(weights),
+                                torch.randn_like(lse), q, subkeys, values, bad, weights, 1.0,
+                                False, False, deterministic, dq, dsub, dval)
+            torch.cuda.synchronize()
+            if not (torch.isfinite(dq).all() and torch.isfinite(dsub).all()
+                    and torch.isfinite(dval).all()):
+                problems.append(f"pkm bwd with out-of-range indices (det={deterministic}): "
+                                "non-finite gradients")
+        except Exception as error:
+            problems.append(f"pkm bwd with out-of-range indices (det={deterministic}): raised "
+                            f"{type(error).__name__}: {error}")
+    return problems
+
+
+def bench_pkm(ext) -> list[dict]:
+    """product_key_read fwd/bwd at pkm-gpu: B=8, H=4, T=2048, Dk=256, n_sub=1024, Dv=256, k=32,
+    k_sub=32, bfloat16; the gather's GB/s (value bytes read by product_key_out_kernel, timed by
+    the profiler) against a device-to-device copy."""
+    try:
+        from triton.testing import do_bench
+    except ImportError:  # pragma: no cover
+        do_bench = None
+
+    def timed(fn):
+        if do_bench is not None:
+            return do_bench(fn, warmup=5, rep=50) * 1e-3
+        fn()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(5):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) * 1e-3 / 5
+
+    B, H, T, Dk, n_sub, Dv, k, k_sub = 8, 4, 2048, 256, 1024, 256, 32, 32
+    dtype = torch.bfloat16
+    name = "pkm-gpu B8 H4 T2048 Dk256 n_sub1024 Dv256 k32 k_sub32"
+    q = torch.randn(B, H, T, Dk, device="cuda").to(dtype)
+    subkeys = torch.randn(H, 2, n_sub, Dk // 2, device="cuda").to(dtype)
+    values = torch.randn(n_sub * n_sub, Dv, device="cuda").to(dtype)
+    scale = Dk ** -0.5
+    results = []
+    for sum_heads in (False, True):
+        out = torch.empty((B, T, Dv) if sum_heads else (B, H, T, Dv), dtype=dtype, device="cuda")
+        indices = torch.empty(B, H, T, k, dtype=torch.int64, device="cuda")
+        weights = torch.empty(B, H, T, k, device="cuda")
+        lse = torch.empty(B, H, T, device="cuda")
+        fwd = lambda: ext.product_key_fwd(q, subkeys, values, k, k_sub, scale, sum_heads, out,
+                                          indices, weights, lse)
+        fwd()
+        dout, dweights, dlse = torch.randn_like(out), torch.randn_like(weights), torch.randn_like(lse)
+        dq, dsub = torch.empty_like(q), torch.empty_like(subkeys)
+        dval_dense = torch.empty_like(values)
+        dval_rows = torch.empty(B * H * T * k, Dv, dtype=dtype, device="cuda")
+        ops = {"product_key_fwd": fwd}
+        for sparse in (False, True):
+            for deterministic in (False, True):
+                ops[f"product_key_bwd{' sparse' if sparse else ''}{' det' if deterministic else ''}"] = (
+                    lambda s=sparse, d=deterministic: ext.product_key_bwd(
+                        dout, dweights, dlse, q, subkeys, values, indices, weights, scale,
+                        sum_heads, s, d, dq, dsub, dval_rows if s else dval_dense))
+        label = name + (" sum_heads" if sum_heads else "")
+        for op, fn in ops.items():
+            seconds = timed(fn)
+            entry = {"shape": label, "dtype": "bfloat16", "op": op, "ms": seconds * 1e3}
+            results.append(entry)
+            print(f"  {op:30s} {label:64s} {entry['ms']:9.3f} ms")
+        # The gather kernel alone, from the profiler's kernel times.
+        gather_bytes = B * H * T * k * Dv * values.element_size()
+        try:
+            from torch.profiler import ProfilerActivity, profile
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    fwd()
+                torch.cuda.synchronize()
+            kernel_us = {}
+            for event in prof.key_averages():
+                if "product_key" in event.key:
+                    total = getattr(event, "device_time_total", None)
+                    if total is None:
+                        total = getattr(event, "cuda_time_total", 0.0)
+                    match = re.search(r"product_key_\w+(<[^>]*>)?", event.key)
+                    kernel = match.group(0) if match else event.key[:60]
+                    kernel_us[kernel] = kernel_us.get(kernel, 0.0) + total / 5
+            for kernel, us in sorted(kernel_us.items()):
+                print(f"    {kernel:60s} {us / 1e3:9.3f} ms")
+                if "out_kernel" in kernel and us > 0:
+                    entry = {"shape": label, "op": "gather (product_key_out_kernel)",
+                             "ms": us / 1e3, "GBps": gather_bytes / (us * 1e-6) / 1e9}
+                    results.append(entry)
+                    print(f"    gather: {entry['GBps']:.0f} GB/s of value rows read")
+        except Exception as error:  # profiler unavailable: report the whole forward instead
+            print(f"    (profiler unavailable: {type(error).__name__}: {error})")
+    copy_src = torch.empty(gather_bytes // 2, dtype=dtype, device="cuda")
+    copy_dst = torch.empty_like(copy_src)
+    seconds = timed(lambda: copy_dst.copy_(copy_src))
+    copy_gbps = 2 * gather_bytes / seconds / 1e9
+    results.append({"op": "device copy (read + write)", "GBps": copy_gbps, "ms": seconds * 1e3})
+    print(f"  device copy of {gather_bytes / 1e9:.2f} GB: {copy_gbps:.0f} GB/s (read + write)")
+    del q, subkeys, values
+    torch.cuda.empty_cache()
+    return results
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--module", help="import this built module instead of JIT-building, "
                                          "e.g. l2m_kernels._C_cuda")
     parser.add_argument("--build-dir", default=None)
-    parser.add_argument("--ops", default="merge,topk",
-                        help="comma-separated op families to check: merge, topk (default both)")
+    parser.add_argument("--ops", default="merge,topk,pkm",
+                        help="comma-separated op families to check: merge, topk, pkm (default all)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--bench", action="store_true")
     parser.add_argument("--huge", action="store_true")
@@ -850,9 +1229,9 @@ def main(argv=None) -> int:
     parser.add_argument("--errors-only", action="store_true", help="only the bad-call checks")
     args = parser.parse_args(argv)
     ops = {op.strip() for op in args.ops.split(",") if op.strip()}
-    unknown = ops - {"merge", "topk"}
+    unknown = ops - {"merge", "topk", "pkm"}
     if unknown:
-        parser.error(f"unknown --ops {sorted(unknown)}; choose from merge, topk")
+        parser.error(f"unknown --ops {sorted(unknown)}; choose from merge, topk, pkm")
 
     torch.manual_seed(0)
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
@@ -862,7 +1241,8 @@ def main(argv=None) -> int:
 
     if args.errors_only:
         problems = (check_errors(ext) if "merge" in ops else []) + (
-            check_topk_errors(ext) if "topk" in ops else [])
+            check_topk_errors(ext) if "topk" in ops else []) + (
+            check_pkm_errors(ext) if "pkm" in ops else [])
         print("\n".join(problems) or "bad calls: all raised")
         return 1 if problems else 0
     problems = []
@@ -884,12 +1264,21 @@ def main(argv=None) -> int:
               "per dtype: " + ", ".join(f"{k} {v:.2e}" for k, v in topk_checker.worst.items()))
         report.update(topk_cases=topk_checker.cases, topk_worst_rel_rms=topk_checker.worst)
         problems += topk_problems
+    if "pkm" in ops:
+        started = time.perf_counter()
+        pkm_checker = run_pkm_checks(ext, args.quick)
+        pkm_problems = pkm_checker.failures + check_pkm_errors(ext)
+        print(f"pkm correctness: {pkm_checker.cases} cases in "
+              f"{time.perf_counter() - started:.1f}s, {len(pkm_problems)} problems; worst rel RMS "
+              "per dtype: " + ", ".join(f"{k} {v:.2e}" for k, v in pkm_checker.worst.items()))
+        report.update(pkm_cases=pkm_checker.cases, pkm_worst_rel_rms=pkm_checker.worst)
+        problems += pkm_problems
     report["problems"] = problems
     if args.huge and "merge" in ops:
         problems += huge_rows(ext)
     if args.bench:
         report["bench"] = (bench(ext, ref) if "merge" in ops else []) + (
-            bench_topk(ext) if "topk" in ops else [])
+            bench_topk(ext) if "topk" in ops else []) + (bench_pkm(ext) if "pkm" in ops else [])
     for problem in problems[:50]:
         print("FAIL", problem)
     print(f"total problems: {len(problems)}")

@@ -59,7 +59,7 @@ def product_key_read(q, subkeys, values, k, *, k_sub=None, scale=None, sum_heads
     scale = resolve_scale(scale, Dk)
     deterministic = resolve_deterministic(deterministic)
     name = select_backend("product_key_read", device, q.dtype, backend,
-                          sizes=dict(k=k, k_sub=k_sub, N=n_sub * n_sub))
+                          sizes=dict(k=k, k_sub=k_sub, N=n_sub * n_sub, Dk=Dk))
     if name == "reference":
         return MemoryRead(*product_key_read_ref(q, subkeys, values, k, k_sub=k_sub, scale=scale,
                                                 sum_heads=bool(sum_heads), sparse_grad=bool(sparse_grad)))

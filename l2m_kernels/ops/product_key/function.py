@@ -104,8 +104,36 @@ def _triton_bwd(dout, dweights, dlse, q, subkeys, values, indices, weights, scal
     return dq, dsubkeys, dvalues
 
 
-FWD = {"reference": _reference_fwd, "cpu": _cpu_fwd, "triton": _triton_fwd}
-BWD = {"reference": _reference_bwd, "cpu": _cpu_bwd, "triton": _triton_bwd}
+def _cuda_fwd(q, subkeys, values, k, k_sub, scale, sum_heads, deterministic):
+    # The forward has no float atomics (heads summed in a fixed order): always deterministic.
+    B, H, T, _ = q.shape
+    acc = acc_dtype(q.dtype)
+    Dv = values.shape[-1]
+    out = empty((B, T, Dv) if sum_heads else (B, H, T, Dv), dtype=q.dtype, device=q.device)
+    indices = empty((B, H, T, k), dtype=torch.int64, device=q.device)
+    weights = empty((B, H, T, k), dtype=acc, device=q.device)
+    lse = empty((B, H, T), dtype=acc, device=q.device)
+    # (B * H * T == 0: the binding writes nothing but zeros a sum_heads out over no heads.)
+    _ext.cuda_extension().product_key_fwd(q.contiguous(), subkeys.contiguous(), values.contiguous(), k,
+                                          k_sub, scale, sum_heads, out, indices, weights, lse)
+    return out, indices, weights, lse
+
+
+def _cuda_bwd(dout, dweights, dlse, q, subkeys, values, indices, weights, scale, sum_heads,
+              sparse_grad, deterministic):
+    dq = empty(q.shape, dtype=q.dtype, device=q.device)
+    dsubkeys = empty(subkeys.shape, dtype=subkeys.dtype, device=q.device)
+    dvalues_shape = (indices.numel(), values.shape[-1]) if sparse_grad else values.shape
+    dvalues = empty(dvalues_shape, dtype=values.dtype, device=q.device)
+    _ext.cuda_extension().product_key_bwd(
+        dout.contiguous(), dweights.contiguous(), dlse.contiguous(), q.contiguous(), subkeys.contiguous(),
+        values.contiguous(), indices.contiguous(), weights.contiguous(), scale, sum_heads, sparse_grad,
+        deterministic, dq, dsubkeys, dvalues)
+    return dq, dsubkeys, dvalues
+
+
+FWD = {"reference": _reference_fwd, "cpu": _cpu_fwd, "triton": _triton_fwd, "cuda": _cuda_fwd}
+BWD = {"reference": _reference_bwd, "cpu": _cpu_bwd, "triton": _triton_bwd, "cuda": _cuda_bwd}
 
 
 @torch.library.custom_op("l2m::product_key_read", mutates_args=())

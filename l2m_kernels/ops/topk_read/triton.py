@@ -18,7 +18,39 @@ Layout: the ``H // Hm`` query heads that share a memory head are contiguous in `
 and one program reads every key tile once for all of them. Shared (3-D) memories use a batch
 stride of 0.
 
-Forward (no ``T x N`` buffer), two kernels:
+Forward (no ``T x N`` buffer). Two selection paths write ``indices``, ``weights`` and ``lse``;
+``topk_read_fwd_out_kernel`` then forms ``out`` from them. The private environment variable
+``L2M_TOPK_TRITON_PATH`` (``threshold``, the default, or ``stream``) picks the path; the module
+attribute ``last_forward_path`` records the one taken (``stream``, ``threshold``,
+``threshold->stream`` when the threshold path could not start, and, on CPU tensors only, where
+reading the counts back is free, ``threshold+stream`` when some rows overflowed), for tests.
+
+Threshold path (default; exact, no merges in the streaming loops). Keys as below (distinct per
+row; larger = better). With chunks of ``C = BLOCK_N`` slots (the scan tile):
+
+1. ``topk_read_fwd_chunkmax_kernel``: each row's largest key of every chunk into
+   ``chunk_max (B*H*T, cdiv(N, C))`` int64.
+2. Host: ``tau = torch.topk(chunk_max, k).values[:, k - 1]``. Exactly ``k`` chunks have a maximum
+   ``>= tau``, so the row's top k are all ``>= tau`` and at most ``k * C`` keys are (for random
+   scores about ``k + k * k * C / N``).
+3. ``topk_read_fwd_collect_kernel``: scores again (same tiles, warps and helper, so the keys are
+   bit-identical to pass 1's) and compacts each row's existing keys ``>= tau`` in slot order into
+   ``cand (B*H*T, cap)`` (``cap = CAP_FACTOR * K_PAD``), with their ``count``.
+4. Rows whose ``count`` passed ``cap`` (many exactly tied scores, scores sorted by slot, a NaN
+   query row, fewer than k chunks holding existing slots) are left to the streaming select kernel,
+   launched with ``ONLY_OVERFLOW``: its blocks without such a row return at once, so no
+   device-to-host sync is needed and the fallback costs only the overflowing rows' blocks.
+5. ``topk_read_fwd_finish_kernel``: bitonic-sorts each row's candidates (padded with INT64_MIN),
+   keeps the first k and writes them exactly as the select kernel's epilogue.
+
+When ``N <= cap`` every existing slot is a candidate: pass 1 and the fallback are skipped. When
+``N > cap`` and there are fewer than ``k`` chunks, the streaming path runs (decided on the host,
+no launch). ``valid_len`` rows with fewer than ``k`` existing chunks get ``tau = INT64_MIN``
+(every existing slot a candidate; those rows overflow into the fallback when ``valid_len > cap``).
+Extra memory: ``B*H*T * (cdiv(N, C) + cap + 1) * 8`` bytes (``T * N / C``, not ``T * N``);
+bfloat16 B=8 T=4096 N=65536 k=32 (C = 64, cap = 128): 32768 * 1153 * 8 = 302 MB; float32 uses C = 32.
+
+Streaming path (the exact fallback), two kernels:
 
 1. ``topk_read_fwd_select_kernel``: a program takes ``BLOCK_T`` query rows and streams key tiles
    of ``BLOCK_N`` slots, keeping a running top list of ``K_PAD`` entries per row (``K_PAD`` = next
@@ -36,9 +68,9 @@ Forward (no ``T x N`` buffer), two kernels:
    (the formulation of ``tl.sort``, which in Triton 3.3 only offers a full sort of one tensor;
    ``tl.topk``/``tl.bitonic_merge`` are newer), so the same code runs on 3.3 .. 3.9 and under the
    interpreter. At the end the keys are decoded into slots and scores, and the softmax,
-   log-sum-exp, indices and weights are written.
-2. ``topk_read_fwd_out_kernel``: ``out = sum_j weights_j * values[indices_j]`` from what kernel 1
-   stored (a separate launch, so no cross-thread handoff inside one program is needed).
+   log-sum-exp, indices and weights are written (``_store_top_list``, shared with the finish kernel).
+2. ``topk_read_fwd_out_kernel``: ``out = sum_j weights_j * values[indices_j]`` from what the
+   selection stored (a separate launch, so no cross-thread handoff inside one program is needed).
 
 Backward, per query row (entries with index -1 contribute nothing):
     dw_j = dweights_j + <dout, v_j>;  ds_j = w_j * (dw_j - sum_i w_i dw_i + dlse)
@@ -70,6 +102,7 @@ sizes and ``k``; ``python -m l2m_kernels._triton_check`` compiles them for sm_80
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import NamedTuple
 
 import torch
@@ -227,6 +260,33 @@ def _score_tile(p_q, p_k, o_t, m_t, o_n, m_n, Dk, scale, b_q0,
 
 
 @triton.jit
+def _store_top_list(b_top, o_row, m_t, k, indices, weights, lse, K_PAD: tl.constexpr):
+    """Decode a [BT, K_PAD] descending key list and write its first ``k`` entries at rows ``o_row``.
+
+    Writes ``indices`` (-1 for missing entries), softmax ``weights`` (0 for missing entries and
+    for existing slots scoring -inf) and ``lse`` (-inf for a row with no existing slot).
+    """
+    o_c = tl.arange(0, K_PAD)
+    b_exists, b_score, b_slot = _decode_keys(b_top)
+    b_live = b_exists & (o_c[None, :] < k)
+    # Softmax over the live entries. A NaN score was ranked as +inf and decodes as +inf, which
+    # makes the row NaN below exactly as the reference's NaN does (exp(inf - inf) = NaN).
+    b_max = tl.max(tl.where(b_live, b_score, float("-inf")), axis=1)
+    b_empty = b_max == float("-inf")
+    b_shift = tl.where(b_empty, 0., b_max)
+    b_exp = tl.where(b_live, tl.exp(b_score - b_shift[:, None]), 0.)
+    b_total = tl.where(b_empty, 1., tl.sum(b_exp, axis=1))
+    b_w = tl.where(b_live, b_exp / b_total[:, None], 0.)
+    b_lse = tl.where(b_empty, float("-inf"), b_shift + tl.log(b_total))
+
+    m_tc = m_t[:, None] & (o_c[None, :] < k)
+    o_tc = o_row[:, None] * k + o_c[None, :]
+    tl.store(indices + o_tc, tl.where(b_exists, b_slot, -1), mask=m_tc)
+    tl.store(weights + o_tc, b_w, mask=m_tc)
+    tl.store(lse + o_row, b_lse, mask=m_t)
+
+
+@triton.jit
 def topk_read_fwd_select_kernel(
     q,  # [B, H, T, Dk] x
     keys,  # [B, Hm, N, Dk] or [Hm, N, Dk] x
@@ -242,7 +302,10 @@ def topk_read_fwd_select_kernel(
     Hm,
     keys_batch_stride,  # Hm * N * Dk, or 0 for shared memories
     num_row_blocks,  # cdiv(R, BLOCK_T)
+    count,  # [B * H * T] int64 candidate counts of the threshold path (read only when ONLY_OVERFLOW)
+    cap,  # the threshold path's candidate capacity (used only when ONLY_OVERFLOW)
     HAS_VALID_LEN: tl.constexpr,
+    ONLY_OVERFLOW: tl.constexpr,  # serve only the rows whose count passed cap (the fallback)
     F32_DOT: tl.constexpr,  # scale q, then an ieee float32 dot (float32 input; see _f32_dot)
     BLOCK_T: tl.constexpr,
     K_PAD: tl.constexpr,  # top-list width: next_pow2(k), >= 16
@@ -266,6 +329,15 @@ def topk_read_fwd_select_kernel(
     n_end = N
     if HAS_VALID_LEN:
         n_end = tl.minimum(tl.maximum(tl.load(valid_len + i_b), 0), N)
+    m_rows = m_t
+    if ONLY_OVERFLOW:
+        # The fallback of the threshold path: a block with no row whose candidates overflowed
+        # scans nothing and writes nothing (the finish kernel wrote its rows); a block with one
+        # rewrites all its rows, the others with the same values (same keys, same epilogue).
+        b_count = tl.load(count + i_bh * R + o_t, mask=m_t, other=0)
+        b_any = tl.max(((b_count > cap) & m_t).to(tl.int32), axis=0)  # 0 or 1
+        n_end = n_end * b_any
+        m_rows = m_t & (tl.zeros([BLOCK_T], dtype=tl.int32) + b_any > 0)
 
     # [BT, BDK]: first feature chunk of the queries, kept for every key tile.
     b_q0 = tl.load(p_q + o_t[:, None] * Dk + o_d[None, :], mask=m_t[:, None] & (o_d < Dk)[None, :], other=0.)
@@ -297,24 +369,164 @@ def topk_read_fwd_select_kernel(
             b_top = _bitonic_merge(tl.maximum(b_top, b_new), 1, BLOCK_T, K_PAD, LOG_K_PAD)
             b_kth = tl.max(tl.where(o_c[None, :] == k - 1, b_top, INT64_MIN), axis=1)
 
-    b_exists, b_score, b_slot = _decode_keys(b_top)
-    b_live = b_exists & (o_c[None, :] < k)
-    # Softmax over the live entries. A NaN score was ranked as +inf and decodes as +inf, which
-    # makes the row NaN below exactly as the reference's NaN does (exp(inf - inf) = NaN).
-    b_max = tl.max(tl.where(b_live, b_score, float("-inf")), axis=1)
-    b_empty = b_max == float("-inf")
-    b_shift = tl.where(b_empty, 0., b_max)
-    b_exp = tl.where(b_live, tl.exp(b_score - b_shift[:, None]), 0.)
-    b_total = tl.where(b_empty, 1., tl.sum(b_exp, axis=1))
-    b_w = tl.where(b_live, b_exp / b_total[:, None], 0.)
-    b_lse = tl.where(b_empty, float("-inf"), b_shift + tl.log(b_total))
+    _store_top_list(b_top, i_bh * R + o_t, m_rows, k, indices, weights, lse, K_PAD)
 
+
+@triton.jit
+def topk_read_fwd_chunkmax_kernel(
+    q,  # [B, H, T, Dk] x
+    keys,  # [B, Hm, N, Dk] or [Hm, N, Dk] x
+    valid_len,  # [B] int64 (read only when HAS_VALID_LEN)
+    chunk_max,  # [B * H * T, n_chunks] int64, written: each row's largest key per chunk
+    R,
+    N,
+    Dk,
+    scale,
+    Hm,
+    keys_batch_stride,
+    num_row_blocks,
+    n_chunks,  # cdiv(N, BLOCK_N): a chunk is one key tile
+    HAS_VALID_LEN: tl.constexpr,
+    F32_DOT: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    DK_CHUNKS: tl.constexpr,
+):
+    """Grid (num_row_blocks * B * Hm,): threshold pass 1, the per-row maximum key of every tile.
+
+    Scores exactly as topk_read_fwd_collect_kernel (same helper and, from the launcher, the same
+    tiles and warps), so the keys are bit-identical to the ones pass 2 compares. Chunks past
+    ``valid_len`` hold no existing slot and get INT64_MIN.
+    """
+    i_bh, i_tb, i_b, i_hm = _row_block(num_row_blocks, Hm)
+
+    o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    m_t = o_t < R
+    o_bn = tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, BLOCK_DK)
+    p_q = q + i_bh * R * Dk
+    p_k = keys + i_b * keys_batch_stride + i_hm * N * Dk
+    p_max = chunk_max + (i_bh * R + o_t) * n_chunks
+
+    n_end = N
+    if HAS_VALID_LEN:
+        n_end = tl.minimum(tl.maximum(tl.load(valid_len + i_b), 0), N)
+
+    b_q0 = tl.load(p_q + o_t[:, None] * Dk + o_d[None, :], mask=m_t[:, None] & (o_d < Dk)[None, :], other=0.)
+    if F32_DOT:
+        b_q0 = b_q0.to(tl.float32) * scale
+
+    for n_start in range(0, n_end, BLOCK_N):
+        o_n = (n_start + o_bn).to(tl.int64)
+        m_n = o_n < n_end
+        # [BT, BN]
+        b_s = _score_tile(p_q, p_k, o_t, m_t, o_n, m_n, Dk, scale, b_q0,
+                          F32_DOT, BLOCK_T, BLOCK_N, BLOCK_DK, DK_CHUNKS)
+        b_key = _encode_keys(b_s, o_n, m_t[:, None] & m_n[None, :])
+        tl.store(p_max + n_start // BLOCK_N, tl.max(b_key, axis=1), mask=m_t)
+    b_none = tl.full([BLOCK_T], INT64_MIN, dtype=tl.int64)
+    for i_chunk in range(tl.cdiv(n_end, BLOCK_N), n_chunks):
+        tl.store(p_max + i_chunk, b_none, mask=m_t)
+
+
+@triton.jit
+def topk_read_fwd_collect_kernel(
+    q,  # [B, H, T, Dk] x
+    keys,  # [B, Hm, N, Dk] or [Hm, N, Dk] x
+    valid_len,  # [B] int64 (read only when HAS_VALID_LEN)
+    tau,  # [B * H * T] int64: each row's threshold key
+    cand,  # [B * H * T, cap] int64, written: the row's keys >= tau in slot order (first cap)
+    count,  # [B * H * T] int64, written: how many keys >= tau the row has (may exceed cap)
+    R,
+    N,
+    Dk,
+    scale,
+    Hm,
+    keys_batch_stride,
+    num_row_blocks,
+    cap,
+    HAS_VALID_LEN: tl.constexpr,
+    F32_DOT: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    DK_CHUNKS: tl.constexpr,
+):
+    """Grid (num_row_blocks * B * Hm,): threshold pass 2, compacts every existing key >= tau."""
+    i_bh, i_tb, i_b, i_hm = _row_block(num_row_blocks, Hm)
+
+    o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    m_t = o_t < R
     o_row = i_bh * R + o_t
-    m_tc = m_t[:, None] & (o_c[None, :] < k)
-    o_tc = o_row[:, None] * k + o_c[None, :]
-    tl.store(indices + o_tc, tl.where(b_exists, b_slot, -1), mask=m_tc)
-    tl.store(weights + o_tc, b_w, mask=m_tc)
-    tl.store(lse + o_row, b_lse, mask=m_t)
+    o_bn = tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, BLOCK_DK)
+    p_q = q + i_bh * R * Dk
+    p_k = keys + i_b * keys_batch_stride + i_hm * N * Dk
+    p_cand = cand + o_row * cap
+
+    n_end = N
+    if HAS_VALID_LEN:
+        n_end = tl.minimum(tl.maximum(tl.load(valid_len + i_b), 0), N)
+
+    b_q0 = tl.load(p_q + o_t[:, None] * Dk + o_d[None, :], mask=m_t[:, None] & (o_d < Dk)[None, :], other=0.)
+    if F32_DOT:
+        b_q0 = b_q0.to(tl.float32) * scale
+    b_tau = tl.load(tau + o_row, mask=m_t, other=0)
+
+    # [BT] keys >= tau found so far (int32: a count never exceeds N < 2**31).
+    b_count = tl.zeros([BLOCK_T], dtype=tl.int32)
+    for n_start in range(0, n_end, BLOCK_N):
+        o_n = (n_start + o_bn).to(tl.int64)
+        m_n = o_n < n_end
+        m_exists = m_t[:, None] & m_n[None, :]
+        # [BT, BN]
+        b_s = _score_tile(p_q, p_k, o_t, m_t, o_n, m_n, Dk, scale, b_q0,
+                          F32_DOT, BLOCK_T, BLOCK_N, BLOCK_DK, DK_CHUNKS)
+        b_key = _encode_keys(b_s, o_n, m_exists)
+        # tau may be INT64_MIN (every existing slot a candidate): the existence mask keeps the
+        # missing slots, whose key is INT64_MIN too, out.
+        m_take = (b_key >= b_tau[:, None]) & m_exists
+        b_take = m_take.to(tl.int32)
+        # Position of each taken key in its row's list: the count so far plus its rank in the tile.
+        b_pos = b_count[:, None] + tl.cumsum(b_take, axis=1) - 1
+        tl.store(p_cand[:, None] + b_pos, b_key, mask=m_take & (b_pos < cap))
+        b_count += tl.sum(b_take, axis=1)
+    tl.store(count + o_row, b_count.to(tl.int64), mask=m_t)
+
+
+@triton.jit
+def topk_read_fwd_finish_kernel(
+    cand,  # [B * H * T, CAP] int64 from topk_read_fwd_collect_kernel
+    count,  # [B * H * T] int64; rows with count > CAP are left to the select kernel's fallback
+    indices,  # [B, H, T, k] int64, written
+    weights,  # [B, H, T, k] fp32, written
+    lse,  # [B, H, T] fp32, written
+    R_total,  # B * H * T
+    k,
+    BLOCK_T: tl.constexpr,
+    K_PAD: tl.constexpr,
+    CAP: tl.constexpr,  # candidate list width, a power of two >= K_PAD
+    LOG_CAP: tl.constexpr,
+):
+    """Grid (cdiv(R_total, BLOCK_T),): sorts each row's candidates and writes its top k."""
+    o_row = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    m_t = o_row < R_total
+    o_p = tl.arange(0, CAP)
+    b_count = tl.load(count + o_row, mask=m_t, other=0)
+    m_t = m_t & (b_count <= CAP)
+    # [BT, CAP], padded with INT64_MIN (a missing slot) past the row's count.
+    b_cand = tl.load(cand + o_row[:, None] * CAP + o_p[None, :], mask=m_t[:, None] & (o_p[None, :] < b_count[:, None]),
+                     other=INT64_MIN)
+    b_cand = _bitonic_sort(b_cand, 1, BLOCK_T, CAP, LOG_CAP)
+    if CAP > K_PAD:
+        # [BT, K_PAD]: the first K_PAD columns (every key is >= INT64_MIN, so the max keeps them).
+        o_seg = tl.arange(0, CAP // K_PAD)
+        b_top = tl.max(tl.where(o_seg[None, :, None] == 0, tl.reshape(b_cand, [BLOCK_T, CAP // K_PAD, K_PAD]),
+                                INT64_MIN), axis=1)
+    else:
+        b_top = b_cand
+    _store_top_list(b_top, o_row, m_t, k, indices, weights, lse, K_PAD)
 
 
 @triton.jit
@@ -598,6 +810,37 @@ _SELECT_TILES_F32 = {
     256: _SelectTile(16, 128, 8, 16),
 }
 
+class _ScanTile(NamedTuple):
+    block_t: int
+    block_n: int  # = the chunk size C of the threshold path
+    num_warps: int
+    max_block_dk: int
+
+
+# Tiles of the threshold path's two scoring passes (chunkmax and collect use the same one, so
+# their dots compile alike and the keys match bit for bit). They hold no top list, only a score
+# tile and its keys, so they are larger than the select kernel's. The collect kernel bounds them:
+# its compaction keeps an int64 key, an int32 position and a 64-bit store address per element of
+# the tile; at 4 warps [64, 128] and [64, 64] 16-bit tiles spill hundreds of bytes (sm_80 and
+# sm_90, Triton 3.9), [64, 64] at 8 warps takes 185-206 registers without spills. float32 runs on
+# the FMA units (no TF32); its dot operands need narrow feature chunks. A larger BLOCK_N shrinks
+# the chunk_max buffer (T * N / BLOCK_N) but raises the candidate bound k * BLOCK_N.
+_SCAN_TILES = {
+    False: _ScanTile(64, 64, 8, MAX_BLOCK_D),    # float16 / bfloat16
+    True: _ScanTile(32, 32, 4, 32),              # float32
+}
+# Candidate capacity per row of the threshold path: CAP_FACTOR * K_PAD. For random scores a row
+# has about k + k * k * BLOCK_N / N candidates (k = 32, N = 65536: ~33), at most k * BLOCK_N.
+CAP_FACTOR = 4
+# Elements of the finish kernel's [BLOCK_T, CAP] candidate tile.
+FINISH_TILE = 2048
+# Private switch of the forward path: "threshold" (default; falls back to "stream" when the
+# candidates overflow) or "stream" (the running top-k select kernel only). Tests force each path.
+PATH_ENV = "L2M_TOPK_TRITON_PATH"
+_PATHS = ("threshold", "stream")
+# The path the last topk_read_fwd call took: "stream", "threshold" or "threshold->stream" (tests).
+last_forward_path = None
+
 OUT_BLOCK_T = 32
 SLOT_BLOCK_E = 32
 # Backward row kernels: BLOCK_T rows, each walking its k entries. The float32 atomics take a 64-bit
@@ -637,13 +880,35 @@ def _f32_dot(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and _interpreted())
 
 
-def _select_constexprs(k: int, Dk: int, dtype: torch.dtype, has_valid_len: bool):
+def _select_constexprs(k: int, Dk: int, dtype: torch.dtype, has_valid_len: bool, only_overflow: bool = False):
     config = select_config(k, Dk, dtype)
-    return {"HAS_VALID_LEN": has_valid_len, "F32_DOT": _f32_dot(dtype),
+    return {"HAS_VALID_LEN": has_valid_len, "ONLY_OVERFLOW": only_overflow, "F32_DOT": _f32_dot(dtype),
             "BLOCK_T": config.block_t, "K_PAD": config.k_pad, "LOG_K_PAD": config.k_pad.bit_length() - 1,
             "BLOCK_N": config.block_n, "LOG_BLOCK_N": config.block_n.bit_length() - 1,
             "BLOCK_DK": config.block_dk,
             "DK_CHUNKS": config.dk_chunks}, config.num_warps
+
+
+def threshold_capacity(k: int) -> int:
+    """Candidate list width per row of the threshold path (a power of two >= K_PAD)."""
+    return CAP_FACTOR * max(MIN_K_PAD, triton.next_power_of_2(int(k)))
+
+
+def _scan_constexprs(Dk: int, dtype: torch.dtype, has_valid_len: bool):
+    """Constexprs and warps of topk_read_fwd_chunkmax_kernel / topk_read_fwd_collect_kernel."""
+    f32_dot = _f32_dot(dtype)
+    tile = _SCAN_TILES[f32_dot]
+    block_dk = min(_block_d(Dk), tile.max_block_dk)
+    return {"HAS_VALID_LEN": has_valid_len, "F32_DOT": f32_dot, "BLOCK_T": tile.block_t,
+            "BLOCK_N": tile.block_n, "BLOCK_DK": block_dk,
+            "DK_CHUNKS": max(1, triton.cdiv(int(Dk), block_dk))}, tile.num_warps
+
+
+def _finish_constexprs(k: int):
+    k_pad = max(MIN_K_PAD, triton.next_power_of_2(int(k)))
+    cap = threshold_capacity(k)
+    return {"BLOCK_T": max(1, FINISH_TILE // cap), "K_PAD": k_pad, "CAP": cap,
+            "LOG_CAP": cap.bit_length() - 1}, NUM_WARPS
 
 
 def _out_constexprs(Dv: int):
@@ -701,6 +966,10 @@ def topk_read_fwd(q, keys, values, valid_len, k, scale, out, indices, weights, l
         out:       (B, H, T, Dv) x, written.   indices: (B, H, T, k) int64, written.
         weights:   (B, H, T, k) float32, written.   lse: (B, H, T) float32, written.
 
+    The default threshold path makes no device-to-host sync (rows whose candidates overflow are
+    finished by the streaming kernel) and allocates B*H*T * (cdiv(N, BLOCK_N) + cap + 1) int64 of
+    scratch when N > cap (module docstring).
+
     Equivalent PyTorch:
         out, indices, weights, lse = topk_memory_read_ref(q, keys, values, k, scale, valid_len)
     """
@@ -711,18 +980,19 @@ def topk_read_fwd(q, keys, values, valid_len, k, scale, out, indices, weights, l
         return
     if not 1 <= k <= min(N, MAX_K):
         raise ValueError(f"k: expected 1 <= k <= min(N, {MAX_K}) = {min(N, MAX_K)}, got {k}")
+    path = os.environ.get(PATH_ENV, "threshold") or "threshold"
+    if path not in _PATHS:
+        raise ValueError(f"{PATH_ENV}: expected one of {_PATHS}, got {path!r}")
     keys_batch_stride = 0 if keys.dim() == 3 else Hm * N * Dk
     values_batch_stride = 0 if values.dim() == 3 else Hm * N * Dv
-    has_valid_len = valid_len is not None
-    constexprs, num_warps = _select_constexprs(k, Dk, q.dtype, has_valid_len)
-    num_row_blocks = triton.cdiv(R, constexprs["BLOCK_T"])
+    global last_forward_path
     with _device_guard(q):
-        # indices stands in for the valid_len pointer when there is none (never read).
-        topk_read_fwd_select_kernel[(num_row_blocks * B * Hm,)](
-            q, keys, valid_len if has_valid_len else indices, indices, weights, lse,
-            R, N, Dk, k, float(scale), Hm, keys_batch_stride, num_row_blocks,
-            **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
-        )
+        last_forward_path = path  # _threshold_select refines it to "threshold+stream" on CPU tensors
+        if not (path == "threshold" and _threshold_select(q, keys, valid_len, k, scale, indices, weights, lse,
+                                                          B, Hm, N, R, Dk, keys_batch_stride)):
+            _stream_select(q, keys, valid_len, k, scale, indices, weights, lse, B, Hm, N, R, Dk,
+                           keys_batch_stride)
+            last_forward_path = "stream" if path == "stream" else "threshold->stream"
         if Dv == 0:
             return
         constexprs, num_warps = _out_constexprs(Dv)
@@ -732,6 +1002,76 @@ def topk_read_fwd(q, keys, values, valid_len, k, scale, out, indices, weights, l
             values, indices, weights, out, R, N, Dv, k, Hm, values_batch_stride, num_row_blocks,
             **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
         )
+
+
+def _stream_select(q, keys, valid_len, k, scale, indices, weights, lse, B, Hm, N, R, Dk, keys_batch_stride,
+                   count=None, cap=0):
+    """indices, weights and lse by the running top-k select kernel: every row, or with ``count``
+    only the rows whose threshold-path candidate count passed ``cap`` (the exact fallback)."""
+    has_valid_len = valid_len is not None
+    constexprs, num_warps = _select_constexprs(k, Dk, q.dtype, has_valid_len, count is not None)
+    num_row_blocks = triton.cdiv(R, constexprs["BLOCK_T"])
+    # indices stands in for the valid_len / count pointers when there are none (never read).
+    topk_read_fwd_select_kernel[(num_row_blocks * B * Hm,)](
+        q, keys, valid_len if has_valid_len else indices, indices, weights, lse,
+        R, N, Dk, k, float(scale), Hm, keys_batch_stride, num_row_blocks,
+        indices if count is None else count, int(cap),
+        **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
+    )
+
+
+def _threshold_select(q, keys, valid_len, k, scale, indices, weights, lse, B, Hm, N, R, Dk,
+                      keys_batch_stride) -> bool:
+    """indices, weights and lse by the threshold path; False (nothing written) when it cannot.
+
+    tau = the k-th largest of a row's chunk maxima bounds the row's top k from below (exactly k
+    chunks have a maximum >= tau, keys being distinct) and leaves at most k * BLOCK_N keys >= tau.
+    When N <= cap every existing slot is a candidate (tau = INT64_MIN, no pass 1, no overflow
+    possible). When fewer than k chunks exist tau bounds nothing: False before any launch.
+    Otherwise rows whose candidate count passes cap are finished by the streaming kernel (no sync).
+    """
+    has_valid_len = valid_len is not None
+    constexprs, num_warps = _scan_constexprs(Dk, q.dtype, has_valid_len)
+    block_n = constexprs["BLOCK_N"]
+    n_chunks = triton.cdiv(N, block_n)
+    cap = threshold_capacity(k)
+    if N > cap and n_chunks < k:
+        return False
+    device = q.device
+    R_total = B * Hm * R
+    num_row_blocks = triton.cdiv(R, constexprs["BLOCK_T"])
+    grid = (num_row_blocks * B * Hm,)
+    valid_len_arg = valid_len if has_valid_len else indices  # never read without valid_len
+    if N <= cap:
+        tau = torch.full((R_total,), -(2**63), dtype=torch.int64, device=device)
+    else:
+        chunk_max = torch.empty((R_total, n_chunks), dtype=torch.int64, device=device)
+        topk_read_fwd_chunkmax_kernel[grid](
+            q, keys, valid_len_arg, chunk_max, R, N, Dk, float(scale), Hm, keys_batch_stride,
+            num_row_blocks, n_chunks, **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
+        )
+        tau = torch.topk(chunk_max, k, dim=1).values[:, k - 1].contiguous()
+        del chunk_max
+    cand = torch.empty((R_total, cap), dtype=torch.int64, device=device)
+    count = torch.empty((R_total,), dtype=torch.int64, device=device)
+    topk_read_fwd_collect_kernel[grid](
+        q, keys, valid_len_arg, tau, cand, count, R, N, Dk, float(scale), Hm, keys_batch_stride,
+        num_row_blocks, cap, **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
+    )
+    constexprs, num_warps = _finish_constexprs(k)
+    topk_read_fwd_finish_kernel[(triton.cdiv(R_total, constexprs["BLOCK_T"]),)](
+        cand, count, indices, weights, lse, R_total, k, **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
+    )
+    if N > cap:
+        # Rows whose candidates did not fit (many exact ties, scores sorted by slot, a NaN query
+        # row, fewer than k chunks holding existing slots) are served by the streaming kernel;
+        # its blocks without such a row return at once. No device-to-host sync.
+        _stream_select(q, keys, valid_len, k, scale, indices, weights, lse, B, Hm, N, R, Dk,
+                       keys_batch_stride, count=count, cap=cap)
+        if not q.is_cuda:  # free to read back under the interpreter: record it for the tests
+            global last_forward_path
+            last_forward_path = "threshold+stream" if int(count.max()) > cap else "threshold"
+    return True
 
 
 def _slot_runs(indices: torch.Tensor, B, H, T, Hm, N, R, M, shared: bool):
@@ -846,7 +1186,18 @@ _KERNEL_ARGS = {
     topk_read_fwd_select_kernel: (("q", "x"), ("keys", "x"), ("valid_len", "i64"), ("indices", "i64"),
                                   ("weights", "f32"), ("lse", "f32"), ("R", "int"), ("N", "int"),
                                   ("Dk", "int"), ("k", "int"), ("scale", "float"), ("Hm", "int"),
-                                  ("keys_batch_stride", "int"), ("num_row_blocks", "int")),
+                                  ("keys_batch_stride", "int"), ("num_row_blocks", "int"),
+                                  ("count", "i64"), ("cap", "int")),
+    topk_read_fwd_chunkmax_kernel: (("q", "x"), ("keys", "x"), ("valid_len", "i64"), ("chunk_max", "i64"),
+                                    ("R", "int"), ("N", "int"), ("Dk", "int"), ("scale", "float"),
+                                    ("Hm", "int"), ("keys_batch_stride", "int"), ("num_row_blocks", "int"),
+                                    ("n_chunks", "int")),
+    topk_read_fwd_collect_kernel: (("q", "x"), ("keys", "x"), ("valid_len", "i64"), ("tau", "i64"),
+                                   ("cand", "i64"), ("count", "i64"), ("R", "int"), ("N", "int"),
+                                   ("Dk", "int"), ("scale", "float"), ("Hm", "int"),
+                                   ("keys_batch_stride", "int"), ("num_row_blocks", "int"), ("cap", "int")),
+    topk_read_fwd_finish_kernel: (("cand", "i64"), ("count", "i64"), ("indices", "i64"), ("weights", "f32"),
+                                  ("lse", "f32"), ("R_total", "int"), ("k", "int")),
     topk_read_fwd_out_kernel: (("values", "x"), ("indices", "i64"), ("weights", "f32"), ("out", "x"),
                                ("R", "int"), ("N", "int"), ("Dv", "int"), ("k", "int"), ("Hm", "int"),
                                ("values_batch_stride", "int"), ("num_row_blocks", "int")),
@@ -874,7 +1225,14 @@ def _production_constexprs(kernel, dtype):
             for k in COMPILE_KS:
                 # valid_len given or not: both are production paths.
                 for has_valid_len in (False, True):
-                    picks.append((*_select_constexprs(k, D, dtype, has_valid_len), D, k))
+                    for only_overflow in (False, True):
+                        picks.append((*_select_constexprs(k, D, dtype, has_valid_len, only_overflow), D, k))
+        elif kernel in (topk_read_fwd_chunkmax_kernel, topk_read_fwd_collect_kernel):
+            for has_valid_len in (False, True):
+                picks.append((*_scan_constexprs(D, dtype, has_valid_len), D, None))
+        elif kernel is topk_read_fwd_finish_kernel:
+            for k in COMPILE_KS:
+                picks.append((*_finish_constexprs(k), D, k))
         elif kernel is topk_read_fwd_out_kernel:
             picks.append((*_out_constexprs(D), D, None))
         elif kernel is topk_read_bwd_dweights_kernel:
@@ -892,8 +1250,8 @@ def _label(dtype, head_dims, k, constexprs) -> str:
     parts = [_SIGNATURE_DTYPE[dtype], "D=" + ",".join(map(str, head_dims))]
     if k is not None:
         parts.append(f"k={k}")
-    short = {"HAS_VALID_LEN": "VL", "ATOMIC": "ATOMIC", "BLOCK_T": "BT", "K_PAD": "KP", "BLOCK_N": "BN",
-             "BLOCK_E": "BE"}
+    short = {"HAS_VALID_LEN": "VL", "ONLY_OVERFLOW": "OVF", "ATOMIC": "ATOMIC", "BLOCK_T": "BT", "K_PAD": "KP", "BLOCK_N": "BN",
+             "BLOCK_E": "BE", "CAP": "CAP"}
     for name, value in constexprs.items():
         if name in short:
             parts.append(f"{short[name]}={int(value)}")
@@ -912,7 +1270,9 @@ def _build_compile_configs() -> list[dict]:
         constexpr_names = [name for name in kernel.arg_names if name not in dict(args)]
         if [name for name, _ in args] + constexpr_names != list(kernel.arg_names):
             raise AssertionError(f"_KERNEL_ARGS out of date for {kernel.__name__}: {kernel.arg_names}")
-        for dtype in COMPILE_DTYPES:
+        # A kernel without input-dtype pointers compiles the same for every dtype.
+        dtypes = COMPILE_DTYPES if any(role == "x" for _, role in args) else COMPILE_DTYPES[:1]
+        for dtype in dtypes:
             types = {"x": "*" + _SIGNATURE_DTYPE[dtype], "i64": "*i64", "f32": "*fp32", "int": "i32",
                      "float": "fp32"}
             seen = {}
@@ -929,7 +1289,7 @@ def _build_compile_configs() -> list[dict]:
                 # production shapes are multiples of 16 (the JIT specializes them so).
                 divisible = [name for name, role in args if role in ("x", "i64", "f32")]
                 divisible += [name for name, role in args
-                              if role == "int" and name not in ("k", "Hm", "num_row_blocks")]
+                              if role == "int" and name not in ("k", "Hm", "num_row_blocks", "n_chunks")]
                 entry = {
                     "kernel": kernel,
                     "signature": {name: types[role] for name, role in args},
@@ -939,6 +1299,10 @@ def _build_compile_configs() -> list[dict]:
                     "divisible_by_16": tuple(divisible),
                     "head_dims": [D],
                     "k": k,
+                    # The overflow fallback of the threshold path runs only for rows whose
+                    # candidates did not fit (ties, sorted scores, NaN rows); one of its float32
+                    # variants (D=128, k=128, valid_len, sm_90) spills 24 bytes: allowed, reported.
+                    "allow_spills": bool(constexprs.get("ONLY_OVERFLOW", False)),
                 }
                 seen[key] = entry
                 configs.append(entry)
