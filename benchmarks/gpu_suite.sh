@@ -53,13 +53,14 @@ echo "self-test rc=$selftest_rc in $(elapsed "$start")"
 
 echo "== tests"
 start=$(date +%s)
+# Verbose, so that a run cut by its time limit still names the failures it saw.
 xdist=""
 "$PY" -c "import xdist" 2>/dev/null && xdist="-n ${PYTEST_WORKERS:-8}"
-timeout "${TEST_TIMEOUT:-300}" "$PY" -m pytest -q -ra -p no:cacheprovider $xdist ${TEST_PATHS:-tests} \
+timeout "${TEST_TIMEOUT:-300}" "$PY" -m pytest -v -ra -p no:cacheprovider $xdist ${TEST_PATHS:-tests} \
   --ignore=tests/test_compile_triton.py --ignore=tests/test_compile_cuda.py ${PYTEST_ARGS:-} \
   > "$OUT_DIR/tests.log" 2>&1
 test_rc=$?
-grep -E "^(FAILED|ERROR)" "$OUT_DIR/tests.log" | head -40
+grep -E "FAILED|ERROR" "$OUT_DIR/tests.log" | head -40
 tail -3 "$OUT_DIR/tests.log"
 echo "tests rc=$test_rc in $(elapsed "$start")"
 
