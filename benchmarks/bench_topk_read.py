@@ -52,9 +52,13 @@ def run(device: torch.device, quick: bool = False, ceilings: dict | None = None)
             out, indices, weights, lse = topk_memory_read_ref(q, keys, values, k)
             return out, weights, lse
 
-        fused = {b: (lambda b_: lambda q, keys, values: tuple(
-            l2m.topk_memory_read(q, keys, values, k, backend=b_)[i] for i in (0, 2, 3)))(b)
-            for b in fused_backends(device, dtype)}
+        def fused_variant(backend):
+            def forward(q, keys, values):
+                read = l2m.topk_memory_read(q, keys, values, k, backend=backend)  # one call
+                return read.out, read.weights, read.lse
+            return forward
+
+        fused = {b: fused_variant(b) for b in fused_backends(device, dtype)}
         kw = dict(fwd_flops=flops, reps=3 if not quick else 3, warmup=1)
         rows += bm.compare("topk_memory_read", shape, dtype, fused, reference, make_inputs, device, **kw)
 
