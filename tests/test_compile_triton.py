@@ -1,4 +1,5 @@
-"""The production Triton configurations compile for sm_80 and sm_90 without spilling (no GPU needed).
+"""The production Triton configurations compile for sm_80 and sm_90 without spilling (no GPU needed;
+a configuration its module marks ``allow_spills`` may spill at most 64 bytes).
 
 Runs ``python -m l2m_kernels._triton_check`` in a subprocess with TRITON_INTERPRET removed: the
 kernels must be decorated outside the interpreter, which other tests in this session may enable.
@@ -53,7 +54,13 @@ def test_triton_kernels_compile_without_spills(tmp_path):
     for entry in results:
         assert entry["ok"], entry
         assert entry["reg"] and entry["reg"] > 0, f"no register count: {entry}"
-        assert entry["stack"] == 0 and entry["local"] == 0, f"spills: {entry}"
+        if entry.get("allow_spills"):
+            # Declared by a kernel module for a rarely-run variant (the top-k streaming fallback
+            # of the threshold path): reported in the table, tolerated only when small.
+            assert "merge" not in entry["module"], f"merge kernels may not spill: {entry}"
+            assert entry["stack"] + entry["local"] <= 64, f"spills beyond the allowance: {entry}"
+        else:
+            assert entry["stack"] == 0 and entry["local"] == 0, f"spills: {entry}"
     compiled = {(entry["kernel"], entry["arch"]) for entry in results}
     missing = {(kernel, arch) for kernel in _configured_kernels() for arch in ARCHS} - compiled
     assert not missing, f"not compiled: {sorted(missing)}\n{report}"
