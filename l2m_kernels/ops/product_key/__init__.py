@@ -25,7 +25,10 @@ def product_key_read(q, subkeys, values, k, *, k_sub=None, scale=None, sum_heads
         sum_heads: sum the heads' reads into one (B, T, Dv) output.
         sparse_grad: the values gradient is a coalesced torch.sparse_coo tensor (as
             nn.EmbeddingBag(sparse=True)) instead of a dense (n_sub ** 2, Dv) tensor.
-        deterministic: bitwise-reproducible gradients.
+        deterministic: bitwise-reproducible gradients (also switched on by
+            torch.are_deterministic_algorithms_enabled()). The default lets the GPU backends
+            (triton, cuda) scatter dsubkeys/dvalues with float32 atomics; True sums each row's
+            entries in a fixed order. The reference and cpu backends are always deterministic.
         backend: None (automatic), "reference", "cpu", "triton" or "cuda".
 
     Returns:
