@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "memory_write.h"
 #include "merge.h"
 #include "product_key.h"
 #include "topk_read.h"
@@ -636,6 +637,124 @@ void product_key_bwd(const at::Tensor& dout, const at::Tensor& dweights, const a
   l2m::cpu::product_key_bwd(params);
 }
 
+// ---- gated_memory_write (memory_write.h) ----
+
+struct WriteShape {
+  int64_t groups, num_slots, dim, steps, writes_per_step, erase_dim;
+  bool indices_int32;
+};
+
+// memory (G, N, D); indices and weights (G, T, kw); add (G, T, D); erase (G, T, D) or (G, T, 1).
+// The slots are used as addresses: every index must be -1 or name an existing slot.
+WriteShape check_write_inputs(const at::Tensor& memory, const at::Tensor& indices,
+                              const at::Tensor& weights, const at::Tensor& add,
+                              const at::Tensor& erase, const char* op) {
+  check_storage(memory, op, "memory");
+  if (memory.dim() != 3) {
+    TORCH_CHECK_VALUE(false, std::string(op) + ": memory must have shape (G, N, D), got " +
+                                 shape_of(memory));
+  }
+  const auto dtype = memory.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                       dtype == at::kBFloat16,
+                   op, ": memory must be float32, float64, float16 or bfloat16, got ", dtype);
+  WriteShape shape{};
+  shape.groups = memory.size(0);
+  shape.num_slots = memory.size(1);
+  shape.dim = memory.size(2);
+  check_storage(indices, op, "indices");
+  if (indices.dim() != 3 || indices.size(0) != shape.groups) {
+    TORCH_CHECK_VALUE(false, std::string(op) + ": indices must have shape (G, T, kw) with G = " +
+                                 std::to_string(shape.groups) + ", got " + shape_of(indices));
+  }
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong, op,
+                   ": indices must be int32 or int64, got ", indices.scalar_type());
+  shape.indices_int32 = indices.scalar_type() == at::kInt;
+  shape.steps = indices.size(1);
+  shape.writes_per_step = indices.size(2);
+  check_tensor(weights, op, "weights", dtype, indices.sizes().vec(), "(G, T, kw)");
+  check_tensor(add, op, "add", dtype, {shape.groups, shape.steps, shape.dim}, "(G, T, D)");
+  check_storage(erase, op, "erase");
+  shape.erase_dim = erase.dim() == 3 && erase.size(2) == 1 ? 1 : shape.dim;
+  check_tensor(erase, op, "erase", dtype, {shape.groups, shape.steps, shape.erase_dim},
+               "(G, T, D) or (G, T, 1)");
+  const int64_t num_indices = indices.numel();
+  for (int64_t i = 0; i < num_indices; ++i) {
+    const int64_t slot = shape.indices_int32 ? indices.const_data_ptr<int32_t>()[i]
+                                             : indices.const_data_ptr<int64_t>()[i];
+    if (slot < -1 || slot >= shape.num_slots) {
+      TORCH_CHECK_INDEX(false, std::string(op) + ": indices must be -1 or in [0, N) with N = " +
+                                   std::to_string(shape.num_slots) + ", got " +
+                                   std::to_string(slot));
+    }
+  }
+  return shape;
+}
+
+void gated_memory_write_fwd(const at::Tensor& memory, const at::Tensor& indices,
+                            const at::Tensor& weights, const at::Tensor& add,
+                            const at::Tensor& erase, const at::Tensor& out) {
+  constexpr const char* op = "gated_memory_write_fwd";
+  const WriteShape shape = check_write_inputs(memory, indices, weights, add, erase, op);
+  check_tensor(out, op, "out", memory.scalar_type(), memory.sizes().vec(), "like memory");
+  // out may be memory itself (in place: each slot is read before it is written), nothing else.
+  at::assert_no_partial_overlap(out, memory);
+  check_apart({&out}, {&indices, &weights, &add, &erase});
+  l2m::cpu::GatedMemoryWriteFwdParams params{};
+  params.dtype = memory.scalar_type();
+  params.indices_int32 = shape.indices_int32;
+  params.groups = shape.groups;
+  params.num_slots = shape.num_slots;
+  params.dim = shape.dim;
+  params.steps = shape.steps;
+  params.writes_per_step = shape.writes_per_step;
+  params.erase_dim = shape.erase_dim;
+  params.memory = memory.const_data_ptr();
+  params.indices = indices.const_data_ptr();
+  params.weights = weights.const_data_ptr();
+  params.add = add.const_data_ptr();
+  params.erase = erase.const_data_ptr();
+  params.out = out.data_ptr();
+  l2m::cpu::gated_memory_write_fwd(params);
+}
+
+void gated_memory_write_bwd(const at::Tensor& dnew, const at::Tensor& memory,
+                            const at::Tensor& indices, const at::Tensor& weights,
+                            const at::Tensor& add, const at::Tensor& erase,
+                            const at::Tensor& dmemory, const at::Tensor& dweights,
+                            const at::Tensor& dadd, const at::Tensor& derase) {
+  constexpr const char* op = "gated_memory_write_bwd";
+  const WriteShape shape = check_write_inputs(memory, indices, weights, add, erase, op);
+  const auto dtype = memory.scalar_type();
+  check_tensor(dnew, op, "dnew", dtype, memory.sizes().vec(), "like memory");
+  check_tensor(dmemory, op, "dmemory", dtype, memory.sizes().vec(), "like memory");
+  check_tensor(dweights, op, "dweights", dtype, weights.sizes().vec(), "like weights");
+  check_tensor(dadd, op, "dadd", dtype, add.sizes().vec(), "like add");
+  check_tensor(derase, op, "derase", dtype, erase.sizes().vec(), "like erase");
+  check_apart({&dmemory, &dweights, &dadd, &derase},
+              {&dnew, &memory, &indices, &weights, &add, &erase});
+  l2m::cpu::GatedMemoryWriteBwdParams params{};
+  params.dtype = dtype;
+  params.indices_int32 = shape.indices_int32;
+  params.groups = shape.groups;
+  params.num_slots = shape.num_slots;
+  params.dim = shape.dim;
+  params.steps = shape.steps;
+  params.writes_per_step = shape.writes_per_step;
+  params.erase_dim = shape.erase_dim;
+  params.dnew = dnew.const_data_ptr();
+  params.memory = memory.const_data_ptr();
+  params.indices = indices.const_data_ptr();
+  params.weights = weights.const_data_ptr();
+  params.add = add.const_data_ptr();
+  params.erase = erase.const_data_ptr();
+  params.dmemory = dmemory.data_ptr();
+  params.dweights = dweights.data_ptr();
+  params.dadd = dadd.data_ptr();
+  params.derase = derase.data_ptr();
+  l2m::cpu::gated_memory_write_bwd(params);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -707,4 +826,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Gradients of product_key_fwd for its indices and weights: writes dq (like q), dsubkeys\n"
         "(like subkeys) and dvalues: like values (dense, every row), or with sparse_grad one row\n"
         "w * dout per entry, (B * H * T * k, Dv). Deterministic (fixed-order reductions).");
+
+  m.def("gated_memory_write_fwd", &gated_memory_write_fwd, release_gil, py::arg("memory"),
+        py::arg("indices"), py::arg("weights"), py::arg("add"), py::arg("erase"), py::arg("out"),
+        "Gated memory writes. memory (G, N, D); indices (G, T, kw) int32/int64 in [-1, N), -1 = no\n"
+        "write; weights (G, T, kw); add (G, T, D); erase (G, T, D) or (G, T, 1), all memory's\n"
+        "dtype. Writes out (like memory; may be memory itself: then only written slots are stored):\n"
+        "for p = t * kw + j in order, M[s] = M[s] * (1 - w * erase[t]) + w * add[t].");
+  m.def("gated_memory_write_bwd", &gated_memory_write_bwd, release_gil, py::arg("dnew"),
+        py::arg("memory"), py::arg("indices"), py::arg("weights"), py::arg("add"),
+        py::arg("erase"), py::arg("dmemory"), py::arg("dweights"), py::arg("dadd"),
+        py::arg("derase"),
+        "Gradients of gated_memory_write_fwd (memory = its input): writes dmemory, dweights, dadd,\n"
+        "derase, each like its input. Deterministic (per-slot chains, fixed-order step sums).");
 }

@@ -1,11 +1,14 @@
 """Launchers, custom ops and autograd for ``gated_memory_write`` and ``gated_dense_update``."""
 from __future__ import annotations
 
+import math
 from typing import Tuple
 
 import torch
 from torch import Tensor
 
+from ... import _ext
+from ..._alloc import empty
 from .._common import reference_vjp
 from .reference import gated_dense_update_ref, gated_memory_write_ref, gated_memory_write_ref_
 
@@ -15,10 +18,46 @@ def _reference_write_bwd(dnew, memory, indices, weights, add, erase):
                                (memory, weights, add, erase), (dnew,), (True, True, True, True)))
 
 
+def _flat_write_args(memory, indices, weights, add, erase):
+    """Contiguous views with the leading (B, Hm) or (B,) dimensions merged into one, G: memory
+    (G, N, D), indices and weights (G, T, kw), add (G, T, D), erase (G, T, D or 1)."""
+    groups = math.prod(memory.shape[:-2])
+    return tuple(t.contiguous().reshape(groups, *t.shape[-2:])
+                 for t in (memory, indices, weights, add, erase))
+
+
+def _cpu_write_fwd(memory, indices, weights, add, erase):
+    out = empty(memory.shape, dtype=memory.dtype, device=memory.device)
+    flat = _flat_write_args(memory, indices, weights, add, erase)
+    _ext.cpu_extension().gated_memory_write_fwd(*flat, out.view(flat[0].shape))
+    return out
+
+
+def _cpu_write_inplace(memory, indices, weights, add, erase):
+    # The kernel stores only to written slots of a contiguous memory; a strided one is updated
+    # through a contiguous copy (whose unwritten slots copy back unchanged).
+    target = memory if memory.is_contiguous() else memory.contiguous()
+    flat = _flat_write_args(target, indices, weights, add, erase)
+    _ext.cpu_extension().gated_memory_write_fwd(*flat, flat[0])
+    if target is not memory:
+        memory.copy_(target)
+    return memory
+
+
+def _cpu_write_bwd(dnew, memory, indices, weights, add, erase):
+    grads = tuple(empty(t.shape, dtype=t.dtype, device=t.device) for t in (memory, weights, add, erase))
+    flat = _flat_write_args(memory, indices, weights, add, erase)
+    flat_grads = tuple(g.view(f.shape) for g, f in zip(grads, (flat[0],) + flat[2:]))
+    _ext.cpu_extension().gated_memory_write_bwd(dnew.contiguous().view(flat[0].shape), *flat,
+                                                *flat_grads)
+    return grads
+
+
 WRITE_FWD = {"reference": lambda memory, indices, weights, add, erase:
-             gated_memory_write_ref(memory, indices, weights, add, erase).contiguous()}
-WRITE_INPLACE = {"reference": gated_memory_write_ref_}
-WRITE_BWD = {"reference": _reference_write_bwd}
+             gated_memory_write_ref(memory, indices, weights, add, erase).contiguous(),
+             "cpu": _cpu_write_fwd}
+WRITE_INPLACE = {"reference": gated_memory_write_ref_, "cpu": _cpu_write_inplace}
+WRITE_BWD = {"reference": _reference_write_bwd, "cpu": _cpu_write_bwd}
 
 
 @torch.library.custom_op("l2m::gated_memory_write", mutates_args=())

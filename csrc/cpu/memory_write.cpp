@@ -1,0 +1,346 @@
+// CPU kernels of the gated memory writes (interface: memory_write.h).
+//
+// The writes of one slot compose into a chain m <- a * m + b (a = 1 - w * e, b = w * add) that
+// only that slot sees, so the work is split by slot, not by step. A plan groups the (t, j) entries
+// of each memory by slot, in (t, j) order within a slot (a sort of (slot, position) pairs, which
+// costs O(T * kw log(T * kw)) per memory and nothing per untouched slot, so the in-place write
+// stays O(T * kw * D) however large N is). Each run of entries of one slot is then one task: it
+// loads the slot, applies the chain in acc and stores the slot once. Tasks own disjoint slots:
+// no races, no atomics, the result is a pure function of the inputs (bitwise deterministic,
+// whatever the thread count).
+//
+// Backward. Each run recomputes its chain forward, keeping the state before each write (scratch,
+// one row per entry), then walks it in reverse carrying dm. dweights is per entry (one writer);
+// dadd and derase sum over the kw entries of a step, which may sit in different runs, so each
+// entry's part goes to scratch and a second pass sums them per step in j order.
+#include "memory_write.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+namespace l2m::cpu {
+namespace {
+
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// Bytes per task of the parallel copies (memory -> out, dnew -> dmemory).
+constexpr int64_t kCopyChunkBytes = int64_t(1) << 20;
+
+void parallel_copy(void* dst, const void* src, int64_t bytes) {
+  if (dst == src || bytes == 0) {
+    return;
+  }
+  const int64_t chunks = (bytes + kCopyChunkBytes - 1) / kCopyChunkBytes;
+  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      const int64_t offset = chunk * kCopyChunkBytes;
+      const int64_t size = std::min(kCopyChunkBytes, bytes - offset);
+      std::memcpy(static_cast<char*>(dst) + offset, static_cast<const char*>(src) + offset, size);
+    }
+  });
+}
+
+// Tasks for at::parallel_for over items of about `work_per_item` elements each: enough items per
+// task that a task moves a few thousand elements.
+int64_t grain_for(int64_t work_per_item) {
+  return std::max<int64_t>(1, 4096 / std::max<int64_t>(work_per_item, 1));
+}
+
+// The entries of every memory grouped by slot. An entry is a global position e = g * P + p
+// (P = T * kw, p = t * kw + j); skipped entries (-1) are left out.
+struct WritePlan {
+  std::vector<int64_t> entries;    // grouped by (g, slot), p increasing within a slot
+  std::vector<int64_t> run_begin;  // run r is entries[run_begin[r] .. run_begin[r + 1])
+  std::vector<int64_t> entry_rank; // (G * P): index of entry e in `entries`, or -1 (skipped)
+
+  int64_t num_runs() const { return static_cast<int64_t>(run_begin.size()) - 1; }
+};
+
+inline int64_t slot_at(const void* indices, bool indices_int32, int64_t entry) {
+  return indices_int32 ? static_cast<int64_t>(static_cast<const int32_t*>(indices)[entry])
+                       : static_cast<const int64_t*>(indices)[entry];
+}
+
+WritePlan make_plan(const void* indices, bool indices_int32, int64_t groups, int64_t num_writes,
+                    bool with_rank) {
+  // Per memory, in parallel: the (slot, p) pairs of its writes, sorted (p is unique, so the sort
+  // keeps (t, j) order within a slot).
+  std::vector<std::pair<int64_t, int64_t>> sorted(groups * num_writes);
+  std::vector<int64_t> counts(groups, 0);
+  at::parallel_for(0, groups, grain_for(num_writes), [&](int64_t group_begin, int64_t group_end) {
+    for (int64_t g = group_begin; g < group_end; ++g) {
+      auto* pairs = sorted.data() + g * num_writes;
+      int64_t count = 0;
+      for (int64_t p = 0; p < num_writes; ++p) {
+        const int64_t slot = slot_at(indices, indices_int32, g * num_writes + p);
+        if (slot >= 0) {
+          pairs[count++] = {slot, p};
+        }
+      }
+      std::sort(pairs, pairs + count);
+      counts[g] = count;
+    }
+  });
+  WritePlan plan;
+  if (with_rank) {
+    plan.entry_rank.assign(groups * num_writes, -1);
+  }
+  for (int64_t g = 0; g < groups; ++g) {
+    const auto* pairs = sorted.data() + g * num_writes;
+    for (int64_t i = 0; i < counts[g]; ++i) {
+      if (i == 0 || pairs[i].first != pairs[i - 1].first) {
+        plan.run_begin.push_back(static_cast<int64_t>(plan.entries.size()));
+      }
+      const int64_t entry = g * num_writes + pairs[i].second;
+      if (with_rank) {
+        plan.entry_rank[entry] = static_cast<int64_t>(plan.entries.size());
+      }
+      plan.entries.push_back(entry);
+    }
+  }
+  plan.run_begin.push_back(static_cast<int64_t>(plan.entries.size()));
+  return plan;
+}
+
+template <typename scalar_t>
+inline void load_row(const scalar_t* src, acc_type<scalar_t>* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    dst[i] = static_cast<acc_type<scalar_t>>(src[i]);
+  }
+}
+
+template <typename scalar_t>
+inline void store_row(scalar_t* dst, const acc_type<scalar_t>* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    dst[i] = static_cast<scalar_t>(src[i]);  // round to nearest even, as torch's .to()
+  }
+}
+
+// Inputs of write `entry` (global position g * P + t * kw + j), loaded in acc.
+template <typename scalar_t>
+struct WriteInputs {
+  using acc_t = acc_type<scalar_t>;
+  const scalar_t* weights;
+  const scalar_t* add;
+  const scalar_t* erase;
+  int64_t dim, erase_dim, steps, writes_per_step;
+
+  acc_t weight(int64_t entry) const { return static_cast<acc_t>(weights[entry]); }
+  // Row (g, t) of add / erase for an entry.
+  int64_t step_row(int64_t entry) const { return entry / writes_per_step; }
+  const scalar_t* add_row(int64_t entry) const { return add + step_row(entry) * dim; }
+  const scalar_t* erase_row(int64_t entry) const { return erase + step_row(entry) * erase_dim; }
+
+  // state <- state * (1 - w * e) + w * add, in the reference's operation order.
+  void apply(int64_t entry, acc_t* state) const {
+    const acc_t w = weight(entry);
+    const scalar_t* add_values = add_row(entry);
+    const scalar_t* erase_values = erase_row(entry);
+    if (erase_dim == 1) {
+      const acc_t keep = acc_t(1) - w * static_cast<acc_t>(erase_values[0]);
+      for (int64_t d = 0; d < dim; ++d) {
+        state[d] = state[d] * keep + w * static_cast<acc_t>(add_values[d]);
+      }
+    } else {
+      for (int64_t d = 0; d < dim; ++d) {
+        const acc_t keep = acc_t(1) - w * static_cast<acc_t>(erase_values[d]);
+        state[d] = state[d] * keep + w * static_cast<acc_t>(add_values[d]);
+      }
+    }
+  }
+};
+
+template <typename Params, typename scalar_t>
+WriteInputs<scalar_t> write_inputs(const Params& params) {
+  return {static_cast<const scalar_t*>(params.weights), static_cast<const scalar_t*>(params.add),
+          static_cast<const scalar_t*>(params.erase), params.dim, params.erase_dim, params.steps,
+          params.writes_per_step};
+}
+
+template <typename scalar_t>
+void gated_memory_write_fwd_impl(const GatedMemoryWriteFwdParams& params) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t dim = params.dim, num_slots = params.num_slots;
+  const int64_t num_writes = params.steps * params.writes_per_step;
+  const auto* memory = static_cast<const scalar_t*>(params.memory);
+  auto* out = static_cast<scalar_t*>(params.out);
+  parallel_copy(out, memory, params.groups * num_slots * dim * int64_t(sizeof(scalar_t)));
+  if (num_writes == 0 || dim == 0) {
+    return;
+  }
+  const WritePlan plan =
+      make_plan(params.indices, params.indices_int32, params.groups, num_writes, false);
+  const auto inputs = write_inputs<GatedMemoryWriteFwdParams, scalar_t>(params);
+  const int64_t average_run = static_cast<int64_t>(plan.entries.size()) /
+                              std::max<int64_t>(plan.num_runs(), 1);
+  at::parallel_for(0, plan.num_runs(), grain_for(average_run * dim), [&](int64_t run_begin,
+                                                                         int64_t run_end) {
+    std::vector<acc_t> state(dim);
+    for (int64_t run = run_begin; run < run_end; ++run) {
+      const int64_t first = plan.run_begin[run], last = plan.run_begin[run + 1];
+      const int64_t group = plan.entries[first] / num_writes;
+      const int64_t slot = slot_at(params.indices, params.indices_int32, plan.entries[first]);
+      const int64_t row = (group * num_slots + slot) * dim;
+      // Read from `memory`, not `out`: the same values (out is a copy, or memory itself), and no
+      // dependence on the copy above having reached this row.
+      load_row(memory + row, state.data(), dim);
+      for (int64_t i = first; i < last; ++i) {
+        inputs.apply(plan.entries[i], state.data());
+      }
+      store_row(out + row, state.data(), dim);
+    }
+  });
+}
+
+template <typename scalar_t>
+void gated_memory_write_bwd_impl(const GatedMemoryWriteBwdParams& params) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t dim = params.dim, num_slots = params.num_slots, erase_dim = params.erase_dim;
+  const int64_t writes_per_step = params.writes_per_step;
+  const int64_t num_writes = params.steps * writes_per_step;
+  const auto* dnew = static_cast<const scalar_t*>(params.dnew);
+  const auto* memory = static_cast<const scalar_t*>(params.memory);
+  auto* dmemory = static_cast<scalar_t*>(params.dmemory);
+  auto* dweights = static_cast<scalar_t*>(params.dweights);
+  auto* dadd = static_cast<scalar_t*>(params.dadd);
+  auto* derase = static_cast<scalar_t*>(params.derase);
+  // Untouched slots pass the gradient through; the runs below overwrite the written ones.
+  parallel_copy(dmemory, dnew, params.groups * num_slots * dim * int64_t(sizeof(scalar_t)));
+  // No early return without writes (kw == 0): dadd and derase (G, T, ...) must still be zeroed.
+  const WritePlan plan =
+      make_plan(params.indices, params.indices_int32, params.groups, num_writes, true);
+  const auto inputs = write_inputs<GatedMemoryWriteBwdParams, scalar_t>(params);
+  const int64_t num_entries = static_cast<int64_t>(plan.entries.size());
+  // Per entry: the slot's state before the write, then (overwritten in the reverse walk) the
+  // entry's dadd part w * dm; and its derase part.
+  std::vector<acc_t> row_parts(num_entries * dim);
+  std::vector<acc_t> erase_parts(num_entries * erase_dim);
+
+  const int64_t average_run = num_entries / std::max<int64_t>(plan.num_runs(), 1);
+  at::parallel_for(0, plan.num_runs(), grain_for(2 * average_run * dim), [&](int64_t run_begin,
+                                                                             int64_t run_end) {
+    std::vector<acc_t> state(dim), dstate(dim);
+    for (int64_t run = run_begin; run < run_end; ++run) {
+      const int64_t first = plan.run_begin[run], last = plan.run_begin[run + 1];
+      const int64_t group = plan.entries[first] / num_writes;
+      const int64_t slot = slot_at(params.indices, params.indices_int32, plan.entries[first]);
+      const int64_t row = (group * num_slots + slot) * dim;
+      load_row(memory + row, state.data(), dim);
+      for (int64_t i = first; i < last; ++i) {
+        std::copy(state.begin(), state.end(), row_parts.begin() + i * dim);
+        inputs.apply(plan.entries[i], state.data());
+      }
+      load_row(dnew + row, dstate.data(), dim);
+      for (int64_t i = last - 1; i >= first; --i) {
+        const int64_t entry = plan.entries[i];
+        const acc_t w = inputs.weight(entry);
+        const scalar_t* add_values = inputs.add_row(entry);
+        const scalar_t* erase_values = inputs.erase_row(entry);
+        acc_t* part = row_parts.data() + i * dim;  // m_prev in, w * dm out
+        acc_t dweight = 0, derase_sum = 0;
+        for (int64_t d = 0; d < dim; ++d) {
+          const acc_t e = static_cast<acc_t>(erase_values[erase_dim == 1 ? 0 : d]);
+          const acc_t m_prev = part[d], dm = dstate[d];
+          dweight += dm * (static_cast<acc_t>(add_values[d]) - e * m_prev);
+          if (erase_dim == 1) {
+            derase_sum += m_prev * dm;
+          } else {
+            erase_parts[i * dim + d] = -w * m_prev * dm;
+          }
+          part[d] = w * dm;
+          dstate[d] = (acc_t(1) - w * e) * dm;
+        }
+        if (erase_dim == 1) {
+          erase_parts[i] = -w * derase_sum;
+        }
+        dweights[entry] = static_cast<scalar_t>(dweight);
+      }
+      store_row(dmemory + row, dstate.data(), dim);
+    }
+  });
+
+  // Per step (g, t): dadd and derase are the sums of the step's entries' parts, in j order;
+  // skipped entries contribute nothing and get dweights = 0.
+  const int64_t step_rows = params.groups * params.steps;
+  at::parallel_for(0, step_rows, grain_for(writes_per_step * (dim + erase_dim)), [&](
+                                                                 int64_t step_begin,
+                                                                 int64_t step_end) {
+    std::vector<acc_t> sums(std::max(dim, erase_dim));
+    for (int64_t step = step_begin; step < step_end; ++step) {
+      const int64_t first_entry = step * writes_per_step;
+      std::fill(sums.begin(), sums.end(), acc_t(0));
+      for (int64_t j = 0; j < writes_per_step; ++j) {
+        const int64_t rank = plan.entry_rank[first_entry + j];
+        if (rank < 0) {
+          dweights[first_entry + j] = scalar_t(0);
+          continue;
+        }
+        const acc_t* part = row_parts.data() + rank * dim;
+        for (int64_t d = 0; d < dim; ++d) {
+          sums[d] += part[d];
+        }
+      }
+      store_row(dadd + step * dim, sums.data(), dim);
+      std::fill(sums.begin(), sums.end(), acc_t(0));
+      for (int64_t j = 0; j < writes_per_step; ++j) {
+        const int64_t rank = plan.entry_rank[first_entry + j];
+        if (rank < 0) {
+          continue;
+        }
+        const acc_t* part = erase_parts.data() + rank * erase_dim;
+        for (int64_t d = 0; d < erase_dim; ++d) {
+          sums[d] += part[d];
+        }
+      }
+      store_row(derase + step * erase_dim, sums.data(), erase_dim);
+    }
+  });
+}
+
+// Calls fn(scalar_t{}) for the storage type named by dtype.
+template <typename Fn>
+void dispatch_floating(c10::ScalarType dtype, const char* op_name, Fn&& fn) {
+  switch (dtype) {
+    case c10::ScalarType::Float:
+      fn(float{});
+      break;
+    case c10::ScalarType::Double:
+      fn(double{});
+      break;
+    case c10::ScalarType::Half:
+      fn(c10::Half{});
+      break;
+    case c10::ScalarType::BFloat16:
+      fn(c10::BFloat16{});
+      break;
+    default:
+      TORCH_CHECK_TYPE(false, op_name, ": unsupported dtype ", dtype,
+                       " (expected float32, float64, float16 or bfloat16)");
+  }
+}
+
+}  // namespace
+
+void gated_memory_write_fwd(const GatedMemoryWriteFwdParams& params) {
+  dispatch_floating(params.dtype, "gated_memory_write_fwd", [&](auto tag) {
+    gated_memory_write_fwd_impl<decltype(tag)>(params);
+  });
+}
+
+void gated_memory_write_bwd(const GatedMemoryWriteBwdParams& params) {
+  dispatch_floating(params.dtype, "gated_memory_write_bwd", [&](auto tag) {
+    gated_memory_write_bwd_impl<decltype(tag)>(params);
+  });
+}
+
+}  // namespace l2m::cpu

@@ -1,0 +1,68 @@
+// Gated memory writes of l2m-kernels, CPU backend: the plain parameter structs and launchers.
+//
+// The launchers know nothing about at::Tensor: bindings.cpp validates tensors and fills these
+// structs. Semantics: SPEC section 3 and l2m_kernels/ops/memory_write/reference.py. The leading
+// (B, Hm) or (B,) dimensions are flattened into G "memories" (G = B * Hm, or B). Every pointer
+// addresses a contiguous tensor; `acc` below is float64 for float64 input, else float32.
+#pragma once
+
+#include <cstdint>
+
+#include <c10/core/ScalarType.h>
+
+namespace l2m::cpu {
+
+// Per memory g, for p = t * kw + j in increasing order, with s = indices[g, p] >= 0:
+//   out[g, s] = out[g, s] * (1 - weights[g, p] * erase[g, t]) + weights[g, p] * add[g, t]
+// computed in acc and rounded once per slot, after its last write. out starts as a copy of memory
+// (or is memory itself: in place, where only written slots are stored to).
+struct GatedMemoryWriteFwdParams {
+  c10::ScalarType dtype;  // of memory, weights, add, erase, out
+  bool indices_int32;     // indices are int32 (else int64)
+  int64_t groups;         // G
+  int64_t num_slots;      // N
+  int64_t dim;            // D
+  int64_t steps;          // T
+  int64_t writes_per_step;  // kw
+  int64_t erase_dim;        // 1 (one gate per step, broadcast over D) or D
+  const void* memory;       // (G, N, D) dtype
+  const void* indices;      // (G, T, kw) int32/int64, each in [-1, N)
+  const void* weights;      // (G, T, kw) dtype
+  const void* add;          // (G, T, D) dtype
+  const void* erase;        // (G, T, erase_dim) dtype
+  void* out;                // (G, N, D) dtype; may be `memory` itself (in place)
+};
+
+// Gradients of the forward for dnew = dL/dout (all outputs have dtype):
+//   dmemory (G, N, D), dweights (G, T, kw), dadd (G, T, D), derase (G, T, erase_dim).
+// Each written slot's chain is recomputed forward from memory, then walked in reverse:
+//   dw = dm . (add - e * m_prev),  dadd += w * dm,  derase += -w * m_prev * dm (summed over D when
+//   erase_dim == 1),  dm <- (1 - w * e) * dm.
+// Skipped entries (-1) get zero gradients. The per-step sums over j run in j order: bitwise
+// deterministic, independent of the thread count.
+struct GatedMemoryWriteBwdParams {
+  c10::ScalarType dtype;
+  bool indices_int32;
+  int64_t groups;
+  int64_t num_slots;
+  int64_t dim;
+  int64_t steps;
+  int64_t writes_per_step;
+  int64_t erase_dim;
+  const void* dnew;     // (G, N, D) dtype
+  const void* memory;   // (G, N, D) dtype, the forward's input
+  const void* indices;  // (G, T, kw)
+  const void* weights;  // (G, T, kw) dtype
+  const void* add;      // (G, T, D) dtype
+  const void* erase;    // (G, T, erase_dim) dtype
+  void* dmemory;        // (G, N, D) dtype
+  void* dweights;       // (G, T, kw) dtype
+  void* dadd;           // (G, T, D) dtype
+  void* derase;         // (G, T, erase_dim) dtype
+};
+
+// dtype must be Float, Double, Half or BFloat16 (an unknown dtype throws).
+void gated_memory_write_fwd(const GatedMemoryWriteFwdParams& params);
+void gated_memory_write_bwd(const GatedMemoryWriteBwdParams& params);
+
+}  // namespace l2m::cpu
