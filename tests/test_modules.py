@@ -137,3 +137,63 @@ def test_product_key_memory_rejects_bad_config():
         l2m.modules.ProductKeyMemory(dim=8, n_sub=4, key_dim=4, k=20, k_sub=4)
     with pytest.raises(ValueError, match="x"):
         l2m.modules.ProductKeyMemory(dim=8, n_sub=4, key_dim=4, k=2)(rand(2, 3, 9))
+
+
+# ---- writing into a TopKMemory ----
+
+def _loaded_bank(B=2, Hm=2, N=8, D=8):
+    bank = TopKMemory(num_slots=1, key_dim=N, value_dim=D, num_heads=Hm, trainable=False)
+    keys = torch.eye(N).expand(Hm, N, N).contiguous()          # slot n has the one-hot key e_n
+    return bank.load_(keys, torch.zeros(Hm, N, D))
+
+
+def test_write_then_read_recalls_exactly():
+    bank = _loaded_bank()
+    slots = torch.tensor([[3, 5], [6, 0]])                    # (B, Hm): one write per head
+    write_keys = 10.0 * torch.nn.functional.one_hot(slots, 8).float()[:, :, None, :]  # (B, Hm, 1, N)
+    v = rand(2, 2, 1, 8)
+    bank.write(write_keys, torch.ones(2, 2, 1, 1), v, k=1)
+    assert bank.values.shape == (2, 2, 8, 8)                  # shared bank -> per batch element
+    read = bank(write_keys, k=1)
+    assert torch.equal(read.indices[..., 0], slots[:, :, None]) and torch.equal(read.out, v)
+    untouched = torch.ones(2, 2, 8, dtype=torch.bool)
+    untouched[torch.arange(2)[:, None], torch.arange(2)[None, :], slots] = False
+    assert (bank.values[untouched] == 0).all()
+
+
+def test_write_is_sequential_and_state_carries_over():
+    bank = _loaded_bank(B=1, Hm=1)
+    key = 10.0 * torch.nn.functional.one_hot(torch.tensor(2), 8).float()
+    write_keys = key.expand(1, 1, 2, 8)                       # two steps, same slot
+    a, b = rand(1, 1, 1, 8), rand(1, 1, 1, 8)
+    erase = torch.tensor([1.0, 0.5]).view(1, 1, 2, 1)
+    bank.write(write_keys, erase, torch.cat([a, b], 2), k=1)
+    assert_close("slot", bank.values[0, 0, 2], a[0, 0, 0] * 0.5 + b[0, 0, 0])
+    c = rand(1, 1, 1, 8)
+    bank.write(write_keys[:, :, :1], torch.zeros(1, 1, 1, 1), c, k=1)   # next call adds on top
+    assert_close("slot", bank.values[0, 0, 2], a[0, 0, 0] * 0.5 + b[0, 0, 0] + c[0, 0, 0])
+
+
+def test_memory_writer_learns_through_the_write():
+    torch.manual_seed(0)
+    bank = _loaded_bank(B=2, Hm=2, N=16, D=4)
+    writer = l2m.modules.MemoryWriter(dim=12, key_dim=16, value_dim=4, num_heads=2, k=2)
+    x = rand(2, 5, 12)
+    writer(x, bank)
+    assert bank.values.requires_grad
+    read = bank(rand(2, 2, 3, 16), k=4)
+    read.out.square().sum().backward()
+    for name, p in writer.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    bank.detach_()
+    assert not bank.values.requires_grad and not bank.keys.requires_grad
+
+
+def test_write_refusals():
+    with pytest.raises(RuntimeError, match="trainable"):
+        TopKMemory(num_slots=4, key_dim=2, value_dim=2).write(rand(1, 1, 1, 2), rand(1, 1, 1, 1), rand(1, 1, 1, 2), 1)
+    bank = _loaded_bank()
+    with pytest.raises(ValueError, match="write_keys"):
+        bank.write(rand(2, 3, 1, 8), rand(2, 3, 1, 1), rand(2, 3, 1, 8), 1)
+    with pytest.raises(ValueError, match="heads"):
+        l2m.modules.MemoryWriter(dim=4, key_dim=8, value_dim=8, num_heads=3)(rand(2, 1, 4), bank)

@@ -1,5 +1,5 @@
 """``nn.Module`` wrappers that own memory state and parameters (SPEC section 6)."""
 from .product_key_memory import ProductKeyMemory
-from .topk_memory import TopKMemory
+from .topk_memory import MemoryWriter, TopKMemory
 
-__all__ = ["ProductKeyMemory", "TopKMemory"]
+__all__ = ["MemoryWriter", "ProductKeyMemory", "TopKMemory"]

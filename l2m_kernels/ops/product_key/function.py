@@ -188,7 +188,8 @@ def _backward(ctx, dout, dindices, dweights, dlse):
         dout, dweights, dlse, q, subkeys, values, indices, weights, scale, sum_heads, sparse_grad,
         deterministic, backend)
     if sparse_grad:
-        dvalues = torch.sparse_coo_tensor(indices.reshape(1, -1), dvalues, values.shape).coalesce()
+        dvalues = torch.sparse_coo_tensor(indices.reshape(1, -1), dvalues, values.shape,
+                                          check_invariants=False).coalesce()  # indices come from our forward
     needs = ctx.needs_input_grad
     return (dq if needs[0] else None, dsubkeys if needs[1] else None, dvalues if needs[2] else None,
             None, None, None, None, None, None, None)
