@@ -84,7 +84,8 @@ class ReferenceBackend(Backend):
 # The extension function each op needs: an extension built from older sources lacks newer ones.
 _EXT_ENTRY = {"merge_attention": "merge_attention_fwd", "gated_merge": "gated_merge_fwd",
               "topk_memory_read": "topk_read_fwd", "product_key_read": "product_key_fwd",
-              "gated_memory_write": "gated_memory_write_fwd"}
+              "gated_memory_write": "gated_memory_write_fwd",
+              "gated_dense_update": "gated_dense_update_fwd"}
 
 
 def _missing_entry(module, op: str, name: str) -> list[str]:
@@ -98,7 +99,7 @@ def _missing_entry(module, op: str, name: str) -> list[str]:
 class CpuBackend(Backend):
     name = "cpu"
     ops = frozenset({"merge_attention", "gated_merge", "topk_memory_read", "product_key_read",
-                     "gated_memory_write"})
+                     "gated_memory_write", "gated_dense_update"})
     device_types = frozenset({"cpu"})
     dtypes = _ALL_FLOATS
     description = "C++/OpenMP extension l2m_kernels._C"

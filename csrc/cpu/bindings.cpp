@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "dense_update.h"
 #include "memory_write.h"
 #include "merge.h"
 #include "product_key.h"
@@ -755,6 +756,75 @@ void gated_memory_write_bwd(const at::Tensor& dnew, const at::Tensor& memory,
   l2m::cpu::gated_memory_write_bwd(params);
 }
 
+// ---- gated_dense_update (dense_update.h) ----
+
+// The four inputs: same-shape contiguous tensors of one floating dtype (broadcast by the caller).
+void check_dense_inputs(const at::Tensor& memory, const at::Tensor& update,
+                        const at::Tensor& input_gate, const at::Tensor& forget_gate,
+                        const char* op) {
+  check_storage(memory, op, "memory");
+  const auto dtype = memory.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                       dtype == at::kBFloat16,
+                   op, ": memory must be float32, float64, float16 or bfloat16, got ", dtype);
+  const std::vector<int64_t> dims = memory.sizes().vec();
+  check_tensor(update, op, "update", dtype, dims, "like memory");
+  check_tensor(input_gate, op, "input_gate", dtype, dims, "like memory");
+  check_tensor(forget_gate, op, "forget_gate", dtype, dims, "like memory");
+}
+
+void gated_dense_update_fwd(const at::Tensor& memory, const at::Tensor& update,
+                            const at::Tensor& input_gate, const at::Tensor& forget_gate,
+                            const at::Tensor& out) {
+  constexpr const char* op = "gated_dense_update_fwd";
+  check_dense_inputs(memory, update, input_gate, forget_gate, op);
+  check_tensor(out, op, "out", memory.scalar_type(), memory.sizes().vec(), "like memory");
+  // Elementwise: out may alias an input exactly (each element is read before it is written).
+  check_outputs_apart({&out}, {&memory, &update, &input_gate, &forget_gate});
+  l2m::cpu::GatedDenseUpdateFwdParams params{};
+  params.dtype = memory.scalar_type();
+  params.numel = memory.numel();
+  params.memory = memory.const_data_ptr();
+  params.update = update.const_data_ptr();
+  params.input_gate = input_gate.const_data_ptr();
+  params.forget_gate = forget_gate.const_data_ptr();
+  params.out = out.data_ptr();
+  l2m::cpu::gated_dense_update_fwd(params);
+}
+
+void gated_dense_update_bwd(const at::Tensor& dout, const at::Tensor& memory,
+                            const at::Tensor& update, const at::Tensor& input_gate,
+                            const at::Tensor& forget_gate, const at::Tensor& dmemory,
+                            const at::Tensor& dupdate, const at::Tensor& dinput_gate,
+                            const at::Tensor& dforget_gate) {
+  constexpr const char* op = "gated_dense_update_bwd";
+  check_dense_inputs(memory, update, input_gate, forget_gate, op);
+  const auto dtype = memory.scalar_type();
+  const auto acc = acc_dtype_for(dtype);
+  const std::vector<int64_t> dims = memory.sizes().vec();
+  check_tensor(dout, op, "dout", dtype, dims, "like memory");
+  check_tensor(dmemory, op, "dmemory", acc, dims, "like memory");
+  check_tensor(dupdate, op, "dupdate", acc, dims, "like memory");
+  check_tensor(dinput_gate, op, "dinput_gate", acc, dims, "like memory");
+  check_tensor(dforget_gate, op, "dforget_gate", acc, dims, "like memory");
+  // The gradients may have a different dtype than the inputs (acc): no overlap at all.
+  check_apart({&dmemory, &dupdate, &dinput_gate, &dforget_gate},
+              {&dout, &memory, &update, &input_gate, &forget_gate});
+  l2m::cpu::GatedDenseUpdateBwdParams params{};
+  params.dtype = dtype;
+  params.numel = memory.numel();
+  params.dout = dout.const_data_ptr();
+  params.memory = memory.const_data_ptr();
+  params.update = update.const_data_ptr();
+  params.input_gate = input_gate.const_data_ptr();
+  params.forget_gate = forget_gate.const_data_ptr();
+  params.dmemory = dmemory.data_ptr();
+  params.dupdate = dupdate.data_ptr();
+  params.dinput_gate = dinput_gate.data_ptr();
+  params.dforget_gate = dforget_gate.data_ptr();
+  l2m::cpu::gated_dense_update_bwd(params);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -839,4 +909,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("derase"),
         "Gradients of gated_memory_write_fwd (memory = its input): writes dmemory, dweights, dadd,\n"
         "derase, each like its input. Deterministic (per-slot chains, fixed-order step sums).");
+
+  m.def("gated_dense_update_fwd", &gated_dense_update_fwd, release_gil, py::arg("memory"),
+        py::arg("update"), py::arg("input_gate"), py::arg("forget_gate"), py::arg("out"),
+        "Gated dense update, elementwise over same-shape contiguous tensors of one dtype: writes\n"
+        "out = sigmoid(forget_gate) * memory + sigmoid(input_gate) * tanh(update) (like memory).");
+  m.def("gated_dense_update_bwd", &gated_dense_update_bwd, release_gil, py::arg("dout"),
+        py::arg("memory"), py::arg("update"), py::arg("input_gate"), py::arg("forget_gate"),
+        py::arg("dmemory"), py::arg("dupdate"), py::arg("dinput_gate"), py::arg("dforget_gate"),
+        "Elementwise gradients of gated_dense_update_fwd: writes dmemory, dupdate, dinput_gate,\n"
+        "dforget_gate, each shaped like memory in acc (float64 for float64 input, else float32).");
 }

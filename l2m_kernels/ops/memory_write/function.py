@@ -118,9 +118,35 @@ torch.library.register_autograd("l2m::gated_memory_write", _write_backward, setu
 # gated_dense_update
 # ----------------------------------------------------------------------------------------------
 
-DENSE_FWD = {"reference": lambda m, u, i, f: gated_dense_update_ref(m, u, i, f).contiguous()}
+def _dense_operands(memory, update, input_gate, forget_gate):
+    """The four inputs broadcast to their common shape, contiguous (the kernels are elementwise)."""
+    return tuple(t.contiguous() for t in torch.broadcast_tensors(memory, update, input_gate, forget_gate))
+
+
+def _cpu_dense_fwd(memory, update, input_gate, forget_gate):
+    operands = _dense_operands(memory, update, input_gate, forget_gate)
+    out = empty(operands[0].shape, dtype=memory.dtype, device=memory.device)
+    _ext.cpu_extension().gated_dense_update_fwd(*operands, out)
+    return out
+
+
+def _cpu_dense_bwd(dout, memory, update, input_gate, forget_gate):
+    inputs = (memory, update, input_gate, forget_gate)
+    operands = _dense_operands(*inputs)
+    shape, dtype = operands[0].shape, memory.dtype
+    # Elementwise gradients in acc (float32 for half types), summed over the broadcast dimensions
+    # of each input before the one rounding to its dtype.
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    grads = tuple(empty(shape, dtype=acc, device=memory.device) for _ in inputs)
+    _ext.cpu_extension().gated_dense_update_bwd(dout.to(dtype).contiguous(), *operands, *grads)
+    return tuple(g.sum_to_size(t.shape).to(t.dtype) for g, t in zip(grads, inputs))
+
+
+DENSE_FWD = {"reference": lambda m, u, i, f: gated_dense_update_ref(m, u, i, f).contiguous(),
+             "cpu": _cpu_dense_fwd}
 DENSE_BWD = {"reference": lambda dout, m, u, i, f: tuple(
-    reference_vjp(gated_dense_update_ref, (m, u, i, f), (dout,), (True, True, True, True)))}
+    reference_vjp(gated_dense_update_ref, (m, u, i, f), (dout,), (True, True, True, True))),
+             "cpu": _cpu_dense_bwd}
 
 
 @torch.library.custom_op("l2m::gated_dense_update", mutates_args=())
