@@ -292,12 +292,15 @@ def format_table(rows: list, ceilings: dict) -> str:
     def f(x, spec=".3f"):
         return "-" if x is None or x != x else format(x, spec)
 
+    def measured(x):  # a skipped row holds NaN or None
+        return x is not None and x == x and x > 0
+
     for r in rows:
         ref = base.get((r.op, r.shape, r.dtype))
         speed = None
-        if ref is not None and ref.both_ms and r.both_ms:
+        if ref is not None and measured(ref.both_ms) and measured(r.both_ms):
             speed = f"{ref.both_ms / r.both_ms:.2f}x"
-        elif ref is not None and ref.fwd_ms and r.fwd_ms:
+        elif ref is not None and measured(ref.fwd_ms) and measured(r.fwd_ms):
             speed = f"{ref.fwd_ms / r.fwd_ms:.2f}x (fwd)"
         gbps = "-" if r.fwd_gbps is None else f"{r.fwd_gbps:.1f} ({100 * r.fwd_gbps / copy:.0f}%)" if copy else f"{r.fwd_gbps:.1f}"
         gflops = "-" if r.fwd_gflops is None else f"{r.fwd_gflops:.1f} ({100 * r.fwd_gflops / mm:.0f}%)" if mm else f"{r.fwd_gflops:.1f}"
