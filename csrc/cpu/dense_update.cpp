@@ -7,6 +7,7 @@
 // those loops see plain float arrays; float and double are used in place. Every element is
 // computed by the same code whatever the thread count: bitwise deterministic.
 #include "dense_update.h"
+#include "convert.h"
 
 #include <algorithm>
 #include <cmath>
@@ -21,52 +22,10 @@
 namespace l2m::cpu {
 namespace {
 
-template <typename scalar_t>
-using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
 // Elements per tile: the half-type staging buffers (a few KiB) stay in L1.
 constexpr int64_t kTile = 256;
 // Elements below which a chunk is not worth handing to another thread.
 constexpr int64_t kGrain = 32768;
-
-inline void to_acc(const c10::BFloat16* src, float* dst, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    dst[i] = c10::detail::f32_from_bits(src[i].x);
-  }
-}
-
-inline void from_acc(const float* src, c10::BFloat16* dst, int64_t n) {
-  // Same rounding as c10::BFloat16(float): to nearest even, NaN kept NaN.
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    dst[i].x = c10::detail::round_to_nearest_even(src[i]);
-  }
-}
-
-inline void to_acc(const c10::Half* src, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    dst[i] = static_cast<float>(src[i]);
-  }
-}
-
-inline void from_acc(const float* src, c10::Half* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    dst[i] = c10::Half(src[i]);
-  }
-}
-
-// A tile of n elements of `src` in acc: `src` itself when it already is acc, else `buffer`.
-template <typename scalar_t>
-inline const acc_type<scalar_t>* load_tile(const scalar_t* src, int64_t n,
-                                           acc_type<scalar_t>* buffer) {
-  if constexpr (std::is_same_v<scalar_t, acc_type<scalar_t>>) {
-    return src;
-  } else {
-    to_acc(src, buffer, n);
-    return buffer;
-  }
-}
 
 template <typename acc_t>
 inline acc_t sigmoid(acc_t logit) {
@@ -87,10 +46,10 @@ void fwd_impl(const GatedDenseUpdateFwdParams& params) {
     acc_t m_buf[kTile], u_buf[kTile], i_buf[kTile], f_buf[kTile], out_buf[kTile];  // half types
     for (int64_t start = begin; start < end; start += kTile) {
       const int64_t n = std::min(kTile, end - start);
-      const acc_t* m = load_tile(memory + start, n, m_buf);
-      const acc_t* u = load_tile(update + start, n, u_buf);
-      const acc_t* ig = load_tile(input_gate + start, n, i_buf);
-      const acc_t* fg = load_tile(forget_gate + start, n, f_buf);
+      const acc_t* m = load_row(memory + start, n, m_buf);
+      const acc_t* u = load_row(update + start, n, u_buf);
+      const acc_t* ig = load_row(input_gate + start, n, i_buf);
+      const acc_t* fg = load_row(forget_gate + start, n, f_buf);
       acc_t* result;
       if constexpr (std::is_same_v<scalar_t, acc_t>) {
         result = out + start;
@@ -125,11 +84,11 @@ void bwd_impl(const GatedDenseUpdateBwdParams& params) {
     acc_t g_buf[kTile], m_buf[kTile], u_buf[kTile], i_buf[kTile], f_buf[kTile];  // half types
     for (int64_t start = begin; start < end; start += kTile) {
       const int64_t n = std::min(kTile, end - start);
-      const acc_t* g = load_tile(dout + start, n, g_buf);
-      const acc_t* m = load_tile(memory + start, n, m_buf);
-      const acc_t* u = load_tile(update + start, n, u_buf);
-      const acc_t* ig = load_tile(input_gate + start, n, i_buf);
-      const acc_t* fg = load_tile(forget_gate + start, n, f_buf);
+      const acc_t* g = load_row(dout + start, n, g_buf);
+      const acc_t* m = load_row(memory + start, n, m_buf);
+      const acc_t* u = load_row(update + start, n, u_buf);
+      const acc_t* ig = load_row(input_gate + start, n, i_buf);
+      const acc_t* fg = load_row(forget_gate + start, n, f_buf);
       acc_t* dm = dmemory + start;
       acc_t* du = dupdate + start;
       acc_t* di = dinput_gate + start;

@@ -14,6 +14,7 @@
 // dadd and derase sum over the kw entries of a step, which may sit in different runs, so each
 // entry's part goes to scratch and a second pass sums them per step in j order.
 #include "memory_write.h"
+#include "convert.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -30,8 +31,6 @@
 namespace l2m::cpu {
 namespace {
 
-template <typename scalar_t>
-using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 // Bytes per task of the parallel copies (memory -> out, dnew -> dmemory).
 constexpr int64_t kCopyChunkBytes = int64_t(1) << 20;
@@ -112,20 +111,6 @@ WritePlan make_plan(const void* indices, bool indices_int32, int64_t groups, int
   return plan;
 }
 
-template <typename scalar_t>
-inline void load_row(const scalar_t* src, acc_type<scalar_t>* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    dst[i] = static_cast<acc_type<scalar_t>>(src[i]);
-  }
-}
-
-template <typename scalar_t>
-inline void store_row(scalar_t* dst, const acc_type<scalar_t>* src, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    dst[i] = static_cast<scalar_t>(src[i]);  // round to nearest even, as torch's .to()
-  }
-}
-
 // Inputs of write `entry` (global position g * P + t * kw + j), loaded in acc.
 template <typename scalar_t>
 struct WriteInputs {
@@ -193,7 +178,7 @@ void gated_memory_write_fwd_impl(const GatedMemoryWriteFwdParams& params) {
       const int64_t row = (group * num_slots + slot) * dim;
       // Read from `memory`, not `out`: the same values (out is a copy, or memory itself), and no
       // dependence on the copy above having reached this row.
-      load_row(memory + row, state.data(), dim);
+      to_acc(memory + row, state.data(), dim);
       for (int64_t i = first; i < last; ++i) {
         inputs.apply(plan.entries[i], state.data());
       }
@@ -235,12 +220,12 @@ void gated_memory_write_bwd_impl(const GatedMemoryWriteBwdParams& params) {
       const int64_t group = plan.entries[first] / num_writes;
       const int64_t slot = slot_at(params.indices, params.indices_int32, plan.entries[first]);
       const int64_t row = (group * num_slots + slot) * dim;
-      load_row(memory + row, state.data(), dim);
+      to_acc(memory + row, state.data(), dim);
       for (int64_t i = first; i < last; ++i) {
         std::copy(state.begin(), state.end(), row_parts.begin() + i * dim);
         inputs.apply(plan.entries[i], state.data());
       }
-      load_row(dnew + row, dstate.data(), dim);
+      to_acc(dnew + row, dstate.data(), dim);
       for (int64_t i = last - 1; i >= first; --i) {
         const int64_t entry = plan.entries[i];
         const acc_t w = inputs.weight(entry);

@@ -7,6 +7,7 @@
 // float arrays; float and double are used in place. Per-row reductions run in a fixed order, so
 // results do not depend on the number of threads.
 #include "merge.h"
+#include "convert.h"
 
 #include <algorithm>
 #include <cmath>
@@ -33,75 +34,6 @@ constexpr int64_t kMinElementsPerTask = 32768;
 
 int64_t rows_per_task(int64_t dim) {
   return std::max<int64_t>(1, kMinElementsPerTask / std::max<int64_t>(dim, 1));
-}
-
-template <typename scalar_t>
-struct AccTypeOf {
-  using type = float;
-};
-template <>
-struct AccTypeOf<double> {
-  using type = double;
-};
-template <typename scalar_t>
-using acc_type = typename AccTypeOf<scalar_t>::type;
-
-// ---- conversions between storage and accumulation types (n elements) ----
-
-inline void to_acc(const c10::BFloat16* src, float* dst, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    dst[i] = c10::detail::f32_from_bits(src[i].x);
-  }
-}
-
-inline void from_acc(const float* src, c10::BFloat16* dst, int64_t n) {
-  // Same rounding as c10::BFloat16(float): to nearest even, NaN kept NaN.
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    dst[i].x = c10::detail::round_to_nearest_even(src[i]);
-  }
-}
-
-inline void to_acc(const c10::Half* src, float* dst, int64_t n) {
-  int64_t i = 0;
-#if defined(__F16C__)
-  // The scalar c10 conversion is one F16C instruction per element that compilers do not
-  // vectorise; convert eight at a time instead (bitwise the same result).
-  for (; i + 8 <= n; i += 8) {
-    const __m128i halves = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(halves));
-  }
-#endif
-  for (; i < n; ++i) {
-    dst[i] = static_cast<float>(src[i]);
-  }
-}
-
-inline void from_acc(const float* src, c10::Half* dst, int64_t n) {
-  int64_t i = 0;
-#if defined(__F16C__)
-  for (; i + 8 <= n; i += 8) {
-    const __m128i halves = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), halves);
-  }
-#endif
-  for (; i < n; ++i) {
-    dst[i] = c10::Half(src[i]);
-  }
-}
-
-// A tile of n elements of `src` as the accumulation type: `src` itself when it already is that
-// type, else converted into `buffer`.
-template <typename scalar_t>
-inline const acc_type<scalar_t>* load_tile(const scalar_t* src, int64_t n,
-                                           acc_type<scalar_t>* buffer) {
-  if constexpr (std::is_same_v<scalar_t, acc_type<scalar_t>>) {
-    return src;
-  } else {
-    to_acc(src, buffer, n);
-    return buffer;
-  }
 }
 
 // Where to compute an output tile: the output itself when it has the accumulation type, else
@@ -179,8 +111,8 @@ void merge_attention_fwd_impl(const MergeAttentionFwdParams& params) {
       const int64_t row_offset = row * dim;
       for (int64_t d0 = 0; d0 < dim; d0 += kTile) {
         const int64_t n = std::min(kTile, dim - d0);
-        const acc_t* a = load_tile(out_a + row_offset + d0, n, a_buffer);
-        const acc_t* b = load_tile(out_b + row_offset + d0, n, b_buffer);
+        const acc_t* a = load_row(out_a + row_offset + d0, n, a_buffer);
+        const acc_t* b = load_row(out_b + row_offset + d0, n, b_buffer);
         acc_t* merged = tile_target(out + row_offset + d0, out_buffer);
 #pragma omp simd
         for (int64_t i = 0; i < n; ++i) {
@@ -220,9 +152,9 @@ void merge_attention_bwd_impl(const MergeAttentionBwdParams& params) {
       acc_t dot_b = 0;  // sum_d dout * out_b
       for (int64_t d0 = 0; d0 < dim; d0 += kTile) {
         const int64_t n = std::min(kTile, dim - d0);
-        const acc_t* g = load_tile(dout + row_offset + d0, n, dout_buffer);
-        const acc_t* a = load_tile(out_a + row_offset + d0, n, a_buffer);
-        const acc_t* b = load_tile(out_b + row_offset + d0, n, b_buffer);
+        const acc_t* g = load_row(dout + row_offset + d0, n, dout_buffer);
+        const acc_t* a = load_row(out_a + row_offset + d0, n, a_buffer);
+        const acc_t* b = load_row(out_b + row_offset + d0, n, b_buffer);
         acc_t* da = tile_target(d_out_a + row_offset + d0, da_buffer);
         acc_t* db = tile_target(d_out_b + row_offset + d0, db_buffer);
         acc_t tile_dot_a = 0, tile_dot_b = 0;
@@ -265,8 +197,8 @@ void gated_merge_fwd_impl(const GatedMergeFwdParams& params) {
       const int64_t row_offset = row * dim;
       for (int64_t d0 = 0; d0 < dim; d0 += kTile) {
         const int64_t n = std::min(kTile, dim - d0);
-        const acc_t* local = load_tile(out_local + row_offset + d0, n, local_buffer);
-        const acc_t* mem = load_tile(out_mem + row_offset + d0, n, mem_buffer);
+        const acc_t* local = load_row(out_local + row_offset + d0, n, local_buffer);
+        const acc_t* mem = load_row(out_mem + row_offset + d0, n, mem_buffer);
         acc_t* blended = tile_target(out + row_offset + d0, out_buffer);
 #pragma omp simd
         for (int64_t i = 0; i < n; ++i) {
@@ -300,9 +232,9 @@ void gated_merge_bwd_impl(const GatedMergeBwdParams& params) {
       acc_t dot_diff = 0;  // sum_d dout * (out_mem - out_local)
       for (int64_t d0 = 0; d0 < dim; d0 += kTile) {
         const int64_t n = std::min(kTile, dim - d0);
-        const acc_t* grad_out = load_tile(dout + row_offset + d0, n, dout_buffer);
-        const acc_t* local = load_tile(out_local + row_offset + d0, n, local_buffer);
-        const acc_t* mem = load_tile(out_mem + row_offset + d0, n, mem_buffer);
+        const acc_t* grad_out = load_row(dout + row_offset + d0, n, dout_buffer);
+        const acc_t* local = load_row(out_local + row_offset + d0, n, local_buffer);
+        const acc_t* mem = load_row(out_mem + row_offset + d0, n, mem_buffer);
         acc_t* dl = tile_target(d_local + row_offset + d0, d_local_buffer);
         acc_t* dm = tile_target(d_mem + row_offset + d0, d_mem_buffer);
         acc_t tile_dot = 0;

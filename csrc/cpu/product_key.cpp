@@ -29,6 +29,7 @@
 // task per slot range, every row written) or one row per entry. No atomics, no thread-count
 // dependence: bitwise deterministic.
 #include "product_key.h"
+#include "convert.h"
 
 #include <algorithm>
 #include <functional>
@@ -52,71 +53,6 @@
 
 namespace l2m::cpu {
 namespace {
-
-template <typename scalar_t>
-struct AccTypeOf {
-  using type = float;
-};
-template <>
-struct AccTypeOf<double> {
-  using type = double;
-};
-template <typename scalar_t>
-using acc_type = typename AccTypeOf<scalar_t>::type;
-
-// ---- conversions from storage to accumulation types (n elements) ----
-// (The same conversions as topk_read.cpp, kept local so the kernels build independently.)
-
-inline void to_acc(const c10::BFloat16* src, float* dst, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    dst[i] = c10::detail::f32_from_bits(src[i].x);
-  }
-}
-
-inline void to_acc(const c10::Half* src, float* dst, int64_t n) {
-  int64_t i = 0;
-#if defined(__F16C__)
-  for (; i + 8 <= n; i += 8) {
-    const __m128i halves = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(halves));
-  }
-#endif
-  for (; i < n; ++i) {
-    dst[i] = static_cast<float>(src[i]);
-  }
-}
-
-inline void to_acc(const float* src, float* dst, int64_t n) {
-  std::memcpy(dst, src, n * sizeof(float));
-}
-inline void to_acc(const double* src, double* dst, int64_t n) {
-  std::memcpy(dst, src, n * sizeof(double));
-}
-
-// n elements of `src` as the accumulation type: `src` itself when it already is that type, else
-// converted into `buffer`.
-template <typename scalar_t>
-inline const acc_type<scalar_t>* load_row(const scalar_t* src, int64_t n,
-                                          acc_type<scalar_t>* buffer) {
-  if constexpr (std::is_same_v<scalar_t, acc_type<scalar_t>>) {
-    return src;
-  } else {
-    to_acc(src, buffer, n);
-    return buffer;
-  }
-}
-
-template <typename scalar_t>
-inline void store_row(scalar_t* dst, const acc_type<scalar_t>* values, int64_t n) {
-  if constexpr (std::is_same_v<scalar_t, acc_type<scalar_t>>) {
-    std::memcpy(dst, values, n * sizeof(scalar_t));
-  } else {
-    for (int64_t i = 0; i < n; ++i) {
-      dst[i] = static_cast<scalar_t>(values[i]);  // round to nearest even, as torch's .to()
-    }
-  }
-}
 
 // Asks for the cache lines of a row that is about to be read (value rows are random accesses).
 template <typename scalar_t>

@@ -1,0 +1,102 @@
+// Storage <-> accumulation conversions shared by the CPU kernels of l2m-kernels.
+//
+// Every kernel loads its inputs in the storage dtype, computes in the accumulation type
+// (float64 for float64 input, float32 otherwise) and rounds once when it stores. These helpers do
+// the loads and stores of n contiguous elements; the half-precision ones are vectorised with F16C
+// where the build enables it (bitwise the same results as c10's scalar conversions).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+namespace l2m::cpu {
+
+template <typename scalar_t>
+using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+inline void to_acc(const c10::BFloat16* src, float* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    dst[i] = c10::detail::f32_from_bits(src[i].x);
+  }
+}
+
+inline void to_acc(const c10::Half* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__F16C__)
+  // The scalar c10 conversion is one F16C instruction per element that compilers do not
+  // vectorise; convert eight at a time instead (bitwise the same result).
+  for (; i + 8 <= n; i += 8) {
+    const __m128i halves = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(halves));
+  }
+#endif
+  for (; i < n; ++i) {
+    dst[i] = static_cast<float>(src[i]);
+  }
+}
+
+inline void to_acc(const float* src, float* dst, int64_t n) {
+  std::memcpy(dst, src, n * sizeof(float));
+}
+
+inline void to_acc(const double* src, double* dst, int64_t n) {
+  std::memcpy(dst, src, n * sizeof(double));
+}
+
+inline void from_acc(const float* src, c10::BFloat16* dst, int64_t n) {
+  // Same rounding as c10::BFloat16(float): to nearest even, NaN kept NaN.
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    dst[i].x = c10::detail::round_to_nearest_even(src[i]);
+  }
+}
+
+inline void from_acc(const float* src, c10::Half* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__F16C__)
+  for (; i + 8 <= n; i += 8) {
+    const __m128i halves = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), halves);
+  }
+#endif
+  for (; i < n; ++i) {
+    dst[i] = c10::Half(src[i]);
+  }
+}
+
+inline void from_acc(const float* src, float* dst, int64_t n) {
+  std::memcpy(dst, src, n * sizeof(float));
+}
+
+inline void from_acc(const double* src, double* dst, int64_t n) {
+  std::memcpy(dst, src, n * sizeof(double));
+}
+
+// n elements of `src` as the accumulation type: `src` itself when it already is that type, else
+// converted into `buffer`.
+template <typename scalar_t>
+inline const acc_type<scalar_t>* load_row(const scalar_t* src, int64_t n, acc_type<scalar_t>* buffer) {
+  if constexpr (std::is_same_v<scalar_t, acc_type<scalar_t>>) {
+    return src;
+  } else {
+    to_acc(src, buffer, n);
+    return buffer;
+  }
+}
+
+// n accumulated values rounded once into `dst` (round to nearest even, as torch's .to()).
+template <typename scalar_t>
+inline void store_row(scalar_t* dst, const acc_type<scalar_t>* values, int64_t n) {
+  from_acc(values, dst, n);
+}
+
+}  // namespace l2m::cpu
