@@ -48,13 +48,14 @@ namespace l2m {
 namespace cuda {
 namespace {
 
+#include "warp_list.cuh"  // device helpers, given internal linkage here
+
 using detail::from_float;
 using detail::load_chunk;
 using detail::to_float;
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kTileN = 64;                 // sub-keys per shared-memory tile
 constexpr int kKeysPerLane = kTileN / 32;  // sub-keys each lane scores per tile
 constexpr int kKeyRowPad = 4;              // floats of padding per sub-key row in shared memory
@@ -69,8 +70,6 @@ __host__ __device__ constexpr int queries_per_warp(int k_pad) {
   return k_pad <= 32 ? 8 : k_pad <= 64 ? 4 : 2;
 }
 
-__device__ __forceinline__ long long max_key(long long a, long long b) { return a > b ? a : b; }
-__device__ __forceinline__ long long min_key(long long a, long long b) { return a < b ? a : b; }
 
 // ---------------------------------------------------------------------------------------------
 // Sort keys (copied from topk_read.cu, except NaN): (score descending, index ascending) as one
@@ -105,66 +104,6 @@ __device__ __forceinline__ DecodedKey decode_key(long long key) {
   return decoded;
 }
 
-// Offers the warp's 32 candidate keys (one per lane) to a list sorted descending (element
-// r * 32 + lane in top[r]); afterwards the list holds the K_PAD largest of both, sorted
-// descending. Every lane of the warp must call it. (Copied from topk_read.cu.)
-template <int kRegs>
-__device__ __forceinline__ void insert_candidates(long long (&top)[kRegs], long long candidate,
-                                                  int lane) {
-#pragma unroll
-  for (int size = 2; size <= 32; size <<= 1) {
-    const bool ascending = (lane & size) == 0;
-#pragma unroll
-    for (int stride = size >> 1; stride > 0; stride >>= 1) {
-      const long long other = __shfl_xor_sync(kFullMask, candidate, stride);
-      const bool lower = (lane & stride) == 0;
-      candidate = (lower == ascending) ? min_key(candidate, other) : max_key(candidate, other);
-    }
-  }
-  top[kRegs - 1] = max_key(top[kRegs - 1], candidate);
-#pragma unroll
-  for (int stride = kRegs * 16; stride >= 32; stride >>= 1) {
-    const int reg_stride = stride >> 5;
-#pragma unroll
-    for (int r = 0; r < kRegs; ++r) {
-      if ((r & reg_stride) == 0) {
-        const long long high = max_key(top[r], top[r | reg_stride]);
-        const long long low = min_key(top[r], top[r | reg_stride]);
-        top[r] = high;
-        top[r | reg_stride] = low;
-      }
-    }
-  }
-#pragma unroll
-  for (int stride = 16; stride > 0; stride >>= 1) {
-    const bool lower = (lane & stride) == 0;
-#pragma unroll
-    for (int r = 0; r < kRegs; ++r) {
-      const long long other = __shfl_xor_sync(kFullMask, top[r], stride);
-      top[r] = lower ? max_key(top[r], other) : min_key(top[r], other);
-    }
-  }
-}
-
-// Element (kth_reg * 32 + kth_lane) of the list, in every lane (static register selection).
-template <int kRegs>
-__device__ __forceinline__ long long list_element(const long long (&top)[kRegs], int kth_reg,
-                                                  int kth_lane) {
-  long long value = top[0];
-#pragma unroll
-  for (int r = 1; r < kRegs; ++r) {
-    if (r == kth_reg) value = top[r];
-  }
-  return __shfl_sync(kFullMask, value, kth_lane);
-}
-
-__device__ __forceinline__ float warp_sum(float value) {
-  // xor butterfly: every lane ends with the same bits, fixed order.
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1)
-    value += __shfl_xor_sync(kFullMask, value, offset);
-  return value;
-}
 
 inline int round_up_int(int64_t value, int64_t multiple) {
   return static_cast<int>((value + multiple - 1) / multiple * multiple);

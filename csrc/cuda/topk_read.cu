@@ -62,12 +62,13 @@ namespace l2m {
 namespace cuda {
 namespace {
 
+#include "warp_list.cuh"  // device helpers, given internal linkage here
+
 using detail::from_float;
 using detail::to_float;
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kTileN = 64;                   // slots per key tile
 constexpr int kKeysPerLane = kTileN / 32;    // slots each lane scores per tile
 constexpr int kMaxDimPerLane = static_cast<int>(kTopkReadMaxDim / 32);  // feature registers
@@ -78,8 +79,6 @@ constexpr int kStaticSmemLimit = 48 * 1024;
 // Queries per warp: the lists take kQueriesPerWarp * K_PAD / 32 int64 registers per lane.
 __host__ __device__ constexpr int queries_per_warp(int k_pad) { return k_pad <= 32 ? 8 : k_pad <= 64 ? 4 : 2; }
 
-__device__ __forceinline__ long long max_key(long long a, long long b) { return a > b ? a : b; }
-__device__ __forceinline__ long long min_key(long long a, long long b) { return a < b ? a : b; }
 
 // ---------------------------------------------------------------------------------------------
 // Sort keys: (score descending, slot ascending) as one int64 (see the file comment).
@@ -110,81 +109,6 @@ __device__ __forceinline__ DecodedKey decode_key(long long key) {
   return decoded;
 }
 
-// ---------------------------------------------------------------------------------------------
-// Warp-distributed sorted lists.
-
-// Offers the warp's 32 candidate keys (one per lane) to a list sorted descending (element
-// r * 32 + lane in top[r]); afterwards the list holds the K_PAD largest of both, sorted
-// descending. Every lane of the warp must call it.
-template <int kRegs>
-__device__ __forceinline__ void insert_candidates(long long (&top)[kRegs], long long candidate,
-                                                  int lane) {
-  // Bitonic sort of the 32 candidates, ascending over the lanes.
-#pragma unroll
-  for (int size = 2; size <= 32; size <<= 1) {
-    const bool ascending = (lane & size) == 0;  // always true in the last stage (size == 32)
-#pragma unroll
-    for (int stride = size >> 1; stride > 0; stride >>= 1) {
-      const long long other = __shfl_xor_sync(kFullMask, candidate, stride);
-      const bool lower = (lane & stride) == 0;
-      candidate = (lower == ascending) ? min_key(candidate, other) : max_key(candidate, other);
-    }
-  }
-  // Descending list vs the ascending candidates placed at its last 32 positions (INT64_MIN
-  // before them): the elementwise maximum is bitonic and holds the K_PAD largest keys.
-  top[kRegs - 1] = max_key(top[kRegs - 1], candidate);
-  // Bitonic merge, descending: the lower index of each pair takes the larger key.
-#pragma unroll
-  for (int stride = kRegs * 16; stride >= 32; stride >>= 1) {
-    const int reg_stride = stride >> 5;
-#pragma unroll
-    for (int r = 0; r < kRegs; ++r) {
-      if ((r & reg_stride) == 0) {
-        const long long high = max_key(top[r], top[r | reg_stride]);
-        const long long low = min_key(top[r], top[r | reg_stride]);
-        top[r] = high;
-        top[r | reg_stride] = low;
-      }
-    }
-  }
-#pragma unroll
-  for (int stride = 16; stride > 0; stride >>= 1) {
-    const bool lower = (lane & stride) == 0;
-#pragma unroll
-    for (int r = 0; r < kRegs; ++r) {
-      const long long other = __shfl_xor_sync(kFullMask, top[r], stride);
-      top[r] = lower ? max_key(top[r], other) : min_key(top[r], other);
-    }
-  }
-}
-
-// Element (kth_reg * 32 + kth_lane) of the list, in every lane. Registers are selected with a
-// static loop so the list never leaves registers.
-template <int kRegs>
-__device__ __forceinline__ long long list_element(const long long (&top)[kRegs], int kth_reg,
-                                                  int kth_lane) {
-  long long value = top[0];
-#pragma unroll
-  for (int r = 1; r < kRegs; ++r) {
-    if (r == kth_reg) value = top[r];
-  }
-  return __shfl_sync(kFullMask, value, kth_lane);
-}
-
-__device__ __forceinline__ float warp_sum(float value) {
-  // xor butterfly: every lane ends with the same bits (a + b == b + a), fixed order.
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1)
-    value += __shfl_xor_sync(kFullMask, value, offset);
-  return value;
-}
-
-__device__ __forceinline__ float warp_max(float value) {  // no NaN reaches it
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1)
-    value = fmaxf(value, __shfl_xor_sync(kFullMask, value, offset));
-  return value;
-}
 
 // ---------------------------------------------------------------------------------------------
 // Forward: scoring (shared by the chunk-max pre-pass and the selection kernel, so that both see

@@ -1,0 +1,82 @@
+// Warp-distributed sorted lists of int64 sort keys, shared by the CUDA top-k and product-key
+// reads (topk_read.cu, product_key.cu). Device code only; include inside the kernels' namespace.
+#pragma once
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+__device__ __forceinline__ long long max_key(long long a, long long b) { return a > b ? a : b; }
+__device__ __forceinline__ long long min_key(long long a, long long b) { return a < b ? a : b; }
+
+
+// Offers the warp's 32 candidate keys (one per lane) to a list sorted descending (element
+// r * 32 + lane in top[r]); afterwards the list holds the K_PAD largest of both, sorted
+// descending. Every lane of the warp must call it.
+template <int kRegs>
+__device__ __forceinline__ void insert_candidates(long long (&top)[kRegs], long long candidate,
+                                                  int lane) {
+  // Bitonic sort of the 32 candidates, ascending over the lanes.
+#pragma unroll
+  for (int size = 2; size <= 32; size <<= 1) {
+    const bool ascending = (lane & size) == 0;  // always true in the last stage (size == 32)
+#pragma unroll
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      const long long other = __shfl_xor_sync(kFullMask, candidate, stride);
+      const bool lower = (lane & stride) == 0;
+      candidate = (lower == ascending) ? min_key(candidate, other) : max_key(candidate, other);
+    }
+  }
+  // Descending list vs the ascending candidates placed at its last 32 positions (INT64_MIN
+  // before them): the elementwise maximum is bitonic and holds the K_PAD largest keys.
+  top[kRegs - 1] = max_key(top[kRegs - 1], candidate);
+  // Bitonic merge, descending: the lower index of each pair takes the larger key.
+#pragma unroll
+  for (int stride = kRegs * 16; stride >= 32; stride >>= 1) {
+    const int reg_stride = stride >> 5;
+#pragma unroll
+    for (int r = 0; r < kRegs; ++r) {
+      if ((r & reg_stride) == 0) {
+        const long long high = max_key(top[r], top[r | reg_stride]);
+        const long long low = min_key(top[r], top[r | reg_stride]);
+        top[r] = high;
+        top[r | reg_stride] = low;
+      }
+    }
+  }
+#pragma unroll
+  for (int stride = 16; stride > 0; stride >>= 1) {
+    const bool lower = (lane & stride) == 0;
+#pragma unroll
+    for (int r = 0; r < kRegs; ++r) {
+      const long long other = __shfl_xor_sync(kFullMask, top[r], stride);
+      top[r] = lower ? max_key(top[r], other) : min_key(top[r], other);
+    }
+  }
+}
+
+// Element (kth_reg * 32 + kth_lane) of the list, in every lane. Registers are selected with a
+// static loop so the list never leaves registers.
+template <int kRegs>
+__device__ __forceinline__ long long list_element(const long long (&top)[kRegs], int kth_reg,
+                                                  int kth_lane) {
+  long long value = top[0];
+#pragma unroll
+  for (int r = 1; r < kRegs; ++r) {
+    if (r == kth_reg) value = top[r];
+  }
+  return __shfl_sync(kFullMask, value, kth_lane);
+}
+
+__device__ __forceinline__ float warp_sum(float value) {
+  // xor butterfly: every lane ends with the same bits (a + b == b + a), fixed order.
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1)
+    value += __shfl_xor_sync(kFullMask, value, offset);
+  return value;
+}
+
+__device__ __forceinline__ float warp_max(float value) {  // no NaN reaches it
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1)
+    value = fmaxf(value, __shfl_xor_sync(kFullMask, value, offset));
+  return value;
+}
