@@ -70,8 +70,33 @@ inline int64_t slot_at(const void* indices, bool indices_int32, int64_t entry) {
                        : static_cast<const int64_t*>(indices)[entry];
 }
 
-WritePlan make_plan(const void* indices, bool indices_int32, int64_t groups, int64_t num_writes,
-                    bool with_rank) {
+// Sorts the (slot, p) pairs of one memory, given in increasing p, by slot and stably. A counting
+// sort (O(N + P), a few microseconds) where the memory is not much larger than the number of
+// writes, else a comparison sort (O(P log P), independent of N: in place stays O(T * kw * D)).
+void sort_by_slot(std::pair<int64_t, int64_t>* pairs, int64_t count, int64_t num_slots) {
+  if (count < 2) {
+    return;
+  }
+  if (num_slots > 16 * count) {
+    std::sort(pairs, pairs + count);  // p is unique: (slot, p) order is the stable order
+    return;
+  }
+  std::vector<int32_t> slot_start(num_slots + 1, 0);
+  for (int64_t i = 0; i < count; ++i) {
+    ++slot_start[pairs[i].first + 1];
+  }
+  for (int64_t slot = 0; slot < num_slots; ++slot) {
+    slot_start[slot + 1] += slot_start[slot];
+  }
+  std::vector<std::pair<int64_t, int64_t>> sorted(count);
+  for (int64_t i = 0; i < count; ++i) {
+    sorted[slot_start[pairs[i].first]++] = pairs[i];
+  }
+  std::copy(sorted.begin(), sorted.end(), pairs);
+}
+
+WritePlan make_plan(const void* indices, bool indices_int32, int64_t groups, int64_t num_slots,
+                    int64_t num_writes, bool with_rank) {
   // Per memory, in parallel: the (slot, p) pairs of its writes, sorted (p is unique, so the sort
   // keeps (t, j) order within a slot).
   std::vector<std::pair<int64_t, int64_t>> sorted(groups * num_writes);
@@ -86,11 +111,17 @@ WritePlan make_plan(const void* indices, bool indices_int32, int64_t groups, int
           pairs[count++] = {slot, p};
         }
       }
-      std::sort(pairs, pairs + count);
+      sort_by_slot(pairs, count, num_slots);
       counts[g] = count;
     }
   });
   WritePlan plan;
+  int64_t total = 0;
+  for (int64_t g = 0; g < groups; ++g) {
+    total += counts[g];
+  }
+  plan.entries.reserve(total);
+  plan.run_begin.reserve(total + 1);
   if (with_rank) {
     plan.entry_rank.assign(groups * num_writes, -1);
   }
@@ -152,6 +183,27 @@ WriteInputs<scalar_t> write_inputs(const Params& params) {
           params.writes_per_step};
 }
 
+// Runs ahead of the current one whose memory row the forward prefetches.
+constexpr int64_t kPrefetchRuns = 4;
+
+// Offset (elements) of the memory row that run `run` of the plan writes.
+template <typename Params>
+int64_t row_offset(const WritePlan& plan, const Params& params, int64_t run) {
+  const int64_t entry = plan.entries[plan.run_begin[run]];
+  const int64_t group = entry / (params.steps * params.writes_per_step);
+  return (group * params.num_slots + slot_at(params.indices, params.indices_int32, entry)) *
+         params.dim;
+}
+
+template <typename scalar_t>
+void prefetch_row(const scalar_t* row, int64_t dim) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  const int64_t size = dim * static_cast<int64_t>(sizeof(scalar_t));
+  for (int64_t offset = 0; offset < size; offset += 64) {
+    __builtin_prefetch(bytes + offset, 1 /* for writing */, 3);
+  }
+}
+
 template <typename scalar_t>
 void gated_memory_write_fwd_impl(const GatedMemoryWriteFwdParams& params) {
   using acc_t = acc_type<scalar_t>;
@@ -164,7 +216,7 @@ void gated_memory_write_fwd_impl(const GatedMemoryWriteFwdParams& params) {
     return;
   }
   const WritePlan plan =
-      make_plan(params.indices, params.indices_int32, params.groups, num_writes, false);
+      make_plan(params.indices, params.indices_int32, params.groups, num_slots, num_writes, false);
   const auto inputs = write_inputs<GatedMemoryWriteFwdParams, scalar_t>(params);
   const int64_t average_run = static_cast<int64_t>(plan.entries.size()) /
                               std::max<int64_t>(plan.num_runs(), 1);
@@ -172,10 +224,13 @@ void gated_memory_write_fwd_impl(const GatedMemoryWriteFwdParams& params) {
                                                                          int64_t run_end) {
     std::vector<acc_t> state(dim);
     for (int64_t run = run_begin; run < run_end; ++run) {
+      // The written rows are scattered over the memory: fetch a later run's row while this
+      // one is computed, so the loads overlap instead of each waiting on DRAM.
+      if (run + kPrefetchRuns < run_end) {
+        prefetch_row(memory + row_offset(plan, params, run + kPrefetchRuns), dim);
+      }
       const int64_t first = plan.run_begin[run], last = plan.run_begin[run + 1];
-      const int64_t group = plan.entries[first] / num_writes;
-      const int64_t slot = slot_at(params.indices, params.indices_int32, plan.entries[first]);
-      const int64_t row = (group * num_slots + slot) * dim;
+      const int64_t row = row_offset(plan, params, run);
       // Read from `memory`, not `out`: the same values (out is a copy, or memory itself), and no
       // dependence on the copy above having reached this row.
       to_acc(memory + row, state.data(), dim);
@@ -203,7 +258,7 @@ void gated_memory_write_bwd_impl(const GatedMemoryWriteBwdParams& params) {
   parallel_copy(dmemory, dnew, params.groups * num_slots * dim * int64_t(sizeof(scalar_t)));
   // No early return without writes (kw == 0): dadd and derase (G, T, ...) must still be zeroed.
   const WritePlan plan =
-      make_plan(params.indices, params.indices_int32, params.groups, num_writes, true);
+      make_plan(params.indices, params.indices_int32, params.groups, num_slots, num_writes, true);
   const auto inputs = write_inputs<GatedMemoryWriteBwdParams, scalar_t>(params);
   const int64_t num_entries = static_cast<int64_t>(plan.entries.size());
   // Per entry: the slot's state before the write, then (overwritten in the reverse walk) the
@@ -290,28 +345,6 @@ void gated_memory_write_bwd_impl(const GatedMemoryWriteBwdParams& params) {
       store_row(derase + step * erase_dim, sums.data(), erase_dim);
     }
   });
-}
-
-// Calls fn(scalar_t{}) for the storage type named by dtype.
-template <typename Fn>
-void dispatch_floating(c10::ScalarType dtype, const char* op_name, Fn&& fn) {
-  switch (dtype) {
-    case c10::ScalarType::Float:
-      fn(float{});
-      break;
-    case c10::ScalarType::Double:
-      fn(double{});
-      break;
-    case c10::ScalarType::Half:
-      fn(c10::Half{});
-      break;
-    case c10::ScalarType::BFloat16:
-      fn(c10::BFloat16{});
-      break;
-    default:
-      TORCH_CHECK_TYPE(false, op_name, ": unsupported dtype ", dtype,
-                       " (expected float32, float64, float16 or bfloat16)");
-  }
 }
 
 }  // namespace

@@ -1,5 +1,5 @@
-// Torch-facing bindings of the CUDA kernels (merge ops, top-k memory read): extension
-// `l2m_kernels._C_cuda`.
+// Torch-facing bindings of the CUDA kernels (merge ops, top-k and product-key memory reads, gated
+// memory writes and the gated dense update): extension `l2m_kernels._C_cuda`.
 //
 // The only file under csrc/cuda that includes torch headers (the kernels in *.cu see plain
 // structs, see merge.h). Each function follows notes/merge_kernels.md: the Python layer has
@@ -17,16 +17,20 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
+#include <ATen/MemoryOverlap.h>
 
 #include <cuda_runtime_api.h>
 
 #include <initializer_list>
+#include <iterator>
 #include <optional>
 #include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
 
+#include "dense_update.h"
+#include "memory_write.h"
 #include "merge.h"
 #include "product_key.h"
 #include "topk_read.h"
@@ -830,11 +834,315 @@ void product_key_bwd(const at::Tensor& dout, const at::Tensor& dweights, const a
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Gated memory writes and the gated dense update (SPEC section 3; interfaces:
+// csrc/cuda/memory_write.h, csrc/cuda/dense_update.h). The Python signatures are the GPU
+// backends' shared ones (comments above _gpu_kernels and _gpu_dense_fwd in
+// l2m_kernels/ops/memory_write/function.py); outputs preallocated by the caller, None returned.
+
+// dtype of a floating tensor the kernels serve: float32, float16 or bfloat16.
+MergeDtype kernel_dtype(const char* op, const char* name, const at::Tensor& tensor) {
+  switch (tensor.scalar_type()) {
+    case at::kFloat:
+      return MergeDtype::kFloat32;
+    case at::kHalf:
+      return MergeDtype::kFloat16;
+    case at::kBFloat16:
+      return MergeDtype::kBFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, op, ": ", name, " must be float32, float16 or bfloat16 on CUDA, got ",
+                       tensor.scalar_type());
+  }
+  return MergeDtype::kFloat32;
+}
+
+// Every tensor on CUDA, on the device of the first one (no layout requirement).
+void check_devices(const char* op, std::initializer_list<NamedTensor> tensors) {
+  const at::Tensor& first = *tensors.begin()->second;
+  for (const NamedTensor& named : tensors) {
+    const at::Tensor& tensor = *named.second;
+    TORCH_CHECK_VALUE(tensor.is_cuda(), op, ": ", named.first, " must be a CUDA tensor, got ",
+                      tensor.device());
+    TORCH_CHECK_VALUE(tensor.device() == first.device(), op, ": ", named.first, " is on ",
+                      tensor.device(), " but ", tensors.begin()->first, " is on ", first.device());
+  }
+}
+
+void check_contiguous(const char* op, std::initializer_list<NamedTensor> tensors) {
+  for (const NamedTensor& named : tensors) {
+    TORCH_CHECK_VALUE(named.second->is_contiguous(), op, ": ", named.first, " must be contiguous");
+  }
+}
+
+// No output shares memory with an input or with another output (at::assert_no_overlap raises
+// on any overlap it can decide; broadcast views it cannot decide pass).
+void check_outputs_apart(std::initializer_list<const at::Tensor*> outputs,
+                         std::initializer_list<const at::Tensor*> inputs) {
+  for (auto output = outputs.begin(); output != outputs.end(); ++output) {
+    for (const at::Tensor* input : inputs) at::assert_no_overlap(**output, *input);
+    for (auto other = std::next(output); other != outputs.end(); ++other) {
+      at::assert_no_overlap(**output, **other);
+    }
+  }
+}
+
+struct WriteShape {
+  int64_t groups, num_slots, dim, steps, writes_per_step, erase_dim, entries;
+  bool indices_int32;
+  MergeDtype dtype;
+};
+
+// memory (G, N, D) of a served dtype; indices (G, T, kw) int32 / int64; weights (G, T, kw), add
+// (G, T, D), erase (G, T, D) or (G, T, 1) of memory's dtype; the plan order (E,) int64 and
+// run_length (E,) int32 with E = G * T * kw. All on one CUDA device, contiguous.
+WriteShape check_write_operands(const char* op, const at::Tensor& memory, const at::Tensor& indices,
+                                const at::Tensor& weights, const at::Tensor& add,
+                                const at::Tensor& erase, const at::Tensor& order,
+                                const at::Tensor& run_length) {
+  check_placement(op, {{"memory", &memory},
+                       {"indices", &indices},
+                       {"weights", &weights},
+                       {"add", &add},
+                       {"erase", &erase},
+                       {"order", &order},
+                       {"run_length", &run_length}});
+  WriteShape shape;
+  shape.dtype = kernel_dtype(op, "memory", memory);
+  TORCH_CHECK_VALUE(memory.dim() == 3, op, ": memory must be 3-D (G, N, D), got shape ",
+                    shape_string(memory.sizes()));
+  shape.groups = memory.size(0);
+  shape.num_slots = memory.size(1);
+  shape.dim = memory.size(2);
+  TORCH_CHECK_VALUE(indices.dim() == 3 && indices.size(0) == shape.groups, op,
+                    ": indices must be 3-D (G, T, kw) with G = ", std::to_string(shape.groups),
+                    ", got shape ", shape_string(indices.sizes()));
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong, op,
+                   ": indices must be int32 or int64, got ", indices.scalar_type());
+  shape.indices_int32 = indices.scalar_type() == at::kInt;
+  shape.steps = indices.size(1);
+  shape.writes_per_step = indices.size(2);
+  expect_dtype(op, memory.scalar_type(), {{"weights", &weights}, {"add", &add}, {"erase", &erase}});
+  expect_shape(op, "weights", weights, {shape.groups, shape.steps, shape.writes_per_step});
+  expect_shape(op, "add", add, {shape.groups, shape.steps, shape.dim});
+  TORCH_CHECK_VALUE(erase.dim() == 3, op, ": erase must be (G, T, D) or (G, T, 1), got shape ",
+                    shape_string(erase.sizes()));
+  shape.erase_dim = erase.size(2) == 1 ? 1 : shape.dim;
+  TORCH_CHECK_VALUE(erase.sizes() == at::IntArrayRef({shape.groups, shape.steps, shape.erase_dim}),
+                    op, ": erase must be (G, T, D) or (G, T, 1) = ",
+                    shape_string({shape.groups, shape.steps, shape.dim}), " or ",
+                    shape_string({shape.groups, shape.steps, 1}), ", got ",
+                    shape_string(erase.sizes()));
+  shape.entries = shape.groups * shape.steps * shape.writes_per_step;
+  expect_dtype(op, at::kLong, {{"order", &order}});
+  expect_dtype(op, at::kInt, {{"run_length", &run_length}});
+  expect_shape(op, "order", order, {shape.entries});
+  expect_shape(op, "run_length", run_length, {shape.entries});
+  return shape;
+}
+
+void gated_memory_write_fwd(const at::Tensor& memory, const at::Tensor& indices,
+                            const at::Tensor& weights, const at::Tensor& add,
+                            const at::Tensor& erase, const at::Tensor& order,
+                            const at::Tensor& run_length, const at::Tensor& out) {
+  constexpr const char* op = "l2m gated_memory_write_fwd (cuda)";
+  const WriteShape shape =
+      check_write_operands(op, memory, indices, weights, add, erase, order, run_length);
+  check_placement(op, {{"memory", &memory}, {"out", &out}});
+  expect_dtype(op, memory.scalar_type(), {{"out", &out}});
+  expect_shape(op, "out", out, {shape.groups, shape.num_slots, shape.dim});
+  // out may be memory itself (in place: each slot row is read, then written, by one warp), but
+  // no other overlap.
+  at::assert_no_partial_overlap(out, memory);
+  check_outputs_apart({&out}, {&indices, &weights, &add, &erase, &order, &run_length});
+  // Nothing to write (N == 0 admits only -1 entries; its empty tensors may have no storage).
+  if (shape.entries == 0 || shape.dim == 0 || shape.num_slots == 0) return;
+
+  const c10::cuda::CUDAGuard device_guard(memory.device());
+  l2m::cuda::GatedMemoryWriteFwdParams params;
+  params.dtype = shape.dtype;
+  params.indices_int32 = shape.indices_int32;
+  params.groups = shape.groups;
+  params.num_slots = shape.num_slots;
+  params.dim = shape.dim;
+  params.steps = shape.steps;
+  params.writes_per_step = shape.writes_per_step;
+  params.erase_dim = shape.erase_dim;
+  params.memory = memory.data_ptr();
+  params.indices = indices.data_ptr();
+  params.weights = weights.data_ptr();
+  params.add = add.data_ptr();
+  params.erase = erase.data_ptr();
+  params.order = order.data_ptr<int64_t>();
+  params.run_length = run_length.data_ptr<int32_t>();
+  params.out = out.data_ptr();
+  check_launch(op, l2m::cuda::gated_memory_write_fwd_launch(params, current_stream()));
+}
+
+void gated_memory_write_bwd(const at::Tensor& dnew, const at::Tensor& memory,
+                            const at::Tensor& indices, const at::Tensor& weights,
+                            const at::Tensor& add, const at::Tensor& erase,
+                            const at::Tensor& order, const at::Tensor& run_length,
+                            const at::Tensor& dmemory, const at::Tensor& dweights,
+                            const at::Tensor& add_parts, const at::Tensor& erase_parts) {
+  constexpr const char* op = "l2m gated_memory_write_bwd (cuda)";
+  const WriteShape shape =
+      check_write_operands(op, memory, indices, weights, add, erase, order, run_length);
+  check_placement(op, {{"memory", &memory},
+                       {"dnew", &dnew},
+                       {"dmemory", &dmemory},
+                       {"dweights", &dweights},
+                       {"add_parts", &add_parts},
+                       {"erase_parts", &erase_parts}});
+  expect_dtype(op, memory.scalar_type(),
+               {{"dnew", &dnew}, {"dmemory", &dmemory}, {"dweights", &dweights}});
+  expect_dtype(op, at::kFloat, {{"add_parts", &add_parts}, {"erase_parts", &erase_parts}});
+  expect_shape(op, "dnew", dnew, {shape.groups, shape.num_slots, shape.dim});
+  expect_shape(op, "dmemory", dmemory, {shape.groups, shape.num_slots, shape.dim});
+  expect_shape(op, "dweights", dweights, {shape.groups, shape.steps, shape.writes_per_step});
+  expect_shape(op, "add_parts", add_parts, {shape.entries, shape.dim});
+  expect_shape(op, "erase_parts", erase_parts, {shape.entries, shape.erase_dim});
+  check_outputs_apart({&dmemory, &dweights, &add_parts, &erase_parts},
+                      {&dnew, &memory, &indices, &weights, &add, &erase, &order, &run_length});
+  // No written slot: dmemory is dnew's copy and the other outputs arrive zeroed.
+  if (shape.entries == 0 || shape.dim == 0 || shape.num_slots == 0) return;
+
+  const c10::cuda::CUDAGuard device_guard(memory.device());
+  // Running float32 sum of each entry's dweight over the column chunks (memory_write.h).
+  const at::Tensor dweight_partial = at::empty({shape.entries}, memory.options().dtype(at::kFloat));
+  l2m::cuda::GatedMemoryWriteBwdParams params;
+  params.dtype = shape.dtype;
+  params.indices_int32 = shape.indices_int32;
+  params.groups = shape.groups;
+  params.num_slots = shape.num_slots;
+  params.dim = shape.dim;
+  params.steps = shape.steps;
+  params.writes_per_step = shape.writes_per_step;
+  params.erase_dim = shape.erase_dim;
+  params.dnew = dnew.data_ptr();
+  params.memory = memory.data_ptr();
+  params.indices = indices.data_ptr();
+  params.weights = weights.data_ptr();
+  params.add = add.data_ptr();
+  params.erase = erase.data_ptr();
+  params.order = order.data_ptr<int64_t>();
+  params.run_length = run_length.data_ptr<int32_t>();
+  params.dmemory = dmemory.data_ptr();
+  params.dweights = dweights.data_ptr();
+  params.add_parts = add_parts.data_ptr<float>();
+  params.erase_parts = erase_parts.data_ptr<float>();
+  params.dweight_partial = dweight_partial.data_ptr<float>();
+  // The scratch tensor lives until the end of this scope; the caching allocator reuses its
+  // memory only for later work on this stream.
+  check_launch(op, l2m::cuda::gated_memory_write_bwd_launch(params, current_stream()));
+}
+
+// The four inputs of the dense update: 4-D views of one shape (any strides, 0 where broadcast),
+// one served dtype, one CUDA device.
+MergeDtype check_dense_operands(const char* op, const at::Tensor& memory, const at::Tensor& update,
+                                const at::Tensor& input_gate, const at::Tensor& forget_gate) {
+  check_devices(op, {{"memory", &memory},
+                     {"update", &update},
+                     {"input_gate", &input_gate},
+                     {"forget_gate", &forget_gate}});
+  const MergeDtype dtype = kernel_dtype(op, "memory", memory);
+  expect_dtype(op, memory.scalar_type(),
+               {{"update", &update}, {"input_gate", &input_gate}, {"forget_gate", &forget_gate}});
+  TORCH_CHECK_VALUE(memory.dim() == 4, op,
+                    ": memory must be a 4-D view of the broadcast shape, got shape ",
+                    shape_string(memory.sizes()));
+  const std::vector<int64_t> sizes(memory.sizes().begin(), memory.sizes().end());
+  expect_shape(op, "update", update, sizes);
+  expect_shape(op, "input_gate", input_gate, sizes);
+  expect_shape(op, "forget_gate", forget_gate, sizes);
+  return dtype;
+}
+
+l2m::cuda::StridedOperand strided_operand(const at::Tensor& tensor) {
+  l2m::cuda::StridedOperand operand;
+  operand.data = tensor.data_ptr();
+  for (int d = 0; d < 4; ++d) operand.strides[d] = tensor.stride(d);
+  return operand;
+}
+
+void gated_dense_update_fwd(const at::Tensor& memory, const at::Tensor& update,
+                            const at::Tensor& input_gate, const at::Tensor& forget_gate,
+                            const at::Tensor& out) {
+  constexpr const char* op = "l2m gated_dense_update_fwd (cuda)";
+  const MergeDtype dtype = check_dense_operands(op, memory, update, input_gate, forget_gate);
+  check_devices(op, {{"memory", &memory}, {"out", &out}});
+  check_contiguous(op, {{"out", &out}});
+  expect_dtype(op, memory.scalar_type(), {{"out", &out}});
+  expect_shape(op, "out", out, std::vector<int64_t>(memory.sizes().begin(), memory.sizes().end()));
+  check_outputs_apart({&out}, {&memory, &update, &input_gate, &forget_gate});
+  if (out.numel() == 0) return;
+
+  const c10::cuda::CUDAGuard device_guard(memory.device());
+  l2m::cuda::GatedDenseUpdateFwdParams params;
+  params.dtype = dtype;
+  for (int d = 0; d < 4; ++d) params.sizes[d] = memory.size(d);
+  params.memory = strided_operand(memory);
+  params.update = strided_operand(update);
+  params.input_gate = strided_operand(input_gate);
+  params.forget_gate = strided_operand(forget_gate);
+  params.out = out.data_ptr();
+  check_launch(op, l2m::cuda::gated_dense_update_fwd_launch(params, current_stream()));
+}
+
+void gated_dense_update_bwd(const at::Tensor& dout, const at::Tensor& memory,
+                            const at::Tensor& update, const at::Tensor& input_gate,
+                            const at::Tensor& forget_gate, const at::Tensor& dmemory,
+                            const at::Tensor& dupdate, const at::Tensor& dinput_gate,
+                            const at::Tensor& dforget_gate) {
+  constexpr const char* op = "l2m gated_dense_update_bwd (cuda)";
+  const MergeDtype dtype = check_dense_operands(op, memory, update, input_gate, forget_gate);
+  check_devices(op, {{"memory", &memory},
+                     {"dout", &dout},
+                     {"dmemory", &dmemory},
+                     {"dupdate", &dupdate},
+                     {"dinput_gate", &dinput_gate},
+                     {"dforget_gate", &dforget_gate}});
+  check_contiguous(op, {{"dout", &dout},
+                        {"dmemory", &dmemory},
+                        {"dupdate", &dupdate},
+                        {"dinput_gate", &dinput_gate},
+                        {"dforget_gate", &dforget_gate}});
+  expect_dtype(op, memory.scalar_type(), {{"dout", &dout}});
+  expect_dtype(op, at::kFloat,
+               {{"dmemory", &dmemory},
+                {"dupdate", &dupdate},
+                {"dinput_gate", &dinput_gate},
+                {"dforget_gate", &dforget_gate}});
+  const std::vector<int64_t> sizes(memory.sizes().begin(), memory.sizes().end());
+  expect_shape(op, "dout", dout, sizes);
+  expect_shape(op, "dmemory", dmemory, sizes);
+  expect_shape(op, "dupdate", dupdate, sizes);
+  expect_shape(op, "dinput_gate", dinput_gate, sizes);
+  expect_shape(op, "dforget_gate", dforget_gate, sizes);
+  check_outputs_apart({&dmemory, &dupdate, &dinput_gate, &dforget_gate},
+                      {&dout, &memory, &update, &input_gate, &forget_gate});
+  if (dout.numel() == 0) return;
+
+  const c10::cuda::CUDAGuard device_guard(memory.device());
+  l2m::cuda::GatedDenseUpdateBwdParams params;
+  params.dtype = dtype;
+  for (int d = 0; d < 4; ++d) params.sizes[d] = memory.size(d);
+  params.dout = dout.data_ptr();
+  params.memory = strided_operand(memory);
+  params.update = strided_operand(update);
+  params.input_gate = strided_operand(input_gate);
+  params.forget_gate = strided_operand(forget_gate);
+  params.dmemory = dmemory.data_ptr<float>();
+  params.dupdate = dupdate.data_ptr<float>();
+  params.dinput_gate = dinput_gate.data_ptr<float>();
+  params.dforget_gate = dforget_gate.data_ptr<float>();
+  check_launch(op, l2m::cuda::gated_dense_update_bwd_launch(params, current_stream()));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "l2m-kernels CUDA backend: merge ops and the sparse top-k memory read "
-          "(low-level interface, preallocated outputs).";
+  m.doc() = "l2m-kernels CUDA backend: merge ops, the top-k and product-key memory reads, gated "
+          "memory writes and the gated dense update (low-level interface, preallocated outputs).";
   m.attr("CUDA_ARCHS") = kCudaArchs;
   m.attr("CUDART_VERSION") = CUDART_VERSION;  // of the toolkit the extension was built with
 #ifdef L2M_TORCH_VERSION
@@ -878,4 +1186,28 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("values"), py::arg("indices"), py::arg("weights"), py::arg("scale"),
         py::arg("sum_heads"), py::arg("sparse_grad"), py::arg("deterministic"), py::arg("dq"),
         py::arg("dsubkeys"), py::arg("dvalues"));
+  m.def("gated_memory_write_fwd", &gated_memory_write_fwd,
+        "Gated memory writes (SPEC section 3) on flat (G, ...) operands with the write plan "
+        "(order, run_length); stores the written slots of out (a copy of memory, or memory "
+        "itself).",
+        py::arg("memory"), py::arg("indices"), py::arg("weights"), py::arg("add"),
+        py::arg("erase"), py::arg("order"), py::arg("run_length"), py::arg("out"));
+  m.def("gated_memory_write_bwd", &gated_memory_write_bwd,
+        "Gradients of gated_memory_write_fwd: stores the written slots of dmemory (a copy of "
+        "dnew), dweights and the per-entry float32 add_parts (E, D) / erase_parts (E, erase_dim) "
+        "of written entries (the caller zeroes them).",
+        py::arg("dnew"), py::arg("memory"), py::arg("indices"), py::arg("weights"),
+        py::arg("add"), py::arg("erase"), py::arg("order"), py::arg("run_length"),
+        py::arg("dmemory"), py::arg("dweights"), py::arg("add_parts"), py::arg("erase_parts"));
+  m.def("gated_dense_update_fwd", &gated_dense_update_fwd,
+        "out = sigmoid(forget_gate) * memory + sigmoid(input_gate) * tanh(update) on 4-D views of "
+        "the broadcast shape (any strides); out contiguous.",
+        py::arg("memory"), py::arg("update"), py::arg("input_gate"), py::arg("forget_gate"),
+        py::arg("out"));
+  m.def("gated_dense_update_bwd", &gated_dense_update_bwd,
+        "Elementwise float32 gradients of gated_dense_update_fwd (contiguous, of the broadcast "
+        "shape; the caller reduces them to each input's shape).",
+        py::arg("dout"), py::arg("memory"), py::arg("update"), py::arg("input_gate"),
+        py::arg("forget_gate"), py::arg("dmemory"), py::arg("dupdate"), py::arg("dinput_gate"),
+        py::arg("dforget_gate"));
 }

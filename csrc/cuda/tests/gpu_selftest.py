@@ -27,11 +27,26 @@ by path):
   Dk 2/14/130/512, Dv 1/7/129/300/520), k = k_sub ** 2, k_sub = n_sub, k = 1, sum_heads both
   ways, empty batches, bad calls and out-of-range indices in the backward.
 
+- write (l2m_kernels/ops/memory_write/reference.py and plan.py, loaded by path):
+  gated_memory_write_fwd / _bwd in float32, float16 and bfloat16 with int32 and int64 indices,
+  called as function.py's GPU launchers call them, against the float64 reference: forward out of
+  place (every written slot pre-filled with NaN; unwritten slots bitwise unchanged) and in place
+  (bitwise equal to out of place), all four gradients (every element the kernel must write
+  pre-filled with NaN; bitwise repeatable; skipped entries zero), over odd sizes (N 7/63/129/512,
+  D 1/7/64/129/256/300/520: one and several column chunks, vector and scalar paths, unaligned
+  bases), T 7 and 64, kw 1/3/4, repeated slots within and across steps, -1 skips (with NaN
+  weights), erase (.., D) and (.., 1), empty B / T / kw / N / D, and bad calls. Reports whether
+  the forward is bitwise equal to the reference evaluated in float32 (expected; not a failure).
+- dense: gated_dense_update_fwd / _bwd on 4-D broadcast views (stride 0; contiguous and strided
+  index paths; 1-D, 3-D and 5-D shapes as the launcher reshapes them; > 2**24 elements through
+  the grid-stride loop) against the float64 reference, gradients reduced like function.py, with
+  huge and infinite logits / updates, NaN inputs, empty shapes, and outputs pre-filled with NaN.
+
 Optionally times the kernels (--bench) and runs one merge launch with more than 2**31 rows
 (--huge, ~52 GB of GPU memory).
 
-    python csrc/cuda/tests/gpu_selftest.py [--ops merge,topk,pkm] [--quick] [--bench] [--huge]
-                                           [--json out.json]
+    python csrc/cuda/tests/gpu_selftest.py [--ops merge,topk,pkm,write,dense] [--quick]
+                                           [--bench] [--huge] [--json out.json]
     compute-sanitizer --tool memcheck python csrc/cuda/tests/gpu_selftest.py --quick
 
 Not collected by pytest (no test_ prefix) and not compiled by setup.py (it globs csrc/cuda/*.cu).
@@ -1214,13 +1229,407 @@ def bench_pkm(ext) -> list[dict]:
     return results
 
 
+# ---- gated_memory_write / gated_dense_update -------------------------------------------------
+
+def load_module_by_path(name: str, relative: str):
+    path = REPO_ROOT / relative
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # NamedTuple / dataclass machinery looks the module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_write_modules():
+    """(reference, plan) of l2m_kernels/ops/memory_write, loaded by path (no package import)."""
+    ref = load_module_by_path("l2m_memory_write_reference",
+                              "l2m_kernels/ops/memory_write/reference.py")
+    plan = load_module_by_path("l2m_memory_write_plan", "l2m_kernels/ops/memory_write/plan.py")
+    return ref, plan
+
+
+# (B, Hm, N, D, T, kw, one erase gate per step, index dtype, special). Column chunks per warp:
+# 128 (float32) / 256 (16-bit) columns; vector path when D % 4 (float32) / D % 8 (16-bit) == 0
+# and every base pointer is 16-byte aligned, else the scalar path.
+WRITE_CASES = [
+    (2, 2, 7, 7, 7, 3, False, torch.int64, None),          # N = 7: many repeated slots
+    (1, 3, 63, 129, 7, 1, True, torch.int32, None),       # scalar path, 2 float chunks
+    (2, 1, 129, 300, 7, 3, False, torch.int32, "skips"),  # float vector (3 chunks), 16-bit scalar
+    (2, 1, 129, 300, 7, 3, True, torch.int64, "skips"),   # multi-chunk sums with one gate
+    (2, 2, 7, 1, 7, 3, True, torch.int64, None),          # D = 1
+    (1, 2, 63, 1, 7, 1, False, torch.int32, "skips"),     # D = 1, erase (.., D) == (.., 1)
+    (2, 2, 129, 64, 7, 3, False, torch.int64, "repeat"),  # same slot within and across steps
+    (1, 1, 7, 129, 7, 3, True, torch.int32, "repeat"),
+    (2, 2, 63, 520, 7, 3, True, torch.int64, "repeat"),   # vector: 5 float / 3 16-bit chunks
+    (2, 2, 63, 520, 7, 3, False, torch.int32, None),
+    (2, 2, 63, 256, 7, 3, False, torch.int64, "misaligned"),  # scalar path (unaligned bases)
+    (2, 2, 63, 256, 7, 3, True, torch.int64, None),       # vector path, 2 / 1 chunks
+    (2, 2, 63, 64, 7, 3, False, torch.int64, "nan_skipped"),  # NaN weights of -1 entries
+    (2, 2, 63, 64, 7, 3, True, torch.int64, "all_skipped"),
+    (4, 16, 512, 64, 64, 4, False, torch.int64, "skips"),  # 16384 entries, many warps
+    (0, 2, 7, 8, 7, 3, False, torch.int64, None),         # empty batch
+    (2, 2, 7, 8, 0, 3, False, torch.int64, None),         # T = 0
+    (2, 2, 7, 8, 7, 0, True, torch.int32, None),          # kw = 0
+    (2, 2, 0, 8, 7, 3, False, torch.int64, "all_skipped"),  # N = 0 (only -1 possible)
+    (2, 2, 7, 0, 7, 3, False, torch.int64, None),         # D = 0
+    (2, 2, 7, 0, 7, 3, True, torch.int64, None),          # D = 0, one gate
+]
+WRITE_QUICK = {0, 1, 3, 4, 6, 8, 10, 12, 13, 15, 18, 19}
+
+
+class WriteChecker(Checker):
+    """gated_memory_write_fwd / _bwd against l2m_kernels/ops/memory_write/reference.py (float64),
+    with the plan of plan.py, called the way function.py's GPU launchers call them."""
+
+    def __init__(self, ext, ref, plan_module):
+        super().__init__(ext, ref)
+        self.plan = plan_module
+        self.not_bitwise: list[str] = []  # forward results that differ from the float32 reference
+
+    def write_case(self, case, dtype):
+        B, Hm, N, D, T, kw, one_gate, index_dtype, special = case
+        self.cases += 1
+        failures_before, worst_before = len(self.failures), dict(self.worst)
+        self.worst = {}
+        label = (f"write B={B} Hm={Hm} N={N} D={D} T={T} kw={kw} erase={'1' if one_gate else 'D'}"
+                 f" {str(index_dtype).removeprefix('torch.')}{' ' + special if special else ''}"
+                 f" {str(dtype).removeprefix('torch.')}")
+        dev = "cuda"
+        G, E = B * Hm, B * Hm * T * kw
+        erase_dim = 1 if one_gate else D
+        misalign = 1 if special == "misaligned" else 0
+
+        memory = torch.randn(B, Hm, N, D, device=dev).to(dtype)
+        if N > 0:
+            indices = torch.randint(0, N, (B, Hm, T, kw), device=dev)
+        else:
+            indices = torch.full((B, Hm, T, kw), -1, dtype=torch.int64, device=dev)
+        if special in ("skips", "nan_skipped"):
+            indices[torch.rand(indices.shape, device=dev) < 0.25] = -1
+        if special == "all_skipped":
+            indices.fill_(-1)
+        if special == "repeat" and T >= 3 and kw >= 1 and N > 0:
+            indices[..., 0, :] = 0          # every write of step 0 to slot 0 (repeats in one step)
+            indices[..., 2, 0] = 0          # and slot 0 again at a later step
+            indices[..., 1::2, -1] = N - 1  # slot N - 1 at every other step
+        indices = indices.to(index_dtype)
+        ref_weights = torch.rand(B, Hm, T, kw, device=dev).to(dtype)
+        add = torch.randn(B, Hm, T, D, device=dev).to(dtype)
+        erase = torch.rand(B, Hm, T, erase_dim, device=dev).to(dtype)
+        skipped = indices < 0
+        # A skipped entry's weight must have no effect (the reference gets 0 there: its own
+        # autograd would turn 0 * NaN into NaN through the discarded branch).
+        weights = ref_weights.masked_fill(skipped, NAN) if special == "nan_skipped" else ref_weights
+
+        def flat(t):
+            return t.reshape(G, *t.shape[2:])
+
+        mem_f, idx_f, w_f, add_f, erase_f = (flat(t) for t in (memory, indices, weights, add, erase))
+        if misalign:
+            mem_f, add_f, erase_f = (placed(t, misalign) for t in (mem_f, add_f, erase_f))
+        plan = self.plan.write_plan(idx_f.reshape(G, T * kw), N)
+        written = torch.zeros(G, N, dtype=torch.bool, device=dev)  # slots some entry writes
+        live = idx_f >= 0
+        if live.any():
+            group_ids = torch.arange(G, device=dev)[:, None, None].expand_as(idx_f)
+            written[group_ids[live], idx_f[live].long()] = True
+
+        # Forward, out of place: out is memory's copy with every written slot poisoned (the
+        # kernel must store each of them, reading memory, not out).
+        out = placed(mem_f, misalign)
+        out[written] = NAN
+        self.ext.gated_memory_write_fwd(mem_f, idx_f, w_f, add_f, erase_f, plan.order,
+                                        plan.run_length, out)
+        ref_out = self.ref.gated_memory_write_ref(memory.double(), indices, ref_weights.double(),
+                                                  add.double(), erase.double())
+        low_out = self.ref.gated_memory_write_ref(memory, indices, ref_weights, add, erase)
+        self.check(label + " out", out.reshape(memory.shape), ref_out, dtype, low_out)
+        if not bits_equal(out[~written], mem_f[~written]):
+            self.failures.append(f"{label}: an unwritten slot changed")
+        if not bits_equal(out.reshape(memory.shape), low_out):
+            self.not_bitwise.append(label)
+        # In place: the same bits as out of place (same code), untouched slots unchanged.
+        in_place = placed(mem_f, misalign)
+        self.ext.gated_memory_write_fwd(in_place, idx_f, w_f, add_f, erase_f, plan.order,
+                                        plan.run_length, in_place)
+        if not bits_equal(in_place, out):
+            self.failures.append(f"{label}: in place differs from out of place")
+
+        # Backward, buffers as _gpu_write_bwd passes them (dmemory = dnew's copy, the rest
+        # zeroed), with every element the kernel must write poisoned.
+        dnew = torch.randn(B, Hm, N, D, device=dev).to(dtype)
+        dnew_f = placed(flat(dnew), misalign)
+        live_entries = live.reshape(E)
+
+        def backward():
+            dmemory = placed(dnew_f, misalign)
+            dweights = torch.zeros(G, T, kw, dtype=dtype, device=dev)
+            add_parts = placed(torch.zeros(E, D, device=dev), misalign)
+            erase_parts = placed(torch.zeros(E, erase_dim, device=dev), misalign)
+            if D > 0:  # with D == 0 the kernel has nothing to do and the zeros are the answer
+                dmemory[written] = NAN
+                dweights[live] = NAN
+                add_parts[live_entries] = NAN
+                erase_parts[live_entries] = NAN
+            self.ext.gated_memory_write_bwd(dnew_f, mem_f, idx_f, w_f, add_f, erase_f, plan.order,
+                                            plan.run_length, dmemory, dweights, add_parts,
+                                            erase_parts)
+            dadd = add_parts.view(G, T, kw, D).sum(2).to(dtype)
+            derase = erase_parts.view(G, T, kw, erase_dim).sum(2).to(dtype)
+            return (dmemory.reshape(memory.shape), dweights.reshape(weights.shape),
+                    dadd.reshape(add.shape), derase.reshape(erase.shape), add_parts, erase_parts)
+
+        grads = backward()
+        again = backward()
+        if not all(bits_equal(a, b) for a, b in zip(grads, again)):
+            self.failures.append(f"{label}: backward not bitwise repeatable")
+        if not bits_equal(grads[0].reshape(G, N, D)[~written], flat(dnew)[~written]):
+            self.failures.append(f"{label}: dmemory of an unwritten slot is not dnew")
+        if not (bits_equal(grads[4][~live_entries], torch.zeros_like(grads[4][~live_entries]))
+                and bits_equal(grads[1][skipped], torch.zeros_like(grads[1][skipped]))):
+            self.failures.append(f"{label}: a skipped entry got a nonzero gradient part")
+
+        leaves = [t.double().requires_grad_() for t in (memory, ref_weights, add, erase)]
+        low_leaves = [t.clone().requires_grad_() for t in (memory, ref_weights, add, erase)]
+        expected = self._vjp(leaves, indices, dnew.double())
+        baseline = self._vjp(low_leaves, indices, dnew)
+        for name, actual, exp, base in zip(("dmemory", "dweights", "dadd", "derase"), grads,
+                                           expected, baseline):
+            self.check(f"{label} {name}", actual, exp, dtype, base)
+        torch.cuda.synchronize()
+        TopkChecker._report(self, label, failures_before, worst_before)
+
+    def _vjp(self, leaves, indices, cotangent):
+        out = self.ref.gated_memory_write_ref(leaves[0], indices, *leaves[1:])
+        grads = torch.autograd.grad(out, leaves, cotangent, allow_unused=True)
+        return [torch.zeros_like(leaf) if grad is None else grad
+                for grad, leaf in zip(grads, leaves)]
+
+
+def run_write_checks(ext, quick: bool) -> WriteChecker:
+    ref, plan = load_write_modules()
+    checker = WriteChecker(ext, ref, plan)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for number, case in enumerate(WRITE_CASES):
+            if quick and number not in WRITE_QUICK:
+                continue
+            try:
+                checker.write_case(case, dtype)
+            except Exception as error:  # report and go on: one broken case must not hide others
+                checker.failures.append(f"write case {case} {dtype}: raised "
+                                        f"{type(error).__name__}: {error}")
+                print(f"  FAIL write case {case} {dtype}: raised {type(error).__name__}: {error}")
+    if checker.not_bitwise:
+        # Information, not a failure: the forward rounds like the reference evaluated in float32
+        # (no fused multiply-add), so it is expected to match it bit for bit.
+        print(f"  note: {len(checker.not_bitwise)} write forward(s) not bitwise equal to the "
+              f"float32 reference, e.g. {checker.not_bitwise[0]}")
+    else:
+        print("  write forward: bitwise equal to the reference evaluated in float32 in every case")
+    return checker
+
+
+def broadcast_views4(*tensors):
+    """As _broadcast_views4 in function.py: 4-D views of the broadcast shape (stride 0 where
+    broadcast); shapes of more than 4 dimensions materialised and flattened to (1, 1, 1, numel)."""
+    shape = torch.broadcast_shapes(*(t.shape for t in tensors))
+    if len(shape) > 4:
+        return tuple(t.expand(shape).contiguous().view(1, 1, 1, -1) for t in tensors), shape
+    shape4 = (1,) * (4 - len(shape)) + tuple(shape)
+    return tuple(t.expand(shape4) for t in tensors), shape
+
+
+# (memory, update, input_gate, forget_gate shapes, special)
+DENSE_CASES = [
+    ((2, 3, 7, 5), (2, 3, 7, 5), (2, 3, 7, 5), (2, 3, 7, 5), None),      # contiguous path
+    ((2, 3, 7, 129), (2, 3, 7, 129), (2, 3, 7, 1), (3, 1, 1), None),      # broadcast gates
+    ((3, 63, 7), (63, 7), (3, 63, 1), (1,), None),                        # 3-D, broadcast update
+    ((7,), (7,), (1,), (7,), None),                                       # 1-D
+    ((2, 2, 9, 33), (2, 2, 9, 33), (2, 2, 9, 1), (2, 2, 9, 1), "big"),    # huge |x|, +-inf
+    ((2, 2, 9, 33), (2, 2, 9, 33), (2, 2, 9, 33), (1, 2, 1, 33), "nan"),
+    ((2, 3, 4, 5, 6), (2, 3, 4, 5, 6), (2, 3, 4, 5, 1), (6,), None),      # 5-D: flattened
+    ((4, 8, 16), (4, 8, 16), (4, 8, 16), (4, 8, 16), "transposed"),       # strided same-shape
+    ((0, 3, 5), (0, 3, 5), (0, 3, 5), (1,), None),                        # empty
+    ((65, 16, 128, 128), (65, 16, 128, 128), (65, 16, 128, 1), (16, 1, 1), None),  # > 2**24:
+]                                                                         # grid-stride loop
+DENSE_QUICK = {0, 1, 2, 4, 5, 6, 7, 8}
+
+
+class DenseChecker(Checker):
+    """gated_dense_update_fwd / _bwd against gated_dense_update_ref (float64)."""
+
+    def dense_case(self, case, dtype):
+        *shapes, special = case
+        self.cases += 1
+        failures_before, worst_before = len(self.failures), dict(self.worst)
+        self.worst = {}
+        label = (f"dense {' '.join(str(tuple(s)) for s in shapes)}"
+                 f"{' ' + special if special else ''} {str(dtype).removeprefix('torch.')}")
+        dev = "cuda"
+        inputs = [torch.randn(s, device=dev).to(dtype) for s in shapes]
+        memory, update, input_gate, forget_gate = inputs
+        if special == "big":
+            input_gate[..., 0, 0] = 1e4
+            input_gate[..., 1, 0] = -1e4
+            input_gate[..., 2, 0] = float("inf")
+            forget_gate[..., 3, 0] = float("-inf")
+            forget_gate[..., 4, 0] = 1e4
+            forget_gate[..., 5, 0] = -1e4
+            update[..., 0, :3] = 1e4
+            update[..., 1, :3] = float("-inf")
+        if special == "nan":
+            memory[0, 0, 0, 0] = NAN
+            input_gate[0, 0, 1, 1] = NAN
+            update[1, 1, 2, 2] = NAN
+        if special == "transposed":
+            inputs = [t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in inputs]
+            memory, update, input_gate, forget_gate = inputs
+        views, shape = broadcast_views4(*inputs)
+        out = nan_filled(tuple(views[0].shape), dtype)
+        self.ext.gated_dense_update_fwd(*views, out)
+        leaves = [t.double().requires_grad_() for t in inputs]
+        out64 = self.ref.gated_dense_update_ref(*leaves)
+        low_leaves = [t.clone().requires_grad_() for t in inputs]
+        low_out = self.ref.gated_dense_update_ref(*low_leaves)
+        self.check(label + " out", out.view(shape), out64, dtype, low_out)
+        if special == "big" and not torch.isfinite(out).all():
+            self.failures.append(f"{label}: non-finite output for finite memory")
+
+        dout = torch.randn(shape, device=dev).to(dtype)
+        grads = [nan_filled(tuple(views[0].shape), torch.float32) for _ in range(4)]
+        self.ext.gated_dense_update_bwd(dout.contiguous().view(views[0].shape), *views, *grads)
+        reduced = [g.view(shape).sum_to_size(t.shape).to(t.dtype) for g, t in zip(grads, inputs)]
+        if out.numel():
+            expected = torch.autograd.grad(out64, leaves, dout.double())
+            baseline = torch.autograd.grad(low_out, low_leaves, dout)
+        else:
+            expected = [torch.zeros_like(t) for t in leaves]
+            baseline = [torch.zeros_like(t) for t in low_leaves]
+        for name, actual, exp, base in zip(("dmemory", "dupdate", "dinput_gate", "dforget_gate"),
+                                           reduced, expected, baseline):
+            self.check(f"{label} {name}", actual, exp, dtype, base)
+            if special == "big" and not torch.isfinite(actual).all():
+                self.failures.append(f"{label}: non-finite {name}")
+        torch.cuda.synchronize()
+        TopkChecker._report(self, label, failures_before, worst_before)
+
+
+def run_dense_checks(ext, quick: bool) -> DenseChecker:
+    ref, _ = load_write_modules()
+    checker = DenseChecker(ext, ref)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for number, case in enumerate(DENSE_CASES):
+            if quick and number not in DENSE_QUICK:
+                continue
+            try:
+                checker.dense_case(case, dtype)
+            except Exception as error:
+                checker.failures.append(f"dense case {case} {dtype}: raised "
+                                        f"{type(error).__name__}: {error}")
+                print(f"  FAIL dense case {case} {dtype}: raised {type(error).__name__}: {error}")
+    return checker
+
+
+def check_write_errors(ext) -> list[str]:
+    """Bad gated_memory_write / gated_dense_update calls raise the documented exception types
+    (TORCH_CHECK_VALUE: ValueError, _TYPE: TypeError, overlap: RuntimeError) and never launch."""
+    problems = []
+    dev = "cuda"
+    G, N, D, T, kw = 2, 5, 8, 3, 2
+    E = G * T * kw
+    memory = torch.randn(G, N, D, device=dev)
+    indices = torch.randint(0, N, (G, T, kw), device=dev)
+    weights = torch.rand(G, T, kw, device=dev)
+    add = torch.randn(G, T, D, device=dev)
+    erase = torch.rand(G, T, D, device=dev)
+    order = torch.arange(E, device=dev)
+    run_length = torch.ones(E, dtype=torch.int32, device=dev)  # never launched with these
+
+    def expect(name, error_type, fn):
+        try:
+            fn()
+            torch.cuda.synchronize()
+        except error_type:
+            return
+        except Exception as error:  # the wrong type
+            problems.append(f"write bad call {name}: raised {type(error).__name__}, expected "
+                            f"{error_type.__name__}: {error}")
+            return
+        problems.append(f"write bad call {name}: did not raise {error_type.__name__}")
+
+    def fwd(**changes):
+        args = dict(memory=memory, indices=indices, weights=weights, add=add, erase=erase,
+                    order=order, run_length=run_length, out=torch.empty_like(memory))
+        args.update(changes)
+        return lambda: ext.gated_memory_write_fwd(**args)
+
+    def bwd(**changes):
+        args = dict(dnew=torch.randn_like(memory), memory=memory, indices=indices,
+                    weights=weights, add=add, erase=erase, order=order, run_length=run_length,
+                    dmemory=torch.empty_like(memory), dweights=torch.zeros_like(weights),
+                    add_parts=torch.zeros(E, D, device=dev),
+                    erase_parts=torch.zeros(E, D, device=dev))
+        args.update(changes)
+        return lambda: ext.gated_memory_write_bwd(**args)
+
+    expect("float64", TypeError, fwd(memory=memory.double(), weights=weights.double(),
+                                     add=add.double(), erase=erase.double(),
+                                     out=torch.empty_like(memory.double())))
+    expect("weights dtype", TypeError, fwd(weights=weights.half()))
+    expect("float indices", TypeError, fwd(indices=indices.float()))
+    expect("order int32", TypeError, fwd(order=order.int()))
+    expect("run_length int64", TypeError, fwd(run_length=run_length.long()))
+    expect("order shape", ValueError, fwd(order=order[:-1]))
+    expect("erase shape", ValueError, fwd(erase=torch.rand(G, T, 2, device=dev)))
+    expect("add shape", ValueError, fwd(add=add[:, :, :-1].contiguous()))
+    expect("memory 4-D", ValueError, fwd(memory=memory[None], out=torch.empty_like(memory[None])))
+    expect("cpu tensor", ValueError, fwd(memory=memory.cpu(), out=memory.cpu()))
+    expect("non-contiguous", ValueError, fwd(add=add.transpose(0, 1).contiguous().transpose(0, 1)))
+    shared = torch.randn(G * N * D + D, device=dev)
+    expect("out overlaps memory partially", RuntimeError,
+           fwd(memory=shared[:G * N * D].view(G, N, D), out=shared[D:].view(G, N, D)))
+    buffer = torch.empty(G * N * D, device=dev)
+    expect("out overlaps weights", RuntimeError,
+           fwd(weights=buffer[:G * T * kw].view(G, T, kw), out=buffer.view(G, N, D)))
+    expect("bwd add_parts dtype", TypeError, bwd(add_parts=torch.zeros(E, D, dtype=torch.float16,
+                                                                        device=dev)))
+    expect("bwd erase_parts shape", ValueError, bwd(erase_parts=torch.zeros(E, 1, device=dev)))
+    expect("bwd dweights shape", ValueError, bwd(dweights=torch.zeros(G, T, kw + 1, device=dev)))
+    expect("bwd dmemory is dnew", RuntimeError, (lambda d: bwd(dnew=d, dmemory=d))(
+        torch.randn_like(memory)))
+
+    x = torch.randn(2, 3, 4, 5, device=dev)
+    gate = torch.randn(2, 3, 4, 1, device=dev).expand(2, 3, 4, 5)
+    expect("dense 3-D", ValueError,
+           lambda: ext.gated_dense_update_fwd(x[0], x[0], x[0], x[0], torch.empty_like(x[0])))
+    expect("dense shape", ValueError,
+           lambda: ext.gated_dense_update_fwd(x, x[..., :4], x, x, torch.empty_like(x)))
+    expect("dense dtype", TypeError,
+           lambda: ext.gated_dense_update_fwd(x, x.half(), gate, gate, torch.empty_like(x)))
+    expect("dense float64", TypeError,
+           lambda: ext.gated_dense_update_fwd(*(t.double() for t in (x, x, gate, gate)),
+                                              torch.empty_like(x.double())))
+    expect("dense out non-contiguous", ValueError,
+           lambda: ext.gated_dense_update_fwd(x, x, gate, gate, torch.empty_like(x).transpose(2, 3)
+                                              .contiguous().transpose(2, 3)))
+    expect("dense out is memory", RuntimeError,
+           lambda: ext.gated_dense_update_fwd(x, x.clone(), gate, gate, x))
+    grads = [torch.empty_like(x) for _ in range(4)]
+    expect("dense bwd half grads", TypeError,
+           lambda: ext.gated_dense_update_bwd(x, x, x, gate, gate, grads[0].half(), *grads[1:]))
+    expect("dense bwd cpu", ValueError,
+           lambda: ext.gated_dense_update_bwd(x, x, x, gate, gate, grads[0].cpu(), *grads[1:]))
+    return problems
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--module", help="import this built module instead of JIT-building, "
                                          "e.g. l2m_kernels._C_cuda")
     parser.add_argument("--build-dir", default=None)
-    parser.add_argument("--ops", default="merge,topk,pkm",
-                        help="comma-separated op families to check: merge, topk, pkm (default all)")
+    parser.add_argument("--ops", default="merge,topk,pkm,write,dense",
+                        help="comma-separated op families to check: merge, topk, pkm, write, "
+                             "dense (default all)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--bench", action="store_true")
     parser.add_argument("--huge", action="store_true")
@@ -1229,9 +1638,9 @@ def main(argv=None) -> int:
     parser.add_argument("--errors-only", action="store_true", help="only the bad-call checks")
     args = parser.parse_args(argv)
     ops = {op.strip() for op in args.ops.split(",") if op.strip()}
-    unknown = ops - {"merge", "topk", "pkm"}
+    unknown = ops - {"merge", "topk", "pkm", "write", "dense"}
     if unknown:
-        parser.error(f"unknown --ops {sorted(unknown)}; choose from merge, topk, pkm")
+        parser.error(f"unknown --ops {sorted(unknown)}; choose from merge, topk, pkm, write, dense")
 
     torch.manual_seed(0)
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
@@ -1242,7 +1651,8 @@ def main(argv=None) -> int:
     if args.errors_only:
         problems = (check_errors(ext) if "merge" in ops else []) + (
             check_topk_errors(ext) if "topk" in ops else []) + (
-            check_pkm_errors(ext) if "pkm" in ops else [])
+            check_pkm_errors(ext) if "pkm" in ops else []) + (
+            check_write_errors(ext) if ops & {"write", "dense"} else [])
         print("\n".join(problems) or "bad calls: all raised")
         return 1 if problems else 0
     problems = []
@@ -1273,6 +1683,21 @@ def main(argv=None) -> int:
               "per dtype: " + ", ".join(f"{k} {v:.2e}" for k, v in pkm_checker.worst.items()))
         report.update(pkm_cases=pkm_checker.cases, pkm_worst_rel_rms=pkm_checker.worst)
         problems += pkm_problems
+    for family, run_family in (("write", run_write_checks), ("dense", run_dense_checks)):
+        if family not in ops:
+            continue
+        started = time.perf_counter()
+        family_checker = run_family(ext, args.quick)
+        family_problems = family_checker.failures
+        if family == "write" or "write" not in ops:  # the bad calls cover both families once
+            family_problems = family_problems + check_write_errors(ext)
+        print(f"{family} correctness: {family_checker.cases} cases in "
+              f"{time.perf_counter() - started:.1f}s, {len(family_problems)} problems; worst rel "
+              "RMS per dtype: "
+              + ", ".join(f"{k} {v:.2e}" for k, v in family_checker.worst.items()))
+        report.update({f"{family}_cases": family_checker.cases,
+                       f"{family}_worst_rel_rms": family_checker.worst})
+        problems += family_problems
     report["problems"] = problems
     if args.huge and "merge" in ops:
         problems += huge_rows(ext)

@@ -10,6 +10,7 @@ from torch import Tensor
 from ... import _ext
 from ..._alloc import empty
 from .._common import reference_vjp
+from .plan import write_plan
 from .reference import gated_dense_update_ref, gated_memory_write_ref, gated_memory_write_ref_
 
 
@@ -53,11 +54,87 @@ def _cpu_write_bwd(dnew, memory, indices, weights, add, erase):
     return grads
 
 
+# GPU backends (triton, cuda): the launcher groups the writes by slot on the device (plan.py), the
+# kernels walk each touched slot's chain. Both export the same functions:
+#   gated_memory_write_fwd(memory, indices, weights, add, erase, order, run_length, out)
+#       flat (G, ...) contiguous inputs (see _flat_write_args), the plan of indices.view(G, T * kw);
+#       stores the written slots of out (G, N, D) only: out is a copy of memory, or memory itself.
+#   gated_memory_write_bwd(dnew, memory, indices, weights, add, erase, order, run_length,
+#                          dmemory, dweights, add_parts, erase_parts)
+#       dmemory (G, N, D) arrives as a copy of dnew (the kernel stores the written slots), dweights
+#       (G, T, kw) and the float32 (float64) per-entry parts add_parts (G * T * kw, D) and
+#       erase_parts (G * T * kw, erase_dim) arrive zeroed; the entry (g, t, j) gets w * dm in
+#       add_parts and its derase contribution in erase_parts (summed here over j, in j order).
+
+def _gpu_kernels(backend: str):
+    if backend == "cuda":
+        return _ext.cuda_extension()
+    from . import triton as triton_kernels
+    return triton_kernels
+
+
+def _gpu_write_into(backend, target, memory, indices, weights, add, erase):
+    """Apply the writes to ``target`` (memory's values, contiguous) through the backend's kernel."""
+    flat = _flat_write_args(memory, indices, weights, add, erase)
+    num_slots = flat[0].shape[1]
+    # Explicit sizes: view(G, -1) is ambiguous when G == 0.
+    plan = write_plan(flat[1].view(flat[1].shape[0], math.prod(flat[1].shape[1:])), num_slots)
+    if plan.order.numel() and flat[0].shape[-1]:
+        _gpu_kernels(backend).gated_memory_write_fwd(*flat, plan.order, plan.run_length,
+                                                     target.view(flat[0].shape))
+    return target
+
+
+def _gpu_write_fwd(backend):
+    def fwd(memory, indices, weights, add, erase):
+        out = empty(memory.shape, dtype=memory.dtype, device=memory.device)
+        out.copy_(memory)
+        return _gpu_write_into(backend, out, memory, indices, weights, add, erase)
+    return fwd
+
+
+def _gpu_write_inplace(backend):
+    def inplace(memory, indices, weights, add, erase):
+        target = memory if memory.is_contiguous() else memory.contiguous()
+        _gpu_write_into(backend, target, target, indices, weights, add, erase)
+        if target is not memory:
+            memory.copy_(target)
+        return memory
+    return inplace
+
+
+def _gpu_write_bwd(backend):
+    def bwd(dnew, memory, indices, weights, add, erase):
+        flat = _flat_write_args(memory, indices, weights, add, erase)
+        groups, num_slots, dim = flat[0].shape
+        steps, writes_per_step = flat[1].shape[1:]
+        erase_dim = flat[4].shape[-1]
+        acc = torch.float64 if memory.dtype == torch.float64 else torch.float32
+        entries = groups * steps * writes_per_step
+        dmemory = empty(memory.shape, dtype=memory.dtype, device=memory.device)
+        dmemory.copy_(dnew)
+        dweights = torch.zeros(weights.shape, dtype=weights.dtype, device=memory.device)
+        add_parts = torch.zeros((entries, dim), dtype=acc, device=memory.device)
+        erase_parts = torch.zeros((entries, erase_dim), dtype=acc, device=memory.device)
+        plan = write_plan(flat[1].view(groups, steps * writes_per_step), num_slots)
+        if entries and dim:
+            _gpu_kernels(backend).gated_memory_write_bwd(
+                dnew.contiguous().view(flat[0].shape), *flat, plan.order, plan.run_length,
+                dmemory.view(flat[0].shape), dweights.view(flat[2].shape), add_parts, erase_parts)
+        # Sums over the kw entries of each step, in j order (a fixed reduction: deterministic).
+        dadd = add_parts.view(groups, steps, writes_per_step, dim).sum(2).to(add.dtype)
+        derase = erase_parts.view(groups, steps, writes_per_step, erase_dim).sum(2).to(erase.dtype)
+        return dmemory, dweights, dadd.view(add.shape), derase.view(erase.shape)
+    return bwd
+
+
 WRITE_FWD = {"reference": lambda memory, indices, weights, add, erase:
              gated_memory_write_ref(memory, indices, weights, add, erase).contiguous(),
-             "cpu": _cpu_write_fwd}
-WRITE_INPLACE = {"reference": gated_memory_write_ref_, "cpu": _cpu_write_inplace}
-WRITE_BWD = {"reference": _reference_write_bwd, "cpu": _cpu_write_bwd}
+             "cpu": _cpu_write_fwd, **{name: _gpu_write_fwd(name) for name in ("triton", "cuda")}}
+WRITE_INPLACE = {"reference": gated_memory_write_ref_, "cpu": _cpu_write_inplace,
+                 **{name: _gpu_write_inplace(name) for name in ("triton", "cuda")}}
+WRITE_BWD = {"reference": _reference_write_bwd, "cpu": _cpu_write_bwd,
+             **{name: _gpu_write_bwd(name) for name in ("triton", "cuda")}}
 
 
 @torch.library.custom_op("l2m::gated_memory_write", mutates_args=())
@@ -142,11 +219,52 @@ def _cpu_dense_bwd(dout, memory, update, input_gate, forget_gate):
     return tuple(g.sum_to_size(t.shape).to(t.dtype) for g, t in zip(grads, inputs))
 
 
+def _broadcast_views4(*tensors):
+    """The tensors as 4-D views of their broadcast shape, without copying: broadcast dimensions get
+    stride 0 (the GPU kernels index every operand by its own strides). Shapes of more than four
+    dimensions are materialised, contiguous, and flattened to (1, 1, 1, numel)."""
+    shape = torch.broadcast_shapes(*(t.shape for t in tensors))
+    if len(shape) > 4:
+        flat = tuple(t.expand(shape).contiguous().view(1, 1, 1, -1) for t in tensors)
+        return flat, shape
+    shape4 = (1,) * (4 - len(shape)) + tuple(shape)
+    return tuple(t.expand(shape4) for t in tensors), shape
+
+
+# GPU backends export, on 4-D views of the broadcast shape (any strides, 0 where broadcast):
+#   gated_dense_update_fwd(memory, update, input_gate, forget_gate, out)       out contiguous 4-D
+#   gated_dense_update_bwd(dout, memory, update, input_gate, forget_gate,
+#                          dmemory, dupdate, dinput_gate, dforget_gate)
+#       dout contiguous 4-D; the four gradients contiguous 4-D of the broadcast shape in float32
+#       (float64 for float64), reduced here to each input's shape before the one rounding.
+def _gpu_dense_fwd(backend):
+    def fwd(memory, update, input_gate, forget_gate):
+        views, shape = _broadcast_views4(memory, update, input_gate, forget_gate)
+        out = empty(views[0].shape, dtype=memory.dtype, device=memory.device)
+        if out.numel():
+            _gpu_kernels(backend).gated_dense_update_fwd(*views, out)
+        return out.view(shape)
+    return fwd
+
+
+def _gpu_dense_bwd(backend):
+    def bwd(dout, memory, update, input_gate, forget_gate):
+        inputs = (memory, update, input_gate, forget_gate)
+        views, shape = _broadcast_views4(*inputs)
+        acc = torch.float64 if memory.dtype == torch.float64 else torch.float32
+        grads = tuple(empty(views[0].shape, dtype=acc, device=memory.device) for _ in inputs)
+        if dout.numel():
+            _gpu_kernels(backend).gated_dense_update_bwd(
+                dout.to(memory.dtype).contiguous().view(views[0].shape), *views, *grads)
+        return tuple(g.view(shape).sum_to_size(t.shape).to(t.dtype) for g, t in zip(grads, inputs))
+    return bwd
+
+
 DENSE_FWD = {"reference": lambda m, u, i, f: gated_dense_update_ref(m, u, i, f).contiguous(),
-             "cpu": _cpu_dense_fwd}
+             "cpu": _cpu_dense_fwd, **{name: _gpu_dense_fwd(name) for name in ("triton", "cuda")}}
 DENSE_BWD = {"reference": lambda dout, m, u, i, f: tuple(
     reference_vjp(gated_dense_update_ref, (m, u, i, f), (dout,), (True, True, True, True))),
-             "cpu": _cpu_dense_bwd}
+             "cpu": _cpu_dense_bwd, **{name: _gpu_dense_bwd(name) for name in ("triton", "cuda")}}
 
 
 @torch.library.custom_op("l2m::gated_dense_update", mutates_args=())
