@@ -48,7 +48,8 @@ import tempfile
 
 # Modules whose COMPILE_CONFIGS are checked; extend this tuple as Triton ops are added.
 TRITON_MODULES = ("l2m_kernels.ops.merge.triton", "l2m_kernels.ops.topk_read.triton",
-                  "l2m_kernels.ops.product_key.triton")
+                  "l2m_kernels.ops.product_key.triton", "l2m_kernels.ops.memory_write.triton",
+                  "l2m_kernels.ops.memory_attention.triton")
 DEFAULT_ARCHS = (80, 90)
 
 _INTERPRET_MESSAGE = (

@@ -85,7 +85,8 @@ class ReferenceBackend(Backend):
 _EXT_ENTRY = {"merge_attention": "merge_attention_fwd", "gated_merge": "gated_merge_fwd",
               "topk_memory_read": "topk_read_fwd", "product_key_read": "product_key_fwd",
               "gated_memory_write": "gated_memory_write_fwd",
-              "gated_dense_update": "gated_dense_update_fwd"}
+              "gated_dense_update": "gated_dense_update_fwd",
+              "memory_attention": "local_attention_fwd"}
 
 
 def _missing_entry(module, op: str, name: str) -> list[str]:
@@ -99,7 +100,7 @@ def _missing_entry(module, op: str, name: str) -> list[str]:
 class CpuBackend(Backend):
     name = "cpu"
     ops = frozenset({"merge_attention", "gated_merge", "topk_memory_read", "product_key_read",
-                     "gated_memory_write", "gated_dense_update"})
+                     "gated_memory_write", "gated_dense_update", "memory_attention"})
     device_types = frozenset({"cpu"})
     dtypes = _ALL_FLOATS
     description = "C++/OpenMP extension l2m_kernels._C"
@@ -114,7 +115,8 @@ class CpuBackend(Backend):
 
 class CudaBackend(Backend):
     name = "cuda"
-    ops = frozenset({"merge_attention", "gated_merge", "topk_memory_read", "product_key_read"})
+    ops = frozenset({"merge_attention", "gated_merge", "topk_memory_read", "product_key_read",
+                     "gated_memory_write", "gated_dense_update"})
     device_types = frozenset({"cuda"})
     dtypes = _HALF_AND_SINGLE
     description = "CUDA C++ extension l2m_kernels._C_cuda"
@@ -153,7 +155,8 @@ def _triton_import_error() -> str | None:
 
 class TritonBackend(Backend):
     name = "triton"
-    ops = frozenset({"merge_attention", "gated_merge", "topk_memory_read", "product_key_read"})
+    ops = frozenset({"merge_attention", "gated_merge", "topk_memory_read", "product_key_read",
+                     "gated_memory_write", "gated_dense_update", "memory_attention"})
     device_types = frozenset({"cuda", "cpu"})
     dtypes = _HALF_AND_SINGLE
     description = "Triton kernels (CUDA tensors; CPU tensors under TRITON_INTERPRET=1)"

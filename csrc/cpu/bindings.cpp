@@ -3,6 +3,7 @@
 // last line that keeps a bad call from reading or writing out of bounds. Every function returns
 // None, writes every element of its preallocated outputs (passed last) and runs with the GIL
 // released.
+#include <algorithm>
 #include <torch/extension.h>
 
 #include <ATen/MemoryOverlap.h>
@@ -13,6 +14,8 @@
 #include <vector>
 
 #include "dense_update.h"
+#include "local_attention.h"
+#include "memory_attention.h"
 #include "memory_write.h"
 #include "merge.h"
 #include "product_key.h"
@@ -568,7 +571,8 @@ void product_key_bwd(const at::Tensor& dout, const at::Tensor& dweights, const a
                      const at::Tensor& q, const at::Tensor& subkeys, const at::Tensor& values,
                      const at::Tensor& indices, const at::Tensor& weights, double scale,
                      bool sum_heads, bool sparse_grad, const at::Tensor& dq,
-                     const at::Tensor& dsubkeys, const at::Tensor& dvalues) {
+                     const at::Tensor& dsubkeys, const at::Tensor& dvalues,
+                     const std::optional<at::Tensor>& value_rows) {
   constexpr const char* op = "product_key_bwd";
   const SubkeyShape shape = check_product_key_inputs(q, subkeys, values, op);
   const auto dtype = q.scalar_type();
@@ -592,14 +596,33 @@ void product_key_bwd(const at::Tensor& dout, const at::Tensor& dweights, const a
   check_tensor(weights, op, "weights", acc, {batch, heads, seq_len, k}, "(B, H, T, k)");
   check_tensor(dq, op, "dq", dtype, q.sizes().vec(), "like q");
   check_tensor(dsubkeys, op, "dsubkeys", dtype, subkeys.sizes().vec(), "like subkeys");
+  int64_t num_value_rows = 0;
   if (sparse_grad) {
-    check_tensor(dvalues, op, "dvalues", dtype, {indices.numel(), shape.dim_v},
-                 "(B * H * T * k, Dv)");
+    TORCH_CHECK_VALUE(value_rows.has_value(), std::string(op) + ": sparse_grad needs value_rows " +
+                                                  "(the dvalues row of each entry)");
+    check_tensor(*value_rows, op, "value_rows", at::kLong, {batch, heads, seq_len, k},
+                 "(B, H, T, k)");
+    check_storage(dvalues, op, "dvalues");
+    num_value_rows = dvalues.dim() == 2 ? dvalues.size(0) : -1;
+    check_tensor(dvalues, op, "dvalues", dtype, {num_value_rows, shape.dim_v}, "(U, Dv)");
   } else {
+    TORCH_CHECK_VALUE(!value_rows.has_value(), std::string(op) + ": value_rows is only for " +
+                                                   "sparse_grad");
     check_tensor(dvalues, op, "dvalues", dtype, values.sizes().vec(), "like values");
   }
   check_apart({&dq, &dsubkeys, &dvalues},
               {&dout, &dweights, &dlse, &q, &subkeys, &values, &indices, &weights});
+  if (sparse_grad) {
+    check_apart({&dq, &dsubkeys, &dvalues}, {&*value_rows});
+    const int64_t* rows = value_rows->const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < value_rows->numel(); ++i) {
+      if (rows[i] < 0 || rows[i] >= num_value_rows) {
+        TORCH_CHECK_INDEX(false, std::string(op) + ": value_rows must be in [0, U) with U = " +
+                                     std::to_string(num_value_rows) + ", got " +
+                                     std::to_string(rows[i]));
+      }
+    }
+  }
   // The slots are used as addresses: every one must name an existing row.
   const int64_t num_slots = shape.num_sub * shape.num_sub;
   const int64_t* slot_ids = indices.const_data_ptr<int64_t>();
@@ -634,6 +657,8 @@ void product_key_bwd(const at::Tensor& dout, const at::Tensor& dweights, const a
   params.dq = dq.data_ptr();
   params.dsubkeys = dsubkeys.data_ptr();
   params.dvalues = dvalues.data_ptr();
+  params.value_rows = sparse_grad ? value_rows->const_data_ptr<int64_t>() : nullptr;
+  params.num_value_rows = num_value_rows;
   // Runs even without queries: dsubkeys and a dense dvalues must still be zeroed.
   l2m::cpu::product_key_bwd(params);
 }
@@ -679,15 +704,31 @@ WriteShape check_write_inputs(const at::Tensor& memory, const at::Tensor& indice
   shape.erase_dim = erase.dim() == 3 && erase.size(2) == 1 ? 1 : shape.dim;
   check_tensor(erase, op, "erase", dtype, {shape.groups, shape.steps, shape.erase_dim},
                "(G, T, D) or (G, T, 1)");
+  // The range over all indices first (a vectorisable min/max), the message only when it fails.
   const int64_t num_indices = indices.numel();
-  for (int64_t i = 0; i < num_indices; ++i) {
-    const int64_t slot = shape.indices_int32 ? indices.const_data_ptr<int32_t>()[i]
-                                             : indices.const_data_ptr<int64_t>()[i];
-    if (slot < -1 || slot >= shape.num_slots) {
-      TORCH_CHECK_INDEX(false, std::string(op) + ": indices must be -1 or in [0, N) with N = " +
-                                   std::to_string(shape.num_slots) + ", got " +
-                                   std::to_string(slot));
+  int64_t low = 0, high = -1;
+  if (shape.indices_int32) {
+    const int32_t* slots = indices.const_data_ptr<int32_t>();
+    int32_t lo = 0, hi = -1;
+#pragma omp simd reduction(min : lo) reduction(max : hi)
+    for (int64_t i = 0; i < num_indices; ++i) {
+      lo = std::min(lo, slots[i]);
+      hi = std::max(hi, slots[i]);
     }
+    low = lo;
+    high = hi;
+  } else {
+    const int64_t* slots = indices.const_data_ptr<int64_t>();
+#pragma omp simd reduction(min : low) reduction(max : high)
+    for (int64_t i = 0; i < num_indices; ++i) {
+      low = std::min(low, slots[i]);
+      high = std::max(high, slots[i]);
+    }
+  }
+  if (low < -1 || high >= shape.num_slots) {
+    TORCH_CHECK_INDEX(false, std::string(op) + ": indices must be -1 or in [0, N) with N = " +
+                                 std::to_string(shape.num_slots) + ", got " +
+                                 std::to_string(low < -1 ? low : high));
   }
   return shape;
 }
@@ -754,6 +795,213 @@ void gated_memory_write_bwd(const at::Tensor& dnew, const at::Tensor& memory,
   params.dadd = dadd.data_ptr();
   params.derase = derase.data_ptr();
   l2m::cpu::gated_memory_write_bwd(params);
+}
+
+// ---- local attention, the local half of memory_attention (local_attention.h) ----
+
+struct LocalShape {
+  int64_t kv_heads;
+  int64_t context_len;
+  int64_t dim_v;
+};
+
+// q (B, H, T, D); k (B, Hkv, S, D) with H % Hkv == 0 and S >= T; v (B, Hkv, S, Dv); window -1
+// (none) or >= 0.
+LocalShape check_local_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              int64_t window, const char* op) {
+  check_query(q, op, "q");
+  const auto dtype = q.scalar_type();
+  const int64_t batch = q.size(0), heads = q.size(1), seq_len = q.size(2), dim = q.size(3);
+  check_storage(k, op, "k");
+  if (k.dim() != 4) {
+    TORCH_CHECK_VALUE(false, std::string(op) + ": k must have shape (B, Hkv, S, D), got " +
+                                 shape_of(k));
+  }
+  const int64_t kv_heads = k.size(1), context_len = k.size(2);
+  if (kv_heads < 1 || heads % kv_heads != 0 || context_len < seq_len) {
+    TORCH_CHECK_VALUE(false, std::string(op) + ": k must have Hkv dividing H = " +
+                                 std::to_string(heads) + " and S >= T = " +
+                                 std::to_string(seq_len) + ", got " + shape_of(k));
+  }
+  check_tensor(k, op, "k", dtype, {batch, kv_heads, context_len, dim}, "(B, Hkv, S, D)");
+  check_storage(v, op, "v");
+  if (v.dim() != 4) {
+    TORCH_CHECK_VALUE(false, std::string(op) + ": v must have shape (B, Hkv, S, Dv), got " +
+                                 shape_of(v));
+  }
+  const int64_t dim_v = v.size(3);
+  check_tensor(v, op, "v", dtype, {batch, kv_heads, context_len, dim_v}, "(B, Hkv, S, Dv)");
+  if (window < -1) {
+    TORCH_CHECK_VALUE(false, std::string(op) + ": window must be -1 (no window) or >= 0, got " +
+                                 std::to_string(window));
+  }
+  return {kv_heads, context_len, dim_v};
+}
+
+template <typename Params>
+void fill_local_params(Params& params, const at::Tensor& q, const LocalShape& shape,
+                       int64_t window, double scale) {
+  params.dtype = q.scalar_type();
+  params.batch = q.size(0);
+  params.heads = q.size(1);
+  params.kv_heads = shape.kv_heads;
+  params.seq_len = q.size(2);
+  params.context_len = shape.context_len;
+  params.dim = q.size(3);
+  params.dim_v = shape.dim_v;
+  params.window = window < 0 ? shape.context_len : window;
+  params.scale = scale;
+}
+
+void local_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         int64_t window, double scale, const at::Tensor& out,
+                         const at::Tensor& lse) {
+  constexpr const char* op = "local_attention_fwd";
+  const LocalShape shape = check_local_inputs(q, k, v, window, op);
+  const auto dtype = q.scalar_type();
+  const int64_t batch = q.size(0), heads = q.size(1), seq_len = q.size(2);
+  check_tensor(out, op, "out", dtype, {batch, heads, seq_len, shape.dim_v}, "(B, H, T, Dv)");
+  check_tensor(lse, op, "lse", acc_dtype_for(dtype), {batch, heads, seq_len}, "(B, H, T)");
+  check_apart({&out, &lse}, {&q, &k, &v});
+  if (batch == 0 || heads == 0 || seq_len == 0) {
+    return;
+  }
+  l2m::cpu::LocalAttentionFwdParams params{};
+  fill_local_params(params, q, shape, window, scale);
+  params.q = q.const_data_ptr();
+  params.k = k.const_data_ptr();
+  params.v = v.const_data_ptr();
+  params.out = out.data_ptr();
+  params.lse = lse.data_ptr();
+  l2m::cpu::local_attention_fwd(params);
+}
+
+void local_attention_bwd(const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& q,
+                         const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                         const at::Tensor& lse, int64_t window, double scale,
+                         const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
+  constexpr const char* op = "local_attention_bwd";
+  const LocalShape shape = check_local_inputs(q, k, v, window, op);
+  const auto dtype = q.scalar_type();
+  const auto acc = acc_dtype_for(dtype);
+  const int64_t batch = q.size(0), heads = q.size(1), seq_len = q.size(2);
+  const std::vector<int64_t> rows_v = {batch, heads, seq_len, shape.dim_v};
+  check_tensor(dout, op, "dout", dtype, rows_v, "(B, H, T, Dv)");
+  check_tensor(dlse, op, "dlse", acc, {batch, heads, seq_len}, "(B, H, T)");
+  check_tensor(out, op, "out", dtype, rows_v, "(B, H, T, Dv)");
+  check_tensor(lse, op, "lse", acc, {batch, heads, seq_len}, "(B, H, T)");
+  check_tensor(dq, op, "dq", dtype, q.sizes().vec(), "like q");
+  check_tensor(dk, op, "dk", dtype, k.sizes().vec(), "like k");
+  check_tensor(dv, op, "dv", dtype, v.sizes().vec(), "like v");
+  check_apart({&dq, &dk, &dv}, {&dout, &dlse, &q, &k, &v, &out, &lse});
+  if (batch == 0 || shape.kv_heads == 0 || shape.context_len == 0) {
+    return;
+  }
+  l2m::cpu::LocalAttentionBwdParams params{};
+  fill_local_params(params, q, shape, window, scale);
+  params.dout = dout.const_data_ptr();
+  params.dlse = dlse.const_data_ptr();
+  params.q = q.const_data_ptr();
+  params.k = k.const_data_ptr();
+  params.v = v.const_data_ptr();
+  params.out = out.const_data_ptr();
+  params.lse = lse.const_data_ptr();
+  params.dq = dq.data_ptr();
+  params.dk = dk.data_ptr();
+  params.dv = dv.data_ptr();
+  // Runs even without queries: dk and dv must still be zeroed.
+  l2m::cpu::local_attention_bwd(params);
+}
+
+// The read's weights recomputed at a given selection, for the memory_attention backward
+// (memory_attention.h).
+void memory_read_weights(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                         const at::Tensor& indices, const at::Tensor& lse, double scale,
+                         const std::optional<at::Tensor>& dout, const at::Tensor& weights,
+                         const std::optional<at::Tensor>& dots,
+                         const std::optional<at::Tensor>& out) {
+  constexpr const char* op = "memory_read_weights";
+  check_query(q, op, "q");
+  const auto dtype = q.scalar_type();
+  const auto acc = acc_dtype_for(dtype);
+  const int64_t batch = q.size(0), heads = q.size(1), seq_len = q.size(2);
+  const MemoryShape memory = check_memory(q, keys, values, op);
+  const int64_t num_slots = memory.num_slots, dim_v = values.size(-1);
+  check_storage(indices, op, "indices");
+  if (indices.dim() != 4) {
+    TORCH_CHECK_VALUE(false, std::string(op) + ": indices must have shape (B, H, T, k), got " +
+                                 shape_of(indices));
+  }
+  const int64_t k = indices.size(3);
+  check_tensor(indices, op, "indices", at::kLong, {batch, heads, seq_len, k}, "(B, H, T, k)");
+  check_tensor(lse, op, "lse", acc, {batch, heads, seq_len}, "(B, H, T)");
+  check_tensor(weights, op, "weights", acc, {batch, heads, seq_len, k}, "(B, H, T, k)");
+  std::vector<const at::Tensor*> inputs = {&q, &keys, &values, &indices, &lse};
+  std::vector<const at::Tensor*> outputs = {&weights};
+  if (dout.has_value()) {
+    check_tensor(*dout, op, "dout", dtype, {batch, heads, seq_len, dim_v}, "(B, H, T, Dv)");
+    TORCH_CHECK_VALUE(dots.has_value(), std::string(op) + ": dots is required with dout");
+    inputs.push_back(&*dout);
+  }
+  if (dots.has_value()) {
+    check_tensor(*dots, op, "dots", acc, {batch, heads, seq_len}, "(B, H, T)");
+    outputs.push_back(&*dots);
+  }
+  if (out.has_value()) {
+    check_tensor(*out, op, "out", dtype, {batch, heads, seq_len, dim_v}, "(B, H, T, Dv)");
+    outputs.push_back(&*out);
+  }
+  for (const at::Tensor* output : outputs) {
+    for (const at::Tensor* input : inputs) {
+      at::assert_no_overlap(*output, *input);
+    }
+    for (const at::Tensor* other : outputs) {
+      if (other != output) {
+        at::assert_no_overlap(*output, *other);
+      }
+    }
+  }
+  // The slots are used as addresses: every one must be -1 or name an existing row.
+  const int64_t* slot_ids = indices.const_data_ptr<int64_t>();
+  const int64_t num_indices = indices.numel();
+  for (int64_t i = 0; i < num_indices; ++i) {
+    if (slot_ids[i] < -1 || slot_ids[i] >= num_slots) {
+      TORCH_CHECK_INDEX(false, std::string(op) + ": indices must be -1 or in [0, N) with N = " +
+                                   std::to_string(num_slots) + ", got " +
+                                   std::to_string(slot_ids[i]));
+    }
+  }
+  if (batch == 0 || heads == 0 || seq_len == 0 || k == 0) {
+    if (dots.has_value()) {
+      dots->zero_();
+    }
+    if (out.has_value()) {
+      out->zero_();
+    }
+    return;
+  }
+  l2m::cpu::MemoryReadWeightsParams params{};
+  params.dtype = dtype;
+  params.batch = batch;
+  params.heads = heads;
+  params.seq_len = seq_len;
+  params.mem_heads = memory.mem_heads;
+  params.num_slots = num_slots;
+  params.dim_k = q.size(3);
+  params.dim_v = dim_v;
+  params.k = k;
+  params.shared_memory = memory.shared;
+  params.scale = scale;
+  params.q = q.const_data_ptr();
+  params.keys = keys.const_data_ptr();
+  params.values = values.const_data_ptr();
+  params.indices = slot_ids;
+  params.lse = lse.const_data_ptr();
+  params.dout = dout.has_value() ? dout->const_data_ptr() : nullptr;
+  params.weights = weights.data_ptr();
+  params.dots = dots.has_value() ? dots->data_ptr() : nullptr;
+  params.out = out.has_value() ? out->data_ptr() : nullptr;
+  l2m::cpu::memory_read_weights(params);
 }
 
 // ---- gated_dense_update (dense_update.h) ----
@@ -892,10 +1140,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("product_key_bwd", &product_key_bwd, release_gil, py::arg("dout"), py::arg("dweights"),
         py::arg("dlse"), py::arg("q"), py::arg("subkeys"), py::arg("values"), py::arg("indices"),
         py::arg("weights"), py::arg("scale"), py::arg("sum_heads"), py::arg("sparse_grad"),
-        py::arg("dq"), py::arg("dsubkeys"), py::arg("dvalues"),
+        py::arg("dq"), py::arg("dsubkeys"), py::arg("dvalues"), py::arg("value_rows") = py::none(),
         "Gradients of product_key_fwd for its indices and weights: writes dq (like q), dsubkeys\n"
-        "(like subkeys) and dvalues: like values (dense, every row), or with sparse_grad one row\n"
-        "w * dout per entry, (B * H * T * k, Dv). Deterministic (fixed-order reductions).");
+        "(like subkeys) and dvalues: like values (dense, every row), or with sparse_grad\n"
+        "coalesced (U, Dv): entry m adds w_m * dout to row value_rows[m] (B, H, T, k) int64 in\n"
+        "[0, U), one row per distinct slot. Deterministic (fixed-order reductions).");
 
   m.def("gated_memory_write_fwd", &gated_memory_write_fwd, release_gil, py::arg("memory"),
         py::arg("indices"), py::arg("weights"), py::arg("add"), py::arg("erase"), py::arg("out"),
@@ -919,4 +1168,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dmemory"), py::arg("dupdate"), py::arg("dinput_gate"), py::arg("dforget_gate"),
         "Elementwise gradients of gated_dense_update_fwd: writes dmemory, dupdate, dinput_gate,\n"
         "dforget_gate, each shaped like memory in acc (float64 for float64 input, else float32).");
+
+  m.def("local_attention_fwd", &local_attention_fwd, release_gil, py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("window"), py::arg("scale"), py::arg("out"), py::arg("lse"),
+        "Causal local attention of the last T of S positions (FlashAttention style, no T x S\n"
+        "matrix). q (B, H, T, D); k (B, Hkv, S, D), H % Hkv == 0, S >= T; v (B, Hkv, S, Dv);\n"
+        "window -1 (none) or >= 0: query t at p = S - T + t sees keys p - window < j <= p.\n"
+        "Writes out (B, H, T, Dv) dtype and lse (B, H, T) acc; no visible key: out 0, lse -inf.");
+  m.def("local_attention_bwd", &local_attention_bwd, release_gil, py::arg("dout"), py::arg("dlse"),
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
+        py::arg("window"), py::arg("scale"), py::arg("dq"), py::arg("dk"), py::arg("dv"),
+        "Gradients of local_attention_fwd (FlashAttention-2): writes dq, dk, dv (like q, k, v).\n"
+        "out enters only through <dout, out> per row. Deterministic (dq per query block, dk/dv\n"
+        "per key block; independent of the thread count).");
+  m.def("memory_read_weights", &memory_read_weights, release_gil, py::arg("q"), py::arg("keys"),
+        py::arg("values"), py::arg("indices"), py::arg("lse"), py::arg("scale"), py::arg("dout"),
+        py::arg("weights"), py::arg("dots"), py::arg("out"),
+        "The top-k read's weights at a given selection (memory_attention backward): writes\n"
+        "weights (B, H, T, k) acc = exp(<scale q, keys[n_j]> - lse) (0 for slot -1), and, when\n"
+        "given, dots (B, H, T) acc = sum_j w_j <dout, values[n_j]> and out (B, H, T, Dv) dtype =\n"
+        "sum_j w_j values[n_j]. q, keys, values as in topk_read_fwd; dout, dots, out optional.");
 }

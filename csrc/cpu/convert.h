@@ -8,9 +8,12 @@
 
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <type_traits>
 
+#include <c10/core/ScalarType.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
 #if defined(__F16C__)
@@ -97,6 +100,31 @@ inline const acc_type<scalar_t>* load_row(const scalar_t* src, int64_t n, acc_ty
 template <typename scalar_t>
 inline void store_row(scalar_t* dst, const acc_type<scalar_t>* values, int64_t n) {
   from_acc(values, dst, n);
+}
+
+// Calls fn(scalar_t{}) for the storage type named by dtype (float, double, c10::Half,
+// c10::BFloat16); any other dtype throws a TypeError naming op_name. (The message is built as a
+// std::string: see csrc/cuda/bindings.cpp on ostream insertion crashing in some toolchains.)
+template <typename Fn>
+void dispatch_floating(c10::ScalarType dtype, const char* op_name, Fn&& fn) {
+  switch (dtype) {
+    case c10::ScalarType::Float:
+      fn(float{});
+      break;
+    case c10::ScalarType::Double:
+      fn(double{});
+      break;
+    case c10::ScalarType::Half:
+      fn(c10::Half{});
+      break;
+    case c10::ScalarType::BFloat16:
+      fn(c10::BFloat16{});
+      break;
+    default:
+      TORCH_CHECK_TYPE(false, std::string(op_name) + ": unsupported dtype " +
+                                  c10::toString(dtype) +
+                                  " (expected float32, float64, float16 or bfloat16)");
+  }
 }
 
 }  // namespace l2m::cpu

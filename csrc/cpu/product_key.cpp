@@ -26,8 +26,8 @@
 // each half (g = scale * sum ds, as the reference's scatter then matmul), and dq. Phase 2:
 // dsubkeys, one task per sub-key summing its (query, g) contributions in query order (a counting
 // sort per head and half). Phase 3: dvalues, dense (a counting sort of the entries by slot, one
-// task per slot range, every row written) or one row per entry. No atomics, no thread-count
-// dependence: bitwise deterministic.
+// task per slot range, every row written) or coalesced (the same, per distinct slot read). No
+// atomics, no thread-count dependence: bitwise deterministic.
 #include "product_key.h"
 #include "convert.h"
 
@@ -840,43 +840,27 @@ void product_key_bwd_impl(const ProductKeyBwdParams& p) {
     }
   });
 
-  // Phase 3: dvalues.
+  // Phase 3: dvalues, one row per slot (dense) or per distinct slot read (sparse_grad): every row
+  // is written, zeros where no entry adds to it; each row sums its entries in increasing entry
+  // order.
   const int64_t num_entries = num_rows * k;
-  if (p.sparse_grad) {
-    // One row per entry, w * dout rounded to the values dtype (the reference's rows.to(dtype)).
-    at::parallel_for(0, num_entries, std::max<int64_t>(1, 4096 / std::max<int64_t>(dim_v, 1)),
-                     [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> dout_buffer(dim_v), row(dim_v);
-      for (int64_t entry = begin; entry < end; ++entry) {
-        const acc_t* grad_out =
-            load_row(dout + dout_offset(entry / k), dim_v, dout_buffer.data());
-        const acc_t w = weights[entry];
-#pragma omp simd
-        for (int64_t i = 0; i < dim_v; ++i) {
-          row[i] = w * grad_out[i];
-        }
-        store_row(dvalues + entry * dim_v, row.data(), dim_v);
-      }
-    });
-    return;
-  }
-  // Dense: every row is written, zeros where no entry reads the slot; each slot sums its entries
-  // in increasing entry order.
+  const int64_t* entry_row = p.sparse_grad ? p.value_rows : indices;
+  const int64_t num_out_rows = p.sparse_grad ? p.num_value_rows : num_slots;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    // Storage is the acc type: one task per slot range zeroes it, then walks every entry in order
+    // Storage is the acc type: one task per row range zeroes it, then walks every entry in order
     // and adds those that land in its range, straight into dvalues (no sort needed).
-    at::parallel_for(0, num_slots, 4096, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, num_out_rows, 4096, [&](int64_t begin, int64_t end) {
       std::memset(static_cast<void*>(dvalues + begin * dim_v), 0,
                   (end - begin) * dim_v * sizeof(scalar_t));
       std::vector<acc_t> dout_buffer(dim_v);
       for (int64_t entry = 0; entry < num_entries; ++entry) {
-        const int64_t slot = indices[entry];
-        if (slot < begin || slot >= end) {
+        const int64_t out_row = entry_row[entry];
+        if (out_row < begin || out_row >= end) {
           continue;
         }
         const acc_t* grad_out = load_row(dout + dout_offset(entry / k), dim_v, dout_buffer.data());
         const acc_t w = weights[entry];
-        acc_t* dst = dvalues + slot * dim_v;
+        acc_t* dst = dvalues + out_row * dim_v;
 #pragma omp simd
         for (int64_t i = 0; i < dim_v; ++i) {
           dst[i] += w * grad_out[i];
@@ -884,32 +868,32 @@ void product_key_bwd_impl(const ProductKeyBwdParams& p) {
       }
     });
   } else {
-    // Half types: sum in acc. The entries grouped by slot (counting sort, in entry order), then
-    // one task per slot range.
-    std::vector<int64_t> slot_begin(num_slots + 1, 0);
+    // Half types: sum in acc. The entries grouped by row (counting sort, in entry order), then
+    // one task per row range.
+    std::vector<int64_t> row_begin(num_out_rows + 1, 0);
     for (int64_t entry = 0; entry < num_entries; ++entry) {
-      ++slot_begin[indices[entry] + 1];
+      ++row_begin[entry_row[entry] + 1];
     }
-    std::partial_sum(slot_begin.begin(), slot_begin.end(), slot_begin.begin());
-    std::vector<int64_t> slot_entries(num_entries);
+    std::partial_sum(row_begin.begin(), row_begin.end(), row_begin.begin());
+    std::vector<int64_t> row_entries(num_entries);
     {
-      std::vector<int64_t> fill(slot_begin.begin(), slot_begin.end() - 1);
+      std::vector<int64_t> fill(row_begin.begin(), row_begin.end() - 1);
       for (int64_t entry = 0; entry < num_entries; ++entry) {
-        slot_entries[fill[indices[entry]]++] = entry;
+        row_entries[fill[entry_row[entry]]++] = entry;
       }
     }
-    const int64_t slots_per_task = std::max<int64_t>(1, 16384 / std::max<int64_t>(dim_v, 1));
-    at::parallel_for(0, num_slots, slots_per_task, [&](int64_t begin, int64_t end) {
+    const int64_t rows_per_task = std::max<int64_t>(1, 16384 / std::max<int64_t>(dim_v, 1));
+    at::parallel_for(0, num_out_rows, rows_per_task, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> dout_buffer(dim_v), dvalue_acc(dim_v);
-      for (int64_t slot = begin; slot < end; ++slot) {
-        scalar_t* dst = dvalues + slot * dim_v;
-        if (slot_begin[slot] == slot_begin[slot + 1]) {
+      for (int64_t out_row = begin; out_row < end; ++out_row) {
+        scalar_t* dst = dvalues + out_row * dim_v;
+        if (row_begin[out_row] == row_begin[out_row + 1]) {
           std::memset(static_cast<void*>(dst), 0, dim_v * sizeof(scalar_t));  // +0.0, any dtype
           continue;
         }
         std::fill(dvalue_acc.begin(), dvalue_acc.end(), acc_t(0));
-        for (int64_t e = slot_begin[slot]; e < slot_begin[slot + 1]; ++e) {
-          const int64_t entry = slot_entries[e];
+        for (int64_t e = row_begin[out_row]; e < row_begin[out_row + 1]; ++e) {
+          const int64_t entry = row_entries[e];
           const acc_t* grad_out =
               load_row(dout + dout_offset(entry / k), dim_v, dout_buffer.data());
           const acc_t w = weights[entry];
@@ -921,29 +905,6 @@ void product_key_bwd_impl(const ProductKeyBwdParams& p) {
         store_row(dst, dvalue_acc.data(), dim_v);
       }
     });
-  }
-}
-
-// Calls fn(scalar_t{}) for the storage type named by dtype.
-template <typename Fn>
-void dispatch_floating(c10::ScalarType dtype, const char* op_name, Fn&& fn) {
-  switch (dtype) {
-    case c10::ScalarType::Float:
-      fn(float{});
-      break;
-    case c10::ScalarType::Double:
-      fn(double{});
-      break;
-    case c10::ScalarType::Half:
-      fn(c10::Half{});
-      break;
-    case c10::ScalarType::BFloat16:
-      fn(c10::BFloat16{});
-      break;
-    default:
-      TORCH_CHECK_TYPE(false, std::string(op_name) + ": unsupported dtype " +
-                                  c10::toString(dtype) +
-                                  " (expected float32, float64, float16 or bfloat16)");
   }
 }
 

@@ -44,9 +44,11 @@ struct ProductKeyFwdParams {
 //   g1_i = scale * sum_{m: i_m = i} ds_m (likewise g2_j); dq[:Dh] = sum_i g1_i subkeys[h, 0, i],
 //   dq[Dh:] = sum_j g2_j subkeys[h, 1, j]; dsubkeys[h, 0, i] = sum over queries of g1_i q[:Dh]
 //   (likewise half 1); dvalues[slot_m] += w_m * dout (dout of (b, t) when sum_heads).
-// dvalues is dense (n_sub ** 2, Dv), every row written, or with sparse_grad one row per entry
-// (B * H * T * k, Dv): row (b, h, t, m) = w_m * dout. Reductions run in a fixed order (per sub-key
-// and per slot, over the queries in order): bitwise deterministic whatever the thread count.
+// dvalues is dense (n_sub ** 2, Dv), every row written, or with sparse_grad coalesced: one row per
+// distinct slot read, (U, Dv), where entry m adds to row value_rows[m] (the caller maps each slot
+// to its rank among the distinct slots), so the gradient's memory grows with the rows touched, not
+// with n_sub ** 2. Reductions run in a fixed order (per sub-key and per slot or row, over the
+// queries in order): bitwise deterministic whatever the thread count.
 struct ProductKeyBwdParams {
   c10::ScalarType dtype;  // of dout, q, subkeys, values, dq, dsubkeys, dvalues
   int64_t batch;
@@ -69,7 +71,10 @@ struct ProductKeyBwdParams {
   const void* weights;     // (B, H, T, k) acc
   void* dq;                // like q
   void* dsubkeys;          // like subkeys
-  void* dvalues;           // like values, or (B * H * T * k, Dv) with sparse_grad
+  void* dvalues;           // like values, or (num_value_rows, Dv) with sparse_grad
+  // sparse_grad only: (B, H, T, k), each in [0, num_value_rows), the dvalues row of each entry.
+  const int64_t* value_rows;
+  int64_t num_value_rows;
 };
 
 // dtype must be Float, Double, Half or BFloat16 (checked again here: an unknown dtype throws).

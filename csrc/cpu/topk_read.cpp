@@ -709,29 +709,6 @@ void topk_read_bwd_impl(const TopkReadBwdParams& p) {
   });
 }
 
-// Calls fn(scalar_t{}) for the storage type named by dtype.
-template <typename Fn>
-void dispatch_floating(c10::ScalarType dtype, const char* op_name, Fn&& fn) {
-  switch (dtype) {
-    case c10::ScalarType::Float:
-      fn(float{});
-      break;
-    case c10::ScalarType::Double:
-      fn(double{});
-      break;
-    case c10::ScalarType::Half:
-      fn(c10::Half{});
-      break;
-    case c10::ScalarType::BFloat16:
-      fn(c10::BFloat16{});
-      break;
-    default:
-      TORCH_CHECK_TYPE(false, std::string(op_name) + ": unsupported dtype " +
-                                  c10::toString(dtype) +
-                                  " (expected float32, float64, float16 or bfloat16)");
-  }
-}
-
 }  // namespace
 
 void topk_read_fwd(const TopkReadFwdParams& params) {

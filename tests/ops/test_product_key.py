@@ -145,6 +145,36 @@ def test_product_key_sparse_grad(backend, device, sum_heads, dtype):
     assert_close("dvalues vs reference sparse", dvalues.values(), ref_dv.values(), dtype)
 
 
+_CPU_REASONS = l2m.backends.BACKENDS["cpu"].not_supported_reasons("product_key_read", torch.device("cpu"),
+                                                                  torch.float32)
+
+
+def _sparse_backward_peak(n_sub, backend):
+    """Peak bytes the backward of a sparse_grad read adds, at fixed queries and a memory of n_sub**2 rows."""
+    from l2m_kernels.benchmark import peak_memory_bytes
+
+    torch.manual_seed(0)
+    B, H, T, Dk, Dv, k = 1, 2, 64, 16, 32, 8
+    q = rand(B, H, T, Dk, requires_grad=True)
+    subkeys = rand(H, 2, n_sub, Dk // 2, requires_grad=True)
+    values = rand(n_sub ** 2, Dv, requires_grad=True)
+    read = l2m.product_key_read(q, subkeys, values, k, sparse_grad=True, backend=backend)
+    dout = rand(*read.out.shape)
+    peak = peak_memory_bytes(lambda: torch.autograd.grad(read.out, values, dout), torch.device("cpu"))
+    return peak, B * H * T * k * Dv * 4, n_sub ** 2 * Dv * 4
+
+
+@pytest.mark.skipif(bool(_CPU_REASONS), reason="cpu: " + "; ".join(_CPU_REASONS))
+def test_product_key_sparse_grad_memory_grows_with_touched_rows_not_n():
+    small, entry_bytes, _ = _sparse_backward_peak(32, "cpu")       # N = 1,024 slots
+    large, _, dense_bytes = _sparse_backward_peak(1024, "cpu")     # N = 1,048,576 slots (128 MiB dense)
+    # The same 1,024 entries read either memory: the backward's extra memory is the touched rows
+    # (at most one row per entry) plus bookkeeping, whatever N is; a dense gradient would be 128 MiB.
+    assert large <= 4 * entry_bytes + (1 << 20), (large, entry_bytes)
+    assert large <= dense_bytes / 32, (large, dense_bytes)
+    assert large <= 2 * small + (1 << 20), (small, large)
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_product_key_exact_ties_match_reference(backend, device, dtype):

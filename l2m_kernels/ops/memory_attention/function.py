@@ -23,8 +23,9 @@ def _reference_fwd(q, k, v, mem_keys, mem_values, topk, window, merge, gate, sca
     return out.contiguous(), lse_local.contiguous(), lse_mem.contiguous(), indices.contiguous()
 
 
-def _reference_bwd(dout, dlse_local, dlse_mem, q, k, v, mem_keys, mem_values, indices, window, merge,
-                   gate, scale, deterministic):
+def _reference_bwd(dout, dlse_local, dlse_mem, q, k, v, mem_keys, mem_values, indices, out, lse_local,
+                   lse_mem, window, merge, gate, scale, deterministic):
+    # out, lse_local and lse_mem (the forward's results, for the fused backwards) are recomputed here.
     has_gate = gate is not None
     primals = (q, k, v, mem_keys, mem_values, gate if has_gate else q.new_empty(0))
 
@@ -38,8 +39,22 @@ def _reference_bwd(dout, dlse_local, dlse_mem, q, k, v, mem_keys, mem_values, in
     return tuple(grads)
 
 
-FWD = {"reference": _reference_fwd}
-BWD = {"reference": _reference_bwd}
+def _fused(backend: str):
+    if backend == "cpu":
+        from . import cpu as kernels
+    else:
+        from . import triton as kernels
+    return kernels
+
+
+# Fused backends: modules cpu.py and triton.py export memory_attention_fwd and memory_attention_bwd
+# with the signatures of _reference_fwd and _reference_bwd.
+FWD = {"reference": _reference_fwd,
+       **{name: (lambda *args, _name=name: _fused(_name).memory_attention_fwd(*args))
+          for name in ("cpu", "triton")}}
+BWD = {"reference": _reference_bwd,
+       **{name: (lambda *args, _name=name: _fused(_name).memory_attention_bwd(*args))
+          for name in ("cpu", "triton")}}
 
 
 @torch.library.custom_op("l2m::memory_attention", mutates_args=())
@@ -61,17 +76,17 @@ def _(q, k, v, mem_keys, mem_values, topk, window, merge, gate, scale, valid_len
 
 @torch.library.custom_op("l2m::memory_attention_backward", mutates_args=())
 def memory_attention_backward_op(dout: Tensor, dlse_local: Tensor, dlse_mem: Tensor, q: Tensor, k: Tensor,
-                                 v: Tensor, mem_keys: Tensor, mem_values: Tensor, indices: Tensor,
-                                 window: Optional[int], merge: str, gate: Optional[Tensor], scale: float,
-                                 deterministic: bool, backend: str
+                                 v: Tensor, mem_keys: Tensor, mem_values: Tensor, indices: Tensor, out: Tensor,
+                                 lse_local: Tensor, lse_mem: Tensor, window: Optional[int], merge: str,
+                                 gate: Optional[Tensor], scale: float, deterministic: bool, backend: str
                                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return BWD[backend](dout, dlse_local, dlse_mem, q, k, v, mem_keys, mem_values, indices, window, merge,
-                        gate, scale, deterministic)
+    return BWD[backend](dout, dlse_local, dlse_mem, q, k, v, mem_keys, mem_values, indices, out, lse_local,
+                        lse_mem, window, merge, gate, scale, deterministic)
 
 
 @memory_attention_backward_op.register_fake
-def _(dout, dlse_local, dlse_mem, q, k, v, mem_keys, mem_values, indices, window, merge, gate, scale,
-      deterministic, backend):
+def _(dout, dlse_local, dlse_mem, q, k, v, mem_keys, mem_values, indices, out, lse_local, lse_mem, window,
+      merge, gate, scale, deterministic, backend):
     dgate = torch.empty_like(gate) if gate is not None else q.new_empty(0)
     return tuple(torch.empty_like(t) for t in (q, k, v, mem_keys, mem_values)) + (dgate,)
 
@@ -79,12 +94,13 @@ def _(dout, dlse_local, dlse_mem, q, k, v, mem_keys, mem_values, indices, window
 def _setup(ctx, inputs, output):
     q, k, v, mem_keys, mem_values, topk, window, merge, gate, scale, valid_len, deterministic, backend = inputs
     ctx.has_gate = gate is not None
-    ctx.save_for_backward(q, k, v, mem_keys, mem_values, output[3], gate if gate is not None else q.new_empty(0))
+    ctx.save_for_backward(q, k, v, mem_keys, mem_values, output[3], output[0], output[1], output[2],
+                          gate if gate is not None else q.new_empty(0))
     ctx.options = (window, merge, scale, deterministic, backend)
 
 
 def _backward(ctx, dout, dlse_local, dlse_mem, dindices):
-    q, k, v, mem_keys, mem_values, indices, gate = ctx.saved_tensors
+    q, k, v, mem_keys, mem_values, indices, out, lse_local, lse_mem, gate = ctx.saved_tensors
     gate = gate if ctx.has_gate else None
     window, merge, scale, deterministic, backend = ctx.options
     B, H, T, _ = q.shape
@@ -93,7 +109,8 @@ def _backward(ctx, dout, dlse_local, dlse_mem, dindices):
     dlse_local = q.new_zeros((B, H, T), dtype=acc) if dlse_local is None else dlse_local
     dlse_mem = q.new_zeros((B, H, T), dtype=acc) if dlse_mem is None else dlse_mem
     grads = torch.ops.l2m.memory_attention_backward(dout, dlse_local, dlse_mem, q, k, v, mem_keys, mem_values,
-                                                    indices, window, merge, gate, scale, deterministic, backend)
+                                                    indices, out, lse_local, lse_mem, window, merge, gate,
+                                                    scale, deterministic, backend)
     needs = ctx.needs_input_grad
     dq, dk, dv, dmk, dmv, dgate = grads
     return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,

@@ -1,8 +1,11 @@
 """Launchers, custom ops and autograd for ``product_key_read``.
 
-The backward op returns the values gradient either dense ``(n_sub**2, Dv)`` or, with
-``sparse_grad=True``, as one row per selected entry ``(B*H*T*k, Dv)``; the autograd function then
-builds a coalesced ``torch.sparse_coo`` tensor from those rows, never the dense gradient.
+The backward op returns ``(dq, dsubkeys, dvalues, value_slots)``: the values gradient either dense
+``(n_sub**2, Dv)`` (``value_slots`` empty) or, with ``sparse_grad=True``, coalesced: one row per
+distinct slot read, ``(U, Dv)``, for the sorted slots ``value_slots (U,)``. The autograd function
+wraps those in a coalesced ``torch.sparse_coo`` tensor; the dense gradient is never formed. The cpu
+kernel sums straight into the U rows (memory grows with the rows touched); the GPU backends write
+one row per entry and coalesce them (a sort, deterministic).
 """
 from __future__ import annotations
 
@@ -31,6 +34,18 @@ def value_grad_rows(dout: Tensor, weights: Tensor, sum_heads: bool) -> Tensor:
     return rows.reshape(-1, rows.shape[-1])
 
 
+def coalesce_rows(indices: Tensor, rows: Tensor, num_slots: int) -> Tuple[Tensor, Tensor]:
+    """One row per entry ``rows (E, Dv)`` at slots ``indices`` (E entries) -> the sorted distinct
+    slots ``(U,)`` and their summed rows ``(U, Dv)`` (``torch.sparse_coo_tensor(...).coalesce()``)."""
+    coalesced = torch.sparse_coo_tensor(indices.reshape(1, -1), rows, (num_slots, rows.shape[-1]),
+                                        check_invariants=False).coalesce()
+    return coalesced.values(), coalesced.indices()[0]
+
+
+def _no_slots(values):
+    return values.new_empty((0,), dtype=torch.int64)
+
+
 def _reference_bwd(dout, dweights, dlse, q, subkeys, values, indices, weights, scale, sum_heads,
                    sparse_grad, deterministic):
     # Values enter linearly: their gradient is the weighted scatter of dout; q and subkeys by vjp.
@@ -39,10 +54,11 @@ def _reference_bwd(dout, dweights, dlse, q, subkeys, values, indices, weights, s
         (q, subkeys, values), (dout, dweights, dlse), (True, True, False))
     rows = value_grad_rows(dout, weights, sum_heads)
     if sparse_grad:
-        return dq, dsubkeys, rows.to(values.dtype)
+        summed, slots = coalesce_rows(indices, rows, values.shape[0])
+        return dq, dsubkeys, summed.to(values.dtype), slots
     dense = torch.zeros(values.shape, dtype=rows.dtype, device=values.device)
     dense.index_add_(0, indices.reshape(-1), rows)
-    return dq, dsubkeys, dense.to(values.dtype)
+    return dq, dsubkeys, dense.to(values.dtype), _no_slots(values)
 
 
 def _cpu_fwd(q, subkeys, values, k, k_sub, scale, sum_heads, deterministic):
@@ -66,13 +82,16 @@ def _cpu_bwd(dout, dweights, dlse, q, subkeys, values, indices, weights, scale, 
              sparse_grad, deterministic):
     dq = empty(q.shape, dtype=q.dtype, device=q.device)
     dsubkeys = empty(subkeys.shape, dtype=subkeys.dtype, device=q.device)
-    dvalues_shape = (indices.numel(), values.shape[-1]) if sparse_grad else values.shape
+    slots, value_rows = _no_slots(values), None
+    if sparse_grad:  # the kernel sums each entry into the row of its slot's rank among the distinct
+        slots, value_rows = torch.unique(indices, sorted=True, return_inverse=True)
+    dvalues_shape = (slots.numel(), values.shape[-1]) if sparse_grad else values.shape
     dvalues = empty(dvalues_shape, dtype=values.dtype, device=q.device)
     _ext.cpu_extension().product_key_bwd(
         dout.contiguous(), dweights.contiguous(), dlse.contiguous(), q.contiguous(), subkeys.contiguous(),
         values.contiguous(), indices.contiguous(), weights.contiguous(), scale, sum_heads, sparse_grad,
-        dq, dsubkeys, dvalues)
-    return dq, dsubkeys, dvalues
+        dq, dsubkeys, dvalues, value_rows)
+    return dq, dsubkeys, dvalues, slots
 
 
 def _triton_fwd(q, subkeys, values, k, k_sub, scale, sum_heads, deterministic):
@@ -101,7 +120,10 @@ def _triton_bwd(dout, dweights, dlse, q, subkeys, values, indices, weights, scal
         dout.contiguous(), dweights.contiguous(), dlse.contiguous(), q.contiguous(), subkeys.contiguous(),
         values.contiguous(), indices.contiguous(), weights.contiguous(), scale, sum_heads, sparse_grad,
         deterministic, dq, dsubkeys, dvalues)
-    return dq, dsubkeys, dvalues
+    if sparse_grad:  # summed in float32, rounded once
+        summed, slots = coalesce_rows(indices, dvalues.to(acc_dtype(values.dtype)), values.shape[0])
+        return dq, dsubkeys, summed.to(values.dtype), slots
+    return dq, dsubkeys, dvalues, _no_slots(values)
 
 
 def _cuda_fwd(q, subkeys, values, k, k_sub, scale, sum_heads, deterministic):
@@ -129,7 +151,10 @@ def _cuda_bwd(dout, dweights, dlse, q, subkeys, values, indices, weights, scale,
         dout.contiguous(), dweights.contiguous(), dlse.contiguous(), q.contiguous(), subkeys.contiguous(),
         values.contiguous(), indices.contiguous(), weights.contiguous(), scale, sum_heads, sparse_grad,
         deterministic, dq, dsubkeys, dvalues)
-    return dq, dsubkeys, dvalues
+    if sparse_grad:  # summed in float32, rounded once
+        summed, slots = coalesce_rows(indices, dvalues.to(acc_dtype(values.dtype)), values.shape[0])
+        return dq, dsubkeys, summed.to(values.dtype), slots
+    return dq, dsubkeys, dvalues, _no_slots(values)
 
 
 FWD = {"reference": _reference_fwd, "cpu": _cpu_fwd, "triton": _triton_fwd, "cuda": _cuda_fwd}
@@ -156,7 +181,7 @@ def _(q, subkeys, values, k, k_sub, scale, sum_heads, sparse_grad, deterministic
 def product_key_read_backward_op(dout: Tensor, dweights: Tensor, dlse: Tensor, q: Tensor, subkeys: Tensor,
                                  values: Tensor, indices: Tensor, weights: Tensor, scale: float,
                                  sum_heads: bool, sparse_grad: bool, deterministic: bool, backend: str
-                                 ) -> Tuple[Tensor, Tensor, Tensor]:
+                                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     return BWD[backend](dout, dweights, dlse, q, subkeys, values, indices, weights, scale, sum_heads,
                         sparse_grad, deterministic)
 
@@ -164,9 +189,13 @@ def product_key_read_backward_op(dout: Tensor, dweights: Tensor, dlse: Tensor, q
 @product_key_read_backward_op.register_fake
 def _(dout, dweights, dlse, q, subkeys, values, indices, weights, scale, sum_heads, sparse_grad,
       deterministic, backend):
-    dvalues = (values.new_empty((indices.numel(), values.shape[-1])) if sparse_grad
-               else torch.empty_like(values))
-    return torch.empty_like(q), torch.empty_like(subkeys), dvalues
+    if sparse_grad:  # one row per distinct slot read: a data-dependent count
+        rows = torch.library.get_ctx().new_dynamic_size()
+        dvalues = values.new_empty((rows, values.shape[-1]))
+        slots = values.new_empty((rows,), dtype=torch.int64)
+    else:
+        dvalues, slots = torch.empty_like(values), values.new_empty((0,), dtype=torch.int64)
+    return torch.empty_like(q), torch.empty_like(subkeys), dvalues, slots
 
 
 def _setup(ctx, inputs, output):
@@ -184,12 +213,12 @@ def _backward(ctx, dout, dindices, dweights, dlse):
         dout = q.new_zeros((B, T, values.shape[-1]) if sum_heads else (B, H, T, values.shape[-1]))
     dweights = q.new_zeros((B, H, T, k), dtype=acc) if dweights is None else dweights
     dlse = q.new_zeros((B, H, T), dtype=acc) if dlse is None else dlse
-    dq, dsubkeys, dvalues = torch.ops.l2m.product_key_read_backward(
+    dq, dsubkeys, dvalues, value_slots = torch.ops.l2m.product_key_read_backward(
         dout, dweights, dlse, q, subkeys, values, indices, weights, scale, sum_heads, sparse_grad,
         deterministic, backend)
-    if sparse_grad:
-        dvalues = torch.sparse_coo_tensor(indices.reshape(1, -1), dvalues, values.shape,
-                                          check_invariants=False).coalesce()  # indices come from our forward
+    if sparse_grad:  # rows already summed per distinct slot, slots sorted: coalesced as built
+        dvalues = torch.sparse_coo_tensor(value_slots.unsqueeze(0), dvalues, values.shape,
+                                          check_invariants=False, is_coalesced=True)
     needs = ctx.needs_input_grad
     return (dq if needs[0] else None, dsubkeys if needs[1] else None, dvalues if needs[2] else None,
             None, None, None, None, None, None, None)

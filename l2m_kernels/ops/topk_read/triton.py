@@ -116,6 +116,7 @@ except ImportError:  # pragma: no cover - the interpreter module has always exis
 
 __all__ = [
     "topk_read_fwd",
+    "topk_read_select",
     "topk_read_bwd",
     "select_config",
     "COMPILE_CONFIGS",
@@ -975,24 +976,12 @@ def topk_read_fwd(q, keys, values, valid_len, k, scale, out, indices, weights, l
     """
     _check_dtype(q)
     B, H, T, Hm, N, R, M = _memory_layout(q, keys)
-    Dk, Dv = q.shape[-1], values.shape[-1]
+    Dv = values.shape[-1]
     if B * H * T == 0:
         return
-    if not 1 <= k <= min(N, MAX_K):
-        raise ValueError(f"k: expected 1 <= k <= min(N, {MAX_K}) = {min(N, MAX_K)}, got {k}")
-    path = os.environ.get(PATH_ENV, "threshold") or "threshold"
-    if path not in _PATHS:
-        raise ValueError(f"{PATH_ENV}: expected one of {_PATHS}, got {path!r}")
-    keys_batch_stride = 0 if keys.dim() == 3 else Hm * N * Dk
     values_batch_stride = 0 if values.dim() == 3 else Hm * N * Dv
-    global last_forward_path
     with _device_guard(q):
-        last_forward_path = path  # _threshold_select refines it to "threshold+stream" on CPU tensors
-        if not (path == "threshold" and _threshold_select(q, keys, valid_len, k, scale, indices, weights, lse,
-                                                          B, Hm, N, R, Dk, keys_batch_stride)):
-            _stream_select(q, keys, valid_len, k, scale, indices, weights, lse, B, Hm, N, R, Dk,
-                           keys_batch_stride)
-            last_forward_path = "stream" if path == "stream" else "threshold->stream"
+        topk_read_select(q, keys, valid_len, k, scale, indices, weights, lse)
         if Dv == 0:
             return
         constexprs, num_warps = _out_constexprs(Dv)
@@ -1002,6 +991,34 @@ def topk_read_fwd(q, keys, values, valid_len, k, scale, out, indices, weights, l
             values, indices, weights, out, R, N, Dv, k, Hm, values_batch_stride, num_row_blocks,
             **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
         )
+
+
+def topk_read_select(q, keys, valid_len, k, scale, indices, weights, lse) -> None:
+    """The selection half of :func:`topk_read_fwd`: ``indices``, ``weights`` and ``lse`` only.
+
+    Same arguments and outputs as :func:`topk_read_fwd` without ``values`` and ``out`` (used by
+    the fused memory attention, which gathers the values itself). Records the path taken in
+    ``last_forward_path``.
+    """
+    _check_dtype(q)
+    B, H, T, Hm, N, R, M = _memory_layout(q, keys)
+    Dk = q.shape[-1]
+    if B * H * T == 0:
+        return
+    if not 1 <= k <= min(N, MAX_K):
+        raise ValueError(f"k: expected 1 <= k <= min(N, {MAX_K}) = {min(N, MAX_K)}, got {k}")
+    path = os.environ.get(PATH_ENV, "threshold") or "threshold"
+    if path not in _PATHS:
+        raise ValueError(f"{PATH_ENV}: expected one of {_PATHS}, got {path!r}")
+    keys_batch_stride = 0 if keys.dim() == 3 else Hm * N * Dk
+    global last_forward_path
+    with _device_guard(q):
+        last_forward_path = path  # _threshold_select refines it to "threshold+stream" on CPU tensors
+        if not (path == "threshold" and _threshold_select(q, keys, valid_len, k, scale, indices, weights, lse,
+                                                          B, Hm, N, R, Dk, keys_batch_stride)):
+            _stream_select(q, keys, valid_len, k, scale, indices, weights, lse, B, Hm, N, R, Dk,
+                           keys_batch_stride)
+            last_forward_path = "stream" if path == "stream" else "threshold->stream"
 
 
 def _stream_select(q, keys, valid_len, k, scale, indices, weights, lse, B, Hm, N, R, Dk, keys_batch_stride,

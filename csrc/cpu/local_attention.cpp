@@ -1,0 +1,797 @@
+// CPU kernels of the local (causal, sliding-window) attention (interface: local_attention.h).
+//
+// FlashAttention on the CPU: no T x S score matrix is ever formed. Work units are
+// (batch, kv head, block of queries), the block holding the queries of every query head that shares
+// the kv head, so each K/V tile is converted once and reused by all of them while it sits in L1/L2.
+// A unit walks its visible key range in tiles of kKeyTile keys: scores = Q K^T for the tile (a
+// register-blocked micro-kernel), an online softmax per row in the accumulation type (float32;
+// float64 for float64 input), and O += P V. Only keys p - window < j <= p are visible to the
+// query at position p; the masked part of a tile is set to exactly zero before it can be
+// multiplied with anything, and a tile whose V (or, in the backward, K / dO / Q) holds a non-finite
+// value is reduced over each row's visible columns only, so that a NaN or inf a query cannot see
+// never reaches its result (0 * inf would).
+//
+// Backward (FlashAttention-2): delta_i = <dout_i, out_i> - dlse_i (a pre-pass), then
+//   pass 1, parallel over query blocks: recompute S and P = exp(S - lse), dP = dO V^T,
+//           dS = P * (dP - delta), dq += dS K;
+//   pass 2, parallel over key blocks: for every query that sees the block, recompute S^T, P^T and
+//           dS^T the same way, dv += P^T dO, dk += dS^T (scale q).
+// Each output row is owned by one unit and reduced in a fixed order: no atomics, no per-thread
+// partial sums, bitwise identical results for any thread count.
+#include "local_attention.h"
+#include "convert.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+namespace l2m::cpu {
+namespace {
+
+// ---- SIMD vectors: GCC/Clang vector extensions of the target's register width (one zmm under
+// AVX-512, one ymm under AVX/AVX2, one xmm otherwise), so one source serves every -march ----
+
+#if defined(__AVX512F__)
+constexpr int kVectorBytes = 64;
+// kRowBlock x kMaxVecs accumulators (24 of 32 zmm) + kMaxVecs B vectors + 1 broadcast.
+constexpr int64_t kRowBlock = 6;
+constexpr int64_t kMaxVecs = 4;
+#elif defined(__AVX__)
+constexpr int kVectorBytes = 32;
+// 16 ymm: 2 x 4 accumulators + 4 B vectors + 1 broadcast.
+constexpr int64_t kRowBlock = 2;
+constexpr int64_t kMaxVecs = 4;
+#else
+constexpr int kVectorBytes = 16;
+constexpr int64_t kRowBlock = 2;
+constexpr int64_t kMaxVecs = 4;
+#endif
+
+typedef float f32_vec __attribute__((vector_size(kVectorBytes)));
+typedef float f32_vec_unaligned __attribute__((vector_size(kVectorBytes), aligned(4), may_alias));
+typedef double f64_vec __attribute__((vector_size(kVectorBytes)));
+typedef double f64_vec_unaligned __attribute__((vector_size(kVectorBytes), aligned(8), may_alias));
+
+template <typename acc_t>
+struct Simd;
+template <>
+struct Simd<float> {
+  using vec = f32_vec;
+  using unaligned = f32_vec_unaligned;
+  static constexpr int64_t kWidth = kVectorBytes / sizeof(float);
+};
+template <>
+struct Simd<double> {
+  using vec = f64_vec;
+  using unaligned = f64_vec_unaligned;
+  static constexpr int64_t kWidth = kVectorBytes / sizeof(double);
+};
+
+template <typename acc_t>
+inline typename Simd<acc_t>::vec load_vec(const acc_t* p) {
+  return *reinterpret_cast<const typename Simd<acc_t>::unaligned*>(p);
+}
+
+template <typename acc_t>
+inline void store_vec(acc_t* p, typename Simd<acc_t>::vec value) {
+  *reinterpret_cast<typename Simd<acc_t>::unaligned*>(p) = value;
+}
+
+// Keys per tile (forward, backward pass 1) and per block (pass 2), queries per tile (pass 2):
+// kMaxVecs vectors, so a row of a score tile is one register block of the micro-kernel (64 float32
+// keys under AVX-512).
+template <typename acc_t>
+constexpr int64_t kKeyTile = kMaxVecs * Simd<acc_t>::kWidth;
+// Query rows per forward / pass-1 unit, all grouped heads together: enough to reuse each K/V tile,
+// few enough that the unit's tiles stay in L1/L2 and that masking wastes little of a tile.
+constexpr int64_t kUnitRows = 64;
+
+inline int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+inline int64_t round_up(int64_t a, int64_t b) {
+  return ceil_div(a, b) * b;
+}
+
+// The i-th of n blocks in the order 0, n-1, 1, n-2, ...: causal units differ in cost (early
+// queries see fewer keys, early keys are seen by more queries), and at::parallel_for hands each
+// thread a contiguous range of units, so alternating cheap and costly ones balances the threads.
+inline int64_t folded(int64_t i, int64_t n) {
+  return (i % 2 == 0) ? i / 2 : n - 1 - i / 2;
+}
+
+// ---- micro-kernels ----
+
+// C[kRows x kVecs*W] (+)= A[kRows x depth] * B[depth x kVecs*W]; row-major with leading dims.
+template <typename acc_t, int64_t kRows, int64_t kVecs>
+inline void gemm_block(int64_t depth, const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb,
+                       acc_t* c, int64_t ldc, bool accumulate) {
+  using vec = typename Simd<acc_t>::vec;
+  constexpr int64_t W = Simd<acc_t>::kWidth;
+  vec sum[kRows][kVecs];
+  for (int64_t r = 0; r < kRows; ++r) {
+    for (int64_t v = 0; v < kVecs; ++v) {
+      sum[r][v] = accumulate ? load_vec(c + r * ldc + v * W) : vec{};
+    }
+  }
+  for (int64_t d = 0; d < depth; ++d) {
+    vec b_vec[kVecs];
+    for (int64_t v = 0; v < kVecs; ++v) {
+      b_vec[v] = load_vec(b + d * ldb + v * W);
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+      // Keep the B row in registers: folded into each FMA as a memory operand it would be loaded
+      // once per row of the block (kRows times), which makes the loop load-bound.
+      __asm__("" : "+v"(b_vec[v]));
+#endif
+    }
+    for (int64_t r = 0; r < kRows; ++r) {
+      const acc_t a_value = a[r * lda + d];
+      for (int64_t v = 0; v < kVecs; ++v) {
+        sum[r][v] += a_value * b_vec[v];
+      }
+    }
+  }
+  for (int64_t r = 0; r < kRows; ++r) {
+    for (int64_t v = 0; v < kVecs; ++v) {
+      store_vec(c + r * ldc + v * W, sum[r][v]);
+    }
+  }
+}
+
+template <typename acc_t, int64_t kRows>
+inline void gemm_rows(int64_t vecs, int64_t depth, const acc_t* a, int64_t lda, const acc_t* b,
+                      int64_t ldb, acc_t* c, int64_t ldc, bool accumulate) {
+  switch (vecs) {
+    case 4:
+      gemm_block<acc_t, kRows, 4>(depth, a, lda, b, ldb, c, ldc, accumulate);
+      break;
+    case 3:
+      gemm_block<acc_t, kRows, 3>(depth, a, lda, b, ldb, c, ldc, accumulate);
+      break;
+    case 2:
+      gemm_block<acc_t, kRows, 2>(depth, a, lda, b, ldb, c, ldc, accumulate);
+      break;
+    default:
+      gemm_block<acc_t, kRows, 1>(depth, a, lda, b, ldb, c, ldc, accumulate);
+  }
+}
+
+// C[rows x cols] (+)= A[rows x depth] * B[depth x cols]; cols a multiple of the vector width
+// (buffers are padded with zeros to it).
+template <typename acc_t>
+void gemm(int64_t rows, int64_t cols, int64_t depth, const acc_t* a, int64_t lda, const acc_t* b,
+          int64_t ldb, acc_t* c, int64_t ldc, bool accumulate) {
+  constexpr int64_t W = Simd<acc_t>::kWidth;
+  for (int64_t col = 0; col < cols; col += kMaxVecs * W) {
+    const int64_t vecs = std::min<int64_t>(kMaxVecs, (cols - col) / W);
+    int64_t row = 0;
+    for (; row + kRowBlock <= rows; row += kRowBlock) {
+      gemm_rows<acc_t, kRowBlock>(vecs, depth, a + row * lda, lda, b + col, ldb,
+                                  c + row * ldc + col, ldc, accumulate);
+    }
+    const acc_t* a_rest = a + row * lda;
+    acc_t* c_rest = c + row * ldc + col;
+    switch (rows - row) {  // the last rows, fewer than kRowBlock
+      case 0:
+        break;
+      case 1:
+        gemm_rows<acc_t, 1>(vecs, depth, a_rest, lda, b + col, ldb, c_rest, ldc, accumulate);
+        break;
+      case 2:
+        gemm_rows<acc_t, 2>(vecs, depth, a_rest, lda, b + col, ldb, c_rest, ldc, accumulate);
+        break;
+      case 3:
+        gemm_rows<acc_t, 3>(vecs, depth, a_rest, lda, b + col, ldb, c_rest, ldc, accumulate);
+        break;
+      case 4:
+        gemm_rows<acc_t, 4>(vecs, depth, a_rest, lda, b + col, ldb, c_rest, ldc, accumulate);
+        break;
+      default:
+        gemm_rows<acc_t, 5>(vecs, depth, a_rest, lda, b + col, ldb, c_rest, ldc, accumulate);
+    }
+  }
+}
+
+// C[r] += sum over d in [first[r], last[r]) of A[r, d] * B[d]: the product restricted to each row's
+// visible columns, for the rare tiles whose B holds a non-finite value at a position some row must
+// not see (masked A entries are exact zeros, but 0 * inf = NaN).
+template <typename acc_t>
+void gemm_visible(int64_t rows, int64_t cols, const int64_t* first, const int64_t* last,
+                  const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb, acc_t* c, int64_t ldc) {
+  for (int64_t r = 0; r < rows; ++r) {
+    acc_t* c_row = c + r * ldc;
+    for (int64_t d = first[r]; d < last[r]; ++d) {
+      const acc_t a_value = a[r * lda + d];
+      const acc_t* b_row = b + d * ldb;
+#pragma omp simd
+      for (int64_t col = 0; col < cols; ++col) {
+        c_row[col] += a_value * b_row[col];
+      }
+    }
+  }
+}
+
+// True when every one of the n values is finite (x * 0 is NaN exactly for inf and NaN).
+template <typename acc_t>
+bool all_finite(const acc_t* x, int64_t n) {
+  acc_t probe = 0;
+#pragma omp simd reduction(+ : probe)
+  for (int64_t i = 0; i < n; ++i) {
+    probe += x[i] * acc_t(0);
+  }
+  return probe == acc_t(0);
+}
+
+// exp in float32, written so that `omp simd` loops vectorise it (std::exp does not without
+// -ffast-math): Cephes' expf, 2^n * exp(r) with |r| <= ln2 / 2 and a degree-6 polynomial, within
+// about 1 ulp of std::exp. -inf gives 0 (and anything below -87.3, where exp would be denormal),
+// +inf gives inf, NaN gives NaN.
+inline float exp_acc(float x) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kLn2Hi = 0.693359375f;
+  constexpr float kLn2Lo = -2.12194440e-4f;
+  constexpr float kRoundShift = 12582912.0f;  // 1.5 * 2^23: x + it - it rounds x to an integer
+  constexpr float kMin = -87.3f;
+  constexpr float kMax = 88.3f;
+  const float clamped = x < kMin ? kMin : (x > kMax ? kMax : x);  // NaN stays NaN
+  const float n = (clamped * kLog2e + kRoundShift) - kRoundShift;
+  float r = clamped - n * kLn2Hi;
+  r = r - n * kLn2Lo;
+  float poly = 1.9875691500e-4f;
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  poly = poly * (r * r) + r + 1.0f;
+  const int32_t exponent_bits = (static_cast<int32_t>(n) + 127) << 23;
+  float power;
+  std::memcpy(&power, &exponent_bits, sizeof(power));
+  float result = poly * power;
+  result = x < kMin ? 0.0f : result;
+  result = x > kMax ? std::numeric_limits<float>::infinity() : result;
+  return result;
+}
+
+inline double exp_acc(double x) {
+  return std::exp(x);
+}
+
+// ---- geometry ----
+
+struct Geometry {
+  int64_t batch;
+  int64_t heads;
+  int64_t kv_heads;
+  int64_t group;        // query heads per kv head
+  int64_t seq_len;      // T
+  int64_t context_len;  // S
+  int64_t offset;       // S - T: position of query 0
+  int64_t window;       // in [0, S]: keys p - window < j <= p
+  int64_t dim;
+  int64_t dim_v;
+};
+
+template <typename Params>
+Geometry geometry_of(const Params& params) {
+  Geometry g{};
+  g.batch = params.batch;
+  g.heads = params.heads;
+  g.kv_heads = params.kv_heads;
+  g.group = params.heads / params.kv_heads;
+  g.seq_len = params.seq_len;
+  g.context_len = params.context_len;
+  g.offset = params.context_len - params.seq_len;
+  // A window of S or more sees every key j <= p; clamping keeps the index arithmetic small.
+  g.window = std::clamp<int64_t>(params.window, 0, params.context_len);
+  g.dim = params.dim;
+  g.dim_v = params.dim_v;
+  return g;
+}
+
+// Queries of one head per forward / pass-1 unit.
+inline int64_t query_block(int64_t group) {
+  return std::max<int64_t>(1, kUnitRows / std::max<int64_t>(group, 1));
+}
+
+// Columns [first, last) of a key tile starting at key j0 (nk keys) visible to the query at
+// position `position`.
+inline void visible_keys(int64_t position, int64_t window, int64_t j0, int64_t nk, int64_t* first,
+                         int64_t* last) {
+  const int64_t begin = std::max<int64_t>(position - window + 1 - j0, 0);
+  const int64_t end = std::min<int64_t>(position + 1 - j0, nk);
+  *first = begin;
+  *last = std::max(begin, end);
+}
+
+// Columns [first, last) of a query tile (queries at positions p0, p0 + 1, ..., nq of them) that
+// see key j: j <= p <= j + window - 1.
+inline void visible_queries(int64_t key, int64_t window, int64_t p0, int64_t nq, int64_t* first,
+                            int64_t* last) {
+  const int64_t begin = std::max<int64_t>(key - p0, 0);
+  const int64_t end = std::min<int64_t>(key + window - p0, nq);
+  *first = begin;
+  *last = std::max(begin, end);
+}
+
+// n elements of `src` as acc_t times `factor` into dst, then zeros up to `padded`.
+template <typename scalar_t>
+inline void load_padded(const scalar_t* src, int64_t n, int64_t padded, acc_type<scalar_t> factor,
+                        acc_type<scalar_t>* staging, acc_type<scalar_t>* dst) {
+  using acc_t = acc_type<scalar_t>;
+  const acc_t* values = load_row(src, n, staging);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    dst[i] = values[i] * factor;
+  }
+  std::fill(dst + n, dst + padded, acc_t(0));
+}
+
+// Row `index` (of `count` rows) of a tile: the row-major copy (width `padded`) and/or the
+// transposed copy (column `index` of a dim x ld_t matrix).
+template <typename acc_t>
+inline void scatter_transposed(const acc_t* row, int64_t n, int64_t index, acc_t* transposed,
+                               int64_t ld_t) {
+  for (int64_t d = 0; d < n; ++d) {
+    transposed[d * ld_t + index] = row[d];
+  }
+}
+
+// ---- forward ----
+
+template <typename scalar_t>
+void local_attention_fwd_impl(const LocalAttentionFwdParams& params) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int64_t W = Simd<acc_t>::kWidth;
+  constexpr int64_t kKeys = kKeyTile<acc_t>;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const Geometry g = geometry_of(params);
+  const auto* q = static_cast<const scalar_t*>(params.q);
+  const auto* k = static_cast<const scalar_t*>(params.k);
+  const auto* v = static_cast<const scalar_t*>(params.v);
+  auto* out = static_cast<scalar_t*>(params.out);
+  auto* lse = static_cast<acc_t*>(params.lse);
+  const acc_t scale = static_cast<acc_t>(params.scale);
+
+  const int64_t dim = g.dim, dim_v = g.dim_v;
+  const int64_t d_pad = round_up(dim, W), dv_pad = round_up(dim_v, W);
+  const int64_t block_q = query_block(g.group);
+  const int64_t num_blocks = ceil_div(g.seq_len, block_q);
+  const int64_t rows_cap = g.group * block_q;
+  const int64_t units = g.batch * g.kv_heads * num_blocks;
+
+  at::parallel_for(0, units, 1, [&](int64_t unit_begin, int64_t unit_end) {
+    std::vector<acc_t> q_rows(rows_cap * d_pad), keys_t(std::max<int64_t>(dim, 1) * kKeys);
+    std::vector<acc_t> values(kKeys * dv_pad), scores(rows_cap * kKeys), acc_out(rows_cap * dv_pad);
+    std::vector<acc_t> row_max(rows_cap), row_sum(rows_cap), staging(std::max(dim, dim_v) + 1);
+    std::vector<int64_t> first(rows_cap), last(rows_cap), position(rows_cap);
+    std::vector<acc_t> out_row(dv_pad + 1);
+
+    for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
+      const int64_t head_group = unit / num_blocks;  // b * Hkv + hkv
+      const int64_t block = folded(unit % num_blocks, num_blocks);
+      const int64_t b = head_group / g.kv_heads, hkv = head_group % g.kv_heads;
+      const int64_t t0 = block * block_q, nq = std::min(block_q, g.seq_len - t0);
+      const int64_t rows = g.group * nq;
+
+      // Row r = gi * nq + i: query head hkv * group + gi, query t0 + i; q scaled once, as the
+      // reference scales q before the matmul.
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t head = hkv * g.group + r / nq, t = t0 + r % nq;
+        load_padded(q + ((b * g.heads + head) * g.seq_len + t) * dim, dim, d_pad, scale,
+                    staging.data(), q_rows.data() + r * d_pad);
+        position[r] = g.offset + t;
+        row_max[r] = kNegInf;
+        row_sum[r] = 0;
+      }
+      std::fill(acc_out.begin(), acc_out.begin() + rows * dv_pad, acc_t(0));
+
+      const int64_t key_begin = std::max<int64_t>(0, g.offset + t0 - g.window + 1);
+      const int64_t key_end = g.offset + t0 + nq;
+      const int64_t kv_base = head_group * g.context_len;
+      for (int64_t j0 = key_begin; j0 < key_end; j0 += kKeys) {
+        const int64_t nk = std::min(kKeys, key_end - j0);
+        if (nk < kKeys) {
+          std::fill(keys_t.begin(), keys_t.end(), acc_t(0));
+          std::fill(values.begin() + nk * dv_pad, values.end(), acc_t(0));
+        }
+        for (int64_t c = 0; c < nk; ++c) {
+          const acc_t* key = load_row(k + (kv_base + j0 + c) * dim, dim, staging.data());
+          scatter_transposed(key, dim, c, keys_t.data(), kKeys);
+          load_padded(v + (kv_base + j0 + c) * dim_v, dim_v, dv_pad, acc_t(1), staging.data(),
+                      values.data() + c * dv_pad);
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          visible_keys(position[r], g.window, j0, nk, &first[r], &last[r]);
+        }
+
+        gemm(rows, kKeys, dim, q_rows.data(), d_pad, keys_t.data(), kKeys, scores.data(), kKeys,
+             /*accumulate=*/false);
+
+        // Online softmax: P = exp(S - running max), rescale the running sum and output.
+        for (int64_t r = 0; r < rows; ++r) {
+          acc_t* s_row = scores.data() + r * kKeys;
+          const int64_t begin = first[r], end = last[r];
+          if (begin >= end) {
+            std::fill(s_row, s_row + kKeys, acc_t(0));
+            continue;
+          }
+          acc_t tile_max = kNegInf;
+#pragma omp simd reduction(max : tile_max)
+          for (int64_t c = begin; c < end; ++c) {
+            tile_max = std::max(tile_max, s_row[c]);
+          }
+          // A NaN score is not caught by these comparisons; it reaches exp below and makes the
+          // row's sum (hence out and lse) NaN, as in the reference.
+          const acc_t old_max = row_max[r];
+          const acc_t new_max = tile_max > old_max ? tile_max : old_max;
+          const acc_t shift = new_max == kNegInf ? acc_t(0) : new_max;
+          const acc_t correction = old_max == kNegInf ? acc_t(0) : exp_acc(old_max - new_max);
+          acc_t tile_sum = 0;
+#pragma omp simd reduction(+ : tile_sum)
+          for (int64_t c = 0; c < kKeys; ++c) {
+            const acc_t e = exp_acc(s_row[c] - shift);
+            const acc_t prob = (c >= begin && c < end) ? e : acc_t(0);
+            s_row[c] = prob;
+            tile_sum += prob;
+          }
+          row_sum[r] = row_sum[r] * correction + tile_sum;
+          row_max[r] = new_max;
+          if (correction != acc_t(1)) {
+            acc_t* o_row = acc_out.data() + r * dv_pad;
+#pragma omp simd
+            for (int64_t e = 0; e < dv_pad; ++e) {
+              o_row[e] *= correction;
+            }
+          }
+        }
+
+        if (all_finite(values.data(), nk * dv_pad)) {
+          gemm(rows, dv_pad, nk, scores.data(), kKeys, values.data(), dv_pad, acc_out.data(),
+               dv_pad, /*accumulate=*/true);
+        } else {
+          gemm_visible(rows, dv_pad, first.data(), last.data(), scores.data(), kKeys,
+                       values.data(), dv_pad, acc_out.data(), dv_pad);
+        }
+      }
+
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t head = hkv * g.group + r / nq, t = t0 + r % nq;
+        const int64_t row = (b * g.heads + head) * g.seq_len + t;
+        const acc_t sum = row_sum[r];
+        // sum == 0: no visible key, or only -inf scores: out = 0 (0 * NaN stays NaN), lse = -inf.
+        const acc_t inv_sum = sum == acc_t(0) ? acc_t(0) : acc_t(1) / sum;
+        const acc_t* o_row = acc_out.data() + r * dv_pad;
+#pragma omp simd
+        for (int64_t e = 0; e < dim_v; ++e) {
+          out_row[e] = o_row[e] * inv_sum;
+        }
+        store_row(out + row * dim_v, out_row.data(), dim_v);
+        lse[row] = sum == acc_t(0) ? kNegInf : row_max[r] + std::log(sum);
+      }
+    }
+  });
+}
+
+// ---- backward ----
+
+// delta_i = <dout_i, out_i> - dlse_i for every query row.
+template <typename scalar_t>
+std::vector<acc_type<scalar_t>> backward_deltas(const LocalAttentionBwdParams& params) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t num_rows = params.batch * params.heads * params.seq_len, dim_v = params.dim_v;
+  const auto* dout = static_cast<const scalar_t*>(params.dout);
+  const auto* out = static_cast<const scalar_t*>(params.out);
+  const auto* dlse = static_cast<const acc_t*>(params.dlse);
+  std::vector<acc_t> delta(num_rows);
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(dim_v, 1));
+  at::parallel_for(0, num_rows, grain, [&](int64_t row_begin, int64_t row_end) {
+    std::vector<acc_t> dout_buffer(dim_v + 1), out_buffer(dim_v + 1);
+    for (int64_t row = row_begin; row < row_end; ++row) {
+      const acc_t* d = load_row(dout + row * dim_v, dim_v, dout_buffer.data());
+      const acc_t* o = load_row(out + row * dim_v, dim_v, out_buffer.data());
+      acc_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t e = 0; e < dim_v; ++e) {
+        dot += d[e] * o[e];
+      }
+      delta[row] = dot - dlse[row];
+    }
+  });
+  return delta;
+}
+
+// Pass 1: dq, parallel over (batch, kv head, query block) units as in the forward.
+template <typename scalar_t>
+void local_attention_bwd_dq(const LocalAttentionBwdParams& params, const Geometry& g,
+                            const acc_type<scalar_t>* delta) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int64_t W = Simd<acc_t>::kWidth;
+  constexpr int64_t kKeys = kKeyTile<acc_t>;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const auto* dout = static_cast<const scalar_t*>(params.dout);
+  const auto* q = static_cast<const scalar_t*>(params.q);
+  const auto* k = static_cast<const scalar_t*>(params.k);
+  const auto* v = static_cast<const scalar_t*>(params.v);
+  const auto* lse = static_cast<const acc_t*>(params.lse);
+  auto* dq = static_cast<scalar_t*>(params.dq);
+  const acc_t scale = static_cast<acc_t>(params.scale);
+
+  const int64_t dim = g.dim, dim_v = g.dim_v;
+  const int64_t d_pad = round_up(dim, W), dv_pad = round_up(dim_v, W);
+  const int64_t block_q = query_block(g.group);
+  const int64_t num_blocks = ceil_div(g.seq_len, block_q);
+  const int64_t rows_cap = g.group * block_q;
+  const int64_t units = g.batch * g.kv_heads * num_blocks;
+
+  at::parallel_for(0, units, 1, [&](int64_t unit_begin, int64_t unit_end) {
+    std::vector<acc_t> q_rows(rows_cap * d_pad), dout_rows(rows_cap * dv_pad);
+    std::vector<acc_t> keys_t(std::max<int64_t>(dim, 1) * kKeys), key_rows(kKeys * d_pad);
+    std::vector<acc_t> values_t(std::max<int64_t>(dim_v, 1) * kKeys);
+    std::vector<acc_t> scores(rows_cap * kKeys), dprobs(rows_cap * kKeys), dq_acc(rows_cap * d_pad);
+    std::vector<acc_t> row_lse(rows_cap), row_delta(rows_cap), staging(std::max(dim, dim_v) + 1);
+    std::vector<acc_t> dq_row(d_pad + 1);
+    std::vector<int64_t> first(rows_cap), last(rows_cap), position(rows_cap);
+
+    for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
+      const int64_t head_group = unit / num_blocks;
+      const int64_t block = folded(unit % num_blocks, num_blocks);
+      const int64_t b = head_group / g.kv_heads, hkv = head_group % g.kv_heads;
+      const int64_t t0 = block * block_q, nq = std::min(block_q, g.seq_len - t0);
+      const int64_t rows = g.group * nq;
+
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t head = hkv * g.group + r / nq, t = t0 + r % nq;
+        const int64_t row = (b * g.heads + head) * g.seq_len + t;
+        load_padded(q + row * dim, dim, d_pad, scale, staging.data(), q_rows.data() + r * d_pad);
+        load_padded(dout + row * dim_v, dim_v, dv_pad, acc_t(1), staging.data(),
+                    dout_rows.data() + r * dv_pad);
+        row_lse[r] = lse[row];
+        row_delta[r] = delta[row];
+        position[r] = g.offset + t;
+      }
+      std::fill(dq_acc.begin(), dq_acc.begin() + rows * d_pad, acc_t(0));
+
+      const int64_t key_begin = std::max<int64_t>(0, g.offset + t0 - g.window + 1);
+      const int64_t key_end = g.offset + t0 + nq;
+      const int64_t kv_base = head_group * g.context_len;
+      for (int64_t j0 = key_begin; j0 < key_end; j0 += kKeys) {
+        const int64_t nk = std::min(kKeys, key_end - j0);
+        if (nk < kKeys) {
+          std::fill(keys_t.begin(), keys_t.end(), acc_t(0));
+          std::fill(values_t.begin(), values_t.end(), acc_t(0));
+          std::fill(key_rows.begin() + nk * d_pad, key_rows.end(), acc_t(0));
+        }
+        for (int64_t c = 0; c < nk; ++c) {
+          acc_t* key_row = key_rows.data() + c * d_pad;
+          load_padded(k + (kv_base + j0 + c) * dim, dim, d_pad, acc_t(1), staging.data(), key_row);
+          scatter_transposed(key_row, dim, c, keys_t.data(), kKeys);
+          const acc_t* value = load_row(v + (kv_base + j0 + c) * dim_v, dim_v, staging.data());
+          scatter_transposed(value, dim_v, c, values_t.data(), kKeys);
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          visible_keys(position[r], g.window, j0, nk, &first[r], &last[r]);
+        }
+
+        gemm(rows, kKeys, dim, q_rows.data(), d_pad, keys_t.data(), kKeys, scores.data(), kKeys,
+             /*accumulate=*/false);
+        gemm(rows, kKeys, dim_v, dout_rows.data(), dv_pad, values_t.data(), kKeys,
+             dprobs.data(), kKeys, /*accumulate=*/false);
+
+        // dS = P * (dP - delta) on the visible columns, exact zeros elsewhere (stored in scores).
+        for (int64_t r = 0; r < rows; ++r) {
+          acc_t* s_row = scores.data() + r * kKeys;
+          const acc_t* dp_row = dprobs.data() + r * kKeys;
+          const int64_t begin = first[r], end = last[r];
+          const acc_t row_lse_r = row_lse[r], row_delta_r = row_delta[r];
+          if (begin >= end || row_lse_r == kNegInf) {
+            std::fill(s_row, s_row + kKeys, acc_t(0));
+            if (begin < end) {  // visible, but the row's softmax is empty: P = 0
+              first[r] = last[r] = 0;
+            }
+            continue;
+          }
+#pragma omp simd
+          for (int64_t c = 0; c < kKeys; ++c) {
+            const acc_t prob = exp_acc(s_row[c] - row_lse_r);
+            const acc_t ds = prob * (dp_row[c] - row_delta_r);
+            s_row[c] = (c >= begin && c < end) ? ds : acc_t(0);
+          }
+        }
+
+        if (all_finite(key_rows.data(), nk * d_pad)) {
+          gemm(rows, d_pad, nk, scores.data(), kKeys, key_rows.data(), d_pad, dq_acc.data(),
+               d_pad, /*accumulate=*/true);
+        } else {
+          gemm_visible(rows, d_pad, first.data(), last.data(), scores.data(), kKeys,
+                       key_rows.data(), d_pad, dq_acc.data(), d_pad);
+        }
+      }
+
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t head = hkv * g.group + r / nq, t = t0 + r % nq;
+        const int64_t row = (b * g.heads + head) * g.seq_len + t;
+        const acc_t* acc_row = dq_acc.data() + r * d_pad;
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) {
+          dq_row[d] = acc_row[d] * scale;
+        }
+        store_row(dq + row * dim, dq_row.data(), dim);
+      }
+    }
+  });
+}
+
+// Pass 2: dk and dv, parallel over (batch, kv head, key block) units; each unit visits every
+// query (of every grouped head) that sees one of its keys, in tiles of kKeyTile queries.
+template <typename scalar_t>
+void local_attention_bwd_dkv(const LocalAttentionBwdParams& params, const Geometry& g,
+                             const acc_type<scalar_t>* delta) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr int64_t W = Simd<acc_t>::kWidth;
+  constexpr int64_t kKeys = kKeyTile<acc_t>;
+  constexpr int64_t kQueries = kKeyTile<acc_t>;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const auto* dout = static_cast<const scalar_t*>(params.dout);
+  const auto* q = static_cast<const scalar_t*>(params.q);
+  const auto* k = static_cast<const scalar_t*>(params.k);
+  const auto* v = static_cast<const scalar_t*>(params.v);
+  const auto* lse = static_cast<const acc_t*>(params.lse);
+  auto* dk = static_cast<scalar_t*>(params.dk);
+  auto* dv = static_cast<scalar_t*>(params.dv);
+  const acc_t scale = static_cast<acc_t>(params.scale);
+
+  const int64_t dim = g.dim, dim_v = g.dim_v;
+  const int64_t d_pad = round_up(dim, W), dv_pad = round_up(dim_v, W);
+  const int64_t num_blocks = ceil_div(g.context_len, kKeys);
+  const int64_t units = g.batch * g.kv_heads * num_blocks;
+
+  at::parallel_for(0, units, 1, [&](int64_t unit_begin, int64_t unit_end) {
+    std::vector<acc_t> key_rows(kKeys * d_pad), value_rows(kKeys * dv_pad);
+    std::vector<acc_t> q_tile(kQueries * d_pad), q_tile_t(std::max<int64_t>(dim, 1) * kQueries);
+    std::vector<acc_t> dout_tile(kQueries * dv_pad);
+    std::vector<acc_t> dout_tile_t(std::max<int64_t>(dim_v, 1) * kQueries);
+    std::vector<acc_t> probs(kKeys * kQueries), dscores(kKeys * kQueries);
+    std::vector<acc_t> dk_acc(kKeys * d_pad), dv_acc(kKeys * dv_pad);
+    std::vector<acc_t> tile_lse(kQueries), tile_delta(kQueries), staging(std::max(dim, dim_v) + 1);
+    std::vector<int64_t> first(kKeys), last(kKeys);
+
+    for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
+      const int64_t head_group = unit / num_blocks;
+      const int64_t block = folded(unit % num_blocks, num_blocks);
+      const int64_t b = head_group / g.kv_heads, hkv = head_group % g.kv_heads;
+      const int64_t j0 = block * kKeys, nk = std::min(kKeys, g.context_len - j0);
+      const int64_t kv_base = head_group * g.context_len;
+
+      for (int64_t r = 0; r < nk; ++r) {
+        load_padded(k + (kv_base + j0 + r) * dim, dim, d_pad, acc_t(1), staging.data(),
+                    key_rows.data() + r * d_pad);
+        load_padded(v + (kv_base + j0 + r) * dim_v, dim_v, dv_pad, acc_t(1), staging.data(),
+                    value_rows.data() + r * dv_pad);
+      }
+      std::fill(dk_acc.begin(), dk_acc.begin() + nk * d_pad, acc_t(0));
+      std::fill(dv_acc.begin(), dv_acc.begin() + nk * dv_pad, acc_t(0));
+
+      // Queries seeing a key of [j0, j0 + nk): positions p in [j0, j0 + nk - 1 + window - 1].
+      const int64_t t_begin = std::max<int64_t>(0, j0 - g.offset);
+      const int64_t t_end = std::min<int64_t>(g.seq_len, j0 + nk - 1 + g.window - g.offset);
+      for (int64_t gi = 0; gi < g.group; ++gi) {
+        const int64_t row_base = (b * g.heads + hkv * g.group + gi) * g.seq_len;
+        for (int64_t t0 = t_begin; t0 < t_end; t0 += kQueries) {
+          const int64_t nq = std::min(kQueries, t_end - t0);
+          if (nq < kQueries) {
+            std::fill(q_tile_t.begin(), q_tile_t.end(), acc_t(0));
+            std::fill(dout_tile_t.begin(), dout_tile_t.end(), acc_t(0));
+            std::fill(q_tile.begin() + nq * d_pad, q_tile.end(), acc_t(0));
+            std::fill(dout_tile.begin() + nq * dv_pad, dout_tile.end(), acc_t(0));
+          }
+          for (int64_t c = 0; c < kQueries; ++c) {
+            if (c < nq) {
+              const int64_t row = row_base + t0 + c;
+              acc_t* q_row = q_tile.data() + c * d_pad;
+              acc_t* dout_row = dout_tile.data() + c * dv_pad;
+              load_padded(q + row * dim, dim, d_pad, scale, staging.data(), q_row);
+              load_padded(dout + row * dim_v, dim_v, dv_pad, acc_t(1), staging.data(), dout_row);
+              scatter_transposed(q_row, dim, c, q_tile_t.data(), kQueries);
+              scatter_transposed(dout_row, dim_v, c, dout_tile_t.data(), kQueries);
+              tile_lse[c] = lse[row];
+              tile_delta[c] = delta[row];
+            } else {
+              tile_lse[c] = kNegInf;
+              tile_delta[c] = 0;
+            }
+          }
+          for (int64_t r = 0; r < nk; ++r) {
+            visible_queries(j0 + r, g.window, g.offset + t0, nq, &first[r], &last[r]);
+          }
+
+          gemm(nk, kQueries, dim, key_rows.data(), d_pad, q_tile_t.data(), kQueries,
+               probs.data(), kQueries, /*accumulate=*/false);
+          gemm(nk, kQueries, dim_v, value_rows.data(), dv_pad, dout_tile_t.data(), kQueries,
+               dscores.data(), kQueries, /*accumulate=*/false);
+
+          // P^T and dS^T on the visible (key, query) pairs, exact zeros elsewhere; queries whose
+          // softmax is empty (lse = -inf) contribute nothing.
+          for (int64_t r = 0; r < nk; ++r) {
+            acc_t* p_row = probs.data() + r * kQueries;
+            acc_t* ds_row = dscores.data() + r * kQueries;
+            const int64_t begin = first[r], end = last[r];
+            if (begin >= end) {
+              std::fill(p_row, p_row + kQueries, acc_t(0));
+              std::fill(ds_row, ds_row + kQueries, acc_t(0));
+              continue;
+            }
+#pragma omp simd
+            for (int64_t c = 0; c < kQueries; ++c) {
+              const acc_t query_lse = tile_lse[c];
+              const bool live = c >= begin && c < end && query_lse != kNegInf;
+              const acc_t prob = live ? exp_acc(p_row[c] - query_lse) : acc_t(0);
+              const acc_t ds = prob * (ds_row[c] - tile_delta[c]);
+              p_row[c] = prob;
+              ds_row[c] = live ? ds : acc_t(0);
+            }
+          }
+
+          if (all_finite(dout_tile.data(), nq * dv_pad)) {
+            gemm(nk, dv_pad, nq, probs.data(), kQueries, dout_tile.data(), dv_pad,
+                 dv_acc.data(), dv_pad, /*accumulate=*/true);
+          } else {
+            gemm_visible(nk, dv_pad, first.data(), last.data(), probs.data(), kQueries,
+                         dout_tile.data(), dv_pad, dv_acc.data(), dv_pad);
+          }
+          if (all_finite(q_tile.data(), nq * d_pad)) {
+            gemm(nk, d_pad, nq, dscores.data(), kQueries, q_tile.data(), d_pad, dk_acc.data(),
+                 d_pad, /*accumulate=*/true);
+          } else {
+            gemm_visible(nk, d_pad, first.data(), last.data(), dscores.data(), kQueries,
+                         q_tile.data(), d_pad, dk_acc.data(), d_pad);
+          }
+        }
+      }
+
+      for (int64_t r = 0; r < nk; ++r) {
+        store_row(dk + (kv_base + j0 + r) * dim, dk_acc.data() + r * d_pad, dim);
+        store_row(dv + (kv_base + j0 + r) * dim_v, dv_acc.data() + r * dv_pad, dim_v);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void local_attention_bwd_impl(const LocalAttentionBwdParams& params) {
+  const Geometry g = geometry_of(params);
+  const auto delta = backward_deltas<scalar_t>(params);
+  local_attention_bwd_dq<scalar_t>(params, g, delta.data());
+  local_attention_bwd_dkv<scalar_t>(params, g, delta.data());
+}
+
+}  // namespace
+
+void local_attention_fwd(const LocalAttentionFwdParams& params) {
+  TORCH_CHECK_VALUE(params.kv_heads >= 1 && params.heads % params.kv_heads == 0 &&
+                        params.context_len >= params.seq_len,
+                    "local_attention_fwd: inconsistent sizes");
+  dispatch_floating(params.dtype, "local_attention_fwd", [&](auto tag) {
+    local_attention_fwd_impl<decltype(tag)>(params);
+  });
+}
+
+void local_attention_bwd(const LocalAttentionBwdParams& params) {
+  TORCH_CHECK_VALUE(params.kv_heads >= 1 && params.heads % params.kv_heads == 0 &&
+                        params.context_len >= params.seq_len,
+                    "local_attention_bwd: inconsistent sizes");
+  dispatch_floating(params.dtype, "local_attention_bwd", [&](auto tag) {
+    local_attention_bwd_impl<decltype(tag)>(params);
+  });
+}
+
+}  // namespace l2m::cpu

@@ -1,0 +1,77 @@
+// Local (causal, optionally sliding-window) attention of l2m-kernels, CPU backend: the plain
+// parameter structs and launchers, the local half of memory_attention (SPEC section 5).
+//
+// The launchers know nothing about at::Tensor: bindings.cpp validates tensors and fills these
+// structs. Semantics: l2m_kernels/ops/memory_attention/reference.py::local_attention_ref. Every
+// pointer addresses a contiguous tensor; `acc` below is float64 for float64 input, else float32.
+// Every output element is written.
+//
+// Geometry: query t (of T) sits at position p = S - T + t of the context of S >= T keys and sees
+// the keys j with p - window < j <= p (window <= 0 here: no key at all; callers pass
+// window = S, or any larger value, for "no window").
+#pragma once
+
+#include <cstdint>
+
+#include <c10/core/ScalarType.h>
+
+namespace l2m::cpu {
+
+// Per query row (b, h, t), with kv head h / (heads / kv_heads) and s_j = (scale * q) . k_j:
+//   lse = logsumexp_j s_j,  out = sum_j exp(s_j - lse) v_j   over the visible keys j;
+// a row with no visible key (or only -inf scores) gets out = 0 and lse = -inf. A non-finite k or v
+// at a position the query cannot see never reaches its output.
+struct LocalAttentionFwdParams {
+  c10::ScalarType dtype;  // of q, k, v, out
+  int64_t batch;          // B
+  int64_t heads;          // H
+  int64_t kv_heads;       // Hkv, H % Hkv == 0
+  int64_t seq_len;        // T
+  int64_t context_len;    // S >= T
+  int64_t dim;            // D
+  int64_t dim_v;          // Dv
+  int64_t window;         // keys p - window < j <= p; >= S means no window; <= 0 sees nothing
+  double scale;
+  const void* q;  // (B, H, T, D) dtype
+  const void* k;  // (B, Hkv, S, D) dtype
+  const void* v;  // (B, Hkv, S, Dv) dtype
+  void* out;      // (B, H, T, Dv) dtype
+  void* lse;      // (B, H, T) acc
+};
+
+// Gradients, FlashAttention-2 style: with P_ij = exp(s_ij - lse_i) and
+// delta_i = <dout_i, out_i> - dlse_i,
+//   dS_ij = P_ij * (<dout_i, v_j> - delta_i);  dq_i = scale * sum_j dS_ij k_j;
+//   dk_j = sum_i dS_ij (scale * q_i);  dv_j = sum_i P_ij dout_i.
+// Only delta_i depends on `out`: any (dout, out) pair with the same <dout_i, out_i> gives the same
+// gradients (memory_attention passes the merged output with the merge-weighted dout).
+// dq is computed per query block, dk and dv per key block (a second pass): no atomics, no
+// per-thread partial sums, so every gradient is bitwise independent of the thread count.
+struct LocalAttentionBwdParams {
+  c10::ScalarType dtype;  // of dout, q, k, v, out, dq, dk, dv
+  int64_t batch;
+  int64_t heads;
+  int64_t kv_heads;
+  int64_t seq_len;
+  int64_t context_len;
+  int64_t dim;
+  int64_t dim_v;
+  int64_t window;
+  double scale;
+  const void* dout;  // (B, H, T, Dv) dtype
+  const void* dlse;  // (B, H, T) acc
+  const void* q;     // (B, H, T, D) dtype
+  const void* k;     // (B, Hkv, S, D) dtype
+  const void* v;     // (B, Hkv, S, Dv) dtype
+  const void* out;   // (B, H, T, Dv) dtype
+  const void* lse;   // (B, H, T) acc, the forward's
+  void* dq;          // like q
+  void* dk;          // like k (zero at keys no query sees)
+  void* dv;          // like v
+};
+
+// dtype must be Float, Double, Half or BFloat16 (checked again here: an unknown dtype throws).
+void local_attention_fwd(const LocalAttentionFwdParams& params);
+void local_attention_bwd(const LocalAttentionBwdParams& params);
+
+}  // namespace l2m::cpu

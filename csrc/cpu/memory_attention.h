@@ -1,0 +1,46 @@
+// Helper of the cpu memory_attention backward (l2m_kernels/ops/memory_attention/cpu.py): the
+// softmax weights of a top-k memory read recomputed at a given selection, plus what the merge's
+// backward needs from the read, without recomputing the read itself (whose scoring of all N slots
+// dominates the forward).
+//
+// The launcher knows nothing about at::Tensor: bindings.cpp validates tensors and fills the struct.
+// Every pointer addresses a contiguous tensor; `acc` is float64 for float64 input, else float32.
+#pragma once
+
+#include <cstdint>
+
+#include <c10/core/ScalarType.h>
+
+namespace l2m::cpu {
+
+// Per query row (b, h, t), memory head h / (heads / mem_heads), entries j with slot n_j >= 0:
+//   w_j = exp(<scale * q, keys[n_j]> - lse)      (0 for entries with slot -1)
+//   dots = sum_j w_j <dout, values[n_j]>         (when dout and dots are given)
+//   out  = sum_j w_j values[n_j]                 (when out is given)
+// Rows are independent (deterministic); entries with slot -1 are never read.
+struct MemoryReadWeightsParams {
+  c10::ScalarType dtype;  // of q, keys, values, dout, out
+  int64_t batch;
+  int64_t heads;
+  int64_t seq_len;
+  int64_t mem_heads;
+  int64_t num_slots;
+  int64_t dim_k;
+  int64_t dim_v;
+  int64_t k;
+  bool shared_memory;  // keys/values (Hm, N, D), used by every batch element
+  double scale;
+  const void* q;           // (B, H, T, Dk) dtype
+  const void* keys;        // (B, Hm, N, Dk) or (Hm, N, Dk) dtype
+  const void* values;      // (B, Hm, N, Dv) or (Hm, N, Dv) dtype
+  const int64_t* indices;  // (B, H, T, k), each in [-1, N)
+  const void* lse;         // (B, H, T) acc, the read's log-sum-exp
+  const void* dout;        // (B, H, T, Dv) dtype, or nullptr
+  void* weights;           // (B, H, T, k) acc
+  void* dots;              // (B, H, T) acc, or nullptr (required with dout)
+  void* out;               // (B, H, T, Dv) dtype, or nullptr
+};
+
+void memory_read_weights(const MemoryReadWeightsParams& params);
+
+}  // namespace l2m::cpu
