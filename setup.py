@@ -134,6 +134,8 @@ setup(
         "bench": ["matplotlib", "tqdm"],
     },
     ext_modules=ext_modules,
+    entry_points={"console_scripts": ["l2m-check = l2m_kernels.check:main",
+                                    "l2m-bench = l2m_kernels.bench:main"]},
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,
 )

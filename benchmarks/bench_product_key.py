@@ -1,98 +1,21 @@
-"""Benchmark product_key_read: fused backends (dense and sparse values gradient) vs the reference,
-eager and compiled.
+"""Benchmark product_key_read: fused backends vs the reference, eager and compiled.
 
     python benchmarks/bench_product_key.py [--quick] [--device cpu|cuda] [--out bench_out]
 
-Shape (SPEC): ``pkm-cpu`` B=1, H=4, T=2048, Dk=256, n_sub=1024 (N = 1,048,576 slots), Dv=256, k=32
-(k_sub = k), float32; on CUDA ``pkm-gpu`` (B*8, bfloat16). ``--quick`` divides T by 4 and n_sub by 2.
-GFLOP/s counts the half-score matmuls (2·B·H·T·n_sub·Dk); GB/s counts the forward's value gather
-(B·H·T·k rows of Dv) plus q and out, the traffic an embedding bag cannot avoid.
-
-Peak memory is that of forward + backward with the gradients kept. With a dense values gradient both
-the fused path and the reference hold the (N, Dv) gradient (1 GiB at pkm-cpu); the ``sparse_grad``
-rows show the memory that grows with the touched rows only.
+The benchmark itself (shapes, variants, what GB/s and GFLOP/s count) is
+:mod:`l2m_kernels.bench.product_key`; this script runs it alone and writes ``bench_product_key.json``, ``.md`` and
+``.png`` into ``--out``. ``l2m-bench`` runs it with the others.
 """
-from __future__ import annotations
-
-import argparse
 import sys
 
-import torch
-
-import l2m_kernels as l2m
-from l2m_kernels import benchmark as bm
-from l2m_kernels.ops.product_key.reference import product_key_read_ref
-
-SHAPES = {"pkm-cpu": dict(B=1, H=4, T=2048, Dk=256, n_sub=1024, Dv=256, k=32)}
-
-
-def fused_backends(device, dtype):
-    return [name for name in ("cpu", "triton", "cuda")
-            if not l2m.backends.BACKENDS[name].not_supported_reasons("product_key_read", device, dtype)]
-
-
-def run(device: torch.device, quick: bool = False, ceilings: dict | None = None) -> list:
-    rows = []
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    elt = torch.finfo(dtype).bits // 8
-    for name, s in SHAPES.items():
-        s = dict(s)
-        if device.type == "cuda":
-            s["B"] *= 8
-            name = name.replace("-cpu", "-gpu")
-        if quick:
-            s["T"] //= 4
-            s["n_sub"] //= 2
-        B, H, T, Dk, n_sub, Dv, k = (s[x] for x in ("B", "H", "T", "Dk", "n_sub", "Dv", "k"))
-        shape = f"{name} B={B} H={H} T={T} Dk={Dk} n_sub={n_sub} (N={n_sub * n_sub}) Dv={Dv} k={k}"
-        flops = 2 * B * H * T * n_sub * Dk
-        gather_bytes = (B * H * T * k * Dv + B * H * T * Dk + B * H * T * Dv) * elt
-
-        def make_inputs(requires_grad):
-            def gen(*sh, std=1.0):
-                return (torch.randn(*sh, device=device, dtype=dtype) * std).requires_grad_(requires_grad)
-            return dict(q=gen(B, H, T, Dk), subkeys=gen(H, 2, n_sub, Dk // 2),
-                        values=gen(n_sub * n_sub, Dv, std=Dv ** -0.5))
-
-        def reference(q, subkeys, values):
-            out, _, weights, lse = product_key_read_ref(q, subkeys, values, k)
-            return out, weights, lse
-
-        def fused_variant(backend, sparse_grad):
-            def forward(q, subkeys, values):
-                read = l2m.product_key_read(q, subkeys, values, k, sparse_grad=sparse_grad, backend=backend)
-                return read.out, read.weights, read.lse
-            return forward
-
-        fused = {}
-        for b in fused_backends(device, dtype):
-            fused[b] = fused_variant(b, False)
-            fused[f"{b} sparse_grad"] = fused_variant(b, True)
-        kw = dict(fwd_flops=flops, fwd_bytes=gather_bytes, reps=3, warmup=1)
-        rows += bm.compare("product_key_read", shape, dtype, fused, reference, make_inputs, device, **kw)
-
-        def reference_sparse(q, subkeys, values):
-            out, _, weights, lse = product_key_read_ref(q, subkeys, values, k, sparse_grad=True)
-            return out, weights, lse
-
-        rows.append(bm.run_variant("product_key_read", shape, dtype, "reference sparse_grad", reference_sparse,
-                                   make_inputs, device, **kw))
-    return rows
+from l2m_kernels.bench import product_key
+from l2m_kernels.bench._common import run_standalone, standalone_parser
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="T / 4 and n_sub / 2")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default="bench_out")
+    parser = standalone_parser(product_key.__doc__, quick_help="T / 4 and n_sub / 2")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    ceilings = bm.measure_ceilings(device, quick=args.quick)
-    rows = run(device, args.quick, ceilings)
-    bm.save(rows, ceilings, device, args.out, "bench_product_key")
-    print(f"device: {bm.device_name(device)}; ceilings: " + ", ".join(f"{k} {v:.1f}" for k, v in ceilings.items()))
-    print(bm.format_table(rows, ceilings))
-    return 0
+    return run_standalone("bench_product_key", product_key.run, args)
 
 
 if __name__ == "__main__":

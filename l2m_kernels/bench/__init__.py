@@ -1,0 +1,155 @@
+"""``l2m-bench`` (``python -m l2m_kernels.bench``): the benchmark suite.
+
+    l2m-bench [--quick] [--device cpu|cuda] [--out bench_out] [--only merge,topk_read,...]
+
+Measures the ceilings first (a large float32 matmul in GFLOP/s, bfloat16 too on CUDA; a large copy
+in GB/s), then runs every op benchmark at the SPEC shapes (``--quick``: their quick shapes) and one
+L2M model training step, on CUDA when available, else on the CPU. Every op benchmark compares the
+fused backends of the device with the reference in eager mode and under ``torch.compile``; the table
+gives median fwd / bwd / fwd+bwd times, the speedup over the eager reference, peak memory, and
+GB/s or GFLOP/s as a percentage of the ceilings. Writes ``suite.json``, ``suite.md`` and
+``suite.png`` into ``--out``.
+
+Benchmarks (``--only`` takes these names, with or without the ``bench_`` prefix):
+
+- ``merge``: merge_attention and gated_merge (:mod:`l2m_kernels.bench.merge`)
+- ``topk_read``: topk_memory_read at read-cpu and read-heads (:mod:`l2m_kernels.bench.topk_read`)
+- ``product_key``: product_key_read at pkm-cpu (:mod:`l2m_kernels.bench.product_key`)
+- ``memory_write``: gated_memory_write at write-cpu (:mod:`l2m_kernels.bench.memory_write`)
+- ``memory_attention``: memory_attention at attn-cpu (:mod:`l2m_kernels.bench.memory_attention`)
+- ``model``: one L2MModel training step, both memory modes (:mod:`l2m_kernels.bench.model`)
+
+``--quick`` is sized to finish in under 3 minutes on a 2-core CPU; there the compiled reference of
+gated_memory_write is skipped (compiling its unrolled write steps takes ~6 minutes; its own script,
+``benchmarks/bench_memory_write.py --quick``, measures it). A benchmark that raises is reported as
+a row with the error, and the suite goes on (exit status 1 at the end).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+from l2m_kernels import benchmark as bm
+
+from ._common import default_device, measure_ceilings, skipped_row
+
+BENCHMARKS = ("merge", "topk_read", "product_key", "memory_write", "memory_attention", "model")
+QUICK_WRITE_COMPILE_NOTE = ("skipped in the --quick suite: torch.compile unrolls the write steps "
+                            "(~6 minutes of compilation on 2 cores); bench_memory_write.py --quick measures it")
+
+
+def _names(only: str, parser: argparse.ArgumentParser) -> list:
+    names = [n.strip() for n in only.split(",") if n.strip()]
+    names = [n[len("bench_"):] if n.startswith("bench_") else n for n in names]
+    unknown = sorted(set(names) - set(BENCHMARKS))
+    if unknown:
+        parser.error(f"--only: unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    return [n for n in BENCHMARKS if n in names] if names else list(BENCHMARKS)
+
+
+def _progress(total: int, enabled: bool):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the table still prints
+        tqdm = None
+    if tqdm is None or not enabled:
+        class Silent:
+            def set_description(self, *a, **k): pass
+            def update(self, *a, **k): pass
+            def close(self): pass
+        return Silent()
+    return tqdm(total=total, desc="l2m-bench", unit="bench", file=sys.stderr)
+
+
+def _load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def run_benchmark(name: str, device: torch.device, quick: bool, ceilings: dict, tiny: bool = False) -> list:
+    """The rows of one benchmark of :data:`BENCHMARKS`."""
+    module = importlib.import_module(f"{__name__}.{name}")
+    kwargs = {}
+    if name == "memory_write" and quick and not tiny:
+        kwargs["skip_compile_note"] = QUICK_WRITE_COMPILE_NOTE
+    return module.run(device, quick, ceilings, tiny=tiny, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="l2m-bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="the quick shapes and fewer repetitions "
+                        "(under 3 minutes on a 2-core CPU)")
+    parser.add_argument("--device", default=default_device(), help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--out", default="bench_out", help="folder for suite.json, suite.md, suite.png")
+    parser.add_argument("--only", default="", help="comma-separated subset of " + ",".join(BENCHMARKS))
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: tiny shapes, one run
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    names = _names(args.only, parser)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this torch has no usable CUDA device")
+    start = time.perf_counter()
+    load_before = _load_average()
+    progress = _progress(1 + len(names), not args.no_progress)
+    progress.set_description("ceilings")
+    ceilings = measure_ceilings(device, quick=args.quick, tiny=args.tiny)
+    progress.update()
+    rows, failures, seconds = [], [], {}
+    for name in names:
+        progress.set_description(name)
+        began = time.perf_counter()
+        try:
+            rows += run_benchmark(name, device, args.quick, ceilings, tiny=args.tiny)
+        except Exception as exc:  # report it in the table and go on with the others
+            failures.append(name)
+            traceback.print_exc()
+            rows.append(skipped_row(name, "-", torch.float32, "-", f"FAILED: {type(exc).__name__}: {exc}"[:300]))
+        seconds[name] = round(time.perf_counter() - began, 1)
+        progress.update()
+    progress.close()
+    elapsed = time.perf_counter() - start
+
+    payload = bm.save(rows, ceilings, device, args.out, "suite")
+    from . import model as model_bench
+    model_md, model_records = model_bench.summary(rows)
+    payload["meta"].update(quick=args.quick, elapsed_s=round(elapsed, 1), seconds_per_benchmark=seconds,
+                           load_average_before=load_before, load_average_after=_load_average(),
+                           benchmarks=names, failed=failures)
+    payload["model_step"] = model_records
+    with open(os.path.join(args.out, "suite.json"), "w") as f:
+        json.dump(payload, f, indent=2)
+    footer = (f"\n{'quick' if args.quick else 'full'} run in {elapsed:.0f} s "
+              f"(load average before {load_before}, after {_load_average()}); seconds per benchmark: "
+              + ", ".join(f"{k} {v}" for k, v in seconds.items()) + "\n")
+    if model_records:
+        footer += (f"\nModel training step (forward + backward + AdamW; target on the 2-core CPU: fused "
+                   f"tokens/s >= {model_bench.TARGET_SPEEDUP}x the reference, peak memory <= 1/3):\n\n"
+                   + model_md + "\n")
+    with open(os.path.join(args.out, "suite.md"), "a") as f:
+        f.write(footer)
+
+    print(f"device: {bm.device_name(device)}, torch {torch.__version__}; ceilings: "
+          + ", ".join(f"{k} {v:.1f}" for k, v in ceilings.items()))
+    print(bm.format_table(rows, ceilings))
+    print(footer)
+    print(f"written: {os.path.join(args.out, 'suite.json')}, suite.md, suite.png")
+    if failures:
+        print(f"FAILED: {', '.join(failures)}", file=sys.stderr)
+        return 1
+    return 0

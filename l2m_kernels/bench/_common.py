@@ -1,0 +1,110 @@
+"""Helpers shared by the op benchmarks of :mod:`l2m_kernels.bench` and their standalone scripts."""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+import l2m_kernels as l2m
+from l2m_kernels import benchmark as bm
+
+FUSED_ORDER = ("cpu", "triton", "cuda")
+
+
+def fused_backends(op: str, device: torch.device, dtype: torch.dtype) -> list:
+    """The fused backends that can serve ``op`` on ``device``/``dtype``, in a fixed order.
+
+    Triton on CPU tensors runs only through its interpreter (``TRITON_INTERPRET=1``), whose speed
+    says nothing about the kernels: it is never benchmarked.
+    """
+    names = []
+    for name in FUSED_ORDER:
+        if name == "triton" and device.type != "cuda":
+            continue
+        if not l2m.backends.BACKENDS[name].not_supported_reasons(op, device, dtype):
+            names.append(name)
+    return names
+
+
+def bench_dtype(device: torch.device) -> torch.dtype:
+    """float32 on the CPU; bfloat16 for the ``-gpu`` shapes of SPEC."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def skipped_row(op: str, shape: str, dtype: torch.dtype, variant: str, note: str) -> bm.Row:
+    """A row that was not measured; the table shows ``-`` and the note says why."""
+    return bm.Row(op, shape, dtype_name(dtype), variant, float("nan"), None, None, None, note=note)
+
+
+def measure_ceilings(device: torch.device, quick: bool = False, tiny: bool = False) -> dict:
+    """:func:`l2m_kernels.benchmark.measure_ceilings`; with ``tiny`` (tests) a small, fast version
+    of the same two measurements."""
+    if not tiny:
+        return bm.measure_ceilings(device, quick=quick)
+    n, numel = 256, 2 ** 20
+    a = torch.randn(n, n, device=device)
+    t = bm.median_time(lambda: torch.mm(a, a), device, warmup=1, reps=3)
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    t_copy = bm.median_time(lambda: dst.copy_(src), device, warmup=1, reps=3)
+    return {"matmul_gflops_float32": 2 * n ** 3 / t / 1e9, "copy_gbps": 2 * numel * 4 / t_copy / 1e9}
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def standalone_parser(doc: str, quick_help: str = "smaller shapes and fewer repetitions") -> argparse.ArgumentParser:
+    """The options every per-op script takes: ``--quick``, ``--device``, ``--out``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--device", default=default_device())
+    parser.add_argument("--out", default="bench_out", help="folder for JSON, Markdown and PNG")
+    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests only
+    return parser
+
+
+def run_standalone(name: str, run, args: argparse.Namespace, **run_kwargs) -> int:
+    """Ceilings, ``run(device, quick, ceilings, tiny=..., **run_kwargs)``, then ``<name>.json/.md/.png``
+    in ``args.out`` and the table on stdout."""
+    device = torch.device(args.device)
+    start = time.perf_counter()
+    ceilings = measure_ceilings(device, quick=args.quick, tiny=args.tiny)
+    rows = run(device, args.quick, ceilings, tiny=args.tiny, **run_kwargs)
+    bm.save(rows, ceilings, device, args.out, name)
+    print(f"device: {bm.device_name(device)}; ceilings: " + ", ".join(f"{k} {v:.1f}" for k, v in ceilings.items()))
+    print(bm.format_table(rows, ceilings))
+    print(f"written: {os.path.join(args.out, name)}.json, .md, .png ({time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+def _tiny_timing(kw: dict) -> dict:
+    # --tiny exercises the code paths, it measures nothing worth reading: one run, one input set.
+    return dict(kw, reps=1, warmup=1, rotate_bytes=0)
+
+
+def run_variant(op, shape, dtype, variant, forward, make_inputs, device, *, tiny: bool = False, **kw) -> bm.Row:
+    """:func:`l2m_kernels.benchmark.run_variant`, with ``tiny`` (tests): one timed run."""
+    if tiny:
+        kw = _tiny_timing(kw)
+    return bm.run_variant(op, shape, dtype, variant, forward, make_inputs, device, **kw)
+
+
+def compare(op, shape, dtype, fused, reference, make_inputs, device, *, tiny: bool = False,
+            compile_reference: bool = True, **kw) -> list:
+    """:func:`l2m_kernels.benchmark.compare`; with ``tiny`` (tests) one timed run per row and the
+    compiled reference skipped (its compilation alone takes longer than a test may)."""
+    if not tiny:
+        return bm.compare(op, shape, dtype, fused, reference, make_inputs, device,
+                          compile_reference=compile_reference, **kw)
+    rows = bm.compare(op, shape, dtype, fused, reference, make_inputs, device, compile_reference=False,
+                      **_tiny_timing(kw))
+    if compile_reference:
+        rows.append(skipped_row(op, shape, dtype, "reference+compile", "skipped: --tiny (tests)"))
+    return rows

@@ -1,0 +1,65 @@
+"""Benchmark memory_attention: fused backends vs the reference, eager and compiled.
+
+Shape (SPEC): ``attn-cpu`` B=1, H=8, T=S=1024, window=256, D=Dv=64, N=16384, topk=32, float32, with
+Hkv = Hm = H (SPEC leaves them open); on CUDA ``attn-gpu`` (B*8, bfloat16). ``--quick`` divides T, S
+and N by 4. The backward seeds out, lse_local and lse_mem, so the gradients flow through all three.
+GFLOP/s counts the memory scoring (2·B·H·T·N·D) plus the local attention's two products over the
+visible keys (2·B·H·(D + Dv)·sum_t min(window, p_t + 1)).
+"""
+from __future__ import annotations
+
+import torch
+
+import l2m_kernels as l2m
+from l2m_kernels.ops.memory_attention.reference import memory_attention_ref
+
+from ._common import bench_dtype, compare, fused_backends
+
+SHAPES = {"attn-cpu": dict(B=1, H=8, Hkv=8, Hm=8, T=1024, S=1024, window=256, D=64, Dv=64, N=16384, topk=32)}
+TINY_SHAPES = {"attn-tiny": dict(B=1, H=2, Hkv=2, Hm=2, T=32, S=32, window=8, D=16, Dv=16, N=128,
+                                 topk=4)}  # tests only
+
+
+def run(device: torch.device, quick: bool = False, ceilings: dict | None = None, merge: str = "joint", *,
+        tiny: bool = False) -> list:
+    rows = []
+    dtype = bench_dtype(device)
+    for name, s in (TINY_SHAPES if tiny else SHAPES).items():
+        s = dict(s)
+        if device.type == "cuda":
+            s["B"] *= 8
+            name = name.replace("-cpu", "-gpu")
+        if quick and not tiny:
+            for key in ("T", "S", "N"):
+                s[key] //= 4
+        B, H, Hkv, Hm, T, S, window, D, Dv, N, topk = (
+            s[x] for x in ("B", "H", "Hkv", "Hm", "T", "S", "window", "D", "Dv", "N", "topk"))
+        shape = (f"{name} B={B} H={H} Hkv={Hkv} Hm={Hm} T={T} S={S} w={window} D={D} N={N} "
+                 f"k={topk} {merge}")
+        visible = sum(min(window, S - T + t + 1) for t in range(T))
+        flops = 2 * B * H * (T * N * D + visible * (D + Dv))
+
+        def make_inputs(requires_grad):
+            gen = lambda *sh: torch.randn(*sh, device=device, dtype=dtype).requires_grad_(requires_grad)  # noqa: E731
+            inputs = dict(q=gen(B, H, T, D), k=gen(B, Hkv, S, D), v=gen(B, Hkv, S, Dv),
+                          mem_keys=gen(B, Hm, N, D), mem_values=gen(B, Hm, N, Dv))
+            if merge == "gate":
+                inputs["gate"] = gen(H, 1, 1)
+            return inputs
+
+        def reference(q, k, v, mem_keys, mem_values, gate=None):
+            out, lse_local, lse_mem, _ = memory_attention_ref(q, k, v, mem_keys, mem_values, topk, window=window,
+                                                              merge=merge, gate=gate)
+            return out, lse_local, lse_mem
+
+        def fused_variant(backend):
+            def forward(q, k, v, mem_keys, mem_values, gate=None):
+                res = l2m.memory_attention(q, k, v, mem_keys, mem_values, topk, window=window, merge=merge,
+                                           gate=gate, backend=backend)  # one call
+                return res.out, res.lse_local, res.lse_mem
+            return forward
+
+        fused = {b: fused_variant(b) for b in fused_backends("memory_attention", device, dtype)}
+        kw = dict(fwd_flops=flops, reps=5, warmup=1)
+        rows += compare("memory_attention", shape, dtype, fused, reference, make_inputs, device, tiny=tiny, **kw)
+    return rows

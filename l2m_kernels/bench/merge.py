@@ -1,0 +1,53 @@
+"""Benchmark merge_attention and gated_merge: fused backends vs the reference, eager and compiled.
+
+Shapes: ``merge-cpu`` B=1, H=8, T=4096, D=64 float32 (``--quick``: T=1024); on CUDA the ``-gpu``
+convention of SPEC: B*8 and bfloat16. These ops are memory-bound: the table gives forward GB/s
+against a device copy measured in the same run.
+"""
+from __future__ import annotations
+
+import torch
+
+import l2m_kernels as l2m
+from l2m_kernels.ops.merge.reference import gated_merge_ref, merge_attention_ref
+
+from ._common import bench_dtype, compare, fused_backends
+
+
+def shapes(device: torch.device, quick: bool, tiny: bool = False):
+    B, H, T, D = 1, 8, 1024 if quick else 4096, 64
+    if tiny:
+        B, H, T, D = 1, 2, 64, 16
+    dtype = bench_dtype(device)
+    if device.type == "cuda":
+        B *= 8
+    return (B, H, T, D), dtype
+
+
+def run(device: torch.device, quick: bool = False, ceilings: dict | None = None, *, tiny: bool = False) -> list:
+    (B, H, T, D), dtype = shapes(device, quick, tiny)
+    shape = f"B={B} H={H} T={T} D={D}"
+    es = torch.empty((), dtype=dtype).element_size()
+    R = B * H * T
+    reps = 7 if quick else 30
+    rows = []
+
+    def merge_inputs(requires_grad):
+        gen = lambda *s: torch.randn(*s, device=device, dtype=dtype).requires_grad_(requires_grad)  # noqa: E731
+        lse = lambda: (torch.randn(B, H, T, device=device) * 3).requires_grad_(requires_grad)  # noqa: E731
+        return dict(out_a=gen(B, H, T, D), lse_a=lse(), out_b=gen(B, H, T, D), lse_b=lse())
+
+    fused = {name: (lambda n: lambda **x: l2m.merge_attention(**x, backend=n))(name)
+             for name in fused_backends("merge_attention", device, dtype)}
+    rows += compare("merge_attention", shape, dtype, fused, merge_attention_ref, merge_inputs, device,
+                    fwd_bytes=3 * R * D * es + 3 * R * 4, reps=reps, tiny=tiny)
+
+    def gate_inputs(requires_grad):
+        gen = lambda *s: torch.randn(*s, device=device, dtype=dtype).requires_grad_(requires_grad)  # noqa: E731
+        return dict(out_local=gen(B, H, T, D), out_mem=gen(B, H, T, D), gate=gen(H, 1, 1))
+
+    fused = {name: (lambda n: lambda **x: l2m.gated_merge(**x, backend=n))(name)
+             for name in fused_backends("gated_merge", device, dtype)}
+    rows += compare("gated_merge", shape, dtype, fused, gated_merge_ref, gate_inputs, device,
+                    fwd_bytes=3 * R * D * es, reps=reps, tiny=tiny)
+    return rows

@@ -1,0 +1,61 @@
+"""``l2m-bench``: runs at tiny shapes, writes JSON, Markdown and PNG, and its table compares the fused
+backend with the reference (op benchmarks and the model training step)."""
+import json
+
+import pytest
+import torch
+
+from l2m_kernels import backends
+from l2m_kernels.bench import BENCHMARKS, main
+
+_CPU_REASONS = backends.BACKENDS["cpu"].not_supported_reasons("merge_attention", torch.device("cpu"),
+                                                              torch.float32)
+pytestmark = pytest.mark.skipif(bool(_CPU_REASONS), reason="cpu: " + "; ".join(_CPU_REASONS))
+
+
+@pytest.fixture
+def one_thread():
+    # On a shared 2-core machine, OpenMP barriers of 2 threads stall behind other processes; the
+    # test checks the command, not the speed.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_bench_tiny_writes_outputs(tmp_path, capsys, one_thread):
+    out = tmp_path / "bench"
+    # merge: an op benchmark; memory_write: the compiled-reference skip path; model: the training step.
+    status = main(["--tiny", "--device", "cpu", "--out", str(out), "--no-progress",
+                   "--only", "merge,bench_memory_write,model"])
+    printed = capsys.readouterr().out
+    assert status == 0, printed
+    for name in ("suite.json", "suite.md", "suite.png"):
+        assert (out / name).stat().st_size > 0, name
+
+    report = json.loads((out / "suite.json").read_text())
+    assert set(report["meta"]["ceilings"]) >= {"matmul_gflops_float32", "copy_gbps"}
+    assert report["meta"]["benchmarks"] == ["merge", "memory_write", "model"] and not report["meta"]["failed"]
+    rows = report["rows"]
+    for op in ("merge_attention", "gated_merge", "gated_memory_write", "L2M train step"):
+        variants = {r["variant"] for r in rows if r["op"] == op}
+        assert {"cpu", "reference", "reference+compile"} <= variants, (op, variants)
+        measured = [r for r in rows if r["op"] == op and r["variant"] in ("cpu", "reference")]
+        assert all(r["both_ms"] > 0 and r["peak_mb"] is not None for r in measured), measured
+    model = report["model_step"]
+    assert {(m["mode"], m["variant"]) for m in model} == {(mode, v) for mode in ("append", "slots")
+                                                          for v in ("cpu", "reference")}
+    assert all(m["tokens_per_s"] > 0 for m in model)
+    assert all(m["speedup"] > 0 for m in model if m["variant"] == "cpu")
+
+    table = (out / "suite.md").read_text()
+    assert "| merge_attention |" in table and "| reference |" in table and "| cpu |" in table
+    assert "Model training step" in table and "tokens/s" in table
+    assert "| L2M train step |" in printed
+
+
+def test_bench_rejects_unknown_names(capsys):
+    with pytest.raises(SystemExit):
+        main(["--only", "merge,nonsense"])
+    assert "nonsense" in capsys.readouterr().err
+    assert BENCHMARKS[-1] == "model"
