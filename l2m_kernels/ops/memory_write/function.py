@@ -89,7 +89,8 @@ def _gpu_write_fwd(backend):
     def fwd(memory, indices, weights, add, erase):
         out = empty(memory.shape, dtype=memory.dtype, device=memory.device)
         out.copy_(memory)
-        return _gpu_write_into(backend, out, memory, indices, weights, add, erase)
+        # The writes then run in place on the copy: a strided memory is copied once, not twice.
+        return _gpu_write_into(backend, out, out, indices, weights, add, erase)
     return fwd
 
 

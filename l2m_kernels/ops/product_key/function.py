@@ -46,6 +46,15 @@ def _no_slots(values):
     return values.new_empty((0,), dtype=torch.int64)
 
 
+def _gpu_value_grad(indices, dvalues, values, sparse_grad):
+    """(dvalues, value_slots) of the GPU backwards: dense as written, or their per-entry rows
+    coalesced (summed in float32, rounded once)."""
+    if not sparse_grad:
+        return dvalues, _no_slots(values)
+    summed, slots = coalesce_rows(indices, dvalues.to(acc_dtype(values.dtype)), values.shape[0])
+    return summed.to(values.dtype), slots
+
+
 def _reference_bwd(dout, dweights, dlse, q, subkeys, values, indices, weights, scale, sum_heads,
                    sparse_grad, deterministic):
     # Values enter linearly: their gradient is the weighted scatter of dout; q and subkeys by vjp.
@@ -120,10 +129,7 @@ def _triton_bwd(dout, dweights, dlse, q, subkeys, values, indices, weights, scal
         dout.contiguous(), dweights.contiguous(), dlse.contiguous(), q.contiguous(), subkeys.contiguous(),
         values.contiguous(), indices.contiguous(), weights.contiguous(), scale, sum_heads, sparse_grad,
         deterministic, dq, dsubkeys, dvalues)
-    if sparse_grad:  # summed in float32, rounded once
-        summed, slots = coalesce_rows(indices, dvalues.to(acc_dtype(values.dtype)), values.shape[0])
-        return dq, dsubkeys, summed.to(values.dtype), slots
-    return dq, dsubkeys, dvalues, _no_slots(values)
+    return (dq, dsubkeys) + _gpu_value_grad(indices, dvalues, values, sparse_grad)
 
 
 def _cuda_fwd(q, subkeys, values, k, k_sub, scale, sum_heads, deterministic):
@@ -151,10 +157,7 @@ def _cuda_bwd(dout, dweights, dlse, q, subkeys, values, indices, weights, scale,
         dout.contiguous(), dweights.contiguous(), dlse.contiguous(), q.contiguous(), subkeys.contiguous(),
         values.contiguous(), indices.contiguous(), weights.contiguous(), scale, sum_heads, sparse_grad,
         deterministic, dq, dsubkeys, dvalues)
-    if sparse_grad:  # summed in float32, rounded once
-        summed, slots = coalesce_rows(indices, dvalues.to(acc_dtype(values.dtype)), values.shape[0])
-        return dq, dsubkeys, summed.to(values.dtype), slots
-    return dq, dsubkeys, dvalues, _no_slots(values)
+    return (dq, dsubkeys) + _gpu_value_grad(indices, dvalues, values, sparse_grad)
 
 
 FWD = {"reference": _reference_fwd, "cpu": _cpu_fwd, "triton": _triton_fwd, "cuda": _cuda_fwd}
