@@ -11,6 +11,8 @@ extension. The peak is measured in a separate, untimed run.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import gc
 import json
@@ -67,6 +69,34 @@ def median_time(fn: Callable[[], object], device: torch.device, *, warmup: int =
     return statistics.median(samples)
 
 
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+_GLIBC_DYNAMIC_MMAP_THRESHOLD_MAX = 32 * 2 ** 20  # 64-bit glibc
+
+
+@contextlib.contextmanager
+def _large_allocations_mapped():
+    """With glibc, serve allocations of 1 MiB or more with mmap while the block runs.
+
+    Under the profiler, its small event records land in the heap chunks that large temporaries
+    free and split them, so a loop that allocates and frees one large temporary per iteration (the
+    reference write's backward: one memory-sized gradient per write step) grows the process by one
+    temporary per iteration: tens of GB at ``write-cpu``, where nothing but the profiler holds it.
+    Mapped allocations go back to the system when freed. Afterwards the threshold is fixed at
+    glibc's dynamic maximum, where it settles anyway once a large mapped block has been freed
+    (mallopt cannot restore the dynamic mode). A no-op where glibc is not found.
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        yield
+        return
+    mallopt(_M_MMAP_THRESHOLD, 2 ** 20)
+    try:
+        yield
+    finally:
+        mallopt(_M_MMAP_THRESHOLD, _GLIBC_DYNAMIC_MMAP_THRESHOLD_MAX)
+
+
 def _cpu_peak_bytes(fn: Callable[[], object]) -> Optional[int]:
     # The profiler's memory events carry the allocator's running total of bytes allocated since
     # profiling started: every CPU tensor allocation, including those made inside compiled
@@ -76,9 +106,10 @@ def _cpu_peak_bytes(fn: Callable[[], object]) -> Optional[int]:
 
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
-    del result
+    with _large_allocations_mapped():
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            result = fn()
+        del result
     fd, path = tempfile.mkstemp(suffix=".json")
     os.close(fd)
     try:

@@ -1,5 +1,6 @@
 // Torch-facing bindings of the CUDA kernels (merge ops, top-k and product-key memory reads, gated
-// memory writes and the gated dense update): extension `l2m_kernels._C_cuda`.
+// memory writes, the gated dense update, and the local attention and read-weight helper of the
+// memory_attention backend): extension `l2m_kernels._C_cuda`.
 //
 // The only file under csrc/cuda that includes torch headers (the kernels in *.cu see plain
 // structs, see merge.h). Each function follows notes/merge_kernels.md: the Python layer has
@@ -30,6 +31,8 @@
 #include <vector>
 
 #include "dense_update.h"
+#include "local_attention.h"
+#include "memory_attention.h"
 #include "memory_write.h"
 #include "merge.h"
 #include "product_key.h"
@@ -1138,11 +1141,260 @@ void gated_dense_update_bwd(const at::Tensor& dout, const at::Tensor& memory,
   check_launch(op, l2m::cuda::gated_dense_update_bwd_launch(params, current_stream()));
 }
 
+// ---------------------------------------------------------------------------------------------
+// Local attention and the read-weight helper of the memory_attention backend (SPEC section 5;
+// interfaces: csrc/cuda/local_attention.h, memory_attention.h). The Python signatures of the cpu
+// extension's functions; outputs preallocated by the caller, None returned. float64 is served
+// here too (accumulated in float64), although memory_attention itself is not served in float64 on
+// CUDA (the top-k read is not).
+
+using l2m::cuda::AttentionDtype;
+
+AttentionDtype attention_dtype(const char* op, const at::Tensor& q) {
+  switch (q.scalar_type()) {
+    case at::kFloat:
+      return AttentionDtype::kFloat32;
+    case at::kHalf:
+      return AttentionDtype::kFloat16;
+    case at::kBFloat16:
+      return AttentionDtype::kBFloat16;
+    case at::kDouble:
+      return AttentionDtype::kFloat64;
+    default:
+      TORCH_CHECK_TYPE(false, op, ": q must be float32, float16, bfloat16 or float64, got ",
+                       q.scalar_type());
+  }
+  return AttentionDtype::kFloat32;
+}
+
+// dtype of lse, weights and the other per-row statistics: float64 for float64 input, else float32.
+at::ScalarType attention_acc_dtype(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+struct LocalShape {
+  int64_t batch, heads, kv_heads, seq_len, context_len, dim, dim_v;
+};
+
+// q (B, H, T, D); k (B, Hkv, S, D) with H % Hkv == 0 and S >= T; v (B, Hkv, S, Dv); window -1
+// (none) or >= 0.
+LocalShape check_local_operands(const char* op, const at::Tensor& q, const at::Tensor& k,
+                                const at::Tensor& v, int64_t window) {
+  TORCH_CHECK_VALUE(q.dim() == 4, op, ": q must be 4-D (B, H, T, D), got shape ",
+                    shape_string(q.sizes()));
+  TORCH_CHECK_VALUE(k.dim() == 4, op, ": k must be 4-D (B, Hkv, S, D), got shape ",
+                    shape_string(k.sizes()));
+  TORCH_CHECK_VALUE(v.dim() == 4, op, ": v must be 4-D (B, Hkv, S, Dv), got shape ",
+                    shape_string(v.sizes()));
+  LocalShape shape;
+  shape.batch = q.size(0);
+  shape.heads = q.size(1);
+  shape.seq_len = q.size(2);
+  shape.dim = q.size(3);
+  shape.kv_heads = k.size(1);
+  shape.context_len = k.size(2);
+  shape.dim_v = v.size(3);
+  TORCH_CHECK_VALUE(shape.kv_heads >= 1 && shape.heads % shape.kv_heads == 0 &&
+                        shape.context_len >= shape.seq_len,
+                    op, ": k must have Hkv dividing H = ", std::to_string(shape.heads),
+                    " and S >= T = ", std::to_string(shape.seq_len), ", got shape ",
+                    shape_string(k.sizes()));
+  expect_shape(op, "k", k, {shape.batch, shape.kv_heads, shape.context_len, shape.dim});
+  expect_shape(op, "v", v, {shape.batch, shape.kv_heads, shape.context_len, shape.dim_v});
+  TORCH_CHECK_VALUE(window >= -1, op, ": window must be -1 (no window) or >= 0, got ",
+                    std::to_string(window));
+  constexpr int64_t kMax = l2m::cuda::kLocalAttentionMaxExtent;
+  TORCH_CHECK_NOT_IMPLEMENTED(shape.heads <= kMax && shape.context_len <= kMax &&
+                                  shape.dim <= kMax && shape.dim_v <= kMax,
+                              op, ": the CUDA kernels serve H, S, D, Dv <= 2**30, got q ",
+                              shape_string(q.sizes()), ", k ", shape_string(k.sizes()), ", v ",
+                              shape_string(v.sizes()));
+  return shape;
+}
+
+template <typename Params>
+void fill_local_params(Params& params, AttentionDtype dtype, const LocalShape& shape,
+                       int64_t window, double scale) {
+  params.dtype = dtype;
+  params.batch = shape.batch;
+  params.heads = shape.heads;
+  params.kv_heads = shape.kv_heads;
+  params.seq_len = shape.seq_len;
+  params.context_len = shape.context_len;
+  params.dim = shape.dim;
+  params.dim_v = shape.dim_v;
+  params.window = window < 0 ? shape.context_len : window;
+  params.scale = scale;
+}
+
+void local_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         int64_t window, double scale, const at::Tensor& out,
+                         const at::Tensor& lse) {
+  constexpr const char* op = "l2m local_attention_fwd (cuda)";
+  check_placement(op, {{"q", &q}, {"k", &k}, {"v", &v}, {"out", &out}, {"lse", &lse}});
+  const AttentionDtype dtype = attention_dtype(op, q);
+  expect_dtype(op, q.scalar_type(), {{"k", &k}, {"v", &v}, {"out", &out}});
+  expect_dtype(op, attention_acc_dtype(q.scalar_type()), {{"lse", &lse}});
+  const LocalShape shape = check_local_operands(op, q, k, v, window);
+  const int64_t B = shape.batch, H = shape.heads, T = shape.seq_len;
+  expect_shape(op, "out", out, {B, H, T, shape.dim_v});
+  expect_shape(op, "lse", lse, {B, H, T});
+  check_outputs_apart({&out, &lse}, {&q, &k, &v});
+  if (B * H * T == 0) return;
+
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  l2m::cuda::LocalAttentionFwdParams params;
+  fill_local_params(params, dtype, shape, window, scale);
+  params.q = q.data_ptr();
+  params.k = k.data_ptr();
+  params.v = v.data_ptr();
+  params.out = out.data_ptr();
+  params.lse = lse.data_ptr();
+  check_launch(op, l2m::cuda::local_attention_fwd_launch(params, current_stream()));
+}
+
+void local_attention_bwd(const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& q,
+                         const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                         const at::Tensor& lse, int64_t window, double scale,
+                         const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
+  constexpr const char* op = "l2m local_attention_bwd (cuda)";
+  check_placement(op, {{"dout", &dout},
+                       {"dlse", &dlse},
+                       {"q", &q},
+                       {"k", &k},
+                       {"v", &v},
+                       {"out", &out},
+                       {"lse", &lse},
+                       {"dq", &dq},
+                       {"dk", &dk},
+                       {"dv", &dv}});
+  const AttentionDtype dtype = attention_dtype(op, q);
+  const at::ScalarType acc = attention_acc_dtype(q.scalar_type());
+  expect_dtype(op, q.scalar_type(),
+               {{"dout", &dout}, {"k", &k}, {"v", &v}, {"out", &out}, {"dq", &dq}, {"dk", &dk},
+                {"dv", &dv}});
+  expect_dtype(op, acc, {{"dlse", &dlse}, {"lse", &lse}});
+  const LocalShape shape = check_local_operands(op, q, k, v, window);
+  const int64_t B = shape.batch, H = shape.heads, T = shape.seq_len;
+  expect_shape(op, "dout", dout, {B, H, T, shape.dim_v});
+  expect_shape(op, "dlse", dlse, {B, H, T});
+  expect_shape(op, "out", out, {B, H, T, shape.dim_v});
+  expect_shape(op, "lse", lse, {B, H, T});
+  expect_shape(op, "dq", dq, std::vector<int64_t>(q.sizes().begin(), q.sizes().end()));
+  expect_shape(op, "dk", dk, std::vector<int64_t>(k.sizes().begin(), k.sizes().end()));
+  expect_shape(op, "dv", dv, std::vector<int64_t>(v.sizes().begin(), v.sizes().end()));
+  check_outputs_apart({&dq, &dk, &dv}, {&dout, &dlse, &q, &k, &v, &out, &lse});
+  // No key: dk, dv and (S >= T) dq have no elements.
+  if (B * shape.kv_heads * shape.context_len == 0) return;
+
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  // delta = <dout, out> - dlse per row, written by the first kernel and read by the others; the
+  // caching allocator reuses its memory only for later work on this stream.
+  const at::Tensor delta = at::empty({B, H, T}, q.options().dtype(acc));
+  l2m::cuda::LocalAttentionBwdParams params;
+  fill_local_params(params, dtype, shape, window, scale);
+  params.dout = dout.data_ptr();
+  params.dlse = dlse.data_ptr();
+  params.q = q.data_ptr();
+  params.k = k.data_ptr();
+  params.v = v.data_ptr();
+  params.out = out.data_ptr();
+  params.lse = lse.data_ptr();
+  params.delta = delta.data_ptr();
+  params.dq = dq.data_ptr();
+  params.dk = dk.data_ptr();
+  params.dv = dv.data_ptr();
+  // Runs without queries too (T == 0): dk and dv are zeroed.
+  check_launch(op, l2m::cuda::local_attention_bwd_launch(params, current_stream()));
+}
+
+// The read's weights recomputed at a given selection, for the memory_attention backward
+// (memory_attention.h). Indices outside [0, N) (e.g. -1) get weight 0 and are never read: they
+// are checked on the device, not here (no host synchronisation).
+void memory_read_weights(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                         const at::Tensor& indices, const at::Tensor& lse, double scale,
+                         const std::optional<at::Tensor>& dout, const at::Tensor& weights,
+                         const std::optional<at::Tensor>& dots,
+                         const std::optional<at::Tensor>& out) {
+  constexpr const char* op = "l2m memory_read_weights (cuda)";
+  check_placement(op, {{"q", &q}, {"keys", &keys}, {"values", &values}, {"indices", &indices},
+                       {"lse", &lse}, {"weights", &weights}});
+  for (const auto& named : {std::make_pair("dout", &dout), std::make_pair("dots", &dots),
+                            std::make_pair("out", &out)}) {
+    if (named.second->has_value()) check_placement(op, {{"q", &q}, {named.first, &**named.second}});
+  }
+  const AttentionDtype dtype = attention_dtype(op, q);
+  const at::ScalarType acc = attention_acc_dtype(q.scalar_type());
+  expect_dtype(op, q.scalar_type(), {{"keys", &keys}, {"values", &values}});
+  expect_dtype(op, acc, {{"lse", &lse}, {"weights", &weights}});
+  expect_dtype(op, at::kLong, {{"indices", &indices}});
+  const TopkReadShape shape = check_topk_operands(op, q, keys, values);
+  const int64_t B = shape.batch, H = shape.heads, T = shape.seq_len;
+  TORCH_CHECK_VALUE(indices.dim() == 4, op, ": indices must be 4-D (B, H, T, k), got shape ",
+                    shape_string(indices.sizes()));
+  const int64_t k = indices.size(3);
+  expect_shape(op, "indices", indices, {B, H, T, k});
+  expect_shape(op, "lse", lse, {B, H, T});
+  expect_shape(op, "weights", weights, {B, H, T, k});
+  std::vector<const at::Tensor*> outputs = {&weights};
+  std::vector<const at::Tensor*> inputs = {&q, &keys, &values, &indices, &lse};
+  if (dout.has_value()) {
+    expect_dtype(op, q.scalar_type(), {{"dout", &*dout}});
+    expect_shape(op, "dout", *dout, {B, H, T, shape.dim_v});
+    TORCH_CHECK_VALUE(dots.has_value(), op, ": dots is required with dout");
+    inputs.push_back(&*dout);
+  }
+  if (dots.has_value()) {
+    expect_dtype(op, acc, {{"dots", &*dots}});
+    expect_shape(op, "dots", *dots, {B, H, T});
+    outputs.push_back(&*dots);
+  }
+  if (out.has_value()) {
+    expect_dtype(op, q.scalar_type(), {{"out", &*out}});
+    expect_shape(op, "out", *out, {B, H, T, shape.dim_v});
+    outputs.push_back(&*out);
+  }
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    for (const at::Tensor* input : inputs) at::assert_no_overlap(*outputs[i], *input);
+    for (size_t j = i + 1; j < outputs.size(); ++j) at::assert_no_overlap(*outputs[i], *outputs[j]);
+  }
+
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  if (B * H * T == 0 || k == 0) {  // no entry: dots and out are zero
+    if (dots.has_value()) dots->zero_();
+    if (out.has_value()) out->zero_();
+    return;
+  }
+  l2m::cuda::MemoryReadWeightsParams params;
+  params.dtype = dtype;
+  params.batch = B;
+  params.heads = H;
+  params.seq_len = T;
+  params.mem_heads = shape.mem_heads;
+  params.num_slots = shape.num_slots;
+  params.dim_k = shape.dim_k;
+  params.dim_v = shape.dim_v;
+  params.k = k;
+  params.shared_memory = shape.shared_memory;
+  params.scale = scale;
+  params.q = q.data_ptr();
+  params.keys = keys.data_ptr();
+  params.values = values.data_ptr();
+  params.indices = indices.data_ptr<int64_t>();
+  params.lse = lse.data_ptr();
+  params.dout = dout.has_value() ? dout->data_ptr() : nullptr;
+  params.weights = weights.data_ptr();
+  params.dots = dots.has_value() ? dots->data_ptr() : nullptr;
+  params.out = out.has_value() ? out->data_ptr() : nullptr;
+  check_launch(op, l2m::cuda::memory_read_weights_launch(params, current_stream()));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "l2m-kernels CUDA backend: merge ops, the top-k and product-key memory reads, gated "
-          "memory writes and the gated dense update (low-level interface, preallocated outputs).";
+          "memory writes, the gated dense update, and the local attention and read weights of "
+          "memory_attention (low-level interface, preallocated outputs).";
   m.attr("CUDA_ARCHS") = kCudaArchs;
   m.attr("CUDART_VERSION") = CUDART_VERSION;  // of the toolkit the extension was built with
 #ifdef L2M_TORCH_VERSION
@@ -1210,4 +1462,26 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dout"), py::arg("memory"), py::arg("update"), py::arg("input_gate"),
         py::arg("forget_gate"), py::arg("dmemory"), py::arg("dupdate"), py::arg("dinput_gate"),
         py::arg("dforget_gate"));
+  m.def("local_attention_fwd", &local_attention_fwd,
+        "Causal local attention of the last T of S positions (FlashAttention style, no T x S\n"
+        "matrix). q (B, H, T, D); k (B, Hkv, S, D), H % Hkv == 0, S >= T; v (B, Hkv, S, Dv);\n"
+        "window -1 (none) or >= 0: query t at p = S - T + t sees keys p - window < j <= p.\n"
+        "Writes out (B, H, T, Dv) dtype and lse (B, H, T) acc; no visible key: out 0, lse -inf.",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("window"), py::arg("scale"),
+        py::arg("out"), py::arg("lse"));
+  m.def("local_attention_bwd", &local_attention_bwd,
+        "Gradients of local_attention_fwd (FlashAttention-2): writes dq, dk, dv (like q, k, v).\n"
+        "out enters only through <dout, out> per row. Deterministic (dq per query tile, dk/dv\n"
+        "per key tile, no atomics).",
+        py::arg("dout"), py::arg("dlse"), py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("out"), py::arg("lse"), py::arg("window"), py::arg("scale"), py::arg("dq"),
+        py::arg("dk"), py::arg("dv"));
+  m.def("memory_read_weights", &memory_read_weights,
+        "The top-k read's weights at a given selection (memory_attention backward): writes\n"
+        "weights (B, H, T, k) acc = exp(<scale q, keys[n_j]> - lse) (0 for slots outside [0, N)),\n"
+        "and, when given, dots (B, H, T) acc = sum_j w_j <dout, values[n_j]> and out (B, H, T, Dv)\n"
+        "dtype = sum_j w_j values[n_j]. q, keys, values as in topk_read_fwd; dout, dots, out\n"
+        "optional.",
+        py::arg("q"), py::arg("keys"), py::arg("values"), py::arg("indices"), py::arg("lse"),
+        py::arg("scale"), py::arg("dout"), py::arg("weights"), py::arg("dots"), py::arg("out"));
 }

@@ -1,8 +1,9 @@
 """Reference (naive PyTorch) gated memory writes: the specification the fused kernels are checked against.
 
-- :func:`gated_memory_write_ref` applies the writes one ``(t, j)`` step at a time, out of place and
-  differentiable (every step rebuilds the memory, so it costs O(T * kw * N * D): the honest naive
-  baseline the SPEC benchmark shape is sized for).
+- :func:`gated_memory_write_ref` applies the writes one ``(t, j)`` step at a time on one working copy,
+  differentiable (the forward costs O(T * kw * D) after the copy, but autograd's backward of each
+  in-place row write copies the whole memory gradient, so the backward costs O(T * kw * N * D): the
+  honest naive baseline the SPEC benchmark shape is sized for).
 - :func:`gated_memory_write_ref_` is the in-place form (no autograd) with the same result, bit for bit,
   at O(T * kw * D) cost; it only ever stores to slots that are written.
 - :func:`gated_dense_update_ref` is the LM2-style whole-memory update.
@@ -56,10 +57,14 @@ def gated_memory_write_ref(memory, indices, weights, add, erase):
     Notes:
         - Computed in float32 for float16/bfloat16 (float64 for float64) and rounded to the memory
           dtype once, after the last write (not after every write).
-        - A step touches at most one slot per (b, h), so each step is one row read and one
-          out-of-place row write (``index_copy``) over (B, Hm) with no collisions. Autograd keeps
-          only indices and the small per-step rows (O(T * kw * D) saved memory, not one memory copy
-          per step); the forward and the backward each cost about one (B, Hm, N, D) copy per step.
+        - A step touches at most one slot per (b, h), so each step is one row read and one in-place
+          row write (``index_copy_``) into a single float32 working copy, over (B, Hm) with no
+          collisions. Autograd keeps only indices and the small per-step rows (O(T * kw * D) saved
+          memory); its backward of each row write builds the memory gradient anew
+          (``grad.index_fill``), so the backward costs about one (B, Hm, N, D) copy per step.
+          (An out-of-place ``index_copy`` per step would also copy in the forward, and under glibc
+          the freed copies, split by the small saved rows, fragment the heap: the process grew by
+          about one memory copy per step, 17 GB at ``write-cpu``.)
         - A skipped entry (-1) reads slot 0 and writes that same value back unchanged
           (``torch.where``), so it neither alters slot 0 nor blocks its gradient, and a NaN/inf in a
           skipped entry's ``add``/``erase``/``weights`` has no effect (and gets a zero gradient).
@@ -73,8 +78,10 @@ def gated_memory_write_ref(memory, indices, weights, add, erase):
     num_slots = mem.shape[2]
     if num_slots == 0:  # only -1 entries are possible: nothing to write (and no slot 0 to read)
         return memory.clone()
-    # One flat (B * Hm * N, D) table of rows; copy=True: a new tensor even with nothing to write.
-    state = mem.to(acc, copy=True).reshape(batch * mem_heads * num_slots, dim)
+    # One flat (B * Hm * N, D) table of rows; copy=True: a new tensor even with nothing to write,
+    # and not a view (autograd cannot replay an in-place write on a view with the read's sparse
+    # gradient).
+    state = mem.reshape(batch * mem_heads * num_slots, dim).to(acc, copy=True)
     first_row = (torch.arange(batch * mem_heads, device=mem.device) * num_slots).reshape(batch, mem_heads)
     slot_ids = indices.to(torch.int64)
     write_weights = weights.to(acc)
@@ -93,7 +100,7 @@ def gated_memory_write_ref(memory, indices, weights, add, erase):
             w = write_weights[:, :, t, j].reshape(-1, 1)
             new_row = old_row * (1 - w * erase_t) + w * add_t
             kept_row = torch.where((slot >= 0)[:, None], new_row, old_row)
-            state = state.index_copy(0, row, kept_row)  # autograd keeps only `row`
+            state.index_copy_(0, row, kept_row)  # autograd keeps only `row`
     out = state.reshape(mem.shape).to(dtype)
     return out.squeeze(1) if squeeze else out
 
