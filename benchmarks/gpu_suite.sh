@@ -4,52 +4,80 @@
 #   2. python -m l2m_kernels.info,
 #   3. the standalone CUDA self-test (csrc/cuda/tests/gpu_selftest.py: raw kernels vs the reference),
 #   4. the test suite on the GPU (CUDA and Triton backends against the reference, public API),
-#   5. the benchmark suite at the -gpu shapes,
-#   6. append the figures, with card and date, to benchmarks/RESULTS.md (logs and JSON in $1).
+#   5. l2m-check (python -m l2m_kernels.check): every op on every backend of the GPU against the
+#      float64 reference, forward and backward,
+#   6. l2m-bench (python -m l2m_kernels.bench) at the -gpu shapes: ceilings, every op, the model step,
+#   7. append the figures, with card, versions and date, to benchmarks/RESULTS.md (logs, JSON, the
+#      plot and the entry itself in the output folder).
 # Usage: bash benchmarks/gpu_suite.sh [output-dir]
 # Every step has a time limit (seconds; environment variables below) so that a slow or hung step
 # still leaves the later ones and the logs: BUILD_TIMEOUT, SELFTEST_TIMEOUT, TEST_TIMEOUT,
-# BENCH_TIMEOUT. TEST_PATHS replaces the test paths (default: tests); PYTEST_ARGS adds pytest
-# arguments; SELFTEST_ARGS replaces the self-test's (default --quick); BENCH_ARGS adds run_suite
-# arguments (e.g. --quick, --only bench_topk_read).
+# CHECK_TIMEOUT, BENCH_TIMEOUT. TEST_PATHS replaces the test paths (default: tests); PYTEST_ARGS
+# adds pytest arguments; SELFTEST_ARGS replaces the self-test's (default --quick); CHECK_ARGS adds
+# l2m-check arguments (e.g. --quick); BENCH_ARGS adds l2m-bench arguments (e.g. --quick,
+# --only topk_read). RESULTS_FILE is where the entry is appended (default benchmarks/RESULTS.md).
+# DEVICE=cpu runs the same steps on the CPU (no CUDA build or self-test: they say so) and
+# SKIP_BUILD=1 uses the extensions already importable: together they let the script itself be
+# tested on a machine without a GPU (tests/test_gpu_suite.py).
 # The compile-check tests are left to CI (they need no GPU); pytest-xdist is used when present.
+# Exit status 0 only when every step that ran passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-gpu_out}
 mkdir -p "$OUT_DIR"
 PY=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda}
+RESULTS_FILE=${RESULTS_FILE:-benchmarks/RESULTS.md}
 export PYTHONUNBUFFERED=1
 # The extensions are built in place (no pip install on the GPU machine): import from this checkout.
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 elapsed() { echo "$(( $(date +%s) - $1 )) s"; }
 
-if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
-  TORCH_CUDA_ARCH_LIST=$("$PY" -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}')")
-  export TORCH_CUDA_ARCH_LIST
+if [ "$DEVICE" = cuda ]; then
+  if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+    TORCH_CUDA_ARCH_LIST=$("$PY" -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}')")
+    export TORCH_CUDA_ARCH_LIST
+  fi
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+  card=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0))")
+else
+  card=$("$PY" -c "from l2m_kernels.benchmark import device_name; import torch; print(device_name(torch.device('cpu')))")
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-"$PY" -c "import torch, triton; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'triton', triton.__version__)"
+versions=$("$PY" -c "import torch, triton; print(f'torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}')")
+echo "$card; $versions"
 
-echo "== build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
+echo "== build"
 start=$(date +%s)
-MAX_JOBS=${MAX_JOBS:-16} timeout "${BUILD_TIMEOUT:-300}" "$PY" setup.py -q build_ext --inplace \
-  > "$OUT_DIR/build.log" 2>&1
-build_rc=$?
-echo "build rc=$build_rc in $(elapsed "$start") (log: $OUT_DIR/build.log)"
-[ $build_rc -eq 0 ] || tail -40 "$OUT_DIR/build.log"
+if [ "${SKIP_BUILD:-0}" = 1 ]; then
+  build_rc=0
+  build_summary="skipped (SKIP_BUILD=1: the extensions already importable)"
+else
+  MAX_JOBS=${MAX_JOBS:-16} timeout "${BUILD_TIMEOUT:-300}" "$PY" setup.py -q build_ext --inplace \
+    > "$OUT_DIR/build.log" 2>&1
+  build_rc=$?
+  [ $build_rc -eq 0 ] || tail -40 "$OUT_DIR/build.log"
+  build_summary="exit $build_rc (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-unset}, log build.log)"
+fi
+echo "build: $build_summary in $(elapsed "$start")"
 
 echo "== info"
 "$PY" -m l2m_kernels.info | tee "$OUT_DIR/info.txt"
 
 echo "== CUDA self-test"
 start=$(date +%s)
-timeout "${SELFTEST_TIMEOUT:-180}" "$PY" csrc/cuda/tests/gpu_selftest.py --module l2m_kernels._C_cuda \
-  ${SELFTEST_ARGS:---quick} --json "$OUT_DIR/selftest.json" > "$OUT_DIR/selftest.log" 2>&1
-selftest_rc=$?
-grep -iE "problem|FAIL|error" "$OUT_DIR/selftest.log" | head -40
-tail -5 "$OUT_DIR/selftest.log"
-echo "self-test rc=$selftest_rc in $(elapsed "$start")"
+if [ "$DEVICE" = cuda ]; then
+  timeout "${SELFTEST_TIMEOUT:-180}" "$PY" csrc/cuda/tests/gpu_selftest.py --module l2m_kernels._C_cuda \
+    ${SELFTEST_ARGS:---quick} --json "$OUT_DIR/selftest.json" > "$OUT_DIR/selftest.log" 2>&1
+  selftest_rc=$?
+  grep -iE "problem|FAIL|error" "$OUT_DIR/selftest.log" | head -40
+  tail -5 "$OUT_DIR/selftest.log"
+  selftest_summary="$(tail -1 "$OUT_DIR/selftest.log") (exit $selftest_rc)"
+else
+  selftest_rc=0
+  selftest_summary="skipped: needs CUDA (DEVICE=$DEVICE)"
+fi
+echo "self-test: $selftest_summary in $(elapsed "$start")"
 
 echo "== tests"
 start=$(date +%s)
@@ -62,29 +90,42 @@ timeout "${TEST_TIMEOUT:-300}" "$PY" -m pytest -v -ra -p no:cacheprovider $xdist
 test_rc=$?
 grep -E "FAILED|ERROR" "$OUT_DIR/tests.log" | head -40
 tail -3 "$OUT_DIR/tests.log"
-echo "tests rc=$test_rc in $(elapsed "$start")"
+test_summary="$(grep -E "passed|failed|error" "$OUT_DIR/tests.log" | tail -1 | sed -E "s/^=+ | =+$//g") (exit $test_rc)"
+echo "tests: $test_summary in $(elapsed "$start")"
 
-echo "== benchmarks"
+echo "== l2m-check"
 start=$(date +%s)
-timeout "${BENCH_TIMEOUT:-600}" "$PY" benchmarks/run_suite.py --device cuda --out "$OUT_DIR" ${BENCH_ARGS:-} \
-  > "$OUT_DIR/bench.log" 2>&1
+timeout "${CHECK_TIMEOUT:-300}" "$PY" -m l2m_kernels.check --device "$DEVICE" --no-progress \
+  --json "$OUT_DIR/check.json" ${CHECK_ARGS:-} > "$OUT_DIR/check.log" 2>&1
+check_rc=$?
+cat "$OUT_DIR/check.log"
+echo "l2m-check: exit $check_rc in $(elapsed "$start")"
+
+echo "== l2m-bench"
+start=$(date +%s)
+timeout "${BENCH_TIMEOUT:-600}" "$PY" -m l2m_kernels.bench --device "$DEVICE" --no-progress --out "$OUT_DIR" \
+  ${BENCH_ARGS:-} > "$OUT_DIR/bench.log" 2>&1
 bench_rc=$?
 grep -vE "USDT|it/s\]|s/it\]" "$OUT_DIR/bench.log" | tail -40
-echo "benchmarks rc=$bench_rc in $(elapsed "$start")"
+echo "l2m-bench: exit $bench_rc in $(elapsed "$start")"
 
-card=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0))")
-versions=$("$PY" -c "import torch, triton; print(f'torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}')")
-summary=$(grep -E "passed|failed" "$OUT_DIR/tests.log" | tail -1)
-selftest_summary=$(tail -1 "$OUT_DIR/selftest.log")
 {
   echo
   echo "## $(date -u +%Y-%m-%d) — $card ($versions), benchmarks/gpu_suite.sh"
   echo
-  echo "Build exit $build_rc (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST). CUDA self-test: ${selftest_summary:-none} (exit $selftest_rc)."
-  echo "Tests on the GPU: ${summary:-see tests.log} (exit $test_rc)."
+  echo "Build: $build_summary. CUDA self-test: $selftest_summary."
+  echo "Tests on $DEVICE: $test_summary."
   echo
-  if [ -f "$OUT_DIR/suite.md" ] && [ $bench_rc -eq 0 ]; then tail -n +3 "$OUT_DIR/suite.md"; else echo "benchmark suite failed (exit $bench_rc)"; fi
+  echo "l2m-check on $DEVICE (exit $check_rc):"
+  echo
+  echo '```'
+  if [ -s "$OUT_DIR/check.log" ]; then grep -vE "USDT" "$OUT_DIR/check.log" | tail -n 80; else echo "(no output)"; fi
+  echo '```'
+  echo
+  echo "l2m-bench on $DEVICE ${BENCH_ARGS:-} (exit $bench_rc):"
+  echo
+  if [ -f "$OUT_DIR/suite.md" ]; then tail -n +3 "$OUT_DIR/suite.md"; else echo "no benchmark table (see bench.log)"; fi
 } > "$OUT_DIR/RESULTS_entry.md"
-cat "$OUT_DIR/RESULTS_entry.md" >> benchmarks/RESULTS.md
-echo "== appended to benchmarks/RESULTS.md"
-[ $build_rc -eq 0 ] && [ $selftest_rc -eq 0 ] && [ $test_rc -eq 0 ] && [ $bench_rc -eq 0 ]
+cat "$OUT_DIR/RESULTS_entry.md" >> "$RESULTS_FILE"
+echo "== appended to $RESULTS_FILE"
+[ $build_rc -eq 0 ] && [ $selftest_rc -eq 0 ] && [ $test_rc -eq 0 ] && [ $check_rc -eq 0 ] && [ $bench_rc -eq 0 ]

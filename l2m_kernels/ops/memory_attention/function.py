@@ -42,19 +42,21 @@ def _reference_bwd(dout, dlse_local, dlse_mem, q, k, v, mem_keys, mem_values, in
 def _fused(backend: str):
     if backend == "cpu":
         from . import cpu as kernels
+    elif backend == "cuda":
+        from . import cuda as kernels
     else:
         from . import triton as kernels
     return kernels
 
 
-# Fused backends: modules cpu.py and triton.py export memory_attention_fwd and memory_attention_bwd
-# with the signatures of _reference_fwd and _reference_bwd.
+# Fused backends: modules cpu.py, cuda.py and triton.py export memory_attention_fwd and
+# memory_attention_bwd with the signatures of _reference_fwd and _reference_bwd.
 FWD = {"reference": _reference_fwd,
        **{name: (lambda *args, _name=name: _fused(_name).memory_attention_fwd(*args))
-          for name in ("cpu", "triton")}}
+          for name in ("cpu", "cuda", "triton")}}
 BWD = {"reference": _reference_bwd,
        **{name: (lambda *args, _name=name: _fused(_name).memory_attention_bwd(*args))
-          for name in ("cpu", "triton")}}
+          for name in ("cpu", "cuda", "triton")}}
 
 
 @torch.library.custom_op("l2m::memory_attention", mutates_args=())

@@ -1,0 +1,36 @@
+"""cuda backend of ``memory_attention``: the CUDA top-k read, a FlashAttention-style local attention
+that returns its log-sum-exp, and the CUDA merge kernels of the extension ``l2m_kernels._C_cuda``,
+composed (the composition, forward and backward, is described in ``_compose.py`` and shared with
+the cpu backend).
+
+The CUDA kernels:
+
+- ``topk_read_fwd`` / ``topk_read_bwd`` (csrc/cuda/topk_read.cu): the memory read and its
+  backward at the forward's selection; the slot gradients use float32 atomics unless
+  ``deterministic`` (then a fixed-order per-slot reduction, bitwise reproducible).
+- ``local_attention_fwd`` / ``local_attention_bwd`` (csrc/cuda/local_attention.cu): tiles of
+  32 queries x 32 keys on CUDA cores, online softmax in float32, FlashAttention-2 backward with
+  ``dq`` per query tile and ``dk``/``dv`` per key tile (no atomics: deterministic).
+- ``memory_read_weights`` (csrc/cuda/memory_attention.cu): the read's weights recomputed from the
+  selected key rows, one warp per query row.
+- ``merge_attention_fwd`` / ``gated_merge_fwd`` / ``gated_merge_bwd`` (csrc/cuda): row kernels.
+
+Served: float32, float16 and bfloat16 (the CUDA top-k read does not serve float64), D and Dv up to
+256 (the read's limit).
+"""
+from __future__ import annotations
+
+from . import _compose
+
+
+def memory_attention_fwd(q, k, v, mem_keys, mem_values, topk, window, merge, gate, scale, valid_len,
+                         deterministic):
+    return _compose.memory_attention_fwd("cuda", q, k, v, mem_keys, mem_values, topk, window, merge, gate,
+                                         scale, valid_len, deterministic)
+
+
+def memory_attention_bwd(dout, dlse_local, dlse_mem, q, k, v, mem_keys, mem_values, indices, out, lse_local,
+                         lse_mem, window, merge, gate, scale, deterministic):
+    return _compose.memory_attention_bwd("cuda", dout, dlse_local, dlse_mem, q, k, v, mem_keys, mem_values,
+                                         indices, out, lse_local, lse_mem, window, merge, gate, scale,
+                                         deterministic)
