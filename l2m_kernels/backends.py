@@ -116,12 +116,14 @@ class CpuBackend(Backend):
 class CudaBackend(Backend):
     name = "cuda"
     ops = frozenset({"merge_attention", "gated_merge", "topk_memory_read", "product_key_read",
-                     "gated_memory_write", "gated_dense_update"})
+                     "gated_memory_write", "gated_dense_update", "memory_attention"})
     device_types = frozenset({"cuda"})
     dtypes = _HALF_AND_SINGLE
     description = "CUDA C++ extension l2m_kernels._C_cuda"
     size_limits = {"topk_memory_read": {"Dk": 256, "Dv": 256, "N": 2 ** 31, "rows": 2 ** 31 - 1},
-                   "product_key_read": {"k": 256, "k_sub": 256, "N": 2 ** 31 - 1, "Dk": 512}}
+                   "product_key_read": {"k": 256, "k_sub": 256, "N": 2 ** 31 - 1, "Dk": 512},
+                   # the composition's memory read is the cuda top-k read
+                   "memory_attention": {"Dk": 256, "Dv": 256, "N": 2 ** 31, "rows": 2 ** 31 - 1, "S": 2 ** 30}}
 
     def not_supported_reasons(self, op, device, dtype, sizes=None):
         reasons = super().not_supported_reasons(op, device, dtype, sizes)
@@ -181,6 +183,13 @@ AUTO_ORDER = {
     "cpu": ("cpu", "reference"),
 }
 
+# Per-op exceptions to AUTO_ORDER. memory_attention on CUDA tensors: triton's one fused kernel (tensor
+# cores) first; the cuda backend (a composition of kernels on CUDA cores) serves when named, or when
+# triton cannot.
+AUTO_ORDER_BY_OP = {
+    ("cuda", "memory_attention"): ("triton", "cuda", "reference"),
+}
+
 _warned_fallback: set[str] = set()
 
 
@@ -212,7 +221,8 @@ def select_backend(op: str, device: torch.device, dtype: torch.dtype, backend: s
     """The name of the backend that serves ``op`` for tensors on ``device`` of ``dtype``.
 
     Explicit ``backend``: that backend or ``NotImplementedError`` with its reasons.
-    ``None``: ``L2M_BACKEND`` when it can serve, else the first of :data:`AUTO_ORDER` that can.
+    ``None``: ``L2M_BACKEND`` when it can serve, else the first of :data:`AUTO_ORDER` (or the op's
+    entry in :data:`AUTO_ORDER_BY_OP`) that can.
     ``sizes`` (name -> int) are checked against each backend's ``size_limits``.
     """
     return _select_backend(op, device.type, dtype, backend,
@@ -231,7 +241,7 @@ def _select_backend(op: str, device_type: str, dtype: torch.dtype, backend: str 
             raise NotImplementedError(f"backend {backend!r} cannot serve {op} on {device.type} "
                                       f"{dtype}: " + "; ".join(reasons))
         return backend
-    order = list(AUTO_ORDER.get(device.type, ("reference",)))
+    order = list(AUTO_ORDER_BY_OP.get((device.type, op), AUTO_ORDER.get(device.type, ("reference",))))
     preferred = _env_backend()
     if preferred is not None:
         order = [preferred] + [name for name in order if name != preferred]

@@ -109,3 +109,18 @@ def test_size_limits_are_reasons():
     # Without CUDA the automatic choice for CPU tensors ignores the cuda limits entirely.
     assert backends.select_backend("topk_memory_read", torch.device("cpu"), torch.float32,
                                    sizes={"Dk": 300}) in ("cpu", "reference")
+
+
+def test_cuda_order_puts_triton_first_for_memory_attention_only(monkeypatch):
+    """On CUDA tensors the cuda backend comes first, except for memory_attention, where triton's fused
+    kernel does (the cuda composition serves when named or when triton cannot)."""
+    served = {"cuda", "triton"}
+    for name in ("cuda", "triton"):
+        monkeypatch.setattr(backends.BACKENDS[name], "not_supported_reasons",
+                            lambda op, device, dtype, sizes=None, name=name: [] if name in served else ["off"])
+    cuda = torch.device("cuda")
+    assert backends.select_backend("topk_memory_read", cuda, torch.float32) == "cuda"
+    assert backends.select_backend("memory_attention", cuda, torch.float32) == "triton"
+    assert backends.select_backend("memory_attention", cuda, torch.float32, "cuda") == "cuda"
+    served.discard("triton")
+    assert backends.select_backend("memory_attention", cuda, torch.float32) == "cuda"

@@ -57,6 +57,21 @@ def test_merge_kernels_do_not_spill(report):
         assert record.stack == 0, f"stack frame (local memory) in a row kernel: {record}"
 
 
+def test_attention_kernels_do_not_spill(report):
+    """The local attention (fwd, delta, dq, dk/dv) and read-weight kernels of the memory_attention
+    backend: register-resident tiles; a spill there is a regression."""
+    attention = [record for record in report.kernels
+                 if record.source in ("local_attention.cu", "memory_attention.cu")]
+    names = {record.kernel.split("<")[0].split("::")[-1] for record in attention}
+    assert names == {"local_attention_fwd_kernel", "local_attention_bwd_delta_kernel",
+                     "local_attention_bwd_dq_kernel", "local_attention_bwd_dkdv_kernel",
+                     "memory_read_weights_kernel"}, names
+    # fwd, dq, dk/dv: 2 slice widths x 3 dtypes + float64; delta, read weights: 4 dtypes.
+    assert len(attention) == (3 * 7 + 2 * 4) * len(ARCHS), [r.kernel for r in attention]
+    for record in attention:
+        assert record.spill_stores == 0 and record.spill_loads == 0, record
+
+
 def test_only_bindings_include_torch():
     torch_facing = [path.relative_to(CUDA_DIR).as_posix()
                     for path in _nvcc_check.files_including_torch(CUDA_DIR)]

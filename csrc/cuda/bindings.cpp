@@ -1478,10 +1478,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dk"), py::arg("dv"));
   m.def("memory_read_weights", &memory_read_weights,
         "The top-k read's weights at a given selection (memory_attention backward): writes\n"
-        "weights (B, H, T, k) acc = exp(<scale q, keys[n_j]> - lse) (0 for slots outside [0, N)),\n"
-        "and, when given, dots (B, H, T) acc = sum_j w_j <dout, values[n_j]> and out (B, H, T, Dv)\n"
-        "dtype = sum_j w_j values[n_j]. q, keys, values as in topk_read_fwd; dout, dots, out\n"
-        "optional.",
+        "weights (B, H, T, k) acc = exp(<scale q, keys[n_j]> - lse) (0 for slots outside\n"
+        "[0, N)), and, when given, dots (B, H, T) acc = sum_j w_j <dout, values[n_j]> and out\n"
+        "(B, H, T, Dv) dtype = sum_j w_j values[n_j]. q, keys, values as in topk_read_fwd;\n"
+        "dout, dots, out optional.",
         py::arg("q"), py::arg("keys"), py::arg("values"), py::arg("indices"), py::arg("lse"),
         py::arg("scale"), py::arg("dout"), py::arg("weights"), py::arg("dots"), py::arg("out"));
 }

@@ -269,7 +269,8 @@ __device__ __forceinline__ BlockCoords block_coords(const Geometry& geometry) {
 }
 
 // One block per SM is the minimum ptxas plans for: the kernels hold 8 rows x (1 or 2) x kChunks
-// accumulators per thread and use ~150-250 registers; a tighter bound made them spill.
+// accumulators per thread and use ~115-245 registers (nvcc 13, sm_80 / sm_90); a tighter bound
+// (3 blocks per SM: 168) made them spill.
 constexpr int kMinBlocksPerSm = 1;
 
 // ---------------------------------------------------------------------------------------------
@@ -648,7 +649,8 @@ constexpr bool use_wide_slices(int64_t columns) {
 template <typename T, int kChunks>
 cudaError_t launch_fwd_kernel(const LocalAttentionFwdParams& params, cudaStream_t stream) {
   const int64_t tiles = ceil_div(params.seq_len, kTile);
-  const int64_t blocks = grid_blocks(params.batch * params.heads, tiles, params.dim_v, kChunks * 32);
+  const int64_t blocks =
+      grid_blocks(params.batch * params.heads, tiles, params.dim_v, kChunks * 32);
   if (blocks < 0) return cudaErrorInvalidValue;
   if (blocks == 0) return cudaSuccess;
   local_attention_fwd_kernel<T, kChunks><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
@@ -682,7 +684,8 @@ void launch_dkdv_kernel(const LocalAttentionBwdParams& params, int64_t columns, 
                         cudaStream_t stream) {
   local_attention_bwd_dkdv_kernel<T, kChunks>
       <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-          params, make_geometry(params, ceil_div(params.context_len, kTile), columns, kChunks * 32));
+          params,
+          make_geometry(params, ceil_div(params.context_len, kTile), columns, kChunks * 32));
 }
 
 template <typename T>

@@ -42,10 +42,22 @@ by path):
   the grid-stride loop) against the float64 reference, gradients reduced like function.py, with
   huge and infinite logits / updates, NaN inputs, empty shapes, and outputs pre-filled with NaN.
 
+- attn (l2m_kernels/ops/memory_attention/reference.py and the top-k read's reference, loaded by
+  path): local_attention_fwd / _bwd in float32, float16, bfloat16 and (some cases) float64 with
+  outputs pre-filled with NaN: out / lse and dq / dk / dv by relative RMS error against the
+  float64 reference and its autograd gradients, over odd sizes (T 1/7/33/63/129, S >= T, D
+  7/16/64/129/256, Dv != D, several column slices), grouped heads, window 1/5/S/> S/0 (out 0,
+  lse -inf, zero gradients), bitwise repeatable backward, exact zeros in dk / dv of keys no query
+  sees, empty B and T (dk, dv zeroed), NaN / inf k and v at masked positions and a NaN query row
+  (rows that do not see them unchanged, the others non-finite exactly where the reference is);
+  memory_read_weights (weights, dots, out) against the reference gather at the given lse, with
+  shared memories, grouped heads, missing (-1) and out-of-range slots (weight 0), k = 0 / 1, T = 0,
+  Dk / Dv up to 256; and bad calls.
+
 Optionally times the kernels (--bench) and runs one merge launch with more than 2**31 rows
 (--huge, ~52 GB of GPU memory).
 
-    python csrc/cuda/tests/gpu_selftest.py [--ops merge,topk,pkm,write,dense] [--quick]
+    python csrc/cuda/tests/gpu_selftest.py [--ops merge,topk,pkm,write,dense,attn] [--quick]
                                            [--bench] [--huge] [--json out.json]
     compute-sanitizer --tool memcheck python csrc/cuda/tests/gpu_selftest.py --quick
 
@@ -69,7 +81,8 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 CUDA_DIR = REPO_ROOT / "csrc" / "cuda"
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2,
+             torch.float64: 1e-12}
 NAN = float("nan")
 NEG_INF = float("-inf")
 
@@ -1622,14 +1635,374 @@ def check_write_errors(ext) -> list[str]:
     return problems
 
 
+# ---- local attention and read weights (the cuda backend of memory_attention) ----------------
+
+def load_attention_reference():
+    """l2m_kernels/ops/memory_attention/reference.py and the top-k read's reference, loaded by
+    path. The attention reference imports the merge and top-k references by package name: they
+    are registered under those names first, so the l2m_kernels package is never imported."""
+    for name, relative in (("l2m_kernels.ops.merge.reference", "l2m_kernels/ops/merge/reference.py"),
+                           ("l2m_kernels.ops.topk_read.reference",
+                            "l2m_kernels/ops/topk_read/reference.py")):
+        if name not in sys.modules:
+            load_module_by_path(name, relative)
+    attention = load_module_by_path("l2m_memory_attention_reference",
+                                    "l2m_kernels/ops/memory_attention/reference.py")
+    return attention, sys.modules["l2m_kernels.ops.topk_read.reference"]
+
+
+def acc_of(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# (B, H, Hkv, T, S, D, Dv, window, special): window None = no window (passed as -1). Slices of the
+# feature columns: 64 (float64, or <= 64 columns) or 128, so D / Dv 65, 129, 130, 256 take several.
+ATTN_CASES = [
+    (1, 1, 1, 1, 1, 7, 7, None, None),              # T = S = 1
+    (2, 4, 2, 7, 7, 7, 5, None, None),              # S = T, odd D, Dv != D, grouped heads
+    (1, 2, 1, 7, 20, 64, 64, 5, None),              # S > T, window 5
+    (2, 2, 2, 63, 63, 64, 32, 1, None),             # window 1: only itself
+    (1, 4, 2, 63, 100, 129, 65, 5, None),           # D 129 / Dv 65: several column slices
+    (1, 2, 1, 129, 129, 64, 129, None, None),       # T 129: 5 query tiles, one partial
+    (1, 4, 1, 129, 160, 7, 130, 160, None),         # window = S, Dv 130
+    (1, 2, 1, 33, 40, 16, 16, 1000, None),          # window > S
+    (1, 2, 1, 33, 40, 16, 16, 0, None),             # window 0: nothing visible
+    (1, 2, 1, 40, 300, 256, 256, 64, None),         # large D = Dv, long context
+    (1, 2, 1, 20, 40, 16, 24, 5, "nonfinite"),      # NaN / inf k, v at masked positions
+    (1, 2, 1, 20, 40, 16, 24, None, "nonfinite"),
+    (2, 2, 1, 7, 9, 8, 8, None, "nan_query"),       # one NaN query row
+    (0, 2, 1, 5, 8, 8, 8, None, None),              # empty batch
+    (2, 2, 1, 0, 8, 8, 8, 3, None),                 # T = 0: dk, dv zero
+]
+ATTN_QUICK = {0, 1, 2, 4, 6, 8, 10, 12, 13, 14}
+ATTN_FLOAT64 = {1, 4, 6, 10}  # cases also run in float64
+
+# (B, H, Hm, T, N, Dk, Dv, k, shared, special) for memory_read_weights
+READ_WEIGHT_CASES = [
+    (2, 4, 2, 7, 63, 7, 5, 3, False, None),
+    (1, 2, 2, 9, 40, 64, 64, 33, True, "missing"),     # slots -1 (weight 0, never read)
+    (2, 4, 1, 5, 129, 129, 256, 8, False, "missing"),  # Dk 129, Dv 256
+    (1, 2, 1, 6, 20, 256, 7, 1, True, None),           # k = 1, Dk 256
+    (1, 2, 2, 6, 20, 8, 8, 4, False, "out_of_range"),  # indices >= N or < -1: weight 0
+    (2, 2, 1, 0, 20, 8, 8, 4, False, None),            # T = 0
+    (2, 2, 1, 5, 20, 8, 8, 0, False, None),            # k = 0: dots and out zero
+]
+
+
+class AttentionChecker(Checker):
+    """local_attention_fwd / _bwd and memory_read_weights against the float64 references
+    (l2m_kernels/ops/memory_attention/reference.py, l2m_kernels/ops/topk_read/reference.py)."""
+
+    def __init__(self, ext, attention_ref, topk_ref):
+        super().__init__(ext, attention_ref)
+        self.topk_ref = topk_ref
+
+    def _local(self, q, k, v, window, scale, dtype):
+        B, H, T, _ = q.shape
+        out = nan_filled((B, H, T, v.shape[-1]), dtype)
+        lse = nan_filled((B, H, T), acc_of(dtype))
+        self.ext.local_attention_fwd(q, k, v, -1 if window is None else window, scale, out, lse)
+        return out, lse
+
+    def _local_bwd(self, dout, dlse, q, k, v, out, lse, window, scale, dtype):
+        grads = (nan_filled(q.shape, dtype), nan_filled(k.shape, dtype), nan_filled(v.shape, dtype))
+        self.ext.local_attention_bwd(dout, dlse, q, k, v, out, lse, -1 if window is None else window,
+                                     scale, *grads)
+        return grads
+
+    def attention_case(self, case, dtype):
+        B, H, Hkv, T, S, D, Dv, window, special = case
+        self.cases += 1
+        failures_before, worst_before = len(self.failures), dict(self.worst)
+        self.worst = {}
+        label = (f"attn B={B} H={H} Hkv={Hkv} T={T} S={S} D={D} Dv={Dv} window={window}"
+                 f"{' ' + special if special else ''} {str(dtype).removeprefix('torch.')}")
+        dev, acc = "cuda", acc_of(dtype)
+        scale = D ** -0.5
+        q = torch.randn(B, H, T, D, device=dev).to(dtype)
+        k = torch.randn(B, Hkv, S, D, device=dev).to(dtype)
+        v = torch.randn(B, Hkv, S, Dv, device=dev).to(dtype)
+        dout = torch.randn(B, H, T, Dv, device=dev).to(dtype)
+        dlse = torch.randn(B, H, T, device=dev, dtype=acc)
+        offset = S - T
+        # The float64 reference takes the window as given (0: nothing visible; >= S: no window).
+        ref_window = window
+
+        out, lse = self._local(q, k, v, window, scale, dtype)
+        if special in ("nonfinite", "nan_query") and B * T:
+            clean_out, clean_lse = out, lse
+            clean_grads = self._local_bwd(dout, dlse, q, k, v, out, lse, window, scale, dtype)
+            q, k, v, seeing = self._poison(q, k, v, window, special)
+            out, lse = self._local(q, k, v, window, scale, dtype)
+            grads = self._local_bwd(dout, dlse, q, k, v, out, lse, window, scale, dtype)
+            self._check_isolation(label, seeing, (clean_out, clean_lse) + tuple(clean_grads),
+                                  (out, lse) + tuple(grads), Hkv, window, offset)
+            ref_out, ref_lse = self.ref.local_attention_ref(q.double(), k.double(), v.double(),
+                                                            ref_window, scale)
+            for name, got, want in (("out", out, ref_out), ("lse", lse, ref_lse)):
+                if not (torch.equal(got.isnan(), want.isnan())
+                        and torch.equal(got.isfinite(), want.isfinite())):
+                    self.failures.append(f"{label}: {name} non-finite pattern differs from the "
+                                         "reference")
+            TopkChecker._report(self, label, failures_before, worst_before)
+            return
+
+        leaves = [t.detach().double().clone().requires_grad_() for t in (q, k, v)]
+        ref_out, ref_lse = self.ref.local_attention_ref(*leaves, ref_window, scale)
+        low_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        low_out, low_lse = self.ref.local_attention_ref(*low_leaves, ref_window, scale)
+        self.check(label + " out", out, ref_out, dtype, low_out)
+        self.check(label + " lse", lse, ref_lse, acc)
+        if window == 0 and B * H * T:
+            if not ((out == 0).all() and (lse == NEG_INF).all()):
+                self.failures.append(f"{label}: window 0 must give out 0, lse -inf")
+
+        grads = self._local_bwd(dout, dlse, q, k, v, out, lse, window, scale, dtype)
+        again = self._local_bwd(dout, dlse, q, k, v, out, lse, window, scale, dtype)
+        if not all(bits_equal(a, b) for a, b in zip(grads, again)):
+            self.failures.append(f"{label}: backward not bitwise repeatable")
+        if B * H * T:
+            torch.autograd.backward((ref_out, ref_lse), (dout.double(), dlse.double()))
+            torch.autograd.backward((low_out, low_lse), (dout, dlse.to(low_lse.dtype)))
+            for name, got, leaf, low in zip(("dq", "dk", "dv"), grads, leaves, low_leaves):
+                self.check(f"{label} {name}", got, leaf.grad, dtype, low.grad)
+        elif not all((g == 0).all() for g in grads[1:]):
+            self.failures.append(f"{label}: dk / dv not zero without queries")
+        # Keys that no query sees (j <= S - T - window) get exact zeros.
+        if window is not None and B * Hkv and offset - window >= 0:
+            unseen = slice(0, offset - window + 1)
+            if not ((grads[1][:, :, unseen] == 0).all() and (grads[2][:, :, unseen] == 0).all()):
+                self.failures.append(f"{label}: dk / dv of keys no query sees are not zero")
+        torch.cuda.synchronize()
+        TopkChecker._report(self, label, failures_before, worst_before)
+
+    @staticmethod
+    def _poison(q, k, v, window, special):
+        """Poisoned copies of q, k, v and `seeing` (B, H, T): the query rows that see a poisoned
+        position (or are poisoned)."""
+        B, H, T, _ = q.shape
+        Hkv, S = k.shape[1], k.shape[2]
+        group = H // Hkv
+        q, k, v = q.clone(), k.clone(), v.clone()
+        seeing = torch.zeros(B, H, T, dtype=torch.bool, device=q.device)
+        if special == "nan_query":
+            q[0, H - 1, T // 2, 0] = NAN
+            seeing[0, H - 1, T // 2] = True
+            return q, k, v, seeing
+        # NaN k at the last position (seen by the last query only), inf v one before (the last
+        # two queries) in column 1 of kv head 0; with a window also at position 0 (seen by no
+        # query when S - T >= window), NaN v in column 0.
+        poisoned = [(S - 1, 0, "k", 0), (S - 2, 0, "v", 1)]
+        if window is not None:
+            poisoned.append((0, Hkv - 1, "v", 0))
+        for position, kv_head, name, column in poisoned:
+            tensor = k if name == "k" else v
+            tensor[:, kv_head, position, column] = NAN if name == "k" or column == 0 else float("inf")
+            for t in range(T):
+                p = S - T + t
+                if position <= p and (window is None or position > p - window):
+                    seeing[:, kv_head * group:(kv_head + 1) * group, t] = True
+        return q, k, v, seeing
+
+    def _check_isolation(self, label, seeing, clean, poisoned, Hkv, window, offset):
+        """Rows that see no poisoned value are unchanged: out, lse, dq exactly (torch.equal), and
+        dk / dv of every key no poisoned query sees."""
+        B, H, T = seeing.shape
+        group = H // Hkv
+        others = ~seeing
+        for name, a, b in zip(("out", "lse", "dq"), clean[:3], poisoned[:3]):
+            if not torch.equal(a[others], b[others]):
+                self.failures.append(f"{label}: {name} of a row that sees no poisoned value "
+                                     "changed")
+        # Keys seen by a poisoned query row may change (a poisoned key no query sees may not).
+        S = clean[3].shape[2]
+        touched = torch.zeros(B, Hkv, S, dtype=torch.bool, device=seeing.device)
+        for b, h, t in seeing.nonzero().tolist():
+            p = offset + t
+            first = 0 if window is None else max(0, p - window + 1)
+            touched[b, h // group, first:p + 1] = True
+        for name, a, b in (("dk", clean[3], poisoned[3]), ("dv", clean[4], poisoned[4])):
+            if not torch.equal(a[~touched], b[~touched]):
+                self.failures.append(f"{label}: {name} of a key no poisoned query sees changed")
+
+    def read_weights_case(self, case, dtype):
+        B, H, Hm, T, N, Dk, Dv, k, shared, special = case
+        self.cases += 1
+        failures_before, worst_before = len(self.failures), dict(self.worst)
+        self.worst = {}
+        label = (f"read_weights B={B} H={H} Hm={Hm} T={T} N={N} Dk={Dk} Dv={Dv} k={k}"
+                 f"{' shared' if shared else ''}{' ' + special if special else ''} "
+                 f"{str(dtype).removeprefix('torch.')}")
+        dev, acc = "cuda", acc_of(dtype)
+        scale = Dk ** -0.5
+        lead = (Hm, N) if shared else (B, Hm, N)
+        q = torch.randn(B, H, T, Dk, device=dev).to(dtype)
+        keys = torch.randn(*lead, Dk, device=dev).to(dtype)
+        values = torch.randn(*lead, Dv, device=dev).to(dtype)
+        dout = torch.randn(B, H, T, Dv, device=dev).to(dtype)
+        indices = torch.stack([torch.randperm(N, device=dev)[:k] for _ in range(B * H * T)]) \
+            if B * H * T and k else torch.zeros(B * H * T, k, dtype=torch.int64, device=dev)
+        indices = indices.reshape(B, H, T, k)
+        if special == "missing" and indices.numel():
+            indices[..., k // 2:] = -1  # missing entries come last, as the read returns them
+        valid = indices.clone()
+        if special == "out_of_range" and indices.numel():
+            indices[..., 0] = N + 5     # never read, weight 0
+            indices[..., 1] = -7
+            valid[..., :2] = -1         # the reference treats them as missing
+        if k:
+            ref_out, ref_weights, ref_lse = self.topk_ref.topk_read_gather(
+                q.double(), keys.double(), values.double(), valid, scale)
+        else:  # no entry (the reference's reductions need one): out 0, lse -inf
+            ref_out = torch.zeros(B, H, T, Dv, dtype=torch.float64, device=dev)
+            ref_weights = torch.zeros(B, H, T, 0, dtype=torch.float64, device=dev)
+            ref_lse = torch.full((B, H, T), NEG_INF, dtype=torch.float64, device=dev)
+        lse = ref_lse.to(acc).contiguous()
+        # The reference at the kernel's lse: the weights (and what depends on them) move with it.
+        shift = torch.where(ref_lse.isfinite(), torch.exp(ref_lse - lse.double()),
+                            torch.ones_like(ref_lse)).unsqueeze(-1)
+        ref_weights = ref_weights * shift
+        ref_out = ref_out * shift
+        ref_dots = (dout.double() * ref_out).sum(-1)
+
+        def run(with_dout):
+            weights = nan_filled((B, H, T, k), acc)
+            dots = nan_filled((B, H, T), acc) if with_dout else None
+            out = None if with_dout else nan_filled((B, H, T, Dv), dtype)
+            self.ext.memory_read_weights(q, keys, values, indices, lse, scale,
+                                         dout if with_dout else None, weights, dots, out)
+            return weights, dots if with_dout else out
+
+        weights, dots = run(True)
+        weights_again, out = run(False)
+        if not bits_equal(weights, weights_again):
+            self.failures.append(f"{label}: weights differ between the two modes")
+        if not all(bits_equal(a, b) for a, b in zip((weights, dots), run(True))):
+            self.failures.append(f"{label}: not bitwise repeatable")
+        self.check(label + " weights", weights, ref_weights, acc)
+        self.check(label + " dots", dots, ref_dots, acc)
+        self.check(label + " out", out, ref_out, dtype, ref_out.to(dtype))
+        if indices.numel() and not (weights[valid < 0] == 0).all():
+            self.failures.append(f"{label}: a missing or out-of-range entry has a nonzero weight")
+        torch.cuda.synchronize()
+        TopkChecker._report(self, label, failures_before, worst_before)
+
+
+def run_attention_checks(ext, quick: bool) -> AttentionChecker:
+    attention_ref, topk_ref = load_attention_reference()
+    checker = AttentionChecker(ext, attention_ref, topk_ref)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        for number, case in enumerate(ATTN_CASES):
+            if (quick and number not in ATTN_QUICK) or (dtype == torch.float64
+                                                        and number not in ATTN_FLOAT64):
+                continue
+            try:
+                checker.attention_case(case, dtype)
+            except Exception as error:  # report and go on: one broken case must not hide others
+                checker.failures.append(f"attn case {case} {dtype}: raised "
+                                        f"{type(error).__name__}: {error}")
+                print(f"  FAIL attn case {case} {dtype}: raised {type(error).__name__}: {error}")
+        for case in READ_WEIGHT_CASES:
+            try:
+                checker.read_weights_case(case, dtype)
+            except Exception as error:
+                checker.failures.append(f"read_weights case {case} {dtype}: raised "
+                                        f"{type(error).__name__}: {error}")
+                print(f"  FAIL read_weights case {case} {dtype}: raised {type(error).__name__}: "
+                      f"{error}")
+    return checker
+
+
+def check_attention_errors(ext) -> list[str]:
+    """Bad local_attention / memory_read_weights calls raise the documented exception types
+    (TORCH_CHECK_VALUE: ValueError, _TYPE: TypeError, _NOT_IMPLEMENTED: NotImplementedError,
+    overlap: RuntimeError) and never launch."""
+    problems = []
+    dev = "cuda"
+    B, H, Hkv, T, S, D, Dv, N, k = 2, 4, 2, 5, 8, 8, 6, 10, 3
+    q = torch.randn(B, H, T, D, device=dev)
+    kk = torch.randn(B, Hkv, S, D, device=dev)
+    v = torch.randn(B, Hkv, S, Dv, device=dev)
+    keys = torch.randn(H, N, D, device=dev)
+    values = torch.randn(H, N, Dv, device=dev)
+    indices = torch.zeros(B, H, T, k, dtype=torch.int64, device=dev)
+
+    def expect(name, error_type, fn):
+        try:
+            fn()
+            torch.cuda.synchronize()
+        except error_type:
+            return
+        except Exception as error:  # the wrong type
+            problems.append(f"attn bad call {name}: raised {type(error).__name__}, expected "
+                            f"{error_type.__name__}: {error}")
+            return
+        problems.append(f"attn bad call {name}: did not raise {error_type.__name__}")
+
+    def fwd(**changes):
+        args = dict(q=q, k=kk, v=v, window=-1, scale=1.0, out=torch.empty(B, H, T, Dv, device=dev),
+                    lse=torch.empty(B, H, T, device=dev))
+        args.update(changes)
+        return lambda: ext.local_attention_fwd(**args)
+
+    def bwd(**changes):
+        args = dict(dout=torch.randn(B, H, T, Dv, device=dev), dlse=torch.zeros(B, H, T, device=dev),
+                    q=q, k=kk, v=v, out=torch.randn(B, H, T, Dv, device=dev),
+                    lse=torch.zeros(B, H, T, device=dev), window=-1, scale=1.0,
+                    dq=torch.empty_like(q), dk=torch.empty_like(kk), dv=torch.empty_like(v))
+        args.update(changes)
+        return lambda: ext.local_attention_bwd(**args)
+
+    def weights(**changes):
+        args = dict(q=q, keys=keys, values=values, indices=indices,
+                    lse=torch.zeros(B, H, T, device=dev), scale=1.0, dout=None,
+                    weights=torch.empty(B, H, T, k, device=dev), dots=None,
+                    out=torch.empty(B, H, T, Dv, device=dev))
+        args.update(changes)
+        return lambda: ext.memory_read_weights(**args)
+
+    expect("cpu tensor", ValueError, fwd(q=q.cpu()))
+    expect("k half", TypeError, fwd(k=kk.half()))
+    expect("int q", TypeError, fwd(q=q.int(), k=kk.int(), v=v.int()))
+    expect("lse float64", TypeError, fwd(lse=torch.empty(B, H, T, dtype=torch.float64, device=dev)))
+    expect("float64 lse float32", TypeError,
+           fwd(q=q.double(), k=kk.double(), v=v.double(), out=torch.empty(B, H, T, Dv,
+                                                                           dtype=torch.float64,
+                                                                           device=dev)))
+    expect("Hkv not dividing H", ValueError, fwd(k=torch.randn(B, 3, S, D, device=dev),
+                                                 v=torch.randn(B, 3, S, Dv, device=dev)))
+    expect("S < T", ValueError, fwd(k=kk[:, :, :T - 1].contiguous(), v=v[:, :, :T - 1].contiguous()))
+    expect("v shape", ValueError, fwd(v=v[:, :, :-1].contiguous()))
+    expect("k 3-D", ValueError, fwd(k=kk[0]))
+    expect("out shape", ValueError, fwd(out=torch.empty(B, H, T, Dv + 1, device=dev)))
+    expect("window -2", ValueError, fwd(window=-2))
+    expect("non-contiguous q", ValueError, fwd(q=q.transpose(2, 3).contiguous().transpose(2, 3)))
+    buffer = torch.randn(B * H * T * D, device=dev)
+    expect("out overlaps q", RuntimeError,
+           fwd(q=buffer.view(B, H, T, D), out=buffer[:B * H * T * Dv].view(B, H, T, Dv)))
+    expect("bwd dk shape", ValueError, bwd(dk=torch.empty(B, Hkv, S, D + 1, device=dev)))
+    expect("bwd dlse half", TypeError, bwd(dlse=torch.zeros(B, H, T, dtype=torch.half, device=dev)))
+    expect("bwd dq is q", RuntimeError, bwd(dq=q))
+    expect("bwd cpu dv", ValueError, bwd(dv=torch.empty_like(v).cpu()))
+    expect("weights dout without dots", ValueError,
+           weights(dout=torch.randn(B, H, T, Dv, device=dev), out=None))
+    expect("weights float indices", TypeError, weights(indices=indices.float()))
+    expect("weights shape", ValueError, weights(weights=torch.empty(B, H, T, k + 1, device=dev)))
+    expect("weights Dk > 256", NotImplementedError,
+           weights(q=torch.randn(B, H, T, 300, device=dev), keys=torch.randn(H, N, 300, device=dev)))
+    expect("weights lse float64", TypeError,
+           weights(lse=torch.zeros(B, H, T, dtype=torch.float64, device=dev)))
+    return problems
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--module", help="import this built module instead of JIT-building, "
                                          "e.g. l2m_kernels._C_cuda")
     parser.add_argument("--build-dir", default=None)
-    parser.add_argument("--ops", default="merge,topk,pkm,write,dense",
+    parser.add_argument("--ops", default="merge,topk,pkm,write,dense,attn",
                         help="comma-separated op families to check: merge, topk, pkm, write, "
-                             "dense (default all)")
+                             "dense, attn (default all)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--bench", action="store_true")
     parser.add_argument("--huge", action="store_true")
@@ -1638,9 +2011,10 @@ def main(argv=None) -> int:
     parser.add_argument("--errors-only", action="store_true", help="only the bad-call checks")
     args = parser.parse_args(argv)
     ops = {op.strip() for op in args.ops.split(",") if op.strip()}
-    unknown = ops - {"merge", "topk", "pkm", "write", "dense"}
+    unknown = ops - {"merge", "topk", "pkm", "write", "dense", "attn"}
     if unknown:
-        parser.error(f"unknown --ops {sorted(unknown)}; choose from merge, topk, pkm, write, dense")
+        parser.error(f"unknown --ops {sorted(unknown)}; choose from merge, topk, pkm, write, dense, "
+                     "attn")
 
     torch.manual_seed(0)
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
@@ -1652,7 +2026,8 @@ def main(argv=None) -> int:
         problems = (check_errors(ext) if "merge" in ops else []) + (
             check_topk_errors(ext) if "topk" in ops else []) + (
             check_pkm_errors(ext) if "pkm" in ops else []) + (
-            check_write_errors(ext) if ops & {"write", "dense"} else [])
+            check_write_errors(ext) if ops & {"write", "dense"} else []) + (
+            check_attention_errors(ext) if "attn" in ops else [])
         print("\n".join(problems) or "bad calls: all raised")
         return 1 if problems else 0
     problems = []
@@ -1683,13 +2058,16 @@ def main(argv=None) -> int:
               "per dtype: " + ", ".join(f"{k} {v:.2e}" for k, v in pkm_checker.worst.items()))
         report.update(pkm_cases=pkm_checker.cases, pkm_worst_rel_rms=pkm_checker.worst)
         problems += pkm_problems
-    for family, run_family in (("write", run_write_checks), ("dense", run_dense_checks)):
+    for family, run_family in (("write", run_write_checks), ("dense", run_dense_checks),
+                               ("attn", run_attention_checks)):
         if family not in ops:
             continue
         started = time.perf_counter()
         family_checker = run_family(ext, args.quick)
         family_problems = family_checker.failures
-        if family == "write" or "write" not in ops:  # the bad calls cover both families once
+        if family == "attn":
+            family_problems = family_problems + check_attention_errors(ext)
+        elif family == "write" or "write" not in ops:  # the bad calls cover both families once
             family_problems = family_problems + check_write_errors(ext)
         print(f"{family} correctness: {family_checker.cases} cases in "
               f"{time.perf_counter() - started:.1f}s, {len(family_problems)} problems; worst rel "

@@ -76,7 +76,8 @@ def memory_attention(q, k, v, mem_keys, mem_values, topk, *, window=None, merge=
                                    valid_len=valid_len)
     scale = resolve_scale(scale, D)
     deterministic = resolve_deterministic(deterministic)
-    name = select_backend("memory_attention", device, q.dtype, backend)
+    name = select_backend("memory_attention", device, q.dtype, backend,
+                          sizes=dict(Dk=D, Dv=v.shape[-1], N=N, rows=B * H * T, S=S))
     if name == "reference":
         return MemoryAttention(*memory_attention_ref(q, k, v, mem_keys, mem_values, topk, window=window,
                                                      merge=merge, gate=gate, scale=scale,
