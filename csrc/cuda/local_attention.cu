@@ -268,6 +268,36 @@ __device__ __forceinline__ BlockCoords block_coords(const Geometry& geometry) {
   return coords;
 }
 
+// The place of a query-tile block (forward, dq): its rows, kv head and column slice.
+struct QueryTile {
+  BlockCoords coords;  // head = b * H + h
+  unsigned kv_head;    // b * Hkv + the head's kv head
+  int T_len, S_len, D, Dv;
+  int t0;              // the tile's first query
+  int nq;              // queries in the tile (<= kTile)
+  int col0;            // the slice's first column
+  int64_t row0;        // global row of the tile's query 0
+};
+
+template <int kCols, typename Params>
+__device__ __forceinline__ QueryTile query_tile(const Params& params, const Geometry& geometry) {
+  QueryTile tile;
+  tile.coords = block_coords(geometry);
+  const unsigned heads = static_cast<unsigned>(params.heads);
+  const unsigned b = tile.coords.head / heads;
+  tile.kv_head = b * static_cast<unsigned>(params.kv_heads) +
+                 (tile.coords.head - b * heads) / static_cast<unsigned>(geometry.group);
+  tile.T_len = static_cast<int>(params.seq_len);
+  tile.S_len = static_cast<int>(params.context_len);
+  tile.D = static_cast<int>(params.dim);
+  tile.Dv = static_cast<int>(params.dim_v);
+  tile.t0 = static_cast<int>(tile.coords.tile) * kTile;
+  tile.nq = tile.T_len - tile.t0 < kTile ? tile.T_len - tile.t0 : kTile;
+  tile.col0 = static_cast<int>(tile.coords.slice) * kCols;
+  tile.row0 = int64_t{tile.coords.head} * tile.T_len + tile.t0;
+  return tile;
+}
+
 // One block per SM is the minimum ptxas plans for: the kernels hold 8 rows x (1 or 2) x kChunks
 // accumulators per thread and use ~115-245 registers (nvcc 13, sm_80 / sm_90); a tighter bound
 // (3 blocks per SM: 168) made them spill.
@@ -286,20 +316,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   const int lane = static_cast<int>(threadIdx.x) & 31;
   const acc_t neg_inf = negative_infinity<acc_t>();
 
-  const BlockCoords coords = block_coords(geometry);  // head = b * H + h
-  const unsigned heads = static_cast<unsigned>(params.heads);
-  const unsigned b = coords.head / heads;
-  const unsigned kv_head = b * static_cast<unsigned>(params.kv_heads) +
-                           (coords.head - b * heads) / static_cast<unsigned>(geometry.group);
-  const int T_len = static_cast<int>(params.seq_len);
-  const int S_len = static_cast<int>(params.context_len);
-  const int D = static_cast<int>(params.dim);
-  const int Dv = static_cast<int>(params.dim_v);
-  const int t0 = static_cast<int>(coords.tile) * kTile;
-  const int nq = T_len - t0 < kTile ? T_len - t0 : kTile;
-  const int col0 = static_cast<int>(coords.slice) * kCols;
+  const auto [coords, kv_head, T_len, S_len, D, Dv, t0, nq, col0, row0] =
+      query_tile<kCols>(params, geometry);
   const acc_t scale = static_cast<acc_t>(params.scale);
-  const int64_t row0 = int64_t{coords.head} * T_len + t0;  // global row of the tile's query 0
   const T* __restrict__ q_rows = static_cast<const T*>(params.q) + row0 * D;
   const T* __restrict__ k_head = static_cast<const T*>(params.k) + int64_t{kv_head} * S_len * D;
   const T* __restrict__ v_head = static_cast<const T*>(params.v) + int64_t{kv_head} * S_len * Dv;
@@ -415,20 +434,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
   const int lane = static_cast<int>(threadIdx.x) & 31;
   const acc_t neg_inf = negative_infinity<acc_t>();
 
-  const BlockCoords coords = block_coords(geometry);  // head = b * H + h
-  const unsigned heads = static_cast<unsigned>(params.heads);
-  const unsigned b = coords.head / heads;
-  const unsigned kv_head = b * static_cast<unsigned>(params.kv_heads) +
-                           (coords.head - b * heads) / static_cast<unsigned>(geometry.group);
-  const int T_len = static_cast<int>(params.seq_len);
-  const int S_len = static_cast<int>(params.context_len);
-  const int D = static_cast<int>(params.dim);
-  const int Dv = static_cast<int>(params.dim_v);
-  const int t0 = static_cast<int>(coords.tile) * kTile;
-  const int nq = T_len - t0 < kTile ? T_len - t0 : kTile;
-  const int col0 = static_cast<int>(coords.slice) * kCols;
+  const auto [coords, kv_head, T_len, S_len, D, Dv, t0, nq, col0, row0] =
+      query_tile<kCols>(params, geometry);
   const acc_t scale = static_cast<acc_t>(params.scale);
-  const int64_t row0 = int64_t{coords.head} * T_len + t0;
   const T* __restrict__ q_rows = static_cast<const T*>(params.q) + row0 * D;
   const T* __restrict__ dout_rows = static_cast<const T*>(params.dout) + row0 * Dv;
   const T* __restrict__ k_head = static_cast<const T*>(params.k) + int64_t{kv_head} * S_len * D;
