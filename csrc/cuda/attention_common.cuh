@@ -81,6 +81,23 @@ __device__ __forceinline__ acc_t warp_max(acc_t value) {
   return value;
 }
 
+// Calls launch(T{}) with the element type T of `dtype` (float, __half, __nv_bfloat16, double) and
+// returns its result; cudaErrorInvalidValue for an unknown dtype. Host side, for the launchers.
+template <typename Launch>
+cudaError_t dispatch_dtype(AttentionDtype dtype, Launch&& launch) {
+  switch (dtype) {
+    case AttentionDtype::kFloat32:
+      return launch(float{});
+    case AttentionDtype::kFloat16:
+      return launch(__half{});
+    case AttentionDtype::kBFloat16:
+      return launch(__nv_bfloat16{});
+    case AttentionDtype::kFloat64:
+      return launch(double{});
+  }
+  return cudaErrorInvalidValue;
+}
+
 }  // namespace attention
 }  // namespace cuda
 }  // namespace l2m

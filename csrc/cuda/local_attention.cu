@@ -745,17 +745,9 @@ cudaError_t local_attention_fwd_launch(const LocalAttentionFwdParams& params,
   if (!present(params.q, D) || !present(params.k, D) || !present(params.v, Dv) ||
       !present(params.out, Dv) || params.lse == nullptr)
     return cudaErrorInvalidValue;
-  switch (params.dtype) {
-    case AttentionDtype::kFloat32:
-      return launch_fwd<float>(params, stream);
-    case AttentionDtype::kFloat16:
-      return launch_fwd<__half>(params, stream);
-    case AttentionDtype::kBFloat16:
-      return launch_fwd<__nv_bfloat16>(params, stream);
-    case AttentionDtype::kFloat64:
-      return launch_fwd<double>(params, stream);
-  }
-  return cudaErrorInvalidValue;
+  return attention::dispatch_dtype(params.dtype, [&](auto tag) {
+    return launch_fwd<decltype(tag)>(params, stream);
+  });
 }
 
 cudaError_t local_attention_bwd_launch(const LocalAttentionBwdParams& params,
@@ -772,17 +764,9 @@ cudaError_t local_attention_bwd_launch(const LocalAttentionBwdParams& params,
                    !present(params.dout, Dv) || !present(params.out, Dv) ||
                    params.dlse == nullptr || params.lse == nullptr || params.delta == nullptr))
     return cudaErrorInvalidValue;
-  switch (params.dtype) {
-    case AttentionDtype::kFloat32:
-      return launch_bwd<float>(params, stream);
-    case AttentionDtype::kFloat16:
-      return launch_bwd<__half>(params, stream);
-    case AttentionDtype::kBFloat16:
-      return launch_bwd<__nv_bfloat16>(params, stream);
-    case AttentionDtype::kFloat64:
-      return launch_bwd<double>(params, stream);
-  }
-  return cudaErrorInvalidValue;
+  return attention::dispatch_dtype(params.dtype, [&](auto tag) {
+    return launch_bwd<decltype(tag)>(params, stream);
+  });
 }
 
 }  // namespace cuda

@@ -136,17 +136,9 @@ cudaError_t memory_read_weights_launch(const MemoryReadWeightsParams& params,
                                                  params.weights == nullptr)) ||
       (params.q == nullptr && params.dim_k > 0))
     return cudaErrorInvalidValue;
-  switch (params.dtype) {
-    case AttentionDtype::kFloat32:
-      return launch<float>(params, stream);
-    case AttentionDtype::kFloat16:
-      return launch<__half>(params, stream);
-    case AttentionDtype::kBFloat16:
-      return launch<__nv_bfloat16>(params, stream);
-    case AttentionDtype::kFloat64:
-      return launch<double>(params, stream);
-  }
-  return cudaErrorInvalidValue;
+  return attention::dispatch_dtype(params.dtype, [&](auto tag) {
+    return launch<decltype(tag)>(params, stream);
+  });
 }
 
 }  // namespace cuda
