@@ -8,6 +8,7 @@ import os
 import pathlib
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -21,7 +22,7 @@ def _run(tmp_path, **env):
     results = tmp_path / "RESULTS.md"
     results.write_text("# results\n")
     full_env = dict(os.environ, DEVICE="cpu", SKIP_BUILD="1", RESULTS_FILE=str(results),
-                    TEST_PATHS="tests/test_testing.py", PYTEST_ARGS="-q", PYTHON=shutil.which("python") or "python",
+                    TEST_PATHS="tests/test_testing.py", PYTEST_ARGS="-q", PYTHON=sys.executable,
                     TRITON_INTERPRET="0")
     full_env.update(env)
     proc = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "out")], cwd=ROOT, env=full_env,
