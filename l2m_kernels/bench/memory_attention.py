@@ -21,7 +21,7 @@ import l2m_kernels as l2m
 from l2m_kernels import benchmark as bm
 from l2m_kernels.ops.memory_attention.reference import memory_attention_ref
 
-from ._common import bench_dtype, compare, fused_backends, run_variant
+from ._common import bench_dtype, compare, fused_backends, run_variant, spec_shapes
 
 SHAPES = {"attn-cpu": dict(B=1, H=8, Hkv=8, Hm=8, T=1024, S=1024, window=256, D=64, Dv=64, N=16384, topk=32)}
 TINY_SHAPES = {"attn-tiny": dict(B=1, H=2, Hkv=2, Hm=2, T=32, S=32, window=8, D=16, Dv=16, N=128,
@@ -32,11 +32,7 @@ def run(device: torch.device, quick: bool = False, ceilings: dict | None = None,
         tiny: bool = False) -> list:
     rows = []
     dtype = bench_dtype(device)
-    for name, s in (TINY_SHAPES if tiny else SHAPES).items():
-        s = dict(s)
-        if device.type == "cuda":
-            s["B"] *= 8
-            name = name.replace("-cpu", "-gpu")
+    for name, s in spec_shapes(SHAPES, TINY_SHAPES, device, tiny):
         if quick and not tiny:
             for key in ("T", "S", "N"):
                 s[key] //= 4

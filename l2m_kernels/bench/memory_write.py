@@ -14,7 +14,7 @@ import torch
 import l2m_kernels as l2m
 from l2m_kernels.ops.memory_write.reference import gated_memory_write_ref
 
-from ._common import bench_dtype, compare, fused_backends, run_variant, skipped_row
+from ._common import bench_dtype, compare, fused_backends, run_variant, skipped_row, spec_shapes
 
 SHAPES = {"write-cpu": dict(B=2, Hm=4, N=4096, D=128, T=256, kw=4)}
 TINY_SHAPES = {"write-tiny": dict(B=1, Hm=2, N=64, D=16, T=8, kw=2)}  # tests only
@@ -28,11 +28,7 @@ def run(device: torch.device, quick: bool = False, ceilings: dict | None = None,
     rows = []
     dtype = bench_dtype(device)
     elt = torch.finfo(dtype).bits // 8
-    for name, s in (TINY_SHAPES if tiny else SHAPES).items():
-        s = dict(s)
-        if device.type == "cuda":
-            s["B"] *= 8
-            name = name.replace("-cpu", "-gpu")
+    for name, s in spec_shapes(SHAPES, TINY_SHAPES, device, tiny):
         if quick and not tiny:
             s["T"] //= 4
         B, Hm, N, D, T, kw = (s[x] for x in ("B", "Hm", "N", "D", "T", "kw"))

@@ -17,7 +17,7 @@ import torch
 import l2m_kernels as l2m
 from l2m_kernels.ops.product_key.reference import product_key_read_ref
 
-from ._common import bench_dtype, compare, fused_backends, run_variant
+from ._common import bench_dtype, compare, fused_backends, run_variant, spec_shapes
 
 SHAPES = {"pkm-cpu": dict(B=1, H=4, T=2048, Dk=256, n_sub=1024, Dv=256, k=32)}
 TINY_SHAPES = {"pkm-tiny": dict(B=1, H=2, T=32, Dk=16, n_sub=16, Dv=16, k=4)}  # tests only
@@ -27,11 +27,7 @@ def run(device: torch.device, quick: bool = False, ceilings: dict | None = None,
     rows = []
     dtype = bench_dtype(device)
     elt = torch.finfo(dtype).bits // 8
-    for name, s in (TINY_SHAPES if tiny else SHAPES).items():
-        s = dict(s)
-        if device.type == "cuda":
-            s["B"] *= 8
-            name = name.replace("-cpu", "-gpu")
+    for name, s in spec_shapes(SHAPES, TINY_SHAPES, device, tiny):
         if quick and not tiny:
             s["T"] //= 4
             s["n_sub"] //= 2

@@ -12,7 +12,7 @@ import torch
 import l2m_kernels as l2m
 from l2m_kernels.ops.topk_read.reference import topk_memory_read_ref
 
-from ._common import bench_dtype, compare, fused_backends, run_variant
+from ._common import bench_dtype, compare, fused_backends, run_variant, spec_shapes
 
 SHAPES = {
     "read-cpu": dict(B=1, H=1, Hm=1, T=4096, N=65536, Dk=64, Dv=64, k=32),
@@ -24,11 +24,7 @@ TINY_SHAPES = {"read-tiny": dict(B=1, H=2, Hm=1, T=32, N=256, Dk=16, Dv=16, k=4)
 def run(device: torch.device, quick: bool = False, ceilings: dict | None = None, *, tiny: bool = False) -> list:
     rows = []
     dtype = bench_dtype(device)
-    for name, s in (TINY_SHAPES if tiny else SHAPES).items():
-        s = dict(s)
-        if device.type == "cuda":
-            s["B"] *= 8
-            name = name.replace("-cpu", "") + "-gpu"  # read-cpu -> read-gpu, read-heads -> read-heads-gpu
+    for name, s in spec_shapes(SHAPES, TINY_SHAPES, device, tiny):
         if quick and not tiny:
             s["T"] //= 4
             s["N"] //= 4
