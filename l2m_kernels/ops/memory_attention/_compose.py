@@ -41,6 +41,7 @@ import torch
 from ... import _ext
 from ..._alloc import empty
 from .._common import acc_dtype
+from ..topk_read import function as topk_read_function
 
 BACKENDS = ("cpu", "cuda")
 
@@ -74,37 +75,22 @@ def _reduce_gate_grad(d_gate_rows, gate):
     return d_gate_rows.unsqueeze(-1).sum_to_size(gate.shape).to(gate.dtype).reshape(gate.shape)
 
 
-def _topk_read_bwd(backend, ext, deterministic, dout, dweights, dlse, q, keys, values, indices, weights,
-                   scale, dq, dkeys, dvalues):
-    """The extension's topk_read_bwd; the cuda one takes ``deterministic`` (atomics or not), the cpu
-    one is always deterministic."""
-    args = (dout, dweights, dlse, q, keys, values, indices, weights, scale)
-    if backend != "cpu":
-        args = args + (deterministic,)
-    ext.topk_read_bwd(*args, dq, dkeys, dvalues)
-
-
 def memory_attention_fwd(backend, q, k, v, mem_keys, mem_values, topk, window, merge, gate, scale, valid_len,
                          deterministic):
     B, H, T, _ = q.shape
     Dv = v.shape[-1]
     acc = acc_dtype(q.dtype)
     device = q.device
+    ext = extension(backend)
     out = empty((B, H, T, Dv), dtype=q.dtype, device=device)
     lse_local = empty((B, H, T), dtype=acc, device=device)
-    lse_mem = empty((B, H, T), dtype=acc, device=device)
-    indices = empty((B, H, T, topk), dtype=torch.int64, device=device)
+    # The top-k read's own launcher: it allocates its outputs and launches nothing without rows.
+    # Its weights are not returned (the backward recomputes them).
+    out_mem, indices, _, lse_mem = topk_read_function.FWD[backend](q, mem_keys, mem_values, topk, scale, valid_len,
+                                                                   deterministic)
     if B * H * T == 0:
         return out, lse_local, lse_mem, indices
-    ext = extension(backend)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    mem_keys, mem_values = mem_keys.contiguous(), mem_values.contiguous()
-
-    out_mem = empty((B, H, T, Dv), dtype=q.dtype, device=device)
-    weights = empty((B, H, T, topk), dtype=acc, device=device)  # the read's; not returned
-    vl = None if valid_len is None else valid_len.to(torch.int64).contiguous()
-    ext.topk_read_fwd(q, mem_keys, mem_values, vl, topk, scale, out_mem, indices, weights, lse_mem)
-    del weights
 
     out_local = empty((B, H, T, Dv), dtype=q.dtype, device=device)
     ext.local_attention_fwd(q, k, v, _window_arg(window), scale, out_local, lse_local)
@@ -166,16 +152,14 @@ def memory_attention_bwd(backend, dout, dlse_local, dlse_mem, q, k, v, mem_keys,
     ext = extension(backend)
     w = _window_arg(window)
 
-    def read_bwd(dout_read, dweights, dlse_read, weights, dq_read, dkeys, dvalues):
-        _topk_read_bwd(backend, ext, deterministic, dout_read, dweights, dlse_read, q, mem_keys, mem_values,
-                       indices, weights, scale, dq_read, dkeys, dvalues)
+    def read_bwd(dout_read, dweights, dlse_read, weights):
+        """The top-k read's own backward launcher: (dq, dmem_keys, dmem_values)."""
+        return topk_read_function.BWD[backend](dout_read, dweights, dlse_read, q, mem_keys, mem_values, indices,
+                                               weights, scale, deterministic)
 
     dq = empty(q.shape, dtype=dtype, device=device)
     dk = empty(k.shape, dtype=dtype, device=device)
     dv = empty(v.shape, dtype=dtype, device=device)
-    dq_mem = empty(q.shape, dtype=dtype, device=device)
-    dmem_keys = empty(mem_keys.shape, dtype=dtype, device=device)
-    dmem_values = empty(mem_values.shape, dtype=dtype, device=device)
     no_gate = q.new_empty(0)
 
     rows = B * H * T
@@ -184,7 +168,7 @@ def memory_attention_bwd(backend, dout, dlse_local, dlse_mem, q, k, v, mem_keys,
         dlse_rows = torch.zeros((B, H, T), dtype=acc, device=device)
         ext.local_attention_bwd(dout, dlse_rows, q, k, v, out, dlse_rows, w, scale, dq, dk, dv)
         no_weights = torch.zeros((B, H, T, topk), dtype=acc, device=device)
-        read_bwd(dout, no_weights, dlse_rows, no_weights.clone(), dq_mem, dmem_keys, dmem_values)
+        _, dmem_keys, dmem_values = read_bwd(dout, no_weights, dlse_rows, no_weights.clone())
         dgate = torch.zeros_like(gate) if gate is not None else no_gate
         return dq, dk, dv, dmem_keys, dmem_values, dgate
 
@@ -199,7 +183,7 @@ def memory_attention_bwd(backend, dout, dlse_local, dlse_mem, q, k, v, mem_keys,
         del dout_acc
         ext.local_attention_bwd(dout_local, dlse_local, q, k, v, out, lse_local, w, scale, dq, dk, dv)
         dlse_read = dlse_mem + w_mem * (mem_dots - out_dots)
-        read_bwd(dout_mem, dweights, dlse_read.contiguous(), weights, dq_mem, dmem_keys, dmem_values)
+        dq_mem, dmem_keys, dmem_values = read_bwd(dout_mem, dweights, dlse_read, weights)
         dgate = no_gate
     else:
         weights, out_mem = _read_weights(ext, q, mem_keys, mem_values, indices, lse_mem, scale)
@@ -215,7 +199,7 @@ def memory_attention_bwd(backend, dout, dlse_local, dlse_mem, q, k, v, mem_keys,
                             d_gate_rows.view(rows))
         del out_mem
         ext.local_attention_bwd(d_local, dlse_local, q, k, v, out_local, lse_local, w, scale, dq, dk, dv)
-        read_bwd(d_mem, dweights, dlse_mem, weights, dq_mem, dmem_keys, dmem_values)
+        dq_mem, dmem_keys, dmem_values = read_bwd(d_mem, dweights, dlse_mem, weights)
         dgate = _reduce_gate_grad(d_gate_rows, gate)
     dq.add_(dq_mem)
     return dq, dk, dv, dmem_keys, dmem_values, dgate
