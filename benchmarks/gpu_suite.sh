@@ -19,6 +19,9 @@
 # DEVICE=cpu runs the same steps on the CPU (no CUDA build or self-test: they say so) and
 # SKIP_BUILD=1 uses the extensions already importable: together they let the script itself be
 # tested on a machine without a GPU (tests/test_gpu_suite.py).
+# STEPS picks the steps after the build, in the order they run (default "selftest tests check bench");
+# a step left out is reported as such. With a few GPU minutes, put first what matters most, e.g.
+# STEPS="selftest bench tests check".
 # The compile-check tests are left to CI (they need no GPU); pytest-xdist is used when present.
 # Exit status 0 only when every step that ran passed.
 set -uo pipefail
@@ -64,50 +67,71 @@ echo "build: $build_summary in $(elapsed "$start")"
 echo "== info"
 "$PY" -m l2m_kernels.info | tee "$OUT_DIR/info.txt"
 
-echo "== CUDA self-test"
-start=$(date +%s)
-if [ "$DEVICE" = cuda ]; then
-  timeout "${SELFTEST_TIMEOUT:-180}" "$PY" csrc/cuda/tests/gpu_selftest.py --module l2m_kernels._C_cuda \
-    ${SELFTEST_ARGS:---quick} --json "$OUT_DIR/selftest.json" > "$OUT_DIR/selftest.log" 2>&1
-  selftest_rc=$?
-  grep -iE "problem|FAIL|error" "$OUT_DIR/selftest.log" | head -40
-  tail -5 "$OUT_DIR/selftest.log"
-  selftest_summary="$(tail -1 "$OUT_DIR/selftest.log") (exit $selftest_rc)"
-else
-  selftest_rc=0
-  selftest_summary="skipped: needs CUDA (DEVICE=$DEVICE)"
-fi
-echo "self-test: $selftest_summary in $(elapsed "$start")"
+step_selftest() {
+  echo "== CUDA self-test"
+  start=$(date +%s)
+  if [ "$DEVICE" = cuda ]; then
+    timeout "${SELFTEST_TIMEOUT:-180}" "$PY" csrc/cuda/tests/gpu_selftest.py --module l2m_kernels._C_cuda \
+      ${SELFTEST_ARGS:---quick} --json "$OUT_DIR/selftest.json" > "$OUT_DIR/selftest.log" 2>&1
+    selftest_rc=$?
+    grep -iE "problem|FAIL|error" "$OUT_DIR/selftest.log" | head -40
+    tail -5 "$OUT_DIR/selftest.log"
+    selftest_summary="$(tail -1 "$OUT_DIR/selftest.log") (exit $selftest_rc)"
+  else
+    selftest_rc=0
+    selftest_summary="skipped: needs CUDA (DEVICE=$DEVICE)"
+  fi
+  echo "self-test: $selftest_summary in $(elapsed "$start")"
+}
 
-echo "== tests"
-start=$(date +%s)
-# Verbose, so that a run cut by its time limit still names the failures it saw.
-xdist=""
-"$PY" -c "import xdist" 2>/dev/null && xdist="-n ${PYTEST_WORKERS:-8}"
-timeout "${TEST_TIMEOUT:-300}" "$PY" -m pytest -v -ra -p no:cacheprovider $xdist ${TEST_PATHS:-tests} \
-  --ignore=tests/test_compile_triton.py --ignore=tests/test_compile_cuda.py ${PYTEST_ARGS:-} \
-  > "$OUT_DIR/tests.log" 2>&1
-test_rc=$?
-grep -E "FAILED|ERROR" "$OUT_DIR/tests.log" | head -40
-tail -3 "$OUT_DIR/tests.log"
-test_summary="$(grep -E "passed|failed|error" "$OUT_DIR/tests.log" | tail -1 | sed -E "s/^=+ | =+$//g") (exit $test_rc)"
-echo "tests: $test_summary in $(elapsed "$start")"
+step_tests() {
+  echo "== tests"
+  start=$(date +%s)
+  # Verbose, so that a run cut by its time limit still names the failures it saw.
+  xdist=""
+  "$PY" -c "import xdist" 2>/dev/null && xdist="-n ${PYTEST_WORKERS:-8}"
+  timeout "${TEST_TIMEOUT:-300}" "$PY" -m pytest -v -ra -p no:cacheprovider $xdist ${TEST_PATHS:-tests} \
+    --ignore=tests/test_compile_triton.py --ignore=tests/test_compile_cuda.py ${PYTEST_ARGS:-} \
+    > "$OUT_DIR/tests.log" 2>&1
+  test_rc=$?
+  grep -E "FAILED|ERROR" "$OUT_DIR/tests.log" | head -40
+  tail -3 "$OUT_DIR/tests.log"
+  test_summary="$(grep -E "passed|failed|error" "$OUT_DIR/tests.log" | tail -1 | sed -E "s/^=+ | =+$//g") (exit $test_rc)"
+  echo "tests: $test_summary in $(elapsed "$start")"
+}
 
-echo "== l2m-check"
-start=$(date +%s)
-timeout "${CHECK_TIMEOUT:-300}" "$PY" -m l2m_kernels.check --device "$DEVICE" --no-progress \
-  --json "$OUT_DIR/check.json" ${CHECK_ARGS:-} > "$OUT_DIR/check.log" 2>&1
-check_rc=$?
-cat "$OUT_DIR/check.log"
-echo "l2m-check: exit $check_rc in $(elapsed "$start")"
+step_check() {
+  echo "== l2m-check"
+  start=$(date +%s)
+  timeout "${CHECK_TIMEOUT:-300}" "$PY" -m l2m_kernels.check --device "$DEVICE" --no-progress \
+    --json "$OUT_DIR/check.json" ${CHECK_ARGS:-} > "$OUT_DIR/check.log" 2>&1
+  check_rc=$?
+  check_note="exit $check_rc"
+  cat "$OUT_DIR/check.log"
+  echo "l2m-check: exit $check_rc in $(elapsed "$start")"
+}
 
-echo "== l2m-bench"
-start=$(date +%s)
-timeout "${BENCH_TIMEOUT:-600}" "$PY" -m l2m_kernels.bench --device "$DEVICE" --no-progress --out "$OUT_DIR" \
-  ${BENCH_ARGS:-} > "$OUT_DIR/bench.log" 2>&1
-bench_rc=$?
-grep -vE "USDT|it/s\]|s/it\]" "$OUT_DIR/bench.log" | tail -40
-echo "l2m-bench: exit $bench_rc in $(elapsed "$start")"
+step_bench() {
+  echo "== l2m-bench"
+  start=$(date +%s)
+  timeout "${BENCH_TIMEOUT:-600}" "$PY" -m l2m_kernels.bench --device "$DEVICE" --no-progress --out "$OUT_DIR" \
+    ${BENCH_ARGS:-} > "$OUT_DIR/bench.log" 2>&1
+  bench_rc=$?
+  bench_note="exit $bench_rc"
+  grep -vE "USDT|it/s\]|s/it\]" "$OUT_DIR/bench.log" | tail -40
+  echo "l2m-bench: exit $bench_rc in $(elapsed "$start")"
+}
+
+selftest_rc=0; selftest_summary="not run: not in STEPS"
+test_rc=0; test_summary="not run: not in STEPS"
+check_rc=0; check_note="not run: not in STEPS"
+bench_rc=0; bench_note="not run: not in STEPS"
+for step in ${STEPS:-selftest tests check bench}; do
+  case "$step" in
+    selftest|tests|check|bench) "step_$step" ;;
+    *) echo "unknown step '$step' in STEPS (selftest, tests, check, bench)"; exit 2 ;;
+  esac
+done
 
 {
   echo
@@ -116,13 +140,13 @@ echo "l2m-bench: exit $bench_rc in $(elapsed "$start")"
   echo "Build: $build_summary. CUDA self-test: $selftest_summary."
   echo "Tests on $DEVICE: $test_summary."
   echo
-  echo "l2m-check on $DEVICE (exit $check_rc):"
+  echo "l2m-check on $DEVICE ($check_note):"
   echo
   echo '```'
   if [ -s "$OUT_DIR/check.log" ]; then grep -vE "USDT" "$OUT_DIR/check.log" | tail -n 80; else echo "(no output)"; fi
   echo '```'
   echo
-  echo "l2m-bench on $DEVICE ${BENCH_ARGS:-} (exit $bench_rc):"
+  echo "l2m-bench on $DEVICE ${BENCH_ARGS:-} ($bench_note):"
   echo
   if [ -f "$OUT_DIR/suite.md" ]; then tail -n +3 "$OUT_DIR/suite.md"; else echo "no benchmark table (see bench.log)"; fi
 } > "$OUT_DIR/RESULTS_entry.md"

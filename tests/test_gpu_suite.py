@@ -55,3 +55,15 @@ def test_gpu_suite_reports_failed_steps(tmp_path):
     assert "l2m-check on cpu (exit 0)" not in entry
     assert "(exit 0)" not in entry.split("l2m-bench on cpu", 1)[1].splitlines()[0]
     assert "Tests on cpu" in entry and "(exit 0)" not in entry.split("Tests on cpu", 1)[1].splitlines()[0]
+
+
+def test_gpu_suite_runs_only_the_steps_named(tmp_path):
+    proc, results = _run(tmp_path, STEPS="check", CHECK_ARGS="--quick --ops gated_merge --backends cpu --dtypes float32")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    entry = results[len("# results\n"):]
+    assert "Tests on cpu: not run: not in STEPS" in entry
+    assert "l2m-check on cpu (exit 0)" in entry and "PASS" in entry
+    assert "not run: not in STEPS" in entry.split("l2m-bench on cpu", 1)[1].splitlines()[0]
+    assert not (tmp_path / "out" / "tests.log").exists()
+    proc, _ = _run(tmp_path, STEPS="check no_such_step")
+    assert proc.returncode == 2 and "unknown step 'no_such_step'" in proc.stdout

@@ -115,7 +115,10 @@ def main(argv=None) -> int:
         progress.set_description(name)
         began = time.perf_counter()
         try:
-            rows += run_benchmark(name, device, args.quick, ceilings, tiny=args.tiny)
+            new_rows = run_benchmark(name, device, args.quick, ceilings, tiny=args.tiny)
+            rows += new_rows
+            # Each benchmark's table as soon as it is done, so that a run cut short keeps its figures.
+            print(f"{name} ({time.perf_counter() - began:.0f} s):\n{bm.format_table(new_rows, ceilings)}\n", flush=True)
         except Exception as exc:  # report it in the table and go on with the others
             failures.append(name)
             traceback.print_exc()
