@@ -64,11 +64,12 @@ def test_dense_update_matches_reference(backend, device, case, dtype):
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_dense_update_saturated_and_nonfinite(backend, device):
     # Saturated gates give exact 0/1 weights (no NaN from exp overflow); NaN inputs stay NaN.
-    memory = torch.tensor([1.0, 2.0, 3.0, float("nan")])
-    update = torch.tensor([0.5, 50.0, -50.0, 0.0])
-    input_gate = torch.tensor([-200.0, 200.0, 200.0, 0.0])
-    forget_gate = torch.tensor([200.0, -200.0, 0.0, 0.0])
+    memory = torch.tensor([1.0, 2.0, 3.0, float("nan")], device=device)
+    update = torch.tensor([0.5, 50.0, -50.0, 0.0], device=device)
+    input_gate = torch.tensor([-200.0, 200.0, 200.0, 0.0], device=device)
+    forget_gate = torch.tensor([200.0, -200.0, 0.0, 0.0], device=device)
     out = l2m.gated_dense_update(memory, update, input_gate, forget_gate, backend=backend)
+    assert out.device == memory.device
     expected = gated_dense_update_ref(memory.double(), update.double(), input_gate.double(),
                                       forget_gate.double()).float()
     assert torch.allclose(out, expected, equal_nan=True, atol=1e-6)

@@ -98,7 +98,7 @@ def test_inplace_matches_and_touches_only_written_slots(backend, device, case):
     # Slots no index names keep their bits.
     lead = memory.shape[:-2]
     flat_idx = indices.reshape(-1, indices.shape[-2] * indices.shape[-1]).long()
-    written = torch.zeros(flat_idx.shape[0], memory.shape[-2] + 1, dtype=torch.bool)
+    written = torch.zeros(flat_idx.shape[0], memory.shape[-2] + 1, dtype=torch.bool, device=memory.device)
     written.scatter_(1, flat_idx + 1, True)  # column 0 collects the skips
     untouched = ~written[:, 1:].reshape(*lead, memory.shape[-2])
     assert untouched.any()

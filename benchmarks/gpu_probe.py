@@ -1,0 +1,189 @@
+"""GPU probes for what the first GPU run (2026-11-26, NVIDIA H200, torch 2.11, Triton 3.6) left open.
+
+    python benchmarks/gpu_probe.py attn-fault            # which kernel faults, under which variants
+    python benchmarks/gpu_probe.py topk-tiles [--bench]  # forward time per scan tile; --bench: the
+                                                         # topk_read benchmark with the fastest tile
+
+``attn-fault``: l2m-check found an illegal memory access in the triton ``memory_attention`` at
+float16, B=2 H=2 Hkv=2 Hm=1 T=13 S=25 D=33 Dv=7 N=6 topk=6, gate (2, 1, 1) (float32 passed; the
+CPU interpreter with an out-of-bounds check on every load and store found nothing). Each variant
+runs in its own process (a fault poisons the CUDA context) with a synchronize after every Triton
+kernel, and prints the kernels that finished: the first one missing is the one that faulted.
+
+``topk-tiles``: the triton top-k read's forward at read-gpu / read-heads-gpu (bfloat16) for a few
+tiles of its two scoring passes (``_SCAN_TILES``), a per-kernel profile of the current tile, and
+with ``--bench`` the topk_read benchmark (fused, reference eager and compiled) with the fastest.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+# PROBE_DEVICE=cpu (with TRITON_INTERPRET=1) runs the probes' code paths here, to test the script.
+DEVICE = os.environ.get("PROBE_DEVICE", "cuda")
+
+
+def _sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+ATTN_BASE = dict(B=2, H=2, Hkv=2, Hm=1, T=13, S=25, D=33, Dv=7, N=6, topk=6, dtype="float16", merge="gate")
+ATTN_VARIANTS = {
+    "base": {}, "bfloat16": dict(dtype="bfloat16"), "float32": dict(dtype="float32"),
+    "D32": dict(D=32), "D64": dict(D=64), "Dv16": dict(Dv=16), "N64": dict(N=64), "joint": dict(merge="joint"),
+    "fwd_stages1": dict(fwd_tile=(128, 64, 8, 1)), "fwd_64x64": dict(fwd_tile=(64, 64, 4, 2)),
+    "fwd_128x32": dict(fwd_tile=(128, 32, 8, 2)),
+}
+
+
+def _sync_kernels(module):
+    """Replace every ``*_kernel`` launcher of ``module`` by one that synchronizes and reports."""
+    class Synced:
+        def __init__(self, name, fn):
+            self.name, self.fn = name, fn
+
+        def __getitem__(self, grid):
+            launch = self.fn[grid]
+
+            def run(*args, **kwargs):
+                result = launch(*args, **kwargs)
+                _sync()
+                print(f"  finished {self.name}", flush=True)
+                return result
+            return run
+
+    for name in dir(module):
+        if name.endswith("_kernel") and not isinstance(getattr(module, name), Synced):
+            setattr(module, name, Synced(name, getattr(module, name)))
+
+
+def attn_case(variant: str) -> None:
+    import l2m_kernels as l2m
+    from l2m_kernels.ops.memory_attention import triton as mat
+    from l2m_kernels.ops.topk_read import triton as tt
+    cfg = dict(ATTN_BASE, **ATTN_VARIANTS[variant])
+    if "fwd_tile" in cfg:
+        for key in list(mat._FWD_TILES):
+            mat._FWD_TILES[key] = mat.Tile(*cfg["fwd_tile"])
+    _sync_kernels(mat)
+    _sync_kernels(tt)
+    dtype = getattr(torch, cfg["dtype"])
+    B, H, Hkv, Hm, T, S, D, Dv, N = (cfg[x] for x in ("B", "H", "Hkv", "Hm", "T", "S", "D", "Dv", "N"))
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    make = lambda *shape: torch.randn(*shape, generator=gen, device=DEVICE, dtype=dtype).requires_grad_()  # noqa: E731
+    q, k, v = make(B, H, T, D), make(B, Hkv, S, D), make(B, Hkv, S, Dv)
+    mem_keys, mem_values = make(B, Hm, N, D), make(B, Hm, N, Dv)
+    gate = make(B, 1, 1) if cfg["merge"] == "gate" else None
+    res = l2m.memory_attention(q, k, v, mem_keys, mem_values, cfg["topk"], merge=cfg["merge"], gate=gate,
+                               backend="triton")
+    out = res.out if hasattr(res, "out") else res[0]
+    _sync()
+    print("  forward done", flush=True)
+    leaves = [t for t in (q, k, v, mem_keys, mem_values, gate) if t is not None]
+    grads = torch.autograd.grad(out, leaves, torch.randn_like(out))
+    _sync()
+    print(f"  backward done; finite: {all(bool(g.isfinite().all()) for g in grads)}", flush=True)
+
+
+def attn_fault() -> int:
+    def one(variant):
+        env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1")
+        try:
+            proc = subprocess.run([sys.executable, __file__, "attn-case", variant], env=env, capture_output=True,
+                                  text=True, timeout=120)
+            text = proc.stdout + (proc.stderr[-600:] if proc.returncode else "")
+            return variant, proc.returncode, text
+        except subprocess.TimeoutExpired:
+            return variant, -1, "timed out after 120 s"
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(one, ATTN_VARIANTS))
+    for variant, rc, text in results:
+        print(f"== {variant} {dict(ATTN_VARIANTS[variant])}: {'PASS' if rc == 0 else f'FAIL (exit {rc})'}")
+        print(text.rstrip())
+    return 0
+
+
+SCAN_VARIANTS = [(64, 64, 8), (32, 64, 4), (64, 32, 4), (128, 64, 8), (64, 128, 8), (128, 32, 8)]
+
+
+def topk_tiles(bench: bool) -> int:
+    import l2m_kernels as l2m
+    from l2m_kernels import benchmark as bm
+    from l2m_kernels.bench import topk_read as bench_topk
+    from l2m_kernels.ops.topk_read import triton as tt
+    device = torch.device(DEVICE)
+    shapes = {"read-gpu": (8, 1, 1, 4096, 65536), "read-heads-gpu": (16, 8, 8, 512, 16384)}
+    if DEVICE == "cpu":  # testing the script: tiny shapes
+        shapes = {"tiny": (1, 1, 1, 16, 4096)}
+    inputs = {}
+    for name, (B, H, Hm, T, N) in shapes.items():
+        g = torch.Generator(device=DEVICE).manual_seed(0)
+        inputs[name] = [torch.randn(*s, generator=g, device=device, dtype=torch.bfloat16)
+                        for s in ((B, H, T, 64), (B, Hm, N, 64), (B, Hm, N, 64))]
+    default = tt._SCAN_TILES[False]
+    reference = {}
+    best, best_total = None, float("inf")
+    for variant in SCAN_VARIANTS:
+        tt._SCAN_TILES[False] = tt._ScanTile(*variant, default.max_block_dk)
+        total, line = 0.0, []
+        try:
+            for name, (q, keys, values) in inputs.items():
+                fn = lambda: l2m.topk_memory_read(q, keys, values, 32, backend="triton")  # noqa: E731
+                read = fn()
+                if name not in reference:
+                    reference[name] = read
+                same = torch.equal(read.indices, reference[name].indices)
+                ms = bm.median_time(fn, device, warmup=2, reps=7) * 1e3
+                total += ms
+                line.append(f"{name} {ms:.3f} ms (path {tt.last_forward_path}, indices equal: {same})")
+                if not same:
+                    total = float("inf")
+        except Exception as exc:  # a tile that does not compile or run
+            line.append(f"failed: {type(exc).__name__}: {str(exc)[:200]}")
+            total = float("inf")
+        print(f"scan tile {variant}: " + "; ".join(line), flush=True)
+        if total < best_total:
+            best, best_total = variant, total
+    tt._SCAN_TILES[False] = tt._ScanTile(*default[:3], default.max_block_dk)
+    q, keys, values = next(iter(inputs.values()))
+    activity = torch.profiler.ProfilerActivity.CUDA if DEVICE == "cuda" else torch.profiler.ProfilerActivity.CPU
+    with torch.profiler.profile(activities=[activity]) as prof:
+        for _ in range(3):
+            l2m.topk_memory_read(q, keys, values, 32, backend="triton")
+        _sync()
+    print(f"profile of the forward at {next(iter(inputs))}, current tile, 3 calls:")
+    print(prof.key_averages().table(sort_by="cuda_time_total" if DEVICE == "cuda" else "cpu_time_total", row_limit=12))
+    print(f"fastest scan tile: {best} (current {tuple(default[:3])})", flush=True)
+    if bench and best is not None:
+        tt._SCAN_TILES[False] = tt._ScanTile(*best, default.max_block_dk)
+        ceilings = bm.measure_ceilings(device, quick=True) if DEVICE == "cuda" else {"copy_gbps": 1.0}
+        start = time.perf_counter()
+        rows = bench_topk.run(device, quick=False, ceilings=ceilings, tiny=DEVICE == "cpu")
+        print(f"topk_read benchmark with scan tile {best} ({time.perf_counter() - start:.0f} s):")
+        print(bm.format_table(rows, ceilings), flush=True)
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("probe", choices=["attn-fault", "attn-case", "topk-tiles"])
+    parser.add_argument("variant", nargs="?", default="base")
+    parser.add_argument("--bench", action="store_true")
+    args = parser.parse_args()
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        parser.error("needs CUDA (PROBE_DEVICE=cpu with TRITON_INTERPRET=1 to test the script)")
+    if args.probe == "attn-case":
+        attn_case(args.variant)
+        return 0
+    return attn_fault() if args.probe == "attn-fault" else topk_tiles(args.bench)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
