@@ -67,3 +67,19 @@ def test_gpu_suite_runs_only_the_steps_named(tmp_path):
     assert not (tmp_path / "out" / "tests.log").exists()
     proc, _ = _run(tmp_path, STEPS="check no_such_step")
     assert proc.returncode == 2 and "unknown step 'no_such_step'" in proc.stdout
+
+
+PROBE = ROOT / "benchmarks" / "gpu_probe.py"
+
+
+@pytest.mark.parametrize("args", [["attn-case", "base"], ["topk-tiles"]], ids=["attn-case", "topk-tiles"])
+def test_gpu_probe_runs_here(args):
+    # benchmarks/gpu_probe.py on CPU tensors under the interpreter (PROBE_DEVICE=cpu, tiny shapes).
+    env = dict(os.environ, PROBE_DEVICE="cpu", TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(PROBE), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    if args[0] == "attn-case":
+        assert "finished memory_attention_fwd_kernel" in proc.stdout and "backward done; finite: True" in proc.stdout
+    else:
+        assert proc.stdout.count("indices equal: True") == 6 and "fastest scan tile" in proc.stdout

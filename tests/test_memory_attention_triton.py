@@ -185,6 +185,19 @@ def test_gradients_through_lse_only(merge, deterministic, tiles):
     _check(t, 4, 9, merge, deterministic=deterministic, lse_only=True)
 
 
+# 16-bit head sizes whose rows are not 16-byte aligned run at the tile width with zero columns
+# (a Triton 3.6 fault on an H200 at float16 D = 33); the gradients come back at the caller's D.
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("D", [7, 33])
+def test_half_unaligned_head_dim_runs_padded(dtype, D):
+    assert ma_triton._padded_head_dim(D, dtype) == ma_triton._block_d(D) > D
+    assert ma_triton._padded_head_dim(D, torch.float32) == D
+    assert ma_triton._padded_head_dim(40, dtype) == 40
+    t = _inputs(2, 2, 2, 1, 13, 25, D, 7, 6, dtype, False, (2, 2, 13, 1))
+    _, grads = _check(t, 6, None, "gate")
+    assert all(g.is_contiguous() for g in grads)
+
+
 # Production tiles of every (float32 dot, padded head size) row: D / Dv that pick each BLOCK size,
 # non-powers of two padded and masked. float16 takes the tensor-core path (bfloat16 upcasts under
 # the interpreter), float32 the ieee one.

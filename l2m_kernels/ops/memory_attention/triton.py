@@ -855,6 +855,20 @@ def _window(window, S: int) -> int:
     return S if window is None else max(1, min(int(window), S))
 
 
+def _padded_head_dim(D: int, dtype: torch.dtype) -> int:
+    """The head size the kernels run at: D, except 16-bit rows that are not 16-byte aligned
+    (D % 8 != 0) run at the tile width with zero columns. On an H200 with Triton 3.6 the forward
+    kernel faulted (illegal address, not every run) at float16 D = 33 and never at D = 32 or 64;
+    zero columns change no score and their gradients are sliced off."""
+    if dtype in (torch.float16, torch.bfloat16) and D % 8:
+        return _block_d(D)
+    return D
+
+
+def _pad_head_dim(D_run: int, *tensors: torch.Tensor) -> list:
+    return [t if t.shape[-1] == D_run else torch.nn.functional.pad(t, (0, D_run - t.shape[-1])) for t in tensors]
+
+
 def _gate_rows(gate: torch.Tensor, B: int, H: int, T: int) -> torch.Tensor:
     # gate broadcasts to (B, H, T, 1); the kernels take one logit per query row.
     return gate.expand(B, H, T, 1).reshape(B * H * T).contiguous()
@@ -881,6 +895,7 @@ def memory_attention_fwd(q, k, v, mem_keys, mem_values, topk, window, merge, gat
                                                                 window, merge, gate, scale, valid_len)
     """
     _check_dtype(q)
+    q, k, mem_keys = _pad_head_dim(_padded_head_dim(q.shape[-1], q.dtype), q, k, mem_keys)
     B, H, T, D = q.shape
     Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
     Hm, N = mem_keys.shape[-3], mem_keys.shape[-2]
@@ -944,6 +959,8 @@ def memory_attention_bwd(dout, dlse_local, dlse_mem, q, k, v, mem_keys, mem_valu
                                     (dout, dlse_local, dlse_mem))
     """
     _check_dtype(q)
+    D_in = q.shape[-1]
+    q, k, mem_keys = _pad_head_dim(_padded_head_dim(D_in, q.dtype), q, k, mem_keys)
     B, H, T, D = q.shape
     Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
     Hm, N = mem_keys.shape[-3], mem_keys.shape[-2]
@@ -963,6 +980,7 @@ def memory_attention_bwd(dout, dlse_local, dlse_mem, q, k, v, mem_keys, mem_valu
             grad.zero_()
         if merge_gate:
             dgate = torch.zeros_like(gate)
+        dq, dk, dmem_keys = _unpad(D_in, dq, dk, dmem_keys)
         return dq, dk, dv, dmem_keys, dmem_values, dgate
 
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -1035,7 +1053,13 @@ def memory_attention_bwd(dout, dlse_local, dlse_mem, q, k, v, mem_keys, mem_valu
         rows_grad = dgate_rows.view(B, H, T, 1)
         dgate = (rows_grad.sum_to_size(gate.shape) if gate.dim() else rows_grad.sum()).to(gate.dtype)
         dgate = dgate.reshape(gate.shape)
+    dq, dk, dmem_keys = _unpad(D_in, dq, dk, dmem_keys)
     return dq, dk, dv, dmem_keys, dmem_values, dgate
+
+
+def _unpad(D_in: int, *grads: torch.Tensor) -> tuple:
+    """Gradients at the caller's head size (see _padded_head_dim)."""
+    return tuple(g if g.shape[-1] == D_in else g[..., :D_in].contiguous() for g in grads)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -823,11 +823,15 @@ class _ScanTile(NamedTuple):
 # tile and its keys, so they are larger than the select kernel's. The collect kernel bounds them:
 # its compaction keeps an int64 key, an int32 position and a 64-bit store address per element of
 # the tile; at 4 warps [64, 128] and [64, 64] 16-bit tiles spill hundreds of bytes (sm_80 and
-# sm_90, Triton 3.9), [64, 64] at 8 warps takes 185-206 registers without spills. float32 runs on
+# sm_90, Triton 3.9), [64, 64] at 8 warps takes 185-206 registers without spills, [128, 64] at 8
+# warps 255 registers and 16-40 bytes of spills in the collect kernel (none in chunkmax). Measured
+# on an H200 (Triton 3.6, bfloat16, forward at read-gpu / read-heads-gpu, benchmarks/gpu_probe.py
+# topk-tiles, 2026-11-26): [64, 64] 15.45 / 7.89 ms, [128, 64] 13.63 / 7.35 ms, [64, 128] 14.59 /
+# 7.35 ms, [64, 32] at 4 warps 13.47 / 8.93 ms: [128, 64], its spills allowed. float32 runs on
 # the FMA units (no TF32); its dot operands need narrow feature chunks. A larger BLOCK_N shrinks
 # the chunk_max buffer (T * N / BLOCK_N) but raises the candidate bound k * BLOCK_N.
 _SCAN_TILES = {
-    False: _ScanTile(64, 64, 8, MAX_BLOCK_D),    # float16 / bfloat16
+    False: _ScanTile(128, 64, 8, MAX_BLOCK_D),   # float16 / bfloat16
     True: _ScanTile(32, 32, 4, 32),              # float32
 }
 # Candidate capacity per row of the threshold path: CAP_FACTOR * K_PAD. For random scores a row
@@ -1319,8 +1323,11 @@ def _build_compile_configs() -> list[dict]:
                     # The overflow fallback of the threshold path runs only for rows whose
                     # candidates did not fit (ties, sorted scores, NaN rows); a few of its variants
                     # spill 8-32 bytes (Triton 3.9: e.g. fp16 D=64 k=64 on sm_80, fp32 D=128 k=128
-                    # on sm_90): allowed, reported by the compile check.
-                    "allow_spills": bool(constexprs.get("ONLY_OVERFLOW", False)),
+                    # on sm_90): allowed, reported by the compile check. So does the 16-bit
+                    # collect kernel at its [128, 64] tile (16-40 bytes, see _SCAN_TILES), chosen
+                    # because it measured fastest on an H200.
+                    "allow_spills": bool(constexprs.get("ONLY_OVERFLOW", False))
+                    or (kernel is topk_read_fwd_collect_kernel and dtype != torch.float32),
                 }
                 seen[key] = entry
                 configs.append(entry)
