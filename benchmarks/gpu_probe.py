@@ -11,8 +11,10 @@ runs in its own process (a fault poisons the CUDA context) with a synchronize af
 kernel, and prints the kernels that finished: the first one missing is the one that faulted.
 
 ``topk-tiles``: the triton top-k read's forward at read-gpu / read-heads-gpu (bfloat16) for a few
-tiles of its two scoring passes (``_SCAN_TILES``), a per-kernel profile of the current tile, and
-with ``--bench`` the topk_read benchmark (fused, reference eager and compiled) with the fastest.
+tiles of its two scoring passes (``_SCAN_TILES``), the collect kernel's two compactions
+(``COLLECT_COMPACTION`` "cumsum" and "atomic") at the current tile, a per-kernel profile of the
+current tile, and with ``--bench`` the topk_read benchmark (fused, reference eager and compiled)
+with the fastest tile.
 """
 from __future__ import annotations
 
@@ -152,6 +154,25 @@ def topk_tiles(bench: bool) -> int:
         if total < best_total:
             best, best_total = variant, total
     tt._SCAN_TILES[False] = tt._ScanTile(*default[:3], default.max_block_dk)
+    # The collect kernel's compactions at the current tile, side by side (the module reads
+    # COLLECT_COMPACTION at each call); "atomic" must select exactly what "cumsum" does.
+    default_compaction, line = tt.COLLECT_COMPACTION, []
+    try:
+        for name, (q, keys, values) in inputs.items():
+            fn = lambda: l2m.topk_memory_read(q, keys, values, 32, backend="triton")  # noqa: E731
+            reads, times = {}, {}
+            for compaction in ("cumsum", "atomic"):
+                tt.COLLECT_COMPACTION = compaction
+                reads[compaction] = fn()
+                times[compaction] = bm.median_time(fn, device, warmup=2, reps=7) * 1e3
+            same = torch.equal(reads["atomic"].indices, reads["cumsum"].indices)
+            line.append(f"{name} cumsum {times['cumsum']:.3f} ms, atomic {times['atomic']:.3f} ms "
+                        f"(path {tt.last_forward_path}, indices equal: {same})")
+    except Exception as exc:  # the atomic compaction does not compile or run
+        line.append(f"failed: {type(exc).__name__}: {str(exc)[:200]}")
+    finally:
+        tt.COLLECT_COMPACTION = default_compaction
+    print(f"collect compaction at scan tile {tuple(default[:3])}: " + "; ".join(line), flush=True)
     q, keys, values = next(iter(inputs.values()))
     activity = torch.profiler.ProfilerActivity.CUDA if DEVICE == "cuda" else torch.profiler.ProfilerActivity.CPU
     with torch.profiler.profile(activities=[activity]) as prof:

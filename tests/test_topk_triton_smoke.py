@@ -394,3 +394,91 @@ def test_unknown_path_is_refused(forward_path, monkeypatch):
     q, keys, values = _inputs(1, 1, 1, 2, 9, 8, 4)
     with pytest.raises(ValueError, match=topk_triton.PATH_ENV):
         _fwd(q, keys, values, 3, 0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Threshold path: atomic compaction of the collect kernel (COLLECT_COMPACTION = "atomic")
+# ---------------------------------------------------------------------------------------------
+
+# (B, H, Hm, T, N, Dk, Dv, k, valid_len)
+ATOMIC_CASES = [
+    (1, 2, 1, 7, 300, 7, 5, 3, None),           # odd sizes, partial last chunk
+    (3, 2, 1, 5, 200, 16, 6, 6, [200, 4, 0]),   # valid_len < k and 0 (tau = INT64_MIN rows)
+    (1, 1, 1, 5, 40, 16, 8, 40, None),          # k = N (N <= cap: every slot a candidate)
+    (2, 4, 2, 3, 130, 12, 6, 5, None),          # grouped heads
+]
+
+
+def _atomic_case_id(case):
+    return _case_id((*case[:8], False)) + ("" if case[8] is None else f"-vl{'_'.join(map(str, case[8]))}")
+
+
+@pytest.mark.parametrize("case", ATOMIC_CASES, ids=_atomic_case_id)
+@pytest.mark.parametrize("forward_path", ["threshold", "threshold-small"], indirect=True)
+def test_atomic_compaction_matches_reference(forward_path, monkeypatch, case):
+    monkeypatch.setattr(topk_triton, "COLLECT_COMPACTION", "atomic")
+    B, H, Hm, T, N, Dk, Dv, k, valid_len = case
+    q, keys, values = _inputs(B, H, Hm, T, N, Dk, Dv)
+    _check_fwd(q, keys, values, k, Dk ** -0.5, valid_len)
+    # The collect kernel ran (some rows may overflow at production tiles: k * BLOCK_N > cap).
+    assert topk_triton.last_forward_path in ("threshold", OVERFLOW_PATH)
+
+
+def _record_collect(monkeypatch):
+    """Wrap the collect kernel so each launch's (cand, count) is kept, for comparing compactions."""
+    launches = []
+    kernel = topk_triton.topk_read_fwd_collect_kernel
+
+    class Recorded:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                kernel[grid](*args, **kwargs)
+                launches.append((args[4].clone(), args[5].clone()))
+            return launch
+
+    monkeypatch.setattr(topk_triton, "topk_read_fwd_collect_kernel", Recorded())
+    return launches
+
+
+def _candidate_sets(cand, count):
+    """Each row's stored candidates (the first min(count, cap)), sorted: the order is free."""
+    cap = cand.shape[1]
+    stored = torch.arange(cap, device=cand.device)[None, :] < count.clamp(max=cap)[:, None]
+    return torch.where(stored, cand, torch.iinfo(torch.int64).min).sort(dim=1).values
+
+
+@pytest.mark.parametrize("forward_path", ["threshold-small"], indirect=True)
+def test_atomic_compaction_overflow_and_bitwise_equal_to_cumsum(forward_path, monkeypatch):
+    """Same inputs, both compactions: the same counts and candidate sets, bitwise identical outputs;
+    tied scores overflow the capacity (the counter runs past cap) into the streaming fallback."""
+    N, D, k = 160, 16, 5
+    q, keys, values = _inputs(1, 2, 1, 6, N, D, 4)
+    tied_keys = torch.ones(1, 1, N, D, device=DEVICE)            # every score tied
+    repeated_keys = keys[:, :, torch.arange(N, device=DEVICE) % 3].contiguous()   # 3 distinct rows
+    # (q, keys, valid_len, CAP_FACTOR, overflows): cap 16 with the repeated rows (~22 keys >= tau).
+    cases = [(q, keys, None, SMALL_CAP_FACTOR, False), (q, keys, [3], SMALL_CAP_FACTOR, False),
+             (torch.ones_like(q), tied_keys, None, SMALL_CAP_FACTOR, True), (q, repeated_keys, None, 1, True)]
+    for q_case, keys_case, valid_len, cap_factor, overflows in cases:
+        results, collected = {}, {}
+        for compaction in ("cumsum", "atomic"):
+            monkeypatch.undo()
+            _small_threshold(monkeypatch, cap_factor)
+            monkeypatch.setattr(topk_triton, "COLLECT_COMPACTION", compaction)
+            launches = _record_collect(monkeypatch)
+            results[compaction] = _check_fwd(q_case, keys_case, values, k, 0.5, valid_len)
+            assert topk_triton.last_forward_path == (OVERFLOW_PATH if overflows else "threshold")
+            (collected[compaction],) = launches
+        for name, a, b in zip(("out", "indices", "weights", "lse"), results["cumsum"], results["atomic"]):
+            assert torch.equal(a, b), name
+        (cand_c, count_c), (cand_a, count_a) = collected["cumsum"], collected["atomic"]
+        assert torch.equal(count_c, count_a)
+        assert torch.equal(_candidate_sets(cand_c, count_c), _candidate_sets(cand_a, count_a))
+        assert (int(count_a.max()) > cand_a.shape[1]) == overflows
+
+
+@pytest.mark.parametrize("forward_path", ["threshold"], indirect=True)
+def test_unknown_compaction_is_refused(forward_path, monkeypatch):
+    monkeypatch.setattr(topk_triton, "COLLECT_COMPACTION", "bogus")
+    q, keys, values = _inputs(1, 1, 1, 2, 9, 8, 4)
+    with pytest.raises(ValueError, match="COLLECT_COMPACTION"):
+        _fwd(q, keys, values, 3, 0.5)

@@ -34,8 +34,10 @@ row; larger = better). With chunks of ``C = BLOCK_N`` slots (the scan tile):
    ``>= tau``, so the row's top k are all ``>= tau`` and at most ``k * C`` keys are (for random
    scores about ``k + k * k * C / N``).
 3. ``topk_read_fwd_collect_kernel``: scores again (same tiles, warps and helper, so the keys are
-   bit-identical to pass 1's) and compacts each row's existing keys ``>= tau`` in slot order into
-   ``cand (B*H*T, cap)`` (``cap = CAP_FACTOR * K_PAD``), with their ``count``.
+   bit-identical to pass 1's) and compacts each row's existing keys ``>= tau`` into
+   ``cand (B*H*T, cap)`` (``cap = CAP_FACTOR * K_PAD``), with their ``count``: in slot order by a
+   per-tile cumulative sum, or (``COLLECT_COMPACTION = "atomic"``) in any order by an atomic
+   increment of the row's count per taken key (step 5 sorts them).
 4. Rows whose ``count`` passed ``cap`` (many exactly tied scores, scores sorted by slot, a NaN
    query row, fewer than k chunks holding existing slots) are left to the streaming select kernel,
    launched with ``ONLY_OVERFLOW``: its blocks without such a row return at once, so no
@@ -437,7 +439,7 @@ def topk_read_fwd_collect_kernel(
     keys,  # [B, Hm, N, Dk] or [Hm, N, Dk] x
     valid_len,  # [B] int64 (read only when HAS_VALID_LEN)
     tau,  # [B * H * T] int64: each row's threshold key
-    cand,  # [B * H * T, cap] int64, written: the row's keys >= tau in slot order (first cap)
+    cand,  # [B * H * T, cap] int64, written: the row's first cap keys >= tau (order: see below)
     count,  # [B * H * T] int64, written: how many keys >= tau the row has (may exceed cap)
     R,
     N,
@@ -453,8 +455,16 @@ def topk_read_fwd_collect_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_DK: tl.constexpr,
     DK_CHUNKS: tl.constexpr,
+    ATOMIC_COMPACT: tl.constexpr,
 ):
-    """Grid (num_row_blocks * B * Hm,): threshold pass 2, compacts every existing key >= tau."""
+    """Grid (num_row_blocks * B * Hm,): threshold pass 2, compacts every existing key >= tau.
+
+    Two compactions (COLLECT_COMPACTION picks one): ATOMIC_COMPACT false ranks the taken keys of
+    each tile by a cumulative sum over the [BLOCK_T, BLOCK_N] tile and stores the row counts at the
+    end (candidates in slot order); true gives each taken key its position by an atomic increment
+    of its row's ``count`` (which the launcher zeroes), skipping the scan for the few keys taken
+    (candidates in any order: the finish kernel sorts them, keys being distinct).
+    """
     i_bh, i_tb, i_b, i_hm = _row_block(num_row_blocks, Hm)
 
     o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -488,12 +498,24 @@ def topk_read_fwd_collect_kernel(
         # tau may be INT64_MIN (every existing slot a candidate): the existence mask keeps the
         # missing slots, whose key is INT64_MIN too, out.
         m_take = (b_key >= b_tau[:, None]) & m_exists
-        b_take = m_take.to(tl.int32)
-        # Position of each taken key in its row's list: the count so far plus its rank in the tile.
-        b_pos = b_count[:, None] + tl.cumsum(b_take, axis=1) - 1
-        tl.store(p_cand[:, None] + b_pos, b_key, mask=m_take & (b_pos < cap))
-        b_count += tl.sum(b_take, axis=1)
-    tl.store(count + o_row, b_count.to(tl.int64), mask=m_t)
+        if ATOMIC_COMPACT:
+            # [BT, BN] int64 positions: the row counter's old values, distinct within a row. The
+            # pointer is broadcast to the tile by hand (Triton 3.3 broadcasts the mask to the
+            # pointer's shape, not both to a common one). A masked-off lane's value is unspecified:
+            # it becomes cap, never stored. (Storing with m_take & (b_pos < cap) on the raw result
+            # instead trips an assertion in Triton 3.9's RemoveLayoutConversions; 3.3 and 3.6 take both.)
+            b_pos = tl.atomic_add(tl.broadcast_to(count + o_row[:, None], [BLOCK_T, BLOCK_N]), 1, mask=m_take,
+                                  sem="relaxed")
+            b_pos = tl.where(m_take, b_pos, cap)
+            tl.store(p_cand[:, None] + b_pos, b_key, mask=b_pos < cap)
+        else:
+            b_take = m_take.to(tl.int32)
+            # Position of each taken key in its row's list: the count so far plus its rank in the tile.
+            b_pos = b_count[:, None] + tl.cumsum(b_take, axis=1) - 1
+            tl.store(p_cand[:, None] + b_pos, b_key, mask=m_take & (b_pos < cap))
+            b_count += tl.sum(b_take, axis=1)
+    if not ATOMIC_COMPACT:
+        tl.store(count + o_row, b_count.to(tl.int64), mask=m_t)
 
 
 @triton.jit
@@ -834,6 +856,17 @@ _SCAN_TILES = {
     False: _ScanTile(128, 64, 8, MAX_BLOCK_D),   # float16 / bfloat16
     True: _ScanTile(32, 32, 4, 32),              # float32
 }
+# How topk_read_fwd_collect_kernel places a row's candidates (read at each call; tests and
+# benchmarks/gpu_probe.py topk-tiles set it): "cumsum" ranks the taken keys of every tile by a
+# cumulative sum over the whole [BLOCK_T, BLOCK_N] tile (in-register count, slot order), a full
+# scan per tile although a row takes only ~k + k * k * BLOCK_N / N of its N keys; "atomic" gives
+# each taken key its position by a relaxed atomic increment of its row's count (zeroed first; any
+# order, the finish kernel sorts): no scan, and the atomics and stores run for the taken keys only.
+# The collect kernel was 68% of the forward on an H200 (10.1 ms vs 2.8 ms for chunkmax, the same
+# dot): the default stays "cumsum" until "atomic" is measured on a GPU (gpu_probe.py topk-tiles
+# times both).
+COLLECT_COMPACTION = "cumsum"
+_COMPACTIONS = ("cumsum", "atomic")
 # Candidate capacity per row of the threshold path: CAP_FACTOR * K_PAD. For random scores a row
 # has about k + k * k * BLOCK_N / N candidates (k = 32, N = 65536: ~33), at most k * BLOCK_N.
 CAP_FACTOR = 4
@@ -907,6 +940,14 @@ def _scan_constexprs(Dk: int, dtype: torch.dtype, has_valid_len: bool):
     return {"HAS_VALID_LEN": has_valid_len, "F32_DOT": f32_dot, "BLOCK_T": tile.block_t,
             "BLOCK_N": tile.block_n, "BLOCK_DK": block_dk,
             "DK_CHUNKS": max(1, triton.cdiv(int(Dk), block_dk))}, tile.num_warps
+
+
+def _collect_constexprs(Dk: int, dtype: torch.dtype, has_valid_len: bool, compaction: str):
+    """Constexprs and warps of topk_read_fwd_collect_kernel: the scan tile plus its compaction."""
+    if compaction not in _COMPACTIONS:
+        raise ValueError(f"COLLECT_COMPACTION: expected one of {_COMPACTIONS}, got {compaction!r}")
+    constexprs, num_warps = _scan_constexprs(Dk, dtype, has_valid_len)
+    return dict(constexprs, ATOMIC_COMPACT=compaction == "atomic"), num_warps
 
 
 def _finish_constexprs(k: int):
@@ -1053,6 +1094,7 @@ def _threshold_select(q, keys, valid_len, k, scale, indices, weights, lse, B, Hm
     """
     has_valid_len = valid_len is not None
     constexprs, num_warps = _scan_constexprs(Dk, q.dtype, has_valid_len)
+    collect_constexprs, _ = _collect_constexprs(Dk, q.dtype, has_valid_len, COLLECT_COMPACTION)
     block_n = constexprs["BLOCK_N"]
     n_chunks = triton.cdiv(N, block_n)
     cap = threshold_capacity(k)
@@ -1074,10 +1116,12 @@ def _threshold_select(q, keys, valid_len, k, scale, indices, weights, lse, B, Hm
         tau = torch.topk(chunk_max, k, dim=1).values[:, k - 1].contiguous()
         del chunk_max
     cand = torch.empty((R_total, cap), dtype=torch.int64, device=device)
-    count = torch.empty((R_total,), dtype=torch.int64, device=device)
+    # The atomic compaction counts in count itself, from zero.
+    new_count = torch.zeros if collect_constexprs["ATOMIC_COMPACT"] else torch.empty
+    count = new_count((R_total,), dtype=torch.int64, device=device)
     topk_read_fwd_collect_kernel[grid](
         q, keys, valid_len_arg, tau, cand, count, R, N, Dk, float(scale), Hm, keys_batch_stride,
-        num_row_blocks, cap, **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
+        num_row_blocks, cap, **collect_constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
     )
     constexprs, num_warps = _finish_constexprs(k)
     topk_read_fwd_finish_kernel[(triton.cdiv(R_total, constexprs["BLOCK_T"]),)](
@@ -1248,9 +1292,14 @@ def _production_constexprs(kernel, dtype):
                 for has_valid_len in (False, True):
                     for only_overflow in (False, True):
                         picks.append((*_select_constexprs(k, D, dtype, has_valid_len, only_overflow), D, k))
-        elif kernel in (topk_read_fwd_chunkmax_kernel, topk_read_fwd_collect_kernel):
+        elif kernel is topk_read_fwd_chunkmax_kernel:
             for has_valid_len in (False, True):
                 picks.append((*_scan_constexprs(D, dtype, has_valid_len), D, None))
+        elif kernel is topk_read_fwd_collect_kernel:
+            # Both compactions: the default and the one a GPU run may switch to.
+            for has_valid_len in (False, True):
+                for compaction in _COMPACTIONS:
+                    picks.append((*_collect_constexprs(D, dtype, has_valid_len, compaction), D, None))
         elif kernel is topk_read_fwd_finish_kernel:
             for k in COMPILE_KS:
                 picks.append((*_finish_constexprs(k), D, k))
@@ -1271,8 +1320,8 @@ def _label(dtype, head_dims, k, constexprs) -> str:
     parts = [_SIGNATURE_DTYPE[dtype], "D=" + ",".join(map(str, head_dims))]
     if k is not None:
         parts.append(f"k={k}")
-    short = {"HAS_VALID_LEN": "VL", "ONLY_OVERFLOW": "OVF", "ATOMIC": "ATOMIC", "BLOCK_T": "BT", "K_PAD": "KP", "BLOCK_N": "BN",
-             "BLOCK_E": "BE", "CAP": "CAP"}
+    short = {"HAS_VALID_LEN": "VL", "ONLY_OVERFLOW": "OVF", "ATOMIC": "ATOMIC", "ATOMIC_COMPACT": "AC", "BLOCK_T": "BT",
+             "K_PAD": "KP", "BLOCK_N": "BN", "BLOCK_E": "BE", "CAP": "CAP"}
     for name, value in constexprs.items():
         if name in short:
             parts.append(f"{short[name]}={int(value)}")
@@ -1325,7 +1374,8 @@ def _build_compile_configs() -> list[dict]:
                     # spill 8-32 bytes (Triton 3.9: e.g. fp16 D=64 k=64 on sm_80, fp32 D=128 k=128
                     # on sm_90): allowed, reported by the compile check. So does the 16-bit
                     # collect kernel at its [128, 64] tile (16-40 bytes, see _SCAN_TILES), chosen
-                    # because it measured fastest on an H200.
+                    # because it measured fastest on an H200 (with the cumsum compaction; the atomic
+                    # one takes 222-242 registers without spills, Triton 3.9).
                     "allow_spills": bool(constexprs.get("ONLY_OVERFLOW", False))
                     or (kernel is topk_read_fwd_collect_kernel and dtype != torch.float32),
                 }
