@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_probe.py attn-fault            # which kernel faults, under which variants
     python benchmarks/gpu_probe.py topk-tiles [--bench]  # forward time per scan tile; --bench: the
-                                                         # topk_read benchmark with the fastest tile
+                                                         # topk_read benchmark with the fastest tile and compaction
 
 ``attn-fault``: l2m-check found an illegal memory access in the triton ``memory_attention`` at
 float16, B=2 H=2 Hkv=2 Hm=1 T=13 S=25 D=33 Dv=7 N=6 topk=6, gate (2, 1, 1) (float32 passed; the
@@ -14,7 +14,7 @@ kernel, and prints the kernels that finished: the first one missing is the one t
 tiles of its two scoring passes (``_SCAN_TILES``), the collect kernel's two compactions
 (``COLLECT_COMPACTION`` "cumsum" and "atomic") at the current tile, a per-kernel profile of the
 current tile, and with ``--bench`` the topk_read benchmark (fused, reference eager and compiled)
-with the fastest tile.
+with the fastest tile and compaction.
 """
 from __future__ import annotations
 
@@ -153,10 +153,11 @@ def topk_tiles(bench: bool) -> int:
         print(f"scan tile {variant}: " + "; ".join(line), flush=True)
         if total < best_total:
             best, best_total = variant, total
-    tt._SCAN_TILES[False] = tt._ScanTile(*default[:3], default.max_block_dk)
+    tt._SCAN_TILES[False] = default
     # The collect kernel's compactions at the current tile, side by side (the module reads
     # COLLECT_COMPACTION at each call); "atomic" must select exactly what "cumsum" does.
     default_compaction, line = tt.COLLECT_COMPACTION, []
+    compaction_ms = {"cumsum": 0.0, "atomic": 0.0}
     try:
         for name, (q, keys, values) in inputs.items():
             fn = lambda: l2m.topk_memory_read(q, keys, values, 32, backend="triton")  # noqa: E731
@@ -166,10 +167,13 @@ def topk_tiles(bench: bool) -> int:
                 reads[compaction] = fn()
                 times[compaction] = bm.median_time(fn, device, warmup=2, reps=7) * 1e3
             same = torch.equal(reads["atomic"].indices, reads["cumsum"].indices)
+            for compaction, ms in times.items():
+                compaction_ms[compaction] += ms if same else float("inf")
             line.append(f"{name} cumsum {times['cumsum']:.3f} ms, atomic {times['atomic']:.3f} ms "
                         f"(path {tt.last_forward_path}, indices equal: {same})")
     except Exception as exc:  # the atomic compaction does not compile or run
         line.append(f"failed: {type(exc).__name__}: {str(exc)[:200]}")
+        compaction_ms["atomic"] = float("inf")
     finally:
         tt.COLLECT_COMPACTION = default_compaction
     print(f"collect compaction at scan tile {tuple(default[:3])}: " + "; ".join(line), flush=True)
@@ -181,13 +185,17 @@ def topk_tiles(bench: bool) -> int:
         _sync()
     print(f"profile of the forward at {next(iter(inputs))}, current tile, 3 calls:")
     print(prof.key_averages().table(sort_by="cuda_time_total" if DEVICE == "cuda" else "cpu_time_total", row_limit=12))
-    print(f"fastest scan tile: {best} (current {tuple(default[:3])})", flush=True)
+    fastest_compaction = min(compaction_ms, key=compaction_ms.get)
+    print(f"fastest scan tile: {best} (current {tuple(default[:3])}); fastest compaction: {fastest_compaction} "
+          f"(current {default_compaction})", flush=True)
     if bench and best is not None:
         tt._SCAN_TILES[False] = tt._ScanTile(*best, default.max_block_dk)
+        tt.COLLECT_COMPACTION = fastest_compaction
         ceilings = bm.measure_ceilings(device, quick=True) if DEVICE == "cuda" else {"copy_gbps": 1.0}
         start = time.perf_counter()
         rows = bench_topk.run(device, quick=False, ceilings=ceilings, tiny=DEVICE == "cpu")
-        print(f"topk_read benchmark with scan tile {best} ({time.perf_counter() - start:.0f} s):")
+        print(f"topk_read benchmark with scan tile {best}, {fastest_compaction} compaction "
+              f"({time.perf_counter() - start:.0f} s):")
         print(bm.format_table(rows, ceilings), flush=True)
     return 0
 

@@ -942,12 +942,11 @@ def _scan_constexprs(Dk: int, dtype: torch.dtype, has_valid_len: bool):
             "DK_CHUNKS": max(1, triton.cdiv(int(Dk), block_dk))}, tile.num_warps
 
 
-def _collect_constexprs(Dk: int, dtype: torch.dtype, has_valid_len: bool, compaction: str):
-    """Constexprs and warps of topk_read_fwd_collect_kernel: the scan tile plus its compaction."""
+def _collect_constexprs(scan_constexprs: dict, compaction: str) -> dict:
+    """Constexprs of topk_read_fwd_collect_kernel: those of the scan tile plus its compaction."""
     if compaction not in _COMPACTIONS:
         raise ValueError(f"COLLECT_COMPACTION: expected one of {_COMPACTIONS}, got {compaction!r}")
-    constexprs, num_warps = _scan_constexprs(Dk, dtype, has_valid_len)
-    return dict(constexprs, ATOMIC_COMPACT=compaction == "atomic"), num_warps
+    return dict(scan_constexprs, ATOMIC_COMPACT=compaction == "atomic")
 
 
 def _finish_constexprs(k: int):
@@ -1094,7 +1093,7 @@ def _threshold_select(q, keys, valid_len, k, scale, indices, weights, lse, B, Hm
     """
     has_valid_len = valid_len is not None
     constexprs, num_warps = _scan_constexprs(Dk, q.dtype, has_valid_len)
-    collect_constexprs, _ = _collect_constexprs(Dk, q.dtype, has_valid_len, COLLECT_COMPACTION)
+    collect_constexprs = _collect_constexprs(constexprs, COLLECT_COMPACTION)
     block_n = constexprs["BLOCK_N"]
     n_chunks = triton.cdiv(N, block_n)
     cap = threshold_capacity(k)
@@ -1299,7 +1298,8 @@ def _production_constexprs(kernel, dtype):
             # Both compactions: the default and the one a GPU run may switch to.
             for has_valid_len in (False, True):
                 for compaction in _COMPACTIONS:
-                    picks.append((*_collect_constexprs(D, dtype, has_valid_len, compaction), D, None))
+                    constexprs, num_warps = _scan_constexprs(D, dtype, has_valid_len)
+                    picks.append((_collect_constexprs(constexprs, compaction), num_warps, D, None))
         elif kernel is topk_read_fwd_finish_kernel:
             for k in COMPILE_KS:
                 picks.append((*_finish_constexprs(k), D, k))
