@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_probe.py attn-fault            # which kernel faults, under which variants
     python benchmarks/gpu_probe.py topk-tiles [--bench]  # forward time per scan tile; --bench: the
-                                                         # topk_read benchmark with the fastest tile and compaction
+                                                         # topk_read benchmark with the fastest tile
 
 ``attn-fault``: l2m-check found an illegal memory access in the triton ``memory_attention`` at
 float16, B=2 H=2 Hkv=2 Hm=1 T=13 S=25 D=33 Dv=7 N=6 topk=6, gate (2, 1, 1) (float32 passed; the
@@ -11,10 +11,10 @@ runs in its own process (a fault poisons the CUDA context) with a synchronize af
 kernel, and prints the kernels that finished: the first one missing is the one that faulted.
 
 ``topk-tiles``: the triton top-k read's forward at read-gpu / read-heads-gpu (bfloat16) for a few
-tiles of its two scoring passes (``_SCAN_TILES``), the collect kernel's two compactions
-(``COLLECT_COMPACTION`` "cumsum" and "atomic") at the current tile, a per-kernel profile of the
-current tile, and with ``--bench`` the topk_read benchmark (fused, reference eager and compiled)
-with the fastest tile and compaction.
+tiles of its two scoring passes (``_SCAN_TILES``), the threshold path against the streaming one
+and the collect kernel's round limit (``COLLECT_MAX_ROUNDS``) at the current tile, a per-kernel
+profile of the current tile, and with ``--bench`` the topk_read benchmark (fused, reference eager
+and compiled) with the fastest tile.
 """
 from __future__ import annotations
 
@@ -112,7 +112,9 @@ def attn_fault() -> int:
     return 0
 
 
-SCAN_VARIANTS = [(64, 64, 8), (32, 64, 4), (64, 32, 4), (128, 64, 8), (64, 128, 8), (128, 32, 8)]
+# Timing repetitions: one call each when testing the script on the CPU (the interpreter is slow).
+TIMING = dict(warmup=2, reps=7) if DEVICE == "cuda" else dict(warmup=0, reps=1)
+SCAN_VARIANTS = [(64, 64, 4), (64, 64, 8), (128, 64, 8), (64, 128, 8), (128, 128, 8), (128, 32, 8)]
 
 
 def topk_tiles(bench: bool) -> int:
@@ -123,7 +125,7 @@ def topk_tiles(bench: bool) -> int:
     device = torch.device(DEVICE)
     shapes = {"read-gpu": (8, 1, 1, 4096, 65536), "read-heads-gpu": (16, 8, 8, 512, 16384)}
     if DEVICE == "cpu":  # testing the script: tiny shapes
-        shapes = {"tiny": (1, 1, 1, 16, 4096)}
+        shapes = {"tiny": (1, 1, 1, 8, 2048)}
     inputs = {}
     for name, (B, H, Hm, T, N) in shapes.items():
         g = torch.Generator(device=DEVICE).manual_seed(0)
@@ -142,7 +144,7 @@ def topk_tiles(bench: bool) -> int:
                 if name not in reference:
                     reference[name] = read
                 same = torch.equal(read.indices, reference[name].indices)
-                ms = bm.median_time(fn, device, warmup=2, reps=7) * 1e3
+                ms = bm.median_time(fn, device, **TIMING) * 1e3
                 total += ms
                 line.append(f"{name} {ms:.3f} ms (path {tt.last_forward_path}, indices equal: {same})")
                 if not same:
@@ -154,29 +156,25 @@ def topk_tiles(bench: bool) -> int:
         if total < best_total:
             best, best_total = variant, total
     tt._SCAN_TILES[False] = default
-    # The collect kernel's compactions at the current tile, side by side (the module reads
-    # COLLECT_COMPACTION at each call); "atomic" must select exactly what "cumsum" does.
-    default_compaction, line = tt.COLLECT_COMPACTION, []
-    compaction_ms = {"cumsum": 0.0, "atomic": 0.0}
+    # The forward paths and the collect kernel's round limit at the current tile, side by side
+    # (the module reads both at each call); every variant must select exactly the same indices.
+    variants = {"threshold": ("threshold", tt.COLLECT_MAX_ROUNDS), "threshold rounds=4": ("threshold", 4),
+                "stream": ("stream", tt.COLLECT_MAX_ROUNDS)}
+    default_rounds, line = tt.COLLECT_MAX_ROUNDS, []
     try:
         for name, (q, keys, values) in inputs.items():
             fn = lambda: l2m.topk_memory_read(q, keys, values, 32, backend="triton")  # noqa: E731
-            reads, times = {}, {}
-            for compaction in ("cumsum", "atomic"):
-                tt.COLLECT_COMPACTION = compaction
-                reads[compaction] = fn()
-                times[compaction] = bm.median_time(fn, device, warmup=2, reps=7) * 1e3
-            same = torch.equal(reads["atomic"].indices, reads["cumsum"].indices)
-            for compaction, ms in times.items():
-                compaction_ms[compaction] += ms if same else float("inf")
-            line.append(f"{name} cumsum {times['cumsum']:.3f} ms, atomic {times['atomic']:.3f} ms "
-                        f"(path {tt.last_forward_path}, indices equal: {same})")
-    except Exception as exc:  # the atomic compaction does not compile or run
-        line.append(f"failed: {type(exc).__name__}: {str(exc)[:200]}")
-        compaction_ms["atomic"] = float("inf")
+            parts = []
+            for label, (path, rounds) in variants.items():
+                os.environ[tt.PATH_ENV], tt.COLLECT_MAX_ROUNDS = path, rounds
+                same = torch.equal(fn().indices, reference[name].indices)
+                ms = bm.median_time(fn, device, **TIMING) * 1e3
+                parts.append(f"{label} {ms:.3f} ms (path {tt.last_forward_path}, indices equal: {same})")
+            line.append(f"{name} " + ", ".join(parts))
     finally:
-        tt.COLLECT_COMPACTION = default_compaction
-    print(f"collect compaction at scan tile {tuple(default[:3])}: " + "; ".join(line), flush=True)
+        os.environ.pop(tt.PATH_ENV, None)
+        tt.COLLECT_MAX_ROUNDS = default_rounds
+    print(f"forward paths at scan tile {tuple(default[:3])}: " + "; ".join(line), flush=True)
     q, keys, values = next(iter(inputs.values()))
     activity = torch.profiler.ProfilerActivity.CUDA if DEVICE == "cuda" else torch.profiler.ProfilerActivity.CPU
     with torch.profiler.profile(activities=[activity]) as prof:
@@ -185,17 +183,13 @@ def topk_tiles(bench: bool) -> int:
         _sync()
     print(f"profile of the forward at {next(iter(inputs))}, current tile, 3 calls:")
     print(prof.key_averages().table(sort_by="cuda_time_total" if DEVICE == "cuda" else "cpu_time_total", row_limit=12))
-    fastest_compaction = min(compaction_ms, key=compaction_ms.get)
-    print(f"fastest scan tile: {best} (current {tuple(default[:3])}); fastest compaction: {fastest_compaction} "
-          f"(current {default_compaction})", flush=True)
+    print(f"fastest scan tile: {best} (current {tuple(default[:3])})", flush=True)
     if bench and best is not None:
         tt._SCAN_TILES[False] = tt._ScanTile(*best, default.max_block_dk)
-        tt.COLLECT_COMPACTION = fastest_compaction
         ceilings = bm.measure_ceilings(device, quick=True) if DEVICE == "cuda" else {"copy_gbps": 1.0}
         start = time.perf_counter()
         rows = bench_topk.run(device, quick=False, ceilings=ceilings, tiny=DEVICE == "cpu")
-        print(f"topk_read benchmark with scan tile {best}, {fastest_compaction} compaction "
-              f"({time.perf_counter() - start:.0f} s):")
+        print(f"topk_read benchmark with scan tile {best} ({time.perf_counter() - start:.0f} s):")
         print(bm.format_table(rows, ceilings), flush=True)
     return 0
 

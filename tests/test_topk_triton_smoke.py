@@ -7,7 +7,7 @@ every program in Python.
 
 Every test runs on each forward path (the autouse ``forward_path`` fixture): ``stream`` (the running
 top-k select kernel), ``threshold`` (chunk maxima, compaction, finish; production tiles, so tiny N
-mostly takes its N <= cap shortcut) and ``threshold-small`` (16-slot chunks and a small candidate
+mostly goes to the select kernel: N <= cap or fewer than k chunks) and ``threshold-small`` (16-slot chunks and a small candidate
 capacity, so tiny shapes run the chunk pass, the threshold and the overflow fallback).
 """
 import os
@@ -35,6 +35,7 @@ if DEVICE == "cpu":
 
 # numpy's warnings for the deliberate inf/NaN rows when the interpreter evaluates the kernels.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
+                                        "ignore:All-NaN slice encountered:RuntimeWarning",
                                         "ignore:divide by zero encountered:RuntimeWarning",
                                         "ignore:overflow encountered:RuntimeWarning")
 
@@ -324,7 +325,7 @@ def _small_threshold(monkeypatch, cap_factor=SMALL_CAP_FACTOR):
 @pytest.mark.parametrize("forward_path", ["threshold-small"], indirect=True)
 def test_threshold_chunk_pass_without_fallback(forward_path, monkeypatch, dtype):
     """N > cap and n_chunks >= k: chunk maxima, threshold, compaction and finish, no fallback;
-    valid_len 0 and < k (fewer existing chunks than k: tau = INT64_MIN) in the same call."""
+    valid_len 0 and < k (fewer existing chunks than k: tau = -inf) in the same call."""
     _small_threshold(monkeypatch)
     q, keys, values = _inputs(3, 2, 1, 21, 300, 24, 6, dtype=dtype)
     for valid_len in (None, [300, 0, 3]):
@@ -359,12 +360,12 @@ def test_threshold_fallback_on_overflow(forward_path, monkeypatch):
 
 @pytest.mark.parametrize("forward_path", ["threshold"], indirect=True)
 def test_threshold_few_chunks_and_small_n(forward_path, monkeypatch):
-    """n_chunks < k with N > cap goes straight to the select kernel; N <= cap needs no pass 1."""
+    """n_chunks < k or N <= cap goes straight to the select kernel (before any launch)."""
     q, keys, values = _inputs(1, 2, 2, 5, 100, 16, 4)
     _check_fwd(q, keys, values, 5, 0.25)        # production tiles: 4 chunks < k = 5, cap 64 < N
     assert topk_triton.last_forward_path == "threshold->stream"
     _check_fwd(q, keys[:, :, :50].contiguous(), values[:, :, :50].contiguous(), 4, 0.25)   # N <= cap
-    assert topk_triton.last_forward_path == "threshold"
+    assert topk_triton.last_forward_path == "threshold->stream"
     _small_threshold(monkeypatch, cap_factor=1)
     _check_fwd(q, keys, values, 9, 0.25)        # 7 chunks of 16 < k = 9, cap 16 < N
     assert topk_triton.last_forward_path == "threshold->stream"
@@ -397,35 +398,37 @@ def test_unknown_path_is_refused(forward_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# Threshold path: atomic compaction of the collect kernel (COLLECT_COMPACTION = "atomic")
+# Threshold path: the collect kernel's candidates
 # ---------------------------------------------------------------------------------------------
 
 # (B, H, Hm, T, N, Dk, Dv, k, valid_len)
-ATOMIC_CASES = [
+THRESHOLD_CASES = [
     (1, 2, 1, 7, 300, 7, 5, 3, None),           # odd sizes, partial last chunk
-    (3, 2, 1, 5, 200, 16, 6, 6, [200, 4, 0]),   # valid_len < k and 0 (tau = INT64_MIN rows)
-    (1, 1, 1, 5, 40, 16, 8, 40, None),          # k = N (N <= cap: every slot a candidate)
+    (3, 2, 1, 5, 200, 16, 6, 6, [200, 4, 0]),   # valid_len < k and 0 (tau = -inf rows)
+    (1, 1, 1, 5, 40, 16, 8, 40, None),          # k = N (N <= cap: the select kernel)
+    (1, 1, 1, 4, 150, 16, 8, 9, None),          # k = n_chunks (cap 32)
     (2, 4, 2, 3, 130, 12, 6, 5, None),          # grouped heads
 ]
 
 
-def _atomic_case_id(case):
+def _threshold_case_id(case):
     return _case_id((*case[:8], False)) + ("" if case[8] is None else f"-vl{'_'.join(map(str, case[8]))}")
 
 
-@pytest.mark.parametrize("case", ATOMIC_CASES, ids=_atomic_case_id)
-@pytest.mark.parametrize("forward_path", ["threshold", "threshold-small"], indirect=True)
-def test_atomic_compaction_matches_reference(forward_path, monkeypatch, case):
-    monkeypatch.setattr(topk_triton, "COLLECT_COMPACTION", "atomic")
+@pytest.mark.parametrize("case", THRESHOLD_CASES, ids=_threshold_case_id)
+@pytest.mark.parametrize("forward_path", ["threshold-small"], indirect=True)
+def test_threshold_cases_match_reference(forward_path, case):
     B, H, Hm, T, N, Dk, Dv, k, valid_len = case
     q, keys, values = _inputs(B, H, Hm, T, N, Dk, Dv)
     _check_fwd(q, keys, values, k, Dk ** -0.5, valid_len)
-    # The collect kernel ran (some rows may overflow at production tiles: k * BLOCK_N > cap).
-    assert topk_triton.last_forward_path in ("threshold", OVERFLOW_PATH)
+    if N <= topk_triton.threshold_capacity(k):
+        assert topk_triton.last_forward_path == "threshold->stream"
+    else:   # the collect kernel ran (rows may overflow: k * BLOCK_N > cap)
+        assert topk_triton.last_forward_path in ("threshold", OVERFLOW_PATH)
 
 
 def _record_collect(monkeypatch):
-    """Wrap the collect kernel so each launch's (cand, count) is kept, for comparing compactions."""
+    """Wrap the collect kernel so each launch's (tau, cand, count) is kept."""
     launches = []
     kernel = topk_triton.topk_read_fwd_collect_kernel
 
@@ -433,52 +436,60 @@ def _record_collect(monkeypatch):
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
                 kernel[grid](*args, **kwargs)
-                launches.append((args[4].clone(), args[5].clone()))
+                launches.append((args[3].clone(), args[4].clone(), args[5].clone()))
             return launch
 
     monkeypatch.setattr(topk_triton, "topk_read_fwd_collect_kernel", Recorded())
     return launches
 
 
-def _candidate_sets(cand, count):
-    """Each row's stored candidates (the first min(count, cap)), sorted: the order is free."""
-    cap = cand.shape[1]
-    stored = torch.arange(cap, device=cand.device)[None, :] < count.clamp(max=cap)[:, None]
-    return torch.where(stored, cand, torch.iinfo(torch.int64).min).sort(dim=1).values
+def _decode(keys):
+    """(score, slot) of int64 sort keys (the inverse of the kernels' encoding), on the host."""
+    high = (keys >> 32).to(torch.int32)
+    bits = torch.where(high < 0, high ^ (2**31 - 1), high)
+    return bits.view(torch.float32), (2**31 - 1) - (keys & (2**31 - 1))
 
 
+@pytest.mark.parametrize("max_rounds", [2, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("forward_path", ["threshold-small"], indirect=True)
-def test_atomic_compaction_overflow_and_bitwise_equal_to_cumsum(forward_path, monkeypatch):
-    """Same inputs, both compactions: the same counts and candidate sets, bitwise identical outputs;
-    tied scores overflow the capacity (the counter runs past cap) into the streaming fallback."""
-    N, D, k = 160, 16, 5
-    q, keys, values = _inputs(1, 2, 1, 6, N, D, 4)
-    tied_keys = torch.ones(1, 1, N, D, device=DEVICE)            # every score tied
-    repeated_keys = keys[:, :, torch.arange(N, device=DEVICE) % 3].contiguous()   # 3 distinct rows
-    # (q, keys, valid_len, CAP_FACTOR, overflows): cap 16 with the repeated rows (~22 keys >= tau).
-    cases = [(q, keys, None, SMALL_CAP_FACTOR, False), (q, keys, [3], SMALL_CAP_FACTOR, False),
-             (torch.ones_like(q), tied_keys, None, SMALL_CAP_FACTOR, True), (q, repeated_keys, None, 1, True)]
-    for q_case, keys_case, valid_len, cap_factor, overflows in cases:
-        results, collected = {}, {}
-        for compaction in ("cumsum", "atomic"):
-            monkeypatch.undo()
-            _small_threshold(monkeypatch, cap_factor)
-            monkeypatch.setattr(topk_triton, "COLLECT_COMPACTION", compaction)
-            launches = _record_collect(monkeypatch)
-            results[compaction] = _check_fwd(q_case, keys_case, values, k, 0.5, valid_len)
-            assert topk_triton.last_forward_path == (OVERFLOW_PATH if overflows else "threshold")
-            (collected[compaction],) = launches
-        for name, a, b in zip(("out", "indices", "weights", "lse"), results["cumsum"], results["atomic"]):
-            assert torch.equal(a, b), name
-        (cand_c, count_c), (cand_a, count_a) = collected["cumsum"], collected["atomic"]
-        assert torch.equal(count_c, count_a)
-        assert torch.equal(_candidate_sets(cand_c, count_c), _candidate_sets(cand_a, count_a))
-        assert (int(count_a.max()) > cand_a.shape[1]) == overflows
-
-
-@pytest.mark.parametrize("forward_path", ["threshold"], indirect=True)
-def test_unknown_compaction_is_refused(forward_path, monkeypatch):
-    monkeypatch.setattr(topk_triton, "COLLECT_COMPACTION", "bogus")
-    q, keys, values = _inputs(1, 1, 1, 2, 9, 8, 4)
-    with pytest.raises(ValueError, match="COLLECT_COMPACTION"):
-        _fwd(q, keys, values, 3, 0.5)
+def test_collect_takes_exactly_the_scores_above_tau(forward_path, monkeypatch, dtype, max_rounds):
+    """Small-integer data, so every score is exact whatever the summation order: each row's
+    candidates are exactly its existing slots scoring >= tau, with their exact scores; a row
+    with more than COLLECT_MAX_ROUNDS of them in one chunk is left to the fallback (count > cap)."""
+    _small_threshold(monkeypatch, cap_factor=4)
+    monkeypatch.setattr(topk_triton, "COLLECT_MAX_ROUNDS", max_rounds)
+    launches = _record_collect(monkeypatch)
+    B, H, T, N, D, k = 2, 2, 9, 197, 8, 5
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randint(-3, 4, (B, H, T, D), generator=gen).to(dtype).to(DEVICE)
+    keys = torch.randint(-3, 4, (B, 1, N, D), generator=gen).to(dtype).to(DEVICE)
+    values = _randn(B, 1, N, 4, dtype=dtype)
+    valid_len = [N, 150]
+    _check_fwd(q, keys, values, k, 1.0, valid_len)
+    (tau, cand, count), = launches
+    cap, chunk = cand.shape[1], SMALL_TILE.block_n
+    scores = torch.einsum("bhtd,bnd->bhtn", q.double().cpu(), keys[:, 0].double().cpu()).reshape(B * H * T, N)
+    exists = torch.arange(N)[None, :] < torch.tensor(valid_len).repeat_interleave(H * T)[:, None]
+    taken = (scores >= tau.double().cpu()[:, None]) & exists
+    per_chunk = torch.nn.functional.pad(taken, (0, -N % chunk)).reshape(B * H * T, -1, chunk).sum(-1)
+    count, cand = count.cpu(), cand.cpu()
+    checked = 0
+    for row in range(B * H * T):
+        if int(per_chunk[row].max()) > max_rounds:
+            assert int(count[row]) > cap, f"row {row}: a chunk took more than {max_rounds} keys"
+            continue
+        expected = taken[row].nonzero().flatten()
+        assert int(count[row]) == len(expected), f"row {row}"
+        if len(expected) > cap:
+            continue
+        got_score, got_slot = _decode(cand[row, :len(expected)])
+        order = got_slot.argsort()
+        assert torch.equal(got_slot[order], expected), f"row {row}"
+        assert torch.equal(got_score[order].double(), scores[row, expected]), f"row {row}"
+        checked += 1
+    assert checked >= B * H * T // 2
+    # Both the rounds and their limit ran: integer scores tie, so some chunks hold several keys.
+    assert int(per_chunk.max()) >= 2
+    if max_rounds == 2:
+        assert int(count.max()) > cap

@@ -77,7 +77,6 @@ import triton.language as tl
 
 from ..topk_read.triton import (
     COMPILE_OPTIONS,
-    INT32_MAX,
     INT64_MIN,
     MIN_K_PAD,
     _bitonic_merge,
@@ -85,6 +84,7 @@ from ..topk_read.triton import (
     _block_d,
     _decode_keys,
     _device_guard,
+    _encode_key,
     _encode_keys,
     _interpreted,
     _row_block,
@@ -266,13 +266,7 @@ def product_key_fwd_topk_kernel(
                 b_id2 = tl.load(sub_ids + o_half2[:, None] + o_j[None, :], mask=m_tj, other=0).to(tl.int64)
                 b_s = b_s1[:, None] + b_s2
                 b_slot = b_id1[:, None] * n_sub + b_id2
-                # As _encode_keys, with one slot per (row, column).
-                b_s = tl.where(b_s != b_s, float("inf"), b_s)
-                b_s = tl.where(b_s == 0., 0., b_s)
-                b_bits = b_s.to(tl.int32, bitcast=True)
-                b_ordered = tl.where(b_bits < 0, b_bits ^ INT32_MAX, b_bits)
-                b_key = (b_ordered.to(tl.int64) << 32) | (INT32_MAX - b_slot)
-                b_key = tl.where(m_tj, b_key, INT64_MIN)
+                b_key = tl.where(m_tj, _encode_key(b_s, b_slot), INT64_MIN)
                 b_beats = tl.max(tl.max((b_key > b_kth[:, None]).to(tl.int32), axis=1), axis=0)
                 if b_beats > 0:
                     b_top = _merge_tile(b_top, b_key, K_PAD, LOG_K_PAD, BLOCK_T, BLOCK_J, LOG_BLOCK_J)

@@ -25,32 +25,36 @@ attribute ``last_forward_path`` records the one taken (``stream``, ``threshold``
 ``threshold->stream`` when the threshold path could not start, and, on CPU tensors only, where
 reading the counts back is free, ``threshold+stream`` when some rows overflowed), for tests.
 
-Threshold path (default; exact, no merges in the streaming loops). Keys as below (distinct per
-row; larger = better). With chunks of ``C = BLOCK_N`` slots (the scan tile):
+Threshold path (default; exact, no merges in the streaming loops). With chunks of
+``C = BLOCK_N`` slots (the scan tile):
 
-1. ``topk_read_fwd_chunkmax_kernel``: each row's largest key of every chunk into
-   ``chunk_max (B*H*T, cdiv(N, C))`` int64.
-2. Host: ``tau = torch.topk(chunk_max, k).values[:, k - 1]``. Exactly ``k`` chunks have a maximum
-   ``>= tau``, so the row's top k are all ``>= tau`` and at most ``k * C`` keys are (for random
-   scores about ``k + k * k * C / N``).
-3. ``topk_read_fwd_collect_kernel``: scores again (same tiles, warps and helper, so the keys are
-   bit-identical to pass 1's) and compacts each row's existing keys ``>= tau`` into
-   ``cand (B*H*T, cap)`` (``cap = CAP_FACTOR * K_PAD``), with their ``count``: in slot order by a
-   per-tile cumulative sum, or (``COLLECT_COMPACTION = "atomic"``) in any order by an atomic
-   increment of the row's count per taken key (step 5 sorts them).
+1. ``topk_read_fwd_chunkmax_kernel``: each row's largest float32 score of every chunk into
+   ``chunk_max (B*H*T, cdiv(N, C))`` (a float maximum per score: the int64 keys below cost
+   ~3.5x the instructions and most of this pass).
+2. Host: ``tau = torch.topk(chunk_max, k).values[:, k - 1]``. At least ``k`` chunks have a
+   maximum ``>= tau``, each attained by a slot, so the row's top k all score ``>= tau``; at
+   most about ``k * C`` slots do (for random scores about ``k + k * k * C / N``).
+3. ``topk_read_fwd_collect_kernel``: scores again (same tiles, warps and helper, so the scores
+   are bit-identical to pass 1's) and appends each row's existing slots scoring ``>= tau`` (NaN
+   ranking as +inf), as keys, to ``cand (B*H*T, cap)`` (``cap = CAP_FACTOR * K_PAD``), with
+   their ``count``. Per tile, rounds of reductions extract each row's best remaining key while
+   it is ``>= tau`` (``_collect_tile``), in the layout the dot produced: no scan, no atomics,
+   no shared-memory layout conversion (the cumulative-sum compaction it replaced was 68% of the
+   forward on an H200).
 4. Rows whose ``count`` passed ``cap`` (many exactly tied scores, scores sorted by slot, a NaN
-   query row, fewer than k chunks holding existing slots) are left to the streaming select kernel,
-   launched with ``ONLY_OVERFLOW``: its blocks without such a row return at once, so no
-   device-to-host sync is needed and the fallback costs only the overflowing rows' blocks.
+   query row, fewer than k chunks holding existing slots, more than ``COLLECT_MAX_ROUNDS``
+   candidates in one chunk) are left to the streaming select kernel, launched with
+   ``ONLY_OVERFLOW``: its blocks without such a row return at once, so no device-to-host sync is
+   needed and the fallback costs only the overflowing rows' blocks.
 5. ``topk_read_fwd_finish_kernel``: bitonic-sorts each row's candidates (padded with INT64_MIN),
    keeps the first k and writes them exactly as the select kernel's epilogue.
 
-When ``N <= cap`` every existing slot is a candidate: pass 1 and the fallback are skipped. When
-``N > cap`` and there are fewer than ``k`` chunks, the streaming path runs (decided on the host,
-no launch). ``valid_len`` rows with fewer than ``k`` existing chunks get ``tau = INT64_MIN``
-(every existing slot a candidate; those rows overflow into the fallback when ``valid_len > cap``).
-Extra memory: ``B*H*T * (cdiv(N, C) + cap + 1) * 8`` bytes (``T * N / C``, not ``T * N``);
-bfloat16 B=8 T=4096 N=65536 k=32 (C = 64, cap = 128): 32768 * 1153 * 8 = 302 MB; float32 uses C = 32.
+When ``N <= cap`` (every slot would be a candidate) or there are fewer than ``k`` chunks, the
+streaming path runs (decided on the host, no launch). ``valid_len`` rows with fewer than ``k``
+existing chunks get ``tau = -inf`` (every existing slot a candidate; those rows overflow into
+the fallback when they have more than ``cap``). Extra memory: ``B*H*T * (4 * cdiv(N, C) + 8 *
+cap + 8)`` bytes (``T * N / C``, not ``T * N``); bfloat16 B=8 T=4096 N=65536 k=32 (C = 64,
+cap = 128): 32768 * (4096 + 1032) = 168 MB; float32 uses C = 32.
 
 Streaming path (the exact fallback), two kernels:
 
@@ -189,21 +193,26 @@ def _bitonic_merge(b_x, DESCENDING: tl.constexpr, ROWS: tl.constexpr, W: tl.cons
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _encode_keys(b_s, o_n, m_exists):
-    """[BT, BN] int64 keys of float32 scores ``b_s`` at slots ``o_n`` [BN] (int64).
+def _encode_key(b_s, b_slot):
+    """int64 sort keys of float32 scores ``b_s`` at slots ``b_slot`` (integers; shapes broadcast).
 
     High word: the float's bits mapped to an order-preserving int32 (NaN first mapped to +inf, so
     it ties with it; -0.0 to +0.0, so they tie). Low word: ``2**31 - 1 - slot``, so among equal
-    scores the smaller slot has the larger key. ``m_exists`` false -> INT64_MIN (below every
-    real key: the image of -inf is -2**31 + 2**23 - 1 > -2**31).
+    scores the smaller slot has the larger key. Every real key is above INT64_MIN, the key of a
+    missing slot (the image of -inf is -2**31 + 2**23 - 1 > -2**31).
     """
     b_s = tl.where(b_s != b_s, float("inf"), b_s)
     b_s = tl.where(b_s == 0., 0., b_s)
     b_bits = b_s.to(tl.int32, bitcast=True)
     b_ordered = tl.where(b_bits < 0, b_bits ^ INT32_MAX, b_bits)
-    b_low = (-o_n + INT32_MAX).to(tl.int64)
-    b_key = (b_ordered.to(tl.int64) << 32) | b_low[None, :]
-    return tl.where(m_exists, b_key, INT64_MIN)
+    return (b_ordered.to(tl.int64) << 32) | (-b_slot + INT32_MAX).to(tl.int64)
+
+
+@triton.jit
+def _encode_keys(b_s, o_n, m_exists):
+    """[BT, BN] keys (:func:`_encode_key`) of scores ``b_s`` at slots ``o_n`` [BN]; INT64_MIN where
+    ``m_exists`` is false."""
+    return tl.where(m_exists, _encode_key(b_s, o_n[None, :]), INT64_MIN)
 
 
 @triton.jit
@@ -380,7 +389,7 @@ def topk_read_fwd_chunkmax_kernel(
     q,  # [B, H, T, Dk] x
     keys,  # [B, Hm, N, Dk] or [Hm, N, Dk] x
     valid_len,  # [B] int64 (read only when HAS_VALID_LEN)
-    chunk_max,  # [B * H * T, n_chunks] int64, written: each row's largest key per chunk
+    chunk_max,  # [B * H * T, n_chunks] fp32, written: each row's largest score per chunk
     R,
     N,
     Dk,
@@ -396,11 +405,16 @@ def topk_read_fwd_chunkmax_kernel(
     BLOCK_DK: tl.constexpr,
     DK_CHUNKS: tl.constexpr,
 ):
-    """Grid (num_row_blocks * B * Hm,): threshold pass 1, the per-row maximum key of every tile.
+    """Grid (num_row_blocks * B * Hm,): threshold pass 1, the per-row maximum score of every tile.
 
     Scores exactly as topk_read_fwd_collect_kernel (same helper and, from the launcher, the same
-    tiles and warps), so the keys are bit-identical to the ones pass 2 compares. Chunks past
-    ``valid_len`` hold no existing slot and get INT64_MIN.
+    tiles and warps), so the scores are bit-identical to the ones pass 2 compares. A float maximum
+    (one instruction per score; encoding int64 keys first took most of this pass). Whether it
+    ignores or propagates NaN does not matter: any value attained by an existing slot of the chunk
+    (or -inf) bounds the threshold correctly (see _threshold_select), and an all-NaN chunk gives a
+    NaN maximum, which ranks first in torch.topk and leaves tau NaN: every key is then taken and
+    the row overflows into the exact fallback. Chunks past ``valid_len`` hold no existing slot
+    and get -inf.
     """
     i_bh, i_tb, i_b, i_hm = _row_block(num_row_blocks, Hm)
 
@@ -423,14 +437,59 @@ def topk_read_fwd_chunkmax_kernel(
     for n_start in range(0, n_end, BLOCK_N):
         o_n = (n_start + o_bn).to(tl.int64)
         m_n = o_n < n_end
-        # [BT, BN]
         b_s = _score_tile(p_q, p_k, o_t, m_t, o_n, m_n, Dk, scale, b_q0,
                           F32_DOT, BLOCK_T, BLOCK_N, BLOCK_DK, DK_CHUNKS)
-        b_key = _encode_keys(b_s, o_n, m_t[:, None] & m_n[None, :])
-        tl.store(p_max + n_start // BLOCK_N, tl.max(b_key, axis=1), mask=m_t)
-    b_none = tl.full([BLOCK_T], INT64_MIN, dtype=tl.int64)
+        # Slots past the end were scored from zero-filled loads.
+        b_s = tl.where(m_n[None, :], b_s, float("-inf"))
+        tl.store(p_max + n_start // BLOCK_N, tl.max(b_s, axis=1), mask=m_t)
+    b_none = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
     for i_chunk in range(tl.cdiv(n_end, BLOCK_N), n_chunks):
         tl.store(p_max + i_chunk, b_none, mask=m_t)
+
+
+@triton.jit
+def _max_propagating_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _collect_tile(b_s, b_tau, o_c, m_n, m_t, n_start, b_count, p_cand, cap,
+                  MAX_ROUNDS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Appends the keys of a [BT, BN] score tile that are >= the rows' ``b_tau`` (NaN ranking as
+    +inf) to the rows' candidate lists; returns the new counts ``b_count``.
+
+    A row takes about ``k / n_chunks`` keys per tile, rarely more than two, so the keys are
+    extracted in descending order, one per row per round, while a row of the block still has its
+    best remaining score >= tau: a round is a column minimum (the smallest column holding the
+    row's maximum: ties go to the smaller slot), the removal of that key and a float maximum, all
+    reductions in the layout the dot produced (a cumulative sum over the tile, the previous
+    compaction, converted the tile's layout through shared memory twice and cost 3x the
+    instructions). A row still taking keys after ``MAX_ROUNDS`` rounds (many ties at tau, a
+    memory whose best slots for the row sit together) gets a count above ``cap``: the exact
+    streaming fallback redoes it.
+
+    Removed keys and slots past the end (``m_n`` false) are NaN: the float maximum ignores NaN
+    and NaN compares false. A NaN-propagating maximum (at no extra cost) tells whether a tile
+    holds any NaN; if it does (the partial last tile, or real NaN scores), the real ones are made
+    +inf, as they rank.
+    """
+    b_s = tl.where(m_n[None, :], b_s, float("nan"))
+    b_max = tl.reduce(b_s, 1, _max_propagating_nan)
+    if tl.max((b_max != b_max).to(tl.int32), axis=0) > 0:
+        b_s = tl.where((b_s != b_s) & m_n[None, :], float("inf"), b_s)
+        b_max = tl.max(b_s, axis=1)
+    # Rows past R take nothing.
+    m_live = (b_max >= b_tau) & m_t
+    i_round = 0
+    while (i_round < MAX_ROUNDS) & (tl.max(m_live.to(tl.int32), axis=0) > 0):
+        b_col = tl.min(tl.where(b_s == b_max[:, None], o_c, BLOCK_N), axis=1)
+        tl.store(p_cand + b_count, _encode_key(b_max, n_start + b_col), mask=m_live & (b_count < cap))
+        b_count += m_live.to(tl.int32)
+        b_s = tl.where(o_c == b_col[:, None], float("nan"), b_s)
+        b_max = tl.max(b_s, axis=1)
+        m_live = (b_max >= b_tau) & m_t
+        i_round += 1
+    return tl.where(m_live, tl.maximum(b_count, cap + 1), b_count)
 
 
 @triton.jit
@@ -438,9 +497,9 @@ def topk_read_fwd_collect_kernel(
     q,  # [B, H, T, Dk] x
     keys,  # [B, Hm, N, Dk] or [Hm, N, Dk] x
     valid_len,  # [B] int64 (read only when HAS_VALID_LEN)
-    tau,  # [B * H * T] int64: each row's threshold key
-    cand,  # [B * H * T, cap] int64, written: the row's first cap keys >= tau (order: see below)
-    count,  # [B * H * T] int64, written: how many keys >= tau the row has (may exceed cap)
+    tau,  # [B * H * T] fp32: each row's threshold score
+    cand,  # [B * H * T, cap] int64, written: keys of the row's first cap scores >= tau (any order)
+    count,  # [B * H * T] int64, written: how many scores >= tau the row has (may exceed cap)
     R,
     N,
     Dk,
@@ -455,15 +514,11 @@ def topk_read_fwd_collect_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_DK: tl.constexpr,
     DK_CHUNKS: tl.constexpr,
-    ATOMIC_COMPACT: tl.constexpr,
+    MAX_ROUNDS: tl.constexpr,  # per tile, before the cumulative sum takes over (0: always the sum)
 ):
-    """Grid (num_row_blocks * B * Hm,): threshold pass 2, compacts every existing key >= tau.
-
-    Two compactions (COLLECT_COMPACTION picks one): ATOMIC_COMPACT false ranks the taken keys of
-    each tile by a cumulative sum over the [BLOCK_T, BLOCK_N] tile and stores the row counts at the
-    end (candidates in slot order); true gives each taken key its position by an atomic increment
-    of its row's ``count`` (which the launcher zeroes), skipping the scan for the few keys taken
-    (candidates in any order: the finish kernel sorts them, keys being distinct).
+    """Grid (num_row_blocks * B * Hm,): threshold pass 2, appends every existing slot whose
+    score is >= tau (NaN ranking as +inf) to the row's candidate list (:func:`_collect_tile`).
+    The finish kernel sorts, so the order of the candidates does not matter.
     """
     i_bh, i_tb, i_b, i_hm = _row_block(num_row_blocks, Hm)
 
@@ -471,6 +526,7 @@ def topk_read_fwd_collect_kernel(
     m_t = o_t < R
     o_row = i_bh * R + o_t
     o_bn = tl.arange(0, BLOCK_N)
+    o_c = o_bn[None, :]
     o_d = tl.arange(0, BLOCK_DK)
     p_q = q + i_bh * R * Dk
     p_k = keys + i_b * keys_batch_stride + i_hm * N * Dk
@@ -483,39 +539,19 @@ def topk_read_fwd_collect_kernel(
     b_q0 = tl.load(p_q + o_t[:, None] * Dk + o_d[None, :], mask=m_t[:, None] & (o_d < Dk)[None, :], other=0.)
     if F32_DOT:
         b_q0 = b_q0.to(tl.float32) * scale
-    b_tau = tl.load(tau + o_row, mask=m_t, other=0)
+    b_tau = tl.load(tau + o_row, mask=m_t, other=float("inf"))
+    # A NaN tau (k all-NaN chunks, e.g. a NaN query row) bounds nothing: take every slot.
+    b_tau = tl.where(b_tau != b_tau, float("-inf"), b_tau)
 
-    # [BT] keys >= tau found so far (int32: a count never exceeds N < 2**31).
+    # [BT] scores >= tau found so far (int32: a count never exceeds N < 2**31).
     b_count = tl.zeros([BLOCK_T], dtype=tl.int32)
     for n_start in range(0, n_end, BLOCK_N):
         o_n = (n_start + o_bn).to(tl.int64)
         m_n = o_n < n_end
-        m_exists = m_t[:, None] & m_n[None, :]
-        # [BT, BN]
         b_s = _score_tile(p_q, p_k, o_t, m_t, o_n, m_n, Dk, scale, b_q0,
                           F32_DOT, BLOCK_T, BLOCK_N, BLOCK_DK, DK_CHUNKS)
-        b_key = _encode_keys(b_s, o_n, m_exists)
-        # tau may be INT64_MIN (every existing slot a candidate): the existence mask keeps the
-        # missing slots, whose key is INT64_MIN too, out.
-        m_take = (b_key >= b_tau[:, None]) & m_exists
-        if ATOMIC_COMPACT:
-            # [BT, BN] int64 positions: the row counter's old values, distinct within a row. The
-            # pointer is broadcast to the tile by hand (Triton 3.3 broadcasts the mask to the
-            # pointer's shape, not both to a common one). A masked-off lane's value is unspecified:
-            # it becomes cap, never stored. (Storing with m_take & (b_pos < cap) on the raw result
-            # instead trips an assertion in Triton 3.9's RemoveLayoutConversions; 3.3 and 3.6 take both.)
-            b_pos = tl.atomic_add(tl.broadcast_to(count + o_row[:, None], [BLOCK_T, BLOCK_N]), 1, mask=m_take,
-                                  sem="relaxed")
-            b_pos = tl.where(m_take, b_pos, cap)
-            tl.store(p_cand[:, None] + b_pos, b_key, mask=b_pos < cap)
-        else:
-            b_take = m_take.to(tl.int32)
-            # Position of each taken key in its row's list: the count so far plus its rank in the tile.
-            b_pos = b_count[:, None] + tl.cumsum(b_take, axis=1) - 1
-            tl.store(p_cand[:, None] + b_pos, b_key, mask=m_take & (b_pos < cap))
-            b_count += tl.sum(b_take, axis=1)
-    if not ATOMIC_COMPACT:
-        tl.store(count + o_row, b_count.to(tl.int64), mask=m_t)
+        b_count = _collect_tile(b_s, b_tau, o_c, m_n, m_t, n_start, b_count, p_cand, cap, MAX_ROUNDS, BLOCK_N)
+    tl.store(count + o_row, b_count.to(tl.int64), mask=m_t)
 
 
 @triton.jit
@@ -841,32 +877,25 @@ class _ScanTile(NamedTuple):
 
 
 # Tiles of the threshold path's two scoring passes (chunkmax and collect use the same one, so
-# their dots compile alike and the keys match bit for bit). They hold no top list, only a score
-# tile and its keys, so they are larger than the select kernel's. The collect kernel bounds them:
-# its compaction keeps an int64 key, an int32 position and a 64-bit store address per element of
-# the tile; at 4 warps [64, 128] and [64, 64] 16-bit tiles spill hundreds of bytes (sm_80 and
-# sm_90, Triton 3.9), [64, 64] at 8 warps takes 185-206 registers without spills, [128, 64] at 8
-# warps 255 registers and 16-40 bytes of spills in the collect kernel (none in chunkmax). Measured
-# on an H200 (Triton 3.6, bfloat16, forward at read-gpu / read-heads-gpu, benchmarks/gpu_probe.py
-# topk-tiles, 2026-11-26): [64, 64] 15.45 / 7.89 ms, [128, 64] 13.63 / 7.35 ms, [64, 128] 14.59 /
-# 7.35 ms, [64, 32] at 4 warps 13.47 / 8.93 ms: [128, 64], its spills allowed. float32 runs on
-# the FMA units (no TF32); its dot operands need narrow feature chunks. A larger BLOCK_N shrinks
-# the chunk_max buffer (T * N / BLOCK_N) but raises the candidate bound k * BLOCK_N.
+# their dots compile alike and the scores match bit for bit). They hold no top list, only a score
+# tile, so they are larger than the select kernel's. Measured on an H200 (Triton 3.6, bfloat16,
+# forward at read-gpu / read-heads-gpu, benchmarks/gpu_probe.py topk-tiles, 2026-11-26, with the
+# int64-key chunk maxima and the cumulative-sum collect of that day): [64, 64] 15.45 / 7.89 ms,
+# [128, 64] 13.63 / 7.35 ms, [64, 128] 14.59 / 7.35 ms, [64, 32] at 4 warps 13.47 / 8.93 ms. With
+# the float maxima and the collect rounds (below) [128, 64] at 8 warps takes 62-70 registers in
+# chunkmax and 107-110 in collect (sm_90, Triton 3.9; the cumulative sum took 255 and spilled),
+# two blocks per SM. float32 runs on the FMA units (no TF32); its dot operands need narrow feature
+# chunks. A larger BLOCK_N shrinks the chunk_max buffer (T * N / BLOCK_N) but raises the candidate
+# bound k * BLOCK_N.
 _SCAN_TILES = {
     False: _ScanTile(128, 64, 8, MAX_BLOCK_D),   # float16 / bfloat16
     True: _ScanTile(32, 32, 4, 32),              # float32
 }
-# How topk_read_fwd_collect_kernel places a row's candidates (read at each call; tests and
-# benchmarks/gpu_probe.py topk-tiles set it): "cumsum" ranks the taken keys of every tile by a
-# cumulative sum over the whole [BLOCK_T, BLOCK_N] tile (in-register count, slot order), a full
-# scan per tile although a row takes only ~k + k * k * BLOCK_N / N of its N keys; "atomic" gives
-# each taken key its position by a relaxed atomic increment of its row's count (zeroed first; any
-# order, the finish kernel sorts): no scan, and the atomics and stores run for the taken keys only.
-# The collect kernel was 68% of the forward on an H200 (10.1 ms vs 2.8 ms for chunkmax, the same
-# dot): the default stays "cumsum" until "atomic" is measured on a GPU (gpu_probe.py topk-tiles
-# times both).
-COLLECT_COMPACTION = "cumsum"
-_COMPACTIONS = ("cumsum", "atomic")
+# Extraction rounds per tile of the collect kernel (_collect_tile) before a row still taking keys
+# is left to the streaming fallback. Random scores need 1 + (the most keys a row of the block
+# takes from the tile) rounds, 2-3 at BLOCK_T = 128; a round costs about a sixth of what the
+# cumulative-sum compaction it replaced cost per tile.
+COLLECT_MAX_ROUNDS = 16
 # Candidate capacity per row of the threshold path: CAP_FACTOR * K_PAD. For random scores a row
 # has about k + k * k * BLOCK_N / N candidates (k = 32, N = 65536: ~33), at most k * BLOCK_N.
 CAP_FACTOR = 4
@@ -942,11 +971,9 @@ def _scan_constexprs(Dk: int, dtype: torch.dtype, has_valid_len: bool):
             "DK_CHUNKS": max(1, triton.cdiv(int(Dk), block_dk))}, tile.num_warps
 
 
-def _collect_constexprs(scan_constexprs: dict, compaction: str) -> dict:
-    """Constexprs of topk_read_fwd_collect_kernel: those of the scan tile plus its compaction."""
-    if compaction not in _COMPACTIONS:
-        raise ValueError(f"COLLECT_COMPACTION: expected one of {_COMPACTIONS}, got {compaction!r}")
-    return dict(scan_constexprs, ATOMIC_COMPACT=compaction == "atomic")
+def _collect_constexprs(scan_constexprs: dict) -> dict:
+    """Constexprs of topk_read_fwd_collect_kernel: those of the scan tile plus its round limit."""
+    return dict(scan_constexprs, MAX_ROUNDS=COLLECT_MAX_ROUNDS)
 
 
 def _finish_constexprs(k: int):
@@ -1085,39 +1112,35 @@ def _threshold_select(q, keys, valid_len, k, scale, indices, weights, lse, B, Hm
                       keys_batch_stride) -> bool:
     """indices, weights and lse by the threshold path; False (nothing written) when it cannot.
 
-    tau = the k-th largest of a row's chunk maxima bounds the row's top k from below (exactly k
-    chunks have a maximum >= tau, keys being distinct) and leaves at most k * BLOCK_N keys >= tau.
-    When N <= cap every existing slot is a candidate (tau = INT64_MIN, no pass 1, no overflow
-    possible). When fewer than k chunks exist tau bounds nothing: False before any launch.
-    Otherwise rows whose candidate count passes cap are finished by the streaming kernel (no sync).
+    tau = the k-th largest of a row's chunk maxima (float scores) bounds the row's top k from
+    below: at least k chunks have a maximum >= tau, each attained by a key, so the row's k-th best
+    score is >= tau; the scores >= tau are about ``k + k * k * BLOCK_N / N`` for random scores.
+    When ``N <= cap`` or there are fewer than k chunks the streaming path serves better (every
+    slot would be a candidate, or tau would bound nothing): False before any launch. Otherwise
+    rows whose candidates overflow are finished by the streaming kernel (no sync).
     """
     has_valid_len = valid_len is not None
     constexprs, num_warps = _scan_constexprs(Dk, q.dtype, has_valid_len)
-    collect_constexprs = _collect_constexprs(constexprs, COLLECT_COMPACTION)
+    collect_constexprs = _collect_constexprs(constexprs)
     block_n = constexprs["BLOCK_N"]
     n_chunks = triton.cdiv(N, block_n)
     cap = threshold_capacity(k)
-    if N > cap and n_chunks < k:
+    if N <= cap or n_chunks < k:
         return False
     device = q.device
     R_total = B * Hm * R
     num_row_blocks = triton.cdiv(R, constexprs["BLOCK_T"])
     grid = (num_row_blocks * B * Hm,)
     valid_len_arg = valid_len if has_valid_len else indices  # never read without valid_len
-    if N <= cap:
-        tau = torch.full((R_total,), -(2**63), dtype=torch.int64, device=device)
-    else:
-        chunk_max = torch.empty((R_total, n_chunks), dtype=torch.int64, device=device)
-        topk_read_fwd_chunkmax_kernel[grid](
-            q, keys, valid_len_arg, chunk_max, R, N, Dk, float(scale), Hm, keys_batch_stride,
-            num_row_blocks, n_chunks, **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
-        )
-        tau = torch.topk(chunk_max, k, dim=1).values[:, k - 1].contiguous()
-        del chunk_max
+    chunk_max = torch.empty((R_total, n_chunks), dtype=torch.float32, device=device)
+    topk_read_fwd_chunkmax_kernel[grid](
+        q, keys, valid_len_arg, chunk_max, R, N, Dk, float(scale), Hm, keys_batch_stride,
+        num_row_blocks, n_chunks, **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
+    )
+    tau = torch.topk(chunk_max, k, dim=1).values[:, k - 1].contiguous()
+    del chunk_max
     cand = torch.empty((R_total, cap), dtype=torch.int64, device=device)
-    # The atomic compaction counts in count itself, from zero.
-    new_count = torch.zeros if collect_constexprs["ATOMIC_COMPACT"] else torch.empty
-    count = new_count((R_total,), dtype=torch.int64, device=device)
+    count = torch.empty((R_total,), dtype=torch.int64, device=device)
     topk_read_fwd_collect_kernel[grid](
         q, keys, valid_len_arg, tau, cand, count, R, N, Dk, float(scale), Hm, keys_batch_stride,
         num_row_blocks, cap, **collect_constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
@@ -1126,15 +1149,15 @@ def _threshold_select(q, keys, valid_len, k, scale, indices, weights, lse, B, Hm
     topk_read_fwd_finish_kernel[(triton.cdiv(R_total, constexprs["BLOCK_T"]),)](
         cand, count, indices, weights, lse, R_total, k, **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
     )
-    if N > cap:
-        # Rows whose candidates did not fit (many exact ties, scores sorted by slot, a NaN query
-        # row, fewer than k chunks holding existing slots) are served by the streaming kernel;
-        # its blocks without such a row return at once. No device-to-host sync.
-        _stream_select(q, keys, valid_len, k, scale, indices, weights, lse, B, Hm, N, R, Dk,
-                       keys_batch_stride, count=count, cap=cap)
-        if not q.is_cuda:  # free to read back under the interpreter: record it for the tests
-            global last_forward_path
-            last_forward_path = "threshold+stream" if int(count.max()) > cap else "threshold"
+    # Rows whose candidates did not fit (many exact ties, scores sorted by slot, a NaN query row,
+    # fewer than k chunks holding existing slots, more than COLLECT_MAX_ROUNDS candidates in one
+    # tile) are served by the streaming kernel; its blocks without such a row return at once.
+    # No device-to-host sync.
+    _stream_select(q, keys, valid_len, k, scale, indices, weights, lse, B, Hm, N, R, Dk,
+                   keys_batch_stride, count=count, cap=cap)
+    if not q.is_cuda:  # free to read back under the interpreter: record it for the tests
+        global last_forward_path
+        last_forward_path = "threshold+stream" if int(count.max()) > cap else "threshold"
     return True
 
 
@@ -1252,11 +1275,11 @@ _KERNEL_ARGS = {
                                   ("Dk", "int"), ("k", "int"), ("scale", "float"), ("Hm", "int"),
                                   ("keys_batch_stride", "int"), ("num_row_blocks", "int"),
                                   ("count", "i64"), ("cap", "int")),
-    topk_read_fwd_chunkmax_kernel: (("q", "x"), ("keys", "x"), ("valid_len", "i64"), ("chunk_max", "i64"),
+    topk_read_fwd_chunkmax_kernel: (("q", "x"), ("keys", "x"), ("valid_len", "i64"), ("chunk_max", "f32"),
                                     ("R", "int"), ("N", "int"), ("Dk", "int"), ("scale", "float"),
                                     ("Hm", "int"), ("keys_batch_stride", "int"), ("num_row_blocks", "int"),
                                     ("n_chunks", "int")),
-    topk_read_fwd_collect_kernel: (("q", "x"), ("keys", "x"), ("valid_len", "i64"), ("tau", "i64"),
+    topk_read_fwd_collect_kernel: (("q", "x"), ("keys", "x"), ("valid_len", "i64"), ("tau", "f32"),
                                    ("cand", "i64"), ("count", "i64"), ("R", "int"), ("N", "int"),
                                    ("Dk", "int"), ("scale", "float"), ("Hm", "int"),
                                    ("keys_batch_stride", "int"), ("num_row_blocks", "int"), ("cap", "int")),
@@ -1295,11 +1318,9 @@ def _production_constexprs(kernel, dtype):
             for has_valid_len in (False, True):
                 picks.append((*_scan_constexprs(D, dtype, has_valid_len), D, None))
         elif kernel is topk_read_fwd_collect_kernel:
-            # Both compactions: the default and the one a GPU run may switch to.
             for has_valid_len in (False, True):
-                for compaction in _COMPACTIONS:
-                    constexprs, num_warps = _scan_constexprs(D, dtype, has_valid_len)
-                    picks.append((_collect_constexprs(constexprs, compaction), num_warps, D, None))
+                constexprs, num_warps = _scan_constexprs(D, dtype, has_valid_len)
+                picks.append((_collect_constexprs(constexprs), num_warps, D, None))
         elif kernel is topk_read_fwd_finish_kernel:
             for k in COMPILE_KS:
                 picks.append((*_finish_constexprs(k), D, k))
@@ -1320,7 +1341,7 @@ def _label(dtype, head_dims, k, constexprs) -> str:
     parts = [_SIGNATURE_DTYPE[dtype], "D=" + ",".join(map(str, head_dims))]
     if k is not None:
         parts.append(f"k={k}")
-    short = {"HAS_VALID_LEN": "VL", "ONLY_OVERFLOW": "OVF", "ATOMIC": "ATOMIC", "ATOMIC_COMPACT": "AC", "BLOCK_T": "BT",
+    short = {"HAS_VALID_LEN": "VL", "ONLY_OVERFLOW": "OVF", "ATOMIC": "ATOMIC", "MAX_ROUNDS": "MR", "BLOCK_T": "BT",
              "K_PAD": "KP", "BLOCK_N": "BN", "BLOCK_E": "BE", "CAP": "CAP"}
     for name, value in constexprs.items():
         if name in short:
@@ -1372,12 +1393,13 @@ def _build_compile_configs() -> list[dict]:
                     # The overflow fallback of the threshold path runs only for rows whose
                     # candidates did not fit (ties, sorted scores, NaN rows); a few of its variants
                     # spill 8-32 bytes (Triton 3.9: e.g. fp16 D=64 k=64 on sm_80, fp32 D=128 k=128
-                    # on sm_90): allowed, reported by the compile check. So does the 16-bit
-                    # collect kernel at its [128, 64] tile (16-40 bytes, see _SCAN_TILES), chosen
-                    # because it measured fastest on an H200 (with the cumsum compaction; the atomic
-                    # one takes 222-242 registers without spills, Triton 3.9).
+                    # on sm_90): allowed, reported by the compile check. So do some float32 scan
+                    # kernels, where ptxas stops at 80-128 registers and spills 8-16 bytes (sm_80
+                    # D=128 with Triton 3.9, D=64 with 3.3 and 3.6; float32 scores run on the FMA
+                    # units, no TF32).
                     "allow_spills": bool(constexprs.get("ONLY_OVERFLOW", False))
-                    or (kernel is topk_read_fwd_collect_kernel and dtype != torch.float32),
+                    or (kernel in (topk_read_fwd_chunkmax_kernel, topk_read_fwd_collect_kernel)
+                        and dtype == torch.float32),
                 }
                 seen[key] = entry
                 configs.append(entry)
