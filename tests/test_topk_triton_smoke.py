@@ -18,7 +18,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 from l2m_kernels.ops.topk_read import triton as topk_triton  # noqa: E402
 from l2m_kernels.ops.topk_read.reference import topk_memory_read_ref, topk_read_gather  # noqa: E402
@@ -493,3 +493,29 @@ def test_collect_takes_exactly_the_scores_above_tau(forward_path, monkeypatch, d
     assert int(per_chunk.max()) >= 2
     if max_rounds == 2:
         assert int(count.max()) > cap
+
+
+@pytest.mark.parametrize("n_chunks,k", [(37, 1), (37, 37), (256, 32), (1000, 17)])
+@pytest.mark.parametrize("forward_path", ["threshold"], indirect=True)
+def test_kth_kernel_matches_torch_topk(forward_path, n_chunks, k):
+    """The threshold's k-th largest chunk maximum, bitwise equal to torch.topk's, with duplicates,
+    +-inf and signed zeros among the values."""
+    R = 9
+    gen = torch.Generator().manual_seed(n_chunks + k)
+    chunk_max = torch.randn(R, n_chunks, generator=gen)
+    chunk_max[0] = torch.randint(-2, 3, (n_chunks,), generator=gen).float()   # many duplicates
+    chunk_max[1, ::3] = float("-inf")
+    chunk_max[2, ::5] = float("inf")
+    chunk_max[3] = float("-inf")
+    chunk_max[4, ::2] = -0.0
+    chunk_max[4, 1::2] = 0.0
+    chunk_max[5] *= 1e-40                                                       # subnormals
+    chunk_max = chunk_max.to(DEVICE)
+    tau = torch.full((R,), NAN, device=DEVICE)
+    constexprs, num_warps = topk_triton._kth_constexprs(n_chunks)
+    topk_triton.topk_read_fwd_kth_kernel[(triton.cdiv(R, constexprs["BLOCK_T"]),)](
+        chunk_max, tau, R, n_chunks, k, **constexprs, num_warps=num_warps)
+    expected = torch.topk(chunk_max, k, dim=1).values[:, k - 1]
+    # Bitwise, except that a -0.0 / +0.0 answer may come back with either sign (they tie).
+    same = (tau.view(torch.int32) == expected.view(torch.int32)) | ((tau == 0) & (expected == 0))
+    assert same.all(), f"{tau}\nvs\n{expected}"

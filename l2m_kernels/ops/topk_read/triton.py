@@ -31,9 +31,11 @@ Threshold path (default; exact, no merges in the streaming loops). With chunks o
 1. ``topk_read_fwd_chunkmax_kernel``: each row's largest float32 score of every chunk into
    ``chunk_max (B*H*T, cdiv(N, C))`` (a float maximum per score: the int64 keys below cost
    ~3.5x the instructions and most of this pass).
-2. Host: ``tau = torch.topk(chunk_max, k).values[:, k - 1]``. At least ``k`` chunks have a
-   maximum ``>= tau``, each attained by a slot, so the row's top k all score ``>= tau``; at
-   most about ``k * C`` slots do (for random scores about ``k + k * k * C / N``).
+2. ``topk_read_fwd_kth_kernel``: ``tau = torch.topk(chunk_max, k).values[:, k - 1]`` by a
+   bitwise binary search over the row held in registers (``torch.topk`` itself beyond
+   ``KTH_MAX_CHUNKS`` chunks). At least ``k`` chunks have a maximum ``>= tau``, each attained by
+   a slot, so the row's top k all score ``>= tau``; at most about ``k * C`` slots do (for random
+   scores about ``k + k * k * C / N``).
 3. ``topk_read_fwd_collect_kernel``: scores again (same tiles, warps and helper, so the scores
    are bit-identical to pass 1's) and appends each row's existing slots scoring ``>= tau`` (NaN
    ranking as +inf), as keys, to ``cand (B*H*T, cap)`` (``cap = CAP_FACTOR * K_PAD``), with
@@ -411,10 +413,8 @@ def topk_read_fwd_chunkmax_kernel(
     tiles and warps), so the scores are bit-identical to the ones pass 2 compares. A float maximum
     (one instruction per score; encoding int64 keys first took most of this pass). Whether it
     ignores or propagates NaN does not matter: any value attained by an existing slot of the chunk
-    (or -inf) bounds the threshold correctly (see _threshold_select), and an all-NaN chunk gives a
-    NaN maximum, which ranks first in torch.topk and leaves tau NaN: every key is then taken and
-    the row overflows into the exact fallback. Chunks past ``valid_len`` hold no existing slot
-    and get -inf.
+    (or -inf) bounds the threshold correctly (see _threshold_select); an all-NaN chunk stores
+    +inf, as NaN ranks. Chunks past ``valid_len`` hold no existing slot and get -inf.
     """
     i_bh, i_tb, i_b, i_hm = _row_block(num_row_blocks, Hm)
 
@@ -441,7 +441,8 @@ def topk_read_fwd_chunkmax_kernel(
                           F32_DOT, BLOCK_T, BLOCK_N, BLOCK_DK, DK_CHUNKS)
         # Slots past the end were scored from zero-filled loads.
         b_s = tl.where(m_n[None, :], b_s, float("-inf"))
-        tl.store(p_max + n_start // BLOCK_N, tl.max(b_s, axis=1), mask=m_t)
+        b_max = tl.max(b_s, axis=1)
+        tl.store(p_max + n_start // BLOCK_N, tl.where(b_max != b_max, float("inf"), b_max), mask=m_t)
     b_none = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
     for i_chunk in range(tl.cdiv(n_end, BLOCK_N), n_chunks):
         tl.store(p_max + i_chunk, b_none, mask=m_t)
@@ -552,6 +553,45 @@ def topk_read_fwd_collect_kernel(
                           F32_DOT, BLOCK_T, BLOCK_N, BLOCK_DK, DK_CHUNKS)
         b_count = _collect_tile(b_s, b_tau, o_c, m_n, m_t, n_start, b_count, p_cand, cap, MAX_ROUNDS, BLOCK_N)
     tl.store(count + o_row, b_count.to(tl.int64), mask=m_t)
+
+
+@triton.jit
+def topk_read_fwd_kth_kernel(
+    chunk_max,  # [R_total, n_chunks] fp32 (never NaN: see the chunkmax kernel)
+    tau,  # [R_total] fp32, written: each row's k-th largest chunk maximum
+    R_total,
+    n_chunks,
+    k,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,  # next_pow2(n_chunks): the whole row in registers
+):
+    """Grid (cdiv(R_total, BLOCK_T),): ``tau = torch.topk(chunk_max, k).values[:, k - 1]``.
+
+    A bitwise binary search, most significant bit first, on the order-preserving int32 images of
+    the row's floats (held in registers): the largest T with ``count(image >= T) >= k`` is the
+    image of the k-th largest value. 32 compare-and-count passes over registers instead of a
+    radix select through global memory.
+    """
+    o_row = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    m_t = o_row < R_total
+    o_c = tl.arange(0, BLOCK_C)
+    # Padding is -inf: it can only be the k-th largest when that is -inf anyway.
+    b_x = tl.load(chunk_max + o_row[:, None] * n_chunks + o_c[None, :],
+                  mask=m_t[:, None] & (o_c < n_chunks)[None, :], other=float("-inf"))
+    b_bits = b_x.to(tl.int32, bitcast=True)
+    b_image = tl.where(b_bits < 0, b_bits ^ INT32_MAX, b_bits)
+    # The answer in offset binary (t_off = T + 2**31 as a bit pattern; T = t_off ^ INT32_MIN),
+    # built bit by bit: keep each bit whose setting still leaves k images >= the candidate.
+    b_off = tl.zeros([BLOCK_T], dtype=tl.int32)
+    b_count = tl.sum((b_image >= 0).to(tl.int32), axis=1)
+    b_off = tl.where(b_count >= k, b_off + INT32_MIN, b_off)
+    for i_bit in tl.static_range(30, -1, -1):
+        b_cand = b_off | (1 << i_bit)
+        b_count = tl.sum((b_image >= (b_cand ^ INT32_MIN)[:, None]).to(tl.int32), axis=1)
+        b_off = tl.where(b_count >= k, b_cand, b_off)
+    b_kth = b_off ^ INT32_MIN
+    b_kth = tl.where(b_kth < 0, b_kth ^ INT32_MAX, b_kth)
+    tl.store(tau + o_row, b_kth.to(tl.float32, bitcast=True), mask=m_t)
 
 
 @triton.jit
@@ -899,6 +939,11 @@ COLLECT_MAX_ROUNDS = 16
 # Candidate capacity per row of the threshold path: CAP_FACTOR * K_PAD. For random scores a row
 # has about k + k * k * BLOCK_N / N candidates (k = 32, N = 65536: ~33), at most k * BLOCK_N.
 CAP_FACTOR = 4
+# The k-th largest chunk maximum per row: by topk_read_fwd_kth_kernel, the row in registers, up
+# to KTH_MAX_CHUNKS chunks (N = 262144 at 64-slot chunks), in [BLOCK_T, next_pow2(n_chunks)]
+# tiles of KTH_TILE elements; torch.topk beyond.
+KTH_MAX_CHUNKS = 4096
+KTH_TILE = 4096
 # Elements of the finish kernel's [BLOCK_T, CAP] candidate tile.
 FINISH_TILE = 2048
 # Private switch of the forward path: "threshold" (default; falls back to "stream" when the
@@ -974,6 +1019,11 @@ def _scan_constexprs(Dk: int, dtype: torch.dtype, has_valid_len: bool):
 def _collect_constexprs(scan_constexprs: dict) -> dict:
     """Constexprs of topk_read_fwd_collect_kernel: those of the scan tile plus its round limit."""
     return dict(scan_constexprs, MAX_ROUNDS=COLLECT_MAX_ROUNDS)
+
+
+def _kth_constexprs(n_chunks: int):
+    block_c = max(16, triton.next_power_of_2(int(n_chunks)))
+    return {"BLOCK_T": max(1, KTH_TILE // block_c), "BLOCK_C": block_c}, NUM_WARPS
 
 
 def _finish_constexprs(k: int):
@@ -1137,7 +1187,14 @@ def _threshold_select(q, keys, valid_len, k, scale, indices, weights, lse, B, Hm
         q, keys, valid_len_arg, chunk_max, R, N, Dk, float(scale), Hm, keys_batch_stride,
         num_row_blocks, n_chunks, **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
     )
-    tau = torch.topk(chunk_max, k, dim=1).values[:, k - 1].contiguous()
+    if n_chunks <= KTH_MAX_CHUNKS:
+        tau = torch.empty((R_total,), dtype=torch.float32, device=device)
+        kth_constexprs, kth_warps = _kth_constexprs(n_chunks)
+        topk_read_fwd_kth_kernel[(triton.cdiv(R_total, kth_constexprs["BLOCK_T"]),)](
+            chunk_max, tau, R_total, n_chunks, k, **kth_constexprs, num_warps=kth_warps, **COMPILE_OPTIONS,
+        )
+    else:
+        tau = torch.topk(chunk_max, k, dim=1).values[:, k - 1].contiguous()
     del chunk_max
     cand = torch.empty((R_total, cap), dtype=torch.int64, device=device)
     count = torch.empty((R_total,), dtype=torch.int64, device=device)
@@ -1263,6 +1320,8 @@ COMPILE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 COMPILE_HEAD_DIMS = (64, 128)
 # One k per K_PAD the launcher can pick (16 .. 256).
 COMPILE_KS = (16, 32, 64, 128, 256)
+# Chunk counts the k-th-largest kernel is compiled for: read-heads-gpu, read-gpu and its limit.
+KTH_COMPILE_CHUNKS = (256, 1024, KTH_MAX_CHUNKS)
 
 _SIGNATURE_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -1283,6 +1342,8 @@ _KERNEL_ARGS = {
                                    ("cand", "i64"), ("count", "i64"), ("R", "int"), ("N", "int"),
                                    ("Dk", "int"), ("scale", "float"), ("Hm", "int"),
                                    ("keys_batch_stride", "int"), ("num_row_blocks", "int"), ("cap", "int")),
+    topk_read_fwd_kth_kernel: (("chunk_max", "f32"), ("tau", "f32"), ("R_total", "int"), ("n_chunks", "int"),
+                               ("k", "int")),
     topk_read_fwd_finish_kernel: (("cand", "i64"), ("count", "i64"), ("indices", "i64"), ("weights", "f32"),
                                   ("lse", "f32"), ("R_total", "int"), ("k", "int")),
     topk_read_fwd_out_kernel: (("values", "x"), ("indices", "i64"), ("weights", "f32"), ("out", "x"),
@@ -1321,6 +1382,10 @@ def _production_constexprs(kernel, dtype):
             for has_valid_len in (False, True):
                 constexprs, num_warps = _scan_constexprs(D, dtype, has_valid_len)
                 picks.append((_collect_constexprs(constexprs), num_warps, D, None))
+        elif kernel is topk_read_fwd_kth_kernel:
+            # Its tile follows the number of chunks (N / 64 at 16-bit production tiles).
+            for n_chunks in KTH_COMPILE_CHUNKS:
+                picks.append((*_kth_constexprs(n_chunks), D, None))
         elif kernel is topk_read_fwd_finish_kernel:
             for k in COMPILE_KS:
                 picks.append((*_finish_constexprs(k), D, k))
@@ -1342,7 +1407,7 @@ def _label(dtype, head_dims, k, constexprs) -> str:
     if k is not None:
         parts.append(f"k={k}")
     short = {"HAS_VALID_LEN": "VL", "ONLY_OVERFLOW": "OVF", "ATOMIC": "ATOMIC", "MAX_ROUNDS": "MR", "BLOCK_T": "BT",
-             "K_PAD": "KP", "BLOCK_N": "BN", "BLOCK_E": "BE", "CAP": "CAP"}
+             "K_PAD": "KP", "BLOCK_N": "BN", "BLOCK_E": "BE", "CAP": "CAP", "BLOCK_C": "BC"}
     for name, value in constexprs.items():
         if name in short:
             parts.append(f"{short[name]}={int(value)}")
