@@ -41,8 +41,8 @@ Threshold path (default; exact, no merges in the streaming loops). With chunks o
    ranking as +inf), as keys, to ``cand (B*H*T, cap)`` (``cap = CAP_FACTOR * K_PAD``), with
    their ``count``. Per tile, rounds of reductions extract each row's best remaining key while
    it is ``>= tau`` (``_collect_tile``), in the layout the dot produced: no scan, no atomics,
-   no shared-memory layout conversion (the cumulative-sum compaction it replaced was 68% of the
-   forward on an H200).
+   and only the per-row vectors of each round's store cross shared memory, never the score tile
+   (the cumulative-sum compaction it replaced was 68% of the forward on an H200).
 4. Rows whose ``count`` passed ``cap`` (many exactly tied scores, scores sorted by slot, a NaN
    query row, fewer than k chunks holding existing slots, more than ``COLLECT_MAX_ROUNDS``
    candidates in one chunk) are left to the streaming select kernel, launched with
@@ -463,9 +463,10 @@ def _collect_tile(b_s, b_tau, o_c, m_n, m_t, n_start, b_count, p_cand, cap,
     extracted in descending order, one per row per round, while a row of the block still has its
     best remaining score >= tau: a round is a column minimum (the smallest column holding the
     row's maximum: ties go to the smaller slot), the removal of that key and a float maximum, all
-    reductions in the layout the dot produced (a cumulative sum over the tile, the previous
-    compaction, converted the tile's layout through shared memory twice and cost 3x the
-    instructions). A row still taking keys after ``MAX_ROUNDS`` rounds (many ties at tau, a
+    reductions in the layout the dot produced; the store converts only [BT] vectors (key,
+    pointer, mask) to its layout, 6 of a round's 8 barriers on sm_90 (a cumulative sum over the
+    tile, the previous compaction, converted [BT, BN] tiles through shared memory five times per
+    tile and cost 3x the instructions). A row still taking keys after ``MAX_ROUNDS`` rounds (many ties at tau, a
     memory whose best slots for the row sit together) gets a count above ``cap``: the exact
     streaming fallback redoes it.
 
