@@ -7,8 +7,9 @@ every program in Python.
 
 Every test runs on each forward path (the autouse ``forward_path`` fixture): ``stream`` (the running
 top-k select kernel), ``threshold`` (chunk maxima, compaction, finish; production tiles, so tiny N
-mostly goes to the select kernel: N <= cap or fewer than k chunks) and ``threshold-small`` (16-slot chunks and a small candidate
-capacity, so tiny shapes run the chunk pass, the threshold and the overflow fallback).
+mostly goes to the select kernel: N <= cap or fewer than k chunks) and ``threshold-small`` (16-slot
+chunks and a small candidate capacity, so tiny shapes run the chunk pass, the threshold and the
+overflow fallback).
 """
 import os
 

@@ -466,9 +466,9 @@ def _collect_tile(b_s, b_tau, o_c, m_n, m_t, n_start, b_count, p_cand, cap,
     reductions in the layout the dot produced; the store converts only [BT] vectors (key,
     pointer, mask) to its layout, 6 of a round's 8 barriers on sm_90 (a cumulative sum over the
     tile, the previous compaction, converted [BT, BN] tiles through shared memory five times per
-    tile and cost 3x the instructions). A row still taking keys after ``MAX_ROUNDS`` rounds (many ties at tau, a
-    memory whose best slots for the row sit together) gets a count above ``cap``: the exact
-    streaming fallback redoes it.
+    tile and cost 3x the instructions). A row still taking keys after ``MAX_ROUNDS`` rounds
+    (many ties at tau, a memory whose best slots for the row sit together) gets a count above
+    ``cap``: the exact streaming fallback redoes it.
 
     Removed keys and slots past the end (``m_n`` false) are NaN: the float maximum ignores NaN
     and NaN compares false. A NaN-propagating maximum (at no extra cost) tells whether a tile
@@ -516,7 +516,7 @@ def topk_read_fwd_collect_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_DK: tl.constexpr,
     DK_CHUNKS: tl.constexpr,
-    MAX_ROUNDS: tl.constexpr,  # per tile, before the cumulative sum takes over (0: always the sum)
+    MAX_ROUNDS: tl.constexpr,  # extraction rounds per tile before a row still taking keys overflows
 ):
     """Grid (num_row_blocks * B * Hm,): threshold pass 2, appends every existing slot whose
     score is >= tau (NaN ranking as +inf) to the row's candidate list (:func:`_collect_tile`).
