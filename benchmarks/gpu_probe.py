@@ -175,14 +175,15 @@ def topk_tiles(bench: bool) -> int:
         os.environ.pop(tt.PATH_ENV, None)
         tt.COLLECT_MAX_ROUNDS = default_rounds
     print(f"forward paths at scan tile {tuple(default[:3])}: " + "; ".join(line), flush=True)
-    q, keys, values = next(iter(inputs.values()))
     activity = torch.profiler.ProfilerActivity.CUDA if DEVICE == "cuda" else torch.profiler.ProfilerActivity.CPU
-    with torch.profiler.profile(activities=[activity]) as prof:
-        for _ in range(3):
-            l2m.topk_memory_read(q, keys, values, 32, backend="triton")
-        _sync()
-    print(f"profile of the forward at {next(iter(inputs))}, current tile, 3 calls:")
-    print(prof.key_averages().table(sort_by="cuda_time_total" if DEVICE == "cuda" else "cpu_time_total", row_limit=12))
+    for name, (q, keys, values) in inputs.items():
+        with torch.profiler.profile(activities=[activity]) as prof:
+            for _ in range(3):
+                l2m.topk_memory_read(q, keys, values, 32, backend="triton")
+            _sync()
+        print(f"profile of the forward at {name}, current tile, 3 calls:")
+        print(prof.key_averages().table(sort_by="cuda_time_total" if DEVICE == "cuda" else "cpu_time_total",
+                                        row_limit=12))
     print(f"fastest scan tile: {best} (current {tuple(default[:3])})", flush=True)
     if bench and best is not None:
         tt._SCAN_TILES[False] = tt._ScanTile(*best, default.max_block_dk)
