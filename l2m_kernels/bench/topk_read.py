@@ -49,7 +49,7 @@ def run(device: torch.device, quick: bool = False, ceilings: dict | None = None,
         fused = {b: fused_variant(b) for b in fused_backends("topk_memory_read", device, dtype)}
         # A GPU repetition takes milliseconds (the compiled reference's compile dominates the run):
         # more of them there, for a median that holds at the 5x line.
-        kw = dict(fwd_flops=flops, reps=3, warmup=1) if device.type == "cpu" else dict(fwd_flops=flops, reps=10, warmup=3)
+        kw = dict(fwd_flops=flops, **(dict(reps=3, warmup=1) if device.type == "cpu" else dict(reps=10, warmup=3)))
         rows += compare("topk_memory_read", shape, dtype, fused, reference, make_inputs, device, tiny=tiny, **kw)
 
         def scores(q, keys, values):

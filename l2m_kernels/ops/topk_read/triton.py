@@ -195,6 +195,13 @@ def _bitonic_merge(b_x, DESCENDING: tl.constexpr, ROWS: tl.constexpr, W: tl.cons
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
+def _order_bits(b_bits):
+    """Float32 bit patterns (as int32) <-> order-preserving int32 images, both ways (the map is its
+    own inverse): a negative pattern keeps its sign bit and has the others flipped."""
+    return tl.where(b_bits < 0, b_bits ^ INT32_MAX, b_bits)
+
+
+@triton.jit
 def _encode_key(b_s, b_slot):
     """int64 sort keys of float32 scores ``b_s`` at slots ``b_slot`` (integers; shapes broadcast).
 
@@ -205,8 +212,7 @@ def _encode_key(b_s, b_slot):
     """
     b_s = tl.where(b_s != b_s, float("inf"), b_s)
     b_s = tl.where(b_s == 0., 0., b_s)
-    b_bits = b_s.to(tl.int32, bitcast=True)
-    b_ordered = tl.where(b_bits < 0, b_bits ^ INT32_MAX, b_bits)
+    b_ordered = _order_bits(b_s.to(tl.int32, bitcast=True))
     return (b_ordered.to(tl.int64) << 32) | (-b_slot + INT32_MAX).to(tl.int64)
 
 
@@ -222,8 +228,7 @@ def _decode_keys(b_key):
     """Inverse of :func:`_encode_keys`: (exists, float32 score, int64 slot)."""
     b_high = (b_key >> 32).to(tl.int32)
     b_exists = b_high != INT32_MIN
-    b_bits = tl.where(b_high < 0, b_high ^ INT32_MAX, b_high)
-    b_score = b_bits.to(tl.float32, bitcast=True)
+    b_score = _order_bits(b_high).to(tl.float32, bitcast=True)
     b_slot = -(b_key & INT32_MAX) + INT32_MAX
     return b_exists, b_score, b_slot
 
@@ -579,20 +584,16 @@ def topk_read_fwd_kth_kernel(
     # Padding is -inf: it can only be the k-th largest when that is -inf anyway.
     b_x = tl.load(chunk_max + o_row[:, None] * n_chunks + o_c[None, :],
                   mask=m_t[:, None] & (o_c < n_chunks)[None, :], other=float("-inf"))
-    b_bits = b_x.to(tl.int32, bitcast=True)
-    b_image = tl.where(b_bits < 0, b_bits ^ INT32_MAX, b_bits)
+    b_image = _order_bits(b_x.to(tl.int32, bitcast=True))
     # The answer in offset binary (t_off = T + 2**31 as a bit pattern; T = t_off ^ INT32_MIN),
     # built bit by bit: keep each bit whose setting still leaves k images >= the candidate.
-    b_off = tl.zeros([BLOCK_T], dtype=tl.int32)
     b_count = tl.sum((b_image >= 0).to(tl.int32), axis=1)
-    b_off = tl.where(b_count >= k, b_off + INT32_MIN, b_off)
+    b_off = tl.where(b_count >= k, INT32_MIN, tl.zeros([BLOCK_T], dtype=tl.int32))
     for i_bit in tl.static_range(30, -1, -1):
         b_cand = b_off | (1 << i_bit)
         b_count = tl.sum((b_image >= (b_cand ^ INT32_MIN)[:, None]).to(tl.int32), axis=1)
         b_off = tl.where(b_count >= k, b_cand, b_off)
-    b_kth = b_off ^ INT32_MIN
-    b_kth = tl.where(b_kth < 0, b_kth ^ INT32_MAX, b_kth)
-    tl.store(tau + o_row, b_kth.to(tl.float32, bitcast=True), mask=m_t)
+    tl.store(tau + o_row, _order_bits(b_off ^ INT32_MIN).to(tl.float32, bitcast=True), mask=m_t)
 
 
 @triton.jit
@@ -923,9 +924,9 @@ class _ScanTile(NamedTuple):
 # forward at read-gpu / read-heads-gpu, benchmarks/gpu_probe.py topk-tiles, 2026-11-26, with the
 # int64-key chunk maxima and the cumulative-sum collect of that day): [64, 64] 15.45 / 7.89 ms,
 # [128, 64] 13.63 / 7.35 ms, [64, 128] 14.59 / 7.35 ms, [64, 32] at 4 warps 13.47 / 8.93 ms. With
-# the float maxima and the collect rounds (below) [128, 64] at 8 warps takes 62-70 registers in
-# chunkmax and 107-110 in collect (sm_90, Triton 3.9; the cumulative sum took 255 and spilled),
-# two blocks per SM. float32 runs on the FMA units (no TF32); its dot operands need narrow feature
+# the float maxima and the collect rounds (below) [128, 64] at 8 warps takes 60-70 registers in
+# chunkmax and 119-139 in collect (sm_90, Triton 3.9; the cumulative sum took 255 and spilled),
+# one or two blocks per SM. float32 runs on the FMA units (no TF32); its dot operands need narrow feature
 # chunks. A larger BLOCK_N shrinks the chunk_max buffer (T * N / BLOCK_N) but raises the candidate
 # bound k * BLOCK_N.
 _SCAN_TILES = {
