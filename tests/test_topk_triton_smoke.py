@@ -428,20 +428,34 @@ def test_threshold_cases_match_reference(forward_path, case):
         assert topk_triton.last_forward_path in ("threshold", OVERFLOW_PATH)
 
 
-def _record_collect(monkeypatch):
-    """Wrap the collect kernel so each launch's (tau, cand, count) is kept."""
+def _record(monkeypatch, name, *positions):
+    """Wrap kernel ``name`` so each launch's arguments at ``positions`` are kept (after it ran)."""
     launches = []
-    kernel = topk_triton.topk_read_fwd_collect_kernel
+    kernel = getattr(topk_triton, name)
 
     class Recorded:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
                 kernel[grid](*args, **kwargs)
-                launches.append((args[3].clone(), args[4].clone(), args[5].clone()))
+                launches.append(tuple(args[i].clone() if torch.is_tensor(args[i]) else args[i] for i in positions))
             return launch
 
-    monkeypatch.setattr(topk_triton, "topk_read_fwd_collect_kernel", Recorded())
+    monkeypatch.setattr(topk_triton, name, Recorded())
     return launches
+
+
+def _record_collect(monkeypatch):
+    """Each collect launch's (tau, cand, count)."""
+    return _record(monkeypatch, "topk_read_fwd_collect_kernel", 3, 4, 5)
+
+
+def _integer_inputs(B, H, T, N, D, dtype, seed):
+    """Small-integer q and shared-head keys: every score is exact whatever the summation order."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(-3, 4, (B, H, T, D), generator=gen).to(dtype).to(DEVICE)
+    keys = torch.randint(-3, 4, (B, 1, N, D), generator=gen).to(dtype).to(DEVICE)
+    scores = torch.einsum("bhtd,bnd->bhtn", q.double().cpu(), keys[:, 0].double().cpu()).reshape(B * H * T, N)
+    return q, keys, _randn(B, 1, N, 4, dtype=dtype), scores
 
 
 def _decode(keys):
@@ -462,15 +476,11 @@ def test_collect_takes_exactly_the_scores_above_tau(forward_path, monkeypatch, d
     monkeypatch.setattr(topk_triton, "COLLECT_MAX_ROUNDS", max_rounds)
     launches = _record_collect(monkeypatch)
     B, H, T, N, D, k = 2, 2, 9, 197, 8, 5
-    gen = torch.Generator().manual_seed(7)
-    q = torch.randint(-3, 4, (B, H, T, D), generator=gen).to(dtype).to(DEVICE)
-    keys = torch.randint(-3, 4, (B, 1, N, D), generator=gen).to(dtype).to(DEVICE)
-    values = _randn(B, 1, N, 4, dtype=dtype)
+    q, keys, values, scores = _integer_inputs(B, H, T, N, D, dtype, seed=7)
     valid_len = [N, 150]
     _check_fwd(q, keys, values, k, 1.0, valid_len)
     (tau, cand, count), = launches
     cap, chunk = cand.shape[1], SMALL_TILE.block_n
-    scores = torch.einsum("bhtd,bnd->bhtn", q.double().cpu(), keys[:, 0].double().cpu()).reshape(B * H * T, N)
     exists = torch.arange(N)[None, :] < torch.tensor(valid_len).repeat_interleave(H * T)[:, None]
     taken = (scores >= tau.double().cpu()[:, None]) & exists
     per_chunk = torch.nn.functional.pad(taken, (0, -N % chunk)).reshape(B * H * T, -1, chunk).sum(-1)
@@ -494,6 +504,27 @@ def test_collect_takes_exactly_the_scores_above_tau(forward_path, monkeypatch, d
     assert int(per_chunk.max()) >= 2
     if max_rounds == 2:
         assert int(count.max()) > cap
+
+
+@pytest.mark.parametrize("forward_path", ["threshold-small"], indirect=True)
+def test_chunks_of_several_tiles(forward_path, monkeypatch):
+    """Past MAX_CHUNKS tiles a chunk groups whole tiles: 19 tiles of 16 slots, at most 5 chunks
+    -> chunks of 4 tiles (the last one of 3); each stored maximum is exactly its chunk's, -inf
+    past valid_len (an end inside a chunk, inside a tile, and 0), and the read is exact."""
+    _small_threshold(monkeypatch)
+    monkeypatch.setattr(topk_triton, "MAX_CHUNKS", 5)
+    chunk_launches = _record(monkeypatch, "topk_read_fwd_chunkmax_kernel", 3, 11, 12)
+    B, H, T, N, D, k = 4, 2, 5, 300, 8, 4
+    q, keys, values, scores = _integer_inputs(B, H, T, N, D, torch.float32, seed=3)
+    valid_len = [N, 70, 0, 291]
+    _check_fwd(q, keys, values, k, 1.0, valid_len)
+    (chunk_max, chunk_tiles, n_chunks), = chunk_launches
+    assert (chunk_tiles, n_chunks) == (4, 5)
+    C = chunk_tiles * SMALL_TILE.block_n
+    exists = torch.arange(N)[None, :] < torch.tensor(valid_len).repeat_interleave(H * T)[:, None]
+    masked = torch.nn.functional.pad(scores.masked_fill(~exists, float("-inf")), (0, n_chunks * C - N),
+                                     value=float("-inf"))
+    assert torch.equal(chunk_max.cpu().double(), masked.reshape(B * H * T, n_chunks, C).amax(-1))
 
 
 @pytest.mark.parametrize("n_chunks,k", [(37, 1), (37, 37), (256, 32), (1000, 17)])

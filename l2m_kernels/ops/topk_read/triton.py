@@ -25,17 +25,18 @@ attribute ``last_forward_path`` records the one taken (``stream``, ``threshold``
 ``threshold->stream`` when the threshold path could not start, and, on CPU tensors only, where
 reading the counts back is free, ``threshold+stream`` when some rows overflowed), for tests.
 
-Threshold path (default; exact, no merges in the streaming loops). With chunks of
-``C = BLOCK_N`` slots (the scan tile):
+Threshold path (default; exact, no merges in the streaming loops). With chunks of ``C`` slots,
+one scan tile (``BLOCK_N``) or, beyond ``N = MAX_CHUNKS * BLOCK_N``, the fewest whole tiles that
+keep ``cdiv(N, C) <= MAX_CHUNKS``:
 
 1. ``topk_read_fwd_chunkmax_kernel``: each row's largest float32 score of every chunk into
    ``chunk_max (B*H*T, cdiv(N, C))`` (a float maximum per score: the int64 keys below cost
    ~3.5x the instructions and most of this pass).
 2. ``topk_read_fwd_kth_kernel``: ``tau = torch.topk(chunk_max, k).values[:, k - 1]`` by a
-   bitwise binary search over the row held in registers (``torch.topk`` itself beyond
-   ``KTH_MAX_CHUNKS`` chunks). At least ``k`` chunks have a maximum ``>= tau``, each attained by
-   a slot, so the row's top k all score ``>= tau``; at most about ``k * C`` slots do (for random
-   scores about ``k + k * k * C / N``).
+   bitwise binary search over the row held in registers. At least ``k`` chunks have a maximum
+   ``>= tau``, each attained by a slot, so the row's top k all score ``>= tau``; at most about
+   ``k * C`` slots do (for random scores about ``k + k * k * C / N``, so at most
+   ``k + k * k / MAX_CHUNKS`` once chunks grow).
 3. ``topk_read_fwd_collect_kernel``: scores again (same tiles, warps and helper, so the scores
    are bit-identical to pass 1's) and appends each row's existing slots scoring ``>= tau`` (NaN
    ranking as +inf), as keys, to ``cand (B*H*T, cap)`` (``cap = CAP_FACTOR * K_PAD``), with
@@ -55,8 +56,8 @@ When ``N <= cap`` (every slot would be a candidate) or there are fewer than ``k`
 streaming path runs (decided on the host, no launch). ``valid_len`` rows with fewer than ``k``
 existing chunks get ``tau = -inf`` (every existing slot a candidate; those rows overflow into
 the fallback when they have more than ``cap``). Extra memory: ``B*H*T * (4 * cdiv(N, C) + 8 *
-cap + 8)`` bytes (``T * N / C``, not ``T * N``); bfloat16 B=8 T=4096 N=65536 k=32 (C = 64,
-cap = 128): 32768 * (4096 + 1032) = 168 MB; float32 uses C = 32.
+cap + 8)`` bytes, at most ``B*H*T * (4 KB + 8 * cap + 8)`` whatever ``N``; bfloat16 B=8 T=4096
+N=65536 k=32 (C = 64, cap = 128): 32768 * (4096 + 1032) = 168 MB, and the same for any larger N.
 
 Streaming path (the exact fallback), two kernels:
 
@@ -404,7 +405,8 @@ def topk_read_fwd_chunkmax_kernel(
     Hm,
     keys_batch_stride,
     num_row_blocks,
-    n_chunks,  # cdiv(N, BLOCK_N): a chunk is one key tile
+    chunk_tiles,  # key tiles per chunk
+    n_chunks,  # cdiv(cdiv(N, BLOCK_N), chunk_tiles)
     HAS_VALID_LEN: tl.constexpr,
     F32_DOT: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -412,14 +414,17 @@ def topk_read_fwd_chunkmax_kernel(
     BLOCK_DK: tl.constexpr,
     DK_CHUNKS: tl.constexpr,
 ):
-    """Grid (num_row_blocks * B * Hm,): threshold pass 1, the per-row maximum score of every tile.
+    """Grid (num_row_blocks * B * Hm,): threshold pass 1, the per-row maximum score of every
+    chunk of ``chunk_tiles`` key tiles.
 
     Scores exactly as topk_read_fwd_collect_kernel (same helper and, from the launcher, the same
     tiles and warps), so the scores are bit-identical to the ones pass 2 compares. A float maximum
     (one instruction per score; encoding int64 keys first took most of this pass). Whether it
     ignores or propagates NaN does not matter: any value attained by an existing slot of the chunk
     (or -inf) bounds the threshold correctly (see _threshold_select); an all-NaN chunk stores
-    +inf, as NaN ranks. Chunks past ``valid_len`` hold no existing slot and get -inf.
+    +inf, as NaN ranks. Chunks past ``valid_len`` hold no existing slot and get -inf. Each tile
+    stores its chunk's running maximum (restarted at the chunk's first tile), so the chunk's
+    last tile leaves the chunk's maximum, without a branch.
     """
     i_bh, i_tb, i_b, i_hm = _row_block(num_row_blocks, Hm)
 
@@ -439,6 +444,8 @@ def topk_read_fwd_chunkmax_kernel(
     if F32_DOT:
         b_q0 = b_q0.to(tl.float32) * scale
 
+    b_none = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
+    b_run = b_none
     for n_start in range(0, n_end, BLOCK_N):
         o_n = (n_start + o_bn).to(tl.int64)
         m_n = o_n < n_end
@@ -447,9 +454,11 @@ def topk_read_fwd_chunkmax_kernel(
         # Slots past the end were scored from zero-filled loads.
         b_s = tl.where(m_n[None, :], b_s, float("-inf"))
         b_max = tl.max(b_s, axis=1)
-        tl.store(p_max + n_start // BLOCK_N, tl.where(b_max != b_max, float("inf"), b_max), mask=m_t)
-    b_none = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
-    for i_chunk in range(tl.cdiv(n_end, BLOCK_N), n_chunks):
+        b_max = tl.where(b_max != b_max, float("inf"), b_max)
+        i_tile = n_start // BLOCK_N
+        b_run = tl.where(i_tile % chunk_tiles == 0, b_max, tl.maximum(b_run, b_max))
+        tl.store(p_max + i_tile // chunk_tiles, b_run, mask=m_t)
+    for i_chunk in range(tl.cdiv(tl.cdiv(n_end, BLOCK_N), chunk_tiles), n_chunks):
         tl.store(p_max + i_chunk, b_none, mask=m_t)
 
 
@@ -464,7 +473,7 @@ def _collect_tile(b_s, b_tau, o_c, m_n, m_t, n_start, b_count, p_cand, cap,
     """Appends the keys of a [BT, BN] score tile that are >= the rows' ``b_tau`` (NaN ranking as
     +inf) to the rows' candidate lists; returns the new counts ``b_count``.
 
-    A row takes about ``k / n_chunks`` keys per tile, rarely more than two, so the keys are
+    A row takes about ``k * BLOCK_N / N`` keys per tile, rarely more than two, so the keys are
     extracted in descending order, one per row per round, while a row of the block still has its
     best remaining score >= tau: a round is a column minimum (the smallest column holding the
     row's maximum: ties go to the smaller slot), the removal of that key and a float maximum, all
@@ -927,8 +936,8 @@ class _ScanTile(NamedTuple):
 # the float maxima and the collect rounds (below) [128, 64] at 8 warps takes 60-70 registers in
 # chunkmax and 119-139 in collect (sm_90, Triton 3.9; the cumulative sum took 255 and spilled),
 # one or two blocks per SM. float32 runs on the FMA units (no TF32); its dot operands need narrow feature
-# chunks. A larger BLOCK_N shrinks the chunk_max buffer (T * N / BLOCK_N) but raises the candidate
-# bound k * BLOCK_N.
+# chunks. A larger BLOCK_N shrinks the chunk_max buffer (T * N / BLOCK_N, up to MAX_CHUNKS per
+# row) but raises the candidate bound k * BLOCK_N.
 _SCAN_TILES = {
     False: _ScanTile(128, 64, 8, MAX_BLOCK_D),   # float16 / bfloat16
     True: _ScanTile(32, 32, 4, 32),              # float32
@@ -941,10 +950,12 @@ COLLECT_MAX_ROUNDS = 16
 # Candidate capacity per row of the threshold path: CAP_FACTOR * K_PAD. For random scores a row
 # has about k + k * k * BLOCK_N / N candidates (k = 32, N = 65536: ~33), at most k * BLOCK_N.
 CAP_FACTOR = 4
-# The k-th largest chunk maximum per row: by topk_read_fwd_kth_kernel, the row in registers, up
-# to KTH_MAX_CHUNKS chunks (N = 262144 at 64-slot chunks), in [BLOCK_T, next_pow2(n_chunks)]
-# tiles of KTH_TILE elements; torch.topk beyond.
-KTH_MAX_CHUNKS = 4096
+# Chunks per row of the threshold path, at most: a chunk is one scan tile (BLOCK_N slots) up to
+# N = MAX_CHUNKS * BLOCK_N (65536 at 16-bit tiles), then as many tiles as keep the count <= this.
+# It bounds the chunk_max scratch (4 KB per row whatever N) and keeps each row in registers for
+# topk_read_fwd_kth_kernel; the candidates grow only by about k * k / MAX_CHUNKS (k = 256: 64).
+MAX_CHUNKS = 1024
+# The k-th kernel's [BLOCK_T, next_pow2(n_chunks)] tile, in elements.
 KTH_TILE = 4096
 # Elements of the finish kernel's [BLOCK_T, CAP] candidate tile.
 FINISH_TILE = 2048
@@ -1091,8 +1102,8 @@ def topk_read_fwd(q, keys, values, valid_len, k, scale, out, indices, weights, l
         weights:   (B, H, T, k) float32, written.   lse: (B, H, T) float32, written.
 
     The default threshold path makes no device-to-host sync (rows whose candidates overflow are
-    finished by the streaming kernel) and allocates B*H*T * (cdiv(N, BLOCK_N) + cap + 1) int64 of
-    scratch when N > cap (module docstring).
+    finished by the streaming kernel) and allocates B*H*T * (4 * n_chunks + 8 * cap + 8) bytes of
+    scratch when N > cap, n_chunks <= MAX_CHUNKS (module docstring).
 
     Equivalent PyTorch:
         out, indices, weights, lse = topk_memory_read_ref(q, keys, values, k, scale, valid_len)
@@ -1164,9 +1175,10 @@ def _threshold_select(q, keys, valid_len, k, scale, indices, weights, lse, B, Hm
                       keys_batch_stride) -> bool:
     """indices, weights and lse by the threshold path; False (nothing written) when it cannot.
 
-    tau = the k-th largest of a row's chunk maxima (float scores) bounds the row's top k from
-    below: at least k chunks have a maximum >= tau, each attained by a key, so the row's k-th best
-    score is >= tau; the scores >= tau are about ``k + k * k * BLOCK_N / N`` for random scores.
+    tau = the k-th largest of a row's chunk maxima (float scores; a chunk is ``chunk_tiles`` scan
+    tiles, the fewest that make at most MAX_CHUNKS chunks) bounds the row's top k from below: at
+    least k chunks have a maximum >= tau, each attained by a key, so the row's k-th best score is
+    >= tau; the scores >= tau are about ``k + k * k / n_chunks`` for random scores.
     When ``N <= cap`` or there are fewer than k chunks the streaming path serves better (every
     slot would be a candidate, or tau would bound nothing): False before any launch. Otherwise
     rows whose candidates overflow are finished by the streaming kernel (no sync).
@@ -1174,8 +1186,9 @@ def _threshold_select(q, keys, valid_len, k, scale, indices, weights, lse, B, Hm
     has_valid_len = valid_len is not None
     constexprs, num_warps = _scan_constexprs(Dk, q.dtype, has_valid_len)
     collect_constexprs = _collect_constexprs(constexprs)
-    block_n = constexprs["BLOCK_N"]
-    n_chunks = triton.cdiv(N, block_n)
+    n_tiles = triton.cdiv(N, constexprs["BLOCK_N"])
+    chunk_tiles = triton.cdiv(n_tiles, MAX_CHUNKS)
+    n_chunks = triton.cdiv(n_tiles, chunk_tiles)
     cap = threshold_capacity(k)
     if N <= cap or n_chunks < k:
         return False
@@ -1187,16 +1200,13 @@ def _threshold_select(q, keys, valid_len, k, scale, indices, weights, lse, B, Hm
     chunk_max = torch.empty((R_total, n_chunks), dtype=torch.float32, device=device)
     topk_read_fwd_chunkmax_kernel[grid](
         q, keys, valid_len_arg, chunk_max, R, N, Dk, float(scale), Hm, keys_batch_stride,
-        num_row_blocks, n_chunks, **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
+        num_row_blocks, chunk_tiles, n_chunks, **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
     )
-    if n_chunks <= KTH_MAX_CHUNKS:
-        tau = torch.empty((R_total,), dtype=torch.float32, device=device)
-        kth_constexprs, kth_warps = _kth_constexprs(n_chunks)
-        topk_read_fwd_kth_kernel[(triton.cdiv(R_total, kth_constexprs["BLOCK_T"]),)](
-            chunk_max, tau, R_total, n_chunks, k, **kth_constexprs, num_warps=kth_warps, **COMPILE_OPTIONS,
-        )
-    else:
-        tau = torch.topk(chunk_max, k, dim=1).values[:, k - 1].contiguous()
+    tau = torch.empty((R_total,), dtype=torch.float32, device=device)
+    kth_constexprs, kth_warps = _kth_constexprs(n_chunks)
+    topk_read_fwd_kth_kernel[(triton.cdiv(R_total, kth_constexprs["BLOCK_T"]),)](
+        chunk_max, tau, R_total, n_chunks, k, **kth_constexprs, num_warps=kth_warps, **COMPILE_OPTIONS,
+    )
     del chunk_max
     cand = torch.empty((R_total, cap), dtype=torch.int64, device=device)
     count = torch.empty((R_total,), dtype=torch.int64, device=device)
@@ -1322,8 +1332,9 @@ COMPILE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 COMPILE_HEAD_DIMS = (64, 128)
 # One k per K_PAD the launcher can pick (16 .. 256).
 COMPILE_KS = (16, 32, 64, 128, 256)
-# Chunk counts the k-th-largest kernel is compiled for: read-heads-gpu, read-gpu and its limit.
-KTH_COMPILE_CHUNKS = (256, 1024, KTH_MAX_CHUNKS)
+# Chunk counts the k-th-largest kernel is compiled for: its smallest tile, read-heads-gpu and
+# read-gpu (MAX_CHUNKS, every N beyond).
+KTH_COMPILE_CHUNKS = (16, 256, MAX_CHUNKS)
 
 _SIGNATURE_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -1339,7 +1350,7 @@ _KERNEL_ARGS = {
     topk_read_fwd_chunkmax_kernel: (("q", "x"), ("keys", "x"), ("valid_len", "i64"), ("chunk_max", "f32"),
                                     ("R", "int"), ("N", "int"), ("Dk", "int"), ("scale", "float"),
                                     ("Hm", "int"), ("keys_batch_stride", "int"), ("num_row_blocks", "int"),
-                                    ("n_chunks", "int")),
+                                    ("chunk_tiles", "int"), ("n_chunks", "int")),
     topk_read_fwd_collect_kernel: (("q", "x"), ("keys", "x"), ("valid_len", "i64"), ("tau", "f32"),
                                    ("cand", "i64"), ("count", "i64"), ("R", "int"), ("N", "int"),
                                    ("Dk", "int"), ("scale", "float"), ("Hm", "int"),
@@ -1447,7 +1458,7 @@ def _build_compile_configs() -> list[dict]:
                 # production shapes are multiples of 16 (the JIT specializes them so).
                 divisible = [name for name, role in args if role in ("x", "i64", "f32")]
                 divisible += [name for name, role in args
-                              if role == "int" and name not in ("k", "Hm", "num_row_blocks", "n_chunks")]
+                              if role == "int" and name not in ("k", "Hm", "num_row_blocks", "chunk_tiles", "n_chunks")]
                 entry = {
                     "kernel": kernel,
                     "signature": {name: types[role] for name, role in args},
