@@ -12,9 +12,10 @@ kernel, and prints the kernels that finished: the first one missing is the one t
 
 ``topk-tiles``: the triton top-k read's forward at read-gpu / read-heads-gpu (bfloat16) for a few
 tiles of its two scoring passes (``_SCAN_TILES``), the threshold path against the streaming one
-and the collect kernel's round limit (``COLLECT_MAX_ROUNDS``) at the current tile, a per-kernel
-profile of the current tile, and with ``--bench`` the topk_read benchmark (fused, reference eager
-and compiled) with the fastest tile.
+at the current tile, for random keys and for clustered ones (a moving average over 65 slots:
+neighbouring slots score alike, as keys written in sequence do), a per-kernel profile of the
+current tile, and with ``--bench`` the topk_read benchmark (fused, reference eager and compiled)
+with the fastest tile.
 """
 from __future__ import annotations
 
@@ -117,6 +118,16 @@ TIMING = dict(warmup=2, reps=7) if DEVICE == "cuda" else dict(warmup=0, reps=1)
 SCAN_VARIANTS = [(64, 64, 4), (64, 64, 8), (128, 64, 8), (64, 128, 8), (128, 128, 8), (128, 32, 8)]
 
 
+def _clustered(keys: torch.Tensor, width: int = 65) -> torch.Tensor:
+    """Keys of the same shape whose neighbouring slots score alike: a moving average of ``width``
+    fresh random slots, rescaled to unit variance (neighbour correlation 1 - 1 / width)."""
+    B, Hm, N, D = keys.shape
+    g = torch.Generator(device=keys.device).manual_seed(1)
+    noise = torch.randn(B * Hm, D, N + width - 1, generator=g, device=keys.device)
+    smooth = torch.nn.functional.avg_pool1d(noise, width, stride=1) * width ** 0.5
+    return smooth.transpose(1, 2).reshape(B, Hm, N, D).to(keys.dtype).contiguous()
+
+
 def topk_tiles(bench: bool) -> int:
     import l2m_kernels as l2m
     from l2m_kernels import benchmark as bm
@@ -156,25 +167,25 @@ def topk_tiles(bench: bool) -> int:
         if total < best_total:
             best, best_total = variant, total
     tt._SCAN_TILES[False] = default
-    # The forward paths and the collect kernel's round limit at the current tile, side by side
-    # (the module reads both at each call); every variant must select exactly the same indices.
-    variants = {"threshold": ("threshold", tt.COLLECT_MAX_ROUNDS), "threshold rounds=4": ("threshold", 4),
-                "stream": ("stream", tt.COLLECT_MAX_ROUNDS)}
-    default_rounds, line = tt.COLLECT_MAX_ROUNDS, []
+    # The forward paths at the current tile, side by side (the module reads the path at each
+    # call), on random and on clustered keys; both paths must select exactly the same indices.
+    line = []
     try:
         for name, (q, keys, values) in inputs.items():
-            fn = lambda: l2m.topk_memory_read(q, keys, values, 32, backend="triton")  # noqa: E731
-            parts = []
-            for label, (path, rounds) in variants.items():
-                os.environ[tt.PATH_ENV], tt.COLLECT_MAX_ROUNDS = path, rounds
-                same = torch.equal(fn().indices, reference[name].indices)
-                ms = bm.median_time(fn, device, **TIMING) * 1e3
-                parts.append(f"{label} {ms:.3f} ms (path {tt.last_forward_path}, indices equal: {same})")
-            line.append(f"{name} " + ", ".join(parts))
+            for data, memory in (("random", keys), ("clustered", _clustered(keys))):
+                fn = lambda: l2m.topk_memory_read(q, memory, values, 32, backend="triton")  # noqa: E731
+                parts, first = [], None
+                for path in ("threshold", "stream"):
+                    os.environ[tt.PATH_ENV] = path
+                    indices = fn().indices
+                    first = indices if first is None else first
+                    ms = bm.median_time(fn, device, **TIMING) * 1e3
+                    parts.append(f"{path} {ms:.3f} ms (path {tt.last_forward_path}, "
+                                 f"indices equal: {torch.equal(indices, first)})")
+                line.append(f"{name} {data} keys: " + ", ".join(parts))
     finally:
         os.environ.pop(tt.PATH_ENV, None)
-        tt.COLLECT_MAX_ROUNDS = default_rounds
-    print(f"forward paths at scan tile {tuple(default[:3])}: " + "; ".join(line), flush=True)
+    print(f"forward paths at scan tile {tuple(default[:3])}:\n  " + "\n  ".join(line), flush=True)
     activity = torch.profiler.ProfilerActivity.CUDA if DEVICE == "cuda" else torch.profiler.ProfilerActivity.CPU
     for name, (q, keys, values) in inputs.items():
         with torch.profiler.profile(activities=[activity]) as prof:

@@ -82,6 +82,6 @@ def test_gpu_probe_runs_here(args):
     if args[0] == "attn-case":
         assert "finished memory_attention_fwd_kernel" in proc.stdout and "backward done; finite: True" in proc.stdout
     else:
-        # One line per scan tile, then the three forward variants at the current tile (one shape here).
-        assert proc.stdout.count("indices equal: True") == 9 and "fastest scan tile" in proc.stdout
+        # One line per scan tile (6), then both paths at the current tile on random and clustered keys.
+        assert proc.stdout.count("indices equal: True") == 10 and "fastest scan tile" in proc.stdout
         assert "forward paths at scan tile" in proc.stdout and "indices equal: False" not in proc.stdout

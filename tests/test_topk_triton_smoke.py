@@ -11,7 +11,9 @@ mostly goes to the select kernel: N <= cap or fewer than k chunks) and ``thresho
 chunks and a small candidate capacity, so tiny shapes run the chunk pass, the threshold and the
 overflow fallback).
 """
+import importlib.util
 import os
+import pathlib
 
 import pytest
 import torch
@@ -339,14 +341,9 @@ def test_threshold_fallback_on_overflow(forward_path, monkeypatch):
     """Rows with more candidates than cap are finished by the select kernel (only their blocks), exactly."""
     _small_threshold(monkeypatch, cap_factor=1)
     N, D, k = 160, 16, 5
-    # Ascending ramp: the top k sit in the last chunk, every key of the last k chunks is >= tau.
     q = torch.ones(1, 1, 5, D, device=DEVICE)
-    ramp = torch.arange(N, dtype=torch.float32, device=DEVICE) / N
-    keys = (ramp[:, None] + 0.001 * _randn(N, D, dtype=torch.float32)).reshape(1, 1, N, D)
     values = _randn(1, 1, N, 4, dtype=torch.float32)
-    _check_fwd(q, keys, values, k, 1.0)
-    assert topk_triton.last_forward_path == OVERFLOW_PATH
-    # Every score tied (integer data): ties by slot put (k - 1) * 16 + 1 keys above tau.
+    # Every score tied (integer data): every slot scores tau, far more than cap.
     keys = torch.ones(1, 1, N, D, device=DEVICE)
     _check_fwd(q, keys, values, k, 0.5)
     assert topk_triton.last_forward_path == OVERFLOW_PATH
@@ -363,12 +360,14 @@ def test_threshold_fallback_on_overflow(forward_path, monkeypatch):
 def test_threshold_few_chunks_and_small_n(forward_path, monkeypatch):
     """n_chunks < k or N <= cap goes straight to the select kernel (before any launch)."""
     q, keys, values = _inputs(1, 2, 2, 5, 100, 16, 4)
-    _check_fwd(q, keys, values, 5, 0.25)        # production tiles: 4 chunks < k = 5, cap 64 < N
-    assert topk_triton.last_forward_path == "threshold->stream"
     _check_fwd(q, keys[:, :, :50].contiguous(), values[:, :, :50].contiguous(), 4, 0.25)   # N <= cap
     assert topk_triton.last_forward_path == "threshold->stream"
+    q, keys, values = _inputs(1, 2, 2, 5, 300, 16, 4)
+    _check_fwd(q, keys, values, 40, 0.25)       # production float32 tiles: 32 chunks < k = 40 (cap 256)
+    assert topk_triton.last_forward_path == "threshold->stream"
     _small_threshold(monkeypatch, cap_factor=1)
-    _check_fwd(q, keys, values, 9, 0.25)        # 7 chunks of 16 < k = 9, cap 16 < N
+    _check_fwd(q, keys[:, :, :100].contiguous(), values[:, :, :100].contiguous(), 17, 0.25)
+    # ^ one group of 7 tiles: 16 chunks < k = 17, cap 32 < N
     assert topk_triton.last_forward_path == "threshold->stream"
 
 
@@ -407,7 +406,7 @@ THRESHOLD_CASES = [
     (1, 2, 1, 7, 300, 7, 5, 3, None),           # odd sizes, partial last chunk
     (3, 2, 1, 5, 200, 16, 6, 6, [200, 4, 0]),   # valid_len < k and 0 (tau = -inf rows)
     (1, 1, 1, 5, 40, 16, 8, 40, None),          # k = N (N <= cap: the select kernel)
-    (1, 1, 1, 4, 150, 16, 8, 9, None),          # k = n_chunks (cap 32)
+    (1, 1, 1, 4, 150, 16, 8, 16, None),         # k = n_chunks (cap 32)
     (2, 4, 2, 3, 130, 12, 6, 5, None),          # grouped heads
 ]
 
@@ -449,11 +448,12 @@ def _record_collect(monkeypatch):
     return _record(monkeypatch, "topk_read_fwd_collect_kernel", 3, 4, 5)
 
 
-def _integer_inputs(B, H, T, N, D, dtype, seed):
-    """Small-integer q and shared-head keys: every score is exact whatever the summation order."""
+def _integer_inputs(B, H, T, N, D, dtype, seed, low=-3, high=3):
+    """Small-integer q and shared-head keys (in [low, high]): every score is exact whatever the
+    summation order."""
     gen = torch.Generator().manual_seed(seed)
-    q = torch.randint(-3, 4, (B, H, T, D), generator=gen).to(dtype).to(DEVICE)
-    keys = torch.randint(-3, 4, (B, 1, N, D), generator=gen).to(dtype).to(DEVICE)
+    q = torch.randint(low, high + 1, (B, H, T, D), generator=gen).to(dtype).to(DEVICE)
+    keys = torch.randint(low, high + 1, (B, 1, N, D), generator=gen).to(dtype).to(DEVICE)
     scores = torch.einsum("bhtd,bnd->bhtn", q.double().cpu(), keys[:, 0].double().cpu()).reshape(B * H * T, N)
     return q, keys, _randn(B, 1, N, 4, dtype=dtype), scores
 
@@ -465,66 +465,100 @@ def _decode(keys):
     return bits.view(torch.float32), (2**31 - 1) - (keys & (2**31 - 1))
 
 
-@pytest.mark.parametrize("max_rounds", [2, 16])
+def _chunk_maxima(scores, valid_len, rows_per_batch, block_n, group_tiles, n_groups):
+    """Brute-force chunk maxima: chunk g * block_n + j = max over slots (g * group_tiles + i) *
+    block_n + j that exist; -inf for none."""
+    rows, N = scores.shape
+    exists = torch.arange(N)[None, :] < torch.tensor(valid_len).repeat_interleave(rows_per_batch)[:, None]
+    padded = torch.nn.functional.pad(scores.masked_fill(~exists, float("-inf")),
+                                     (0, n_groups * group_tiles * block_n - N), value=float("-inf"))
+    return padded.reshape(rows, n_groups, group_tiles, block_n).amax(2).reshape(rows, n_groups * block_n)
+
+
+@pytest.mark.parametrize("low", [-3, 0], ids=["range7", "binary"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("forward_path", ["threshold-small"], indirect=True)
-def test_collect_takes_exactly_the_scores_above_tau(forward_path, monkeypatch, dtype, max_rounds):
-    """Small-integer data, so every score is exact whatever the summation order: each row's
-    candidates are exactly its existing slots scoring >= tau, with their exact scores; a row
-    with more than COLLECT_MAX_ROUNDS of them in one chunk is left to the fallback (count > cap)."""
-    _small_threshold(monkeypatch, cap_factor=4)
-    monkeypatch.setattr(topk_triton, "COLLECT_MAX_ROUNDS", max_rounds)
+def test_collect_takes_exactly_the_scores_above_tau(forward_path, monkeypatch, dtype, low):
+    """Small-integer data, so every score is exact whatever the summation order: the chunk maxima
+    are exactly the strided chunks' maxima, tau exactly their k-th largest, and each row's
+    candidates exactly its existing slots scoring >= tau, with their exact scores, however many
+    sit in one tile; a row with more than cap of them stops at cap + 1 (the fallback's signal):
+    with 0/1 data most scores tie, and most rows do."""
+    _small_threshold(monkeypatch, cap_factor=1)
+    chunk_launches = _record(monkeypatch, "topk_read_fwd_chunkmax_kernel", 3, 11, 12)
     launches = _record_collect(monkeypatch)
     B, H, T, N, D, k = 2, 2, 9, 197, 8, 5
-    q, keys, values, scores = _integer_inputs(B, H, T, N, D, dtype, seed=7)
+    q, keys, values, scores = _integer_inputs(B, H, T, N, D, dtype, seed=7, low=low, high=min(3, low + 1))
     valid_len = [N, 150]
     _check_fwd(q, keys, values, k, 1.0, valid_len)
+    (chunk_max, group_tiles, n_groups), = chunk_launches
     (tau, cand, count), = launches
-    cap, chunk = cand.shape[1], SMALL_TILE.block_n
+    expected_max = _chunk_maxima(scores, valid_len, H * T, SMALL_TILE.block_n, group_tiles, n_groups)
+    assert torch.equal(chunk_max.cpu().double(), expected_max)
+    assert torch.equal(tau.cpu().double(), expected_max.topk(k, dim=1).values[:, -1])
+    cap, tile = cand.shape[1], SMALL_TILE.block_n
     exists = torch.arange(N)[None, :] < torch.tensor(valid_len).repeat_interleave(H * T)[:, None]
     taken = (scores >= tau.double().cpu()[:, None]) & exists
-    per_chunk = torch.nn.functional.pad(taken, (0, -N % chunk)).reshape(B * H * T, -1, chunk).sum(-1)
+    per_tile = torch.nn.functional.pad(taken, (0, -N % tile)).reshape(B * H * T, -1, tile).sum(-1)
     count, cand = count.cpu(), cand.cpu()
-    checked = 0
+    checked = overflowed = 0
     for row in range(B * H * T):
-        if int(per_chunk[row].max()) > max_rounds:
-            assert int(count[row]) > cap, f"row {row}: a chunk took more than {max_rounds} keys"
-            continue
         expected = taken[row].nonzero().flatten()
-        assert int(count[row]) == len(expected), f"row {row}"
         if len(expected) > cap:
+            assert int(count[row]) == cap + 1, f"row {row}"
+            overflowed += 1
             continue
+        assert int(count[row]) == len(expected), f"row {row}"
         got_score, got_slot = _decode(cand[row, :len(expected)])
         order = got_slot.argsort()
         assert torch.equal(got_slot[order], expected), f"row {row}"
         assert torch.equal(got_score[order].double(), scores[row, expected]), f"row {row}"
         checked += 1
-    assert checked >= B * H * T // 2
-    # Both the rounds and their limit ran: integer scores tie, so some chunks hold several keys.
-    assert int(per_chunk.max()) >= 2
-    if max_rounds == 2:
-        assert int(count.max()) > cap
+    # Several rounds in some tile (many with 0/1 data).
+    assert int(per_tile.max()) >= (2 if low < 0 else 8)
+    # 0/1 data: about half the rows overflow (17 of 36), the rest are checked exactly.
+    assert checked >= B * H * T // 4 and (low < 0 or overflowed >= B * H * T // 4)
 
 
 @pytest.mark.parametrize("forward_path", ["threshold-small"], indirect=True)
-def test_chunks_of_several_tiles(forward_path, monkeypatch):
-    """Past MAX_CHUNKS tiles a chunk groups whole tiles: 19 tiles of 16 slots, at most 5 chunks
-    -> chunks of 4 tiles (the last one of 3); each stored maximum is exactly its chunk's, -inf
-    past valid_len (an end inside a chunk, inside a tile, and 0), and the read is exact."""
+def test_chunk_groups_past_max_chunks(forward_path, monkeypatch):
+    """Past MAX_CHUNKS, groups take more tiles: 63 tiles of 16 slots, at most 48 chunks -> groups
+    of 21 tiles (not 16); each stored maximum is exactly its strided chunk's, -inf past valid_len
+    (an end inside the first group, inside a tile, and 0), and the read is exact."""
     _small_threshold(monkeypatch)
-    monkeypatch.setattr(topk_triton, "MAX_CHUNKS", 5)
+    monkeypatch.setattr(topk_triton, "MAX_CHUNKS", 48)
     chunk_launches = _record(monkeypatch, "topk_read_fwd_chunkmax_kernel", 3, 11, 12)
-    B, H, T, N, D, k = 4, 2, 5, 300, 8, 4
+    B, H, T, N, D, k = 4, 1, 3, 1000, 8, 4
     q, keys, values, scores = _integer_inputs(B, H, T, N, D, torch.float32, seed=3)
-    valid_len = [N, 70, 0, 291]
+    valid_len = [N, 70, 0, 997]
     _check_fwd(q, keys, values, k, 1.0, valid_len)
-    (chunk_max, chunk_tiles, n_chunks), = chunk_launches
-    assert (chunk_tiles, n_chunks) == (4, 5)
-    C = chunk_tiles * SMALL_TILE.block_n
-    exists = torch.arange(N)[None, :] < torch.tensor(valid_len).repeat_interleave(H * T)[:, None]
-    masked = torch.nn.functional.pad(scores.masked_fill(~exists, float("-inf")), (0, n_chunks * C - N),
-                                     value=float("-inf"))
-    assert torch.equal(chunk_max.cpu().double(), masked.reshape(B * H * T, n_chunks, C).amax(-1))
+    (chunk_max, group_tiles, n_groups), = chunk_launches
+    assert (group_tiles, n_groups) == (21, 3) == topk_triton.chunk_groups(N, SMALL_TILE.block_n)
+    expected = _chunk_maxima(scores, valid_len, H * T, SMALL_TILE.block_n, group_tiles, n_groups)
+    assert torch.equal(chunk_max.cpu().double(), expected)
+
+
+@pytest.mark.parametrize("forward_path", ["threshold-small"], indirect=True)
+def test_threshold_sorted_and_clustered_keys(forward_path, monkeypatch):
+    """Keys whose neighbours score alike keep the threshold tight (strided chunks): slots sorted by
+    score put a row's whole top k in one tile (k + 1 rounds there), and keys of a slowly varying
+    sequence cluster each row's best slots; neither overflows, both are exact."""
+    _small_threshold(monkeypatch)
+    N, D, k = 400, 16, 8
+    ramp = torch.arange(N, dtype=torch.float32, device=DEVICE) / N
+    keys = (ramp[:, None] + 0.001 * _randn(N, D, dtype=torch.float32)).reshape(1, 1, N, D)
+    q = torch.rand(1, 2, 5, D, device=DEVICE) + 0.5
+    _check_fwd(q, keys, _randn(1, 1, N, 4, dtype=torch.float32), k, 1.0)
+    assert topk_triton.last_forward_path == "threshold"
+    gen = torch.Generator().manual_seed(11)
+    steps = torch.randn(N, D, generator=gen)
+    walk = torch.empty(N, D)
+    walk[0] = steps[0]
+    for n in range(1, N):               # AR(1), correlation 0.99 between neighbouring slots
+        walk[n] = 0.99 * walk[n - 1] + 0.141 * steps[n]
+    q = torch.randn(1, 2, 7, D, generator=gen).to(DEVICE)
+    _check_fwd(q, walk.reshape(1, 1, N, D).to(DEVICE), _randn(1, 1, N, 4, dtype=torch.float32), k, 0.25)
+    assert topk_triton.last_forward_path == "threshold"
 
 
 @pytest.mark.parametrize("n_chunks,k", [(37, 1), (37, 37), (256, 32), (1000, 17)])
@@ -551,3 +585,17 @@ def test_kth_kernel_matches_torch_topk(forward_path, n_chunks, k):
     # Bitwise, except that a -0.0 / +0.0 answer may come back with either sign (they tie).
     same = (tau.view(torch.int32) == expected.view(torch.int32)) | ((tau == 0) & (expected == 0))
     assert same.all(), f"{tau}\nvs\n{expected}"
+
+
+@pytest.mark.parametrize("forward_path", ["threshold"], indirect=True)
+def test_strided_chunks_keep_clustered_rows_under_cap(forward_path):
+    """benchmarks/topk_threshold_sim.py at read-heads-gpu's N: with keys written in sequence
+    (AR(1), correlation 0.99), contiguous one-tile chunks put every row over cap (all fall back);
+    the strided chunks of chunk_groups keep them near k, as for random keys."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "topk_threshold_sim.py"
+    spec = importlib.util.spec_from_file_location("topk_threshold_sim", path)
+    sim = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sim)
+    stats = sim.simulate(16384, 0.99, 128, torch.Generator().manual_seed(0))
+    assert stats["contiguous"]["over_cap"] > 0.9
+    assert stats["strided"]["over_cap"] == 0 and stats["strided"]["mean"] < 1.5 * sim.K

@@ -25,28 +25,32 @@ attribute ``last_forward_path`` records the one taken (``stream``, ``threshold``
 ``threshold->stream`` when the threshold path could not start, and, on CPU tensors only, where
 reading the counts back is free, ``threshold+stream`` when some rows overflowed), for tests.
 
-Threshold path (default; exact, no merges in the streaming loops). With chunks of ``C`` slots,
-one scan tile (``BLOCK_N``) or, beyond ``N = MAX_CHUNKS * BLOCK_N``, the fewest whole tiles that
-keep ``cdiv(N, C) <= MAX_CHUNKS``:
+Threshold path (default; exact, no merges in the streaming loops). A chunk is one column of a
+group of ``G`` consecutive scan tiles: ``G`` slots, ``BLOCK_N`` apart (``chunk_groups``: ``G =
+BLOCK_N`` up to ``N = MAX_CHUNKS * BLOCK_N``, then the fewest tiles that keep ``n_chunks =
+BLOCK_N * cdiv(N / BLOCK_N, G) <= MAX_CHUNKS``). Strided, not contiguous, because neighbouring
+slots often score alike (keys written in sequence): with contiguous chunks a row's best slots sit
+in few chunks, tau drops and the candidates overflow (in a simulation with AR(1) keys,
+correlation 0.99 between neighbours, contiguous 64-slot chunks gave ~500 candidates per row, every
+row over ``cap``; strided chunks ~33, as for random keys):
 
 1. ``topk_read_fwd_chunkmax_kernel``: each row's largest float32 score of every chunk into
-   ``chunk_max (B*H*T, cdiv(N, C))`` (a float maximum per score: the int64 keys below cost
-   ~3.5x the instructions and most of this pass).
+   ``chunk_max (B*H*T, n_chunks)``, an elementwise running maximum over the group's tiles (one
+   instruction per score, no reduction), stored once per group.
 2. ``topk_read_fwd_kth_kernel``: ``tau = torch.topk(chunk_max, k).values[:, k - 1]`` by a
    bitwise binary search over the row held in registers. At least ``k`` chunks have a maximum
    ``>= tau``, each attained by a slot, so the row's top k all score ``>= tau``; at most about
-   ``k * C`` slots do (for random scores about ``k + k * k * C / N``, so at most
-   ``k + k * k / MAX_CHUNKS`` once chunks grow).
+   ``k * G`` slots do (for random scores about ``k + k * k / n_chunks``).
 3. ``topk_read_fwd_collect_kernel``: scores again (same tiles, warps and helper, so the scores
    are bit-identical to pass 1's) and appends each row's existing slots scoring ``>= tau`` (NaN
    ranking as +inf), as keys, to ``cand (B*H*T, cap)`` (``cap = CAP_FACTOR * K_PAD``), with
    their ``count``. Per tile, rounds of reductions extract each row's best remaining key while
    it is ``>= tau`` (``_collect_tile``), in the layout the dot produced: no scan, no atomics,
    and only the per-row vectors of each round's store cross shared memory, never the score tile
-   (the cumulative-sum compaction it replaced was 68% of the forward on an H200).
-4. Rows whose ``count`` passed ``cap`` (many exactly tied scores, scores sorted by slot, a NaN
-   query row, fewer than k chunks holding existing slots, more than ``COLLECT_MAX_ROUNDS``
-   candidates in one chunk) are left to the streaming select kernel, launched with
+   (the cumulative-sum compaction it replaced was 68% of the forward on an H200). A row stops at
+   ``cap + 1`` candidates.
+4. Rows whose ``count`` passed ``cap`` (many exactly tied scores, a NaN query row, fewer than k
+   chunks holding existing slots) are left to the streaming select kernel, launched with
    ``ONLY_OVERFLOW``: its blocks without such a row return at once, so no device-to-host sync is
    needed and the fallback costs only the overflowing rows' blocks.
 5. ``topk_read_fwd_finish_kernel``: bitonic-sorts each row's candidates (padded with INT64_MIN),
@@ -55,9 +59,10 @@ keep ``cdiv(N, C) <= MAX_CHUNKS``:
 When ``N <= cap`` (every slot would be a candidate) or there are fewer than ``k`` chunks, the
 streaming path runs (decided on the host, no launch). ``valid_len`` rows with fewer than ``k``
 existing chunks get ``tau = -inf`` (every existing slot a candidate; those rows overflow into
-the fallback when they have more than ``cap``). Extra memory: ``B*H*T * (4 * cdiv(N, C) + 8 *
-cap + 8)`` bytes, at most ``B*H*T * (4 KB + 8 * cap + 8)`` whatever ``N``; bfloat16 B=8 T=4096
-N=65536 k=32 (C = 64, cap = 128): 32768 * (4096 + 1032) = 168 MB, and the same for any larger N.
+the fallback when they have more than ``cap``). Extra memory: ``B*H*T * (4 * n_chunks + 8 * cap
++ 8)`` bytes, at most ``B*H*T * (4 KB + 8 * cap + 8)`` whatever ``N``; bfloat16 B=8 T=4096
+N=65536 k=32 (1024 chunks, cap = 128): 32768 * (4096 + 1032) = 168 MB, and the same for any
+larger N.
 
 Streaming path (the exact fallback), two kernels:
 
@@ -393,11 +398,16 @@ def topk_read_fwd_select_kernel(
 
 
 @triton.jit
+def _max_propagating_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def topk_read_fwd_chunkmax_kernel(
     q,  # [B, H, T, Dk] x
     keys,  # [B, Hm, N, Dk] or [Hm, N, Dk] x
     valid_len,  # [B] int64 (read only when HAS_VALID_LEN)
-    chunk_max,  # [B * H * T, n_chunks] fp32, written: each row's largest score per chunk
+    chunk_max,  # [B * H * T, n_groups * BLOCK_N] fp32, written: each row's largest score per chunk
     R,
     N,
     Dk,
@@ -405,8 +415,8 @@ def topk_read_fwd_chunkmax_kernel(
     Hm,
     keys_batch_stride,
     num_row_blocks,
-    chunk_tiles,  # key tiles per chunk
-    n_chunks,  # cdiv(cdiv(N, BLOCK_N), chunk_tiles)
+    group_tiles,  # consecutive key tiles per group
+    n_groups,  # cdiv(cdiv(N, BLOCK_N), group_tiles)
     HAS_VALID_LEN: tl.constexpr,
     F32_DOT: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -415,16 +425,16 @@ def topk_read_fwd_chunkmax_kernel(
     DK_CHUNKS: tl.constexpr,
 ):
     """Grid (num_row_blocks * B * Hm,): threshold pass 1, the per-row maximum score of every
-    chunk of ``chunk_tiles`` key tiles.
+    chunk. Chunk ``g * BLOCK_N + j`` is column ``j`` of the ``g``-th group of ``group_tiles``
+    consecutive key tiles: slots ``(g * group_tiles + i) * BLOCK_N + j``, ``BLOCK_N`` slots apart,
+    so neighbouring slots, which often score alike (keys written in sequence), fall in different
+    chunks and the threshold stays tight (module docstring).
 
     Scores exactly as topk_read_fwd_collect_kernel (same helper and, from the launcher, the same
-    tiles and warps), so the scores are bit-identical to the ones pass 2 compares. A float maximum
-    (one instruction per score; encoding int64 keys first took most of this pass). Whether it
-    ignores or propagates NaN does not matter: any value attained by an existing slot of the chunk
-    (or -inf) bounds the threshold correctly (see _threshold_select); an all-NaN chunk stores
-    +inf, as NaN ranks. Chunks past ``valid_len`` hold no existing slot and get -inf. Each tile
-    stores its chunk's running maximum (restarted at the chunk's first tile), so the chunk's
-    last tile leaves the chunk's maximum, without a branch.
+    tiles and warps), so the scores are bit-identical to the ones pass 2 compares. The running
+    maximum is elementwise over the group's tiles (one instruction per score, no reduction) and
+    is stored once per group. It propagates NaN and stores it as +inf (NaN ranks as +inf, and the
+    NaN slot attains it); chunks holding no existing slot (past ``valid_len``) get -inf.
     """
     i_bh, i_tb, i_b, i_hm = _row_block(num_row_blocks, Hm)
 
@@ -434,7 +444,7 @@ def topk_read_fwd_chunkmax_kernel(
     o_d = tl.arange(0, BLOCK_DK)
     p_q = q + i_bh * R * Dk
     p_k = keys + i_b * keys_batch_stride + i_hm * N * Dk
-    p_max = chunk_max + (i_bh * R + o_t) * n_chunks
+    p_max = chunk_max + (i_bh * R + o_t)[:, None] * (n_groups * BLOCK_N) + o_bn[None, :]
 
     n_end = N
     if HAS_VALID_LEN:
@@ -444,45 +454,39 @@ def topk_read_fwd_chunkmax_kernel(
     if F32_DOT:
         b_q0 = b_q0.to(tl.float32) * scale
 
-    b_none = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
-    b_run = b_none
-    for n_start in range(0, n_end, BLOCK_N):
-        o_n = (n_start + o_bn).to(tl.int64)
-        m_n = o_n < n_end
-        b_s = _score_tile(p_q, p_k, o_t, m_t, o_n, m_n, Dk, scale, b_q0,
-                          F32_DOT, BLOCK_T, BLOCK_N, BLOCK_DK, DK_CHUNKS)
-        # Slots past the end were scored from zero-filled loads.
-        b_s = tl.where(m_n[None, :], b_s, float("-inf"))
-        b_max = tl.max(b_s, axis=1)
-        b_max = tl.where(b_max != b_max, float("inf"), b_max)
-        i_tile = n_start // BLOCK_N
-        b_run = tl.where(i_tile % chunk_tiles == 0, b_max, tl.maximum(b_run, b_max))
-        tl.store(p_max + i_tile // chunk_tiles, b_run, mask=m_t)
-    for i_chunk in range(tl.cdiv(tl.cdiv(n_end, BLOCK_N), chunk_tiles), n_chunks):
-        tl.store(p_max + i_chunk, b_none, mask=m_t)
+    b_none = tl.full([BLOCK_T, BLOCK_N], float("-inf"), dtype=tl.float32)
+    group_slots = group_tiles * BLOCK_N
+    for g_start in range(0, n_end, group_slots):
+        b_run = b_none
+        for n_start in range(g_start, tl.minimum(g_start + group_slots, n_end), BLOCK_N):
+            o_n = (n_start + o_bn).to(tl.int64)
+            m_n = o_n < n_end
+            b_s = _score_tile(p_q, p_k, o_t, m_t, o_n, m_n, Dk, scale, b_q0,
+                              F32_DOT, BLOCK_T, BLOCK_N, BLOCK_DK, DK_CHUNKS)
+            # Slots past the end were scored from zero-filled loads.
+            b_run = _max_propagating_nan(b_run, tl.where(m_n[None, :], b_s, float("-inf")))
+        tl.store(p_max + (g_start // group_slots) * BLOCK_N, tl.where(b_run != b_run, float("inf"), b_run),
+                 mask=m_t[:, None])
+    for i_group in range(tl.cdiv(n_end, group_slots), n_groups):
+        tl.store(p_max + i_group * BLOCK_N, b_none, mask=m_t[:, None])
 
 
 @triton.jit
-def _max_propagating_nan(a, b):
-    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
-
-
-@triton.jit
-def _collect_tile(b_s, b_tau, o_c, m_n, m_t, n_start, b_count, p_cand, cap,
-                  MAX_ROUNDS: tl.constexpr, BLOCK_N: tl.constexpr):
+def _collect_tile(b_s, b_tau, o_c, m_n, m_t, n_start, b_count, p_cand, cap, BLOCK_N: tl.constexpr):
     """Appends the keys of a [BT, BN] score tile that are >= the rows' ``b_tau`` (NaN ranking as
     +inf) to the rows' candidate lists; returns the new counts ``b_count``.
 
-    A row takes about ``k * BLOCK_N / N`` keys per tile, rarely more than two, so the keys are
-    extracted in descending order, one per row per round, while a row of the block still has its
-    best remaining score >= tau: a round is a column minimum (the smallest column holding the
-    row's maximum: ties go to the smaller slot), the removal of that key and a float maximum, all
-    reductions in the layout the dot produced; the store converts only [BT] vectors (key,
-    pointer, mask) to its layout, 6 of a round's 8 barriers on sm_90 (a cumulative sum over the
-    tile, the previous compaction, converted [BT, BN] tiles through shared memory five times per
-    tile and cost 3x the instructions). A row still taking keys after ``MAX_ROUNDS`` rounds
-    (many ties at tau, a memory whose best slots for the row sit together) gets a count above
-    ``cap``: the exact streaming fallback redoes it.
+    A row takes about ``k * BLOCK_N / N`` keys per tile for random scores, rarely more than two,
+    so the keys are extracted in descending order, one per row per round, while a row of the
+    block still has its best remaining score >= tau: a round is a column minimum (the smallest
+    column holding the row's maximum: ties go to the smaller slot), the removal of that key and a
+    float maximum, all reductions in the layout the dot produced; the store converts only [BT]
+    vectors (key, pointer, mask) to its layout, 6 of a round's 8 barriers on sm_90 (a cumulative
+    sum over the tile, the previous compaction, converted [BT, BN] tiles through shared memory
+    five times per tile and cost 3x the instructions). A tile where some row's best slots sit
+    together (keys written in sequence) takes as many rounds as that row has keys there. A row
+    stops taking keys once its count passes ``cap`` (``cap + 1``: the exact streaming fallback
+    redoes it), so all the rounds of a row, over the whole scan, are at most ``cap + 1``.
 
     Removed keys and slots past the end (``m_n`` false) are NaN: the float maximum ignores NaN
     and NaN compares false. A NaN-propagating maximum (at no extra cost) tells whether a tile
@@ -495,17 +499,15 @@ def _collect_tile(b_s, b_tau, o_c, m_n, m_t, n_start, b_count, p_cand, cap,
         b_s = tl.where((b_s != b_s) & m_n[None, :], float("inf"), b_s)
         b_max = tl.max(b_s, axis=1)
     # Rows past R take nothing.
-    m_live = (b_max >= b_tau) & m_t
-    i_round = 0
-    while (i_round < MAX_ROUNDS) & (tl.max(m_live.to(tl.int32), axis=0) > 0):
+    m_live = (b_max >= b_tau) & m_t & (b_count <= cap)
+    while tl.max(m_live.to(tl.int32), axis=0) > 0:
         b_col = tl.min(tl.where(b_s == b_max[:, None], o_c, BLOCK_N), axis=1)
         tl.store(p_cand + b_count, _encode_key(b_max, n_start + b_col), mask=m_live & (b_count < cap))
         b_count += m_live.to(tl.int32)
         b_s = tl.where(o_c == b_col[:, None], float("nan"), b_s)
         b_max = tl.max(b_s, axis=1)
-        m_live = (b_max >= b_tau) & m_t
-        i_round += 1
-    return tl.where(m_live, tl.maximum(b_count, cap + 1), b_count)
+        m_live = (b_max >= b_tau) & m_t & (b_count <= cap)
+    return b_count
 
 
 @triton.jit
@@ -530,7 +532,6 @@ def topk_read_fwd_collect_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_DK: tl.constexpr,
     DK_CHUNKS: tl.constexpr,
-    MAX_ROUNDS: tl.constexpr,  # extraction rounds per tile before a row still taking keys overflows
 ):
     """Grid (num_row_blocks * B * Hm,): threshold pass 2, appends every existing slot whose
     score is >= tau (NaN ranking as +inf) to the row's candidate list (:func:`_collect_tile`).
@@ -566,7 +567,7 @@ def topk_read_fwd_collect_kernel(
         m_n = o_n < n_end
         b_s = _score_tile(p_q, p_k, o_t, m_t, o_n, m_n, Dk, scale, b_q0,
                           F32_DOT, BLOCK_T, BLOCK_N, BLOCK_DK, DK_CHUNKS)
-        b_count = _collect_tile(b_s, b_tau, o_c, m_n, m_t, n_start, b_count, p_cand, cap, MAX_ROUNDS, BLOCK_N)
+        b_count = _collect_tile(b_s, b_tau, o_c, m_n, m_t, n_start, b_count, p_cand, cap, BLOCK_N)
     tl.store(count + o_row, b_count.to(tl.int64), mask=m_t)
 
 
@@ -942,18 +943,15 @@ _SCAN_TILES = {
     False: _ScanTile(128, 64, 8, MAX_BLOCK_D),   # float16 / bfloat16
     True: _ScanTile(32, 32, 4, 32),              # float32
 }
-# Extraction rounds per tile of the collect kernel (_collect_tile) before a row still taking keys
-# is left to the streaming fallback. Random scores need 1 + (the most keys a row of the block
-# takes from the tile) rounds, 2-3 at BLOCK_T = 128; a round costs about a sixth of what the
-# cumulative-sum compaction it replaced cost per tile.
-COLLECT_MAX_ROUNDS = 16
 # Candidate capacity per row of the threshold path: CAP_FACTOR * K_PAD. For random scores a row
-# has about k + k * k * BLOCK_N / N candidates (k = 32, N = 65536: ~33), at most k * BLOCK_N.
+# has about k + k * k / n_chunks candidates (k = 32, N = 65536: ~33).
 CAP_FACTOR = 4
-# Chunks per row of the threshold path, at most: a chunk is one scan tile (BLOCK_N slots) up to
-# N = MAX_CHUNKS * BLOCK_N (65536 at 16-bit tiles), then as many tiles as keep the count <= this.
-# It bounds the chunk_max scratch (4 KB per row whatever N) and keeps each row in registers for
-# topk_read_fwd_kth_kernel; the candidates grow only by about k * k / MAX_CHUNKS (k = 256: 64).
+# Chunks of the threshold path: column j of a group of G consecutive scan tiles, G slots BLOCK_N
+# apart, G = max(BLOCK_N, the fewest that keep n_chunks = BLOCK_N * cdiv(n_tiles, G) <=
+# MAX_CHUNKS): BLOCK_N-slot chunks, about one per tile, up to N = MAX_CHUNKS * BLOCK_N (16-bit
+# tiles: read-gpu 1024 chunks, read-heads-gpu 256). MAX_CHUNKS bounds the chunk_max scratch (4 KB
+# per row whatever N) and keeps a row in registers for topk_read_fwd_kth_kernel; the random-score
+# candidates stay below about k + k * k / MAX_CHUNKS (k = 256: 320 of cap 1024).
 MAX_CHUNKS = 1024
 # The k-th kernel's [BLOCK_T, next_pow2(n_chunks)] tile, in elements.
 KTH_TILE = 4096
@@ -1029,9 +1027,12 @@ def _scan_constexprs(Dk: int, dtype: torch.dtype, has_valid_len: bool):
             "DK_CHUNKS": max(1, triton.cdiv(int(Dk), block_dk))}, tile.num_warps
 
 
-def _collect_constexprs(scan_constexprs: dict) -> dict:
-    """Constexprs of topk_read_fwd_collect_kernel: those of the scan tile plus its round limit."""
-    return dict(scan_constexprs, MAX_ROUNDS=COLLECT_MAX_ROUNDS)
+def chunk_groups(N: int, block_n: int) -> tuple[int, int]:
+    """(group_tiles, n_groups) of the threshold path's chunks for ``N`` slots in ``block_n`` tiles:
+    ``block_n * n_groups <= max(MAX_CHUNKS, block_n)`` chunks (see MAX_CHUNKS)."""
+    n_tiles = triton.cdiv(N, block_n)
+    group_tiles = max(block_n, triton.cdiv(n_tiles, max(1, MAX_CHUNKS // block_n)))
+    return group_tiles, triton.cdiv(n_tiles, group_tiles)
 
 
 def _kth_constexprs(n_chunks: int):
@@ -1175,20 +1176,18 @@ def _threshold_select(q, keys, valid_len, k, scale, indices, weights, lse, B, Hm
                       keys_batch_stride) -> bool:
     """indices, weights and lse by the threshold path; False (nothing written) when it cannot.
 
-    tau = the k-th largest of a row's chunk maxima (float scores; a chunk is ``chunk_tiles`` scan
-    tiles, the fewest that make at most MAX_CHUNKS chunks) bounds the row's top k from below: at
-    least k chunks have a maximum >= tau, each attained by a key, so the row's k-th best score is
-    >= tau; the scores >= tau are about ``k + k * k / n_chunks`` for random scores.
+    tau = the k-th largest of a row's chunk maxima (float scores; :func:`chunk_groups`) bounds the
+    row's top k from below: at least k chunks have a maximum >= tau, each attained by a key, so
+    the row's k-th best score is >= tau; the scores >= tau are about ``k + k * k / n_chunks`` for
+    random scores.
     When ``N <= cap`` or there are fewer than k chunks the streaming path serves better (every
     slot would be a candidate, or tau would bound nothing): False before any launch. Otherwise
     rows whose candidates overflow are finished by the streaming kernel (no sync).
     """
     has_valid_len = valid_len is not None
     constexprs, num_warps = _scan_constexprs(Dk, q.dtype, has_valid_len)
-    collect_constexprs = _collect_constexprs(constexprs)
-    n_tiles = triton.cdiv(N, constexprs["BLOCK_N"])
-    chunk_tiles = triton.cdiv(n_tiles, MAX_CHUNKS)
-    n_chunks = triton.cdiv(n_tiles, chunk_tiles)
+    group_tiles, n_groups = chunk_groups(N, constexprs["BLOCK_N"])
+    n_chunks = n_groups * constexprs["BLOCK_N"]
     cap = threshold_capacity(k)
     if N <= cap or n_chunks < k:
         return False
@@ -1200,7 +1199,7 @@ def _threshold_select(q, keys, valid_len, k, scale, indices, weights, lse, B, Hm
     chunk_max = torch.empty((R_total, n_chunks), dtype=torch.float32, device=device)
     topk_read_fwd_chunkmax_kernel[grid](
         q, keys, valid_len_arg, chunk_max, R, N, Dk, float(scale), Hm, keys_batch_stride,
-        num_row_blocks, chunk_tiles, n_chunks, **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
+        num_row_blocks, group_tiles, n_groups, **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
     )
     tau = torch.empty((R_total,), dtype=torch.float32, device=device)
     kth_constexprs, kth_warps = _kth_constexprs(n_chunks)
@@ -1212,15 +1211,15 @@ def _threshold_select(q, keys, valid_len, k, scale, indices, weights, lse, B, Hm
     count = torch.empty((R_total,), dtype=torch.int64, device=device)
     topk_read_fwd_collect_kernel[grid](
         q, keys, valid_len_arg, tau, cand, count, R, N, Dk, float(scale), Hm, keys_batch_stride,
-        num_row_blocks, cap, **collect_constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
+        num_row_blocks, cap, **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
     )
     constexprs, num_warps = _finish_constexprs(k)
     topk_read_fwd_finish_kernel[(triton.cdiv(R_total, constexprs["BLOCK_T"]),)](
         cand, count, indices, weights, lse, R_total, k, **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
     )
-    # Rows whose candidates did not fit (many exact ties, scores sorted by slot, a NaN query row,
-    # fewer than k chunks holding existing slots, more than COLLECT_MAX_ROUNDS candidates in one
-    # tile) are served by the streaming kernel; its blocks without such a row return at once.
+    # Rows whose candidates did not fit (many exact ties, a NaN query row, fewer than k chunks
+    # holding existing slots) are served by the streaming kernel; its blocks without such a row
+    # return at once.
     # No device-to-host sync.
     _stream_select(q, keys, valid_len, k, scale, indices, weights, lse, B, Hm, N, R, Dk,
                    keys_batch_stride, count=count, cap=cap)
@@ -1332,9 +1331,9 @@ COMPILE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 COMPILE_HEAD_DIMS = (64, 128)
 # One k per K_PAD the launcher can pick (16 .. 256).
 COMPILE_KS = (16, 32, 64, 128, 256)
-# Chunk counts the k-th-largest kernel is compiled for: its smallest tile, read-heads-gpu and
-# read-gpu (MAX_CHUNKS, every N beyond).
-KTH_COMPILE_CHUNKS = (16, 256, MAX_CHUNKS)
+# Chunk counts the k-th-largest kernel is compiled for: the float32 scan tile's smallest,
+# read-heads-gpu and read-gpu (MAX_CHUNKS, every N beyond).
+KTH_COMPILE_CHUNKS = (32, 256, MAX_CHUNKS)
 
 _SIGNATURE_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -1350,7 +1349,7 @@ _KERNEL_ARGS = {
     topk_read_fwd_chunkmax_kernel: (("q", "x"), ("keys", "x"), ("valid_len", "i64"), ("chunk_max", "f32"),
                                     ("R", "int"), ("N", "int"), ("Dk", "int"), ("scale", "float"),
                                     ("Hm", "int"), ("keys_batch_stride", "int"), ("num_row_blocks", "int"),
-                                    ("chunk_tiles", "int"), ("n_chunks", "int")),
+                                    ("group_tiles", "int"), ("n_groups", "int")),
     topk_read_fwd_collect_kernel: (("q", "x"), ("keys", "x"), ("valid_len", "i64"), ("tau", "f32"),
                                    ("cand", "i64"), ("count", "i64"), ("R", "int"), ("N", "int"),
                                    ("Dk", "int"), ("scale", "float"), ("Hm", "int"),
@@ -1388,15 +1387,11 @@ def _production_constexprs(kernel, dtype):
                 for has_valid_len in (False, True):
                     for only_overflow in (False, True):
                         picks.append((*_select_constexprs(k, D, dtype, has_valid_len, only_overflow), D, k))
-        elif kernel is topk_read_fwd_chunkmax_kernel:
+        elif kernel in (topk_read_fwd_chunkmax_kernel, topk_read_fwd_collect_kernel):
             for has_valid_len in (False, True):
                 picks.append((*_scan_constexprs(D, dtype, has_valid_len), D, None))
-        elif kernel is topk_read_fwd_collect_kernel:
-            for has_valid_len in (False, True):
-                constexprs, num_warps = _scan_constexprs(D, dtype, has_valid_len)
-                picks.append((_collect_constexprs(constexprs), num_warps, D, None))
         elif kernel is topk_read_fwd_kth_kernel:
-            # Its tile follows the number of chunks (N / 64 at 16-bit production tiles).
+            # Its tile follows the number of chunks (chunk_groups: BLOCK_N per group of tiles).
             for n_chunks in KTH_COMPILE_CHUNKS:
                 picks.append((*_kth_constexprs(n_chunks), D, None))
         elif kernel is topk_read_fwd_finish_kernel:
@@ -1419,7 +1414,7 @@ def _label(dtype, head_dims, k, constexprs) -> str:
     parts = [_SIGNATURE_DTYPE[dtype], "D=" + ",".join(map(str, head_dims))]
     if k is not None:
         parts.append(f"k={k}")
-    short = {"HAS_VALID_LEN": "VL", "ONLY_OVERFLOW": "OVF", "ATOMIC": "ATOMIC", "MAX_ROUNDS": "MR", "BLOCK_T": "BT",
+    short = {"HAS_VALID_LEN": "VL", "ONLY_OVERFLOW": "OVF", "ATOMIC": "ATOMIC", "BLOCK_T": "BT",
              "K_PAD": "KP", "BLOCK_N": "BN", "BLOCK_E": "BE", "CAP": "CAP", "BLOCK_C": "BC"}
     for name, value in constexprs.items():
         if name in short:
@@ -1458,7 +1453,7 @@ def _build_compile_configs() -> list[dict]:
                 # production shapes are multiples of 16 (the JIT specializes them so).
                 divisible = [name for name, role in args if role in ("x", "i64", "f32")]
                 divisible += [name for name, role in args
-                              if role == "int" and name not in ("k", "Hm", "num_row_blocks", "chunk_tiles", "n_chunks")]
+                              if role == "int" and name not in ("k", "Hm", "num_row_blocks", "group_tiles", "n_groups")]
                 entry = {
                     "kernel": kernel,
                     "signature": {name: types[role] for name, role in args},
