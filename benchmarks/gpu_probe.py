@@ -12,8 +12,9 @@ kernel, and prints the kernels that finished: the first one missing is the one t
 
 ``topk-tiles``: the triton top-k read's forward at read-gpu / read-heads-gpu (bfloat16) for a few
 tiles of its two scoring passes (``_SCAN_TILES``), the threshold path against the streaming one
-at the current tile, for random keys and for clustered ones (a moving average over 65 slots:
-neighbouring slots score alike, as keys written in sequence do), a per-kernel profile of the
+at the current tile (and the collect kernel's store batch, ``COLLECT_BATCH``), for random keys
+and for clustered ones (a moving average over 65 slots: neighbouring slots score alike, as keys
+written in sequence do), a per-kernel profile of the
 current tile, and with ``--bench`` the topk_read benchmark (fused, reference eager and compiled)
 with the fastest tile.
 """
@@ -167,24 +168,29 @@ def topk_tiles(bench: bool) -> int:
         if total < best_total:
             best, best_total = variant, total
     tt._SCAN_TILES[False] = default
-    # The forward paths at the current tile, side by side (the module reads the path at each
-    # call), on random and on clustered keys; both paths must select exactly the same indices.
-    line = []
+    # The forward paths at the current tile, side by side (the module reads the path and the
+    # collect kernel's store batch at each call), on random and on clustered keys; every variant
+    # must select exactly the same indices.
+    variants = [("threshold", tt.COLLECT_BATCH), ("stream", tt.COLLECT_BATCH)]
+    variants += [("threshold", batch) for batch in (1, 4) if batch != tt.COLLECT_BATCH]
+    default_batch, line = tt.COLLECT_BATCH, []
     try:
         for name, (q, keys, values) in inputs.items():
             for data, memory in (("random", keys), ("clustered", _clustered(keys))):
                 fn = lambda: l2m.topk_memory_read(q, memory, values, 32, backend="triton")  # noqa: E731
                 parts, first = [], None
-                for path in ("threshold", "stream"):
-                    os.environ[tt.PATH_ENV] = path
+                for path, batch in variants:
+                    os.environ[tt.PATH_ENV], tt.COLLECT_BATCH = path, batch
                     indices = fn().indices
                     first = indices if first is None else first
                     ms = bm.median_time(fn, device, **TIMING) * 1e3
-                    parts.append(f"{path} {ms:.3f} ms (path {tt.last_forward_path}, "
+                    label = path if path == "stream" else f"{path} batch={batch}"
+                    parts.append(f"{label} {ms:.3f} ms (path {tt.last_forward_path}, "
                                  f"indices equal: {torch.equal(indices, first)})")
                 line.append(f"{name} {data} keys: " + ", ".join(parts))
     finally:
         os.environ.pop(tt.PATH_ENV, None)
+        tt.COLLECT_BATCH = default_batch
     print(f"forward paths at scan tile {tuple(default[:3])}:\n  " + "\n  ".join(line), flush=True)
     activity = torch.profiler.ProfilerActivity.CUDA if DEVICE == "cuda" else torch.profiler.ProfilerActivity.CPU
     for name, (q, keys, values) in inputs.items():

@@ -14,9 +14,10 @@ same scores:
 
 Keys follow an AR(1) sequence along the slots, ``key[n] = rho * key[n-1] + sqrt(1 - rho^2) * e[n]``:
 ``rho = 0`` is random keys; ``rho = 0.9`` or ``0.99`` are keys written in sequence (hidden states of
-neighbouring tokens), where a row's best slots sit together. It also reports the extraction rounds
-per tile of the collect kernel (the most candidates a row of a 128-row block has in the tile, plus
-one). bfloat16 production tiles: ``BLOCK_N = 64``, k = 32, cap = 128.
+neighbouring tokens), where a row's best slots sit together. It also reports the collect
+kernel's loop iterations per tile, averaged over the tiles: the most candidates a row of a
+128-row block has in the tile (its extraction rounds) plus the final check. bfloat16 production
+tiles: ``BLOCK_N = 64``, k = 32, cap = 128.
 """
 from __future__ import annotations
 

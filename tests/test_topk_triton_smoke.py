@@ -475,16 +475,19 @@ def _chunk_maxima(scores, valid_len, rows_per_batch, block_n, group_tiles, n_gro
     return padded.reshape(rows, n_groups, group_tiles, block_n).amax(2).reshape(rows, n_groups * block_n)
 
 
-@pytest.mark.parametrize("low", [-3, 0], ids=["range7", "binary"])
+@pytest.mark.parametrize("low,batch", [(-3, 2), (0, 2), (0, 1), (0, 4)],
+                         ids=["range7", "binary", "binary-batch1", "binary-batch4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("forward_path", ["threshold-small"], indirect=True)
-def test_collect_takes_exactly_the_scores_above_tau(forward_path, monkeypatch, dtype, low):
+def test_collect_takes_exactly_the_scores_above_tau(forward_path, monkeypatch, dtype, low, batch):
     """Small-integer data, so every score is exact whatever the summation order: the chunk maxima
     are exactly the strided chunks' maxima, tau exactly their k-th largest, and each row's
     candidates exactly its existing slots scoring >= tau, with their exact scores, however many
     sit in one tile; a row with more than cap of them stops at cap + 1 (the fallback's signal):
-    with 0/1 data most scores tie, and most rows do."""
+    with 0/1 data most scores tie, and about half the rows do. Several stores per tile (up to 12
+    keys of a row in one tile, COLLECT_BATCH keys per store), down to one store per round."""
     _small_threshold(monkeypatch, cap_factor=1)
+    monkeypatch.setattr(topk_triton, "COLLECT_BATCH", batch)
     chunk_launches = _record(monkeypatch, "topk_read_fwd_chunkmax_kernel", 3, 11, 12)
     launches = _record_collect(monkeypatch)
     B, H, T, N, D, k = 2, 2, 9, 197, 8, 5

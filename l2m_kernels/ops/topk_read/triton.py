@@ -472,7 +472,8 @@ def topk_read_fwd_chunkmax_kernel(
 
 
 @triton.jit
-def _collect_tile(b_s, b_tau, o_c, m_n, m_t, n_start, b_count, p_cand, cap, BLOCK_N: tl.constexpr):
+def _collect_tile(b_s, b_tau, o_c, m_n, m_t, n_start, b_count, p_cand, cap, BLOCK_N: tl.constexpr,
+                  BATCH: tl.constexpr):
     """Appends the keys of a [BT, BN] score tile that are >= the rows' ``b_tau`` (NaN ranking as
     +inf) to the rows' candidate lists; returns the new counts ``b_count``.
 
@@ -480,13 +481,15 @@ def _collect_tile(b_s, b_tau, o_c, m_n, m_t, n_start, b_count, p_cand, cap, BLOC
     so the keys are extracted in descending order, one per row per round, while a row of the
     block still has its best remaining score >= tau: a round is a column minimum (the smallest
     column holding the row's maximum: ties go to the smaller slot), the removal of that key and a
-    float maximum, all reductions in the layout the dot produced; the store converts only [BT]
-    vectors (key, pointer, mask) to its layout, 6 of a round's 8 barriers on sm_90 (a cumulative
-    sum over the tile, the previous compaction, converted [BT, BN] tiles through shared memory
-    five times per tile and cost 3x the instructions). A tile where some row's best slots sit
-    together (keys written in sequence) takes as many rounds as that row has keys there. A row
-    stops taking keys once its count passes ``cap`` (``cap + 1``: the exact streaming fallback
-    redoes it), so all the rounds of a row, over the whole scan, are at most ``cap + 1``.
+    float maximum, all reductions in the layout the dot produced. The keys of up to ``BATCH``
+    rounds stay in registers and go out in one [BT, BATCH] store; on sm_90 a round has 2
+    barriers (its "any row live" maximum) and a store of 2 rounds' keys 2 more (storing each
+    round's keys cost 8 barriers per round; a cumulative sum over the tile, the compaction
+    before, converted [BT, BN] tiles through shared memory five times per tile and cost 3x the
+    instructions). A tile where some row's best slots sit together (keys written in sequence)
+    takes as many rounds as that row has keys there. A row stops taking keys once its count
+    passes ``cap`` (``cap + 1``: the exact streaming fallback redoes it), so all the rounds of a
+    row, over the whole scan, are at most ``cap + 1``.
 
     Removed keys and slots past the end (``m_n`` false) are NaN: the float maximum ignores NaN
     and NaN compares false. A NaN-propagating maximum (at no extra cost) tells whether a tile
@@ -500,13 +503,27 @@ def _collect_tile(b_s, b_tau, o_c, m_n, m_t, n_start, b_count, p_cand, cap, BLOC
         b_max = tl.max(b_s, axis=1)
     # Rows past R take nothing.
     m_live = (b_max >= b_tau) & m_t & (b_count <= cap)
-    while tl.max(m_live.to(tl.int32), axis=0) > 0:
-        b_col = tl.min(tl.where(b_s == b_max[:, None], o_c, BLOCK_N), axis=1)
-        tl.store(p_cand + b_count, _encode_key(b_max, n_start + b_col), mask=m_live & (b_count < cap))
-        b_count += m_live.to(tl.int32)
-        b_s = tl.where(o_c == b_col[:, None], float("nan"), b_s)
-        b_max = tl.max(b_s, axis=1)
-        m_live = (b_max >= b_tau) & m_t & (b_count <= cap)
+    b_any = tl.max(m_live.to(tl.int32), axis=0)
+    o_b = tl.arange(0, BATCH)[None, :]
+    while b_any > 0:
+        # Up to BATCH rounds into registers (a row live in a round was live in the ones before,
+        # so its i-th key goes to column i), then one store of the [BT, BATCH] keys.
+        b_buf = tl.zeros_like(b_count)[:, None].to(tl.int64) + tl.zeros_like(o_b).to(tl.int64)
+        b_taken = tl.zeros_like(b_count)
+        i_round = 0
+        while (i_round < BATCH) & (b_any > 0):
+            b_col = tl.min(tl.where(b_s == b_max[:, None], o_c, BLOCK_N), axis=1)
+            b_key = _encode_key(b_max, n_start + b_col)
+            b_buf = tl.where((o_b == i_round) & m_live[:, None], b_key[:, None], b_buf)
+            b_taken += m_live.to(tl.int32)
+            b_s = tl.where(o_c == b_col[:, None], float("nan"), b_s)
+            b_max = tl.max(b_s, axis=1)
+            m_live = (b_max >= b_tau) & m_t & (b_count + b_taken <= cap)
+            b_any = tl.max(m_live.to(tl.int32), axis=0)
+            i_round += 1
+        o_pos = b_count[:, None] + o_b
+        tl.store(p_cand[:, None] + o_pos, b_buf, mask=(o_b < b_taken[:, None]) & (o_pos < cap))
+        b_count += b_taken
     return b_count
 
 
@@ -532,6 +549,7 @@ def topk_read_fwd_collect_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_DK: tl.constexpr,
     DK_CHUNKS: tl.constexpr,
+    BATCH: tl.constexpr,  # extraction rounds whose keys are stored together (_collect_tile)
 ):
     """Grid (num_row_blocks * B * Hm,): threshold pass 2, appends every existing slot whose
     score is >= tau (NaN ranking as +inf) to the row's candidate list (:func:`_collect_tile`).
@@ -567,7 +585,7 @@ def topk_read_fwd_collect_kernel(
         m_n = o_n < n_end
         b_s = _score_tile(p_q, p_k, o_t, m_t, o_n, m_n, Dk, scale, b_q0,
                           F32_DOT, BLOCK_T, BLOCK_N, BLOCK_DK, DK_CHUNKS)
-        b_count = _collect_tile(b_s, b_tau, o_c, m_n, m_t, n_start, b_count, p_cand, cap, BLOCK_N)
+        b_count = _collect_tile(b_s, b_tau, o_c, m_n, m_t, n_start, b_count, p_cand, cap, BLOCK_N, BATCH)
     tl.store(count + o_row, b_count.to(tl.int64), mask=m_t)
 
 
@@ -943,6 +961,10 @@ _SCAN_TILES = {
     False: _ScanTile(128, 64, 8, MAX_BLOCK_D),   # float16 / bfloat16
     True: _ScanTile(32, 32, 4, 32),              # float32
 }
+# Extraction rounds of the collect kernel whose keys stay in registers and go out in one store
+# (_collect_tile): random keys take 1-3 rounds per tile, keys written in sequence up to ~11. At 4
+# the 16-bit D=128 collect spills 40 bytes on sm_80 (Triton 3.9); at 2 nothing spills.
+COLLECT_BATCH = 2
 # Candidate capacity per row of the threshold path: CAP_FACTOR * K_PAD. For random scores a row
 # has about k + k * k / n_chunks candidates (k = 32, N = 65536: ~33).
 CAP_FACTOR = 4
@@ -1025,6 +1047,11 @@ def _scan_constexprs(Dk: int, dtype: torch.dtype, has_valid_len: bool):
     return {"HAS_VALID_LEN": has_valid_len, "F32_DOT": f32_dot, "BLOCK_T": tile.block_t,
             "BLOCK_N": tile.block_n, "BLOCK_DK": block_dk,
             "DK_CHUNKS": max(1, triton.cdiv(int(Dk), block_dk))}, tile.num_warps
+
+
+def _collect_constexprs(scan_constexprs: dict) -> dict:
+    """Constexprs of topk_read_fwd_collect_kernel: the scan tile's plus its store batch."""
+    return dict(scan_constexprs, BATCH=COLLECT_BATCH)
 
 
 def chunk_groups(N: int, block_n: int) -> tuple[int, int]:
@@ -1211,7 +1238,7 @@ def _threshold_select(q, keys, valid_len, k, scale, indices, weights, lse, B, Hm
     count = torch.empty((R_total,), dtype=torch.int64, device=device)
     topk_read_fwd_collect_kernel[grid](
         q, keys, valid_len_arg, tau, cand, count, R, N, Dk, float(scale), Hm, keys_batch_stride,
-        num_row_blocks, cap, **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
+        num_row_blocks, cap, **_collect_constexprs(constexprs), num_warps=num_warps, **COMPILE_OPTIONS,
     )
     constexprs, num_warps = _finish_constexprs(k)
     topk_read_fwd_finish_kernel[(triton.cdiv(R_total, constexprs["BLOCK_T"]),)](
@@ -1387,9 +1414,13 @@ def _production_constexprs(kernel, dtype):
                 for has_valid_len in (False, True):
                     for only_overflow in (False, True):
                         picks.append((*_select_constexprs(k, D, dtype, has_valid_len, only_overflow), D, k))
-        elif kernel in (topk_read_fwd_chunkmax_kernel, topk_read_fwd_collect_kernel):
+        elif kernel is topk_read_fwd_chunkmax_kernel:
             for has_valid_len in (False, True):
                 picks.append((*_scan_constexprs(D, dtype, has_valid_len), D, None))
+        elif kernel is topk_read_fwd_collect_kernel:
+            for has_valid_len in (False, True):
+                constexprs, num_warps = _scan_constexprs(D, dtype, has_valid_len)
+                picks.append((_collect_constexprs(constexprs), num_warps, D, None))
         elif kernel is topk_read_fwd_kth_kernel:
             # Its tile follows the number of chunks (chunk_groups: BLOCK_N per group of tiles).
             for n_chunks in KTH_COMPILE_CHUNKS:
@@ -1414,7 +1445,7 @@ def _label(dtype, head_dims, k, constexprs) -> str:
     parts = [_SIGNATURE_DTYPE[dtype], "D=" + ",".join(map(str, head_dims))]
     if k is not None:
         parts.append(f"k={k}")
-    short = {"HAS_VALID_LEN": "VL", "ONLY_OVERFLOW": "OVF", "ATOMIC": "ATOMIC", "BLOCK_T": "BT",
+    short = {"HAS_VALID_LEN": "VL", "ONLY_OVERFLOW": "OVF", "ATOMIC": "ATOMIC", "BATCH": "BA", "BLOCK_T": "BT",
              "K_PAD": "KP", "BLOCK_N": "BN", "BLOCK_E": "BE", "CAP": "CAP", "BLOCK_C": "BC"}
     for name, value in constexprs.items():
         if name in short:
@@ -1467,9 +1498,9 @@ def _build_compile_configs() -> list[dict]:
                     # candidates did not fit (ties, sorted scores, NaN rows); a few of its variants
                     # spill 8-32 bytes (Triton 3.9: e.g. fp16 D=64 k=64 on sm_80, fp32 D=128 k=128
                     # on sm_90): allowed, reported by the compile check. So do some float32 scan
-                    # kernels, where ptxas stops at 80-128 registers and spills 8-16 bytes (sm_80
-                    # D=128 with Triton 3.9, D=64 with 3.3 and 3.6; float32 scores run on the FMA
-                    # units, no TF32).
+                    # kernels, where ptxas stops at 80-128 registers and spills 8-16 bytes (sm_80,
+                    # D=64 and D=128, Triton 3.3 to 3.9; float32 scores run on the FMA units, no
+                    # TF32).
                     "allow_spills": bool(constexprs.get("ONLY_OVERFLOW", False))
                     or (kernel in (topk_read_fwd_chunkmax_kernel, topk_read_fwd_collect_kernel)
                         and dtype == torch.float32),
