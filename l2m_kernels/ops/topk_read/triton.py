@@ -46,9 +46,9 @@ row over ``cap``; strided chunks ~33, as for random keys):
    ranking as +inf), as keys, to ``cand (B*H*T, cap)`` (``cap = CAP_FACTOR * K_PAD``), with
    their ``count``. Per tile, rounds of reductions extract each row's best remaining key while
    it is ``>= tau`` (``_collect_tile``), in the layout the dot produced: no scan, no atomics,
-   and only the per-row vectors of each round's store cross shared memory, never the score tile
-   (the cumulative-sum compaction it replaced was 68% of the forward on an H200). A row stops at
-   ``cap + 1`` candidates.
+   and only the [BT, COLLECT_BATCH] keys of each batch of rounds cross shared memory for their
+   store, never the score tile (the cumulative-sum compaction it replaced was 68% of the forward
+   on an H200). A row stops at ``cap + 1`` candidates.
 4. Rows whose ``count`` passed ``cap`` (many exactly tied scores, a NaN query row, fewer than k
    chunks holding existing slots) are left to the streaming select kernel, launched with
    ``ONLY_OVERFLOW``: its blocks without such a row return at once, so no device-to-host sync is
@@ -472,8 +472,8 @@ def topk_read_fwd_chunkmax_kernel(
 
 
 @triton.jit
-def _collect_tile(b_s, b_tau, o_c, m_n, m_t, n_start, b_count, p_cand, cap, BLOCK_N: tl.constexpr,
-                  BATCH: tl.constexpr):
+def _collect_tile(b_s, b_tau, o_c, m_n, m_t, n_start, b_count, p_cand, cap, BLOCK_T: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BATCH: tl.constexpr):
     """Appends the keys of a [BT, BN] score tile that are >= the rows' ``b_tau`` (NaN ranking as
     +inf) to the rows' candidate lists; returns the new counts ``b_count``.
 
@@ -508,7 +508,7 @@ def _collect_tile(b_s, b_tau, o_c, m_n, m_t, n_start, b_count, p_cand, cap, BLOC
     while b_any > 0:
         # Up to BATCH rounds into registers (a row live in a round was live in the ones before,
         # so its i-th key goes to column i), then one store of the [BT, BATCH] keys.
-        b_buf = tl.zeros_like(b_count)[:, None].to(tl.int64) + tl.zeros_like(o_b).to(tl.int64)
+        b_buf = tl.zeros([BLOCK_T, BATCH], dtype=tl.int64)
         b_taken = tl.zeros_like(b_count)
         i_round = 0
         while (i_round < BATCH) & (b_any > 0):
@@ -574,9 +574,9 @@ def topk_read_fwd_collect_kernel(
     b_q0 = tl.load(p_q + o_t[:, None] * Dk + o_d[None, :], mask=m_t[:, None] & (o_d < Dk)[None, :], other=0.)
     if F32_DOT:
         b_q0 = b_q0.to(tl.float32) * scale
+    # Never NaN: it is one of the row's chunk maxima (a NaN query row has tau = +inf, and its NaN
+    # scores, ranking as +inf, are all taken).
     b_tau = tl.load(tau + o_row, mask=m_t, other=float("inf"))
-    # A NaN tau (k all-NaN chunks, e.g. a NaN query row) bounds nothing: take every slot.
-    b_tau = tl.where(b_tau != b_tau, float("-inf"), b_tau)
 
     # [BT] scores >= tau found so far (int32: a count never exceeds N < 2**31).
     b_count = tl.zeros([BLOCK_T], dtype=tl.int32)
@@ -585,7 +585,8 @@ def topk_read_fwd_collect_kernel(
         m_n = o_n < n_end
         b_s = _score_tile(p_q, p_k, o_t, m_t, o_n, m_n, Dk, scale, b_q0,
                           F32_DOT, BLOCK_T, BLOCK_N, BLOCK_DK, DK_CHUNKS)
-        b_count = _collect_tile(b_s, b_tau, o_c, m_n, m_t, n_start, b_count, p_cand, cap, BLOCK_N, BATCH)
+        b_count = _collect_tile(b_s, b_tau, o_c, m_n, m_t, n_start, b_count, p_cand, cap, BLOCK_T, BLOCK_N,
+                                BATCH)
     tl.store(count + o_row, b_count.to(tl.int64), mask=m_t)
 
 
@@ -952,10 +953,10 @@ class _ScanTile(NamedTuple):
 # forward at read-gpu / read-heads-gpu, benchmarks/gpu_probe.py topk-tiles, 2026-11-26, with the
 # int64-key chunk maxima and the cumulative-sum collect of that day): [64, 64] 15.45 / 7.89 ms,
 # [128, 64] 13.63 / 7.35 ms, [64, 128] 14.59 / 7.35 ms, [64, 32] at 4 warps 13.47 / 8.93 ms. With
-# the float maxima and the collect rounds (below) [128, 64] at 8 warps takes 60-70 registers in
-# chunkmax and 119-139 in collect (sm_90, Triton 3.9; the cumulative sum took 255 and spilled),
-# one or two blocks per SM. float32 runs on the FMA units (no TF32); its dot operands need narrow feature
-# chunks. A larger BLOCK_N shrinks the chunk_max buffer (T * N / BLOCK_N, up to MAX_CHUNKS per
+# the strided float chunk maxima and the collect rounds (below) [128, 64] at 8 warps takes 128-150
+# registers in chunkmax (its [128, 64] running maximum) and 115-141 in collect (sm_90, Triton 3.9;
+# the cumulative sum took 255 and spilled): two blocks per SM. float32 runs on the FMA units (no
+# TF32); its dot operands need narrow feature chunks. A larger BLOCK_N shrinks the chunk_max buffer (T * N / BLOCK_N, up to MAX_CHUNKS per
 # row) but raises the candidate bound k * BLOCK_N.
 _SCAN_TILES = {
     False: _ScanTile(128, 64, 8, MAX_BLOCK_D),   # float16 / bfloat16
@@ -1246,8 +1247,7 @@ def _threshold_select(q, keys, valid_len, k, scale, indices, weights, lse, B, Hm
     )
     # Rows whose candidates did not fit (many exact ties, a NaN query row, fewer than k chunks
     # holding existing slots) are served by the streaming kernel; its blocks without such a row
-    # return at once.
-    # No device-to-host sync.
+    # return at once. No device-to-host sync.
     _stream_select(q, keys, valid_len, k, scale, indices, weights, lse, B, Hm, N, R, Dk,
                    keys_batch_stride, count=count, cap=cap)
     if not q.is_cuda:  # free to read back under the interpreter: record it for the tests
@@ -1498,7 +1498,7 @@ def _build_compile_configs() -> list[dict]:
                     # candidates did not fit (ties, sorted scores, NaN rows); a few of its variants
                     # spill 8-32 bytes (Triton 3.9: e.g. fp16 D=64 k=64 on sm_80, fp32 D=128 k=128
                     # on sm_90): allowed, reported by the compile check. So do some float32 scan
-                    # kernels, where ptxas stops at 80-128 registers and spills 8-16 bytes (sm_80,
+                    # kernels, where ptxas stops at 80-128 registers and spills 8-24 bytes (sm_80,
                     # D=64 and D=128, Triton 3.3 to 3.9; float32 scores run on the FMA units, no
                     # TF32).
                     "allow_spills": bool(constexprs.get("ONLY_OVERFLOW", False))
