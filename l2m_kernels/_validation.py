@@ -85,13 +85,16 @@ def require_same_device(**tensors: Optional[torch.Tensor]) -> torch.device:
     return device
 
 
-def require_int(name: str, value, low: int, high: int, what: str = "") -> int:
+def require_int(name: str, value, low: int, high: Optional[int], what: str = "") -> int:
+    """An int (or 0-d integer tensor) with ``low <= value <= high``; ``high=None``: no upper bound."""
     if isinstance(value, bool) or not isinstance(value, int):
         if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point():
             value = int(value)
         else:
             raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    if not low <= value <= high:
+    if high is None and value < low:
+        raise ValueError(f"{name}: expected {name} >= {low}{what}, got {value}")
+    if high is not None and not low <= value <= high:
         raise ValueError(f"{name}: expected {low} <= {name} <= {high}{what}, got {value}")
     return value
 

@@ -203,10 +203,13 @@ def _env_backend() -> str | None:
     return name
 
 
-def _check_name(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {', '.join(map(repr, BACKENDS))} or None, "
-                         f"got {backend!r}")
+AUTO = "auto"  # the raw custom ops' default; the same as backend=None
+
+
+def _check_name(backend) -> None:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend: expected None, {AUTO!r} (automatic) or one of "
+                         f"{', '.join(map(repr, BACKENDS))}, got {backend!r}")
 
 
 def _constant_at_trace_time(fn):
@@ -220,11 +223,14 @@ def select_backend(op: str, device: torch.device, dtype: torch.dtype, backend: s
                    sizes: dict | None = None) -> str:
     """The name of the backend that serves ``op`` for tensors on ``device`` of ``dtype``.
 
-    Explicit ``backend``: that backend or ``NotImplementedError`` with its reasons.
-    ``None``: ``L2M_BACKEND`` when it can serve, else the first of :data:`AUTO_ORDER` (or the op's
+    Explicit ``backend``: that backend or ``NotImplementedError`` with its reasons; an unknown name
+    raises ``ValueError`` listing the valid ones.
+    ``None`` or ``"auto"``: ``L2M_BACKEND`` when it can serve, else the first of :data:`AUTO_ORDER` (or the op's
     entry in :data:`AUTO_ORDER_BY_OP`) that can.
     ``sizes`` (name -> int) are checked against each backend's ``size_limits``.
     """
+    if backend == AUTO:
+        backend = None
     return _select_backend(op, device.type, dtype, backend,
                            None if sizes is None else tuple(sorted((k, int(v)) for k, v in sizes.items())))
 

@@ -25,6 +25,17 @@ class MemoryAttention(NamedTuple):
     indices: Tensor
 
 
+def contiguous_like(tensor: Tensor) -> Tensor:
+    """An uninitialised row-major tensor with ``tensor``'s shape, dtype and device.
+
+    Every output of every ``torch.ops.l2m`` op, forward and backward, is row-major whatever the
+    strides of its inputs; the fake kernels say so through this helper, so that the strides
+    ``torch.compile`` plans for agree with what the real kernels return (``torch.empty_like``
+    would keep a transposed input's strides).
+    """
+    return tensor.new_empty(tensor.shape)
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype (and the dtype of weights/lse outputs) for inputs of ``dtype``."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -59,5 +70,5 @@ def reference_vjp(fn: Callable, primals: Sequence[Tensor], cotangents, different
     grads = vjp(tuple(cot))
     result = [None] * len(primals)
     for i, g in zip(idx, grads):
-        result[i] = g
+        result[i] = g.contiguous()  # row-major, as the fake kernels declare (contiguous_like)
     return result

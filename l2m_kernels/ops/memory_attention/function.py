@@ -11,9 +11,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .._common import acc_dtype, reference_vjp
+from .._common import acc_dtype, contiguous_like, reference_vjp
 from ..topk_read.reference import topk_read_select
 from .reference import memory_attention_gather
+from .validate import check_args, check_values
 
 
 def _reference_fwd(q, k, v, mem_keys, mem_values, topk, window, merge, gate, scale, valid_len, deterministic):
@@ -61,9 +62,13 @@ BWD = {"reference": _reference_bwd,
 
 @torch.library.custom_op("l2m::memory_attention", mutates_args=())
 def memory_attention_op(q: Tensor, k: Tensor, v: Tensor, mem_keys: Tensor, mem_values: Tensor, topk: int,
-                        window: Optional[int], merge: str, gate: Optional[Tensor], scale: float,
-                        valid_len: Optional[Tensor], deterministic: bool, backend: str
+                        window: Optional[int] = None, merge: str = "joint", gate: Optional[Tensor] = None,
+                        scale: Optional[float] = None, valid_len: Optional[Tensor] = None,
+                        deterministic: bool = False, backend: str = "auto"
                         ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    args = (q, k, v, mem_keys, mem_values, topk, window, merge, gate, scale, valid_len, deterministic, backend)
+    topk, window, scale, valid_len, deterministic, backend = check_args(*args)
+    check_values(*args)
     return FWD[backend](q, k, v, mem_keys, mem_values, topk, window, merge, gate, scale, valid_len,
                         deterministic)
 
@@ -89,12 +94,14 @@ def memory_attention_backward_op(dout: Tensor, dlse_local: Tensor, dlse_mem: Ten
 @memory_attention_backward_op.register_fake
 def _(dout, dlse_local, dlse_mem, q, k, v, mem_keys, mem_values, indices, out, lse_local, lse_mem, window,
       merge, gate, scale, deterministic, backend):
-    dgate = torch.empty_like(gate) if gate is not None else q.new_empty(0)
-    return tuple(torch.empty_like(t) for t in (q, k, v, mem_keys, mem_values)) + (dgate,)
+    dgate = contiguous_like(gate) if gate is not None else q.new_empty(0)
+    return tuple(contiguous_like(t) for t in (q, k, v, mem_keys, mem_values)) + (dgate,)
 
 
 def _setup(ctx, inputs, output):
     q, k, v, mem_keys, mem_values, topk, window, merge, gate, scale, valid_len, deterministic, backend = inputs
+    # defaults and "auto", resolved as the forward did
+    topk, window, scale, valid_len, deterministic, backend = check_args(*inputs)
     ctx.has_gate = gate is not None
     ctx.save_for_backward(q, k, v, mem_keys, mem_values, output[3], output[0], output[1], output[2],
                           gate if gate is not None else q.new_empty(0))

@@ -3,46 +3,11 @@ from __future__ import annotations
 
 import torch
 
-from ... import _validation as v
-from ...backends import select_backend
 from .function import gated_dense_update_op, gated_memory_write_inplace_op, gated_memory_write_op
 from .reference import gated_dense_update_ref, gated_memory_write_ref, gated_memory_write_ref_
+from .validate import check_dense_args, check_write_args, check_write_values
 
 __all__ = ["gated_memory_write", "gated_dense_update", "gated_memory_write_ref", "gated_dense_update_ref"]
-
-
-def check_write_indices(indices: torch.Tensor, N: int) -> None:
-    """Every index must lie in [-1, N); raises IndexError (before anything is written)."""
-    if indices.numel() == 0 or torch.compiler.is_compiling():
-        return
-    low, high = int(indices.min()), int(indices.max())
-    if low < -1 or high >= N:
-        raise IndexError(f"indices: expected slot ids in [-1, N) = [-1, {N}) (-1 means no write), "
-                         f"got values in [{low}, {high}]")
-
-
-def _validate_write(memory, indices, weights, add, erase):
-    v.require_ndim("memory", memory, (3, 4), "(B, Hm, N, D) or (B, N, D)")
-    heads = memory.dim() == 4
-    lead = tuple(memory.shape[:-2])  # (B, Hm) or (B,)
-    N, D = memory.shape[-2], memory.shape[-1]
-    sym = "(B, Hm, T, kw)" if heads else "(B, T, kw)"
-    v.require_ndim("indices", indices, (memory.dim(),), sym)
-    v.require_shape("indices", indices, lead + (None, None), sym)
-    T, kw = indices.shape[-2], indices.shape[-1]
-    v.require_index_dtype("indices", indices)
-    v.require_shape("weights", weights, tuple(indices.shape), sym)
-    sym_d = "(B, Hm, T, D)" if heads else "(B, T, D)"
-    v.require_shape("add", add, lead + (T, D), sym_d)
-    v.require_ndim("erase", erase, (memory.dim(),), sym_d + " or (..., 1)")
-    if erase.shape[-1] == 1 and D != 1:
-        v.require_shape("erase", erase, lead + (T, 1), sym_d[:-2] + "1)")
-    else:
-        v.require_shape("erase", erase, lead + (T, D), sym_d)
-    v.require_same_dtype("memory", memory, weights=weights, add=add, erase=erase)
-    device = v.require_same_device(memory=memory, indices=indices, weights=weights, add=add, erase=erase)
-    check_write_indices(indices, N)
-    return device
 
 
 def gated_memory_write(memory, indices, weights, add, erase, *, inplace=False, backend=None):
@@ -59,8 +24,10 @@ def gated_memory_write(memory, indices, weights, add, erase, *, inplace=False, b
         backend: None (automatic), "reference", "cpu", "triton" or "cuda".
 
     Returns:
-        The new memory (a new tensor unless ``inplace``). Indices outside [-1, N) raise IndexError
-        before anything is written. Differentiable in memory, weights, add and erase;
+        The new memory (a new tensor unless ``inplace``). Indices outside [-1, N) raise IndexError,
+        and weights or erase strengths outside [0, 1] raise ValueError (NaN is let through and
+        gives NaN in the slots it writes), before anything is written; the checks read the values
+        at call time, inside compiled graphs too (one device synchronisation per call). Differentiable in memory, weights, add and erase;
         deterministic by construction.
 
     Equivalent PyTorch:
@@ -70,7 +37,7 @@ def gated_memory_write(memory, indices, weights, add, erase, *, inplace=False, b
                 w = weights[..., t, j, None]
                 M[s] = M[s] * (1 - w * erase[..., t, :]) + w * add[..., t, :]
     """
-    device = _validate_write(memory, indices, weights, add, erase)
+    name = check_write_args(memory, indices, weights, add, erase, backend)
     if inplace:
         grad_needed = torch.is_grad_enabled() and any(
             t.requires_grad for t in (memory, weights, add, erase))
@@ -78,7 +45,8 @@ def gated_memory_write(memory, indices, weights, add, erase, *, inplace=False, b
             raise RuntimeError("gated_memory_write(inplace=True) cannot be differentiated: a gradient "
                                "is required by one of memory, weights, add, erase (use inplace=False, "
                                "or run under torch.no_grad())")
-    name = select_backend("gated_memory_write", device, memory.dtype, backend)
+    if name == "reference":  # the custom ops check the values themselves, at call time
+        check_write_values(memory, indices, weights, add, erase)
     if inplace:
         if name == "reference":
             return gated_memory_write_ref_(memory, indices, weights, add, erase)
@@ -104,17 +72,7 @@ def gated_dense_update(memory, update, input_gate, forget_gate, *, backend=None)
     Equivalent PyTorch:
         torch.sigmoid(forget_gate) * memory + torch.sigmoid(input_gate) * torch.tanh(update)
     """
-    tensors = dict(memory=memory, update=update, input_gate=input_gate, forget_gate=forget_gate)
-    for name_, t in tensors.items():
-        v.require_tensor(name_, t)
-    v.require_same_dtype("memory", memory, update=update, input_gate=input_gate, forget_gate=forget_gate)
-    device = v.require_same_device(**tensors)
-    try:
-        torch.broadcast_shapes(*(t.shape for t in tensors.values()))
-    except RuntimeError:
-        raise ValueError("memory, update, input_gate, forget_gate: shapes do not broadcast together: "
-                         + ", ".join(f"{n_}={tuple(t.shape)}" for n_, t in tensors.items())) from None
-    name = select_backend("gated_dense_update", device, memory.dtype, backend)
+    name = check_dense_args(memory, update, input_gate, forget_gate, backend)
     if name == "reference":
         return gated_dense_update_ref(memory, update, input_gate, forget_gate)
     return gated_dense_update_op(memory, update, input_gate, forget_gate, name)

@@ -9,9 +9,10 @@ from torch import Tensor
 
 from ... import _ext
 from ..._alloc import empty
-from .._common import reference_vjp
+from .._common import contiguous_like, reference_vjp
 from .plan import write_plan
 from .reference import gated_dense_update_ref, gated_memory_write_ref, gated_memory_write_ref_
+from .validate import check_dense_args, check_write_args, check_write_values
 
 
 def _reference_write_bwd(dnew, memory, indices, weights, add, erase):
@@ -140,18 +141,22 @@ WRITE_BWD = {"reference": _reference_write_bwd, "cpu": _cpu_write_bwd,
 
 @torch.library.custom_op("l2m::gated_memory_write", mutates_args=())
 def gated_memory_write_op(memory: Tensor, indices: Tensor, weights: Tensor, add: Tensor, erase: Tensor,
-                          backend: str) -> Tensor:
+                          backend: str = "auto") -> Tensor:
+    backend = check_write_args(memory, indices, weights, add, erase, backend)
+    check_write_values(memory, indices, weights, add, erase)
     return WRITE_FWD[backend](memory, indices, weights, add, erase)
 
 
 @gated_memory_write_op.register_fake
 def _(memory, indices, weights, add, erase, backend):
-    return torch.empty_like(memory, memory_format=torch.contiguous_format)
+    return contiguous_like(memory)
 
 
 @torch.library.custom_op("l2m::gated_memory_write_", mutates_args=("memory",))
 def gated_memory_write_inplace_op(memory: Tensor, indices: Tensor, weights: Tensor, add: Tensor,
-                                  erase: Tensor, backend: str) -> None:
+                                  erase: Tensor, backend: str = "auto") -> None:
+    backend = check_write_args(memory, indices, weights, add, erase, backend)
+    check_write_values(memory, indices, weights, add, erase)
     WRITE_INPLACE[backend](memory, indices, weights, add, erase)
 
 
@@ -169,14 +174,13 @@ def gated_memory_write_backward_op(dnew: Tensor, memory: Tensor, indices: Tensor
 
 @gated_memory_write_backward_op.register_fake
 def _(dnew, memory, indices, weights, add, erase, backend):
-    return (torch.empty_like(memory), torch.empty_like(weights), torch.empty_like(add),
-            torch.empty_like(erase))
+    return (contiguous_like(memory), contiguous_like(weights), contiguous_like(add),
+            contiguous_like(erase))
 
 
 def _write_setup(ctx, inputs, output):
-    memory, indices, weights, add, erase, backend = inputs
-    ctx.save_for_backward(memory, indices, weights, add, erase)
-    ctx.backend = backend
+    ctx.save_for_backward(*inputs[:5])
+    ctx.backend = check_write_args(*inputs)  # "auto" resolved as the forward did
 
 
 def _write_backward(ctx, dnew):
@@ -270,7 +274,8 @@ DENSE_BWD = {"reference": lambda dout, m, u, i, f: tuple(
 
 @torch.library.custom_op("l2m::gated_dense_update", mutates_args=())
 def gated_dense_update_op(memory: Tensor, update: Tensor, input_gate: Tensor, forget_gate: Tensor,
-                          backend: str) -> Tensor:
+                          backend: str = "auto") -> Tensor:
+    backend = check_dense_args(memory, update, input_gate, forget_gate, backend)
     return DENSE_FWD[backend](memory, update, input_gate, forget_gate)
 
 
@@ -289,13 +294,12 @@ def gated_dense_update_backward_op(dout: Tensor, memory: Tensor, update: Tensor,
 
 @gated_dense_update_backward_op.register_fake
 def _(dout, memory, update, input_gate, forget_gate, backend):
-    return tuple(torch.empty_like(t) for t in (memory, update, input_gate, forget_gate))
+    return tuple(contiguous_like(t) for t in (memory, update, input_gate, forget_gate))
 
 
 def _dense_setup(ctx, inputs, output):
-    *tensors, backend = inputs
-    ctx.save_for_backward(*tensors)
-    ctx.backend = backend
+    ctx.save_for_backward(*inputs[:4])
+    ctx.backend = check_dense_args(*inputs)  # "auto" resolved as the forward did
 
 
 def _dense_backward(ctx, dout):

@@ -15,7 +15,9 @@ from torch import Tensor
 
 from ... import _ext
 from ..._alloc import empty
+from .._common import contiguous_like
 from .reference import gated_merge_ref, merge_attention_ref
+from .validate import check_gated_merge_args, check_merge_args
 
 
 class _ReferenceRowKernels:
@@ -108,14 +110,15 @@ def merge_attention_bwd(dout, dlse, out_a, lse_a, out_b, lse_b, lse, backend):
 
 @torch.library.custom_op("l2m::merge_attention", mutates_args=())
 def merge_attention_op(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor,
-                       backend: str) -> Tuple[Tensor, Tensor]:
+                       backend: str = "auto") -> Tuple[Tensor, Tensor]:
+    backend = check_merge_args(out_a, lse_a, out_b, lse_b, backend)
     return merge_attention_fwd(out_a, lse_a, out_b, lse_b, backend)
 
 
 @merge_attention_op.register_fake
 def _(out_a, lse_a, out_b, lse_b, backend):
-    return torch.empty_like(out_a, memory_format=torch.contiguous_format), \
-        torch.empty_like(lse_a, memory_format=torch.contiguous_format)
+    return contiguous_like(out_a), \
+        contiguous_like(lse_a)
 
 
 @torch.library.custom_op("l2m::merge_attention_backward", mutates_args=())
@@ -127,14 +130,12 @@ def merge_attention_backward_op(dout: Tensor, dlse: Tensor, out_a: Tensor, lse_a
 
 @merge_attention_backward_op.register_fake
 def _(dout, dlse, out_a, lse_a, out_b, lse_b, lse, backend):
-    like = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)  # noqa: E731
-    return like(out_a), like(lse_a), like(out_b), like(lse_b)
+    return tuple(contiguous_like(t) for t in (out_a, lse_a, out_b, lse_b))
 
 
 def _merge_attention_setup(ctx, inputs, output):
-    out_a, lse_a, out_b, lse_b, backend = inputs
-    ctx.save_for_backward(out_a, lse_a, out_b, lse_b, output[1])
-    ctx.backend = backend
+    ctx.save_for_backward(*inputs[:4], output[1])
+    ctx.backend = check_merge_args(*inputs)  # "auto" resolved as the forward did
 
 
 def _merge_attention_backward(ctx, dout, dlse):
@@ -186,13 +187,14 @@ def gated_merge_bwd(dout, out_local, out_mem, gate, backend):
 
 
 @torch.library.custom_op("l2m::gated_merge", mutates_args=())
-def gated_merge_op(out_local: Tensor, out_mem: Tensor, gate: Tensor, backend: str) -> Tensor:
+def gated_merge_op(out_local: Tensor, out_mem: Tensor, gate: Tensor, backend: str = "auto") -> Tensor:
+    backend = check_gated_merge_args(out_local, out_mem, gate, backend)
     return gated_merge_fwd(out_local, out_mem, gate, backend)
 
 
 @gated_merge_op.register_fake
 def _(out_local, out_mem, gate, backend):
-    return torch.empty_like(out_local, memory_format=torch.contiguous_format)
+    return contiguous_like(out_local)
 
 
 @torch.library.custom_op("l2m::gated_merge_backward", mutates_args=())
@@ -203,14 +205,13 @@ def gated_merge_backward_op(dout: Tensor, out_local: Tensor, out_mem: Tensor, ga
 
 @gated_merge_backward_op.register_fake
 def _(dout, out_local, out_mem, gate, backend):
-    like = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)  # noqa: E731
+    like = contiguous_like
     return like(out_local), like(out_mem), like(gate)
 
 
 def _gated_merge_setup(ctx, inputs, output):
-    out_local, out_mem, gate, backend = inputs
-    ctx.save_for_backward(out_local, out_mem, gate)
-    ctx.backend = backend
+    ctx.save_for_backward(*inputs[:3])
+    ctx.backend = check_gated_merge_args(*inputs)  # "auto" resolved as the forward did
 
 
 def _gated_merge_backward(ctx, dout):

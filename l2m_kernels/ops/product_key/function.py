@@ -9,15 +9,16 @@ one row per entry and coalesce them (a sort, deterministic).
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from ... import _ext
 from ..._alloc import empty
-from .._common import acc_dtype, reference_vjp
+from .._common import acc_dtype, contiguous_like, reference_vjp
 from .reference import product_key_gather, product_key_select
+from .validate import check_args
 
 
 def _reference_fwd(q, subkeys, values, k, k_sub, scale, sum_heads, deterministic):
@@ -165,9 +166,12 @@ BWD = {"reference": _reference_bwd, "cpu": _cpu_bwd, "triton": _triton_bwd, "cud
 
 
 @torch.library.custom_op("l2m::product_key_read", mutates_args=())
-def product_key_read_op(q: Tensor, subkeys: Tensor, values: Tensor, k: int, k_sub: int, scale: float,
-                        sum_heads: bool, sparse_grad: bool, deterministic: bool, backend: str
+def product_key_read_op(q: Tensor, subkeys: Tensor, values: Tensor, k: int, k_sub: Optional[int] = None,
+                        scale: Optional[float] = None, sum_heads: bool = False, sparse_grad: bool = False,
+                        deterministic: bool = False, backend: str = "auto"
                         ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    k, k_sub, scale, sum_heads, sparse_grad, deterministic, backend = check_args(
+        q, subkeys, values, k, k_sub, scale, sum_heads, sparse_grad, deterministic, backend)
     return FWD[backend](q, subkeys, values, k, k_sub, scale, sum_heads, deterministic)
 
 
@@ -197,12 +201,14 @@ def _(dout, dweights, dlse, q, subkeys, values, indices, weights, scale, sum_hea
         dvalues = values.new_empty((rows, values.shape[-1]))
         slots = values.new_empty((rows,), dtype=torch.int64)
     else:
-        dvalues, slots = torch.empty_like(values), values.new_empty((0,), dtype=torch.int64)
-    return torch.empty_like(q), torch.empty_like(subkeys), dvalues, slots
+        dvalues, slots = contiguous_like(values), values.new_empty((0,), dtype=torch.int64)
+    return contiguous_like(q), contiguous_like(subkeys), dvalues, slots
 
 
 def _setup(ctx, inputs, output):
-    q, subkeys, values, k, k_sub, scale, sum_heads, sparse_grad, deterministic, backend = inputs
+    q, subkeys, values = inputs[:3]
+    # defaults and "auto", resolved as the forward did
+    k, k_sub, scale, sum_heads, sparse_grad, deterministic, backend = check_args(*inputs)
     ctx.save_for_backward(q, subkeys, values, output[1], output[2])
     ctx.options = (scale, sum_heads, sparse_grad, deterministic, backend)
 

@@ -1,59 +1,13 @@
 """Sparse top-k memory read over dense keys (SPEC section 1)."""
 from __future__ import annotations
 
-import torch
-
-from ... import _validation as v
-from ...backends import resolve_deterministic, select_backend
 from .._common import MemoryRead
 from .function import topk_memory_read_op
 from .reference import topk_memory_read_ref
+from .validate import (MAX_K, check_args, check_values, resolve_scale, shared_if_broadcast,
+                       validate_memory)
 
-__all__ = ["topk_memory_read", "topk_memory_read_ref", "validate_memory"]
-
-MAX_K = 256
-
-
-def validate_memory(q, keys, values, *, q_name="q", keys_name="keys", values_name="values"):
-    """Check a (B, H, T, Dk) query against a (B, Hm, N, Dk) / (Hm, N, Dk) memory; returns N."""
-    v.require_ndim(q_name, q, (4,), "(B, H, T, Dk)")
-    B, H, T, Dk = q.shape
-    v.require_ndim(keys_name, keys, (3, 4), "(B, Hm, N, Dk) or (Hm, N, Dk)")
-    if keys.dim() == 4:
-        v.require_shape(keys_name, keys, (B, None, None, Dk), "(B, Hm, N, Dk)")
-    else:
-        v.require_shape(keys_name, keys, (None, None, Dk), "(Hm, N, Dk)")
-    Hm, N = keys.shape[-3], keys.shape[-2]
-    if Hm == 0 or H % Hm != 0:
-        raise ValueError(f"{keys_name}: the memory head count Hm must divide H (grouped heads), got "
-                         f"H={H}, Hm={Hm} (shape {tuple(keys.shape)})")
-    lead = tuple(keys.shape[:-1])
-    v.require_ndim(values_name, values, (keys.dim(),), f"{keys_name}'s leading shape + (Dv,)")
-    v.require_shape(values_name, values, lead + (None,),
-                    "(B, Hm, N, Dv)" if keys.dim() == 4 else "(Hm, N, Dv)")
-    v.require_same_dtype(q_name, q, **{keys_name: keys, values_name: values})
-    return N
-
-
-def validate_valid_len(valid_len, B: int, N: int):
-    if valid_len is None:
-        return None
-    v.require_shape("valid_len", valid_len, (B,), "(B,)")
-    v.require_index_dtype("valid_len", valid_len)
-    if not torch.compiler.is_compiling() and valid_len.numel():
-        low, high = int(valid_len.min()), int(valid_len.max())
-        if low < 0 or high > N:
-            raise ValueError(f"valid_len: expected 0 <= valid_len[b] <= N = {N}, got values in "
-                             f"[{low}, {high}]")
-    return valid_len
-
-
-def resolve_scale(scale, Dk: int) -> float:
-    if scale is None:
-        return float(Dk) ** -0.5
-    if isinstance(scale, torch.Tensor):
-        raise TypeError("scale: expected a Python float, got a Tensor")
-    return float(scale)
+__all__ = ["topk_memory_read", "topk_memory_read_ref", "validate_memory", "resolve_scale", "MAX_K"]
 
 
 def topk_memory_read(q, keys, values, k, *, scale=None, valid_len=None, deterministic=False, backend=None):
@@ -89,15 +43,11 @@ def topk_memory_read(q, keys, values, k, *, scale=None, valid_len=None, determin
         weights = top.softmax(-1); lse = top.logsumexp(-1)
         out = (weights[..., None] * values.gather(idx)).sum(-2)
     """
-    N = validate_memory(q, keys, values)
-    B, H, T, Dk = q.shape
-    k = v.require_int("k", k, 1, min(N, MAX_K), f" (N = {N}, at most {MAX_K})")
-    valid_len = validate_valid_len(valid_len, B, N)
-    device = v.require_same_device(q=q, keys=keys, values=values, valid_len=valid_len)
-    scale = resolve_scale(scale, Dk)
-    deterministic = resolve_deterministic(deterministic)
-    name = select_backend("topk_memory_read", device, q.dtype, backend,
-                          sizes=dict(Dk=Dk, Dv=values.shape[-1], N=N, rows=B * H * T))
+    k, scale, valid_len, deterministic, name = check_args(q, keys, values, k, scale, valid_len,
+                                                          deterministic, backend)
+    keys, values = shared_if_broadcast(keys, values)
     if name == "reference":
+        check_values(q, keys, values, k, scale, valid_len, deterministic, name)
         return MemoryRead(*topk_memory_read_ref(q, keys, values, k, scale=scale, valid_len=valid_len))
+    # The custom op checks valid_len's values itself, at call time (also inside compiled graphs).
     return MemoryRead(*topk_memory_read_op(q, keys, values, k, scale, valid_len, deterministic, name))

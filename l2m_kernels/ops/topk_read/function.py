@@ -14,8 +14,9 @@ from torch import Tensor
 
 from ... import _ext
 from ..._alloc import empty
-from .._common import acc_dtype, reference_vjp
+from .._common import acc_dtype, contiguous_like, reference_vjp
 from .reference import topk_read_gather, topk_read_select
+from .validate import check_args, check_values
 
 
 def _reference_fwd(q, keys, values, k, scale, valid_len, deterministic):
@@ -82,9 +83,12 @@ def topk_memory_read_bwd(dout, dweights, dlse, q, keys, values, indices, weights
 
 
 @torch.library.custom_op("l2m::topk_memory_read", mutates_args=())
-def topk_memory_read_op(q: Tensor, keys: Tensor, values: Tensor, k: int, scale: float,
-                        valid_len: Optional[Tensor], deterministic: bool, backend: str
+def topk_memory_read_op(q: Tensor, keys: Tensor, values: Tensor, k: int, scale: Optional[float] = None,
+                        valid_len: Optional[Tensor] = None, deterministic: bool = False, backend: str = "auto"
                         ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    args = (q, keys, values, k, scale, valid_len, deterministic, backend)
+    k, scale, valid_len, deterministic, backend = check_args(*args)
+    check_values(*args)
     return topk_memory_read_fwd(q, keys, values, k, scale, valid_len, deterministic, backend)
 
 
@@ -106,11 +110,12 @@ def topk_memory_read_backward_op(dout: Tensor, dweights: Tensor, dlse: Tensor, q
 
 @topk_memory_read_backward_op.register_fake
 def _(dout, dweights, dlse, q, keys, values, indices, weights, scale, deterministic, backend):
-    return torch.empty_like(q), torch.empty_like(keys), torch.empty_like(values)
+    return contiguous_like(q), contiguous_like(keys), contiguous_like(values)
 
 
 def _setup(ctx, inputs, output):
-    q, keys, values, k, scale, valid_len, deterministic, backend = inputs
+    q, keys, values = inputs[:3]
+    _, scale, _, deterministic, backend = check_args(*inputs)  # defaults and "auto", as the forward did
     ctx.save_for_backward(q, keys, values, output[1], output[2])
     ctx.scale, ctx.deterministic, ctx.backend = scale, deterministic, backend
 
