@@ -225,14 +225,23 @@ def select_backend(op: str, device: torch.device, dtype: torch.dtype, backend: s
 
     Explicit ``backend``: that backend or ``NotImplementedError`` with its reasons; an unknown name
     raises ``ValueError`` listing the valid ones.
-    ``None`` or ``"auto"``: ``L2M_BACKEND`` when it can serve, else the first of :data:`AUTO_ORDER` (or the op's
-    entry in :data:`AUTO_ORDER_BY_OP`) that can.
+    ``None`` or ``"auto"``: ``L2M_BACKEND`` when it can serve, else the first of
+    :data:`AUTO_ORDER` (or the op's entry in :data:`AUTO_ORDER_BY_OP`) that can.
     ``sizes`` (name -> int) are checked against each backend's ``size_limits``.
     """
     if backend == AUTO:
         backend = None
-    return _select_backend(op, device.type, dtype, backend,
-                           None if sizes is None else tuple(sorted((k, int(v)) for k, v in sizes.items())))
+    if sizes is not None:
+        # Only the sizes over some backend's limit matter. Comparing (rather than reading) them keeps
+        # a dimension that torch.compile traces as dynamic symbolic: the comparison becomes a guard
+        # such as "B * H * T <= 2**31 - 1" instead of specialising the graph to one value.
+        over = {}
+        for candidate in BACKENDS.values():
+            for name, limit in candidate.size_limits.get(op, {}).items():
+                if name in sizes and name not in over and sizes[name] > limit:
+                    over[name] = int(sizes[name])
+        sizes = tuple((name, over[name]) for name in sorted(over))
+    return _select_backend(op, device.type, dtype, backend, sizes)
 
 
 @_constant_at_trace_time

@@ -1,7 +1,7 @@
 """Fused memory attention (SPEC section 5): local causal attention and a top-k memory read, merged."""
 from __future__ import annotations
 
-from .._common import MemoryAttention
+from .._common import MemoryAttention, autocast_promote
 from ..topk_read.validate import shared_if_broadcast
 from .function import memory_attention_op
 from .reference import local_attention_ref, memory_attention_ref
@@ -39,6 +39,7 @@ def memory_attention(q, k, v, mem_keys, mem_values, topk, *, window=None, merge=
         out = merge_attention(local, lse_local, mem.out, mem.lse)[0]     # merge="joint"
         out = gated_merge(local, mem.out, gate)                          # merge="gate"
     """
+    q, k, v, mem_keys, mem_values, gate = autocast_promote(q, k, v, mem_keys, mem_values, gate)
     topk, window, scale, valid_len, deterministic, name = check_args(
         q, k, v, mem_keys, mem_values, topk, window, merge, gate, scale, valid_len, deterministic, backend)
     mem_keys, mem_values = shared_if_broadcast(mem_keys, mem_values)

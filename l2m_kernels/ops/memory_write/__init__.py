@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .._common import autocast_promote
 from .function import gated_dense_update_op, gated_memory_write_inplace_op, gated_memory_write_op
 from .reference import gated_dense_update_ref, gated_memory_write_ref, gated_memory_write_ref_
 from .validate import check_dense_args, check_write_args, check_write_values
@@ -37,6 +38,10 @@ def gated_memory_write(memory, indices, weights, add, erase, *, inplace=False, b
                 w = weights[..., t, j, None]
                 M[s] = M[s] * (1 - w * erase[..., t, :]) + w * add[..., t, :]
     """
+    if inplace:  # the memory keeps its dtype
+        weights, add, erase = autocast_promote(weights, add, erase, to=memory.dtype)
+    else:
+        memory, weights, add, erase = autocast_promote(memory, weights, add, erase)
     name = check_write_args(memory, indices, weights, add, erase, backend)
     if inplace:
         grad_needed = torch.is_grad_enabled() and any(
@@ -72,6 +77,7 @@ def gated_dense_update(memory, update, input_gate, forget_gate, *, backend=None)
     Equivalent PyTorch:
         torch.sigmoid(forget_gate) * memory + torch.sigmoid(input_gate) * torch.tanh(update)
     """
+    memory, update, input_gate, forget_gate = autocast_promote(memory, update, input_gate, forget_gate)
     name = check_dense_args(memory, update, input_gate, forget_gate, backend)
     if name == "reference":
         return gated_dense_update_ref(memory, update, input_gate, forget_gate)

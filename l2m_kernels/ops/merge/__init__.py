@@ -1,6 +1,7 @@
 """Merging attention over two key sets: ``merge_attention`` (exact log-sum-exp) and ``gated_merge``."""
 from __future__ import annotations
 
+from .._common import autocast_promote
 from .function import gated_merge_op, merge_attention_op
 from .reference import gated_merge_ref, merge_attention_ref
 from .validate import check_gated_merge_args, check_merge_args
@@ -26,6 +27,7 @@ def merge_attention(out_a, lse_a, out_b, lse_b, *, backend=None):
         lse = torch.logaddexp(lse_a, lse_b)
         out = (lse_a - lse).exp()[..., None] * out_a + (lse_b - lse).exp()[..., None] * out_b
     """
+    out_a, out_b = autocast_promote(out_a, out_b)
     name = check_merge_args(out_a, lse_a, out_b, lse_b, backend)
     if name == "reference":
         return merge_attention_ref(out_a, lse_a, out_b, lse_b)
@@ -48,6 +50,7 @@ def gated_merge(out_local, out_mem, gate, *, backend=None):
     Equivalent PyTorch:
         g = torch.sigmoid(gate); out = g * out_mem + (1 - g) * out_local
     """
+    out_local, out_mem, gate = autocast_promote(out_local, out_mem, gate)
     name = check_gated_merge_args(out_local, out_mem, gate, backend)
     if name == "reference":
         return gated_merge_ref(out_local, out_mem, gate)

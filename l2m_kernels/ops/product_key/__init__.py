@@ -1,7 +1,7 @@
 """Product-key memory read for million-slot memories (SPEC section 2)."""
 from __future__ import annotations
 
-from .._common import MemoryRead
+from .._common import MemoryRead, autocast_promote
 from .function import product_key_read_op
 from .reference import product_key_read_ref
 from .validate import check_args
@@ -40,6 +40,7 @@ def product_key_read(q, subkeys, values, k, *, k_sub=None, scale=None, sum_heads
         top, j = cand.flatten(-2).topk(k); indices = slot.flatten(-2).gather(-1, j)
         weights = top.softmax(-1); out = (weights[..., None] * values[indices]).sum(-2)
     """
+    q, subkeys, values = autocast_promote(q, subkeys, values)
     k, k_sub, scale, sum_heads, sparse_grad, deterministic, name = check_args(
         q, subkeys, values, k, k_sub, scale, sum_heads, sparse_grad, deterministic, backend)
     if name == "reference":

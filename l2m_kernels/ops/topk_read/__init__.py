@@ -1,7 +1,7 @@
 """Sparse top-k memory read over dense keys (SPEC section 1)."""
 from __future__ import annotations
 
-from .._common import MemoryRead
+from .._common import MemoryRead, autocast_promote
 from .function import topk_memory_read_op
 from .reference import topk_memory_read_ref
 from .validate import (MAX_K, check_args, check_values, resolve_scale, shared_if_broadcast,
@@ -43,6 +43,7 @@ def topk_memory_read(q, keys, values, k, *, scale=None, valid_len=None, determin
         weights = top.softmax(-1); lse = top.logsumexp(-1)
         out = (weights[..., None] * values.gather(idx)).sum(-2)
     """
+    q, keys, values = autocast_promote(q, keys, values)
     k, scale, valid_len, deterministic, name = check_args(q, keys, values, k, scale, valid_len,
                                                           deterministic, backend)
     keys, values = shared_if_broadcast(keys, values)
