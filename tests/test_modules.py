@@ -48,12 +48,27 @@ def test_topk_memory_read_matches_the_op():
 
 
 def test_loaded_state_with_valid_len():
-    memory = TopKMemory(num_slots=1, key_dim=8, value_dim=8, trainable=False)
+    memory = TopKMemory(num_slots=20, key_dim=8, value_dim=8, num_heads=3, trainable=False)
     keys, values = rand(2, 3, 20, 8), rand(2, 3, 20, 8)
     memory.load_(keys, values, valid_len=torch.tensor([20, 4]))
     read = memory(rand(2, 3, 6, 8), k=6)
     assert (read.indices[1, ..., 4:] == -1).all() and (read.indices[1, ..., :4] >= 0).all()
     assert memory.num_slots == 20 and "valid_len" in memory.state_dict()
+
+
+def test_load_checks_the_bank_sizes():
+    memory = TopKMemory(num_slots=20, key_dim=8, value_dim=6, num_heads=3, trainable=False)
+    with pytest.raises(ValueError, match="num_slots=20, got N=12"):
+        memory.load_(rand(3, 12, 8), rand(3, 12, 6))
+    assert memory.num_slots == 20 and memory.keys.shape == (3, 20, 8)          # untouched
+    for keys, values in ((rand(2, 20, 8), rand(2, 20, 6)), (rand(3, 20, 4), rand(3, 20, 6)),
+                         (rand(3, 20, 8), rand(3, 20, 5))):
+        with pytest.raises(ValueError, match="num_heads=3, key_dim=8, value_dim=6"):
+            memory.load_(keys, values)
+    with pytest.raises(ValueError, match="valid_len"):
+        memory.load_(rand(2, 3, 20, 8), rand(2, 3, 20, 6), valid_len=torch.tensor([1, 2, 3]))
+    memory.load_(rand(3, 12, 8), rand(3, 12, 6), resize=True)
+    assert memory.num_slots == 12 and memory(rand(1, 3, 2, 8), k=12).indices.max() == 11
 
 
 def test_load_refused_for_trainable_bank():
@@ -142,7 +157,7 @@ def test_product_key_memory_rejects_bad_config():
 # ---- writing into a TopKMemory ----
 
 def _loaded_bank(B=2, Hm=2, N=8, D=8):
-    bank = TopKMemory(num_slots=1, key_dim=N, value_dim=D, num_heads=Hm, trainable=False)
+    bank = TopKMemory(num_slots=N, key_dim=N, value_dim=D, num_heads=Hm, trainable=False)
     keys = torch.eye(N).expand(Hm, N, N).contiguous()          # slot n has the one-hot key e_n
     return bank.load_(keys, torch.zeros(Hm, N, D))
 

@@ -60,17 +60,36 @@ class TopKMemory(nn.Module):
             nn.init.normal_(self.values, std=1.0 / math.sqrt(self.value_dim))
 
     @torch.no_grad()
-    def load_(self, keys: torch.Tensor, values: torch.Tensor, valid_len: Optional[torch.Tensor] = None) -> "TopKMemory":
+    def load_(self, keys: torch.Tensor, values: torch.Tensor, valid_len: Optional[torch.Tensor] = None, *,
+              resize: bool = False) -> "TopKMemory":
         """Replace the bank's state (buffers only): keys ``(Hm, N, Dk)`` or ``(B, Hm, N, Dk)``,
-        values with the same leading shape and last size ``Dv``, optional int ``valid_len (B,)``."""
+        values with the same leading shape and last size ``Dv``, optional int ``valid_len (B,)``.
+
+        The sizes must be the bank's own (``num_heads``, ``num_slots``, ``key_dim``,
+        ``value_dim``); a partly filled bank keeps ``num_slots`` and passes ``valid_len``.
+        ``resize=True`` lets the state change ``num_slots`` (the bank takes the new size).
+        """
         if isinstance(self.keys, nn.Parameter):
             raise RuntimeError("load_ replaces stored state; this TopKMemory has trainable=True parameters")
-        if keys.shape[:-1] != values.shape[:-1] or keys.dim() not in (3, 4):
+        if keys.dim() not in (3, 4) or keys.shape[:-1] != values.shape[:-1]:
             raise ValueError(f"keys/values: expected (Hm, N, D) or (B, Hm, N, D) with matching leading "
                              f"shapes, got {tuple(keys.shape)} and {tuple(values.shape)}")
+        Hm, N, Dk, Dv = keys.shape[-3], keys.shape[-2], keys.shape[-1], values.shape[-1]
+        if (Hm, Dk, Dv) != (self.num_heads, self.key_dim, self.value_dim):
+            raise ValueError(f"keys/values: this TopKMemory has num_heads={self.num_heads}, "
+                             f"key_dim={self.key_dim}, value_dim={self.value_dim}; got keys "
+                             f"{tuple(keys.shape)} and values {tuple(values.shape)}")
+        if N != self.num_slots and not resize:
+            raise ValueError(f"keys: this TopKMemory has num_slots={self.num_slots}, got N={N} (shape "
+                             f"{tuple(keys.shape)}); pass valid_len for a partly filled bank, or "
+                             f"resize=True to change num_slots")
+        if valid_len is not None and (valid_len.dim() != 1 or (keys.dim() == 4 and len(valid_len) != keys.shape[0])):
+            raise ValueError(f"valid_len: expected shape (B,) (B = the batch of the read queries"
+                             f"{'' if keys.dim() == 3 else f', {keys.shape[0]} here'}), "
+                             f"got {tuple(valid_len.shape)}")
         self.keys, self.values = keys.detach(), values.detach()
         self.valid_len = None if valid_len is None else valid_len.detach()
-        self.num_heads, self.num_slots = keys.shape[-3], keys.shape[-2]
+        self.num_slots = N
         return self
 
     def read(self, q: torch.Tensor, k: int, *, scale: Optional[float] = None,
