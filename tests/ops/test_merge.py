@@ -86,6 +86,18 @@ def test_merge_attention_empty_and_noncontiguous(backend, device):
     for shape in [(0, 2, 3, 8), (2, 2, 0, 8)]:
         out, lse = l2m.merge_attention(*_merge_inputs(shape, torch.float32, device), backend=backend)
         assert out.shape == shape and lse.shape == shape[:3]
+    # D == 0 with rows: lse is still the merge of the two lse, gradients flow to them
+    inputs = [t.requires_grad_() for t in _merge_inputs((2, 3, 4, 0), torch.float32, device)]
+    out, lse = l2m.merge_attention(*inputs, backend=backend)
+    ref_out, ref_lse = merge_attention_ref(*inputs)
+    assert out.shape == (2, 3, 4, 0)
+    assert_close("lse (D = 0)", lse, ref_lse)
+    got = torch.autograd.grad(lse.sum(), (inputs[1], inputs[3]))
+    want = torch.autograd.grad(ref_lse.sum(), (inputs[1], inputs[3]))
+    for g, w in zip(got, want):
+        assert_close("dlse (D = 0)", g, w)
+    blended = l2m.gated_merge(inputs[0], inputs[2], torch.zeros(3, 1, 1), backend=backend)
+    assert blended.shape == (2, 3, 4, 0)
     # Non-contiguous views (transposed head/time) are accepted and give the same result.
     base = _merge_inputs((2, 5, 4, 16), torch.float32, device, special_rows=False)
     views = [base[0].transpose(1, 2), base[1].transpose(1, 2), base[2].transpose(1, 2), base[3].transpose(1, 2)]

@@ -75,8 +75,9 @@ def row_kernels(backend: str):
 
 
 def _rows(t: Tensor, d: int | None) -> Tensor:
+    # (..., D) -> (rows, D) by flattening the leading dims (view(-1, D) is ambiguous when D == 0).
     t = t.contiguous()
-    return t.view(-1, d) if d is not None else t.view(-1)
+    return t.flatten(0, -2) if d is not None else t.view(-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,7 +91,7 @@ def merge_attention_fwd(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tens
     lse = empty((B, H, T), dtype=lse_a.dtype, device=out_a.device)
     if out.numel() or lse.numel():
         row_kernels(backend).merge_attention_fwd(_rows(out_a, D), _rows(lse_a, None), _rows(out_b, D),
-                                                 _rows(lse_b, None), out.view(-1, D), lse.view(-1))
+                                                 _rows(lse_b, None), out.flatten(0, -2), lse.view(-1))
     return out, lse
 
 
@@ -103,8 +104,8 @@ def merge_attention_bwd(dout, dlse, out_a, lse_a, out_b, lse_b, lse, backend):
     if lse.numel():
         row_kernels(backend).merge_attention_bwd(
             _rows(dout, D), _rows(dlse, None), _rows(out_a, D), _rows(lse_a, None), _rows(out_b, D),
-            _rows(lse_b, None), _rows(lse, None), grads[0].view(-1, D), grads[1].view(-1),
-            grads[2].view(-1, D), grads[3].view(-1))
+            _rows(lse_b, None), _rows(lse, None), grads[0].flatten(0, -2), grads[1].view(-1),
+            grads[2].flatten(0, -2), grads[3].view(-1))
     return grads
 
 
@@ -165,7 +166,7 @@ def gated_merge_fwd(out_local: Tensor, out_mem: Tensor, gate: Tensor, backend: s
     out = empty((B, H, T, D), dtype=out_local.dtype, device=out_local.device)
     if out.numel():
         row_kernels(backend).gated_merge_fwd(_rows(out_local, D), _rows(out_mem, D),
-                                             _gate_rows(gate, B, H, T).contiguous(), out.view(-1, D))
+                                             _gate_rows(gate, B, H, T).contiguous(), out.flatten(0, -2))
     return out
 
 
@@ -177,8 +178,8 @@ def gated_merge_bwd(dout, out_local, out_mem, gate, backend):
     d_gate_rows = empty((B, H, T), dtype=acc, device=out_local.device)
     if d_local.numel():
         row_kernels(backend).gated_merge_bwd(_rows(dout, D), _rows(out_local, D), _rows(out_mem, D),
-                                             _gate_rows(gate, B, H, T).contiguous(), d_local.view(-1, D),
-                                             d_mem.view(-1, D), d_gate_rows.view(-1))
+                                             _gate_rows(gate, B, H, T).contiguous(), d_local.flatten(0, -2),
+                                             d_mem.flatten(0, -2), d_gate_rows.view(-1))
     else:
         d_gate_rows.zero_()
     # Reduce the per-row gate gradient over the dimensions the gate was broadcast along.
