@@ -192,8 +192,9 @@ void gated_merge_fwd_impl(const GatedMergeFwdParams& params) {
   at::parallel_for(0, params.rows, rows_per_task(dim), [&](int64_t row_begin, int64_t row_end) {
     acc_t local_buffer[kTile], mem_buffer[kTile], out_buffer[kTile];  // used by half types only
     for (int64_t row = row_begin; row < row_end; ++row) {
-      const acc_t g = sigmoid(static_cast<acc_t>(gate[row]));
-      const acc_t one_minus_g = acc_t(1) - g;
+      const acc_t logit = static_cast<acc_t>(gate[row]);
+      // 1 - g as sigmoid(-logit): 1 - sigmoid(logit) loses its digits when the gate saturates.
+      const acc_t g = sigmoid(logit), one_minus_g = sigmoid(-logit);
       const int64_t row_offset = row * dim;
       for (int64_t d0 = 0; d0 < dim; d0 += kTile) {
         const int64_t n = std::min(kTile, dim - d0);
@@ -226,8 +227,9 @@ void gated_merge_bwd_impl(const GatedMergeBwdParams& params) {
     acc_t dout_buffer[kTile], local_buffer[kTile], mem_buffer[kTile];  // used by half types only
     acc_t d_local_buffer[kTile], d_mem_buffer[kTile];
     for (int64_t row = row_begin; row < row_end; ++row) {
-      const acc_t g = sigmoid(static_cast<acc_t>(gate[row]));
-      const acc_t one_minus_g = acc_t(1) - g;
+      const acc_t logit = static_cast<acc_t>(gate[row]);
+      // 1 - g as sigmoid(-logit): 1 - sigmoid(logit) loses its digits when the gate saturates.
+      const acc_t g = sigmoid(logit), one_minus_g = sigmoid(-logit);
       const int64_t row_offset = row * dim;
       acc_t dot_diff = 0;  // sum_d dout * (out_mem - out_local)
       for (int64_t d0 = 0; d0 < dim; d0 += kTile) {

@@ -237,3 +237,20 @@ if given is not None:
         for out, lse in (left, right):
             assert_close("out", out, want, torch.float32)
             assert_close("lse", lse, want_lse, torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", fused_backend_params("gated_merge") + [pytest.param("reference", "cpu")])
+def test_gated_merge_saturated_gate_keeps_precision(backend, device):
+    # 1 - sigmoid(9) = 1.2e-4: as 1 - g in float32 it kept 3 digits (the cpu kernel and the reference
+    # had 1e-4 relative errors in d_out_local and out's local share); sigmoid(-gate) keeps them all.
+    g = torch.Generator().manual_seed(3)
+    shape = (2, 3, 5, 16)
+    inputs = (torch.randn(shape, generator=g), torch.randn(shape, generator=g),
+              9.0 + 0.1 * torch.randn(3, 1, 1, generator=g))
+    dout = torch.randn(shape, generator=g)
+    (out,), grads = _grads(lambda *x: l2m.gated_merge(*x, backend=backend), [x.to(device) for x in inputs],
+                           (dout.to(device),))
+    (ref_out,), ref_grads = _reference64(gated_merge_ref, inputs, (dout,))
+    assert_close("out", out, ref_out)
+    assert_close("d_out_local", grads[0], ref_grads[0])
+    assert_close("d_out_mem", grads[1], ref_grads[1])

@@ -59,6 +59,7 @@ def gated_merge_ref(out_local, out_mem, gate):
         g = torch.sigmoid(gate); out = g * out_mem + (1 - g) * out_local
     """
     acc = _acc_dtype(out_local.dtype)
-    g = torch.sigmoid(gate.to(acc))
-    out = g * out_mem.to(acc) + (1 - g) * out_local.to(acc)
+    logits = gate.to(acc)
+    # 1 - g as sigmoid(-gate): 1 - sigmoid(gate) loses its digits when the gate saturates.
+    out = torch.sigmoid(logits) * out_mem.to(acc) + torch.sigmoid(-logits) * out_local.to(acc)
     return out.to(out_local.dtype)
