@@ -262,3 +262,29 @@ def test_memory_attention_cpu_independent_of_thread_count(merge):
         torch.set_num_threads(previous)
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_memory_attention_saturated_gate_gradients(backend, device, dtype):
+    # sigmoid(gate) near 1: the local part's share (1 - g) is small. The triton backward took
+    # (1 - g) <dout, out_local> as Delta - g <dout, out_mem> with Delta from the rounded out (found by
+    # the fuzzer: dgate and dk lost every digit in bfloat16), and the cpu merge took 1 - g as
+    # 1 - sigmoid(gate) (1e-4 off in float32 at gate 8).
+    B, H, Hkv, T, S, D, N, topk = 2, 4, 2, 16, 24, 16, 32, 4
+    g = torch.Generator().manual_seed(7)
+    draw = lambda *shape: torch.randn(shape, generator=g).to(dtype)  # noqa: E731
+    inputs = dict(q=draw(B, H, T, D), k=draw(B, Hkv, S, D), v=draw(B, Hkv, S, D), mem_keys=draw(B, Hkv, N, D),
+                  mem_values=draw(B, Hkv, N, D), gate=(8.0 + 0.1 * torch.randn(H, 1, 1, generator=g)).to(dtype))
+    dout = draw(B, H, T, D)
+
+    def grads(tensors, name):
+        t = {n: x.to(device).requires_grad_() for n, x in tensors.items()}
+        out = l2m.memory_attention(t["q"], t["k"], t["v"], t["mem_keys"], t["mem_values"], topk, merge="gate",
+                                   gate=t["gate"], backend=name).out
+        return torch.autograd.grad(out, list(t.values()), dout.to(out.dtype).to(device))
+
+    fused = grads(inputs, backend)
+    ref = grads({n: x.double() for n, x in inputs.items()}, "reference")
+    for name, a, e in zip(inputs, fused, ref):
+        assert_close("d" + name, a, e, dtype)

@@ -45,10 +45,12 @@ with ``W_j = exp(s_j - lse_mem)`` and ``dw_j = <dout, mem_values[idx_j]>``, wher
   ``b = exp(lse_mem - lse)``; ``out`` is the softmax over the union, so ``d out / d s_n =
   a P_n (v_n - out)``; ``lse_local`` and ``lse_mem`` add ``dlse_local * P_n``, ``dlse_mem * W_j``):
   ``c_L = a, delta_L = a * Delta - dlse_local;  c_M = b, delta_M = b * Delta - dlse_mem``.
-- gate (``g = sigmoid(gate)``, ``X_M = <dout, out_mem> = sum_j W_j dw_j``; ``(1 - g) <dout,
-  out_local> = Delta - g X_M`` needs no ``out_local``):
-  ``c_L = 1 - g, delta_L = Delta - g X_M - dlse_local;  c_M = g, delta_M = g X_M - dlse_mem``;
-  ``dgate = g (1 - g) <dout, out_mem - out_local> = g (X_M - Delta)``, summed to the gate's shape.
+- gate (``g = sigmoid(gate)``, ``X_M = <dout, out_mem> = sum_j W_j dw_j``, ``Y_L = <dout,
+  out_local>`` with ``out_local`` recomputed by the forward kernels with the memory part switched
+  off): ``c_L = 1 - g, delta_L = (1 - g) Y_L - dlse_local;  c_M = g, delta_M = g X_M - dlse_mem``;
+  ``dgate = g (1 - g) (X_M - Y_L)``, summed to the gate's shape. (``(1 - g) Y_L = Delta - g X_M``
+  would need no recompute, but ``Delta`` comes from the rounded ``out``, whose error is divided by
+  ``1 - g`` there: a saturated gate lost every digit of ``dgate`` and ``dk`` in bfloat16.)
 
 Then ``dv_n += c_L P_n dout``, ``dk_n += scale ds_n q``, ``dq += scale ds_n k_n`` (local) and
 ``dmem_values[idx_j] += c_M W_j dout``, ``dmem_keys[idx_j] += scale ds_j q``,
@@ -402,7 +404,7 @@ def memory_attention_bwd_mem_kernel(
     mem_keys,  # [B, Hm, N, D] or [Hm, N, D] x
     mem_values,  # [B, Hm, N, Dv] or [Hm, N, Dv] x
     dout,  # [B, H, T, Dv] x
-    out,  # [B, H, T, Dv] x, the forward's
+    out,  # [B, H, T, Dv] x, the forward's (MERGE_GATE: out_local, recomputed)
     indices,  # [B, H, T, topk] int64
     lse_local,  # [B, H, T] fp32
     lse_mem,  # [B, H, T] fp32
@@ -472,11 +474,12 @@ def memory_attention_bwd_mem_kernel(
                            other=0.).to(tl.float32)
             b_w = tl.where(m_live & m_has_mem, tl.exp(tl.sum(b_q_scaled * b_mk, axis=1) - b_lse_mem), 0.)
             b_xm += tl.where(m_live, b_w * tl.sum(b_do * b_mv, axis=1), 0.)
+        # Here `out` is out_local: b_delta_out is Y_L = <dout, out_local>.
         b_c_local = b_one_minus_g
-        b_delta_local = b_delta_out - b_g * b_xm - b_dlse_local
+        b_delta_local = b_one_minus_g * b_delta_out - b_dlse_local
         b_c_mem = b_g
         b_delta_mem = b_g * b_xm - b_dlse_mem
-        tl.store(dgate_rows + o_row, b_g * (b_xm - b_delta_out), mask=m_t)
+        tl.store(dgate_rows + o_row, b_g * b_one_minus_g * (b_xm - b_delta_out), mask=m_t)
     else:
         b_lse = _merged_lse(b_lse_local, b_lse_mem)
         b_a = _side_weight(b_lse_local, b_lse)
@@ -915,25 +918,50 @@ def memory_attention_fwd(q, k, v, mem_keys, mem_values, topk, window, merge, gat
 
     with topk_triton._device_guard(q):
         topk_triton.topk_read_select(q, mem_keys, vl, topk, float(scale), indices, weights, lse_mem)
-        config = launch_config(D, Dv, q.dtype)
-        constexprs, tile = _fwd_constexprs(config, merge_gate)
-        num_t_blocks = triton.cdiv(T, tile.block_m)
-        nonfinite = torch.empty(num_t_blocks * B * H, dtype=torch.int32, device=device)
-        window_arg, qk_scale = _window(window, S), float(scale) * LOG2E_PY
-        memory_attention_fwd_kernel[(num_t_blocks * B * H,)](
-            q, k, v, mem_values, indices, weights, lse_mem, gate_rows, out, lse_local, nonfinite,
-            T, S, D, Dv, N, topk, H, Hkv, Hm, window_arg, qk_scale,
-            0 if mem_values.dim() == 3 else Hm * N * Dv, num_t_blocks,
-            **constexprs, **_launch_options(tile),
-        )
-        # Returns at once unless a masked tile held an inf/NaN value (no host sync to find out).
-        constexprs, tile = _nonfinite_constexprs(config, merge_gate)
-        memory_attention_fwd_nonfinite_kernel[(num_t_blocks * B * H,)](
-            q, k, v, lse_mem, gate_rows, lse_local, nonfinite, out,
-            T, S, D, Dv, H, Hkv, Hm, window_arg, qk_scale, num_t_blocks,
-            **constexprs, **_launch_options(tile),
-        )
+        _attention_fwd(q, k, v, mem_values, indices, weights, lse_mem, gate_rows, out, lse_local, window,
+                       scale, merge_gate)
     return out, lse_local, lse_mem, indices
+
+
+def _attention_fwd(q, k, v, mem_values, indices, weights, lse_mem, gate_rows, out, lse_local, window, scale,
+                   merge_gate):
+    """The forward kernels on contiguous inputs and a given selection: out, lse_local written."""
+    B, H, T, D = q.shape
+    Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    Hm, N = mem_values.shape[-3], mem_values.shape[-2]
+    topk = indices.shape[-1]
+    config = launch_config(D, Dv, q.dtype)
+    constexprs, tile = _fwd_constexprs(config, merge_gate)
+    num_t_blocks = triton.cdiv(T, tile.block_m)
+    nonfinite = torch.empty(num_t_blocks * B * H, dtype=torch.int32, device=q.device)
+    window_arg, qk_scale = _window(window, S), float(scale) * LOG2E_PY
+    memory_attention_fwd_kernel[(num_t_blocks * B * H,)](
+        q, k, v, mem_values, indices, weights, lse_mem, gate_rows, out, lse_local, nonfinite,
+        T, S, D, Dv, N, topk, H, Hkv, Hm, window_arg, qk_scale,
+        0 if mem_values.dim() == 3 else Hm * N * Dv, num_t_blocks,
+        **constexprs, **_launch_options(tile),
+    )
+    # Returns at once unless a masked tile held an inf/NaN value (no host sync to find out).
+    constexprs, tile = _nonfinite_constexprs(config, merge_gate)
+    memory_attention_fwd_nonfinite_kernel[(num_t_blocks * B * H,)](
+        q, k, v, lse_mem, gate_rows, lse_local, nonfinite, out,
+        T, S, D, Dv, H, Hkv, Hm, window_arg, qk_scale, num_t_blocks,
+        **constexprs, **_launch_options(tile),
+    )
+
+
+def _local_out(q, k, v, mem_values, indices, lse_mem, window, scale):
+    """out_local (input dtype), recomputed by the forward kernels in gate mode with a gate of -inf
+    (sigmoid 0: the local part alone) and no memory entry (indices -1)."""
+    B, H, T, _ = q.shape
+    out_local = torch.empty((B, H, T, v.shape[-1]), dtype=q.dtype, device=q.device)
+    lse_scratch = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    gate_off = torch.full((B * H * T,), float("-inf"), dtype=q.dtype, device=q.device)
+    no_entries = torch.full_like(indices, -1)
+    weights = torch.zeros(indices.shape, dtype=torch.float32, device=q.device)
+    _attention_fwd(q, k, v, mem_values, no_entries, weights, lse_mem, gate_off, out_local, lse_scratch, window,
+                   scale, True)
+    return out_local
 
 
 def memory_attention_bwd(dout, dlse_local, dlse_mem, q, k, v, mem_keys, mem_values, indices, out, lse_local,
@@ -1013,6 +1041,8 @@ def memory_attention_bwd(dout, dlse_local, dlse_mem, q, k, v, mem_keys, mem_valu
     window_arg = _window(window, S)
     R = (H // Hm) * T
     with topk_triton._device_guard(q):
+        if merge_gate:   # the memory kernel takes <dout, out_local> from out_local (see the module doc)
+            out = _local_out(q, k, v, mem_values, indices, lse_mem, window, scale)
         constexprs, tile = _mem_constexprs(config, merge_gate, atomic)
         num_row_blocks = triton.cdiv(R, tile.block_m)
         memory_attention_bwd_mem_kernel[(num_row_blocks * B * Hm,)](
