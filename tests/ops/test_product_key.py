@@ -298,3 +298,23 @@ def test_cpu_kernels_reject_bad_arguments():
             ext.product_key_bwd(*cots, q, subkeys, values, bad, weights, 1.0, False, False, *grads)
     with pytest.raises(ValueError, match="dvalues"):
         ext.product_key_bwd(*cots, q, subkeys, values, indices, weights, 1.0, False, True, *grads)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_product_key_infinite_score_lse(backend, device):
+    # A +inf candidate score: weights and out are NaN (inf - inf) but lse = logsumexp is +inf, as
+    # in the reference; a NaN candidate makes lse NaN. The triton kernels rank NaN like +inf and
+    # returned NaN for both (found by the fuzzer).
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 1, 3, 4, generator=g)
+    subkeys = torch.randn(1, 2, 3, 2, generator=g).abs()
+    values = torch.randn(9, 3, generator=g)
+    q[0, 0, 0, 1] = float("inf")    # row 0: s1 = +inf for every first-half entry
+    q[0, 0, 1, 2] = float("nan")    # row 1: NaN
+    for k in (1, 4):
+        read = l2m.product_key_read(q.to(device), subkeys.to(device), values.to(device), k, k_sub=3,
+                                    backend=backend)
+        want = product_key_read_ref(q, subkeys, values, k, k_sub=3)
+        lse = read.lse.cpu()[0, 0]
+        assert lse[0] == float("inf") and torch.isnan(lse[1]) and torch.isfinite(lse[2]), f"k={k}: {lse}"
+        assert_close("lse", read.lse, want[3])

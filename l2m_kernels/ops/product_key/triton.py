@@ -176,6 +176,7 @@ def product_key_fwd_select_kernel(
     # [BT, KS_PAD] running top list, sorted descending; [BT] its k_sub-th best key.
     b_top = tl.full([BLOCK_T, KS_PAD], INT64_MIN, dtype=tl.int64)
     b_kth = tl.full([BLOCK_T], INT64_MIN, dtype=tl.int64)
+    b_has_nan = tl.zeros([BLOCK_T], dtype=tl.int32)
     for n_start in range(0, n_sub, BLOCK_N):
         o_n = (n_start + o_bn).to(tl.int64)
         m_n = o_n < n_sub
@@ -197,6 +198,7 @@ def product_key_fwd_select_kernel(
                 b_s = tl.dot(b_qc, b_kc, b_s)
         # The dot first, then the scale, as the reference.
         b_s = b_s * scale
+        b_has_nan = tl.maximum(b_has_nan, tl.max((m_n[None, :] & (b_s != b_s)).to(tl.int32), axis=1))
         b_key = _encode_keys(b_s, o_n, m_t[:, None] & m_n[None, :])
         # Keys are distinct, so a key enters a row's top k_sub iff it beats the row's k_sub-th best.
         b_beats = tl.max(tl.max((b_key > b_kth[:, None]).to(tl.int32), axis=1), axis=0)
@@ -205,8 +207,10 @@ def product_key_fwd_select_kernel(
             b_kth, _ = _kth(b_top, k_sub, KS_PAD)
 
     # NaN scores were ranked as +inf and decode as +inf: their candidates rank first and make the
-    # row's weights NaN, as the reference's NaN does.
+    # row's weights NaN, as the reference's NaN does. A row with a NaN stores its +inf entries as
+    # NaN (its NaN ranks first in the reference too), so the second stage tells NaN from +inf.
     _, b_score, b_sub = _decode_keys(b_top)
+    b_score = tl.where((b_has_nan > 0)[:, None] & (b_score == float("inf")), float("nan"), b_score)
     o_c = tl.arange(0, KS_PAD)
     o_tc = (o_row[:, None] * 2 + i_half) * k_sub + o_c[None, :]
     m_tc = m_t[:, None] & (o_c < k_sub)[None, :]
@@ -247,6 +251,7 @@ def product_key_fwd_topk_kernel(
     b_top = tl.full([BLOCK_T, K_PAD], INT64_MIN, dtype=tl.int64)
     b_kth = tl.full([BLOCK_T], INT64_MIN, dtype=tl.int64)
     b_kth_score = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
+    b_has_nan = tl.zeros([BLOCK_T], dtype=tl.int32)
     for i in range(0, k_sub):
         # [BT]: the i-th best first-half entry of each row.
         b_s1 = tl.load(sub_scores + o_half1 + i, mask=m_t, other=0.)
@@ -265,6 +270,7 @@ def product_key_fwd_topk_kernel(
                 b_s2 = tl.load(sub_scores + o_half2[:, None] + o_j[None, :], mask=m_tj, other=0.)
                 b_id2 = tl.load(sub_ids + o_half2[:, None] + o_j[None, :], mask=m_tj, other=0).to(tl.int64)
                 b_s = b_s1[:, None] + b_s2
+                b_has_nan = tl.maximum(b_has_nan, tl.max((m_tj & (b_s != b_s)).to(tl.int32), axis=1))
                 b_slot = b_id1[:, None] * n_sub + b_id2
                 b_key = tl.where(m_tj, _encode_key(b_s, b_slot), INT64_MIN)
                 b_beats = tl.max(tl.max((b_key > b_kth[:, None]).to(tl.int32), axis=1), axis=0)
@@ -285,6 +291,10 @@ def product_key_fwd_topk_kernel(
     # All k scores -inf: the reference's softmax gives NaN and its logsumexp -inf.
     b_w = tl.where(b_live, b_exp / b_total[:, None], 0.)
     b_lse = tl.where(b_empty, float("-inf"), b_shift + tl.log(b_total))
+    # logsumexp is +inf with a +inf score (exp(inf - inf) made it NaN), NaN with a NaN candidate
+    # (one reaches the top k: NaN sorts first in the reference).
+    b_lse = tl.where(b_max == float("inf"), float("inf"), b_lse)
+    b_lse = tl.where(b_has_nan > 0, float("nan"), b_lse)
 
     m_tc = m_t[:, None] & b_live
     o_tc = o_row[:, None] * k + o_c[None, :]
