@@ -301,3 +301,34 @@ def test_low_precision_dtypes(dtype, merge):
     assert_close("out", out, e_out, dtype=dtype)
     assert_close("lse_local", lse_local, e_lse_local, dtype=torch.float32)
     assert_close("lse_mem", lse_mem, e_lse_mem, dtype=torch.float32)
+
+
+def test_local_attention_visible_inf_is_not_spoiled_by_an_invisible_one():
+    # Query 0 (position 0) sees only position 0, whose value is +inf: its output is +inf. Query 1
+    # also sees position 1, +inf too. The reference took weights @ v for rows that see a non-finite
+    # value, so query 0's zero weight on position 1 made 0 * inf = NaN (found by the fuzzer).
+    q = torch.randn(1, 1, 2, 16, dtype=torch.float64)
+    k = torch.randn(1, 1, 2, 16, dtype=torch.float64)
+    v = torch.full((1, 1, 2, 1), float("inf"), dtype=torch.float64)
+    out, _ = local_attention_ref(q, k, v)
+    assert torch.equal(out, torch.full_like(out, float("inf")))
+    v[0, 0, 1, 0] = float("-inf")   # visible +inf and -inf: NaN; query 0 still sees only +inf
+    out, _ = local_attention_ref(q, k, v)
+    assert out[0, 0, 0, 0] == float("inf") and torch.isnan(out[0, 0, 1, 0])
+
+
+@pytest.mark.parametrize("T", [0, 2])
+def test_local_attention_empty_context(T):
+    # S = 0 keys (with T = 0 queries) is a legal empty call; with no key to see, a query has
+    # out = 0 and lse = -inf. The reference's softmax refused the empty reduction (found by the fuzzer).
+    q = torch.randn(2, 3, T, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 3, 0, 4, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 3, 0, 5, dtype=torch.float64, requires_grad=True)
+    out, lse = local_attention_ref(q, k, v)
+    assert out.shape == (2, 3, T, 5) and torch.equal(out, torch.zeros_like(out))
+    assert lse.shape == (2, 3, T) and torch.isneginf(lse).all()
+    (out.sum() + lse.nan_to_num(neginf=0.0).sum()).backward()
+    mem_keys, mem_values = torch.randn(3, 4, 4, dtype=torch.float64), torch.randn(3, 4, 5, dtype=torch.float64)
+    if T == 0:   # a whole memory attention call with S = T = 0
+        res = memory_attention_ref(q, k, v, mem_keys, mem_values, 2)
+        assert res[0].shape == (2, 3, 0, 5)

@@ -60,13 +60,24 @@ def _local_attention_acc(q, k, v, window, scale):
     weights, lse = masked_softmax_lse(scores, ~visible)
 
     v_acc = v.to(acc).unsqueeze(2)  # (B, Hkv, 1, S, Dv)
-    # weights are exactly 0 where not visible, but 0 * NaN = NaN: use finite values for the rows
-    # that cannot see any non-finite value, and the true values (exact IEEE result) for the others.
+    # out = sum over the visible keys j of weights_j * v_j, exactly as IEEE arithmetic gives it. The
+    # weights of invisible keys are exact zeros, but weights @ v would still turn an invisible inf or
+    # NaN into NaN (0 * inf): the matmul takes the finite values only, and the non-finite ones are
+    # accounted for by counting, per output element, the visible entries that make it NaN (a NaN; an
+    # inf with weight 0, as in a row whose scores are all -inf) or +-inf (an inf with a positive
+    # weight; both signs give NaN).
     v_finite = torch.isfinite(v_acc)
-    out_clean = torch.matmul(weights, torch.where(v_finite, v_acc, 0.0))
-    out_exact = torch.matmul(weights, v_acc)
-    sees_nonfinite = torch.matmul(visible.to(acc), (~v_finite).to(acc)) > 0  # (B, Hkv, 1, T, Dv)
-    out = torch.where(sees_nonfinite, out_exact, out_clean)
+    out = torch.matmul(weights, torch.where(v_finite, v_acc, 0.0))
+    visible_acc = visible.to(acc)
+    weighted = (weights > 0).to(acc)  # only visible keys have a positive weight
+    zero_weight = (visible & ~(weights > 0)).to(acc)
+    nan_hits = (torch.matmul(visible_acc, torch.isnan(v_acc).to(acc))
+                + torch.matmul(zero_weight, torch.isinf(v_acc).to(acc)))
+    inf_hits = torch.matmul(weighted, torch.cat([torch.isposinf(v_acc), torch.isneginf(v_acc)], -1).to(acc))
+    pos_inf, neg_inf = inf_hits[..., :dim_v] > 0, inf_hits[..., dim_v:] > 0
+    nan = torch.isnan(out) | (nan_hits > 0) | (pos_inf & neg_inf)
+    out = torch.where(pos_inf, float("inf"), torch.where(neg_inf, float("-inf"), out))
+    out = torch.where(nan, float("nan"), out)
     return out.reshape(batch, heads, seq_len, dim_v), lse.reshape(batch, heads, seq_len)
 
 

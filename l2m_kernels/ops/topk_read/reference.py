@@ -191,6 +191,10 @@ def masked_softmax_lse(scores: torch.Tensor, dead: torch.Tensor):
         lse = torch.logsumexp(masked, -1); weights = torch.softmax(masked, -1)  # 0 / -inf if empty
     """
     neg_inf = float("-inf")
+    if scores.shape[-1] == 0:
+        # No entries at all (an empty local context, S == 0): every row is empty. amax would
+        # refuse the empty reduction; the sum keeps lse in the autograd graph.
+        return scores, scores.sum(dim=-1) + neg_inf
     safe_scores = torch.where(dead, 0.0, scores)
     row_max = torch.where(dead, neg_inf, scores).detach().amax(dim=-1, keepdim=True)
     row_empty = torch.isneginf(row_max)
