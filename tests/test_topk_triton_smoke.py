@@ -5,11 +5,14 @@ Calls ``topk_read_fwd`` / ``topk_read_bwd`` directly with outputs pre-filled wit
 a sentinel), so any element a kernel forgets to write fails. Shapes are tiny: the interpreter runs
 every program in Python.
 
-Every test runs on each forward path (the autouse ``forward_path`` fixture): ``stream`` (the running
-top-k select kernel), ``threshold`` (chunk maxima, compaction, finish; production tiles, so tiny N
-mostly goes to the select kernel: N <= cap or fewer than k chunks) and ``threshold-small`` (16-slot
-chunks and a small candidate capacity, so tiny shapes run the chunk pass, the threshold and the
-overflow fallback).
+A test runs on each forward path (the autouse ``forward_path`` fixture) unless it names its own:
+``stream`` (the running top-k select kernel); ``threshold`` (the default: contiguous chunks, int64
+chunk maxima, cumulative-sum collect, finish; production tiles, so tiny N mostly takes its N <= cap
+shortcut) and ``threshold-strided`` (opt-in: strided chunks, float chunk maxima, k-th kernel,
+collect rounds; production tiles, so tiny N mostly goes to the select kernel); and each threshold
+path with 16-slot chunks and a small candidate capacity (``-small``), so tiny shapes run the chunk
+pass, the threshold and the overflow fallback. The backward tests run on the production paths; the
+tests after them check each threshold design's own kernels.
 """
 import importlib.util
 import os
@@ -23,6 +26,7 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
+from l2m_kernels import _gpu_status  # noqa: E402
 from l2m_kernels.ops.topk_read import triton as topk_triton  # noqa: E402
 from l2m_kernels.ops.topk_read.reference import topk_memory_read_ref, topk_read_gather  # noqa: E402
 from l2m_kernels.testing import assert_close  # noqa: E402
@@ -44,19 +48,24 @@ pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:Runtim
 
 NAN = float("nan")
 INDEX_SENTINEL = -(2**31) + 7
-# The launcher records an overflow into the streaming fallback only on CPU tensors (reading the
-# counts back would cost a device sync on a GPU, which the threshold path never makes).
-OVERFLOW_PATH = "threshold+stream" if DEVICE == "cpu" else "threshold"
+THRESHOLD_DESIGNS = [path for path in topk_triton.PATHS if path != "stream"]
+SMALL_PATHS = [design + "-small" for design in THRESHOLD_DESIGNS]
 
-# Chunks of 16 slots and capacity 2 * K_PAD: tiny shapes exercise every branch of the threshold path.
+# Chunks of 16 slots and capacity 2 * K_PAD: tiny shapes exercise every branch of the threshold paths.
 SMALL_TILE = topk_triton._ScanTile(16, 16, 4, 128)
 SMALL_CAP_FACTOR = 2
-PATHS = ["stream", "threshold", "threshold-small"]
+PATHS = ["stream", *THRESHOLD_DESIGNS, *SMALL_PATHS]
+
+
+def _overflowed(design):
+    """The path recorded when rows overflowed into the streaming fallback: only on CPU tensors
+    (reading the counts back would cost a device sync on a GPU, which the threshold paths never make)."""
+    return f"{design}+stream" if DEVICE == "cpu" else design
 
 
 def _use_path(monkeypatch, path):
-    monkeypatch.setenv(topk_triton.PATH_ENV, "stream" if path == "stream" else "threshold")
-    if path == "threshold-small":
+    monkeypatch.setenv(topk_triton.PATH_ENV, path.removesuffix("-small"))
+    if path.endswith("-small"):
         for f32 in (False, True):
             monkeypatch.setitem(topk_triton._SCAN_TILES, f32, SMALL_TILE)
         monkeypatch.setattr(topk_triton, "CAP_FACTOR", SMALL_CAP_FACTOR)
@@ -251,6 +260,10 @@ def test_empty_batch_launches_nothing():
 # Backward
 # ---------------------------------------------------------------------------------------------
 
+# The backward kernels do not depend on the forward path: the backward tests run after the
+# forward of each production path (the -small variants select the same indices).
+BWD_PATHS = ["stream", *THRESHOLD_DESIGNS]
+
 # (B, H, Hm, T, N, Dk, Dv, k, shared, valid_len)
 BWD_CASES = [
     (1, 1, 1, 7, 63, 7, 5, 3, False, None),
@@ -267,7 +280,8 @@ def _bwd_case_id(case):
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 @pytest.mark.parametrize("case", BWD_CASES, ids=_bwd_case_id)
-def test_backward_matches_autograd(case, deterministic):
+@pytest.mark.parametrize("forward_path", BWD_PATHS, indirect=True)
+def test_backward_matches_autograd(forward_path, case, deterministic):
     B, H, Hm, T, N, Dk, Dv, k, shared, valid_len = case
     q, keys, values = _inputs(B, H, Hm, T, N, Dk, Dv, shared=shared)
     grads, indices, _, _ = _check_bwd(q, keys, values, k, Dk ** -0.5, valid_len, deterministic)
@@ -286,12 +300,14 @@ def test_backward_matches_autograd(case, deterministic):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
-def test_backward_half(dtype, deterministic):
+@pytest.mark.parametrize("forward_path", BWD_PATHS, indirect=True)
+def test_backward_half(forward_path, dtype, deterministic):
     q, keys, values = _inputs(1, 2, 1, 4, 30, 24, 10, dtype=dtype)
     _check_bwd(q, keys, values, 5, 24 ** -0.5, None, deterministic)
 
 
-def test_backward_nan_row_isolated():
+@pytest.mark.parametrize("forward_path", BWD_PATHS, indirect=True)
+def test_backward_nan_row_isolated(forward_path):
     B, H, T, N, k = 1, 1, 5, 24, 3
     q, keys, values = _inputs(B, H, H, T, N, 16, 8)
     q[0, 0, 1, 0] = NAN
@@ -301,7 +317,8 @@ def test_backward_nan_row_isolated():
     assert torch.isfinite(dq[0, 0, [0, 2, 3, 4]]).all()
 
 
-def test_deterministic_is_bitwise_reproducible():
+@pytest.mark.parametrize("forward_path", BWD_PATHS, indirect=True)
+def test_deterministic_is_bitwise_reproducible(forward_path):
     B, H, Hm, T, N, k = 2, 4, 2, 6, 12, 5     # few slots: many entries share each slot
     q, keys, values = _inputs(B, H, Hm, T, N, 16, 8)
     out, indices, weights, lse = _fwd(q, keys, values, k, 0.25)
@@ -316,66 +333,118 @@ def test_deterministic_is_bitwise_reproducible():
 
 
 # ---------------------------------------------------------------------------------------------
-# Threshold path: which branch ran, fallbacks
+# Threshold paths: which branch ran, fallbacks
 # ---------------------------------------------------------------------------------------------
 
-def _small_threshold(monkeypatch, cap_factor=SMALL_CAP_FACTOR):
-    _use_path(monkeypatch, "threshold-small")
+def _small_threshold(monkeypatch, design, cap_factor=SMALL_CAP_FACTOR):
+    _use_path(monkeypatch, design + "-small")
     monkeypatch.setattr(topk_triton, "CAP_FACTOR", cap_factor)
 
 
+@pytest.mark.parametrize("forward_path", ["stream"], indirect=True)
+def test_default_path_is_the_registry_default(forward_path, monkeypatch):
+    """Without L2M_TOPK_TRITON_PATH the launcher takes the default that l2m_kernels._gpu_status
+    records (a design that ran on a GPU), here at a size where each threshold design runs its
+    chunk pass with the production tiles."""
+    monkeypatch.delenv(topk_triton.PATH_ENV)
+    assert topk_triton.DEFAULT_PATH == _gpu_status.default_design(_gpu_status.TOPK_SELECTION, "triton").name
+    q, keys, values = _inputs(1, 1, 1, 3, 200, 16, 4)
+    _check_fwd(q, keys, values, 4, 0.25)
+    assert topk_triton.last_forward_path == topk_triton.DEFAULT_PATH
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("forward_path", ["threshold-small"], indirect=True)
+@pytest.mark.parametrize("forward_path", SMALL_PATHS, indirect=True)
 def test_threshold_chunk_pass_without_fallback(forward_path, monkeypatch, dtype):
     """N > cap and n_chunks >= k: chunk maxima, threshold, compaction and finish, no fallback;
-    valid_len 0 and < k (fewer existing chunks than k: tau = -inf) in the same call."""
-    _small_threshold(monkeypatch)
+    valid_len 0 and < k (fewer existing chunks than k: tau is INT64_MIN, or -inf) in the same call."""
+    design = forward_path.removesuffix("-small")
     q, keys, values = _inputs(3, 2, 1, 21, 300, 24, 6, dtype=dtype)
     for valid_len in (None, [300, 0, 3]):
         _check_fwd(q, keys, values, 4, 24 ** -0.5, valid_len)
-        assert topk_triton.last_forward_path == "threshold"
+        assert topk_triton.last_forward_path == design
 
 
-@pytest.mark.parametrize("forward_path", ["threshold-small"], indirect=True)
+@pytest.mark.parametrize("forward_path", SMALL_PATHS, indirect=True)
 def test_threshold_fallback_on_overflow(forward_path, monkeypatch):
     """Rows with more candidates than cap are finished by the select kernel (only their blocks), exactly."""
-    _small_threshold(monkeypatch, cap_factor=1)
+    design = forward_path.removesuffix("-small")
+    _small_threshold(monkeypatch, design, cap_factor=1)
     N, D, k = 160, 16, 5
     q = torch.ones(1, 1, 5, D, device=DEVICE)
     values = _randn(1, 1, N, 4, dtype=torch.float32)
     # Every score tied (integer data): every slot scores tau, far more than cap.
     keys = torch.ones(1, 1, N, D, device=DEVICE)
     _check_fwd(q, keys, values, k, 0.5)
-    assert topk_triton.last_forward_path == OVERFLOW_PATH
+    assert topk_triton.last_forward_path == _overflowed(design)
     # A NaN query row ranks every slot like +inf: the same overflow, NaN outputs in that row only.
     q, keys, values = _inputs(1, 2, 1, 4, N, 16, 4)
     q[0, 1, 2, 3] = NAN
     out, indices, _, lse = _check_fwd(q, keys, values, k, 0.25)
-    assert topk_triton.last_forward_path == OVERFLOW_PATH
+    assert topk_triton.last_forward_path == _overflowed(design)
     assert torch.equal(indices[0, 1, 2], torch.arange(k, device=DEVICE)) and torch.isnan(lse[0, 1, 2])
     assert torch.isfinite(lse[0, 0]).all()
 
 
+@pytest.mark.parametrize("forward_path", SMALL_PATHS, indirect=True)
+def test_threshold_sorted_and_clustered_keys(forward_path, monkeypatch):
+    """Keys whose neighbours score alike: slots sorted by score put a row's whole top k in one tile,
+    and keys of a slowly varying sequence cluster each row's best slots. Both are exact on both
+    designs; contiguous chunks (threshold) let tau drop and rows overflow into the fallback,
+    strided chunks (threshold-strided) keep them under cap (k + 1 rounds in the top tile)."""
+    design = forward_path.removesuffix("-small")
+    expected = _overflowed(design) if design == "threshold" else design
+    N, D, k = 400, 16, 8
+    ramp = torch.arange(N, dtype=torch.float32, device=DEVICE) / N
+    keys = (ramp[:, None] + 0.001 * _randn(N, D, dtype=torch.float32)).reshape(1, 1, N, D)
+    q = torch.rand(1, 2, 5, D, device=DEVICE) + 0.5
+    _check_fwd(q, keys, _randn(1, 1, N, 4, dtype=torch.float32), k, 1.0)
+    assert topk_triton.last_forward_path == expected
+    gen = torch.Generator().manual_seed(11)
+    steps = torch.randn(N, D, generator=gen)
+    walk = torch.empty(N, D)
+    walk[0] = steps[0]
+    for n in range(1, N):               # AR(1), correlation 0.99 between neighbouring slots
+        walk[n] = 0.99 * walk[n - 1] + 0.141 * steps[n]
+    q = torch.randn(1, 2, 7, D, generator=gen).to(DEVICE)
+    _check_fwd(q, walk.reshape(1, 1, N, D).to(DEVICE), _randn(1, 1, N, 4, dtype=torch.float32), k, 0.25)
+    assert topk_triton.last_forward_path == expected
+
+
 @pytest.mark.parametrize("forward_path", ["threshold"], indirect=True)
 def test_threshold_few_chunks_and_small_n(forward_path, monkeypatch):
-    """n_chunks < k or N <= cap goes straight to the select kernel (before any launch)."""
+    """threshold: n_chunks < k with N > cap goes straight to the select kernel; N <= cap needs no
+    pass 1 (every existing slot a candidate)."""
+    q, keys, values = _inputs(1, 2, 2, 5, 100, 16, 4)
+    _check_fwd(q, keys, values, 5, 0.25)        # production tiles: 4 chunks < k = 5, cap 64 < N
+    assert topk_triton.last_forward_path == "threshold->stream"
+    _check_fwd(q, keys[:, :, :50].contiguous(), values[:, :, :50].contiguous(), 4, 0.25)   # N <= cap
+    assert topk_triton.last_forward_path == "threshold"
+    _small_threshold(monkeypatch, "threshold", cap_factor=1)
+    _check_fwd(q, keys, values, 9, 0.25)        # 7 chunks of 16 < k = 9, cap 16 < N
+    assert topk_triton.last_forward_path == "threshold->stream"
+
+
+@pytest.mark.parametrize("forward_path", ["threshold-strided"], indirect=True)
+def test_strided_few_chunks_and_small_n(forward_path, monkeypatch):
+    """threshold-strided: n_chunks < k or N <= cap goes straight to the select kernel (before any
+    launch)."""
     q, keys, values = _inputs(1, 2, 2, 5, 100, 16, 4)
     _check_fwd(q, keys[:, :, :50].contiguous(), values[:, :, :50].contiguous(), 4, 0.25)   # N <= cap
-    assert topk_triton.last_forward_path == "threshold->stream"
+    assert topk_triton.last_forward_path == "threshold-strided->stream"
     q, keys, values = _inputs(1, 2, 2, 5, 300, 16, 4)
     _check_fwd(q, keys, values, 40, 0.25)       # production float32 tiles: 32 chunks < k = 40 (cap 256)
-    assert topk_triton.last_forward_path == "threshold->stream"
-    _small_threshold(monkeypatch, cap_factor=1)
+    assert topk_triton.last_forward_path == "threshold-strided->stream"
+    _small_threshold(monkeypatch, "threshold-strided", cap_factor=1)
     _check_fwd(q, keys[:, :, :100].contiguous(), values[:, :, :100].contiguous(), 17, 0.25)
     # ^ one group of 7 tiles: 16 chunks < k = 17, cap 32 < N
-    assert topk_triton.last_forward_path == "threshold->stream"
+    assert topk_triton.last_forward_path == "threshold-strided->stream"
 
 
-@pytest.mark.parametrize("forward_path", ["threshold-small"], indirect=True)
+@pytest.mark.parametrize("forward_path", SMALL_PATHS, indirect=True)
 def test_threshold_infinite_scores_and_nan_key(forward_path, monkeypatch):
     """Chunk path: an existing slot scoring -inf keeps its index with weight 0; a NaN key row is
     selected first by every query of its memory and makes those rows NaN."""
-    _small_threshold(monkeypatch)
     N, D, k = 200, 16, 8
     q = torch.rand(2, 1, 6, D, device=DEVICE) + 0.5
     keys = torch.rand(2, 1, N, D, device=DEVICE)
@@ -383,10 +452,33 @@ def test_threshold_infinite_scores_and_nan_key(forward_path, monkeypatch):
     keys[1, 0, 150, 1] = NAN            # slot 150 of batch 1 scores NaN
     values = _randn(2, 1, N, 4, dtype=torch.float32)
     out, indices, weights, lse = _check_fwd(q, keys, values, k, 1.0, valid_len=[6, N])
-    assert topk_triton.last_forward_path == "threshold"
+    assert topk_triton.last_forward_path == forward_path.removesuffix("-small")
     assert torch.all(indices[0, 0, :, 5] == 4) and torch.all(weights[0, 0, :, 5] == 0)
     assert torch.all(indices[0, 0, :, 6:] == -1) and torch.isfinite(lse[0]).all()
     assert torch.all(indices[1, 0, :, 0] == 150) and torch.isnan(lse[1]).all()
+
+
+@pytest.mark.parametrize("dtype", [
+    pytest.param(torch.float32, marks=pytest.mark.skipif(DEVICE == "cpu", reason="interpreter time; the "
+                                                         "float32 tiles run the chunk pass in other tests")),
+    torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("forward_path", THRESHOLD_DESIGNS, indirect=True)
+def test_threshold_production_tiles(forward_path, dtype):
+    """Each threshold design with its production tiles and capacity, at an N where its chunk pass
+    runs: exact on random keys and on keys written in sequence (AR(1), correlation 0.99), where
+    threshold's contiguous chunks overflow into the fallback and threshold-strided's do not. On a
+    GPU this runs the compiled production configurations of both dtypes."""
+    B, H, T, N, D, k = 1, 1, 8, 1024, 64, 16     # cap 64; 16 (bfloat16) or 32 (float32) chunks
+    q, keys, values = _inputs(B, H, H, T, N, D, 16, dtype=dtype)
+    _check_fwd(q, keys, values, k, D ** -0.5)
+    assert topk_triton.last_forward_path in (forward_path, _overflowed(forward_path))
+    gen = torch.Generator().manual_seed(5)
+    walk = torch.empty(H, N, D)
+    walk[:, 0] = torch.randn(H, D, generator=gen)
+    for n in range(1, N):
+        walk[:, n] = 0.99 * walk[:, n - 1] + 0.141 * torch.randn(H, D, generator=gen)
+    _check_fwd(q, walk[None].to(dtype).to(DEVICE), values, k, D ** -0.5)
+    assert topk_triton.last_forward_path == (_overflowed(forward_path) if forward_path == "threshold" else forward_path)
 
 
 @pytest.mark.parametrize("forward_path", ["threshold-small"], indirect=True)
@@ -398,15 +490,15 @@ def test_unknown_path_is_refused(forward_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# Threshold path: the collect kernel's candidates
+# Threshold paths: the chunk maxima, the threshold and the collect kernels' candidates
 # ---------------------------------------------------------------------------------------------
 
 # (B, H, Hm, T, N, Dk, Dv, k, valid_len)
 THRESHOLD_CASES = [
     (1, 2, 1, 7, 300, 7, 5, 3, None),           # odd sizes, partial last chunk
-    (3, 2, 1, 5, 200, 16, 6, 6, [200, 4, 0]),   # valid_len < k and 0 (tau = -inf rows)
-    (1, 1, 1, 5, 40, 16, 8, 40, None),          # k = N (N <= cap: the select kernel)
-    (1, 1, 1, 4, 150, 16, 8, 16, None),         # k = n_chunks (cap 32)
+    (3, 2, 1, 5, 200, 16, 6, 6, [200, 4, 0]),   # valid_len < k and 0 (every existing slot a candidate)
+    (1, 1, 1, 5, 40, 16, 8, 40, None),          # k = N (N <= cap)
+    (1, 1, 1, 4, 150, 16, 8, 16, None),         # cap 32; k = n_chunks (strided), k > n_chunks (threshold)
     (2, 4, 2, 3, 130, 12, 6, 5, None),          # grouped heads
 ]
 
@@ -416,15 +508,22 @@ def _threshold_case_id(case):
 
 
 @pytest.mark.parametrize("case", THRESHOLD_CASES, ids=_threshold_case_id)
-@pytest.mark.parametrize("forward_path", ["threshold-small"], indirect=True)
+@pytest.mark.parametrize("forward_path", SMALL_PATHS, indirect=True)
 def test_threshold_cases_match_reference(forward_path, case):
     B, H, Hm, T, N, Dk, Dv, k, valid_len = case
+    design = forward_path.removesuffix("-small")
     q, keys, values = _inputs(B, H, Hm, T, N, Dk, Dv)
     _check_fwd(q, keys, values, k, Dk ** -0.5, valid_len)
-    if N <= topk_triton.threshold_capacity(k):
-        assert topk_triton.last_forward_path == "threshold->stream"
-    else:   # the collect kernel ran (rows may overflow: k * BLOCK_N > cap)
-        assert topk_triton.last_forward_path in ("threshold", OVERFLOW_PATH)
+    cap = topk_triton.threshold_capacity(k)
+    if design == "threshold":   # one-tile chunks; N <= cap collects every slot without a chunk pass
+        starts = N <= cap or -(-N // SMALL_TILE.block_n) >= k
+    else:                       # strided chunks; N <= cap is left to the select kernel
+        n_chunks = topk_triton.chunk_groups(N, SMALL_TILE.block_n)[1] * SMALL_TILE.block_n
+        starts = N > cap and n_chunks >= k
+    if starts:   # the collect kernel ran (rows may overflow: k * BLOCK_N > cap)
+        assert topk_triton.last_forward_path in (design, _overflowed(design))
+    else:
+        assert topk_triton.last_forward_path == f"{design}->stream"
 
 
 def _record(monkeypatch, name, *positions):
@@ -443,9 +542,9 @@ def _record(monkeypatch, name, *positions):
     return launches
 
 
-def _record_collect(monkeypatch):
-    """Each collect launch's (tau, cand, count)."""
-    return _record(monkeypatch, "topk_read_fwd_collect_kernel", 3, 4, 5)
+def _record_collect(monkeypatch, kernel):
+    """Each launch of collect kernel ``kernel``: (tau, cand, count)."""
+    return _record(monkeypatch, kernel, 3, 4, 5)
 
 
 def _integer_inputs(B, H, T, N, D, dtype, seed, low=-3, high=3):
@@ -475,21 +574,67 @@ def _chunk_maxima(scores, valid_len, rows_per_batch, block_n, group_tiles, n_gro
     return padded.reshape(rows, n_groups, group_tiles, block_n).amax(2).reshape(rows, n_groups * block_n)
 
 
+def _encode(scores, slots):
+    """int64 sort keys of float32 ``scores`` at ``slots`` (the kernels' encoding), on the host."""
+    bits = torch.where(scores == 0, 0.0, scores).to(torch.float32).view(torch.int32)
+    ordered = torch.where(bits < 0, bits ^ (2**31 - 1), bits).to(torch.int64)
+    return (ordered << 32) | ((2**31 - 1) - slots)
+
+
+@pytest.mark.parametrize("low", [-3, 0], ids=["range7", "binary"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("forward_path", ["threshold-small"], indirect=True)
+def test_contiguous_collect_takes_exactly_the_keys_above_tau(forward_path, monkeypatch, dtype, low):
+    """threshold. Small-integer data, so every score is exact whatever the summation order: the
+    chunk maxima are exactly each one-tile chunk's largest key (INT64_MIN past valid_len), tau
+    exactly their k-th largest, and each row's candidates exactly its existing keys >= tau, in slot
+    order, the first cap of them, with the full count even past cap (0/1 data: many ties, some
+    rows overflow)."""
+    _small_threshold(monkeypatch, "threshold", cap_factor=1)
+    chunk_launches = _record(monkeypatch, "topk_read_fwd_chunkmax_kernel", 3, 11)
+    launches = _record_collect(monkeypatch, "topk_read_fwd_collect_kernel")
+    B, H, T, N, D, k = 2, 2, 9, 197, 8, 5
+    q, keys, values, scores = _integer_inputs(B, H, T, N, D, dtype, seed=7, low=low, high=min(3, low + 1))
+    valid_len = [N, 150]
+    _check_fwd(q, keys, values, k, 1.0, valid_len)
+    (chunk_max, n_chunks), = chunk_launches
+    (tau, cand, count), = launches
+    tile = SMALL_TILE.block_n
+    assert n_chunks == -(-N // tile)
+    exists = torch.arange(N)[None, :] < torch.tensor(valid_len).repeat_interleave(H * T)[:, None]
+    keys_host = torch.where(exists, _encode(scores.float(), torch.arange(N)), -(2**63))
+    padded = torch.nn.functional.pad(keys_host, (0, n_chunks * tile - N), value=-(2**63))
+    expected_max = padded.reshape(B * H * T, n_chunks, tile).amax(-1)
+    assert torch.equal(chunk_max.cpu(), expected_max)
+    assert torch.equal(tau.cpu(), expected_max.topk(k, dim=1).values[:, -1])
+    cap = cand.shape[1]
+    taken = (keys_host >= tau.cpu()[:, None]) & exists
+    count, cand = count.cpu(), cand.cpu()
+    overflowed = 0
+    for row in range(B * H * T):
+        expected = keys_host[row][taken[row]]
+        assert int(count[row]) == len(expected), f"row {row}"
+        assert torch.equal(cand[row, :min(len(expected), cap)], expected[:cap]), f"row {row}"
+        overflowed += len(expected) > cap
+    # 0/1 data: some rows overflow (3 of 36), their counts exact past cap.
+    assert low < 0 or overflowed >= 1
+
+
 @pytest.mark.parametrize("low,batch", [(-3, 2), (0, 2), (0, 1), (0, 4)],
                          ids=["range7", "binary", "binary-batch1", "binary-batch4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("forward_path", ["threshold-small"], indirect=True)
-def test_collect_takes_exactly_the_scores_above_tau(forward_path, monkeypatch, dtype, low, batch):
-    """Small-integer data, so every score is exact whatever the summation order: the chunk maxima
-    are exactly the strided chunks' maxima, tau exactly their k-th largest, and each row's
+@pytest.mark.parametrize("forward_path", ["threshold-strided-small"], indirect=True)
+def test_strided_collect_takes_exactly_the_scores_above_tau(forward_path, monkeypatch, dtype, low, batch):
+    """threshold-strided. Small-integer data, so every score is exact whatever the summation order:
+    the chunk maxima are exactly the strided chunks' maxima, tau exactly their k-th largest, and each row's
     candidates exactly its existing slots scoring >= tau, with their exact scores, however many
     sit in one tile; a row with more than cap of them stops at cap + 1 (the fallback's signal):
     with 0/1 data most scores tie, and about half the rows do. Several stores per tile (up to 12
     keys of a row in one tile, COLLECT_BATCH keys per store), down to one store per round."""
-    _small_threshold(monkeypatch, cap_factor=1)
+    _small_threshold(monkeypatch, "threshold-strided", cap_factor=1)
     monkeypatch.setattr(topk_triton, "COLLECT_BATCH", batch)
-    chunk_launches = _record(monkeypatch, "topk_read_fwd_chunkmax_kernel", 3, 11, 12)
-    launches = _record_collect(monkeypatch)
+    chunk_launches = _record(monkeypatch, "topk_read_fwd_strided_chunkmax_kernel", 3, 11, 12)
+    launches = _record_collect(monkeypatch, "topk_read_fwd_strided_collect_kernel")
     B, H, T, N, D, k = 2, 2, 9, 197, 8, 5
     q, keys, values, scores = _integer_inputs(B, H, T, N, D, dtype, seed=7, low=low, high=min(3, low + 1))
     valid_len = [N, 150]
@@ -523,14 +668,13 @@ def test_collect_takes_exactly_the_scores_above_tau(forward_path, monkeypatch, d
     assert checked >= B * H * T // 4 and (low < 0 or overflowed >= B * H * T // 4)
 
 
-@pytest.mark.parametrize("forward_path", ["threshold-small"], indirect=True)
+@pytest.mark.parametrize("forward_path", ["threshold-strided-small"], indirect=True)
 def test_chunk_groups_past_max_chunks(forward_path, monkeypatch):
     """Past MAX_CHUNKS, groups take more tiles: 63 tiles of 16 slots, at most 48 chunks -> groups
     of 21 tiles (not 16); each stored maximum is exactly its strided chunk's, -inf past valid_len
     (an end inside the first group, inside a tile, and 0), and the read is exact."""
-    _small_threshold(monkeypatch)
     monkeypatch.setattr(topk_triton, "MAX_CHUNKS", 48)
-    chunk_launches = _record(monkeypatch, "topk_read_fwd_chunkmax_kernel", 3, 11, 12)
+    chunk_launches = _record(monkeypatch, "topk_read_fwd_strided_chunkmax_kernel", 3, 11, 12)
     B, H, T, N, D, k = 4, 1, 3, 1000, 8, 4
     q, keys, values, scores = _integer_inputs(B, H, T, N, D, torch.float32, seed=3)
     valid_len = [N, 70, 0, 997]
@@ -541,33 +685,10 @@ def test_chunk_groups_past_max_chunks(forward_path, monkeypatch):
     assert torch.equal(chunk_max.cpu().double(), expected)
 
 
-@pytest.mark.parametrize("forward_path", ["threshold-small"], indirect=True)
-def test_threshold_sorted_and_clustered_keys(forward_path, monkeypatch):
-    """Keys whose neighbours score alike keep the threshold tight (strided chunks): slots sorted by
-    score put a row's whole top k in one tile (k + 1 rounds there), and keys of a slowly varying
-    sequence cluster each row's best slots; neither overflows, both are exact."""
-    _small_threshold(monkeypatch)
-    N, D, k = 400, 16, 8
-    ramp = torch.arange(N, dtype=torch.float32, device=DEVICE) / N
-    keys = (ramp[:, None] + 0.001 * _randn(N, D, dtype=torch.float32)).reshape(1, 1, N, D)
-    q = torch.rand(1, 2, 5, D, device=DEVICE) + 0.5
-    _check_fwd(q, keys, _randn(1, 1, N, 4, dtype=torch.float32), k, 1.0)
-    assert topk_triton.last_forward_path == "threshold"
-    gen = torch.Generator().manual_seed(11)
-    steps = torch.randn(N, D, generator=gen)
-    walk = torch.empty(N, D)
-    walk[0] = steps[0]
-    for n in range(1, N):               # AR(1), correlation 0.99 between neighbouring slots
-        walk[n] = 0.99 * walk[n - 1] + 0.141 * steps[n]
-    q = torch.randn(1, 2, 7, D, generator=gen).to(DEVICE)
-    _check_fwd(q, walk.reshape(1, 1, N, D).to(DEVICE), _randn(1, 1, N, 4, dtype=torch.float32), k, 0.25)
-    assert topk_triton.last_forward_path == "threshold"
-
-
 @pytest.mark.parametrize("n_chunks,k", [(37, 1), (37, 37), (256, 32), (1000, 17)])
-@pytest.mark.parametrize("forward_path", ["threshold"], indirect=True)
+@pytest.mark.parametrize("forward_path", ["threshold-strided"], indirect=True)
 def test_kth_kernel_matches_torch_topk(forward_path, n_chunks, k):
-    """The threshold's k-th largest chunk maximum, bitwise equal to torch.topk's, with duplicates,
+    """threshold-strided: the k-th largest chunk maximum, bitwise equal to torch.topk's, with duplicates,
     +-inf and signed zeros among the values."""
     R = 9
     gen = torch.Generator().manual_seed(n_chunks + k)
@@ -590,7 +711,7 @@ def test_kth_kernel_matches_torch_topk(forward_path, n_chunks, k):
     assert same.all(), f"{tau}\nvs\n{expected}"
 
 
-@pytest.mark.parametrize("forward_path", ["threshold"], indirect=True)
+@pytest.mark.parametrize("forward_path", ["threshold-strided"], indirect=True)
 def test_strided_chunks_keep_clustered_rows_under_cap(forward_path):
     """benchmarks/topk_threshold_sim.py at read-heads-gpu's N: with keys written in sequence
     (AR(1), correlation 0.99), contiguous one-tile chunks put every row over cap (all fall back);

@@ -18,43 +18,74 @@ Layout: the ``H // Hm`` query heads that share a memory head are contiguous in `
 and one program reads every key tile once for all of them. Shared (3-D) memories use a batch
 stride of 0.
 
-Forward (no ``T x N`` buffer). Two selection paths write ``indices``, ``weights`` and ``lse``;
-``topk_read_fwd_out_kernel`` then forms ``out`` from them. The private environment variable
-``L2M_TOPK_TRITON_PATH`` (``threshold``, the default, or ``stream``) picks the path; the module
-attribute ``last_forward_path`` records the one taken (``stream``, ``threshold``,
-``threshold->stream`` when the threshold path could not start, and, on CPU tensors only, where
-reading the counts back is free, ``threshold+stream`` when some rows overflowed), for tests.
+Forward (no ``T x N`` buffer). Three selection paths write ``indices``, ``weights`` and ``lse``;
+``topk_read_fwd_out_kernel`` then forms ``out`` from them. The environment variable
+``L2M_TOPK_TRITON_PATH`` picks the path: ``threshold`` (the default), ``threshold-strided``
+(opt-in) or ``stream``. The default is the design :mod:`l2m_kernels._gpu_status` marks as such,
+one that has run on a GPU: ``threshold``, the design the last GPU run tested and timed;
+``threshold-strided`` replaces it only once a GPU run has passed the tests with it and timed it
+(``benchmarks/gpu_probe.py topk-tiles`` times both). The module attribute ``last_forward_path``
+records the path taken (its name; ``<path>->stream`` when a threshold path could not start; on CPU
+tensors only, where reading the counts back is free, ``<path>+stream`` when some rows overflowed),
+for tests.
 
-Threshold path (default; exact, no merges in the streaming loops). A chunk is one column of a
-group of ``G`` consecutive scan tiles: ``G`` slots, ``BLOCK_N`` apart (``chunk_groups``: ``G =
-BLOCK_N`` up to ``N = MAX_CHUNKS * BLOCK_N``, then the fewest tiles that keep ``n_chunks =
-BLOCK_N * cdiv(N / BLOCK_N, G) <= MAX_CHUNKS``). Strided, not contiguous, because neighbouring
-slots often score alike (keys written in sequence): with contiguous chunks a row's best slots sit
-in few chunks, tau drops and the candidates overflow (in a simulation with AR(1) keys,
-correlation 0.99 between neighbours, contiguous 64-slot chunks gave ~500 candidates per row, every
-row over ``cap``; strided chunks ~33, as for random keys):
+Both threshold paths are exact and merge nothing in their scoring loops. A threshold ``tau`` per
+row bounds its top k from below; a second scoring pass (same tiles, warps and helper as the first,
+so the scores are bit-identical) collects each row's existing slots scoring ``>= tau``, as keys,
+into ``cand (B*H*T, cap)`` (``cap = CAP_FACTOR * K_PAD``) with their ``count``; then
 
-1. ``topk_read_fwd_chunkmax_kernel``: each row's largest float32 score of every chunk into
+- ``topk_read_fwd_finish_kernel`` bitonic-sorts each row's candidates (padded with INT64_MIN),
+  keeps the first k and writes them exactly as the select kernel's epilogue;
+- rows whose ``count`` passed ``cap`` (many exactly tied scores, a NaN query row, fewer than k
+  chunks holding existing slots) are left to the streaming select kernel, launched with
+  ``ONLY_OVERFLOW``: its blocks without such a row return at once, so no device-to-host sync is
+  needed and the fallback costs only the overflowing rows' blocks.
+
+``threshold`` path (the default). Its kernels, and the select, finish, output and backward
+kernels, with every function they call, launch configuration and compile-check configuration, have
+the source they had in the GPU run that measured them (commit 44f93db), so they compile to the same
+code. Keys as below (distinct per row; larger = better). With chunks of ``C = BLOCK_N`` contiguous
+slots (one scan tile):
+
+1. ``topk_read_fwd_chunkmax_kernel``: each row's largest key of every chunk into
+   ``chunk_max (B*H*T, cdiv(N, C))`` int64.
+2. Host: ``tau = torch.topk(chunk_max, k).values[:, k - 1]``. Exactly ``k`` chunks have a maximum
+   ``>= tau``, so the row's top k are all ``>= tau`` and at most ``k * C`` keys are (for random
+   scores about ``k + k * k * C / N``).
+3. ``topk_read_fwd_collect_kernel``: compacts each row's existing keys ``>= tau`` in slot order
+   into ``cand`` by a cumulative sum over each tile, and counts them all.
+
+When ``N <= cap`` every existing slot is a candidate (``tau = INT64_MIN``): pass 1 and the fallback
+are skipped. When ``N > cap`` and there are fewer than ``k`` chunks, the streaming path runs
+(decided on the host, no launch). ``valid_len`` rows with fewer than ``k`` existing chunks get
+``tau = INT64_MIN`` (every existing slot a candidate; those rows overflow into the fallback when
+``valid_len > cap``). Keys written in sequence, whose neighbouring slots score alike, put a row's
+best slots in few chunks: tau drops and the rows overflow (``threshold-strided`` keeps them near
+k). Extra memory: ``B*H*T * (cdiv(N, C) + cap + 1) * 8`` bytes (``T * N / C``, not ``T * N``);
+bfloat16 B=8 T=4096 N=65536 k=32 (C = 64, cap = 128): 32768 * 1153 * 8 = 302 MB; float32 uses C = 32.
+
+``threshold-strided`` path (opt-in; not yet run on a GPU). A chunk is one column of a group of
+``G`` consecutive scan tiles: ``G`` slots, ``BLOCK_N`` apart (``chunk_groups``: ``G = BLOCK_N`` up
+to ``N = MAX_CHUNKS * BLOCK_N``, then the fewest tiles that keep ``n_chunks = BLOCK_N * cdiv(N /
+BLOCK_N, G) <= MAX_CHUNKS``). Strided, not contiguous, because neighbouring slots often score alike
+(keys written in sequence): with contiguous chunks a row's best slots sit in few chunks, tau drops
+and the candidates overflow (in a simulation with AR(1) keys, correlation 0.99 between neighbours,
+contiguous 64-slot chunks gave ~500 candidates per row, every row over ``cap``; strided chunks ~33,
+as for random keys):
+
+1. ``topk_read_fwd_strided_chunkmax_kernel``: each row's largest float32 score of every chunk into
    ``chunk_max (B*H*T, n_chunks)``, an elementwise running maximum over the group's tiles (one
    instruction per score, no reduction), stored once per group.
 2. ``topk_read_fwd_kth_kernel``: ``tau = torch.topk(chunk_max, k).values[:, k - 1]`` by a
    bitwise binary search over the row held in registers. At least ``k`` chunks have a maximum
    ``>= tau``, each attained by a slot, so the row's top k all score ``>= tau``; at most about
    ``k * G`` slots do (for random scores about ``k + k * k / n_chunks``).
-3. ``topk_read_fwd_collect_kernel``: scores again (same tiles, warps and helper, so the scores
-   are bit-identical to pass 1's) and appends each row's existing slots scoring ``>= tau`` (NaN
-   ranking as +inf), as keys, to ``cand (B*H*T, cap)`` (``cap = CAP_FACTOR * K_PAD``), with
-   their ``count``. Per tile, rounds of reductions extract each row's best remaining key while
-   it is ``>= tau`` (``_collect_tile``), in the layout the dot produced: no scan, no atomics,
-   and only the [BT, COLLECT_BATCH] keys of each batch of rounds cross shared memory for their
-   store, never the score tile (the cumulative-sum compaction it replaced was 68% of the forward
-   on an H200). A row stops at ``cap + 1`` candidates.
-4. Rows whose ``count`` passed ``cap`` (many exactly tied scores, a NaN query row, fewer than k
-   chunks holding existing slots) are left to the streaming select kernel, launched with
-   ``ONLY_OVERFLOW``: its blocks without such a row return at once, so no device-to-host sync is
-   needed and the fallback costs only the overflowing rows' blocks.
-5. ``topk_read_fwd_finish_kernel``: bitonic-sorts each row's candidates (padded with INT64_MIN),
-   keeps the first k and writes them exactly as the select kernel's epilogue.
+3. ``topk_read_fwd_strided_collect_kernel``: appends each row's existing slots scoring ``>= tau``
+   (NaN ranking as +inf). Per tile, rounds of reductions extract each row's best remaining key
+   while it is ``>= tau`` (``_collect_tile``), in the layout the dot produced: no scan, no
+   atomics, and only the [BT, COLLECT_BATCH] keys of each batch of rounds cross shared memory for
+   their store, never the score tile (on an H200 the cumulative-sum collect of ``threshold`` took
+   68% of its forward, 3.6x its chunk pass). A row stops at ``cap + 1`` candidates.
 
 When ``N <= cap`` (every slot would be a candidate) or there are fewer than ``k`` chunks, the
 streaming path runs (decided on the host, no launch). ``valid_len`` rows with fewer than ``k``
@@ -122,6 +153,8 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+
+from ... import _gpu_status
 
 try:
     from triton.runtime.interpreter import InterpretedFunction
@@ -200,6 +233,12 @@ def _bitonic_merge(b_x, DESCENDING: tl.constexpr, ROWS: tl.constexpr, W: tl.cons
 # Sort keys: (score desc, slot asc) as one int64
 # ---------------------------------------------------------------------------------------------
 
+# The kernels that ran on a GPU (select, finish, the threshold path's chunkmax and collect) call
+# _encode_keys and _decode_keys in their source of then, so that they compile to the same code;
+# _order_bits and _encode_key are the same maps for the newer kernels (the threshold-strided path
+# and the product-key read). Calling _encode_key from _encode_keys would change the select
+# kernel's SASS: the nested call reorders ptxas's schedule.
+
 @triton.jit
 def _order_bits(b_bits):
     """Float32 bit patterns (as int32) <-> order-preserving int32 images, both ways (the map is its
@@ -209,13 +248,8 @@ def _order_bits(b_bits):
 
 @triton.jit
 def _encode_key(b_s, b_slot):
-    """int64 sort keys of float32 scores ``b_s`` at slots ``b_slot`` (integers; shapes broadcast).
-
-    High word: the float's bits mapped to an order-preserving int32 (NaN first mapped to +inf, so
-    it ties with it; -0.0 to +0.0, so they tie). Low word: ``2**31 - 1 - slot``, so among equal
-    scores the smaller slot has the larger key. Every real key is above INT64_MIN, the key of a
-    missing slot (the image of -inf is -2**31 + 2**23 - 1 > -2**31).
-    """
+    """int64 sort keys of float32 scores ``b_s`` at slots ``b_slot`` (integers; shapes broadcast):
+    as :func:`_encode_keys`, without the existence mask."""
     b_s = tl.where(b_s != b_s, float("inf"), b_s)
     b_s = tl.where(b_s == 0., 0., b_s)
     b_ordered = _order_bits(b_s.to(tl.int32, bitcast=True))
@@ -224,9 +258,20 @@ def _encode_key(b_s, b_slot):
 
 @triton.jit
 def _encode_keys(b_s, o_n, m_exists):
-    """[BT, BN] keys (:func:`_encode_key`) of scores ``b_s`` at slots ``o_n`` [BN]; INT64_MIN where
-    ``m_exists`` is false."""
-    return tl.where(m_exists, _encode_key(b_s, o_n[None, :]), INT64_MIN)
+    """[BT, BN] int64 keys of float32 scores ``b_s`` at slots ``o_n`` [BN] (int64).
+
+    High word: the float's bits mapped to an order-preserving int32 (NaN first mapped to +inf, so
+    it ties with it; -0.0 to +0.0, so they tie). Low word: ``2**31 - 1 - slot``, so among equal
+    scores the smaller slot has the larger key. ``m_exists`` false -> INT64_MIN (below every
+    real key: the image of -inf is -2**31 + 2**23 - 1 > -2**31).
+    """
+    b_s = tl.where(b_s != b_s, float("inf"), b_s)
+    b_s = tl.where(b_s == 0., 0., b_s)
+    b_bits = b_s.to(tl.int32, bitcast=True)
+    b_ordered = tl.where(b_bits < 0, b_bits ^ INT32_MAX, b_bits)
+    b_low = (-o_n + INT32_MAX).to(tl.int64)
+    b_key = (b_ordered.to(tl.int64) << 32) | b_low[None, :]
+    return tl.where(m_exists, b_key, INT64_MIN)
 
 
 @triton.jit
@@ -234,7 +279,8 @@ def _decode_keys(b_key):
     """Inverse of :func:`_encode_keys`: (exists, float32 score, int64 slot)."""
     b_high = (b_key >> 32).to(tl.int32)
     b_exists = b_high != INT32_MIN
-    b_score = _order_bits(b_high).to(tl.float32, bitcast=True)
+    b_bits = tl.where(b_high < 0, b_high ^ INT32_MAX, b_high)
+    b_score = b_bits.to(tl.float32, bitcast=True)
     b_slot = -(b_key & INT32_MAX) + INT32_MAX
     return b_exists, b_score, b_slot
 
@@ -397,13 +443,144 @@ def topk_read_fwd_select_kernel(
     _store_top_list(b_top, i_bh * R + o_t, m_rows, k, indices, weights, lse, K_PAD)
 
 
+# ---------------------------------------------------------------------------------------------
+# threshold path (the default): contiguous one-tile chunks, int64 keys, cumulative-sum collect
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def topk_read_fwd_chunkmax_kernel(
+    q,  # [B, H, T, Dk] x
+    keys,  # [B, Hm, N, Dk] or [Hm, N, Dk] x
+    valid_len,  # [B] int64 (read only when HAS_VALID_LEN)
+    chunk_max,  # [B * H * T, n_chunks] int64, written: each row's largest key per chunk
+    R,
+    N,
+    Dk,
+    scale,
+    Hm,
+    keys_batch_stride,
+    num_row_blocks,
+    n_chunks,  # cdiv(N, BLOCK_N): a chunk is one key tile
+    HAS_VALID_LEN: tl.constexpr,
+    F32_DOT: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    DK_CHUNKS: tl.constexpr,
+):
+    """Grid (num_row_blocks * B * Hm,): threshold pass 1, the per-row maximum key of every tile.
+
+    Scores exactly as topk_read_fwd_collect_kernel (same helper and, from the launcher, the same
+    tiles and warps), so the keys are bit-identical to the ones pass 2 compares. Chunks past
+    ``valid_len`` hold no existing slot and get INT64_MIN.
+    """
+    i_bh, i_tb, i_b, i_hm = _row_block(num_row_blocks, Hm)
+
+    o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    m_t = o_t < R
+    o_bn = tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, BLOCK_DK)
+    p_q = q + i_bh * R * Dk
+    p_k = keys + i_b * keys_batch_stride + i_hm * N * Dk
+    p_max = chunk_max + (i_bh * R + o_t) * n_chunks
+
+    n_end = N
+    if HAS_VALID_LEN:
+        n_end = tl.minimum(tl.maximum(tl.load(valid_len + i_b), 0), N)
+
+    b_q0 = tl.load(p_q + o_t[:, None] * Dk + o_d[None, :], mask=m_t[:, None] & (o_d < Dk)[None, :], other=0.)
+    if F32_DOT:
+        b_q0 = b_q0.to(tl.float32) * scale
+
+    for n_start in range(0, n_end, BLOCK_N):
+        o_n = (n_start + o_bn).to(tl.int64)
+        m_n = o_n < n_end
+        # [BT, BN]
+        b_s = _score_tile(p_q, p_k, o_t, m_t, o_n, m_n, Dk, scale, b_q0,
+                          F32_DOT, BLOCK_T, BLOCK_N, BLOCK_DK, DK_CHUNKS)
+        b_key = _encode_keys(b_s, o_n, m_t[:, None] & m_n[None, :])
+        tl.store(p_max + n_start // BLOCK_N, tl.max(b_key, axis=1), mask=m_t)
+    b_none = tl.full([BLOCK_T], INT64_MIN, dtype=tl.int64)
+    for i_chunk in range(tl.cdiv(n_end, BLOCK_N), n_chunks):
+        tl.store(p_max + i_chunk, b_none, mask=m_t)
+
+
+@triton.jit
+def topk_read_fwd_collect_kernel(
+    q,  # [B, H, T, Dk] x
+    keys,  # [B, Hm, N, Dk] or [Hm, N, Dk] x
+    valid_len,  # [B] int64 (read only when HAS_VALID_LEN)
+    tau,  # [B * H * T] int64: each row's threshold key
+    cand,  # [B * H * T, cap] int64, written: the row's keys >= tau in slot order (first cap)
+    count,  # [B * H * T] int64, written: how many keys >= tau the row has (may exceed cap)
+    R,
+    N,
+    Dk,
+    scale,
+    Hm,
+    keys_batch_stride,
+    num_row_blocks,
+    cap,
+    HAS_VALID_LEN: tl.constexpr,
+    F32_DOT: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    DK_CHUNKS: tl.constexpr,
+):
+    """Grid (num_row_blocks * B * Hm,): threshold pass 2, compacts every existing key >= tau."""
+    i_bh, i_tb, i_b, i_hm = _row_block(num_row_blocks, Hm)
+
+    o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    m_t = o_t < R
+    o_row = i_bh * R + o_t
+    o_bn = tl.arange(0, BLOCK_N)
+    o_d = tl.arange(0, BLOCK_DK)
+    p_q = q + i_bh * R * Dk
+    p_k = keys + i_b * keys_batch_stride + i_hm * N * Dk
+    p_cand = cand + o_row * cap
+
+    n_end = N
+    if HAS_VALID_LEN:
+        n_end = tl.minimum(tl.maximum(tl.load(valid_len + i_b), 0), N)
+
+    b_q0 = tl.load(p_q + o_t[:, None] * Dk + o_d[None, :], mask=m_t[:, None] & (o_d < Dk)[None, :], other=0.)
+    if F32_DOT:
+        b_q0 = b_q0.to(tl.float32) * scale
+    b_tau = tl.load(tau + o_row, mask=m_t, other=0)
+
+    # [BT] keys >= tau found so far (int32: a count never exceeds N < 2**31).
+    b_count = tl.zeros([BLOCK_T], dtype=tl.int32)
+    for n_start in range(0, n_end, BLOCK_N):
+        o_n = (n_start + o_bn).to(tl.int64)
+        m_n = o_n < n_end
+        m_exists = m_t[:, None] & m_n[None, :]
+        # [BT, BN]
+        b_s = _score_tile(p_q, p_k, o_t, m_t, o_n, m_n, Dk, scale, b_q0,
+                          F32_DOT, BLOCK_T, BLOCK_N, BLOCK_DK, DK_CHUNKS)
+        b_key = _encode_keys(b_s, o_n, m_exists)
+        # tau may be INT64_MIN (every existing slot a candidate): the existence mask keeps the
+        # missing slots, whose key is INT64_MIN too, out.
+        m_take = (b_key >= b_tau[:, None]) & m_exists
+        b_take = m_take.to(tl.int32)
+        # Position of each taken key in its row's list: the count so far plus its rank in the tile.
+        b_pos = b_count[:, None] + tl.cumsum(b_take, axis=1) - 1
+        tl.store(p_cand[:, None] + b_pos, b_key, mask=m_take & (b_pos < cap))
+        b_count += tl.sum(b_take, axis=1)
+    tl.store(count + o_row, b_count.to(tl.int64), mask=m_t)
+
+
+# ---------------------------------------------------------------------------------------------
+# threshold-strided path (opt-in): strided chunks, float maxima, k-th kernel, collect rounds
+# ---------------------------------------------------------------------------------------------
+
 @triton.jit
 def _max_propagating_nan(a, b):
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
-def topk_read_fwd_chunkmax_kernel(
+def topk_read_fwd_strided_chunkmax_kernel(
     q,  # [B, H, T, Dk] x
     keys,  # [B, Hm, N, Dk] or [Hm, N, Dk] x
     valid_len,  # [B] int64 (read only when HAS_VALID_LEN)
@@ -430,8 +607,8 @@ def topk_read_fwd_chunkmax_kernel(
     so neighbouring slots, which often score alike (keys written in sequence), fall in different
     chunks and the threshold stays tight (module docstring).
 
-    Scores exactly as topk_read_fwd_collect_kernel (same helper and, from the launcher, the same
-    tiles and warps), so the scores are bit-identical to the ones pass 2 compares. The running
+    Scores exactly as topk_read_fwd_strided_collect_kernel (same helper and, from the launcher,
+    the same tiles and warps), so the scores are bit-identical to the ones pass 2 compares. The running
     maximum is elementwise over the group's tiles (one instruction per score, no reduction) and
     is stored once per group. It propagates NaN and stores it as +inf (NaN ranks as +inf, and the
     NaN slot attains it); chunks holding no existing slot (past ``valid_len``) get -inf.
@@ -528,7 +705,7 @@ def _collect_tile(b_s, b_tau, o_c, m_n, m_t, n_start, b_count, p_cand, cap, BLOC
 
 
 @triton.jit
-def topk_read_fwd_collect_kernel(
+def topk_read_fwd_strided_collect_kernel(
     q,  # [B, H, T, Dk] x
     keys,  # [B, Hm, N, Dk] or [Hm, N, Dk] x
     valid_len,  # [B] int64 (read only when HAS_VALID_LEN)
@@ -624,6 +801,10 @@ def topk_read_fwd_kth_kernel(
         b_off = tl.where(b_count >= k, b_cand, b_off)
     tl.store(tau + o_row, _order_bits(b_off ^ INT32_MIN).to(tl.float32, bitcast=True), mask=m_t)
 
+
+# ---------------------------------------------------------------------------------------------
+# Both threshold paths: the finish kernel; then the output
+# ---------------------------------------------------------------------------------------------
 
 @triton.jit
 def topk_read_fwd_finish_kernel(
@@ -947,29 +1128,30 @@ class _ScanTile(NamedTuple):
     max_block_dk: int
 
 
-# Tiles of the threshold path's two scoring passes (chunkmax and collect use the same one, so
-# their dots compile alike and the scores match bit for bit). They hold no top list, only a score
-# tile, so they are larger than the select kernel's. Measured on an H200 (Triton 3.6, bfloat16,
-# forward at read-gpu / read-heads-gpu, benchmarks/gpu_probe.py topk-tiles, 2026-11-26, with the
-# int64-key chunk maxima and the cumulative-sum collect of that day): [64, 64] 15.45 / 7.89 ms,
-# [128, 64] 13.63 / 7.35 ms, [64, 128] 14.59 / 7.35 ms, [64, 32] at 4 warps 13.47 / 8.93 ms. With
-# the strided float chunk maxima and the collect rounds (below) [128, 64] at 8 warps takes 128-150
-# registers in chunkmax (its [128, 64] running maximum) and 115-141 in collect (sm_90, Triton 3.9;
-# the cumulative sum took 255 and spilled): two blocks per SM. float32 runs on the FMA units (no
-# TF32); its dot operands need narrow feature chunks. A larger BLOCK_N shrinks the chunk_max buffer (T * N / BLOCK_N, up to MAX_CHUNKS per
-# row) but raises the candidate bound k * BLOCK_N.
+# Tiles of the threshold paths' two scoring passes (chunkmax and collect use the same one, so
+# their dots compile alike and the scores match bit for bit; both threshold designs use this
+# table). They hold no top list, only a score tile, so they are larger than the select kernel's.
+# For the threshold path, [128, 64] at 8 warps measured fastest of six tiles on an H200 (bfloat16
+# read-gpu and read-heads-gpu, benchmarks/gpu_probe.py topk-tiles, benchmarks/RESULTS.md); its
+# cumulative-sum collect takes 255 registers and spills 16-40 bytes (16-bit), allowed. In the
+# threshold-strided path [128, 64] takes 128-150 registers in chunkmax (its [128, 64] running
+# maximum) and 115-141 in collect (sm_90, Triton 3.9): two blocks per SM. float32 runs on the FMA
+# units (no TF32); its dot operands need narrow feature chunks. A larger BLOCK_N shrinks the
+# chunk_max buffer (T * N / BLOCK_N; threshold-strided: up to MAX_CHUNKS per row) but raises the
+# candidate bound k * BLOCK_N.
 _SCAN_TILES = {
     False: _ScanTile(128, 64, 8, MAX_BLOCK_D),   # float16 / bfloat16
     True: _ScanTile(32, 32, 4, 32),              # float32
 }
-# Extraction rounds of the collect kernel whose keys stay in registers and go out in one store
-# (_collect_tile): random keys take 1-3 rounds per tile, keys written in sequence up to ~11. At 4
-# the 16-bit D=128 collect spills 40 bytes on sm_80 (Triton 3.9); at 2 nothing spills.
-COLLECT_BATCH = 2
-# Candidate capacity per row of the threshold path: CAP_FACTOR * K_PAD. For random scores a row
+# Candidate capacity per row of both threshold paths: CAP_FACTOR * K_PAD. For random scores a row
 # has about k + k * k / n_chunks candidates (k = 32, N = 65536: ~33).
 CAP_FACTOR = 4
-# Chunks of the threshold path: column j of a group of G consecutive scan tiles, G slots BLOCK_N
+# threshold-strided: extraction rounds of the collect kernel whose keys stay in registers and go
+# out in one store (_collect_tile): random keys take 1-3 rounds per tile, keys written in sequence
+# up to ~11. At 4 the 16-bit D=128 collect spills 40 bytes on sm_80 (Triton 3.9); at 2 nothing
+# spills.
+COLLECT_BATCH = 2
+# threshold-strided chunks: column j of a group of G consecutive scan tiles, G slots BLOCK_N
 # apart, G = max(BLOCK_N, the fewest that keep n_chunks = BLOCK_N * cdiv(n_tiles, G) <=
 # MAX_CHUNKS): BLOCK_N-slot chunks, about one per tile, up to N = MAX_CHUNKS * BLOCK_N (16-bit
 # tiles: read-gpu 1024 chunks, read-heads-gpu 256). MAX_CHUNKS bounds the chunk_max scratch (4 KB
@@ -980,11 +1162,15 @@ MAX_CHUNKS = 1024
 KTH_TILE = 4096
 # Elements of the finish kernel's [BLOCK_T, CAP] candidate tile.
 FINISH_TILE = 2048
-# Private switch of the forward path: "threshold" (default; falls back to "stream" when the
-# candidates overflow) or "stream" (the running top-k select kernel only). Tests force each path.
+# Switch of the forward path (module docstring): "threshold" and "threshold-strided" fall back to
+# "stream" (the running top-k select kernel only) for rows whose candidates overflow. The default
+# is the design l2m_kernels._gpu_status marks as such: one that has run on a GPU.
 PATH_ENV = "L2M_TOPK_TRITON_PATH"
-_PATHS = ("threshold", "stream")
-# The path the last topk_read_fwd call took: "stream", "threshold" or "threshold->stream" (tests).
+PATHS = ("threshold", "threshold-strided", "stream")
+DEFAULT_PATH = _gpu_status.default_design(_gpu_status.TOPK_SELECTION, "triton").name
+# The path the last topk_read_fwd call took: a name of PATHS, "<threshold path>->stream" when the
+# threshold path could not start, or "<threshold path>+stream" (CPU tensors only) when rows
+# overflowed into the fallback (tests).
 last_forward_path = None
 
 OUT_BLOCK_T = 32
@@ -1036,12 +1222,13 @@ def _select_constexprs(k: int, Dk: int, dtype: torch.dtype, has_valid_len: bool,
 
 
 def threshold_capacity(k: int) -> int:
-    """Candidate list width per row of the threshold path (a power of two >= K_PAD)."""
+    """Candidate list width per row of the threshold paths (a power of two >= K_PAD)."""
     return CAP_FACTOR * max(MIN_K_PAD, triton.next_power_of_2(int(k)))
 
 
 def _scan_constexprs(Dk: int, dtype: torch.dtype, has_valid_len: bool):
-    """Constexprs and warps of topk_read_fwd_chunkmax_kernel / topk_read_fwd_collect_kernel."""
+    """Constexprs and warps of the chunkmax and collect kernels of both threshold paths (the
+    threshold-strided collect adds BATCH: :func:`_collect_constexprs`)."""
     f32_dot = _f32_dot(dtype)
     tile = _SCAN_TILES[f32_dot]
     block_dk = min(_block_d(Dk), tile.max_block_dk)
@@ -1051,12 +1238,12 @@ def _scan_constexprs(Dk: int, dtype: torch.dtype, has_valid_len: bool):
 
 
 def _collect_constexprs(scan_constexprs: dict) -> dict:
-    """Constexprs of topk_read_fwd_collect_kernel: the scan tile's plus its store batch."""
+    """Constexprs of topk_read_fwd_strided_collect_kernel: the scan tile's plus its store batch."""
     return dict(scan_constexprs, BATCH=COLLECT_BATCH)
 
 
 def chunk_groups(N: int, block_n: int) -> tuple[int, int]:
-    """(group_tiles, n_groups) of the threshold path's chunks for ``N`` slots in ``block_n`` tiles:
+    """(group_tiles, n_groups) of the threshold-strided chunks for ``N`` slots in ``block_n`` tiles:
     ``block_n * n_groups <= max(MAX_CHUNKS, block_n)`` chunks (see MAX_CHUNKS)."""
     n_tiles = triton.cdiv(N, block_n)
     group_tiles = max(block_n, triton.cdiv(n_tiles, max(1, MAX_CHUNKS // block_n)))
@@ -1130,9 +1317,9 @@ def topk_read_fwd(q, keys, values, valid_len, k, scale, out, indices, weights, l
         out:       (B, H, T, Dv) x, written.   indices: (B, H, T, k) int64, written.
         weights:   (B, H, T, k) float32, written.   lse: (B, H, T) float32, written.
 
-    The default threshold path makes no device-to-host sync (rows whose candidates overflow are
-    finished by the streaming kernel) and allocates B*H*T * (4 * n_chunks + 8 * cap + 8) bytes of
-    scratch when N > cap, n_chunks <= MAX_CHUNKS (module docstring).
+    The threshold paths make no device-to-host sync (rows whose candidates overflow are finished
+    by the streaming kernel); their scratch memory is given in the module docstring. The path is
+    ``L2M_TOPK_TRITON_PATH`` (default ``DEFAULT_PATH``).
 
     Equivalent PyTorch:
         out, indices, weights, lse = topk_memory_read_ref(q, keys, values, k, scale, valid_len)
@@ -1170,18 +1357,19 @@ def topk_read_select(q, keys, valid_len, k, scale, indices, weights, lse) -> Non
         return
     if not 1 <= k <= min(N, MAX_K):
         raise ValueError(f"k: expected 1 <= k <= min(N, {MAX_K}) = {min(N, MAX_K)}, got {k}")
-    path = os.environ.get(PATH_ENV, "threshold") or "threshold"
-    if path not in _PATHS:
-        raise ValueError(f"{PATH_ENV}: expected one of {_PATHS}, got {path!r}")
+    path = os.environ.get(PATH_ENV, DEFAULT_PATH) or DEFAULT_PATH
+    if path not in PATHS:
+        raise ValueError(f"{PATH_ENV}: expected one of {PATHS}, got {path!r}")
     keys_batch_stride = 0 if keys.dim() == 3 else Hm * N * Dk
     global last_forward_path
     with _device_guard(q):
-        last_forward_path = path  # _threshold_select refines it to "threshold+stream" on CPU tensors
-        if not (path == "threshold" and _threshold_select(q, keys, valid_len, k, scale, indices, weights, lse,
-                                                          B, Hm, N, R, Dk, keys_batch_stride)):
+        last_forward_path = path  # a threshold path refines it to "<path>+stream" on CPU tensors
+        threshold_select = _THRESHOLD_SELECTS.get(path)
+        if threshold_select is None or not threshold_select(q, keys, valid_len, k, scale, indices, weights, lse,
+                                                            B, Hm, N, R, Dk, keys_batch_stride):
             _stream_select(q, keys, valid_len, k, scale, indices, weights, lse, B, Hm, N, R, Dk,
                            keys_batch_stride)
-            last_forward_path = "stream" if path == "stream" else "threshold->stream"
+            last_forward_path = "stream" if path == "stream" else f"{path}->stream"
 
 
 def _stream_select(q, keys, valid_len, k, scale, indices, weights, lse, B, Hm, N, R, Dk, keys_batch_stride,
@@ -1200,9 +1388,81 @@ def _stream_select(q, keys, valid_len, k, scale, indices, weights, lse, B, Hm, N
     )
 
 
+def _scan_launch(q, valid_len, indices, B, Hm, R, Dk):
+    """(constexprs, num_warps, num_row_blocks, grid, valid_len argument) of the threshold paths'
+    scoring passes; ``indices`` stands in for a missing valid_len (never read then)."""
+    constexprs, num_warps = _scan_constexprs(Dk, q.dtype, valid_len is not None)
+    num_row_blocks = triton.cdiv(R, constexprs["BLOCK_T"])
+    valid_len_arg = indices if valid_len is None else valid_len
+    return constexprs, num_warps, num_row_blocks, (num_row_blocks * B * Hm,), valid_len_arg
+
+
+def _candidate_buffers(R_total, cap, device):
+    """(cand, count) of the threshold paths' collect kernels: (R_total, cap) and (R_total,) int64."""
+    return (torch.empty((R_total, cap), dtype=torch.int64, device=device),
+            torch.empty((R_total,), dtype=torch.int64, device=device))
+
+
+def _finish_threshold(path, cand, count, cap, q, keys, valid_len, k, scale, indices, weights, lse, B, Hm, N, R,
+                      Dk, keys_batch_stride):
+    """The end of both threshold paths: the finish kernel sorts each row's candidates and writes its
+    top k; when ``N > cap`` rows whose candidates did not fit (many exact ties, a NaN query row,
+    fewer than k chunks holding existing slots) are served by the streaming kernel, whose blocks
+    without such a row return at once. No device-to-host sync."""
+    R_total = cand.shape[0]
+    constexprs, num_warps = _finish_constexprs(k)
+    topk_read_fwd_finish_kernel[(triton.cdiv(R_total, constexprs["BLOCK_T"]),)](
+        cand, count, indices, weights, lse, R_total, k, **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
+    )
+    if N > cap:
+        _stream_select(q, keys, valid_len, k, scale, indices, weights, lse, B, Hm, N, R, Dk,
+                       keys_batch_stride, count=count, cap=cap)
+        if not q.is_cuda:  # free to read back under the interpreter: record it for the tests
+            global last_forward_path
+            last_forward_path = f"{path}+stream" if int(count.max()) > cap else path
+
+
 def _threshold_select(q, keys, valid_len, k, scale, indices, weights, lse, B, Hm, N, R, Dk,
                       keys_batch_stride) -> bool:
-    """indices, weights and lse by the threshold path; False (nothing written) when it cannot.
+    """indices, weights and lse by the ``threshold`` path; False (nothing written) when it cannot.
+
+    tau = the k-th largest of a row's chunk maxima (int64 keys of contiguous one-tile chunks)
+    bounds the row's top k from below (exactly k chunks have a maximum >= tau, keys being
+    distinct) and leaves at most k * BLOCK_N keys >= tau. When N <= cap every existing slot is a
+    candidate (tau = INT64_MIN, no pass 1, no overflow possible). When fewer than k chunks exist
+    tau bounds nothing: False before any launch. Otherwise rows whose candidate count passes cap
+    are finished by the streaming kernel (no sync).
+    """
+    constexprs, num_warps, num_row_blocks, grid, valid_len_arg = _scan_launch(q, valid_len, indices, B, Hm, R, Dk)
+    n_chunks = triton.cdiv(N, constexprs["BLOCK_N"])
+    cap = threshold_capacity(k)
+    if N > cap and n_chunks < k:
+        return False
+    R_total = B * Hm * R
+    if N <= cap:
+        tau = torch.full((R_total,), -(2**63), dtype=torch.int64, device=q.device)
+    else:
+        chunk_max = torch.empty((R_total, n_chunks), dtype=torch.int64, device=q.device)
+        topk_read_fwd_chunkmax_kernel[grid](
+            q, keys, valid_len_arg, chunk_max, R, N, Dk, float(scale), Hm, keys_batch_stride,
+            num_row_blocks, n_chunks, **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
+        )
+        tau = torch.topk(chunk_max, k, dim=1).values[:, k - 1].contiguous()
+        del chunk_max
+    cand, count = _candidate_buffers(R_total, cap, q.device)
+    topk_read_fwd_collect_kernel[grid](
+        q, keys, valid_len_arg, tau, cand, count, R, N, Dk, float(scale), Hm, keys_batch_stride,
+        num_row_blocks, cap, **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
+    )
+    _finish_threshold("threshold", cand, count, cap, q, keys, valid_len, k, scale, indices, weights, lse,
+                      B, Hm, N, R, Dk, keys_batch_stride)
+    return True
+
+
+def _strided_threshold_select(q, keys, valid_len, k, scale, indices, weights, lse, B, Hm, N, R, Dk,
+                              keys_batch_stride) -> bool:
+    """indices, weights and lse by the ``threshold-strided`` path; False (nothing written) when it
+    cannot.
 
     tau = the k-th largest of a row's chunk maxima (float scores; :func:`chunk_groups`) bounds the
     row's top k from below: at least k chunks have a maximum >= tau, each attained by a key, so
@@ -1212,48 +1472,35 @@ def _threshold_select(q, keys, valid_len, k, scale, indices, weights, lse, B, Hm
     slot would be a candidate, or tau would bound nothing): False before any launch. Otherwise
     rows whose candidates overflow are finished by the streaming kernel (no sync).
     """
-    has_valid_len = valid_len is not None
-    constexprs, num_warps = _scan_constexprs(Dk, q.dtype, has_valid_len)
+    constexprs, num_warps, num_row_blocks, grid, valid_len_arg = _scan_launch(q, valid_len, indices, B, Hm, R, Dk)
     group_tiles, n_groups = chunk_groups(N, constexprs["BLOCK_N"])
     n_chunks = n_groups * constexprs["BLOCK_N"]
     cap = threshold_capacity(k)
     if N <= cap or n_chunks < k:
         return False
-    device = q.device
     R_total = B * Hm * R
-    num_row_blocks = triton.cdiv(R, constexprs["BLOCK_T"])
-    grid = (num_row_blocks * B * Hm,)
-    valid_len_arg = valid_len if has_valid_len else indices  # never read without valid_len
-    chunk_max = torch.empty((R_total, n_chunks), dtype=torch.float32, device=device)
-    topk_read_fwd_chunkmax_kernel[grid](
+    chunk_max = torch.empty((R_total, n_chunks), dtype=torch.float32, device=q.device)
+    topk_read_fwd_strided_chunkmax_kernel[grid](
         q, keys, valid_len_arg, chunk_max, R, N, Dk, float(scale), Hm, keys_batch_stride,
         num_row_blocks, group_tiles, n_groups, **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
     )
-    tau = torch.empty((R_total,), dtype=torch.float32, device=device)
+    tau = torch.empty((R_total,), dtype=torch.float32, device=q.device)
     kth_constexprs, kth_warps = _kth_constexprs(n_chunks)
     topk_read_fwd_kth_kernel[(triton.cdiv(R_total, kth_constexprs["BLOCK_T"]),)](
         chunk_max, tau, R_total, n_chunks, k, **kth_constexprs, num_warps=kth_warps, **COMPILE_OPTIONS,
     )
     del chunk_max
-    cand = torch.empty((R_total, cap), dtype=torch.int64, device=device)
-    count = torch.empty((R_total,), dtype=torch.int64, device=device)
-    topk_read_fwd_collect_kernel[grid](
+    cand, count = _candidate_buffers(R_total, cap, q.device)
+    topk_read_fwd_strided_collect_kernel[grid](
         q, keys, valid_len_arg, tau, cand, count, R, N, Dk, float(scale), Hm, keys_batch_stride,
         num_row_blocks, cap, **_collect_constexprs(constexprs), num_warps=num_warps, **COMPILE_OPTIONS,
     )
-    constexprs, num_warps = _finish_constexprs(k)
-    topk_read_fwd_finish_kernel[(triton.cdiv(R_total, constexprs["BLOCK_T"]),)](
-        cand, count, indices, weights, lse, R_total, k, **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
-    )
-    # Rows whose candidates did not fit (many exact ties, a NaN query row, fewer than k chunks
-    # holding existing slots) are served by the streaming kernel; its blocks without such a row
-    # return at once. No device-to-host sync.
-    _stream_select(q, keys, valid_len, k, scale, indices, weights, lse, B, Hm, N, R, Dk,
-                   keys_batch_stride, count=count, cap=cap)
-    if not q.is_cuda:  # free to read back under the interpreter: record it for the tests
-        global last_forward_path
-        last_forward_path = "threshold+stream" if int(count.max()) > cap else "threshold"
+    _finish_threshold("threshold-strided", cand, count, cap, q, keys, valid_len, k, scale, indices, weights,
+                      lse, B, Hm, N, R, Dk, keys_batch_stride)
     return True
+
+
+_THRESHOLD_SELECTS = {"threshold": _threshold_select, "threshold-strided": _strided_threshold_select}
 
 
 def _slot_runs(indices: torch.Tensor, B, H, T, Hm, N, R, M, shared: bool):
@@ -1363,6 +1610,12 @@ COMPILE_KS = (16, 32, 64, 128, 256)
 KTH_COMPILE_CHUNKS = (32, 256, MAX_CHUNKS)
 
 _SIGNATURE_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# Integer arguments that production shapes do not make multiples of 16 (the JIT does not specialize
+# them), by kernel (None: every other kernel).
+_ANY_INTS = {
+    None: ("k", "Hm", "num_row_blocks", "group_tiles", "n_groups"),
+    topk_read_fwd_chunkmax_kernel: ("k", "Hm", "num_row_blocks", "n_chunks"),
+}
 
 # Runtime arguments of each kernel, in order, by role: "x" a pointer of the input dtype, "i64" /
 # "f32" pointers of those types, "int" a size or count, "float" a scalar. The launchers pass
@@ -1373,14 +1626,24 @@ _KERNEL_ARGS = {
                                   ("Dk", "int"), ("k", "int"), ("scale", "float"), ("Hm", "int"),
                                   ("keys_batch_stride", "int"), ("num_row_blocks", "int"),
                                   ("count", "i64"), ("cap", "int")),
-    topk_read_fwd_chunkmax_kernel: (("q", "x"), ("keys", "x"), ("valid_len", "i64"), ("chunk_max", "f32"),
+    topk_read_fwd_chunkmax_kernel: (("q", "x"), ("keys", "x"), ("valid_len", "i64"), ("chunk_max", "i64"),
                                     ("R", "int"), ("N", "int"), ("Dk", "int"), ("scale", "float"),
                                     ("Hm", "int"), ("keys_batch_stride", "int"), ("num_row_blocks", "int"),
-                                    ("group_tiles", "int"), ("n_groups", "int")),
-    topk_read_fwd_collect_kernel: (("q", "x"), ("keys", "x"), ("valid_len", "i64"), ("tau", "f32"),
+                                    ("n_chunks", "int")),
+    topk_read_fwd_collect_kernel: (("q", "x"), ("keys", "x"), ("valid_len", "i64"), ("tau", "i64"),
                                    ("cand", "i64"), ("count", "i64"), ("R", "int"), ("N", "int"),
                                    ("Dk", "int"), ("scale", "float"), ("Hm", "int"),
                                    ("keys_batch_stride", "int"), ("num_row_blocks", "int"), ("cap", "int")),
+    topk_read_fwd_strided_chunkmax_kernel: (("q", "x"), ("keys", "x"), ("valid_len", "i64"),
+                                            ("chunk_max", "f32"), ("R", "int"), ("N", "int"), ("Dk", "int"),
+                                            ("scale", "float"), ("Hm", "int"), ("keys_batch_stride", "int"),
+                                            ("num_row_blocks", "int"), ("group_tiles", "int"),
+                                            ("n_groups", "int")),
+    topk_read_fwd_strided_collect_kernel: (("q", "x"), ("keys", "x"), ("valid_len", "i64"), ("tau", "f32"),
+                                           ("cand", "i64"), ("count", "i64"), ("R", "int"), ("N", "int"),
+                                           ("Dk", "int"), ("scale", "float"), ("Hm", "int"),
+                                           ("keys_batch_stride", "int"), ("num_row_blocks", "int"),
+                                           ("cap", "int")),
     topk_read_fwd_kth_kernel: (("chunk_max", "f32"), ("tau", "f32"), ("R_total", "int"), ("n_chunks", "int"),
                                ("k", "int")),
     topk_read_fwd_finish_kernel: (("cand", "i64"), ("count", "i64"), ("indices", "i64"), ("weights", "f32"),
@@ -1414,10 +1677,11 @@ def _production_constexprs(kernel, dtype):
                 for has_valid_len in (False, True):
                     for only_overflow in (False, True):
                         picks.append((*_select_constexprs(k, D, dtype, has_valid_len, only_overflow), D, k))
-        elif kernel is topk_read_fwd_chunkmax_kernel:
+        elif kernel in (topk_read_fwd_chunkmax_kernel, topk_read_fwd_collect_kernel,
+                        topk_read_fwd_strided_chunkmax_kernel):
             for has_valid_len in (False, True):
                 picks.append((*_scan_constexprs(D, dtype, has_valid_len), D, None))
-        elif kernel is topk_read_fwd_collect_kernel:
+        elif kernel is topk_read_fwd_strided_collect_kernel:
             for has_valid_len in (False, True):
                 constexprs, num_warps = _scan_constexprs(D, dtype, has_valid_len)
                 picks.append((_collect_constexprs(constexprs), num_warps, D, None))
@@ -1484,7 +1748,7 @@ def _build_compile_configs() -> list[dict]:
                 # production shapes are multiples of 16 (the JIT specializes them so).
                 divisible = [name for name, role in args if role in ("x", "i64", "f32")]
                 divisible += [name for name, role in args
-                              if role == "int" and name not in ("k", "Hm", "num_row_blocks", "group_tiles", "n_groups")]
+                              if role == "int" and name not in _ANY_INTS.get(kernel, _ANY_INTS[None])]
                 entry = {
                     "kernel": kernel,
                     "signature": {name: types[role] for name, role in args},
@@ -1494,15 +1758,18 @@ def _build_compile_configs() -> list[dict]:
                     "divisible_by_16": tuple(divisible),
                     "head_dims": [D],
                     "k": k,
-                    # The overflow fallback of the threshold path runs only for rows whose
+                    # The overflow fallback of the threshold paths runs only for rows whose
                     # candidates did not fit (ties, sorted scores, NaN rows); a few of its variants
                     # spill 8-32 bytes (Triton 3.9: e.g. fp16 D=64 k=64 on sm_80, fp32 D=128 k=128
-                    # on sm_90): allowed, reported by the compile check. So do some float32 scan
-                    # kernels, where ptxas stops at 80-128 registers and spills 8-24 bytes (sm_80,
+                    # on sm_90): allowed, reported by the compile check. So does the threshold
+                    # path's 16-bit collect kernel at its [128, 64] tile (16-40 bytes, see
+                    # _SCAN_TILES), and so do some float32 scan kernels of the threshold-strided
+                    # path, where ptxas stops at 80-128 registers and spills 8-24 bytes (sm_80,
                     # D=64 and D=128, Triton 3.3 to 3.9; float32 scores run on the FMA units, no
                     # TF32).
                     "allow_spills": bool(constexprs.get("ONLY_OVERFLOW", False))
-                    or (kernel in (topk_read_fwd_chunkmax_kernel, topk_read_fwd_collect_kernel)
+                    or (kernel is topk_read_fwd_collect_kernel and dtype != torch.float32)
+                    or (kernel in (topk_read_fwd_strided_chunkmax_kernel, topk_read_fwd_strided_collect_kernel)
                         and dtype == torch.float32),
                 }
                 seen[key] = entry
