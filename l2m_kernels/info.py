@@ -9,6 +9,7 @@ import warnings
 import torch
 
 from . import __version__, _ext
+from . import _gpu_status
 from .backends import BACKENDS, OPS, select_backend
 
 
@@ -63,6 +64,7 @@ def report() -> str:
         for op in OPS:
             lines.append(f"  {op:<20} " + "   ".join(f"{str(dt).replace('torch.', '')}: {_serving(op, device, dt)}"
                                                    for dt in dtypes))
+    lines += ["", *_gpu_status.report_lines()]
     return "\n".join(lines)
 
 
