@@ -1,8 +1,8 @@
 """GPU probes for what the first GPU run (2026-11-26, NVIDIA H200, torch 2.11, Triton 3.6) left open.
 
     python benchmarks/gpu_probe.py attn-fault            # which kernel faults, under which variants
-    python benchmarks/gpu_probe.py topk-tiles [--bench]  # forward time per scan tile; --bench: the
-                                                         # topk_read benchmark with the fastest tile
+    python benchmarks/gpu_probe.py topk-tiles [--bench]  # both threshold designs of the top-k read:
+                                                         # tiles, paths, profiles; --bench: benchmark
 
 ``attn-fault``: l2m-check found an illegal memory access in the triton ``memory_attention`` at
 float16, B=2 H=2 Hkv=2 Hm=1 T=13 S=25 D=33 Dv=7 N=6 topk=6, gate (2, 1, 1) (float32 passed; the
@@ -10,13 +10,15 @@ CPU interpreter with an out-of-bounds check on every load and store found nothin
 runs in its own process (a fault poisons the CUDA context) with a synchronize after every Triton
 kernel, and prints the kernels that finished: the first one missing is the one that faulted.
 
-``topk-tiles``: the triton top-k read's forward at read-gpu / read-heads-gpu (bfloat16) for a few
-tiles of its two scoring passes (``_SCAN_TILES``), the threshold path against the streaming one
-at the current tile (and the collect kernel's store batch, ``COLLECT_BATCH``), for random keys
-and for clustered ones (a moving average over 65 slots: neighbouring slots score alike, as keys
-written in sequence do), a per-kernel profile of the
-current tile, and with ``--bench`` the topk_read benchmark (fused, reference eager and compiled)
-with the fastest tile.
+``topk-tiles``: the triton top-k read's forward at read-gpu / read-heads-gpu (bfloat16), on both
+threshold designs (``L2M_TOPK_TRITON_PATH``): ``threshold``, the default, and ``threshold-strided``,
+opt-in until a GPU run has passed the tests with it and timed it (``l2m_kernels._gpu_status``).
+It sweeps the tiles of threshold-strided's two scoring passes (``_SCAN_TILES``), times the paths
+side by side at the current tile (the default, threshold-strided at two store batches of its
+collect kernel, ``COLLECT_BATCH``, and stream) for random keys and for clustered ones (a moving
+average over 65 slots: neighbouring slots score alike, as keys written in sequence do), prints a
+per-kernel profile of each threshold design, and with ``--bench`` runs the topk_read benchmark
+(fused, reference eager and compiled) with each threshold design.
 """
 from __future__ import annotations
 
@@ -129,6 +131,11 @@ def _clustered(keys: torch.Tensor, width: int = 65) -> torch.Tensor:
     return smooth.transpose(1, 2).reshape(B, Hm, N, D).to(keys.dtype).contiguous()
 
 
+def _path(tt, path: str) -> None:
+    """Make ``path`` the triton top-k read's forward path (the launcher reads it at each call)."""
+    os.environ[tt.PATH_ENV] = path
+
+
 def topk_tiles(bench: bool) -> int:
     import l2m_kernels as l2m
     from l2m_kernels import benchmark as bm
@@ -143,72 +150,85 @@ def topk_tiles(bench: bool) -> int:
         g = torch.Generator(device=DEVICE).manual_seed(0)
         inputs[name] = [torch.randn(*s, generator=g, device=device, dtype=torch.bfloat16)
                         for s in ((B, H, T, 64), (B, Hm, N, 64), (B, Hm, N, 64))]
-    default = tt._SCAN_TILES[False]
-    reference = {}
-    best, best_total = None, float("inf")
-    for variant in SCAN_VARIANTS:
-        tt._SCAN_TILES[False] = tt._ScanTile(*variant, default.max_block_dk)
-        total, line = 0.0, []
-        try:
-            for name, (q, keys, values) in inputs.items():
-                fn = lambda: l2m.topk_memory_read(q, keys, values, 32, backend="triton")  # noqa: E731
-                read = fn()
-                if name not in reference:
-                    reference[name] = read
-                same = torch.equal(read.indices, reference[name].indices)
-                ms = bm.median_time(fn, device, **TIMING) * 1e3
-                total += ms
-                line.append(f"{name} {ms:.3f} ms (path {tt.last_forward_path}, indices equal: {same})")
-                if not same:
-                    total = float("inf")
-        except Exception as exc:  # a tile that does not compile or run
-            line.append(f"failed: {type(exc).__name__}: {str(exc)[:200]}")
-            total = float("inf")
-        print(f"scan tile {variant}: " + "; ".join(line), flush=True)
-        if total < best_total:
-            best, best_total = variant, total
-    tt._SCAN_TILES[False] = default
-    # The forward paths at the current tile, side by side (the module reads the path and the
-    # collect kernel's store batch at each call), on random and on clustered keys; every variant
-    # must select exactly the same indices.
-    variants = [("threshold", tt.COLLECT_BATCH), ("stream", tt.COLLECT_BATCH)]
-    variants += [("threshold", batch) for batch in (1, 4) if batch != tt.COLLECT_BATCH]
-    default_batch, line = tt.COLLECT_BATCH, []
+    default_tile, default_batch = tt._SCAN_TILES[False], tt.COLLECT_BATCH
+    fn_of = lambda q, keys, values: lambda: l2m.topk_memory_read(q, keys, values, 32, backend="triton")  # noqa: E731
     try:
+        # The threshold-strided design's scan tile is not chosen by a GPU measurement yet: sweep it
+        # (the same sweep chose the threshold design's tile). Indices are compared with the default
+        # design's at the current tile.
+        _path(tt, tt.DEFAULT_PATH)
+        reference = {name: fn_of(*tensors)().indices for name, tensors in inputs.items()}
+        _path(tt, "threshold-strided")
+        best, best_total = None, float("inf")
+        for variant in SCAN_VARIANTS:
+            tt._SCAN_TILES[False] = tt._ScanTile(*variant, default_tile.max_block_dk)
+            total, line = 0.0, []
+            try:
+                for name, tensors in inputs.items():
+                    fn = fn_of(*tensors)
+                    same = torch.equal(fn().indices, reference[name])
+                    ms = bm.median_time(fn, device, **TIMING) * 1e3
+                    total += ms if same else float("inf")
+                    line.append(f"{name} {ms:.3f} ms (path {tt.last_forward_path}, indices equal: {same})")
+            except Exception as exc:  # a tile that does not compile or run
+                line.append(f"failed: {type(exc).__name__}: {str(exc)[:200]}")
+                total = float("inf")
+            print(f"threshold-strided, scan tile {variant}: " + "; ".join(line), flush=True)
+            if total < best_total:
+                best, best_total = variant, total
+        tt._SCAN_TILES[False] = default_tile
+        # The forward paths at the current tile, side by side, on random and on clustered keys: the
+        # default (threshold), threshold-strided at two store batches of its collect kernel
+        # (COLLECT_BATCH and 1, a store per round; 4 spills on sm_80) and stream (the fallback of
+        # both, which clustered keys send the threshold design's rows to). Every variant must select
+        # exactly the default's indices.
+        variants = [(tt.DEFAULT_PATH, default_batch), ("threshold-strided", default_batch),
+                    ("threshold-strided", 1 if default_batch != 1 else 2), ("stream", default_batch)]
+        line = []
         for name, (q, keys, values) in inputs.items():
             for data, memory in (("random", keys), ("clustered", _clustered(keys))):
-                fn = lambda: l2m.topk_memory_read(q, memory, values, 32, backend="triton")  # noqa: E731
+                fn = fn_of(q, memory, values)
                 parts, first = [], None
                 for path, batch in variants:
-                    os.environ[tt.PATH_ENV], tt.COLLECT_BATCH = path, batch
+                    _path(tt, path)
+                    tt.COLLECT_BATCH = batch
                     indices = fn().indices
                     first = indices if first is None else first
                     ms = bm.median_time(fn, device, **TIMING) * 1e3
-                    label = path if path == "stream" else f"{path} batch={batch}"
+                    label = f"{path} batch={batch}" if path == "threshold-strided" else path
                     parts.append(f"{label} {ms:.3f} ms (path {tt.last_forward_path}, "
                                  f"indices equal: {torch.equal(indices, first)})")
                 line.append(f"{name} {data} keys: " + ", ".join(parts))
+        tt.COLLECT_BATCH = default_batch
+        print(f"forward paths at scan tile {tuple(default_tile[:3])}:\n  " + "\n  ".join(line), flush=True)
+        activity = torch.profiler.ProfilerActivity.CUDA if DEVICE == "cuda" else torch.profiler.ProfilerActivity.CPU
+        for path in (tt.DEFAULT_PATH, "threshold-strided"):
+            _path(tt, path)
+            for name, (q, keys, values) in inputs.items():
+                with torch.profiler.profile(activities=[activity]) as prof:
+                    for _ in range(3):
+                        l2m.topk_memory_read(q, keys, values, 32, backend="triton")
+                    _sync()
+                print(f"profile of the {path} forward at {name}, current tile, 3 calls:")
+                print(prof.key_averages().table(sort_by="cuda_time_total" if DEVICE == "cuda" else "cpu_time_total",
+                                                row_limit=12))
+        print(f"fastest scan tile for threshold-strided: {best} (current {tuple(default_tile[:3])})", flush=True)
+        if bench:
+            # The topk_read benchmark (fused, reference eager and compiled) with each threshold
+            # design: the default at its tile, threshold-strided at its fastest.
+            ceilings = bm.measure_ceilings(device, quick=True) if DEVICE == "cuda" else {"copy_gbps": 1.0}
+            for path, tile in ((tt.DEFAULT_PATH, tuple(default_tile[:3])), ("threshold-strided", best)):
+                if tile is None:
+                    continue
+                _path(tt, path)
+                tt._SCAN_TILES[False] = tt._ScanTile(*tile, default_tile.max_block_dk)
+                start = time.perf_counter()
+                rows = bench_topk.run(device, quick=False, ceilings=ceilings, tiny=DEVICE == "cpu")
+                print(f"topk_read benchmark, path {path}, scan tile {tile} ({time.perf_counter() - start:.0f} s):")
+                print(bm.format_table(rows, ceilings), flush=True)
     finally:
         os.environ.pop(tt.PATH_ENV, None)
-        tt.COLLECT_BATCH = default_batch
-    print(f"forward paths at scan tile {tuple(default[:3])}:\n  " + "\n  ".join(line), flush=True)
-    activity = torch.profiler.ProfilerActivity.CUDA if DEVICE == "cuda" else torch.profiler.ProfilerActivity.CPU
-    for name, (q, keys, values) in inputs.items():
-        with torch.profiler.profile(activities=[activity]) as prof:
-            for _ in range(3):
-                l2m.topk_memory_read(q, keys, values, 32, backend="triton")
-            _sync()
-        print(f"profile of the forward at {name}, current tile, 3 calls:")
-        print(prof.key_averages().table(sort_by="cuda_time_total" if DEVICE == "cuda" else "cpu_time_total",
-                                        row_limit=12))
-    print(f"fastest scan tile: {best} (current {tuple(default[:3])})", flush=True)
-    if bench and best is not None:
-        tt._SCAN_TILES[False] = tt._ScanTile(*best, default.max_block_dk)
-        ceilings = bm.measure_ceilings(device, quick=True) if DEVICE == "cuda" else {"copy_gbps": 1.0}
-        start = time.perf_counter()
-        rows = bench_topk.run(device, quick=False, ceilings=ceilings, tiny=DEVICE == "cpu")
-        print(f"topk_read benchmark with scan tile {best} ({time.perf_counter() - start:.0f} s):")
-        print(bm.format_table(rows, ceilings), flush=True)
+        tt._SCAN_TILES[False], tt.COLLECT_BATCH = default_tile, default_batch
     return 0
 
 

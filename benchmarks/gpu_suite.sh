@@ -22,6 +22,9 @@
 # STEPS picks the steps after the build, in the order they run (default "selftest tests check bench");
 # a step left out is reported as such. With a few GPU minutes, put first what matters most, e.g.
 # STEPS="selftest bench tests check".
+# The tests step also runs OPT_IN_TEST_PATHS (on cuda: the top-k read and memory attention tests)
+# with L2M_TOPK_TRITON_PATH=threshold-strided, the triton top-k design that has not run on a GPU
+# yet (empty: skip); benchmarks/gpu_probe.py topk-tiles times it against the default.
 # The compile-check tests are left to CI (they need no GPU); pytest-xdist is used when present.
 # Exit status 0 only when every step that ran passed.
 set -uo pipefail
@@ -84,23 +87,46 @@ step_selftest() {
   echo "self-test: $selftest_summary in $(elapsed "$start")"
 }
 
+# pytest on the given paths into the given log; prints its summary line (or, when cut by its time
+# limit, the counts so far) and returns pytest's exit status.
+run_pytest() {
+  local log=$1 rc summary
+  shift
+  # Verbose, so that a run cut by its time limit still names the failures it saw.
+  timeout "${TEST_TIMEOUT:-300}" "$PY" -m pytest -v -ra -p no:cacheprovider $xdist "$@" \
+    --ignore=tests/test_compile_triton.py --ignore=tests/test_compile_cuda.py ${PYTEST_ARGS:-} > "$log" 2>&1
+  rc=$?
+  grep -E "FAILED|ERROR" "$log" | head -40 >&2
+  tail -3 "$log" >&2
+  summary="$(grep -E "[0-9]+ (passed|failed|errors?)(,.*)? in [0-9.]+s" "$log" | tail -1 | sed -E "s/^=+ | =+$//g")"
+  if [ -z "$summary" ]; then  # cut by its time limit, or stopped early: count the verbose lines it wrote
+    if [ $rc -eq 124 ]; then summary="cut at ${TEST_TIMEOUT:-300} s"; else summary="no pytest summary"; fi
+    summary="$summary: $(grep -c " PASSED" "$log") passed, $(grep -c " FAILED" "$log") failed so far"
+  fi
+  echo "$summary (exit $rc)"
+  return $rc
+}
+
 step_tests() {
   echo "== tests"
   start=$(date +%s)
-  # Verbose, so that a run cut by its time limit still names the failures it saw.
   xdist=""
   "$PY" -c "import xdist" 2>/dev/null && xdist="-n ${PYTEST_WORKERS:-8}"
-  timeout "${TEST_TIMEOUT:-300}" "$PY" -m pytest -v -ra -p no:cacheprovider $xdist ${TEST_PATHS:-tests} \
-    --ignore=tests/test_compile_triton.py --ignore=tests/test_compile_cuda.py ${PYTEST_ARGS:-} \
-    > "$OUT_DIR/tests.log" 2>&1
+  test_summary=$(run_pytest "$OUT_DIR/tests.log" ${TEST_PATHS:-tests})
   test_rc=$?
-  grep -E "FAILED|ERROR" "$OUT_DIR/tests.log" | head -40
-  tail -3 "$OUT_DIR/tests.log"
-  test_summary="$(grep -E "[0-9]+ (passed|failed|errors?)(,.*)? in [0-9.]+s" "$OUT_DIR/tests.log" | tail -1 | sed -E "s/^=+ | =+$//g")"
-  if [ -z "$test_summary" ]; then  # cut by its time limit: count the verbose lines it wrote
-    test_summary="cut at ${TEST_TIMEOUT:-300} s: $(grep -c " PASSED" "$OUT_DIR/tests.log") passed, $(grep -c " FAILED" "$OUT_DIR/tests.log") failed so far"
+  # Both designs of the triton top-k selection are tested on a GPU run: tests/test_topk_triton_smoke.py
+  # (in the default TEST_PATHS) runs each path's kernels, and OPT_IN_TEST_PATHS run again through the
+  # public API with L2M_TOPK_TRITON_PATH set to the opt-in design (threshold-strided: not yet run
+  # on a GPU, l2m_kernels._gpu_status); on CUDA by default, empty to skip.
+  default_opt_in="tests/ops/test_topk_read.py tests/ops/test_memory_attention.py tests/test_memory_attention_triton.py"
+  [ "$DEVICE" = cuda ] || default_opt_in=""
+  if [ -n "${OPT_IN_TEST_PATHS-$default_opt_in}" ]; then
+    opt_in_summary=$(L2M_TOPK_TRITON_PATH=threshold-strided run_pytest "$OUT_DIR/tests_threshold_strided.log" \
+      ${OPT_IN_TEST_PATHS-$default_opt_in})
+    opt_in_rc=$?
+    [ $test_rc -ne 0 ] || test_rc=$opt_in_rc
+    test_summary="$test_summary; with L2M_TOPK_TRITON_PATH=threshold-strided: $opt_in_summary"
   fi
-  test_summary="$test_summary (exit $test_rc)"
   echo "tests: $test_summary in $(elapsed "$start")"
 }
 
