@@ -7,7 +7,9 @@ and its launcher reads the default from here; the others are opt-in.
 The rule (``tests/test_gpu_status.py``): no default is a design that never ran on a GPU. A new
 design stays opt-in until a GPU run has passed the tests with it and timed it
 (``benchmarks/gpu_suite.sh``; for the top-k read also ``benchmarks/gpu_probe.py topk-tiles``, which
-times every threshold design); then its entry records that run and it may become the default.
+times every threshold design); then its entry records that run and it may become the default. A
+fix to the kernels of a design after its GPU run is listed in the entry's ``changed`` until the
+next GPU run: those kernels, in their current form, have not run on a GPU either.
 ``python -m l2m_kernels.info`` prints this table. The runs themselves are in
 ``benchmarks/RESULTS.md``.
 
@@ -43,6 +45,7 @@ class Design:
     default: bool = True
     opt_in: str = ""           # how a design that is not the default is selected
     note: str = ""
+    changed: tuple[str, ...] = ()   # commits that changed its kernels after gpu_run: what changed
 
 
 # Families with more than one design, looked up by name by their launchers.
@@ -92,9 +95,10 @@ DESIGNS: tuple[Design, ...] = (
            ("product_key_fwd_select_kernel", "product_key_fwd_topk_kernel", "product_key_fwd_out_kernel",
             "product_key_bwd_dweights_kernel", "product_key_bwd_dq_kernel", "product_key_bwd_segment_kernel"),
            _h200("l2m-check; the test suite and l2m-bench in the H200 run before it, the same day"),
-           note="since that run the top-k kernel encodes its sort keys through the shared _encode_key "
-                "instead of inline; its SASS is the same as at 44f93db for every compile-checked "
-                "configuration (sm_80 and sm_90, Triton 3.9), the other kernels' source is unchanged"),
+           note="e1318b2 made the top-k kernel encode its sort keys through the shared _encode_key "
+                "instead of inline: the same SASS as at 44f93db for every compile-checked configuration "
+                "(sm_80 and sm_90, Triton 3.9)",
+           changed=("4379701: the select and top-k kernels keep NaN apart from +inf for lse",)),
     Design("memory write", "triton", "memory-write", ("gated_memory_write", "gated_dense_update"),
            ("gated_memory_write_fwd_kernel", "gated_memory_write_bwd_kernel", "gated_dense_update_fwd_kernel",
             "gated_dense_update_bwd_kernel"),
@@ -107,7 +111,9 @@ DESIGNS: tuple[Design, ...] = (
                  "float16 D = 33 (Triton 3.6)"),
            note="16-bit heads with D % 8 != 0 now run zero-padded to the tile width (host-side: a padded "
                 "call runs the kernels of an unpadded call at that width); the padded path has not run "
-                "on a GPU"),
+                "on a GPU",
+           changed=("8b7b317: merge='gate' backward recomputes out_local with the forward kernel; "
+                    "memory_attention_bwd_mem_kernel reads it",)),
     # ---- CUDA (csrc/cuda) ----------------------------------------------------------------------
     Design("merge", "cuda", "merge", ("merge_attention", "gated_merge"),
            ("merge_attention.cu", "gated_merge.cu"),
@@ -155,6 +161,11 @@ def unmeasured() -> list[Design]:
     return [d for d in DESIGNS if d.gpu_run is None]
 
 
+def changed_since_run() -> list[Design]:
+    """Designs that ran on a GPU whose kernels changed after that run."""
+    return [d for d in DESIGNS if d.gpu_run is not None and d.changed]
+
+
 def report_lines() -> list[str]:
     """The section of ``python -m l2m_kernels.info``: each family's designs with their GPU runs, the
     default marked, then the designs that have not run on a GPU."""
@@ -166,8 +177,13 @@ def report_lines() -> list[str]:
         for d in designs:
             run = str(d.gpu_run) if d.gpu_run else "never ran on a GPU"
             lines.append(f"    {'*' if d.default else ' '} {d.name:<{width}}  {run}"
+                         + (f"; changed since: {', '.join(c.split(':')[0] for c in d.changed)}" if d.changed else "")
                          + (f"; opt-in: {d.opt_in}" if d.opt_in else ""))
     lines.append("kernel designs not yet run on a GPU:")
     lines += [f"  {d.backend} {d.family}: {d.name}" + (" (the default)" if d.default else f" (opt-in: {d.opt_in})")
               for d in unmeasured()] or ["  none"]
+    lines.append("kernel designs changed since their GPU run (not yet run on a GPU in this form):")
+    lines += [f"  {d.backend} {d.family}: {d.name} ({change})" for d in changed_since_run() for change in d.changed]
+    if not changed_since_run():
+        lines.append("  none")
     return lines

@@ -1,6 +1,6 @@
 """The registry of GPU kernel designs (l2m_kernels._gpu_status): no default design that never ran on
 a GPU, every Triton and CUDA kernel registered, and ``python -m l2m_kernels.info`` listing the
-designs that have not run on a GPU."""
+designs that have not run on a GPU and those changed since their GPU run."""
 from __future__ import annotations
 
 import dataclasses
@@ -36,20 +36,28 @@ def test_rule_fails_for_an_unmeasured_default(monkeypatch):
         test_no_default_design_is_unmeasured()
 
 
+def _section(text, header):
+    """The indented lines under ``header`` in the info report."""
+    lines = text.split(header + "\n", 1)[1].splitlines()
+    return [line.strip() for line in lines[:next((i for i, line in enumerate(lines) if not line.startswith("  ")),
+                                                  len(lines))]]
+
+
 def test_info_lists_the_unmeasured_designs(monkeypatch):
+    """python -m l2m_kernels.info lists exactly the designs that never ran on a GPU, and those whose
+    kernels changed since their GPU run, from the registry; defaults are marked with their run."""
     from l2m_kernels.info import report
 
     text = report()
-    section = text.split("kernel designs not yet run on a GPU:\n", 1)[1]
-    listed = [line.strip() for line in section.splitlines() if line.startswith("  ")]
+    listed = _section(text, "kernel designs not yet run on a GPU:")
     unmeasured = _gpu_status.unmeasured()
-    assert len(listed) == max(1, len(unmeasured))
+    assert listed == ([f"{d.backend} {d.family}: {d.name} (opt-in: {d.opt_in})" if not d.default else
+                       f"{d.backend} {d.family}: {d.name} (the default)" for d in unmeasured] or ["none"])
     for design in unmeasured:
-        assert any(line.startswith(f"{design.backend} {design.family}: {design.name} ") for line in listed), listed
         assert f"{design.name}  never ran on a GPU" in text
-    measured = [d for d in _gpu_status.DESIGNS if d.gpu_run is not None]
-    assert not any(f": {d.name} (" in line for d in measured for line in listed), listed
-    # Defaults are marked per family, with the run that measured them.
+    changed = _section(text, "kernel designs changed since their GPU run (not yet run on a GPU in this form):")
+    assert changed == ([f"{d.backend} {d.family}: {d.name} ({c})" for d in _gpu_status.changed_since_run()
+                        for c in d.changed] or ["none"])
     for family, backend in _gpu_status.families():
         default = _gpu_status.default_design(family, backend)
         assert f"* {default.name}" in text and str(default.gpu_run) in text
@@ -57,7 +65,7 @@ def test_info_lists_the_unmeasured_designs(monkeypatch):
     extra = _gpu_status.Design("merge", "triton", "merge-vector", ("merge_attention",), ("merge_attention_fwd_kernel",),
                                None, default=False, opt_in="(test)")
     monkeypatch.setattr(_gpu_status, "DESIGNS", _gpu_status.DESIGNS + (extra,))
-    assert "  triton merge: merge-vector (opt-in: (test))" in report().split("kernel designs not yet run on a GPU:")[1]
+    assert "triton merge: merge-vector (opt-in: (test))" in _section(report(), "kernel designs not yet run on a GPU:")
 
 
 def test_every_gpu_kernel_is_registered():
