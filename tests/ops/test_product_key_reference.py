@@ -228,3 +228,16 @@ def test_under_compile(sparse_grad):
         results.append((out, indices, weights, lse) + tuple(g.to_dense() for g in grads))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("sparse_grad", [False, True])
+def test_empty_value_rows_backward(sparse_grad):
+    # Dv = 0: the values gradient is (n_sub ** 2, 0); its backward reshaped the rows with -1 next to
+    # a size of 0, which is ambiguous (found by the fuzzer).
+    q = torch.randn(1, 2, 3, 4, dtype=torch.float64, requires_grad=True)
+    subkeys = torch.randn(2, 2, 3, 2, dtype=torch.float64, requires_grad=True)
+    values = torch.randn(9, 0, dtype=torch.float64, requires_grad=True)
+    out, _, weights, lse = product_key_read_ref(q, subkeys, values, 4, k_sub=3, sparse_grad=sparse_grad)
+    assert out.shape == (1, 2, 3, 0)
+    dq, dsubkeys, dvalues = torch.autograd.grad(out.sum() + weights.sum() + lse.sum(), (q, subkeys, values))
+    assert dvalues.shape == (9, 0) and dq.shape == q.shape and dsubkeys.shape == subkeys.shape

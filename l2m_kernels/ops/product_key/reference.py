@@ -111,7 +111,7 @@ class _GatherRows(torch.autograd.Function):
     def backward(ctx, grad_rows):
         (slot_ids,) = ctx.saved_tensors
         num_slots, value_dim = ctx.values_shape
-        flat_grad = grad_rows.reshape(-1, value_dim)
+        flat_grad = grad_rows.reshape(slot_ids.numel(), value_dim)  # (not -1: Dv may be 0)
         grad_values = flat_grad.new_zeros((num_slots, value_dim)).index_add_(
             0, slot_ids.reshape(-1), flat_grad)
         return grad_values.to(ctx.values_dtype), None, None
@@ -139,7 +139,7 @@ class _GatherRowsSparseGrad(_GatherRows):
         (slot_ids,) = ctx.saved_tensors
         num_slots, value_dim = ctx.values_shape
         grad_values = torch.sparse_coo_tensor(
-            slot_ids.reshape(1, -1), grad_rows.reshape(-1, value_dim), (num_slots, value_dim),
+            slot_ids.reshape(1, -1), grad_rows.reshape(slot_ids.numel(), value_dim), (num_slots, value_dim),
             check_invariants=False).coalesce()
         return grad_values.to(ctx.values_dtype), None, None
 
