@@ -1,0 +1,1629 @@
+"""Property-based fuzzing of every op on every backend against the float64 reference (hypothesis).
+
+One *case* is one call of a public op (``l2m.topk_memory_read`` ...) on one backend. Hypothesis draws
+its parameters as plain Python values (sizes, dtype, layouts, flags, the seed of the tensor data,
+where NaN/inf go, an invalid argument to plant), so a case prints as a dict and
+:func:`run_case` replays it. What is drawn:
+
+- shapes with zero sizes (``B``, ``T``, ``H``...), odd and size-1 feature dims, grouped heads
+  (``Hm | H``, ``Hkv | H``), shared 3-D memories, 3-D write memories;
+- layouts as models produce them: transposed views (``x.view(B, T, H, D).transpose(1, 2)``), the
+  last two dims swapped, strided slices whose padding holds NaN (float) or out-of-range ids (int),
+  so a kernel that ignores strides reads poison, and stride-0 expands where broadcasting/sharing
+  is allowed;
+- dtypes float32/float16/bfloat16/float64 (a backend without float64 must refuse it with
+  ``NotImplementedError``), ``k``/``topk``/``k_sub`` and ``N`` at their edges (1, N, 256),
+  ``valid_len`` of 0, below ``k`` and equal to ``N``, repeated write slots and ``-1`` skips;
+- data: normal, or small integers with a power-of-two scale (exact scores, so ties are exact and
+  the slot ids must equal the reference's), with NaN/+inf/-inf sprinkled into some inputs;
+- now and then one invalid argument (wrong rank, size, dtype, out-of-range ``k``, index,
+  ``valid_len``, ``window``...).
+
+The property: either the call returns, and its outputs (and, for a random subset, the gradients of a
+random linear functional of them, with respect to the autograd leaves behind the views) equal the
+reference evaluated in float64 on the same input values within :data:`l2m_kernels.testing.TOLERANCE`
+of the input dtype (relative RMS error; NaN and inf must sit at the same positions), or it raises
+the documented exception type with a message whose subject (the text before the first ``:``) names
+the offending argument. Any other exception, an accepted invalid argument, a modified input, a
+wrong shape/dtype or a mismatch fails the case. Tiny tensors make one rounding of a sum whose terms
+cancel a large relative error, so the allowed error is the tolerance or twice the error of the same
+computation in PyTorch at the input dtype, whichever is larger (STYLE.md's flash-attention rule;
+:func:`compare` lists the baselines: the reference run at the input dtype, outputs a composition
+stores in the input dtype, and FlashAttention-style backwards that read the stored output). Top-k selections are
+judged as in ``l2m-check``: valid slot ids (in range, existing, never twice, -1 only at the tail),
+the float64 scores of the selected slots equal those of the reference's selection (NaN ranks like
++inf), slots with infinite scores and all slots of exact (integer) data equal the reference's
+exactly, and the values are compared with the reference read at the fused selection. Outputs are
+NaN-poisoned (:func:`l2m_kernels.testing.poisoned_outputs`), so an unwritten element fails.
+
+Runs: ``tests/test_fuzz.py`` (the CI profile, >= 2,000 cases); the long profile (>= 50,000) with
+``L2M_FUZZ_PROFILE=long python3 -m pytest -q tests/test_fuzz.py`` or
+``python3 -m l2m_kernels.fuzz --profile long`` (this module, no pytest needed; ``--help``).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import math
+import os
+import re
+import sys
+import time
+import warnings
+import zlib
+from typing import Callable
+
+import torch
+
+try:
+    from hypothesis import HealthCheck, Phase, given, note, settings
+    from hypothesis import seed as hypothesis_seed
+    from hypothesis import strategies as st
+except ImportError as exc:  # pragma: no cover - hypothesis is a test dependency
+    raise ImportError("l2m_kernels.fuzz needs hypothesis: pip install hypothesis") from exc
+
+import l2m_kernels as l2m
+
+from .backends import BACKENDS, OPS
+from .ops.memory_attention.reference import _local_attention_acc, _merge_acc, memory_attention_gather
+from .ops.memory_write.reference import gated_dense_update_ref, gated_memory_write_ref
+from .ops.merge.reference import gated_merge_ref, merge_attention_ref
+from .ops.product_key.reference import _half_scores, product_key_gather, product_key_select
+from .ops.topk_read.reference import _topk_read_gather_acc, full_scores, topk_read_gather, topk_read_select
+from .testing import TOLERANCE, assert_close, lse_dtype, poisoned_outputs, rel_rms_error
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+DTYPE_NAMES = {d: str(d).replace("torch.", "") for d in DTYPES}
+NAMED_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
+MAX_K = 256
+
+# Cases per (op, backend) and profile. The interpreter runs a Triton call in 0.1-1 s, so the
+# triton share is small; reference and cpu calls at these sizes take about a millisecond.
+PROFILES = {
+    "ci": {"reference": 110, "cpu": 170, "triton": 14, "cuda": 170},
+    "long": {"reference": 2600, "cpu": 4200, "triton": 400, "cuda": 4200},
+}
+# The argument names a refusal for an unsupported backend must mention.
+BACKEND_NAMES = ("backend",)
+
+
+class FuzzFailure(AssertionError):
+    """A case broke the property; the message says how."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Building tensors: a base tensor in a physical layout, and the view passed to the op.
+# ------------------------------------------------------------------------------------------------
+
+LAYOUTS = ("contiguous", "transposed", "last_swapped", "sliced", "expanded")
+
+
+def _swap_dims(rank: int, layout: str):
+    if layout == "transposed" and rank >= 2:
+        return (1, 2) if rank >= 3 else (0, 1)   # (B, H, T, D) stored as (B, T, H, D)
+    if layout == "last_swapped" and rank >= 2:
+        return (rank - 2, rank - 1)               # the feature dim is not the unit-stride one
+    return None
+
+
+def _physical_shape(shape, layout, bdims):
+    p = list(shape)
+    swap = _swap_dims(len(p), layout)
+    if swap:
+        p[swap[0]], p[swap[1]] = p[swap[1]], p[swap[0]]
+    elif layout == "sliced" and p:
+        p[-1] += 2                                # [..., 1:1+D] of a wider row
+        if len(p) >= 2:
+            p[0] *= 2                             # and every other entry of dim 0
+    elif layout == "expanded":
+        p = [1 if i in bdims else s for i, s in enumerate(p)]
+    return tuple(p)
+
+
+def _view(base, shape, layout):
+    swap = _swap_dims(base.dim(), layout)
+    if swap:
+        return base.transpose(*swap)
+    if layout == "sliced" and base.dim():
+        v = base[..., 1:1 + shape[-1]]
+        return v[::2] if base.dim() >= 2 else v
+    if layout == "expanded":
+        return base.expand(shape)
+    return base
+
+
+def _layout_for(shape, layout, bdims):
+    """The layout actually used: expanded needs a dim that may be broadcast."""
+    if layout == "expanded" and not bdims:
+        return "contiguous"
+    if not shape:
+        return "contiguous"
+    return layout
+
+
+def _data(gen, shape, kind, mode, dtype):
+    base = torch.float64 if dtype == torch.float64 else torch.float32
+    shape = tuple(shape)
+    if mode == "int":
+        if kind == "unit":
+            t = torch.randint(0, 3, shape, generator=gen).to(base) / 2       # 0, 0.5, 1
+        else:
+            t = torch.randint(-2, 3, shape, generator=gen).to(base)
+    elif kind == "unit":
+        t = torch.rand(shape, generator=gen, dtype=base)
+        if t.numel():                                                        # the edges 0 and 1
+            t = torch.where(torch.rand(shape, generator=gen) < 0.1, t.round(), t)
+    elif kind == "lse":
+        t = torch.randn(shape, generator=gen, dtype=base) * 3.0
+    elif kind == "gate":
+        t = torch.randn(shape, generator=gen, dtype=base) * 2.0
+    else:
+        t = torch.randn(shape, generator=gen, dtype=base)
+    return t.to(dtype)
+
+
+_SPECIAL_VALUES = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
+
+
+def _sprinkle(gen, core, kind, count):
+    """Put ``count`` special values at random positions of ``core`` (in place, through the view)."""
+    if core.numel() == 0:
+        return
+    flat = torch.randint(0, core.numel(), (count,), generator=gen)
+    for pos in flat.tolist():
+        index = []
+        for size in reversed(core.shape):
+            index.append(pos % size)
+            pos //= size
+        core[tuple(reversed(index))] = _SPECIAL_VALUES[kind]
+
+
+@dataclasses.dataclass
+class Built:
+    """The tensors of one case: views passed to the op, and their bases (the autograd leaves)."""
+
+    views: dict = dataclasses.field(default_factory=dict)
+    bases: dict = dataclasses.field(default_factory=dict)
+    layouts: dict = dataclasses.field(default_factory=dict)
+
+
+def _float_tensor(built, gen, name, shape, dtype, params, device, *, kind="normal", bdims=()):
+    layout = _layout_for(shape, params["layouts"].get(name, "contiguous"), bdims)
+    physical = _physical_shape(shape, layout, bdims)
+    mode = params.get("mode", "normal")
+    if layout == "sliced":
+        base = torch.full(physical, float("nan"), dtype=dtype)
+        core = _view(base, shape, layout)
+        core.copy_(_data(gen, shape, kind, mode, dtype))
+    else:
+        base = _data(gen, physical, kind, mode, dtype)
+        core = base if layout == "expanded" else _view(base, shape, layout)
+    for target, special, count in params.get("specials", ()):
+        if target == name:
+            _sprinkle(gen, core, special, count)
+    base = base.to(device)
+    built.bases[name], built.layouts[name] = base, layout
+    built.views[name] = _view(base, shape, layout)
+    return built.views[name]
+
+
+def _int_tensor(built, name, values, params, device, pad_value):
+    """An integer tensor with the given values, in a drawn layout (padding holds ``pad_value``)."""
+    shape = tuple(values.shape)
+    layout = _layout_for(shape, params["layouts"].get(name, "contiguous"), ())
+    if layout == "expanded":
+        layout = "contiguous"
+    physical = _physical_shape(shape, layout, ())
+    base = torch.full(physical, pad_value, dtype=values.dtype)
+    if layout in ("transposed", "last_swapped"):
+        base = _view(values, shape, layout).contiguous()     # stored transposed; the view is `values`
+    else:
+        _view(base, shape, layout).copy_(values)
+    base = base.to(device)
+    built.bases[name], built.layouts[name] = base, layout
+    built.views[name] = _view(base, shape, layout)
+    return built.views[name]
+
+
+def _differentiable(built, names):
+    """Make the bases of ``names`` autograd leaves and rebuild their views from them."""
+    for name in names:
+        base = built.bases[name]
+        base.requires_grad_(True)
+        shape = built.views[name].shape
+        built.views[name] = _view(base, shape, built.layouts[name])
+
+
+# ------------------------------------------------------------------------------------------------
+# A case: how to call the op, what may or must be raised, and how to judge the result.
+# ------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Expected:
+    """An acceptable exception: its types and the argument names its subject may name."""
+
+    types: tuple
+    names: tuple
+    why: str
+
+
+@dataclasses.dataclass
+class Case:
+    op: str
+    backend: str
+    dtype: torch.dtype
+    args: dict                      # name -> value, in the op's positional order first
+    positional: tuple               # names passed positionally
+    diff_inputs: tuple = ()         # names of differentiable tensor inputs (gradient check)
+    must_raise: Expected | None = None
+    may_raise: list = dataclasses.field(default_factory=list)
+    check_grad: bool = False
+    judge: Callable | None = None   # judge(case, result, gen) raises FuzzFailure / AssertionError
+    built: Built | None = None
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    def call(self):
+        fn = getattr(l2m, self.op)
+        pos = [self.args[n] for n in self.positional]
+        kw = {n: v for n, v in self.args.items() if n not in self.positional}
+        return fn(*pos, **kw)
+
+
+def _f64(t):
+    """A float64 CPU copy (never an alias: in-place writes must not reach it)."""
+    return t.detach().to(device="cpu", dtype=torch.float64, copy=True)
+
+
+class _Leaves(dict):
+    """name -> a copy of an input in ``dtype`` on the CPU, in the input's own layout (a view of a
+    copy of its base); ``bases`` holds those base copies, the autograd leaves of the reference."""
+
+    bases: dict
+
+
+def _leaves(case, names, dtype=torch.float64):
+    """``dtype=None``: each input keeps its own dtype."""
+    leaves = _Leaves()
+    leaves.bases = {}
+    for name in names:
+        arg, built = case.args[name], case.built
+        want = arg.dtype if dtype is None else dtype
+        if built is not None and built.views.get(name) is arg:
+            base = built.bases[name].detach().to(device="cpu", dtype=want, copy=True).requires_grad_(True)
+            leaves[name] = _view(base, arg.shape, built.layouts[name])
+        else:
+            base = leaves[name] = arg.detach().to(device="cpu", dtype=want, copy=True).requires_grad_(True)
+        leaves.bases[name] = base
+    return leaves
+
+
+def _expect_tensor(name, t, shape, dtype):
+    if not isinstance(t, torch.Tensor):
+        raise FuzzFailure(f"{name}: expected a tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise FuzzFailure(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.dtype != dtype:
+        raise FuzzFailure(f"{name}: expected dtype {dtype}, got {t.dtype}")
+
+
+def _subject(message: str) -> str:
+    return message.split(": ", 1)[0] if ": " in message else message
+
+
+def names_argument(message: str, names) -> bool:
+    """Whether the subject of ``message`` (before the first ': ') names one of ``names``."""
+    subject = _subject(message)
+    return any(re.search(rf"(?<![A-Za-z0-9_]){re.escape(n)}(?![A-Za-z0-9_])", subject) for n in names)
+
+
+def _finite_inputs(case) -> bool:
+    """No NaN/inf in the differentiable inputs (log-sum-exp inputs may be -inf: an empty side)."""
+    for name in case.diff_inputs:
+        t = case.args[name].detach()
+        ok = ~torch.isnan(t) & ~torch.isposinf(t) if name.startswith("lse") else torch.isfinite(t)
+        if t.numel() and not ok.all():
+            return False
+    return True
+
+
+def _cotangents(gen, outputs):
+    cots = []
+    for o in outputs:
+        base = torch.float64 if o.dtype == torch.float64 else torch.float32
+        cots.append(torch.randn(tuple(o.shape), generator=gen, dtype=base).to(o.dtype).to(o.device))
+    return cots
+
+
+def _grads(outputs, inputs, cots):
+    pairs = [(o, c) for o, c in zip(outputs, cots) if o.requires_grad]
+    if not pairs:
+        return [None] * len(inputs)
+    return list(torch.autograd.grad([o for o, _ in pairs], inputs, [c for _, c in pairs],
+                                    allow_unused=True))
+
+
+def _round_trip(t, dtype):
+    """``t`` stored in ``dtype`` and read back as float64 (differentiable; the gradient is rounded
+    the same way on its way back)."""
+    return t if dtype == torch.float64 else t.to(dtype).to(torch.float64)
+
+
+def _limit(dtype, exact, *baselines):
+    """The relative RMS error allowed against ``exact``: the dtype's tolerance, or twice the error of
+    a baseline (the same computation in PyTorch at the input dtype: the flash-attention rule of
+    STYLE.md), whichever is larger. The baselines matter where a tiny tensor holds a sum of terms
+    that cancel: one rounding of a term is then a large relative error of the sum."""
+    limit = TOLERANCE[dtype]
+    for baseline in baselines:
+        if baseline is not None:
+            if baseline.layout != torch.strided:
+                baseline = baseline.to_dense()
+            err = rel_rms_error(baseline, exact)
+            if math.isfinite(err):
+                limit = max(limit, 2 * err)
+    return limit
+
+
+def _stored_error(cot, exact, dtype):
+    """Per row ``<cot, round(exact) - exact>``: how much ``Delta = <dout, out>`` moves when ``out``
+    is read back from its input-dtype copy, as FlashAttention-style backwards read it."""
+    return (cot * (_round_trip(exact.detach(), dtype) - exact.detach())).sum(-1)
+
+
+def compare(case, names, fused, reference, gen, modelled=None, model_cotangents=None):
+    """Judge the fused outputs ``fused`` (a tuple named ``names``) and, when ``case.check_grad``, the
+    gradients of a random linear functional of them, against ``reference(leaves)`` evaluated on
+    float64 copies of the inputs.
+
+    Baselines for the allowed error (:func:`_limit`): ``reference`` evaluated at the input dtype
+    (the naive PyTorch computation; not for the reference backend itself); ``modelled(leaves)``
+    when given (a computation with the roundings of intermediate results a composition of kernels
+    makes; ``reference`` when only ``model_cotangents`` is given), whose gradients take the
+    cotangents ``model_cotangents(outputs, cotangents)`` when given (a backward that reads a
+    rounded output moves the log-sum-exp cotangents); and for each gradient the float64 gradient
+    of the input's view rounded to the input dtype before the view's backward reduces it (a
+    stride-0 input sums its view's gradients).
+    Gradients are taken with respect to the autograd leaves, the bases of the (transposed, sliced,
+    expanded) inputs: a stride-0 input's own gradient depends on how the op reads it, its leaf's
+    does not.
+    """
+    diff = list(case.diff_inputs)
+    oracle_leaves = _leaves(case, diff)
+    oracle = reference(oracle_leaves)
+    naive_leaves = naive = None
+    if case.backend != "reference" and case.dtype != torch.float64:
+        naive_leaves = _leaves(case, diff, None)
+        naive = reference(naive_leaves)
+    model_leaves = model = None
+    if modelled is not None or model_cotangents is not None:
+        model_leaves = _leaves(case, diff)
+        model = (modelled or reference)(model_leaves)
+    for i, name in enumerate(names):
+        baselines = [None if naive is None else naive[i],
+                     None if model is None else _round_trip(model[i], case.dtype)]
+        assert_close(name, fused[i], oracle[i], case.dtype, tol=_limit(case.dtype, oracle[i], *baselines))
+    if not case.check_grad:
+        return
+    cots = _cotangents(gen, fused)
+    cots64 = [c.detach().to(torch.float64).cpu() for c in cots]
+    leaves = [case.built.bases[n] for n in diff]
+    grads = _grads(fused, leaves, cots)
+    live = [i for i, o in enumerate(oracle) if o.requires_grad]
+
+    def grads_of(outputs, leaves_, cotangents, wrt_views=False):
+        targets = [leaves_[n] if wrt_views else leaves_.bases[n] for n in diff]
+        return torch.autograd.grad([outputs[i] for i in live], targets, [cotangents[i] for i in live],
+                                   allow_unused=True, retain_graph=True)
+
+    oracle_grads = grads_of(oracle, oracle_leaves, cots64)
+    view_grads = grads_of(oracle, oracle_leaves, cots64, wrt_views=True)
+    naive_grads = [None] * len(diff) if naive is None else grads_of(
+        naive, naive_leaves, [c.to(o.dtype) for c, o in zip(cots64, naive)])
+    model_cots = cots64 if model_cotangents is None else model_cotangents(model, cots64)
+    model_grads = [None] * len(diff) if model is None else grads_of(model, model_leaves, model_cots)
+    for name, g, rg, vg, ng, mg, x in zip(diff, grads, oracle_grads, view_grads, naive_grads, model_grads, leaves):
+        if g is not None and g.layout != torch.strided:
+            g = g.to_dense()
+        zeros = torch.zeros(x.shape, dtype=torch.float64)
+        g = torch.zeros_like(x) if g is None else g
+        rg = zeros if rg is None else rg
+        rounded = None
+        if vg is not None:   # the view's gradient stored in the input dtype, then reduced to the leaf
+            fresh = oracle_leaves.bases[name].detach().clone().requires_grad_(True)
+            view = _view(fresh, vg.shape, case.built.layouts[name])
+            rounded = torch.autograd.grad(view, fresh, _round_trip(vg, case.dtype))[0]
+        _expect_tensor("d" + name, g, x.shape, x.dtype)
+        assert_close("d" + name, g, rg, case.dtype, tol=_limit(case.dtype, rg, rounded, ng, mg))
+
+
+# -- selections ------------------------------------------------------------------------------------
+
+def _rank(scores):
+    """float64 scores as the selection ranks them: NaN like +inf."""
+    return scores.nan_to_num(nan=math.inf, posinf=math.inf, neginf=-math.inf)
+
+
+def _picked(rank, slot_ids):
+    picked = rank.gather(-1, slot_ids.clamp_min(0))
+    return torch.where(slot_ids < 0, -math.inf, picked)
+
+
+def _check_selection(name, slot_ids, best, rank, exists, k, dtype, exact):
+    """Fused ``slot_ids`` against the reference's ``best`` over float64 ``rank`` scores (B, H, T, N).
+
+    ``exists`` (B, H, T, N) bool or None. Checks: ids in [-1, N), existing, never twice, the count of
+    real entries min(k, existing), -1 only at the tail, order by descending score (up to rounding),
+    the selected scores equal the reference's, and where scores are exactly tied (exact data, or
+    +inf/-inf scores) the very same slots.
+    """
+    num_slots = rank.shape[-1]
+    bad = (slot_ids < -1) | (slot_ids >= num_slots)
+    if bad.any():
+        raise FuzzFailure(f"{name}: {int(bad.sum())} slot ids outside [-1, {num_slots}), e.g. "
+                          f"{int(slot_ids[bad][0])}")
+    real = slot_ids >= 0
+    if exists is not None:
+        gone = real & ~exists.gather(-1, slot_ids.clamp_min(0))
+        if gone.any():
+            raise FuzzFailure(f"{name}: {int(gone.sum())} selected slots do not exist (>= valid_len)")
+        n_exist = exists.sum(-1)
+    else:
+        n_exist = torch.full(slot_ids.shape[:-1], num_slots)
+    if not torch.equal(real.sum(-1), n_exist.clamp(max=k)):
+        raise FuzzFailure(f"{name}: wrong number of real entries per row (expected min(k, existing))")
+    if (~real[..., :-1] & real[..., 1:]).any():
+        raise FuzzFailure(f"{name}: a -1 entry before a real one")
+    ordered = slot_ids.sort(dim=-1).values
+    if ((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any():
+        raise FuzzFailure(f"{name}: a slot selected twice in one row")
+    picked = _picked(rank, slot_ids)
+    if picked.shape[-1] > 1:
+        a, b = picked[..., :-1], picked[..., 1:]
+        finite = torch.isfinite(a) & torch.isfinite(b)
+        slack = 1e-12 if dtype == torch.float64 else 1e-5
+        slack = slack * (1 + torch.maximum(a.abs(), b.abs()))
+        disorder = torch.where(finite, a < b - slack, (a < b) & real[..., 1:])
+        if disorder.any():
+            raise FuzzFailure(f"{name}: slots not ordered by descending score in "
+                              f"{int(disorder.any(-1).sum())} rows")
+    want = _picked(rank, best)
+    assert_close(f"{name} (scores of the selected slots)", picked.sort(-1, descending=True).values,
+                 want.sort(-1, descending=True).values, dtype)
+    if exact:
+        if not torch.equal(slot_ids, best):
+            raise FuzzFailure(f"{name}: exact data (exact ties), expected the reference's slots "
+                              f"{best.flatten().tolist()[:16]}, got {slot_ids.flatten().tolist()[:16]}")
+    else:
+        tied = torch.isinf(want) & (best >= 0)
+        if not torch.equal(slot_ids[tied], best[tied]):
+            raise FuzzFailure(f"{name}: slots with infinite scores (exact ties, smaller slot first) "
+                              f"differ from the reference's")
+
+
+def _exists_mask(valid_len, shape):
+    """(B, H, T, N) bool of existing slots, or None."""
+    if valid_len is None:
+        return None
+    B, H, T, N = shape
+    ex = torch.arange(N)[None, :] < valid_len.detach().cpu().to(torch.int64)[:, None]
+    return ex[:, None, None, :].expand(B, H, T, N)
+
+
+# -- judges: one per op ---------------------------------------------------------------------------
+
+def judge_topk(case, read, gen):
+    q, keys, values = (case.args[n] for n in ("q", "keys", "values"))
+    k, valid_len = case.args["k"], case.args.get("valid_len")
+    B, H, T, Dk = q.shape
+    scale = case.args.get("scale")
+    scale = Dk ** -0.5 if scale is None else scale
+    acc = lse_dtype(case.dtype)
+    _expect_tensor("out", read.out, (B, H, T, values.shape[-1]), case.dtype)
+    _expect_tensor("indices", read.indices, (B, H, T, k), torch.int64)
+    _expect_tensor("weights", read.weights, (B, H, T, k), acc)
+    _expect_tensor("lse", read.lse, (B, H, T), acc)
+    slot_ids = read.indices.detach().cpu()
+    q64, keys64 = _f64(q), _f64(keys)
+    vl = None if valid_len is None else valid_len.detach().cpu()
+    rank = _rank(full_scores(q64, keys64, scale))
+    best = topk_read_select(q64, keys64, k, scale, vl)
+    _check_selection("indices", slot_ids, best, rank, _exists_mask(vl, rank.shape), k, case.dtype,
+                     case.extra["exact"])
+    compare(case, ("out", "weights", "lse"), (read.out, read.weights, read.lse),
+            lambda x: topk_read_gather(x["q"], x["keys"], x["values"], slot_ids, scale), gen,
+            model_cotangents=lambda outs, cots: _read_cotangents(outs, cots, case.dtype))
+
+
+def _read_cotangents(outs, cots, dtype):
+    """A read's backward with ``Delta`` from the stored ``out``: as if ``dlse`` moved by -error."""
+    dout, dweights, dlse = cots
+    return dout, dweights, dlse - _stored_error(dout, outs[0], dtype)
+
+
+def judge_product_key(case, read, gen):
+    q, subkeys, values = (case.args[n] for n in ("q", "subkeys", "values"))
+    k = case.args["k"]
+    k_sub = case.args.get("k_sub") or k
+    sum_heads = case.args.get("sum_heads", False)
+    B, H, T, Dk = q.shape
+    scale = case.args.get("scale")
+    scale = Dk ** -0.5 if scale is None else scale
+    acc = lse_dtype(case.dtype)
+    _expect_tensor("out", read.out, (B, T, values.shape[-1]) if sum_heads else (B, H, T, values.shape[-1]),
+                   case.dtype)
+    _expect_tensor("indices", read.indices, (B, H, T, k), torch.int64)
+    _expect_tensor("weights", read.weights, (B, H, T, k), acc)
+    _expect_tensor("lse", read.lse, (B, H, T), acc)
+    slot_ids = read.indices.detach().cpu()
+    q64, sub64 = _f64(q), _f64(subkeys)
+    s1, s2 = _half_scores(q64, sub64, scale, torch.float64)
+    slot_scores = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)      # (B, H, T, n_sub ** 2)
+    best = product_key_select(q64, sub64, k, k_sub, scale)
+    rank = _rank(slot_scores)
+    # NaN candidates sort above +inf in the reference (torch.sort) and tie with it in a kernel that
+    # ranks NaN like +inf; rows holding one are NaN either way, so exact slots are not required there.
+    nan_rows = torch.isnan(slot_scores).any(-1, keepdim=True)
+    exact = case.extra["exact"] and not bool(nan_rows.any())
+    _check_selection("indices", slot_ids, torch.where(nan_rows, slot_ids, best), rank, None, k,
+                     case.dtype, exact)
+    if nan_rows.any():   # the count of NaN/inf-scored slots must still match the reference's
+        assert_close("indices (scores of the selected slots, NaN rows)",
+                     _picked(rank, slot_ids).sort(-1, descending=True).values,
+                     _picked(rank, best).sort(-1, descending=True).values, case.dtype)
+    # A row with a NaN candidate is NaN in the reference (whose selection puts NaN first): judged
+    # at the reference's selection; the others at the fused one.
+    read_at = torch.where(nan_rows, best, slot_ids)
+    compare(case, ("out", "weights", "lse"), (read.out, read.weights, read.lse),
+            lambda x: product_key_gather(x["q"], x["subkeys"], x["values"], read_at, scale, sum_heads=sum_heads),
+            gen, model_cotangents=None if sum_heads else lambda outs, cots: _read_cotangents(outs, cots, case.dtype))
+
+
+def judge_write(case, out, gen):
+    memory = case.args["memory"]
+    names = ("memory", "weights", "add", "erase")
+    indices = case.args["indices"].detach().cpu()
+    if case.args.get("inplace"):
+        if out is not memory:
+            raise FuzzFailure("inplace=True must return the memory tensor it updated")
+        before = case.extra["memory_before"]
+        _expect_tensor("memory", memory, before.shape, case.dtype)
+        compare(case, ("memory (in place)",), (memory,),
+                lambda x: (gated_memory_write_ref(before.to(x["add"].dtype), indices, x["weights"], x["add"],
+                                                  x["erase"]),), gen)
+        return
+    _expect_tensor("out", out, memory.shape, case.dtype)
+    if out.numel() and out.data_ptr() == memory.data_ptr():
+        raise FuzzFailure("inplace=False returned the memory tensor itself")
+    compare(case, ("out",), (out,),
+            lambda x: (gated_memory_write_ref(x["memory"], indices, x["weights"], x["add"], x["erase"]),), gen)
+
+
+def judge_dense(case, out, gen):
+    names = ("memory", "update", "input_gate", "forget_gate")
+    shape = torch.broadcast_shapes(*(case.args[n].shape for n in names))
+    _expect_tensor("out", out, shape, case.dtype)
+    compare(case, ("out",), (out,), lambda x: (gated_dense_update_ref(*(x[n] for n in names)),), gen)
+
+
+def judge_merge(case, result, gen):
+    out_a = case.args["out_a"]
+    out, lse = result
+    _expect_tensor("out", out, out_a.shape, case.dtype)
+    _expect_tensor("lse", lse, out_a.shape[:3], lse_dtype(case.dtype))
+    names = ("out_a", "lse_a", "out_b", "lse_b")
+    compare(case, ("out", "lse"), (out, lse), lambda x: merge_attention_ref(*(x[n] for n in names)), gen)
+
+
+def judge_gated_merge(case, out, gen):
+    _expect_tensor("out", out, case.args["out_local"].shape, case.dtype)
+    names = ("out_local", "out_mem", "gate")
+    compare(case, ("out",), (out,), lambda x: (gated_merge_ref(*(x[n] for n in names)),), gen)
+
+
+def judge_attention(case, res, gen):
+    q, k, v, mem_keys = (case.args[n] for n in ("q", "k", "v", "mem_keys"))
+    topk, valid_len = case.args["topk"], case.args.get("valid_len")
+    window, merge = case.args.get("window"), case.args.get("merge", "joint")
+    B, H, T, D = q.shape
+    Dv = v.shape[-1]
+    scale = case.args.get("scale")
+    scale = D ** -0.5 if scale is None else scale
+    acc = lse_dtype(case.dtype)
+    _expect_tensor("out", res.out, (B, H, T, Dv), case.dtype)
+    _expect_tensor("lse_local", res.lse_local, (B, H, T), acc)
+    _expect_tensor("lse_mem", res.lse_mem, (B, H, T), acc)
+    _expect_tensor("indices", res.indices, (B, H, T, topk), torch.int64)
+    slot_ids = res.indices.detach().cpu()
+    q64, mk64 = _f64(q), _f64(mem_keys)
+    vl = None if valid_len is None else valid_len.detach().cpu()
+    rank = _rank(full_scores(q64, mk64, scale))
+    best = topk_read_select(q64, mk64, topk, scale, vl)
+    _check_selection("indices", slot_ids, best, rank, _exists_mask(vl, rank.shape), topk, case.dtype,
+                     case.extra["exact"])
+
+    def reference(x):
+        return memory_attention_gather(x["q"], x["k"], x["v"], x["mem_keys"], x["mem_values"], slot_ids, window,
+                                       merge, x.get("gate"), scale)
+
+    parts = {}
+
+    def rounded_parts(x):
+        # The compositions (cpu, cuda) store the local and the memory part in the input dtype
+        # before merging them.
+        out_local, lse_local = _local_attention_acc(x["q"], x["k"], x["v"], window, scale)
+        out_mem, _, lse_mem = _topk_read_gather_acc(x["q"], x["mem_keys"], x["mem_values"], slot_ids, scale)
+        out = _merge_acc(_round_trip(out_local, case.dtype), lse_local, _round_trip(out_mem, case.dtype), lse_mem,
+                         merge, x.get("gate"))
+        parts.update(out=out, out_local=out_local, out_mem=out_mem, lse_local=lse_local, lse_mem=lse_mem,
+                     gate=x.get("gate"))
+        return out, lse_local, lse_mem
+
+    def stored_outputs(outs, cots):
+        # FlashAttention-style backwards take Delta from stored outputs: joint, <dout, out> for both
+        # parts (weighted by their merge weights); gate, each part's own output.
+        dout, dlse_local, dlse_mem = cots
+        lse_local, lse_mem = parts["lse_local"].detach(), parts["lse_mem"].detach()
+        if merge == "joint":
+            error = _stored_error(dout, parts["out"], case.dtype)
+            top = torch.maximum(lse_local, lse_mem)
+            total = torch.where(torch.isneginf(top), top, top + torch.log(torch.exp(lse_local - top)
+                                                                           + torch.exp(lse_mem - top)))
+            a = torch.where(torch.isneginf(lse_local), 0.0, torch.exp(lse_local - total))
+            b = torch.where(torch.isneginf(lse_mem), 0.0, torch.exp(lse_mem - total))
+            return dout, dlse_local - a * error, dlse_mem - b * error
+        g = torch.sigmoid(parts["gate"].detach()).expand(dout.shape[:-1] + (1,)).squeeze(-1)
+        return (dout, dlse_local - (1 - g) * _stored_error(dout, parts["out_local"], case.dtype),
+                dlse_mem - g * _stored_error(dout, parts["out_mem"], case.dtype))
+
+    compare(case, ("out", "lse_local", "lse_mem"), (res.out, res.lse_local, res.lse_mem), reference, gen,
+            modelled=rounded_parts, model_cotangents=stored_outputs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Strategies: one per op, drawing plain parameters (the tensors are built from them).
+# ------------------------------------------------------------------------------------------------
+
+def _tiny(backend: str) -> bool:
+    """The interpreter is slow: Triton cases keep every size small."""
+    return backend == "triton"
+
+
+def _dtype(draw, backend):
+    """float32/float16/bfloat16 alike; float64 as often on reference/cpu, one case in ten on triton
+    and cuda (which must refuse it)."""
+    if backend in ("triton", "cuda"):
+        return "float64" if draw(st.integers(0, 9)) == 0 else draw(st.sampled_from(("float32", "float16", "bfloat16")))
+    return draw(st.sampled_from(("float32", "float16", "bfloat16", "float64")))
+
+
+def _sizes(draw, ranges: dict, zeroable=()):
+    """Sizes from ``ranges`` (name -> (low, high), low >= 1); in about one case in eight one of the
+    ``zeroable`` sizes is 0 (an empty batch, no heads, no queries, an empty feature dim)."""
+    sizes = {name: draw(st.integers(low, high)) for name, (low, high) in ranges.items()}
+    if zeroable and draw(st.integers(0, 7)) == 0:
+        sizes[draw(st.sampled_from(zeroable))] = 0
+    return sizes
+
+
+def _layouts(draw, names):
+    return {n: draw(st.sampled_from(LAYOUTS)) for n in names}
+
+
+def _specials(draw, names, kinds=("nan", "inf", "-inf")):
+    """Usually none; in about one case in five one or two (tensor, kind, count) entries."""
+    if draw(st.integers(0, 4)) != 0:
+        return []
+    out = []
+    for _ in range(draw(st.integers(1, 2))):
+        out.append((draw(st.sampled_from(names)), draw(st.sampled_from(kinds)), draw(st.integers(1, 3))))
+    return out
+
+
+def _rarely(draw, usual, rare):
+    """A draw from ``usual``, or in about one case in ten from ``rare`` (large sizes: k = 256 needs
+    N >= 256, and such cases cost 10-100 small ones)."""
+    return draw(rare) if draw(st.integers(0, 9)) == 0 else draw(usual)
+
+
+def _edge_int(draw, low, high):
+    """An int in [low, high], at an edge as often as not."""
+    return draw(st.one_of(st.sampled_from(sorted({low, high})), st.integers(low, high)))
+
+
+def _mutation(draw, names):
+    """Usually None; about one case in six plants an invalid argument."""
+    return None if draw(st.integers(0, 5)) else draw(st.sampled_from(names))
+
+
+def _common(draw, backend, tensor_names, mutations, special_names=None):
+    return dict(dtype=_dtype(draw, backend), seed=draw(st.integers(0, 2**32 - 1)),
+                layouts=_layouts(draw, tensor_names),
+                specials=_specials(draw, special_names or tensor_names),
+                mode=draw(st.sampled_from(("normal", "int"))),
+                grad=draw(st.booleans()), mutation=_mutation(draw, mutations))
+
+
+def _scale(draw, mode):
+    # Exact (integer) data keeps its scores exact only with a power-of-two scale.
+    return draw(st.sampled_from((None, 0.5, 1.0) if mode == "normal" else (0.5, 1.0)))
+
+
+def _valid_len(draw, B, N, k):
+    if draw(st.booleans()):
+        return None
+    choices = sorted({0, N, max(0, k - 1), min(N, k)})
+    return [draw(st.one_of(st.sampled_from(choices), st.integers(0, N))) for _ in range(B)]
+
+
+TOPK_MUTATIONS = ("q-rank", "keys-dk", "keys-heads", "values-n", "values-rank", "keys-dtype", "q-int",
+                  "k-zero", "k-over", "k-float", "valid_len-high", "valid_len-neg", "valid_len-dtype",
+                  "valid_len-shape", "scale-tensor", "backend-name", "n-zero")
+
+
+@st.composite
+def topk_params(draw, backend):
+    tiny = _tiny(backend)
+    p = _common(draw, backend, ("q", "keys", "values", "valid_len"), TOPK_MUTATIONS, ("q", "keys", "values"))
+    wide = (1, 9) if tiny else (1, 33)
+    p.update(_sizes(draw, dict(B=(1, 2 if tiny else 3), Hm=(1, 2 if tiny else 3), group=(1, 2 if tiny else 3),
+                               T=(1, 3 if tiny else 5), Dk=wide, Dv=wide), ("B", "group", "T", "Dk", "Dv")))
+    p["H"] = p["Hm"] * p.pop("group")
+    p["N"] = draw(st.integers(1, 9)) if tiny else _rarely(draw, st.integers(1, 12), st.sampled_from((255, 256, 300)))
+    p.update(shared=draw(st.booleans()), deterministic=draw(st.booleans()))
+    p["k"] = _edge_int(draw, 1, min(p["N"], MAX_K))
+    p["valid_len"] = _valid_len(draw, p["B"], p["N"], p["k"])
+    p["scale"] = _scale(draw, p["mode"])
+    return p
+
+
+PK_MUTATIONS = ("q-odd", "q-rank", "subkeys-heads", "subkeys-half", "values-n", "values-rank", "values-dtype",
+                "k-zero", "k-over", "k_sub-over", "k_sub-zero", "n_sub-zero", "backend-name")
+
+
+@st.composite
+def product_key_params(draw, backend):
+    tiny = _tiny(backend)
+    p = _common(draw, backend, ("q", "subkeys", "values"), PK_MUTATIONS)
+    p.update(_sizes(draw, dict(B=(1, 2), H=(1, 3), T=(1, 3 if tiny else 4), half=(1, 5), Dv=(1, 7)),
+                    ("B", "H", "T", "half", "Dv")))
+    n_sub = draw(st.integers(1, 5)) if tiny else _rarely(draw, st.integers(1, 6), st.just(17))
+    k_sub = _edge_int(draw, 1, n_sub)
+    p.update(n_sub=n_sub, k_sub=k_sub, k=_edge_int(draw, 1, k_sub * k_sub), sum_heads=draw(st.booleans()),
+             sparse_grad=draw(st.booleans()), pass_k_sub=draw(st.booleans()), deterministic=draw(st.booleans()))
+    if not p["pass_k_sub"]:
+        p["k_sub"] = p["k"] if p["k"] <= n_sub else k_sub   # the default k_sub = k needs k <= n_sub
+        p["pass_k_sub"] = p["k_sub"] != p["k"]
+    p["scale"] = _scale(draw, p["mode"])
+    return p
+
+
+WRITE_MUTATIONS = ("memory-rank", "indices-shape", "indices-dtype", "index-high", "index-low", "weights-shape",
+                   "weights-dtype", "add-d", "erase-shape", "backend-name")
+
+
+@st.composite
+def write_params(draw, backend):
+    tiny = _tiny(backend)
+    p = _common(draw, backend, ("memory", "indices", "weights", "add", "erase"), WRITE_MUTATIONS,
+                ("memory", "weights", "add", "erase"))
+    p.update(_sizes(draw, dict(B=(1, 2), Hm=(1, 2 if tiny else 3), N=(1, 5 if tiny else 7),
+                               D=(1, 9 if tiny else 33), T=(1, 3 if tiny else 5), kw=(1, 4)),
+                    ("B", "Hm", "N", "D", "T", "kw")))
+    p.update(heads=draw(st.booleans()), index_dtype=draw(st.sampled_from(("int64", "int32"))),
+             slots=draw(st.sampled_from(("random", "collide", "same", "skip"))),
+             erase_one=draw(st.booleans()), inplace=draw(st.booleans()))
+    return p
+
+
+DENSE_MUTATIONS = ("shape-mismatch", "dtype", "not-a-tensor", "int-tensor", "backend-name")
+
+
+@st.composite
+def dense_params(draw, backend):
+    p = _common(draw, backend, ("memory", "update", "input_gate", "forget_gate"), DENSE_MUTATIONS)
+    rank = draw(st.integers(0, 4))
+    full = list(_sizes(draw, {str(i): (1, 5) for i in range(rank)}, tuple(str(i) for i in range(rank))).values())
+    shapes = {}
+    for name in ("memory", "update", "input_gate", "forget_gate"):
+        drop = draw(st.integers(0, rank))
+        shapes[name] = tuple(1 if draw(st.booleans()) else s for s in full[drop:])
+    p.update(full=tuple(full), shapes=shapes)
+    return p
+
+
+MERGE_MUTATIONS = ("out_a-rank", "out_b-shape", "lse_a-shape", "lse_b-dtype", "out_b-dtype", "backend-name")
+
+
+@st.composite
+def merge_params(draw, backend):
+    tiny = _tiny(backend)
+    p = _common(draw, backend, ("out_a", "lse_a", "out_b", "lse_b"), MERGE_MUTATIONS)
+    p.update(_sizes(draw, dict(B=(1, 2), H=(1, 3), T=(1, 4 if tiny else 7), D=(1, 9 if tiny else 70)),
+                    ("B", "H", "T", "D")))
+    p["empty"] = draw(st.sampled_from(("none", "a", "b", "both", "mixed")))
+    return p
+
+
+GATED_MERGE_MUTATIONS = ("gate-wide", "gate-rank", "out_mem-shape", "gate-dtype", "backend-name")
+
+
+@st.composite
+def gated_merge_params(draw, backend):
+    tiny = _tiny(backend)
+    p = _common(draw, backend, ("out_local", "out_mem", "gate"), GATED_MERGE_MUTATIONS)
+    p.update(_sizes(draw, dict(B=(1, 2), H=(1, 3), T=(1, 4 if tiny else 7), D=(1, 9 if tiny else 70)),
+                    ("B", "H", "T", "D")))
+    B, H, T = p["B"], p["H"], p["T"]
+    p["gate"] = draw(st.sampled_from(((), (1,), (H, 1, 1), (B, H, T, 1), (T, 1), (B, 1, 1, 1), (1, H, 1, 1),
+                                      (B, H, 1, 1))))
+    return p
+
+
+ATTN_MUTATIONS = ("q-rank", "k-short", "k-heads", "v-dv", "mem_values-dv", "mem_keys-dtype", "topk-zero",
+                  "topk-over", "window-zero", "window-float", "merge-bad", "gate-missing", "gate-unused",
+                  "gate-wide", "valid_len-high", "backend-name")
+
+
+@st.composite
+def attention_params(draw, backend):
+    tiny = _tiny(backend)
+    p = _common(draw, backend, ("q", "k", "v", "mem_keys", "mem_values", "gate", "valid_len"), ATTN_MUTATIONS,
+                ("q", "k", "v", "mem_keys", "mem_values", "gate"))
+    p.update(_sizes(draw, dict(B=(1, 2), Hkv=(1, 2), Hm=(1, 2), group=(1, 2), T=(1, 3 if tiny else 4),
+                               D=(1, 8 if tiny else 16), Dv=(1, 6)), ("B", "group", "T", "D", "Dv")))
+    p["H"] = math.lcm(p["Hkv"], p["Hm"]) * p.pop("group")
+    p["S"] = p["T"] + draw(st.integers(0, 3 if tiny else 5))
+    p["N"] = N = draw(st.integers(1, 8)) if tiny else _rarely(draw, st.integers(1, 9), st.sampled_from((256, 257)))
+    B, H, T = p["B"], p["H"], p["T"]
+    merge = draw(st.sampled_from(("joint", "gate")))
+    p.update(shared=draw(st.booleans()), merge=merge, window=draw(st.sampled_from((None, 1, 2, 3, 1000))),
+             gate=draw(st.sampled_from(((H, 1, 1), (B, H, T, 1), (), (1, H, 1, 1)))) if merge == "gate" else None,
+             deterministic=draw(st.booleans()))
+    p["topk"] = _edge_int(draw, 1, min(N, MAX_K))
+    p["valid_len"] = _valid_len(draw, B, N, p["topk"])
+    p["scale"] = _scale(draw, p["mode"])
+    return p
+
+
+STRATEGIES = {
+    "topk_memory_read": topk_params,
+    "product_key_read": product_key_params,
+    "gated_memory_write": write_params,
+    "gated_dense_update": dense_params,
+    "merge_attention": merge_params,
+    "gated_merge": gated_merge_params,
+    "memory_attention": attention_params,
+}
+assert tuple(sorted(STRATEGIES)) == tuple(sorted(OPS)), "every op needs a strategy"
+
+
+# ------------------------------------------------------------------------------------------------
+# Builders: parameters -> Case.
+# ------------------------------------------------------------------------------------------------
+
+def _other_float(dtype):
+    return torch.float64 if dtype != torch.float64 else torch.float32
+
+
+def _bad(types, names, why):
+    return Expected(tuple(types), tuple(names), why)
+
+
+def _memory_bdims(shared):
+    return () if shared else (0,)   # a per-batch memory may be one memory expanded over the batch
+
+
+def build_topk(p, backend, device, gen):
+    dtype = NAMED_DTYPES[p["dtype"]]
+    B, H, Hm, T, N, Dk, Dv, k = (p[n] for n in ("B", "H", "Hm", "T", "N", "Dk", "Dv", "k"))
+    lead = (Hm, N) if p["shared"] else (B, Hm, N)
+    b = Built()
+    q = _float_tensor(b, gen, "q", (B, H, T, Dk), dtype, p, device, bdims=(0,))
+    keys = _float_tensor(b, gen, "keys", lead + (Dk,), dtype, p, device, bdims=_memory_bdims(p["shared"]))
+    values = _float_tensor(b, gen, "values", lead + (Dv,), dtype, p, device, bdims=_memory_bdims(p["shared"]))
+    valid_len = None
+    if p["valid_len"] is not None:
+        valid_len = _int_tensor(b, "valid_len", torch.tensor(p["valid_len"], dtype=torch.int64), p, device, -7)
+    args = dict(q=q, keys=keys, values=values, k=k, scale=p["scale"], valid_len=valid_len,
+                deterministic=p["deterministic"], backend=backend)
+    case = Case("topk_memory_read", backend, dtype, args, ("q", "keys", "values", "k"),
+                diff_inputs=("q", "keys", "values"), judge=judge_topk, built=b,
+                extra=dict(exact=p["mode"] == "int"))
+    m = p["mutation"]
+    if m == "q-rank":
+        args["q"], case.must_raise = q.flatten(0, 1), _bad([ValueError], ["q"], "q is 3-D")
+    elif m == "keys-dk":
+        args["keys"] = torch.zeros(lead + (Dk + 1,), dtype=dtype, device=device)
+        case.must_raise = _bad([ValueError], ["keys"], "keys has Dk + 1")
+    elif m == "keys-heads":
+        args["keys"] = torch.zeros(lead[:-2] + (H + 1, N, Dk), dtype=dtype, device=device)
+        args["values"] = torch.zeros(lead[:-2] + (H + 1, N, Dv), dtype=dtype, device=device)
+        case.must_raise = _bad([ValueError], ["keys"], "Hm = H + 1 does not divide H")
+    elif m == "values-n":
+        args["values"] = torch.zeros(lead[:-1] + (N + 1, Dv), dtype=dtype, device=device)
+        case.must_raise = _bad([ValueError], ["values"], "values has N + 1 slots")
+    elif m == "values-rank":
+        args["values"] = values.unsqueeze(0)
+        case.must_raise = _bad([ValueError], ["values"], "values has one more dim than keys")
+    elif m == "keys-dtype":
+        args["keys"] = keys.detach().to(_other_float(dtype))
+        case.must_raise = _bad([TypeError], ["keys"], "keys in another float dtype")
+    elif m == "q-int":
+        args["q"] = torch.ones(q.shape, dtype=torch.int64, device=device)
+        case.must_raise = _bad([TypeError], ["q"], "q is int64")
+    elif m == "k-zero":
+        args["k"], case.must_raise = 0, _bad([ValueError], ["k"], "k = 0")
+    elif m == "k-over":
+        args["k"], case.must_raise = min(N, MAX_K) + 1, _bad([ValueError], ["k"], "k > min(N, 256)")
+    elif m == "k-float":
+        args["k"], case.must_raise = float(k), _bad([TypeError], ["k"], "k is a float")
+    elif m == "valid_len-high" and B:
+        bad = torch.tensor(p["valid_len"] or [N] * B, dtype=torch.int64)
+        bad[B - 1] = N + 1
+        args["valid_len"], case.must_raise = bad.to(device), _bad([ValueError], ["valid_len"], "valid_len > N")
+    elif m == "valid_len-neg" and B:
+        bad = torch.tensor(p["valid_len"] or [N] * B, dtype=torch.int64)
+        bad[0] = -1
+        args["valid_len"], case.must_raise = bad.to(device), _bad([ValueError], ["valid_len"], "valid_len < 0")
+    elif m == "valid_len-dtype":
+        args["valid_len"] = torch.full((B,), float(N), device=device)
+        case.must_raise = _bad([TypeError], ["valid_len"], "valid_len is float")
+    elif m == "valid_len-shape":
+        args["valid_len"] = torch.full((B + 1,), N, dtype=torch.int64, device=device)
+        case.must_raise = _bad([ValueError], ["valid_len"], "valid_len has B + 1 entries")
+    elif m == "scale-tensor":
+        args["scale"], case.must_raise = torch.tensor(0.5), _bad([TypeError], ["scale"], "scale is a tensor")
+    elif m == "backend-name":
+        args["backend"], case.must_raise = "no-such-backend", _bad([ValueError], ["backend"], "unknown backend")
+    elif m == "n-zero":
+        args["keys"] = torch.zeros(lead[:-1] + (0, Dk), dtype=dtype, device=device)
+        args["values"] = torch.zeros(lead[:-1] + (0, Dv), dtype=dtype, device=device)
+        args["valid_len"] = None
+        case.must_raise = _bad([ValueError], ["k", "keys"], "N = 0 leaves no valid k")
+    elif m is not None:
+        args["k"], case.must_raise = 0, _bad([ValueError], ["k"], "k = 0")
+    return case
+
+
+def build_product_key(p, backend, device, gen):
+    dtype = NAMED_DTYPES[p["dtype"]]
+    B, H, T, half, n_sub, Dv, k, k_sub = (p[n] for n in ("B", "H", "T", "half", "n_sub", "Dv", "k", "k_sub"))
+    Dk = 2 * half
+    b = Built()
+    q = _float_tensor(b, gen, "q", (B, H, T, Dk), dtype, p, device, bdims=(0,))
+    subkeys = _float_tensor(b, gen, "subkeys", (H, 2, n_sub, half), dtype, p, device, bdims=(0,))
+    if p["sparse_grad"]:
+        # A sparse gradient cannot flow back through a view (autograd has no sparse as_strided or
+        # transpose of dense dims), so with sparse_grad the values are the leaf itself, as an
+        # nn.Embedding(sparse=True) weight is.
+        p = dict(p, layouts=dict(p["layouts"], values="contiguous"))
+    values = _float_tensor(b, gen, "values", (n_sub * n_sub, Dv), dtype, p, device)
+    args = dict(q=q, subkeys=subkeys, values=values, k=k, scale=p["scale"], sum_heads=p["sum_heads"],
+                sparse_grad=p["sparse_grad"], deterministic=p["deterministic"], backend=backend)
+    if p["pass_k_sub"]:
+        args["k_sub"] = k_sub
+    case = Case("product_key_read", backend, dtype, args, ("q", "subkeys", "values", "k"),
+                diff_inputs=("q", "subkeys", "values"), judge=judge_product_key, built=b,
+                extra=dict(exact=p["mode"] == "int"))
+    m = p["mutation"]
+    if m == "q-odd":
+        args["q"] = torch.zeros(B, H, T, Dk + 1, dtype=dtype, device=device)
+        case.must_raise = _bad([ValueError], ["q"], "odd Dk")
+    elif m == "q-rank":
+        args["q"], case.must_raise = q.flatten(0, 1), _bad([ValueError], ["q"], "q is 3-D")
+    elif m == "subkeys-heads":
+        args["subkeys"] = torch.zeros(H + 1, 2, n_sub, half, dtype=dtype, device=device)
+        case.must_raise = _bad([ValueError], ["subkeys"], "subkeys for H + 1 heads")
+    elif m == "subkeys-half":
+        args["subkeys"] = torch.zeros(H, 2, n_sub, half + 1, dtype=dtype, device=device)
+        case.must_raise = _bad([ValueError], ["subkeys"], "subkeys of size Dk/2 + 1")
+    elif m == "values-n":
+        args["values"] = torch.zeros(n_sub * n_sub + 1, Dv, dtype=dtype, device=device)
+        case.must_raise = _bad([ValueError], ["values"], "values has n_sub ** 2 + 1 rows")
+    elif m == "values-rank":
+        args["values"], case.must_raise = values.unsqueeze(0), _bad([ValueError], ["values"], "3-D values")
+    elif m == "values-dtype":
+        args["values"] = values.detach().to(_other_float(dtype))
+        case.must_raise = _bad([TypeError], ["values"], "values in another dtype")
+    elif m == "k-zero":
+        args["k"], case.must_raise = 0, _bad([ValueError], ["k"], "k = 0")
+    elif m == "k-over":
+        args["k"], args["k_sub"] = k_sub * k_sub + 1, k_sub
+        case.must_raise = _bad([ValueError], ["k"], "k > k_sub ** 2")
+    elif m == "k_sub-over":
+        args["k_sub"], case.must_raise = n_sub + 1, _bad([ValueError], ["k_sub"], "k_sub > n_sub")
+        args["k"] = 1
+    elif m == "k_sub-zero":
+        args["k_sub"], case.must_raise = 0, _bad([ValueError], ["k_sub"], "k_sub = 0")
+    elif m == "n_sub-zero":
+        args["subkeys"] = torch.zeros(H, 2, 0, half, dtype=dtype, device=device)
+        args["values"] = torch.zeros(0, Dv, dtype=dtype, device=device)
+        case.must_raise = _bad([ValueError], ["subkeys", "k", "k_sub"], "n_sub = 0")
+    elif m == "backend-name":
+        args["backend"], case.must_raise = "no-such-backend", _bad([ValueError], ["backend"], "unknown backend")
+    elif m is not None:
+        args["k"], case.must_raise = 0, _bad([ValueError], ["k"], "k = 0")
+    return case
+
+
+def _write_slots(gen, shape, N, pattern):
+    if N == 0 or pattern == "skip":   # an empty memory admits only -1 ("no write")
+        return torch.full(shape, -1, dtype=torch.int64)
+    if pattern == "same":
+        slot = int(torch.randint(0, N, (1,), generator=gen))
+        return torch.full(shape, slot, dtype=torch.int64)
+    if pattern == "collide":
+        return torch.randint(-1, min(N, 2), shape, generator=gen)
+    return torch.randint(-1, N, shape, generator=gen)
+
+
+def build_write(p, backend, device, gen):
+    dtype = NAMED_DTYPES[p["dtype"]]
+    B, Hm, N, D, T, kw = (p[n] for n in ("B", "Hm", "N", "D", "T", "kw"))
+    lead = (B, Hm) if p["heads"] else (B,)
+    inplace = p["inplace"]
+    b = Built()
+    # Out of place, one memory may serve the whole batch (stride 0); in place, the memory must not
+    # alias itself.
+    memory = _float_tensor(b, gen, "memory", lead + (N, D), dtype, p, device, bdims=() if inplace else (0,))
+    index_dtype = torch.int32 if p["index_dtype"] == "int32" else torch.int64
+    slots = _write_slots(gen, lead + (T, kw), N, p["slots"]).to(index_dtype)
+    indices = _int_tensor(b, "indices", slots, p, device, N + 1000)
+    weights = _float_tensor(b, gen, "weights", lead + (T, kw), dtype, p, device, kind="unit", bdims=(0,))
+    add = _float_tensor(b, gen, "add", lead + (T, D), dtype, p, device, bdims=(0, len(lead)))
+    erase_d = 1 if p["erase_one"] else D
+    erase = _float_tensor(b, gen, "erase", lead + (T, erase_d), dtype, p, device, kind="unit",
+                          bdims=(0, len(lead) + 1))
+    args = dict(memory=memory, indices=indices, weights=weights, add=add, erase=erase, inplace=inplace,
+                backend=backend)
+    case = Case("gated_memory_write", backend, dtype, args, ("memory", "indices", "weights", "add", "erase"),
+                diff_inputs=("memory", "weights", "add", "erase"), judge=judge_write, built=b)
+    # Weights and erase gates outside [0, 1] (here: NaN/inf) may be refused, naming the argument.
+    for target, _, _ in p["specials"]:
+        if target in ("weights", "erase"):
+            case.may_raise.append(_bad([ValueError], [target], f"{target} outside [0, 1]"))
+    m = p["mutation"]
+    sym = lead + (T, kw)
+    if m == "memory-rank":
+        args["memory"] = memory.reshape(-1)
+        case.must_raise = _bad([ValueError], ["memory"], "1-D memory")
+    elif m == "indices-shape":
+        args["indices"] = torch.zeros((B + 1,) + lead[1:] + (T, kw), dtype=index_dtype, device=device)
+        case.must_raise = _bad([ValueError], ["indices"], "indices with B + 1 rows")
+    elif m == "indices-dtype":
+        args["indices"] = slots.to(torch.float32).to(device)
+        case.must_raise = _bad([TypeError], ["indices"], "float indices")
+    elif m == "index-high" and slots.numel():
+        bad = slots.clone().reshape(-1)
+        bad[int(torch.randint(0, bad.numel(), (1,), generator=gen))] = N
+        args["indices"] = bad.reshape(sym).to(device)
+        case.must_raise = _bad([IndexError], ["indices"], "an index = N")
+    elif m == "index-low" and slots.numel():
+        bad = slots.clone().reshape(-1)
+        bad[int(torch.randint(0, bad.numel(), (1,), generator=gen))] = -2
+        args["indices"] = bad.reshape(sym).to(device)
+        case.must_raise = _bad([IndexError], ["indices"], "an index = -2")
+    elif m == "weights-shape":
+        args["weights"] = torch.zeros(lead + (T, kw + 1), dtype=dtype, device=device)
+        case.must_raise = _bad([ValueError], ["weights"], "weights with kw + 1")
+    elif m == "weights-dtype":
+        args["weights"] = weights.detach().to(_other_float(dtype))
+        case.must_raise = _bad([TypeError], ["weights"], "weights in another dtype")
+    elif m == "add-d":
+        args["add"] = torch.zeros(lead + (T, D + 1), dtype=dtype, device=device)
+        case.must_raise = _bad([ValueError], ["add"], "add with D + 1")
+    elif m == "erase-shape":
+        args["erase"] = torch.zeros(lead + (T, D + 2), dtype=dtype, device=device)
+        case.must_raise = _bad([ValueError], ["erase"], "erase with D + 2")
+    elif m == "backend-name":
+        args["backend"], case.must_raise = "no-such-backend", _bad([ValueError], ["backend"], "unknown backend")
+    elif m is not None:
+        args["weights"] = torch.zeros(lead + (T, kw + 1), dtype=dtype, device=device)
+        case.must_raise = _bad([ValueError], ["weights"], "weights with kw + 1")
+    if inplace:
+        case.extra["memory_before"] = _f64(memory)
+        case.check_grad = False
+    return case
+
+
+def build_dense(p, backend, device, gen):
+    dtype = NAMED_DTYPES[p["dtype"]]
+    b = Built()
+    args = {}
+    for name, shape in p["shapes"].items():
+        bdims = tuple(i for i, s in enumerate(shape) if s != 1)
+        kind = "gate" if name.endswith("gate") else "normal"
+        args[name] = _float_tensor(b, gen, name, shape, dtype, p, device, kind=kind, bdims=bdims)
+    names = ("memory", "update", "input_gate", "forget_gate")
+    args["backend"] = backend
+    case = Case("gated_dense_update", backend, dtype, args, names, diff_inputs=names, judge=judge_dense,
+                built=b)
+    m = p["mutation"]
+    if m == "shape-mismatch":
+        args["memory"] = torch.zeros(2, dtype=dtype, device=device)
+        args["update"] = torch.zeros(3, dtype=dtype, device=device)
+        case.must_raise = _bad([ValueError], ["update", "memory"], "shapes do not broadcast")
+    elif m == "dtype":
+        args["forget_gate"] = args["forget_gate"].detach().to(_other_float(dtype))
+        case.must_raise = _bad([TypeError], ["forget_gate"], "forget_gate in another dtype")
+    elif m == "not-a-tensor":
+        args["input_gate"], case.must_raise = 0.5, _bad([TypeError], ["input_gate"], "a Python float")
+    elif m == "int-tensor":
+        args["memory"] = torch.ones(p["shapes"]["memory"], dtype=torch.int32, device=device)
+        case.must_raise = _bad([TypeError], ["memory"], "int32 memory")
+    elif m == "backend-name":
+        args["backend"], case.must_raise = "no-such-backend", _bad([ValueError], ["backend"], "unknown backend")
+    return case
+
+
+def build_merge(p, backend, device, gen):
+    dtype = NAMED_DTYPES[p["dtype"]]
+    B, H, T, D = (p[n] for n in ("B", "H", "T", "D"))
+    ldt = lse_dtype(dtype)
+    b = Built()
+    out_a = _float_tensor(b, gen, "out_a", (B, H, T, D), dtype, p, device, bdims=(0, 1))
+    out_b = _float_tensor(b, gen, "out_b", (B, H, T, D), dtype, p, device, bdims=(0, 1))
+    lse = {}
+    for side in ("a", "b"):
+        name = "lse_" + side
+        t = _float_tensor(b, gen, name, (B, H, T), ldt, p, device, kind="lse", bdims=(0, 1))
+        empty = p["empty"]
+        rows = torch.zeros((B, H, T), dtype=torch.bool)
+        if empty in (side, "both"):
+            rows[..., ::2] = True
+        elif empty == "mixed":
+            rows = torch.rand((B, H, T), generator=gen) < 0.4
+        if rows.any():
+            # -inf rows: a side with no keys. Written through the base (the view may be expanded).
+            base = b.bases[name]
+            with torch.no_grad():
+                view = _view(base, (B, H, T), b.layouts[name])
+                if b.layouts[name] == "expanded":
+                    base.fill_(float("-inf"))
+                else:
+                    view[rows.to(device)] = float("-inf")
+            b.views[name] = _view(base, (B, H, T), b.layouts[name])
+        lse[side] = b.views[name]
+    args = dict(out_a=out_a, lse_a=lse["a"], out_b=out_b, lse_b=lse["b"], backend=backend)
+    names = ("out_a", "lse_a", "out_b", "lse_b")
+    case = Case("merge_attention", backend, dtype, args, names, diff_inputs=names, judge=judge_merge, built=b)
+    m = p["mutation"]
+    if m == "out_a-rank":
+        args["out_a"], case.must_raise = out_a.flatten(0, 1), _bad([ValueError], ["out_a"], "3-D out_a")
+    elif m == "out_b-shape":
+        args["out_b"] = torch.zeros(B, H, T, D + 1, dtype=dtype, device=device)
+        case.must_raise = _bad([ValueError], ["out_b"], "out_b with D + 1")
+    elif m == "lse_a-shape":
+        args["lse_a"] = torch.zeros(B, H, T + 1, dtype=ldt, device=device)
+        case.must_raise = _bad([ValueError], ["lse_a"], "lse_a with T + 1")
+    elif m == "lse_b-dtype":
+        args["lse_b"] = torch.zeros(B, H, T, dtype=torch.float16, device=device)
+        case.must_raise = _bad([TypeError], ["lse_b"], "float16 lse_b")
+    elif m == "out_b-dtype":
+        args["out_b"] = out_b.detach().to(_other_float(dtype))
+        case.must_raise = _bad([TypeError], ["out_b"], "out_b in another dtype")
+    elif m == "backend-name":
+        args["backend"], case.must_raise = "no-such-backend", _bad([ValueError], ["backend"], "unknown backend")
+    return case
+
+
+def build_gated_merge(p, backend, device, gen):
+    dtype = NAMED_DTYPES[p["dtype"]]
+    B, H, T, D = (p[n] for n in ("B", "H", "T", "D"))
+    gate_shape = tuple(p["gate"])
+    b = Built()
+    out_local = _float_tensor(b, gen, "out_local", (B, H, T, D), dtype, p, device, bdims=(0, 3))
+    out_mem = _float_tensor(b, gen, "out_mem", (B, H, T, D), dtype, p, device, bdims=(0, 1))
+    gate = _float_tensor(b, gen, "gate", gate_shape, dtype, p, device, kind="gate",
+                         bdims=tuple(i for i, s in enumerate(gate_shape) if s != 1))
+    args = dict(out_local=out_local, out_mem=out_mem, gate=gate, backend=backend)
+    names = ("out_local", "out_mem", "gate")
+    case = Case("gated_merge", backend, dtype, args, names, diff_inputs=names, judge=judge_gated_merge, built=b)
+    m = p["mutation"]
+    if m == "gate-wide":
+        args["gate"] = torch.zeros(B, H, T, max(D + 1, 2), dtype=dtype, device=device)
+        case.must_raise = _bad([ValueError], ["gate"], "gate with a last size > 1")
+    elif m == "gate-rank":
+        args["gate"] = torch.zeros(1, B, H, T, 1, dtype=dtype, device=device)
+        case.must_raise = _bad([ValueError], ["gate"], "5-D gate")
+    elif m == "out_mem-shape":
+        args["out_mem"] = torch.zeros(B, H, T + 1, D, dtype=dtype, device=device)
+        case.must_raise = _bad([ValueError], ["out_mem"], "out_mem with T + 1")
+    elif m == "gate-dtype":
+        args["gate"] = gate.detach().to(_other_float(dtype))
+        case.must_raise = _bad([TypeError], ["gate"], "gate in another dtype")
+    elif m == "backend-name":
+        args["backend"], case.must_raise = "no-such-backend", _bad([ValueError], ["backend"], "unknown backend")
+    return case
+
+
+def build_attention(p, backend, device, gen):
+    dtype = NAMED_DTYPES[p["dtype"]]
+    B, H, Hkv, Hm, T, S, D, Dv, N, topk = (p[n] for n in ("B", "H", "Hkv", "Hm", "T", "S", "D", "Dv", "N", "topk"))
+    mem_lead = (Hm, N) if p["shared"] else (B, Hm, N)
+    b = Built()
+    q = _float_tensor(b, gen, "q", (B, H, T, D), dtype, p, device, bdims=(0,))
+    k = _float_tensor(b, gen, "k", (B, Hkv, S, D), dtype, p, device, bdims=(0,))
+    v = _float_tensor(b, gen, "v", (B, Hkv, S, Dv), dtype, p, device, bdims=(0,))
+    mem_keys = _float_tensor(b, gen, "mem_keys", mem_lead + (D,), dtype, p, device,
+                             bdims=_memory_bdims(p["shared"]))
+    mem_values = _float_tensor(b, gen, "mem_values", mem_lead + (Dv,), dtype, p, device,
+                               bdims=_memory_bdims(p["shared"]))
+    gate = None
+    if p["gate"] is not None:
+        gate_shape = tuple(p["gate"])
+        gate = _float_tensor(b, gen, "gate", gate_shape, dtype, p, device, kind="gate",
+                             bdims=tuple(i for i, s in enumerate(gate_shape) if s != 1))
+    valid_len = None
+    if p["valid_len"] is not None:
+        valid_len = _int_tensor(b, "valid_len", torch.tensor(p["valid_len"], dtype=torch.int64), p, device, -7)
+    args = dict(q=q, k=k, v=v, mem_keys=mem_keys, mem_values=mem_values, topk=topk, window=p["window"],
+                merge=p["merge"], gate=gate, scale=p["scale"], valid_len=valid_len,
+                deterministic=p["deterministic"], backend=backend)
+    diff = ("q", "k", "v", "mem_keys", "mem_values") + (("gate",) if gate is not None else ())
+    case = Case("memory_attention", backend, dtype, args, ("q", "k", "v", "mem_keys", "mem_values", "topk"),
+                diff_inputs=diff, judge=judge_attention, built=b, extra=dict(exact=p["mode"] == "int"))
+    m = p["mutation"]
+    if m == "q-rank":
+        args["q"], case.must_raise = q.flatten(0, 1), _bad([ValueError], ["q"], "3-D q")
+    elif m == "k-short":
+        args["k"] = torch.zeros(B, Hkv, T - 1, D, dtype=dtype, device=device) if T else \
+            torch.zeros(B, Hkv, S, D + 1, dtype=dtype, device=device)
+        case.must_raise = _bad([ValueError], ["k"], "S < T (or k with D + 1 when T = 0)")
+    elif m == "k-heads":
+        args["k"] = torch.zeros(B, H + 1, S, D, dtype=dtype, device=device)
+        case.must_raise = _bad([ValueError], ["k"], "Hkv = H + 1")
+    elif m == "v-dv":
+        args["v"] = torch.zeros(B, Hkv, S + 1, Dv, dtype=dtype, device=device)
+        case.must_raise = _bad([ValueError], ["v"], "v with S + 1")
+    elif m == "mem_values-dv":
+        args["mem_values"] = torch.zeros(mem_lead + (Dv + 1,), dtype=dtype, device=device)
+        case.must_raise = _bad([ValueError], ["mem_values"], "mem_values with Dv + 1")
+    elif m == "mem_keys-dtype":
+        args["mem_keys"] = mem_keys.detach().to(_other_float(dtype))
+        case.must_raise = _bad([TypeError], ["mem_keys"], "mem_keys in another dtype")
+    elif m == "topk-zero":
+        args["topk"], case.must_raise = 0, _bad([ValueError], ["topk"], "topk = 0")
+    elif m == "topk-over":
+        args["topk"], case.must_raise = min(N, MAX_K) + 1, _bad([ValueError], ["topk"], "topk > min(N, 256)")
+    elif m == "window-zero":
+        args["window"], case.must_raise = 0, _bad([ValueError], ["window"], "window = 0")
+    elif m == "window-float":
+        args["window"], case.must_raise = 2.5, _bad([TypeError], ["window"], "window = 2.5")
+    elif m == "merge-bad":
+        args["merge"], case.must_raise = "sum", _bad([ValueError], ["merge"], "merge='sum'")
+    elif m == "gate-missing":
+        args["merge"], args["gate"] = "gate", None
+        case.must_raise = _bad([ValueError], ["gate"], "merge='gate' without gate")
+    elif m == "gate-unused":
+        args["merge"], args["gate"] = "joint", torch.zeros(H, 1, 1, dtype=dtype, device=device)
+        case.must_raise = _bad([ValueError], ["gate"], "gate with merge='joint'")
+    elif m == "gate-wide":
+        args["merge"], args["gate"] = "gate", torch.zeros(B, H, T, 2, dtype=dtype, device=device)
+        case.must_raise = _bad([ValueError], ["gate"], "gate with last size 2")
+    elif m == "valid_len-high" and B:
+        args["valid_len"] = torch.full((B,), N + 1, dtype=torch.int64, device=device)
+        case.must_raise = _bad([ValueError], ["valid_len"], "valid_len > N")
+    elif m == "backend-name":
+        args["backend"], case.must_raise = "no-such-backend", _bad([ValueError], ["backend"], "unknown backend")
+    elif m is not None:
+        args["topk"], case.must_raise = 0, _bad([ValueError], ["topk"], "topk = 0")
+    return case
+
+
+BUILDERS = {
+    "topk_memory_read": build_topk,
+    "product_key_read": build_product_key,
+    "gated_memory_write": build_write,
+    "gated_dense_update": build_dense,
+    "merge_attention": build_merge,
+    "gated_merge": build_gated_merge,
+    "memory_attention": build_attention,
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# Running one case.
+# ------------------------------------------------------------------------------------------------
+
+def backend_device(backend: str) -> torch.device:
+    """The device a backend's fuzz cases run on: CUDA for cuda (and for triton when there is a GPU)."""
+    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def backend_unavailable(op: str, backend: str) -> str | None:
+    """Why ``backend`` cannot run ``op`` here at all (None when it can, for some dtype)."""
+    b = BACKENDS[backend]
+    if backend == "cuda" and not torch.cuda.is_available():
+        return "cuda: needs a CUDA device"
+    reasons = b.not_supported_reasons(op, backend_device(backend), torch.float32)
+    return "; ".join(reasons) or None
+
+
+def build_case(op: str, backend: str, params: dict, device=None) -> Case:
+    """The case the parameters describe (deterministic: the tensor data come from ``params['seed']``)."""
+    device = backend_device(backend) if device is None else torch.device(device)
+    gen = torch.Generator().manual_seed(int(params["seed"]))
+    case = BUILDERS[op](params, backend, device, gen)
+    case.extra["gen"] = gen
+    dtype_ok = case.dtype in BACKENDS[backend].dtypes
+    if not dtype_ok:
+        refusal = _bad([NotImplementedError], BACKEND_NAMES + (backend,), f"{backend} has no {case.dtype}")
+        if case.must_raise is None:
+            case.must_raise = refusal
+        else:   # validation may come first or not: either clear error will do
+            case.may_raise.append(refusal)
+    if case.must_raise is None and params.get("grad") and _finite_inputs(case):
+        case.check_grad = case.check_grad or not case.args.get("inplace", False)
+    if case.check_grad:
+        _differentiable(case.built, case.diff_inputs)
+        for name in case.diff_inputs:
+            case.args[name] = case.built.views[name]
+    return case
+
+
+@dataclasses.dataclass
+class KnownFailure:
+    """A bug the fuzzer found whose fix is pending: its cases count as "known" instead of failing.
+
+    ``matches(op, backend, params)`` selects the cases it can affect; such a case still runs, and
+    counts as ok when it passes. Remove the entry with the fix (tests/test_fuzz.py keeps one strict
+    xfail reproducer per entry, which then starts to pass and fails the suite as a reminder).
+    """
+
+    name: str
+    description: str
+    matches: Callable
+    reproducer: tuple   # (op, backend, params) that fails until the fix
+
+
+KNOWN_FAILURES: list = [
+    KnownFailure(
+        "dk0-default-scale",
+        "topk_memory_read, product_key_read and memory_attention with a query/key size of 0 and the default "
+        "scale raise ZeroDivisionError (0 ** -0.5 in resolve_scale, ops/topk_read/validate.py) instead of "
+        "a ValueError naming q (or an empty-feature result)",
+        lambda op, backend, p: p.get("scale", 0) is None and (
+            (op == "topk_memory_read" and p["Dk"] == 0) or (op == "product_key_read" and p["half"] == 0)
+            or (op == "memory_attention" and p["D"] == 0)),
+        ("topk_memory_read", "cpu", {"dtype": "float32", "seed": 0, "layouts": {}, "specials": [], "mode": "normal",
+                                     "grad": False, "mutation": None, "B": 1, "Hm": 1, "H": 1, "T": 1, "N": 2,
+                                     "Dk": 0, "Dv": 1, "shared": False, "deterministic": False, "k": 1,
+                                     "valid_len": None, "scale": None})),
+    KnownFailure(
+        "autocast-promote-non-tensor",
+        "gated_dense_update with a Python float for a tensor argument raises AttributeError "
+        "('float' object has no attribute 'is_floating_point', ops/_common.py autocast_promote runs "
+        "before the argument checks) instead of a TypeError naming the argument",
+        lambda op, backend, p: op == "gated_dense_update" and p["mutation"] == "not-a-tensor",
+        ("gated_dense_update", "cpu", {"dtype": "float32", "seed": 0, "layouts": {}, "specials": [],
+                                       "mode": "normal", "grad": False, "mutation": "not-a-tensor", "full": (3,),
+                                       "shapes": {"memory": (3,), "update": (3,), "input_gate": (3,),
+                                                  "forget_gate": (3,)}})),
+    KnownFailure(
+        "pk-sparse-grad-one-entry",
+        "product_key_read backward with sparse_grad=True on triton/cuda and B*H*T*k <= 1 entries raises "
+        "RuntimeError: the custom op product_key_read_backward returns an output aliasing its input "
+        "indices (ops/product_key/function.py coalesce_rows: coalesce() of <= 1 entry keeps them)",
+        lambda op, backend, p: (op == "product_key_read" and backend in ("triton", "cuda") and p["sparse_grad"]
+                                and p["grad"] and p["B"] * p["H"] * p["T"] * p["k"] <= 1),
+        ("product_key_read", "triton", {"dtype": "float32", "seed": 0, "layouts": {}, "specials": [],
+                                        "mode": "normal", "grad": True, "mutation": None, "B": 1, "H": 1,
+                                        "T": 1, "half": 1, "n_sub": 2, "Dv": 1, "k_sub": 1, "k": 1,
+                                        "sum_heads": False, "sparse_grad": True, "pass_k_sub": False,
+                                        "deterministic": False, "scale": None})),
+]
+
+
+def _known_failure(op, backend, params):
+    return next((k for k in KNOWN_FAILURES if k.matches(op, backend, params)), None)
+
+
+def _describe_exception(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The bit patterns of a contiguous tensor (NaN compares equal to itself)."""
+    t = t.detach()
+    return t.view(_BITS[t.element_size()]).cpu().clone() if t.is_floating_point() else t.cpu().clone()
+
+
+def _snapshot(case) -> dict:
+    return {name: _bits(base) for name, base in case.built.bases.items()}
+
+
+def _check_untouched(case, snapshot, written: bool):
+    """Inputs are read-only; an in-place write (``written``) changes its memory only inside the view."""
+    for name, before in snapshot.items():
+        base = case.built.bases[name]
+        after = _bits(base)
+        if written and name == "memory":
+            inside = torch.zeros(base.shape, dtype=torch.bool)
+            _view(inside, case.args["memory"].shape, case.built.layouts[name]).fill_(True)
+            if not torch.equal(before[~inside], after[~inside]):
+                raise FuzzFailure("memory: the in-place write changed elements outside the memory view "
+                                  f"(layout {case.built.layouts[name]})")
+        elif not torch.equal(before, after):
+            raise FuzzFailure(f"{name}: the op modified an input (layout {case.built.layouts[name]})")
+
+
+def run_case(op: str, backend: str, params: dict, device=None, known: bool = True) -> str:
+    """Build and run one case; return its outcome ("ok", "ok+grad", "refused", "rejected", or
+    "known" for a failure listed in :data:`KNOWN_FAILURES` when ``known``) or raise
+    :class:`FuzzFailure` (or the AssertionError of a mismatch) when the property does not hold."""
+    entry = _known_failure(op, backend, params) if known else None
+    if entry is None:
+        return _run_case(op, backend, params, device)
+    try:
+        return _run_case(op, backend, params, device)
+    except Exception:  # the listed bug (or one hiding behind it): reported by the summary
+        return "known:" + entry.name
+
+
+def _run_case(op, backend, params, device):
+    case = build_case(op, backend, params, device)
+    gen = case.extra["gen"]
+    expected = ([case.must_raise] if case.must_raise else []) + case.may_raise
+    snapshot = _snapshot(case)
+    with warnings.catch_warnings(), poisoned_outputs():
+        # The interpreter's numpy warns on inf - inf; the values are judged below.
+        warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"triton\.")
+        try:
+            if case.check_grad:
+                result = case.call()
+            else:
+                with torch.no_grad():
+                    result = case.call()
+        except Exception as exc:  # judged below: only the documented errors pass
+            message = str(exc)
+            for want in expected:
+                if isinstance(exc, want.types) and names_argument(message, want.names):
+                    _check_untouched(case, snapshot, written=False)   # refused before any write
+                    return "refused" if isinstance(exc, NotImplementedError) else "rejected"
+            wants = "; ".join(f"{'/'.join(t.__name__ for t in w.types)} naming {' or '.join(w.names)} "
+                              f"({w.why})" for w in expected) or "no exception"
+            raise FuzzFailure(f"{op} on {backend} raised {_describe_exception(exc)}; expected {wants}") from exc
+        if case.must_raise is not None:
+            w = case.must_raise
+            raise FuzzFailure(f"{op} on {backend} accepted an invalid argument ({w.why}); expected "
+                              f"{'/'.join(t.__name__ for t in w.types)} naming {' or '.join(w.names)}")
+        _check_untouched(case, snapshot, written=bool(case.args.get("inplace")))
+        case.judge(case, result, gen)
+    return "ok+grad" if case.check_grad else "ok"
+
+
+# ------------------------------------------------------------------------------------------------
+# Hypothesis runs and statistics.
+# ------------------------------------------------------------------------------------------------
+
+OUTCOMES = ("ok", "ok+grad", "rejected", "refused", "known")
+
+
+class Stats:
+    """Case counts per (op, backend, outcome) and seconds per (op, backend)."""
+
+    def __init__(self):
+        self.counts = collections.Counter()
+        self.seconds = collections.Counter()
+        self.known = collections.Counter()   # (op, backend, known failure name) -> cases
+
+    def add(self, op, backend, outcome, seconds=0.0):
+        if outcome.startswith("known:"):
+            self.known[(op, backend, outcome[len("known:"):])] += 1
+            outcome = "known"
+        self.counts[(op, backend, outcome)] += 1
+        self.seconds[(op, backend)] += seconds
+
+    def total(self, op=None, backend=None) -> int:
+        return sum(n for (o, b, _), n in self.counts.items()
+                   if (op is None or o == op) and (backend is None or b == backend))
+
+    def table(self) -> str:
+        pairs = sorted({(o, b) for o, b, _ in self.counts}, key=lambda p: (OPS.index(p[0]), p[1]))
+        head = ["op", "backend", "cases"] + list(OUTCOMES) + ["seconds"]
+        rows = [[o, b, str(self.total(o, b))] + [str(self.counts[(o, b, c)]) for c in OUTCOMES]
+                + [f"{self.seconds[(o, b)]:.1f}"] for o, b in pairs]
+        rows.append(["total", "", str(self.total())] + [str(sum(self.counts[(o, b, c)] for o, b in pairs))
+                                                         for c in OUTCOMES]
+                    + [f"{sum(self.seconds.values()):.1f}"])
+        widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+        fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+        lines = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
+        descriptions = {k.name: k.description for k in KNOWN_FAILURES}
+        for (o, b, name), n in sorted(self.known.items()):
+            lines.append(f"known failure {name} ({o} on {b}): {n} cases: {descriptions.get(name, '')}")
+        return "\n".join(lines)
+
+
+def profile_settings(profile: str, backend: str, seed: int | None = None) -> settings:
+    """Hypothesis settings of a profile ("ci": fixed seeds; "long": random seeds) for ``backend``."""
+    if profile not in PROFILES:
+        raise ValueError(f"profile: expected one of {', '.join(PROFILES)}, got {profile!r}")
+    return settings(max_examples=PROFILES[profile][backend], deadline=None, database=None,
+                    derandomize=False, print_blob=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                           HealthCheck.filter_too_much, HealthCheck.large_base_example])
+
+
+def fuzz(op: str, backend: str, *, profile: str = "ci", seed: int | None = None, stats: Stats | None = None,
+         max_examples: int | None = None, shrink: bool = True, device=None) -> Stats:
+    """Run the property over hypothesis-drawn cases of ``op`` on ``backend``; raises on the first
+    failure (shrunk to a minimal case unless ``shrink=False``; the message holds the reproducer).
+
+    ``profile="ci"`` uses a fixed seed per (op, backend) unless ``seed`` is given; ``"long"`` draws
+    a fresh one. ``max_examples`` overrides the profile's count.
+    """
+    stats = Stats() if stats is None else stats
+    config = profile_settings(profile, backend)
+    if max_examples is not None:
+        config = settings(config, max_examples=max_examples)
+    if not shrink:
+        config = settings(config, phases=[Phase.explicit, Phase.reuse, Phase.generate])
+    if seed is None and profile == "ci":
+        seed = zlib.crc32(f"l2m-fuzz/{op}/{backend}".encode())
+
+    @config
+    @given(params=STRATEGIES[op](backend))
+    def property_holds(params):
+        note(f"reproduce: l2m_kernels.fuzz.run_case({op!r}, {backend!r}, {params!r})")
+        start = time.perf_counter()
+        outcome = run_case(op, backend, params, device)
+        stats.add(op, backend, outcome, time.perf_counter() - start)
+
+    if seed is not None:
+        property_holds = hypothesis_seed(seed)(property_holds)
+    property_holds()
+    return stats
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m l2m_kernels.fuzz", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="long",
+                        help="cases per op and backend: " + "; ".join(
+                            f"{name}: " + ", ".join(f"{b} {n}" for b, n in counts.items())
+                            for name, counts in PROFILES.items()))
+    parser.add_argument("--ops", default=",".join(OPS), help="comma-separated ops (default: all)")
+    parser.add_argument("--backends", default="reference,cpu,triton,cuda",
+                        help="comma-separated backends; unavailable ones are reported and skipped")
+    parser.add_argument("--seed", type=int, default=None, help="hypothesis seed (default: ci fixed, long random)")
+    parser.add_argument("--examples", type=int, default=None, help="cases per op and backend (overrides the profile)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ and argv is None:
+        # Triton decorates its own kernels (triton.language) when it is imported, which importing
+        # this package has done: the interpreter needs the variable before that, so start afresh.
+        os.environ["TRITON_INTERPRET"] = "1"
+        os.execv(sys.executable, [sys.executable, "-m", "l2m_kernels.fuzz", *sys.argv[1:]])
+    stats, failures = Stats(), []
+    start = time.perf_counter()
+    for op in args.ops.split(","):
+        for backend in args.backends.split(","):
+            why = backend_unavailable(op, backend)
+            if why:
+                print(f"{op} / {backend}: skipped ({why})", flush=True)
+                continue
+            t0 = time.perf_counter()
+            try:
+                fuzz(op, backend, profile=args.profile, seed=args.seed, stats=stats, max_examples=args.examples)
+                status = "passed"
+            except Exception as exc:  # report and go on with the other ops
+                failures.append((op, backend, exc))
+                status = f"FAILED: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            print(f"{op} / {backend}: {stats.total(op, backend)} cases, {time.perf_counter() - t0:.0f} s, "
+                  f"{status}", flush=True)
+    print()
+    print(stats.table())
+    print(f"\n{stats.total()} cases in {time.perf_counter() - start:.0f} s, {len(failures)} failing op/backend pairs")
+    for op, backend, exc in failures:
+        print(f"\n=== {op} / {backend}\n{type(exc).__name__}: {exc}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
