@@ -33,9 +33,11 @@ fi
 start=$(date +%s)
 # Python files are copied afresh (a file removed from the tree must not linger in the copy).
 find "$OUT/lib" -name '*.py' -delete 2>/dev/null || true
+mkdir -p "$OUT"
 L2M_SANITIZE=address,undefined L2M_SKIP_CUDA=1 "$PY" setup.py -q build \
-  --build-base "$OUT/build" --build-lib "$OUT/lib" >"$OUT.log" 2>&1 || {
-  tail -30 "$OUT.log"; echo "sanitize.sh: the sanitized build failed (log: $OUT.log)"; exit 1; }
+  --build-base "$OUT/build" --build-lib "$OUT/lib" >"$OUT/build.log" 2>&1 || {
+  tail -30 "$OUT/build.log"; echo "sanitize.sh: the sanitized build failed (log: $OUT/build.log)"
+  exit 1; }
 echo "sanitize.sh: sanitized build in $(( $(date +%s) - start )) s ($OUT/lib)"
 
 LIBASAN=$("${CXX:-c++}" -print-file-name=libasan.so)
