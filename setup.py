@@ -150,24 +150,32 @@ class BuildExtension(cpp_extension.BuildExtension):
     variant that uses it and never carries instructions the calling variant's CPU may lack.
     (``#pragma GCC target`` in per-variant wrapper files was the alternative: GCC-only, and it
     would still need the same link order.)
+
+    The CPU extension is always handed to ninja, which rebuilds what changed (sources, headers,
+    flags), then relinked: setuptools' own up-to-date check compares the sources' dates only, so
+    it missed a changed header, a changed variant object or a changed build variable.
     """
 
     def build_extension(self, ext):
-        variants = getattr(ext, "isa_variants", {})
-        if variants:
-            objects = []
-            for name, march in variants.items():
-                objects += self.compiler.compile(
-                    ext.isa_sources,
-                    output_dir=os.path.join(self.build_temp, f"isa_{name}"),
-                    macros=ext.define_macros, include_dirs=ext.include_dirs, debug=self.debug,
-                    extra_postargs={"cxx": ext.extra_compile_args["cxx"] + [
-                        f"-march={march}", f"-DL2M_CPU_ISA=isa_{name}"]},
-                    depends=ext.depends)
-            ext.extra_objects = objects
-            # setuptools relinks only when a source or dependency is newer than the extension.
-            ext.depends = ext.isa_depends + objects
-        super().build_extension(ext)
+        variants = getattr(ext, "isa_variants", None)
+        if variants is None:
+            super().build_extension(ext)
+            return
+        objects = []
+        for name, march in variants.items():
+            objects += self.compiler.compile(
+                ext.isa_sources,
+                output_dir=os.path.join(self.build_temp, f"isa_{name}"),
+                macros=ext.define_macros, include_dirs=ext.include_dirs, debug=self.debug,
+                extra_postargs={"cxx": ext.extra_compile_args["cxx"] + [
+                    f"-march={march}", f"-DL2M_CPU_ISA=isa_{name}"]},
+                depends=ext.depends)
+        ext.extra_objects = objects
+        force, self.force = self.force, True
+        try:
+            super().build_extension(ext)
+        finally:
+            self.force = force
 
 
 def largest_first(paths: list[str]) -> list[str]:
@@ -190,7 +198,6 @@ cpu_extension = cpp_extension.CppExtension(
 )
 cpu_extension.isa_variants = cpu_isas
 cpu_extension.isa_sources = cpu_kernel_sources
-cpu_extension.isa_depends = cpu_headers
 ext_modules = [cpu_extension]
 
 if build_cuda:
