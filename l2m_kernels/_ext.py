@@ -30,9 +30,13 @@ def _load(module_name: str) -> tuple[object, str | None]:
         try:
             module = importlib.import_module(module_name)
         except Exception as exc:  # ImportError, or OSError/undefined symbols from a stale build
+            message = str(exc).splitlines()[0] if str(exc) else repr(exc)
+            # The CPU extension refuses to load when L2M_CPU_ISA names a kernel variant that it
+            # lacks or that this CPU cannot run: the fix is the variable, not a rebuild.
+            fix = ("unset L2M_CPU_ISA or name a variant this CPU runs"
+                   if message.startswith("L2M_CPU_ISA=") else f"rebuild with: {REBUILD_COMMAND}")
             reason = (f"extension {module_name} is not importable ({type(exc).__name__}: "
-                      f"{str(exc).splitlines()[0] if str(exc) else exc!r}); rebuild with: "
-                      f"{REBUILD_COMMAND}")
+                      f"{message}); {fix}")
         else:
             built = getattr(module, "TORCH_VERSION", None)
             if built is not None and not _torch_version_matches(built):

@@ -30,6 +30,23 @@ def _serving(op: str, device: torch.device, dtype: torch.dtype) -> str:
         return f"none ({exc})"
 
 
+def _cpu_isa_lines(cpu) -> list[str]:
+    """The instruction-set variants of the CPU kernels: built, unusable here, in use and why."""
+    if not hasattr(cpu, "isa_info"):  # a build from before the variants: one -march for all
+        return [f"       -march={cpu.BUILD_INFO.get('cpu_arch', '?') or '(none)'} (single variant)"]
+    info = cpu.isa_info()
+    built = ", ".join(f"{name} ({'-march=' + march if march else 'no -march'})"
+                      for name, march in info["march"].items())
+    lines = [f"       variants built:        {built}"]
+    for name, why in info["unusable"].items():
+        lines.append(f"       cannot run here:       {name}: {why}")
+    how = (f"L2M_CPU_ISA={info['requested']}" if info["requested"] != "auto" else
+           f"auto: the best variant this CPU runs, within torch's CPU capability "
+           f"{info['torch_capability']}")
+    lines.append(f"       in use:                {info['active']} ({how})")
+    return lines
+
+
 def report() -> str:
     lines = [
         f"l2m-kernels {__version__}",
@@ -43,9 +60,11 @@ def report() -> str:
     ]
     cpu = _ext.cpu_extension()
     lines.append("  cpu  (l2m_kernels._C):      " + (
-        f"built for torch {getattr(cpu, 'TORCH_VERSION', '?')}, -march={getattr(cpu, 'BUILD_INFO', {}).get('cpu_arch', '?') or '(none)'}, "
+        f"built for torch {getattr(cpu, 'TORCH_VERSION', '?')}, "
         f"OpenMP {getattr(cpu, 'BUILD_INFO', {}).get('openmp', '?')}"
         if cpu is not None else _ext.cpu_extension_error()))
+    if cpu is not None:
+        lines += _cpu_isa_lines(cpu)
     cuda = _ext.cuda_extension()
     lines.append("  cuda (l2m_kernels._C_cuda): " + (
         f"built for torch {getattr(cuda, 'TORCH_VERSION', '?')}, archs {getattr(cuda, 'CUDA_ARCHS', '?')}"

@@ -1,25 +1,24 @@
 // Python bindings of the CPU extension `l2m_kernels._C`: tensor checks, then the plain-struct
-// launchers of merge.h and topk_read.h. The Python layer validates first; these checks are the
-// last line that keeps a bad call from reading or writing out of bounds. Every function returns
-// None, writes every element of its preallocated outputs (passed last) and runs with the GIL
-// released.
+// launchers of the op headers, called through the dispatch table (kernels.h) of the
+// instruction-set variant chosen at import (see "Instruction-set variants" below). The Python
+// layer validates first; these checks are the last line that keeps a bad call from reading or
+// writing out of bounds. Every function returns None, writes every element of its preallocated
+// outputs (passed last) and runs with the GIL released.
 #include <algorithm>
 #include <torch/extension.h>
 
 #include <ATen/MemoryOverlap.h>
 
+#include <atomic>
+#include <cctype>
+#include <cstdlib>
 #include <initializer_list>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
-#include "dense_update.h"
-#include "local_attention.h"
-#include "memory_attention.h"
-#include "memory_write.h"
-#include "merge.h"
-#include "product_key.h"
-#include "topk_read.h"
+#include "kernels.h"
 
 // Build facts, defined by setup.py on the compiler command line. Defaults keep a build outside
 // setup.py (e.g. torch.utils.cpp_extension.load) working.
@@ -35,10 +34,160 @@
 #ifndef L2M_CUDA_ARCHS
 #define L2M_CUDA_ARCHS ""
 #endif
+// L2M_CPU_ISA_AVX2_ARCH / L2M_CPU_ISA_AVX512_ARCH: the -march of the avx2 / avx512 variants,
+// defined only when setup.py built and linked them.
 
 namespace {
 
 namespace py = pybind11;
+
+// ---- Instruction-set variants ----
+//
+// The kernels are compiled once per variant (isa.h); the variant is chosen once, at import:
+// L2M_CPU_ISA (default | avx2 | avx512) when set, else the best variant this CPU runs, at most
+// torch's CPU capability (torch.backends.cpu.get_cpu_capability(), which ATEN_CPU_CAPABILITY can
+// lower), so that l2m and ATen use the same instruction set. A variant the CPU cannot run is never
+// chosen: asked for by name, it raises instead of dying on an illegal instruction.
+
+struct IsaVariant {
+  const char* name;   // as L2M_CPU_ISA spells it
+  const char* march;  // the -march it was compiled with ("": none)
+  int level;          // 0 default, 1 avx2, 2 avx512: compared with torch's capability
+  const l2m::cpu::KernelTable* table;
+};
+
+const std::vector<IsaVariant>& built_variants() {
+  static const std::vector<IsaVariant> variants = {
+      {"default", L2M_CPU_ARCH, 0, &l2m::cpu::isa_default::kernel_table},
+#ifdef L2M_CPU_ISA_AVX2_ARCH
+      {"avx2", L2M_CPU_ISA_AVX2_ARCH, 1, &l2m::cpu::isa_avx2::kernel_table},
+#endif
+#ifdef L2M_CPU_ISA_AVX512_ARCH
+      {"avx512", L2M_CPU_ISA_AVX512_ARCH, 2, &l2m::cpu::isa_avx512::kernel_table},
+#endif
+  };
+  return variants;
+}
+
+// Why this CPU cannot run `variant`, or "" when it can. The baseline runs everywhere it was built
+// for (with L2M_CPU_ARCH, wherever that -march runs: not checked).
+std::string cpu_cannot_run(const IsaVariant& variant) {
+  if (variant.level == 0) {
+    return "";
+  }
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  bool supported;
+  // The feature sets of -march=x86-64-v3 and -v4, as the compiler may use any of them.
+#if !defined(__clang__) && __GNUC__ >= 12
+  supported = variant.level == 1 ? __builtin_cpu_supports("x86-64-v3")
+                                 : __builtin_cpu_supports("x86-64-v4");
+#else
+  supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+              __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
+  if (variant.level == 2) {
+    supported = supported && __builtin_cpu_supports("avx512f") &&
+                __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512cd") &&
+                __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  }
+#endif
+  if (!supported) {
+    return std::string("this CPU does not support ") +
+           (variant.level == 1 ? "x86-64-v3 (AVX2, FMA, BMI1/2, F16C)"
+                               : "x86-64-v4 (AVX-512 F, BW, CD, DQ, VL)");
+  }
+  return "";
+#else
+  return "this CPU is not x86-64";
+#endif
+}
+
+// torch's CPU capability as a variant level; anything above AVX2 (AVX512, or a future level)
+// caps nothing.
+int torch_capability_level() {
+  const std::string capability = at::get_cpu_capability();
+  if (capability == "DEFAULT") {
+    return 0;
+  }
+  if (capability == "AVX2") {
+    return 1;
+  }
+  return 2;
+}
+
+std::atomic<const IsaVariant*> active_variant{nullptr};
+
+// The best variant that this CPU runs and torch's capability allows.
+const IsaVariant& auto_variant() {
+  const IsaVariant* best = &built_variants().front();
+  const int cap = torch_capability_level();
+  for (const IsaVariant& variant : built_variants()) {
+    if (variant.level <= cap && cpu_cannot_run(variant).empty() && variant.level > best->level) {
+      best = &variant;
+    }
+  }
+  return *best;
+}
+
+std::string built_names() {
+  std::string names;
+  for (const IsaVariant& variant : built_variants()) {
+    names += (names.empty() ? "" : ", ") + std::string(variant.name);
+  }
+  return names;
+}
+
+// Makes `name` ("auto", "default", "avx2", "avx512"; any case) the active variant and returns it.
+// Unknown or unbuilt names raise ValueError, a variant this CPU cannot run RuntimeError.
+std::string set_isa(const std::string& requested) {
+  std::string name;
+  for (const char c : requested) {
+    if (!std::isspace(static_cast<unsigned char>(c))) {
+      name += static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    }
+  }
+  if (name.empty() || name == "auto") {
+    active_variant.store(&auto_variant());
+    return active_variant.load()->name;
+  }
+  for (const IsaVariant& variant : built_variants()) {
+    if (name == variant.name) {
+      const std::string why = cpu_cannot_run(variant);
+      if (!why.empty()) {
+        throw std::runtime_error("the " + name + " variant of the CPU kernels cannot run here: " +
+                                 why + " (variants built: " + built_names() + ")");
+      }
+      active_variant.store(&variant);
+      return variant.name;
+    }
+  }
+  throw std::invalid_argument("unknown or unbuilt CPU kernel variant '" + requested +
+                              "'; built: " + built_names() + " (or auto)");
+}
+
+const l2m::cpu::KernelTable& kernels() {
+  return *active_variant.load(std::memory_order_relaxed)->table;
+}
+
+py::dict isa_info() {
+  const char* requested = std::getenv("L2M_CPU_ISA");
+  py::dict info;
+  info["active"] = active_variant.load()->name;
+  info["requested"] = requested != nullptr && *requested != '\0' ? requested : "auto";
+  info["auto"] = auto_variant().name;
+  info["torch_capability"] = at::get_cpu_capability();
+  py::dict march, unusable;
+  for (const IsaVariant& variant : built_variants()) {
+    march[variant.name] = variant.march;
+    const std::string why = cpu_cannot_run(variant);
+    if (!why.empty()) {
+      unusable[variant.name] = why;
+    }
+  }
+  info["march"] = march;        // every built variant -> its -march ("" none)
+  info["unusable"] = unusable;  // variants this CPU cannot run -> why
+  return info;
+}
 
 c10::ScalarType acc_dtype_for(c10::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
@@ -138,7 +287,7 @@ void merge_attention_fwd(const at::Tensor& out_a, const at::Tensor& lse_a, const
   params.lse_b = lse_b.const_data_ptr();
   params.out = out.data_ptr();
   params.lse = lse.data_ptr();
-  l2m::cpu::merge_attention_fwd(params);
+  kernels().merge_attention_fwd(params);
 }
 
 void merge_attention_bwd(const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& out_a,
@@ -181,7 +330,7 @@ void merge_attention_bwd(const at::Tensor& dout, const at::Tensor& dlse, const a
   params.d_lse_a = d_lse_a.data_ptr();
   params.d_out_b = d_out_b.data_ptr();
   params.d_lse_b = d_lse_b.data_ptr();
-  l2m::cpu::merge_attention_bwd(params);
+  kernels().merge_attention_bwd(params);
 }
 
 void gated_merge_fwd(const at::Tensor& out_local, const at::Tensor& out_mem,
@@ -205,7 +354,7 @@ void gated_merge_fwd(const at::Tensor& out_local, const at::Tensor& out_mem,
   params.out_mem = out_mem.const_data_ptr();
   params.gate = gate.const_data_ptr();
   params.out = out.data_ptr();
-  l2m::cpu::gated_merge_fwd(params);
+  kernels().gated_merge_fwd(params);
 }
 
 void gated_merge_bwd(const at::Tensor& dout, const at::Tensor& out_local, const at::Tensor& out_mem,
@@ -237,7 +386,7 @@ void gated_merge_bwd(const at::Tensor& dout, const at::Tensor& out_local, const 
   params.d_local = d_local.data_ptr();
   params.d_mem = d_mem.data_ptr();
   params.d_gate = d_gate.data_ptr();
-  l2m::cpu::gated_merge_bwd(params);
+  kernels().gated_merge_bwd(params);
 }
 
 
@@ -402,7 +551,7 @@ void topk_read_fwd(const at::Tensor& q, const at::Tensor& keys, const at::Tensor
   params.indices = indices.data_ptr<int64_t>();
   params.weights = weights.data_ptr();
   params.lse = lse.data_ptr();
-  l2m::cpu::topk_read_fwd(params);
+  kernels().topk_read_fwd(params);
 }
 
 void topk_read_bwd(const at::Tensor& dout, const at::Tensor& dweights, const at::Tensor& dlse,
@@ -466,7 +615,7 @@ void topk_read_bwd(const at::Tensor& dout, const at::Tensor& dweights, const at:
   params.dkeys = dkeys.data_ptr();
   params.dvalues = dvalues.data_ptr();
   // Runs even without queries: dkeys and dvalues (shared memories) must still be zeroed.
-  l2m::cpu::topk_read_bwd(params);
+  kernels().topk_read_bwd(params);
 }
 
 // ---- product_key_read (product_key.h) ----
@@ -564,7 +713,7 @@ void product_key_fwd(const at::Tensor& q, const at::Tensor& subkeys, const at::T
   params.indices = indices.data_ptr<int64_t>();
   params.weights = weights.data_ptr();
   params.lse = lse.data_ptr();
-  l2m::cpu::product_key_fwd(params);
+  kernels().product_key_fwd(params);
 }
 
 void product_key_bwd(const at::Tensor& dout, const at::Tensor& dweights, const at::Tensor& dlse,
@@ -660,7 +809,7 @@ void product_key_bwd(const at::Tensor& dout, const at::Tensor& dweights, const a
   params.value_rows = sparse_grad ? value_rows->const_data_ptr<int64_t>() : nullptr;
   params.num_value_rows = num_value_rows;
   // Runs even without queries: dsubkeys and a dense dvalues must still be zeroed.
-  l2m::cpu::product_key_bwd(params);
+  kernels().product_key_bwd(params);
 }
 
 // ---- gated_memory_write (memory_write.h) ----
@@ -757,7 +906,7 @@ void gated_memory_write_fwd(const at::Tensor& memory, const at::Tensor& indices,
   params.add = add.const_data_ptr();
   params.erase = erase.const_data_ptr();
   params.out = out.data_ptr();
-  l2m::cpu::gated_memory_write_fwd(params);
+  kernels().gated_memory_write_fwd(params);
 }
 
 void gated_memory_write_bwd(const at::Tensor& dnew, const at::Tensor& memory,
@@ -794,7 +943,7 @@ void gated_memory_write_bwd(const at::Tensor& dnew, const at::Tensor& memory,
   params.dweights = dweights.data_ptr();
   params.dadd = dadd.data_ptr();
   params.derase = derase.data_ptr();
-  l2m::cpu::gated_memory_write_bwd(params);
+  kernels().gated_memory_write_bwd(params);
 }
 
 // ---- local attention, the local half of memory_attention (local_attention.h) ----
@@ -873,7 +1022,7 @@ void local_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Ten
   params.v = v.const_data_ptr();
   params.out = out.data_ptr();
   params.lse = lse.data_ptr();
-  l2m::cpu::local_attention_fwd(params);
+  kernels().local_attention_fwd(params);
 }
 
 void local_attention_bwd(const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& q,
@@ -910,7 +1059,7 @@ void local_attention_bwd(const at::Tensor& dout, const at::Tensor& dlse, const a
   params.dk = dk.data_ptr();
   params.dv = dv.data_ptr();
   // Runs even without queries: dk and dv must still be zeroed.
-  l2m::cpu::local_attention_bwd(params);
+  kernels().local_attention_bwd(params);
 }
 
 // The read's weights recomputed at a given selection, for the memory_attention backward
@@ -1001,7 +1150,7 @@ void memory_read_weights(const at::Tensor& q, const at::Tensor& keys, const at::
   params.weights = weights.data_ptr();
   params.dots = dots.has_value() ? dots->data_ptr() : nullptr;
   params.out = out.has_value() ? out->data_ptr() : nullptr;
-  l2m::cpu::memory_read_weights(params);
+  kernels().memory_read_weights(params);
 }
 
 // ---- gated_dense_update (dense_update.h) ----
@@ -1037,7 +1186,7 @@ void gated_dense_update_fwd(const at::Tensor& memory, const at::Tensor& update,
   params.input_gate = input_gate.const_data_ptr();
   params.forget_gate = forget_gate.const_data_ptr();
   params.out = out.data_ptr();
-  l2m::cpu::gated_dense_update_fwd(params);
+  kernels().gated_dense_update_fwd(params);
 }
 
 void gated_dense_update_bwd(const at::Tensor& dout, const at::Tensor& memory,
@@ -1070,7 +1219,7 @@ void gated_dense_update_bwd(const at::Tensor& dout, const at::Tensor& memory,
   params.dupdate = dupdate.data_ptr();
   params.dinput_gate = dinput_gate.data_ptr();
   params.dforget_gate = dforget_gate.data_ptr();
-  l2m::cpu::gated_dense_update_bwd(params);
+  kernels().gated_dense_update_bwd(params);
 }
 
 }  // namespace
@@ -1086,7 +1235,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::dict build_info;
   build_info["torch"] = L2M_TORCH_VERSION;
   build_info["cpu_ext"] = true;
-  build_info["cpu_arch"] = L2M_CPU_ARCH;  // -march value; "" means the compiler default
+  build_info["cpu_arch"] = L2M_CPU_ARCH;  // -march of the default variant; "" none
 #ifdef _OPENMP
   build_info["openmp"] = true;
 #else
@@ -1094,7 +1243,33 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   build_info["cuda_ext"] = static_cast<bool>(L2M_CUDA_EXT);  // _C_cuda built by the same setup.py
   build_info["cuda_archs"] = L2M_CUDA_ARCHS;                  // TORCH_CUDA_ARCH_LIST used for it
+  py::list cpu_isas;
+  for (const IsaVariant& variant : built_variants()) {
+    cpu_isas.append(variant.name);
+  }
+  build_info["cpu_isas"] = cpu_isas;  // instruction-set variants of the kernels, lowest first
   m.attr("BUILD_INFO") = build_info;
+
+  // The variant: L2M_CPU_ISA, else the best this CPU runs (see auto_variant). A name that cannot
+  // be honoured fails the import with the reason: l2m_kernels then reports the CPU backend as
+  // unavailable with that reason, instead of running other code than asked for.
+  const char* requested_isa = std::getenv("L2M_CPU_ISA");
+  try {
+    set_isa(requested_isa != nullptr ? requested_isa : "");
+  } catch (const std::exception& error) {
+    throw py::import_error(std::string("L2M_CPU_ISA=") + (requested_isa ? requested_isa : "") +
+                           ": " + error.what());
+  }
+  m.def("isa", [] { return std::string(active_variant.load()->name); },
+        "The instruction-set variant of the kernels in use: default, avx2 or avx512.");
+  m.def("isa_info", &isa_info,
+        "dict: active, requested (L2M_CPU_ISA or auto), auto (the variant auto picks here),\n"
+        "torch_capability, march (built variant -> -march), unusable (variant -> why this CPU\n"
+        "cannot run it).");
+  m.def("_set_isa", &set_isa, py::arg("name"),
+        "Switch the kernels to another built variant (default, avx2, avx512, or auto) and return\n"
+        "its name; ValueError for an unknown or unbuilt name, RuntimeError for a variant this CPU\n"
+        "cannot run. For tests: calls already running finish on the variant they started with.");
 
   const auto release_gil = py::call_guard<py::gil_scoped_release>();
   m.def("merge_attention_fwd", &merge_attention_fwd, release_gil, py::arg("out_a"),

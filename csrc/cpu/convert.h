@@ -6,6 +6,8 @@
 // where the build enables it (bitwise the same results as c10's scalar conversions).
 #pragma once
 
+#include "isa.h"
+
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -21,6 +23,9 @@
 #endif
 
 namespace l2m::cpu {
+// In the variant's namespace: these inline helpers compile differently per instruction set (F16C),
+// and one shared out-of-line copy would serve every variant.
+inline namespace L2M_CPU_ISA {
 
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -127,4 +132,5 @@ void dispatch_floating(c10::ScalarType dtype, const char* op_name, Fn&& fn) {
   }
 }
 
+}  // namespace L2M_CPU_ISA
 }  // namespace l2m::cpu

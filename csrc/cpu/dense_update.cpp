@@ -6,6 +6,7 @@
 // glibc's vector exp/tanh serve them). Half types are converted to float in small stack buffers so
 // those loops see plain float arrays; float and double are used in place. Every element is
 // computed by the same code whatever the thread count: bitwise deterministic.
+#include "isa.h"  // first: names the variant that the declarations below belong to
 #include "dense_update.h"
 #include "convert.h"
 
@@ -20,6 +21,7 @@
 #include <c10/util/Half.h>
 
 namespace l2m::cpu {
+inline namespace L2M_CPU_ISA {  // one copy per instruction-set variant (isa.h)
 namespace {
 
 // Elements per tile: the half-type staging buffers (a few KiB) stay in L1.
@@ -122,4 +124,5 @@ void gated_dense_update_bwd(const GatedDenseUpdateBwdParams& params) {
   });
 }
 
+}  // namespace L2M_CPU_ISA
 }  // namespace l2m::cpu

@@ -18,6 +18,7 @@
 //           dS^T the same way, dv += P^T dO, dk += dS^T (scale q).
 // Each output row is owned by one unit and reduced in a fixed order: no atomics, no per-thread
 // partial sums, bitwise identical results for any thread count.
+#include "isa.h"  // first: names the variant that the declarations below belong to
 #include "local_attention.h"
 #include "convert.h"
 
@@ -34,6 +35,7 @@
 #include <c10/util/Half.h>
 
 namespace l2m::cpu {
+inline namespace L2M_CPU_ISA {  // one copy per instruction-set variant (isa.h)
 namespace {
 
 // ---- SIMD vectors: GCC/Clang vector extensions of the target's register width (one zmm under
@@ -794,4 +796,5 @@ void local_attention_bwd(const LocalAttentionBwdParams& params) {
   });
 }
 
+}  // namespace L2M_CPU_ISA
 }  // namespace l2m::cpu

@@ -3,6 +3,7 @@
 // One pass over the query rows (parallel, each row independent): the row's scaled query, then for
 // each of its k selected slots one key row (score, weight) and one value row (dot with dout, or a
 // weighted sum). B·H·T·k·(Dk + Dv) work, against the B·H·T·N·Dk of the read's scoring.
+#include "isa.h"  // first: names the variant that the declarations below belong to
 #include "memory_attention.h"
 #include "convert.h"
 
@@ -17,6 +18,7 @@
 #include <c10/util/Half.h>
 
 namespace l2m::cpu {
+inline namespace L2M_CPU_ISA {  // one copy per instruction-set variant (isa.h)
 namespace {
 
 template <typename scalar_t>
@@ -129,4 +131,5 @@ void memory_read_weights(const MemoryReadWeightsParams& params) {
   }
 }
 
+}  // namespace L2M_CPU_ISA
 }  // namespace l2m::cpu

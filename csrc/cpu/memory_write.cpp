@@ -16,6 +16,7 @@
 // one row per entry), then walks it in reverse carrying dm. dweights is per entry (one writer);
 // dadd and derase sum over the kw entries of a step, which may sit in different runs, so each
 // entry's part goes to scratch and a second pass sums them per step in j order.
+#include "isa.h"  // first: names the variant that the declarations below belong to
 #include "memory_write.h"
 #include "convert.h"
 
@@ -32,6 +33,7 @@
 #include <c10/util/Half.h>
 
 namespace l2m::cpu {
+inline namespace L2M_CPU_ISA {  // one copy per instruction-set variant (isa.h)
 namespace {
 
 
@@ -421,4 +423,5 @@ void gated_memory_write_bwd(const GatedMemoryWriteBwdParams& params) {
   });
 }
 
+}  // namespace L2M_CPU_ISA
 }  // namespace l2m::cpu

@@ -6,6 +6,7 @@
 // `omp simd`. Half types are converted to float in small stack buffers so those loops see plain
 // float arrays; float and double are used in place. Per-row reductions run in a fixed order, so
 // results do not depend on the number of threads.
+#include "isa.h"  // first: names the variant that the declarations below belong to
 #include "merge.h"
 #include "convert.h"
 
@@ -25,6 +26,7 @@
 #endif
 
 namespace l2m::cpu {
+inline namespace L2M_CPU_ISA {  // one copy per instruction-set variant (isa.h)
 namespace {
 
 // Elements of a row handled per tile: the half-type staging buffers (a few KiB) stay in L1.
@@ -282,4 +284,5 @@ void gated_merge_bwd(const GatedMergeBwdParams& params) {
   });
 }
 
+}  // namespace L2M_CPU_ISA
 }  // namespace l2m::cpu

@@ -28,6 +28,7 @@
 // sort per head and half). Phase 3: dvalues, dense (a counting sort of the entries by slot, one
 // task per slot range, every row written) or coalesced (the same, per distinct slot read). No
 // atomics, no thread-count dependence: bitwise deterministic.
+#include "isa.h"  // first: names the variant that the declarations below belong to
 #include "product_key.h"
 #include "convert.h"
 
@@ -52,6 +53,7 @@
 #endif
 
 namespace l2m::cpu {
+inline namespace L2M_CPU_ISA {  // one copy per instruction-set variant (isa.h)
 namespace {
 
 // Asks for the cache lines of a row that is about to be read (value rows are random accesses).
@@ -922,4 +924,5 @@ void product_key_bwd(const ProductKeyBwdParams& params) {
   });
 }
 
+}  // namespace L2M_CPU_ISA
 }  // namespace l2m::cpu

@@ -19,6 +19,7 @@
 // counting sort of the (row, j) entries by slot. Phase 3, parallel over slots: each slot's dkeys
 // and dvalues row is the sum of its entries in (row, j) order. No atomics, no thread-count
 // dependence: bitwise deterministic.
+#include "isa.h"  // first: names the variant that the declarations below belong to
 #include "topk_read.h"
 #include "convert.h"
 
@@ -41,6 +42,7 @@
 #endif
 
 namespace l2m::cpu {
+inline namespace L2M_CPU_ISA {  // one copy per instruction-set variant (isa.h)
 namespace {
 
 // ---- SIMD vectors of scores: one lane per query ----
@@ -723,4 +725,5 @@ void topk_read_bwd(const TopkReadBwdParams& params) {
   });
 }
 
+}  // namespace L2M_CPU_ISA
 }  // namespace l2m::cpu

@@ -1,0 +1,53 @@
+// The dispatch table of the CPU kernels: every launcher of the op headers, one table per
+// instruction-set variant (isa.h). bindings.cpp calls the kernels only through the table of the
+// variant chosen at import.
+#pragma once
+
+#include "dense_update.h"
+#include "local_attention.h"
+#include "memory_attention.h"
+#include "memory_write.h"
+#include "merge.h"
+#include "product_key.h"
+#include "topk_read.h"
+
+// X(launcher, params struct) for every launcher; the table's fields and each variant's entries
+// come from this one list.
+#define L2M_CPU_KERNELS(X)                             \
+  X(merge_attention_fwd, MergeAttentionFwdParams)      \
+  X(merge_attention_bwd, MergeAttentionBwdParams)      \
+  X(gated_merge_fwd, GatedMergeFwdParams)              \
+  X(gated_merge_bwd, GatedMergeBwdParams)              \
+  X(topk_read_fwd, TopkReadFwdParams)                  \
+  X(topk_read_bwd, TopkReadBwdParams)                  \
+  X(product_key_fwd, ProductKeyFwdParams)              \
+  X(product_key_bwd, ProductKeyBwdParams)              \
+  X(gated_memory_write_fwd, GatedMemoryWriteFwdParams) \
+  X(gated_memory_write_bwd, GatedMemoryWriteBwdParams) \
+  X(local_attention_fwd, LocalAttentionFwdParams)      \
+  X(local_attention_bwd, LocalAttentionBwdParams)      \
+  X(memory_read_weights, MemoryReadWeightsParams)      \
+  X(gated_dense_update_fwd, GatedDenseUpdateFwdParams) \
+  X(gated_dense_update_bwd, GatedDenseUpdateBwdParams)
+
+namespace l2m::cpu {
+
+struct KernelTable {
+#define L2M_CPU_KERNEL_POINTER(launcher, Params) void (*launcher)(const Params&);
+  L2M_CPU_KERNELS(L2M_CPU_KERNEL_POINTER)
+#undef L2M_CPU_KERNEL_POINTER
+};
+
+// Each variant's table (kernel_table.cpp). setup.py tells bindings.cpp which variants it built
+// and linked; the others are declared but never referenced.
+namespace isa_default {
+extern const KernelTable kernel_table;
+}
+namespace isa_avx2 {
+extern const KernelTable kernel_table;
+}
+namespace isa_avx512 {
+extern const KernelTable kernel_table;
+}
+
+}  // namespace l2m::cpu
