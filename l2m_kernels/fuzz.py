@@ -71,6 +71,7 @@ from .ops.memory_write.reference import gated_dense_update_ref, gated_memory_wri
 from .ops.merge.reference import gated_merge_ref, merge_attention_ref
 from .ops.product_key.reference import _half_scores, product_key_gather, product_key_select
 from .ops.topk_read.reference import _topk_read_gather_acc, full_scores, topk_read_gather, topk_read_select
+from .ops.topk_read.validate import resolve_scale
 from .testing import TOLERANCE, assert_close, lse_dtype, poisoned_outputs, rel_rms_error
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -517,7 +518,7 @@ def judge_topk(case, read, gen):
     k, valid_len = case.args["k"], case.args.get("valid_len")
     B, H, T, Dk = q.shape
     scale = case.args.get("scale")
-    scale = Dk ** -0.5 if scale is None else scale
+    scale = resolve_scale(scale, Dk)
     acc = lse_dtype(case.dtype)
     _expect_tensor("out", read.out, (B, H, T, values.shape[-1]), case.dtype)
     _expect_tensor("indices", read.indices, (B, H, T, k), torch.int64)
@@ -548,7 +549,7 @@ def judge_product_key(case, read, gen):
     sum_heads = case.args.get("sum_heads", False)
     B, H, T, Dk = q.shape
     scale = case.args.get("scale")
-    scale = Dk ** -0.5 if scale is None else scale
+    scale = resolve_scale(scale, Dk)
     acc = lse_dtype(case.dtype)
     _expect_tensor("out", read.out, (B, T, values.shape[-1]) if sum_heads else (B, H, T, values.shape[-1]),
                    case.dtype)
@@ -628,7 +629,7 @@ def judge_attention(case, res, gen):
     B, H, T, D = q.shape
     Dv = v.shape[-1]
     scale = case.args.get("scale")
-    scale = D ** -0.5 if scale is None else scale
+    scale = resolve_scale(scale, D)
     acc = lse_dtype(case.dtype)
     _expect_tensor("out", res.out, (B, H, T, Dv), case.dtype)
     _expect_tensor("lse_local", res.lse_local, (B, H, T), acc)
@@ -1380,41 +1381,29 @@ class KnownFailure:
     reproducer: tuple   # (op, backend, params) that fails until the fix
 
 
-KNOWN_FAILURES: list = [
-    KnownFailure(
-        "dk0-default-scale",
-        "topk_memory_read, product_key_read and memory_attention with a query/key size of 0 and the default "
-        "scale raise ZeroDivisionError (0 ** -0.5 in resolve_scale, ops/topk_read/validate.py) instead of "
-        "a ValueError naming q (or an empty-feature result)",
-        lambda op, backend, p: p.get("scale", 0) is None and (
-            (op == "topk_memory_read" and p["Dk"] == 0) or (op == "product_key_read" and p["half"] == 0)
-            or (op == "memory_attention" and p["D"] == 0)),
-        ("topk_memory_read", "cpu", {"dtype": "float32", "seed": 0, "layouts": {}, "specials": [], "mode": "normal",
-                                     "grad": False, "mutation": None, "B": 1, "Hm": 1, "H": 1, "T": 1, "N": 2,
-                                     "Dk": 0, "Dv": 1, "shared": False, "deterministic": False, "k": 1,
-                                     "valid_len": None, "scale": None})),
-    KnownFailure(
-        "autocast-promote-non-tensor",
-        "gated_dense_update with a Python float for a tensor argument raises AttributeError "
-        "('float' object has no attribute 'is_floating_point', ops/_common.py autocast_promote runs "
-        "before the argument checks) instead of a TypeError naming the argument",
-        lambda op, backend, p: op == "gated_dense_update" and p["mutation"] == "not-a-tensor",
-        ("gated_dense_update", "cpu", {"dtype": "float32", "seed": 0, "layouts": {}, "specials": [],
-                                       "mode": "normal", "grad": False, "mutation": "not-a-tensor", "full": (3,),
-                                       "shapes": {"memory": (3,), "update": (3,), "input_gate": (3,),
-                                                  "forget_gate": (3,)}})),
-    KnownFailure(
-        "pk-sparse-grad-one-entry",
-        "product_key_read backward with sparse_grad=True on triton/cuda and B*H*T*k <= 1 entries raises "
-        "RuntimeError: the custom op product_key_read_backward returns an output aliasing its input "
-        "indices (ops/product_key/function.py coalesce_rows: coalesce() of <= 1 entry keeps them)",
-        lambda op, backend, p: (op == "product_key_read" and backend in ("triton", "cuda") and p["sparse_grad"]
-                                and p["grad"] and p["B"] * p["H"] * p["T"] * p["k"] <= 1),
-        ("product_key_read", "triton", {"dtype": "float32", "seed": 0, "layouts": {}, "specials": [],
-                                        "mode": "normal", "grad": True, "mutation": None, "B": 1, "H": 1,
-                                        "T": 1, "half": 1, "n_sub": 2, "Dv": 1, "k_sub": 1, "k": 1,
-                                        "sum_heads": False, "sparse_grad": True, "pass_k_sub": False,
-                                        "deterministic": False, "scale": None})),
+KNOWN_FAILURES: list = []
+
+# Cases that once failed, kept as fixed reproducers: (name, what was wrong, (op, backend, params)).
+REGRESSIONS: list = [
+    ("dk0-default-scale",
+     "a query/key size of 0 with the default scale raised ZeroDivisionError (0 ** -0.5)",
+     ("topk_memory_read", "cpu", {"dtype": "float32", "seed": 0, "layouts": {}, "specials": [], "mode": "normal",
+                                  "grad": False, "mutation": None, "B": 1, "Hm": 1, "H": 1, "T": 1, "N": 2,
+                                  "Dk": 0, "Dv": 1, "shared": False, "deterministic": False, "k": 1,
+                                  "valid_len": None, "scale": None})),
+    ("autocast-promote-non-tensor",
+     "gated_dense_update with a Python float for a tensor raised AttributeError, not a TypeError naming it",
+     ("gated_dense_update", "cpu", {"dtype": "float32", "seed": 0, "layouts": {}, "specials": [],
+                                    "mode": "normal", "grad": False, "mutation": "not-a-tensor", "full": (3,),
+                                    "shapes": {"memory": (3,), "update": (3,), "input_gate": (3,),
+                                               "forget_gate": (3,)}})),
+    ("pk-sparse-grad-one-entry",
+     "product_key_read's sparse values gradient of one entry aliased the backward op's indices input",
+     ("product_key_read", "triton", {"dtype": "float32", "seed": 0, "layouts": {}, "specials": [],
+                                     "mode": "normal", "grad": True, "mutation": None, "B": 1, "H": 1,
+                                     "T": 1, "half": 1, "n_sub": 2, "Dv": 1, "k_sub": 1, "k": 1,
+                                     "sum_heads": False, "sparse_grad": True, "pass_k_sub": False,
+                                     "deterministic": False, "scale": None})),
 ]
 
 

@@ -67,6 +67,15 @@ def test_known_failure_reproduces(entry):
     fuzz.run_case(op, backend, params, known=False)
 
 
+@pytest.mark.parametrize("name,what,case", fuzz.REGRESSIONS, ids=[r[0] for r in fuzz.REGRESSIONS])
+def test_fixed_reproducer(name, what, case):
+    op, backend, params = case
+    why = _skip_reason(op, backend)
+    if why:
+        pytest.skip(why)
+    assert fuzz.run_case(op, backend, params, known=False) in fuzz.OUTCOMES, what
+
+
 # The property must catch broken kernels and broken validation.
 
 def _broken(monkeypatch, op, backend, change):

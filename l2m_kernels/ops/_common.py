@@ -38,8 +38,8 @@ def contiguous_like(tensor: Tensor) -> Tensor:
 
 def autocast_promote(*tensors, to=None):
     """Under ``torch.autocast``, the floating tensors among ``tensors`` cast to the widest of their
-    dtypes, or to ``to`` when given (``None`` entries pass through); outside autocast, ``tensors``
-    unchanged.
+    dtypes, or to ``to`` when given (anything else passes through, for the argument checks to
+    name); outside autocast, ``tensors`` unchanged.
 
     This is autocast's "promote" policy (as for ``torch.cat``): in an autocast region a model's
     projections return bfloat16 or float16 while memory banks, gates and states stay in the dtype
@@ -47,13 +47,13 @@ def autocast_promote(*tensors, to=None):
     the most precise input and never casts a whole memory down on every call; a memory kept in
     bfloat16 (the module's ``dtype``) makes the op run in bfloat16.
     """
-    present = [t for t in tensors if t is not None and t.is_floating_point()]
+    present = [t for t in tensors if isinstance(t, Tensor) and t.is_floating_point()]
     if not present or not torch.is_autocast_enabled(present[0].device.type):
         return tensors
     dtype = present[0].dtype if to is None else to
     for t in present if to is None else ():
         dtype = torch.promote_types(dtype, t.dtype)
-    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -40,7 +40,9 @@ def coalesce_rows(indices: Tensor, rows: Tensor, num_slots: int) -> Tuple[Tensor
     slots ``(U,)`` and their summed rows ``(U, Dv)`` (``torch.sparse_coo_tensor(...).coalesce()``)."""
     coalesced = torch.sparse_coo_tensor(indices.reshape(1, -1), rows, (num_slots, rows.shape[-1]),
                                         check_invariants=False).coalesce()
-    return coalesced.values(), coalesced.indices()[0]
+    # coalesce() of at most one entry returns its input's storage: clone the slots, which would
+    # otherwise alias the custom op's ``indices`` input (custom ops may not return aliases).
+    return coalesced.values(), coalesced.indices()[0].clone()
 
 
 def _no_slots(values):

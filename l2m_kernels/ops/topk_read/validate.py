@@ -67,8 +67,9 @@ def check_valid_len_values(valid_len, N: int) -> None:
 
 
 def resolve_scale(scale, Dk: int) -> float:
+    """``scale``, default ``Dk ** -0.5``; with ``Dk == 0`` every score is 0 whatever the scale (1.0)."""
     if scale is None:
-        return float(Dk) ** -0.5
+        return float(Dk) ** -0.5 if Dk else 1.0
     if isinstance(scale, torch.Tensor):
         raise TypeError("scale: expected a Python float, got a Tensor")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
