@@ -136,8 +136,8 @@ struct Lanes<double> {
 constexpr int kVecs = 2;
 constexpr int kRows = 6;
 #else
-// Portable fallback: plain arrays the compiler may vectorise. std::fma keeps every score one
-// rounding per step, as in the SIMD paths.
+// Portable fallback: plain arrays the compiler may vectorise. Where the target has FMA, std::fma
+// keeps every score one rounding per step, as in the SIMD paths.
 template <typename acc_t>
 struct Lanes {
   static constexpr int kWidth = 32 / static_cast<int>(sizeof(acc_t));
@@ -157,7 +157,13 @@ struct Lanes {
   }
   static vec fma(const vec& a, const vec& b, const vec& c) {
     vec v;
+#if defined(__FMA__)
     for (int i = 0; i < kWidth; ++i) v.lane[i] = std::fma(a.lane[i], b.lane[i], c.lane[i]);
+#else
+    // Without FMA instructions std::fma is a library call per element (tens of times slower than
+    // the loop itself): a multiply and an add, rounding twice, within every backend's tolerance.
+    for (int i = 0; i < kWidth; ++i) v.lane[i] = a.lane[i] * b.lane[i] + c.lane[i];
+#endif
     return v;
   }
   static vec mul(const vec& a, const vec& b) {
