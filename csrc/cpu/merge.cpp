@@ -83,7 +83,10 @@ inline MergeWeights<acc_t> merge_weights(acc_t lse_a, acc_t lse_b) {
     max_lse = lse_a;
   }
   const acc_t lse =
-      max_lse == kNegInf ? kNegInf : max_lse + std::log1p(std::exp(-std::abs(lse_a - lse_b)));
+      max_lse == kNegInf ? kNegInf
+      // A +inf side gives +inf (exp(-|inf - inf|) is NaN); max_lse is NaN when a side is.
+      : max_lse == -kNegInf ? max_lse
+                            : max_lse + std::log1p(std::exp(-std::abs(lse_a - lse_b)));
   return {lse, side_weight(lse_a, lse), side_weight(lse_b, lse)};
 }
 

@@ -205,6 +205,8 @@ __device__ __forceinline__ GroupCoords group_coords(int group_log2) {
 __device__ __forceinline__ float merged_lse(float lse_a, float lse_b) {
   if (lse_a == -INFINITY && lse_b == -INFINITY) return -INFINITY;
   const float lse_max = lse_a > lse_b ? lse_a : lse_b;  // not fmaxf: it would drop a NaN
+  // A +inf side (and no NaN) gives +inf: expf(-|inf - inf|) would make it NaN.
+  if (lse_max == INFINITY && lse_a == lse_a && lse_b == lse_b) return INFINITY;
   return lse_max + log1pf(expf(-fabsf(lse_a - lse_b)));
 }
 

@@ -254,3 +254,19 @@ def test_gated_merge_saturated_gate_keeps_precision(backend, device):
     assert_close("out", out, ref_out)
     assert_close("d_out_local", grads[0], ref_grads[0])
     assert_close("d_out_mem", grads[1], ref_grads[1])
+
+
+@pytest.mark.parametrize("backend,device", fused_backend_params("merge_attention") + [pytest.param("reference", "cpu")])
+def test_merge_attention_infinite_lse(backend, device):
+    # lse = logaddexp(lse_a, lse_b) is +inf when a side is +inf, also both; NaN stays NaN. The
+    # reference gave NaN for every +inf and the kernels for (+inf, +inf), from exp(inf - inf) (found
+    # by the fuzzer).
+    inf, nan = float("inf"), float("nan")
+    lse_a = torch.tensor([[[inf, 1.0, -inf, inf, nan, inf, -inf]]])
+    lse_b = torch.tensor([[[1.0, inf, inf, inf, inf, nan, -inf]]])
+    out_a, out_b = rand(1, 1, 7, 3), rand(1, 1, 7, 3)
+    out, lse = l2m.merge_attention(out_a.to(device), lse_a.to(device), out_b.to(device), lse_b.to(device),
+                                   backend=backend)
+    want = torch.tensor([[[inf, inf, inf, inf, nan, nan, -inf]]])
+    assert torch.equal(lse.cpu().nan_to_num(nan=7.0), want.nan_to_num(nan=7.0)), lse
+    assert torch.isnan(out[0, 0, :6]).all() and torch.equal(out[0, 0, 6].cpu(), torch.zeros(3))

@@ -38,6 +38,8 @@ def merge_attention_ref(out_a, lse_a, out_b, lse_b):
     total = torch.exp(la - m_safe) + torch.exp(lb - m_safe)
     total = torch.where(both_empty, torch.ones_like(total), total)
     lse = torch.where(both_empty, torch.full_like(m, float("-inf")), m_safe + torch.log(total))
+    # logaddexp with a +inf side is +inf (exp(inf - inf) made it NaN); m is NaN with a NaN side.
+    lse = torch.where(torch.isposinf(m), m, lse)
     wa = torch.where(a_empty, torch.zeros_like(la), torch.exp(torch.where(a_empty, torch.zeros_like(la), la - lse)))
     wb = torch.where(b_empty, torch.zeros_like(lb), torch.exp(torch.where(b_empty, torch.zeros_like(lb), lb - lse)))
     out = wa.unsqueeze(-1) * out_a.to(acc) + wb.unsqueeze(-1) * out_b.to(acc)

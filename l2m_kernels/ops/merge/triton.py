@@ -74,7 +74,9 @@ def _merged_lse(b_la, b_lb):
     # Both sides empty: -inf. Tested on the inputs rather than on m == -inf so that (NaN, -inf)
     # still gives NaN, as the reference (torch.maximum) does.
     b_both_empty = (b_la == float("-inf")) & (b_lb == float("-inf"))
-    return tl.where(b_both_empty, float("-inf"), b_lse)
+    # A +inf side (and no NaN) gives +inf: exp(-|inf - inf|) made it NaN.
+    b_inf = (b_m == float("inf")) & (b_la == b_la) & (b_lb == b_lb)
+    return tl.where(b_both_empty, float("-inf"), tl.where(b_inf, float("inf"), b_lse))
 
 
 @triton.jit
