@@ -113,6 +113,28 @@ def test_fuzz_catches_a_wrong_selection(monkeypatch):
         fuzz.fuzz("topk_memory_read", "cpu", max_examples=100, shrink=False)
 
 
+class _SkewedGradient(torch.autograd.Function):
+    """Identity whose backward is 0.1% off."""
+
+    @staticmethod
+    def forward(x):
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 1.001
+
+
+def test_fuzz_catches_a_wrong_gradient(monkeypatch):
+    _broken(monkeypatch, "gated_dense_update", "cpu", _SkewedGradient.apply)
+    with pytest.raises(AssertionError, match="dmemory|dupdate|dinput_gate|dforget_gate"):
+        fuzz.fuzz("gated_dense_update", "cpu", max_examples=100, shrink=False)
+
+
 def test_fuzz_catches_a_missing_check(monkeypatch):
     def unchecked_int(name, value, low, high, what=""):
         return value
