@@ -119,6 +119,8 @@ def attn_fault() -> int:
 # Timing repetitions: one call each when testing the script on the CPU (the interpreter is slow).
 TIMING = dict(warmup=2, reps=7) if DEVICE == "cuda" else dict(warmup=0, reps=1)
 SCAN_VARIANTS = [(64, 64, 4), (64, 64, 8), (128, 64, 8), (64, 128, 8), (128, 128, 8), (128, 32, 8)]
+if DEVICE == "cpu":  # testing the script: two tiles exercise the sweep (the interpreter is slow)
+    SCAN_VARIANTS = SCAN_VARIANTS[:2]
 
 
 def _clustered(keys: torch.Tensor, width: int = 65) -> torch.Tensor:
@@ -143,15 +145,16 @@ def topk_tiles(bench: bool) -> int:
     from l2m_kernels.ops.topk_read import triton as tt
     device = torch.device(DEVICE)
     shapes = {"read-gpu": (8, 1, 1, 4096, 65536), "read-heads-gpu": (16, 8, 8, 512, 16384)}
-    if DEVICE == "cpu":  # testing the script: tiny shapes
-        shapes = {"tiny": (1, 1, 1, 8, 2048)}
+    k = 32
+    if DEVICE == "cpu":  # testing the script: tiny shapes, still on the threshold paths (N > cap, >= k chunks)
+        shapes, k = {"tiny": (1, 1, 1, 8, 512)}, 4
     inputs = {}
     for name, (B, H, Hm, T, N) in shapes.items():
         g = torch.Generator(device=DEVICE).manual_seed(0)
         inputs[name] = [torch.randn(*s, generator=g, device=device, dtype=torch.bfloat16)
                         for s in ((B, H, T, 64), (B, Hm, N, 64), (B, Hm, N, 64))]
     default_tile, default_batch = tt._SCAN_TILES[False], tt.COLLECT_BATCH
-    fn_of = lambda q, keys, values: lambda: l2m.topk_memory_read(q, keys, values, 32, backend="triton")  # noqa: E731
+    fn_of = lambda q, keys, values: lambda: l2m.topk_memory_read(q, keys, values, k, backend="triton")  # noqa: E731
     try:
         # The threshold-strided design's scan tile is not chosen by a GPU measurement yet: sweep it
         # (the same sweep chose the threshold design's tile). Indices are compared with the default
@@ -207,7 +210,7 @@ def topk_tiles(bench: bool) -> int:
             for name, (q, keys, values) in inputs.items():
                 with torch.profiler.profile(activities=[activity]) as prof:
                     for _ in range(3):
-                        l2m.topk_memory_read(q, keys, values, 32, backend="triton")
+                        l2m.topk_memory_read(q, keys, values, k, backend="triton")
                     _sync()
                 print(f"profile of the {path} forward at {name}, current tile, 3 calls:")
                 print(prof.key_averages().table(sort_by="cuda_time_total" if DEVICE == "cuda" else "cpu_time_total",
