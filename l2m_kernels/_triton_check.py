@@ -23,8 +23,20 @@ frame, 1096 bytes spill stores" and cuobjdump shows STACK:864 LOCAL:0). LOCAL is
 memory, which current ptxas does not use for spills. A kernel therefore counts as spilling when
 STACK > 0 or LOCAL > 0 (a genuine local array would also trip this; our kernels have none).
 
+Results cache (``--cache PATH``): a JSON file of earlier results, each under a key that hashes
+everything the compile depends on: the Triton version and its cache-invalidating environment
+variables, the kernel's ``cache_key`` (its source and the sources of every function it calls), the
+signature, constexprs, divisibility hints, options, warps and arch. A configuration whose key is in
+the file is not compiled again: its recorded result is reported (marked "cached"). Any change to a
+kernel, its helpers, its configuration or Triton makes a new key, which is compiled. ``--update-cache``
+rewrites the file with this run's results (only the current keys). The test suite uses
+``tests/triton_check_cache.json``, so a fresh machine compiles only what changed since the file was
+written; ``python -m l2m_kernels._triton_check --cache tests/triton_check_cache.json --update-cache``
+refreshes it.
+
 Usage:
     python -m l2m_kernels._triton_check [--arch 80 90] [--jobs N] [--module MOD ...] [--json PATH]
+                                        [--cache PATH [--update-cache]]
 
 Exit status: 0 when everything compiled and nothing spilled that may not; 1 otherwise; 2 when it
 cannot run at all (TRITON_INTERPRET set, triton or cuobjdump missing).
@@ -37,6 +49,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import hashlib
 import importlib
 import json
 import os
@@ -81,6 +94,8 @@ class CompileResult:
     shared: int | None = None
     local: int | None = None
     allow_spills: bool = False
+    key: str = ""
+    cached: bool = False
 
     @property
     def spills(self) -> bool:
@@ -214,13 +229,37 @@ def compile_one(module_name: str, index: int, arch: int, cuobjdump: str) -> Comp
     return result
 
 
+def config_key(config: dict, arch: int) -> str:
+    """Hash of everything the compile of ``config`` for sm_<arch> depends on (see the cache above)."""
+    import triton
+    try:
+        from triton._C.libtriton import get_cache_invalidating_env_vars
+        env = get_cache_invalidating_env_vars()
+    except ImportError:  # older Triton: the variables that change code generation
+        env = {name: os.environ.get(name, "") for name in ("TRITON_DEFAULT_FP_FUSION",)}
+    fn = config["kernel"]
+    facts = [triton.__version__, sorted(env.items()), fn.cache_key, sorted(config["signature"].items()),
+             sorted((name, repr(value)) for name, value in config["constexprs"].items()),
+             sorted(config.get("divisible_by_16", ())), sorted((k, repr(v)) for k, v in config.get("options", {}).items()),
+             config["num_warps"], int(arch)]
+    return hashlib.sha256(json.dumps(facts).encode()).hexdigest()
+
+
 def _compile_job(job):
     return compile_one(*job)
 
 
-def check(modules=TRITON_MODULES, archs=DEFAULT_ARCHS, jobs: int | None = None) -> list[CompileResult]:
+def _from_cache(entry: dict, key: str) -> CompileResult:
+    fields = {f.name for f in dataclasses.fields(CompileResult)}
+    return dataclasses.replace(CompileResult(**{k: v for k, v in entry.items() if k in fields}), key=key, cached=True)
+
+
+def check(modules=TRITON_MODULES, archs=DEFAULT_ARCHS, jobs: int | None = None,
+          cache: dict | None = None) -> list[CompileResult]:
     """Compile every config of every module for every arch; results in a stable order.
 
+    ``cache`` ({key: result dict}, see :func:`config_key`): configurations found there are not
+    compiled; their recorded result is returned, marked ``cached``.
     Raises :class:`CheckUnavailable` when the check cannot run here.
     """
     if interpreter_enabled():
@@ -230,16 +269,26 @@ def check(modules=TRITON_MODULES, archs=DEFAULT_ARCHS, jobs: int | None = None) 
     except ImportError as error:
         raise CheckUnavailable(f"triton is not importable: {error}") from error
     cuobjdump = find_cuobjdump()
-    work = [(module_name, index, int(arch), cuobjdump)
-            for module_name in modules
-            for index in range(len(load_configs(module_name)))
-            for arch in archs]
+    cache = cache or {}
+    results, work = [], []
+    for module_name in modules:
+        for index, config in enumerate(load_configs(module_name)):
+            for arch in archs:
+                key = config_key(config, arch)
+                if key in cache:
+                    results.append(_from_cache(cache[key], key))
+                else:
+                    results.append(key)
+                    work.append((module_name, index, int(arch), cuobjdump))
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(work) or 1))
-    if jobs == 1:
-        return [_compile_job(job) for job in work]
-    # Compiles are CPU bound and independent; worker processes import the modules themselves.
-    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
-        return list(pool.map(_compile_job, work))
+    if jobs == 1 or len(work) <= 1:
+        compiled = [_compile_job(job) for job in work]
+    else:
+        # Compiles are CPU bound and independent; worker processes import the modules themselves.
+        with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
+            compiled = list(pool.map(_compile_job, work))
+    compiled = iter(compiled)
+    return [dataclasses.replace(next(compiled), key=r) if isinstance(r, str) else r for r in results]
 
 
 def format_table(results: list[CompileResult]) -> str:
@@ -248,6 +297,7 @@ def format_table(results: list[CompileResult]) -> str:
     for r in results:
         status = ("ok" if not r.spills else ("spills (allowed)" if r.allow_spills else "SPILLS")) \
             if r.ok else f"FAILED: {r.error}"
+        status += " (cached)" if r.cached else ""
         cell = lambda value: "-" if value is None else str(value)  # noqa: E731
         rows.append((r.kernel, r.label, f"sm_{r.arch}", str(r.num_warps), cell(r.reg), cell(r.stack),
                      cell(r.shared), cell(r.local), status))
@@ -268,21 +318,40 @@ def main(argv=None) -> int:
                         help="modules exposing COMPILE_CONFIGS (default: %(default)s)")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: CPU count)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as a JSON list")
+    parser.add_argument("--cache", metavar="PATH", help="results cache (see the module docstring)")
+    parser.add_argument("--update-cache", action="store_true", help="rewrite --cache with this run's results")
     args = parser.parse_args(argv)
+    if args.update_cache and not args.cache:
+        parser.error("--update-cache needs --cache PATH")
+    cache = {}
+    if args.cache and os.path.exists(args.cache):
+        with open(args.cache) as handle:
+            cache = json.load(handle)
     try:
-        results = check(args.module, args.arch, args.jobs)
+        results = check(args.module, args.arch, args.jobs, cache=cache)
     except CheckUnavailable as error:
         print(f"l2m_kernels._triton_check: {error}", file=sys.stderr)
         return 2
     import triton
-    print(f"Triton {triton.__version__}; {len(results)} compiles "
-          f"({', '.join(f'sm_{arch}' for arch in args.arch)}); "
+    cached = sum(r.cached for r in results)
+    print(f"Triton {triton.__version__}; {len(results)} configurations "
+          f"({', '.join(f'sm_{arch}' for arch in args.arch)}), {len(results) - cached} compiled, {cached} from "
+          "the cache (same kernel sources, configuration, arch and Triton); "
           "spills = STACK or LOCAL > 0 (ptxas puts spilled registers in the stack frame)")
     print(format_table(results))
     if args.json:
         with open(args.json, "w") as handle:
             json.dump([dict(dataclasses.asdict(r), spills=r.spills, passed=r.passed) for r in results],
                       handle, indent=1)
+    if args.update_cache:
+        # Only this run's keys of the checked modules and archs: entries for other modules stay.
+        kept = {key: entry for key, entry in cache.items()
+                if entry.get("module") not in args.module or entry.get("arch") not in args.arch}
+        kept.update({r.key: {k: v for k, v in dataclasses.asdict(r).items() if k not in ("key", "cached")}
+                     for r in results if r.ok})
+        with open(args.cache, "w") as handle:
+            json.dump(dict(sorted(kept.items())), handle, indent=0, sort_keys=True)
+            handle.write("\n")
     failed = [r for r in results if not r.passed]
     if failed:
         print(f"\n{len(failed)} of {len(results)} failed "
@@ -290,8 +359,8 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 1
     allowed = sum(r.spills for r in results)
-    print(f"\nall {len(results)} compiled; " + (f"{allowed} spill where allowed (marked above)" if allowed
-                                                else "none spills"))
+    print(f"\nall {len(results)} compile; " + (f"{allowed} spill where allowed (marked above)" if allowed
+                                               else "none spills"))
     return 0
 
 
