@@ -67,7 +67,8 @@ DESIGNS: tuple[Design, ...] = (
     Design("merge", "triton", "merge", ("merge_attention", "gated_merge"),
            ("merge_attention_fwd_kernel", "merge_attention_bwd_kernel", "gated_merge_fwd_kernel",
             "gated_merge_bwd_kernel"),
-           _h200("test suite and l2m-check; timed on an H100 on 2026-11-25")),
+           _h200("test suite and l2m-check; timed on an H100 on 2026-11-25"),
+           changed=("d1444d2: merge_attention's lse is +inf when a side is +inf (was NaN for two +inf)",)),
     Design(TOPK_SELECTION, "triton", "threshold", _TOPK_TRITON_OPS,
            ("topk_read_fwd_chunkmax_kernel", "topk_read_fwd_collect_kernel", "topk_read_fwd_finish_kernel"),
            _h200("gpu_probe.py topk-tiles and l2m-bench timed it with the [128, 64, 8] scan tile; the test "
@@ -117,7 +118,8 @@ DESIGNS: tuple[Design, ...] = (
     # ---- CUDA (csrc/cuda) ----------------------------------------------------------------------
     Design("merge", "cuda", "merge", ("merge_attention", "gated_merge"),
            ("merge_attention.cu", "gated_merge.cu"),
-           _h200("CUDA self-test, test suite and l2m-check; timed on an H100 on 2026-11-25")),
+           _h200("CUDA self-test, test suite and l2m-check; timed on an H100 on 2026-11-25"),
+           changed=("d1444d2: merge_attention's lse is +inf when a side is +inf (merge_common.cuh)",)),
     Design("top-k read", "cuda", "threshold+warpselect", ("topk_memory_read", "memory_attention"),
            ("topk_read.cu",),
            _h200("CUDA self-test (the threshold and plain WarpSelect paths bitwise equal), test suite, "
