@@ -13,7 +13,14 @@ Command line (prints a table; exit status 1 on a compile error, on a kernel with
 count, or on any spill in a kernel that must not spill (see NO_SPILL_KERNEL_PATTERNS); 2 when nvcc
 is missing):
 
-    python -m l2m_kernels._nvcc_check [--arch 80 --arch 90] [--json report.json] [SOURCE.cu ...]
+    python -m l2m_kernels._nvcc_check [--arch 80 --arch 90] [--json report.json]
+                                      [--cache PATH [--update-cache]] [SOURCE.cu ...]
+
+Results cache (``--cache PATH``, or ``cache=`` of :func:`compile_cuda_sources`): nvcc's log of a
+(source, arch) is stored under a key hashing the nvcc release, the flags, the source and every
+header next to it; a key found there is not compiled again (its stored log is parsed as if nvcc
+had just printed it). Any change to a source, a header, the flags or nvcc makes a new key. The test
+suite reads ``tests/nvcc_check_cache.json``; ``--update-cache`` rewrites it.
 
 Equivalent shell, for one source and one architecture:
 
@@ -24,6 +31,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -79,6 +87,8 @@ class CompileResult:
     seconds: float
     command: tuple[str, ...]
     log: str  # nvcc's stdout + stderr (ptxas -v report, warnings, errors)
+    key: str = ""  # see the results cache in the module docstring
+    cached: bool = False
 
     @property
     def ok(self) -> bool:
@@ -276,6 +286,22 @@ def _nvcc_version(nvcc: str) -> str:
     return release.group(0) if release else "unknown version"
 
 
+def cache_key(nvcc_version: str, source: Path, arch: str, extra_flags: Sequence[str] = ()) -> str:
+    """Hash of what a (source, arch) compile depends on: nvcc's release, the flags, the source and
+    every header in its directory (a header change invalidates every source, conservatively)."""
+    command = nvcc_command("nvcc", Path(source.name), arch, Path("out.o"), extra_flags)
+    digest = hashlib.sha256(json.dumps([nvcc_version, command]).encode())
+    for path in [source] + sorted(p for pattern in ("*.h", "*.cuh") for p in source.parent.glob(pattern)):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def cache_entries(report: CompileReport) -> dict:
+    """{key: stored result} of the report's successful compiles, for a results cache file."""
+    return {r.key: {"source": r.source, "arch": r.arch, "returncode": r.returncode, "seconds": r.seconds,
+                    "log": r.log} for r in report.results if r.ok and r.key}
+
+
 def compile_cuda_sources(
     arch_list: Sequence[str] = DEFAULT_ARCHS,
     sources: Sequence[str | Path] | None = None,
@@ -283,6 +309,7 @@ def compile_cuda_sources(
     nvcc: str | None = None,
     extra_flags: Sequence[str] = (),
     jobs: int | None = None,
+    cache: dict | None = None,
 ) -> CompileReport:
     """Compile every source for every architecture; parse ptxas's per-kernel resource report.
 
@@ -292,6 +319,7 @@ def compile_cuda_sources(
         nvcc: the compiler; default find_nvcc().
         extra_flags: appended to each nvcc command line.
         jobs: nvcc processes at a time; default the CPU count.
+        cache: {key: stored result} (see :func:`cache_key`); found keys are not compiled again.
 
     Returns:
         CompileReport with one CompileResult per (source, arch) and one KernelRecord per kernel
@@ -306,6 +334,8 @@ def compile_cuda_sources(
     source_paths = [Path(source).resolve() for source in sources] if sources else cuda_sources()
     archs = [str(arch).replace("sm_", "").replace(".", "") for arch in arch_list]
     work = [(source, arch) for source in source_paths for arch in archs]
+    version = _nvcc_version(nvcc)
+    cache = cache or {}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="l2m_nvcc_check_") as build_dir:
 
@@ -313,12 +343,18 @@ def compile_cuda_sources(
             source, arch = item
             output = Path(build_dir) / f"{source.stem}.sm_{arch}.o"
             command = nvcc_command(nvcc, source, arch, output, extra_flags)
+            key = cache_key(version, source, arch, extra_flags)
+            if key in cache:
+                stored = cache[key]
+                return CompileResult(source=source.name, arch=arch, returncode=stored["returncode"],
+                                     seconds=stored["seconds"], command=tuple(command), log=stored["log"],
+                                     key=key, cached=True)
             begin = time.perf_counter()
             completed = subprocess.run(command, capture_output=True, text=True, check=False)
             return CompileResult(
                 source=source.name, arch=arch, returncode=completed.returncode,
                 seconds=time.perf_counter() - begin, command=tuple(command),
-                log=completed.stdout + completed.stderr,
+                log=completed.stdout + completed.stderr, key=key,
             )  # fmt: skip
 
         workers = max(1, min(len(work), jobs or os.cpu_count() or 1))
@@ -334,7 +370,7 @@ def compile_cuda_sources(
     records.sort(key=lambda record: (record.source, record.kernel, record.arch))
     return CompileReport(
         results=results, kernels=records, seconds=time.perf_counter() - started, nvcc=nvcc,
-        nvcc_version=_nvcc_version(nvcc),
+        nvcc_version=version,
     )  # fmt: skip
 
 
@@ -365,7 +401,8 @@ def format_report(report: CompileReport) -> str:
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
     compile_seconds = ", ".join(
-        f"{result.source} sm_{result.arch} {result.seconds:.1f}s" for result in report.results
+        f"{result.source} sm_{result.arch} {result.seconds:.1f}s{' (cached)' if result.cached else ''}"
+        for result in report.results
     )
     lines.append("")
     lines.append(f"{report.nvcc} ({report.nvcc_version}); {report.seconds:.1f}s wall: "
@@ -383,10 +420,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the report as JSON here")
     parser.add_argument("--jobs", type=int, default=None, help="parallel nvcc processes")
     parser.add_argument("--verbose", action="store_true", help="print every nvcc log")
+    parser.add_argument("--cache", type=Path, help="results cache (see the module docstring)")
+    parser.add_argument("--update-cache", action="store_true", help="rewrite --cache with this run's results")
     args = parser.parse_args(argv)
+    if args.update_cache and not args.cache:
+        parser.error("--update-cache needs --cache PATH")
+    cache = json.loads(args.cache.read_text()) if args.cache and args.cache.exists() else {}
     try:
         report = compile_cuda_sources(
-            tuple(args.archs or DEFAULT_ARCHS), args.sources or None, jobs=args.jobs
+            tuple(args.archs or DEFAULT_ARCHS), args.sources or None, jobs=args.jobs, cache=cache
         )
     except FileNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -399,6 +441,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_report(report))
     if args.json:
         args.json.write_text(json.dumps(report.as_dict(), indent=2))
+    if args.update_cache:
+        args.cache.write_text(json.dumps(dict(sorted(cache_entries(report).items())), indent=0) + "\n")
     problems = [f"compile failed: {r.source} sm_{r.arch}" for r in report.failures]
     problems += [
         f"no register count: {r.kernel} sm_{r.arch}" for r in report.kernels_without_registers

@@ -3,6 +3,7 @@
 Without a GPU, Triton kernels run on CPU tensors through the interpreter: ``TRITON_INTERPRET=1`` must
 be set before any ``@triton.jit`` function is created, so it is set here, before the package is
 imported. Every fused launcher's outputs are pre-filled with NaN during tests (``poison`` fixture).
+Commands that tests only start and read (``_background.declare``) run behind the other tests.
 """
 import os
 import tempfile
@@ -18,6 +19,7 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="l2m_in
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import _background  # noqa: E402
 import l2m_kernels  # noqa: E402
 from l2m_kernels import _ext, backends  # noqa: E402
 from l2m_kernels.testing import poisoned_outputs  # noqa: E402
@@ -35,3 +37,8 @@ def poison():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_collection_finish(session):
+    _background.start(f"{item.module.__name__}::{item.originalname}" for item in session.items
+                      if getattr(item, "module", None) is not None)

@@ -4,7 +4,13 @@ Every ``csrc/cuda/*.cu`` is compiled by :func:`l2m_kernels._nvcc_check.compile_c
 (``nvcc -c -O3 -std=c++17 -arch=sm_XX -Xptxas -v`` plus torch's half/bfloat16 defines) and ptxas's
 per-kernel report is checked. Also checked without nvcc: only ``csrc/cuda/bindings.cpp`` includes
 torch headers, so the kernels build on machines whose torch has no CUDA headers.
+
+nvcc's report of a (source, arch) whose source, headers, flags and nvcc release are unchanged comes
+from ``tests/nvcc_check_cache.json`` (the results cache of ``l2m_kernels._nvcc_check``); the rest
+compile. Refresh it after changing CUDA sources with
+``python -m l2m_kernels._nvcc_check --cache tests/nvcc_check_cache.json --update-cache``.
 """
+import json
 import re
 import shutil
 import subprocess
@@ -16,13 +22,15 @@ from l2m_kernels import _nvcc_check
 
 CUDA_DIR = Path(__file__).resolve().parents[1] / "csrc" / "cuda"
 ARCHS = ("80", "90")
+CACHE = Path(__file__).resolve().parent / "nvcc_check_cache.json"
 
 
 @pytest.fixture(scope="module")
 def report():
     if _nvcc_check.find_nvcc() is None:
         pytest.skip("nvcc not found")
-    return _nvcc_check.compile_cuda_sources(ARCHS, sources=None)
+    cache = json.loads(CACHE.read_text()) if CACHE.exists() else {}
+    return _nvcc_check.compile_cuda_sources(ARCHS, sources=None, cache=cache)
 
 
 def _logs(report):
@@ -100,3 +108,17 @@ def test_merge_header_is_plain_cpp(tmp_path):
                                 f"-I{CUDA_DIR}", f"-I{cuda_include}", str(unit)],
                                capture_output=True, text=True)
     assert completed.returncode == 0, completed.stderr
+
+
+def test_cache_key_follows_the_sources_and_headers(tmp_path):
+    """A cached report is used only for the same source, headers, flags, arch and nvcc release."""
+    for name in ("merge_attention.cu", "merge.h"):
+        (tmp_path / name).write_bytes((CUDA_DIR / name).read_bytes())
+    source = tmp_path / "merge_attention.cu"
+    key = _nvcc_check.cache_key("release 13.0", source, "90")
+    assert key == _nvcc_check.cache_key("release 13.0", source, "90")
+    assert key != _nvcc_check.cache_key("release 13.0", source, "80")
+    assert key != _nvcc_check.cache_key("release 12.8", source, "90")
+    assert key != _nvcc_check.cache_key("release 13.0", source, "90", ("-DX",))
+    (tmp_path / "merge.h").write_text((tmp_path / "merge.h").read_text() + "\n// changed\n")
+    assert key != _nvcc_check.cache_key("release 13.0", source, "90")

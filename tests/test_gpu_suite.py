@@ -1,7 +1,10 @@
 """benchmarks/gpu_suite.sh, the one-command GPU check, run here on the CPU (DEVICE=cpu, SKIP_BUILD=1)
 at its smallest: every step runs (the CUDA build and self-test say why they are skipped) and the
 entry it appends to the results file carries the test summary, the l2m-check table and the
-l2m-bench table. GPU minutes are scarce: a broken script must fail here, not there."""
+l2m-bench table. GPU minutes are scarce: a broken script must fail here, not there.
+
+The script runs (and the probe's) only start a command and read its output: they are declared as
+background jobs (``tests/_background.py``) and run behind the other tests."""
 from __future__ import annotations
 
 import os
@@ -12,27 +15,50 @@ import sys
 
 import pytest
 
+import _background
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_suite.sh"
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
 
-def _run(tmp_path, **env):
-    results = tmp_path / "RESULTS.md"
-    results.write_text("# results\n")
+def _declare_run(name, tests, **env):
+    """Declare a run of the script (DEVICE=cpu) with ``env``; its RESULTS file and out-dir live in a
+    fresh directory, returned."""
+    base = pathlib.Path(_background.scratch_dir("gpu_suite"))
+    results = base / "RESULTS.md"
     full_env = dict(os.environ, DEVICE="cpu", SKIP_BUILD="1", RESULTS_FILE=str(results),
                     TEST_PATHS="tests/test_testing.py", PYTEST_ARGS="-q", PYTHON=sys.executable,
                     TRITON_INTERPRET="0")
     full_env.update(env)
-    proc = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "out")], cwd=ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=600)
-    return proc, results.read_text()
+    # The RESULTS file starts as "# results\n": the script must append to it, not overwrite it.
+    command = ["bash", "-c", 'printf "# results\\n" > "$RESULTS_FILE" && exec bash "$0" "$1"',
+               str(SCRIPT), str(base / "out")]
+    _background.declare(name, command, env=full_env, cwd=ROOT, timeout=600,
+                        tests=[f"{__name__}::{test}" for test in tests])
+    return base
 
 
-def test_gpu_suite_runs_every_step_and_appends_an_entry(tmp_path):
-    proc, results = _run(tmp_path, CHECK_ARGS="--quick --ops gated_merge --backends cpu --dtypes float32",
-                         BENCH_ARGS="--quick --only merge")
+def _result(name, base):
+    proc = _background.result(name)
+    return proc, (base / "RESULTS.md").read_text()
+
+
+EVERY_STEP = _declare_run("every-step", ["test_gpu_suite_runs_every_step_and_appends_an_entry"],
+                          CHECK_ARGS="--quick --ops gated_merge --backends cpu --dtypes float32",
+                          BENCH_ARGS="--quick --only merge")
+FAILED_STEPS = _declare_run("failed-steps", ["test_gpu_suite_reports_failed_steps"],
+                            CHECK_ARGS="--ops no_such_op", BENCH_ARGS="--only no_such_benchmark",
+                            TEST_PATHS="tests/test_testing.py::test_no_such_test")
+ONLY_NAMED = _declare_run("only-named", ["test_gpu_suite_runs_only_the_steps_named"], STEPS="check",
+                          CHECK_ARGS="--quick --ops gated_merge --backends cpu --dtypes float32")
+UNKNOWN_STEP = _declare_run("unknown-step", ["test_gpu_suite_runs_only_the_steps_named"],
+                            STEPS="check no_such_step")
+
+
+def test_gpu_suite_runs_every_step_and_appends_an_entry():
+    proc, results = _result("every-step", EVERY_STEP)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert results.startswith("# results\n")  # appended, not overwritten
     entry = results[len("# results\n"):]
@@ -44,12 +70,11 @@ def test_gpu_suite_runs_every_step_and_appends_an_entry(tmp_path):
     assert "l2m-bench on cpu" in entry and "(exit 0)" in entry
     assert "| gated_merge |" in entry and "| reference |" in entry
     for name in ("check.json", "suite.json", "suite.md", "RESULTS_entry.md", "tests.log"):
-        assert (tmp_path / "out" / name).is_file(), name
+        assert (EVERY_STEP / "out" / name).is_file(), name
 
 
-def test_gpu_suite_reports_failed_steps(tmp_path):
-    proc, results = _run(tmp_path, CHECK_ARGS="--ops no_such_op", BENCH_ARGS="--only no_such_benchmark",
-                         TEST_PATHS="tests/test_testing.py::test_no_such_test")
+def test_gpu_suite_reports_failed_steps():
+    proc, results = _result("failed-steps", FAILED_STEPS)
     assert proc.returncode != 0
     entry = results[len("# results\n"):]
     assert "l2m-check on cpu (exit 0)" not in entry
@@ -57,27 +82,32 @@ def test_gpu_suite_reports_failed_steps(tmp_path):
     assert "Tests on cpu" in entry and "(exit 0)" not in entry.split("Tests on cpu", 1)[1].splitlines()[0]
 
 
-def test_gpu_suite_runs_only_the_steps_named(tmp_path):
-    proc, results = _run(tmp_path, STEPS="check", CHECK_ARGS="--quick --ops gated_merge --backends cpu --dtypes float32")
+def test_gpu_suite_runs_only_the_steps_named():
+    proc, results = _result("only-named", ONLY_NAMED)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     entry = results[len("# results\n"):]
     assert "Tests on cpu: not run: not in STEPS" in entry
     assert "l2m-check on cpu (exit 0)" in entry and "PASS" in entry
     assert "not run: not in STEPS" in entry.split("l2m-bench on cpu", 1)[1].splitlines()[0]
-    assert not (tmp_path / "out" / "tests.log").exists()
-    proc, _ = _run(tmp_path, STEPS="check no_such_step")
+    assert not (ONLY_NAMED / "out" / "tests.log").exists()
+    proc, _ = _result("unknown-step", UNKNOWN_STEP)
     assert proc.returncode == 2 and "unknown step 'no_such_step'" in proc.stdout
 
 
 PROBE = ROOT / "benchmarks" / "gpu_probe.py"
 
 
-@pytest.mark.parametrize("args", [["attn-case", "base"], ["topk-tiles"]], ids=["attn-case", "topk-tiles"])
-def test_gpu_probe_runs_here(args):
+PROBE_RUNS = {"attn-case": ["attn-case", "base"], "topk-tiles": ["topk-tiles"]}
+for _name, _args in PROBE_RUNS.items():
     # benchmarks/gpu_probe.py on CPU tensors under the interpreter (PROBE_DEVICE=cpu, tiny shapes).
-    env = dict(os.environ, PROBE_DEVICE="cpu", TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, str(PROBE), *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    _background.declare(f"probe-{_name}", [sys.executable, str(PROBE), *_args], cwd=ROOT, timeout=600,
+                        env=dict(os.environ, PROBE_DEVICE="cpu", TRITON_INTERPRET="1", PYTHONPATH=str(ROOT)),
+                        tests=[f"{__name__}::test_gpu_probe_runs_here"])
+
+
+@pytest.mark.parametrize("args", list(PROBE_RUNS.values()), ids=list(PROBE_RUNS))
+def test_gpu_probe_runs_here(args):
+    proc = _background.result(f"probe-{args[0]}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     if args[0] == "attn-case":
         assert "finished memory_attention_fwd_kernel" in proc.stdout and "backward done; finite: True" in proc.stdout
