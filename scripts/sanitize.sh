@@ -21,11 +21,13 @@ PY=${PYTHON:-python3}
 OUT=$ROOT/build/sanitize
 
 # The CPU-backend tests: the op tests (their triton cases need the interpreter, not the extension),
-# the extension's own tests, the instruction-set variants, validation and the modules on the cpu
-# backend.
+# the extension's own tests, the instruction-set variants, validation, the fuzzer's reference and
+# cpu cases, the fake-kernel cross-check and the thread test (not the memory-growth test: ASan's
+# quarantine holds freed memory on purpose).
 DEFAULT_TESTS=(tests/ops tests/test_cpu_ext_smoke.py tests/test_cpu_topk_smoke.py
-               tests/test_cpu_isa.py tests/test_validation.py tests/test_check.py
-               -k "not triton and not compile")
+               tests/test_cpu_isa.py tests/test_validation.py tests/test_check.py tests/test_fuzz.py
+               tests/test_fake_strides.py tests/test_threads_and_leaks.py
+               -k "not triton and not compile and not leave_memory_flat")
 if [ "$#" -eq 0 ]; then
   set -- "${DEFAULT_TESTS[@]}"
 fi

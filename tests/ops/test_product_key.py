@@ -247,12 +247,15 @@ def test_product_key_empty_and_noncontiguous(backend, device, sum_heads):
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("sparse_grad", [False, True])
 def test_product_key_deterministic_gradients(backend, device, sparse_grad):
-    case = (2, 3, 40, 16, 6, 8, 16, 5, True)  # many queries hit the same sub-keys and slots
+    # Many queries hit the same sub-keys and slots. Under the Triton interpreter (one thread, no
+    # atomics racing) fewer queries and two runs exercise the same deterministic code path.
+    interpreted = backend == "triton" and device == "cpu"
+    case = (2, 3, 12 if interpreted else 40, 16, 6, 8, 16, 5, True)
     q, subkeys, values = _inputs(case, torch.float32, device)
     runs = []
     threads = torch.get_num_threads()
     try:
-        for num_threads in (threads, threads, 1):
+        for num_threads in (threads, 1) if interpreted else (threads, threads, 1):
             torch.set_num_threads(num_threads)
             read = l2m.product_key_read(q, subkeys, values, 16, k_sub=5, sum_heads=True, sparse_grad=sparse_grad,
                                         deterministic=True, backend=backend)
