@@ -111,3 +111,13 @@ def require_broadcastable(name: str, t: torch.Tensor, target: Sequence[int], exp
     if not ok:
         raise ValueError(f"{name}: expected a shape broadcastable to {expected} = "
                          f"{tuple(target)}, got {tuple(t.shape)}")
+
+
+def values_readable(tensor: torch.Tensor) -> bool:
+    """Whether a check may read ``tensor``'s values now: not while torch.compile traces (there are
+    none), and not while a CUDA graph is being captured (reading them would synchronise the stream
+    being captured, which is an error). Such calls skip the value checks, which then hold only for
+    the calls made outside the capture."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (tensor.is_cuda and torch.cuda.is_current_stream_capturing())

@@ -39,8 +39,9 @@ def check_write_args(memory, indices, weights, add, erase, backend):
 
 def check_write_values(memory, indices, weights, add, erase) -> None:
     """Indices in [-1, N) (``IndexError``), weights and erase in [0, 1] (``ValueError``; NaN is let
-    through and propagates as documented). One device synchronisation; nothing while tracing."""
-    if indices.numel() == 0 or torch.compiler.is_compiling():
+    through and propagates as documented). One device synchronisation; nothing while tracing or
+    capturing a CUDA graph."""
+    if indices.numel() == 0 or not v.values_readable(indices):
         return
     N = memory.shape[-2]
     low, high = torch.aminmax(indices)

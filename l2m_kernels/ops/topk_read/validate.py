@@ -57,8 +57,8 @@ def validate_valid_len(valid_len, B: int):
 
 
 def check_valid_len_values(valid_len, N: int) -> None:
-    """0 <= valid_len[b] <= N (reads the values: not while tracing)."""
-    if valid_len is None or not valid_len.numel() or torch.compiler.is_compiling():
+    """0 <= valid_len[b] <= N (reads the values: not while tracing or capturing a CUDA graph)."""
+    if valid_len is None or not valid_len.numel() or not v.values_readable(valid_len):
         return
     low, high = torch.stack(torch.aminmax(valid_len)).tolist()  # one device sync
     if low < 0 or high > N:
