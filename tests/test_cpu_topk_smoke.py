@@ -365,8 +365,11 @@ def test_bad_arguments_raise_instead_of_reading_out_of_bounds():
         fwd(q, keys, values, torch.tensor([1, 2], dtype=torch.int32), k, 1.0, *outputs())
     with pytest.raises(TypeError):
         fwd(q.int(), keys.int(), values.int(), None, k, 1.0, *outputs())
-    with pytest.raises(ValueError, match="contiguous"):
-        fwd(q.transpose(1, 2).contiguous().transpose(1, 2), keys, values, None, k, 1.0, *outputs())
+    with pytest.raises(ValueError, match="q must have a contiguous last dimension"):
+        fwd(q.transpose(2, 3).contiguous().transpose(2, 3), keys, values, None, k, 1.0, *outputs())
+    with pytest.raises(ValueError, match="keys must be contiguous"):  # q's rows may be strided, keys not
+        fwd(q.transpose(1, 2).contiguous().transpose(1, 2), torch.randn(B, 1, N + 2, Dk)[:, :, 1:N + 1],
+            values, None, k, 1.0, *outputs())
     with pytest.raises(RuntimeError):  # an output overlapping an input
         o = outputs()
         fwd(q, keys, values, None, k, 1.0, o[0], o[1], o[2], q.view(-1)[:B * H * T].view(B, H, T))

@@ -203,13 +203,24 @@ std::string shape_of(const at::Tensor& tensor) {
   return text + (tensor.dim() == 1 ? ",)" : ")");
 }
 
-void check_storage(const at::Tensor& tensor, const char* op, const char* name) {
+// `strided_rows`: a (B, H, T, D) operand the kernel reads through l2m::cpu::Rows, which needs only
+// its last dimension contiguous; every other operand must be contiguous.
+void check_storage(const at::Tensor& tensor, const char* op, const char* name,
+                   bool strided_rows = false) {
   TORCH_CHECK_VALUE(tensor.defined(), op, ": ", name, " is undefined");
   TORCH_CHECK_VALUE(tensor.device().is_cpu(), op, ": ", name, " must be on the cpu, got ",
                     c10::DeviceTypeName(tensor.device().type(), /*lower_case=*/true));
   TORCH_CHECK_VALUE(tensor.layout() == at::kStrided, op, ": ", name,
                     " must be a strided (dense) tensor");
-  TORCH_CHECK_VALUE(tensor.is_contiguous(), op, ": ", name, " must be contiguous");
+  if (strided_rows) {
+    TORCH_CHECK_VALUE(tensor.dim() == 0 || tensor.numel() == 0 || tensor.stride(-1) == 1 ||
+                          tensor.size(-1) <= 1,
+                      op,
+                      ": ", name, " must have a contiguous last dimension (stride 1), got stride ",
+                      tensor.dim() == 0 ? 0 : tensor.stride(-1));
+  } else {
+    TORCH_CHECK_VALUE(tensor.is_contiguous(), op, ": ", name, " must be contiguous");
+  }
   TORCH_CHECK_VALUE(!tensor.is_neg() && !tensor.is_conj(), op, ": ", name,
                     " must not be a lazily negated or conjugated view");
 }
@@ -408,8 +419,9 @@ std::string dtype_text(c10::ScalarType dtype) {
 
 // A tensor of exactly `dims` and `dtype`; `dims_names` spells the expected shape, e.g. "(B, H, T)".
 void check_tensor(const at::Tensor& tensor, const char* op, const char* name,
-                  c10::ScalarType dtype, const std::vector<int64_t>& dims, const char* dims_names) {
-  check_storage(tensor, op, name);
+                  c10::ScalarType dtype, const std::vector<int64_t>& dims, const char* dims_names,
+                  bool strided_rows = false) {
+  check_storage(tensor, op, name, strided_rows);
   bool same_shape = tensor.dim() == static_cast<int64_t>(dims.size());
   for (size_t axis = 0; same_shape && axis < dims.size(); ++axis) {
     same_shape = tensor.size(static_cast<int64_t>(axis)) == dims[axis];
@@ -424,9 +436,19 @@ void check_tensor(const at::Tensor& tensor, const char* op, const char* name,
   }
 }
 
-// q fixes B, H, T, Dk and the storage dtype.
+// Where the rows of a checked (B, H, T, D) operand start (rows.h).
+l2m::cpu::Rows rows_of(const at::Tensor& tensor) {
+  const int64_t heads = tensor.size(1), seq_len = tensor.size(2);
+  if (tensor.is_contiguous()) {
+    return l2m::cpu::Rows::contiguous(heads, seq_len, tensor.size(3));
+  }
+  return l2m::cpu::Rows::strided(heads, seq_len, tensor.stride(0), tensor.stride(1),
+                                 tensor.stride(2));
+}
+
+// q fixes B, H, T, Dk and the storage dtype; its rows may have any strides (rows_of).
 void check_query(const at::Tensor& q, const char* op, const char* name) {
-  check_storage(q, op, name);
+  check_storage(q, op, name, /*strided_rows=*/true);
   if (q.dim() != 4) {
     TORCH_CHECK_VALUE(false, std::string(op) + ": " + name +
                                  " must have shape (B, H, T, Dk), got " + shape_of(q));
@@ -544,6 +566,7 @@ void topk_read_fwd(const at::Tensor& q, const at::Tensor& keys, const at::Tensor
   params.shared_memory = memory.shared;
   params.scale = scale;
   params.q = q.const_data_ptr();
+  params.q_rows = rows_of(q);
   params.keys = keys.const_data_ptr();
   params.values = values.const_data_ptr();
   params.valid_len = valid_len.has_value() ? valid_len->const_data_ptr<int64_t>() : nullptr;
@@ -572,7 +595,8 @@ void topk_read_bwd(const at::Tensor& dout, const at::Tensor& dweights, const at:
   }
   const int64_t k = indices.size(3);
   check_tensor(indices, op, "indices", at::kLong, {batch, heads, seq_len, k}, "(B, H, T, k)");
-  check_tensor(dout, op, "dout", dtype, {batch, heads, seq_len, dim_v}, "(B, H, T, Dv)");
+  check_tensor(dout, op, "dout", dtype, {batch, heads, seq_len, dim_v}, "(B, H, T, Dv)",
+               /*strided_rows=*/true);
   check_tensor(dweights, op, "dweights", acc, {batch, heads, seq_len, k}, "(B, H, T, k)");
   check_tensor(dlse, op, "dlse", acc, {batch, heads, seq_len}, "(B, H, T)");
   check_tensor(weights, op, "weights", acc, {batch, heads, seq_len, k}, "(B, H, T, k)");
@@ -604,9 +628,11 @@ void topk_read_bwd(const at::Tensor& dout, const at::Tensor& dweights, const at:
   params.shared_memory = memory.shared;
   params.scale = scale;
   params.dout = dout.const_data_ptr();
+  params.dout_rows = rows_of(dout);
   params.dweights = dweights.const_data_ptr();
   params.dlse = dlse.const_data_ptr();
   params.q = q.const_data_ptr();
+  params.q_rows = rows_of(q);
   params.keys = keys.const_data_ptr();
   params.values = values.const_data_ptr();
   params.indices = slot_ids;
@@ -707,6 +733,7 @@ void product_key_fwd(const at::Tensor& q, const at::Tensor& subkeys, const at::T
   params.sum_heads = sum_heads;
   params.scale = scale;
   params.q = q.const_data_ptr();
+  params.q_rows = rows_of(q);
   params.subkeys = subkeys.const_data_ptr();
   params.values = values.const_data_ptr();
   params.out = out.data_ptr();
@@ -739,7 +766,7 @@ void product_key_bwd(const at::Tensor& dout, const at::Tensor& dweights, const a
   }
   check_tensor(indices, op, "indices", at::kLong, {batch, heads, seq_len, k}, "(B, H, T, k)");
   check_tensor(dout, op, "dout", dtype, product_key_out_dims(q, sum_heads, shape.dim_v),
-               sum_heads ? "(B, T, Dv)" : "(B, H, T, Dv)");
+               sum_heads ? "(B, T, Dv)" : "(B, H, T, Dv)", /*strided_rows=*/true);
   check_tensor(dweights, op, "dweights", acc, {batch, heads, seq_len, k}, "(B, H, T, k)");
   check_tensor(dlse, op, "dlse", acc, {batch, heads, seq_len}, "(B, H, T)");
   check_tensor(weights, op, "weights", acc, {batch, heads, seq_len, k}, "(B, H, T, k)");
@@ -796,9 +823,14 @@ void product_key_bwd(const at::Tensor& dout, const at::Tensor& dweights, const a
   params.sparse_grad = sparse_grad;
   params.scale = scale;
   params.dout = dout.const_data_ptr();
+  // With sum_heads, dout (B, T, Dv) serves every head: the (B, H, T) rows with head stride 0.
+  params.dout_rows = sum_heads ? l2m::cpu::Rows::strided(heads, seq_len, dout.stride(0), 0,
+                                                         dout.stride(1))
+                               : rows_of(dout);
   params.dweights = dweights.const_data_ptr();
   params.dlse = dlse.const_data_ptr();
   params.q = q.const_data_ptr();
+  params.q_rows = rows_of(q);
   params.subkeys = subkeys.const_data_ptr();
   params.values = values.const_data_ptr();
   params.indices = slot_ids;
@@ -961,7 +993,7 @@ LocalShape check_local_inputs(const at::Tensor& q, const at::Tensor& k, const at
   check_query(q, op, "q");
   const auto dtype = q.scalar_type();
   const int64_t batch = q.size(0), heads = q.size(1), seq_len = q.size(2), dim = q.size(3);
-  check_storage(k, op, "k");
+  check_storage(k, op, "k", /*strided_rows=*/true);
   if (k.dim() != 4) {
     TORCH_CHECK_VALUE(false, std::string(op) + ": k must have shape (B, Hkv, S, D), got " +
                                  shape_of(k));
@@ -972,14 +1004,16 @@ LocalShape check_local_inputs(const at::Tensor& q, const at::Tensor& k, const at
                                  std::to_string(heads) + " and S >= T = " +
                                  std::to_string(seq_len) + ", got " + shape_of(k));
   }
-  check_tensor(k, op, "k", dtype, {batch, kv_heads, context_len, dim}, "(B, Hkv, S, D)");
-  check_storage(v, op, "v");
+  check_tensor(k, op, "k", dtype, {batch, kv_heads, context_len, dim}, "(B, Hkv, S, D)",
+               /*strided_rows=*/true);
+  check_storage(v, op, "v", /*strided_rows=*/true);
   if (v.dim() != 4) {
     TORCH_CHECK_VALUE(false, std::string(op) + ": v must have shape (B, Hkv, S, Dv), got " +
                                  shape_of(v));
   }
   const int64_t dim_v = v.size(3);
-  check_tensor(v, op, "v", dtype, {batch, kv_heads, context_len, dim_v}, "(B, Hkv, S, Dv)");
+  check_tensor(v, op, "v", dtype, {batch, kv_heads, context_len, dim_v}, "(B, Hkv, S, Dv)",
+               /*strided_rows=*/true);
   if (window < -1) {
     TORCH_CHECK_VALUE(false, std::string(op) + ": window must be -1 (no window) or >= 0, got " +
                                  std::to_string(window));
@@ -1020,6 +1054,9 @@ void local_attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Ten
   params.q = q.const_data_ptr();
   params.k = k.const_data_ptr();
   params.v = v.const_data_ptr();
+  params.q_rows = rows_of(q);
+  params.k_rows = rows_of(k);
+  params.v_rows = rows_of(v);
   params.out = out.data_ptr();
   params.lse = lse.data_ptr();
   kernels().local_attention_fwd(params);
@@ -1035,7 +1072,7 @@ void local_attention_bwd(const at::Tensor& dout, const at::Tensor& dlse, const a
   const auto acc = acc_dtype_for(dtype);
   const int64_t batch = q.size(0), heads = q.size(1), seq_len = q.size(2);
   const std::vector<int64_t> rows_v = {batch, heads, seq_len, shape.dim_v};
-  check_tensor(dout, op, "dout", dtype, rows_v, "(B, H, T, Dv)");
+  check_tensor(dout, op, "dout", dtype, rows_v, "(B, H, T, Dv)", /*strided_rows=*/true);
   check_tensor(dlse, op, "dlse", acc, {batch, heads, seq_len}, "(B, H, T)");
   check_tensor(out, op, "out", dtype, rows_v, "(B, H, T, Dv)");
   check_tensor(lse, op, "lse", acc, {batch, heads, seq_len}, "(B, H, T)");
@@ -1053,6 +1090,10 @@ void local_attention_bwd(const at::Tensor& dout, const at::Tensor& dlse, const a
   params.q = q.const_data_ptr();
   params.k = k.const_data_ptr();
   params.v = v.const_data_ptr();
+  params.dout_rows = rows_of(dout);
+  params.q_rows = rows_of(q);
+  params.k_rows = rows_of(k);
+  params.v_rows = rows_of(v);
   params.out = out.const_data_ptr();
   params.lse = lse.const_data_ptr();
   params.dq = dq.data_ptr();
@@ -1088,7 +1129,8 @@ void memory_read_weights(const at::Tensor& q, const at::Tensor& keys, const at::
   std::vector<const at::Tensor*> inputs = {&q, &keys, &values, &indices, &lse};
   std::vector<const at::Tensor*> outputs = {&weights};
   if (dout.has_value()) {
-    check_tensor(*dout, op, "dout", dtype, {batch, heads, seq_len, dim_v}, "(B, H, T, Dv)");
+    check_tensor(*dout, op, "dout", dtype, {batch, heads, seq_len, dim_v}, "(B, H, T, Dv)",
+                 /*strided_rows=*/true);
     TORCH_CHECK_VALUE(dots.has_value(), std::string(op) + ": dots is required with dout");
     inputs.push_back(&*dout);
   }
@@ -1146,7 +1188,9 @@ void memory_read_weights(const at::Tensor& q, const at::Tensor& keys, const at::
   params.values = values.const_data_ptr();
   params.indices = slot_ids;
   params.lse = lse.const_data_ptr();
+  params.q_rows = rows_of(q);
   params.dout = dout.has_value() ? dout->const_data_ptr() : nullptr;
+  params.dout_rows = dout.has_value() ? rows_of(*dout) : l2m::cpu::Rows{};
   params.weights = weights.data_ptr();
   params.dots = dots.has_value() ? dots->data_ptr() : nullptr;
   params.out = out.has_value() ? out->data_ptr() : nullptr;

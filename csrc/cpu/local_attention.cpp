@@ -389,8 +389,8 @@ void local_attention_fwd_impl(const LocalAttentionFwdParams& params) {
       // reference scales q before the matmul.
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t head = hkv * g.group + r / nq, t = t0 + r % nq;
-        load_padded(q + ((b * g.heads + head) * g.seq_len + t) * dim, dim, d_pad, scale,
-                    staging.data(), q_rows.data() + r * d_pad);
+        load_padded(q + params.q_rows.offset((b * g.heads + head) * g.seq_len + t), dim, d_pad,
+                    scale, staging.data(), q_rows.data() + r * d_pad);
         position[r] = g.offset + t;
         row_max[r] = kNegInf;
         row_sum[r] = 0;
@@ -407,10 +407,11 @@ void local_attention_fwd_impl(const LocalAttentionFwdParams& params) {
           std::fill(values.begin() + nk * dv_pad, values.end(), acc_t(0));
         }
         for (int64_t c = 0; c < nk; ++c) {
-          const acc_t* key = load_row(k + (kv_base + j0 + c) * dim, dim, staging.data());
+          const acc_t* key =
+              load_row(k + params.k_rows.offset(kv_base + j0 + c), dim, staging.data());
           scatter_transposed(key, dim, c, keys_t.data(), kKeys);
-          load_padded(v + (kv_base + j0 + c) * dim_v, dim_v, dv_pad, acc_t(1), staging.data(),
-                      values.data() + c * dv_pad);
+          load_padded(v + params.v_rows.offset(kv_base + j0 + c), dim_v, dv_pad, acc_t(1),
+                      staging.data(), values.data() + c * dv_pad);
         }
         for (int64_t r = 0; r < rows; ++r) {
           visible_keys(position[r], g.window, j0, nk, &first[r], &last[r]);
@@ -499,7 +500,7 @@ std::vector<acc_type<scalar_t>> backward_deltas(const LocalAttentionBwdParams& p
   at::parallel_for(0, num_rows, grain, [&](int64_t row_begin, int64_t row_end) {
     std::vector<acc_t> dout_buffer(dim_v + 1), out_buffer(dim_v + 1);
     for (int64_t row = row_begin; row < row_end; ++row) {
-      const acc_t* d = load_row(dout + row * dim_v, dim_v, dout_buffer.data());
+      const acc_t* d = load_row(dout + params.dout_rows.offset(row), dim_v, dout_buffer.data());
       const acc_t* o = load_row(out + row * dim_v, dim_v, out_buffer.data());
       acc_t dot = 0;
 #pragma omp simd reduction(+ : dot)
@@ -554,8 +555,9 @@ void local_attention_bwd_dq(const LocalAttentionBwdParams& params, const Geometr
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t head = hkv * g.group + r / nq, t = t0 + r % nq;
         const int64_t row = (b * g.heads + head) * g.seq_len + t;
-        load_padded(q + row * dim, dim, d_pad, scale, staging.data(), q_rows.data() + r * d_pad);
-        load_padded(dout + row * dim_v, dim_v, dv_pad, acc_t(1), staging.data(),
+        load_padded(q + params.q_rows.offset(row), dim, d_pad, scale, staging.data(),
+                    q_rows.data() + r * d_pad);
+        load_padded(dout + params.dout_rows.offset(row), dim_v, dv_pad, acc_t(1), staging.data(),
                     dout_rows.data() + r * dv_pad);
         row_lse[r] = lse[row];
         row_delta[r] = delta[row];
@@ -575,9 +577,11 @@ void local_attention_bwd_dq(const LocalAttentionBwdParams& params, const Geometr
         }
         for (int64_t c = 0; c < nk; ++c) {
           acc_t* key_row = key_rows.data() + c * d_pad;
-          load_padded(k + (kv_base + j0 + c) * dim, dim, d_pad, acc_t(1), staging.data(), key_row);
+          load_padded(k + params.k_rows.offset(kv_base + j0 + c), dim, d_pad, acc_t(1),
+                      staging.data(), key_row);
           scatter_transposed(key_row, dim, c, keys_t.data(), kKeys);
-          const acc_t* value = load_row(v + (kv_base + j0 + c) * dim_v, dim_v, staging.data());
+          const acc_t* value =
+              load_row(v + params.v_rows.offset(kv_base + j0 + c), dim_v, staging.data());
           scatter_transposed(value, dim_v, c, values_t.data(), kKeys);
         }
         for (int64_t r = 0; r < rows; ++r) {
@@ -675,10 +679,10 @@ void local_attention_bwd_dkv(const LocalAttentionBwdParams& params, const Geomet
       const int64_t kv_base = head_group * g.context_len;
 
       for (int64_t r = 0; r < nk; ++r) {
-        load_padded(k + (kv_base + j0 + r) * dim, dim, d_pad, acc_t(1), staging.data(),
-                    key_rows.data() + r * d_pad);
-        load_padded(v + (kv_base + j0 + r) * dim_v, dim_v, dv_pad, acc_t(1), staging.data(),
-                    value_rows.data() + r * dv_pad);
+        load_padded(k + params.k_rows.offset(kv_base + j0 + r), dim, d_pad, acc_t(1),
+                    staging.data(), key_rows.data() + r * d_pad);
+        load_padded(v + params.v_rows.offset(kv_base + j0 + r), dim_v, dv_pad, acc_t(1),
+                    staging.data(), value_rows.data() + r * dv_pad);
       }
       std::fill(dk_acc.begin(), dk_acc.begin() + nk * d_pad, acc_t(0));
       std::fill(dv_acc.begin(), dv_acc.begin() + nk * dv_pad, acc_t(0));
@@ -701,8 +705,9 @@ void local_attention_bwd_dkv(const LocalAttentionBwdParams& params, const Geomet
               const int64_t row = row_base + t0 + c;
               acc_t* q_row = q_tile.data() + c * d_pad;
               acc_t* dout_row = dout_tile.data() + c * dv_pad;
-              load_padded(q + row * dim, dim, d_pad, scale, staging.data(), q_row);
-              load_padded(dout + row * dim_v, dim_v, dv_pad, acc_t(1), staging.data(), dout_row);
+              load_padded(q + params.q_rows.offset(row), dim, d_pad, scale, staging.data(), q_row);
+              load_padded(dout + params.dout_rows.offset(row), dim_v, dv_pad, acc_t(1),
+                          staging.data(), dout_row);
               scatter_transposed(q_row, dim, c, q_tile_t.data(), kQueries);
               scatter_transposed(dout_row, dim_v, c, dout_tile_t.data(), kQueries);
               tile_lse[c] = lse[row];

@@ -1,10 +1,11 @@
 // Local (causal, optionally sliding-window) attention of l2m-kernels, CPU backend: the plain
-// parameter structs and launchers, the local half of memory_attention (SPEC section 5).
+// parameter structs and launchers, the local half of memory_attention.
 //
 // The launchers know nothing about at::Tensor: bindings.cpp validates tensors and fills these
 // structs. Semantics: l2m_kernels/ops/memory_attention/reference.py::local_attention_ref. Every
-// pointer addresses a contiguous tensor; `acc` below is float64 for float64 input, else float32.
-// Every output element is written.
+// pointer addresses a contiguous tensor except q, k, v and dout, whose rows are placed by a Rows
+// (rows.h); `acc` below is float64 for float64 input, else float32. Every output element is
+// written.
 //
 // Geometry: query t (of T) sits at position p = S - T + t of the context of S >= T keys and sees
 // the keys j with p - window < j <= p (window <= 0 here: no key at all; callers pass
@@ -14,6 +15,8 @@
 #include <cstdint>
 
 #include <c10/core/ScalarType.h>
+
+#include "rows.h"
 
 namespace l2m::cpu {
 
@@ -32,9 +35,10 @@ struct LocalAttentionFwdParams {
   int64_t dim_v;          // Dv
   int64_t window;         // keys p - window < j <= p; >= S means no window; <= 0 sees nothing
   double scale;
-  const void* q;  // (B, H, T, D) dtype
-  const void* k;  // (B, Hkv, S, D) dtype
-  const void* v;  // (B, Hkv, S, Dv) dtype
+  const void* q;  // (B, H, T, D) dtype, rows at q_rows
+  const void* k;  // (B, Hkv, S, D) dtype, rows at k_rows
+  const void* v;  // (B, Hkv, S, Dv) dtype, rows at v_rows
+  Rows q_rows, k_rows, v_rows;
   void* out;      // (B, H, T, Dv) dtype
   void* lse;      // (B, H, T) acc
 };
@@ -58,16 +62,17 @@ struct LocalAttentionBwdParams {
   int64_t dim_v;
   int64_t window;
   double scale;
-  const void* dout;  // (B, H, T, Dv) dtype
+  const void* dout;  // (B, H, T, Dv) dtype, rows at dout_rows
   const void* dlse;  // (B, H, T) acc
-  const void* q;     // (B, H, T, D) dtype
-  const void* k;     // (B, Hkv, S, D) dtype
-  const void* v;     // (B, Hkv, S, Dv) dtype
+  const void* q;     // (B, H, T, D) dtype, rows at q_rows
+  const void* k;     // (B, Hkv, S, D) dtype, rows at k_rows
+  const void* v;     // (B, Hkv, S, Dv) dtype, rows at v_rows
+  Rows dout_rows, q_rows, k_rows, v_rows;
   const void* out;   // (B, H, T, Dv) dtype
   const void* lse;   // (B, H, T) acc, the forward's
-  void* dq;          // like q
-  void* dk;          // like k (zero at keys no query sees)
-  void* dv;          // like v
+  void* dq;          // (B, H, T, D) dtype, contiguous
+  void* dk;          // (B, Hkv, S, D) dtype, contiguous (zero at keys no query sees)
+  void* dv;          // (B, Hkv, S, Dv) dtype, contiguous
 };
 
 // The launchers, compiled once per instruction-set variant into l2m::cpu::<variant> (isa.h).

@@ -48,13 +48,15 @@ void memory_read_weights_impl(const MemoryReadWeightsParams& params) {
       const int64_t memory = params.shared_memory ? h / group : b * params.mem_heads + h / group;
       const int64_t slot_base = memory * params.num_slots;
       // Scaled and rounded once, as the read scores (scale * q) . key.
-      const acc_t* q_row = load_row(q + row * dim_k, dim_k, q_scaled.data());
+      const acc_t* q_row = load_row(q + params.q_rows.offset(row), dim_k, q_scaled.data());
 #pragma omp simd
       for (int64_t d = 0; d < dim_k; ++d) {
         q_scaled[d] = q_row[d] * scale;
       }
       const acc_t* dout_row =
-          dout != nullptr ? load_row(dout + row * dim_v, dim_v, dout_buffer.data()) : nullptr;
+          dout != nullptr
+              ? load_row(dout + params.dout_rows.offset(row), dim_v, dout_buffer.data())
+              : nullptr;
       std::fill(out_row.begin(), out_row.end(), acc_t(0));
       const acc_t row_lse = lse[row];
       acc_t dot_sum = 0;

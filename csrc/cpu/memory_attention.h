@@ -4,12 +4,15 @@
 // dominates the forward).
 //
 // The launcher knows nothing about at::Tensor: bindings.cpp validates tensors and fills the struct.
-// Every pointer addresses a contiguous tensor; `acc` is float64 for float64 input, else float32.
+// Every pointer addresses a contiguous tensor except q and dout, whose rows are placed by a Rows;
+// `acc` is float64 for float64 input, else float32.
 #pragma once
 
 #include <cstdint>
 
 #include <c10/core/ScalarType.h>
+
+#include "rows.h"
 
 namespace l2m::cpu {
 
@@ -30,12 +33,14 @@ struct MemoryReadWeightsParams {
   int64_t k;
   bool shared_memory;  // keys/values (Hm, N, D), used by every batch element
   double scale;
-  const void* q;           // (B, H, T, Dk) dtype
+  const void* q;           // (B, H, T, Dk) dtype, rows at q_rows (rows.h)
+  Rows q_rows;
   const void* keys;        // (B, Hm, N, Dk) or (Hm, N, Dk) dtype
   const void* values;      // (B, Hm, N, Dv) or (Hm, N, Dv) dtype
   const int64_t* indices;  // (B, H, T, k), each in [-1, N)
   const void* lse;         // (B, H, T) acc, the read's log-sum-exp
-  const void* dout;        // (B, H, T, Dv) dtype, or nullptr
+  const void* dout;        // (B, H, T, Dv) dtype, rows at dout_rows, or nullptr
+  Rows dout_rows;
   void* weights;           // (B, H, T, k) acc
   void* dots;              // (B, H, T) acc, or nullptr (required with dout)
   void* out;               // (B, H, T, Dv) dtype, or nullptr

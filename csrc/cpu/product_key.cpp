@@ -524,10 +524,16 @@ struct FwdRunner {
 
     for (int64_t h = h_begin; h < h_end; ++h) {
       const int64_t first_row = (b * heads + h) * seq_len + t_begin;  // flat (b, h, t) row
-      if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        std::memcpy(q_block, q + first_row * dim_k, rows * dim_k * sizeof(acc_t));
+      if (p.q_rows.dense) {
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          std::memcpy(q_block, q + first_row * dim_k, rows * dim_k * sizeof(acc_t));
+        } else {
+          to_acc(q + first_row * dim_k, q_block, rows * dim_k);
+        }
       } else {
-        to_acc(q + first_row * dim_k, q_block, rows * dim_k);
+        for (int64_t r = 0; r < rows; ++r) {
+          to_acc(q + p.q_rows.offset(first_row + r), q_block + r * dim_k, dim_k);
+        }
       }
       std::fill(q_block + rows * dim_k, q_block + padded_rows * dim_k, acc_t(0));
 
@@ -718,13 +724,7 @@ void product_key_bwd_impl(const ProductKeyBwdParams& p) {
   auto* dvalues = static_cast<scalar_t*>(p.dvalues);
 
   // dout row of flat query row (b, h, t).
-  auto dout_offset = [&](int64_t row) {
-    if (p.sum_heads) {
-      const int64_t b = row / (heads * seq_len), t = row % seq_len;
-      return (b * seq_len + t) * dim_v;
-    }
-    return row * dim_v;
-  };
+  auto dout_offset = [&](int64_t row) { return p.dout_rows.offset(row); };
 
   // Phase 1: per row and half, the distinct sub-keys (in order of first appearance) with
   // g = scale * sum of their entries' ds; and dq.
@@ -838,7 +838,8 @@ void product_key_bwd_impl(const ProductKeyBwdParams& p) {
         const int64_t group = entries[e];
         const int64_t row = group / (2 * k);
         const acc_t grad = group_grads[group];
-        const acc_t* q_half = load_row(q + row * dim_k + half * dim_h, dim_h, q_buffer.data());
+        const acc_t* q_half =
+            load_row(q + p.q_rows.offset(row) + half * dim_h, dim_h, q_buffer.data());
 #pragma omp simd
         for (int64_t d = 0; d < dim_h; ++d) {
           dsub_acc[d] += grad * q_half[d];

@@ -1,14 +1,16 @@
 // Product-key memory read of l2m-kernels, CPU backend: the plain parameter structs and launchers.
 //
 // The launchers know nothing about at::Tensor: bindings.cpp validates tensors and fills these
-// structs. Semantics: SPEC section 2 and l2m_kernels/ops/product_key/reference.py. Every pointer
-// addresses a contiguous tensor; `acc` below is float64 for float64 input, else float32; Dh is
+// structs. Semantics: l2m_kernels/ops/product_key/reference.py. Every pointer addresses a
+// contiguous tensor except q and dout, whose rows are placed by a Rows (rows.h); `acc` below is float64 for float64 input, else float32; Dh is
 // Dk / 2. Every output element is written.
 #pragma once
 
 #include <cstdint>
 
 #include <c10/core/ScalarType.h>
+
+#include "rows.h"
 
 namespace l2m::cpu {
 
@@ -30,7 +32,8 @@ struct ProductKeyFwdParams {
   int64_t k_sub;          // 1 <= k_sub <= n_sub
   bool sum_heads;
   double scale;
-  const void* q;        // (B, H, T, Dk) dtype
+  const void* q;        // (B, H, T, Dk) dtype, rows at q_rows
+  Rows q_rows;
   const void* subkeys;  // (H, 2, n_sub, Dh) dtype
   const void* values;   // (n_sub ** 2, Dv) dtype
   void* out;            // (B, H, T, Dv) or, with sum_heads, (B, T, Dv) dtype
@@ -61,15 +64,17 @@ struct ProductKeyBwdParams {
   bool sum_heads;
   bool sparse_grad;
   double scale;
-  const void* dout;        // like out
+  const void* dout;        // like out; rows at dout_rows, over (B, H, T) (head stride 0 with sum_heads)
+  Rows dout_rows;
   const void* dweights;    // (B, H, T, k) acc
   const void* dlse;        // (B, H, T) acc
-  const void* q;           // (B, H, T, Dk) dtype
+  const void* q;           // (B, H, T, Dk) dtype, rows at q_rows
+  Rows q_rows;
   const void* subkeys;     // (H, 2, n_sub, Dh) dtype
   const void* values;      // (n_sub ** 2, Dv) dtype
   const int64_t* indices;  // (B, H, T, k), each in [0, n_sub ** 2)
   const void* weights;     // (B, H, T, k) acc
-  void* dq;                // like q
+  void* dq;                // (B, H, T, Dk) dtype, contiguous
   void* dsubkeys;          // like subkeys
   void* dvalues;           // like values, or (num_value_rows, Dv) with sparse_grad
   // sparse_grad only: (B, H, T, k), each in [0, num_value_rows), the dvalues row of each entry.

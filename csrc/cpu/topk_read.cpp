@@ -410,14 +410,14 @@ struct FwdUnitRunner {
     // Pack (scale * q) transposed per block of kBlock rows: q_packed[block][d][lane].
     const int64_t blocks = (rows + kBlock - 1) / kBlock;
     const acc_t scale = static_cast<acc_t>(p.scale);
-    const auto* q = static_cast<const scalar_t*>(p.q) + first_row * dim_k;
+    const auto* q = static_cast<const scalar_t*>(p.q);
     acc_t* q_row_acc = scratch.q_row.data();
     for (int64_t block = 0; block < blocks; ++block) {
       acc_t* packed = scratch.q_packed.data() + block * dim_k * kBlock;
       for (int lane = 0; lane < kBlock; ++lane) {
         const int64_t row = block * kBlock + lane;
         if (row < rows) {
-          const acc_t* q_row = load_row(q + row * dim_k, dim_k, q_row_acc);
+          const acc_t* q_row = load_row(q + p.q_rows.offset(first_row + row), dim_k, q_row_acc);
           for (int64_t d = 0; d < dim_k; ++d) {
             packed[d * kBlock + lane] = q_row[d] * scale;
           }
@@ -580,7 +580,7 @@ void topk_read_bwd_impl(const TopkReadBwdParams& p) {
       const scalar_t* values_mem = values + memory * num_slots * dim_v;
       const int64_t* row_indices = indices + row * k;
       const acc_t* row_weights = weights + row * k;
-      const acc_t* grad_out = load_row(dout + row * dim_v, dim_v, dout_buffer.data());
+      const acc_t* grad_out = load_row(dout + p.dout_rows.offset(row), dim_v, dout_buffer.data());
       acc_t weighted_sum = 0;  // sum_i w_i dw_i
       for (int64_t j = 0; j < k; ++j) {
         const int64_t slot = row_indices[j];
@@ -693,8 +693,8 @@ void topk_read_bwd_impl(const TopkReadBwdParams& p) {
         const int64_t row = entry / k;
         const acc_t ds = score_grads[entry];
         const acc_t w = weights[entry];
-        const acc_t* q_row = load_row(q + row * dim_k, dim_k, q_buffer.data());
-        const acc_t* grad_out = load_row(dout + row * dim_v, dim_v, dout_buffer.data());
+        const acc_t* q_row = load_row(q + p.q_rows.offset(row), dim_k, q_buffer.data());
+        const acc_t* grad_out = load_row(dout + p.dout_rows.offset(row), dim_v, dout_buffer.data());
         // d score / d key = scale * q, rounded to the accumulation type as in the forward.
 #pragma omp simd
         for (int64_t d = 0; d < dim_k; ++d) {

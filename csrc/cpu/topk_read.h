@@ -1,14 +1,16 @@
 // Sparse top-k memory read of l2m-kernels, CPU backend: the plain parameter structs and launchers.
 //
 // The launchers know nothing about at::Tensor: bindings.cpp validates tensors and fills these
-// structs. Semantics: SPEC section 1 and l2m_kernels/ops/topk_read/reference.py; the low-level
-// interface: /work/notes/topk_cpu.md. Every pointer addresses a contiguous tensor; `acc` below is
-// float64 for float64 input, else float32. Every output element is written.
+// structs. Semantics: l2m_kernels/ops/topk_read/reference.py. Every pointer addresses a contiguous
+// tensor except q and dout, whose rows are placed by a Rows (rows.h); `acc` below is float64 for
+// float64 input, else float32. Every output element is written.
 #pragma once
 
 #include <cstdint>
 
 #include <c10/core/ScalarType.h>
+
+#include "rows.h"
 
 namespace l2m::cpu {
 
@@ -27,7 +29,8 @@ struct TopkReadFwdParams {
   int64_t k;              // 1 <= k <= N
   bool shared_memory;     // keys/values are (Hm, N, D), used by every batch element
   double scale;
-  const void* q;             // (B, H, T, Dk) dtype
+  const void* q;             // (B, H, T, Dk) dtype, rows at q_rows
+  Rows q_rows;
   const void* keys;          // (B, Hm, N, Dk) or (Hm, N, Dk) dtype
   const void* values;        // (B, Hm, N, Dv) or (Hm, N, Dv) dtype
   const int64_t* valid_len;  // (B,) or nullptr (every slot exists); clamped to [0, N]
@@ -54,15 +57,17 @@ struct TopkReadBwdParams {
   int64_t k;
   bool shared_memory;
   double scale;
-  const void* dout;        // (B, H, T, Dv) dtype
+  const void* dout;        // (B, H, T, Dv) dtype, rows at dout_rows
+  Rows dout_rows;
   const void* dweights;    // (B, H, T, k) acc
   const void* dlse;        // (B, H, T) acc
-  const void* q;           // (B, H, T, Dk) dtype
+  const void* q;           // (B, H, T, Dk) dtype, rows at q_rows
+  Rows q_rows;
   const void* keys;        // (B, Hm, N, Dk) or (Hm, N, Dk) dtype
   const void* values;      // (B, Hm, N, Dv) or (Hm, N, Dv) dtype
   const int64_t* indices;  // (B, H, T, k), each in [-1, N)
   const void* weights;     // (B, H, T, k) acc
-  void* dq;                // like q
+  void* dq;                // (B, H, T, Dk) dtype, contiguous
   void* dkeys;             // like keys
   void* dvalues;           // like values
 };

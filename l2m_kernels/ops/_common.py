@@ -36,6 +36,25 @@ def contiguous_like(tensor: Tensor) -> Tensor:
     return tensor.new_empty(tensor.shape)
 
 
+def rows_for(backend: str) -> Callable[[Tensor], Tensor]:
+    """How ``backend``'s kernels take a (B, H, T, D) operand that may be strided.
+
+    The cpu kernels read queries, keys, values and output gradients (and product_key_read's
+    (B, T, Dv) ``dout`` with ``sum_heads``) in place when the last
+    dimension is contiguous (stride 1), whatever the strides of the other dimensions: a projection
+    viewed as (B, T, H, D) and transposed, a slice, a stride-0 broadcast over heads or batch. Such
+    a tensor is passed as it is; any other is copied to row-major once. The triton and cuda
+    kernels (and the reference's outputs) take row-major operands: always ``.contiguous()``.
+    """
+    return _unit_stride_rows if backend == "cpu" else Tensor.contiguous
+
+
+def _unit_stride_rows(tensor: Tensor) -> Tensor:
+    if tensor.dim() in (3, 4) and tensor.numel() and (tensor.stride(-1) == 1 or tensor.shape[-1] == 1):
+        return tensor
+    return tensor.contiguous()
+
+
 def autocast_promote(*tensors, to=None):
     """Under ``torch.autocast``, the floating tensors among ``tensors`` cast to the widest of their
     dtypes, or to ``to`` when given (anything else passes through, for the argument checks to

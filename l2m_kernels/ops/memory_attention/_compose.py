@@ -40,7 +40,7 @@ import torch
 
 from ... import _ext
 from ..._alloc import empty
-from .._common import acc_dtype
+from .._common import acc_dtype, rows_for
 from ..topk_read import function as topk_read_function
 
 BACKENDS = ("cpu", "cuda")
@@ -90,7 +90,8 @@ def memory_attention_fwd(backend, q, k, v, mem_keys, mem_values, topk, window, m
                                                                    deterministic)
     if B * H * T == 0:
         return out, lse_local, lse_mem, indices
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    rows_of = rows_for(backend)
+    q, k, v = rows_of(q), rows_of(k), rows_of(v)
 
     out_local = empty((B, H, T, Dv), dtype=q.dtype, device=device)
     ext.local_attention_fwd(q, k, v, _window_arg(window), scale, out_local, lse_local)
@@ -144,9 +145,10 @@ def memory_attention_bwd(backend, dout, dlse_local, dlse_mem, q, k, v, mem_keys,
     acc = acc_dtype(q.dtype)
     device = q.device
     dtype = q.dtype
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    rows_of = rows_for(backend)  # q, k, v and dout as they come where the kernels read strides
+    q, k, v = rows_of(q), rows_of(k), rows_of(v)
     mem_keys, mem_values = mem_keys.contiguous(), mem_values.contiguous()
-    dout, out = dout.contiguous(), out.contiguous()
+    dout, out = rows_of(dout), out.contiguous()
     dlse_local, dlse_mem = dlse_local.to(acc).contiguous(), dlse_mem.to(acc).contiguous()
     lse_local, lse_mem, indices = lse_local.contiguous(), lse_mem.contiguous(), indices.contiguous()
     ext = extension(backend)
@@ -194,7 +196,7 @@ def memory_attention_bwd(backend, dout, dlse_local, dlse_mem, q, k, v, mem_keys,
         d_local = empty((B, H, T, Dv), dtype=dtype, device=device)
         d_mem = empty((B, H, T, Dv), dtype=dtype, device=device)
         d_gate_rows = empty((B, H, T), dtype=acc, device=device)
-        ext.gated_merge_bwd(dout.view(rows, Dv), out_local.view(rows, Dv), out_mem.view(rows, Dv),
+        ext.gated_merge_bwd(dout.contiguous().view(rows, Dv), out_local.view(rows, Dv), out_mem.view(rows, Dv),
                             _gate_rows(gate, B, H, T), d_local.view(rows, Dv), d_mem.view(rows, Dv),
                             d_gate_rows.view(rows))
         del out_mem

@@ -16,9 +16,11 @@ from torch import Tensor
 
 from ... import _ext
 from ..._alloc import empty
-from .._common import acc_dtype, contiguous_like, reference_vjp
+from .._common import acc_dtype, contiguous_like, reference_vjp, rows_for
 from .reference import product_key_gather, product_key_select
 from .validate import check_args
+
+cpu_rows = rows_for("cpu")
 
 
 def _reference_fwd(q, subkeys, values, k, k_sub, scale, sum_heads, deterministic):
@@ -83,7 +85,7 @@ def _cpu_fwd(q, subkeys, values, k, k_sub, scale, sum_heads, deterministic):
     weights = empty((B, H, T, k), dtype=acc, device=q.device)
     lse = empty((B, H, T), dtype=acc, device=q.device)
     if B * H * T:
-        _ext.cpu_extension().product_key_fwd(q.contiguous(), subkeys.contiguous(), values.contiguous(),
+        _ext.cpu_extension().product_key_fwd(cpu_rows(q), subkeys.contiguous(), values.contiguous(),
                                              k, k_sub, scale, sum_heads, out, indices, weights, lse)
     elif out.numel():
         out.zero_()  # sum_heads with H == 0: a sum over no heads
@@ -100,7 +102,7 @@ def _cpu_bwd(dout, dweights, dlse, q, subkeys, values, indices, weights, scale, 
     dvalues_shape = (slots.numel(), values.shape[-1]) if sparse_grad else values.shape
     dvalues = empty(dvalues_shape, dtype=values.dtype, device=q.device)
     _ext.cpu_extension().product_key_bwd(
-        dout.contiguous(), dweights.contiguous(), dlse.contiguous(), q.contiguous(), subkeys.contiguous(),
+        cpu_rows(dout), dweights.contiguous(), dlse.contiguous(), cpu_rows(q), subkeys.contiguous(),
         values.contiguous(), indices.contiguous(), weights.contiguous(), scale, sum_heads, sparse_grad,
         dq, dsubkeys, dvalues, value_rows)
     return dq, dsubkeys, dvalues, slots

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ... import _ext
 from ..._alloc import empty
-from .._common import acc_dtype, contiguous_like, reference_vjp
+from .._common import acc_dtype, contiguous_like, reference_vjp, rows_for
 from .reference import topk_read_gather, topk_read_select
 from .validate import check_args, check_values
 
@@ -41,6 +41,8 @@ def _kernels(backend: str):
 
 
 def _fused_fwd(backend):
+    rows = rows_for(backend)
+
     def fwd(q, keys, values, k, scale, valid_len, deterministic):
         B, H, T, _ = q.shape
         acc = acc_dtype(q.dtype)
@@ -50,18 +52,20 @@ def _fused_fwd(backend):
         lse = empty((B, H, T), dtype=acc, device=q.device)
         if B * H * T:
             vl = None if valid_len is None else valid_len.to(torch.int64).contiguous()
-            _kernels(backend).topk_read_fwd(q.contiguous(), keys.contiguous(), values.contiguous(), vl, k,
+            _kernels(backend).topk_read_fwd(rows(q), keys.contiguous(), values.contiguous(), vl, k,
                                            scale, out, indices, weights, lse)
         return out, indices, weights, lse
     return fwd
 
 
 def _fused_bwd(backend):
+    rows = rows_for(backend)
+
     def bwd(dout, dweights, dlse, q, keys, values, indices, weights, scale, deterministic):
         dq = empty(q.shape, dtype=q.dtype, device=q.device)
         dkeys = empty(keys.shape, dtype=keys.dtype, device=q.device)
         dvalues = empty(values.shape, dtype=values.dtype, device=q.device)
-        args = (dout.contiguous(), dweights.contiguous(), dlse.contiguous(), q.contiguous(), keys.contiguous(),
+        args = (rows(dout), dweights.contiguous(), dlse.contiguous(), rows(q), keys.contiguous(),
                 values.contiguous(), indices.contiguous(), weights.contiguous(), scale)
         if backend != "cpu":  # the cpu backward is always deterministic (per-slot reduction order)
             args = args + (deterministic,)

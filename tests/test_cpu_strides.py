@@ -1,0 +1,156 @@
+"""The cpu kernels read strided operands in place.
+
+Queries, keys, values and output gradients come out of models as views: a projection viewed as
+(B, T, H, D) and transposed to (B, H, T, D), a slice of a longer sequence, a tensor broadcast over
+heads with stride 0. The cpu backend's top-k read, product-key read and memory attention take such
+operands as they are when their last dimension is contiguous (l2m_kernels.ops._common.rows_for).
+For each op and layout: the launcher makes no copy of a strided operand (every aten op it runs is
+recorded), and its outputs and gradients are bitwise those of the same call on row-major copies.
+A layout whose last dimension is strided is copied once and gives the same results too.
+"""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import l2m_kernels as l2m
+from l2m_kernels import _ext
+from l2m_kernels.ops.memory_attention import function as memory_attention_function
+from l2m_kernels.ops.product_key import function as product_key_function
+from l2m_kernels.ops.topk_read import function as topk_read_function
+from l2m_kernels.testing import rand
+
+pytestmark = pytest.mark.skipif(_ext.cpu_extension() is None,
+                                reason=f"the cpu extension is unavailable: {_ext.cpu_extension_error()}")
+
+aten = torch.ops.aten
+COPIES = (aten.clone.default, aten.copy_.default, aten._to_copy.default, aten.contiguous.default)
+B, H, T, D = 2, 4, 7, 8
+# layout -> (makes a (B, H, T, d) tensor of that layout from a generator, read in place?)
+LAYOUTS = {
+    "transposed": (lambda g, d, dtype: rand(B, T, H, d, generator=g, dtype=dtype).transpose(1, 2), True),
+    "sliced": (lambda g, d, dtype: rand(B, H, T + 3, d, generator=g, dtype=dtype)[:, :, 2:T + 2], True),
+    "head-broadcast": (lambda g, d, dtype: rand(B, 1, T, d, generator=g, dtype=dtype).expand(B, H, T, d), True),
+    "batch-broadcast": (lambda g, d, dtype: rand(1, H, T, d, generator=g, dtype=dtype).expand(B, H, T, d), True),
+    "last-dim-strided": (lambda g, d, dtype: rand(B, H, T, 2 * d, generator=g, dtype=dtype)[..., ::2], False),
+}
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+class CopyRecorder(TorchDispatchMode):
+    """Records every copy (clone, copy_, _to_copy) whose source shares storage with a watched tensor."""
+
+    def __init__(self, *watched):
+        super().__init__()
+        self.storages = {t.untyped_storage().data_ptr() for t in watched}
+        self.copies = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in COPIES:
+            source = args[1] if func is aten.copy_.default else args[0]
+            if isinstance(source, torch.Tensor) and source.untyped_storage().data_ptr() in self.storages:
+                self.copies.append(str(func))
+        return func(*args, **kwargs)
+
+
+def _layout(name, seed, d, dtype):
+    make, in_place = LAYOUTS[name]
+    tensor = make(torch.Generator().manual_seed(seed), d, dtype)
+    assert not tensor.is_contiguous()
+    return tensor, in_place
+
+
+def _check(launch, strided, expect_in_place):
+    """launch(*operands) on the strided operands (recording copies of them) and on row-major copies."""
+    with CopyRecorder(*strided) as recorder:
+        got = launch(*strided)
+    want = launch(*(t.contiguous() for t in strided))
+    if expect_in_place:
+        assert recorder.copies == [], f"strided operands were copied: {recorder.copies}"
+    else:
+        assert recorder.copies, "an operand with a strided last dimension must be copied once"
+    for g_, w_ in zip(got, want):
+        if isinstance(g_, torch.Tensor):
+            assert g_.is_contiguous()
+            torch.testing.assert_close(g_, w_, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_topk_read_reads_strided_rows(layout, dtype):
+    g = torch.Generator().manual_seed(1)
+    keys, values = rand(B, 2, 40, D, generator=g, dtype=dtype), rand(B, 2, 40, 6, generator=g, dtype=dtype)
+    q, in_place = _layout(layout, 2, D, dtype)
+    dout, _ = _layout(layout, 3, 6, dtype)
+    k, scale = 5, D ** -0.5
+    fwd, bwd = topk_read_function.FWD["cpu"], topk_read_function.BWD["cpu"]
+    _check(lambda q_: fwd(q_, keys, values, k, scale, None, False), [q], in_place)
+    _, indices, weights, _ = fwd(q.contiguous(), keys, values, k, scale, None, False)
+    dweights = rand(*weights.shape, generator=g, dtype=weights.dtype)
+    dlse = rand(B, H, T, generator=g, dtype=weights.dtype)
+    _check(lambda dout_, q_: bwd(dout_, dweights, dlse, q_, keys, values, indices, weights, scale, False),
+           [dout, q], in_place)
+
+
+@pytest.mark.parametrize("sum_heads", [False, True], ids=["per-head", "sum-heads"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_product_key_reads_strided_rows(layout, sum_heads):
+    dtype = torch.float32
+    g = torch.Generator().manual_seed(4)
+    n_sub, k, k_sub, Dv, scale = 6, 5, 3, 6, 0.5
+    subkeys, values = rand(H, 2, n_sub, D // 2, generator=g), rand(n_sub ** 2, Dv, generator=g)
+    q, in_place = _layout(layout, 5, D, dtype)
+    dout, _ = _layout(layout, 6, Dv, dtype)
+    if sum_heads:  # (B, T, Dv): the transposed case is a (T, B, Dv) tensor transposed
+        dout = dout[:, 0] if layout != "head-broadcast" else rand(T, B, Dv, generator=g).transpose(0, 1)
+        assert not dout.is_contiguous()
+    fwd, bwd = product_key_function.FWD["cpu"], product_key_function.BWD["cpu"]
+    _check(lambda q_: fwd(q_, subkeys, values, k, k_sub, scale, sum_heads, False), [q], in_place)
+    _, indices, weights, _ = fwd(q.contiguous(), subkeys, values, k, k_sub, scale, sum_heads, False)
+    dweights = rand(*weights.shape, generator=g)
+    dlse = rand(B, H, T, generator=g)
+    for sparse in (False, True):
+        _check(lambda dout_, q_: bwd(dout_, dweights, dlse, q_, subkeys, values, indices, weights, scale,
+                                     sum_heads, sparse, False), [dout, q], in_place)
+
+
+@pytest.mark.parametrize("merge", ["joint", "gate"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_memory_attention_reads_strided_rows(layout, merge):
+    dtype = torch.float32
+    g = torch.Generator().manual_seed(7)
+    mem_keys, mem_values = rand(B, 2, 30, D, generator=g), rand(B, 2, 30, D, generator=g)
+    q, in_place = _layout(layout, 8, D, dtype)
+    k, _ = _layout(layout, 9, D, dtype)
+    v, _ = _layout(layout, 10, D, dtype)
+    dout, _ = _layout(layout, 11, D, dtype)
+    gate = rand(1, H, 1, 1, generator=g) if merge == "gate" else None
+    topk, window, scale = 4, 5, D ** -0.5
+    fwd, bwd = memory_attention_function.FWD["cpu"], memory_attention_function.BWD["cpu"]
+    _check(lambda q_, k_, v_: fwd(q_, k_, v_, mem_keys, mem_values, topk, window, merge, gate, scale, None,
+                                  False), [q, k, v], in_place)
+    out, lse_local, lse_mem, indices = fwd(q.contiguous(), k.contiguous(), v.contiguous(), mem_keys, mem_values,
+                                           topk, window, merge, gate, scale, None, False)
+    dlse_local, dlse_mem = rand(B, H, T, generator=g), rand(B, H, T, generator=g)
+    _check(lambda dout_, q_, k_, v_: bwd(dout_, dlse_local, dlse_mem, q_, k_, v_, mem_keys, mem_values, indices,
+                                         out, lse_local, lse_mem, window, merge, gate, scale, False),
+           [dout, q, k, v], in_place and merge == "joint")
+
+
+def test_model_layout_end_to_end():
+    """The issue's reproduction through the public function: a transposed projection's q, eager and
+    compiled, gives the gradients of the row-major call."""
+    g = torch.Generator().manual_seed(12)
+    base = rand(1, 64, 4, 16, generator=g)
+    keys, values = rand(1, 4, 128, 16, generator=g), rand(1, 4, 128, 16, generator=g)
+
+    def grads(q_base, transpose, compiled):
+        q = (q_base.transpose(1, 2) if transpose else q_base.transpose(1, 2).contiguous()).detach().requires_grad_()
+        f = lambda q_: l2m.topk_memory_read(q_, keys, values, 8, backend="cpu").out.transpose(1, 2).sum(-1)  # noqa
+        f = torch.compile(f, fullgraph=True) if compiled else f
+        (f(q) * torch.arange(64.0).view(1, 64, 1)).sum().backward()
+        return q.grad
+
+    want = grads(base, transpose=False, compiled=False)
+    torch.testing.assert_close(grads(base, transpose=True, compiled=False), want, rtol=0, atol=0)
+    torch.testing.assert_close(grads(base, transpose=True, compiled=True), want, rtol=1e-6, atol=1e-6)
