@@ -34,6 +34,9 @@ def _case_id(case):
     B, H, T, Dk, n_sub, Dv, k, k_sub, sum_heads = case
     return f"B{B}H{H}T{T}Dk{Dk}n{n_sub}Dv{Dv}k{k}ks{k_sub}" + ("-sum" if sum_heads else "")
 
+# The largest cases: several seconds each under the Triton interpreter.
+INTERPRETER_HEAVY = CASES[2:3]
+
 
 def _inputs(case, dtype, device, requires_grad=True):
     B, H, T, Dk, n_sub, Dv, k, k_sub, sum_heads = case
@@ -89,6 +92,9 @@ def _leaves64(*tensors):
 def test_product_key_matches_reference(backend, device, case, dtype):
     if dtype not in l2m.backends.BACKENDS[backend].dtypes:
         pytest.skip(f"{backend} does not support {dtype} (SPEC: float64 on reference and cpu only)")
+    if backend == "triton" and device == "cpu" and dtype == torch.float16 and case in INTERPRETER_HEAVY:
+        pytest.skip("Triton interpreter time: this large case runs in float32 and bfloat16 (float16 takes "
+                    "bfloat16's kernel path; it runs the smaller cases)")
     B, H, T, Dk, n_sub, Dv, k, k_sub, sum_heads = case
     q, subkeys, values = _inputs(case, dtype, device)
     scale = Dk ** -0.5

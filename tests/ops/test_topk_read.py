@@ -24,6 +24,9 @@ CASES = [
     (1, 2, 2, 33, 1000, 64, 64, 32, False, None),
 ]
 
+# The largest cases: several seconds each under the Triton interpreter.
+INTERPRETER_HEAVY = CASES[3:]
+
 
 def _inputs(case, dtype, device, requires_grad=True):
     B, H, Hm, T, N, Dk, Dv, k, shared, valid = case
@@ -68,6 +71,9 @@ def _check_valid_topk(q, keys, indices, valid_len, scale):
 def test_topk_read_matches_reference(backend, device, case, dtype):
     if dtype not in l2m.backends.BACKENDS[backend].dtypes:
         pytest.skip(f"{backend} does not support {dtype} (SPEC: float64 on reference and cpu only)")
+    if backend == "triton" and device == "cpu" and dtype == torch.float16 and case in INTERPRETER_HEAVY:
+        pytest.skip("Triton interpreter time: this large case runs in float32 and bfloat16 (float16 takes "
+                    "bfloat16's kernel path; it runs the smaller cases)")
     q, keys, values, k, valid_len = _inputs(case, dtype, device)
     scale = q.shape[-1] ** -0.5
     read = l2m.topk_memory_read(q, keys, values, k, valid_len=valid_len, backend=backend)
