@@ -13,11 +13,24 @@ next GPU run: those kernels, in their current form, have not run on a GPU either
 ``python -m l2m_kernels.info`` prints this table. The runs themselves are in
 ``benchmarks/RESULTS.md``.
 
-Plain data: importing this module needs neither torch nor triton.
+Each design that ran records the fingerprint of its kernels' code as it ran (:func:`fingerprint`:
+the Triton kernels with the jit functions they call, or the CUDA sources with the headers they
+include, comments and layout left out). ``tests/test_gpu_status.py`` recomputes it: a kernel whose
+code differs from what ran must say why in ``changed``, so no change to a measured kernel goes
+unlisted. ``python -m l2m_kernels._gpu_status [--at COMMIT]`` prints the fingerprints, to record
+after a GPU run.
+
+Plain data and the standard library: importing this module needs neither torch nor triton.
 """
 from __future__ import annotations
 
+import ast
+import hashlib
+import re
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -46,6 +59,15 @@ class Design:
     opt_in: str = ""           # how a design that is not the default is selected
     note: str = ""
     changed: tuple[str, ...] = ()   # commits that changed its kernels after gpu_run: what changed
+    ran: str = ""              # fingerprint() of its kernels at gpu_run.commit ("" if none)
+    # Fingerprints of later code shown to compile to the machine code that ran (the note says how).
+    equivalent: tuple[str, ...] = ()
+
+    def code_as_run(self, tree: "SourceTree | None" = None) -> bool | None:
+        """Whether its kernel code in ``tree`` is the code that ran on its GPU run (None: no run, or
+        no sources to fingerprint)."""
+        now = fingerprint(self, tree) if self.gpu_run is not None else None
+        return None if now is None else now == self.ran or now in self.equivalent
 
 
 # Families with more than one design, looked up by name by their launchers.
@@ -62,20 +84,27 @@ def _h200(checks: str) -> GpuRun:
 
 _TOPK_TRITON_OPS = ("topk_memory_read", "memory_attention")   # memory_attention selects through it
 
+# The CUDA designs with an `equivalent` fingerprint: d1444d2 changed merged_lse in merge_common.cuh, which their
+# sources include but do not call. Compiled at 44f93db and at d1444d2 (nvcc 13.0, the extension's
+# flags, sm_80 and sm_90), every kernel's SASS is identical (cuobjdump -sass, anonymous-namespace
+# hashes aside): their code is the code that ran.
+
 DESIGNS: tuple[Design, ...] = (
     # ---- Triton ------------------------------------------------------------------------------
     Design("merge", "triton", "merge", ("merge_attention", "gated_merge"),
            ("merge_attention_fwd_kernel", "merge_attention_bwd_kernel", "gated_merge_fwd_kernel",
             "gated_merge_bwd_kernel"),
            _h200("test suite and l2m-check; timed on an H100 on 2026-11-25"),
-           changed=("d1444d2: merge_attention's lse is +inf when a side is +inf (was NaN for two +inf)",)),
+           changed=("d1444d2: merge_attention's lse is +inf when a side is +inf (was NaN for two +inf)",),
+           ran="13e4799ecd0b"),
     Design(TOPK_SELECTION, "triton", "threshold", _TOPK_TRITON_OPS,
            ("topk_read_fwd_chunkmax_kernel", "topk_read_fwd_collect_kernel", "topk_read_fwd_finish_kernel"),
            _h200("gpu_probe.py topk-tiles and l2m-bench timed it with the [128, 64, 8] scan tile; the test "
                  "suite and l2m-check ran it with the [64, 64, 8] tile, whose selected indices the "
                  "[128, 64, 8] tile matched"),
            note="contiguous one-tile chunks, int64 chunk maxima, tau by torch.topk, cumulative-sum "
-                "collect; rows over the candidate capacity finish in the stream kernel"),
+                "collect; rows over the candidate capacity finish in the stream kernel",
+           ran="eff9a64c9b14"),
     Design(TOPK_SELECTION, "triton", "threshold-strided", _TOPK_TRITON_OPS,
            ("topk_read_fwd_strided_chunkmax_kernel", "topk_read_fwd_kth_kernel",
             "topk_read_fwd_strided_collect_kernel", "topk_read_fwd_finish_kernel"),
@@ -87,11 +116,13 @@ DESIGNS: tuple[Design, ...] = (
            _h200("test suite and l2m-check, alone (small N) and as the overflow fallback of the "
                  "threshold path"),
            default=False, opt_in="L2M_TOPK_TRITON_PATH=stream",
-           note="running top-k merges; the exact fallback of both threshold designs"),
+           note="running top-k merges; the exact fallback of both threshold designs",
+           ran="5578c1095eed"),
     Design("top-k read output and backward", "triton", "gather", _TOPK_TRITON_OPS,
            ("topk_read_fwd_out_kernel", "topk_read_bwd_dweights_kernel", "topk_read_bwd_dq_kernel",
             "topk_read_bwd_slot_kernel"),
-           _h200("test suite, l2m-check and l2m-bench")),
+           _h200("test suite, l2m-check and l2m-bench"),
+           ran="db90d5dc7c37"),
     Design("product-key read", "triton", "product-key", ("product_key_read",),
            ("product_key_fwd_select_kernel", "product_key_fwd_topk_kernel", "product_key_fwd_out_kernel",
             "product_key_bwd_dweights_kernel", "product_key_bwd_dq_kernel", "product_key_bwd_segment_kernel"),
@@ -99,11 +130,13 @@ DESIGNS: tuple[Design, ...] = (
            note="e1318b2 made the top-k kernel encode its sort keys through the shared _encode_key "
                 "instead of inline: the same SASS as at 44f93db for every compile-checked configuration "
                 "(sm_80 and sm_90, Triton 3.9)",
-           changed=("4379701: the select and top-k kernels keep NaN apart from +inf for lse",)),
+           changed=("4379701: the select and top-k kernels keep NaN apart from +inf for lse",),
+           ran="27b27703d66f"),
     Design("memory write", "triton", "memory-write", ("gated_memory_write", "gated_dense_update"),
            ("gated_memory_write_fwd_kernel", "gated_memory_write_bwd_kernel", "gated_dense_update_fwd_kernel",
             "gated_dense_update_bwd_kernel"),
-           _h200("test suite, l2m-check and l2m-bench")),
+           _h200("test suite, l2m-check and l2m-bench"),
+           ran="e9a51b2a4438"),
     Design("memory attention", "triton", "fused", ("memory_attention",),
            ("memory_attention_fwd_kernel", "memory_attention_fwd_nonfinite_kernel",
             "memory_attention_bwd_mem_kernel", "memory_attention_bwd_dkdv_kernel",
@@ -114,25 +147,35 @@ DESIGNS: tuple[Design, ...] = (
                 "call runs the kernels of an unpadded call at that width); the padded path has not run "
                 "on a GPU",
            changed=("8b7b317: merge='gate' backward recomputes out_local with the forward kernel; "
-                    "memory_attention_bwd_mem_kernel reads it",)),
+                    "memory_attention_bwd_mem_kernel reads it",),
+           ran="164ef0696f02"),
     # ---- CUDA (csrc/cuda) ----------------------------------------------------------------------
     Design("merge", "cuda", "merge", ("merge_attention", "gated_merge"),
            ("merge_attention.cu", "gated_merge.cu"),
            _h200("CUDA self-test, test suite and l2m-check; timed on an H100 on 2026-11-25"),
-           changed=("d1444d2: merge_attention's lse is +inf when a side is +inf (merge_common.cuh)",)),
+           changed=("d1444d2: merge_attention's lse is +inf when a side is +inf (merge_common.cuh)",),
+           ran="34722480a8ed"),
     Design("top-k read", "cuda", "threshold+warpselect", ("topk_memory_read", "memory_attention"),
            ("topk_read.cu",),
            _h200("CUDA self-test (the threshold and plain WarpSelect paths bitwise equal), test suite, "
-                 "l2m-check and l2m-bench")),
+                 "l2m-check and l2m-bench"),
+           ran="a366246d9f26",
+           equivalent=("187d424d4428",)),  # same SASS as ran (above)
     Design("product-key read", "cuda", "product-key", ("product_key_read",), ("product_key.cu",),
-           _h200("CUDA self-test and l2m-check; l2m-bench in the H200 run before it, the same day")),
+           _h200("CUDA self-test and l2m-check; l2m-bench in the H200 run before it, the same day"),
+           ran="18a17453a586",
+           equivalent=("5a7d0ce7ca26",)),  # same SASS as ran (above)
     Design("memory write", "cuda", "memory-write", ("gated_memory_write", "gated_dense_update"),
            ("memory_write.cu", "dense_update.cu"),
-           _h200("CUDA self-test, test suite, l2m-check and l2m-bench")),
+           _h200("CUDA self-test, test suite, l2m-check and l2m-bench"),
+           ran="aa3d7af12010",
+           equivalent=("198220bc00b7",)),  # same SASS as ran (above)
     Design("memory attention", "cuda", "composed", ("memory_attention",),
            ("memory_attention.cu", "local_attention.cu"),
            _h200("CUDA self-test, test suite, l2m-check and l2m-bench"),
-           note="the cuda top-k read, a local attention with its log-sum-exp and the cuda merge"),
+           note="the cuda top-k read, a local attention with its log-sum-exp and the cuda merge",
+           ran="fc006ec6ee91",
+           equivalent=("4384b7d8226b",)),  # same SASS as ran (above)
 )
 
 
@@ -189,3 +232,134 @@ def report_lines() -> list[str]:
     if not changed_since_run():
         lines.append("  none")
     return lines
+
+
+# ---- Fingerprints: is a design's code the code that ran? ------------------------------------------
+
+REPO_ROOT = Path(__file__).resolve().parent.parent   # a source checkout: l2m_kernels/ and csrc/
+TRITON_SOURCES = "l2m_kernels/ops"                   # every *.py below it is searched for jit functions
+CUDA_SOURCES = "csrc/cuda"
+
+
+class SourceTree:
+    """The files of the repository in the working tree, or at ``commit`` (read with git)."""
+
+    def __init__(self, commit: str | None = None, root: Path = REPO_ROOT):
+        self.commit, self.root = commit, Path(root)
+
+    def paths(self, folder: str, suffixes: tuple[str, ...]) -> list[str]:
+        if self.commit is None:
+            base = self.root / folder
+            found = [str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file()] if base.is_dir() else []
+        else:
+            found = self._git("ls-tree", "-r", "--name-only", self.commit, "--", folder).split()
+        return sorted(p for p in found if p.endswith(suffixes))
+
+    def read(self, path: str) -> str | None:
+        if self.commit is None:
+            file = self.root / path
+            return file.read_text() if file.is_file() else None
+        try:
+            return self._git("show", f"{self.commit}:{path}")
+        except subprocess.CalledProcessError:
+            return None
+
+    def _git(self, *args: str) -> str:
+        return subprocess.run(["git", "-C", str(self.root), *args], check=True, capture_output=True,
+                              text=True).stdout
+
+
+def _is_jit(node: ast.FunctionDef) -> bool:
+    return any("jit" in ast.unparse(d) for d in node.decorator_list)
+
+
+def _jit_functions(tree: SourceTree) -> dict[str, list[tuple[str, ast.FunctionDef]]]:
+    """Every module-level Triton jit function under TRITON_SOURCES: name -> [(module path, node)]."""
+    found: dict[str, list[tuple[str, ast.FunctionDef]]] = {}
+    for path in tree.paths(TRITON_SOURCES, (".py",)):
+        text = tree.read(path)
+        if text is None or "jit" not in text:
+            continue
+        for node in ast.parse(text).body:
+            if isinstance(node, ast.FunctionDef) and _is_jit(node):
+                found.setdefault(node.name, []).append((path, node))
+    return found
+
+
+def _code_of(node: ast.FunctionDef) -> str:
+    """The function's syntax tree without its docstring: comments, layout and line numbers left out."""
+    body = node.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
+            and isinstance(body[0].value.value, str):
+        body = body[1:]
+    return ast.dump(ast.FunctionDef(node.name, node.args, body, node.decorator_list, node.returns,
+                                    getattr(node, "type_comment", None), **({"type_params": node.type_params}
+                                                                           if hasattr(node, "type_params") else {})))
+
+
+def _triton_code(kernels: tuple[str, ...], tree: SourceTree) -> str | None:
+    """The kernels and every jit function they call (transitively, by name; a name defined in several
+    modules resolves to the caller's module first), or None when a kernel is missing."""
+    functions = _jit_functions(tree)
+    parts, seen = [], set()
+    todo = [(name, None) for name in kernels]
+    while todo:
+        name, caller = todo.pop(0)
+        if name in seen:
+            continue
+        candidates = functions.get(name)
+        if not candidates:
+            if caller is None:
+                return None
+            continue
+        path, node = next(((p, n) for p, n in candidates if p == caller), candidates[0])
+        seen.add(name)
+        parts.append(_code_of(node))
+        called = {c.func.id if isinstance(c.func, ast.Name) else c.func.attr
+                  for c in ast.walk(node) if isinstance(c, ast.Call) and isinstance(c.func, (ast.Name, ast.Attribute))}
+        todo += [(callee, path) for callee in sorted(called) if callee in functions]
+    return "\n".join(parts)
+
+
+_C_COMMENT = re.compile(r"//[^\n]*|/\*.*?\*/", re.S)
+
+
+def _cuda_code(sources: tuple[str, ...], tree: SourceTree) -> str | None:
+    """The sources and the csrc/cuda headers they include (transitively), comments and layout left out."""
+    parts, seen, todo = [], set(), [f"{CUDA_SOURCES}/{name}" for name in sources]
+    while todo:
+        path = todo.pop(0)
+        if path in seen:
+            continue
+        seen.add(path)
+        text = tree.read(path)
+        if text is None:
+            if path.endswith(".cu"):
+                return None
+            continue  # a system or torch header
+        code = " ".join(_C_COMMENT.sub(" ", text).split())
+        parts.append(f"{path.rsplit('/', 1)[-1]}: {code}")
+        todo += [f"{CUDA_SOURCES}/{name}" for name in re.findall(r'#include\s+"([^"]+)"', text)]
+    return "\n".join(parts)
+
+
+def fingerprint(design: Design, tree: SourceTree | None = None) -> str | None:
+    """12 hex digits of a hash over the design's kernel code in ``tree`` (default: the working tree);
+    None when its sources are not there (an installed package has no csrc/)."""
+    tree = tree or SourceTree()
+    code = (_triton_code if design.backend == "triton" else _cuda_code)(design.kernels, tree)
+    return None if code is None else hashlib.sha256(code.encode()).hexdigest()[:12]
+
+
+def main(argv: list[str]) -> int:
+    """Print each design's fingerprint in the working tree (or ``--at COMMIT``) beside the one recorded."""
+    commit = argv[argv.index("--at") + 1] if "--at" in argv else None
+    tree = SourceTree(commit)
+    for d in DESIGNS:
+        print(f"{d.backend:<7} {d.family:<32} {d.name:<20} {fingerprint(d, tree) or 'missing':<13} "
+              f"ran {d.ran or '-':<13}" + (f" equivalent {', '.join(d.equivalent)}" if d.equivalent else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,11 +1,14 @@
 """The registry of GPU kernel designs (l2m_kernels._gpu_status): no default design that never ran on
-a GPU, every Triton and CUDA kernel registered, and ``python -m l2m_kernels.info`` listing the
-designs that have not run on a GPU and those changed since their GPU run."""
+a GPU, every Triton and CUDA kernel registered, no change to a kernel that ran on a GPU without its
+entry saying what changed, and ``python -m l2m_kernels.info`` listing the designs that have not run
+on a GPU and those changed since their GPU run."""
 from __future__ import annotations
 
 import dataclasses
 import importlib
 import pathlib
+import re
+import subprocess
 
 import pytest
 
@@ -103,3 +106,63 @@ def test_topk_selection_designs_are_the_triton_paths():
     for design in designs:
         if not design.default:
             assert design.opt_in == f"{topk_triton.PATH_ENV}={design.name}"
+
+
+def test_kernels_that_ran_are_unchanged_or_say_what_changed():
+    """Each design that ran on a GPU records the fingerprint of its kernels' code then; the code in
+    this tree has that fingerprint (or one shown to compile to the same machine code), or the entry's
+    ``changed`` says what changed since, so that ``python -m l2m_kernels.info`` lists it. A change to
+    a measured kernel cannot go unlisted."""
+    for d in _gpu_status.DESIGNS:
+        name = f"{d.backend} {d.family} {d.name}"
+        if d.gpu_run is None:
+            assert not d.ran and not d.equivalent and not d.changed, f"{name}: never ran, so nothing ran or changed"
+            continue
+        assert re.fullmatch("[0-9a-f]{12}", d.ran), f"{name}: record the fingerprint of the code that ran"
+        now = _gpu_status.fingerprint(d)
+        assert now is not None, f"{name}: its kernel sources are missing from the checkout"
+        if d.code_as_run():
+            assert not d.changed, f"{name}: lists changes, but its code is the code that ran ({now})"
+        else:
+            assert d.changed, (f"{name}: its kernels differ from the code that ran on {d.gpu_run} (fingerprint "
+                               f"{d.ran} -> {now}); say what changed in its `changed` (then it is listed as "
+                               f"not yet run in this form), or record a new GPU run")
+
+
+def test_a_kernel_change_is_caught(tmp_path):
+    """The fingerprint follows the code, not its layout: a changed operation in a kernel (or in a
+    jit function it calls) changes it, a changed comment does not."""
+    design = next(d for d in _gpu_status.DESIGNS if d.backend == "triton" and d.name == "stream")
+    module = ROOT / "l2m_kernels" / "ops" / "topk_read" / "triton.py"
+    tree = _gpu_status.SourceTree(root=tmp_path)
+    target = tmp_path / module.relative_to(ROOT)
+    target.parent.mkdir(parents=True)
+    text = module.read_text()
+    target.write_text(text)
+    base = _gpu_status.fingerprint(design, tree)
+    assert base == _gpu_status.fingerprint(design)
+    select = text.index("def topk_read_fwd_select_kernel(")
+    body = text.index("\n", text.index(":\n", select) + 2) + 1  # the line after the signature
+    target.write_text(text[:body] + "    # a comment\n" + text[body:])
+    assert _gpu_status.fingerprint(design, tree) == base
+    called = "_encode_keys"  # a jit function the select kernel calls
+    assert f"{called}(" in text[select:text.index("\n@triton.jit", select + 1)]
+    definition = text.index(f"def {called}(")
+    ret = text.index("    return ", definition)
+    target.write_text(text[:ret] + "    b_s = b_s + 0\n" + text[ret:])
+    assert _gpu_status.fingerprint(design, tree) != base
+
+
+def test_recorded_fingerprints_are_those_of_the_run_commit():
+    """``ran`` is the fingerprint of the sources at the GPU run's commit (read from git history)."""
+    commits = {d.gpu_run.commit for d in _gpu_status.DESIGNS if d.gpu_run is not None}
+    for commit in sorted(commits):
+        probe = subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", f"{commit}^{{commit}}"],
+                               capture_output=True)
+        if probe.returncode != 0:
+            pytest.skip(f"commit {commit} is not in this clone's history (a shallow clone?): cannot "
+                        "recompute the recorded fingerprints")
+    for d in _gpu_status.DESIGNS:
+        if d.gpu_run is not None:
+            assert _gpu_status.fingerprint(d, _gpu_status.SourceTree(d.gpu_run.commit)) == d.ran, (
+                f"{d.backend} {d.family} {d.name}")
