@@ -22,11 +22,11 @@ OUT=$ROOT/build/sanitize
 
 # The CPU-backend tests: the op tests (their triton cases need the interpreter, not the extension),
 # the extension's own tests, the instruction-set variants, validation, the fuzzer's reference and
-# cpu cases, the fake-kernel cross-check and the thread test (not the memory-growth test: ASan's
-# quarantine holds freed memory on purpose).
+# cpu cases, the strided-operand tests, the fake-kernel cross-check and the thread test (not the
+# memory-growth test: ASan's quarantine holds freed memory on purpose).
 DEFAULT_TESTS=(tests/ops tests/test_cpu_ext_smoke.py tests/test_cpu_topk_smoke.py
                tests/test_cpu_isa.py tests/test_validation.py tests/test_check.py tests/test_fuzz.py
-               tests/test_fake_strides.py tests/test_threads_and_leaks.py
+               tests/test_cpu_strides.py tests/test_fake_strides.py tests/test_threads_and_leaks.py
                -k "not triton and not compile and not leave_memory_flat")
 if [ "$#" -eq 0 ]; then
   set -- "${DEFAULT_TESTS[@]}"
@@ -46,15 +46,17 @@ LIBASAN=$("${CXX:-c++}" -print-file-name=libasan.so)
 if [ ! -e "$LIBASAN" ]; then
   echo "sanitize.sh: ${CXX:-c++} has no libasan.so ($LIBASAN)"; exit 1
 fi
-# Reports go to files (one per process, test subprocesses included): pytest's output capture would
-# swallow a report written to stderr by a process that then aborts.
+# ASan reports go to files (one per process, test subprocesses included). UBSan's runtime, loaded
+# with the extension beside ASan's, ignores log_path and writes to stderr: pytest runs with
+# --capture=sys (its fd-level capture would swallow a report written by a process that then exits)
+# and its stderr is kept in $REPORTS/stderr.log, where each "runtime error:" counts as a report.
 REPORTS=$OUT/reports
 rm -rf "$REPORTS" && mkdir -p "$REPORTS"
 # libstdc++ preloaded too: python does not link it, and ASan's __cxa_throw interceptor must find it
 # when ASan starts (else the first C++ exception aborts with "CHECK failed ... real___cxa_throw").
 export LD_PRELOAD="$LIBASAN $("${CXX:-c++}" -print-file-name=libstdc++.so)"
 export ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:log_path=$REPORTS/asan
-export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:log_path=$REPORTS/ubsan
+export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 export PYTHONPATH=$OUT/lib${PYTHONPATH:+:$PYTHONPATH}
 
 cd "$OUT"
@@ -71,11 +73,16 @@ for arg in "$@"; do
 done
 start=$(date +%s)
 status=0
-"$PY" -m pytest -q -p no:cacheprovider --rootdir "$ROOT" "${paths[@]}" || status=$?
-reports=$(find "$REPORTS" -type f | wc -l)
-for report in $(find "$REPORTS" -type f); do
+"$PY" -m pytest -q -p no:cacheprovider --capture=sys --rootdir "$ROOT" "${paths[@]}" \
+  2> >(tee "$REPORTS/stderr.log" >&2) || status=$?
+sleep 1  # let tee finish writing
+reports=$(( $(find "$REPORTS" -type f -name 'asan*' | wc -l) + $(grep -c "runtime error:" "$REPORTS/stderr.log") ))
+for report in $(find "$REPORTS" -type f -name 'asan*'); do
   echo "==== $report"; head -60 "$report"
 done
+if grep -q "runtime error:" "$REPORTS/stderr.log"; then
+  echo "==== UBSan ($REPORTS/stderr.log)"; grep -A12 "runtime error:" "$REPORTS/stderr.log" | head -60
+fi
 echo "sanitize.sh: tests in $(( $(date +%s) - start )) s, $reports sanitizer report(s)," \
      "pytest status $status"
 [ "$status" -eq 0 ] && [ "$reports" -eq 0 ]

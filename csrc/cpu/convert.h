@@ -30,6 +30,15 @@ inline namespace L2M_CPU_ISA {
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
+// memcpy of n elements; nothing for n == 0, where either pointer may be null (an empty tensor or
+// scratch row), which memcpy must not be passed even for a zero size.
+template <typename T>
+inline void copy_elements(const T* src, T* dst, int64_t n) {
+  if (n > 0) {
+    std::memcpy(dst, src, n * sizeof(T));
+  }
+}
+
 inline void to_acc(const c10::BFloat16* src, float* dst, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
@@ -53,11 +62,11 @@ inline void to_acc(const c10::Half* src, float* dst, int64_t n) {
 }
 
 inline void to_acc(const float* src, float* dst, int64_t n) {
-  std::memcpy(dst, src, n * sizeof(float));
+  copy_elements(src, dst, n);
 }
 
 inline void to_acc(const double* src, double* dst, int64_t n) {
-  std::memcpy(dst, src, n * sizeof(double));
+  copy_elements(src, dst, n);
 }
 
 inline void from_acc(const float* src, c10::BFloat16* dst, int64_t n) {
@@ -82,11 +91,11 @@ inline void from_acc(const float* src, c10::Half* dst, int64_t n) {
 }
 
 inline void from_acc(const float* src, float* dst, int64_t n) {
-  std::memcpy(dst, src, n * sizeof(float));
+  copy_elements(src, dst, n);
 }
 
 inline void from_acc(const double* src, double* dst, int64_t n) {
-  std::memcpy(dst, src, n * sizeof(double));
+  copy_elements(src, dst, n);
 }
 
 // n elements of `src` as the accumulation type: `src` itself when it already is that type, else

@@ -526,7 +526,7 @@ struct FwdRunner {
       const int64_t first_row = (b * heads + h) * seq_len + t_begin;  // flat (b, h, t) row
       if (p.q_rows.dense) {
         if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          std::memcpy(q_block, q + first_row * dim_k, rows * dim_k * sizeof(acc_t));
+          copy_elements(q + first_row * dim_k, q_block, rows * dim_k);
         } else {
           to_acc(q + first_row * dim_k, q_block, rows * dim_k);
         }
@@ -859,8 +859,7 @@ void product_key_bwd_impl(const ProductKeyBwdParams& p) {
     // Storage is the acc type: one task per row range zeroes it, then walks every entry in order
     // and adds those that land in its range, straight into dvalues (no sort needed).
     at::parallel_for(0, num_out_rows, 4096, [&](int64_t begin, int64_t end) {
-      std::memset(static_cast<void*>(dvalues + begin * dim_v), 0,
-                  (end - begin) * dim_v * sizeof(scalar_t));
+      std::fill_n(dvalues + begin * dim_v, (end - begin) * dim_v, scalar_t(0));
       std::vector<acc_t> dout_buffer(dim_v);
       for (int64_t entry = 0; entry < num_entries; ++entry) {
         const int64_t out_row = entry_row[entry];
@@ -897,7 +896,7 @@ void product_key_bwd_impl(const ProductKeyBwdParams& p) {
       for (int64_t out_row = begin; out_row < end; ++out_row) {
         scalar_t* dst = dvalues + out_row * dim_v;
         if (row_begin[out_row] == row_begin[out_row + 1]) {
-          std::memset(static_cast<void*>(dst), 0, dim_v * sizeof(scalar_t));  // +0.0, any dtype
+          std::fill_n(dst, dim_v, scalar_t(0));  // +0.0, any dtype
           continue;
         }
         std::fill(dvalue_acc.begin(), dvalue_acc.end(), acc_t(0));
