@@ -3,7 +3,8 @@
 Queries, keys, values and output gradients come out of models as views: a projection viewed as
 (B, T, H, D) and transposed to (B, H, T, D), a slice of a longer sequence, a tensor broadcast over
 heads with stride 0. The cpu backend's top-k read, product-key read and memory attention take such
-operands as they are when their last dimension is contiguous (l2m_kernels.ops._common.rows_for).
+operands as they are when their last dimension is contiguous (l2m_kernels.ops._common.rows_for), and
+so does its gated memory write for its weights, add and erase.
 For each op and layout: the launcher makes no copy of a strided operand (every aten op it runs is
 recorded), and its outputs and gradients are bitwise those of the same call on row-major copies.
 A layout whose last dimension is strided is copied once and gives the same results too.
@@ -15,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import l2m_kernels as l2m
 from l2m_kernels import _ext
 from l2m_kernels.ops.memory_attention import function as memory_attention_function
+from l2m_kernels.ops.memory_write import function as memory_write_function
 from l2m_kernels.ops.product_key import function as product_key_function
 from l2m_kernels.ops.topk_read import function as topk_read_function
 from l2m_kernels.testing import rand
@@ -57,6 +59,14 @@ def _layout(name, seed, d, dtype):
     make, in_place = LAYOUTS[name]
     tensor = make(torch.Generator().manual_seed(seed), d, dtype)
     assert not tensor.is_contiguous()
+    return tensor, in_place
+
+
+def _unit_layout(name, seed, d, dtype):
+    """A layout of values in (0, 1), as write weights and erase strengths are: the layout's base
+    tensor squashed in place, so the view keeps its strides."""
+    tensor, in_place = _layout(name, seed, d, dtype)
+    tensor._base.sigmoid_()
     return tensor, in_place
 
 
@@ -135,6 +145,119 @@ def test_memory_attention_reads_strided_rows(layout, merge):
     _check(lambda dout_, q_, k_, v_: bwd(dout_, dlse_local, dlse_mem, q_, k_, v_, mem_keys, mem_values, indices,
                                          out, lse_local, lse_mem, window, merge, gate, scale, False),
            [dout, q, k, v], in_place and merge == "joint")
+
+
+def _write_indices(lead, N, kw, generator, dtype):
+    """Slots in [-1, N) with the same slot twice in a step, again in a later step, and skips (-1)."""
+    indices = torch.randint(-1, N, (*lead, T, kw), generator=generator)
+    indices[..., 0, 0] = indices[..., 0, 0].clamp_min(0)
+    indices[..., 0, 1] = indices[..., 0, 0]
+    indices[..., 2, 0] = indices[..., 0, 0]
+    indices[..., 1, -1] = -1
+    return indices.to(dtype)
+
+
+@pytest.mark.parametrize("erase_one", [False, True], ids=["erase-D", "erase-1"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_memory_write_reads_strided_rows(layout, dtype, erase_one):
+    g = torch.Generator().manual_seed(13)
+    N, kw = 5, 3
+    memory = rand(B, H, N, D, generator=g, dtype=dtype)
+    indices = _write_indices((B, H), N, kw, g, torch.int32 if erase_one else torch.int64)
+    weights, in_place = _unit_layout(layout, 14, kw, dtype)
+    add, _ = _layout(layout, 15, D, dtype)
+    erase, _ = _unit_layout(layout, 16, 1 if erase_one else D, dtype)
+    fwd = memory_write_function.WRITE_FWD["cpu"]
+    inplace = memory_write_function.WRITE_INPLACE["cpu"]
+    bwd = memory_write_function.WRITE_BWD["cpu"]
+    operands = [weights, add, erase]
+    _check(lambda w, a, e: (fwd(memory, indices, w, a, e),), operands, in_place)
+    _check(lambda w, a, e: (inplace(memory.clone(), indices, w, a, e),), operands, in_place)
+    dnew = rand(B, H, N, D, generator=g, dtype=dtype)
+    _check(lambda w, a, e: bwd(dnew, memory, indices, w, a, e), operands, in_place)
+    out = fwd(memory, indices, weights, add, erase)
+    assert not torch.equal(out, memory)  # the writes landed
+
+
+def test_memory_write_reads_strided_rows_3d():
+    """The (B, N, D) memory form: add a transposed (T, B, D), erase a slice of last size 1,
+    weights broadcast over the batch."""
+    g = torch.Generator().manual_seed(17)
+    N, kw, dtype = 5, 3, torch.float32
+    memory = rand(B, N, D, generator=g)
+    indices = _write_indices((B,), N, kw, g, torch.int64)
+    weights = torch.rand(1, T, kw, generator=g).expand(B, T, kw)
+    add = rand(T, B, D, generator=g, dtype=dtype).transpose(0, 1)
+    erase = torch.rand(B, T + 2, 1, generator=g)[:, 1:T + 1]
+    operands = [weights, add, erase]
+    assert not any(t.is_contiguous() for t in operands)
+    fwd = memory_write_function.WRITE_FWD["cpu"]
+    inplace = memory_write_function.WRITE_INPLACE["cpu"]
+    bwd = memory_write_function.WRITE_BWD["cpu"]
+    _check(lambda w, a, e: (fwd(memory, indices, w, a, e),), operands, True)
+    _check(lambda w, a, e: (inplace(memory.clone(), indices, w, a, e),), operands, True)
+    dnew = rand(B, N, D, generator=g)
+    _check(lambda w, a, e: bwd(dnew, memory, indices, w, a, e), operands, True)
+
+
+def test_memory_write_binding_checks_strided_operands():
+    """The raw cpu kernel takes strided weights, add and erase but still refuses what it cannot
+    read: a strided last dimension, a strided memory or indices, wrong leading dimensions, indices
+    out of range, all before anything runs."""
+    ext = _ext.cpu_extension()
+    g = torch.Generator().manual_seed(18)
+    N, kw = 5, 3
+    memory = rand(B, H, N, D, generator=g)
+    indices = _write_indices((B, H), N, kw, g, torch.int64)
+    weights = torch.rand(B, T, H, kw, generator=g).transpose(1, 2)
+    add = rand(B, T, H, D, generator=g).transpose(1, 2)
+    erase = torch.rand(B, T, H, 1, generator=g).transpose(1, 2)
+    out = torch.empty_like(memory)
+    ext.gated_memory_write_fwd(memory, indices, weights, add, erase, out)
+    with pytest.raises(ValueError, match="add must have a contiguous last dimension"):
+        ext.gated_memory_write_fwd(memory, indices, weights, rand(B, H, T, 2 * D)[..., ::2], erase, out)
+    with pytest.raises(ValueError, match="memory must be contiguous"):
+        ext.gated_memory_write_fwd(memory.transpose(0, 1).contiguous().transpose(0, 1), indices, weights,
+                                   add, erase, out)
+    with pytest.raises(ValueError, match="indices must be contiguous"):
+        ext.gated_memory_write_fwd(memory, indices.transpose(1, 2).contiguous().transpose(1, 2), weights,
+                                   add, erase, out)
+    with pytest.raises(ValueError, match=r"indices must have shape \(B, Hm, T, kw\)"):
+        ext.gated_memory_write_fwd(memory, indices[:, :2].contiguous(), weights, add, erase, out)
+    with pytest.raises(ValueError, match=r"add must have shape \(B, Hm, T, D\)"):
+        ext.gated_memory_write_fwd(memory, indices, weights, add[:, :2], erase, out)
+    with pytest.raises(ValueError, match="out must be contiguous"):
+        ext.gated_memory_write_fwd(memory, indices, weights, add, erase,
+                                   torch.empty(B, N, H, D).transpose(1, 2))
+    bad = indices.clone()
+    bad[0, 0, 0, 0] = N
+    with pytest.raises(IndexError, match="indices must be -1 or in"):
+        ext.gated_memory_write_fwd(memory, bad, weights, add, erase, out)
+    grads = [torch.empty(t.shape) for t in (memory, weights, add, erase)]
+    ext.gated_memory_write_bwd(torch.ones_like(memory), memory, indices, weights, add, erase, *grads)
+    with pytest.raises(ValueError, match="dadd must be contiguous"):
+        ext.gated_memory_write_bwd(torch.ones_like(memory), memory, indices, weights, add, erase, grads[0],
+                                   grads[1], torch.empty(B, T, H, D).transpose(1, 2), grads[3])
+
+
+def test_memory_write_operand_viewing_the_memory_written_in_place():
+    """An add that is a slice of the memory written in place: the kernel, reading it in place,
+    refuses it (even though a slice is not dense, where at::assert_no_overlap cannot tell); the
+    in-place write reads it from a copy, as before, with the results of a separate add."""
+    g = torch.Generator().manual_seed(19)
+    N, kw = T + 3, 3
+    memory = rand(B, H, N, D, generator=g)
+    indices = _write_indices((B, H), N, kw, g, torch.int64)
+    weights = torch.rand(B, H, T, kw, generator=g)
+    erase = torch.rand(B, H, T, D, generator=g)
+    add = memory[:, :, 2:T + 2]
+    assert not add.is_contiguous()
+    with pytest.raises(RuntimeError, match="out overlaps add"):
+        _ext.cpu_extension().gated_memory_write_fwd(memory, indices, weights, add, erase, memory)
+    want = l2m.gated_memory_write(memory, indices, weights, add.clone(), erase, backend="cpu")
+    l2m.gated_memory_write(memory, indices, weights, add, erase, inplace=True, backend="cpu")
+    torch.testing.assert_close(memory, want, rtol=0, atol=0)
 
 
 def test_model_layout_end_to_end():

@@ -11,11 +11,13 @@
 
 #include <atomic>
 #include <cctype>
+#include <cstdint>
 #include <cstdlib>
 #include <initializer_list>
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kernels.h"
@@ -851,40 +853,107 @@ struct WriteShape {
   bool indices_int32;
 };
 
-// memory (G, N, D); indices and weights (G, T, kw); add (G, T, D); erase (G, T, D) or (G, T, 1).
-// The slots are used as addresses: every index must be -1 or name an existing slot.
+// Where the (g, t) rows of a checked write operand start (rows.h): a (B, Hm, T, .) tensor as it
+// is, a (B, T, .) one as (B, 1, T, .).
+l2m::cpu::Rows write_rows_of(const at::Tensor& tensor) {
+  if (tensor.dim() == 4) {
+    return rows_of(tensor);
+  }
+  if (tensor.is_contiguous()) {
+    return l2m::cpu::Rows::contiguous(1, tensor.size(1), tensor.size(2));
+  }
+  return l2m::cpu::Rows::strided(1, tensor.size(1), tensor.stride(0), 0, tensor.stride(1));
+}
+
+// at::assert_no_overlap (check_apart) passes tensors it cannot judge, such as sliced operands,
+// which are not dense; the write kernels read weights, add and erase where they lie while they
+// store to their outputs. So no output may reach into the bytes between the first and the last
+// element of one of those operands (a conservative test: strides are never negative).
+void check_span_apart(std::initializer_list<std::pair<const char*, const at::Tensor*>> outputs,
+                      std::initializer_list<std::pair<const char*, const at::Tensor*>> inputs,
+                      const char* op) {
+  const auto span = [](const at::Tensor& tensor) {
+    int64_t last = 0;
+    for (int64_t axis = 0; axis < tensor.dim(); ++axis) {
+      last += (tensor.size(axis) - 1) * tensor.stride(axis);
+    }
+    const auto begin = reinterpret_cast<uintptr_t>(tensor.const_data_ptr());
+    const int64_t bytes = (last + 1) * static_cast<int64_t>(tensor.element_size());
+    return std::make_pair(begin, begin + static_cast<uintptr_t>(bytes));
+  };
+  for (const auto& [output_name, output] : outputs) {
+    for (const auto& [input_name, input] : inputs) {
+      if (output->numel() == 0 || input->numel() == 0) {
+        continue;
+      }
+      const auto [out_begin, out_end] = span(*output);
+      const auto [in_begin, in_end] = span(*input);
+      if (out_begin < in_end && in_begin < out_end) {
+        TORCH_CHECK(false, std::string(op) + ": " + output_name + " overlaps " + input_name +
+                               ", which is read while it is written (clone " + input_name +
+                               " first)");
+      }
+    }
+  }
+}
+
+// memory (B, Hm, N, D) or (B, N, D): its leading dimensions, (B, Hm) or (B,), are the G = B * Hm
+// or B memories. indices and weights (.., T, kw); add (.., T, D); erase (.., T, D) or (.., T, 1),
+// with the same leading dimensions. The leading dimensions are taken as they are rather than
+// merged into G by the caller: for a transposed projection (B, Hm) -> G is not a view, and
+// weights, add and erase are read in place (write_rows_of), needing only a contiguous last
+// dimension; memory and indices must be contiguous. The slots are used as addresses: every index
+// must be -1 or name an existing slot.
 WriteShape check_write_inputs(const at::Tensor& memory, const at::Tensor& indices,
                               const at::Tensor& weights, const at::Tensor& add,
                               const at::Tensor& erase, const char* op) {
   check_storage(memory, op, "memory");
-  if (memory.dim() != 3) {
-    TORCH_CHECK_VALUE(false, std::string(op) + ": memory must have shape (G, N, D), got " +
+  if (memory.dim() != 3 && memory.dim() != 4) {
+    TORCH_CHECK_VALUE(false, std::string(op) +
+                                 ": memory must have shape (B, Hm, N, D) or (B, N, D), got " +
                                  shape_of(memory));
   }
   const auto dtype = memory.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
                        dtype == at::kBFloat16,
                    op, ": memory must be float32, float64, float16 or bfloat16, got ", dtype);
+  const bool heads = memory.dim() == 4;
+  const std::vector<int64_t> lead(memory.sizes().begin(), memory.sizes().end() - 2);
   WriteShape shape{};
-  shape.groups = memory.size(0);
-  shape.num_slots = memory.size(1);
-  shape.dim = memory.size(2);
+  shape.groups = heads ? lead[0] * lead[1] : lead[0];
+  shape.num_slots = memory.size(-2);
+  shape.dim = memory.size(-1);
   check_storage(indices, op, "indices");
-  if (indices.dim() != 3 || indices.size(0) != shape.groups) {
-    TORCH_CHECK_VALUE(false, std::string(op) + ": indices must have shape (G, T, kw) with G = " +
-                                 std::to_string(shape.groups) + ", got " + shape_of(indices));
+  bool same_lead = indices.dim() == memory.dim();
+  for (size_t axis = 0; same_lead && axis < lead.size(); ++axis) {
+    same_lead = indices.size(static_cast<int64_t>(axis)) == lead[axis];
+  }
+  if (!same_lead) {
+    TORCH_CHECK_VALUE(false, std::string(op) + ": indices must have shape " +
+                                 (heads ? "(B, Hm, T, kw)" : "(B, T, kw)") + " with " +
+                                 (heads ? "(B, Hm)" : "(B,)") + " = " + dims_text(lead) +
+                                 ", got " + shape_of(indices));
   }
   TORCH_CHECK_TYPE(indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong, op,
                    ": indices must be int32 or int64, got ", indices.scalar_type());
   shape.indices_int32 = indices.scalar_type() == at::kInt;
-  shape.steps = indices.size(1);
-  shape.writes_per_step = indices.size(2);
-  check_tensor(weights, op, "weights", dtype, indices.sizes().vec(), "(G, T, kw)");
-  check_tensor(add, op, "add", dtype, {shape.groups, shape.steps, shape.dim}, "(G, T, D)");
-  check_storage(erase, op, "erase");
-  shape.erase_dim = erase.dim() == 3 && erase.size(2) == 1 ? 1 : shape.dim;
-  check_tensor(erase, op, "erase", dtype, {shape.groups, shape.steps, shape.erase_dim},
-               "(G, T, D) or (G, T, 1)");
+  shape.steps = indices.size(-2);
+  shape.writes_per_step = indices.size(-1);
+  const auto with_lead = [&](int64_t last) {
+    std::vector<int64_t> dims = lead;
+    dims.push_back(shape.steps);
+    dims.push_back(last);
+    return dims;
+  };
+  check_tensor(weights, op, "weights", dtype, indices.sizes().vec(),
+               heads ? "(B, Hm, T, kw)" : "(B, T, kw)", /*strided_rows=*/true);
+  check_tensor(add, op, "add", dtype, with_lead(shape.dim), heads ? "(B, Hm, T, D)" : "(B, T, D)",
+               /*strided_rows=*/true);
+  check_storage(erase, op, "erase", /*strided_rows=*/true);
+  shape.erase_dim = erase.dim() == memory.dim() && erase.size(-1) == 1 ? 1 : shape.dim;
+  check_tensor(erase, op, "erase", dtype, with_lead(shape.erase_dim),
+               heads ? "(B, Hm, T, D) or (B, Hm, T, 1)" : "(B, T, D) or (B, T, 1)",
+               /*strided_rows=*/true);
   // The range over all indices first (a vectorisable min/max), the message only when it fails.
   const int64_t num_indices = indices.numel();
   int64_t low = 0, high = -1;
@@ -923,6 +992,7 @@ void gated_memory_write_fwd(const at::Tensor& memory, const at::Tensor& indices,
   // out may be memory itself (in place: each slot is read before it is written), nothing else.
   at::assert_no_partial_overlap(out, memory);
   check_apart({&out}, {&indices, &weights, &add, &erase});
+  check_span_apart({{"out", &out}}, {{"weights", &weights}, {"add", &add}, {"erase", &erase}}, op);
   l2m::cpu::GatedMemoryWriteFwdParams params{};
   params.dtype = memory.scalar_type();
   params.indices_int32 = shape.indices_int32;
@@ -935,8 +1005,11 @@ void gated_memory_write_fwd(const at::Tensor& memory, const at::Tensor& indices,
   params.memory = memory.const_data_ptr();
   params.indices = indices.const_data_ptr();
   params.weights = weights.const_data_ptr();
+  params.weight_rows = write_rows_of(weights);
   params.add = add.const_data_ptr();
+  params.add_rows = write_rows_of(add);
   params.erase = erase.const_data_ptr();
+  params.erase_rows = write_rows_of(erase);
   params.out = out.data_ptr();
   kernels().gated_memory_write_fwd(params);
 }
@@ -956,6 +1029,9 @@ void gated_memory_write_bwd(const at::Tensor& dnew, const at::Tensor& memory,
   check_tensor(derase, op, "derase", dtype, erase.sizes().vec(), "like erase");
   check_apart({&dmemory, &dweights, &dadd, &derase},
               {&dnew, &memory, &indices, &weights, &add, &erase});
+  check_span_apart({{"dmemory", &dmemory}, {"dweights", &dweights}, {"dadd", &dadd},
+                    {"derase", &derase}},
+                   {{"weights", &weights}, {"add", &add}, {"erase", &erase}}, op);
   l2m::cpu::GatedMemoryWriteBwdParams params{};
   params.dtype = dtype;
   params.indices_int32 = shape.indices_int32;
@@ -969,8 +1045,11 @@ void gated_memory_write_bwd(const at::Tensor& dnew, const at::Tensor& memory,
   params.memory = memory.const_data_ptr();
   params.indices = indices.const_data_ptr();
   params.weights = weights.const_data_ptr();
+  params.weight_rows = write_rows_of(weights);
   params.add = add.const_data_ptr();
+  params.add_rows = write_rows_of(add);
   params.erase = erase.const_data_ptr();
+  params.erase_rows = write_rows_of(erase);
   params.dmemory = dmemory.data_ptr();
   params.dweights = dweights.data_ptr();
   params.dadd = dadd.data_ptr();
@@ -1367,16 +1446,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   m.def("gated_memory_write_fwd", &gated_memory_write_fwd, release_gil, py::arg("memory"),
         py::arg("indices"), py::arg("weights"), py::arg("add"), py::arg("erase"), py::arg("out"),
-        "Gated memory writes. memory (G, N, D); indices (G, T, kw) int32/int64 in [-1, N), -1 = no\n"
-        "write; weights (G, T, kw); add (G, T, D); erase (G, T, D) or (G, T, 1), all memory's\n"
-        "dtype. Writes out (like memory; may be memory itself: then only written slots are stored):\n"
+        "Gated memory writes. memory (B, Hm, N, D) or (B, N, D); with its leading dims L: indices\n"
+        "(*L, T, kw) int32/int64 in [-1, N), -1 = no write; weights (*L, T, kw); add (*L, T, D);\n"
+        "erase (*L, T, D) or (*L, T, 1), all memory's dtype. memory and indices contiguous;\n"
+        "weights, add and erase of any strides with a contiguous last dim (read in place).\n"
+        "Writes out (like memory; may be memory itself: then only written slots are stored):\n"
         "for p = t * kw + j in order, M[s] = M[s] * (1 - w * erase[t]) + w * add[t].");
   m.def("gated_memory_write_bwd", &gated_memory_write_bwd, release_gil, py::arg("dnew"),
         py::arg("memory"), py::arg("indices"), py::arg("weights"), py::arg("add"),
         py::arg("erase"), py::arg("dmemory"), py::arg("dweights"), py::arg("dadd"),
         py::arg("derase"),
-        "Gradients of gated_memory_write_fwd (memory = its input): writes dmemory, dweights, dadd,\n"
-        "derase, each like its input. Deterministic (per-slot chains, fixed-order step sums).");
+        "Gradients of gated_memory_write_fwd (memory = its input; dnew contiguous, like memory):\n"
+        "writes dmemory, dweights, dadd, derase, each of its input's shape, contiguous.\n"
+        "Deterministic (per-slot chains, fixed-order step sums).");
 
   m.def("gated_dense_update_fwd", &gated_dense_update_fwd, release_gil, py::arg("memory"),
         py::arg("update"), py::arg("input_gate"), py::arg("forget_gate"), py::arg("out"),

@@ -147,23 +147,39 @@ WritePlan make_plan(const void* indices, bool indices_int32, int64_t groups, int
   return plan;
 }
 
-// Inputs of write `entry` (global position g * P + t * kw + j), loaded in acc.
+// Inputs of write `entry` (global position g * P + t * kw + j), loaded in acc. weights, add and
+// erase are read where they lie (rows placed by a Rows each, memory_write.h): the same values as
+// from row-major copies, so the same results, bitwise.
 template <typename scalar_t>
 struct WriteInputs {
   using acc_t = acc_type<scalar_t>;
   const scalar_t* weights;
   const scalar_t* add;
   const scalar_t* erase;
+  Rows weight_rows, add_rows, erase_rows;
   int64_t dim, erase_dim, steps, writes_per_step;
 
-  acc_t weight(int64_t entry) const { return static_cast<acc_t>(weights[entry]); }
-  // Row (g, t) of add / erase for an entry.
+  // Row (g, t) = g * T + t of weights / add / erase for an entry.
   int64_t step_row(int64_t entry) const { return entry / writes_per_step; }
-  const scalar_t* add_row(int64_t entry) const { return add + step_row(entry) * dim; }
-  const scalar_t* erase_row(int64_t entry) const { return erase + step_row(entry) * erase_dim; }
+  acc_t weight(int64_t entry) const {
+    if (weight_rows.dense) {
+      return static_cast<acc_t>(weights[entry]);
+    }
+    const int64_t row = step_row(entry);
+    return static_cast<acc_t>(weights[weight_rows.offset(row) + (entry - row * writes_per_step)]);
+  }
+  const scalar_t* add_row(int64_t entry) const { return add + add_rows.offset(step_row(entry)); }
+  const scalar_t* erase_row(int64_t entry) const {
+    return erase + erase_rows.offset(step_row(entry));
+  }
 
   // state <- state * (1 - w * e) + w * add, in the reference's operation order.
-  // Columns [col_begin, col_end) of `state` (indexed from column 0).
+  // Columns [col_begin, col_end) of `state` (indexed from column 0). The loops are `GCC ivdep`
+  // (as is the backward's reverse walk): add and erase never overlap `state` (a scratch row, or a
+  // row of out, which the bindings keep apart from them), and without the pragma the compiler
+  // versions each loop on a run-time test of how close the rows lie, so a row read in place could
+  // take the scalar version where its row-major copy takes the vector one, whose floating-point
+  // contraction differs: results would depend on addresses, not only on values.
   void apply(int64_t entry, acc_t* state, int64_t col_begin = 0, int64_t col_end = -1) const {
     if (col_end < 0) {
       col_end = dim;
@@ -173,10 +189,12 @@ struct WriteInputs {
     const scalar_t* erase_values = erase_row(entry);
     if (erase_dim == 1) {
       const acc_t keep = acc_t(1) - w * static_cast<acc_t>(erase_values[0]);
+#pragma GCC ivdep
       for (int64_t d = col_begin; d < col_end; ++d) {
         state[d] = state[d] * keep + w * static_cast<acc_t>(add_values[d]);
       }
     } else {
+#pragma GCC ivdep
       for (int64_t d = col_begin; d < col_end; ++d) {
         const acc_t keep = acc_t(1) - w * static_cast<acc_t>(erase_values[d]);
         state[d] = state[d] * keep + w * static_cast<acc_t>(add_values[d]);
@@ -188,7 +206,8 @@ struct WriteInputs {
 template <typename Params, typename scalar_t>
 WriteInputs<scalar_t> write_inputs(const Params& params) {
   return {static_cast<const scalar_t*>(params.weights), static_cast<const scalar_t*>(params.add),
-          static_cast<const scalar_t*>(params.erase), params.dim, params.erase_dim, params.steps,
+          static_cast<const scalar_t*>(params.erase), params.weight_rows, params.add_rows,
+          params.erase_rows, params.dim, params.erase_dim, params.steps,
           params.writes_per_step};
 }
 
@@ -350,6 +369,7 @@ void gated_memory_write_bwd_impl(const GatedMemoryWriteBwdParams& params) {
         const scalar_t* erase_values = inputs.erase_row(entry);
         acc_t* part = row_parts.data() + i * dim;  // m_prev in, w * dm out
         acc_t dweight = 0, derase_sum = 0;
+#pragma GCC ivdep  // one code path whatever the addresses: see WriteInputs::apply
         for (int64_t d = 0; d < dim; ++d) {
           const acc_t e = static_cast<acc_t>(erase_values[erase_dim == 1 ? 0 : d]);
           const acc_t m_prev = part[d], dm = dstate[d];

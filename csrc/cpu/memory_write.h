@@ -2,13 +2,19 @@
 //
 // The launchers know nothing about at::Tensor: bindings.cpp validates tensors and fills these
 // structs. Semantics: SPEC section 3 and l2m_kernels/ops/memory_write/reference.py. The leading
-// (B, Hm) or (B,) dimensions are flattened into G "memories" (G = B * Hm, or B). Every pointer
-// addresses a contiguous tensor; `acc` below is float64 for float64 input, else float32.
+// (B, Hm) or (B,) dimensions are numbered as G "memories" (G = B * Hm, or B; g = b * Hm + h).
+// Every pointer addresses a contiguous tensor except weights, add and erase: in models they are
+// projections viewed as (B, T, Hm, D) and transposed, slices or broadcasts, so their (g, t) rows
+// are placed by a Rows (rows.h; rows numbered g * T + t, the (B, T, .) form read as
+// (B, 1, T, .)) and read where they lie, so they must not overlap an output (bindings.cpp checks).
+// `acc` below is float64 for float64 input, else float32.
 #pragma once
 
 #include <cstdint>
 
 #include <c10/core/ScalarType.h>
+
+#include "rows.h"
 
 namespace l2m::cpu {
 
@@ -27,13 +33,16 @@ struct GatedMemoryWriteFwdParams {
   int64_t erase_dim;        // 1 (one gate per step, broadcast over D) or D
   const void* memory;       // (G, N, D) dtype
   const void* indices;      // (G, T, kw) int32/int64, each in [-1, N)
-  const void* weights;      // (G, T, kw) dtype
-  const void* add;          // (G, T, D) dtype
-  const void* erase;        // (G, T, erase_dim) dtype
+  const void* weights;      // (G, T, kw) dtype, rows at weight_rows
+  Rows weight_rows;
+  const void* add;          // (G, T, D) dtype, rows at add_rows
+  Rows add_rows;
+  const void* erase;        // (G, T, erase_dim) dtype, rows at erase_rows
+  Rows erase_rows;
   void* out;                // (G, N, D) dtype; may be `memory` itself (in place)
 };
 
-// Gradients of the forward for dnew = dL/dout (all outputs have dtype):
+// Gradients of the forward for dnew = dL/dout (all outputs have dtype and are contiguous):
 //   dmemory (G, N, D), dweights (G, T, kw), dadd (G, T, D), derase (G, T, erase_dim).
 // Each written slot's chain is recomputed forward from memory, then walked in reverse:
 //   dw = dm . (add - e * m_prev),  dadd += w * dm,  derase += -w * m_prev * dm (summed over D when
@@ -52,13 +61,16 @@ struct GatedMemoryWriteBwdParams {
   const void* dnew;     // (G, N, D) dtype
   const void* memory;   // (G, N, D) dtype, the forward's input
   const void* indices;  // (G, T, kw)
-  const void* weights;  // (G, T, kw) dtype
-  const void* add;      // (G, T, D) dtype
-  const void* erase;    // (G, T, erase_dim) dtype
+  const void* weights;  // (G, T, kw) dtype, rows at weight_rows
+  Rows weight_rows;
+  const void* add;      // (G, T, D) dtype, rows at add_rows
+  Rows add_rows;
+  const void* erase;    // (G, T, erase_dim) dtype, rows at erase_rows
+  Rows erase_rows;
   void* dmemory;        // (G, N, D) dtype
-  void* dweights;       // (G, T, kw) dtype
-  void* dadd;           // (G, T, D) dtype
-  void* derase;         // (G, T, erase_dim) dtype
+  void* dweights;       // (G, T, kw) dtype, contiguous
+  void* dadd;           // (G, T, D) dtype, contiguous
+  void* derase;         // (G, T, erase_dim) dtype, contiguous
 };
 
 // The launchers, compiled once per instruction-set variant into l2m::cpu::<variant> (isa.h).

@@ -40,7 +40,8 @@ def rows_for(backend: str) -> Callable[[Tensor], Tensor]:
     """How ``backend``'s kernels take a (B, H, T, D) operand that may be strided.
 
     The cpu kernels read queries, keys, values and output gradients (and product_key_read's
-    (B, T, Dv) ``dout`` with ``sum_heads``) in place when the last
+    (B, T, Dv) ``dout`` with ``sum_heads``, and gated_memory_write's (B, Hm, T, .) or (B, T, .)
+    ``weights``, ``add`` and ``erase``) in place when the last
     dimension is contiguous (stride 1), whatever the strides of the other dimensions: a projection
     viewed as (B, T, H, D) and transposed, a slice, a stride-0 broadcast over heads or batch. Such
     a tensor is passed as it is; any other is copied to row-major once. The triton and cuda

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ... import _ext
 from ..._alloc import empty
-from .._common import contiguous_like, reference_vjp
+from .._common import contiguous_like, reference_vjp, rows_for
 from .plan import write_plan
 from .reference import gated_dense_update_ref, gated_memory_write_ref, gated_memory_write_ref_
 from .validate import check_dense_args, check_write_args, check_write_values
@@ -21,17 +21,40 @@ def _reference_write_bwd(dnew, memory, indices, weights, add, erase):
 
 
 def _flat_write_args(memory, indices, weights, add, erase):
-    """Contiguous views with the leading (B, Hm) or (B,) dimensions merged into one, G: memory
-    (G, N, D), indices and weights (G, T, kw), add (G, T, D), erase (G, T, D or 1)."""
+    """The GPU kernels' operands: contiguous views with the leading (B, Hm) or (B,) dimensions
+    merged into one, G: memory (G, N, D), indices and weights (G, T, kw), add (G, T, D), erase
+    (G, T, D or 1)."""
     groups = math.prod(memory.shape[:-2])
     return tuple(t.contiguous().reshape(groups, *t.shape[-2:])
                  for t in (memory, indices, weights, add, erase))
 
 
+cpu_rows = rows_for("cpu")
+
+
+def _cpu_write_args(memory, indices, weights, add, erase):
+    """The cpu kernel's operands, with their leading (B, Hm) or (B,) dimensions as they are: memory
+    (B, Hm, N, D) or (B, N, D) and indices (.., T, kw) contiguous; weights (.., T, kw), add
+    (.., T, D) and erase (.., T, D or 1) as models make them (a projection viewed as (B, T, Hm, D)
+    and transposed, a slice, a broadcast), read in place when their last dimension is contiguous:
+    merging (B, Hm) into one dimension, as the GPU kernels' flat operands do, would copy them."""
+    return (memory.contiguous(), indices.contiguous(), cpu_rows(weights), cpu_rows(add),
+            cpu_rows(erase))
+
+
+def _apart_from(target, tensor):
+    """``tensor`` as the kernel can read it while it writes ``target`` in place: a strided view of
+    the memory being written (``add = memory[:, :, :T]``) is read from a row-major copy, as it was
+    before the kernel read strides (the kernel refuses an operand overlapping its output; a
+    contiguous one was never copied and is still refused)."""
+    shared = tensor.untyped_storage().data_ptr() == target.untyped_storage().data_ptr()
+    return tensor.contiguous() if shared else tensor
+
+
 def _cpu_write_fwd(memory, indices, weights, add, erase):
     out = empty(memory.shape, dtype=memory.dtype, device=memory.device)
-    flat = _flat_write_args(memory, indices, weights, add, erase)
-    _ext.cpu_extension().gated_memory_write_fwd(*flat, out.view(flat[0].shape))
+    _ext.cpu_extension().gated_memory_write_fwd(*_cpu_write_args(memory, indices, weights, add, erase),
+                                                out)
     return out
 
 
@@ -39,8 +62,9 @@ def _cpu_write_inplace(memory, indices, weights, add, erase):
     # The kernel stores only to written slots of a contiguous memory; a strided one is updated
     # through a contiguous copy (whose unwritten slots copy back unchanged).
     target = memory if memory.is_contiguous() else memory.contiguous()
-    flat = _flat_write_args(target, indices, weights, add, erase)
-    _ext.cpu_extension().gated_memory_write_fwd(*flat, flat[0])
+    weights, add, erase = (_apart_from(target, t) for t in (weights, add, erase))
+    _ext.cpu_extension().gated_memory_write_fwd(*_cpu_write_args(target, indices, weights, add, erase),
+                                                target)
     if target is not memory:
         memory.copy_(target)
     return memory
@@ -48,10 +72,8 @@ def _cpu_write_inplace(memory, indices, weights, add, erase):
 
 def _cpu_write_bwd(dnew, memory, indices, weights, add, erase):
     grads = tuple(empty(t.shape, dtype=t.dtype, device=t.device) for t in (memory, weights, add, erase))
-    flat = _flat_write_args(memory, indices, weights, add, erase)
-    flat_grads = tuple(g.view(f.shape) for g, f in zip(grads, (flat[0],) + flat[2:]))
-    _ext.cpu_extension().gated_memory_write_bwd(dnew.contiguous().view(flat[0].shape), *flat,
-                                                *flat_grads)
+    _ext.cpu_extension().gated_memory_write_bwd(
+        dnew.contiguous(), *_cpu_write_args(memory, indices, weights, add, erase), *grads)
     return grads
 
 
