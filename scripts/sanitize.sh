@@ -76,7 +76,8 @@ status=0
 "$PY" -m pytest -q -p no:cacheprovider --capture=sys --rootdir "$ROOT" "${paths[@]}" \
   2> >(tee "$REPORTS/stderr.log" >&2) || status=$?
 sleep 1  # let tee finish writing
-reports=$(( $(find "$REPORTS" -type f -name 'asan*' | wc -l) + $(grep -c "runtime error:" "$REPORTS/stderr.log") ))
+ubsan_reports=$(grep -c "runtime error:" "$REPORTS/stderr.log" || true)  # grep -c exits 1 on 0
+reports=$(( $(find "$REPORTS" -type f -name 'asan*' | wc -l) + ubsan_reports ))
 for report in $(find "$REPORTS" -type f -name 'asan*'); do
   echo "==== $report"; head -60 "$report"
 done
