@@ -260,6 +260,82 @@ def test_memory_write_operand_viewing_the_memory_written_in_place():
     torch.testing.assert_close(memory, want, rtol=0, atol=0)
 
 
+DENSE_INPUTS = {  # name -> the four inputs of gated_dense_update (B, Hm, N, D) = (2, 3, 5, 37)
+    "broadcast-gates": lambda g, dtype: (
+        rand(2, 3, 5, 37, generator=g, dtype=dtype), rand(2, 3, 5, 37, generator=g, dtype=dtype),
+        rand(2, 3, 5, 1, generator=g, dtype=dtype), rand(1, 3, 1, 37, generator=g, dtype=dtype)),
+    "transposed-update": lambda g, dtype: (
+        rand(2, 3, 5, 37, generator=g, dtype=dtype),
+        rand(2, 5, 3, 37, generator=g, dtype=dtype).transpose(1, 2),
+        rand(2, 3, 5, 1, generator=g, dtype=dtype), rand(2, 3, 5, 1, generator=g, dtype=dtype)),
+    "scalar-gates-3d": lambda g, dtype: (
+        rand(4, 9, 37, generator=g, dtype=dtype), rand(4, 9, 37, generator=g, dtype=dtype),
+        rand(generator=g, dtype=dtype), rand(4, 1, 1, generator=g, dtype=dtype)),
+    "last-dim-strided": lambda g, dtype: (
+        rand(2, 3, 37, 5, generator=g, dtype=dtype).transpose(-1, -2),
+        rand(2, 3, 5, 37, generator=g, dtype=dtype), rand(2, 3, 5, 1, generator=g, dtype=dtype),
+        rand(2, 3, 5, 1, generator=g, dtype=dtype)),
+}
+
+
+def _dense_flat(inputs, dout):
+    """The flat path (every input materialised contiguous at the broadcast shape, as the launcher
+    did before it read strides): output and the gradients summed back to each input's shape."""
+    ext = _ext.cpu_extension()
+    full = tuple(t.contiguous() for t in torch.broadcast_tensors(*inputs))
+    out = torch.empty_like(full[0])
+    ext.gated_dense_update_fwd(*full, out)
+    acc = torch.float64 if full[0].dtype == torch.float64 else torch.float32
+    grads = tuple(torch.empty(full[0].shape, dtype=acc) for _ in full)
+    ext.gated_dense_update_bwd(dout.contiguous(), *full, *grads)
+    return out, tuple(g.sum_to_size(t.shape).to(t.dtype) for g, t in zip(grads, inputs))
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("case", DENSE_INPUTS)
+def test_dense_update_reads_broadcast_and_strided_inputs(case, dtype):
+    """Gates broadcast over any dimension (stride 0) and transposed inputs are read where they lie,
+    not materialised at the broadcast shape; outputs and gradients are bitwise the flat path's."""
+    inputs = DENSE_INPUTS[case](torch.Generator().manual_seed(13), dtype)
+    shape = torch.broadcast_shapes(*(t.shape for t in inputs))
+    dout = rand(*shape, generator=torch.Generator().manual_seed(14), dtype=dtype)
+    fwd, bwd = memory_write_function.DENSE_FWD["cpu"], memory_write_function.DENSE_BWD["cpu"]
+    with CopyRecorder(*inputs) as recorder:
+        out = fwd(*inputs)
+        grads = bwd(dout, *inputs)
+    if case == "last-dim-strided":  # memory's last dimension has stride 5: copied once per call
+        assert recorder.copies and all("clone" in c for c in recorder.copies), recorder.copies
+    else:
+        assert recorder.copies == [], f"inputs were copied: {recorder.copies}"
+    want_out, want_grads = _dense_flat(inputs, dout)
+    torch.testing.assert_close(out, want_out, rtol=0, atol=0, equal_nan=True)
+    for name, got, want in zip(("dmemory", "dupdate", "dinput_gate", "dforget_gate"), grads, want_grads):
+        assert got.shape == want.shape, name
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True, msg=name)
+
+
+def test_dense_update_binding_checks_strided_inputs():
+    """The binding takes 4-D views whose last dimension has stride 1 or 0, and nothing else."""
+    ext = _ext.cpu_extension()
+    m = rand(2, 3, 4, 5)
+    gate = rand(2, 3, 4, 1).expand(2, 3, 4, 5)
+    out = torch.empty(2, 3, 4, 5)
+    ext.gated_dense_update_fwd(m, m, gate, gate, out)
+    torch.testing.assert_close(out, torch.sigmoid(gate) * m + torch.sigmoid(gate) * torch.tanh(m))
+    with pytest.raises(ValueError, match="update must have a contiguous last dimension"):
+        ext.gated_dense_update_fwd(m, m.transpose(-1, -2).contiguous().transpose(-1, -2), gate, gate, out)
+    with pytest.raises(ValueError, match="4-D views"):
+        ext.gated_dense_update_fwd(m.view(6, 4, 5), m.view(6, 4, 5), gate.reshape(6, 4, 5)[:, :, :1].expand(6, 4, 5),
+                                   m.view(6, 4, 5), out.view(6, 4, 5))
+    # A broadcast gate that views the output's own storage: read while written, so refused before
+    # the kernel runs, and the storage is left as it was.
+    storage = rand(2, 3, 4, 5)
+    before = storage.clone()
+    with pytest.raises(RuntimeError, match="out overlaps input_gate"):
+        ext.gated_dense_update_fwd(m, m, storage[..., :1].expand(2, 3, 4, 5), gate, storage)
+    assert torch.equal(storage, before)
+
+
 def test_model_layout_end_to_end():
     """Through the public function: a transposed projection's q gives the gradients of the row-major
     call (tests/test_compile_training.py trains such inputs under torch.compile)."""

@@ -206,9 +206,10 @@ std::string shape_of(const at::Tensor& tensor) {
 }
 
 // `strided_rows`: a (B, H, T, D) operand the kernel reads through l2m::cpu::Rows, which needs only
-// its last dimension contiguous; every other operand must be contiguous.
+// its last dimension contiguous (or, `broadcast_last`, of stride 0 too); every other operand must
+// be contiguous.
 void check_storage(const at::Tensor& tensor, const char* op, const char* name,
-                   bool strided_rows = false) {
+                   bool strided_rows = false, bool broadcast_last = false) {
   TORCH_CHECK_VALUE(tensor.defined(), op, ": ", name, " is undefined");
   TORCH_CHECK_VALUE(tensor.device().is_cpu(), op, ": ", name, " must be on the cpu, got ",
                     c10::DeviceTypeName(tensor.device().type(), /*lower_case=*/true));
@@ -216,9 +217,9 @@ void check_storage(const at::Tensor& tensor, const char* op, const char* name,
                     " must be a strided (dense) tensor");
   if (strided_rows) {
     TORCH_CHECK_VALUE(tensor.dim() == 0 || tensor.numel() == 0 || tensor.stride(-1) == 1 ||
-                          tensor.size(-1) <= 1,
-                      op,
-                      ": ", name, " must have a contiguous last dimension (stride 1), got stride ",
+                          tensor.size(-1) <= 1 || (broadcast_last && tensor.stride(-1) == 0),
+                      op, ": ", name, " must have a contiguous last dimension (stride 1",
+                      broadcast_last ? " or 0" : "", "), got stride ",
                       tensor.dim() == 0 ? 0 : tensor.stride(-1));
   } else {
     TORCH_CHECK_VALUE(tensor.is_contiguous(), op, ": ", name, " must be contiguous");
@@ -422,8 +423,8 @@ std::string dtype_text(c10::ScalarType dtype) {
 // A tensor of exactly `dims` and `dtype`; `dims_names` spells the expected shape, e.g. "(B, H, T)".
 void check_tensor(const at::Tensor& tensor, const char* op, const char* name,
                   c10::ScalarType dtype, const std::vector<int64_t>& dims, const char* dims_names,
-                  bool strided_rows = false) {
-  check_storage(tensor, op, name, strided_rows);
+                  bool strided_rows = false, bool broadcast_last = false) {
+  check_storage(tensor, op, name, strided_rows, broadcast_last);
   bool same_shape = tensor.dim() == static_cast<int64_t>(dims.size());
   for (size_t axis = 0; same_shape && axis < dims.size(); ++axis) {
     same_shape = tensor.size(static_cast<int64_t>(axis)) == dims[axis];
@@ -1278,26 +1279,65 @@ void memory_read_weights(const at::Tensor& q, const at::Tensor& keys, const at::
 
 // ---- gated_dense_update (dense_update.h) ----
 
-// The four inputs: same-shape contiguous tensors of one floating dtype (broadcast by the caller).
-void check_dense_inputs(const at::Tensor& memory, const at::Tensor& update,
+// The four inputs: same-shape tensors of one floating dtype (broadcast by the caller), either all
+// contiguous (any number of dimensions: the flat path) or 4-D views of the broadcast shape whose
+// last dimension has stride 1 or 0 (the strided path; rows.h). Returns whether they are strided.
+bool check_dense_inputs(const at::Tensor& memory, const at::Tensor& update,
                         const at::Tensor& input_gate, const at::Tensor& forget_gate,
                         const char* op) {
-  check_storage(memory, op, "memory");
+  const bool strided = !(memory.is_contiguous() && update.is_contiguous() &&
+                         input_gate.is_contiguous() && forget_gate.is_contiguous());
+  const std::pair<const char*, const at::Tensor*> inputs[4] = {
+      {"memory", &memory}, {"update", &update}, {"input_gate", &input_gate},
+      {"forget_gate", &forget_gate}};
+  for (const auto& [name, input] : inputs) {
+    check_storage(*input, op, name, strided, /*broadcast_last=*/true);
+    if (strided && input->dim() != 4) {
+      TORCH_CHECK_VALUE(false, std::string(op) + ": strided inputs must be 4-D views of the " +
+                                   "broadcast shape, got " + name + " " + shape_of(*input));
+    }
+  }
   const auto dtype = memory.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
                        dtype == at::kBFloat16,
                    op, ": memory must be float32, float64, float16 or bfloat16, got ", dtype);
   const std::vector<int64_t> dims = memory.sizes().vec();
-  check_tensor(update, op, "update", dtype, dims, "like memory");
-  check_tensor(input_gate, op, "input_gate", dtype, dims, "like memory");
-  check_tensor(forget_gate, op, "forget_gate", dtype, dims, "like memory");
+  check_tensor(update, op, "update", dtype, dims, "like memory", strided, /*broadcast_last=*/true);
+  check_tensor(input_gate, op, "input_gate", dtype, dims, "like memory", strided, /*broadcast_last=*/true);
+  check_tensor(forget_gate, op, "forget_gate", dtype, dims, "like memory", strided, /*broadcast_last=*/true);
+  return strided;
+}
+
+l2m::cpu::DenseLayout dense_layout_of(const at::Tensor& input) {
+  return {rows_of(input), input.size(3) <= 1 ? 1 : input.stride(3)};
+}
+
+// The strided path's layouts; the outputs (contiguous) must not reach into a strided input's bytes
+// (the kernel reads inputs where they lie while it stores).
+template <typename Params>
+void fill_dense_layouts(Params& params, bool strided, const at::Tensor& memory,
+                        const at::Tensor& update, const at::Tensor& input_gate,
+                        const at::Tensor& forget_gate,
+                        std::initializer_list<std::pair<const char*, const at::Tensor*>> outputs,
+                        const char* op) {
+  params.strided = strided;
+  if (!strided) {
+    return;
+  }
+  check_span_apart(outputs, {{"memory", &memory}, {"update", &update},
+                             {"input_gate", &input_gate}, {"forget_gate", &forget_gate}}, op);
+  params.row_len = memory.size(3);
+  params.memory_layout = dense_layout_of(memory);
+  params.update_layout = dense_layout_of(update);
+  params.input_gate_layout = dense_layout_of(input_gate);
+  params.forget_gate_layout = dense_layout_of(forget_gate);
 }
 
 void gated_dense_update_fwd(const at::Tensor& memory, const at::Tensor& update,
                             const at::Tensor& input_gate, const at::Tensor& forget_gate,
                             const at::Tensor& out) {
   constexpr const char* op = "gated_dense_update_fwd";
-  check_dense_inputs(memory, update, input_gate, forget_gate, op);
+  const bool strided = check_dense_inputs(memory, update, input_gate, forget_gate, op);
   check_tensor(out, op, "out", memory.scalar_type(), memory.sizes().vec(), "like memory");
   // Elementwise: out may alias an input exactly (each element is read before it is written).
   check_outputs_apart({&out}, {&memory, &update, &input_gate, &forget_gate});
@@ -1308,6 +1348,8 @@ void gated_dense_update_fwd(const at::Tensor& memory, const at::Tensor& update,
   params.update = update.const_data_ptr();
   params.input_gate = input_gate.const_data_ptr();
   params.forget_gate = forget_gate.const_data_ptr();
+  fill_dense_layouts(params, strided, memory, update, input_gate, forget_gate, {{"out", &out}},
+                     op);
   params.out = out.data_ptr();
   kernels().gated_dense_update_fwd(params);
 }
@@ -1318,7 +1360,7 @@ void gated_dense_update_bwd(const at::Tensor& dout, const at::Tensor& memory,
                             const at::Tensor& dupdate, const at::Tensor& dinput_gate,
                             const at::Tensor& dforget_gate) {
   constexpr const char* op = "gated_dense_update_bwd";
-  check_dense_inputs(memory, update, input_gate, forget_gate, op);
+  const bool strided = check_dense_inputs(memory, update, input_gate, forget_gate, op);
   const auto dtype = memory.scalar_type();
   const auto acc = acc_dtype_for(dtype);
   const std::vector<int64_t> dims = memory.sizes().vec();
@@ -1338,6 +1380,10 @@ void gated_dense_update_bwd(const at::Tensor& dout, const at::Tensor& memory,
   params.update = update.const_data_ptr();
   params.input_gate = input_gate.const_data_ptr();
   params.forget_gate = forget_gate.const_data_ptr();
+  fill_dense_layouts(params, strided, memory, update, input_gate, forget_gate,
+                     {{"dmemory", &dmemory}, {"dupdate", &dupdate}, {"dinput_gate", &dinput_gate},
+                      {"dforget_gate", &dforget_gate}},
+                     op);
   params.dmemory = dmemory.data_ptr();
   params.dupdate = dupdate.data_ptr();
   params.dinput_gate = dinput_gate.data_ptr();
@@ -1462,8 +1508,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   m.def("gated_dense_update_fwd", &gated_dense_update_fwd, release_gil, py::arg("memory"),
         py::arg("update"), py::arg("input_gate"), py::arg("forget_gate"), py::arg("out"),
-        "Gated dense update, elementwise over same-shape contiguous tensors of one dtype: writes\n"
-        "out = sigmoid(forget_gate) * memory + sigmoid(input_gate) * tanh(update) (like memory).");
+        "Gated dense update, elementwise over same-shape tensors of one dtype (all contiguous, or\n"
+        "4-D views whose last dimension has stride 1 or 0, e.g. broadcast gates): writes\n"
+        "out = sigmoid(forget_gate) * memory + sigmoid(input_gate) * tanh(update) (contiguous).");
   m.def("gated_dense_update_bwd", &gated_dense_update_bwd, release_gil, py::arg("dout"),
         py::arg("memory"), py::arg("update"), py::arg("input_gate"), py::arg("forget_gate"),
         py::arg("dmemory"), py::arg("dupdate"), py::arg("dinput_gate"), py::arg("dforget_gate"),

@@ -1,28 +1,43 @@
 // LM2-style gated dense memory update of l2m-kernels, CPU backend: parameter structs and launchers.
 //
 // The launchers know nothing about at::Tensor: bindings.cpp validates tensors and fills these
-// structs. Semantics: SPEC section 3 and l2m_kernels/ops/memory_write/reference.py. The kernels
-// are purely elementwise over `numel` elements of same-shape contiguous tensors; broadcasting (and
-// reducing gradients back to broadcast inputs) is the Python launcher's job. `acc` below is
-// float64 for float64 input, else float32.
+// structs. Semantics: l2m_kernels/ops/memory_write/reference.py. The kernels are elementwise over
+// the `numel` elements of the inputs' common broadcast shape (S0, S1, S2, S3). Either every input
+// is contiguous of that shape (`strided` false: one flat range), or `strided` and each input is
+// read where it lies through its DenseLayout: a stride-0 gate broadcast over the last dimension,
+// or over any leading one, is not materialised. Outputs are contiguous of the broadcast shape;
+// reducing gradients back to broadcast inputs is the Python launcher's job. `acc` below is float64
+// for float64 input, else float32.
 #pragma once
 
 #include <cstdint>
 
 #include <c10/core/ScalarType.h>
 
+#include "rows.h"
+
 namespace l2m::cpu {
+
+// Where an input lies on the strided path: its rows over the leading (S0, S1, S2) dimensions
+// (rows.h; row r = (i0 * S1 + i1) * S2 + i2) and its stride along S3, 1 or 0 (broadcast).
+struct DenseLayout {
+  Rows rows;
+  int64_t step = 1;
+};
 
 // out = sigmoid(forget_gate) * memory + sigmoid(input_gate) * tanh(update), computed in acc and
 // rounded once to dtype.
 struct GatedDenseUpdateFwdParams {
   c10::ScalarType dtype;    // of every tensor
-  int64_t numel;
-  const void* memory;       // (numel,) dtype
-  const void* update;       // (numel,) dtype
-  const void* input_gate;   // (numel,) dtype, logits
-  const void* forget_gate;  // (numel,) dtype, logits
-  void* out;                // (numel,) dtype
+  int64_t numel;            // S0 * S1 * S2 * S3
+  int64_t row_len;          // S3 (strided only)
+  bool strided;             // inputs placed by their layouts (else contiguous of numel elements)
+  const void* memory;       // dtype
+  const void* update;       // dtype
+  const void* input_gate;   // dtype, logits
+  const void* forget_gate;  // dtype, logits
+  DenseLayout memory_layout, update_layout, input_gate_layout, forget_gate_layout;
+  void* out;                // (numel,) dtype, contiguous
 };
 
 // Elementwise gradients for dout = dL/dout, with sf = sigmoid(forget_gate),
@@ -34,11 +49,14 @@ struct GatedDenseUpdateFwdParams {
 struct GatedDenseUpdateBwdParams {
   c10::ScalarType dtype;  // of dout and the four inputs
   int64_t numel;
-  const void* dout;          // (numel,) dtype
-  const void* memory;        // (numel,) dtype
-  const void* update;        // (numel,) dtype
-  const void* input_gate;    // (numel,) dtype
-  const void* forget_gate;   // (numel,) dtype
+  int64_t row_len;
+  bool strided;
+  const void* dout;          // (numel,) dtype, contiguous
+  const void* memory;        // dtype, as in the forward
+  const void* update;
+  const void* input_gate;
+  const void* forget_gate;
+  DenseLayout memory_layout, update_layout, input_gate_layout, forget_gate_layout;
   void* dmemory;             // (numel,) acc
   void* dupdate;             // (numel,) acc
   void* dinput_gate;         // (numel,) acc

@@ -222,33 +222,9 @@ torch.library.register_autograd("l2m::gated_memory_write", _write_backward, setu
 # gated_dense_update
 # ----------------------------------------------------------------------------------------------
 
-def _dense_operands(memory, update, input_gate, forget_gate):
-    """The four inputs broadcast to their common shape, contiguous (the kernels are elementwise)."""
-    return tuple(t.contiguous() for t in torch.broadcast_tensors(memory, update, input_gate, forget_gate))
-
-
-def _cpu_dense_fwd(memory, update, input_gate, forget_gate):
-    operands = _dense_operands(memory, update, input_gate, forget_gate)
-    out = empty(operands[0].shape, dtype=memory.dtype, device=memory.device)
-    _ext.cpu_extension().gated_dense_update_fwd(*operands, out)
-    return out
-
-
-def _cpu_dense_bwd(dout, memory, update, input_gate, forget_gate):
-    inputs = (memory, update, input_gate, forget_gate)
-    operands = _dense_operands(*inputs)
-    shape, dtype = operands[0].shape, memory.dtype
-    # Elementwise gradients in acc (float32 for half types), summed over the broadcast dimensions
-    # of each input before the one rounding to its dtype.
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    grads = tuple(empty(shape, dtype=acc, device=memory.device) for _ in inputs)
-    _ext.cpu_extension().gated_dense_update_bwd(dout.to(dtype).contiguous(), *operands, *grads)
-    return tuple(g.sum_to_size(t.shape).to(t.dtype) for g, t in zip(grads, inputs))
-
-
 def _broadcast_views4(*tensors):
     """The tensors as 4-D views of their broadcast shape, without copying: broadcast dimensions get
-    stride 0 (the GPU kernels index every operand by its own strides). Shapes of more than four
+    stride 0 (the kernels index every operand by its own strides). Shapes of more than four
     dimensions are materialised, contiguous, and flattened to (1, 1, 1, numel)."""
     shape = torch.broadcast_shapes(*(t.shape for t in tensors))
     if len(shape) > 4:
@@ -258,40 +234,54 @@ def _broadcast_views4(*tensors):
     return tuple(t.expand(shape4) for t in tensors), shape
 
 
-# GPU backends export, on 4-D views of the broadcast shape (any strides, 0 where broadcast):
+def _dense_views(backend, *inputs):
+    """The four inputs as ``backend``'s kernels take them: 4-D views of the broadcast shape, read
+    where they lie (a gate broadcast over any dimension is not materialised). The cpu kernels need
+    the last dimension's stride to be 1 or 0; a view with any other is copied."""
+    views, shape = _broadcast_views4(*inputs)
+    if backend == "cpu":
+        views = tuple(v if v.stride(-1) in (0, 1) or v.shape[-1] <= 1 else v.contiguous() for v in views)
+    return views, shape
+
+
+def _dense_kernels(backend: str):
+    return _ext.cpu_extension() if backend == "cpu" else _gpu_kernels(backend)
+
+
+# Every fused backend exports, on 4-D views of the broadcast shape (strides as _dense_views gives):
 #   gated_dense_update_fwd(memory, update, input_gate, forget_gate, out)       out contiguous 4-D
 #   gated_dense_update_bwd(dout, memory, update, input_gate, forget_gate,
 #                          dmemory, dupdate, dinput_gate, dforget_gate)
 #       dout contiguous 4-D; the four gradients contiguous 4-D of the broadcast shape in float32
 #       (float64 for float64), reduced here to each input's shape before the one rounding.
-def _gpu_dense_fwd(backend):
+def _fused_dense_fwd(backend):
     def fwd(memory, update, input_gate, forget_gate):
-        views, shape = _broadcast_views4(memory, update, input_gate, forget_gate)
+        views, shape = _dense_views(backend, memory, update, input_gate, forget_gate)
         out = empty(views[0].shape, dtype=memory.dtype, device=memory.device)
         if out.numel():
-            _gpu_kernels(backend).gated_dense_update_fwd(*views, out)
+            _dense_kernels(backend).gated_dense_update_fwd(*views, out)
         return out.view(shape)
     return fwd
 
 
-def _gpu_dense_bwd(backend):
+def _fused_dense_bwd(backend):
     def bwd(dout, memory, update, input_gate, forget_gate):
         inputs = (memory, update, input_gate, forget_gate)
-        views, shape = _broadcast_views4(*inputs)
+        views, shape = _dense_views(backend, *inputs)
         acc = torch.float64 if memory.dtype == torch.float64 else torch.float32
         grads = tuple(empty(views[0].shape, dtype=acc, device=memory.device) for _ in inputs)
         if dout.numel():
-            _gpu_kernels(backend).gated_dense_update_bwd(
+            _dense_kernels(backend).gated_dense_update_bwd(
                 dout.to(memory.dtype).contiguous().view(views[0].shape), *views, *grads)
         return tuple(g.view(shape).sum_to_size(t.shape).to(t.dtype) for g, t in zip(grads, inputs))
     return bwd
 
 
 DENSE_FWD = {"reference": lambda m, u, i, f: gated_dense_update_ref(m, u, i, f).contiguous(),
-             "cpu": _cpu_dense_fwd, **{name: _gpu_dense_fwd(name) for name in ("triton", "cuda")}}
+             **{name: _fused_dense_fwd(name) for name in ("cpu", "triton", "cuda")}}
 DENSE_BWD = {"reference": lambda dout, m, u, i, f: tuple(
     reference_vjp(gated_dense_update_ref, (m, u, i, f), (dout,), (True, True, True, True))),
-             "cpu": _cpu_dense_bwd, **{name: _gpu_dense_bwd(name) for name in ("triton", "cuda")}}
+             **{name: _fused_dense_bwd(name) for name in ("cpu", "triton", "cuda")}}
 
 
 @torch.library.custom_op("l2m::gated_dense_update", mutates_args=())

@@ -1,7 +1,7 @@
 """Triton kernels and launchers for ``gated_memory_write`` and ``gated_dense_update`` (SPEC section 3).
 
 The launchers implement the GPU interface that ``function.py`` documents above ``_gpu_kernels`` and
-``_gpu_dense_fwd`` (shared with the cuda backend): inputs flat and contiguous (the write) or 4-D
+``_fused_dense_fwd`` (shared with the cuda and cpu backends): inputs flat and contiguous (the write) or 4-D
 strided views (the dense update), outputs preallocated and passed last, ``None`` returned.
 
 Gated memory write
