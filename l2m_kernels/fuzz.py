@@ -1463,6 +1463,14 @@ REGRESSIONS: list = [
                                   "grad": False, "mutation": None, "B": 1, "H": 2, "T": 1, "half": 1, "Dv": 1,
                                   "n_sub": 17, "k_sub": 17, "k": 289, "sum_heads": True, "sparse_grad": False,
                                   "pass_k_sub": True, "deterministic": False, "scale": 0.5})),
+    ("pk-triton-dk0-deterministic",
+     "product_key_read's deterministic triton backward with Dk = 0 raised a RuntimeError viewing the "
+     "empty sub-key gradient as (-1, 0)",
+     ("product_key_read", "triton", {"dtype": "float32", "seed": 0, "layouts": {}, "specials": [],
+                                     "mode": "normal", "grad": True, "mutation": None, "B": 1, "H": 1, "T": 1,
+                                     "half": 0, "Dv": 1, "n_sub": 1, "k_sub": 1, "k": 1, "sum_heads": False,
+                                     "sparse_grad": False, "pass_k_sub": False, "deterministic": True,
+                                     "scale": None})),
     ("zero-heads-divisor",
      "the fuzzer's own bug: with H = 0 its 'Hm = H + 1' mutation was a valid call (1 divides 0), "
      "taken for an accepted invalid argument; a zero head count is the invalid one there",

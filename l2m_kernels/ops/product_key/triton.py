@@ -787,7 +787,8 @@ def product_key_bwd(dout, dweights, dlse, q, subkeys, values, indices, weights, 
             order, run_starts = _segments(sub_keys, H * 2 * n_sub)
             coef_entry = order % E
             src_offset = row[coef_entry] * Dk + torch.where(order >= E, Dh, 0)
-            _segment_reduce(q, ds, coef_entry, src_offset, run_starts, dsubkeys.view(-1, Dh), scale)
+            if Dh:  # Dk = 0: dsubkeys has no element to reduce into (and no (-1, 0) view)
+                _segment_reduce(q, ds, coef_entry, src_offset, run_starts, dsubkeys.view(-1, Dh), scale)
             if not sparse_grad:
                 order, run_starts = _segments(slot, N)
                 dout_row = row[order]
