@@ -379,8 +379,11 @@ def _check(name, actual, expected, dtype, tol):
 
 
 # Roundings a kernel may make computing one term in its accumulation dtype (float32; float64
-# for float64 input), besides storing it once in the input dtype.
-ROUNDINGS = 8
+# for float64 input), besides storing it once in the input dtype. A term is often itself a sum
+# whose terms cancel (a query row's dq sums k products, and the softmax backward's
+# sum_i w_i dw_i enters every one of them), so this is a budget, not a count: 8 was exceeded by
+# 1.4% on a stride-0 query's gradient at k = 256 with integer data (fuzz.REGRESSIONS).
+ROUNDINGS = 16
 
 
 def _term_error(dtype) -> float:
@@ -1471,6 +1474,14 @@ REGRESSIONS: list = [
                                      "half": 0, "Dv": 1, "n_sub": 1, "k_sub": 1, "k": 1, "sum_heads": False,
                                      "sparse_grad": False, "pass_k_sub": False, "deterministic": True,
                                      "scale": None})),
+    ("topk-expanded-q-k256",
+     "a tolerance too tight for the fuzzer's own check: the gradient of a stride-0 query at k = N = "
+     "256 with integer data (ties, so dq's k products cancel) exceeded the 8-rounding term budget "
+     "by 1.4% (1.014e-05 against 1e-05); the budget is 16 roundings",
+     ("topk_memory_read", "cpu", {"dtype": "float32", "seed": 1, "layouts": {"q": "expanded"}, "specials": [],
+                                  "mode": "int", "grad": True, "mutation": None, "B": 2, "Hm": 3, "T": 1,
+                                  "Dk": 1, "Dv": 20, "H": 3, "N": 256, "shared": True, "deterministic": False,
+                                  "k": 256, "valid_len": None, "scale": 0.5})),
     ("zero-heads-divisor",
      "the fuzzer's own bug: with H = 0 its 'Hm = H + 1' mutation was a valid call (1 divides 0), "
      "taken for an accepted invalid argument; a zero head count is the invalid one there",
