@@ -524,16 +524,8 @@ struct FwdRunner {
 
     for (int64_t h = h_begin; h < h_end; ++h) {
       const int64_t first_row = (b * heads + h) * seq_len + t_begin;  // flat (b, h, t) row
-      if (p.q_rows.dense) {
-        if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          copy_elements(q + first_row * dim_k, q_block, rows * dim_k);
-        } else {
-          to_acc(q + first_row * dim_k, q_block, rows * dim_k);
-        }
-      } else {
-        for (int64_t r = 0; r < rows; ++r) {
-          to_acc(q + p.q_rows.offset(first_row + r), q_block + r * dim_k, dim_k);
-        }
+      for (int64_t r = 0; r < rows; ++r) {  // rows of any strides (a copy for float / double)
+        to_acc(q + p.q_rows.offset(first_row + r), q_block + r * dim_k, dim_k);
       }
       std::fill(q_block + rows * dim_k, q_block + padded_rows * dim_k, acc_t(0));
 
