@@ -1,4 +1,4 @@
-"""Benchmark utilities shared by ``benchmarks/bench_*.py`` and the suite.
+"""Benchmark utilities of ``l2m-bench`` (:mod:`l2m_kernels.bench`).
 
 Every benchmark compares, in one run: the fused path, the reference in eager mode and the reference
 under ``torch.compile``; it reports median times of forward, backward and both, peak memory, and

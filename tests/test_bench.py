@@ -1,12 +1,13 @@
 """``l2m-bench``: runs at tiny shapes, writes JSON, Markdown and PNG, and its table compares the fused
 backend with the reference (op benchmarks and the model training step)."""
+import importlib
 import json
 
 import pytest
 import torch
 
 from l2m_kernels import backends
-from l2m_kernels.bench import BENCHMARKS, main
+from l2m_kernels.bench import BENCHMARKS, QUICK_WRITE_COMPILE_NOTE, main, run_benchmark
 
 _CPU_REASONS = backends.BACKENDS["cpu"].not_supported_reasons("merge_attention", torch.device("cpu"),
                                                               torch.float32)
@@ -59,3 +60,32 @@ def test_bench_rejects_unknown_names(capsys):
         main(["--only", "merge,nonsense"])
     assert "nonsense" in capsys.readouterr().err
     assert BENCHMARKS[-1] == "model"
+
+
+@pytest.mark.filterwarnings("ignore:No artists with labels:UserWarning")  # a plot of no rows
+def test_bench_options_reach_the_benchmarks(tmp_path, monkeypatch):
+    # --merge reaches memory_attention; a quick memory_write skips its compiled reference (minutes of
+    # compilation) only when other benchmarks run too, so that --only memory_write --quick measures it.
+    calls = {}
+
+    def recorder(name):
+        def run(device, quick, ceilings, **kwargs):
+            calls[name] = dict(kwargs, quick=quick)
+            return []
+        return run
+
+    for name in ("memory_attention", "memory_write"):
+        monkeypatch.setattr(importlib.import_module(f"l2m_kernels.bench.{name}"), "run", recorder(name))
+    cpu = torch.device("cpu")
+    run_benchmark("memory_write", cpu, True, {})
+    assert calls["memory_write"]["skip_compile_note"] == QUICK_WRITE_COMPILE_NOTE
+    run_benchmark("memory_write", cpu, True, {}, alone=True)
+    assert "skip_compile_note" not in calls["memory_write"]
+    run_benchmark("memory_attention", cpu, False, {})
+    assert calls["memory_attention"]["merge"] == "joint"
+
+    status = main(["--tiny", "--device", "cpu", "--out", str(tmp_path), "--no-progress",
+                   "--only", "memory_attention", "--merge", "gate"])
+    assert status == 0 and calls["memory_attention"] == dict(merge="gate", tiny=True, quick=False)
+    with pytest.raises(SystemExit):
+        main(["--merge", "sum"])

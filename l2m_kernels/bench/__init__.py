@@ -1,6 +1,7 @@
 """``l2m-bench`` (``python -m l2m_kernels.bench``): the benchmark suite.
 
     l2m-bench [--quick] [--device cpu|cuda] [--out bench_out] [--only merge,topk_read,...]
+              [--merge joint|gate]
 
 Measures the ceilings first (a large float32 matmul in GFLOP/s, bfloat16 too on CUDA; a large copy
 in GB/s), then runs every op benchmark at the SPEC shapes (``--quick``: their quick shapes) and one
@@ -8,7 +9,7 @@ L2M model training step, on CUDA when available, else on the CPU. Every op bench
 fused backends of the device with the reference in eager mode and under ``torch.compile``; the table
 gives median fwd / bwd / fwd+bwd times, the speedup over the eager reference, peak memory, and
 GB/s or GFLOP/s as a percentage of the ceilings. Writes ``suite.json``, ``suite.md`` and
-``suite.png`` into ``--out``.
+``suite.png`` into ``--out``. ``--only <name>`` runs one benchmark alone.
 
 Benchmarks (``--only`` takes these names, with or without the ``bench_`` prefix):
 
@@ -16,13 +17,14 @@ Benchmarks (``--only`` takes these names, with or without the ``bench_`` prefix)
 - ``topk_read``: topk_memory_read at read-cpu and read-heads (:mod:`l2m_kernels.bench.topk_read`)
 - ``product_key``: product_key_read at pkm-cpu (:mod:`l2m_kernels.bench.product_key`)
 - ``memory_write``: gated_memory_write at write-cpu (:mod:`l2m_kernels.bench.memory_write`)
-- ``memory_attention``: memory_attention at attn-cpu (:mod:`l2m_kernels.bench.memory_attention`)
+- ``memory_attention``: memory_attention at attn-cpu (:mod:`l2m_kernels.bench.memory_attention`),
+  with the merge mode of ``--merge`` (default ``joint``)
 - ``model``: one L2MModel training step, both memory modes (:mod:`l2m_kernels.bench.model`)
 
 ``--quick`` is sized to finish in under 3 minutes on a 2-core CPU; there the compiled reference of
-gated_memory_write is skipped (compiling its unrolled write steps takes ~6 minutes; its own script,
-``benchmarks/bench_memory_write.py --quick``, measures it). A benchmark that raises is reported as
-a row with the error, and the suite goes on (exit status 1 at the end).
+gated_memory_write is skipped when other benchmarks run too (compiling its unrolled write steps
+takes ~6 minutes); ``l2m-bench --quick --only memory_write`` measures it. A benchmark that raises is
+reported as a row with the error, and the suite goes on (exit status 1 at the end).
 """
 from __future__ import annotations
 
@@ -42,7 +44,8 @@ from ._common import default_device, measure_ceilings, skipped_row
 
 BENCHMARKS = ("merge", "topk_read", "product_key", "memory_write", "memory_attention", "model")
 QUICK_WRITE_COMPILE_NOTE = ("skipped in the --quick suite: torch.compile unrolls the write steps "
-                            "(~6 minutes of compilation on 2 cores); bench_memory_write.py --quick measures it")
+                            "(~6 minutes of compilation on 2 cores); l2m-bench --quick --only memory_write "
+                            "measures it")
 
 
 def _names(only: str, parser: argparse.ArgumentParser) -> list:
@@ -75,12 +78,19 @@ def _load_average() -> str:
         return "n/a"
 
 
-def run_benchmark(name: str, device: torch.device, quick: bool, ceilings: dict, tiny: bool = False) -> list:
-    """The rows of one benchmark of :data:`BENCHMARKS`."""
+def run_benchmark(name: str, device: torch.device, quick: bool, ceilings: dict, tiny: bool = False, *,
+                  merge: str = "joint", alone: bool = False) -> list:
+    """The rows of one benchmark of :data:`BENCHMARKS`.
+
+    ``merge``: memory_attention's merge mode (``joint`` or ``gate``). ``alone``: the only benchmark
+    of the run; a quick memory_write benchmark then measures its compiled reference too.
+    """
     module = importlib.import_module(f"{__name__}.{name}")
     kwargs = {}
-    if name == "memory_write" and quick and not tiny:
+    if name == "memory_write" and quick and not tiny and not alone:
         kwargs["skip_compile_note"] = QUICK_WRITE_COMPILE_NOTE
+    if name == "memory_attention":
+        kwargs["merge"] = merge
     return module.run(device, quick, ceilings, tiny=tiny, **kwargs)
 
 
@@ -92,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=default_device(), help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--out", default="bench_out", help="folder for suite.json, suite.md, suite.png")
     parser.add_argument("--only", default="", help="comma-separated subset of " + ",".join(BENCHMARKS))
+    parser.add_argument("--merge", default="joint", choices=("joint", "gate"),
+                        help="merge mode of the memory_attention benchmark (default joint)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: tiny shapes, one run
     return parser
@@ -115,7 +127,8 @@ def main(argv=None) -> int:
         progress.set_description(name)
         began = time.perf_counter()
         try:
-            new_rows = run_benchmark(name, device, args.quick, ceilings, tiny=args.tiny)
+            new_rows = run_benchmark(name, device, args.quick, ceilings, tiny=args.tiny, merge=args.merge,
+                                     alone=len(names) == 1)
             rows += new_rows
             # Each benchmark's table as soon as it is done, so that a run cut short keeps its figures.
             print(f"{name} ({time.perf_counter() - began:.0f} s):\n{bm.format_table(new_rows, ceilings)}\n", flush=True)

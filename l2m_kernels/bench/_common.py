@@ -1,9 +1,5 @@
-"""Helpers shared by the op benchmarks of :mod:`l2m_kernels.bench` and their standalone scripts."""
+"""Helpers shared by the op benchmarks of :mod:`l2m_kernels.bench`."""
 from __future__ import annotations
-
-import argparse
-import os
-import time
 
 import torch
 
@@ -70,30 +66,6 @@ def measure_ceilings(device: torch.device, quick: bool = False, tiny: bool = Fal
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def standalone_parser(doc: str, quick_help: str = "smaller shapes and fewer repetitions") -> argparse.ArgumentParser:
-    """The options every per-op script takes: ``--quick``, ``--device``, ``--out``."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help=quick_help)
-    parser.add_argument("--device", default=default_device())
-    parser.add_argument("--out", default="bench_out", help="folder for JSON, Markdown and PNG")
-    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests only
-    return parser
-
-
-def run_standalone(name: str, run, args: argparse.Namespace, **run_kwargs) -> int:
-    """Ceilings, ``run(device, quick, ceilings, tiny=..., **run_kwargs)``, then ``<name>.json/.md/.png``
-    in ``args.out`` and the table on stdout."""
-    device = torch.device(args.device)
-    start = time.perf_counter()
-    ceilings = measure_ceilings(device, quick=args.quick, tiny=args.tiny)
-    rows = run(device, args.quick, ceilings, tiny=args.tiny, **run_kwargs)
-    bm.save(rows, ceilings, device, args.out, name)
-    print(f"device: {bm.device_name(device)}; ceilings: " + ", ".join(f"{k} {v:.1f}" for k, v in ceilings.items()))
-    print(bm.format_table(rows, ceilings))
-    print(f"written: {os.path.join(args.out, name)}.json, .md, .png ({time.perf_counter() - start:.0f} s)")
-    return 0
 
 
 def _tiny_timing(kw: dict) -> dict:
