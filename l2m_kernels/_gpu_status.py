@@ -6,7 +6,7 @@ and its launcher reads the default from here; the others are opt-in.
 
 The rule (``tests/test_gpu_status.py``): no default is a design that never ran on a GPU. A new
 design stays opt-in until a GPU run has passed the tests with it and timed it
-(``benchmarks/gpu_suite.sh``; for the top-k read also ``benchmarks/gpu_probe.py topk-tiles``, which
+(``tools/gpu_suite.sh``; for the top-k read also ``python -m tools.gpu_probe topk-tiles``, which
 times every threshold design); then its entry records that run and it may become the default. A
 fix to the kernels of a design after its GPU run is listed in the entry's ``changed`` until the
 next GPU run: those kernels, in their current form, have not run on a GPU either.

@@ -2,7 +2,7 @@
 # The CPU tests under AddressSanitizer and UndefinedBehaviorSanitizer: 0 reports or a failure.
 #
 #   bash scripts/sanitize.sh                 # the CPU tests below
-#   bash scripts/sanitize.sh tests/ops/test_merge.py -k cpu     # or any pytest arguments
+#   bash scripts/sanitize.sh tests/ops/merge -k cpu     # or any pytest arguments
 #
 # 1. Builds a sanitized copy of the package in build/sanitize/lib: the Python files and the CPU
 #    extension compiled with L2M_SANITIZE=address,undefined (every instruction-set variant; objects
@@ -20,11 +20,12 @@ ROOT=$PWD
 PY=${PYTHON:-python3}
 OUT=$ROOT/build/sanitize
 
-# The CPU-backend tests: the op tests (their triton cases need the interpreter, not the extension),
-# the extension's own tests, the instruction-set variants, validation, the fuzzer's reference and
-# cpu cases, the strided-operand tests, the fake-kernel cross-check and the thread test (not the
-# memory-growth test: ASan's quarantine holds freed memory on purpose).
-DEFAULT_TESTS=(tests/ops tests/test_cpu_ext_smoke.py tests/test_cpu_topk_smoke.py
+# The CPU-backend tests: the op tests, the extension's own among them (tests/ops/<op>/; their
+# triton files and cases need the interpreter, not the extension), the instruction-set variants,
+# validation, the fuzzer's reference and cpu cases, the strided-operand tests, the fake-kernel
+# cross-check and the thread test (not the memory-growth test: ASan's quarantine holds freed memory
+# on purpose).
+DEFAULT_TESTS=(tests/ops --ignore-glob="*_triton.py"
                tests/test_cpu_isa.py tests/test_validation.py tests/test_check.py tests/test_fuzz.py
                tests/test_cpu_strides.py tests/test_fake_strides.py tests/test_threads_and_leaks.py
                -k "not triton and not compile and not leave_memory_flat")

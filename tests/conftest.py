@@ -4,8 +4,10 @@ Without a GPU, Triton kernels run on CPU tensors through the interpreter: ``TRIT
 be set before any ``@triton.jit`` function is created, so it is set here, before the package is
 imported. Every fused launcher's outputs are pre-filled with NaN during tests (``poison`` fixture).
 Commands that tests only start and read (``_background.declare``) run behind the other tests.
+The developer tools (``tools/``, outside the installed package) are importable as ``tools``.
 """
 import os
+import sys
 import tempfile
 import warnings
 
@@ -18,6 +20,12 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="l2m_in
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Appended, not prepended: a copy of the package placed first on the path (scripts/sanitize.sh
+# tests a sanitized build that way) must still be the l2m_kernels imported.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.append(REPO_ROOT)
 
 import _background  # noqa: E402
 import l2m_kernels  # noqa: E402

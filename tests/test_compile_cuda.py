@@ -1,14 +1,14 @@
 """The CUDA kernels compile for sm_80 and sm_90 without spilling (nvcc only, no GPU needed).
 
-Every ``csrc/cuda/*.cu`` is compiled by :func:`l2m_kernels._nvcc_check.compile_cuda_sources`
+Every ``csrc/cuda/*.cu`` is compiled by :func:`tools.nvcc_check.compile_cuda_sources`
 (``nvcc -c -O3 -std=c++17 -arch=sm_XX -Xptxas -v`` plus torch's half/bfloat16 defines) and ptxas's
 per-kernel report is checked. Also checked without nvcc: only ``csrc/cuda/bindings.cpp`` includes
 torch headers, so the kernels build on machines whose torch has no CUDA headers.
 
 nvcc's report of a (source, arch) whose source, headers, flags and nvcc release are unchanged comes
-from ``tests/nvcc_check_cache.json`` (the results cache of ``l2m_kernels._nvcc_check``); the rest
+from ``tests/nvcc_check_cache.json`` (the results cache of ``tools/nvcc_check.py``); the rest
 compile. Refresh it after changing CUDA sources with
-``python -m l2m_kernels._nvcc_check --cache tests/nvcc_check_cache.json --update-cache``.
+``python -m tools.nvcc_check --cache tests/nvcc_check_cache.json --update-cache``.
 """
 import json
 import re
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from l2m_kernels import _nvcc_check
+from tools import nvcc_check
 
 CUDA_DIR = Path(__file__).resolve().parents[1] / "csrc" / "cuda"
 ARCHS = ("80", "90")
@@ -27,10 +27,10 @@ CACHE = Path(__file__).resolve().parent / "nvcc_check_cache.json"
 
 @pytest.fixture(scope="module")
 def report():
-    if _nvcc_check.find_nvcc() is None:
+    if nvcc_check.find_nvcc() is None:
         pytest.skip("nvcc not found")
     cache = json.loads(CACHE.read_text()) if CACHE.exists() else {}
-    return _nvcc_check.compile_cuda_sources(ARCHS, sources=None, cache=cache)
+    return nvcc_check.compile_cuda_sources(ARCHS, sources=None, cache=cache)
 
 
 def _logs(report):
@@ -38,7 +38,7 @@ def _logs(report):
 
 
 def test_every_source_compiles_for_each_arch(report):
-    sources = _nvcc_check.cuda_sources(CUDA_DIR)
+    sources = nvcc_check.cuda_sources(CUDA_DIR)
     assert sources, f"no .cu files under {CUDA_DIR}"
     compiled = {(result.source, result.arch) for result in report.results if result.ok}
     expected = {(source.name, arch) for source in sources for arch in ARCHS}
@@ -57,7 +57,7 @@ def test_every_kernel_reports_registers(report):
 
 def test_merge_kernels_do_not_spill(report):
     merge_kernels = [record for record in report.kernels
-                     if _nvcc_check.is_merge_kernel(record.kernel)]
+                     if nvcc_check.is_merge_kernel(record.kernel)]
     # fwd + bwd of both ops, for float, half and bfloat16, on every arch.
     assert len(merge_kernels) == 4 * 3 * len(ARCHS), [r.kernel for r in merge_kernels]
     for record in merge_kernels:
@@ -82,7 +82,7 @@ def test_attention_kernels_do_not_spill(report):
 
 def test_only_bindings_include_torch():
     torch_facing = [path.relative_to(CUDA_DIR).as_posix()
-                    for path in _nvcc_check.files_including_torch(CUDA_DIR)]
+                    for path in nvcc_check.files_including_torch(CUDA_DIR)]
     assert torch_facing == ["bindings.cpp"], torch_facing
     kernel_side = [path for pattern in ("*.cu", "*.cuh", "*.h") for path in CUDA_DIR.glob(pattern)]
     assert any(path.name == "merge.h" for path in kernel_side)
@@ -93,11 +93,11 @@ def test_only_bindings_include_torch():
 
 def test_merge_header_is_plain_cpp(tmp_path):
     """merge.h (what bindings.cpp sees of the kernels) compiles with the host compiler alone."""
-    nvcc = _nvcc_check.find_nvcc()
+    nvcc = nvcc_check.find_nvcc()
     compiler = shutil.which("c++") or shutil.which("g++")
     if nvcc is None or compiler is None:
         pytest.skip("nvcc not found" if nvcc is None else "no host C++ compiler")
-    cuda_include = _nvcc_check.cuda_include_dir(nvcc)
+    cuda_include = nvcc_check.cuda_include_dir(nvcc)
     if cuda_include is None:
         pytest.skip("the CUDA toolkit's include directory (cuda_runtime_api.h) was not found")
     unit = tmp_path / "uses_merge_h.cpp"
@@ -115,10 +115,10 @@ def test_cache_key_follows_the_sources_and_headers(tmp_path):
     for name in ("merge_attention.cu", "merge.h"):
         (tmp_path / name).write_bytes((CUDA_DIR / name).read_bytes())
     source = tmp_path / "merge_attention.cu"
-    key = _nvcc_check.cache_key("release 13.0", source, "90")
-    assert key == _nvcc_check.cache_key("release 13.0", source, "90")
-    assert key != _nvcc_check.cache_key("release 13.0", source, "80")
-    assert key != _nvcc_check.cache_key("release 12.8", source, "90")
-    assert key != _nvcc_check.cache_key("release 13.0", source, "90", ("-DX",))
+    key = nvcc_check.cache_key("release 13.0", source, "90")
+    assert key == nvcc_check.cache_key("release 13.0", source, "90")
+    assert key != nvcc_check.cache_key("release 13.0", source, "80")
+    assert key != nvcc_check.cache_key("release 12.8", source, "90")
+    assert key != nvcc_check.cache_key("release 13.0", source, "90", ("-DX",))
     (tmp_path / "merge.h").write_text((tmp_path / "merge.h").read_text() + "\n// changed\n")
-    assert key != _nvcc_check.cache_key("release 13.0", source, "90")
+    assert key != nvcc_check.cache_key("release 13.0", source, "90")

@@ -1,12 +1,12 @@
 """The production Triton configurations compile for sm_80 and sm_90 without spilling (no GPU needed;
 a configuration its module marks ``allow_spills`` may spill at most 64 bytes).
 
-Runs ``python -m l2m_kernels._triton_check`` in a subprocess with TRITON_INTERPRET removed: the
+Runs ``python -m tools.triton_check`` in a subprocess with TRITON_INTERPRET removed: the
 kernels must be decorated outside the interpreter, which other tests in this session may enable.
 Results of configurations whose kernel sources, configuration, arch and Triton version are unchanged
-come from ``tests/triton_check_cache.json`` (see the cache in ``l2m_kernels._triton_check``); the
+come from ``tests/triton_check_cache.json`` (see the cache in ``tools/triton_check.py``); the
 rest compile. Refresh the file after changing kernels with
-``python -m l2m_kernels._triton_check --cache tests/triton_check_cache.json --update-cache``.
+``python -m tools.triton_check --cache tests/triton_check_cache.json --update-cache``.
 """
 import json
 import os
@@ -39,7 +39,7 @@ def _run(args, env, timeout):
 
 def _checked_modules():
     # Read without importing triton kernels here (this process may run under the interpreter).
-    from l2m_kernels._triton_check import TRITON_MODULES
+    from tools.triton_check import TRITON_MODULES
     return TRITON_MODULES
 
 
@@ -48,11 +48,11 @@ def _checked_modules():
 # (another Triton release, changed kernels) compiles, which the time limit allows for.
 _REPORT = Path(_background.scratch_dir("triton_check")) / "triton_check.json"
 _TESTS = [f"{__name__}::test_triton_kernels_compile_without_spills"]
-_background.declare("triton-check", [sys.executable, "-m", "l2m_kernels._triton_check", "--arch", *map(str, ARCHS),
+_background.declare("triton-check", [sys.executable, "-m", "tools.triton_check", "--arch", *map(str, ARCHS),
                                      "--module", *_checked_modules(), "--json", str(_REPORT), "--cache", str(CACHE)],
                     env=_check_env(), cwd=REPO_ROOT, timeout=1800, tests=_TESTS)
 _background.declare("triton-configs", [sys.executable, "-c",
-                                       "from l2m_kernels._triton_check import TRITON_MODULES, load_configs\n"
+                                       "from tools.triton_check import TRITON_MODULES, load_configs\n"
                                        "for module in TRITON_MODULES:\n"
                                        "    for config in load_configs(module):\n"
                                        "        print(module, config['kernel'].__name__)\n"],
@@ -94,7 +94,7 @@ def test_triton_kernels_compile_without_spills(module):
 
 
 def test_check_refuses_interpreter_mode():
-    result = _run(["-m", "l2m_kernels._triton_check", "--arch", "80"],
+    result = _run(["-m", "tools.triton_check", "--arch", "80"],
                   dict(_check_env(), TRITON_INTERPRET="1"), timeout=300)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "TRITON_INTERPRET" in result.stderr
@@ -103,7 +103,7 @@ def test_check_refuses_interpreter_mode():
 def test_cache_key_follows_the_configuration():
     """A cached result is used only for the same kernel, configuration, arch and Triton."""
     code = ("import copy\n"
-            "from l2m_kernels._triton_check import config_key, load_configs\n"
+            "from tools.triton_check import config_key, load_configs\n"
             "config = load_configs('l2m_kernels.ops.merge.triton')[0]\n"
             "key = config_key(config, 90)\n"
             "other = copy.copy(config); other['num_warps'] = config['num_warps'] * 2\n"

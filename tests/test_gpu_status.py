@@ -76,7 +76,7 @@ def test_every_gpu_kernel_is_registered():
     a registered design, every registered kernel exists, and every op the triton and cuda backends
     serve has a family there."""
     pytest.importorskip("triton")
-    from l2m_kernels._triton_check import TRITON_MODULES
+    from tools.triton_check import TRITON_MODULES
 
     compiled = set()
     for module in TRITON_MODULES:

@@ -1,4 +1,4 @@
-"""benchmarks/gpu_suite.sh, the one-command GPU check, run here on the CPU (DEVICE=cpu, SKIP_BUILD=1)
+"""tools/gpu_suite.sh, the one-command GPU check, run here on the CPU (DEVICE=cpu, SKIP_BUILD=1)
 at its smallest: every step runs (the CUDA build and self-test say why they are skipped) and the
 entry it appends to the results file carries the test summary, the l2m-check table and the
 l2m-bench table. GPU minutes are scarce: a broken script must fail here, not there.
@@ -18,7 +18,7 @@ import pytest
 import _background
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "gpu_suite.sh"
+SCRIPT = ROOT / "tools" / "gpu_suite.sh"
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 
@@ -62,7 +62,7 @@ def test_gpu_suite_runs_every_step_and_appends_an_entry():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert results.startswith("# results\n")  # appended, not overwritten
     entry = results[len("# results\n"):]
-    assert "benchmarks/gpu_suite.sh" in entry
+    assert "tools/gpu_suite.sh" in entry
     assert "CUDA self-test: skipped: needs CUDA" in entry
     assert "passed" in entry and "Tests on cpu" in entry
     assert "l2m-check on cpu (exit 0)" in entry
@@ -94,13 +94,10 @@ def test_gpu_suite_runs_only_the_steps_named():
     assert proc.returncode == 2 and "unknown step 'no_such_step'" in proc.stdout
 
 
-PROBE = ROOT / "benchmarks" / "gpu_probe.py"
-
-
 PROBE_RUNS = {"attn-case": ["attn-case", "base"], "topk-tiles": ["topk-tiles"]}
 for _name, _args in PROBE_RUNS.items():
-    # benchmarks/gpu_probe.py on CPU tensors under the interpreter (PROBE_DEVICE=cpu, tiny shapes).
-    _background.declare(f"probe-{_name}", [sys.executable, str(PROBE), *_args], cwd=ROOT, timeout=600,
+    # python -m tools.gpu_probe on CPU tensors under the interpreter (PROBE_DEVICE=cpu, tiny shapes).
+    _background.declare(f"probe-{_name}", [sys.executable, "-m", "tools.gpu_probe", *_args], cwd=ROOT, timeout=600,
                         env=dict(os.environ, PROBE_DEVICE="cpu", TRITON_INTERPRET="1", PYTHONPATH=str(ROOT)),
                         tests=[f"{__name__}::test_gpu_probe_runs_here"])
 

@@ -1,4 +1,4 @@
-"""The long-context recall demo (benchmarks/long_recall.py) at a tiny setting: it trains all three
+"""The long-context recall demo (examples/long_recall.py) at a tiny setting: it trains all three
 runs, writes its JSON and PNG and reports accuracies in [0, 1]. The accuracy target itself is the
 demo's job (minutes of training), not this test's."""
 import importlib.util
@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "long_recall.py"
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "examples" / "long_recall.py"
 
 
 @pytest.fixture(scope="module")

@@ -81,7 +81,7 @@ padded to a power of two >= 16 (``tl.dot``) and masked. Offsets that can pass 2*
 int64 (per-head bases, gathered memory rows); offsets inside a tile are int32.
 
 ``COMPILE_CONFIGS`` lists every kernel at the configurations :func:`launch_config` picks for the
-production dtypes and head sizes (D = Dv = 64, 128); ``python -m l2m_kernels._triton_check
+production dtypes and head sizes (D = Dv = 64, 128); ``python -m tools.triton_check
 --module l2m_kernels.ops.memory_attention.triton`` compiles them for sm_80/sm_90.
 """
 from __future__ import annotations
@@ -1093,7 +1093,7 @@ def _unpad(D_in: int, *grads: torch.Tensor) -> tuple:
 
 
 # ---------------------------------------------------------------------------------------------
-# Production configurations, for the compile check (l2m_kernels._triton_check)
+# Production configurations, for the compile check (tools/triton_check.py)
 # ---------------------------------------------------------------------------------------------
 
 COMPILE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -1174,7 +1174,7 @@ def _label(dtype, head_dims, constexprs) -> str:
 
 def _build_compile_configs() -> list[dict]:
     """One entry per distinct (kernel, dtype, constexprs, warps, stages) the launchers pick for the
-    production shapes (entry format: l2m_kernels._triton_check). The deterministic slot reduction
+    production shapes (entry format: tools.triton_check). The deterministic slot reduction
     is the top-k read's kernel, checked with that module."""
     configs = []
     for kernel, args in _KERNEL_ARGS.items():

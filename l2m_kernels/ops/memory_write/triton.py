@@ -80,7 +80,7 @@ multiply-adds (``enable_fp_fusion``) may change the last bits of a step against 
 to bfloat16 where the GPU rounds to nearest).
 
 ``COMPILE_CONFIGS`` lists the configurations the launchers pick for the production dtypes and row
-sizes; ``python -m l2m_kernels._triton_check`` compiles them for sm_80/sm_90 without a GPU.
+sizes; ``python -m tools.triton_check`` compiles them for sm_80/sm_90 without a GPU.
 """
 from __future__ import annotations
 
@@ -618,7 +618,7 @@ def gated_dense_update_bwd(dout, memory, update, input_gate, forget_gate,
 
 
 # ---------------------------------------------------------------------------------------------
-# Production configurations, for the compile check (l2m_kernels._triton_check)
+# Production configurations, for the compile check (tools/triton_check.py)
 # ---------------------------------------------------------------------------------------------
 
 COMPILE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -698,7 +698,7 @@ def _entry(kernel, args, types, int_values, constexprs, num_warps, label):
 def _build_compile_configs() -> list[dict]:
     """Every (kernel, dtype, launch config) the launchers pick for COMPILE_HEAD_DIMS.
 
-    Entry keys: as read by l2m_kernels._triton_check (kernel, signature, constexprs, num_warps,
+    Entry keys: as read by tools.triton_check (kernel, signature, constexprs, num_warps,
     options, divisible_by_16, label). The write kernels are listed for int64 indices (int32 too
     at D = 128: the same launch configs, only the index loads differ) and both erase layouts; the dense kernels for the layouts of ``_dense_patterns``.
     """

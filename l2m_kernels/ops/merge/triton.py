@@ -18,7 +18,7 @@ interpreter (``TRITON_INTERPRET=1``, CPU tensors) or compile for the GPU. This m
 that variable itself.
 
 ``COMPILE_CONFIGS`` lists the configurations the launchers pick for the production dtypes and head
-sizes; ``python -m l2m_kernels._triton_check`` compiles them for sm_80/sm_90 without a GPU.
+sizes; ``python -m tools.triton_check`` compiles them for sm_80/sm_90 without a GPU.
 """
 from __future__ import annotations
 
@@ -405,7 +405,7 @@ def gated_merge_bwd(dout, out_local, out_mem, gate, d_local, d_mem, d_gate) -> N
 
 
 # ---------------------------------------------------------------------------------------------
-# Production configurations, for the compile check (l2m_kernels._triton_check)
+# Production configurations, for the compile check (tools/triton_check.py)
 # ---------------------------------------------------------------------------------------------
 
 # Dtypes and head sizes the GPU path is compile-checked for.
@@ -438,7 +438,7 @@ _BACKWARD_KERNELS = (merge_attention_bwd_kernel, gated_merge_bwd_kernel)
 def _build_compile_configs() -> list[dict]:
     """One entry per distinct (kernel, dtype, constexprs) the launchers pick for COMPILE_HEAD_DIMS.
 
-    Entry keys (the format l2m_kernels._triton_check reads):
+    Entry keys (the format tools.triton_check reads):
         kernel:          the @triton.jit function.
         signature:       {runtime arg name: Triton type string}, e.g. "*fp16", "i32".
         constexprs:      {constexpr arg name: value}.

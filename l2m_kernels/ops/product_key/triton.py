@@ -67,7 +67,7 @@ use ``tl.dot(..., input_precision="ieee")`` on float32 operands; float16/bfloat1
 Limits: ``1 <= k <= 256``, ``1 <= k_sub <= 256``, ``n_sub ** 2 < 2**31`` (ValueError beyond).
 
 ``COMPILE_CONFIGS`` lists the configurations the launchers pick for the production shapes;
-``python -m l2m_kernels._triton_check`` compiles them for sm_80/sm_90.
+``python -m tools.triton_check`` compiles them for sm_80/sm_90.
 """
 from __future__ import annotations
 
@@ -803,7 +803,7 @@ def product_key_bwd(dout, dweights, dlse, q, subkeys, values, indices, weights, 
 
 
 # ---------------------------------------------------------------------------------------------
-# Production configurations, for the compile check (l2m_kernels._triton_check)
+# Production configurations, for the compile check (tools/triton_check.py)
 # ---------------------------------------------------------------------------------------------
 
 COMPILE_DTYPES = (torch.float32, torch.bfloat16)
@@ -870,7 +870,7 @@ def _label(dtype, shape, constexprs) -> str:
 def _build_compile_configs() -> list[dict]:
     """One entry per distinct (kernel, dtype, constexprs) the launchers pick for COMPILE_SHAPES.
 
-    Entry keys as read by l2m_kernels._triton_check. F32_DOT is set as on a GPU (float32 only).
+    Entry keys as read by tools.triton_check. F32_DOT is set as on a GPU (float32 only).
     """
     configs = []
     for kernel, args in _KERNEL_ARGS.items():

@@ -24,7 +24,7 @@ Forward (no ``T x N`` buffer). Three selection paths write ``indices``, ``weight
 (opt-in) or ``stream``. The default is the design :mod:`l2m_kernels._gpu_status` marks as such,
 one that has run on a GPU: ``threshold``, the design the last GPU run tested and timed;
 ``threshold-strided`` replaces it only once a GPU run has passed the tests with it and timed it
-(``benchmarks/gpu_probe.py topk-tiles`` times both). The module attribute ``last_forward_path``
+(``python -m tools.gpu_probe topk-tiles`` times both). The module attribute ``last_forward_path``
 records the path taken (its name; ``<path>->stream`` when a threshold path could not start; on CPU
 tensors only, where reading the counts back is free, ``<path>+stream`` when some rows overflowed),
 for tests.
@@ -142,7 +142,7 @@ scores use ``tl.dot(..., input_precision="ieee")`` (the keyword exists from Trit
 16-bit operands multiplied exactly and accumulated in float32. float64 is not supported here.
 
 ``COMPILE_CONFIGS`` lists the configurations the launchers pick for the production dtypes, head
-sizes and ``k``; ``python -m l2m_kernels._triton_check`` compiles them for sm_80/sm_90.
+sizes and ``k``; ``python -m tools.triton_check`` compiles them for sm_80/sm_90.
 """
 from __future__ import annotations
 
@@ -1132,7 +1132,7 @@ class _ScanTile(NamedTuple):
 # their dots compile alike and the scores match bit for bit; both threshold designs use this
 # table). They hold no top list, only a score tile, so they are larger than the select kernel's.
 # For the threshold path, [128, 64] at 8 warps measured fastest of six tiles on an H200 (bfloat16
-# read-gpu and read-heads-gpu, benchmarks/gpu_probe.py topk-tiles, benchmarks/RESULTS.md); its
+# read-gpu and read-heads-gpu, tools/gpu_probe.py topk-tiles, benchmarks/RESULTS.md); its
 # cumulative-sum collect takes 255 registers and spills 16-40 bytes (16-bit), allowed. In the
 # threshold-strided path [128, 64] takes 128-150 registers in chunkmax (its [128, 64] running
 # maximum) and 115-141 in collect (sm_90, Triton 3.9): two blocks per SM. float32 runs on the FMA
@@ -1598,7 +1598,7 @@ def topk_read_bwd(dout, dweights, dlse, q, keys, values, indices, weights, scale
 
 
 # ---------------------------------------------------------------------------------------------
-# Production configurations, for the compile check (l2m_kernels._triton_check)
+# Production configurations, for the compile check (tools/triton_check.py)
 # ---------------------------------------------------------------------------------------------
 
 COMPILE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -1720,7 +1720,7 @@ def _label(dtype, head_dims, k, constexprs) -> str:
 def _build_compile_configs() -> list[dict]:
     """One entry per distinct (kernel, dtype, constexprs) the launchers pick for production shapes.
 
-    Entry keys: as read by l2m_kernels._triton_check (kernel, signature, constexprs, num_warps,
+    Entry keys: as read by tools.triton_check (kernel, signature, constexprs, num_warps,
     options, divisible_by_16, label). The GPU path never takes the interpreter-only bfloat16
     upcast, so F32_DOT is set here as on a GPU (float32 only).
     """

@@ -9,7 +9,7 @@
 #   6. l2m-bench (python -m l2m_kernels.bench) at the -gpu shapes: ceilings, every op, the model step,
 #   7. append the figures, with card, versions and date, to benchmarks/RESULTS.md (logs, JSON, the
 #      plot and the entry itself in the output folder).
-# Usage: bash benchmarks/gpu_suite.sh [output-dir]
+# Usage: bash tools/gpu_suite.sh [output-dir]
 # Every step has a time limit (seconds; environment variables below) so that a slow or hung step
 # still leaves the later ones and the logs: BUILD_TIMEOUT, SELFTEST_TIMEOUT, TEST_TIMEOUT,
 # CHECK_TIMEOUT, BENCH_TIMEOUT. TEST_PATHS replaces the test paths (default: tests); PYTEST_ARGS
@@ -24,7 +24,7 @@
 # STEPS="selftest bench tests check".
 # The tests step also runs OPT_IN_TEST_PATHS (on cuda: the top-k read and memory attention tests)
 # with L2M_TOPK_TRITON_PATH=threshold-strided, the triton top-k design that has not run on a GPU
-# yet (empty: skip); benchmarks/gpu_probe.py topk-tiles times it against the default.
+# yet (empty: skip); python -m tools.gpu_probe topk-tiles times it against the default.
 # The compile-check tests are left to CI (they need no GPU); pytest-xdist is used when present.
 # Exit status 0 only when every step that ran passed.
 set -uo pipefail
@@ -116,11 +116,13 @@ step_tests() {
   "$PY" -c "import xdist" 2>/dev/null && xdist="-n ${PYTEST_WORKERS:-8}"
   test_summary=$(run_pytest "$OUT_DIR/tests.log" ${TEST_PATHS:-tests})
   test_rc=$?
-  # Both designs of the triton top-k selection are tested on a GPU run: tests/test_topk_triton_smoke.py
-  # (in the default TEST_PATHS) runs each path's kernels, and OPT_IN_TEST_PATHS run again through the
+  # Both designs of the triton top-k selection are tested on a GPU run:
+  # tests/ops/topk_read/test_topk_read_triton.py (in the default TEST_PATHS) runs each path's
+  # kernels, and OPT_IN_TEST_PATHS run again through the
   # public API with L2M_TOPK_TRITON_PATH set to the opt-in design (threshold-strided: not yet run
   # on a GPU, l2m_kernels._gpu_status); on CUDA by default, empty to skip.
-  default_opt_in="tests/ops/test_topk_read.py tests/ops/test_memory_attention.py tests/test_memory_attention_triton.py"
+  default_opt_in="tests/ops/topk_read/test_topk_read.py tests/ops/memory_attention/test_memory_attention.py
+    tests/ops/memory_attention/test_memory_attention_triton.py"
   [ "$DEVICE" = cuda ] || default_opt_in=""
   if [ -n "${OPT_IN_TEST_PATHS-$default_opt_in}" ]; then
     opt_in_summary=$(L2M_TOPK_TRITON_PATH=threshold-strided run_pytest "$OUT_DIR/tests_threshold_strided.log" \
@@ -167,7 +169,7 @@ done
 
 {
   echo
-  echo "## $(date -u +%Y-%m-%d) — $card ($versions), benchmarks/gpu_suite.sh"
+  echo "## $(date -u +%Y-%m-%d) — $card ($versions), tools/gpu_suite.sh"
   echo
   echo "Build: $build_summary. CUDA self-test: $selftest_summary."
   echo "Tests on $DEVICE: $test_summary."

@@ -13,8 +13,8 @@ Command line (prints a table; exit status 1 on a compile error, on a kernel with
 count, or on any spill in a kernel that must not spill (see NO_SPILL_KERNEL_PATTERNS); 2 when nvcc
 is missing):
 
-    python -m l2m_kernels._nvcc_check [--arch 80 --arch 90] [--json report.json]
-                                      [--cache PATH [--update-cache]] [SOURCE.cu ...]
+    python -m tools.nvcc_check [--arch 80 --arch 90] [--json report.json]
+                               [--cache PATH [--update-cache]] [SOURCE.cu ...]
 
 Results cache (``--cache PATH``, or ``cache=`` of :func:`compile_cuda_sources`): nvcc's log of a
 (source, arch) is stored under a key hashing the nvcc release, the flags, the source and every
@@ -412,7 +412,7 @@ def format_report(report: CompileReport) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m l2m_kernels._nvcc_check", description=__doc__.split("\n\n")[0]
+        prog="python -m tools.nvcc_check", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("sources", nargs="*", help="default: every csrc/cuda/*.cu")
     parser.add_argument("--arch", action="append", dest="archs",

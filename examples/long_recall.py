@@ -1,7 +1,7 @@
 """Long-context recall demo: an L2MModel recalls key-value pairs from beyond its attention window.
 
-    python benchmarks/long_recall.py [--mode append|slots|both] [--steps N] [--seed S]
-                                     [--threads T] [--quick] [--out bench_out/long_recall]
+    python examples/long_recall.py [--mode append|slots|both] [--steps N] [--seed S]
+                                   [--threads T] [--quick] [--out bench_out/long_recall]
 
 The task (synthetic associative recall, :class:`RecallTask`): 320 tokens, 10 segments of 32, ten
 times the local attention window (32). A pair is ``k v`` (a key token, a value token), a query

@@ -1,6 +1,6 @@
 """How tight the triton top-k read's threshold is, for random keys and for keys written in sequence.
 
-    python benchmarks/topk_threshold_sim.py [--rows 256] [--seed 0]
+    python -m tools.topk_threshold_sim [--rows 256] [--seed 0]
 
 The threshold path (``l2m_kernels/ops/topk_read/triton.py``) bounds each row's top k from below by
 tau, the k-th largest of its chunk maxima, and collects every slot scoring >= tau; a row with more

@@ -1,8 +1,8 @@
 """GPU probes for what the first GPU run (2026-11-26, NVIDIA H200, torch 2.11, Triton 3.6) left open.
 
-    python benchmarks/gpu_probe.py attn-fault            # which kernel faults, under which variants
-    python benchmarks/gpu_probe.py topk-tiles [--bench]  # both threshold designs of the top-k read:
-                                                         # tiles, paths, profiles; --bench: benchmark
+    python -m tools.gpu_probe attn-fault            # which kernel faults, under which variants
+    python -m tools.gpu_probe topk-tiles [--bench]  # both threshold designs of the top-k read:
+                                                    # tiles, paths, profiles; --bench: benchmark
 
 ``attn-fault``: l2m-check found an illegal memory access in the triton ``memory_attention`` at
 float16, B=2 H=2 Hkv=2 Hm=1 T=13 S=25 D=33 Dv=7 N=6 topk=6, gate (2, 1, 1) (float32 passed; the
@@ -30,6 +30,8 @@ import sys
 import time
 
 import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # PROBE_DEVICE=cpu (with TRITON_INTERPRET=1) runs the probes' code paths here, to test the script.
 DEVICE = os.environ.get("PROBE_DEVICE", "cuda")
@@ -102,8 +104,10 @@ def attn_fault() -> int:
     def one(variant):
         env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1")
         try:
-            proc = subprocess.run([sys.executable, __file__, "attn-case", variant], env=env, capture_output=True,
-                                  text=True, timeout=120)
+            # Run as the parent was (python -m tools.gpu_probe from the repository root), so that
+            # the child imports the same l2m_kernels.
+            proc = subprocess.run([sys.executable, "-m", "tools.gpu_probe", "attn-case", variant], env=env,
+                                  cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
             text = proc.stdout + (proc.stderr[-600:] if proc.returncode else "")
             return variant, proc.returncode, text
         except subprocess.TimeoutExpired:

@@ -14,9 +14,7 @@ path with 16-slot chunks and a small candidate capacity (``-small``), so tiny sh
 pass, the threshold and the overflow fallback. The backward tests run on the production paths; the
 tests after them check each threshold design's own kernels.
 """
-import importlib.util
 import os
-import pathlib
 
 import pytest
 import torch
@@ -713,13 +711,10 @@ def test_kth_kernel_matches_torch_topk(forward_path, n_chunks, k):
 
 @pytest.mark.parametrize("forward_path", ["threshold-strided"], indirect=True)
 def test_strided_chunks_keep_clustered_rows_under_cap(forward_path):
-    """benchmarks/topk_threshold_sim.py at read-heads-gpu's N: with keys written in sequence
+    """tools/topk_threshold_sim.py at read-heads-gpu's N: with keys written in sequence
     (AR(1), correlation 0.99), contiguous one-tile chunks put every row over cap (all fall back);
     the strided chunks of chunk_groups keep them near k, as for random keys."""
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "topk_threshold_sim.py"
-    spec = importlib.util.spec_from_file_location("topk_threshold_sim", path)
-    sim = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sim)
+    from tools import topk_threshold_sim as sim
     stats = sim.simulate(16384, 0.99, 128, torch.Generator().manual_seed(0))
     assert stats["contiguous"]["over_cap"] > 0.9
     assert stats["strided"]["over_cap"] == 0 and stats["strided"]["mean"] < 1.5 * sim.K

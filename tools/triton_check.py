@@ -31,12 +31,12 @@ the file is not compiled again: its recorded result is reported (marked "cached"
 kernel, its helpers, its configuration or Triton makes a new key, which is compiled. ``--update-cache``
 rewrites the file with this run's results (only the current keys). The test suite uses
 ``tests/triton_check_cache.json``, so a fresh machine compiles only what changed since the file was
-written; ``python -m l2m_kernels._triton_check --cache tests/triton_check_cache.json --update-cache``
+written; ``python -m tools.triton_check --cache tests/triton_check_cache.json --update-cache``
 refreshes it.
 
 Usage:
-    python -m l2m_kernels._triton_check [--arch 80 90] [--jobs N] [--module MOD ...] [--json PATH]
-                                        [--cache PATH [--update-cache]]
+    python -m tools.triton_check [--arch 80 90] [--jobs N] [--module MOD ...] [--json PATH]
+                                 [--cache PATH [--update-cache]]
 
 Exit status: 0 when everything compiled and nothing spilled that may not; 1 otherwise; 2 when it
 cannot run at all (TRITON_INTERPRET set, triton or cuobjdump missing).
@@ -68,7 +68,7 @@ DEFAULT_ARCHS = (80, 90)
 _INTERPRET_MESSAGE = (
     "TRITON_INTERPRET is set: Triton decorated the kernels for its CPU interpreter, and they cannot "
     "be compiled for a GPU target. Run the check in a clean environment, e.g.\n"
-    "    env -u TRITON_INTERPRET python -m l2m_kernels._triton_check")
+    "    env -u TRITON_INTERPRET python -m tools.triton_check")
 
 
 class CheckUnavailable(RuntimeError):
@@ -311,7 +311,7 @@ def format_table(results: list[CompileResult]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m l2m_kernels._triton_check", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.triton_check", description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=list(DEFAULT_ARCHS),
                         help="compute capabilities, e.g. 80 90 (default: %(default)s)")
     parser.add_argument("--module", nargs="+", default=list(TRITON_MODULES),
@@ -330,7 +330,7 @@ def main(argv=None) -> int:
     try:
         results = check(args.module, args.arch, args.jobs, cache=cache)
     except CheckUnavailable as error:
-        print(f"l2m_kernels._triton_check: {error}", file=sys.stderr)
+        print(f"tools.triton_check: {error}", file=sys.stderr)
         return 2
     import triton
     cached = sum(r.cached for r in results)
