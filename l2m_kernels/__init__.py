@@ -1,6 +1,7 @@
 """l2m-kernels: fused kernels for Large Memory Models (sparse memory reads, gated writes, merging).
 
-Every op is a plain function here and a custom op under ``torch.ops.l2m``; see SPEC.md and README.md.
+Every op is a plain function here and a custom op under ``torch.ops.l2m``; each op's contract is in
+the repository's ``docs/ops/<name>.md`` (index ``docs/README.md``).
 """
 from __future__ import annotations
 
