@@ -98,3 +98,14 @@ def test_check_cases_come_from_the_declaration(decl):
 def test_unknown_argument_lookup_names_the_op():
     with pytest.raises(KeyError, match="topk_memory_read has no argument 'nope'"):
         registry.OPS["topk_memory_read"].arg("nope")
+
+
+def test_every_declared_op_is_exported_and_every_design_names_declared_ops():
+    from l2m_kernels import _gpu_status
+
+    assert set(registry.OPS) <= set(l2m.__all__)
+    for design in _gpu_status.DESIGNS:
+        assert set(design.ops) <= set(registry.OPS), design
+        assert design.backend in registry.BACKEND_NAMES
+        for op in design.ops:
+            assert design.backend in registry.OPS[op].backends, (design, op)
