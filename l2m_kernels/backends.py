@@ -20,18 +20,12 @@ import warnings
 import torch
 
 from . import _ext
+from .ops import registry
 
 logger = logging.getLogger("l2m_kernels")
 
-OPS = (
-    "topk_memory_read",
-    "product_key_read",
-    "gated_memory_write",
-    "gated_dense_update",
-    "merge_attention",
-    "gated_merge",
-    "memory_attention",
-)
+# The ops, in the order of their declarations (l2m_kernels/ops/registry.py).
+OPS = tuple(registry.OPS)
 
 _HALF_AND_SINGLE = frozenset({torch.float32, torch.float16, torch.bfloat16})
 _ALL_FLOATS = _HALF_AND_SINGLE | {torch.float64}
@@ -45,9 +39,13 @@ class Backend:
     device_types: frozenset = frozenset()
     dtypes: frozenset = frozenset()
     description: str = ""
-    # op -> {size name: largest value served}; sizes a call passes to select_backend are checked
-    # against it (e.g. the cuda top-k read keeps a head's query/key rows in shared memory).
-    size_limits: dict = {}
+
+    def __init__(self):
+        # What each op's declaration says of this backend: the ops it serves, and per op
+        # {size name: largest value served}, checked against the sizes a call passes to
+        # select_backend (e.g. the cuda top-k read keeps a head's query/key rows in shared memory).
+        self.ops = registry.served_by(self.name)
+        self.size_limits = registry.size_limits(self.name)
 
     def unavailable_reason(self) -> str | None:
         """Why this backend cannot run at all on this installation, or None."""
@@ -75,22 +73,15 @@ class Backend:
 
 class ReferenceBackend(Backend):
     name = "reference"
-    ops = frozenset(OPS)
     device_types = frozenset({"cpu", "cuda"})
     dtypes = _ALL_FLOATS
     description = "naive PyTorch (differentiable with plain autograd, float64-capable)"
 
 
-# The extension function each op needs: an extension built from older sources lacks newer ones.
-_EXT_ENTRY = {"merge_attention": "merge_attention_fwd", "gated_merge": "gated_merge_fwd",
-              "topk_memory_read": "topk_read_fwd", "product_key_read": "product_key_fwd",
-              "gated_memory_write": "gated_memory_write_fwd",
-              "gated_dense_update": "gated_dense_update_fwd",
-              "memory_attention": "local_attention_fwd"}
-
-
 def _missing_entry(module, op: str, name: str) -> list[str]:
-    entry = _EXT_ENTRY.get(op)
+    # The extension function the op needs: an extension built from older sources lacks newer ones.
+    serving = registry.OPS[op].backends.get(name) if op in registry.OPS else None
+    entry = serving.entry if serving is not None else None
     if module is None or entry is None or hasattr(module, entry):
         return []
     return [f"the {name} extension was built from older sources without {entry}; rebuild with: "
@@ -99,8 +90,6 @@ def _missing_entry(module, op: str, name: str) -> list[str]:
 
 class CpuBackend(Backend):
     name = "cpu"
-    ops = frozenset({"merge_attention", "gated_merge", "topk_memory_read", "product_key_read",
-                     "gated_memory_write", "gated_dense_update", "memory_attention"})
     device_types = frozenset({"cpu"})
     dtypes = _ALL_FLOATS
     description = "C++/OpenMP extension l2m_kernels._C"
@@ -115,15 +104,9 @@ class CpuBackend(Backend):
 
 class CudaBackend(Backend):
     name = "cuda"
-    ops = frozenset({"merge_attention", "gated_merge", "topk_memory_read", "product_key_read",
-                     "gated_memory_write", "gated_dense_update", "memory_attention"})
     device_types = frozenset({"cuda"})
     dtypes = _HALF_AND_SINGLE
     description = "CUDA C++ extension l2m_kernels._C_cuda"
-    size_limits = {"topk_memory_read": {"Dk": 256, "Dv": 256, "N": 2 ** 31, "rows": 2 ** 31 - 1},
-                   "product_key_read": {"k": 256, "k_sub": 256, "N": 2 ** 31 - 1, "Dk": 512},
-                   # the composition's memory read is the cuda top-k read
-                   "memory_attention": {"Dk": 256, "Dv": 256, "N": 2 ** 31, "rows": 2 ** 31 - 1, "S": 2 ** 30}}
 
     def not_supported_reasons(self, op, device, dtype, sizes=None):
         reasons = super().not_supported_reasons(op, device, dtype, sizes)
@@ -157,12 +140,9 @@ def _triton_import_error() -> str | None:
 
 class TritonBackend(Backend):
     name = "triton"
-    ops = frozenset({"merge_attention", "gated_merge", "topk_memory_read", "product_key_read",
-                     "gated_memory_write", "gated_dense_update", "memory_attention"})
     device_types = frozenset({"cuda", "cpu"})
     dtypes = _HALF_AND_SINGLE
     description = "Triton kernels (CUDA tensors; CPU tensors under TRITON_INTERPRET=1)"
-    size_limits = {"product_key_read": {"k": 256, "k_sub": 256, "N": 2 ** 31 - 1}}
 
     def unavailable_reason(self):
         return _triton_import_error()
@@ -183,12 +163,9 @@ AUTO_ORDER = {
     "cpu": ("cpu", "reference"),
 }
 
-# Per-op exceptions to AUTO_ORDER. memory_attention on CUDA tensors: triton's one fused kernel (tensor
-# cores) first; the cuda backend (a composition of kernels on CUDA cores) serves when named, or when
-# triton cannot.
-AUTO_ORDER_BY_OP = {
-    ("cuda", "memory_attention"): ("triton", "cuda", "reference"),
-}
+# Per-op exceptions to AUTO_ORDER, from the ops' declarations (``auto_order``).
+AUTO_ORDER_BY_OP = {(device_type, name): order for name, decl in registry.OPS.items()
+                    for device_type, order in decl.auto_order.items()}
 
 _warned_fallback: set[str] = set()
 

@@ -40,6 +40,7 @@ import l2m_kernels as l2m
 
 from . import __version__
 from .backends import BACKENDS, OPS, triton_interpret_enabled
+from .ops import registry
 from .ops.memory_attention.reference import memory_attention_gather
 from .ops.memory_write.reference import gated_dense_update_ref, gated_memory_write_ref
 from .ops.merge.reference import gated_merge_ref, merge_attention_ref
@@ -255,7 +256,7 @@ def check_gated_memory_write(p, dtype, device, backend, gen):
     B, Hm, N, D, T, kw = (p[n] for n in ("B", "Hm", "N", "D", "T", "kw"))
     lead = (B,) if Hm is None else (B, Hm)
     memory = _normal(gen, lead + (N, D), dtype, device)
-    indices = _write_slot_ids(gen, lead, N, T, kw, p["index_dtype"]).to(device)
+    indices = _write_slot_ids(gen, lead, N, T, kw, getattr(torch, p["index_dtype"])).to(device)
     weights = _unit(gen, lead + (T, kw), dtype, device)
     add = _normal(gen, lead + (T, D), dtype, device)
     erase = _unit(gen, lead + (T, 1 if p["erase_one"] else D), dtype, device)
@@ -342,158 +343,22 @@ assert tuple(sorted(CHECKS)) == tuple(sorted(OPS)), "every op needs a check"
 
 
 # ------------------------------------------------------------------------------------------------
-# Shapes: fixed edge cases (the first two also in --quick) and random shapes from --seed.
+# Shapes: each op's declared edge cases (the first two also in --quick) and random shapes from
+# --seed (l2m_kernels/ops/registry.py).
 # ------------------------------------------------------------------------------------------------
 
-def _topk(B, H, Hm, T, N, Dk, Dv, k, shared=False, valid_len=None):
-    return dict(B=B, H=H, Hm=Hm, T=T, N=N, Dk=Dk, Dv=Dv, k=k, shared=shared, valid_len=valid_len)
-
-
-def _pk(B, H, T, Dk, n_sub, Dv, k, k_sub, sum_heads=False, sparse_grad=False):
-    return dict(B=B, H=H, T=T, Dk=Dk, n_sub=n_sub, Dv=Dv, k=k, k_sub=k_sub, sum_heads=sum_heads,
-                sparse_grad=sparse_grad)
-
-
-def _write(B, Hm, N, D, T, kw, erase_one=False, index_dtype=torch.int64):
-    return dict(B=B, Hm=Hm, N=N, D=D, T=T, kw=kw, erase_one=erase_one, index_dtype=index_dtype)
-
-
-def _attn(B, H, Hkv, Hm, T, S, D, Dv, N, topk, window=None, shared=False, valid_len=None,
-          merge="joint", gate=None):
-    return dict(B=B, H=H, Hkv=Hkv, Hm=Hm, T=T, S=S, D=D, Dv=Dv, N=N, topk=topk, window=window,
-                shared=shared, valid_len=valid_len, merge=merge, gate=gate)
-
-
-EDGE_CASES = {
-    "merge_attention": [
-        dict(shape=(2, 3, 7, 63)),                   # odd sizes; rows with one or both sides empty
-        dict(shape=(1, 2, 129, 7)),
-        dict(shape=(1, 1, 1, 1)),
-        dict(shape=(2, 1, 5, 129)),
-    ],
-    "gated_merge": [
-        dict(shape=(2, 3, 7, 63), gate=(3, 1, 1)),   # one gate per head
-        dict(shape=(1, 2, 129, 7), gate=(1, 2, 129, 1)),
-        dict(shape=(2, 1, 5, 129), gate=()),
-        dict(shape=(2, 3, 7, 33), gate=(7, 1)),
-    ],
-    "topk_memory_read": [
-        _topk(2, 4, 2, 9, 129, 16, 8, 8, valid_len=[129, 40]),          # grouped heads, valid_len
-        _topk(2, 4, 1, 5, 64, 8, 63, 64, shared=True, valid_len=[64, 10]),  # k = N, valid_len < k, shared
-        _topk(1, 1, 1, 7, 63, 7, 5, 3),                                  # odd sizes
-        _topk(3, 2, 2, 6, 300, 32, 16, 256, shared=True, valid_len=[300, 0, 7]),  # k = 256, empty memory
-    ],
-    "product_key_read": [
-        _pk(2, 2, 7, 14, 33, 7, 5, 4, sum_heads=True),
-        _pk(2, 2, 9, 14, 7, 7, 6, 4, sparse_grad=True),                 # repeated slots, sparse grad
-        _pk(1, 1, 7, 2, 7, 1, 3, 3),                                     # Dk = 2, Dv = 1
-        _pk(1, 2, 13, 130, 7, 129, 49, 7),                               # k = k_sub ** 2, k_sub = n_sub
-        _pk(2, 1, 13, 14, 33, 7, 1, 8, sum_heads=True, sparse_grad=True),  # k = 1
-    ],
-    "gated_memory_write": [
-        _write(2, 3, 7, 7, 7, 3),                                        # repeated slots, skips
-        _write(2, None, 29, 5, 7, 3, erase_one=True, index_dtype=torch.int32),  # 3-D memory
-        _write(1, 2, 63, 129, 7, 1, erase_one=True, index_dtype=torch.int32),
-        _write(2, 2, 3, 33, 16, 4),                                      # N = 3: heavy collisions
-    ],
-    "gated_dense_update": [
-        dict(shapes=((2, 3, 5, 7),) * 4),
-        dict(shapes=((2, 2, 5, 63), (1, 63), (2, 2, 5, 1), (2, 2, 5, 1))),  # per-slot gates
-        dict(shapes=((3, 7), (7,), (3, 1), (1, 1))),
-        dict(shapes=((2, 1, 4, 129), (1, 3, 1, 129), (3, 1, 1), ())),     # memory broadcast too
-    ],
-    "memory_attention": [
-        _attn(2, 4, 2, 2, 7, 7, 7, 5, 33, 4),                            # S = T, odd sizes, joint
-        _attn(2, 4, 2, 4, 9, 9, 8, 7, 16, 1, window=1000, shared=True, valid_len=[16, 0],
-              merge="gate", gate=(2, 4, 9, 1)),                          # topk 1, empty memory, gate
-        _attn(1, 4, 1, 1, 33, 50, 16, 16, 70, 8, window=5, shared=True, merge="gate", gate=(4, 1, 1)),
-        _attn(2, 4, 4, 2, 7, 20, 16, 8, 24, 24, window=1, valid_len=[24, 3]),  # window 1, topk = N
-    ],
-}
-
-
-def _random_case(op: str, rng: random.Random) -> dict:
-    odd = lambda lo, hi: rng.randrange(lo | 1, hi + 1, 2)  # noqa: E731
-    if op in ("merge_attention", "gated_merge"):
-        B, H, T, D = rng.randint(1, 3), rng.randint(1, 4), odd(3, 41), rng.choice([1, 5, 33, 64, 130])
-        if op == "merge_attention":
-            return dict(shape=(B, H, T, D))
-        gate = rng.choice([(H, 1, 1), (B, H, T, 1), (1,), (T, 1), (B, 1, 1, 1)])
-        return dict(shape=(B, H, T, D), gate=gate)
-    if op == "topk_memory_read":
-        B, Hm = rng.randint(1, 3), rng.randint(1, 2)
-        N = rng.randint(2, 200)
-        valid = None if rng.random() < 0.5 else [rng.randint(0, N) for _ in range(B)]
-        return _topk(B, Hm * rng.choice([1, 2, 3]), Hm, odd(1, 21), N, rng.choice([3, 8, 16, 31, 64]),
-                     rng.choice([1, 5, 16, 33]), rng.randint(1, min(N, 40)), shared=rng.random() < 0.5,
-                     valid_len=valid)
-    if op == "product_key_read":
-        n_sub = rng.randint(2, 20)
-        k_sub = rng.randint(1, min(n_sub, 12))
-        return _pk(rng.randint(1, 2), rng.randint(1, 3), odd(1, 21), rng.choice([2, 6, 14, 32]), n_sub,
-                   rng.choice([1, 7, 16, 33]), rng.randint(1, k_sub * k_sub), k_sub,
-                   sum_heads=rng.random() < 0.5, sparse_grad=rng.random() < 0.5)
-    if op == "gated_memory_write":
-        return _write(rng.randint(1, 2), rng.choice([None, 1, 2, 3]), rng.randint(1, 65),
-                      rng.choice([1, 7, 33, 64]), rng.randint(1, 12), rng.randint(1, 4),
-                      erase_one=rng.random() < 0.5, index_dtype=rng.choice([torch.int32, torch.int64]))
-    if op == "gated_dense_update":
-        full = [rng.randint(1, 3) for _ in range(rng.randint(1, 3))] + [odd(1, 129)]
-
-        def broadcastable():
-            shape = [1 if rng.random() < 0.4 else s for s in full]
-            return tuple(shape[rng.randint(0, len(shape) - 1):])  # maybe drop leading dims
-        return dict(shapes=(tuple(full), broadcastable(), broadcastable(), broadcastable()))
-    if op == "memory_attention":
-        B, Hkv, Hm = rng.randint(1, 2), rng.choice([1, 2]), rng.choice([1, 2])
-        H = 2 * rng.choice([1, 2])
-        T = odd(1, 21)
-        S = T + rng.randint(0, 20)
-        N = rng.randint(2, 60)
-        merge = rng.choice(["joint", "gate"])
-        gate = rng.choice([(H, 1, 1), (B, H, T, 1)]) if merge == "gate" else None
-        return _attn(B, H, Hkv, Hm, T, S, rng.choice([4, 8, 16, 33]), rng.choice([4, 7, 16]), N,
-                     rng.randint(1, min(N, 16)), window=rng.choice([None, 1, rng.randint(1, S)]),
-                     shared=rng.random() < 0.5,
-                     valid_len=None if rng.random() < 0.5 else [rng.randint(0, N) for _ in range(B)],
-                     merge=merge, gate=gate)
-    raise ValueError(op)
-
-
 def shape_label(op: str, p: dict) -> str:
-    """A short description of a case's shape, for the table."""
-    if op == "merge_attention":
-        return "B{} H{} T{} D{}".format(*p["shape"])
-    if op == "gated_merge":
-        return "B{} H{} T{} D{}".format(*p["shape"]) + " gate" + str(tuple(p["gate"])).replace(" ", "")
-    if op == "topk_memory_read":
-        return (f"B{p['B']} H{p['H']}/{p['Hm']} T{p['T']} N{p['N']} Dk{p['Dk']} Dv{p['Dv']} k{p['k']}"
-                + (" shared" if p["shared"] else "") + (f" valid{p['valid_len']}" if p["valid_len"] else "")
-                ).replace(", ", ",")
-    if op == "product_key_read":
-        return (f"B{p['B']} H{p['H']} T{p['T']} Dk{p['Dk']} n_sub{p['n_sub']} Dv{p['Dv']} k{p['k']}"
-                f" k_sub{p['k_sub']}" + (" sum_heads" if p["sum_heads"] else "")
-                + (" sparse_grad" if p["sparse_grad"] else ""))
-    if op == "gated_memory_write":
-        heads = f"Hm{p['Hm']}" if p["Hm"] is not None else "3-D"
-        return (f"B{p['B']} {heads} N{p['N']} D{p['D']} T{p['T']} kw{p['kw']}"
-                + (" erase(..,1)" if p["erase_one"] else "") + f" {str(p['index_dtype'])[6:]}")
-    if op == "gated_dense_update":
-        return " ".join("x".join(map(str, s)) or "()" for s in p["shapes"])
-    if op == "memory_attention":
-        return (f"B{p['B']} H{p['H']}/kv{p['Hkv']}/m{p['Hm']} T{p['T']} S{p['S']} D{p['D']} Dv{p['Dv']}"
-                f" N{p['N']} topk{p['topk']}" + (f" w{p['window']}" if p["window"] is not None else "")
-                + (" shared" if p["shared"] else "") + (f" valid{p['valid_len']}" if p["valid_len"] else "")
-                + f" {p['merge']}" + (f"{tuple(p['gate'])}" if p["gate"] is not None else "")
-                ).replace(", ", ",")
-    return str(p)
+    """A short description of a case's shape, for the table (the op's declared label)."""
+    return registry.OPS[op].cases.label(p)
 
 
 def build_cases(op: str, seed: int, quick: bool) -> list[dict]:
-    """The shapes checked for ``op``: edge cases (2 with --quick, else all) plus random shapes."""
+    """The shapes checked for ``op``: its declared edge cases (2 with --quick, else all) plus random
+    shapes from its declared generator."""
+    cases = registry.OPS[op].cases
     rng = random.Random(f"l2m-check/{seed}/{op}")
-    edges = EDGE_CASES[op][:2] if quick else EDGE_CASES[op]
-    return list(edges) + [_random_case(op, rng) for _ in range(1 if quick else 2)]
+    edges = cases.edge[:2] if quick else cases.edge
+    return [dict(edge) for edge in edges] + [cases.random(rng) for _ in range(1 if quick else 2)]
 
 
 # ------------------------------------------------------------------------------------------------

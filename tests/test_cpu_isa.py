@@ -20,7 +20,8 @@ import torch
 
 from l2m_kernels import _ext, info
 from l2m_kernels.backends import OPS
-from l2m_kernels.check import _attn, _pk, _topk, _write, build_cases, run_case
+from l2m_kernels.check import build_cases, run_case
+from l2m_kernels.ops.registry import attn_case, pk_case, topk_case, write_case
 
 VARIANTS = ("default", "avx2", "avx512")
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -38,11 +39,11 @@ if not hasattr(cpu_ext, "isa_info"):
 WIDE_CASES = {
     "merge_attention": [dict(shape=(2, 2, 33, 130))],
     "gated_merge": [dict(shape=(2, 2, 33, 130), gate=(2, 1, 1))],
-    "topk_memory_read": [_topk(2, 4, 2, 70, 700, 64, 40, 32, valid_len=[700, 333])],
-    "product_key_read": [_pk(2, 2, 40, 128, 40, 65, 16, 8)],
-    "gated_memory_write": [_write(2, 2, 200, 129, 24, 4)],
+    "topk_memory_read": [topk_case(2, 4, 2, 70, 700, 64, 40, 32, valid_len=[700, 333])],
+    "product_key_read": [pk_case(2, 2, 40, 128, 40, 65, 16, 8)],
+    "gated_memory_write": [write_case(2, 2, 200, 129, 24, 4)],
     "gated_dense_update": [dict(shapes=((2, 4, 33, 130),) * 4)],
-    "memory_attention": [_attn(1, 4, 2, 2, 70, 90, 64, 64, 200, 16, window=40)],
+    "memory_attention": [attn_case(1, 4, 2, 2, 70, 90, 64, 64, 200, 16, window=40)],
 }
 assert set(WIDE_CASES) == set(OPS), "every op needs a wide case"
 

@@ -11,12 +11,15 @@ gives median fwd / bwd / fwd+bwd times, the speedup over the eager reference, pe
 GB/s or GFLOP/s as a percentage of the ceilings. Writes ``suite.json``, ``suite.md`` and
 ``suite.png`` into ``--out``. ``--only <name>`` runs one benchmark alone.
 
-Benchmarks (``--only`` takes these names, with or without the ``bench_`` prefix):
+Benchmarks (``--only`` takes these names, with or without the ``bench_`` prefix), derived from the
+ops' declarations (:mod:`l2m_kernels.ops.registry`: each op names the benchmark that times it and
+its shapes):
 
-- ``merge``: merge_attention and gated_merge (:mod:`l2m_kernels.bench.merge`)
 - ``topk_read``: topk_memory_read at read-cpu and read-heads (:mod:`l2m_kernels.bench.topk_read`)
 - ``product_key``: product_key_read at pkm-cpu (:mod:`l2m_kernels.bench.product_key`)
-- ``memory_write``: gated_memory_write at write-cpu (:mod:`l2m_kernels.bench.memory_write`)
+- ``memory_write``: gated_memory_write at write-cpu and gated_dense_update at dense-cpu
+  (:mod:`l2m_kernels.bench.memory_write`)
+- ``merge``: merge_attention and gated_merge at merge-cpu (:mod:`l2m_kernels.bench.merge`)
 - ``memory_attention``: memory_attention at attn-cpu (:mod:`l2m_kernels.bench.memory_attention`),
   with the merge mode of ``--merge`` (default ``joint``)
 - ``model``: one L2MModel training step, both memory modes (:mod:`l2m_kernels.bench.model`)
@@ -39,10 +42,12 @@ import traceback
 import torch
 
 from l2m_kernels import benchmark as bm
+from l2m_kernels.ops import registry
 
 from ._common import default_device, measure_ceilings, skipped_row
 
-BENCHMARKS = ("merge", "topk_read", "product_key", "memory_write", "memory_attention", "model")
+# The op benchmarks of the ops' declarations (l2m_kernels/ops/registry.py), then the model step.
+BENCHMARKS = registry.benchmarks() + ("model",)
 QUICK_WRITE_COMPILE_NOTE = ("skipped in the --quick suite: torch.compile unrolls the write steps "
                             "(~6 minutes of compilation on 2 cores); l2m-bench --quick --only memory_write "
                             "measures it")

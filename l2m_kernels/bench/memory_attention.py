@@ -18,14 +18,15 @@ from __future__ import annotations
 import torch
 
 import l2m_kernels as l2m
+from l2m_kernels.ops import registry
 from l2m_kernels import benchmark as bm
 from l2m_kernels.ops.memory_attention.reference import memory_attention_ref
 
 from ._common import bench_dtype, compare, fused_backends, run_variant, spec_shapes
 
-SHAPES = {"attn-cpu": dict(B=1, H=8, Hkv=8, Hm=8, T=1024, S=1024, window=256, D=64, Dv=64, N=16384, topk=32)}
-TINY_SHAPES = {"attn-tiny": dict(B=1, H=2, Hkv=2, Hm=2, T=32, S=32, window=8, D=16, Dv=16, N=128,
-                                 topk=4)}  # tests only
+# The shapes of the op's declaration (l2m_kernels/ops/registry.py); TINY_SHAPES: tests only.
+SHAPES = registry.OPS["memory_attention"].bench.shapes
+TINY_SHAPES = registry.OPS["memory_attention"].bench.tiny
 
 
 def run(device: torch.device, quick: bool = False, ceilings: dict | None = None, merge: str = "joint", *,

@@ -12,12 +12,18 @@ from __future__ import annotations
 import torch
 
 import l2m_kernels as l2m
-from l2m_kernels.ops.memory_write.reference import gated_memory_write_ref
+from l2m_kernels.ops import registry
+from l2m_kernels.ops.memory_write.reference import gated_dense_update_ref, gated_memory_write_ref
 
 from ._common import bench_dtype, compare, fused_backends, run_variant, skipped_row, spec_shapes
 
-SHAPES = {"write-cpu": dict(B=2, Hm=4, N=4096, D=128, T=256, kw=4)}
-TINY_SHAPES = {"write-tiny": dict(B=1, Hm=2, N=64, D=16, T=8, kw=2)}  # tests only
+# The shapes of the op's declaration (l2m_kernels/ops/registry.py); TINY_SHAPES: tests only.
+SHAPES = registry.OPS["gated_memory_write"].bench.shapes
+TINY_SHAPES = registry.OPS["gated_memory_write"].bench.tiny
+DENSE_SHAPES = registry.OPS["gated_dense_update"].bench.shapes
+DENSE_TINY_SHAPES = registry.OPS["gated_dense_update"].bench.tiny
+
+
 MAX_COMPILED_STEPS = 256  # the quick shape (T = 64, kw = 4) compiles in a few minutes on 2 cores
 
 
@@ -76,5 +82,30 @@ def run(device: torch.device, quick: bool = False, ceilings: dict | None = None,
             rows.append(run_variant("gated_memory_write", shape, dtype, f"{b} inplace (fwd)", inplace,
                                     make_inputs, device, backward=False, fwd_bytes=inplace_bytes, tiny=tiny,
                                     **fused_timing))
-    return rows
+    return rows + run_dense(device, quick, tiny=tiny)
 
+
+def run_dense(device: torch.device, quick: bool = False, *, tiny: bool = False) -> list:
+    """gated_dense_update of a (B, Hm, N, D) memory with per-slot gates (B, Hm, N, 1), the LM2
+    layout; ``quick`` divides N by 4. GB/s counts reading memory, update and both gates and
+    writing the result once: the traffic of one fused pass."""
+    rows = []
+    dtype = bench_dtype(device)
+    elt = torch.finfo(dtype).bits // 8
+    for name, s in spec_shapes(DENSE_SHAPES, DENSE_TINY_SHAPES, device, tiny):
+        if quick and not tiny:
+            s["N"] //= 4
+        B, Hm, N, D = (s[x] for x in ("B", "Hm", "N", "D"))
+        shape = f"{name} B={B} Hm={Hm} N={N} D={D} gates (B,Hm,N,1)"
+
+        def make_inputs(requires_grad):
+            def rnd(*sh):
+                return torch.randn(*sh, device=device, dtype=dtype).requires_grad_(requires_grad)
+            return dict(memory=rnd(B, Hm, N, D), update=rnd(B, Hm, N, D), input_gate=rnd(B, Hm, N, 1),
+                        forget_gate=rnd(B, Hm, N, 1))
+
+        fused = {b: (lambda b_: lambda **x: l2m.gated_dense_update(**x, backend=b_))(b)
+                 for b in fused_backends("gated_dense_update", device, dtype)}
+        rows += compare("gated_dense_update", shape, dtype, fused, gated_dense_update_ref, make_inputs, device,
+                        fwd_bytes=(3 * N * D + 2 * N) * B * Hm * elt, tiny=tiny, reps=7, warmup=2)
+    return rows

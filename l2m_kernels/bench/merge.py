@@ -9,15 +9,20 @@ from __future__ import annotations
 import torch
 
 import l2m_kernels as l2m
+from l2m_kernels.ops import registry
 from l2m_kernels.ops.merge.reference import gated_merge_ref, merge_attention_ref
 
 from ._common import bench_dtype, compare, fused_backends
 
 
 def shapes(device: torch.device, quick: bool, tiny: bool = False):
-    B, H, T, D = 1, 8, 1024 if quick else 4096, 64
-    if tiny:
-        B, H, T, D = 1, 2, 64, 16
+    """The (B, H, T, D) of merge_attention's declared shape (gated_merge runs at the same), and the
+    dtype; ``quick`` divides T by 4."""
+    bench = registry.OPS["merge_attention"].bench
+    (_, sizes), = (bench.tiny if tiny else bench.shapes).items()
+    B, H, T, D = (sizes[n] for n in ("B", "H", "T", "D"))
+    if quick and not tiny:
+        T //= 4
     dtype = bench_dtype(device)
     if device.type == "cuda":
         B *= 8

@@ -15,12 +15,14 @@ from __future__ import annotations
 import torch
 
 import l2m_kernels as l2m
+from l2m_kernels.ops import registry
 from l2m_kernels.ops.product_key.reference import product_key_read_ref
 
 from ._common import bench_dtype, compare, fused_backends, run_variant, spec_shapes
 
-SHAPES = {"pkm-cpu": dict(B=1, H=4, T=2048, Dk=256, n_sub=1024, Dv=256, k=32)}
-TINY_SHAPES = {"pkm-tiny": dict(B=1, H=2, T=32, Dk=16, n_sub=16, Dv=16, k=4)}  # tests only
+# The shapes of the op's declaration (l2m_kernels/ops/registry.py); TINY_SHAPES: tests only.
+SHAPES = registry.OPS["product_key_read"].bench.shapes
+TINY_SHAPES = registry.OPS["product_key_read"].bench.tiny
 
 
 def run(device: torch.device, quick: bool = False, ceilings: dict | None = None, *, tiny: bool = False) -> list:

@@ -10,15 +10,14 @@ from __future__ import annotations
 import torch
 
 import l2m_kernels as l2m
+from l2m_kernels.ops import registry
 from l2m_kernels.ops.topk_read.reference import topk_memory_read_ref
 
 from ._common import bench_dtype, compare, fused_backends, run_variant, spec_shapes
 
-SHAPES = {
-    "read-cpu": dict(B=1, H=1, Hm=1, T=4096, N=65536, Dk=64, Dv=64, k=32),
-    "read-heads": dict(B=2, H=8, Hm=8, T=512, N=16384, Dk=64, Dv=64, k=32),
-}
-TINY_SHAPES = {"read-tiny": dict(B=1, H=2, Hm=1, T=32, N=256, Dk=16, Dv=16, k=4)}  # tests only
+# The shapes of the op's declaration (l2m_kernels/ops/registry.py); TINY_SHAPES: tests only.
+SHAPES = registry.OPS["topk_memory_read"].bench.shapes
+TINY_SHAPES = registry.OPS["topk_memory_read"].bench.tiny
 
 
 def run(device: torch.device, quick: bool = False, ceilings: dict | None = None, *, tiny: bool = False) -> list:

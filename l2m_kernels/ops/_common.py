@@ -6,6 +6,8 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
+from . import registry
+
 
 class MemoryRead(NamedTuple):
     """Result of a top-k or product-key memory read."""
@@ -112,3 +114,11 @@ def reference_vjp(fn: Callable, primals: Sequence[Tensor], cotangents, different
     for i, g in zip(idx, grads):
         result[i] = g.contiguous()  # row-major, as the fake kernels declare (contiguous_like)
     return result
+
+
+def declared_op(name: str):
+    """``torch.library.custom_op`` for the public op ``name``, with the name and schema of its
+    declaration in :mod:`l2m_kernels.ops.registry` (the decorated function's annotations are not
+    read: the declaration is the one source of the schema)."""
+    decl = registry.OPS[name]
+    return torch.library.custom_op(decl.qualname, mutates_args=(), schema=decl.schema)

@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .._common import acc_dtype, contiguous_like, reference_vjp
+from .._common import acc_dtype, contiguous_like, declared_op, reference_vjp
 from ..topk_read.reference import topk_read_select
 from .reference import memory_attention_gather
 from .validate import check_args, check_values
@@ -60,7 +60,7 @@ BWD = {"reference": _reference_bwd,
           for name in ("cpu", "cuda", "triton")}}
 
 
-@torch.library.custom_op("l2m::memory_attention", mutates_args=())
+@declared_op("memory_attention")
 def memory_attention_op(q: Tensor, k: Tensor, v: Tensor, mem_keys: Tensor, mem_values: Tensor, topk: int,
                         window: Optional[int] = None, merge: str = "joint", gate: Optional[Tensor] = None,
                         scale: Optional[float] = None, valid_len: Optional[Tensor] = None,

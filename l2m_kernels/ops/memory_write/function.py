@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ... import _ext
 from ..._alloc import empty
-from .._common import contiguous_like, reference_vjp, rows_for
+from .._common import contiguous_like, declared_op, reference_vjp, rows_for
 from .plan import write_plan
 from .reference import gated_dense_update_ref, gated_memory_write_ref, gated_memory_write_ref_
 from .validate import check_dense_args, check_write_args, check_write_values
@@ -161,7 +161,7 @@ WRITE_BWD = {"reference": _reference_write_bwd, "cpu": _cpu_write_bwd,
              **{name: _gpu_write_bwd(name) for name in ("triton", "cuda")}}
 
 
-@torch.library.custom_op("l2m::gated_memory_write", mutates_args=())
+@declared_op("gated_memory_write")
 def gated_memory_write_op(memory: Tensor, indices: Tensor, weights: Tensor, add: Tensor, erase: Tensor,
                           backend: str = "auto") -> Tensor:
     backend = check_write_args(memory, indices, weights, add, erase, backend)
@@ -284,7 +284,7 @@ DENSE_BWD = {"reference": lambda dout, m, u, i, f: tuple(
              **{name: _fused_dense_bwd(name) for name in ("cpu", "triton", "cuda")}}
 
 
-@torch.library.custom_op("l2m::gated_dense_update", mutates_args=())
+@declared_op("gated_dense_update")
 def gated_dense_update_op(memory: Tensor, update: Tensor, input_gate: Tensor, forget_gate: Tensor,
                           backend: str = "auto") -> Tensor:
     backend = check_dense_args(memory, update, input_gate, forget_gate, backend)

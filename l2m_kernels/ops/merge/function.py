@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ... import _ext
 from ..._alloc import empty
-from .._common import contiguous_like
+from .._common import contiguous_like, declared_op
 from .reference import gated_merge_ref, merge_attention_ref
 from .validate import check_gated_merge_args, check_merge_args
 
@@ -109,7 +109,7 @@ def merge_attention_bwd(dout, dlse, out_a, lse_a, out_b, lse_b, lse, backend):
     return grads
 
 
-@torch.library.custom_op("l2m::merge_attention", mutates_args=())
+@declared_op("merge_attention")
 def merge_attention_op(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor,
                        backend: str = "auto") -> Tuple[Tensor, Tensor]:
     backend = check_merge_args(out_a, lse_a, out_b, lse_b, backend)
@@ -187,7 +187,7 @@ def gated_merge_bwd(dout, out_local, out_mem, gate, backend):
     return d_local, d_mem, d_gate.to(gate.dtype).reshape(gate.shape)
 
 
-@torch.library.custom_op("l2m::gated_merge", mutates_args=())
+@declared_op("gated_merge")
 def gated_merge_op(out_local: Tensor, out_mem: Tensor, gate: Tensor, backend: str = "auto") -> Tensor:
     backend = check_gated_merge_args(out_local, out_mem, gate, backend)
     return gated_merge_fwd(out_local, out_mem, gate, backend)

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ... import _ext
 from ..._alloc import empty
-from .._common import acc_dtype, contiguous_like, reference_vjp, rows_for
+from .._common import acc_dtype, contiguous_like, declared_op, reference_vjp, rows_for
 from .reference import product_key_gather, product_key_select
 from .validate import check_args
 
@@ -169,7 +169,7 @@ FWD = {"reference": _reference_fwd, "cpu": _cpu_fwd, "triton": _triton_fwd, "cud
 BWD = {"reference": _reference_bwd, "cpu": _cpu_bwd, "triton": _triton_bwd, "cuda": _cuda_bwd}
 
 
-@torch.library.custom_op("l2m::product_key_read", mutates_args=())
+@declared_op("product_key_read")
 def product_key_read_op(q: Tensor, subkeys: Tensor, values: Tensor, k: int, k_sub: Optional[int] = None,
                         scale: Optional[float] = None, sum_heads: bool = False, sparse_grad: bool = False,
                         deterministic: bool = False, backend: str = "auto"

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ... import _ext
 from ..._alloc import empty
-from .._common import acc_dtype, contiguous_like, reference_vjp, rows_for
+from .._common import acc_dtype, contiguous_like, declared_op, reference_vjp, rows_for
 from .reference import topk_read_gather, topk_read_select
 from .validate import check_args, check_values
 
@@ -86,7 +86,7 @@ def topk_memory_read_bwd(dout, dweights, dlse, q, keys, values, indices, weights
     return BWD[backend](dout, dweights, dlse, q, keys, values, indices, weights, scale, deterministic)
 
 
-@torch.library.custom_op("l2m::topk_memory_read", mutates_args=())
+@declared_op("topk_memory_read")
 def topk_memory_read_op(q: Tensor, keys: Tensor, values: Tensor, k: int, scale: Optional[float] = None,
                         valid_len: Optional[Tensor] = None, deterministic: bool = False, backend: str = "auto"
                         ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -1,0 +1,111 @@
+"""The op registry (l2m_kernels/ops/registry.py) is the one declaration of every op: each consumer
+is checked to derive from it, so an op declared there is served, checked, fuzzed and benchmarked,
+and an op missing there is none of these."""
+from __future__ import annotations
+
+import importlib
+import inspect
+import random
+
+import pytest
+import torch
+
+import l2m_kernels as l2m
+from l2m_kernels import backends, check, fuzz
+from l2m_kernels.bench import BENCHMARKS
+from l2m_kernels.ops import registry
+
+DECLS = list(registry.OPS.values())
+IDS = [decl.name for decl in DECLS]
+
+
+def test_op_order_is_the_declaration_order():
+    assert backends.OPS == tuple(registry.OPS)
+    assert len(set(IDS)) == len(IDS)
+
+
+@pytest.mark.parametrize("decl", DECLS, ids=IDS)
+def test_custom_op_is_registered_with_the_declared_schema(decl):
+    schema = getattr(torch.ops.l2m, decl.name).default._schema
+    assert str(schema) == decl.qualname + decl.schema
+    assert [a.name for a in schema.arguments] == [a.name for a in decl.args]
+    assert len(schema.returns) == len(decl.outputs)
+
+
+@pytest.mark.parametrize("decl", DECLS, ids=IDS)
+def test_public_function_takes_the_declared_arguments_in_order(decl):
+    params = list(inspect.signature(getattr(l2m, decl.name)).parameters)
+    declared = [a.name for a in decl.args]
+    # The public function may add keyword-only switches of its own (gated_memory_write's inplace).
+    assert [p for p in params if p in declared] == declared, (params, declared)
+    assert decl.args[-1].name == "backend"
+
+
+@pytest.mark.parametrize("decl", DECLS, ids=IDS)
+def test_declared_reference_and_triton_module_exist(decl):
+    reference = importlib.import_module(f"l2m_kernels.ops.{decl.package}.reference")
+    assert callable(getattr(reference, decl.reference))
+    if decl.triton_module is not None:
+        module = importlib.import_module(decl.triton_module)
+        assert module.COMPILE_CONFIGS if hasattr(module, "COMPILE_CONFIGS") else module.compile_configs()
+
+
+@pytest.mark.parametrize("name", registry.BACKEND_NAMES)
+def test_backends_serve_what_the_declarations_say(name):
+    backend = backends.BACKENDS[name]
+    assert backend.ops == registry.served_by(name)
+    for op, decl in registry.OPS.items():
+        serving = decl.backends.get(name)
+        assert backend.size_limits.get(op, {}) == (dict(serving.size_limits) if serving else {})
+
+
+def test_a_size_over_a_declared_limit_is_a_reason():
+    limit = registry.OPS["product_key_read"].backends["cuda"].size_limits["Dk"]
+    reasons = backends.BACKENDS["cuda"].not_supported_reasons(
+        "product_key_read", torch.device("cuda"), torch.float32, {"Dk": limit + 1})
+    assert any(f"Dk <= {limit}" in r for r in reasons), reasons
+
+
+def test_declared_auto_order_is_dispatch_order():
+    for op, decl in registry.OPS.items():
+        for device_type, order in decl.auto_order.items():
+            assert backends.AUTO_ORDER_BY_OP[(device_type, op)] == order
+    assert len(backends.AUTO_ORDER_BY_OP) == sum(len(d.auto_order) for d in DECLS)
+
+
+@pytest.mark.parametrize("decl", DECLS, ids=IDS)
+def test_check_fuzz_and_bench_cover_the_op(decl):
+    assert decl.name in check.CHECKS
+    assert decl.name in fuzz.STRATEGIES and decl.name in fuzz.BUILDERS
+    assert decl.bench.module in BENCHMARKS
+    bench = importlib.import_module(f"l2m_kernels.bench.{decl.bench.module}")
+    assert decl.name in inspect.getsource(bench), f"{bench.__name__} does not time {decl.name}"
+
+
+@pytest.mark.parametrize("decl", DECLS, ids=IDS)
+def test_check_cases_come_from_the_declaration(decl):
+    quick = check.build_cases(decl.name, seed=3, quick=True)
+    assert quick[:2] == [dict(c) for c in decl.cases.edge[:2]]
+    full = check.build_cases(decl.name, seed=3, quick=False)
+    assert full[:len(decl.cases.edge)] == [dict(c) for c in decl.cases.edge]
+    assert full == check.build_cases(decl.name, seed=3, quick=False)          # reproducible per seed
+    rng = random.Random(0)
+    labels = {decl.cases.label(decl.cases.random(rng)) for _ in range(20)}
+    assert len(labels) > 1                                                       # the generator varies
+    assert all(check.shape_label(decl.name, c) == decl.cases.label(c) for c in full)
+
+
+def test_unknown_argument_lookup_names_the_op():
+    with pytest.raises(KeyError, match="topk_memory_read has no argument 'nope'"):
+        registry.OPS["topk_memory_read"].arg("nope")
+
+
+def test_every_declared_op_is_exported_and_every_design_names_declared_ops():
+    from l2m_kernels import _gpu_status
+
+    assert set(registry.OPS) <= set(l2m.__all__)
+    for design in _gpu_status.DESIGNS:
+        assert set(design.ops) <= set(registry.OPS), design
+        assert design.backend in registry.BACKEND_NAMES
+        for op in design.ops:
+            assert design.backend in registry.OPS[op].backends, (design, op)
