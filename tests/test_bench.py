@@ -1,12 +1,12 @@
-"""``l2m-bench``: runs at tiny shapes, writes JSON, Markdown and PNG, and its table compares the fused
-backend with the reference (op benchmarks and the model training step)."""
+"""``l2m-bench``: runs at tiny shapes, writes JSON (result rows), Markdown and PNG, and its table compares
+the fused backend with the reference (op benchmarks and the model training step)."""
 import json
 
 import pytest
 import torch
 
 from l2m_kernels import backends
-from l2m_kernels.bench import BENCHMARKS, main
+from l2m_kernels.bench import BENCHMARKS, main, results
 
 _CPU_REASONS = backends.BACKENDS["cpu"].not_supported_reasons("merge_attention", torch.device("cpu"),
                                                               torch.float32)
@@ -37,6 +37,11 @@ def test_bench_tiny_writes_outputs(tmp_path, capsys, one_thread):
     assert set(report["meta"]["ceilings"]) >= {"matmul_gflops_float32", "copy_gbps"}
     assert report["meta"]["benchmarks"] == ["merge", "memory_write", "model"] and not report["meta"]["failed"]
     rows = report["rows"]
+    # The rows are result rows (python -m l2m_kernels.bench.results add suite.json records them).
+    assert [results.problems(r) for r in rows] == [[]] * len(rows)
+    assert {r["source"] for r in rows} == {"l2m-bench --device cpu --only merge,bench_memory_write,model --tiny"}
+    timed = [r for r in rows if r["variant"] == "cpu" and r["op"] != "L2M train step"]
+    assert timed and all(r["both_spread_ms"][0] <= r["both_ms"] <= r["both_spread_ms"][1] for r in timed)
     for op in ("merge_attention", "gated_merge", "gated_memory_write", "L2M train step"):
         variants = {r["variant"] for r in rows if r["op"] == op}
         assert {"cpu", "reference", "reference+compile"} <= variants, (op, variants)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
@@ -89,7 +90,15 @@ def run_standalone(name: str, run, args: argparse.Namespace, **run_kwargs) -> in
     start = time.perf_counter()
     ceilings = measure_ceilings(device, quick=args.quick, tiny=args.tiny)
     rows = run(device, args.quick, ceilings, tiny=args.tiny, **run_kwargs)
-    bm.save(rows, ceilings, device, args.out, name)
+    payload = bm.save(rows, ceilings, device, args.out, name)
+    # The rows in the repository's record format (python -m l2m_kernels.bench.results add <name>.json).
+    from . import results
+    env = results.environment(device)
+    payload["meta"].update({k: v for k, v in env.items() if k != "date"})  # keeps the run's time
+    command = f"{name}{' --quick' if args.quick else ''}{' --tiny' if args.tiny else ''} --device {device.type}"
+    payload["rows"] = results.bench_rows(rows, ceilings, env, run=command, source=command)
+    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
+        json.dump(payload, f, indent=2)
     print(f"device: {bm.device_name(device)}; ceilings: " + ", ".join(f"{k} {v:.1f}" for k, v in ceilings.items()))
     print(bm.format_table(rows, ceilings))
     print(f"written: {os.path.join(args.out, name)}.json, .md, .png ({time.perf_counter() - start:.0f} s)")
