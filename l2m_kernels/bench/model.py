@@ -21,9 +21,9 @@ Why this size: the reference's slots-mode write (:func:`gated_memory_write_ref`)
 whole memory at every (token, slot) write, L * write_topk * layers = 4096 rebuilds of the
 (B, Hkv, N, 64) memory per step, in the forward and again in the backward. Under autograd the small
 tensors it saves land in the holes its freed memory copies leave in glibc's heap, so the process
-RSS grows by about one memory copy per rebuild (measured: 4.6 GB at this config; with 4 key/value
-heads, write_topk 4 and N = 16384, by the same count, ~128 GB). The allocator-level peak below counts live
-tensors only and does not see that growth.
+RSS grows by about one memory copy per rebuild (benchmarks/RESULTS.md has the growth at this config;
+with 4 key/value heads, write_topk 4 and N = 16384 the same count gives ~128 GB). The allocator-level
+peak below counts live tensors only and does not see that growth.
 
 Variants: ``config.backend = None`` (automatic: the fused backend of each op on this device; the row
 is named after the backends chosen) and ``backend="reference"`` (the naive PyTorch ops). The
