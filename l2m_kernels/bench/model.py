@@ -149,10 +149,12 @@ def run_mode(mode: str, device: torch.device, quick: bool = False, tiny: bool = 
         fwd = statistics.median(f for f, _ in times)
         bwd = statistics.median(b for _, b in times)
         both = statistics.median(f + b for f, b in times)
+        samples = {"fwd": [f for f, _ in times], "bwd": [b for _, b in times], "both": [f + b for f, b in times]}
+        spreads = {f"{name}_spread_ms": [min(s) * 1e3, max(s) * 1e3] for name, s in samples.items()}
         rows.append(bm.Row(OP, shape, dtype_name(dtype), variant, fwd * 1e3, bwd * 1e3, both * 1e3,
                            None if peak is None else peak / 2 ** 20,
                            note=f"{batch * tokens / both:.0f} tokens/s ({len(times)} step{'s' * (len(times) > 1)} "
-                                f"timed after {warmup} warm-up)"))
+                                f"timed after {warmup} warm-up)", **spreads))
     rows.append(skipped_row(OP, shape, dtype, "reference+compile",
                             "skipped: torch.compile of the whole step unrolls every segment and every "
                             "reference write step (minutes to hours of compilation)"))
