@@ -75,9 +75,10 @@ TOPK_SELECTION = "top-k read selection"
 
 
 def _h200(checks: str) -> GpuRun:
-    # The last GPU run (benchmarks/RESULTS.md: the NVIDIA H200 runs of 2026-11-26 at commit 44f93db):
-    # gpu_suite.sh with the CUDA self-test of every family, the test suite, l2m-check --quick and
-    # l2m-bench at the -gpu shapes, then gpu_probe.py.
+    # The last GPU run (benchmarks/RESULTS.md, NVIDIA H200, 2026-11-26: the runs at commit 44f93db;
+    # the H200 runs before it that day have no commit recorded): gpu_suite.sh with the CUDA
+    # self-test of every family, the test suite, l2m-check --quick and l2m-bench at the -gpu
+    # shapes, then gpu_probe.py.
     return GpuRun("NVIDIA H200", "2026-11-26", "44f93db", checks)
 
 
