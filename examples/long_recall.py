@@ -25,11 +25,10 @@ Three runs, same data stream, same initialisation, same steps (:func:`train_run`
 - ``none``: the same model with the memory switched off (``memory_layers=()``): local attention
   only; it must stay at chance on far queries (and solves the local ones).
 
-Measured (seed 0, 2 threads, load average 0.7-1.9, 2026-11-26): append 1.000 far recall, slots
-0.669, none 0.0325 (chance 0.031), 191 s in all; seed 1: slots 0.610, none 0.030. Slots mode learns
+Results: the long_recall rows of benchmarks/RESULTS.md. Slots mode learns
 far recall only with its writes addressed like the layer's keys (with independent random write
 projections the slots a pair writes and the slots its query reads overlap at chance and far recall
-stays at 0.032), with a low initial erase (sigmoid(-3): a pair's write survives the later writes)
+stays at chance), with a low initial erase (sigmoid(-3): a pair's write survives the later writes)
 and with the gated merge (in a joint softmax the memory gets too little mass to learn from).
 
 Training (:class:`TrainSettings`) is a curriculum: first ``short_steps`` on one-segment

@@ -10,8 +10,8 @@ design stays opt-in until a GPU run has passed the tests with it and timed it
 times every threshold design); then its entry records that run and it may become the default. A
 fix to the kernels of a design after its GPU run is listed in the entry's ``changed`` until the
 next GPU run: those kernels, in their current form, have not run on a GPU either.
-``python -m l2m_kernels.info`` prints this table. The runs themselves are in
-``benchmarks/RESULTS.md``.
+``python -m l2m_kernels.info`` prints this table. The runs themselves are rows of
+``benchmarks/results.jsonl``, shown in ``benchmarks/RESULTS.md`` under each run's card and date.
 
 Each design that ran records the fingerprint of its kernels' code as it ran (:func:`fingerprint`:
 the Triton kernels with the jit functions they call, or the CUDA sources with the headers they
@@ -75,10 +75,10 @@ TOPK_SELECTION = "top-k read selection"
 
 
 def _h200(checks: str) -> GpuRun:
-    # The last GPU run (benchmarks/RESULTS.md, the H200 entries of 2026-11-26): gpu_suite.sh with
-    # the CUDA self-test of every family, the test suite (cut at its time limit: 771 passed, the 8
-    # failures were test bugs, fixed since), l2m-check --quick and l2m-bench at the -gpu shapes,
-    # then gpu_probe.py; recorded by commit 44f93db.
+    # The last GPU run (benchmarks/RESULTS.md, NVIDIA H200, 2026-11-26: the runs at commit 44f93db;
+    # the H200 runs before it that day have no commit recorded): gpu_suite.sh with the CUDA
+    # self-test of every family, the test suite, l2m-check --quick and l2m-bench at the -gpu
+    # shapes, then gpu_probe.py.
     return GpuRun("NVIDIA H200", "2026-11-26", "44f93db", checks)
 
 

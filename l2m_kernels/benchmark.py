@@ -38,7 +38,14 @@ def synchronize(device: torch.device) -> None:
 
 def median_time(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, reps: int = 7,
                 setup: Optional[Callable[[], object]] = None, max_seconds: float = 20.0) -> float:
-    """Median seconds of ``fn()`` over ``reps`` runs after ``warmup`` runs.
+    """Median seconds of ``fn()`` over ``reps`` runs after ``warmup`` runs (:func:`time_samples`)."""
+    return statistics.median(time_samples(fn, device, warmup=warmup, reps=reps, setup=setup,
+                                          max_seconds=max_seconds))
+
+
+def time_samples(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, reps: int = 7,
+                 setup: Optional[Callable[[], object]] = None, max_seconds: float = 20.0) -> list:
+    """Seconds of each of ``reps`` timed runs of ``fn()`` after ``warmup`` runs.
 
     ``setup()`` (untimed) runs before each call and its result is passed to ``fn``; CUDA work is
     timed with events. Stops early (with at least 3 samples) once ``max_seconds`` are spent.
@@ -66,7 +73,7 @@ def median_time(fn: Callable[[], object], device: torch.device, *, warmup: int =
         spent += t
         if spent > max_seconds and len(samples) >= 3:
             break
-    return statistics.median(samples)
+    return samples
 
 
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
@@ -202,6 +209,14 @@ class Row:
     fwd_gbps: Optional[float] = None
     fwd_gflops: Optional[float] = None
     note: str = ""
+    # [fastest, slowest] of the timed runs whose median is the time above (None: not sampled).
+    fwd_spread_ms: Optional[list] = None
+    bwd_spread_ms: Optional[list] = None
+    both_spread_ms: Optional[list] = None
+
+
+def _spread_ms(samples: list) -> list:
+    return [min(samples) * 1e3, max(samples) * 1e3]
 
 
 def _tensor_bytes(inputs: dict) -> int:
@@ -229,8 +244,11 @@ def run_variant(op: str, shape: str, dtype: torch.dtype, variant: str, forward: 
     sets = _input_sets(make_inputs, False, rotate_bytes)
     turn = iter(range(10 ** 9))
     with torch.no_grad():
-        fwd = median_time(lambda: forward(**sets[next(turn) % len(sets)]), device, warmup=warmup, reps=reps)
-    row = Row(op, shape, str(dtype).replace("torch.", ""), variant, fwd * 1e3, None, None, None)
+        fwd_samples = time_samples(lambda: forward(**sets[next(turn) % len(sets)]), device, warmup=warmup,
+                                   reps=reps)
+    fwd = statistics.median(fwd_samples)
+    row = Row(op, shape, str(dtype).replace("torch.", ""), variant, fwd * 1e3, None, None, None,
+              fwd_spread_ms=_spread_ms(fwd_samples))
     if fwd_bytes:
         row.fwd_gbps = fwd_bytes / fwd / 1e9
     if fwd_flops:
@@ -269,9 +287,11 @@ def run_variant(op: str, shape: str, dtype: torch.dtype, variant: str, forward: 
             inputs = next_set()
             return outputs(inputs), inputs
 
-        row.both_ms = median_time(both, device, warmup=warmup, reps=reps) * 1e3
-        row.bwd_ms = median_time(lambda prepared: backward_and_clear(*prepared), device, warmup=1, reps=reps,
-                                 setup=forward_only) * 1e3
+        both_samples = time_samples(both, device, warmup=warmup, reps=reps)
+        bwd_samples = time_samples(lambda prepared: backward_and_clear(*prepared), device, warmup=1, reps=reps,
+                                   setup=forward_only)
+        row.both_ms, row.both_spread_ms = statistics.median(both_samples) * 1e3, _spread_ms(both_samples)
+        row.bwd_ms, row.bwd_spread_ms = statistics.median(bwd_samples) * 1e3, _spread_ms(bwd_samples)
 
         def keep_graph():
             inputs = grad_sets[0]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from l2m_kernels import backends
-from l2m_kernels.bench import BENCHMARKS, QUICK_WRITE_COMPILE_NOTE, main, run_benchmark
+from l2m_kernels.bench import BENCHMARKS, QUICK_WRITE_COMPILE_NOTE, main, results, run_benchmark
 
 _CPU_REASONS = backends.BACKENDS["cpu"].not_supported_reasons("merge_attention", torch.device("cpu"),
                                                               torch.float32)
@@ -39,6 +39,11 @@ def test_bench_tiny_writes_outputs(tmp_path, capsys, one_thread):
     # In the order of the ops' declarations (l2m_kernels/ops/registry.py), the model step last.
     assert report["meta"]["benchmarks"] == ["memory_write", "merge", "model"] and not report["meta"]["failed"]
     rows = report["rows"]
+    # The rows are result rows (python -m l2m_kernels.bench.results add suite.json records them).
+    assert [results.problems(r) for r in rows] == [[]] * len(rows)
+    assert {r["source"] for r in rows} == {"l2m-bench --device cpu --only merge,bench_memory_write,model --tiny"}
+    timed = [r for r in rows if r["variant"] == "cpu"]
+    assert timed and all(r["both_spread_ms"][0] <= r["both_ms"] <= r["both_spread_ms"][1] for r in timed)
     for op in ("merge_attention", "gated_merge", "gated_memory_write", "gated_dense_update", "L2M train step"):
         variants = {r["variant"] for r in rows if r["op"] == op}
         assert {"cpu", "reference", "reference+compile"} <= variants, (op, variants)

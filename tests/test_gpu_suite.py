@@ -1,12 +1,14 @@
 """tools/gpu_suite.sh, the one-command GPU check, run here on the CPU (DEVICE=cpu, SKIP_BUILD=1)
 at its smallest: every step runs (the CUDA build and self-test say why they are skipped) and the
-entry it appends to the results file carries the test summary, the l2m-check table and the
-l2m-bench table. GPU minutes are scarce: a broken script must fail here, not there.
+rows it appends to the results file carry every step's outcome, the l2m-check results and the
+l2m-bench rows, with the table regenerated from them. GPU minutes are scarce: a broken script must
+fail here, not there.
 
 The script runs (and the probe's) only start a command and read its output: they are declared as
 background jobs (``tests/_background.py``) and run behind the other tests."""
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import shutil
@@ -16,6 +18,7 @@ import sys
 import pytest
 
 import _background
+from l2m_kernels.bench import results as bench_results
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "gpu_suite.sh"
@@ -24,25 +27,38 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash
 
 
 def _declare_run(name, tests, **env):
-    """Declare a run of the script (DEVICE=cpu) with ``env``; its RESULTS file and out-dir live in a
+    """Declare a run of the script (DEVICE=cpu) with ``env``; its results files and out-dir live in a
     fresh directory, returned."""
     base = pathlib.Path(_background.scratch_dir("gpu_suite"))
-    results = base / "RESULTS.md"
-    full_env = dict(os.environ, DEVICE="cpu", SKIP_BUILD="1", RESULTS_FILE=str(results),
-                    TEST_PATHS="tests/test_testing.py", PYTEST_ARGS="-q", PYTHON=sys.executable,
-                    TRITON_INTERPRET="0")
+    full_env = dict(os.environ, DEVICE="cpu", SKIP_BUILD="1", RESULTS_FILE=str(base / "results.jsonl"),
+                    RESULTS_MD=str(base / "RESULTS.md"), TEST_PATHS="tests/test_testing.py", PYTEST_ARGS="-q",
+                    PYTHON=sys.executable, TRITON_INTERPRET="0")
     full_env.update(env)
-    # The RESULTS file starts as "# results\n": the script must append to it, not overwrite it.
-    command = ["bash", "-c", 'printf "# results\\n" > "$RESULTS_FILE" && exec bash "$0" "$1"',
+    # The results file starts with a row: the script must append to it, not overwrite it.
+    command = ["bash", "-c", 'printf "%s\\n" "$SEED_ROW" > "$RESULTS_FILE" && exec bash "$0" "$1"',
                str(SCRIPT), str(base / "out")]
+    full_env["SEED_ROW"] = SEED_ROW
     _background.declare(name, command, env=full_env, cwd=ROOT, timeout=600,
                         tests=[f"{__name__}::{test}" for test in tests])
     return base
 
 
+SEED_ROW = (ROOT / "benchmarks" / "results.jsonl").read_text().splitlines()[0]
+
+
 def _result(name, base):
+    """The run's process and the rows it appended, after checking that the table is theirs."""
     proc = _background.result(name)
-    return proc, (base / "RESULTS.md").read_text()
+    rows = bench_results.load(base / "results.jsonl")
+    assert rows[0] == json.loads(SEED_ROW)  # appended, not overwritten
+    if len(rows) > 1:
+        assert (base / "RESULTS.md").read_text() == bench_results.render(rows)
+    return proc, rows[1:]
+
+
+def _step(rows, name):
+    """The outcome the run recorded for its step ``name``."""
+    return next(r["notes"] for r in rows if r["kind"] == "check" and r["op"] == name)
 
 
 EVERY_STEP = _declare_run("every-step", ["test_gpu_suite_runs_every_step_and_appends_an_entry"],
@@ -58,37 +74,40 @@ UNKNOWN_STEP = _declare_run("unknown-step", ["test_gpu_suite_runs_only_the_steps
 
 
 def test_gpu_suite_runs_every_step_and_appends_an_entry():
-    proc, results = _result("every-step", EVERY_STEP)
+    proc, rows = _result("every-step", EVERY_STEP)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert results.startswith("# results\n")  # appended, not overwritten
-    entry = results[len("# results\n"):]
-    assert "tools/gpu_suite.sh" in entry
-    assert "CUDA self-test: skipped: needs CUDA" in entry
-    assert "passed" in entry and "Tests on cpu" in entry
-    assert "l2m-check on cpu (exit 0)" in entry
-    assert "gated_merge  cpu" in entry and "PASS" in entry
-    assert "l2m-bench on cpu" in entry and "(exit 0)" in entry
-    assert "| gated_merge |" in entry and "| reference |" in entry
+    assert all(not bench_results.problems(r) for r in rows)
+    assert {r["source"] for r in rows} == {next(iter(rows))["source"]} and "gpu_suite.sh" in rows[0]["source"]
+    assert _step(rows, "CUDA self-test").startswith("skipped: needs CUDA")
+    assert "passed" in _step(rows, "tests on cpu") and "(exit 0)" in _step(rows, "tests on cpu")
+    assert _step(rows, "l2m-check") == "exit 0"
+    assert _step(rows, "l2m-bench").endswith("exit 0")
+    checked = [r for r in rows if r["op"] == "gated_merge" and r["kind"] == "check"]
+    assert checked and all(r["variant"] == "cpu" and r["metrics"]["failed"] == 0 for r in checked)
+    timed = {r["variant"]: r for r in rows if r["op"] == "gated_merge" and r["kind"] != "check"}
+    assert timed["reference"]["kind"] == "reference eager" and timed["cpu"]["kind"] == "fused"
+    assert timed["cpu"]["both_ms"] > 0 and timed["cpu"]["device"] and timed["cpu"]["torch"]
+    table = (EVERY_STEP / "RESULTS.md").read_text()
+    assert "**gated_merge**" in table and "| reference |" in table
     for name in ("check.json", "suite.json", "suite.md", "RESULTS_entry.md", "tests.log"):
         assert (EVERY_STEP / "out" / name).is_file(), name
 
 
 def test_gpu_suite_reports_failed_steps():
-    proc, results = _result("failed-steps", FAILED_STEPS)
+    proc, rows = _result("failed-steps", FAILED_STEPS)
     assert proc.returncode != 0
-    entry = results[len("# results\n"):]
-    assert "l2m-check on cpu (exit 0)" not in entry
-    assert "(exit 0)" not in entry.split("l2m-bench on cpu", 1)[1].splitlines()[0]
-    assert "Tests on cpu" in entry and "(exit 0)" not in entry.split("Tests on cpu", 1)[1].splitlines()[0]
+    assert _step(rows, "l2m-check") != "exit 0"
+    assert not _step(rows, "l2m-bench").endswith("exit 0")
+    assert "(exit 0)" not in _step(rows, "tests on cpu")
 
 
 def test_gpu_suite_runs_only_the_steps_named():
-    proc, results = _result("only-named", ONLY_NAMED)
+    proc, rows = _result("only-named", ONLY_NAMED)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    entry = results[len("# results\n"):]
-    assert "Tests on cpu: not run: not in STEPS" in entry
-    assert "l2m-check on cpu (exit 0)" in entry and "PASS" in entry
-    assert "not run: not in STEPS" in entry.split("l2m-bench on cpu", 1)[1].splitlines()[0]
+    assert _step(rows, "tests on cpu") == "not run: not in STEPS"
+    assert _step(rows, "l2m-check") == "exit 0"
+    assert [r["metrics"]["failed"] for r in rows if r["op"] == "gated_merge"] == [0]
+    assert _step(rows, "l2m-bench") == "not run: not in STEPS"
     assert not (ONLY_NAMED / "out" / "tests.log").exists()
     proc, _ = _result("unknown-step", UNKNOWN_STEP)
     assert proc.returncode == 2 and "unknown step 'no_such_step'" in proc.stdout

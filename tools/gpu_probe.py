@@ -1,4 +1,4 @@
-"""GPU probes for what the first GPU run (2026-11-26, NVIDIA H200, torch 2.11, Triton 3.6) left open.
+"""GPU probes for what a GPU run of ``gpu_suite.sh`` leaves open (their runs: benchmarks/RESULTS.md).
 
     python -m tools.gpu_probe attn-fault            # which kernel faults, under which variants
     python -m tools.gpu_probe topk-tiles [--bench]  # both threshold designs of the top-k read:

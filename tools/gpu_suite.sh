@@ -7,15 +7,19 @@
 #   5. l2m-check (python -m l2m_kernels.check): every op on every backend of the GPU against the
 #      float64 reference, forward and backward,
 #   6. l2m-bench (python -m l2m_kernels.bench) at the -gpu shapes: ceilings, every op, the model step,
-#   7. append the figures, with card, versions and date, to benchmarks/RESULTS.md (logs, JSON, the
-#      plot and the entry itself in the output folder).
+#   7. record the run as result rows (python -m l2m_kernels.bench.results add): the benchmark rows, one
+#      row per op, backend and dtype of l2m-check, one per step with its outcome; appended with card,
+#      versions, commit and date to benchmarks/results.jsonl, whose table benchmarks/RESULTS.md is
+#      regenerated (logs, JSON, the plot and a summary, RESULTS_entry.md, in the output folder).
 # Usage: bash tools/gpu_suite.sh [output-dir]
 # Every step has a time limit (seconds; environment variables below) so that a slow or hung step
 # still leaves the later ones and the logs: BUILD_TIMEOUT, SELFTEST_TIMEOUT, TEST_TIMEOUT,
 # CHECK_TIMEOUT, BENCH_TIMEOUT. TEST_PATHS replaces the test paths (default: tests); PYTEST_ARGS
 # adds pytest arguments; SELFTEST_ARGS replaces the self-test's (default --quick); CHECK_ARGS adds
 # l2m-check arguments (e.g. --quick); BENCH_ARGS adds l2m-bench arguments (e.g. --quick,
-# --only topk_read). RESULTS_FILE is where the entry is appended (default benchmarks/RESULTS.md).
+# --only topk_read). RESULTS_FILE is where the rows are appended (default benchmarks/results.jsonl)
+# and RESULTS_MD the table regenerated from them (default benchmarks/RESULTS.md); L2M_COMMIT names
+# the commit measured where the checkout has no git metadata.
 # DEVICE=cpu runs the same steps on the CPU (no CUDA build or self-test: they say so) and
 # SKIP_BUILD=1 uses the extensions already importable: together they let the script itself be
 # tested on a machine without a GPU (tests/test_gpu_suite.py).
@@ -31,9 +35,11 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-gpu_out}
 mkdir -p "$OUT_DIR"
+rm -f "$OUT_DIR/suite.json" "$OUT_DIR/suite.md" "$OUT_DIR/check.json"  # an earlier run's are not this run's
 PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
-RESULTS_FILE=${RESULTS_FILE:-benchmarks/RESULTS.md}
+RESULTS_FILE=${RESULTS_FILE:-benchmarks/results.jsonl}
+RESULTS_MD=${RESULTS_MD:-benchmarks/RESULTS.md}
 export PYTHONUNBUFFERED=1
 # The extensions are built in place (no pip install on the GPU machine): import from this checkout.
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -184,6 +190,17 @@ done
   echo
   if [ -f "$OUT_DIR/suite.md" ]; then tail -n +3 "$OUT_DIR/suite.md"; else echo "no benchmark table (see bench.log)"; fi
 } > "$OUT_DIR/RESULTS_entry.md"
-cat "$OUT_DIR/RESULTS_entry.md" >> "$RESULTS_FILE"
-echo "== appended to $RESULTS_FILE"
-[ $build_rc -eq 0 ] && [ $selftest_rc -eq 0 ] && [ $test_rc -eq 0 ] && [ $check_rc -eq 0 ] && [ $bench_rc -eq 0 ]
+echo "== result rows"
+record=()
+[ -f "$OUT_DIR/suite.json" ] && record+=("$OUT_DIR/suite.json")
+[ -f "$OUT_DIR/check.json" ] && record+=(--check-json "$OUT_DIR/check.json")
+"$PY" -m l2m_kernels.bench.results add ${record[@]+"${record[@]}"} --device "$DEVICE" \
+  --run "tools/gpu_suite.sh on $DEVICE: ${STEPS:-selftest tests check bench}" \
+  --source "STEPS=\"${STEPS:-selftest tests check bench}\" BENCH_ARGS=\"${BENCH_ARGS:-}\" \
+CHECK_ARGS=\"${CHECK_ARGS:-}\" bash tools/gpu_suite.sh" \
+  --step "build=$build_summary" --step "CUDA self-test=$selftest_summary" --step "tests on $DEVICE=$test_summary" \
+  --step "l2m-check=$check_note" --step "l2m-bench=${BENCH_ARGS:+$BENCH_ARGS: }$bench_note" \
+  --results "$RESULTS_FILE" --markdown "$RESULTS_MD"
+results_rc=$?
+[ $build_rc -eq 0 ] && [ $selftest_rc -eq 0 ] && [ $test_rc -eq 0 ] && [ $check_rc -eq 0 ] && [ $bench_rc -eq 0 ] \
+  && [ $results_rc -eq 0 ]

@@ -9,7 +9,11 @@ L2M model training step, on CUDA when available, else on the CPU. Every op bench
 fused backends of the device with the reference in eager mode and under ``torch.compile``; the table
 gives median fwd / bwd / fwd+bwd times, the speedup over the eager reference, peak memory, and
 GB/s or GFLOP/s as a percentage of the ceilings. Writes ``suite.json``, ``suite.md`` and
-``suite.png`` into ``--out``. ``--only <name>`` runs one benchmark alone.
+``suite.png`` into ``--out``. ``--only <name>`` runs one benchmark alone. The ``rows`` of
+``suite.json`` are result rows (:mod:`l2m_kernels.bench.results`: date, device, versions, commit,
+and per row the times with their spread, peak memory and multiple of the hardware floor), which
+``python -m l2m_kernels.bench.results add OUT/suite.json`` appends to ``benchmarks/results.jsonl``,
+regenerating ``benchmarks/RESULTS.md``.
 
 Benchmarks (``--only`` takes these names, with or without the ``bench_`` prefix), derived from the
 ops' declarations (:mod:`l2m_kernels.ops.registry`: each op names the benchmark that times it and
@@ -83,6 +87,19 @@ def _load_average() -> str:
         return "n/a"
 
 
+def _command(args: argparse.Namespace) -> str:
+    """The command line of a run, without its output folder and display options."""
+    return " ".join(["l2m-bench", "--device", args.device] + (["--quick"] if args.quick else [])
+                    + (["--only", args.only] if args.only else [])
+                    + (["--merge", args.merge] if args.merge != "joint" else [])
+                    + (["--tiny"] if args.tiny else []))
+
+
+def _run_title(args: argparse.Namespace, names: list) -> str:
+    size = "tiny shapes (tests)" if args.tiny else "quick shapes" if args.quick else "full shapes"
+    return f"l2m-bench, {size}: {', '.join(names)}"
+
+
 def run_benchmark(name: str, device: torch.device, quick: bool, ceilings: dict, tiny: bool = False, *,
                   merge: str = "joint", alone: bool = False) -> list:
     """The rows of one benchmark of :data:`BENCHMARKS`.
@@ -148,10 +165,17 @@ def main(argv=None) -> int:
 
     payload = bm.save(rows, ceilings, device, args.out, "suite")
     from . import model as model_bench
+    from . import results
     model_md, model_records = model_bench.summary(rows)
-    payload["meta"].update(quick=args.quick, elapsed_s=round(elapsed, 1), seconds_per_benchmark=seconds,
-                           load_average_before=load_before, load_average_after=_load_average(),
+    load_after = _load_average()
+    env = results.environment(device)
+    payload["meta"].update({k: v for k, v in env.items() if k != "date"},  # meta's date keeps the time
+                           quick=args.quick, elapsed_s=round(elapsed, 1), seconds_per_benchmark=seconds,
+                           load_average_before=load_before, load_average_after=load_after,
                            benchmarks=names, failed=failures)
+    # The rows in the repository's record format (python -m l2m_kernels.bench.results add suite.json).
+    payload["rows"] = results.bench_rows(rows, ceilings, env, run=_run_title(args, names), source=_command(args),
+                                         conditions=f"load average {load_before} before, {load_after} after")
     payload["model_step"] = model_records
     with open(os.path.join(args.out, "suite.json"), "w") as f:
         json.dump(payload, f, indent=2)

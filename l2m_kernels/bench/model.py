@@ -21,9 +21,9 @@ Why this size: the reference's slots-mode write (:func:`gated_memory_write_ref`)
 whole memory at every (token, slot) write, L * write_topk * layers = 4096 rebuilds of the
 (B, Hkv, N, 64) memory per step, in the forward and again in the backward. Under autograd the small
 tensors it saves land in the holes its freed memory copies leave in glibc's heap, so the process
-RSS grows by about one memory copy per rebuild (measured: 4.6 GB at this config; with 4 key/value
-heads, write_topk 4 and N = 16384, by the same count, ~128 GB). The allocator-level peak below counts live
-tensors only and does not see that growth.
+RSS grows by about one memory copy per rebuild (benchmarks/RESULTS.md has the growth at this config;
+with 4 key/value heads, write_topk 4 and N = 16384 the same count gives ~128 GB). The allocator-level
+peak below counts live tensors only and does not see that growth.
 
 Variants: ``config.backend = None`` (automatic: the fused backend of each op on this device; the row
 is named after the backends chosen) and ``backend="reference"`` (the naive PyTorch ops). The
@@ -149,10 +149,12 @@ def run_mode(mode: str, device: torch.device, quick: bool = False, tiny: bool = 
         fwd = statistics.median(f for f, _ in times)
         bwd = statistics.median(b for _, b in times)
         both = statistics.median(f + b for f, b in times)
+        samples = {"fwd": [f for f, _ in times], "bwd": [b for _, b in times], "both": [f + b for f, b in times]}
+        spreads = {f"{name}_spread_ms": [min(s) * 1e3, max(s) * 1e3] for name, s in samples.items()}
         rows.append(bm.Row(OP, shape, dtype_name(dtype), variant, fwd * 1e3, bwd * 1e3, both * 1e3,
                            None if peak is None else peak / 2 ** 20,
                            note=f"{batch * tokens / both:.0f} tokens/s ({len(times)} step{'s' * (len(times) > 1)} "
-                                f"timed after {warmup} warm-up)"))
+                                f"timed after {warmup} warm-up)", **spreads))
     rows.append(skipped_row(OP, shape, dtype, "reference+compile",
                             "skipped: torch.compile of the whole step unrolls every segment and every "
                             "reference write step (minutes to hours of compilation)"))

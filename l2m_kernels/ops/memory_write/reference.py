@@ -64,7 +64,7 @@ def gated_memory_write_ref(memory, indices, weights, add, erase):
           (``grad.index_fill``), so the backward costs about one (B, Hm, N, D) copy per step.
           (An out-of-place ``index_copy`` per step would also copy in the forward, and under glibc
           the freed copies, split by the small saved rows, fragment the heap: the process grew by
-          about one memory copy per step, 17 GB at ``write-cpu``.)
+          about one memory copy per step.)
         - A skipped entry (-1) reads slot 0 and writes that same value back unchanged
           (``torch.where``), so it neither alters slot 0 nor blocks its gradient, and a NaN/inf in a
           skipped entry's ``add``/``erase``/``weights`` has no effect (and gets a zero gradient).

@@ -84,8 +84,8 @@ as for random keys):
    (NaN ranking as +inf). Per tile, rounds of reductions extract each row's best remaining key
    while it is ``>= tau`` (``_collect_tile``), in the layout the dot produced: no scan, no
    atomics, and only the [BT, COLLECT_BATCH] keys of each batch of rounds cross shared memory for
-   their store, never the score tile (on an H200 the cumulative-sum collect of ``threshold`` took
-   68% of its forward, 3.6x its chunk pass). A row stops at ``cap + 1`` candidates.
+   their store, never the score tile (the cumulative-sum collect of ``threshold`` took most of its
+   forward in a GPU profile: benchmarks/RESULTS.md). A row stops at ``cap + 1`` candidates.
 
 When ``N <= cap`` (every slot would be a candidate) or there are fewer than ``k`` chunks, the
 streaming path runs (decided on the host, no launch). ``valid_len`` rows with fewer than ``k``
