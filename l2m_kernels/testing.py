@@ -203,7 +203,8 @@ def read_scores(q: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tens
 
 def _rank(scores: torch.Tensor) -> torch.Tensor:
     """Scores as the kernels rank them: NaN like +inf."""
-    return scores.detach().double().cpu().nan_to_num(nan=math.inf, posinf=math.inf, neginf=-math.inf)
+    return scores.detach().double().cpu().nan_to_num(nan=math.inf, posinf=math.inf,
+                                                     neginf=-math.inf)
 
 
 def selection_tolerance(scores: torch.Tensor, score_dtype: torch.dtype = torch.float32) -> float:
@@ -234,7 +235,8 @@ def product_key_scores(q: torch.Tensor, subkeys: torch.Tensor, k_sub: int, scale
         kernel's rounding may swap sub-keys there).
 
     Equivalent PyTorch:
-        s1 = scale * q[..., :Dk // 2] @ subkeys[:, 0].mT;  s2 = scale * q[..., Dk // 2:] @ subkeys[:, 1].mT
+        s1 = scale * q[..., :Dk // 2] @ subkeys[:, 0].mT
+        s2 = scale * q[..., Dk // 2:] @ subkeys[:, 1].mT
         scores = (s1[..., :, None] + s2[..., None, :]).flatten(-2)
     """
     q64 = q.detach().double().cpu()
