@@ -6,6 +6,10 @@ float32, float16 and bfloat16 on 4-D broadcast views (stride 0; contiguous and s
 1-D, 3-D and 5-D shapes as the launcher reshapes them; > 2**24 elements through the grid-stride
 loop), gradients reduced to each input's shape like function.py, with huge and infinite logits /
 updates, NaN inputs, empty shapes, outputs pre-filled with NaN, and bad calls.
+
+Without a CUDA device the gpu tests skip, saying so; a few cases' test bodies then run on CPU
+tensors with the CPU kernels standing in for the CUDA ones (``tests/ops/cpu_kernels.py``), and the
+whole case matrix's inputs and reference side are built on the CPU.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import torch
 
 from l2m_kernels.ops.memory_write.reference import gated_dense_update_ref
 from l2m_kernels.testing import assert_close, nan_filled
+from ..cpu_kernels import cpu_kernels_as_cuda
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 NAN = float("nan")
@@ -91,19 +96,23 @@ def dense_expected(inputs, dout):
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_dense_update_cuda(cuda_ext, case, dtype):
+    check_dense_update(cuda_ext, "cuda", case, dtype)
+
+
+def check_dense_update(ext, device, case, dtype):
     special = case[-1]
-    inputs = dense_inputs(case, dtype, "cuda")
+    inputs = dense_inputs(case, dtype, device)
     views, shape = broadcast_views4(*inputs)
-    out = nan_filled(tuple(views[0].shape), dtype, "cuda")
-    cuda_ext.gated_dense_update_fwd(*views, out)
-    dout = torch.randn(shape, device="cuda").to(dtype)
+    out = nan_filled(tuple(views[0].shape), dtype, device)
+    ext.gated_dense_update_fwd(*views, out)
+    dout = torch.randn(shape, device=device).to(dtype)
     (out64, expected), (low_out, baseline) = dense_expected(inputs, dout)
     assert_close("out", out.view(shape), out64, dtype, baseline=low_out)
     if special == "big":
         assert torch.isfinite(out).all(), "non-finite output for finite memory"
 
-    grads = [nan_filled(tuple(views[0].shape), torch.float32, "cuda") for _ in range(4)]
-    cuda_ext.gated_dense_update_bwd(dout.contiguous().view(views[0].shape), *views, *grads)
+    grads = [nan_filled(tuple(views[0].shape), torch.float32, device) for _ in range(4)]
+    ext.gated_dense_update_bwd(dout.contiguous().view(views[0].shape), *views, *grads)
     reduced = [g.view(shape).sum_to_size(t.shape).to(t.dtype) for g, t in zip(grads, inputs)]
     for name, actual, exp, base in zip(("dmemory", "dupdate", "dinput_gate", "dforget_gate"),
                                        reduced, expected, baseline):
@@ -171,3 +180,10 @@ def test_dense_update_cases_and_reference_side_on_cpu():
             assert out.isnan().any() and not out.isnan().all()
     for name, (error_type, call) in _bad_calls("cpu").items():
         assert issubclass(error_type, Exception) and callable(call), name
+
+
+@pytest.mark.parametrize("case", CASES[:-1], ids=_case_id)  # all but the > 2**24 elements one
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_dense_update_body_runs_on_cpu_kernels(case, dtype):
+    """The body of the gpu test on CPU tensors, the CPU kernels in the CUDA kernels' place."""
+    check_dense_update(cpu_kernels_as_cuda(), "cpu", case, dtype)

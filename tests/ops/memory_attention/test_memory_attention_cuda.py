@@ -12,6 +12,10 @@ and v at masked positions and a NaN query row (rows that do not see them unchang
 non-finite exactly where the reference is). memory_read_weights (weights, dots, out) against the
 reference gather at the given lse, with shared memories, grouped heads, missing (-1) and
 out-of-range slots (weight 0), k = 0 / 1, T = 0, Dk / Dv up to 256. And bad calls.
+
+Without a CUDA device the gpu tests skip, saying so; a few cases' test bodies then run on CPU
+tensors with the CPU kernels standing in for the CUDA ones (``tests/ops/cpu_kernels.py``), and the
+whole case matrix's inputs and reference side are built on the CPU.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import torch
 from l2m_kernels.ops.memory_attention.reference import local_attention_ref
 from l2m_kernels.ops.topk_read.reference import topk_read_gather
 from l2m_kernels.testing import assert_close, bits_equal, lse_dtype, nan_filled
+from ..cpu_kernels import cpu_kernels_as_cuda
 
 NAN = float("nan")
 NEG_INF = float("-inf")
@@ -132,15 +137,19 @@ def keys_seen(seeing, num_kv_heads, context_len, window):
 @pytest.mark.gpu
 @pytest.mark.parametrize("case,dtype", ATTN_PARAMS)
 def test_local_attention_cuda(cuda_ext, case, dtype):
+    check_local_attention(cuda_ext, "cuda", case, dtype)
+
+
+def check_local_attention(ext, device, case, dtype):
     B, H, Hkv, T, S, D, Dv, window, special = case
     scale = D ** -0.5
-    q, k, v, dout, dlse = attention_inputs(case, dtype, "cuda")
-    out, lse = _local(cuda_ext, q, k, v, window, scale)
+    q, k, v, dout, dlse = attention_inputs(case, dtype, device)
+    out, lse = _local(ext, q, k, v, window, scale)
     if special in ("nonfinite", "nan_query") and B * T:
-        clean = (out, lse) + _local_bwd(cuda_ext, dout, dlse, q, k, v, out, lse, window, scale)
+        clean = (out, lse) + _local_bwd(ext, dout, dlse, q, k, v, out, lse, window, scale)
         q, k, v, seeing = poison(q, k, v, window, special)
-        out, lse = _local(cuda_ext, q, k, v, window, scale)
-        poisoned = (out, lse) + _local_bwd(cuda_ext, dout, dlse, q, k, v, out, lse, window, scale)
+        out, lse = _local(ext, q, k, v, window, scale)
+        poisoned = (out, lse) + _local_bwd(ext, dout, dlse, q, k, v, out, lse, window, scale)
         # Rows that see no poisoned value are unchanged: out, lse, dq exactly, and dk / dv of
         # every key no poisoned query sees.
         others = ~seeing
@@ -168,8 +177,8 @@ def test_local_attention_cuda(cuda_ext, case, dtype):
     if window == 0 and B * H * T:
         assert (out == 0).all() and (lse == NEG_INF).all(), "window 0 must give out 0, lse -inf"
 
-    grads = _local_bwd(cuda_ext, dout, dlse, q, k, v, out, lse, window, scale)
-    again = _local_bwd(cuda_ext, dout, dlse, q, k, v, out, lse, window, scale)
+    grads = _local_bwd(ext, dout, dlse, q, k, v, out, lse, window, scale)
+    again = _local_bwd(ext, dout, dlse, q, k, v, out, lse, window, scale)
     assert all(bits_equal(a, b) for a, b in zip(grads, again)), "backward not bitwise repeatable"
     if B * H * T:
         expected = torch.autograd.grad((ref_out, ref_lse), leaves, (dout.double(), dlse.double()))
@@ -234,19 +243,23 @@ def read_weights_expected(q, keys, values, dout, valid, scale, acc):
                          + ("-shared" if c[8] else "") + (f"-{c[9]}" if c[9] else ""))
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 def test_memory_read_weights_cuda(cuda_ext, case, dtype):
+    check_memory_read_weights(cuda_ext, "cuda", case, dtype)
+
+
+def check_memory_read_weights(ext, device, case, dtype):
     B, H, Hm, T, N, Dk, Dv, k, shared, special = case
     acc = lse_dtype(dtype)
     scale = Dk ** -0.5
-    q, keys, values, dout, indices, valid = read_weights_inputs(case, dtype, "cuda")
+    q, keys, values, dout, indices, valid = read_weights_inputs(case, dtype, device)
     lse, ref_weights, ref_dots, ref_out = read_weights_expected(q, keys, values, dout, valid,
                                                                 scale, acc)
 
     def run(with_dout):
-        weights = nan_filled((B, H, T, k), acc, "cuda")
-        dots = nan_filled((B, H, T), acc, "cuda") if with_dout else None
-        out = None if with_dout else nan_filled((B, H, T, Dv), dtype, "cuda")
-        cuda_ext.memory_read_weights(q, keys, values, indices, lse, scale,
-                                     dout if with_dout else None, weights, dots, out)
+        weights = nan_filled((B, H, T, k), acc, device)
+        dots = nan_filled((B, H, T), acc, device) if with_dout else None
+        out = None if with_dout else nan_filled((B, H, T, Dv), dtype, device)
+        ext.memory_read_weights(q, keys, values, indices, lse, scale,
+                                dout if with_dout else None, weights, dots, out)
         return weights, dots if with_dout else out
 
     weights, dots = run(True)
@@ -384,3 +397,23 @@ def test_memory_attention_cases_and_reference_side_on_cpu():
         assert out.shape == (B, H, T, Dv) and (weights[valid < 0] == 0).all()
     for name, (error_type, call) in _bad_calls("cpu").items():
         assert issubclass(error_type, Exception) and callable(call), name
+
+
+# A few cases whose bodies also run on CPU tensors with the CPU kernels in the CUDA kernels' place:
+# grouped heads, window 5, window 0, non-finite k / v, a NaN query row, empty B and T; and every
+# memory_read_weights case but out-of-range slots (the CPU kernel raises IndexError for them, the
+# CUDA kernel gives them weight 0).
+CPU_ATTN_CASES = [ATTN_CASES[i] for i in (1, 2, 8, 10, 12, 13, 14)]
+CPU_READ_WEIGHT_CASES = [case for case in READ_WEIGHT_CASES if case[-1] != "out_of_range"]
+
+
+@pytest.mark.parametrize("case", CPU_ATTN_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_local_attention_body_runs_on_cpu_kernels(case, dtype):
+    check_local_attention(cpu_kernels_as_cuda(), "cpu", case, dtype)
+
+
+@pytest.mark.parametrize("case", CPU_READ_WEIGHT_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_memory_read_weights_body_runs_on_cpu_kernels(case, dtype):
+    check_memory_read_weights(cpu_kernels_as_cuda(), "cpu", case, dtype)

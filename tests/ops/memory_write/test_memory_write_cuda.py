@@ -11,6 +11,10 @@ T 7 and 64, kw 1/3/4, repeated slots within and across steps, -1 skips (with NaN
 (.., D) and (.., 1), empty B / T / kw / N / D, and bad calls. The forward rounds like the
 reference evaluated in float32 (no fused multiply-add), so it is expected to match it bit for bit;
 that is reported (a warning), not required.
+
+Without a CUDA device the gpu tests skip, saying so; a few cases' test bodies then run on CPU
+tensors with the CPU kernels standing in for the CUDA ones (``tests/ops/cpu_kernels.py``), and the
+whole case matrix's inputs and reference side are built on the CPU.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import torch
 from l2m_kernels.ops.memory_write.plan import write_plan
 from l2m_kernels.ops.memory_write.reference import gated_memory_write_ref
 from l2m_kernels.testing import assert_close, bits_equal, placed
+from ..cpu_kernels import cpu_kernels_as_cuda
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 NAN = float("nan")
@@ -104,11 +109,15 @@ def write_expected(memory, indices, ref_weights, add, erase, dnew):
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_memory_write_cuda(cuda_ext, case, dtype):
+    check_memory_write(cuda_ext, "cuda", case, dtype)
+
+
+def check_memory_write(ext, device, case, dtype):
     B, Hm, N, D, T, kw, one_gate, index_dtype, special = case
     G, E = B * Hm, B * Hm * T * kw
     erase_dim = 1 if one_gate else D
     misalign = 1 if special == "misaligned" else 0
-    memory, indices, weights, ref_weights, add, erase = write_inputs(case, dtype, "cuda")
+    memory, indices, weights, ref_weights, add, erase = write_inputs(case, dtype, device)
     skipped = indices < 0
 
     def flat(t):
@@ -118,19 +127,19 @@ def test_memory_write_cuda(cuda_ext, case, dtype):
     if misalign:
         mem_f, add_f, erase_f = (placed(t, misalign) for t in (mem_f, add_f, erase_f))
     plan = write_plan(idx_f.reshape(G, T * kw), N)
-    written = torch.zeros(G, N, dtype=torch.bool, device="cuda")  # slots some entry writes
+    written = torch.zeros(G, N, dtype=torch.bool, device=device)  # slots some entry writes
     live = idx_f >= 0
     if live.any():
-        group_ids = torch.arange(G, device="cuda")[:, None, None].expand_as(idx_f)
+        group_ids = torch.arange(G, device=device)[:, None, None].expand_as(idx_f)
         written[group_ids[live], idx_f[live].long()] = True
 
     # Forward, out of place: out is memory's copy with every written slot poisoned (the kernel
     # must store each of them, reading memory, not out).
     out = placed(mem_f, misalign)
     out[written] = NAN
-    cuda_ext.gated_memory_write_fwd(mem_f, idx_f, w_f, add_f, erase_f, plan.order,
-                                    plan.run_length, out)
-    dnew = torch.randn(B, Hm, N, D, device="cuda").to(dtype)
+    ext.gated_memory_write_fwd(mem_f, idx_f, w_f, add_f, erase_f, plan.order,
+                               plan.run_length, out)
+    dnew = torch.randn(B, Hm, N, D, device=device).to(dtype)
     (ref_out, expected), (low_out, baseline) = write_expected(memory, indices, ref_weights, add,
                                                               erase, dnew)
     assert_close("out", out.reshape(memory.shape), ref_out, dtype, baseline=low_out)
@@ -140,8 +149,8 @@ def test_memory_write_cuda(cuda_ext, case, dtype):
                       f"float32 ({_case_id(case)}, {dtype})")
     # In place: the same bits as out of place (same code), untouched slots unchanged.
     in_place = placed(mem_f, misalign)
-    cuda_ext.gated_memory_write_fwd(in_place, idx_f, w_f, add_f, erase_f, plan.order,
-                                    plan.run_length, in_place)
+    ext.gated_memory_write_fwd(in_place, idx_f, w_f, add_f, erase_f, plan.order,
+                               plan.run_length, in_place)
     assert bits_equal(in_place, out), "in place differs from out of place"
 
     # Backward, buffers as _gpu_write_bwd passes them (dmemory = dnew's copy, the rest zeroed),
@@ -151,17 +160,17 @@ def test_memory_write_cuda(cuda_ext, case, dtype):
 
     def backward():
         dmemory = placed(dnew_f, misalign)
-        dweights = torch.zeros(G, T, kw, dtype=dtype, device="cuda")
-        add_parts = placed(torch.zeros(E, D, device="cuda"), misalign)
-        erase_parts = placed(torch.zeros(E, erase_dim, device="cuda"), misalign)
+        dweights = torch.zeros(G, T, kw, dtype=dtype, device=device)
+        add_parts = placed(torch.zeros(E, D, device=device), misalign)
+        erase_parts = placed(torch.zeros(E, erase_dim, device=device), misalign)
         if D > 0:  # with D == 0 the kernel has nothing to do and the zeros are the answer
             dmemory[written] = NAN
             dweights[live] = NAN
             add_parts[live_entries] = NAN
             erase_parts[live_entries] = NAN
-        cuda_ext.gated_memory_write_bwd(dnew_f, mem_f, idx_f, w_f, add_f, erase_f, plan.order,
-                                        plan.run_length, dmemory, dweights, add_parts,
-                                        erase_parts)
+        ext.gated_memory_write_bwd(dnew_f, mem_f, idx_f, w_f, add_f, erase_f, plan.order,
+                                   plan.run_length, dmemory, dweights, add_parts,
+                                   erase_parts)
         dadd = add_parts.view(G, T, kw, D).sum(2).to(dtype)
         derase = erase_parts.view(G, T, kw, erase_dim).sum(2).to(dtype)
         return (dmemory.reshape(memory.shape), dweights.reshape(weights.shape),
@@ -275,3 +284,15 @@ def test_memory_write_cases_and_reference_side_on_cpu():
         assert torch.isfinite(out).all() and low_out.dtype == torch.float32
     for name, (error_type, call) in _bad_calls("cpu").items():
         assert issubclass(error_type, Exception) and callable(call), name
+
+
+# A few cases whose bodies also run on CPU tensors with the CPU kernels in the CUDA kernels' place:
+# repeated slots, skips, repeats within a step, unaligned bases, NaN weights of skipped entries,
+# an empty batch, D = 0.
+CPU_CASES = [CASES[i] for i in (0, 2, 6, 10, 12, 15, 19)]
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=_case_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_memory_write_body_runs_on_cpu_kernels(case, dtype):
+    check_memory_write(cpu_kernels_as_cuda(), "cpu", case, dtype)

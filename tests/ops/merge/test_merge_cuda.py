@@ -8,6 +8,10 @@ than resident threads (the grid-stride loop), outputs pre-filled with NaN, and b
 result is judged by relative RMS error at the dtype's tolerance, or within twice the error of the
 same reference computed by PyTorch at the input dtype (``assert_close(baseline=...)``).
 ``huge``: one merge launch over 2**31 + 17 rows (int64 rows and offsets, ~52 GB).
+
+Without a CUDA device the gpu tests skip, saying so; a few cases' test bodies then run on CPU
+tensors with the CPU kernels standing in for the CUDA ones (``tests/ops/cpu_kernels.py``), and the
+whole case matrix's inputs and reference side are built on the CPU.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import torch
 
 from l2m_kernels.ops.merge.reference import gated_merge_ref, merge_attention_ref
 from l2m_kernels.testing import assert_close, nan_filled, placed
+from ..cpu_kernels import cpu_kernels_as_cuda
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 NAN = float("nan")
@@ -116,14 +121,18 @@ def gated_merge_expected(local, memory, gate, dout):
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_merge_attention_cuda(cuda_ext, case, dtype):
+    check_merge_attention(cuda_ext, "cuda", case, dtype)
+
+
+def check_merge_attention(ext, device, case, dtype):
     rows, head_dim, misalign, special = case
     out_a, lse_a, out_b, lse_b, dout, dlse = merge_attention_inputs(rows, head_dim, dtype, special,
-                                                                    "cuda")
+                                                                    device)
     ma, mb, mo = misalign
     out_a_k, out_b_k = placed(out_a, ma), placed(out_b, mb)
-    out = nan_filled((rows, head_dim), dtype, "cuda", misalign=mo)
-    lse = nan_filled((rows,), torch.float32, "cuda")
-    cuda_ext.merge_attention_fwd(out_a_k, lse_a, out_b_k, lse_b, out, lse)
+    out = nan_filled((rows, head_dim), dtype, device, misalign=mo)
+    lse = nan_filled((rows,), torch.float32, device)
+    ext.merge_attention_fwd(out_a_k, lse_a, out_b_k, lse_b, out, lse)
     out_ref, lse_ref, grads_ref, grads_low = merge_attention_expected(out_a, lse_a, out_b, lse_b,
                                                                       dout, dlse)
     assert_close("out", out, out_ref, dtype)
@@ -135,15 +144,15 @@ def test_merge_attention_cuda(cuda_ext, case, dtype):
     assert torch.isfinite(out[finite_rows]).all(), "non-finite output in a finite row"
 
     # The backward gets the kernel's own forward lse, as in autograd.
-    d_out_a = nan_filled((rows, head_dim), dtype, "cuda", misalign=ma)
-    d_out_b = nan_filled((rows, head_dim), dtype, "cuda", misalign=mb)
-    d_lse_a = nan_filled((rows,), torch.float32, "cuda")
-    d_lse_b = nan_filled((rows,), torch.float32, "cuda")
-    cuda_ext.merge_attention_bwd(placed(dout, mo), dlse, out_a_k, lse_a, out_b_k, lse_b, lse,
-                                 d_out_a, d_lse_a, d_out_b, d_lse_b)
+    d_out_a = nan_filled((rows, head_dim), dtype, device, misalign=ma)
+    d_out_b = nan_filled((rows, head_dim), dtype, device, misalign=mb)
+    d_lse_a = nan_filled((rows,), torch.float32, device)
+    d_lse_b = nan_filled((rows,), torch.float32, device)
+    ext.merge_attention_bwd(placed(dout, mo), dlse, out_a_k, lse_a, out_b_k, lse_b, lse,
+                            d_out_a, d_lse_a, d_out_b, d_lse_b)
     grads = {"d_out_a": (d_out_a, dtype), "d_lse_a": (d_lse_a, torch.float32),
              "d_out_b": (d_out_b, dtype), "d_lse_b": (d_lse_b, torch.float32)}
-    keep = torch.ones(rows, dtype=torch.bool, device="cuda")
+    keep = torch.ones(rows, dtype=torch.bool, device=device)
     if special:
         keep[4:6] = False  # NaN rows: the reference's gradient NaN pattern is its own affair
         for name, (actual, _) in grads.items():
@@ -160,19 +169,23 @@ def test_merge_attention_cuda(cuda_ext, case, dtype):
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gated_merge_cuda(cuda_ext, case, dtype):
+    check_gated_merge(cuda_ext, "cuda", case, dtype)
+
+
+def check_gated_merge(ext, device, case, dtype):
     rows, head_dim, misalign, special = case
-    local, memory, gate, dout = gated_merge_inputs(rows, head_dim, dtype, special, "cuda")
+    local, memory, gate, dout = gated_merge_inputs(rows, head_dim, dtype, special, device)
     ml, mm, mo = misalign
     local_k, memory_k = placed(local, ml), placed(memory, mm)
-    out = nan_filled((rows, head_dim), dtype, "cuda", misalign=mo)
-    cuda_ext.gated_merge_fwd(local_k, memory_k, gate, out)
+    out = nan_filled((rows, head_dim), dtype, device, misalign=mo)
+    ext.gated_merge_fwd(local_k, memory_k, gate, out)
     out_ref, grads_ref, grads_low = gated_merge_expected(local, memory, gate, dout)
     assert_close("out", out, out_ref, dtype)
 
-    d_local = nan_filled((rows, head_dim), dtype, "cuda", misalign=ml)
-    d_mem = nan_filled((rows, head_dim), dtype, "cuda", misalign=mm)
-    d_gate = nan_filled((rows,), torch.float32, "cuda")
-    cuda_ext.gated_merge_bwd(placed(dout, mo), local_k, memory_k, gate, d_local, d_mem, d_gate)
+    d_local = nan_filled((rows, head_dim), dtype, device, misalign=ml)
+    d_mem = nan_filled((rows, head_dim), dtype, device, misalign=mm)
+    d_gate = nan_filled((rows,), torch.float32, device)
+    ext.gated_merge_bwd(placed(dout, mo), local_k, memory_k, gate, d_local, d_mem, d_gate)
     assert_close("d_local", d_local, grads_ref[0], dtype, baseline=grads_low[0])
     assert_close("d_mem", d_mem, grads_ref[1], dtype, baseline=grads_low[1])
     # d_gate is float32 from the same (rounded) inputs the reference sees; PyTorch's own d_gate
@@ -260,3 +273,16 @@ def test_merge_cases_and_reference_side_on_cpu():
     assert nan_filled((6, 7), torch.float32, misalign=1).isnan().all()
     for name, call in _bad_calls(torch.randn(4, 8), torch.randn(4)).items():
         assert callable(call), name
+
+
+# A few cases whose bodies also run on CPU tensors with the CPU kernels in the CUDA kernels' place.
+CPU_CASES = [(6, 7, (0, 0, 0), True), (37, 64, (0, 1, 3), False), (6, 129, (1, 1, 1), False),
+             (0, 5, (0, 0, 0), False), (1, 1, (0, 0, 0), False)]
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=_case_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_merge_bodies_run_on_cpu_kernels(case, dtype):
+    ext = cpu_kernels_as_cuda()
+    check_merge_attention(ext, "cpu", case, dtype)
+    check_gated_merge(ext, "cpu", case, dtype)

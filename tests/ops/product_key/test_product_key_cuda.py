@@ -10,6 +10,10 @@ the float64 reference at the kernel's selection (dense atomic, dense determinist
 repeatable, sparse per-entry rows), over odd sizes (n_sub 7/33, T 7, Dk 2/14/130/512, Dv
 1/7/129/300/520), k = k_sub ** 2, k_sub = n_sub, k = 1, sum_heads both ways, empty batches, bad
 calls and out-of-range indices in the backward.
+
+Without a CUDA device the gpu tests skip, saying so; a few cases' test bodies then run on CPU
+tensors with the CPU kernels standing in for the CUDA ones (``tests/ops/cpu_kernels.py``), and the
+whole case matrix's inputs and reference side are built on the CPU.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import torch
 from l2m_kernels.ops.product_key.reference import product_key_gather, product_key_select
 from l2m_kernels.testing import (assert_close, assert_valid_topk, bits_equal, nan_filled,
                                  product_key_scores)
+from ..cpu_kernels import cpu_kernels_as_cuda
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 NAN = float("nan")
@@ -95,16 +100,19 @@ def product_key_expected(q, subkeys, values, indices, scale, sum_heads, dout, dw
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_product_key_cuda(cuda_ext, case, dtype):
+    check_product_key(cuda_ext, "cuda", case, dtype)
+
+
+def check_product_key(ext, device, case, dtype):
     B, H, T, Dk, n_sub, Dv, k, k_sub, sum_heads, special = case
-    q, subkeys, values, scale, nan_rows = product_key_inputs(case, dtype, "cuda")
+    q, subkeys, values, scale, nan_rows = product_key_inputs(case, dtype, device)
     out_shape = (B, T, Dv) if sum_heads else (B, H, T, Dv)
-    out = nan_filled(out_shape, dtype, "cuda")
-    indices = torch.full((B, H, T, k), INDEX_SENTINEL, dtype=torch.int64, device="cuda")
-    weights = nan_filled((B, H, T, k), torch.float32, "cuda")
-    lse = nan_filled((B, H, T), torch.float32, "cuda")
-    cuda_ext.product_key_fwd(q, subkeys, values, k, k_sub, scale, sum_heads, out, indices,
-                             weights, lse)
-    torch.cuda.synchronize()
+    out = nan_filled(out_shape, dtype, device)
+    indices = torch.full((B, H, T, k), INDEX_SENTINEL, dtype=torch.int64, device=device)
+    weights = nan_filled((B, H, T, k), torch.float32, device)
+    lse = nan_filled((B, H, T), torch.float32, device)
+    ext.product_key_fwd(q, subkeys, values, k, k_sub, scale, sum_heads, out, indices,
+                        weights, lse)
 
     if B * H * T:
         scores, selectable, candidates = product_key_scores(q, subkeys, k_sub, scale)
@@ -116,9 +124,9 @@ def test_product_key_cuda(cuda_ext, case, dtype):
         assert not bad.any(), (f"selection differs from the reference on {int(bad.sum())} exact "
                                "row(s)")
 
-    dout = torch.randn(out_shape, device="cuda").to(dtype)
-    dweights = torch.randn(B, H, T, k, device="cuda")
-    dlse = torch.randn(B, H, T, device="cuda")
+    dout = torch.randn(out_shape, device=device).to(dtype)
+    dweights = torch.randn(B, H, T, k, device=device)
+    dlse = torch.randn(B, H, T, device=device)
     (ref_outputs, grads64), (low_outputs, grads_low) = product_key_expected(
         q, subkeys, values, indices, scale, sum_heads, dout, dweights, dlse)
     for name, actual, expected, low in zip(("out", "weights", "lse"), (out, weights, lse),
@@ -129,11 +137,11 @@ def test_product_key_cuda(cuda_ext, case, dtype):
                            .unsqueeze(-2).float()).reshape(-1, Dv).to(dtype)
 
     def run_bwd(sparse, deterministic):
-        dq = nan_filled(q.shape, dtype, "cuda")
-        dsub = nan_filled(subkeys.shape, dtype, "cuda")
-        dval = nan_filled((B * H * T * k, Dv) if sparse else values.shape, dtype, "cuda")
-        cuda_ext.product_key_bwd(dout, dweights, dlse, q, subkeys, values, indices, weights,
-                                 scale, sum_heads, sparse, deterministic, dq, dsub, dval)
+        dq = nan_filled(q.shape, dtype, device)
+        dsub = nan_filled(subkeys.shape, dtype, device)
+        dval = nan_filled((B * H * T * k, Dv) if sparse else values.shape, dtype, device)
+        ext.product_key_bwd(dout, dweights, dlse, q, subkeys, values, indices, weights,
+                            scale, sum_heads, sparse, deterministic, dq, dsub, dval)
         return dq, dsub, dval
 
     finite_rows = ~nan_rows
@@ -254,3 +262,14 @@ def test_product_key_cases_and_reference_side_on_cpu():
         assert [g.dtype for g in low_grads] == [torch.float32] * 3
     for name, (error_type, call) in _bad_calls("cpu").items():
         assert issubclass(error_type, Exception) and callable(call), name
+
+
+# A few cases whose bodies also run on CPU tensors with the CPU kernels in the CUDA kernels' place:
+# odd sizes, k = k_sub ** 2 summed over heads, Dv > one chunk, integer data, NaN rows, empty batch.
+CPU_CASES = [CASES[i] for i in (0, 1, 8, 10, 13, 15)]
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=_case_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_product_key_body_runs_on_cpu_kernels(case, dtype):
+    check_product_key(cpu_kernels_as_cuda(), "cpu", case, dtype)

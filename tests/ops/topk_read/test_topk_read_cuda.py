@@ -11,6 +11,10 @@ bitwise repeatable), and bad calls. Every case runs the forward with and without
 pre-pass (the two must agree bitwise), plus cases where the threshold matters: N >= 128 * k,
 valid_len < k and 0, N < 128, fewer chunks than k, k = N = 1, exact ties across chunks, sorted
 score ramps.
+
+Without a CUDA device the gpu tests skip, saying so; a few cases' test bodies then run on CPU
+tensors with the CPU kernels standing in for the CUDA ones (``tests/ops/cpu_kernels.py``), and the
+whole case matrix's inputs and reference side are built on the CPU.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import torch
 
 from l2m_kernels.ops.topk_read.reference import topk_memory_read_ref, topk_read_gather
 from l2m_kernels.testing import assert_close, assert_valid_topk, bits_equal, nan_filled, read_scores
+from ..cpu_kernels import cpu_kernels_as_cuda
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 NAN = float("nan")
@@ -131,16 +136,20 @@ def nan_row_slot_mask(keys, indices, nan_rows, group):
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_topk_read_cuda(cuda_ext, case, dtype, use_threshold):
+    check_topk_read(cuda_ext, "cuda", case, dtype, use_threshold)
+
+
+def check_topk_read(ext, device, case, dtype, use_threshold):
     B, H, Hm, T, N, Dk, Dv, k, shared, valid, special = case
-    q, keys, values, k, scale, valid_len = topk_inputs(case, dtype, "cuda")
+    q, keys, values, k, scale, valid_len = topk_inputs(case, dtype, device)
 
     def forward(threshold=use_threshold):
-        out = nan_filled((B, H, T, Dv), dtype, "cuda")
-        indices = torch.full((B, H, T, k), INDEX_SENTINEL, dtype=torch.int64, device="cuda")
-        weights = nan_filled((B, H, T, k), torch.float32, "cuda")
-        lse = nan_filled((B, H, T), torch.float32, "cuda")
-        cuda_ext.topk_read_fwd(q, keys, values, valid_len, k, scale, out, indices, weights, lse,
-                               threshold)
+        out = nan_filled((B, H, T, Dv), dtype, device)
+        indices = torch.full((B, H, T, k), INDEX_SENTINEL, dtype=torch.int64, device=device)
+        weights = nan_filled((B, H, T, k), torch.float32, device)
+        lse = nan_filled((B, H, T), torch.float32, device)
+        ext.topk_read_fwd(q, keys, values, valid_len, k, scale, out, indices, weights, lse,
+                          threshold)
         return out, indices, weights, lse
 
     out, indices, weights, lse = forward()
@@ -151,15 +160,15 @@ def test_topk_read_cuda(cuda_ext, case, dtype, use_threshold):
                                                 forward(not use_threshold))), \
         "forward with and without the threshold differ"
 
-    dout = torch.randn(B, H, T, Dv, device="cuda").to(dtype)
-    dweights = torch.randn(B, H, T, k, device="cuda")
-    dlse = torch.randn(B, H, T, device="cuda")
+    dout = torch.randn(B, H, T, Dv, device=device).to(dtype)
+    dweights = torch.randn(B, H, T, k, device=device)
+    dlse = torch.randn(B, H, T, device=device)
 
     def backward(deterministic):
-        grads = (nan_filled(q.shape, dtype, "cuda"), nan_filled(keys.shape, dtype, "cuda"),
-                 nan_filled(values.shape, dtype, "cuda"))
-        cuda_ext.topk_read_bwd(dout, dweights, dlse, q, keys, values, indices, weights, scale,
-                               deterministic, *grads)
+        grads = (nan_filled(q.shape, dtype, device), nan_filled(keys.shape, dtype, device),
+                 nan_filled(values.shape, dtype, device))
+        ext.topk_read_bwd(dout, dweights, dlse, q, keys, values, indices, weights, scale,
+                          deterministic, *grads)
         return grads
 
     grads_atomic = backward(False)
@@ -329,3 +338,15 @@ def test_topk_read_cases_and_reference_side_on_cpu():
         assert (~slot_mask).any() == bool(nan_rows.any())
     for name, call in _bad_calls("cpu").items():
         assert callable(call), name
+
+
+# A few cases whose bodies also run on CPU tensors with the CPU kernels in the CUDA kernels' place:
+# odd sizes, grouped heads with valid_len, k = 256 shared with valid_len 0, exact ties, a NaN row,
+# a -inf slot, an empty batch, T = 0.
+CPU_CASES = [CASES[i] for i in (0, 3, 7, 12, 14, 15, 16, 18)]
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=_case_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_topk_read_body_runs_on_cpu_kernels(case, dtype):
+    check_topk_read(cpu_kernels_as_cuda(), "cpu", case, dtype, True)
