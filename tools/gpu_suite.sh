@@ -2,8 +2,10 @@
 # The whole GPU check in one command, on a machine with an NVIDIA GPU and a CUDA build of torch:
 #   1. build the CPU and CUDA extensions in place (TORCH_CUDA_ARCH_LIST defaults to the local GPU),
 #   2. python -m l2m_kernels.info,
-#   3. the standalone CUDA self-test (csrc/cuda/tests/gpu_selftest.py: raw kernels vs the reference),
-#   4. the test suite on the GPU (CUDA and Triton backends against the reference, public API),
+#   3. the CUDA self-test: python -m pytest -m gpu tests (every CUDA kernel called directly, against
+#      the reference: tests/ops/<op>/test_<op>_cuda.py),
+#   4. the test suite on the GPU (CUDA and Triton backends against the reference, public API;
+#      without the gpu tests when step 3 runs them),
 #   5. l2m-check (python -m l2m_kernels.check): every op on every backend of the GPU against the
 #      float64 reference, forward and backward,
 #   6. l2m-bench (python -m l2m_kernels.bench) at the -gpu shapes: ceilings, every op, the model step,
@@ -15,11 +17,11 @@
 # Every step has a time limit (seconds; environment variables below) so that a slow or hung step
 # still leaves the later ones and the logs: BUILD_TIMEOUT, SELFTEST_TIMEOUT, TEST_TIMEOUT,
 # CHECK_TIMEOUT, BENCH_TIMEOUT. TEST_PATHS replaces the test paths (default: tests); PYTEST_ARGS
-# adds pytest arguments; SELFTEST_ARGS replaces the self-test's (default --quick); CHECK_ARGS adds
-# l2m-check arguments (e.g. --quick); BENCH_ARGS adds l2m-bench arguments (e.g. --quick,
-# --only topk_read). RESULTS_FILE is where the rows are appended (default benchmarks/results.jsonl)
-# and RESULTS_MD the table regenerated from them (default benchmarks/RESULTS.md); L2M_COMMIT names
-# the commit measured where the checkout has no git metadata.
+# adds pytest arguments (to both pytest steps); SELFTEST_ARGS adds the self-test's (e.g. -k topk);
+# CHECK_ARGS adds l2m-check arguments (e.g. --quick); BENCH_ARGS adds l2m-bench arguments (e.g.
+# --quick, --only topk_read). RESULTS_FILE is where the rows are appended (default
+# benchmarks/results.jsonl) and RESULTS_MD the table regenerated from them (default
+# benchmarks/RESULTS.md); L2M_COMMIT names the commit measured where the checkout has no git metadata.
 # DEVICE=cpu runs the same steps on the CPU (no CUDA build or self-test: they say so) and
 # SKIP_BUILD=1 uses the extensions already importable: together they let the script itself be
 # tested on a machine without a GPU (tests/test_gpu_suite.py).
@@ -82,12 +84,11 @@ step_selftest() {
   echo "== CUDA self-test"
   start=$(date +%s)
   if [ "$DEVICE" = cuda ]; then
-    timeout "${SELFTEST_TIMEOUT:-180}" "$PY" csrc/cuda/tests/gpu_selftest.py --module l2m_kernels._C_cuda \
-      ${SELFTEST_ARGS:---quick} --json "$OUT_DIR/selftest.json" > "$OUT_DIR/selftest.log" 2>&1
+    xdist=""
+    "$PY" -c "import xdist" 2>/dev/null && xdist="-n ${PYTEST_WORKERS:-8}"
+    selftest_summary=$(TEST_TIMEOUT=${SELFTEST_TIMEOUT:-600} run_pytest "$OUT_DIR/selftest.log" \
+      -m gpu tests ${SELFTEST_ARGS:-})
     selftest_rc=$?
-    grep -iE "problem|FAIL|error" "$OUT_DIR/selftest.log" | head -40
-    tail -5 "$OUT_DIR/selftest.log"
-    selftest_summary="$(tail -1 "$OUT_DIR/selftest.log") (exit $selftest_rc)"
   else
     selftest_rc=0
     selftest_summary="skipped: needs CUDA (DEVICE=$DEVICE)"
@@ -120,7 +121,9 @@ step_tests() {
   start=$(date +%s)
   xdist=""
   "$PY" -c "import xdist" 2>/dev/null && xdist="-n ${PYTEST_WORKERS:-8}"
-  test_summary=$(run_pytest "$OUT_DIR/tests.log" ${TEST_PATHS:-tests})
+  not_gpu=()
+  case " ${STEPS:-selftest tests check bench} " in *" selftest "*) not_gpu=(-m "not gpu") ;; esac
+  test_summary=$(run_pytest "$OUT_DIR/tests.log" ${TEST_PATHS:-tests} "${not_gpu[@]}")
   test_rc=$?
   # Both designs of the triton top-k selection are tested on a GPU run:
   # tests/ops/topk_read/test_topk_read_triton.py (in the default TEST_PATHS) runs each path's

@@ -12,7 +12,8 @@ import torch
 import l2m_kernels as l2m
 from l2m_kernels.ops.memory_attention.reference import memory_attention_gather, memory_attention_ref
 from l2m_kernels.ops.topk_read.reference import topk_read_select
-from l2m_kernels.testing import assert_close, fused_backend_params, lse_dtype, rand
+from l2m_kernels.testing import (assert_close, assert_valid_topk, fused_backend_params, lse_dtype, rand,
+                                 read_scores)
 
 BACKENDS = fused_backend_params("memory_attention")
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
@@ -57,31 +58,6 @@ def _call(tensors, options, backend, **extra):
                                 valid_len=options["valid_len"], backend=backend, **extra)
 
 
-def _check_valid_topk(q, keys, indices, valid_len, scale, dtype):
-    """Every selected slot exists, none twice, and scores (float64) at least every unselected one."""
-    B, H, T, _ = q.shape
-    Hm = keys.shape[-3]
-    kk = keys.double().cpu()
-    kk = kk.unsqueeze(0).expand(B, *kk.shape) if kk.dim() == 3 else kk
-    kk = kk.repeat_interleave(H // Hm, dim=1)
-    scores = (q.double().cpu() * scale) @ kk.transpose(-1, -2)  # (B, H, T, N)
-    N = scores.shape[-1]
-    exists = torch.ones(B, N, dtype=torch.bool)
-    if valid_len is not None:
-        exists = torch.arange(N)[None, :] < valid_len.cpu()[:, None]
-    exists = exists[:, None, None, :].expand_as(scores)
-    idx = indices.cpu()
-    assert torch.equal((idx >= 0).sum(-1), exists.sum(-1).clamp(max=idx.shape[-1])), "wrong entry count"
-    hits = torch.zeros(scores.shape, dtype=torch.int64).scatter_add_(-1, idx.clamp_min(0), (idx >= 0).long())
-    assert hits.max() <= 1, "a slot was selected twice"
-    chosen = hits > 0
-    assert not (chosen & ~exists).any(), "selected a slot that does not exist"
-    lowest = torch.where(chosen, scores, torch.full_like(scores, float("inf"))).amin(-1)
-    highest_left = torch.where(exists & ~chosen, scores, torch.full_like(scores, float("-inf"))).amax(-1)
-    slack = 1e-2 * scores.abs().amax().clamp_min(1.0) if dtype in (torch.float16, torch.bfloat16) else 1e-5
-    assert (lowest >= highest_left - slack).all(), "selection is not a top-k"
-
-
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -97,8 +73,8 @@ def test_memory_attention_matches_reference(backend, device, case, dtype):
     assert res.lse_local.shape == res.lse_mem.shape == (B, H, T)
     assert res.lse_local.dtype == res.lse_mem.dtype == lse_dtype(dtype)
     assert res.indices.shape == (B, H, T, topk) and res.indices.dtype == torch.int64
-    _check_valid_topk(tensors["q"].detach(), tensors["mem_keys"].detach(), res.indices, options["valid_len"],
-                      scale, dtype)
+    assert_valid_topk(res.indices, read_scores(tensors["q"], tensors["mem_keys"], scale),
+                      valid_len=options["valid_len"], score_dtype=dtype)
     if dtype == torch.float64:
         expected = topk_read_select(tensors["q"].detach(), tensors["mem_keys"].detach(), topk, scale,
                                     options["valid_len"])

@@ -14,7 +14,8 @@ import torch
 
 import l2m_kernels as l2m
 from l2m_kernels.ops.product_key.reference import product_key_gather, product_key_read_ref
-from l2m_kernels.testing import assert_close, fused_backend_params, lse_dtype, rand
+from l2m_kernels.testing import (assert_close, assert_valid_topk, fused_backend_params, lse_dtype,
+                                 product_key_scores, rand)
 
 BACKENDS = fused_backend_params("product_key_read")
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -46,42 +47,6 @@ def _inputs(case, dtype, device, requires_grad=True):
     return q, subkeys, values
 
 
-def _half_scores64(q, subkeys, scale):
-    q, subkeys = q.detach().double().cpu(), subkeys.detach().double().cpu()
-    half = q.shape[-1] // 2
-    s1 = (q[..., :half] @ subkeys[:, 0].transpose(-1, -2)) * scale
-    s2 = (q[..., half:] @ subkeys[:, 1].transpose(-1, -2)) * scale
-    return s1, s2  # (B, H, T, n_sub) each
-
-
-def _check_valid_selection(q, subkeys, indices, k, k_sub, scale, dtype):
-    """The fused indices are a product-key top-k of the float64 scores, up to rounding."""
-    s1, s2 = _half_scores64(q, subkeys, scale)
-    n_sub = subkeys.shape[2]
-    idx = indices.cpu()
-    assert idx.shape[-1] == k
-    assert ((idx >= 0) & (idx < n_sub * n_sub)).all(), "index out of range (poison left?)"
-    assert (idx.sort(-1).values.diff(dim=-1) > 0).all(), "a slot was selected twice"
-    span = max(s1.abs().max().item(), s2.abs().max().item(), 1.0)
-    slack = (2e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-5) * span
-    i, j = idx // n_sub, idx % n_sub
-    # Each chosen sub-key ranks within the k_sub best of its half.
-    kth1 = s1.topk(k_sub, dim=-1).values[..., -1:]
-    kth2 = s2.topk(k_sub, dim=-1).values[..., -1:]
-    assert (s1.gather(-1, i) >= kth1 - slack).all(), "a first-half sub-key is not in its top k_sub"
-    assert (s2.gather(-1, j) >= kth2 - slack).all(), "a second-half sub-key is not in its top k_sub"
-    # Chosen scores descend, and beat every float64 candidate left out.
-    chosen = s1.gather(-1, i) + s2.gather(-1, j)
-    assert (chosen[..., :-1] >= chosen[..., 1:] - 2 * slack).all(), "selection is not in order"
-    v1, i1 = s1.topk(k_sub, dim=-1)
-    v2, i2 = s2.topk(k_sub, dim=-1)
-    cand = (v1.unsqueeze(-1) + v2.unsqueeze(-2)).flatten(-2)
-    cand_slots = (i1.unsqueeze(-1) * n_sub + i2.unsqueeze(-2)).flatten(-2)
-    left_out = ~(cand_slots.unsqueeze(-1) == idx.unsqueeze(-2)).any(-1)
-    best_left = torch.where(left_out, cand, torch.full_like(cand, float("-inf"))).amax(-1)
-    assert (chosen.amin(-1) >= best_left - 2 * slack).all(), "selection is not a top-k"
-
-
 def _leaves64(*tensors):
     return [t.detach().double().cpu().requires_grad_() for t in tensors]
 
@@ -102,7 +67,9 @@ def test_product_key_matches_reference(backend, device, case, dtype):
     assert read.out.shape == ((B, T, Dv) if sum_heads else (B, H, T, Dv))
     assert read.out.dtype == dtype and read.indices.dtype == torch.int64
     assert read.weights.dtype == lse_dtype(dtype) and read.lse.dtype == lse_dtype(dtype)
-    _check_valid_selection(q, subkeys, read.indices, k, k_sub, scale, dtype)
+    assert read.indices.shape == (B, H, T, k)
+    scores, selectable, candidates = product_key_scores(q, subkeys, k_sub, scale, score_dtype=dtype)
+    assert_valid_topk(read.indices, scores, selectable=selectable, competitors=candidates, score_dtype=dtype)
 
     leaves64 = _leaves64(q, subkeys, values)
     ref_out, ref_w, ref_lse = product_key_gather(*leaves64, read.indices.cpu(), scale, sum_heads=sum_heads)

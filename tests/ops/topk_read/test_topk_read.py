@@ -10,7 +10,8 @@ import torch
 
 import l2m_kernels as l2m
 from l2m_kernels.ops.topk_read.reference import topk_memory_read_ref, topk_read_gather
-from l2m_kernels.testing import assert_close, fused_backend_params, lse_dtype, rand
+from l2m_kernels.testing import (assert_close, assert_valid_topk, fused_backend_params, lse_dtype, rand,
+                                 read_scores)
 
 BACKENDS = fused_backend_params("topk_memory_read")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -38,33 +39,6 @@ def _inputs(case, dtype, device, requires_grad=True):
     return q, keys, values, k, valid_len
 
 
-def _check_valid_topk(q, keys, indices, valid_len, scale):
-    """Every selected slot scores at least as high as every unselected existing slot."""
-    B, H, T, _ = q.shape
-    Hm = keys.shape[-3]
-    kk = keys.double().cpu()
-    kk = kk.unsqueeze(0).expand(B, *kk.shape) if kk.dim() == 3 else kk
-    kk = kk.repeat_interleave(H // Hm, dim=1)
-    s = (q.double().cpu() * scale) @ kk.transpose(-1, -2)  # (B, H, T, N)
-    N = s.shape[-1]
-    exists = torch.ones(B, N, dtype=torch.bool)
-    if valid_len is not None:
-        exists = torch.arange(N)[None, :] < valid_len.cpu()[:, None]
-    exists = exists[:, None, None, :].expand_as(s)
-    idx = indices.cpu()
-    n_exist = exists.sum(-1)
-    want_count = torch.clamp(n_exist, max=idx.shape[-1])
-    assert torch.equal((idx >= 0).sum(-1), want_count), "wrong number of selected slots"
-    hits = torch.zeros(s.shape, dtype=torch.int64).scatter_add_(-1, idx.clamp_min(0), (idx >= 0).long())
-    assert hits.max() <= 1, "a slot was selected twice"
-    chosen = hits > 0
-    assert not (chosen & ~exists).any(), "selected a slot that does not exist"
-    lowest = torch.where(chosen, s, torch.full_like(s, float("inf"))).amin(-1)
-    highest_left = torch.where(exists & ~chosen, s, torch.full_like(s, float("-inf"))).amax(-1)
-    slack = 1e-2 * s.abs().amax().clamp_min(1.0) if q.dtype in (torch.float16, torch.bfloat16) else 1e-5
-    assert (lowest >= highest_left - slack).all(), "selection is not a top-k"
-
-
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}H{}Hm{}T{}N{}D{}k{}".format(*c[:5], c[6], c[7]))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -79,7 +53,7 @@ def test_topk_read_matches_reference(backend, device, case, dtype):
     read = l2m.topk_memory_read(q, keys, values, k, valid_len=valid_len, backend=backend)
     assert read.out.dtype == dtype and read.indices.dtype == torch.int64
     assert read.weights.dtype == lse_dtype(dtype) and read.lse.dtype == lse_dtype(dtype)
-    _check_valid_topk(q.detach(), keys.detach(), read.indices, valid_len, scale)
+    assert_valid_topk(read.indices, read_scores(q, keys, scale), valid_len=valid_len, score_dtype=dtype)
     # The reference evaluated at the fused selection, in float64.
     leaves64 = [t.detach().double().cpu().requires_grad_() for t in (q, keys, values)]
     ref_out, ref_w, ref_lse = topk_read_gather(*leaves64, read.indices.cpu(), scale)

@@ -7,9 +7,10 @@ dtype. Outputs are pre-filled with NaN (indices with a sentinel) so an element t
 to write fails the comparison.
 
 Selection on random data: the fused scores are float32 dot products summed in another order than
-the reference's matmul, so two slots whose scores differ by an ulp may swap. Indices are compared
-exactly at the positions whose score (float64) is more than 1e-4 from its neighbours in the
-order, and everywhere the selected scores must equal the reference's within 1e-4. out/weights/lse
+the reference's matmul, so two slots whose scores differ by an ulp may swap. The indices must be a
+valid top-k of the float64 scores in descending order up to that rounding
+(``l2m_kernels.testing.assert_valid_topk``), on data where most of the order is separated by more
+than 1e-4 (so that the check decides most positions exactly). out/weights/lse
 are then compared with the float64 reference gather at the fused indices. Exact ties (integer
 data, duplicated key rows) and NaN rows are compared exactly everywhere. Gradients: against
 torch.autograd.grad of the float64 reference gather, with random cotangents for out, weights and
@@ -34,7 +35,7 @@ if not hasattr(cpu_ext, "topk_read_fwd"):
 
 from l2m_kernels.ops.topk_read.reference import (  # noqa: E402
     full_scores, topk_memory_read_ref, topk_read_gather)
-from l2m_kernels.testing import assert_close  # noqa: E402
+from l2m_kernels.testing import assert_close, assert_valid_topk, read_scores  # noqa: E402
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 INDEX_SENTINEL = -7
@@ -76,15 +77,15 @@ def masked_scores(q, keys, scale, valid_len):
     return scores
 
 
-def check_selection(indices, ref_indices, q, keys, scale, valid_len, min_separated=0.5):
-    """Exact on well-separated rows, same selected scores (within SEPARATION) everywhere."""
+def check_selection(indices, q, keys, scale, valid_len, min_separated=0.5):
+    """A valid top-k (assert_valid_topk), on data whose order is mostly unambiguous: position j
+    counts when its score is more than SEPARATION away from the scores ranked j - 1 and j + 1 (the
+    latter may be the first one left out)."""
     k = indices.shape[-1]
     N = keys.shape[-2]
-    assert ((indices >= -1) & (indices < N)).all(), "indices outside [-1, N) (sentinel left?)"
-    assert torch.equal(indices < 0, ref_indices < 0), "missing entries differ"
+    assert_valid_topk(indices, read_scores(q, keys, scale), valid_len=valid_len,
+                      score_dtype=acc_dtype(q.dtype))
     scores = masked_scores(q, keys, scale, valid_len)
-    # Position j of the order is unambiguous when its score is more than SEPARATION away from the
-    # scores ranked j - 1 and j + 1 (the latter may be the first one left out).
     top = torch.sort(scores, dim=-1, descending=True).values[..., :min(k + 1, N)]
     gaps = (top[..., :-1] - top[..., 1:]).nan_to_num(nan=math.inf)
     gaps = torch.where(torch.isinf(top[..., :-1]) & (top[..., :-1] == top[..., 1:]), 0.0, gaps)
@@ -93,18 +94,8 @@ def check_selection(indices, ref_indices, q, keys, scale, valid_len, min_separat
     gap_after = gaps[..., :k]
     gap_before = torch.cat([torch.full_like(gaps[..., :1], math.inf), gaps[..., :k - 1]], dim=-1)
     separated = (gap_before > SEPARATION) & (gap_after > SEPARATION)
-    assert torch.equal(indices[separated], ref_indices[separated]), "indices differ"
     if indices.numel():
         assert separated.float().mean() >= min_separated, "test data too tied to be meaningful"
-
-    def picked(idx):
-        gathered = torch.gather(scores, -1, idx.clamp_min(0))
-        return torch.where(idx < 0, -math.inf, gathered)
-
-    fused_scores, ref_scores = picked(indices), picked(ref_indices)
-    both_inf = torch.isinf(fused_scores) & (fused_scores == ref_scores)
-    diff = torch.where(both_inf, 0.0, (fused_scores - ref_scores).abs())
-    assert (diff <= SEPARATION).all(), "selected scores differ from the reference's"
 
 
 def check_values(result, q, keys, values, scale, dtype):
@@ -153,8 +144,7 @@ def case_inputs(case, dtype, seed=0):
 def test_fwd_matches_reference(case, dtype):
     q, keys, values, k, scale, valid_len = case_inputs(case, dtype)
     result = run_fwd(q, keys, values, k, scale, valid_len)
-    ref = topk_memory_read_ref(q, keys, values, k, scale, valid_len)
-    check_selection(result[1], ref[1], q, keys, scale, valid_len)
+    check_selection(result[1], q, keys, scale, valid_len)
     check_values(result, q, keys, values, scale, dtype)
     if valid_len is not None:
         for b, length in enumerate(valid_len.tolist()):
