@@ -10,10 +10,12 @@ the relative RMS error ``rms(fused - ref) / rms(ref)`` (:func:`l2m_kernels.testi
 judged against the per-dtype tolerance :data:`l2m_kernels.testing.TOLERANCE`.
 
 Selections (top-k slots) may legitimately differ from the reference where scores tie up to
-rounding, so the reads are judged as the test suite does: the slot ids must be valid (in range,
-existing, never twice in a row), the float64 scores of the selected slots must match those of the
-float64 reference's own top-k ("selection"), and the values, weights, lse and gradients are compared
-with the reference evaluated at the fused selection.
+rounding, so the reads are judged as the test suite does: the slot ids must be a valid top-k of
+the float64 scores (:func:`l2m_kernels.testing.assert_valid_topk`: in range, existing, never twice
+in a row, in descending order, up to the rounding of float32 scores), the float64 scores of the
+selected slots must match those of the float64 reference's own top-k ("selection"), and the
+values, weights, lse and gradients are compared with the reference evaluated at the fused
+selection.
 
 Fused outputs are pre-filled with NaN (:func:`l2m_kernels.testing.poisoned_outputs`), so an
 element a kernel forgets to write fails. A backend that raises is reported as FAIL with the
@@ -46,7 +48,8 @@ from .ops.memory_write.reference import gated_dense_update_ref, gated_memory_wri
 from .ops.merge.reference import gated_merge_ref, merge_attention_ref
 from .ops.product_key.reference import _half_scores, product_key_gather, product_key_select
 from .ops.topk_read.reference import full_scores, topk_read_gather, topk_read_select
-from .testing import TOLERANCE, lse_dtype, poisoned_outputs, rand, rel_rms_error
+from .testing import (TOLERANCE, assert_valid_topk, lse_dtype, poisoned_outputs, product_key_scores, rand,
+                      rel_rms_error)
 
 FUSED_BACKENDS = ("cuda", "triton", "cpu")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -105,22 +108,15 @@ def _grad_pairs(names, grads, ref_grads, inputs):
     return pairs
 
 
-def _check_slot_ids(name, slot_ids, num_slots, valid_len=None, allow_missing=True):
-    """Slot ids in range, existing (below valid_len), and never twice in one row."""
-    low = -1 if allow_missing else 0
-    bad = (slot_ids < low) | (slot_ids >= num_slots)
-    if bad.any():
-        raise CheckError(f"{name}: {int(bad.sum())} slot ids outside [{low}, {num_slots}), e.g. "
-                         f"{int(slot_ids[bad][0])}")
-    if valid_len is not None:
-        limit = valid_len.reshape((-1,) + (1,) * (slot_ids.dim() - 1))
-        beyond = slot_ids >= limit
-        if beyond.any():
-            raise CheckError(f"{name}: {int(beyond.sum())} selected slots do not exist (>= valid_len)")
-    ordered = slot_ids.sort(dim=-1).values
-    repeated = (ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)
-    if repeated.any():
-        raise CheckError(f"{name}: a slot is selected twice in {int(repeated.any(-1).sum())} rows")
+def _assert_valid_selection(slot_ids, scores, dtype, **masks):
+    """:func:`l2m_kernels.testing.assert_valid_topk` (ids in range, existing, never twice, the count
+    of real entries, a top-k in descending order up to the rounding of the kernels' float32 scores,
+    exact ties to the smaller slot) as a :class:`CheckError`."""
+    try:
+        assert_valid_topk(slot_ids, scores, score_dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+                          name="indices", **masks)
+    except AssertionError as exc:
+        raise CheckError(str(exc)) from None
 
 
 def _selected_scores(slot_scores, slot_ids):
@@ -133,8 +129,8 @@ def _selected_scores(slot_scores, slot_ids):
 def _topk_selection_pair(q, keys, slot_ids, k, scale, valid_len):
     """("selection", scores of the fused slots, scores of the float64 reference's top-k)."""
     q64, keys64 = q.detach().double().cpu(), keys.detach().double().cpu()
-    _check_slot_ids("indices", slot_ids, keys.shape[-2], valid_len)
     scores = full_scores(q64, keys64, scale)
+    _assert_valid_selection(slot_ids, scores, q.dtype, valid_len=valid_len)
     best = topk_read_select(q64, keys64, k, scale, valid_len)
     return ("selection", _selected_scores(scores, slot_ids), _selected_scores(scores, best))
 
@@ -229,7 +225,9 @@ def check_product_key_read(p, dtype, device, backend, gen):
         grads[2] = grads[2].to_dense()
 
     slot_ids = read.indices.cpu()
-    _check_slot_ids("indices", slot_ids, n_sub * n_sub, allow_missing=False)
+    candidate_scores, selectable, candidates = product_key_scores(
+        q, subkeys, k_sub, scale, torch.float64 if dtype == torch.float64 else torch.float32)
+    _assert_valid_selection(slot_ids, candidate_scores, dtype, selectable=selectable, competitors=candidates)
     leaves = _leaves64(q, subkeys, values)
     s1, s2 = _half_scores(leaves[0].detach(), leaves[1].detach(), scale, torch.float64)
     slot_scores = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)  # (B, H, T, n_sub ** 2)

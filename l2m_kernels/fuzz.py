@@ -72,7 +72,8 @@ from .ops.merge.reference import gated_merge_ref, merge_attention_ref
 from .ops.product_key.reference import _half_scores, product_key_gather, product_key_select
 from .ops.topk_read.reference import _topk_read_gather_acc, full_scores, topk_read_gather, topk_read_select
 from .ops.topk_read.validate import resolve_scale
-from .testing import TOLERANCE, assert_close, lse_dtype, poisoned_outputs, rel_rms_error
+from .testing import (TOLERANCE, assert_close, assert_valid_topk, lse_dtype, poisoned_outputs, product_key_scores,
+                      rel_rms_error)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 DTYPE_NAMES = {d: str(d).replace("torch.", "") for d in DTYPES}
@@ -507,45 +508,22 @@ def _picked(rank, slot_ids):
     return torch.where(slot_ids < 0, -math.inf, picked)
 
 
-def _check_selection(name, slot_ids, best, rank, exists, k, dtype, exact):
+def _check_selection(name, slot_ids, best, rank, k, dtype, exact, *, valid_len=None, selectable=None,
+                     competitors=None):
     """Fused ``slot_ids`` against the reference's ``best`` over float64 ``rank`` scores (B, H, T, N).
 
-    ``exists`` (B, H, T, N) bool or None. Checks: ids in [-1, N), existing, never twice, the count of
-    real entries min(k, existing), -1 only at the tail, order by descending score (up to rounding),
-    the selected scores equal the reference's, and where scores are exactly tied (exact data, or
-    +inf/-inf scores) the very same slots.
+    :func:`l2m_kernels.testing.assert_valid_topk` judges the selection (ids in [-1, N), existing
+    below ``valid_len``, never twice, min(k, existing competitors) real entries, -1 only at the
+    tail, a top-k in descending order up to the rounding of float32 scores, exact ties to the
+    smaller slot); then the selected scores must equal the reference's, and where scores are
+    exactly tied (exact data, or +inf/-inf scores) the very same slots.
     """
-    num_slots = rank.shape[-1]
-    bad = (slot_ids < -1) | (slot_ids >= num_slots)
-    if bad.any():
-        raise FuzzFailure(f"{name}: {int(bad.sum())} slot ids outside [-1, {num_slots}), e.g. "
-                          f"{int(slot_ids[bad][0])}")
-    real = slot_ids >= 0
-    if exists is not None:
-        gone = real & ~exists.gather(-1, slot_ids.clamp_min(0))
-        if gone.any():
-            raise FuzzFailure(f"{name}: {int(gone.sum())} selected slots do not exist (>= valid_len)")
-        n_exist = exists.sum(-1)
-    else:
-        n_exist = torch.full(slot_ids.shape[:-1], num_slots)
-    if not torch.equal(real.sum(-1), n_exist.clamp(max=k)):
-        raise FuzzFailure(f"{name}: wrong number of real entries per row (expected min(k, existing))")
-    if (~real[..., :-1] & real[..., 1:]).any():
-        raise FuzzFailure(f"{name}: a -1 entry before a real one")
-    ordered = slot_ids.sort(dim=-1).values
-    if ((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any():
-        raise FuzzFailure(f"{name}: a slot selected twice in one row")
-    picked = _picked(rank, slot_ids)
-    if picked.shape[-1] > 1:
-        a, b = picked[..., :-1], picked[..., 1:]
-        finite = torch.isfinite(a) & torch.isfinite(b)
-        slack = 1e-12 if dtype == torch.float64 else 1e-5
-        slack = slack * (1 + torch.maximum(a.abs(), b.abs()))
-        disorder = torch.where(finite, a < b - slack, (a < b) & real[..., 1:])
-        if disorder.any():
-            raise FuzzFailure(f"{name}: slots not ordered by descending score in "
-                              f"{int(disorder.any(-1).sum())} rows")
-    want = _picked(rank, best)
+    try:
+        assert_valid_topk(slot_ids, rank, valid_len=valid_len, selectable=selectable, competitors=competitors,
+                          score_dtype=torch.float64 if dtype == torch.float64 else torch.float32, name=name)
+    except AssertionError as exc:
+        raise FuzzFailure(str(exc)) from None
+    picked, want = _picked(rank, slot_ids), _picked(rank, best)
     assert_close(f"{name} (scores of the selected slots)", picked.sort(-1, descending=True).values,
                  want.sort(-1, descending=True).values, dtype)
     if exact:
@@ -557,15 +535,6 @@ def _check_selection(name, slot_ids, best, rank, exists, k, dtype, exact):
         if not torch.equal(slot_ids[tied], best[tied]):
             raise FuzzFailure(f"{name}: slots with infinite scores (exact ties, smaller slot first) "
                               f"differ from the reference's")
-
-
-def _exists_mask(valid_len, shape):
-    """(B, H, T, N) bool of existing slots, or None."""
-    if valid_len is None:
-        return None
-    B, H, T, N = shape
-    ex = torch.arange(N)[None, :] < valid_len.detach().cpu().to(torch.int64)[:, None]
-    return ex[:, None, None, :].expand(B, H, T, N)
 
 
 # -- judges: one per op ---------------------------------------------------------------------------
@@ -586,8 +555,7 @@ def judge_topk(case, read, gen):
     vl = None if valid_len is None else valid_len.detach().cpu()
     rank = _rank(full_scores(q64, keys64, scale))
     best = topk_read_select(q64, keys64, k, scale, vl)
-    _check_selection("indices", slot_ids, best, rank, _exists_mask(vl, rank.shape), k, case.dtype,
-                     case.extra["exact"])
+    _check_selection("indices", slot_ids, best, rank, k, case.dtype, case.extra["exact"], valid_len=vl)
     terms = topk_read_gather(q64, keys64, _f64(values).abs(), slot_ids, scale)[0]   # sum_j w_j |v_j|
     compare(case, ("out", "weights", "lse"), (read.out, read.weights, read.lse),
             lambda x: topk_read_gather(x["q"], x["keys"], x["values"], slot_ids, scale), gen,
@@ -625,8 +593,17 @@ def judge_product_key(case, read, gen):
     # ranks NaN like +inf; rows holding one are NaN either way, so exact slots are not required there.
     nan_rows = torch.isnan(slot_scores).any(-1, keepdim=True)
     exact = case.extra["exact"] and not bool(nan_rows.any())
-    _check_selection("indices", slot_ids, torch.where(nan_rows, slot_ids, best), rank, None, k,
-                     case.dtype, exact)
+    # The slots the selection must beat are the candidates (both sub-keys among their half's k_sub
+    # best); the ones it may pick, those within rounding of it. Rows with a NaN candidate rank it
+    # above +inf in the reference and like +inf in a kernel: there the selection only competes with
+    # itself, and the scores of its slots are compared below.
+    _, selectable, candidates = product_key_scores(q, subkeys, k_sub, scale,
+                                                   torch.float64 if case.dtype == torch.float64 else torch.float32)
+    selected = torch.zeros_like(candidates).scatter_(-1, slot_ids.clamp_min(0), slot_ids >= 0)
+    candidates = torch.where(nan_rows, selected, candidates)
+    selectable = torch.where(nan_rows, selected, selectable)
+    _check_selection("indices", slot_ids, torch.where(nan_rows, slot_ids, best), rank, k, case.dtype, exact,
+                     selectable=selectable, competitors=candidates)
     if nan_rows.any():   # the count of NaN/inf-scored slots must still match the reference's
         assert_close("indices (scores of the selected slots, NaN rows)",
                      _picked(rank, slot_ids).sort(-1, descending=True).values,
@@ -702,8 +679,7 @@ def judge_attention(case, res, gen):
     vl = None if valid_len is None else valid_len.detach().cpu()
     rank = _rank(full_scores(q64, mk64, scale))
     best = topk_read_select(q64, mk64, topk, scale, vl)
-    _check_selection("indices", slot_ids, best, rank, _exists_mask(vl, rank.shape), topk, case.dtype,
-                     case.extra["exact"])
+    _check_selection("indices", slot_ids, best, rank, topk, case.dtype, case.extra["exact"], valid_len=vl)
 
     def reference(x):
         return memory_attention_gather(x["q"], x["k"], x["v"], x["mem_keys"], x["mem_values"], slot_ids, window,
