@@ -59,10 +59,11 @@ import subprocess
 import sys
 import tempfile
 
-# Modules whose COMPILE_CONFIGS are checked; extend this tuple as Triton ops are added.
-TRITON_MODULES = ("l2m_kernels.ops.merge.triton", "l2m_kernels.ops.topk_read.triton",
-                  "l2m_kernels.ops.product_key.triton", "l2m_kernels.ops.memory_write.triton",
-                  "l2m_kernels.ops.memory_attention.triton")
+from l2m_kernels.ops.registry import triton_modules
+
+# Modules whose COMPILE_CONFIGS are checked: those of the ops that the triton backend serves, from
+# the ops' declarations (l2m_kernels/ops/registry.py).
+TRITON_MODULES = triton_modules()
 DEFAULT_ARCHS = (80, 90)
 
 _INTERPRET_MESSAGE = (
