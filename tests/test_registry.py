@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import pathlib
 import random
+import re
 
 import pytest
 import torch
@@ -109,3 +111,27 @@ def test_every_declared_op_is_exported_and_every_design_names_declared_ops():
         assert design.backend in registry.BACKEND_NAMES
         for op in design.ops:
             assert design.backend in registry.OPS[op].backends, (design, op)
+
+
+DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"
+
+
+@pytest.mark.parametrize("decl", DECLS, ids=IDS)
+def test_docs_page_documents_every_declared_argument_and_output(decl):
+    """docs/ops/<name>.md is the users' contract of the op: it must cover the declaration."""
+    page = DOCS / "ops" / f"{decl.name}.md"
+    if not page.is_file():
+        pytest.skip(f"no docs/ in this installation ({page} missing): docs are checked from the source tree")
+    text = page.read_text()
+    assert text.startswith(f"# `{decl.name}`")
+    # Every argument in the first cell of a table row; every output (where there are several) named
+    # in the Outputs section.
+    first_cells = re.findall(r"^\| ([^|]*) \|", text, flags=re.M)
+    for arg in decl.args:
+        assert any(f"`{arg.name}`" in cell for cell in first_cells), f"{page.name}: no row for {arg.name!r}"
+    outputs = text.split("\n## Output", 1)[1].split("\n## ", 1)[0]
+    for output in decl.outputs if len(decl.outputs) > 1 else ():
+        assert f"`{output.name}`" in outputs, f"{page.name}: its outputs do not name {output.name!r}"
+    for backend in decl.backends:
+        assert backend in text, f"{page.name} does not say whether {backend} serves it"
+    assert f"ops/{decl.name}.md" in (DOCS / "README.md").read_text()
