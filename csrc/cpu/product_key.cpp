@@ -405,7 +405,7 @@ struct FwdRunner {
   void run(int64_t b, int64_t t_begin, int64_t rows, int64_t h_begin, int64_t h_end,
            FwdScratch<acc_t>& scratch) const {
     const int64_t dim_k = p.dim_k, dim_h = p.dim_k / 2, dim_v = p.dim_v, k = p.k;
-    const int64_t k_sub = p.k_sub, num_sub = p.num_sub, heads = p.heads, seq_len = p.seq_len;
+    const int64_t k_sub = p.k_sub, num_sub = p.n_sub, heads = p.heads, seq_len = p.seq_len;
     const int64_t padded_rows = (rows + kRows - 1) / kRows * kRows;
     const acc_t scale = static_cast<acc_t>(p.scale);
     const auto* q = static_cast<const scalar_t*>(p.q);
@@ -501,7 +501,7 @@ void product_key_fwd_impl(const ProductKeyFwdParams& p) {
   if (batch == 0 || heads == 0 || seq_len == 0) {
     return;
   }
-  const int64_t dim_h = p.dim_k / 2, num_sub = p.num_sub, k = p.k, k_sub = p.k_sub;
+  const int64_t dim_h = p.dim_k / 2, num_sub = p.n_sub, k = p.k, k_sub = p.k_sub;
   const int64_t num_panels = (num_sub + kPanel - 1) / kPanel;
 
   // Sub-key tables in acc, transposed per panel: packed[h][half][panel][d][lane], zero padding.
@@ -591,7 +591,7 @@ template <typename scalar_t>
 void product_key_bwd_impl(const ProductKeyBwdParams& p) {
   using acc_t = acc_type<scalar_t>;
   const int64_t batch = p.batch, heads = p.heads, seq_len = p.seq_len, dim_k = p.dim_k;
-  const int64_t dim_h = dim_k / 2, num_sub = p.num_sub, dim_v = p.dim_v, k = p.k;
+  const int64_t dim_h = dim_k / 2, num_sub = p.n_sub, dim_v = p.dim_v, k = p.k;
   const int64_t num_rows = batch * heads * seq_len;
   const int64_t num_slots = num_sub * num_sub;
   const acc_t scale = static_cast<acc_t>(p.scale);
