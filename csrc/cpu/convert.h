@@ -141,5 +141,10 @@ void dispatch_floating(Dtype dtype, const char* op_name, Fn&& fn) {
   }
 }
 
+// The one dtype dispatch of the launchers, as mamba's DISPATCH_ITYPE_*: runs impl<scalar_t>(params)
+// for the storage type of params.dtype; `name` (the launcher's) goes into the error for another.
+#define L2M_DISPATCH_FLOATING(params, name, impl) \
+  dispatch_floating((params).dtype, name, [&](auto tag) { impl<decltype(tag)>(params); })
+
 }  // namespace L2M_CPU_ISA
 }  // namespace l2m::cpu

@@ -114,9 +114,7 @@ void memory_read_weights(const MemoryReadWeightsParams& params) {
                     "memory_read_weights: the memory head count must divide the head count");
   TORCH_CHECK_VALUE(params.dout == nullptr || params.dots != nullptr,
                     "memory_read_weights: dots is required with dout");
-  dispatch_floating(params.dtype, "memory_read_weights", [&](auto tag) {
-    memory_read_weights_impl<decltype(tag)>(params);
-  });
+  L2M_DISPATCH_FLOATING(params, "memory_read_weights", memory_read_weights_impl);
 }
 
 }  // namespace L2M_CPU_ISA

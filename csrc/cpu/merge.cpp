@@ -264,27 +264,19 @@ void gated_merge_bwd_impl(const GatedMergeBwdParams& params) {
 }  // namespace
 
 void merge_attention_fwd(const MergeAttentionFwdParams& params) {
-  dispatch_floating(params.dtype, "merge_attention_fwd", [&](auto tag) {
-    merge_attention_fwd_impl<decltype(tag)>(params);
-  });
+  L2M_DISPATCH_FLOATING(params, "merge_attention_fwd", merge_attention_fwd_impl);
 }
 
 void merge_attention_bwd(const MergeAttentionBwdParams& params) {
-  dispatch_floating(params.dtype, "merge_attention_bwd", [&](auto tag) {
-    merge_attention_bwd_impl<decltype(tag)>(params);
-  });
+  L2M_DISPATCH_FLOATING(params, "merge_attention_bwd", merge_attention_bwd_impl);
 }
 
 void gated_merge_fwd(const GatedMergeFwdParams& params) {
-  dispatch_floating(params.dtype, "gated_merge_fwd", [&](auto tag) {
-    gated_merge_fwd_impl<decltype(tag)>(params);
-  });
+  L2M_DISPATCH_FLOATING(params, "gated_merge_fwd", gated_merge_fwd_impl);
 }
 
 void gated_merge_bwd(const GatedMergeBwdParams& params) {
-  dispatch_floating(params.dtype, "gated_merge_bwd", [&](auto tag) {
-    gated_merge_bwd_impl<decltype(tag)>(params);
-  });
+  L2M_DISPATCH_FLOATING(params, "gated_merge_bwd", gated_merge_bwd_impl);
 }
 
 }  // namespace L2M_CPU_ISA

@@ -804,15 +804,11 @@ void product_key_bwd_impl(const ProductKeyBwdParams& p) {
 }  // namespace
 
 void product_key_fwd(const ProductKeyFwdParams& params) {
-  dispatch_floating(params.dtype, "product_key_fwd", [&](auto tag) {
-    product_key_fwd_impl<decltype(tag)>(params);
-  });
+  L2M_DISPATCH_FLOATING(params, "product_key_fwd", product_key_fwd_impl);
 }
 
 void product_key_bwd(const ProductKeyBwdParams& params) {
-  dispatch_floating(params.dtype, "product_key_bwd", [&](auto tag) {
-    product_key_bwd_impl<decltype(tag)>(params);
-  });
+  L2M_DISPATCH_FLOATING(params, "product_key_bwd", product_key_bwd_impl);
 }
 
 }  // namespace L2M_CPU_ISA

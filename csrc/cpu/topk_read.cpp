@@ -603,15 +603,11 @@ void topk_read_bwd_impl(const TopkReadBwdParams& p) {
 }  // namespace
 
 void topk_read_fwd(const TopkReadFwdParams& params) {
-  dispatch_floating(params.dtype, "topk_read_fwd", [&](auto tag) {
-    topk_read_fwd_impl<decltype(tag)>(params);
-  });
+  L2M_DISPATCH_FLOATING(params, "topk_read_fwd", topk_read_fwd_impl);
 }
 
 void topk_read_bwd(const TopkReadBwdParams& params) {
-  dispatch_floating(params.dtype, "topk_read_bwd", [&](auto tag) {
-    topk_read_bwd_impl<decltype(tag)>(params);
-  });
+  L2M_DISPATCH_FLOATING(params, "topk_read_bwd", topk_read_bwd_impl);
 }
 
 }  // namespace L2M_CPU_ISA

@@ -714,15 +714,7 @@ cudaError_t product_key_fwd_launch(const ProductKeyFwdParams& params, cudaStream
                    params.lse == nullptr || params.half_scores == nullptr ||
                    params.half_ids == nullptr))
     return cudaErrorInvalidValue;
-  switch (params.dtype) {
-    case MergeDtype::kFloat32:
-      return launch_fwd<float>(params, stream);
-    case MergeDtype::kFloat16:
-      return launch_fwd<__half>(params, stream);
-    case MergeDtype::kBFloat16:
-      return launch_fwd<__nv_bfloat16>(params, stream);
-  }
-  return cudaErrorInvalidValue;
+  L2M_CUDA_DISPATCH(params.dtype, launch_fwd, params, stream);
 }
 
 cudaError_t product_key_bwd_launch(const ProductKeyBwdParams& params, cudaStream_t stream) {

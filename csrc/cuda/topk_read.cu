@@ -886,15 +886,7 @@ cudaError_t topk_read_fwd_launch(const TopkReadFwdParams& params, cudaStream_t s
       params.indices == nullptr || params.weights == nullptr || params.lse == nullptr ||
       (params.values == nullptr && params.dim_v > 0))
     return cudaErrorInvalidValue;
-  switch (params.dtype) {
-    case MergeDtype::kFloat32:
-      return launch_fwd_for_k<float>(params, stream);
-    case MergeDtype::kFloat16:
-      return launch_fwd_for_k<__half>(params, stream);
-    case MergeDtype::kBFloat16:
-      return launch_fwd_for_k<__nv_bfloat16>(params, stream);
-  }
-  return cudaErrorInvalidValue;
+  L2M_CUDA_DISPATCH(params.dtype, launch_fwd_for_k, params, stream);
 }
 
 int64_t topk_read_num_chunks(int64_t num_slots) {
@@ -910,15 +902,7 @@ cudaError_t topk_read_chunk_max_launch(const TopkReadFwdParams& params, int64_t*
   if (!valid_common_sizes(params) || params.k > params.num_slots) return cudaErrorInvalidValue;
   if (params.q == nullptr || params.keys == nullptr || chunk_max == nullptr)
     return cudaErrorInvalidValue;
-  switch (params.dtype) {
-    case MergeDtype::kFloat32:
-      return launch_chunk_max_for_k<float>(params, chunk_max, stream);
-    case MergeDtype::kFloat16:
-      return launch_chunk_max_for_k<__half>(params, chunk_max, stream);
-    case MergeDtype::kBFloat16:
-      return launch_chunk_max_for_k<__nv_bfloat16>(params, chunk_max, stream);
-  }
-  return cudaErrorInvalidValue;
+  L2M_CUDA_DISPATCH(params.dtype, launch_chunk_max_for_k, params, chunk_max, stream);
 }
 
 cudaError_t topk_read_bwd_launch(const TopkReadBwdParams& params, cudaStream_t stream) {
@@ -936,15 +920,7 @@ cudaError_t topk_read_bwd_launch(const TopkReadBwdParams& params, cudaStream_t s
   } else if (rows > 0 && (params.dkeys_acc == nullptr || params.dvalues_acc == nullptr)) {
     return cudaErrorInvalidValue;
   }
-  switch (params.dtype) {
-    case MergeDtype::kFloat32:
-      return launch_bwd<float>(params, stream);
-    case MergeDtype::kFloat16:
-      return launch_bwd<__half>(params, stream);
-    case MergeDtype::kBFloat16:
-      return launch_bwd<__nv_bfloat16>(params, stream);
-  }
-  return cudaErrorInvalidValue;
+  L2M_CUDA_DISPATCH(params.dtype, launch_bwd, params, stream);
 }
 
 }  // namespace cuda
