@@ -1213,9 +1213,10 @@ inline void gated_memory_write_bwd(TensorArg dnew, TensorArg memory, TensorArg i
 // (contiguous) or strided through its rows, and then no output may reach into their bytes (the
 // kernel reads them where they lie while it stores).
 template <typename Params>
-void set_dense_inputs(const Call& call, Params& params, bool strided, TensorArg memory,
-                      TensorArg update, TensorArg input_gate, TensorArg forget_gate,
-                      NamedTensors outputs) {
+void set_dense_inputs([[maybe_unused]] const Call& call, Params& params,
+                      [[maybe_unused]] bool strided, TensorArg memory, TensorArg update,
+                      TensorArg input_gate, TensorArg forget_gate,
+                      [[maybe_unused]] NamedTensors outputs) {
   params.dtype = kernel_dtype(memory.scalar_type());
 #if L2M_BINDING_CUDA
   const auto layout = [](TensorArg tensor) {
