@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import posixpath
 import re
 import subprocess
 import sys
@@ -87,7 +88,11 @@ _TOPK_TRITON_OPS = ("topk_memory_read", "memory_attention")   # memory_attention
 # The CUDA designs with an `equivalent` fingerprint: d1444d2 changed merged_lse in merge_common.cuh, which their
 # sources include but do not call. Compiled at 44f93db and at d1444d2 (nvcc 13.0, the extension's
 # flags, sm_80 and sm_90), every kernel's SASS is identical (cuobjdump -sass, anonymous-namespace
-# hashes aside): their code is the code that ran.
+# hashes aside): their code is the code that ran. The second fingerprint of each: the params structs
+# moved to csrc/common/params.h (shared with the CPU kernels; the same fields in the same order,
+# the float pointers of lse and weights typed void* and cast where the kernels read them) and the
+# launchers' dtype switches became L2M_CUDA_DISPATCH (merge_common.cuh). Compiled before and after
+# the same way, all 138 kernels (sm_80 and sm_90) have identical SASS.
 
 DESIGNS: tuple[Design, ...] = (
     # ---- Triton ------------------------------------------------------------------------------
@@ -160,22 +165,22 @@ DESIGNS: tuple[Design, ...] = (
            _h200("CUDA self-test (the threshold and plain WarpSelect paths bitwise equal), test suite, "
                  "l2m-check and l2m-bench"),
            ran="a366246d9f26",
-           equivalent=("187d424d4428",)),  # same SASS as ran (above)
+           equivalent=("187d424d4428", "8b318a2890cc")),  # same SASS as ran (above)
     Design("product-key read", "cuda", "product-key", ("product_key_read",), ("product_key.cu",),
            _h200("CUDA self-test and l2m-check; l2m-bench in the H200 run before it, the same day"),
            ran="18a17453a586",
-           equivalent=("5a7d0ce7ca26",)),  # same SASS as ran (above)
+           equivalent=("5a7d0ce7ca26", "616c6c702e29")),  # same SASS as ran (above)
     Design("memory write", "cuda", "memory-write", ("gated_memory_write", "gated_dense_update"),
            ("memory_write.cu", "dense_update.cu"),
            _h200("CUDA self-test, test suite, l2m-check and l2m-bench"),
            ran="aa3d7af12010",
-           equivalent=("198220bc00b7",)),  # same SASS as ran (above)
+           equivalent=("198220bc00b7", "612877171396")),  # same SASS as ran (above)
     Design("memory attention", "cuda", "composed", ("memory_attention",),
            ("memory_attention.cu", "local_attention.cu"),
            _h200("CUDA self-test, test suite, l2m-check and l2m-bench"),
            note="the cuda top-k read, a local attention with its log-sum-exp and the cuda merge",
            ran="fc006ec6ee91",
-           equivalent=("4384b7d8226b",)),  # same SASS as ran (above)
+           equivalent=("4384b7d8226b", "3eb145689d25")),  # same SASS as ran (above)
 )
 
 
@@ -339,7 +344,10 @@ def _cuda_code(sources: tuple[str, ...], tree: SourceTree) -> str | None:
             continue  # a system or torch header
         code = " ".join(_C_COMMENT.sub(" ", text).split())
         parts.append(f"{path.rsplit('/', 1)[-1]}: {code}")
-        todo += [f"{CUDA_SOURCES}/{name}" for name in re.findall(r'#include\s+"([^"]+)"', text)]
+        # A quoted include is found next to the file that includes it (csrc/common/params.h from
+        # csrc/cuda/merge.h as "../common/params.h").
+        todo += [posixpath.normpath(f"{posixpath.dirname(path)}/{name}")
+                 for name in re.findall(r'#include\s+"([^"]+)"', text)]
     return "\n".join(parts)
 
 

@@ -288,10 +288,14 @@ def _nvcc_version(nvcc: str) -> str:
 
 def cache_key(nvcc_version: str, source: Path, arch: str, extra_flags: Sequence[str] = ()) -> str:
     """Hash of what a (source, arch) compile depends on: nvcc's release, the flags, the source and
-    every header in its directory (a header change invalidates every source, conservatively)."""
+    every header in its directory and the torch-free headers of ``../common`` (the params structs
+    both backends use); a header change invalidates every source, conservatively."""
     command = nvcc_command("nvcc", Path(source.name), arch, Path("out.o"), extra_flags)
     digest = hashlib.sha256(json.dumps([nvcc_version, command]).encode())
-    for path in [source] + sorted(p for pattern in ("*.h", "*.cuh") for p in source.parent.glob(pattern)):
+    headers = sorted(p for pattern in ("*.h", "*.cuh") for p in source.parent.glob(pattern))
+    headers += sorted(p for p in (source.parent.parent / "common").glob("*.h")
+                      if not TORCH_INCLUDE_PATTERN.search(p.read_text(errors="replace")))
+    for path in [source] + headers:
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
 

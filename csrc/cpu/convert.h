@@ -7,13 +7,13 @@
 #pragma once
 
 #include "isa.h"
+#include "../common/params.h"
 
 #include <cstdint>
 #include <cstring>
 #include <string>
 #include <type_traits>
 
-#include <c10/core/ScalarType.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
@@ -117,29 +117,34 @@ inline void store_row(scalar_t* dst, const acc_type<scalar_t>* values, int64_t n
 }
 
 // Calls fn(scalar_t{}) for the storage type named by dtype (float, double, c10::Half,
-// c10::BFloat16); any other dtype throws a TypeError naming op_name. (The message is built as a
-// std::string: see csrc/cuda/bindings.cpp on ostream insertion crashing in some toolchains.)
+// c10::BFloat16); any other value throws a TypeError naming op_name. (The message is built as a
+// std::string: see csrc/common/binding.h on ostream insertion crashing in some toolchains.)
 template <typename Fn>
-void dispatch_floating(c10::ScalarType dtype, const char* op_name, Fn&& fn) {
+void dispatch_floating(Dtype dtype, const char* op_name, Fn&& fn) {
   switch (dtype) {
-    case c10::ScalarType::Float:
+    case Dtype::kFloat32:
       fn(float{});
       break;
-    case c10::ScalarType::Double:
+    case Dtype::kFloat64:
       fn(double{});
       break;
-    case c10::ScalarType::Half:
+    case Dtype::kFloat16:
       fn(c10::Half{});
       break;
-    case c10::ScalarType::BFloat16:
+    case Dtype::kBFloat16:
       fn(c10::BFloat16{});
       break;
     default:
       TORCH_CHECK_TYPE(false, std::string(op_name) + ": unsupported dtype " +
-                                  c10::toString(dtype) +
+                                  std::to_string(static_cast<int>(dtype)) +
                                   " (expected float32, float64, float16 or bfloat16)");
   }
 }
+
+// The one dtype dispatch of the launchers, as mamba's DISPATCH_ITYPE_*: runs impl<scalar_t>(params)
+// for the storage type of params.dtype; `name` (the launcher's) goes into the error for another.
+#define L2M_DISPATCH_FLOATING(params, name, impl) \
+  dispatch_floating((params).dtype, name, [&](auto tag) { impl<decltype(tag)>(params); })
 
 }  // namespace L2M_CPU_ISA
 }  // namespace l2m::cpu

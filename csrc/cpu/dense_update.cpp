@@ -155,15 +155,11 @@ void bwd_impl(const GatedDenseUpdateBwdParams& params) {
 }  // namespace
 
 void gated_dense_update_fwd(const GatedDenseUpdateFwdParams& params) {
-  dispatch_floating(params.dtype, "gated_dense_update_fwd", [&](auto tag) {
-    fwd_impl<decltype(tag)>(params);
-  });
+  L2M_DISPATCH_FLOATING(params, "gated_dense_update_fwd", fwd_impl);
 }
 
 void gated_dense_update_bwd(const GatedDenseUpdateBwdParams& params) {
-  dispatch_floating(params.dtype, "gated_dense_update_bwd", [&](auto tag) {
-    bwd_impl<decltype(tag)>(params);
-  });
+  L2M_DISPATCH_FLOATING(params, "gated_dense_update_bwd", bwd_impl);
 }
 
 }  // namespace L2M_CPU_ISA

@@ -12,7 +12,7 @@
 
 #include <cstdint>
 
-#include <c10/core/ScalarType.h>
+#include "../common/params.h"
 
 #include "rows.h"
 
@@ -28,7 +28,7 @@ struct DenseLayout {
 // out = sigmoid(forget_gate) * memory + sigmoid(input_gate) * tanh(update), computed in acc and
 // rounded once to dtype.
 struct GatedDenseUpdateFwdParams {
-  c10::ScalarType dtype;    // of every tensor
+  Dtype dtype;              // of every tensor
   int64_t numel;            // S0 * S1 * S2 * S3
   int64_t row_len;          // S3 (strided only)
   bool strided;             // inputs placed by their layouts (else contiguous of numel elements)
@@ -47,7 +47,7 @@ struct GatedDenseUpdateFwdParams {
 // The gradients are stored in acc (float32 for half types): the launcher sums them over broadcast
 // dimensions before rounding to the input dtype.
 struct GatedDenseUpdateBwdParams {
-  c10::ScalarType dtype;  // of dout and the four inputs
+  Dtype dtype;  // of dout and the four inputs
   int64_t numel;
   int64_t row_len;
   bool strided;

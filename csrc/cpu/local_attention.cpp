@@ -787,18 +787,14 @@ void local_attention_fwd(const LocalAttentionFwdParams& params) {
   TORCH_CHECK_VALUE(params.kv_heads >= 1 && params.heads % params.kv_heads == 0 &&
                         params.context_len >= params.seq_len,
                     "local_attention_fwd: inconsistent sizes");
-  dispatch_floating(params.dtype, "local_attention_fwd", [&](auto tag) {
-    local_attention_fwd_impl<decltype(tag)>(params);
-  });
+  L2M_DISPATCH_FLOATING(params, "local_attention_fwd", local_attention_fwd_impl);
 }
 
 void local_attention_bwd(const LocalAttentionBwdParams& params) {
   TORCH_CHECK_VALUE(params.kv_heads >= 1 && params.heads % params.kv_heads == 0 &&
                         params.context_len >= params.seq_len,
                     "local_attention_bwd: inconsistent sizes");
-  dispatch_floating(params.dtype, "local_attention_bwd", [&](auto tag) {
-    local_attention_bwd_impl<decltype(tag)>(params);
-  });
+  L2M_DISPATCH_FLOATING(params, "local_attention_bwd", local_attention_bwd_impl);
 }
 
 }  // namespace L2M_CPU_ISA

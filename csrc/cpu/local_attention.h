@@ -14,7 +14,7 @@
 
 #include <cstdint>
 
-#include <c10/core/ScalarType.h>
+#include "../common/params.h"
 
 #include "rows.h"
 
@@ -24,23 +24,8 @@ namespace l2m::cpu {
 //   lse = logsumexp_j s_j,  out = sum_j exp(s_j - lse) v_j   over the visible keys j;
 // a row with no visible key (or only -inf scores) gets out = 0 and lse = -inf. A non-finite k or v
 // at a position the query cannot see never reaches its output.
-struct LocalAttentionFwdParams {
-  c10::ScalarType dtype;  // of q, k, v, out
-  int64_t batch;          // B
-  int64_t heads;          // H
-  int64_t kv_heads;       // Hkv, H % Hkv == 0
-  int64_t seq_len;        // T
-  int64_t context_len;    // S >= T
-  int64_t dim;            // D
-  int64_t dim_v;          // Dv
-  int64_t window;         // keys p - window < j <= p; >= S means no window; <= 0 sees nothing
-  double scale;
-  const void* q;  // (B, H, T, D) dtype, rows at q_rows
-  const void* k;  // (B, Hkv, S, D) dtype, rows at k_rows
-  const void* v;  // (B, Hkv, S, Dv) dtype, rows at v_rows
-  Rows q_rows, k_rows, v_rows;
-  void* out;      // (B, H, T, Dv) dtype
-  void* lse;      // (B, H, T) acc
+struct LocalAttentionFwdParams : l2m::LocalAttentionFwdParams {
+  Rows q_rows, k_rows, v_rows;  // where the rows of q, k, v start
 };
 
 // Gradients, FlashAttention-2 style: with P_ij = exp(s_ij - lse_i) and
@@ -51,28 +36,8 @@ struct LocalAttentionFwdParams {
 // gradients (memory_attention passes the merged output with the merge-weighted dout).
 // dq is computed per query block, dk and dv per key block (a second pass): no atomics, no
 // per-thread partial sums, so every gradient is bitwise independent of the thread count.
-struct LocalAttentionBwdParams {
-  c10::ScalarType dtype;  // of dout, q, k, v, out, dq, dk, dv
-  int64_t batch;
-  int64_t heads;
-  int64_t kv_heads;
-  int64_t seq_len;
-  int64_t context_len;
-  int64_t dim;
-  int64_t dim_v;
-  int64_t window;
-  double scale;
-  const void* dout;  // (B, H, T, Dv) dtype, rows at dout_rows
-  const void* dlse;  // (B, H, T) acc
-  const void* q;     // (B, H, T, D) dtype, rows at q_rows
-  const void* k;     // (B, Hkv, S, D) dtype, rows at k_rows
-  const void* v;     // (B, Hkv, S, Dv) dtype, rows at v_rows
+struct LocalAttentionBwdParams : l2m::LocalAttentionBwdParams {
   Rows dout_rows, q_rows, k_rows, v_rows;
-  const void* out;   // (B, H, T, Dv) dtype
-  const void* lse;   // (B, H, T) acc, the forward's
-  void* dq;          // (B, H, T, D) dtype, contiguous
-  void* dk;          // (B, Hkv, S, D) dtype, contiguous (zero at keys no query sees)
-  void* dv;          // (B, Hkv, S, Dv) dtype, contiguous
 };
 
 // The launchers, compiled once per instruction-set variant into l2m::cpu::<variant> (isa.h).

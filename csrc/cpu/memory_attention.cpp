@@ -114,23 +114,7 @@ void memory_read_weights(const MemoryReadWeightsParams& params) {
                     "memory_read_weights: the memory head count must divide the head count");
   TORCH_CHECK_VALUE(params.dout == nullptr || params.dots != nullptr,
                     "memory_read_weights: dots is required with dout");
-  switch (params.dtype) {
-    case c10::ScalarType::Float:
-      memory_read_weights_impl<float>(params);
-      break;
-    case c10::ScalarType::Double:
-      memory_read_weights_impl<double>(params);
-      break;
-    case c10::ScalarType::Half:
-      memory_read_weights_impl<c10::Half>(params);
-      break;
-    case c10::ScalarType::BFloat16:
-      memory_read_weights_impl<c10::BFloat16>(params);
-      break;
-    default:
-      TORCH_CHECK_TYPE(false, "memory_read_weights: unsupported dtype ", params.dtype,
-                       " (expected float32, float64, float16 or bfloat16)");
-  }
+  L2M_DISPATCH_FLOATING(params, "memory_read_weights", memory_read_weights_impl);
 }
 
 }  // namespace L2M_CPU_ISA

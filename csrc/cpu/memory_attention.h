@@ -10,7 +10,7 @@
 
 #include <cstdint>
 
-#include <c10/core/ScalarType.h>
+#include "../common/params.h"
 
 #include "rows.h"
 
@@ -21,29 +21,9 @@ namespace l2m::cpu {
 //   dots = sum_j w_j <dout, values[n_j]>         (when dout and dots are given)
 //   out  = sum_j w_j values[n_j]                 (when out is given)
 // Rows are independent (deterministic); entries with slot -1 are never read.
-struct MemoryReadWeightsParams {
-  c10::ScalarType dtype;  // of q, keys, values, dout, out
-  int64_t batch;
-  int64_t heads;
-  int64_t seq_len;
-  int64_t mem_heads;
-  int64_t num_slots;
-  int64_t dim_k;
-  int64_t dim_v;
-  int64_t k;
-  bool shared_memory;  // keys/values (Hm, N, D), used by every batch element
-  double scale;
-  const void* q;           // (B, H, T, Dk) dtype, rows at q_rows (rows.h)
-  Rows q_rows;
-  const void* keys;        // (B, Hm, N, Dk) or (Hm, N, Dk) dtype
-  const void* values;      // (B, Hm, N, Dv) or (Hm, N, Dv) dtype
-  const int64_t* indices;  // (B, H, T, k), each in [-1, N)
-  const void* lse;         // (B, H, T) acc, the read's log-sum-exp
-  const void* dout;        // (B, H, T, Dv) dtype, rows at dout_rows, or nullptr
-  Rows dout_rows;
-  void* weights;           // (B, H, T, k) acc
-  void* dots;              // (B, H, T) acc, or nullptr (required with dout)
-  void* out;               // (B, H, T, Dv) dtype, or nullptr
+struct MemoryReadWeightsParams : l2m::MemoryReadWeightsParams {
+  Rows q_rows;     // where q's rows start
+  Rows dout_rows;  // where dout's rows start (with dout)
 };
 
 // The launchers, compiled once per instruction-set variant into l2m::cpu::<variant> (isa.h).

@@ -432,15 +432,11 @@ void gated_memory_write_bwd_impl(const GatedMemoryWriteBwdParams& params) {
 }  // namespace
 
 void gated_memory_write_fwd(const GatedMemoryWriteFwdParams& params) {
-  dispatch_floating(params.dtype, "gated_memory_write_fwd", [&](auto tag) {
-    gated_memory_write_fwd_impl<decltype(tag)>(params);
-  });
+  L2M_DISPATCH_FLOATING(params, "gated_memory_write_fwd", gated_memory_write_fwd_impl);
 }
 
 void gated_memory_write_bwd(const GatedMemoryWriteBwdParams& params) {
-  dispatch_floating(params.dtype, "gated_memory_write_bwd", [&](auto tag) {
-    gated_memory_write_bwd_impl<decltype(tag)>(params);
-  });
+  L2M_DISPATCH_FLOATING(params, "gated_memory_write_bwd", gated_memory_write_bwd_impl);
 }
 
 }  // namespace L2M_CPU_ISA

@@ -12,7 +12,7 @@
 
 #include <cstdint>
 
-#include <c10/core/ScalarType.h>
+#include "../common/params.h"
 
 #include "rows.h"
 
@@ -22,24 +22,8 @@ namespace l2m::cpu {
 //   out[g, s] = out[g, s] * (1 - weights[g, p] * erase[g, t]) + weights[g, p] * add[g, t]
 // computed in acc and rounded once per slot, after its last write. out starts as a copy of memory
 // (or is memory itself: in place, where only written slots are stored to).
-struct GatedMemoryWriteFwdParams {
-  c10::ScalarType dtype;  // of memory, weights, add, erase, out
-  bool indices_int32;     // indices are int32 (else int64)
-  int64_t groups;         // G
-  int64_t num_slots;      // N
-  int64_t dim;            // D
-  int64_t steps;          // T
-  int64_t writes_per_step;  // kw
-  int64_t erase_dim;        // 1 (one gate per step, broadcast over D) or D
-  const void* memory;       // (G, N, D) dtype
-  const void* indices;      // (G, T, kw) int32/int64, each in [-1, N)
-  const void* weights;      // (G, T, kw) dtype, rows at weight_rows
-  Rows weight_rows;
-  const void* add;          // (G, T, D) dtype, rows at add_rows
-  Rows add_rows;
-  const void* erase;        // (G, T, erase_dim) dtype, rows at erase_rows
-  Rows erase_rows;
-  void* out;                // (G, N, D) dtype; may be `memory` itself (in place)
+struct GatedMemoryWriteFwdParams : l2m::GatedMemoryWriteFwdParams {
+  Rows weight_rows, add_rows, erase_rows;  // where the (g, t) rows of weights, add, erase start
 };
 
 // Gradients of the forward for dnew = dL/dout (all outputs have dtype and are contiguous):
@@ -49,28 +33,10 @@ struct GatedMemoryWriteFwdParams {
 //   erase_dim == 1),  dm <- (1 - w * e) * dm.
 // Skipped entries (-1) get zero gradients. The per-step sums over j run in j order: bitwise
 // deterministic, independent of the thread count.
-struct GatedMemoryWriteBwdParams {
-  c10::ScalarType dtype;
-  bool indices_int32;
-  int64_t groups;
-  int64_t num_slots;
-  int64_t dim;
-  int64_t steps;
-  int64_t writes_per_step;
-  int64_t erase_dim;
-  const void* dnew;     // (G, N, D) dtype
-  const void* memory;   // (G, N, D) dtype, the forward's input
-  const void* indices;  // (G, T, kw)
-  const void* weights;  // (G, T, kw) dtype, rows at weight_rows
-  Rows weight_rows;
-  const void* add;      // (G, T, D) dtype, rows at add_rows
-  Rows add_rows;
-  const void* erase;    // (G, T, erase_dim) dtype, rows at erase_rows
-  Rows erase_rows;
-  void* dmemory;        // (G, N, D) dtype
-  void* dweights;       // (G, T, kw) dtype, contiguous
-  void* dadd;           // (G, T, D) dtype, contiguous
-  void* derase;         // (G, T, erase_dim) dtype, contiguous
+struct GatedMemoryWriteBwdParams : l2m::GatedMemoryWriteBwdParams {
+  Rows weight_rows, add_rows, erase_rows;
+  void* dadd;    // (G, T, D) dtype, contiguous
+  void* derase;  // (G, T, erase_dim) dtype, contiguous
 };
 
 // The launchers, compiled once per instruction-set variant into l2m::cpu::<variant> (isa.h).

@@ -106,7 +106,7 @@ void merge_attention_fwd_impl(const MergeAttentionFwdParams& params) {
   const auto* lse_b = static_cast<const acc_t*>(params.lse_b);
   auto* out = static_cast<scalar_t*>(params.out);
   auto* lse = static_cast<acc_t*>(params.lse);
-  const int64_t dim = params.dim;
+  const int64_t dim = params.head_dim;
 
   at::parallel_for(0, params.rows, rows_per_task(dim), [&](int64_t row_begin, int64_t row_end) {
     acc_t a_buffer[kTile], b_buffer[kTile], out_buffer[kTile];  // used by half types only
@@ -143,7 +143,7 @@ void merge_attention_bwd_impl(const MergeAttentionBwdParams& params) {
   auto* d_out_b = static_cast<scalar_t*>(params.d_out_b);
   auto* d_lse_a = static_cast<acc_t*>(params.d_lse_a);
   auto* d_lse_b = static_cast<acc_t*>(params.d_lse_b);
-  const int64_t dim = params.dim;
+  const int64_t dim = params.head_dim;
 
   at::parallel_for(0, params.rows, rows_per_task(dim), [&](int64_t row_begin, int64_t row_end) {
     acc_t dout_buffer[kTile], a_buffer[kTile], b_buffer[kTile];  // used by half types only
@@ -192,7 +192,7 @@ void gated_merge_fwd_impl(const GatedMergeFwdParams& params) {
   const auto* out_mem = static_cast<const scalar_t*>(params.out_mem);
   const auto* gate = static_cast<const scalar_t*>(params.gate);
   auto* out = static_cast<scalar_t*>(params.out);
-  const int64_t dim = params.dim;
+  const int64_t dim = params.head_dim;
 
   at::parallel_for(0, params.rows, rows_per_task(dim), [&](int64_t row_begin, int64_t row_end) {
     acc_t local_buffer[kTile], mem_buffer[kTile], out_buffer[kTile];  // used by half types only
@@ -226,7 +226,7 @@ void gated_merge_bwd_impl(const GatedMergeBwdParams& params) {
   auto* d_local = static_cast<scalar_t*>(params.d_local);
   auto* d_mem = static_cast<scalar_t*>(params.d_mem);
   auto* d_gate = static_cast<acc_t*>(params.d_gate);
-  const int64_t dim = params.dim;
+  const int64_t dim = params.head_dim;
 
   at::parallel_for(0, params.rows, rows_per_task(dim), [&](int64_t row_begin, int64_t row_end) {
     acc_t dout_buffer[kTile], local_buffer[kTile], mem_buffer[kTile];  // used by half types only
@@ -264,27 +264,19 @@ void gated_merge_bwd_impl(const GatedMergeBwdParams& params) {
 }  // namespace
 
 void merge_attention_fwd(const MergeAttentionFwdParams& params) {
-  dispatch_floating(params.dtype, "merge_attention_fwd", [&](auto tag) {
-    merge_attention_fwd_impl<decltype(tag)>(params);
-  });
+  L2M_DISPATCH_FLOATING(params, "merge_attention_fwd", merge_attention_fwd_impl);
 }
 
 void merge_attention_bwd(const MergeAttentionBwdParams& params) {
-  dispatch_floating(params.dtype, "merge_attention_bwd", [&](auto tag) {
-    merge_attention_bwd_impl<decltype(tag)>(params);
-  });
+  L2M_DISPATCH_FLOATING(params, "merge_attention_bwd", merge_attention_bwd_impl);
 }
 
 void gated_merge_fwd(const GatedMergeFwdParams& params) {
-  dispatch_floating(params.dtype, "gated_merge_fwd", [&](auto tag) {
-    gated_merge_fwd_impl<decltype(tag)>(params);
-  });
+  L2M_DISPATCH_FLOATING(params, "gated_merge_fwd", gated_merge_fwd_impl);
 }
 
 void gated_merge_bwd(const GatedMergeBwdParams& params) {
-  dispatch_floating(params.dtype, "gated_merge_bwd", [&](auto tag) {
-    gated_merge_bwd_impl<decltype(tag)>(params);
-  });
+  L2M_DISPATCH_FLOATING(params, "gated_merge_bwd", gated_merge_bwd_impl);
 }
 
 }  // namespace L2M_CPU_ISA

@@ -9,63 +9,19 @@
 
 #include <cstdint>
 
-#include <c10/core/ScalarType.h>
+#include "../common/params.h"
 
 namespace l2m::cpu {
 
 // out = wa * out_a + wb * out_b, lse = logaddexp(lse_a, lse_b), per row.
-struct MergeAttentionFwdParams {
-  c10::ScalarType dtype;  // of out_a, out_b, out
-  int64_t rows;
-  int64_t dim;
-  const void* out_a;  // (R, D) dtype
-  const void* lse_a;  // (R,) acc
-  const void* out_b;  // (R, D) dtype
-  const void* lse_b;  // (R,) acc
-  void* out;          // (R, D) dtype
-  void* lse;          // (R,) acc
-};
+struct MergeAttentionFwdParams : l2m::MergeAttentionFwdParams {};
 
-struct MergeAttentionBwdParams {
-  c10::ScalarType dtype;  // of dout, out_a, out_b, d_out_a, d_out_b
-  int64_t rows;
-  int64_t dim;
-  const void* dout;   // (R, D) dtype
-  const void* dlse;   // (R,) acc
-  const void* out_a;  // (R, D) dtype
-  const void* lse_a;  // (R,) acc
-  const void* out_b;  // (R, D) dtype
-  const void* lse_b;  // (R,) acc
-  const void* lse;    // (R,) acc, the forward's output
-  void* d_out_a;      // (R, D) dtype
-  void* d_lse_a;      // (R,) acc
-  void* d_out_b;      // (R, D) dtype
-  void* d_lse_b;      // (R,) acc
-};
+struct MergeAttentionBwdParams : l2m::MergeAttentionBwdParams {};
 
 // out = g * out_mem + (1 - g) * out_local with g = sigmoid(gate), per row.
-struct GatedMergeFwdParams {
-  c10::ScalarType dtype;  // of every tensor
-  int64_t rows;
-  int64_t dim;
-  const void* out_local;  // (R, D) dtype
-  const void* out_mem;    // (R, D) dtype
-  const void* gate;       // (R,) dtype, logits
-  void* out;              // (R, D) dtype
-};
+struct GatedMergeFwdParams : l2m::GatedMergeFwdParams {};
 
-struct GatedMergeBwdParams {
-  c10::ScalarType dtype;  // of every tensor but d_gate
-  int64_t rows;
-  int64_t dim;
-  const void* dout;       // (R, D) dtype
-  const void* out_local;  // (R, D) dtype
-  const void* out_mem;    // (R, D) dtype
-  const void* gate;       // (R,) dtype, logits
-  void* d_local;          // (R, D) dtype
-  void* d_mem;            // (R, D) dtype
-  void* d_gate;           // (R,) acc
-};
+struct GatedMergeBwdParams : l2m::GatedMergeBwdParams {};
 
 // The launchers, compiled once per instruction-set variant into l2m::cpu::<variant> (isa.h).
 // Declared for the kernel sources only: bindings.cpp reaches them through the dispatch table

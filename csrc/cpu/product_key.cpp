@@ -31,6 +31,7 @@
 #include "isa.h"  // first: names the variant that the declarations below belong to
 #include "product_key.h"
 #include "convert.h"
+#include "simd.h"
 
 #include <algorithm>
 #include <functional>
@@ -48,10 +49,6 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
-#if defined(__AVX512F__) || defined(__AVX2__) || defined(__F16C__)
-#include <immintrin.h>
-#endif
-
 namespace l2m::cpu {
 inline namespace L2M_CPU_ISA {  // one copy per instruction-set variant (isa.h)
 namespace {
@@ -66,120 +63,16 @@ inline void prefetch_row(const scalar_t* row, int64_t n) {
   }
 }
 
-// ---- SIMD vectors of scores: one lane per sub-key ----
-//
-// Lanes<acc_t>: vec, kWidth lanes, zero/load/broadcast/fma/mul/store, and passes(score,
-// threshold): the bit mask of lanes where !(score <= threshold), i.e. above it or NaN.
-
-#if defined(__AVX512F__)
-template <typename acc_t>
-struct Lanes;
-template <>
-struct Lanes<float> {
-  using vec = __m512;
-  static constexpr int kWidth = 16;
-  static vec zero() { return _mm512_setzero_ps(); }
-  static vec load(const float* p) { return _mm512_loadu_ps(p); }
-  static vec broadcast(float x) { return _mm512_set1_ps(x); }
-  static vec fma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
-  static vec mul(vec a, vec b) { return _mm512_mul_ps(a, b); }
-  static void store(float* p, vec v) { _mm512_storeu_ps(p, v); }
-  static uint32_t passes(vec s, vec t) { return _mm512_cmp_ps_mask(s, t, _CMP_NLE_UQ); }
-};
-template <>
-struct Lanes<double> {
-  using vec = __m512d;
-  static constexpr int kWidth = 8;
-  static vec zero() { return _mm512_setzero_pd(); }
-  static vec load(const double* p) { return _mm512_loadu_pd(p); }
-  static vec broadcast(double x) { return _mm512_set1_pd(x); }
-  static vec fma(vec a, vec b, vec c) { return _mm512_fmadd_pd(a, b, c); }
-  static vec mul(vec a, vec b) { return _mm512_mul_pd(a, b); }
-  static void store(double* p, vec v) { _mm512_storeu_pd(p, v); }
-  static uint32_t passes(vec s, vec t) { return _mm512_cmp_pd_mask(s, t, _CMP_NLE_UQ); }
-};
+// Register tiles of the sub-key score micro-kernel (Lanes<acc_t>, simd.h: one lane per sub-key).
+#if L2M_SIMD_REGISTERS == 32
 // 32 zmm registers: 8 x 2 accumulators, 2 sub-key vectors, 1 broadcast query value.
 constexpr int kVecs = 2;
 constexpr int kRows = 8;
-#elif defined(__AVX2__) && defined(__FMA__)
-template <typename acc_t>
-struct Lanes;
-template <>
-struct Lanes<float> {
-  using vec = __m256;
-  static constexpr int kWidth = 8;
-  static vec zero() { return _mm256_setzero_ps(); }
-  static vec load(const float* p) { return _mm256_loadu_ps(p); }
-  static vec broadcast(float x) { return _mm256_set1_ps(x); }
-  static vec fma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
-  static vec mul(vec a, vec b) { return _mm256_mul_ps(a, b); }
-  static void store(float* p, vec v) { _mm256_storeu_ps(p, v); }
-  static uint32_t passes(vec s, vec t) {
-    return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(s, t, _CMP_NLE_UQ)));
-  }
-};
-template <>
-struct Lanes<double> {
-  using vec = __m256d;
-  static constexpr int kWidth = 4;
-  static vec zero() { return _mm256_setzero_pd(); }
-  static vec load(const double* p) { return _mm256_loadu_pd(p); }
-  static vec broadcast(double x) { return _mm256_set1_pd(x); }
-  static vec fma(vec a, vec b, vec c) { return _mm256_fmadd_pd(a, b, c); }
-  static vec mul(vec a, vec b) { return _mm256_mul_pd(a, b); }
-  static void store(double* p, vec v) { _mm256_storeu_pd(p, v); }
-  static uint32_t passes(vec s, vec t) {
-    return static_cast<uint32_t>(_mm256_movemask_pd(_mm256_cmp_pd(s, t, _CMP_NLE_UQ)));
-  }
-};
+#elif L2M_SIMD_REGISTERS == 16
 // 16 ymm registers: 6 x 2 accumulators, 2 sub-key vectors, 1 broadcast query value.
 constexpr int kVecs = 2;
 constexpr int kRows = 6;
 #else
-// Portable fallback: plain arrays the compiler may vectorise. Where the target has FMA, std::fma
-// keeps every score one rounding per step, as in the SIMD paths.
-template <typename acc_t>
-struct Lanes {
-  static constexpr int kWidth = 32 / static_cast<int>(sizeof(acc_t));
-  struct vec {
-    acc_t lane[kWidth];
-  };
-  static vec zero() { return broadcast(acc_t(0)); }
-  static vec load(const acc_t* p) {
-    vec v;
-    for (int i = 0; i < kWidth; ++i) v.lane[i] = p[i];
-    return v;
-  }
-  static vec broadcast(acc_t x) {
-    vec v;
-    for (int i = 0; i < kWidth; ++i) v.lane[i] = x;
-    return v;
-  }
-  static vec fma(const vec& a, const vec& b, const vec& c) {
-    vec v;
-#if defined(__FMA__)
-    for (int i = 0; i < kWidth; ++i) v.lane[i] = std::fma(a.lane[i], b.lane[i], c.lane[i]);
-#else
-    // Without FMA instructions std::fma is a library call per element (tens of times slower than
-    // the loop itself): a multiply and an add, rounding twice, within every backend's tolerance.
-    for (int i = 0; i < kWidth; ++i) v.lane[i] = a.lane[i] * b.lane[i] + c.lane[i];
-#endif
-    return v;
-  }
-  static vec mul(const vec& a, const vec& b) {
-    vec v;
-    for (int i = 0; i < kWidth; ++i) v.lane[i] = a.lane[i] * b.lane[i];
-    return v;
-  }
-  static void store(acc_t* p, const vec& v) {
-    for (int i = 0; i < kWidth; ++i) p[i] = v.lane[i];
-  }
-  static uint32_t passes(const vec& s, const vec& t) {
-    uint32_t bits = 0;
-    for (int i = 0; i < kWidth; ++i) bits |= uint32_t(!(s.lane[i] <= t.lane[i])) << i;
-    return bits;
-  }
-};
 constexpr int kVecs = 2;
 constexpr int kRows = 4;
 #endif
@@ -512,7 +405,7 @@ struct FwdRunner {
   void run(int64_t b, int64_t t_begin, int64_t rows, int64_t h_begin, int64_t h_end,
            FwdScratch<acc_t>& scratch) const {
     const int64_t dim_k = p.dim_k, dim_h = p.dim_k / 2, dim_v = p.dim_v, k = p.k;
-    const int64_t k_sub = p.k_sub, num_sub = p.num_sub, heads = p.heads, seq_len = p.seq_len;
+    const int64_t k_sub = p.k_sub, num_sub = p.n_sub, heads = p.heads, seq_len = p.seq_len;
     const int64_t padded_rows = (rows + kRows - 1) / kRows * kRows;
     const acc_t scale = static_cast<acc_t>(p.scale);
     const auto* q = static_cast<const scalar_t*>(p.q);
@@ -608,7 +501,7 @@ void product_key_fwd_impl(const ProductKeyFwdParams& p) {
   if (batch == 0 || heads == 0 || seq_len == 0) {
     return;
   }
-  const int64_t dim_h = p.dim_k / 2, num_sub = p.num_sub, k = p.k, k_sub = p.k_sub;
+  const int64_t dim_h = p.dim_k / 2, num_sub = p.n_sub, k = p.k, k_sub = p.k_sub;
   const int64_t num_panels = (num_sub + kPanel - 1) / kPanel;
 
   // Sub-key tables in acc, transposed per panel: packed[h][half][panel][d][lane], zero padding.
@@ -698,7 +591,7 @@ template <typename scalar_t>
 void product_key_bwd_impl(const ProductKeyBwdParams& p) {
   using acc_t = acc_type<scalar_t>;
   const int64_t batch = p.batch, heads = p.heads, seq_len = p.seq_len, dim_k = p.dim_k;
-  const int64_t dim_h = dim_k / 2, num_sub = p.num_sub, dim_v = p.dim_v, k = p.k;
+  const int64_t dim_h = dim_k / 2, num_sub = p.n_sub, dim_v = p.dim_v, k = p.k;
   const int64_t num_rows = batch * heads * seq_len;
   const int64_t num_slots = num_sub * num_sub;
   const acc_t scale = static_cast<acc_t>(p.scale);
@@ -911,15 +804,11 @@ void product_key_bwd_impl(const ProductKeyBwdParams& p) {
 }  // namespace
 
 void product_key_fwd(const ProductKeyFwdParams& params) {
-  dispatch_floating(params.dtype, "product_key_fwd", [&](auto tag) {
-    product_key_fwd_impl<decltype(tag)>(params);
-  });
+  L2M_DISPATCH_FLOATING(params, "product_key_fwd", product_key_fwd_impl);
 }
 
 void product_key_bwd(const ProductKeyBwdParams& params) {
-  dispatch_floating(params.dtype, "product_key_bwd", [&](auto tag) {
-    product_key_bwd_impl<decltype(tag)>(params);
-  });
+  L2M_DISPATCH_FLOATING(params, "product_key_bwd", product_key_bwd_impl);
 }
 
 }  // namespace L2M_CPU_ISA

@@ -8,7 +8,7 @@
 
 #include <cstdint>
 
-#include <c10/core/ScalarType.h>
+#include "../common/params.h"
 
 #include "rows.h"
 
@@ -20,26 +20,8 @@ namespace l2m::cpu {
 // candidates (i, j) with score s1_i + s2_j and slot i * n_sub + j; the k best (ties: smaller
 // slot); weights = softmax, lse = logsumexp, out = sum_m weights_m * values[slot_m], summed over
 // heads (in acc, rounded once) when sum_heads.
-struct ProductKeyFwdParams {
-  c10::ScalarType dtype;  // of q, subkeys, values, out
-  int64_t batch;          // B
-  int64_t heads;          // H
-  int64_t seq_len;        // T
-  int64_t dim_k;          // Dk, even
-  int64_t num_sub;        // n_sub
-  int64_t dim_v;          // Dv
-  int64_t k;              // 1 <= k <= k_sub ** 2
-  int64_t k_sub;          // 1 <= k_sub <= n_sub
-  bool sum_heads;
-  double scale;
-  const void* q;        // (B, H, T, Dk) dtype, rows at q_rows
-  Rows q_rows;
-  const void* subkeys;  // (H, 2, n_sub, Dh) dtype
-  const void* values;   // (n_sub ** 2, Dv) dtype
-  void* out;            // (B, H, T, Dv) or, with sum_heads, (B, T, Dv) dtype
-  int64_t* indices;     // (B, H, T, k)
-  void* weights;        // (B, H, T, k) acc
-  void* lse;            // (B, H, T) acc
+struct ProductKeyFwdParams : l2m::ProductKeyFwdParams {
+  Rows q_rows;  // where q's rows start
 };
 
 // Gradients of the read for the given selection:
@@ -52,32 +34,13 @@ struct ProductKeyFwdParams {
 // to its rank among the distinct slots), so the gradient's memory grows with the rows touched, not
 // with n_sub ** 2. Reductions run in a fixed order (per sub-key and per slot or row, over the
 // queries in order): bitwise deterministic whatever the thread count.
-struct ProductKeyBwdParams {
-  c10::ScalarType dtype;  // of dout, q, subkeys, values, dq, dsubkeys, dvalues
-  int64_t batch;
-  int64_t heads;
-  int64_t seq_len;
-  int64_t dim_k;
-  int64_t num_sub;
-  int64_t dim_v;
-  int64_t k;
-  bool sum_heads;
-  bool sparse_grad;
-  double scale;
-  const void* dout;        // like out; rows at dout_rows, over (B, H, T) (head stride 0 with sum_heads)
-  Rows dout_rows;
-  const void* dweights;    // (B, H, T, k) acc
-  const void* dlse;        // (B, H, T) acc
-  const void* q;           // (B, H, T, Dk) dtype, rows at q_rows
+struct ProductKeyBwdParams : l2m::ProductKeyBwdParams {
+  Rows dout_rows;  // over (B, H, T); head stride 0 with sum_heads
   Rows q_rows;
-  const void* subkeys;     // (H, 2, n_sub, Dh) dtype
-  const void* values;      // (n_sub ** 2, Dv) dtype
-  const int64_t* indices;  // (B, H, T, k), each in [0, n_sub ** 2)
-  const void* weights;     // (B, H, T, k) acc
-  void* dq;                // (B, H, T, Dk) dtype, contiguous
-  void* dsubkeys;          // like subkeys
-  void* dvalues;           // like values, or (num_value_rows, Dv) with sparse_grad
-  // sparse_grad only: (B, H, T, k), each in [0, num_value_rows), the dvalues row of each entry.
+  void* dsubkeys;  // like subkeys
+  void* dvalues;   // like values, or (num_value_rows, Dv) with sparse_grad
+  // sparse_grad: entry m adds w_m * dout to dvalues row value_rows[m] ((B, H, T, k), each in
+  // [0, num_value_rows)): one row per distinct slot.
   const int64_t* value_rows;
   int64_t num_value_rows;
 };

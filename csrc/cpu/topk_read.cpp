@@ -22,6 +22,7 @@
 #include "isa.h"  // first: names the variant that the declarations below belong to
 #include "topk_read.h"
 #include "convert.h"
+#include "simd.h"
 
 #include <algorithm>
 #include <cmath>
@@ -37,136 +38,18 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
-#if defined(__AVX512F__) || defined(__AVX2__) || defined(__F16C__)
-#include <immintrin.h>
-#endif
-
 namespace l2m::cpu {
 inline namespace L2M_CPU_ISA {  // one copy per instruction-set variant (isa.h)
 namespace {
 
-// ---- SIMD vectors of scores: one lane per query ----
-//
-// Lanes<acc_t>: vec, kWidth lanes, zero/load/broadcast/fma/store, passes(score, threshold): the
-// bit mask of lanes where !(score <= threshold), i.e. above the threshold or NaN, and
-// at_or_above(kept, rank): lanes where !(kept < rank), i.e. kept ranks at or above `rank`.
-
-#if defined(__AVX512F__)
-template <typename acc_t>
-struct Lanes;
-template <>
-struct Lanes<float> {
-  using vec = __m512;
-  using mask = uint32_t;
-  static constexpr int kWidth = 16;
-  static vec zero() { return _mm512_setzero_ps(); }
-  static vec load(const float* p) { return _mm512_loadu_ps(p); }
-  static vec broadcast(float x) { return _mm512_set1_ps(x); }
-  static vec fma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
-  static void store(float* p, vec v) { _mm512_storeu_ps(p, v); }
-  static mask passes(vec s, vec t) { return _mm512_cmp_ps_mask(s, t, _CMP_NLE_UQ); }
-  static mask at_or_above(vec s, vec t) { return _mm512_cmp_ps_mask(s, t, _CMP_NLT_UQ); }
-};
-template <>
-struct Lanes<double> {
-  using vec = __m512d;
-  using mask = uint32_t;
-  static constexpr int kWidth = 8;
-  static vec zero() { return _mm512_setzero_pd(); }
-  static vec load(const double* p) { return _mm512_loadu_pd(p); }
-  static vec broadcast(double x) { return _mm512_set1_pd(x); }
-  static vec fma(vec a, vec b, vec c) { return _mm512_fmadd_pd(a, b, c); }
-  static void store(double* p, vec v) { _mm512_storeu_pd(p, v); }
-  static mask passes(vec s, vec t) { return _mm512_cmp_pd_mask(s, t, _CMP_NLE_UQ); }
-  static mask at_or_above(vec s, vec t) { return _mm512_cmp_pd_mask(s, t, _CMP_NLT_UQ); }
-};
+// Register tiles of the score micro-kernel (Lanes<acc_t>, simd.h: one lane per query).
+#if L2M_SIMD_REGISTERS == 32
 constexpr int kMaxVecs = 4;  // 32 zmm registers: 6 x 4 accumulators + 4 query vectors
 constexpr int rows_for_vecs(int vecs) { return vecs >= 4 ? 6 : 12; }
-#elif defined(__AVX2__) && defined(__FMA__)
-template <typename acc_t>
-struct Lanes;
-template <>
-struct Lanes<float> {
-  using vec = __m256;
-  using mask = uint32_t;
-  static constexpr int kWidth = 8;
-  static vec zero() { return _mm256_setzero_ps(); }
-  static vec load(const float* p) { return _mm256_loadu_ps(p); }
-  static vec broadcast(float x) { return _mm256_set1_ps(x); }
-  static vec fma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
-  static void store(float* p, vec v) { _mm256_storeu_ps(p, v); }
-  static mask passes(vec s, vec t) {
-    return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(s, t, _CMP_NLE_UQ)));
-  }
-  static mask at_or_above(vec s, vec t) {
-    return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(s, t, _CMP_NLT_UQ)));
-  }
-};
-template <>
-struct Lanes<double> {
-  using vec = __m256d;
-  using mask = uint32_t;
-  static constexpr int kWidth = 4;
-  static vec zero() { return _mm256_setzero_pd(); }
-  static vec load(const double* p) { return _mm256_loadu_pd(p); }
-  static vec broadcast(double x) { return _mm256_set1_pd(x); }
-  static vec fma(vec a, vec b, vec c) { return _mm256_fmadd_pd(a, b, c); }
-  static void store(double* p, vec v) { _mm256_storeu_pd(p, v); }
-  static mask passes(vec s, vec t) {
-    return static_cast<uint32_t>(_mm256_movemask_pd(_mm256_cmp_pd(s, t, _CMP_NLE_UQ)));
-  }
-  static mask at_or_above(vec s, vec t) {
-    return static_cast<uint32_t>(_mm256_movemask_pd(_mm256_cmp_pd(s, t, _CMP_NLT_UQ)));
-  }
-};
+#elif L2M_SIMD_REGISTERS == 16
 constexpr int kMaxVecs = 2;  // 16 ymm registers: 4 x 2 accumulators + 2 query vectors
 constexpr int rows_for_vecs(int vecs) { return vecs >= 2 ? 4 : 8; }
 #else
-// Portable fallback: plain arrays the compiler may vectorise. Where the target has FMA, std::fma
-// keeps every score one rounding per step, as in the SIMD paths.
-template <typename acc_t>
-struct Lanes {
-  static constexpr int kWidth = 32 / static_cast<int>(sizeof(acc_t));
-  struct vec {
-    acc_t lane[kWidth];
-  };
-  using mask = uint32_t;
-  static vec zero() { return broadcast(acc_t(0)); }
-  static vec load(const acc_t* p) {
-    vec v;
-    for (int i = 0; i < kWidth; ++i) v.lane[i] = p[i];
-    return v;
-  }
-  static vec broadcast(acc_t x) {
-    vec v;
-    for (int i = 0; i < kWidth; ++i) v.lane[i] = x;
-    return v;
-  }
-  static vec fma(const vec& a, const vec& b, const vec& c) {
-    vec v;
-#if defined(__FMA__)
-    for (int i = 0; i < kWidth; ++i) v.lane[i] = std::fma(a.lane[i], b.lane[i], c.lane[i]);
-#else
-    // Without FMA instructions std::fma is a library call per element (tens of times slower than
-    // the loop itself): a multiply and an add, rounding twice, within every backend's tolerance.
-    for (int i = 0; i < kWidth; ++i) v.lane[i] = a.lane[i] * b.lane[i] + c.lane[i];
-#endif
-    return v;
-  }
-  static void store(acc_t* p, const vec& v) {
-    for (int i = 0; i < kWidth; ++i) p[i] = v.lane[i];
-  }
-  static mask passes(const vec& s, const vec& t) {
-    mask bits = 0;
-    for (int i = 0; i < kWidth; ++i) bits |= mask(!(s.lane[i] <= t.lane[i])) << i;
-    return bits;
-  }
-  static mask at_or_above(const vec& s, const vec& t) {
-    mask bits = 0;
-    for (int i = 0; i < kWidth; ++i) bits |= mask(!(s.lane[i] < t.lane[i])) << i;
-    return bits;
-  }
-};
 constexpr int kMaxVecs = 2;
 constexpr int rows_for_vecs(int /*vecs*/) { return 4; }
 #endif
@@ -720,15 +603,11 @@ void topk_read_bwd_impl(const TopkReadBwdParams& p) {
 }  // namespace
 
 void topk_read_fwd(const TopkReadFwdParams& params) {
-  dispatch_floating(params.dtype, "topk_read_fwd", [&](auto tag) {
-    topk_read_fwd_impl<decltype(tag)>(params);
-  });
+  L2M_DISPATCH_FLOATING(params, "topk_read_fwd", topk_read_fwd_impl);
 }
 
 void topk_read_bwd(const TopkReadBwdParams& params) {
-  dispatch_floating(params.dtype, "topk_read_bwd", [&](auto tag) {
-    topk_read_bwd_impl<decltype(tag)>(params);
-  });
+  L2M_DISPATCH_FLOATING(params, "topk_read_bwd", topk_read_bwd_impl);
 }
 
 }  // namespace L2M_CPU_ISA

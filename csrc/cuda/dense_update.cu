@@ -205,15 +205,7 @@ cudaError_t gated_dense_update_fwd_launch(const GatedDenseUpdateFwdParams& param
   if (numel < 0) return cudaErrorInvalidValue;
   if (numel == 0) return cudaSuccess;  // no launch with an empty grid
   if (!valid_operands(params) || params.out == nullptr) return cudaErrorInvalidValue;
-  switch (params.dtype) {
-    case MergeDtype::kFloat32:
-      return launch_fwd<float>(params, numel, stream);
-    case MergeDtype::kFloat16:
-      return launch_fwd<__half>(params, numel, stream);
-    case MergeDtype::kBFloat16:
-      return launch_fwd<__nv_bfloat16>(params, numel, stream);
-  }
-  return cudaErrorInvalidValue;
+  L2M_CUDA_DISPATCH(params.dtype, launch_fwd, params, numel, stream);
 }
 
 cudaError_t gated_dense_update_bwd_launch(const GatedDenseUpdateBwdParams& params,
@@ -224,15 +216,7 @@ cudaError_t gated_dense_update_bwd_launch(const GatedDenseUpdateBwdParams& param
   if (!valid_operands(params) || params.dout == nullptr || params.dmemory == nullptr ||
       params.dupdate == nullptr || params.dinput_gate == nullptr || params.dforget_gate == nullptr)
     return cudaErrorInvalidValue;
-  switch (params.dtype) {
-    case MergeDtype::kFloat32:
-      return launch_bwd<float>(params, numel, stream);
-    case MergeDtype::kFloat16:
-      return launch_bwd<__half>(params, numel, stream);
-    case MergeDtype::kBFloat16:
-      return launch_bwd<__nv_bfloat16>(params, numel, stream);
-  }
-  return cudaErrorInvalidValue;
+  L2M_CUDA_DISPATCH(params.dtype, launch_bwd, params, numel, stream);
 }
 
 }  // namespace cuda

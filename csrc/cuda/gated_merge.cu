@@ -62,7 +62,7 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock)
   const T* __restrict__ gate = static_cast<const T*>(params.gate);
   T* __restrict__ d_local = static_cast<T*>(params.d_local);
   T* __restrict__ d_mem = static_cast<T*>(params.d_mem);
-  float* __restrict__ d_gate = params.d_gate;
+  float* __restrict__ d_gate = static_cast<float*>(params.d_gate);
   const int64_t rows = params.rows;
   const int64_t head_dim = params.head_dim;
   const GroupCoords g = group_coords(group_log2);

@@ -24,41 +24,23 @@
 
 #include <cuda_runtime_api.h>
 
+#include "../common/params.h"
+
 namespace l2m {
 namespace cuda {
 
 constexpr int64_t kLocalAttentionMaxExtent = int64_t{1} << 30;  // largest H, S, D, Dv
 
-// Element type of the attention tensors. Unlike the merge and read kernels (MergeDtype), the
-// local attention and the read-weight helper also serve float64 (accumulated in float64).
-enum class AttentionDtype : int32_t {
-  kFloat32 = 0,
-  kFloat16 = 1,
-  kBFloat16 = 2,
-  kFloat64 = 3,
-};
+// Element type of the attention tensors: l2m::Dtype (csrc/common/params.h). Unlike the merge and
+// read kernels, the local attention and the read-weight helper also serve float64 (accumulated in
+// float64).
+using AttentionDtype = l2m::Dtype;
 
 // Per query row (b, h, t), with s_j = (scale * q) . k_j over the visible keys j:
 //   lse = logsumexp_j s_j,  out = sum_j exp(s_j - lse) v_j;
 // a row with no visible key (or only -inf scores) gets out = 0 and lse = -inf. A non-finite k or v
 // at a position the query cannot see never reaches its output.
-struct LocalAttentionFwdParams {
-  AttentionDtype dtype;  // of q, k, v, out
-  int64_t batch;         // B
-  int64_t heads;         // H
-  int64_t kv_heads;      // Hkv, H % Hkv == 0
-  int64_t seq_len;       // T
-  int64_t context_len;   // S >= T
-  int64_t dim;           // D
-  int64_t dim_v;         // Dv
-  int64_t window;        // keys p - window < j <= p; >= S means no window; <= 0 sees nothing
-  double scale;          // rounded to acc before use
-  const void* q;         // (B, H, T, D) dtype
-  const void* k;         // (B, Hkv, S, D) dtype
-  const void* v;         // (B, Hkv, S, Dv) dtype
-  void* out;             // (B, H, T, Dv) dtype
-  void* lse;             // (B, H, T) acc
-};
+struct LocalAttentionFwdParams : l2m::LocalAttentionFwdParams {};
 
 // Gradients, FlashAttention-2 style: with P_ij = exp(s_ij - lse_i) and
 // delta_i = <dout_i, out_i> - dlse_i,
@@ -69,29 +51,7 @@ struct LocalAttentionFwdParams {
 // Three kernels: delta per row; dq per query tile (over the key tiles it sees); dk and dv per key
 // tile (over every query, of every grouped head, that sees it). No atomics: each output element
 // is reduced by one thread in a fixed order, so the gradients are bitwise reproducible.
-struct LocalAttentionBwdParams {
-  AttentionDtype dtype;  // of dout, q, k, v, out, dq, dk, dv
-  int64_t batch;
-  int64_t heads;
-  int64_t kv_heads;
-  int64_t seq_len;
-  int64_t context_len;
-  int64_t dim;
-  int64_t dim_v;
-  int64_t window;
-  double scale;
-  const void* dout;  // (B, H, T, Dv) dtype
-  const void* dlse;  // (B, H, T) acc
-  const void* q;     // (B, H, T, D) dtype
-  const void* k;     // (B, Hkv, S, D) dtype
-  const void* v;     // (B, Hkv, S, Dv) dtype
-  const void* out;   // (B, H, T, Dv) dtype
-  const void* lse;   // (B, H, T) acc, the forward's
-  void* delta;       // (B, H, T) acc scratch, written and read by the launcher's kernels
-  void* dq;          // like q
-  void* dk;          // like k (zero at keys no query sees)
-  void* dv;          // like v
-};
+struct LocalAttentionBwdParams : l2m::LocalAttentionBwdParams {};
 
 cudaError_t local_attention_fwd_launch(const LocalAttentionFwdParams& params, cudaStream_t stream);
 cudaError_t local_attention_bwd_launch(const LocalAttentionBwdParams& params, cudaStream_t stream);

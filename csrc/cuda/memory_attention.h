@@ -27,28 +27,7 @@ constexpr int64_t kMemoryReadWeightsMaxDim = 256;  // largest Dk and Dv
 //   dots = sum_j w_j <dout, values[n_j]>         (when dout and dots are given)
 //   out  = sum_j w_j values[n_j]                 (when out is given)
 // One warp per row, rows independent, sums in a fixed order: deterministic.
-struct MemoryReadWeightsParams {
-  AttentionDtype dtype;  // of q, keys, values, dout, out
-  int64_t batch;
-  int64_t heads;
-  int64_t seq_len;
-  int64_t mem_heads;
-  int64_t num_slots;
-  int64_t dim_k;
-  int64_t dim_v;
-  int64_t k;
-  bool shared_memory;  // keys/values (Hm, N, D), used by every batch element
-  double scale;        // rounded to acc before use
-  const void* q;           // (B, H, T, Dk) dtype
-  const void* keys;        // (B, Hm, N, Dk) or (Hm, N, Dk) dtype
-  const void* values;      // (B, Hm, N, Dv) or (Hm, N, Dv) dtype
-  const int64_t* indices;  // (B, H, T, k)
-  const void* lse;         // (B, H, T) acc, the read's log-sum-exp
-  const void* dout;        // (B, H, T, Dv) dtype, or nullptr
-  void* weights;           // (B, H, T, k) acc
-  void* dots;              // (B, H, T) acc, or nullptr (required with dout)
-  void* out;               // (B, H, T, Dv) dtype, or nullptr
-};
+struct MemoryReadWeightsParams : l2m::MemoryReadWeightsParams {};
 
 cudaError_t memory_read_weights_launch(const MemoryReadWeightsParams& params,
                                        cudaStream_t stream);

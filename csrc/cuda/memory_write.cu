@@ -549,15 +549,7 @@ cudaError_t gated_memory_write_fwd_launch(const GatedMemoryWriteFwdParams& param
       params.add == nullptr || params.erase == nullptr || params.order == nullptr ||
       params.run_length == nullptr || params.out == nullptr)
     return cudaErrorInvalidValue;
-  switch (params.dtype) {
-    case MergeDtype::kFloat32:
-      return launch_fwd<float>(params, entries, stream);
-    case MergeDtype::kFloat16:
-      return launch_fwd<__half>(params, entries, stream);
-    case MergeDtype::kBFloat16:
-      return launch_fwd<__nv_bfloat16>(params, entries, stream);
-  }
-  return cudaErrorInvalidValue;
+  L2M_CUDA_DISPATCH(params.dtype, launch_fwd, params, entries, stream);
 }
 
 cudaError_t gated_memory_write_bwd_launch(const GatedMemoryWriteBwdParams& params,
@@ -571,15 +563,7 @@ cudaError_t gated_memory_write_bwd_launch(const GatedMemoryWriteBwdParams& param
       params.dweights == nullptr || params.add_parts == nullptr ||
       params.erase_parts == nullptr || params.dweight_partial == nullptr)
     return cudaErrorInvalidValue;
-  switch (params.dtype) {
-    case MergeDtype::kFloat32:
-      return launch_bwd<float>(params, entries, stream);
-    case MergeDtype::kFloat16:
-      return launch_bwd<__half>(params, entries, stream);
-    case MergeDtype::kBFloat16:
-      return launch_bwd<__nv_bfloat16>(params, entries, stream);
-  }
-  return cudaErrorInvalidValue;
+  L2M_CUDA_DISPATCH(params.dtype, launch_bwd, params, entries, stream);
 }
 
 }  // namespace cuda

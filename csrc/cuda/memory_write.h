@@ -40,24 +40,7 @@ namespace cuda {
 
 // Forward: stores the written slots of `out` only. `out` holds a copy of `memory` (out of place)
 // or is `memory` itself (in place: each slot is read before it is written, by the same warp).
-struct GatedMemoryWriteFwdParams {
-  MergeDtype dtype;         // of memory, weights, add, erase, out
-  bool indices_int32;       // indices are int32 (else int64)
-  int64_t groups;           // G
-  int64_t num_slots;        // N
-  int64_t dim;              // D
-  int64_t steps;            // T
-  int64_t writes_per_step;  // kw
-  int64_t erase_dim;        // 1 (one gate per step, broadcast over D) or D
-  const void* memory;       // (G, N, D) dtype
-  const void* indices;      // (G, T, kw) int32 / int64, each in [-1, N)
-  const void* weights;      // (G, T, kw) dtype
-  const void* add;          // (G, T, D) dtype
-  const void* erase;        // (G, T, erase_dim) dtype
-  const int64_t* order;     // (E,) the plan
-  const int32_t* run_length;  // (E,) the plan
-  void* out;                // (G, N, D) dtype; may be `memory` itself
-};
+struct GatedMemoryWriteFwdParams : l2m::GatedMemoryWriteFwdParams {};
 
 // Backward for dnew = dL/dout. Each run recomputes its chain forward from `memory`, keeping the
 // state before each write (m_prev) in the entry's add_parts row, then walks it in reverse:
@@ -70,28 +53,10 @@ struct GatedMemoryWriteFwdParams {
 // add_parts and erase_parts zeroed (skipped entries are not written). dweight_partial is float32
 // scratch of E elements (no initial value needed) holding the running sum over D of an entry's
 // dweight when D spans several column chunks of a warp.
-struct GatedMemoryWriteBwdParams {
-  MergeDtype dtype;
-  bool indices_int32;
-  int64_t groups;
-  int64_t num_slots;
-  int64_t dim;
-  int64_t steps;
-  int64_t writes_per_step;
-  int64_t erase_dim;
-  const void* dnew;           // (G, N, D) dtype
-  const void* memory;         // (G, N, D) dtype, the forward's input
-  const void* indices;        // (G, T, kw)
-  const void* weights;        // (G, T, kw) dtype
-  const void* add;            // (G, T, D) dtype
-  const void* erase;          // (G, T, erase_dim) dtype
-  const int64_t* order;       // (E,)
-  const int32_t* run_length;  // (E,)
-  void* dmemory;              // (G, N, D) dtype
-  void* dweights;             // (G, T, kw) dtype
-  float* add_parts;           // (E, D) float32
-  float* erase_parts;         // (E, erase_dim) float32
-  float* dweight_partial;     // (E,) float32 scratch
+struct GatedMemoryWriteBwdParams : l2m::GatedMemoryWriteBwdParams {
+  float* add_parts;        // (E, D) float32
+  float* erase_parts;      // (E, erase_dim) float32
+  float* dweight_partial;  // (E,) float32 scratch
 };
 
 cudaError_t gated_memory_write_fwd_launch(const GatedMemoryWriteFwdParams& params,

@@ -19,70 +19,24 @@
 
 #include <cuda_runtime_api.h>
 
+#include "../common/params.h"
+
 namespace l2m {
 namespace cuda {
 
-// Element type of the (R, D) tensors (and of the gate). float64 is not served on CUDA: the
-// Python layer refuses it before calling here.
-enum class MergeDtype : int32_t {
-  kFloat32 = 0,
-  kFloat16 = 1,
-  kBFloat16 = 2,
-};
+// Element type of the (R, D) tensors (and of the gate): l2m::Dtype (csrc/common/params.h) but
+// float64, which is not served on CUDA: the Python layer refuses it before calling here.
+using MergeDtype = l2m::Dtype;
 
 // out = wa * out_a + wb * out_b with lse = logaddexp(lse_a, lse_b); see merge_attention_fwd.
-struct MergeAttentionFwdParams {
-  const void* out_a;   // (R, D) dtype
-  const float* lse_a;  // (R,)
-  const void* out_b;   // (R, D) dtype
-  const float* lse_b;  // (R,)
-  void* out;           // (R, D) dtype, written
-  float* lse;          // (R,), written
-  int64_t rows;
-  int64_t head_dim;
-  MergeDtype dtype;
-};
+struct MergeAttentionFwdParams : l2m::MergeAttentionFwdParams {};
 
-struct MergeAttentionBwdParams {
-  const void* dout;    // (R, D) dtype
-  const float* dlse;   // (R,)
-  const void* out_a;   // (R, D) dtype
-  const float* lse_a;  // (R,)
-  const void* out_b;   // (R, D) dtype
-  const float* lse_b;  // (R,)
-  const float* lse;    // (R,) the forward's output
-  void* d_out_a;       // (R, D) dtype, written
-  float* d_lse_a;      // (R,), written
-  void* d_out_b;       // (R, D) dtype, written
-  float* d_lse_b;      // (R,), written
-  int64_t rows;
-  int64_t head_dim;
-  MergeDtype dtype;
-};
+struct MergeAttentionBwdParams : l2m::MergeAttentionBwdParams {};
 
 // out = g * out_mem + (1 - g) * out_local with g = sigmoid(gate[row]).
-struct GatedMergeFwdParams {
-  const void* out_local;  // (R, D) dtype
-  const void* out_mem;    // (R, D) dtype
-  const void* gate;       // (R,) dtype, logits
-  void* out;              // (R, D) dtype, written
-  int64_t rows;
-  int64_t head_dim;
-  MergeDtype dtype;
-};
+struct GatedMergeFwdParams : l2m::GatedMergeFwdParams {};
 
-struct GatedMergeBwdParams {
-  const void* dout;       // (R, D) dtype
-  const void* out_local;  // (R, D) dtype
-  const void* out_mem;    // (R, D) dtype
-  const void* gate;       // (R,) dtype, logits
-  void* d_local;          // (R, D) dtype, written
-  void* d_mem;            // (R, D) dtype, written
-  float* d_gate;          // (R,), written
-  int64_t rows;
-  int64_t head_dim;
-  MergeDtype dtype;
-};
+struct GatedMergeBwdParams : l2m::GatedMergeBwdParams {};
 
 cudaError_t merge_attention_fwd_launch(const MergeAttentionFwdParams& params, cudaStream_t stream);
 cudaError_t merge_attention_bwd_launch(const MergeAttentionBwdParams& params, cudaStream_t stream);

@@ -34,10 +34,10 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock)
     merge_attention_fwd_kernel(MergeAttentionFwdParams params, int group_log2, bool vectorised) {
   const T* __restrict__ out_a = static_cast<const T*>(params.out_a);
   const T* __restrict__ out_b = static_cast<const T*>(params.out_b);
-  const float* __restrict__ lse_a = params.lse_a;
-  const float* __restrict__ lse_b = params.lse_b;
+  const float* __restrict__ lse_a = static_cast<const float*>(params.lse_a);
+  const float* __restrict__ lse_b = static_cast<const float*>(params.lse_b);
   T* __restrict__ out = static_cast<T*>(params.out);
-  float* __restrict__ lse = params.lse;
+  float* __restrict__ lse = static_cast<float*>(params.lse);
   const int64_t rows = params.rows;
   const int64_t head_dim = params.head_dim;
   const GroupCoords g = group_coords(group_log2);
@@ -71,14 +71,14 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock)
   const T* __restrict__ dout = static_cast<const T*>(params.dout);
   const T* __restrict__ out_a = static_cast<const T*>(params.out_a);
   const T* __restrict__ out_b = static_cast<const T*>(params.out_b);
-  const float* __restrict__ dlse = params.dlse;
-  const float* __restrict__ lse_a = params.lse_a;
-  const float* __restrict__ lse_b = params.lse_b;
-  const float* __restrict__ lse = params.lse;
+  const float* __restrict__ dlse = static_cast<const float*>(params.dlse);
+  const float* __restrict__ lse_a = static_cast<const float*>(params.lse_a);
+  const float* __restrict__ lse_b = static_cast<const float*>(params.lse_b);
+  const float* __restrict__ lse = static_cast<const float*>(params.lse);
   T* __restrict__ d_out_a = static_cast<T*>(params.d_out_a);
   T* __restrict__ d_out_b = static_cast<T*>(params.d_out_b);
-  float* __restrict__ d_lse_a = params.d_lse_a;
-  float* __restrict__ d_lse_b = params.d_lse_b;
+  float* __restrict__ d_lse_a = static_cast<float*>(params.d_lse_a);
+  float* __restrict__ d_lse_b = static_cast<float*>(params.d_lse_b);
   const int64_t rows = params.rows;
   const int64_t head_dim = params.head_dim;
   const GroupCoords g = group_coords(group_log2);

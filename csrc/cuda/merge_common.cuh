@@ -25,6 +25,21 @@
 #error "l2m merge kernels must not be built with --use_fast_math"
 #endif
 
+// The one dtype dispatch of the launchers, as mamba's DISPATCH_ITYPE_*: returns
+// launch<T>(args...) for the element type T of `dtype` (float, __half, __nv_bfloat16; float64 is
+// not served by these kernels), else cudaErrorInvalidValue.
+#define L2M_CUDA_DISPATCH(dtype, launch, ...)                   \
+  switch (dtype) {                                              \
+    case ::l2m::Dtype::kFloat32:                                \
+      return launch<float>(__VA_ARGS__);                        \
+    case ::l2m::Dtype::kFloat16:                                \
+      return launch<__half>(__VA_ARGS__);                       \
+    case ::l2m::Dtype::kBFloat16:                               \
+      return launch<__nv_bfloat16>(__VA_ARGS__);                \
+    default:                                                    \
+      return cudaErrorInvalidValue;                             \
+  }
+
 namespace l2m {
 namespace cuda {
 namespace detail {

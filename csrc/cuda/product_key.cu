@@ -351,7 +351,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     total = warp_sum(total);
     int64_t* __restrict__ indices = params.indices + row * k;
-    float* __restrict__ weights = params.weights + row * k;
+    float* __restrict__ weights = static_cast<float*>(params.weights) + row * k;
 #pragma unroll
     for (int r = 0; r < kRegs; ++r) {
       const int position = r * 32 + lane;
@@ -366,7 +366,7 @@ __global__ void __launch_bounds__(kThreads)
     } else {
       lse = row_max + logf(total);
     }
-    if (lane == 0) params.lse[row] = lse;
+    if (lane == 0) static_cast<float*>(params.lse)[row] = lse;
   }
 }
 
@@ -410,7 +410,7 @@ __global__ void __launch_bounds__(kThreads) product_key_out_kernel(const Product
       for (int64_t hh = 0; hh < heads_per_row; ++hh) {  // head order, as the reference's sum
         const int64_t row = first_row + hh * head_stride;
         const int64_t* row_indices = params.indices + row * k;
-        const float* row_weights = params.weights + row * k;
+        const float* row_weights = static_cast<const float*>(params.weights) + row * k;
         float head_acc[kVec];
 #pragma unroll
         for (int u = 0; u < kVec; ++u) head_acc[u] = 0.0f;
@@ -551,8 +551,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     const T* __restrict__ subkeys0 = static_cast<const T*>(params.subkeys) + h * 2 * n_sub * half_dim;
     const T* __restrict__ subkeys1 = subkeys0 + n_sub * half_dim;
     const int64_t* row_indices = params.indices + row * k;
-    const float* row_weights = params.weights + row * k;
-    const float* row_dweights = params.dweights + row * k;
+    const float* row_weights = static_cast<const float*>(params.weights) + row * k;
+    const float* row_dweights = static_cast<const float*>(params.dweights) + row * k;
 
     // Pass 1: dw_m (identical in every lane), sum_m w_m dw_m, and the values gradient.
     float weighted_dw = 0.0f;
@@ -582,7 +582,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncwarp();
 
     // Pass 2: ds_m, dq, and the sub-key gradient (atomics) or ds (deterministic).
-    const float dlse = params.dlse[row];
+    const float dlse = static_cast<const float*>(params.dlse)[row];
     const T* q_row = q + row * dim_k;
     float q0[kMaxHalfDimPerLane], q1[kMaxHalfDimPerLane];
     float dq0[kMaxHalfDimPerLane], dq1[kMaxHalfDimPerLane];
@@ -714,15 +714,7 @@ cudaError_t product_key_fwd_launch(const ProductKeyFwdParams& params, cudaStream
                    params.lse == nullptr || params.half_scores == nullptr ||
                    params.half_ids == nullptr))
     return cudaErrorInvalidValue;
-  switch (params.dtype) {
-    case MergeDtype::kFloat32:
-      return launch_fwd<float>(params, stream);
-    case MergeDtype::kFloat16:
-      return launch_fwd<__half>(params, stream);
-    case MergeDtype::kBFloat16:
-      return launch_fwd<__nv_bfloat16>(params, stream);
-  }
-  return cudaErrorInvalidValue;
+  L2M_CUDA_DISPATCH(params.dtype, launch_fwd, params, stream);
 }
 
 cudaError_t product_key_bwd_launch(const ProductKeyBwdParams& params, cudaStream_t stream) {

@@ -40,27 +40,9 @@ constexpr int64_t kProductKeyMaxSlots = 2147483647;  // n_sub ** 2 < 2**31
 //   1. half selection: half_scores / half_ids (B*H*T, 2, k_sub) scratch, sorted descending;
 //   2. candidate top-k: indices, weights, lse;
 //   3. out = the weighted gather-sum of value rows (heads summed in order with sum_heads).
-struct ProductKeyFwdParams {
-  MergeDtype dtype;  // of q, subkeys, values, out
-  int64_t batch;     // B
-  int64_t heads;     // H
-  int64_t seq_len;   // T
-  int64_t dim_k;     // Dk (even)
-  int64_t n_sub;     // sub-keys per half
-  int64_t dim_v;     // Dv
-  int64_t k;
-  int64_t k_sub;
-  bool sum_heads;
-  double scale;         // rounded to float32 before use
-  const void* q;        // (B, H, T, Dk) dtype
-  const void* subkeys;  // (H, 2, n_sub, Dk / 2) dtype
-  const void* values;   // (n_sub ** 2, Dv) dtype
-  void* out;            // (B, H, T, Dv) or (B, T, Dv) dtype
-  int64_t* indices;     // (B, H, T, k)
-  float* weights;       // (B, H, T, k)
-  float* lse;           // (B, H, T)
-  float* half_scores;   // scratch (B*H*T, 2, k_sub) float32
-  int32_t* half_ids;    // scratch (B*H*T, 2, k_sub) int32
+struct ProductKeyFwdParams : l2m::ProductKeyFwdParams {
+  float* half_scores;  // scratch (B*H*T, 2, k_sub) float32
+  int32_t* half_ids;   // scratch (B*H*T, 2, k_sub) int32
 };
 
 // Backward for a given selection. Per query row and entry m with slot idx_m = i_m * n_sub + j_m
@@ -78,32 +60,11 @@ struct ProductKeyFwdParams {
 //     float32 atomicAdd into dsubkeys_acc / dvalues_acc, float32, zeroed by the caller.
 //   deterministic: ds (B*H*T*k,) float32 scratch is stored; then product_key_segment_launch sums
 //     the entries per destination row in the order the caller sorted them (no float atomics).
-struct ProductKeyBwdParams {
-  MergeDtype dtype;
-  int64_t batch;
-  int64_t heads;
-  int64_t seq_len;
-  int64_t dim_k;
-  int64_t n_sub;
-  int64_t dim_v;
-  int64_t k;  // entries per query row, 1 <= k <= 256
-  bool sum_heads;
-  bool sparse_grad;
-  bool deterministic;
-  double scale;
-  const void* dout;        // (B, H, T, Dv) or (B, T, Dv) dtype
-  const float* dweights;   // (B, H, T, k)
-  const float* dlse;       // (B, H, T)
-  const void* q;           // (B, H, T, Dk) dtype
-  const void* subkeys;     // (H, 2, n_sub, Dh) dtype
-  const void* values;      // (n_sub ** 2, Dv) dtype
-  const int64_t* indices;  // (B, H, T, k)
-  const float* weights;    // (B, H, T, k)
-  void* dq;                // like q, dtype, written
-  float* dsubkeys_acc;     // atomic mode: like subkeys, float32, zeroed by the caller
-  float* dvalues_acc;      // atomic dense mode: like values, float32, zeroed by the caller
-  void* dvalues_rows;      // sparse_grad: (B*H*T*k, Dv) dtype, written
-  float* ds;               // deterministic mode: (B*H*T*k,) float32 scratch, written
+struct ProductKeyBwdParams : l2m::ProductKeyBwdParams {
+  float* dsubkeys_acc;  // atomic mode: like subkeys, float32, zeroed by the caller
+  float* dvalues_acc;   // atomic dense mode: like values, float32, zeroed by the caller
+  void* dvalues_rows;   // sparse_grad: (B*H*T*k, Dv) dtype, written
+  float* ds;            // deterministic mode: (B*H*T*k,) float32 scratch, written
 };
 
 cudaError_t product_key_fwd_launch(const ProductKeyFwdParams& params, cudaStream_t stream);

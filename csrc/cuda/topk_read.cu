@@ -546,7 +546,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   // Softmax over the k winners and the weighted sum of their values, query by query.
-  float* __restrict__ weights = params.weights;
+  float* __restrict__ weights = static_cast<float*>(params.weights);
   int64_t* __restrict__ indices = params.indices;
   T* __restrict__ out = static_cast<T*>(params.out);
   long long* warp_slots = entry_slots + warp * kKPad;
@@ -596,7 +596,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
     __syncwarp();  // warp_slots / warp_weights complete
-    if (lane == 0) params.lse[row] = empty ? -INFINITY : shift + logf(total);
+    if (lane == 0) static_cast<float*>(params.lse)[row] = empty ? -INFINITY : shift + logf(total);
 
     // out = sum_j w_j * values[idx_j]; every selected entry enters (weight 0 included, as in
     // the reference), entries with index -1 do not.
@@ -712,8 +712,8 @@ __global__ void __launch_bounds__(kThreads, 1) topk_read_bwd_rows_kernel(const T
     const T* __restrict__ keys = static_cast<const T*>(params.keys) + memory * N * dim_k;
     const T* __restrict__ values = static_cast<const T*>(params.values) + memory * N * dim_v;
     const int64_t* row_indices = params.indices + row * k;
-    const float* row_weights = params.weights + row * k;
-    const float* row_dweights = params.dweights + row * k;
+    const float* row_weights = static_cast<const float*>(params.weights) + row * k;
+    const float* row_dweights = static_cast<const float*>(params.dweights) + row * k;
 
     float dout_row[kMaxDimPerLane], q_row[kMaxDimPerLane];
 #pragma unroll
@@ -751,7 +751,7 @@ __global__ void __launch_bounds__(kThreads, 1) topk_read_bwd_rows_kernel(const T
     __syncwarp();
 
     // Pass 2: ds_j, dq, and the dkeys scatter (atomic) or ds (deterministic).
-    const float dlse = params.dlse[row];
+    const float dlse = static_cast<const float*>(params.dlse)[row];
     float dq_acc[kMaxDimPerLane];
 #pragma unroll
     for (int c = 0; c < kMaxDimPerLane; ++c) dq_acc[c] = 0.0f;
@@ -813,7 +813,7 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t entry = params.entry_order[e];
       const int64_t row = params.entry_rows[e];
       const float ds = params.ds[entry];
-      const float weight = params.weights[entry];
+      const float weight = static_cast<const float*>(params.weights)[entry];
 #pragma unroll
       for (int c = 0; c < kMaxDimPerLane; ++c) {
         const int col = lane + 32 * c;
@@ -886,15 +886,7 @@ cudaError_t topk_read_fwd_launch(const TopkReadFwdParams& params, cudaStream_t s
       params.indices == nullptr || params.weights == nullptr || params.lse == nullptr ||
       (params.values == nullptr && params.dim_v > 0))
     return cudaErrorInvalidValue;
-  switch (params.dtype) {
-    case MergeDtype::kFloat32:
-      return launch_fwd_for_k<float>(params, stream);
-    case MergeDtype::kFloat16:
-      return launch_fwd_for_k<__half>(params, stream);
-    case MergeDtype::kBFloat16:
-      return launch_fwd_for_k<__nv_bfloat16>(params, stream);
-  }
-  return cudaErrorInvalidValue;
+  L2M_CUDA_DISPATCH(params.dtype, launch_fwd_for_k, params, stream);
 }
 
 int64_t topk_read_num_chunks(int64_t num_slots) {
@@ -910,15 +902,7 @@ cudaError_t topk_read_chunk_max_launch(const TopkReadFwdParams& params, int64_t*
   if (!valid_common_sizes(params) || params.k > params.num_slots) return cudaErrorInvalidValue;
   if (params.q == nullptr || params.keys == nullptr || chunk_max == nullptr)
     return cudaErrorInvalidValue;
-  switch (params.dtype) {
-    case MergeDtype::kFloat32:
-      return launch_chunk_max_for_k<float>(params, chunk_max, stream);
-    case MergeDtype::kFloat16:
-      return launch_chunk_max_for_k<__half>(params, chunk_max, stream);
-    case MergeDtype::kBFloat16:
-      return launch_chunk_max_for_k<__nv_bfloat16>(params, chunk_max, stream);
-  }
-  return cudaErrorInvalidValue;
+  L2M_CUDA_DISPATCH(params.dtype, launch_chunk_max_for_k, params, chunk_max, stream);
 }
 
 cudaError_t topk_read_bwd_launch(const TopkReadBwdParams& params, cudaStream_t stream) {
@@ -936,15 +920,7 @@ cudaError_t topk_read_bwd_launch(const TopkReadBwdParams& params, cudaStream_t s
   } else if (rows > 0 && (params.dkeys_acc == nullptr || params.dvalues_acc == nullptr)) {
     return cudaErrorInvalidValue;
   }
-  switch (params.dtype) {
-    case MergeDtype::kFloat32:
-      return launch_bwd<float>(params, stream);
-    case MergeDtype::kFloat16:
-      return launch_bwd<__half>(params, stream);
-    case MergeDtype::kBFloat16:
-      return launch_bwd<__nv_bfloat16>(params, stream);
-  }
-  return cudaErrorInvalidValue;
+  L2M_CUDA_DISPATCH(params.dtype, launch_bwd, params, stream);
 }
 
 }  // namespace cuda

@@ -36,26 +36,7 @@ constexpr int64_t kTopkReadMaxDim = 256;           // largest Dk and Dv
 constexpr int64_t kTopkReadMaxSlots = 2147483648;  // 2**31
 
 // Forward: writes out, indices, weights, lse (every element).
-struct TopkReadFwdParams {
-  MergeDtype dtype;      // of q, keys, values, out
-  int64_t batch;         // B
-  int64_t heads;         // H
-  int64_t seq_len;       // T
-  int64_t mem_heads;     // Hm, H % Hm == 0
-  int64_t num_slots;     // N
-  int64_t dim_k;         // Dk
-  int64_t dim_v;         // Dv
-  int64_t k;             // 1 <= k <= min(N, 256)
-  bool shared_memory;    // keys/values are (Hm, N, D), used by every batch element
-  double scale;          // rounded to float32 before use
-  const void* q;             // (B, H, T, Dk) dtype
-  const void* keys;          // (B, Hm, N, Dk) or (Hm, N, Dk) dtype
-  const void* values;        // (B, Hm, N, Dv) or (Hm, N, Dv) dtype
-  const int64_t* valid_len;  // (B,) or nullptr (every slot exists); clamped to [0, N]
-  void* out;                 // (B, H, T, Dv) dtype
-  int64_t* indices;          // (B, H, T, k); -1 for missing entries
-  float* weights;            // (B, H, T, k)
-  float* lse;                // (B, H, T)
+struct TopkReadFwdParams : l2m::TopkReadFwdParams {
   // Optional (nullptr: none): per query row (B*H*T,) a lower bound tau on its k-th best sort
   // key (INT64_MIN: no bound); candidates below it are skipped without a merge. Correct for any
   // tau <= the row's true k-th best key; the k-th largest of the pre-pass's chunk maxima is one.
@@ -84,39 +65,7 @@ struct TopkReadFwdParams {
 //   run_starts (M * N + 1,): entry_order[run_starts[s] : run_starts[s + 1]] are the entries of
 //       slot s = memory * N + slot.
 // dkeys_acc, dvalues_acc are not used.
-struct TopkReadBwdParams {
-  MergeDtype dtype;  // of dout, q, keys, values, dq, dkeys, dvalues
-  int64_t batch;
-  int64_t heads;
-  int64_t seq_len;
-  int64_t mem_heads;
-  int64_t num_slots;
-  int64_t dim_k;
-  int64_t dim_v;
-  int64_t k;  // 1 <= k <= 256 (entries per query row)
-  bool shared_memory;
-  bool deterministic;
-  double scale;
-  const void* dout;        // (B, H, T, Dv) dtype
-  const float* dweights;   // (B, H, T, k)
-  const float* dlse;       // (B, H, T)
-  const void* q;           // (B, H, T, Dk) dtype
-  const void* keys;        // (B, Hm, N, Dk) or (Hm, N, Dk) dtype
-  const void* values;      // (B, Hm, N, Dv) or (Hm, N, Dv) dtype
-  const int64_t* indices;  // (B, H, T, k)
-  const float* weights;    // (B, H, T, k)
-  void* dq;                // like q, written
-  // atomic mode
-  float* dkeys_acc;    // like keys, float32, zeroed by the caller, accumulated into
-  float* dvalues_acc;  // like values, float32, zeroed by the caller, accumulated into
-  // deterministic mode
-  float* ds;                    // (B*H*T*k,) scratch
-  const int64_t* entry_order;   // (E,)
-  const int64_t* entry_rows;    // (E,)
-  const int64_t* run_starts;    // (M * N + 1,)
-  void* dkeys;                  // like keys, dtype, written (every element)
-  void* dvalues;                // like values, dtype, written (every element)
-};
+struct TopkReadBwdParams : l2m::TopkReadBwdParams {};
 
 cudaError_t topk_read_fwd_launch(const TopkReadFwdParams& params, cudaStream_t stream);
 
