@@ -537,6 +537,19 @@ def _check_selection(name, slot_ids, best, rank, k, dtype, exact, *, valid_len=N
                               f"differ from the reference's")
 
 
+def _check_read_selection(case, indices, q, keys, k, scale, valid_len):
+    """The selection ``indices`` (B, H, T, k) of a top-k read of ``keys`` (.., N, Dk) by ``q``
+    (B, H, T, Dk), judged by :func:`_check_selection` against the float64 scores and the reference's
+    selection. Returns the indices on the CPU, and q and keys in float64."""
+    slot_ids = indices.detach().cpu()
+    q64, keys64 = _f64(q), _f64(keys)
+    vl = None if valid_len is None else valid_len.detach().cpu()
+    rank = _rank(full_scores(q64, keys64, scale))
+    best = topk_read_select(q64, keys64, k, scale, vl)
+    _check_selection("indices", slot_ids, best, rank, k, case.dtype, case.extra["exact"], valid_len=vl)
+    return slot_ids, q64, keys64
+
+
 # -- judges: one per op ---------------------------------------------------------------------------
 
 def judge_topk(case, read, gen):
@@ -550,12 +563,7 @@ def judge_topk(case, read, gen):
     _expect_tensor("indices", read.indices, (B, H, T, k), torch.int64)
     _expect_tensor("weights", read.weights, (B, H, T, k), acc)
     _expect_tensor("lse", read.lse, (B, H, T), acc)
-    slot_ids = read.indices.detach().cpu()
-    q64, keys64 = _f64(q), _f64(keys)
-    vl = None if valid_len is None else valid_len.detach().cpu()
-    rank = _rank(full_scores(q64, keys64, scale))
-    best = topk_read_select(q64, keys64, k, scale, vl)
-    _check_selection("indices", slot_ids, best, rank, k, case.dtype, case.extra["exact"], valid_len=vl)
+    slot_ids, q64, keys64 = _check_read_selection(case, read.indices, q, keys, k, scale, valid_len)
     terms = topk_read_gather(q64, keys64, _f64(values).abs(), slot_ids, scale)[0]   # sum_j w_j |v_j|
     compare(case, ("out", "weights", "lse"), (read.out, read.weights, read.lse),
             lambda x: topk_read_gather(x["q"], x["keys"], x["values"], slot_ids, scale), gen,
@@ -674,12 +682,7 @@ def judge_attention(case, res, gen):
     _expect_tensor("lse_local", res.lse_local, (B, H, T), acc)
     _expect_tensor("lse_mem", res.lse_mem, (B, H, T), acc)
     _expect_tensor("indices", res.indices, (B, H, T, topk), torch.int64)
-    slot_ids = res.indices.detach().cpu()
-    q64, mk64 = _f64(q), _f64(mem_keys)
-    vl = None if valid_len is None else valid_len.detach().cpu()
-    rank = _rank(full_scores(q64, mk64, scale))
-    best = topk_read_select(q64, mk64, topk, scale, vl)
-    _check_selection("indices", slot_ids, best, rank, topk, case.dtype, case.extra["exact"], valid_len=vl)
+    slot_ids = _check_read_selection(case, res.indices, q, mem_keys, topk, scale, valid_len)[0]
 
     def reference(x):
         return memory_attention_gather(x["q"], x["k"], x["v"], x["mem_keys"], x["mem_values"], slot_ids, window,
@@ -951,6 +954,19 @@ def _other_float(dtype):
     return torch.float64 if dtype != torch.float64 else torch.float32
 
 
+# Mutations that build_case applies to an op's own case (built without them): one float argument
+# in another float dtype, which must raise TypeError naming it; and an unknown backend name.
+OTHER_DTYPE_MUTATIONS = {  # mutation: (argument, why)
+    "keys-dtype": ("keys", "keys in another float dtype"),
+    "values-dtype": ("values", "values in another dtype"),
+    "weights-dtype": ("weights", "weights in another dtype"),
+    "dtype": ("forget_gate", "forget_gate in another dtype"),
+    "out_b-dtype": ("out_b", "out_b in another dtype"),
+    "gate-dtype": ("gate", "gate in another dtype"),
+    "mem_keys-dtype": ("mem_keys", "mem_keys in another dtype"),
+}
+
+
 def _bad(types, names, why):
     return Expected(tuple(types), tuple(names), why)
 
@@ -992,9 +1008,6 @@ def build_topk(p, backend, device, gen):
     elif m == "values-rank":
         args["values"] = values.unsqueeze(0)
         case.must_raise = _bad([ValueError], ["values"], "values has one more dim than keys")
-    elif m == "keys-dtype":
-        args["keys"] = keys.detach().to(_other_float(dtype))
-        case.must_raise = _bad([TypeError], ["keys"], "keys in another float dtype")
     elif m == "q-int":
         args["q"] = torch.ones(q.shape, dtype=torch.int64, device=device)
         case.must_raise = _bad([TypeError], ["q"], "q is int64")
@@ -1020,8 +1033,6 @@ def build_topk(p, backend, device, gen):
         case.must_raise = _bad([ValueError], ["valid_len"], "valid_len has B + 1 entries")
     elif m == "scale-tensor":
         args["scale"], case.must_raise = torch.tensor(0.5), _bad([TypeError], ["scale"], "scale is a tensor")
-    elif m == "backend-name":
-        args["backend"], case.must_raise = "no-such-backend", _bad([ValueError], ["backend"], "unknown backend")
     elif m == "n-zero":
         args["keys"] = torch.zeros(lead[:-1] + (0, Dk), dtype=dtype, device=device)
         args["values"] = torch.zeros(lead[:-1] + (0, Dv), dtype=dtype, device=device)
@@ -1069,9 +1080,6 @@ def build_product_key(p, backend, device, gen):
         case.must_raise = _bad([ValueError], ["values"], "values has n_sub ** 2 + 1 rows")
     elif m == "values-rank":
         args["values"], case.must_raise = values.unsqueeze(0), _bad([ValueError], ["values"], "3-D values")
-    elif m == "values-dtype":
-        args["values"] = values.detach().to(_other_float(dtype))
-        case.must_raise = _bad([TypeError], ["values"], "values in another dtype")
     elif m == "k-zero":
         args["k"], case.must_raise = 0, _bad([ValueError], ["k"], "k = 0")
     elif m == "k-over":
@@ -1086,8 +1094,6 @@ def build_product_key(p, backend, device, gen):
         args["subkeys"] = torch.zeros(H, 2, 0, half, dtype=dtype, device=device)
         args["values"] = torch.zeros(0, Dv, dtype=dtype, device=device)
         case.must_raise = _bad([ValueError], ["subkeys", "k", "k_sub"], "n_sub = 0")
-    elif m == "backend-name":
-        args["backend"], case.must_raise = "no-such-backend", _bad([ValueError], ["backend"], "unknown backend")
     elif m is not None:
         args["k"], case.must_raise = 0, _bad([ValueError], ["k"], "k = 0")
     return case
@@ -1153,17 +1159,12 @@ def build_write(p, backend, device, gen):
     elif m == "weights-shape":
         args["weights"] = torch.zeros(lead + (T, kw + 1), dtype=dtype, device=device)
         case.must_raise = _bad([ValueError], ["weights"], "weights with kw + 1")
-    elif m == "weights-dtype":
-        args["weights"] = weights.detach().to(_other_float(dtype))
-        case.must_raise = _bad([TypeError], ["weights"], "weights in another dtype")
     elif m == "add-d":
         args["add"] = torch.zeros(lead + (T, D + 1), dtype=dtype, device=device)
         case.must_raise = _bad([ValueError], ["add"], "add with D + 1")
     elif m == "erase-shape":
         args["erase"] = torch.zeros(lead + (T, D + 2), dtype=dtype, device=device)
         case.must_raise = _bad([ValueError], ["erase"], "erase with D + 2")
-    elif m == "backend-name":
-        args["backend"], case.must_raise = "no-such-backend", _bad([ValueError], ["backend"], "unknown backend")
     elif m is not None:
         args["weights"] = torch.zeros(lead + (T, kw + 1), dtype=dtype, device=device)
         case.must_raise = _bad([ValueError], ["weights"], "weights with kw + 1")
@@ -1191,16 +1192,11 @@ def build_dense(p, backend, device, gen):
         args["memory"] = torch.zeros(2, dtype=dtype, device=device)
         args["update"] = torch.zeros(3, dtype=dtype, device=device)
         case.must_raise = _bad([ValueError], ["update", "memory"], "shapes do not broadcast")
-    elif m == "dtype":
-        args["forget_gate"] = args["forget_gate"].detach().to(_other_float(dtype))
-        case.must_raise = _bad([TypeError], ["forget_gate"], "forget_gate in another dtype")
     elif m == "not-a-tensor":
         args["input_gate"], case.must_raise = 0.5, _bad([TypeError], ["input_gate"], "a Python float")
     elif m == "int-tensor":
         args["memory"] = torch.ones(p["shapes"]["memory"], dtype=torch.int32, device=device)
         case.must_raise = _bad([TypeError], ["memory"], "int32 memory")
-    elif m == "backend-name":
-        args["backend"], case.must_raise = "no-such-backend", _bad([ValueError], ["backend"], "unknown backend")
     return case
 
 
@@ -1247,11 +1243,6 @@ def build_merge(p, backend, device, gen):
     elif m == "lse_b-dtype":
         args["lse_b"] = torch.zeros(B, H, T, dtype=torch.float16, device=device)
         case.must_raise = _bad([TypeError], ["lse_b"], "float16 lse_b")
-    elif m == "out_b-dtype":
-        args["out_b"] = out_b.detach().to(_other_float(dtype))
-        case.must_raise = _bad([TypeError], ["out_b"], "out_b in another dtype")
-    elif m == "backend-name":
-        args["backend"], case.must_raise = "no-such-backend", _bad([ValueError], ["backend"], "unknown backend")
     return case
 
 
@@ -1278,11 +1269,6 @@ def build_gated_merge(p, backend, device, gen):
     elif m == "out_mem-shape":
         args["out_mem"] = torch.zeros(B, H, T + 1, D, dtype=dtype, device=device)
         case.must_raise = _bad([ValueError], ["out_mem"], "out_mem with T + 1")
-    elif m == "gate-dtype":
-        args["gate"] = gate.detach().to(_other_float(dtype))
-        case.must_raise = _bad([TypeError], ["gate"], "gate in another dtype")
-    elif m == "backend-name":
-        args["backend"], case.must_raise = "no-such-backend", _bad([ValueError], ["backend"], "unknown backend")
     return case
 
 
@@ -1330,9 +1316,6 @@ def build_attention(p, backend, device, gen):
     elif m == "mem_values-dv":
         args["mem_values"] = torch.zeros(mem_lead + (Dv + 1,), dtype=dtype, device=device)
         case.must_raise = _bad([ValueError], ["mem_values"], "mem_values with Dv + 1")
-    elif m == "mem_keys-dtype":
-        args["mem_keys"] = mem_keys.detach().to(_other_float(dtype))
-        case.must_raise = _bad([TypeError], ["mem_keys"], "mem_keys in another dtype")
     elif m == "topk-zero":
         args["topk"], case.must_raise = 0, _bad([ValueError], ["topk"], "topk = 0")
     elif m == "topk-over":
@@ -1355,8 +1338,6 @@ def build_attention(p, backend, device, gen):
     elif m == "valid_len-high" and B:
         args["valid_len"] = torch.full((B,), N + 1, dtype=torch.int64, device=device)
         case.must_raise = _bad([ValueError], ["valid_len"], "valid_len > N")
-    elif m == "backend-name":
-        args["backend"], case.must_raise = "no-such-backend", _bad([ValueError], ["backend"], "unknown backend")
     elif m is not None:
         args["topk"], case.must_raise = 0, _bad([ValueError], ["topk"], "topk = 0")
     return case
@@ -1397,7 +1378,16 @@ def build_case(op: str, backend: str, params: dict, device=None) -> Case:
     """The case the parameters describe (deterministic: the tensor data come from ``params['seed']``)."""
     device = backend_device(backend) if device is None else torch.device(device)
     gen = torch.Generator().manual_seed(int(params["seed"]))
-    case = BUILDERS[op](params, backend, device, gen)
+    mutation = params.get("mutation")
+    shared_mutation = mutation == "backend-name" or mutation in OTHER_DTYPE_MUTATIONS
+    case = BUILDERS[op](dict(params, mutation=None) if shared_mutation else params, backend, device, gen)
+    if mutation == "backend-name":
+        case.args["backend"] = "no-such-backend"
+        case.must_raise = _bad([ValueError], ["backend"], "unknown backend")
+    elif shared_mutation:
+        name, why = OTHER_DTYPE_MUTATIONS[mutation]
+        case.args[name] = case.args[name].detach().to(_other_float(case.dtype))
+        case.must_raise = _bad([TypeError], [name], why)
     case.extra["gen"] = gen
     dtype_ok = case.dtype in BACKENDS[backend].dtypes
     if not dtype_ok:

@@ -6,7 +6,9 @@
   :func:`nan_filled` makes one such buffer for a kernel called directly.
 - :func:`assert_valid_topk` judges a top-k selection against the float64 scores of every slot
   (:func:`read_scores`, :func:`product_key_scores`).
+- :func:`assert_outputs_and_grads_close` judges a fused call's outputs and gradients at once.
 - :func:`rand`, :func:`rand_lse` and friends draw fresh random inputs (never zeros).
+- :func:`fused_backend_params` and :func:`skip_unless_served` give the tests their backends.
 """
 from __future__ import annotations
 
@@ -159,6 +161,43 @@ def fused_backend_params(op: str):
         marks = [pytest.mark.skip(reason=f"{name}: " + "; ".join(reasons))] if reasons else []
         params.append(pytest.param(name, device, marks=marks, id=f"{name}-{device}"))
     return params
+
+
+def skip_unless_served(backend: str, dtype: torch.dtype) -> None:
+    """Skip the calling test, saying why, when ``backend`` does not serve ``dtype`` (the SPEC:
+    float64 on the reference and cpu backends only)."""
+    import pytest
+
+    from . import backends
+
+    if dtype not in backends.BACKENDS[backend].dtypes:
+        pytest.skip(f"{backend} does not support {dtype} (SPEC: float64 on reference and cpu only)")
+
+
+def assert_outputs_and_grads_close(outputs, inputs, ref_outputs, ref_inputs, dtype, *,
+                                   output_names, input_names):
+    """Judge a fused call and its backward against the float64 reference, by :func:`assert_close`
+    at ``dtype``.
+
+    Args:
+        outputs:     the fused call's float outputs, differentiable with respect to ``inputs``.
+        inputs:      its input tensors (autograd leaves, ``requires_grad``), any device.
+        ref_outputs: the reference's outputs, of the same shapes, computed from ``ref_inputs``.
+        ref_inputs:  float64 CPU leaves holding the same values as ``inputs``.
+
+    Each output is compared with its reference; then one random cotangent per output (:func:`rand`
+    at the output's dtype and device) is pulled back through both, and every input's gradient must
+    have its input's shape and dtype and match the reference's. Returns the fused gradients.
+    """
+    for name, actual, expected in zip(output_names, outputs, ref_outputs):
+        assert_close(name, actual, expected, dtype)
+    cotangents = [rand(*t.shape, dtype=t.dtype, device=t.device) for t in outputs]
+    grads = torch.autograd.grad(outputs, inputs, cotangents)
+    ref_grads = torch.autograd.grad(ref_outputs, ref_inputs, [c.double().cpu() for c in cotangents])
+    for name, grad, ref_grad, leaf in zip(input_names, grads, ref_grads, inputs):
+        assert grad.shape == leaf.shape and grad.dtype == leaf.dtype, name
+        assert_close(name, grad, ref_grad, dtype)
+    return grads
 
 
 # -- top-k selections --------------------------------------------------------------------------

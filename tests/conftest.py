@@ -69,6 +69,16 @@ def cuda_ext():
     return module
 
 
+@pytest.fixture
+def one_thread():
+    """torch runs on one thread for the test: on a shared 2-core machine, OpenMP barriers of 2
+    threads stall behind other processes (for tests that check a command, not its speed)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def poison():
     with poisoned_outputs():

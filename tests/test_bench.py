@@ -14,16 +14,6 @@ _CPU_REASONS = backends.BACKENDS["cpu"].not_supported_reasons("merge_attention",
 pytestmark = pytest.mark.skipif(bool(_CPU_REASONS), reason="cpu: " + "; ".join(_CPU_REASONS))
 
 
-@pytest.fixture
-def one_thread():
-    # On a shared 2-core machine, OpenMP barriers of 2 threads stall behind other processes; the
-    # test checks the command, not the speed.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_bench_tiny_writes_outputs(tmp_path, capsys, one_thread):
     out = tmp_path / "bench"
     # merge: an op benchmark; memory_write: the compiled-reference skip path; model: the training step.

@@ -26,15 +26,6 @@ def long_recall():
         sys.modules.pop("long_recall", None)
 
 
-@pytest.fixture
-def one_thread():
-    # On the shared 2-core machine, OpenMP barriers of 2 threads stall behind other processes.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_task_layout(long_recall):
     task = long_recall.RecallTask()
     batch = task.sample(4, random.Random(0))

@@ -29,12 +29,17 @@ def bench_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def spec_shapes(shapes: dict, tiny_shapes: dict, device: torch.device, tiny: bool):
+def spec_shapes(shapes: dict, tiny_shapes: dict, device: torch.device, tiny: bool, *,
+                quick: bool = False, quick_divisors: dict | None = None):
     """``(name, sizes)`` for each shape of ``shapes`` (``tiny_shapes`` with ``tiny``: tests), each
-    ``sizes`` a fresh dict. On CUDA the SPEC ``-gpu`` variant: B * 8, and the name ends in ``-gpu``
-    (``read-cpu`` -> ``read-gpu``, ``read-heads`` -> ``read-heads-gpu``)."""
+    ``sizes`` a fresh dict. ``quick`` (``--quick``, not with ``tiny``): each size named in
+    ``quick_divisors`` divided by its divisor. On CUDA the SPEC ``-gpu`` variant: B * 8, and the
+    name ends in ``-gpu`` (``read-cpu`` -> ``read-gpu``, ``read-heads`` -> ``read-heads-gpu``)."""
     for name, sizes in (tiny_shapes if tiny else shapes).items():
         sizes = dict(sizes)
+        if quick and not tiny:
+            for key, divisor in (quick_divisors or {}).items():
+                sizes[key] //= divisor
         if device.type == "cuda":
             sizes["B"] *= 8
             name = name.replace("-cpu", "") + "-gpu"

@@ -33,10 +33,8 @@ def run(device: torch.device, quick: bool = False, ceilings: dict | None = None,
         tiny: bool = False) -> list:
     rows = []
     dtype = bench_dtype(device)
-    for name, s in spec_shapes(SHAPES, TINY_SHAPES, device, tiny):
-        if quick and not tiny:
-            for key in ("T", "S", "N"):
-                s[key] //= 4
+    for name, s in spec_shapes(SHAPES, TINY_SHAPES, device, tiny, quick=quick,
+                               quick_divisors={"T": 4, "S": 4, "N": 4}):
         B, H, Hkv, Hm, T, S, window, D, Dv, N, topk = (
             s[x] for x in ("B", "H", "Hkv", "Hm", "T", "S", "window", "D", "Dv", "N", "topk"))
         shape = (f"{name} B={B} H={H} Hkv={Hkv} Hm={Hm} T={T} S={S} w={window} D={D} N={N} "

@@ -34,9 +34,7 @@ def run(device: torch.device, quick: bool = False, ceilings: dict | None = None,
     rows = []
     dtype = bench_dtype(device)
     elt = torch.finfo(dtype).bits // 8
-    for name, s in spec_shapes(SHAPES, TINY_SHAPES, device, tiny):
-        if quick and not tiny:
-            s["T"] //= 4
+    for name, s in spec_shapes(SHAPES, TINY_SHAPES, device, tiny, quick=quick, quick_divisors={"T": 4}):
         B, Hm, N, D, T, kw = (s[x] for x in ("B", "Hm", "N", "D", "T", "kw"))
         shape = f"{name} B={B} Hm={Hm} N={N} D={D} T={T} kw={kw}"
         gen = torch.Generator(device="cpu").manual_seed(0)
@@ -92,9 +90,8 @@ def run_dense(device: torch.device, quick: bool = False, *, tiny: bool = False) 
     rows = []
     dtype = bench_dtype(device)
     elt = torch.finfo(dtype).bits // 8
-    for name, s in spec_shapes(DENSE_SHAPES, DENSE_TINY_SHAPES, device, tiny):
-        if quick and not tiny:
-            s["N"] //= 4
+    for name, s in spec_shapes(DENSE_SHAPES, DENSE_TINY_SHAPES, device, tiny, quick=quick,
+                               quick_divisors={"N": 4}):
         B, Hm, N, D = (s[x] for x in ("B", "Hm", "N", "D"))
         shape = f"{name} B={B} Hm={Hm} N={N} D={D} gates (B,Hm,N,1)"
 

@@ -29,10 +29,8 @@ def run(device: torch.device, quick: bool = False, ceilings: dict | None = None,
     rows = []
     dtype = bench_dtype(device)
     elt = torch.finfo(dtype).bits // 8
-    for name, s in spec_shapes(SHAPES, TINY_SHAPES, device, tiny):
-        if quick and not tiny:
-            s["T"] //= 4
-            s["n_sub"] //= 2
+    for name, s in spec_shapes(SHAPES, TINY_SHAPES, device, tiny, quick=quick,
+                               quick_divisors={"T": 4, "n_sub": 2}):
         B, H, T, Dk, n_sub, Dv, k = (s[x] for x in ("B", "H", "T", "Dk", "n_sub", "Dv", "k"))
         shape = f"{name} B={B} H={H} T={T} Dk={Dk} n_sub={n_sub} (N={n_sub * n_sub}) Dv={Dv} k={k}"
         flops = 2 * B * H * T * n_sub * Dk

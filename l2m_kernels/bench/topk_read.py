@@ -23,10 +23,8 @@ TINY_SHAPES = registry.OPS["topk_memory_read"].bench.tiny
 def run(device: torch.device, quick: bool = False, ceilings: dict | None = None, *, tiny: bool = False) -> list:
     rows = []
     dtype = bench_dtype(device)
-    for name, s in spec_shapes(SHAPES, TINY_SHAPES, device, tiny):
-        if quick and not tiny:
-            s["T"] //= 4
-            s["N"] //= 4
+    for name, s in spec_shapes(SHAPES, TINY_SHAPES, device, tiny, quick=quick,
+                               quick_divisors={"T": 4, "N": 4}):
         B, H, Hm, T, N, Dk, Dv, k = (s[x] for x in ("B", "H", "Hm", "T", "N", "Dk", "Dv", "k"))
         shape = f"{name} B={B} H={H} Hm={Hm} T={T} N={N} D={Dk} k={k}"
         flops = 2 * B * H * T * N * Dk

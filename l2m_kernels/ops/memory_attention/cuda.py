@@ -20,17 +20,10 @@ Served: float32, float16 and bfloat16 (the CUDA top-k read does not serve float6
 """
 from __future__ import annotations
 
+from functools import partial
+
 from . import _compose
 
-
-def memory_attention_fwd(q, k, v, mem_keys, mem_values, topk, window, merge, gate, scale, valid_len,
-                         deterministic):
-    return _compose.memory_attention_fwd("cuda", q, k, v, mem_keys, mem_values, topk, window, merge, gate,
-                                         scale, valid_len, deterministic)
-
-
-def memory_attention_bwd(dout, dlse_local, dlse_mem, q, k, v, mem_keys, mem_values, indices, out, lse_local,
-                         lse_mem, window, merge, gate, scale, deterministic):
-    return _compose.memory_attention_bwd("cuda", dout, dlse_local, dlse_mem, q, k, v, mem_keys, mem_values,
-                                         indices, out, lse_local, lse_mem, window, merge, gate, scale,
-                                         deterministic)
+# The signatures of function.py's _reference_fwd and _reference_bwd.
+memory_attention_fwd = partial(_compose.memory_attention_fwd, "cuda")
+memory_attention_bwd = partial(_compose.memory_attention_bwd, "cuda")

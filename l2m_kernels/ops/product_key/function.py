@@ -75,8 +75,10 @@ def _reference_bwd(dout, dweights, dlse, q, subkeys, values, indices, weights, s
     return dq, dsubkeys, dense.to(values.dtype), _no_slots(values)
 
 
-def _cpu_fwd(q, subkeys, values, k, k_sub, scale, sum_heads, deterministic):
-    # The cpu kernels are deterministic by construction; `deterministic` needs no switch.
+def _fwd_outputs(q, values, k, sum_heads):
+    """The forward's output buffers: out (B, T, Dv) with ``sum_heads``, else (B, H, T, Dv), in q's
+    dtype; indices (B, H, T, k) int64; weights (B, H, T, k) and lse (B, H, T) in the accumulation
+    dtype."""
     B, H, T, _ = q.shape
     acc = acc_dtype(q.dtype)
     Dv = values.shape[-1]
@@ -84,7 +86,23 @@ def _cpu_fwd(q, subkeys, values, k, k_sub, scale, sum_heads, deterministic):
     indices = empty((B, H, T, k), dtype=torch.int64, device=q.device)
     weights = empty((B, H, T, k), dtype=acc, device=q.device)
     lse = empty((B, H, T), dtype=acc, device=q.device)
-    if B * H * T:
+    return out, indices, weights, lse
+
+
+def _gpu_bwd_outputs(q, subkeys, values, indices, sparse_grad):
+    """The GPU backward's gradient buffers: dq and dsubkeys of their inputs' shapes, dvalues of
+    values' shape, or (B * H * T * k, Dv) per-entry rows with ``sparse_grad``."""
+    dq = empty(q.shape, dtype=q.dtype, device=q.device)
+    dsubkeys = empty(subkeys.shape, dtype=subkeys.dtype, device=q.device)
+    dvalues_shape = (indices.numel(), values.shape[-1]) if sparse_grad else values.shape
+    dvalues = empty(dvalues_shape, dtype=values.dtype, device=q.device)
+    return dq, dsubkeys, dvalues
+
+
+def _cpu_fwd(q, subkeys, values, k, k_sub, scale, sum_heads, deterministic):
+    # The cpu kernels are deterministic by construction; `deterministic` needs no switch.
+    out, indices, weights, lse = _fwd_outputs(q, values, k, sum_heads)
+    if lse.numel():  # B * H * T
         _ext.cpu_extension().product_key_fwd(cpu_rows(q), subkeys.contiguous(), values.contiguous(),
                                              k, k_sub, scale, sum_heads, out, indices, weights, lse)
     elif out.numel():
@@ -111,13 +129,7 @@ def _cpu_bwd(dout, dweights, dlse, q, subkeys, values, indices, weights, scale, 
 def _triton_fwd(q, subkeys, values, k, k_sub, scale, sum_heads, deterministic):
     # The forward has no float atomics (heads summed in a fixed order): always deterministic.
     from . import triton as triton_kernels
-    B, H, T, _ = q.shape
-    acc = acc_dtype(q.dtype)
-    Dv = values.shape[-1]
-    out = empty((B, T, Dv) if sum_heads else (B, H, T, Dv), dtype=q.dtype, device=q.device)
-    indices = empty((B, H, T, k), dtype=torch.int64, device=q.device)
-    weights = empty((B, H, T, k), dtype=acc, device=q.device)
-    lse = empty((B, H, T), dtype=acc, device=q.device)
+    out, indices, weights, lse = _fwd_outputs(q, values, k, sum_heads)
     triton_kernels.product_key_fwd(q.contiguous(), subkeys.contiguous(), values.contiguous(), k, k_sub, scale,
                                    sum_heads, out, indices, weights, lse)
     return out, indices, weights, lse
@@ -126,10 +138,7 @@ def _triton_fwd(q, subkeys, values, k, k_sub, scale, sum_heads, deterministic):
 def _triton_bwd(dout, dweights, dlse, q, subkeys, values, indices, weights, scale, sum_heads,
                 sparse_grad, deterministic):
     from . import triton as triton_kernels
-    dq = empty(q.shape, dtype=q.dtype, device=q.device)
-    dsubkeys = empty(subkeys.shape, dtype=subkeys.dtype, device=q.device)
-    dvalues_shape = (indices.numel(), values.shape[-1]) if sparse_grad else values.shape
-    dvalues = empty(dvalues_shape, dtype=values.dtype, device=q.device)
+    dq, dsubkeys, dvalues = _gpu_bwd_outputs(q, subkeys, values, indices, sparse_grad)
     triton_kernels.product_key_bwd(
         dout.contiguous(), dweights.contiguous(), dlse.contiguous(), q.contiguous(), subkeys.contiguous(),
         values.contiguous(), indices.contiguous(), weights.contiguous(), scale, sum_heads, sparse_grad,
@@ -139,13 +148,7 @@ def _triton_bwd(dout, dweights, dlse, q, subkeys, values, indices, weights, scal
 
 def _cuda_fwd(q, subkeys, values, k, k_sub, scale, sum_heads, deterministic):
     # The forward has no float atomics (heads summed in a fixed order): always deterministic.
-    B, H, T, _ = q.shape
-    acc = acc_dtype(q.dtype)
-    Dv = values.shape[-1]
-    out = empty((B, T, Dv) if sum_heads else (B, H, T, Dv), dtype=q.dtype, device=q.device)
-    indices = empty((B, H, T, k), dtype=torch.int64, device=q.device)
-    weights = empty((B, H, T, k), dtype=acc, device=q.device)
-    lse = empty((B, H, T), dtype=acc, device=q.device)
+    out, indices, weights, lse = _fwd_outputs(q, values, k, sum_heads)
     # (B * H * T == 0: the binding writes nothing but zeros a sum_heads out over no heads.)
     _ext.cuda_extension().product_key_fwd(q.contiguous(), subkeys.contiguous(), values.contiguous(), k,
                                           k_sub, scale, sum_heads, out, indices, weights, lse)
@@ -154,10 +157,7 @@ def _cuda_fwd(q, subkeys, values, k, k_sub, scale, sum_heads, deterministic):
 
 def _cuda_bwd(dout, dweights, dlse, q, subkeys, values, indices, weights, scale, sum_heads,
               sparse_grad, deterministic):
-    dq = empty(q.shape, dtype=q.dtype, device=q.device)
-    dsubkeys = empty(subkeys.shape, dtype=subkeys.dtype, device=q.device)
-    dvalues_shape = (indices.numel(), values.shape[-1]) if sparse_grad else values.shape
-    dvalues = empty(dvalues_shape, dtype=values.dtype, device=q.device)
+    dq, dsubkeys, dvalues = _gpu_bwd_outputs(q, subkeys, values, indices, sparse_grad)
     _ext.cuda_extension().product_key_bwd(
         dout.contiguous(), dweights.contiguous(), dlse.contiguous(), q.contiguous(), subkeys.contiguous(),
         values.contiguous(), indices.contiguous(), weights.contiguous(), scale, sum_heads, sparse_grad,

@@ -10,7 +10,7 @@ import torch
 
 import l2m_kernels as l2m
 from l2m_kernels.ops.memory_write.reference import gated_dense_update_ref
-from l2m_kernels.testing import assert_close, fused_backend_params, rand
+from l2m_kernels.testing import assert_close, fused_backend_params, rand, skip_unless_served
 
 BACKENDS = fused_backend_params("gated_dense_update")
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
@@ -46,8 +46,7 @@ def _reference64(inputs, dout):
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_dense_update_matches_reference(backend, device, case, dtype):
-    if dtype not in l2m.backends.BACKENDS[backend].dtypes:
-        pytest.skip(f"{backend} does not support {dtype}")
+    skip_unless_served(backend, dtype)
     inputs = _inputs(case, dtype, device)
     out = l2m.gated_dense_update(*inputs, backend=backend)
     shape = torch.broadcast_shapes(*case)

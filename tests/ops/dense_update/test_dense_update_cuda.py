@@ -7,21 +7,16 @@ float32, float16 and bfloat16 on 4-D broadcast views (stride 0; contiguous and s
 loop), gradients reduced to each input's shape like function.py, with huge and infinite logits /
 updates, NaN inputs, empty shapes, outputs pre-filled with NaN, and bad calls.
 
-Without a CUDA device the gpu tests skip, saying so; a few cases' test bodies then run on CPU
-tensors with the CPU kernels standing in for the CUDA ones (``tests/ops/cpu_kernels.py``), and the
-whole case matrix's inputs and reference side are built on the CPU.
+Shared set-up, and the CPU kernels standing in without a CUDA device: ``tests/ops/_cuda.py``.
 """
 from __future__ import annotations
 
-import pytest
 import torch
 
 from l2m_kernels.ops.memory_write.reference import gated_dense_update_ref
 from l2m_kernels.testing import assert_close, nan_filled
-from ..cpu_kernels import cpu_kernels_as_cuda
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-NAN = float("nan")
+from .._cuda import (NAN, assert_bad_calls_listed, bad_call_test, cpu_kernels_test,
+                     cuda_kernel_test)
 
 # (memory, update, input_gate, forget_gate shapes, special)
 CASES = [
@@ -92,13 +87,6 @@ def dense_expected(inputs, dout):
     return results
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_dense_update_cuda(cuda_ext, case, dtype):
-    check_dense_update(cuda_ext, "cuda", case, dtype)
-
-
 def check_dense_update(ext, device, case, dtype):
     special = case[-1]
     inputs = dense_inputs(case, dtype, device)
@@ -146,13 +134,8 @@ def _bad_calls(device):
     }
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", list(_bad_calls("cpu")))
-def test_dense_update_bad_call_raises(cuda_ext, name):
-    error_type, call = _bad_calls("cuda")[name]
-    with pytest.raises(error_type):
-        call(cuda_ext)
-        torch.cuda.synchronize()
+test_dense_update_cuda = cuda_kernel_test(check_dense_update, CASES, _case_id)
+test_dense_update_bad_call_raises = bad_call_test(_bad_calls)
 
 
 def test_dense_update_cases_and_reference_side_on_cpu():
@@ -178,12 +161,9 @@ def test_dense_update_cases_and_reference_side_on_cpu():
             assert torch.isfinite(out).all() and torch.isfinite(low_out).all()
         if special == "nan":
             assert out.isnan().any() and not out.isnan().all()
-    for name, (error_type, call) in _bad_calls("cpu").items():
-        assert issubclass(error_type, Exception) and callable(call), name
+    assert_bad_calls_listed(_bad_calls)
 
 
-@pytest.mark.parametrize("case", CASES[:-1], ids=_case_id)  # all but the > 2**24 elements one
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_dense_update_body_runs_on_cpu_kernels(case, dtype):
-    """The body of the gpu test on CPU tensors, the CPU kernels in the CUDA kernels' place."""
-    check_dense_update(cpu_kernels_as_cuda(), "cpu", case, dtype)
+# All cases but the > 2**24 elements one.
+test_dense_update_body_runs_on_cpu_kernels = cpu_kernels_test(check_dense_update, CASES[:-1],
+                                                              _case_id)

@@ -13,7 +13,7 @@ import l2m_kernels as l2m
 from l2m_kernels.ops.memory_attention.reference import memory_attention_gather, memory_attention_ref
 from l2m_kernels.ops.topk_read.reference import topk_read_select
 from l2m_kernels.testing import (assert_close, assert_valid_topk, fused_backend_params, lse_dtype, rand,
-                                 read_scores)
+                                 read_scores, skip_unless_served)
 
 BACKENDS = fused_backend_params("memory_attention")
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
@@ -62,8 +62,7 @@ def _call(tensors, options, backend, **extra):
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_memory_attention_matches_reference(backend, device, case, dtype):
-    if dtype not in l2m.backends.BACKENDS[backend].dtypes:
-        pytest.skip(f"{backend} does not support {dtype} (SPEC: float64 on reference and cpu only)")
+    skip_unless_served(backend, dtype)
     tensors, options = _inputs(case, dtype, device)
     scale = tensors["q"].shape[-1] ** -0.5
     res = _call(tensors, options, backend)

@@ -13,9 +13,7 @@ non-finite exactly where the reference is). memory_read_weights (weights, dots, 
 reference gather at the given lse, with shared memories, grouped heads, missing (-1) and
 out-of-range slots (weight 0), k = 0 / 1, T = 0, Dk / Dv up to 256. And bad calls.
 
-Without a CUDA device the gpu tests skip, saying so; a few cases' test bodies then run on CPU
-tensors with the CPU kernels standing in for the CUDA ones (``tests/ops/cpu_kernels.py``), and the
-whole case matrix's inputs and reference side are built on the CPU.
+Shared set-up, and the CPU kernels standing in without a CUDA device: ``tests/ops/_cuda.py``.
 """
 from __future__ import annotations
 
@@ -25,10 +23,7 @@ import torch
 from l2m_kernels.ops.memory_attention.reference import local_attention_ref
 from l2m_kernels.ops.topk_read.reference import topk_read_gather
 from l2m_kernels.testing import assert_close, bits_equal, lse_dtype, nan_filled
-from ..cpu_kernels import cpu_kernels_as_cuda
-
-NAN = float("nan")
-NEG_INF = float("-inf")
+from .._cuda import (NAN, NEG_INF, assert_bad_calls_listed, bad_call_test, cpu_kernels_test)
 
 # (B, H, Hkv, T, S, D, Dv, window, special): window None = no window (passed as -1). Slices of the
 # feature columns: 64 (float64, or <= 64 columns) or 128, so D / Dv 65, 129, 130, 256 take several.
@@ -347,13 +342,7 @@ def _bad_calls(device):
     }
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", list(_bad_calls("cpu")))
-def test_memory_attention_bad_call_raises(cuda_ext, name):
-    error_type, call = _bad_calls("cuda")[name]
-    with pytest.raises(error_type):
-        call(cuda_ext)
-        torch.cuda.synchronize()
+test_memory_attention_bad_call_raises = bad_call_test(_bad_calls)
 
 
 def test_memory_attention_cases_and_reference_side_on_cpu():
@@ -395,8 +384,7 @@ def test_memory_attention_cases_and_reference_side_on_cpu():
                                                         torch.float32)
         assert weights.shape == (B, H, T, k) and dots.shape == lse.shape == (B, H, T)
         assert out.shape == (B, H, T, Dv) and (weights[valid < 0] == 0).all()
-    for name, (error_type, call) in _bad_calls("cpu").items():
-        assert issubclass(error_type, Exception) and callable(call), name
+    assert_bad_calls_listed(_bad_calls)
 
 
 # A few cases whose bodies also run on CPU tensors with the CPU kernels in the CUDA kernels' place:
@@ -406,14 +394,7 @@ def test_memory_attention_cases_and_reference_side_on_cpu():
 CPU_ATTN_CASES = [ATTN_CASES[i] for i in (1, 2, 8, 10, 12, 13, 14)]
 CPU_READ_WEIGHT_CASES = [case for case in READ_WEIGHT_CASES if case[-1] != "out_of_range"]
 
-
-@pytest.mark.parametrize("case", CPU_ATTN_CASES, ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_local_attention_body_runs_on_cpu_kernels(case, dtype):
-    check_local_attention(cpu_kernels_as_cuda(), "cpu", case, dtype)
-
-
-@pytest.mark.parametrize("case", CPU_READ_WEIGHT_CASES, ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_memory_read_weights_body_runs_on_cpu_kernels(case, dtype):
-    check_memory_read_weights(cpu_kernels_as_cuda(), "cpu", case, dtype)
+test_local_attention_body_runs_on_cpu_kernels = cpu_kernels_test(check_local_attention,
+                                                                 CPU_ATTN_CASES, str)
+test_memory_read_weights_body_runs_on_cpu_kernels = cpu_kernels_test(check_memory_read_weights,
+                                                                     CPU_READ_WEIGHT_CASES, str)

@@ -8,13 +8,9 @@ the grouped-head loop of the dk/dv kernel. Every output and gradient is compared
 reference evaluated at the selection (``memory_attention_gather``); the selection itself must equal
 the reference's at the input dtype.
 """
-import os
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 pytest.importorskip("triton")
 
@@ -22,20 +18,10 @@ from l2m_kernels.ops.memory_attention import triton as ma_triton  # noqa: E402
 from l2m_kernels.ops.memory_attention.reference import memory_attention_gather, memory_attention_ref  # noqa: E402
 from l2m_kernels.ops.topk_read.reference import topk_read_select  # noqa: E402
 from l2m_kernels.testing import assert_close  # noqa: E402
+from .._triton import DEVICE, INTERPRETER_WARNINGS, skip_module_unless_interpreted  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-if DEVICE == "cpu":
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(ma_triton.memory_attention_fwd_kernel, InterpretedFunction):
-        pytest.skip("l2m_kernels.ops.memory_attention.triton was imported before TRITON_INTERPRET=1 was set",
-                    allow_module_level=True)
-
-# numpy's warnings for the deliberate inf/NaN rows when the interpreter evaluates the kernels.
-pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
-                                        "ignore:divide by zero encountered:RuntimeWarning",
-                                        "ignore:overflow encountered:RuntimeWarning")
+skip_module_unless_interpreted(ma_triton, "memory_attention_fwd_kernel")
+pytestmark = INTERPRETER_WARNINGS
 
 Tile = ma_triton.Tile
 # Tile sets: the production table; 16 x 16 everywhere; and tiles that differ between the kernels

@@ -9,7 +9,7 @@ import torch
 
 import l2m_kernels as l2m
 from l2m_kernels.ops.memory_write.reference import gated_memory_write_ref, gated_memory_write_ref_
-from l2m_kernels.testing import assert_close, fused_backend_params, rand
+from l2m_kernels.testing import assert_close, fused_backend_params, rand, skip_unless_served
 
 BACKENDS = fused_backend_params("gated_memory_write")
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
@@ -69,8 +69,7 @@ def _reference64(memory, indices, weights, add, erase, dnew):
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_write_matches_reference(backend, device, case, dtype):
-    if dtype not in l2m.backends.BACKENDS[backend].dtypes:
-        pytest.skip(f"{backend} does not support {dtype}")
+    skip_unless_served(backend, dtype)
     memory, indices, weights, add, erase = _inputs(case, dtype, device)
     out = l2m.gated_memory_write(memory, indices, weights, add, erase, backend=backend)
     assert out.dtype == dtype and out.shape == memory.shape and out.data_ptr() != memory.data_ptr()

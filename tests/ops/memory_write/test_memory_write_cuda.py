@@ -12,24 +12,19 @@ T 7 and 64, kw 1/3/4, repeated slots within and across steps, -1 skips (with NaN
 reference evaluated in float32 (no fused multiply-add), so it is expected to match it bit for bit;
 that is reported (a warning), not required.
 
-Without a CUDA device the gpu tests skip, saying so; a few cases' test bodies then run on CPU
-tensors with the CPU kernels standing in for the CUDA ones (``tests/ops/cpu_kernels.py``), and the
-whole case matrix's inputs and reference side are built on the CPU.
+Shared set-up, and the CPU kernels standing in without a CUDA device: ``tests/ops/_cuda.py``.
 """
 from __future__ import annotations
 
 import warnings
 
-import pytest
 import torch
 
 from l2m_kernels.ops.memory_write.plan import write_plan
 from l2m_kernels.ops.memory_write.reference import gated_memory_write_ref
 from l2m_kernels.testing import assert_close, bits_equal, placed
-from ..cpu_kernels import cpu_kernels_as_cuda
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-NAN = float("nan")
+from .._cuda import (NAN, assert_bad_calls_listed, bad_call_test, cpu_kernels_test,
+                     cuda_kernel_test)
 
 # (B, Hm, N, D, T, kw, one erase gate per step, index dtype, special). Column chunks per warp:
 # 128 (float32) / 256 (16-bit) columns; vector path when D % 4 (float32) / D % 8 (16-bit) == 0
@@ -103,13 +98,6 @@ def write_expected(memory, indices, ref_weights, add, erase, dnew):
         grads = [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves)]
         results.append((out.detach(), grads))
     return results
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_memory_write_cuda(cuda_ext, case, dtype):
-    check_memory_write(cuda_ext, "cuda", case, dtype)
 
 
 def check_memory_write(ext, device, case, dtype):
@@ -246,13 +234,8 @@ def _bad_calls(device):
     }
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", list(_bad_calls("cpu")))
-def test_memory_write_bad_call_raises(cuda_ext, name):
-    error_type, call = _bad_calls("cuda")[name]
-    with pytest.raises(error_type):
-        call(cuda_ext)
-        torch.cuda.synchronize()
+test_memory_write_cuda = cuda_kernel_test(check_memory_write, CASES, _case_id)
+test_memory_write_bad_call_raises = bad_call_test(_bad_calls)
 
 
 def test_memory_write_cases_and_reference_side_on_cpu():
@@ -282,8 +265,7 @@ def test_memory_write_cases_and_reference_side_on_cpu():
         assert out.shape == memory.shape and out.dtype == torch.float64
         assert [g.shape for g in grads] == [t.shape for t in (memory, weights, add, erase)]
         assert torch.isfinite(out).all() and low_out.dtype == torch.float32
-    for name, (error_type, call) in _bad_calls("cpu").items():
-        assert issubclass(error_type, Exception) and callable(call), name
+    assert_bad_calls_listed(_bad_calls)
 
 
 # A few cases whose bodies also run on CPU tensors with the CPU kernels in the CUDA kernels' place:
@@ -292,7 +274,5 @@ def test_memory_write_cases_and_reference_side_on_cpu():
 CPU_CASES = [CASES[i] for i in (0, 2, 6, 10, 12, 15, 19)]
 
 
-@pytest.mark.parametrize("case", CPU_CASES, ids=_case_id)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_memory_write_body_runs_on_cpu_kernels(case, dtype):
-    check_memory_write(cpu_kernels_as_cuda(), "cpu", case, dtype)
+test_memory_write_body_runs_on_cpu_kernels = cpu_kernels_test(check_memory_write, CPU_CASES,
+                                                              _case_id)

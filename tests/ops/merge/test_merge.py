@@ -7,14 +7,11 @@ import torch
 
 import l2m_kernels as l2m
 from l2m_kernels.ops.merge.reference import gated_merge_ref, merge_attention_ref
-from l2m_kernels.testing import TOLERANCE, assert_close, fused_backend_params, lse_dtype, rand, rand_lse
+from l2m_kernels.testing import (TOLERANCE, assert_close, fused_backend_params, lse_dtype, rand, rand_lse,
+                                 skip_unless_served)
 
 SHAPES = [(1, 1, 1, 1), (2, 3, 7, 63), (1, 2, 129, 7), (2, 1, 5, 129), (1, 1, 3, 512)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
-
-
-def _dtypes_for(backend):
-    return [d for d in DTYPES if d in l2m.backends.BACKENDS[backend].dtypes]
 
 
 def _merge_inputs(shape, dtype, device, special_rows=True):
@@ -46,8 +43,7 @@ def _reference64(fn, inputs, cotangents):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_merge_attention_matches_reference(backend, device, shape, dtype):
-    if dtype not in _dtypes_for(backend):
-        pytest.skip(f"{backend} does not support {dtype} (SPEC: float64 on reference and cpu only)")
+    skip_unless_served(backend, dtype)
     inputs = _merge_inputs(shape, dtype, device)
     dout = rand(*shape, dtype=dtype, device=device)
     dlse = rand(*shape[:3], dtype=lse_dtype(dtype), device=device)
@@ -115,8 +111,7 @@ GATE_SHAPES = [(), (1,), (3, 1, 1), (2, 3, 1, 1), (2, 3, 7, 1), (7, 1), (1, 1, 7
 @pytest.mark.parametrize("gate_shape", GATE_SHAPES, ids=lambda s: "g" + "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gated_merge_matches_reference(backend, device, gate_shape, dtype):
-    if dtype not in _dtypes_for(backend):
-        pytest.skip(f"{backend} does not support {dtype} (SPEC: float64 on reference and cpu only)")
+    skip_unless_served(backend, dtype)
     shape = (2, 3, 7, 63)
     inputs = (rand(*shape, dtype=dtype, device=device), rand(*shape, dtype=dtype, device=device),
               rand(*gate_shape, dtype=dtype, device=device, scale=2.0))

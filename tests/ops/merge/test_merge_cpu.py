@@ -74,6 +74,14 @@ def gated_inputs(rows, dim, dtype, seed=0):
     return out_local, out_mem, gate
 
 
+def over_rows_dims_dtypes(test):
+    """Parametrize ``test(rows, dim, dtype)`` over ROWS x DIMS x DTYPES."""
+    for mark in (pytest.mark.parametrize("rows", ROWS), pytest.mark.parametrize("dim", DIMS),
+                 pytest.mark.parametrize("dtype", DTYPES, ids=str)):
+        test = mark(test)
+    return test
+
+
 def finite_rows(rows):
     """Rows with no NaN input: their gradients must match the reference exactly as usual."""
     keep = torch.ones(rows, dtype=torch.bool)
@@ -88,9 +96,7 @@ def assert_nan_rows_isolated(name, tensor, rows):
     assert not torch.isnan(tensor[keep]).any(), f"{name}: NaN outside the NaN rows"
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("dim", DIMS)
-@pytest.mark.parametrize("rows", ROWS)
+@over_rows_dims_dtypes
 def test_merge_attention_fwd(rows, dim, dtype):
     out_a, lse_a, out_b, lse_b = merge_inputs(rows, dim, dtype)
     out = nan_filled(rows, dim, dtype=dtype)
@@ -111,9 +117,7 @@ def test_merge_attention_fwd(rows, dim, dtype):
     assert_nan_rows_isolated("out", out, rows)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("dim", DIMS)
-@pytest.mark.parametrize("rows", ROWS)
+@over_rows_dims_dtypes
 def test_merge_attention_bwd(rows, dim, dtype):
     acc = acc_dtype(dtype)
     out_a, lse_a, out_b, lse_b = merge_inputs(rows, dim, dtype)
@@ -147,9 +151,7 @@ def test_merge_attention_bwd(rows, dim, dtype):
         assert torch.isnan(d_lse_a[ROW_NAN_LSE]) and torch.isnan(d_lse_b[ROW_NAN_LSE])
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("dim", DIMS)
-@pytest.mark.parametrize("rows", ROWS)
+@over_rows_dims_dtypes
 def test_gated_merge_fwd(rows, dim, dtype):
     out_local, out_mem, gate = gated_inputs(rows, dim, dtype)
     out = nan_filled(rows, dim, dtype=dtype)
@@ -164,9 +166,7 @@ def test_gated_merge_fwd(rows, dim, dtype):
     assert_nan_rows_isolated("out", out, rows)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("dim", DIMS)
-@pytest.mark.parametrize("rows", ROWS)
+@over_rows_dims_dtypes
 def test_gated_merge_bwd(rows, dim, dtype):
     out_local, out_mem, gate = gated_inputs(rows, dim, dtype)
     gen = torch.Generator().manual_seed(1)

@@ -9,9 +9,7 @@ result is judged by relative RMS error at the dtype's tolerance, or within twice
 same reference computed by PyTorch at the input dtype (``assert_close(baseline=...)``).
 ``huge``: one merge launch over 2**31 + 17 rows (int64 rows and offsets, ~52 GB).
 
-Without a CUDA device the gpu tests skip, saying so; a few cases' test bodies then run on CPU
-tensors with the CPU kernels standing in for the CUDA ones (``tests/ops/cpu_kernels.py``), and the
-whole case matrix's inputs and reference side are built on the CPU.
+Shared set-up, and the CPU kernels standing in without a CUDA device: ``tests/ops/_cuda.py``.
 """
 from __future__ import annotations
 
@@ -22,11 +20,7 @@ import torch
 
 from l2m_kernels.ops.merge.reference import gated_merge_ref, merge_attention_ref
 from l2m_kernels.testing import assert_close, nan_filled, placed
-from ..cpu_kernels import cpu_kernels_as_cuda
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-NAN = float("nan")
-NEG_INF = float("-inf")
+from .._cuda import NAN, NEG_INF, cpu_kernels_test, cuda_kernel_test
 
 HEAD_DIMS = (1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 96, 127, 128, 129, 255,
              256, 257, 512, 1000, 1024, 4096)
@@ -117,13 +111,6 @@ def gated_merge_expected(local, memory, gate, dout):
     return out_ref.detach(), grads, low_grads
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_merge_attention_cuda(cuda_ext, case, dtype):
-    check_merge_attention(cuda_ext, "cuda", case, dtype)
-
-
 def check_merge_attention(ext, device, case, dtype):
     rows, head_dim, misalign, special = case
     out_a, lse_a, out_b, lse_b, dout, dlse = merge_attention_inputs(rows, head_dim, dtype, special,
@@ -165,13 +152,6 @@ def check_merge_attention(ext, device, case, dtype):
                      scale=dlse_scale if "lse" in name else 0.0)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_gated_merge_cuda(cuda_ext, case, dtype):
-    check_gated_merge(cuda_ext, "cuda", case, dtype)
-
-
 def check_gated_merge(ext, device, case, dtype):
     rows, head_dim, misalign, special = case
     local, memory, gate, dout = gated_merge_inputs(rows, head_dim, dtype, special, device)
@@ -192,6 +172,10 @@ def check_gated_merge(ext, device, case, dtype):
     # comes back in the gate's dtype, so it is no baseline for half types.
     assert_close("d_gate", d_gate, grads_ref[2], torch.float32,
                  baseline=grads_low[2] if dtype == torch.float32 else None)
+
+
+test_merge_attention_cuda = cuda_kernel_test(check_merge_attention, CASES, _case_id)
+test_gated_merge_cuda = cuda_kernel_test(check_gated_merge, CASES, _case_id)
 
 
 def _bad_calls(x, lse):
@@ -280,9 +264,9 @@ CPU_CASES = [(6, 7, (0, 0, 0), True), (37, 64, (0, 1, 3), False), (6, 129, (1, 1
              (0, 5, (0, 0, 0), False), (1, 1, (0, 0, 0), False)]
 
 
-@pytest.mark.parametrize("case", CPU_CASES, ids=_case_id)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_merge_bodies_run_on_cpu_kernels(case, dtype):
-    ext = cpu_kernels_as_cuda()
-    check_merge_attention(ext, "cpu", case, dtype)
-    check_gated_merge(ext, "cpu", case, dtype)
+def check_merges(ext, device, case, dtype):
+    check_merge_attention(ext, device, case, dtype)
+    check_gated_merge(ext, device, case, dtype)
+
+
+test_merge_bodies_run_on_cpu_kernels = cpu_kernels_test(check_merges, CPU_CASES, _case_id)

@@ -1,35 +1,21 @@
 """Triton merge launchers against the reference, on CUDA when present, else under the interpreter.
 
 The interpreter is chosen by Triton when a kernel is *decorated*, so TRITON_INTERPRET must be set
-before l2m_kernels.ops.merge.triton is first imported (to move into tests/conftest.py).
+before l2m_kernels.ops.merge.triton is first imported (tests/conftest.py sets it).
 """
-import os
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 
 pytest.importorskip("triton")
 
 from l2m_kernels.ops.merge import triton as merge_triton  # noqa: E402
 from l2m_kernels.ops.merge.reference import gated_merge_ref, merge_attention_ref  # noqa: E402
 from l2m_kernels.testing import assert_close, lse_dtype  # noqa: E402
+from .._triton import DEVICE, INTERPRETER_WARNINGS, skip_module_unless_interpreted  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-if DEVICE == "cpu":
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(merge_triton.merge_attention_fwd_kernel, InterpretedFunction):
-        pytest.skip("l2m_kernels.ops.merge.triton was imported before TRITON_INTERPRET=1 was set; "
-                    "set it in tests/conftest.py", allow_module_level=True)
-
-# numpy's warnings for the deliberate inf/NaN rows when the interpreter evaluates the kernels.
-pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
-                                        "ignore:divide by zero encountered:RuntimeWarning",
-                                        "ignore:overflow encountered:RuntimeWarning")
+skip_module_unless_interpreted(merge_triton, "merge_attention_fwd_kernel")
+pytestmark = INTERPRETER_WARNINGS
 
 NAN = float("nan")
 NEG_INF = float("-inf")

@@ -14,8 +14,10 @@ import torch
 
 import l2m_kernels as l2m
 from l2m_kernels.ops.product_key.reference import product_key_gather, product_key_read_ref
-from l2m_kernels.testing import (assert_close, assert_valid_topk, fused_backend_params, lse_dtype,
-                                 product_key_scores, rand)
+from l2m_kernels.testing import (assert_close, assert_outputs_and_grads_close, assert_valid_topk,
+                                 fused_backend_params, lse_dtype, product_key_scores, rand,
+                                 skip_unless_served)
+from .._triton import skip_heavy_case_under_interpreter
 
 BACKENDS = fused_backend_params("product_key_read")
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -55,11 +57,8 @@ def _leaves64(*tensors):
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_product_key_matches_reference(backend, device, case, dtype):
-    if dtype not in l2m.backends.BACKENDS[backend].dtypes:
-        pytest.skip(f"{backend} does not support {dtype} (SPEC: float64 on reference and cpu only)")
-    if backend == "triton" and device == "cpu" and dtype == torch.float16 and case in INTERPRETER_HEAVY:
-        pytest.skip("Triton interpreter time: this large case runs in float32 and bfloat16 (float16 takes "
-                    "bfloat16's kernel path; it runs the smaller cases)")
+    skip_unless_served(backend, dtype)
+    skip_heavy_case_under_interpreter(backend, device, dtype, case in INTERPRETER_HEAVY)
     B, H, T, Dk, n_sub, Dv, k, k_sub, sum_heads = case
     q, subkeys, values = _inputs(case, dtype, device)
     scale = Dk ** -0.5
@@ -73,16 +72,11 @@ def test_product_key_matches_reference(backend, device, case, dtype):
 
     leaves64 = _leaves64(q, subkeys, values)
     ref_out, ref_w, ref_lse = product_key_gather(*leaves64, read.indices.cpu(), scale, sum_heads=sum_heads)
-    assert_close("out", read.out, ref_out, dtype)
-    assert_close("weights", read.weights, ref_w, dtype)
-    assert_close("lse", read.lse, ref_lse, dtype)
-
-    cots = [rand(*t.shape, dtype=t.dtype, device=device) for t in (read.out, read.weights, read.lse)]
-    grads = torch.autograd.grad((read.out, read.weights, read.lse), (q, subkeys, values), cots)
-    ref_grads = torch.autograd.grad((ref_out, ref_w, ref_lse), leaves64, [c.double().cpu() for c in cots])
-    for name, g, rg, x in zip(("dq", "dsubkeys", "dvalues"), grads, ref_grads, (q, subkeys, values)):
-        assert g.shape == x.shape and g.dtype == x.dtype and g.layout == torch.strided
-        assert_close(name, g, rg, dtype)
+    grads = assert_outputs_and_grads_close((read.out, read.weights, read.lse), (q, subkeys, values),
+                                           (ref_out, ref_w, ref_lse), leaves64, dtype,
+                                           output_names=("out", "weights", "lse"),
+                                           input_names=("dq", "dsubkeys", "dvalues"))
+    assert all(g.layout == torch.strided for g in grads)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -151,8 +145,7 @@ def test_product_key_sparse_grad_memory_grows_with_touched_rows_not_n():
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_product_key_exact_ties_match_reference(backend, device, dtype):
-    if dtype not in l2m.backends.BACKENDS[backend].dtypes:
-        pytest.skip(f"{backend} does not support {dtype}")
+    skip_unless_served(backend, dtype)
     # Integer-valued data: every score is exact and ties abound, in the halves and the candidates.
     g = torch.Generator().manual_seed(3)
     B, H, T, Dk, n_sub = 2, 2, 11, 8, 9

@@ -11,9 +11,7 @@ repeatable, sparse per-entry rows), over odd sizes (n_sub 7/33, T 7, Dk 2/14/130
 1/7/129/300/520), k = k_sub ** 2, k_sub = n_sub, k = 1, sum_heads both ways, empty batches, bad
 calls and out-of-range indices in the backward.
 
-Without a CUDA device the gpu tests skip, saying so; a few cases' test bodies then run on CPU
-tensors with the CPU kernels standing in for the CUDA ones (``tests/ops/cpu_kernels.py``), and the
-whole case matrix's inputs and reference side are built on the CPU.
+Shared set-up, and the CPU kernels standing in without a CUDA device: ``tests/ops/_cuda.py``.
 """
 from __future__ import annotations
 
@@ -23,11 +21,8 @@ import torch
 from l2m_kernels.ops.product_key.reference import product_key_gather, product_key_select
 from l2m_kernels.testing import (assert_close, assert_valid_topk, bits_equal, nan_filled,
                                  product_key_scores)
-from ..cpu_kernels import cpu_kernels_as_cuda
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-NAN = float("nan")
-INDEX_SENTINEL = -7  # indices are pre-filled with it: an unwritten entry fails the checks
+from .._cuda import (INDEX_SENTINEL, NAN, assert_bad_calls_listed, bad_call_test,
+                     cpu_kernels_test, cuda_kernel_test)
 
 # (B, H, T, Dk, n_sub, Dv, k, k_sub, sum_heads, special)
 # special: None (random data), "int" (integer-valued q / subkeys and scale 0.25: exact scores with
@@ -94,13 +89,6 @@ def product_key_expected(q, subkeys, values, indices, scale, sum_heads, dout, dw
         grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves)]
         results.append(([o.detach() for o in outputs], grads))
     return results
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_product_key_cuda(cuda_ext, case, dtype):
-    check_product_key(cuda_ext, "cuda", case, dtype)
 
 
 def check_product_key(ext, device, case, dtype):
@@ -203,13 +191,8 @@ def _bad_calls(device):
     }
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", list(_bad_calls("cpu")))
-def test_product_key_bad_call_raises(cuda_ext, name):
-    error_type, call = _bad_calls("cuda")[name]
-    with pytest.raises(error_type):
-        call(cuda_ext)
-        torch.cuda.synchronize()
+test_product_key_cuda = cuda_kernel_test(check_product_key, CASES, _case_id)
+test_product_key_bad_call_raises = bad_call_test(_bad_calls)
 
 
 @pytest.mark.gpu
@@ -260,8 +243,7 @@ def test_product_key_cases_and_reference_side_on_cpu():
             q, subkeys, values, indices, scale, sum_heads, *cotangents)
         assert outputs[0].shape == shape and grads[2].shape == values.shape
         assert [g.dtype for g in low_grads] == [torch.float32] * 3
-    for name, (error_type, call) in _bad_calls("cpu").items():
-        assert issubclass(error_type, Exception) and callable(call), name
+    assert_bad_calls_listed(_bad_calls)
 
 
 # A few cases whose bodies also run on CPU tensors with the CPU kernels in the CUDA kernels' place:
@@ -269,7 +251,5 @@ def test_product_key_cases_and_reference_side_on_cpu():
 CPU_CASES = [CASES[i] for i in (0, 1, 8, 10, 13, 15)]
 
 
-@pytest.mark.parametrize("case", CPU_CASES, ids=_case_id)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_product_key_body_runs_on_cpu_kernels(case, dtype):
-    check_product_key(cpu_kernels_as_cuda(), "cpu", case, dtype)
+test_product_key_body_runs_on_cpu_kernels = cpu_kernels_test(check_product_key, CPU_CASES,
+                                                             _case_id)

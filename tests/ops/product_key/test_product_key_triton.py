@@ -6,13 +6,9 @@ with a sentinel), so any element a kernel forgets to write fails; the last tests
 ``l2m.product_key_read(backend="triton")`` with the suite's poisoned allocations. Shapes are tiny:
 the interpreter runs every program in Python.
 """
-import os
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 pytest.importorskip("triton")
 
@@ -20,21 +16,10 @@ import l2m_kernels as l2m  # noqa: E402
 from l2m_kernels.ops.product_key import triton as pk_triton  # noqa: E402
 from l2m_kernels.ops.product_key.reference import product_key_gather, product_key_read_ref  # noqa: E402
 from l2m_kernels.testing import assert_close  # noqa: E402
+from .._triton import DEVICE, INTERPRETER_WARNINGS, skip_module_unless_interpreted  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-if DEVICE == "cpu":
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(pk_triton.product_key_fwd_select_kernel, InterpretedFunction):
-        pytest.skip("l2m_kernels.ops.product_key.triton was imported before TRITON_INTERPRET=1 was set",
-                    allow_module_level=True)
-
-# numpy's warnings for the deliberate inf/NaN rows when the interpreter evaluates the kernels.
-pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
-                                        "ignore:divide by zero encountered:RuntimeWarning",
-                                        "ignore:overflow encountered:RuntimeWarning",
-                                        "ignore:All-NaN slice encountered:RuntimeWarning")
+skip_module_unless_interpreted(pk_triton, "product_key_fwd_select_kernel")
+pytestmark = INTERPRETER_WARNINGS
 
 NAN = float("nan")
 INDEX_SENTINEL = -(2**31) + 7

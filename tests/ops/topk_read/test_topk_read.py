@@ -10,8 +10,9 @@ import torch
 
 import l2m_kernels as l2m
 from l2m_kernels.ops.topk_read.reference import topk_memory_read_ref, topk_read_gather
-from l2m_kernels.testing import (assert_close, assert_valid_topk, fused_backend_params, lse_dtype, rand,
-                                 read_scores)
+from l2m_kernels.testing import (assert_close, assert_outputs_and_grads_close, assert_valid_topk,
+                                 fused_backend_params, lse_dtype, rand, read_scores, skip_unless_served)
+from .._triton import skip_heavy_case_under_interpreter
 
 BACKENDS = fused_backend_params("topk_memory_read")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -43,11 +44,8 @@ def _inputs(case, dtype, device, requires_grad=True):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}H{}Hm{}T{}N{}D{}k{}".format(*c[:5], c[6], c[7]))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_topk_read_matches_reference(backend, device, case, dtype):
-    if dtype not in l2m.backends.BACKENDS[backend].dtypes:
-        pytest.skip(f"{backend} does not support {dtype} (SPEC: float64 on reference and cpu only)")
-    if backend == "triton" and device == "cpu" and dtype == torch.float16 and case in INTERPRETER_HEAVY:
-        pytest.skip("Triton interpreter time: this large case runs in float32 and bfloat16 (float16 takes "
-                    "bfloat16's kernel path; it runs the smaller cases)")
+    skip_unless_served(backend, dtype)
+    skip_heavy_case_under_interpreter(backend, device, dtype, case in INTERPRETER_HEAVY)
     q, keys, values, k, valid_len = _inputs(case, dtype, device)
     scale = q.shape[-1] ** -0.5
     read = l2m.topk_memory_read(q, keys, values, k, valid_len=valid_len, backend=backend)
@@ -57,15 +55,10 @@ def test_topk_read_matches_reference(backend, device, case, dtype):
     # The reference evaluated at the fused selection, in float64.
     leaves64 = [t.detach().double().cpu().requires_grad_() for t in (q, keys, values)]
     ref_out, ref_w, ref_lse = topk_read_gather(*leaves64, read.indices.cpu(), scale)
-    assert_close("out", read.out, ref_out, dtype)
-    assert_close("weights", read.weights, ref_w, dtype)
-    assert_close("lse", read.lse, ref_lse, dtype)
-    cots = [rand(*t.shape, dtype=t.dtype, device=device) for t in (read.out, read.weights, read.lse)]
-    grads = torch.autograd.grad((read.out, read.weights, read.lse), (q, keys, values), cots)
-    ref_grads = torch.autograd.grad((ref_out, ref_w, ref_lse), leaves64, [c.double().cpu() for c in cots])
-    for name, g, rg, x in zip(("dq", "dkeys", "dvalues"), grads, ref_grads, (q, keys, values)):
-        assert g.shape == x.shape and g.dtype == x.dtype
-        assert_close(name, g, rg, dtype)
+    assert_outputs_and_grads_close((read.out, read.weights, read.lse), (q, keys, values),
+                                   (ref_out, ref_w, ref_lse), leaves64, dtype,
+                                   output_names=("out", "weights", "lse"),
+                                   input_names=("dq", "dkeys", "dvalues"))
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

@@ -12,9 +12,7 @@ pre-pass (the two must agree bitwise), plus cases where the threshold matters: N
 valid_len < k and 0, N < 128, fewer chunks than k, k = N = 1, exact ties across chunks, sorted
 score ramps.
 
-Without a CUDA device the gpu tests skip, saying so; a few cases' test bodies then run on CPU
-tensors with the CPU kernels standing in for the CUDA ones (``tests/ops/cpu_kernels.py``), and the
-whole case matrix's inputs and reference side are built on the CPU.
+Shared set-up, and the CPU kernels standing in without a CUDA device: ``tests/ops/_cuda.py``.
 """
 from __future__ import annotations
 
@@ -23,12 +21,7 @@ import torch
 
 from l2m_kernels.ops.topk_read.reference import topk_memory_read_ref, topk_read_gather
 from l2m_kernels.testing import assert_close, assert_valid_topk, bits_equal, nan_filled, read_scores
-from ..cpu_kernels import cpu_kernels_as_cuda
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-NAN = float("nan")
-NEG_INF = float("-inf")
-INDEX_SENTINEL = -7  # indices are pre-filled with it: an unwritten entry fails the checks
+from .._cuda import DTYPES, INDEX_SENTINEL, NAN, NEG_INF, cpu_kernels_test
 
 # (B, H, Hm, T, N, Dk, Dv, k, shared, valid_len, special)
 CASES = [
@@ -346,7 +339,9 @@ def test_topk_read_cases_and_reference_side_on_cpu():
 CPU_CASES = [CASES[i] for i in (0, 3, 7, 12, 14, 15, 16, 18)]
 
 
-@pytest.mark.parametrize("case", CPU_CASES, ids=_case_id)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_topk_read_body_runs_on_cpu_kernels(case, dtype):
-    check_topk_read(cpu_kernels_as_cuda(), "cpu", case, dtype, True)
+def check_topk_read_with_threshold(ext, device, case, dtype):
+    check_topk_read(ext, device, case, dtype, use_threshold=True)
+
+
+test_topk_read_body_runs_on_cpu_kernels = cpu_kernels_test(check_topk_read_with_threshold,
+                                                           CPU_CASES, _case_id)

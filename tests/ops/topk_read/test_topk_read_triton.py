@@ -14,13 +14,9 @@ path with 16-slot chunks and a small candidate capacity (``-small``), so tiny sh
 pass, the threshold and the overflow fallback. The backward tests run on the production paths; the
 tests after them check each threshold design's own kernels.
 """
-import os
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 triton = pytest.importorskip("triton")
 
@@ -28,21 +24,10 @@ from l2m_kernels import _gpu_status  # noqa: E402
 from l2m_kernels.ops.topk_read import triton as topk_triton  # noqa: E402
 from l2m_kernels.ops.topk_read.reference import topk_memory_read_ref, topk_read_gather  # noqa: E402
 from l2m_kernels.testing import assert_close  # noqa: E402
+from .._triton import DEVICE, INTERPRETER_WARNINGS, skip_module_unless_interpreted  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-if DEVICE == "cpu":
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(topk_triton.topk_read_fwd_select_kernel, InterpretedFunction):
-        pytest.skip("l2m_kernels.ops.topk_read.triton was imported before TRITON_INTERPRET=1 was set",
-                    allow_module_level=True)
-
-# numpy's warnings for the deliberate inf/NaN rows when the interpreter evaluates the kernels.
-pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
-                                        "ignore:All-NaN slice encountered:RuntimeWarning",
-                                        "ignore:divide by zero encountered:RuntimeWarning",
-                                        "ignore:overflow encountered:RuntimeWarning")
+skip_module_unless_interpreted(topk_triton, "topk_read_fwd_select_kernel")
+pytestmark = INTERPRETER_WARNINGS
 
 NAN = float("nan")
 INDEX_SENTINEL = -(2**31) + 7
