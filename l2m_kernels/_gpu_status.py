@@ -243,6 +243,9 @@ def report_lines() -> list[str]:
 
 REPO_ROOT = Path(__file__).resolve().parent.parent   # a source checkout: l2m_kernels/ and csrc/
 TRITON_SOURCES = "l2m_kernels/ops"                   # every *.py below it is searched for jit functions
+# The jit helpers the ops share, under public names; each had its name with a leading underscore in
+# an op module before it moved there, and is fingerprinted under that name (see _jit_functions).
+TRITON_LIBRARY = "l2m_kernels/ops/_triton_lib.py"
 CUDA_SOURCES = "csrc/cuda"
 
 
@@ -279,7 +282,18 @@ def _is_jit(node: ast.FunctionDef) -> bool:
 
 
 def _jit_functions(tree: SourceTree) -> dict[str, list[tuple[str, ast.FunctionDef]]]:
-    """Every module-level Triton jit function under TRITON_SOURCES: name -> [(module path, node)]."""
+    """Every module-level Triton jit function under TRITON_SOURCES: name -> [(module path, node)].
+
+    Names are canonical: a public jit function of TRITON_LIBRARY, and every call to one, is named
+    with a leading underscore, the name it had in the op module it moved from; so moving a helper
+    into the library leaves the fingerprint of unchanged code unchanged. Nodes are canonical
+    copies (see :func:`_canonical`).
+    """
+    library = set()
+    text = tree.read(TRITON_LIBRARY)
+    if text is not None:
+        library = {node.name for node in ast.parse(text).body
+                   if isinstance(node, ast.FunctionDef) and _is_jit(node) and not node.name.startswith("_")}
     found: dict[str, list[tuple[str, ast.FunctionDef]]] = {}
     for path in tree.paths(TRITON_SOURCES, (".py",)):
         text = tree.read(path)
@@ -287,8 +301,27 @@ def _jit_functions(tree: SourceTree) -> dict[str, list[tuple[str, ast.FunctionDe
             continue
         for node in ast.parse(text).body:
             if isinstance(node, ast.FunctionDef) and _is_jit(node):
+                node = _canonical(node, library)
                 found.setdefault(node.name, []).append((path, node))
     return found
+
+
+def _canonical(node: ast.FunctionDef, library: set[str]) -> ast.FunctionDef:
+    """``node`` with the library's public jit names (its own, and those it calls) underscored."""
+    if not library:
+        return node
+
+    class Underscore(ast.NodeTransformer):
+        def visit_Call(self, call):
+            self.generic_visit(call)
+            if isinstance(call.func, ast.Name) and call.func.id in library:
+                call.func = ast.copy_location(ast.Name("_" + call.func.id, call.func.ctx), call.func)
+            return call
+
+    node = Underscore().visit(node)
+    if node.name in library:
+        node.name = "_" + node.name
+    return node
 
 
 def _code_of(node: ast.FunctionDef) -> str:
@@ -304,7 +337,8 @@ def _code_of(node: ast.FunctionDef) -> str:
 
 def _triton_code(kernels: tuple[str, ...], tree: SourceTree) -> str | None:
     """The kernels and every jit function they call (transitively, by name; a name defined in several
-    modules resolves to the caller's module first), or None when a kernel is missing."""
+    modules resolves to the caller's module first, then to the first module in path order, which
+    is TRITON_LIBRARY where it defines the name), or None when a kernel is missing."""
     functions = _jit_functions(tree)
     parts, seen = [], set()
     todo = [(name, None) for name in kernels]

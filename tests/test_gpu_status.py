@@ -131,25 +131,29 @@ def test_kernels_that_ran_are_unchanged_or_say_what_changed():
 
 def test_a_kernel_change_is_caught(tmp_path):
     """The fingerprint follows the code, not its layout: a changed operation in a kernel (or in a
-    jit function it calls) changes it, a changed comment does not."""
+    jit function it calls, here one in the shared Triton library) changes it, a changed comment
+    does not."""
     design = next(d for d in _gpu_status.DESIGNS if d.backend == "triton" and d.name == "stream")
     module = ROOT / "l2m_kernels" / "ops" / "topk_read" / "triton.py"
+    library = ROOT / _gpu_status.TRITON_LIBRARY
     tree = _gpu_status.SourceTree(root=tmp_path)
-    target = tmp_path / module.relative_to(ROOT)
+    target, target_library = (tmp_path / path.relative_to(ROOT) for path in (module, library))
     target.parent.mkdir(parents=True)
-    text = module.read_text()
+    text, library_text = module.read_text(), library.read_text()
     target.write_text(text)
+    target_library.write_text(library_text)
     base = _gpu_status.fingerprint(design, tree)
     assert base == _gpu_status.fingerprint(design)
     select = text.index("def topk_read_fwd_select_kernel(")
     body = text.index("\n", text.index(":\n", select) + 2) + 1  # the line after the signature
     target.write_text(text[:body] + "    # a comment\n" + text[body:])
     assert _gpu_status.fingerprint(design, tree) == base
-    called = "_encode_keys"  # a jit function the select kernel calls
-    assert f"{called}(" in text[select:text.index("\n@triton.jit", select + 1)]
-    definition = text.index(f"def {called}(")
-    ret = text.index("    return ", definition)
-    target.write_text(text[:ret] + "    b_s = b_s + 0\n" + text[ret:])
+    target.write_text(text)
+    called = "encode_keys"  # a jit function of the library the select kernel calls
+    assert f" {called}(" in text[select:text.index("\n@triton.jit", select + 1)]
+    definition = library_text.index(f"def {called}(")
+    ret = library_text.index("    return ", definition)
+    target_library.write_text(library_text[:ret] + "    b_s = b_s + 0\n" + library_text[ret:])
     assert _gpu_status.fingerprint(design, tree) != base
 
 

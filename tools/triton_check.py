@@ -12,6 +12,8 @@ Each module named in :data:`TRITON_MODULES` exposes ``COMPILE_CONFIGS``, a list 
     label            optional short text for the table
     allow_spills     optional bool, default False
 
+The op modules build these entries with :func:`l2m_kernels.ops._triton_lib.compile_entry`.
+
 For every entry and every requested compute capability this compiles the kernel with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``, writes the cubin to a
 temporary file and reads the per-kernel resource usage (REG, STACK, SHARED, LOCAL) with the

@@ -76,7 +76,7 @@ Numerics: loads in the input dtype, float32 softmax statistics and accumulators,
 output dtype. float32 inputs use ``tl.dot(..., input_precision="ieee")`` (no TF32); 16-bit inputs
 use the tensor cores with float32 accumulation, ``P`` and ``dS`` rounded to the input dtype for
 their dots as in FlashAttention. bfloat16 under the interpreter upcasts the dot operands (its
-``tl.dot`` multiplies raw bfloat16 bits; see the top-k read's ``_f32_dot``). Feature sizes are
+``tl.dot`` multiplies raw bfloat16 bits; see ``_triton_lib.f32_dot``). Feature sizes are
 padded to a power of two >= 16 (``tl.dot``) and masked. Offsets that can pass 2**31 elements are
 int64 (per-head bases, gathered memory rows); offsets inside a tile are int32.
 
@@ -93,9 +93,10 @@ import triton
 import triton.language as tl
 
 from ..._alloc import empty
-from ..merge.triton import _merged_lse, _side_weight, _sigmoid_pair
+from .._triton_lib import (COMPILE_OPTIONS, argument_types, block_d, compile_entry, config_label,
+                          constexpr_names, device_guard, f32_dot, merged_lse, row_block,
+                          row_block_grid, side_weight, sigmoid_pair)
 from ..topk_read import triton as topk_triton
-from ..topk_read.triton import _row_block, topk_read_bwd_slot_kernel
 
 __all__ = [
     "memory_attention_fwd",
@@ -103,9 +104,6 @@ __all__ = [
     "launch_config",
     "COMPILE_CONFIGS",
 ]
-
-# Pinned rather than left to the Triton default, which 3.9 warns is about to change.
-COMPILE_OPTIONS = {"enable_fp_fusion": True}
 
 LOG2E_PY = 1.4426950408889634
 LOG2E: tl.constexpr = tl.constexpr(LOG2E_PY)
@@ -199,12 +197,12 @@ def _merge_coefficients(lse_mem, gate, o_row, m_m, b_lse_local, MERGE_GATE: tl.c
     """[BM] (c_local, c_mem): out = c_local * out_local + c_mem * out_mem for either merge."""
     if MERGE_GATE:
         b_gate = tl.load(gate + o_row, mask=m_m, other=0.).to(tl.float32)
-        b_c_mem, b_c_local = _sigmoid_pair(b_gate)
+        b_c_mem, b_c_local = sigmoid_pair(b_gate)
     else:
         b_lse_mem = tl.load(lse_mem + o_row, mask=m_m, other=float("-inf"))
-        b_lse = _merged_lse(b_lse_local, b_lse_mem)
-        b_c_local = _side_weight(b_lse_local, b_lse)
-        b_c_mem = _side_weight(b_lse_mem, b_lse)
+        b_lse = merged_lse(b_lse_local, b_lse_mem)
+        b_c_local = side_weight(b_lse_local, b_lse)
+        b_c_mem = side_weight(b_lse_mem, b_lse)
     return b_c_local, b_c_mem
 
 
@@ -436,7 +434,7 @@ def memory_attention_bwd_mem_kernel(
     BLOCK_DV: tl.constexpr,
 ):
     """Grid (num_row_blocks * B * Hm,): BLOCK_T query rows of one (batch, memory head)."""
-    i_bh, i_tb, i_b, i_hm = _row_block(num_row_blocks, Hm)
+    i_bh, i_tb, i_b, i_hm = row_block(num_row_blocks, Hm)
     o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
     m_t = o_t < R
     o_row = i_bh * R + o_t
@@ -462,7 +460,7 @@ def memory_attention_bwd_mem_kernel(
     b_q_scaled = b_q * scale
 
     if MERGE_GATE:
-        b_g, b_one_minus_g = _sigmoid_pair(tl.load(gate + o_row, mask=m_t, other=0.).to(tl.float32))
+        b_g, b_one_minus_g = sigmoid_pair(tl.load(gate + o_row, mask=m_t, other=0.).to(tl.float32))
         # X_M = <dout, out_mem> = sum_j W_j dw_j: a first pass over the entries.
         b_xm = tl.zeros([BLOCK_T], dtype=tl.float32)
         for j in range(0, topk):
@@ -481,9 +479,9 @@ def memory_attention_bwd_mem_kernel(
         b_delta_mem = b_g * b_xm - b_dlse_mem
         tl.store(dgate_rows + o_row, b_g * b_one_minus_g * (b_xm - b_delta_out), mask=m_t)
     else:
-        b_lse = _merged_lse(b_lse_local, b_lse_mem)
-        b_a = _side_weight(b_lse_local, b_lse)
-        b_b = _side_weight(b_lse_mem, b_lse)
+        b_lse = merged_lse(b_lse_local, b_lse_mem)
+        b_a = side_weight(b_lse_local, b_lse)
+        b_b = side_weight(b_lse_mem, b_lse)
         b_c_local = b_a
         b_delta_local = b_a * b_delta_out - b_dlse_local
         b_c_mem = b_b
@@ -801,16 +799,13 @@ MEM_TILE = Tile(16, 0, 4, 1)
 NONFINITE_TILE = Tile(32, 0, 8, 1)
 
 
-def _block_d(D: int) -> int:
-    return max(16, triton.next_power_of_2(max(int(D), 1)))
-
-
 def launch_config(D: int, Dv: int, dtype: torch.dtype) -> LaunchConfig:
     """Tiles of every kernel for head sizes ``D``, ``Dv`` and ``dtype`` (a fixed choice)."""
-    f32_dot = topk_triton._f32_dot(dtype)
-    block_d, block_dv = _block_d(D), _block_d(Dv)
-    key = (f32_dot, min(max(block_d, block_dv), 128))
-    return LaunchConfig(f32_dot, block_d, block_dv, _FWD_TILES[key], _DKDV_TILES[key], _DQ_TILES[key], MEM_TILE)
+    use_f32_dot = f32_dot(dtype)
+    block_dk, block_dv = block_d(D), block_d(Dv)
+    key = (use_f32_dot, min(max(block_dk, block_dv), 128))
+    return LaunchConfig(use_f32_dot, block_dk, block_dv, _FWD_TILES[key], _DKDV_TILES[key], _DQ_TILES[key],
+                        MEM_TILE)
 
 
 def _attention_constexprs(config: LaunchConfig, tile: Tile) -> dict:
@@ -864,7 +859,7 @@ def _padded_head_dim(D: int, dtype: torch.dtype) -> int:
     kernel faulted (illegal address, not every run) at float16 D = 33 and never at D = 32 or 64;
     zero columns change no score and their gradients are sliced off."""
     if dtype in (torch.float16, torch.bfloat16) and D % 8:
-        return _block_d(D)
+        return block_d(D)
     return D
 
 
@@ -916,7 +911,7 @@ def memory_attention_fwd(q, k, v, mem_keys, mem_values, topk, window, merge, gat
     weights = torch.empty((B, H, T, topk), dtype=torch.float32, device=device)
     gate_rows = _gate_rows(gate, B, H, T) if merge_gate else q  # never read without a gate
 
-    with topk_triton._device_guard(q):
+    with device_guard(q):
         topk_triton.topk_read_select(q, mem_keys, vl, topk, float(scale), indices, weights, lse_mem)
         _attention_fwd(q, k, v, mem_values, indices, weights, lse_mem, gate_rows, out, lse_local, window,
                        scale, merge_gate)
@@ -994,7 +989,6 @@ def memory_attention_bwd(dout, dlse_local, dlse_mem, q, k, v, mem_keys, mem_valu
     Hm, N = mem_keys.shape[-3], mem_keys.shape[-2]
     topk = indices.shape[-1]
     shared = mem_keys.dim() == 3
-    M = Hm if shared else B * Hm
     device = q.device
     merge_gate = merge == "gate"
     dq = empty(q.shape, dtype=q.dtype, device=device)
@@ -1040,12 +1034,12 @@ def memory_attention_bwd(dout, dlse_local, dlse_mem, q, k, v, mem_keys, mem_valu
     config = launch_config(D, Dv, q.dtype)
     window_arg = _window(window, S)
     R = (H // Hm) * T
-    with topk_triton._device_guard(q):
+    with device_guard(q):
         if merge_gate:   # the memory kernel takes <dout, out_local> from out_local (see the module doc)
             out = _local_out(q, k, v, mem_values, indices, lse_mem, window, scale)
         constexprs, tile = _mem_constexprs(config, merge_gate, atomic)
-        num_row_blocks = triton.cdiv(R, tile.block_m)
-        memory_attention_bwd_mem_kernel[(num_row_blocks * B * Hm,)](
+        num_row_blocks, programs = row_block_grid(R, tile.block_m, B * Hm)
+        memory_attention_bwd_mem_kernel[(programs,)](
             q, mem_keys, mem_values, dout, out, indices, lse_local, lse_mem, dlse_local, dlse_mem, gate_rows,
             dscale, delta, dq_mem, dgate_rows, dmk_acc, dmv_acc, ds, cw,
             R, N, D, Dv, topk, float(scale), Hm, 0 if shared else Hm * N * D, 0 if shared else Hm * N * Dv,
@@ -1066,12 +1060,7 @@ def memory_attention_bwd(dout, dlse_local, dlse_mem, q, k, v, mem_keys, mem_valu
             **constexprs, **_launch_options(tile),
         )
         if not atomic:
-            entry_order, entry_rows, run_starts = topk_triton._slot_runs(indices, B, H, T, Hm, N, R, M, shared)
-            slot_constexprs, num_warps = topk_triton._slot_constexprs(D, Dv)
-            topk_read_bwd_slot_kernel[(M * N,)](
-                q, dout, cw, ds, entry_order, entry_rows, run_starts, dmem_keys, dmem_values, D, Dv, float(scale),
-                **slot_constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
-            )
+            topk_triton.slot_reduce_bwd(q, dout, cw, ds, indices, scale, Hm, N, shared, dmem_keys, dmem_values)
     if atomic:
         if dmk_acc is not dmem_keys:
             dmem_keys.copy_(dmk_acc)
@@ -1099,11 +1088,9 @@ def _unpad(D_in: int, *grads: torch.Tensor) -> tuple:
 COMPILE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 COMPILE_HEAD_DIMS = (64, 128)
 
-_SIGNATURE_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-# Runtime arguments of each kernel, in order, by role: "x" a pointer of the input dtype, "i64" /
-# "f32" pointers of those types, "int" a size or count, "float" a scalar. The launchers pass
-# exactly these positionally; _build_compile_configs checks the names against the kernels.
+# Runtime arguments of each kernel, in order, by role (see _triton_lib.argument_types). The
+# launchers pass exactly these positionally; _build_compile_configs checks the names against the
+# kernels.
 _KERNEL_ARGS = {
     memory_attention_fwd_kernel: (
         ("q", "x"), ("k", "x"), ("v", "x"), ("mem_values", "x"), ("indices", "i64"), ("weights", "f32"),
@@ -1163,13 +1150,7 @@ def _production_constexprs(kernel, dtype):
     return picks
 
 
-def _label(dtype, head_dims, constexprs) -> str:
-    parts = [_SIGNATURE_DTYPE[dtype], "D=" + ",".join(map(str, head_dims))]
-    short = {"MERGE_GATE": "GATE", "ATOMIC": "ATOMIC", "BLOCK_M": "BM", "BLOCK_N": "BN", "BLOCK_T": "BT"}
-    for name, value in constexprs.items():
-        if name in short:
-            parts.append(f"{short[name]}={int(value)}")
-    return " ".join(parts)
+_LABELS = {"MERGE_GATE": "GATE", "ATOMIC": "ATOMIC", "BLOCK_M": "BM", "BLOCK_N": "BN", "BLOCK_T": "BT"}
 
 
 def _build_compile_configs() -> list[dict]:
@@ -1178,35 +1159,24 @@ def _build_compile_configs() -> list[dict]:
     is the top-k read's kernel, checked with that module."""
     configs = []
     for kernel, args in _KERNEL_ARGS.items():
-        constexpr_names = [name for name in kernel.arg_names if name not in dict(args)]
-        if [name for name, _ in args] + constexpr_names != list(kernel.arg_names):
-            raise AssertionError(f"_KERNEL_ARGS out of date for {kernel.__name__}: {kernel.arg_names}")
+        names = constexpr_names(kernel, args)
         for dtype in COMPILE_DTYPES:
-            types = {"x": "*" + _SIGNATURE_DTYPE[dtype], "i64": "*i64", "i32": "*i32", "f32": "*fp32", "int": "i32",
-                     "float": "fp32"}
+            types = argument_types(dtype)
             seen = {}
             for constexprs, tile, D in _production_constexprs(kernel, dtype):
-                if sorted(constexprs) != sorted(constexpr_names):
+                if sorted(constexprs) != sorted(names):
                     raise AssertionError(f"constexprs {sorted(constexprs)} do not match {kernel.__name__}")
                 key = (tuple(constexprs.items()), tile.num_warps, tile.num_stages)
                 if key in seen:
                     seen[key]["head_dims"].append(D)
                     continue
-                divisible = [name for name, role in args if role in ("x", "i64", "i32", "f32")]
-                divisible += [name for name, role in args if role == "int" and name in _DIVISIBLE_INTS]
-                entry = {
-                    "kernel": kernel,
-                    "signature": {name: types[role] for name, role in args},
-                    "constexprs": constexprs,
-                    "num_warps": tile.num_warps,
-                    "options": {"num_stages": tile.num_stages, **COMPILE_OPTIONS},
-                    "divisible_by_16": tuple(divisible),
-                    "head_dims": [D],
-                }
-                seen[key] = entry
-                configs.append(entry)
+                seen[key] = compile_entry(kernel, args, types, constexprs, tile.num_warps,
+                                          divisible_ints=_DIVISIBLE_INTS, options={"num_stages": tile.num_stages},
+                                          head_dims=[D])
+                configs.append(seen[key])
             for entry in seen.values():
-                entry["label"] = _label(dtype, entry["head_dims"], entry["constexprs"])
+                entry["label"] = config_label(dtype, "D=" + ",".join(map(str, entry.pop("head_dims"))),
+                                              entry["constexprs"], _LABELS)
     return configs
 
 

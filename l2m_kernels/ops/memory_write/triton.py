@@ -84,12 +84,13 @@ sizes; ``python -m tools.triton_check`` compiles them for sm_80/sm_90 without a 
 """
 from __future__ import annotations
 
-import contextlib
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+from .._triton_lib import COMPILE_OPTIONS, SIGNATURE_DTYPE, block_d, compile_entry, device_guard, pow2_at_least
 
 __all__ = [
     "gated_memory_write_fwd",
@@ -118,9 +119,6 @@ MAX_WRITE_WARPS = 4
 DENSE_TILE_ELEMENTS_FWD = 1024
 DENSE_TILE_ELEMENTS_BWD = 512
 DENSE_WARPS = 4
-# Pinned rather than left to the Triton default, which 3.9 warns is about to change (house style,
-# as in the merge kernels): fused multiply-adds are faster and at least as accurate.
-COMPILE_OPTIONS = {"enable_fp_fusion": True}
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -413,9 +411,9 @@ def write_config(D: int) -> WriteConfig:
     autotuning): a fixed choice keeps runs reproducible, and each column is computed by the same
     code whichever tile holds it.
     """
-    block_d = min(max(triton.next_power_of_2(max(int(D), 1)), MIN_BLOCK_D), MAX_BLOCK_D)
-    num_warps = max(1, min(MAX_WRITE_WARPS, block_d // (32 * WRITE_ELEMENTS_PER_THREAD)))
-    return WriteConfig(block_d, triton.cdiv(max(int(D), 1), block_d), num_warps)
+    block_cols = block_d(D, MAX_BLOCK_D, MIN_BLOCK_D)
+    num_warps = max(1, min(MAX_WRITE_WARPS, block_cols // (32 * WRITE_ELEMENTS_PER_THREAD)))
+    return WriteConfig(block_cols, triton.cdiv(max(int(D), 1), block_cols), num_warps)
 
 
 def _write_constexprs(D: int, erase_per_slot: bool, backward: bool) -> tuple[dict, int, int]:
@@ -443,8 +441,8 @@ def dense_config(S2: int, S3: int, backward: bool = False) -> DenseConfig:
     fixed heuristic, no autotuning.
     """
     tile_elements = DENSE_TILE_ELEMENTS_BWD if backward else DENSE_TILE_ELEMENTS_FWD
-    block_c = min(max(triton.next_power_of_2(max(int(S3), 1)), MIN_BLOCK_D), tile_elements)
-    block_r = min(tile_elements // block_c, triton.next_power_of_2(max(int(S2), 1)))
+    block_c = block_d(S3, tile_elements, MIN_BLOCK_D)
+    block_r = min(tile_elements // block_c, pow2_at_least(S2))
     return DenseConfig(block_r, block_c, DENSE_WARPS)
 
 
@@ -487,11 +485,6 @@ def _dense_launch(views, backward: bool):
     return (S1, S2, S3), strides, (programs,), constexprs, num_warps
 
 
-def _device_guard(tensor: torch.Tensor):
-    # Triton launches on the current CUDA device; make it the tensors' device.
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
-
-
 def _check_dtype(name: str, tensor: torch.Tensor):
     if tensor.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"{name}: the triton backend supports float32/float16/bfloat16, got {tensor.dtype}")
@@ -520,7 +513,7 @@ def gated_memory_write_fwd(memory, indices, weights, add, erase, order, run_leng
     if num_entries == 0 or D == 0:
         return
     constexprs, num_warps, num_d_tiles = _write_constexprs(D, erase.shape[-1] == 1, backward=False)
-    with _device_guard(memory):
+    with device_guard(memory):
         gated_memory_write_fwd_kernel[(num_entries, num_d_tiles)](
             memory, indices, weights, add, erase, order, run_length, out, N, D, T * kw, kw,
             **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
@@ -556,7 +549,7 @@ def gated_memory_write_bwd(dnew, memory, indices, weights, add, erase, order, ru
         erase_partials = (torch.zeros_like(dweight_partials) if erase_per_slot else dweight_partials)
     else:
         dweight_partials = erase_partials = add_parts  # not read: placeholders of the right type
-    with _device_guard(memory):
+    with device_guard(memory):
         gated_memory_write_bwd_kernel[(num_entries, num_d_tiles)](
             dnew, memory, indices, weights, add, erase, order, run_length, dmemory, dweights,
             add_parts, erase_parts, dweight_partials, erase_partials, N, D, T * kw, kw,
@@ -585,7 +578,7 @@ def gated_dense_update_fwd(memory, update, input_gate, forget_gate, out) -> None
         return
     sizes, strides, grid, constexprs, num_warps = _dense_launch((memory, update, input_gate, forget_gate),
                                                                 backward=False)
-    with _device_guard(memory):
+    with device_guard(memory):
         gated_dense_update_fwd_kernel[grid](
             memory, update, input_gate, forget_gate, out, *sizes, *strides,
             **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
@@ -610,7 +603,7 @@ def gated_dense_update_bwd(dout, memory, update, input_gate, forget_gate,
         return
     sizes, strides, grid, constexprs, num_warps = _dense_launch((memory, update, input_gate, forget_gate),
                                                                 backward=True)
-    with _device_guard(memory):
+    with device_guard(memory):
         gated_dense_update_bwd_kernel[grid](
             dout, memory, update, input_gate, forget_gate, dmemory, dupdate, dinput_gate, dforget_gate,
             *sizes, *strides, **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
@@ -627,8 +620,6 @@ COMPILE_HEAD_DIMS = (64, 128, 256, 1024, 2048)
 # Sizes the JIT sees in a production call, for its divisibility specialization: N slots and
 # P = T * kw writes per memory multiples of 16, kw = 4 (not 16-divisible).
 _COMPILE_N, _COMPILE_P, _COMPILE_KW = 4096, 2048, 4
-
-_SIGNATURE_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 _WRITE_FWD_ARGS = (("memory", "x"), ("indices", "idx"), ("weights", "x"), ("add", "x"), ("erase", "x"),
                    ("order", "i64"), ("run_length", "i32"), ("out", "x"),
@@ -675,24 +666,15 @@ def _dense_patterns(D: int) -> dict[str, tuple[dict, tuple[int, int]]]:
 def _entry(kernel, args, types, int_values, constexprs, num_warps, label):
     """One COMPILE_CONFIGS entry; ``int_values`` {name: value or None} mirrors the JIT's int
     specialization (1 becomes a constexpr, multiples of 16 (and 0) are marked divisible)."""
-    signature, divisible, constexprs = {}, [], dict(constexprs)
+    constexprs, runtime_args = dict(constexprs), []
     for name, role in args:
-        if role == "int":
-            value = int_values.get(name)
-            if value == 1:
-                constexprs[name] = 1
-                continue
-            signature[name] = "i32"
-            if value is not None and value % 16 == 0:
-                divisible.append(name)
+        if role == "int" and int_values.get(name) == 1:
+            constexprs[name] = 1
         else:
-            signature[name] = types[role]
-            divisible.append(name)  # torch allocations are 16-byte aligned
-    names = list(signature) + list(constexprs)
-    if sorted(names) != sorted(kernel.arg_names):
-        raise AssertionError(f"compile config out of date for {kernel.__name__}: {kernel.arg_names}")
-    return {"kernel": kernel, "signature": signature, "constexprs": constexprs, "num_warps": num_warps,
-            "options": dict(COMPILE_OPTIONS), "divisible_by_16": tuple(divisible), "label": label}
+            runtime_args.append((name, role))
+    divisible = [name for name, value in int_values.items() if value is not None and value % 16 == 0]
+    return compile_entry(kernel, runtime_args, dict(types, int="i32"), constexprs, num_warps,
+                         divisible_ints=divisible, label=label)
 
 
 def _build_compile_configs() -> list[dict]:
@@ -704,7 +686,7 @@ def _build_compile_configs() -> list[dict]:
     """
     configs = []
     for dtype in COMPILE_DTYPES:
-        x = _SIGNATURE_DTYPE[dtype]
+        x = SIGNATURE_DTYPE[dtype]
         for D in COMPILE_HEAD_DIMS:
             write_ints = {"N": _COMPILE_N, "D": D, "P": _COMPILE_P, "KW": _COMPILE_KW}
             # int32 indices change only the index loads: one head size stands for them.

@@ -22,12 +22,14 @@ sizes; ``python -m tools.triton_check`` compiles them for sm_80/sm_90 without a 
 """
 from __future__ import annotations
 
-import contextlib
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+from .._triton_lib import (COMPILE_OPTIONS, argument_types, block_d, compile_entry, config_label,
+                          constexpr_names, device_guard, merged_lse, side_weight, sigmoid_pair)
 
 __all__ = [
     "merge_attention_fwd",
@@ -47,52 +49,11 @@ MAX_BLOCK_D = 256
 TILE_ELEMENTS_FWD = 4096
 TILE_ELEMENTS_BWD = 2048
 NUM_WARPS = 4
-# Pinned rather than left to the Triton default, which 3.9 warns is about to change: fused
-# multiply-adds are both faster and more accurate for these blends and dot products.
-COMPILE_OPTIONS = {"enable_fp_fusion": True}
 
 
 # ---------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------
-
-@triton.jit
-def _log1p(b_x):
-    # log(1 + x) without losing the low bits of small x (Goldberg's trick): with u = fl(1 + x),
-    # log(u) * x / (u - 1) cancels the rounding error of u. Avoids libdevice, whose module path
-    # differs across Triton versions and under the interpreter.
-    b_u = 1. + b_x
-    return tl.where(b_u == 1., b_x, tl.log(b_u) * (b_x / (b_u - 1.)))
-
-
-@triton.jit
-def _merged_lse(b_la, b_lb):
-    # m = la if la > lb else lb: a select, not tl.maximum, so a NaN in lb propagates and a NaN in
-    # la reaches lse through |la - lb|.
-    b_m = tl.where(b_la > b_lb, b_la, b_lb)
-    b_lse = b_m + _log1p(tl.exp(-tl.abs(b_la - b_lb)))
-    # Both sides empty: -inf. Tested on the inputs rather than on m == -inf so that (NaN, -inf)
-    # still gives NaN, as the reference (torch.maximum) does.
-    b_both_empty = (b_la == float("-inf")) & (b_lb == float("-inf"))
-    # A +inf side (and no NaN) gives +inf: exp(-|inf - inf|) made it NaN.
-    b_inf = (b_m == float("inf")) & (b_la == b_la) & (b_lb == b_lb)
-    return tl.where(b_both_empty, float("-inf"), tl.where(b_inf, float("inf"), b_lse))
-
-
-@triton.jit
-def _side_weight(b_l, b_lse):
-    # exp(l - lse), and exactly 0 for an empty side even when lse is -inf as well.
-    return tl.where(b_l == float("-inf"), 0., tl.exp(b_l - b_lse))
-
-
-@triton.jit
-def _sigmoid_pair(b_gate):
-    # (sigmoid(x), 1 - sigmoid(x)); the second as sigmoid(-x) so it keeps its precision when
-    # sigmoid(x) is close to 1.
-    b_g = 1. / (1. + tl.exp(-b_gate))
-    b_one_minus_g = 1. / (1. + tl.exp(b_gate))
-    return b_g, b_one_minus_g
-
 
 @triton.jit
 def merge_attention_fwd_kernel(
@@ -119,9 +80,9 @@ def merge_attention_fwd_kernel(
     # [BR]
     b_la = tl.load(lse_a + o_r, mask=m_r, other=0.).to(ACC_DTYPE)
     b_lb = tl.load(lse_b + o_r, mask=m_r, other=0.).to(ACC_DTYPE)
-    b_lse = _merged_lse(b_la, b_lb)
-    b_wa = _side_weight(b_la, b_lse)
-    b_wb = _side_weight(b_lb, b_lse)
+    b_lse = merged_lse(b_la, b_lb)
+    b_wa = side_weight(b_la, b_lse)
+    b_wb = side_weight(b_lb, b_lse)
     if i_d == 0:
         tl.store(lse + o_r, b_lse.to(lse.dtype.element_ty), mask=m_r)
 
@@ -162,8 +123,8 @@ def merge_attention_bwd_kernel(
     b_lb = tl.load(lse_b + o_r, mask=m_r, other=0.).to(ACC_DTYPE)
     b_lse = tl.load(lse + o_r, mask=m_r, other=0.).to(ACC_DTYPE)
     b_dlse = tl.load(dlse + o_r, mask=m_r, other=0.).to(ACC_DTYPE)
-    b_wa = _side_weight(b_la, b_lse)
-    b_wb = _side_weight(b_lb, b_lse)
+    b_wa = side_weight(b_la, b_lse)
+    b_wb = side_weight(b_lb, b_lse)
     # <dout, out_a> and <dout, out_b> per row, accumulated over the D chunks.
     b_pa = tl.zeros([BLOCK_R], dtype=ACC_DTYPE)
     b_pb = tl.zeros([BLOCK_R], dtype=ACC_DTYPE)
@@ -212,7 +173,7 @@ def gated_merge_fwd_kernel(
 
     # [BR]
     b_gate = tl.load(gate + o_r, mask=m_r, other=0.).to(ACC_DTYPE)
-    b_g, b_one_minus_g = _sigmoid_pair(b_gate)
+    b_g, b_one_minus_g = sigmoid_pair(b_gate)
 
     o_rd = o_r[:, None] * D + o_d[None, :]
     # [BR, BD]
@@ -244,7 +205,7 @@ def gated_merge_bwd_kernel(
 
     # [BR]
     b_gate = tl.load(gate + o_r, mask=m_r, other=0.).to(ACC_DTYPE)
-    b_g, b_one_minus_g = _sigmoid_pair(b_gate)
+    b_g, b_one_minus_g = sigmoid_pair(b_gate)
     # <dout, out_mem - out_local> per row, accumulated over the D chunks.
     b_dot = tl.zeros([BLOCK_R], dtype=ACC_DTYPE)
 
@@ -284,12 +245,12 @@ def tile_config(D: int, dtype: torch.dtype, backward: bool = False) -> TileConfi
     ``MAX_BLOCK_D``; ``BLOCK_R`` fills a tile of ``TILE_ELEMENTS_FWD`` / ``TILE_ELEMENTS_BWD``
     elements (half that for float64, which takes two registers per element).
     """
-    block_d = min(triton.next_power_of_2(max(int(D), 1)), MAX_BLOCK_D)
+    block_cols = block_d(D, MAX_BLOCK_D, min_block_d=1)
     tile_elements = TILE_ELEMENTS_BWD if backward else TILE_ELEMENTS_FWD
     if dtype == torch.float64:
         tile_elements //= 2
-    block_r = max(1, tile_elements // block_d)
-    return TileConfig(block_r, block_d, NUM_WARPS)
+    block_r = max(1, tile_elements // block_cols)
+    return TileConfig(block_r, block_cols, NUM_WARPS)
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -301,11 +262,6 @@ def _constexprs(D: int, dtype: torch.dtype, backward: bool) -> tuple[dict, int]:
     config = tile_config(D, dtype, backward)
     constexprs = {"ACC_DTYPE": _acc_dtype(dtype), "BLOCK_R": config.block_r, "BLOCK_D": config.block_d}
     return constexprs, config.num_warps
-
-
-def _device_guard(tensor: torch.Tensor):
-    # Triton launches on the current CUDA device; make it the tensors' device.
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,7 +286,7 @@ def merge_attention_fwd(out_a, lse_a, out_b, lse_b, out, lse) -> None:
     constexprs, num_warps = _constexprs(D, out_a.dtype, backward=False)
     # At least one D program so lse is written even for a degenerate D == 0.
     grid = (triton.cdiv(R, constexprs["BLOCK_R"]), max(1, triton.cdiv(D, constexprs["BLOCK_D"])))
-    with _device_guard(out_a):
+    with device_guard(out_a):
         merge_attention_fwd_kernel[grid](
             out_a, lse_a, out_b, lse_b, out, lse, R, D, **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
         )
@@ -354,7 +310,7 @@ def merge_attention_bwd(dout, dlse, out_a, lse_a, out_b, lse_b, lse,
         return
     constexprs, num_warps = _constexprs(D, out_a.dtype, backward=True)
     grid = (triton.cdiv(R, constexprs["BLOCK_R"]),)
-    with _device_guard(out_a):
+    with device_guard(out_a):
         merge_attention_bwd_kernel[grid](
             dout, dlse, out_a, lse_a, out_b, lse_b, lse, d_out_a, d_lse_a, d_out_b, d_lse_b, R, D,
             **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
@@ -375,7 +331,7 @@ def gated_merge_fwd(out_local, out_mem, gate, out) -> None:
         return
     constexprs, num_warps = _constexprs(D, out_local.dtype, backward=False)
     grid = (triton.cdiv(R, constexprs["BLOCK_R"]), max(1, triton.cdiv(D, constexprs["BLOCK_D"])))
-    with _device_guard(out_local):
+    with device_guard(out_local):
         gated_merge_fwd_kernel[grid](
             out_local, out_mem, gate, out, R, D, **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
         )
@@ -397,7 +353,7 @@ def gated_merge_bwd(dout, out_local, out_mem, gate, d_local, d_mem, d_gate) -> N
         return
     constexprs, num_warps = _constexprs(D, out_local.dtype, backward=True)
     grid = (triton.cdiv(R, constexprs["BLOCK_R"]),)
-    with _device_guard(out_local):
+    with device_guard(out_local):
         gated_merge_bwd_kernel[grid](
             dout, out_local, out_mem, gate, d_local, d_mem, d_gate, R, D,
             **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
@@ -411,9 +367,6 @@ def gated_merge_bwd(dout, out_local, out_mem, gate, d_local, d_mem, d_gate) -> N
 # Dtypes and head sizes the GPU path is compile-checked for.
 COMPILE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 COMPILE_HEAD_DIMS = (64, 128, 256, 512)
-
-_SIGNATURE_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-                    torch.float64: "fp64"}
 
 # Runtime arguments of each kernel, in order, by role: "x" a pointer of the input dtype, "acc" a
 # pointer of the accumulation dtype, "int" a row count or size. The launchers
@@ -436,27 +389,14 @@ _BACKWARD_KERNELS = (merge_attention_bwd_kernel, gated_merge_bwd_kernel)
 
 
 def _build_compile_configs() -> list[dict]:
-    """One entry per distinct (kernel, dtype, constexprs) the launchers pick for COMPILE_HEAD_DIMS.
-
-    Entry keys (the format tools.triton_check reads):
-        kernel:          the @triton.jit function.
-        signature:       {runtime arg name: Triton type string}, e.g. "*fp16", "i32".
-        constexprs:      {constexpr arg name: value}.
-        num_warps:       int.
-        options:         the other compile options the launchers pass.
-        divisible_by_16: names the JIT would specialize as 16-divisible for these calls
-                         (torch's allocations are 16-byte aligned; D is a multiple of 16 here).
-        label:           short text for the table.
-    """
+    """One entry per distinct (kernel, dtype, constexprs) the launchers pick for COMPILE_HEAD_DIMS
+    (entry format: tools.triton_check; ``D`` marked 16-divisible where it is)."""
     configs = []
     for kernel, args in _KERNEL_ARGS.items():
-        constexpr_names = [name for name in kernel.arg_names if name not in dict(args)]
-        if [name for name, _ in args] + constexpr_names != list(kernel.arg_names) or \
-                sorted(constexpr_names) != ["ACC_DTYPE", "BLOCK_D", "BLOCK_R"]:
+        if sorted(constexpr_names(kernel, args)) != ["ACC_DTYPE", "BLOCK_D", "BLOCK_R"]:
             raise AssertionError(f"_KERNEL_ARGS out of date for {kernel.__name__}: {kernel.arg_names}")
         for dtype in COMPILE_DTYPES:
-            acc = "fp64" if dtype == torch.float64 else "fp32"
-            types = {"x": "*" + _SIGNATURE_DTYPE[dtype], "acc": "*" + acc, "int": "i32"}
+            types = argument_types(dtype, acc="*fp64" if dtype == torch.float64 else "*fp32")
             seen = {}
             for D in COMPILE_HEAD_DIMS:
                 constexprs, num_warps = _constexprs(D, dtype, backward=kernel in _BACKWARD_KERNELS)
@@ -464,23 +404,12 @@ def _build_compile_configs() -> list[dict]:
                 if key in seen:
                     seen[key]["head_dims"].append(D)
                     continue
-                divisible = [name for name, role in args if role != "int"]
-                if D % 16 == 0:
-                    divisible.append("D")
-                entry = {
-                    "kernel": kernel,
-                    "signature": {name: types[role] for name, role in args},
-                    "constexprs": constexprs,
-                    "num_warps": num_warps,
-                    "options": dict(COMPILE_OPTIONS),
-                    "divisible_by_16": tuple(divisible),
-                    "head_dims": [D],
-                }
-                seen[key] = entry
-                configs.append(entry)
+                seen[key] = compile_entry(kernel, args, types, constexprs, num_warps,
+                                          divisible_ints=("D",) if D % 16 == 0 else (), head_dims=[D])
+                configs.append(seen[key])
             for entry in seen.values():
-                entry["label"] = (f"{_SIGNATURE_DTYPE[dtype]} D={','.join(map(str, entry['head_dims']))} "
-                                  f"BR={entry['constexprs']['BLOCK_R']} BD={entry['constexprs']['BLOCK_D']}")
+                entry["label"] = config_label(dtype, "D=" + ",".join(map(str, entry.pop("head_dims"))),
+                                              entry["constexprs"], {"BLOCK_R": "BR", "BLOCK_D": "BD"})
     return configs
 
 

@@ -15,11 +15,11 @@ row and head, the half scores ``s1 = (q[:Dh] . subkeys[h, 0]) * scale`` and
 then ``weights = softmax``, ``lse = logsumexp`` and ``out = sum_j weights_j * values[slot_j]``,
 summed over heads when ``sum_heads``.
 
-Selection reuses the machinery of :mod:`l2m_kernels.ops.topk_read.triton`: every (score, slot)
-becomes one int64 sort key (order-preserving image of the float32 score in the high word,
-``2**31 - 1 - slot`` in the low word, NaN ranked as +inf), and a running top list per row is kept
-sorted in registers with the ``tl.reshape`` bitonic sort/merge helpers (Triton 3.3 .. 3.9 and the
-interpreter). Slots must fit the low word: ``n_sub ** 2 < 2**31``.
+Selection uses the sort keys and sorting network of :mod:`l2m_kernels.ops._triton_lib`, as the
+top-k read does: every (score, slot) becomes one int64 sort key (order-preserving image of the
+float32 score in the high word, ``2**31 - 1 - slot`` in the low word, NaN ranked as +inf), and a
+running top list per row is kept sorted in registers with the bitonic sort/merge helpers (Triton
+3.3 .. 3.9 and the interpreter). Slots must fit the low word: ``n_sub ** 2 < 2**31``.
 
 Forward, three launches (each hands its results to the next through global memory, so no
 in-kernel barrier is needed), nothing of size ``T x n_sub``:
@@ -75,21 +75,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..topk_read.triton import (
-    COMPILE_OPTIONS,
-    INT64_MIN,
-    MIN_K_PAD,
-    _bitonic_merge,
-    _bitonic_sort,
-    _block_d,
-    _decode_keys,
-    _device_guard,
-    _encode_key,
-    _encode_keys,
-    _interpreted,
-    _row_block,
-    select_config,
-)
+from .._triton_lib import (COMPILE_OPTIONS, INT64_MIN, MIN_K_PAD, argument_types, bitonic_merge,
+                          bitonic_sort, block_d, compile_entry, config_label, constexpr_names,
+                          decode_keys, device_guard, encode_key, encode_keys, f32_dot,
+                          pow2_at_least, row_block, row_block_grid)
+from ..topk_read.triton import MAX_BLOCK_D, select_config
 
 __all__ = ["product_key_fwd", "product_key_bwd", "COMPILE_CONFIGS", "MAX_K", "MAX_K_SUB"]
 
@@ -112,12 +102,12 @@ def _merge_tile(b_top, b_key, K_PAD: tl.constexpr, LOG_K_PAD: tl.constexpr, BLOC
     (still ascending), take the elementwise maximum with the descending list (exactly the K_PAD
     largest keys of both, as a bitonic sequence) and bitonic-merge that descending.
     """
-    b_new = _bitonic_sort(b_key, 0, BLOCK_T, BLOCK_C, LOG_BLOCK_C)
+    b_new = bitonic_sort(b_key, 0, BLOCK_T, BLOCK_C, LOG_BLOCK_C)
     if BLOCK_C < K_PAD:
         o_seg = tl.arange(0, K_PAD // BLOCK_C)
         b_new = tl.reshape(tl.where(o_seg[None, :, None] == K_PAD // BLOCK_C - 1, b_new[:, None, :],
                                     INT64_MIN), [BLOCK_T, K_PAD])
-    return _bitonic_merge(tl.maximum(b_top, b_new), 1, BLOCK_T, K_PAD, LOG_K_PAD)
+    return bitonic_merge(tl.maximum(b_top, b_new), 1, BLOCK_T, K_PAD, LOG_K_PAD)
 
 
 @triton.jit
@@ -125,7 +115,7 @@ def _kth(b_top, k, K_PAD: tl.constexpr):
     """[BT] k-th best key of each row and its score (-inf while the list holds fewer than k)."""
     o_c = tl.arange(0, K_PAD)
     b_kth = tl.max(tl.where(o_c[None, :] == k - 1, b_top, INT64_MIN), axis=1)
-    b_exists, b_score, _ = _decode_keys(b_kth)
+    b_exists, b_score, _ = decode_keys(b_kth)
     return b_kth, tl.where(b_exists, b_score, float("-inf"))
 
 
@@ -146,7 +136,7 @@ def product_key_fwd_select_kernel(
     k_sub,
     scale,
     num_row_blocks,  # cdiv(T, BLOCK_T)
-    F32_DOT: tl.constexpr,  # float32 operands, ieee dot (float32 input; see _f32_dot)
+    F32_DOT: tl.constexpr,  # float32 operands, ieee dot (float32 input; see _triton_lib.f32_dot)
     BLOCK_T: tl.constexpr,
     KS_PAD: tl.constexpr,  # top-list width: next_pow2(k_sub), >= 16
     LOG_KS_PAD: tl.constexpr,
@@ -156,7 +146,7 @@ def product_key_fwd_select_kernel(
     DK_CHUNKS: tl.constexpr,
 ):
     """Grid (num_row_blocks * B * H, 2): BLOCK_T query rows of one (batch, head), one half."""
-    i_bh, i_tb, i_b, i_h = _row_block(num_row_blocks, H)
+    i_bh, i_tb, i_b, i_h = row_block(num_row_blocks, H)
     i_half = tl.program_id(1).to(tl.int64)
 
     o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -199,7 +189,7 @@ def product_key_fwd_select_kernel(
         # The dot first, then the scale, as the reference.
         b_s = b_s * scale
         b_has_nan = tl.maximum(b_has_nan, tl.max((m_n[None, :] & (b_s != b_s)).to(tl.int32), axis=1))
-        b_key = _encode_keys(b_s, o_n, m_t[:, None] & m_n[None, :])
+        b_key = encode_keys(b_s, o_n, m_t[:, None] & m_n[None, :])
         # Keys are distinct, so a key enters a row's top k_sub iff it beats the row's k_sub-th best.
         b_beats = tl.max(tl.max((b_key > b_kth[:, None]).to(tl.int32), axis=1), axis=0)
         if b_beats > 0:
@@ -209,7 +199,7 @@ def product_key_fwd_select_kernel(
     # NaN scores were ranked as +inf and decode as +inf: their candidates rank first and make the
     # row's weights NaN, as the reference's NaN does. A row with a NaN stores its +inf entries as
     # NaN (its NaN ranks first in the reference too), so the second stage tells NaN from +inf.
-    _, b_score, b_sub = _decode_keys(b_top)
+    _, b_score, b_sub = decode_keys(b_top)
     b_score = tl.where((b_has_nan > 0)[:, None] & (b_score == float("inf")), float("nan"), b_score)
     o_c = tl.arange(0, KS_PAD)
     o_tc = (o_row[:, None] * 2 + i_half) * k_sub + o_c[None, :]
@@ -238,7 +228,7 @@ def product_key_fwd_topk_kernel(
     LOG_BLOCK_J: tl.constexpr,
 ):
     """Grid (num_row_blocks * B * H,): BLOCK_T query rows of one (batch, head)."""
-    i_bh, i_tb, _, _ = _row_block(num_row_blocks, H)
+    i_bh, i_tb, _, _ = row_block(num_row_blocks, H)
 
     o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
     m_t = o_t < T
@@ -272,14 +262,14 @@ def product_key_fwd_topk_kernel(
                 b_s = b_s1[:, None] + b_s2
                 b_has_nan = tl.maximum(b_has_nan, tl.max((m_tj & (b_s != b_s)).to(tl.int32), axis=1))
                 b_slot = b_id1[:, None] * n_sub + b_id2
-                b_key = tl.where(m_tj, _encode_key(b_s, b_slot), INT64_MIN)
+                b_key = tl.where(m_tj, encode_key(b_s, b_slot), INT64_MIN)
                 b_beats = tl.max(tl.max((b_key > b_kth[:, None]).to(tl.int32), axis=1), axis=0)
                 if b_beats > 0:
                     b_top = _merge_tile(b_top, b_key, K_PAD, LOG_K_PAD, BLOCK_T, BLOCK_J, LOG_BLOCK_J)
                     b_kth, b_kth_score = _kth(b_top, k, K_PAD)
 
     # k <= k_sub ** 2: every one of the first k entries exists.
-    _, b_score, b_slot = _decode_keys(b_top)
+    _, b_score, b_slot = decode_keys(b_top)
     o_c = tl.arange(0, K_PAD)
     b_live = (o_c < k)[None, :]
     # A NaN candidate decodes as +inf: exp(inf - inf) = NaN makes the row NaN, as in the reference.
@@ -321,12 +311,12 @@ def product_key_fwd_out_kernel(
 ):
     """Grid (num_row_blocks * B * (1 if SUM_HEADS else H), cdiv(Dv, BLOCK_DV))."""
     if SUM_HEADS:
-        i_b, i_tb, _, _ = _row_block(num_row_blocks, 1)
+        i_b, i_tb, _, _ = row_block(num_row_blocks, 1)
         h_start = 0
         h_end = H
         o_out_row = i_b * T + i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
     else:
-        i_bh, i_tb, i_b, i_h = _row_block(num_row_blocks, H)
+        i_bh, i_tb, i_b, i_h = row_block(num_row_blocks, H)
         h_start = i_h
         h_end = i_h + 1
         o_out_row = i_bh * T + i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -381,7 +371,7 @@ def product_key_bwd_dweights_kernel(
     BLOCK_DV: tl.constexpr,
 ):
     """Grid (num_row_blocks * B * H,): BLOCK_T query rows of one (batch, head)."""
-    i_bh, i_tb, i_b, _ = _row_block(num_row_blocks, H)
+    i_bh, i_tb, i_b, _ = row_block(num_row_blocks, H)
     o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
     m_t = o_t < T
     o_row = i_bh * T + o_t
@@ -451,7 +441,7 @@ def product_key_bwd_dq_kernel(
     BLOCK_DK: tl.constexpr,
 ):
     """Grid (num_row_blocks * B * H,): BLOCK_T query rows of one (batch, head)."""
-    i_bh, i_tb, _, i_h = _row_block(num_row_blocks, H)
+    i_bh, i_tb, _, i_h = row_block(num_row_blocks, H)
     o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
     m_t = o_t < T
     o_row = i_bh * T + o_t
@@ -562,18 +552,8 @@ BWD_ATOMIC_MAX_BLOCK_D = 64
 NUM_WARPS = 4
 
 
-def _pow2_at_least(value: int, floor: int) -> int:
-    return max(floor, triton.next_power_of_2(max(int(value), 1)))
-
-
-def _f32_dot(dtype: torch.dtype) -> bool:
-    """Whether the half scores use float32 operands with an ieee dot.
-
-    Always for float32 (no TF32). bfloat16 too under the interpreter, whose ``tl.dot`` (Triton 3.9)
-    multiplies the raw bfloat16 bit patterns; the products of 16-bit operands are exact in float32,
-    so the scores are the same.
-    """
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and _interpreted())
+def _block_d(D: int) -> int:
+    return block_d(D, MAX_BLOCK_D)
 
 
 def _select_constexprs(k_sub: int, Dh: int, dtype: torch.dtype):
@@ -584,14 +564,14 @@ def _select_constexprs(k_sub: int, Dh: int, dtype: torch.dtype):
         # Post-scaled scores keep the raw 16-bit operands live a little longer than the top-k
         # select: at 64-wide tiles the sm_90 build spilled 8 bytes.
         block_n = 32
-    return {"F32_DOT": _f32_dot(dtype), "BLOCK_T": config.block_t, "KS_PAD": config.k_pad,
+    return {"F32_DOT": f32_dot(dtype), "BLOCK_T": config.block_t, "KS_PAD": config.k_pad,
             "LOG_KS_PAD": config.k_pad.bit_length() - 1, "BLOCK_N": block_n,
             "LOG_BLOCK_N": block_n.bit_length() - 1, "BLOCK_DK": config.block_dk,
             "DK_CHUNKS": config.dk_chunks}, config.num_warps
 
 
 def _topk_constexprs(k: int):
-    k_pad = _pow2_at_least(k, MIN_K_PAD)
+    k_pad = pow2_at_least(k, MIN_K_PAD)
     # One tile width per K_PAD whatever k_sub (lanes past k_sub are masked): every width/K_PAD
     # pair the launcher can pick is one the compile check covers.
     block_j, num_warps = _TOPK_TILES[k_pad]
@@ -672,25 +652,24 @@ def product_key_fwd(q, subkeys, values, k, k_sub, scale, sum_heads, out, indices
     device = q.device
     sub_scores = torch.empty((B * H * T, 2, k_sub), dtype=torch.float32, device=device)
     sub_ids = torch.empty((B * H * T, 2, k_sub), dtype=torch.int32, device=device)
-    with _device_guard(q):
+    with device_guard(q):
         constexprs, num_warps = _select_constexprs(k_sub, Dh, q.dtype)
-        num_row_blocks = triton.cdiv(T, constexprs["BLOCK_T"])
-        product_key_fwd_select_kernel[(num_row_blocks * B * H, 2)](
+        num_row_blocks, programs = row_block_grid(T, constexprs["BLOCK_T"], B * H)
+        product_key_fwd_select_kernel[(programs, 2)](
             q, subkeys, sub_scores, sub_ids, T, H, n_sub, Dh, k_sub, float(scale), num_row_blocks,
             **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
         )
         constexprs, num_warps = _topk_constexprs(k)
-        num_row_blocks = triton.cdiv(T, constexprs["BLOCK_T"])
-        product_key_fwd_topk_kernel[(num_row_blocks * B * H,)](
+        num_row_blocks, programs = row_block_grid(T, constexprs["BLOCK_T"], B * H)
+        product_key_fwd_topk_kernel[(programs,)](
             sub_scores, sub_ids, indices, weights, lse, T, H, n_sub, k_sub, k, num_row_blocks,
             **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
         )
         if Dv == 0:
             return
         constexprs, num_warps = _out_constexprs(Dv, bool(sum_heads))
-        num_row_blocks = triton.cdiv(T, constexprs["BLOCK_T"])
-        grid = (num_row_blocks * B * (1 if sum_heads else H), triton.cdiv(Dv, constexprs["BLOCK_DV"]))
-        product_key_fwd_out_kernel[grid](
+        num_row_blocks, programs = row_block_grid(T, constexprs["BLOCK_T"], B * (1 if sum_heads else H))
+        product_key_fwd_out_kernel[(programs, triton.cdiv(Dv, constexprs["BLOCK_DV"]))](
             values, indices, weights, out, T, H, N, Dv, k, num_row_blocks,
             **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
         )
@@ -762,17 +741,17 @@ def product_key_bwd(dout, dweights, dlse, q, subkeys, values, indices, weights, 
         values_grad, dvalues_acc, dvalue_rows = 0, dw, dvalues
     ds = dw if atomic else torch.empty(E, dtype=torch.float32, device=device)
 
-    with _device_guard(q):
+    with device_guard(q):
         constexprs, num_warps = _dweights_constexprs(Dv, bool(sum_heads), values_grad)
-        num_row_blocks = triton.cdiv(T, constexprs["BLOCK_T"])
-        product_key_bwd_dweights_kernel[(num_row_blocks * B * H,)](
+        num_row_blocks, programs = row_block_grid(T, constexprs["BLOCK_T"], B * H)
+        product_key_bwd_dweights_kernel[(programs,)](
             dout, values, indices, weights, dweights, dw, dvalues_acc, dvalue_rows,
             T, H, N, Dv, k, num_row_blocks,
             **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
         )
         constexprs, num_warps = _dq_constexprs(Dh, atomic)
-        num_row_blocks = triton.cdiv(T, constexprs["BLOCK_T"])
-        product_key_bwd_dq_kernel[(num_row_blocks * B * H,)](
+        num_row_blocks, programs = row_block_grid(T, constexprs["BLOCK_T"], B * H)
+        product_key_bwd_dq_kernel[(programs,)](
             q, subkeys, indices, weights, dw, dlse, dq, dsubkeys_acc, ds,
             T, H, n_sub, Dh, k, float(scale), num_row_blocks,
             **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
@@ -810,11 +789,9 @@ COMPILE_DTYPES = (torch.float32, torch.bfloat16)
 # (Dk, Dv, k, k_sub): the pkm benchmark shape and a smaller layer.
 COMPILE_SHAPES = ((256, 256, 32, 32), (128, 128, 16, 16))
 
-_SIGNATURE_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-# Runtime arguments of each kernel, in order, by role: "x" a pointer of the input dtype, "i64" /
-# "i32" / "f32" pointers of those types, "int" a size or count, "float" a scalar. The launchers
-# pass exactly these positionally; _build_compile_configs checks the names against the kernels.
+# Runtime arguments of each kernel, in order, by role (see _triton_lib.argument_types). The
+# launchers pass exactly these positionally; _build_compile_configs checks the names against the
+# kernels.
 _KERNEL_ARGS = {
     product_key_fwd_select_kernel: (("q", "x"), ("subkeys", "x"), ("sub_scores", "f32"), ("sub_ids", "i32"),
                                     ("T", "int"), ("H", "int"), ("n_sub", "int"), ("Dh", "int"),
@@ -857,14 +834,8 @@ def _production_picks(kernel, dtype, shape):
     return [_segment_constexprs(D) for D in (Dk // 2, Dv)]
 
 
-def _label(dtype, shape, constexprs) -> str:
-    Dk, Dv, k, k_sub = shape
-    parts = [_SIGNATURE_DTYPE[dtype], f"Dk={Dk} Dv={Dv} k={k} ks={k_sub}"]
-    short = {"SUM_HEADS": "SH", "VALUES_GRAD": "VG", "ATOMIC": "ATOMIC", "KS_PAD": "KSP", "K_PAD": "KP",
-             "BLOCK_N": "BN", "BLOCK_J": "BJ", "BLOCK_D": "BD", "BLOCK_DV": "BDV",
-             "BLOCK_DK": "BDK"}
-    parts += [f"{short[name]}={int(value)}" for name, value in constexprs.items() if name in short]
-    return " ".join(parts)
+_LABELS = {"SUM_HEADS": "SH", "VALUES_GRAD": "VG", "ATOMIC": "ATOMIC", "KS_PAD": "KSP", "K_PAD": "KP",
+           "BLOCK_N": "BN", "BLOCK_J": "BJ", "BLOCK_D": "BD", "BLOCK_DV": "BDV", "BLOCK_DK": "BDK"}
 
 
 def _build_compile_configs() -> list[dict]:
@@ -874,34 +845,25 @@ def _build_compile_configs() -> list[dict]:
     """
     configs = []
     for kernel, args in _KERNEL_ARGS.items():
-        constexpr_names = [name for name in kernel.arg_names if name not in dict(args)]
-        if [name for name, _ in args] + constexpr_names != list(kernel.arg_names):
-            raise AssertionError(f"_KERNEL_ARGS out of date for {kernel.__name__}: {kernel.arg_names}")
+        names = constexpr_names(kernel, args)
+        divisible_ints = [name for name, role in args if role == "int" and name not in _NOT_DIVISIBLE]
         for dtype in COMPILE_DTYPES:
-            types = {"x": "*" + _SIGNATURE_DTYPE[dtype], "i64": "*i64", "i32": "*i32", "f32": "*fp32",
-                     "int": "i32", "float": "fp32"}
+            types = argument_types(dtype)
             seen = set()
             for shape in COMPILE_SHAPES:
                 for constexprs, num_warps in _production_picks(kernel, dtype, shape):
                     if "F32_DOT" in constexprs:
                         constexprs = dict(constexprs, F32_DOT=dtype == torch.float32)
-                    if sorted(constexprs) != sorted(constexpr_names):
+                    if sorted(constexprs) != sorted(names):
                         raise AssertionError(f"constexprs {sorted(constexprs)} do not match {kernel.__name__}")
                     key = (tuple(constexprs.items()), num_warps)
                     if key in seen:
                         continue
                     seen.add(key)
-                    divisible = [name for name, role in args if role in ("x", "i64", "i32", "f32")]
-                    divisible += [name for name, role in args if role == "int" and name not in _NOT_DIVISIBLE]
-                    configs.append({
-                        "kernel": kernel,
-                        "signature": {name: types[role] for name, role in args},
-                        "constexprs": constexprs,
-                        "num_warps": num_warps,
-                        "options": dict(COMPILE_OPTIONS),
-                        "divisible_by_16": tuple(divisible),
-                        "label": _label(dtype, shape, constexprs),
-                    })
+                    sizes = "Dk={} Dv={} k={} ks={}".format(*shape)
+                    configs.append(compile_entry(kernel, args, types, constexprs, num_warps,
+                                                 divisible_ints=divisible_ints,
+                                                 label=config_label(dtype, sizes, constexprs, _LABELS)))
     return configs
 
 

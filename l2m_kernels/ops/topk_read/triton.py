@@ -100,19 +100,19 @@ Streaming path (the exact fallback), two kernels:
 1. ``topk_read_fwd_select_kernel``: a program takes ``BLOCK_T`` query rows and streams key tiles
    of ``BLOCK_N`` slots, keeping a running top list of ``K_PAD`` entries per row (``K_PAD`` = next
    power of two of ``k``, at least 16 for ``tl.dot``; ``BLOCK_N <= K_PAD``). Each (query, slot)
-   becomes one int64 sort key: the order-preserving int32 image of the float32 score in the high
-   word (NaN mapped to +inf, -0.0 to +0.0) and ``2**31 - 1 - slot`` in the low word, so "larger
-   key" is exactly "higher score, then smaller slot" and all keys of a row are distinct.
+   becomes one int64 sort key (``encode_keys`` of :mod:`l2m_kernels.ops._triton_lib`, which
+   describes the format), so "larger key" is exactly "higher score, then smaller slot" (NaN
+   ranked as +inf) and all keys of a row are distinct.
    Non-existent slots get ``INT64_MIN``. The list ``[BLOCK_T, K_PAD]`` stays sorted descending in
    registers; a key tile is merged only when one of its keys beats its row's current k-th best
    (otherwise the tile is skipped right after the scores). A merge sorts the tile ascending, pads
    it on the left with ``INT64_MIN`` to ``K_PAD`` (still ascending), takes the elementwise maximum
    with the descending list (which holds exactly the ``K_PAD`` largest keys of both, as a bitonic
    sequence) and bitonic-merges that descending (``log2 K_PAD`` layers, not a second full sort).
-   The sorting network is written here with ``tl.reshape`` and a pairwise ``tl.sum``
-   (the formulation of ``tl.sort``, which in Triton 3.3 only offers a full sort of one tensor;
-   ``tl.topk``/``tl.bitonic_merge`` are newer), so the same code runs on 3.3 .. 3.9 and under the
-   interpreter. At the end the keys are decoded into slots and scores, and the softmax,
+   The sorting network (``bitonic_sort``, ``bitonic_merge``) is the library's: ``tl.reshape``
+   and a pairwise ``tl.sum``, the same code on Triton 3.3 .. 3.9 and under the interpreter (the
+   library's docstring says why not ``tl.sort``).
+   At the end the keys are decoded into slots and scores, and the softmax,
    log-sum-exp, indices and weights are written (``_store_top_list``, shared with the finish kernel).
 2. ``topk_read_fwd_out_kernel``: ``out = sum_j weights_j * values[indices_j]`` from what the
    selection stored (a separate launch, so no cross-thread handoff inside one program is needed).
@@ -146,7 +146,6 @@ sizes and ``k``; ``python -m tools.triton_check`` compiles them for sm_80/sm_90.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import NamedTuple
 
@@ -155,154 +154,28 @@ import triton
 import triton.language as tl
 
 from ... import _gpu_status
-
-try:
-    from triton.runtime.interpreter import InterpretedFunction
-except ImportError:  # pragma: no cover - the interpreter module has always existed in 3.x
-    InterpretedFunction = ()
+from .._triton_lib import (COMPILE_OPTIONS, INT32_MIN, INT64_MIN, MIN_K_PAD, argument_types,
+                          bitonic_merge, bitonic_sort, block_d, compile_entry, config_label,
+                          constexpr_names, decode_keys, device_guard, encode_key, encode_keys,
+                          f32_dot, order_bits, pow2_at_least, row_block, row_block_grid)
 
 __all__ = [
     "topk_read_fwd",
     "topk_read_select",
     "topk_read_bwd",
     "select_config",
+    "slot_reduce_bwd",
     "COMPILE_CONFIGS",
 ]
 
 MAX_K = 256
-# Smallest score tile: tl.dot needs every dimension >= 16.
-MIN_K_PAD = 16
 # Widest feature chunk a tile covers; larger D loops over chunks.
 MAX_BLOCK_D = 128
-# Pinned rather than left to the Triton default, which 3.9 warns is about to change.
-COMPILE_OPTIONS = {"enable_fp_fusion": True}
-
-INT64_MIN: tl.constexpr = tl.constexpr(-(2**63))
-INT32_MIN: tl.constexpr = tl.constexpr(-(2**31))
-INT32_MAX: tl.constexpr = tl.constexpr(2**31 - 1)
-
-
-# ---------------------------------------------------------------------------------------------
-# Sorting network on the last dimension of a [BLOCK_T, W] tile (W a power of two)
-# ---------------------------------------------------------------------------------------------
-
-@triton.jit
-def _compare_swap(b_x, b_flip, LOG_DIST: tl.constexpr, ROWS: tl.constexpr, W: tl.constexpr):
-    """One compare-and-swap layer between columns ``c`` and ``c ^ 2**LOG_DIST``.
-
-    ``b_flip`` (0/1, broadcastable to [ROWS, W]) is 1 where the pair should end descending.
-    """
-    # [ROWS * W / (2 DIST), 2, DIST] with DIST = 2**LOG_DIST: axis 1 holds the two partners; the
-    # pair's sum minus an element is its partner (exact: integer arithmetic wraps modulo 2**64 and
-    # the partner is representable). tl.sort uses xor_sum the same way; a sum runs as one numpy
-    # call under the interpreter, where xor_sum runs element by element in Python.
-    b_pairs = tl.reshape(b_x, [ROWS * W // (2 << LOG_DIST), 2, 1 << LOG_DIST])
-    b_partner = tl.reshape(tl.sum(b_pairs, axis=1, keep_dims=True) - b_pairs, [ROWS, W])
-    # The right element of a pair takes the larger one in ascending order.
-    b_is_right = (tl.arange(0, W)[None, :] >> LOG_DIST) & 1
-    b_take = (b_x > b_partner) != ((b_is_right ^ b_flip) != 0)
-    return tl.where(b_take, b_partner, b_x)
-
-
-@triton.jit
-def _bitonic_sort(b_x, DESCENDING: tl.constexpr, ROWS: tl.constexpr, W: tl.constexpr, LOG_W: tl.constexpr):
-    """Sort each row of an integer [ROWS, W = 2**LOG_W] tile (DESCENDING: 0 or 1)."""
-    b_col = tl.arange(0, W)[None, :]
-    for stage in tl.static_range(1, LOG_W + 1):
-        # Blocks of 2**stage alternate direction, so that pairs of them form bitonic sequences;
-        # the last stage sorts the whole row the requested way.
-        if stage == LOG_W:
-            b_flip = tl.zeros([1, W], dtype=tl.int32) + DESCENDING
-        else:
-            b_flip = (b_col >> stage) & 1
-        for step in tl.static_range(stage):
-            b_x = _compare_swap(b_x, b_flip, stage - 1 - step, ROWS, W)
-    return b_x
-
-
-@triton.jit
-def _bitonic_merge(b_x, DESCENDING: tl.constexpr, ROWS: tl.constexpr, W: tl.constexpr, LOG_W: tl.constexpr):
-    """Sort each row of an integer [ROWS, W = 2**LOG_W] tile whose rows are bitonic sequences."""
-    b_flip = tl.zeros([1, W], dtype=tl.int32) + DESCENDING
-    for step in tl.static_range(LOG_W):
-        b_x = _compare_swap(b_x, b_flip, LOG_W - 1 - step, ROWS, W)
-    return b_x
-
-
-# ---------------------------------------------------------------------------------------------
-# Sort keys: (score desc, slot asc) as one int64
-# ---------------------------------------------------------------------------------------------
-
-# The kernels that ran on a GPU (select, finish, the threshold path's chunkmax and collect) call
-# _encode_keys and _decode_keys in their source of then, so that they compile to the same code;
-# _order_bits and _encode_key are the same maps for the newer kernels (the threshold-strided path
-# and the product-key read). Calling _encode_key from _encode_keys would change the select
-# kernel's SASS: the nested call reorders ptxas's schedule.
-
-@triton.jit
-def _order_bits(b_bits):
-    """Float32 bit patterns (as int32) <-> order-preserving int32 images, both ways (the map is its
-    own inverse): a negative pattern keeps its sign bit and has the others flipped."""
-    return tl.where(b_bits < 0, b_bits ^ INT32_MAX, b_bits)
-
-
-@triton.jit
-def _encode_key(b_s, b_slot):
-    """int64 sort keys of float32 scores ``b_s`` at slots ``b_slot`` (integers; shapes broadcast):
-    as :func:`_encode_keys`, without the existence mask."""
-    b_s = tl.where(b_s != b_s, float("inf"), b_s)
-    b_s = tl.where(b_s == 0., 0., b_s)
-    b_ordered = _order_bits(b_s.to(tl.int32, bitcast=True))
-    return (b_ordered.to(tl.int64) << 32) | (-b_slot + INT32_MAX).to(tl.int64)
-
-
-@triton.jit
-def _encode_keys(b_s, o_n, m_exists):
-    """[BT, BN] int64 keys of float32 scores ``b_s`` at slots ``o_n`` [BN] (int64).
-
-    High word: the float's bits mapped to an order-preserving int32 (NaN first mapped to +inf, so
-    it ties with it; -0.0 to +0.0, so they tie). Low word: ``2**31 - 1 - slot``, so among equal
-    scores the smaller slot has the larger key. ``m_exists`` false -> INT64_MIN (below every
-    real key: the image of -inf is -2**31 + 2**23 - 1 > -2**31).
-    """
-    b_s = tl.where(b_s != b_s, float("inf"), b_s)
-    b_s = tl.where(b_s == 0., 0., b_s)
-    b_bits = b_s.to(tl.int32, bitcast=True)
-    b_ordered = tl.where(b_bits < 0, b_bits ^ INT32_MAX, b_bits)
-    b_low = (-o_n + INT32_MAX).to(tl.int64)
-    b_key = (b_ordered.to(tl.int64) << 32) | b_low[None, :]
-    return tl.where(m_exists, b_key, INT64_MIN)
-
-
-@triton.jit
-def _decode_keys(b_key):
-    """Inverse of :func:`_encode_keys`: (exists, float32 score, int64 slot)."""
-    b_high = (b_key >> 32).to(tl.int32)
-    b_exists = b_high != INT32_MIN
-    b_bits = tl.where(b_high < 0, b_high ^ INT32_MAX, b_high)
-    b_score = b_bits.to(tl.float32, bitcast=True)
-    b_slot = -(b_key & INT32_MAX) + INT32_MAX
-    return b_exists, b_score, b_slot
 
 
 # ---------------------------------------------------------------------------------------------
 # Forward kernels
 # ---------------------------------------------------------------------------------------------
-
-@triton.jit
-def _row_block(num_row_blocks, Hm):
-    """(b * Hm + hm, row block, b, hm) of this program, as int64.
-
-    Divided in int32 (program ids fit): a 64-bit division is a subroutine call whose saved
-    registers ptxas puts in the stack frame.
-    """
-    i_prog = tl.program_id(0)
-    i_bh = i_prog // num_row_blocks
-    i_tb = i_prog - i_bh * num_row_blocks
-    i_b = i_bh // Hm
-    i_hm = i_bh - i_b * Hm
-    return i_bh.to(tl.int64), i_tb.to(tl.int64), i_b.to(tl.int64), i_hm.to(tl.int64)
-
 
 @triton.jit
 def _score_tile(p_q, p_k, o_t, m_t, o_n, m_n, Dk, scale, b_q0,
@@ -338,7 +211,7 @@ def _store_top_list(b_top, o_row, m_t, k, indices, weights, lse, K_PAD: tl.const
     for existing slots scoring -inf) and ``lse`` (-inf for a row with no existing slot).
     """
     o_c = tl.arange(0, K_PAD)
-    b_exists, b_score, b_slot = _decode_keys(b_top)
+    b_exists, b_score, b_slot = decode_keys(b_top)
     b_live = b_exists & (o_c[None, :] < k)
     # Softmax over the live entries. A NaN score was ranked as +inf and decodes as +inf, which
     # makes the row NaN below exactly as the reference's NaN does (exp(inf - inf) = NaN).
@@ -377,7 +250,7 @@ def topk_read_fwd_select_kernel(
     cap,  # the threshold path's candidate capacity (used only when ONLY_OVERFLOW)
     HAS_VALID_LEN: tl.constexpr,
     ONLY_OVERFLOW: tl.constexpr,  # serve only the rows whose count passed cap (the fallback)
-    F32_DOT: tl.constexpr,  # scale q, then an ieee float32 dot (float32 input; see _f32_dot)
+    F32_DOT: tl.constexpr,  # scale q, then an ieee float32 dot (float32 input; see _triton_lib.f32_dot)
     BLOCK_T: tl.constexpr,
     K_PAD: tl.constexpr,  # top-list width: next_pow2(k), >= 16
     LOG_K_PAD: tl.constexpr,
@@ -387,7 +260,7 @@ def topk_read_fwd_select_kernel(
     DK_CHUNKS: tl.constexpr,
 ):
     """Grid (num_row_blocks * B * Hm,): BLOCK_T query rows of one (batch, memory head)."""
-    i_bh, i_tb, i_b, i_hm = _row_block(num_row_blocks, Hm)
+    i_bh, i_tb, i_b, i_hm = row_block(num_row_blocks, Hm)
 
     o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
     m_t = o_t < R
@@ -424,11 +297,11 @@ def topk_read_fwd_select_kernel(
         # [BT, BN]
         b_s = _score_tile(p_q, p_k, o_t, m_t, o_n, m_n, Dk, scale, b_q0,
                           F32_DOT, BLOCK_T, BLOCK_N, BLOCK_DK, DK_CHUNKS)
-        b_key = _encode_keys(b_s, o_n, m_t[:, None] & m_n[None, :])
+        b_key = encode_keys(b_s, o_n, m_t[:, None] & m_n[None, :])
         # Keys are distinct, so a key enters a row's top k iff it beats the row's k-th best.
         b_beats = tl.max(tl.max((b_key > b_kth[:, None]).to(tl.int32), axis=1), axis=0)
         if b_beats > 0:
-            b_new = _bitonic_sort(b_key, 0, BLOCK_T, BLOCK_N, LOG_BLOCK_N)
+            b_new = bitonic_sort(b_key, 0, BLOCK_T, BLOCK_N, LOG_BLOCK_N)
             if BLOCK_N < K_PAD:
                 # [BT, K_PAD]: the ascending tile padded on the left with INT64_MIN, still
                 # ascending (at most BLOCK_N keys can enter, displacing the list's tail).
@@ -437,7 +310,7 @@ def topk_read_fwd_select_kernel(
                                             INT64_MIN), [BLOCK_T, K_PAD])
             # Descending list vs ascending tile: the elementwise maximum holds exactly the K_PAD
             # largest keys of both, as a bitonic sequence.
-            b_top = _bitonic_merge(tl.maximum(b_top, b_new), 1, BLOCK_T, K_PAD, LOG_K_PAD)
+            b_top = bitonic_merge(tl.maximum(b_top, b_new), 1, BLOCK_T, K_PAD, LOG_K_PAD)
             b_kth = tl.max(tl.where(o_c[None, :] == k - 1, b_top, INT64_MIN), axis=1)
 
     _store_top_list(b_top, i_bh * R + o_t, m_rows, k, indices, weights, lse, K_PAD)
@@ -474,7 +347,7 @@ def topk_read_fwd_chunkmax_kernel(
     tiles and warps), so the keys are bit-identical to the ones pass 2 compares. Chunks past
     ``valid_len`` hold no existing slot and get INT64_MIN.
     """
-    i_bh, i_tb, i_b, i_hm = _row_block(num_row_blocks, Hm)
+    i_bh, i_tb, i_b, i_hm = row_block(num_row_blocks, Hm)
 
     o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
     m_t = o_t < R
@@ -498,7 +371,7 @@ def topk_read_fwd_chunkmax_kernel(
         # [BT, BN]
         b_s = _score_tile(p_q, p_k, o_t, m_t, o_n, m_n, Dk, scale, b_q0,
                           F32_DOT, BLOCK_T, BLOCK_N, BLOCK_DK, DK_CHUNKS)
-        b_key = _encode_keys(b_s, o_n, m_t[:, None] & m_n[None, :])
+        b_key = encode_keys(b_s, o_n, m_t[:, None] & m_n[None, :])
         tl.store(p_max + n_start // BLOCK_N, tl.max(b_key, axis=1), mask=m_t)
     b_none = tl.full([BLOCK_T], INT64_MIN, dtype=tl.int64)
     for i_chunk in range(tl.cdiv(n_end, BLOCK_N), n_chunks):
@@ -529,7 +402,7 @@ def topk_read_fwd_collect_kernel(
     DK_CHUNKS: tl.constexpr,
 ):
     """Grid (num_row_blocks * B * Hm,): threshold pass 2, compacts every existing key >= tau."""
-    i_bh, i_tb, i_b, i_hm = _row_block(num_row_blocks, Hm)
+    i_bh, i_tb, i_b, i_hm = row_block(num_row_blocks, Hm)
 
     o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
     m_t = o_t < R
@@ -558,7 +431,7 @@ def topk_read_fwd_collect_kernel(
         # [BT, BN]
         b_s = _score_tile(p_q, p_k, o_t, m_t, o_n, m_n, Dk, scale, b_q0,
                           F32_DOT, BLOCK_T, BLOCK_N, BLOCK_DK, DK_CHUNKS)
-        b_key = _encode_keys(b_s, o_n, m_exists)
+        b_key = encode_keys(b_s, o_n, m_exists)
         # tau may be INT64_MIN (every existing slot a candidate): the existence mask keeps the
         # missing slots, whose key is INT64_MIN too, out.
         m_take = (b_key >= b_tau[:, None]) & m_exists
@@ -613,7 +486,7 @@ def topk_read_fwd_strided_chunkmax_kernel(
     is stored once per group. It propagates NaN and stores it as +inf (NaN ranks as +inf, and the
     NaN slot attains it); chunks holding no existing slot (past ``valid_len``) get -inf.
     """
-    i_bh, i_tb, i_b, i_hm = _row_block(num_row_blocks, Hm)
+    i_bh, i_tb, i_b, i_hm = row_block(num_row_blocks, Hm)
 
     o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
     m_t = o_t < R
@@ -690,7 +563,7 @@ def _collect_tile(b_s, b_tau, o_c, m_n, m_t, n_start, b_count, p_cand, cap, BLOC
         i_round = 0
         while (i_round < BATCH) & (b_any > 0):
             b_col = tl.min(tl.where(b_s == b_max[:, None], o_c, BLOCK_N), axis=1)
-            b_key = _encode_key(b_max, n_start + b_col)
+            b_key = encode_key(b_max, n_start + b_col)
             b_buf = tl.where((o_b == i_round) & m_live[:, None], b_key[:, None], b_buf)
             b_taken += m_live.to(tl.int32)
             b_s = tl.where(o_c == b_col[:, None], float("nan"), b_s)
@@ -732,7 +605,7 @@ def topk_read_fwd_strided_collect_kernel(
     score is >= tau (NaN ranking as +inf) to the row's candidate list (:func:`_collect_tile`).
     The finish kernel sorts, so the order of the candidates does not matter.
     """
-    i_bh, i_tb, i_b, i_hm = _row_block(num_row_blocks, Hm)
+    i_bh, i_tb, i_b, i_hm = row_block(num_row_blocks, Hm)
 
     o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
     m_t = o_t < R
@@ -790,7 +663,7 @@ def topk_read_fwd_kth_kernel(
     # Padding is -inf: it can only be the k-th largest when that is -inf anyway.
     b_x = tl.load(chunk_max + o_row[:, None] * n_chunks + o_c[None, :],
                   mask=m_t[:, None] & (o_c < n_chunks)[None, :], other=float("-inf"))
-    b_image = _order_bits(b_x.to(tl.int32, bitcast=True))
+    b_image = order_bits(b_x.to(tl.int32, bitcast=True))
     # The answer in offset binary (t_off = T + 2**31 as a bit pattern; T = t_off ^ INT32_MIN),
     # built bit by bit: keep each bit whose setting still leaves k images >= the candidate.
     b_count = tl.sum((b_image >= 0).to(tl.int32), axis=1)
@@ -799,7 +672,7 @@ def topk_read_fwd_kth_kernel(
         b_cand = b_off | (1 << i_bit)
         b_count = tl.sum((b_image >= (b_cand ^ INT32_MIN)[:, None]).to(tl.int32), axis=1)
         b_off = tl.where(b_count >= k, b_cand, b_off)
-    tl.store(tau + o_row, _order_bits(b_off ^ INT32_MIN).to(tl.float32, bitcast=True), mask=m_t)
+    tl.store(tau + o_row, order_bits(b_off ^ INT32_MIN).to(tl.float32, bitcast=True), mask=m_t)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -829,7 +702,7 @@ def topk_read_fwd_finish_kernel(
     # [BT, CAP], padded with INT64_MIN (a missing slot) past the row's count.
     b_cand = tl.load(cand + o_row[:, None] * CAP + o_p[None, :], mask=m_t[:, None] & (o_p[None, :] < b_count[:, None]),
                      other=INT64_MIN)
-    b_cand = _bitonic_sort(b_cand, 1, BLOCK_T, CAP, LOG_CAP)
+    b_cand = bitonic_sort(b_cand, 1, BLOCK_T, CAP, LOG_CAP)
     if CAP > K_PAD:
         # [BT, K_PAD]: the first K_PAD columns (every key is >= INT64_MIN, so the max keeps them).
         o_seg = tl.arange(0, CAP // K_PAD)
@@ -857,7 +730,7 @@ def topk_read_fwd_out_kernel(
     BLOCK_DV: tl.constexpr,
 ):
     """Grid (num_row_blocks * B * Hm, cdiv(Dv, BLOCK_DV))."""
-    i_bh, i_tb, i_b, i_hm = _row_block(num_row_blocks, Hm)
+    i_bh, i_tb, i_b, i_hm = row_block(num_row_blocks, Hm)
     i_dv = tl.program_id(1).to(tl.int64)
 
     o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -905,7 +778,7 @@ def topk_read_bwd_dweights_kernel(
     BLOCK_DV: tl.constexpr,
 ):
     """Grid (num_row_blocks * B * Hm,): BLOCK_T query rows of one (batch, memory head)."""
-    i_bh, i_tb, i_b, i_hm = _row_block(num_row_blocks, Hm)
+    i_bh, i_tb, i_b, i_hm = row_block(num_row_blocks, Hm)
     o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
     m_t = o_t < R
     o_row = i_bh * R + o_t
@@ -967,7 +840,7 @@ def topk_read_bwd_dq_kernel(
     BLOCK_DK: tl.constexpr,
 ):
     """Grid (num_row_blocks * B * Hm,): BLOCK_T query rows of one (batch, memory head)."""
-    i_bh, i_tb, i_b, i_hm = _row_block(num_row_blocks, Hm)
+    i_bh, i_tb, i_b, i_hm = row_block(num_row_blocks, Hm)
 
     o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
     m_t = o_t < R
@@ -1185,36 +1058,21 @@ NUM_WARPS = 4
 
 
 def _block_d(D: int) -> int:
-    return min(max(16, triton.next_power_of_2(max(int(D), 1))), MAX_BLOCK_D)
+    return block_d(D, MAX_BLOCK_D)
 
 
 def select_config(k: int, Dk: int, dtype: torch.dtype) -> SelectConfig:
     """Tiles of the select kernel for ``k`` winners over ``Dk`` features (deterministic choice)."""
-    k_pad = max(MIN_K_PAD, triton.next_power_of_2(int(k)))
+    k_pad = pow2_at_least(k, MIN_K_PAD)
     tile = (_SELECT_TILES_F32 if dtype == torch.float32 else _SELECT_TILES)[k_pad]
     block_dk = min(_block_d(Dk), tile.max_block_dk)
     return SelectConfig(tile.block_t, k_pad, tile.block_n, block_dk, max(1, triton.cdiv(int(Dk), block_dk)),
                         tile.num_warps)
 
 
-def _interpreted() -> bool:
-    return isinstance(topk_read_fwd_select_kernel, InterpretedFunction)
-
-
-def _f32_dot(dtype: torch.dtype) -> bool:
-    """Whether the scores use float32 operands (``scale * q`` in float32, ieee dot).
-
-    Always for float32 (no TF32: the selection depends on the scores). 16-bit inputs use the
-    tensor cores on their own operands instead, except bfloat16 under the interpreter: Triton 3.9's
-    interpreter multiplies the raw bfloat16 bit patterns in ``tl.dot`` (numpy has no bfloat16), so
-    there the operands are upcast first (same products: a 16-bit product is exact in float32).
-    """
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and _interpreted())
-
-
 def _select_constexprs(k: int, Dk: int, dtype: torch.dtype, has_valid_len: bool, only_overflow: bool = False):
     config = select_config(k, Dk, dtype)
-    return {"HAS_VALID_LEN": has_valid_len, "ONLY_OVERFLOW": only_overflow, "F32_DOT": _f32_dot(dtype),
+    return {"HAS_VALID_LEN": has_valid_len, "ONLY_OVERFLOW": only_overflow, "F32_DOT": f32_dot(dtype),
             "BLOCK_T": config.block_t, "K_PAD": config.k_pad, "LOG_K_PAD": config.k_pad.bit_length() - 1,
             "BLOCK_N": config.block_n, "LOG_BLOCK_N": config.block_n.bit_length() - 1,
             "BLOCK_DK": config.block_dk,
@@ -1223,16 +1081,16 @@ def _select_constexprs(k: int, Dk: int, dtype: torch.dtype, has_valid_len: bool,
 
 def threshold_capacity(k: int) -> int:
     """Candidate list width per row of the threshold paths (a power of two >= K_PAD)."""
-    return CAP_FACTOR * max(MIN_K_PAD, triton.next_power_of_2(int(k)))
+    return CAP_FACTOR * pow2_at_least(k, MIN_K_PAD)
 
 
 def _scan_constexprs(Dk: int, dtype: torch.dtype, has_valid_len: bool):
     """Constexprs and warps of the chunkmax and collect kernels of both threshold paths (the
     threshold-strided collect adds BATCH: :func:`_collect_constexprs`)."""
-    f32_dot = _f32_dot(dtype)
-    tile = _SCAN_TILES[f32_dot]
+    use_f32_dot = f32_dot(dtype)
+    tile = _SCAN_TILES[use_f32_dot]
     block_dk = min(_block_d(Dk), tile.max_block_dk)
-    return {"HAS_VALID_LEN": has_valid_len, "F32_DOT": f32_dot, "BLOCK_T": tile.block_t,
+    return {"HAS_VALID_LEN": has_valid_len, "F32_DOT": use_f32_dot, "BLOCK_T": tile.block_t,
             "BLOCK_N": tile.block_n, "BLOCK_DK": block_dk,
             "DK_CHUNKS": max(1, triton.cdiv(int(Dk), block_dk))}, tile.num_warps
 
@@ -1251,12 +1109,12 @@ def chunk_groups(N: int, block_n: int) -> tuple[int, int]:
 
 
 def _kth_constexprs(n_chunks: int):
-    block_c = max(16, triton.next_power_of_2(int(n_chunks)))
+    block_c = pow2_at_least(n_chunks, 16)
     return {"BLOCK_T": max(1, KTH_TILE // block_c), "BLOCK_C": block_c}, NUM_WARPS
 
 
 def _finish_constexprs(k: int):
-    k_pad = max(MIN_K_PAD, triton.next_power_of_2(int(k)))
+    k_pad = pow2_at_least(k, MIN_K_PAD)
     cap = threshold_capacity(k)
     return {"BLOCK_T": max(1, FINISH_TILE // cap), "K_PAD": k_pad, "CAP": cap,
             "LOG_CAP": cap.bit_length() - 1}, NUM_WARPS
@@ -1281,11 +1139,6 @@ def _dq_constexprs(Dk: int, atomic: bool):
 
 def _slot_constexprs(Dk: int, Dv: int):
     return {"BLOCK_E": SLOT_BLOCK_E, "BLOCK_DK": _block_d(Dk), "BLOCK_DV": _block_d(Dv)}, NUM_WARPS
-
-
-def _device_guard(tensor: torch.Tensor):
-    # Triton launches on the current CUDA device; make it the tensors' device.
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 def _check_dtype(q: torch.Tensor):
@@ -1330,14 +1183,13 @@ def topk_read_fwd(q, keys, values, valid_len, k, scale, out, indices, weights, l
     if B * H * T == 0:
         return
     values_batch_stride = 0 if values.dim() == 3 else Hm * N * Dv
-    with _device_guard(q):
+    with device_guard(q):
         topk_read_select(q, keys, valid_len, k, scale, indices, weights, lse)
         if Dv == 0:
             return
         constexprs, num_warps = _out_constexprs(Dv)
-        num_row_blocks = triton.cdiv(R, constexprs["BLOCK_T"])
-        grid = (num_row_blocks * B * Hm, triton.cdiv(Dv, constexprs["BLOCK_DV"]))
-        topk_read_fwd_out_kernel[grid](
+        num_row_blocks, programs = row_block_grid(R, constexprs["BLOCK_T"], B * Hm)
+        topk_read_fwd_out_kernel[(programs, triton.cdiv(Dv, constexprs["BLOCK_DV"]))](
             values, indices, weights, out, R, N, Dv, k, Hm, values_batch_stride, num_row_blocks,
             **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
         )
@@ -1362,7 +1214,7 @@ def topk_read_select(q, keys, valid_len, k, scale, indices, weights, lse) -> Non
         raise ValueError(f"{PATH_ENV}: expected one of {PATHS}, got {path!r}")
     keys_batch_stride = 0 if keys.dim() == 3 else Hm * N * Dk
     global last_forward_path
-    with _device_guard(q):
+    with device_guard(q):
         last_forward_path = path  # a threshold path refines it to "<path>+stream" on CPU tensors
         threshold_select = _THRESHOLD_SELECTS.get(path)
         if threshold_select is None or not threshold_select(q, keys, valid_len, k, scale, indices, weights, lse,
@@ -1378,9 +1230,9 @@ def _stream_select(q, keys, valid_len, k, scale, indices, weights, lse, B, Hm, N
     only the rows whose threshold-path candidate count passed ``cap`` (the exact fallback)."""
     has_valid_len = valid_len is not None
     constexprs, num_warps = _select_constexprs(k, Dk, q.dtype, has_valid_len, count is not None)
-    num_row_blocks = triton.cdiv(R, constexprs["BLOCK_T"])
+    num_row_blocks, programs = row_block_grid(R, constexprs["BLOCK_T"], B * Hm)
     # indices stands in for the valid_len / count pointers when there are none (never read).
-    topk_read_fwd_select_kernel[(num_row_blocks * B * Hm,)](
+    topk_read_fwd_select_kernel[(programs,)](
         q, keys, valid_len if has_valid_len else indices, indices, weights, lse,
         R, N, Dk, k, float(scale), Hm, keys_batch_stride, num_row_blocks,
         indices if count is None else count, int(cap),
@@ -1392,9 +1244,9 @@ def _scan_launch(q, valid_len, indices, B, Hm, R, Dk):
     """(constexprs, num_warps, num_row_blocks, grid, valid_len argument) of the threshold paths'
     scoring passes; ``indices`` stands in for a missing valid_len (never read then)."""
     constexprs, num_warps = _scan_constexprs(Dk, q.dtype, valid_len is not None)
-    num_row_blocks = triton.cdiv(R, constexprs["BLOCK_T"])
+    num_row_blocks, programs = row_block_grid(R, constexprs["BLOCK_T"], B * Hm)
     valid_len_arg = indices if valid_len is None else valid_len
-    return constexprs, num_warps, num_row_blocks, (num_row_blocks * B * Hm,), valid_len_arg
+    return constexprs, num_warps, num_row_blocks, (programs,), valid_len_arg
 
 
 def _candidate_buffers(R_total, cap, device):
@@ -1522,6 +1374,34 @@ def _slot_runs(indices: torch.Tensor, B, H, T, Hm, N, R, M, shared: bool):
     return entry_order.contiguous(), (entry_order // k).contiguous(), run_starts.contiguous()
 
 
+def slot_reduce_bwd(q, dout, weights, ds, indices, scale, Hm, N, shared, dkeys, dvalues) -> None:
+    """Deterministic slot gradients: ``topk_read_bwd_slot_kernel`` sums each slot's entries in a
+    fixed order (entries grouped by :func:`_slot_runs`), writing every row of ``dkeys`` and
+    ``dvalues`` (zeros for untouched slots). Used by the top-k read and the fused memory attention.
+
+    Args:
+        q:       (B, H, T, Dk) x, the queries (Dk may be the kernels' padded width).
+        dout:    (B, H, T, Dv) x.
+        weights: (B, H, T, k) float32, each entry's coefficient of ``dout`` in ``dvalues``.
+        ds:      (B*H*T*k,) float32, each entry's coefficient of ``scale * q`` in ``dkeys``.
+        indices: (B, H, T, k) int64, slots in [0, N) (others contribute nothing).
+        scale:   python float.   Hm, N: memory heads and slots.   shared: memories (Hm, N, .).
+        dkeys:   (B or nothing, Hm, N, Dk) x, written.   dvalues: (B or nothing, Hm, N, Dv) x, written.
+
+    Equivalent PyTorch:
+        dkeys.index_add_(slot, scale * ds * q);  dvalues.index_add_(slot, weights * dout)
+    """
+    B, H, T, Dk = q.shape
+    Dv = dout.shape[-1]
+    R, M = (H // Hm) * T, (Hm if shared else B * Hm)
+    entry_order, entry_rows, run_starts = _slot_runs(indices, B, H, T, Hm, N, R, M, shared)
+    constexprs, num_warps = _slot_constexprs(Dk, Dv)
+    topk_read_bwd_slot_kernel[(M * N,)](
+        q, dout, weights, ds, entry_order, entry_rows, run_starts, dkeys, dvalues, Dk, Dv, float(scale),
+        **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
+    )
+
+
 def topk_read_bwd(dout, dweights, dlse, q, keys, values, indices, weights, scale, deterministic,
                   dq, dkeys, dvalues) -> None:
     """Gradients of :func:`topk_read_fwd` in q, keys and values (sparse: only selected slots).
@@ -1568,28 +1448,23 @@ def topk_read_bwd(dout, dweights, dlse, q, keys, values, indices, weights, scale
         ds = torch.empty(E, dtype=torch.float32, device=device)
         dkeys_acc = dvalues_acc = ds  # float32 stand-ins, never touched in this mode
 
-    with _device_guard(q):
+    with device_guard(q):
         constexprs, num_warps = _dweights_constexprs(Dv, atomic)
-        num_row_blocks = triton.cdiv(R, constexprs["BLOCK_T"])
-        topk_read_bwd_dweights_kernel[(num_row_blocks * B * Hm,)](
+        num_row_blocks, programs = row_block_grid(R, constexprs["BLOCK_T"], B * Hm)
+        topk_read_bwd_dweights_kernel[(programs,)](
             dout, values, indices, weights, dweights, dw, dvalues_acc,
             R, N, Dv, k, Hm, values_batch_stride, num_row_blocks,
             **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
         )
         constexprs, num_warps = _dq_constexprs(Dk, atomic)
-        num_row_blocks = triton.cdiv(R, constexprs["BLOCK_T"])
-        topk_read_bwd_dq_kernel[(num_row_blocks * B * Hm,)](
+        num_row_blocks, programs = row_block_grid(R, constexprs["BLOCK_T"], B * Hm)
+        topk_read_bwd_dq_kernel[(programs,)](
             q, keys, indices, weights, dw, dlse, dq, dkeys_acc, ds,
             R, N, Dk, k, float(scale), Hm, keys_batch_stride, num_row_blocks,
             **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
         )
         if not atomic:
-            entry_order, entry_rows, run_starts = _slot_runs(indices, B, H, T, Hm, N, R, M, shared)
-            constexprs, num_warps = _slot_constexprs(Dk, Dv)
-            topk_read_bwd_slot_kernel[(M * N,)](
-                q, dout, weights, ds, entry_order, entry_rows, run_starts, dkeys, dvalues, Dk, Dv, float(scale),
-                **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
-            )
+            slot_reduce_bwd(q, dout, weights, ds, indices, scale, Hm, N, shared, dkeys, dvalues)
     if atomic:
         if dkeys_acc is not dkeys:
             dkeys.copy_(dkeys_acc)
@@ -1609,7 +1484,6 @@ COMPILE_KS = (16, 32, 64, 128, 256)
 # read-heads-gpu and read-gpu (MAX_CHUNKS, every N beyond).
 KTH_COMPILE_CHUNKS = (32, 256, MAX_CHUNKS)
 
-_SIGNATURE_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # Integer arguments that production shapes do not make multiples of 16 (the JIT does not specialize
 # them), by kernel (None: every other kernel).
 _ANY_INTS = {
@@ -1617,9 +1491,9 @@ _ANY_INTS = {
     topk_read_fwd_chunkmax_kernel: ("k", "Hm", "num_row_blocks", "n_chunks"),
 }
 
-# Runtime arguments of each kernel, in order, by role: "x" a pointer of the input dtype, "i64" /
-# "f32" pointers of those types, "int" a size or count, "float" a scalar. The launchers pass
-# exactly these positionally; _build_compile_configs checks the names against the kernels.
+# Runtime arguments of each kernel, in order, by role (see _triton_lib.argument_types). The
+# launchers pass exactly these positionally; _build_compile_configs checks the names against the
+# kernels.
 _KERNEL_ARGS = {
     topk_read_fwd_select_kernel: (("q", "x"), ("keys", "x"), ("valid_len", "i64"), ("indices", "i64"),
                                   ("weights", "f32"), ("lse", "f32"), ("R", "int"), ("N", "int"),
@@ -1705,77 +1579,59 @@ def _production_constexprs(kernel, dtype):
     return picks
 
 
-def _label(dtype, head_dims, k, constexprs) -> str:
-    parts = [_SIGNATURE_DTYPE[dtype], "D=" + ",".join(map(str, head_dims))]
-    if k is not None:
-        parts.append(f"k={k}")
-    short = {"HAS_VALID_LEN": "VL", "ONLY_OVERFLOW": "OVF", "ATOMIC": "ATOMIC", "BATCH": "BA", "BLOCK_T": "BT",
-             "K_PAD": "KP", "BLOCK_N": "BN", "BLOCK_E": "BE", "CAP": "CAP", "BLOCK_C": "BC"}
-    for name, value in constexprs.items():
-        if name in short:
-            parts.append(f"{short[name]}={int(value)}")
-    return " ".join(parts)
+_LABELS = {"HAS_VALID_LEN": "VL", "ONLY_OVERFLOW": "OVF", "ATOMIC": "ATOMIC", "BATCH": "BA", "BLOCK_T": "BT",
+           "K_PAD": "KP", "BLOCK_N": "BN", "BLOCK_E": "BE", "CAP": "CAP", "BLOCK_C": "BC"}
 
 
 def _build_compile_configs() -> list[dict]:
     """One entry per distinct (kernel, dtype, constexprs) the launchers pick for production shapes.
 
     Entry keys: as read by tools.triton_check (kernel, signature, constexprs, num_warps,
-    options, divisible_by_16, label). The GPU path never takes the interpreter-only bfloat16
-    upcast, so F32_DOT is set here as on a GPU (float32 only).
+    options, divisible_by_16, label, allow_spills). The GPU path never takes the interpreter-only
+    bfloat16 upcast, so F32_DOT is set here as on a GPU (float32 only).
     """
     configs = []
     for kernel, args in _KERNEL_ARGS.items():
-        constexpr_names = [name for name in kernel.arg_names if name not in dict(args)]
-        if [name for name, _ in args] + constexpr_names != list(kernel.arg_names):
-            raise AssertionError(f"_KERNEL_ARGS out of date for {kernel.__name__}: {kernel.arg_names}")
+        names = constexpr_names(kernel, args)
+        # Pointers are 16-byte aligned; head sizes, strides and row counts of the production
+        # shapes are multiples of 16 (the JIT specializes them so).
+        any_ints = _ANY_INTS.get(kernel, _ANY_INTS[None])
+        divisible_ints = [name for name, role in args if role == "int" and name not in any_ints]
         # A kernel without input-dtype pointers compiles the same for every dtype.
         dtypes = COMPILE_DTYPES if any(role == "x" for _, role in args) else COMPILE_DTYPES[:1]
         for dtype in dtypes:
-            types = {"x": "*" + _SIGNATURE_DTYPE[dtype], "i64": "*i64", "f32": "*fp32", "int": "i32",
-                     "float": "fp32"}
+            types = argument_types(dtype)
             seen = {}
             for constexprs, num_warps, D, k in _production_constexprs(kernel, dtype):
                 if "F32_DOT" in constexprs:
                     constexprs = dict(constexprs, F32_DOT=dtype == torch.float32)
-                if sorted(constexprs) != sorted(constexpr_names):
+                if sorted(constexprs) != sorted(names):
                     raise AssertionError(f"constexprs {sorted(constexprs)} do not match {kernel.__name__}")
                 key = (tuple(constexprs.items()), num_warps)
                 if key in seen:
                     seen[key]["head_dims"].append(D)
                     continue
-                # Pointers are 16-byte aligned; head sizes, strides and row counts of the
-                # production shapes are multiples of 16 (the JIT specializes them so).
-                divisible = [name for name, role in args if role in ("x", "i64", "f32")]
-                divisible += [name for name, role in args
-                              if role == "int" and name not in _ANY_INTS.get(kernel, _ANY_INTS[None])]
-                entry = {
-                    "kernel": kernel,
-                    "signature": {name: types[role] for name, role in args},
-                    "constexprs": constexprs,
-                    "num_warps": num_warps,
-                    "options": dict(COMPILE_OPTIONS),
-                    "divisible_by_16": tuple(divisible),
-                    "head_dims": [D],
-                    "k": k,
-                    # The overflow fallback of the threshold paths runs only for rows whose
-                    # candidates did not fit (ties, sorted scores, NaN rows); a few of its variants
-                    # spill 8-32 bytes (Triton 3.9: e.g. fp16 D=64 k=64 on sm_80, fp32 D=128 k=128
-                    # on sm_90): allowed, reported by the compile check. So does the threshold
-                    # path's 16-bit collect kernel at its [128, 64] tile (16-40 bytes, see
-                    # _SCAN_TILES), and so do some float32 scan kernels of the threshold-strided
-                    # path, where ptxas stops at 80-128 registers and spills 8-24 bytes (sm_80,
-                    # D=64 and D=128, Triton 3.3 to 3.9; float32 scores run on the FMA units, no
-                    # TF32).
-                    "allow_spills": bool(constexprs.get("ONLY_OVERFLOW", False))
-                    or (kernel is topk_read_fwd_collect_kernel and dtype != torch.float32)
-                    or (kernel in (topk_read_fwd_strided_chunkmax_kernel, topk_read_fwd_strided_collect_kernel)
-                        and dtype == torch.float32),
-                }
-                seen[key] = entry
-                configs.append(entry)
+                # The overflow fallback of the threshold paths runs only for rows whose
+                # candidates did not fit (ties, sorted scores, NaN rows); a few of its variants
+                # spill 8-32 bytes (Triton 3.9: e.g. fp16 D=64 k=64 on sm_80, fp32 D=128 k=128
+                # on sm_90): allowed, reported by the compile check. So does the threshold
+                # path's 16-bit collect kernel at its [128, 64] tile (16-40 bytes, see
+                # _SCAN_TILES), and so do some float32 scan kernels of the threshold-strided
+                # path, where ptxas stops at 80-128 registers and spills 8-24 bytes (sm_80,
+                # D=64 and D=128, Triton 3.3 to 3.9; float32 scores run on the FMA units, no
+                # TF32).
+                allow_spills = (bool(constexprs.get("ONLY_OVERFLOW", False))
+                                or (kernel is topk_read_fwd_collect_kernel and dtype != torch.float32)
+                                or (kernel in (topk_read_fwd_strided_chunkmax_kernel,
+                                               topk_read_fwd_strided_collect_kernel)
+                                    and dtype == torch.float32))
+                seen[key] = compile_entry(kernel, args, types, constexprs, num_warps, divisible_ints=divisible_ints,
+                                          head_dims=[D], k=k, allow_spills=allow_spills)
+                configs.append(seen[key])
             for entry in seen.values():
-                entry["label"] = _label(dtype, entry["head_dims"], entry.pop("k"), entry["constexprs"])
+                k = entry.pop("k")
+                sizes = "D=" + ",".join(map(str, entry.pop("head_dims"))) + ("" if k is None else f" k={k}")
+                entry["label"] = config_label(dtype, sizes, entry["constexprs"], _LABELS)
     return configs
 
 

@@ -14,6 +14,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from l2m_kernels.ops._triton_lib import block_d  # noqa: E402
 from l2m_kernels.ops.memory_attention import triton as ma_triton  # noqa: E402
 from l2m_kernels.ops.memory_attention.reference import memory_attention_gather, memory_attention_ref  # noqa: E402
 from l2m_kernels.ops.topk_read.reference import topk_read_select  # noqa: E402
@@ -176,7 +177,7 @@ def test_gradients_through_lse_only(merge, deterministic, tiles):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("D", [7, 33])
 def test_half_unaligned_head_dim_runs_padded(dtype, D):
-    assert ma_triton._padded_head_dim(D, dtype) == ma_triton._block_d(D) > D
+    assert ma_triton._padded_head_dim(D, dtype) == block_d(D) > D
     assert ma_triton._padded_head_dim(D, torch.float32) == D
     assert ma_triton._padded_head_dim(40, dtype) == 40
     t = _inputs(2, 2, 2, 1, 13, 25, D, 7, 6, dtype, False, (2, 2, 13, 1))
