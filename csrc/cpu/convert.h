@@ -146,5 +146,9 @@ void dispatch_floating(Dtype dtype, const char* op_name, Fn&& fn) {
 #define L2M_DISPATCH_FLOATING(params, name, impl) \
   dispatch_floating((params).dtype, name, [&](auto tag) { impl<decltype(tag)>(params); })
 
+// Defines the launcher `name` (declared in kernels.h) as that dispatch of impl<scalar_t>.
+#define L2M_CPU_LAUNCHER(name, Params, impl) \
+  void name(const Params& params) { L2M_DISPATCH_FLOATING(params, #name, impl); }
+
 }  // namespace L2M_CPU_ISA
 }  // namespace l2m::cpu

@@ -154,13 +154,8 @@ void bwd_impl(const GatedDenseUpdateBwdParams& params) {
 
 }  // namespace
 
-void gated_dense_update_fwd(const GatedDenseUpdateFwdParams& params) {
-  L2M_DISPATCH_FLOATING(params, "gated_dense_update_fwd", fwd_impl);
-}
-
-void gated_dense_update_bwd(const GatedDenseUpdateBwdParams& params) {
-  L2M_DISPATCH_FLOATING(params, "gated_dense_update_bwd", bwd_impl);
-}
+L2M_CPU_LAUNCHER(gated_dense_update_fwd, GatedDenseUpdateFwdParams, fwd_impl)
+L2M_CPU_LAUNCHER(gated_dense_update_bwd, GatedDenseUpdateBwdParams, bwd_impl)
 
 }  // namespace L2M_CPU_ISA
 }  // namespace l2m::cpu

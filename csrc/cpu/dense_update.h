@@ -63,15 +63,4 @@ struct GatedDenseUpdateBwdParams {
   void* dforget_gate;        // (numel,) acc
 };
 
-// The launchers, compiled once per instruction-set variant into l2m::cpu::<variant> (isa.h).
-// Declared for the kernel sources only: bindings.cpp reaches them through the dispatch table
-// of kernels.h, so that no call bypasses the variant chosen at import.
-#if defined(L2M_CPU_ISA)
-inline namespace L2M_CPU_ISA {
-// dtype must be Float, Double, Half or BFloat16 (an unknown dtype throws).
-void gated_dense_update_fwd(const GatedDenseUpdateFwdParams& params);
-void gated_dense_update_bwd(const GatedDenseUpdateBwdParams& params);
-}  // namespace L2M_CPU_ISA
-#endif
-
 }  // namespace l2m::cpu

@@ -38,6 +38,18 @@ struct KernelTable {
 #undef L2M_CPU_KERNEL_POINTER
 };
 
+// The launchers, compiled once per instruction-set variant into l2m::cpu::<variant> (isa.h) and
+// declared from the same list; each takes Float, Double, Half or BFloat16 (another dtype throws).
+// Declared for the kernel sources only: bindings.cpp reaches them through the table of the
+// variant chosen at import, so that no call bypasses it.
+#if defined(L2M_CPU_ISA)
+inline namespace L2M_CPU_ISA {
+#define L2M_CPU_KERNEL_DECLARATION(launcher, Params) void launcher(const Params& params);
+L2M_CPU_KERNELS(L2M_CPU_KERNEL_DECLARATION)
+#undef L2M_CPU_KERNEL_DECLARATION
+}  // namespace L2M_CPU_ISA
+#endif
+
 // Each variant's table (kernel_table.cpp). setup.py tells bindings.cpp which variants it built
 // and linked; the others are declared but never referenced.
 namespace isa_default {

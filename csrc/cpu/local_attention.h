@@ -40,15 +40,4 @@ struct LocalAttentionBwdParams : l2m::LocalAttentionBwdParams {
   Rows dout_rows, q_rows, k_rows, v_rows;
 };
 
-// The launchers, compiled once per instruction-set variant into l2m::cpu::<variant> (isa.h).
-// Declared for the kernel sources only: bindings.cpp reaches them through the dispatch table
-// of kernels.h, so that no call bypasses the variant chosen at import.
-#if defined(L2M_CPU_ISA)
-inline namespace L2M_CPU_ISA {
-// dtype must be Float, Double, Half or BFloat16 (checked again here: an unknown dtype throws).
-void local_attention_fwd(const LocalAttentionFwdParams& params);
-void local_attention_bwd(const LocalAttentionBwdParams& params);
-}  // namespace L2M_CPU_ISA
-#endif
-
 }  // namespace l2m::cpu

@@ -26,13 +26,4 @@ struct MemoryReadWeightsParams : l2m::MemoryReadWeightsParams {
   Rows dout_rows;  // where dout's rows start (with dout)
 };
 
-// The launchers, compiled once per instruction-set variant into l2m::cpu::<variant> (isa.h).
-// Declared for the kernel sources only: bindings.cpp reaches them through the dispatch table
-// of kernels.h, so that no call bypasses the variant chosen at import.
-#if defined(L2M_CPU_ISA)
-inline namespace L2M_CPU_ISA {
-void memory_read_weights(const MemoryReadWeightsParams& params);
-}  // namespace L2M_CPU_ISA
-#endif
-
 }  // namespace l2m::cpu

@@ -431,13 +431,8 @@ void gated_memory_write_bwd_impl(const GatedMemoryWriteBwdParams& params) {
 
 }  // namespace
 
-void gated_memory_write_fwd(const GatedMemoryWriteFwdParams& params) {
-  L2M_DISPATCH_FLOATING(params, "gated_memory_write_fwd", gated_memory_write_fwd_impl);
-}
-
-void gated_memory_write_bwd(const GatedMemoryWriteBwdParams& params) {
-  L2M_DISPATCH_FLOATING(params, "gated_memory_write_bwd", gated_memory_write_bwd_impl);
-}
+L2M_CPU_LAUNCHER(gated_memory_write_fwd, GatedMemoryWriteFwdParams, gated_memory_write_fwd_impl)
+L2M_CPU_LAUNCHER(gated_memory_write_bwd, GatedMemoryWriteBwdParams, gated_memory_write_bwd_impl)
 
 }  // namespace L2M_CPU_ISA
 }  // namespace l2m::cpu

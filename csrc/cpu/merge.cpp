@@ -263,21 +263,10 @@ void gated_merge_bwd_impl(const GatedMergeBwdParams& params) {
 
 }  // namespace
 
-void merge_attention_fwd(const MergeAttentionFwdParams& params) {
-  L2M_DISPATCH_FLOATING(params, "merge_attention_fwd", merge_attention_fwd_impl);
-}
-
-void merge_attention_bwd(const MergeAttentionBwdParams& params) {
-  L2M_DISPATCH_FLOATING(params, "merge_attention_bwd", merge_attention_bwd_impl);
-}
-
-void gated_merge_fwd(const GatedMergeFwdParams& params) {
-  L2M_DISPATCH_FLOATING(params, "gated_merge_fwd", gated_merge_fwd_impl);
-}
-
-void gated_merge_bwd(const GatedMergeBwdParams& params) {
-  L2M_DISPATCH_FLOATING(params, "gated_merge_bwd", gated_merge_bwd_impl);
-}
+L2M_CPU_LAUNCHER(merge_attention_fwd, MergeAttentionFwdParams, merge_attention_fwd_impl)
+L2M_CPU_LAUNCHER(merge_attention_bwd, MergeAttentionBwdParams, merge_attention_bwd_impl)
+L2M_CPU_LAUNCHER(gated_merge_fwd, GatedMergeFwdParams, gated_merge_fwd_impl)
+L2M_CPU_LAUNCHER(gated_merge_bwd, GatedMergeBwdParams, gated_merge_bwd_impl)
 
 }  // namespace L2M_CPU_ISA
 }  // namespace l2m::cpu

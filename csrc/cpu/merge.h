@@ -23,17 +23,4 @@ struct GatedMergeFwdParams : l2m::GatedMergeFwdParams {};
 
 struct GatedMergeBwdParams : l2m::GatedMergeBwdParams {};
 
-// The launchers, compiled once per instruction-set variant into l2m::cpu::<variant> (isa.h).
-// Declared for the kernel sources only: bindings.cpp reaches them through the dispatch table
-// of kernels.h, so that no call bypasses the variant chosen at import.
-#if defined(L2M_CPU_ISA)
-inline namespace L2M_CPU_ISA {
-// dtype must be Float, Double, Half or BFloat16 (checked again here: an unknown dtype throws).
-void merge_attention_fwd(const MergeAttentionFwdParams& params);
-void merge_attention_bwd(const MergeAttentionBwdParams& params);
-void gated_merge_fwd(const GatedMergeFwdParams& params);
-void gated_merge_bwd(const GatedMergeBwdParams& params);
-}  // namespace L2M_CPU_ISA
-#endif
-
 }  // namespace l2m::cpu

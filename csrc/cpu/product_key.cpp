@@ -803,13 +803,8 @@ void product_key_bwd_impl(const ProductKeyBwdParams& p) {
 
 }  // namespace
 
-void product_key_fwd(const ProductKeyFwdParams& params) {
-  L2M_DISPATCH_FLOATING(params, "product_key_fwd", product_key_fwd_impl);
-}
-
-void product_key_bwd(const ProductKeyBwdParams& params) {
-  L2M_DISPATCH_FLOATING(params, "product_key_bwd", product_key_bwd_impl);
-}
+L2M_CPU_LAUNCHER(product_key_fwd, ProductKeyFwdParams, product_key_fwd_impl)
+L2M_CPU_LAUNCHER(product_key_bwd, ProductKeyBwdParams, product_key_bwd_impl)
 
 }  // namespace L2M_CPU_ISA
 }  // namespace l2m::cpu

@@ -45,15 +45,4 @@ struct ProductKeyBwdParams : l2m::ProductKeyBwdParams {
   int64_t num_value_rows;
 };
 
-// The launchers, compiled once per instruction-set variant into l2m::cpu::<variant> (isa.h).
-// Declared for the kernel sources only: bindings.cpp reaches them through the dispatch table
-// of kernels.h, so that no call bypasses the variant chosen at import.
-#if defined(L2M_CPU_ISA)
-inline namespace L2M_CPU_ISA {
-// dtype must be Float, Double, Half or BFloat16 (checked again here: an unknown dtype throws).
-void product_key_fwd(const ProductKeyFwdParams& params);
-void product_key_bwd(const ProductKeyBwdParams& params);
-}  // namespace L2M_CPU_ISA
-#endif
-
 }  // namespace l2m::cpu

@@ -602,13 +602,8 @@ void topk_read_bwd_impl(const TopkReadBwdParams& p) {
 
 }  // namespace
 
-void topk_read_fwd(const TopkReadFwdParams& params) {
-  L2M_DISPATCH_FLOATING(params, "topk_read_fwd", topk_read_fwd_impl);
-}
-
-void topk_read_bwd(const TopkReadBwdParams& params) {
-  L2M_DISPATCH_FLOATING(params, "topk_read_bwd", topk_read_bwd_impl);
-}
+L2M_CPU_LAUNCHER(topk_read_fwd, TopkReadFwdParams, topk_read_fwd_impl)
+L2M_CPU_LAUNCHER(topk_read_bwd, TopkReadBwdParams, topk_read_bwd_impl)
 
 }  // namespace L2M_CPU_ISA
 }  // namespace l2m::cpu

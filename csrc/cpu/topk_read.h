@@ -31,15 +31,4 @@ struct TopkReadBwdParams : l2m::TopkReadBwdParams {
   Rows q_rows;
 };
 
-// The launchers, compiled once per instruction-set variant into l2m::cpu::<variant> (isa.h).
-// Declared for the kernel sources only: bindings.cpp reaches them through the dispatch table
-// of kernels.h, so that no call bypasses the variant chosen at import.
-#if defined(L2M_CPU_ISA)
-inline namespace L2M_CPU_ISA {
-// dtype must be Float, Double, Half or BFloat16 (checked again here: an unknown dtype throws).
-void topk_read_fwd(const TopkReadFwdParams& params);
-void topk_read_bwd(const TopkReadBwdParams& params);
-}  // namespace L2M_CPU_ISA
-#endif
-
 }  // namespace l2m::cpu
