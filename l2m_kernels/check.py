@@ -227,7 +227,8 @@ def check_product_key_read(p, dtype, device, backend, gen):
     slot_ids = read.indices.cpu()
     candidate_scores, selectable, candidates = product_key_scores(
         q, subkeys, k_sub, scale, torch.float64 if dtype == torch.float64 else torch.float32)
-    _assert_valid_selection(slot_ids, candidate_scores, dtype, selectable=selectable, competitors=candidates)
+    _assert_valid_selection(slot_ids, candidate_scores, dtype, selectable=selectable, competitors=candidates,
+                            ties=False)  # equal candidates come by their sub-keys' ranks, not by slot
     leaves = _leaves64(q, subkeys, values)
     s1, s2 = _half_scores(leaves[0].detach(), leaves[1].detach(), scale, torch.float64)
     slot_scores = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)  # (B, H, T, n_sub ** 2)

@@ -310,7 +310,7 @@ def assert_valid_topk(slot_ids: torch.Tensor, scores: torch.Tensor, *, valid_len
                       selectable: torch.Tensor | None = None,
                       competitors: torch.Tensor | None = None,
                       score_dtype: torch.dtype = torch.float32, tol: float | None = None,
-                      name: str = "slot_ids") -> None:
+                      name: str = "slot_ids", ties: bool = True) -> None:
     """Fail (AssertionError naming the first failing row) unless ``slot_ids`` is a valid top-k
     selection of ``scores``.
 
@@ -330,6 +330,8 @@ def assert_valid_topk(slot_ids: torch.Tensor, scores: torch.Tensor, *, valid_len
                      :data:`SELECTION_TOLERANCE` of it times max(1, largest finite |score|).
         tol:         an absolute slack instead.
         name:        what the messages call the selection.
+        ties:        check the exact-tie rules (below). False for a product-key read, which orders
+                     candidates of equal score by their sub-keys' ranks, not by slot.
 
     Checks: ids in [-1, N); no -1 before a real entry; no slot twice; every selected slot exists
     (and is selectable); the number of real entries; top-k: every selected score >= every
@@ -421,6 +423,8 @@ def assert_valid_topk(slot_ids: torch.Tensor, scores: torch.Tensor, *, valid_len
                     f"{later_best[r, i].item():.6g}), slack {slack:.2e}")
         fail(disorder.any(-1), first_disorder)
 
+    if not ties:
+        return
     # Exact ties, selection: order every slot by (score descending, slot ascending); within a run
     # of equal scores no selected slot may follow an unselected competitor.
     sorted_rank, by_rank = rank.sort(dim=1, descending=True, stable=True)
