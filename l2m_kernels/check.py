@@ -46,7 +46,7 @@ from .ops import registry
 from .ops.memory_attention.reference import memory_attention_gather
 from .ops.memory_write.reference import gated_dense_update_ref, gated_memory_write_ref
 from .ops.merge.reference import gated_merge_ref, merge_attention_ref
-from .ops.product_key.reference import _half_scores, product_key_gather, product_key_select
+from .ops.product_key.reference import product_key_gather, product_key_select
 from .ops.topk_read.reference import full_scores, topk_read_gather, topk_read_select
 from .testing import (TOLERANCE, assert_valid_topk, lse_dtype, poisoned_outputs, product_key_scores, rand,
                       rel_rms_error)
@@ -230,10 +230,8 @@ def check_product_key_read(p, dtype, device, backend, gen):
     _assert_valid_selection(slot_ids, candidate_scores, dtype, selectable=selectable, competitors=candidates,
                             ties=False)  # equal candidates come by their sub-keys' ranks, not by slot
     leaves = _leaves64(q, subkeys, values)
-    s1, s2 = _half_scores(leaves[0].detach(), leaves[1].detach(), scale, torch.float64)
-    slot_scores = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)  # (B, H, T, n_sub ** 2)
     best = product_key_select(leaves[0].detach(), leaves[1].detach(), k, k_sub, scale)
-    pairs = [("selection", _selected_scores(slot_scores, slot_ids), _selected_scores(slot_scores, best))]
+    pairs = [("selection", _selected_scores(candidate_scores, slot_ids), _selected_scores(candidate_scores, best))]
     ref = product_key_gather(*leaves, slot_ids, scale, sum_heads=sum_heads)
     ref_grads = torch.autograd.grad(ref, leaves, [c.double().cpu() for c in cots])
     pairs += list(zip(("out", "weights", "lse"), outs, ref))

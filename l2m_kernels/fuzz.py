@@ -69,7 +69,7 @@ from .backends import BACKENDS, OPS
 from .ops.memory_attention.reference import _local_attention_acc, _merge_acc, memory_attention_gather
 from .ops.memory_write.reference import gated_dense_update_ref, gated_memory_write_ref
 from .ops.merge.reference import gated_merge_ref, merge_attention_ref
-from .ops.product_key.reference import _half_scores, product_key_gather, product_key_select
+from .ops.product_key.reference import product_key_gather, product_key_select
 from .ops.topk_read.reference import _topk_read_gather_acc, full_scores, topk_read_gather, topk_read_select
 from .ops.topk_read.validate import resolve_scale
 from .testing import (TOLERANCE, assert_close, assert_valid_topk, lse_dtype, poisoned_outputs, product_key_scores,
@@ -594,20 +594,18 @@ def judge_product_key(case, read, gen):
     _expect_tensor("lse", read.lse, (B, H, T), acc)
     slot_ids = read.indices.detach().cpu()
     q64, sub64 = _f64(q), _f64(subkeys)
-    s1, s2 = _half_scores(q64, sub64, scale, torch.float64)
-    slot_scores = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)      # (B, H, T, n_sub ** 2)
+    # float64 scores of every slot (B, H, T, n_sub ** 2), the candidates the selection must beat
+    # (both sub-keys among their half's k_sub best) and the slots it may pick (within rounding of it).
+    slot_scores, selectable, candidates = product_key_scores(
+        q, subkeys, k_sub, scale, torch.float64 if case.dtype == torch.float64 else torch.float32)
     best = product_key_select(q64, sub64, k, k_sub, scale)
     rank = _rank(slot_scores)
     # NaN candidates sort above +inf in the reference (torch.sort) and tie with it in a kernel that
     # ranks NaN like +inf; rows holding one are NaN either way, so exact slots are not required there.
     nan_rows = torch.isnan(slot_scores).any(-1, keepdim=True)
     exact = case.extra["exact"] and not bool(nan_rows.any())
-    # The slots the selection must beat are the candidates (both sub-keys among their half's k_sub
-    # best); the ones it may pick, those within rounding of it. Rows with a NaN candidate rank it
-    # above +inf in the reference and like +inf in a kernel: there the selection only competes with
-    # itself, and the scores of its slots are compared below.
-    _, selectable, candidates = product_key_scores(q, subkeys, k_sub, scale,
-                                                   torch.float64 if case.dtype == torch.float64 else torch.float32)
+    # Rows with a NaN candidate rank it above +inf in the reference and like +inf in a kernel: there
+    # the selection only competes with itself, and the scores of its slots are compared below.
     selected = torch.zeros_like(candidates).scatter_(-1, slot_ids.clamp_min(0), slot_ids >= 0)
     candidates = torch.where(nan_rows, selected, candidates)
     selectable = torch.where(nan_rows, selected, selectable)
