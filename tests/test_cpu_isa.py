@@ -21,7 +21,7 @@ import torch
 from l2m_kernels import _ext, info
 from l2m_kernels.backends import OPS
 from l2m_kernels.check import build_cases, run_case
-from l2m_kernels.ops.registry import attn_case, pk_case, topk_case, write_case
+from l2m_kernels.ops import registry
 
 VARIANTS = ("default", "avx2", "avx512")
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -34,18 +34,9 @@ if not hasattr(cpu_ext, "isa_info"):
     pytest.skip("the cpu extension predates the instruction-set variants: rebuild it "
                 f"({_ext.REBUILD_COMMAND})", allow_module_level=True)
 
-# Shapes wider than l2m-check's: several 16-lane vectors of queries and rows, dims with tails past
-# a 64-byte vector, a local-attention window over several key blocks.
-WIDE_CASES = {
-    "merge_attention": [dict(shape=(2, 2, 33, 130))],
-    "gated_merge": [dict(shape=(2, 2, 33, 130), gate=(2, 1, 1))],
-    "topk_memory_read": [topk_case(2, 4, 2, 70, 700, 64, 40, 32, valid_len=[700, 333])],
-    "product_key_read": [pk_case(2, 2, 40, 128, 40, 65, 16, 8)],
-    "gated_memory_write": [write_case(2, 2, 200, 129, 24, 4)],
-    "gated_dense_update": [dict(shapes=((2, 4, 33, 130),) * 4)],
-    "memory_attention": [attn_case(1, 4, 2, 2, 70, 90, 64, 64, 200, 16, window=40)],
-}
-assert set(WIDE_CASES) == set(OPS), "every op needs a wide case"
+# Each op is checked at l2m-check's quick cases and at its declared wide cases (registry
+# Cases.wide): several 16-lane vectors of queries and rows, dims with tails past a 64-byte vector,
+# a local-attention window over several key blocks.
 
 
 def variant_params():
@@ -78,7 +69,7 @@ def variant(request):
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_variant_matches_reference(variant, op, dtype):
-    cases = build_cases(op, seed=0, quick=True) + WIDE_CASES[op]
+    cases = build_cases(op, seed=0, quick=True) + list(registry.OPS[op].cases.wide)
     failures = []
     for index, params in enumerate(cases):
         result = run_case(op, "cpu", dtype, CPU, params, seed=0, case_index=index)

@@ -95,6 +95,9 @@ def test_check_cases_come_from_the_declaration(decl):
     labels = {decl.cases.label(decl.cases.random(rng)) for _ in range(20)}
     assert len(labels) > 1                                                       # the generator varies
     assert all(check.shape_label(decl.name, c) == decl.cases.label(c) for c in full)
+    if "cpu" in decl.backends:                  # tests/test_cpu_isa.py checks every variant on them
+        assert decl.cases.wide, f"{decl.name}: the cpu backend serves it, so it needs a wide case"
+        assert all(decl.cases.label(c) for c in decl.cases.wide)
 
 
 def test_unknown_argument_lookup_names_the_op():

@@ -67,11 +67,14 @@ class Serving:
 @dataclass(frozen=True)
 class Cases:
     """The shapes ``l2m-check`` runs: ``edge`` (the first two also with ``--quick``) and random
-    shapes from ``random(rng)``; ``label(params)`` describes one in the table."""
+    shapes from ``random(rng)``; ``label(params)`` describes one in the table. ``wide``: larger
+    shapes that reach every vector width and tail of the CPU kernels (each instruction-set variant
+    is checked on them)."""
 
     edge: tuple
     random: Callable[[random.Random], dict]
     label: Callable[[dict], str]
+    wide: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -200,7 +203,8 @@ TOPK_MEMORY_READ = OpDecl(
             topk_case(1, 1, 1, 7, 63, 7, 5, 3),                                  # odd sizes
             topk_case(3, 2, 2, 6, 300, 32, 16, 256, shared=True, valid_len=[300, 0, 7]),  # k = 256, empty memory
         ),
-        random=_topk_random, label=_topk_label),
+        random=_topk_random, label=_topk_label,
+        wide=(topk_case(2, 4, 2, 70, 700, 64, 40, 32, valid_len=[700, 333]),)),
     bench=Bench("topk_read",
                 shapes={"read-cpu": dict(B=1, H=1, Hm=1, T=4096, N=65536, Dk=64, Dv=64, k=32),
                         "read-heads": dict(B=2, H=8, Hm=8, T=512, N=16384, Dk=64, Dv=64, k=32)},
@@ -262,7 +266,8 @@ PRODUCT_KEY_READ = OpDecl(
             pk_case(1, 2, 13, 130, 7, 129, 49, 7),                               # k = k_sub ** 2, k_sub = n_sub
             pk_case(2, 1, 13, 14, 33, 7, 1, 8, sum_heads=True, sparse_grad=True),  # k = 1
         ),
-        random=_pk_random, label=_pk_label),
+        random=_pk_random, label=_pk_label,
+        wide=(pk_case(2, 2, 40, 128, 40, 65, 16, 8),)),
     bench=Bench("product_key",
                 shapes={"pkm-cpu": dict(B=1, H=4, T=2048, Dk=256, n_sub=1024, Dv=256, k=32)},
                 tiny={"pkm-tiny": dict(B=1, H=2, T=32, Dk=16, n_sub=16, Dv=16, k=4)}),
@@ -311,7 +316,8 @@ GATED_MEMORY_WRITE = OpDecl(
             write_case(1, 2, 63, 129, 7, 1, erase_one=True, index_dtype="int32"),
             write_case(2, 2, 3, 33, 16, 4),                                      # N = 3: heavy collisions
         ),
-        random=_write_random, label=_write_label),
+        random=_write_random, label=_write_label,
+        wide=(write_case(2, 2, 200, 129, 24, 4),)),
     bench=Bench("memory_write",
                 shapes={"write-cpu": dict(B=2, Hm=4, N=4096, D=128, T=256, kw=4)},
                 tiny={"write-tiny": dict(B=1, Hm=2, N=64, D=16, T=8, kw=2)}),
@@ -349,7 +355,8 @@ GATED_DENSE_UPDATE = OpDecl(
             dict(shapes=((2, 1, 4, 129), (1, 3, 1, 129), (3, 1, 1), ())),     # memory broadcast too
         ),
         random=_dense_random,
-        label=lambda p: " ".join("x".join(map(str, s)) or "()" for s in p["shapes"])),
+        label=lambda p: " ".join("x".join(map(str, s)) or "()" for s in p["shapes"]),
+        wide=(dict(shapes=((2, 4, 33, 130),) * 4),)),
     bench=Bench("memory_write",
                 shapes={"dense-cpu": dict(B=8, Hm=4, N=4096, D=128)},    # gates (B, Hm, N, 1)
                 tiny={"dense-tiny": dict(B=1, Hm=2, N=64, D=16)}),
@@ -396,7 +403,8 @@ MERGE_ATTENTION = OpDecl(
             dict(shape=(1, 1, 1, 1)),
             dict(shape=(2, 1, 5, 129)),
         ),
-        random=lambda rng: dict(shape=_merge_shape(rng)), label=_merge_label),
+        random=lambda rng: dict(shape=_merge_shape(rng)), label=_merge_label,
+        wide=(dict(shape=(2, 2, 33, 130)),)),
     bench=Bench("merge", shapes={"merge-cpu": dict(B=1, H=8, T=4096, D=64)},
                 tiny={"merge-tiny": dict(B=1, H=2, T=64, D=16)}),
     reference="merge_attention_ref",
@@ -421,7 +429,8 @@ GATED_MERGE = OpDecl(
             dict(shape=(2, 1, 5, 129), gate=()),
             dict(shape=(2, 3, 7, 33), gate=(7, 1)),
         ),
-        random=_gated_merge_random, label=_merge_label),
+        random=_gated_merge_random, label=_merge_label,
+        wide=(dict(shape=(2, 2, 33, 130), gate=(2, 1, 1)),)),
     bench=Bench("merge"),
     reference="gated_merge_ref",
 )
@@ -492,7 +501,8 @@ MEMORY_ATTENTION = OpDecl(
             attn_case(1, 4, 1, 1, 33, 50, 16, 16, 70, 8, window=5, shared=True, merge="gate", gate=(4, 1, 1)),
             attn_case(2, 4, 4, 2, 7, 20, 16, 8, 24, 24, window=1, valid_len=[24, 3]),  # window 1, topk = N
         ),
-        random=_attn_random, label=_attn_label),
+        random=_attn_random, label=_attn_label,
+        wide=(attn_case(1, 4, 2, 2, 70, 90, 64, 64, 200, 16, window=40),)),
     bench=Bench("memory_attention",
                 shapes={"attn-cpu": dict(B=1, H=8, Hkv=8, Hm=8, T=1024, S=1024, window=256, D=64, Dv=64,
                                          N=16384, topk=32)},
