@@ -43,6 +43,7 @@ Runs: ``tests/test_fuzz.py`` (the CI profile, >= 2,000 cases); the long profile 
 from __future__ import annotations
 
 import argparse
+import ast
 import collections
 import dataclasses
 import math
@@ -57,7 +58,7 @@ from typing import Callable
 import torch
 
 try:
-    from hypothesis import HealthCheck, Phase, given, note, settings
+    from hypothesis import HealthCheck, Phase, assume, given, note, settings
     from hypothesis import seed as hypothesis_seed
     from hypothesis import strategies as st
 except ImportError as exc:  # pragma: no cover - hypothesis is a test dependency
@@ -66,6 +67,7 @@ except ImportError as exc:  # pragma: no cover - hypothesis is a test dependency
 import l2m_kernels as l2m
 
 from .backends import BACKENDS, OPS
+from .ops import registry
 from .ops.memory_attention.reference import _local_attention_acc, _merge_acc, memory_attention_gather
 from .ops.memory_write.reference import gated_dense_update_ref, gated_memory_write_ref
 from .ops.merge.reference import gated_merge_ref, merge_attention_ref
@@ -1404,6 +1406,44 @@ def build_case(op: str, backend: str, params: dict, device=None) -> Case:
         for name in case.diff_inputs:
             case.args[name] = case.built.views[name]
     return case
+
+
+# ------------------------------------------------------------------------------------------------
+# Valid calls of every op, for the suites derived from the declarations (the fake kernels' strides,
+# torch.library.opcheck): no test lists an op's inputs by hand.
+# ------------------------------------------------------------------------------------------------
+
+def valid_params(op: str, backend: str, *, strided: bool = False):
+    """The strategy of ``op``'s valid calls on ``backend``: no argument mutated, no NaN or infinity,
+    gradients wanted; ``strided``: at least one tensor is not contiguous (a transposed, sliced or
+    stride-0 view, as models produce them)."""
+    valid = STRATEGIES[op](backend).map(lambda p: dict(p, mutation=None, specials=[], mode="normal", grad=True))
+    return valid.filter(lambda p: any(v != "contiguous" for v in p["layouts"].values())) if strided else valid
+
+
+def each_valid_case(op: str, backend: str, check: Callable, *, examples: int, strided: bool = False, device=None):
+    """Build ``examples`` valid cases of ``op`` on ``backend`` (the same ones on every run) and call
+    ``check(case)`` on each that the backend serves (a case it refuses, e.g. its dtype, is drawn again)."""
+
+    @settings(max_examples=examples, derandomize=True, database=None, deadline=None, print_blob=True,
+              suppress_health_check=list(HealthCheck))
+    @given(params=valid_params(op, backend, strided=strided))
+    def holds(params):
+        note(f"case: l2m_kernels.fuzz.build_case({op!r}, {backend!r}, {params!r})")
+        case = build_case(op, backend, params, device)
+        assume(case.must_raise is None)
+        check(case)
+
+    holds()
+
+
+def custom_op_call(case: Case):
+    """The ``torch.ops.l2m`` overload a built case reaches and its arguments in the declared schema's
+    order (the in-place variant ``<name>_`` for an in-place write)."""
+    values = tuple(case.args[arg.name] if arg.name in case.args else ast.literal_eval(arg.default)
+                   for arg in registry.OPS[case.op].args)
+    name = case.op + ("_" if case.args.get("inplace") else "")
+    return getattr(torch.ops.l2m, name).default, values
 
 
 @dataclasses.dataclass

@@ -1,11 +1,13 @@
 """torch.library integration: every op is a custom op under torch.ops.l2m with a fake kernel and
-registered autograd (checked by torch.library.opcheck), and a function calling every op compiles
-under torch.compile(fullgraph=True) on CPU, forward and backward."""
+registered autograd (checked by torch.library.opcheck on valid cases of every declared op, drawn by
+its fuzz strategy), and a function calling every op compiles under torch.compile(fullgraph=True) on
+CPU, forward and backward."""
 import pytest
 import torch
 
 import l2m_kernels as l2m
-from l2m_kernels import _ext
+from l2m_kernels import fuzz
+from l2m_kernels.ops import registry
 from l2m_kernels.testing import assert_close, rand, rand_lse, rand_unit
 
 B, H, Hm, T, N, D, Dv = 2, 4, 2, 5, 13, 8, 6
@@ -16,63 +18,28 @@ def g(*shape, dtype=F64, requires_grad=True):
     return rand(*shape, dtype=dtype, requires_grad=requires_grad)
 
 
-def merge_backends():
-    names = ["reference"]
-    if _ext.cpu_extension() is not None:
-        names.append("cpu")
-    return names
+OPCHECK_BACKENDS = ("reference", "cpu")
+PAIRS = [(op, backend) for op in registry.OPS for backend in OPCHECK_BACKENDS]
 
 
-def op_cases():
-    cases = []
-    for backend in merge_backends():
-        cases.append((f"merge_attention-{backend}", torch.ops.l2m.merge_attention.default,
-                      (g(B, H, T, D), g(B, H, T), g(B, H, T, D), g(B, H, T), backend)))
-        cases.append((f"gated_merge-{backend}", torch.ops.l2m.gated_merge.default,
-                      (g(B, H, T, D), g(B, H, T, D), g(H, 1, 1), backend)))
-    if _ext.cpu_extension() is not None and hasattr(_ext.cpu_extension(), "topk_read_fwd"):
-        cases.append(("topk_memory_read-cpu", torch.ops.l2m.topk_memory_read.default,
-                      (g(B, H, T, D), g(B, Hm, N, D), g(B, Hm, N, Dv), 3, D ** -0.5, torch.tensor([N, 4]), False,
-                       "cpu")))
-    cases += [
-        ("topk_memory_read", torch.ops.l2m.topk_memory_read.default,
-         (g(B, H, T, D), g(B, Hm, N, D), g(B, Hm, N, Dv), 3, D ** -0.5, None, False, "reference")),
-        ("topk_memory_read-valid_len-shared", torch.ops.l2m.topk_memory_read.default,
-         (g(B, H, T, D), g(Hm, N, D), g(Hm, N, Dv), 4, 0.3, torch.tensor([2, N]), True, "reference")),
-        ("product_key_read", torch.ops.l2m.product_key_read.default,
-         (g(B, H, T, D), g(H, 2, 4, D // 2), g(16, Dv), 3, 3, D ** -0.5, False, False, False, "reference")),
-        ("product_key_read-sum_heads", torch.ops.l2m.product_key_read.default,
-         (g(B, H, T, D), g(H, 2, 4, D // 2), g(16, Dv), 5, 4, 0.5, True, False, False, "reference")),
-        ("gated_memory_write", torch.ops.l2m.gated_memory_write.default,
-         (g(B, Hm, N, D), torch.randint(-1, N, (B, Hm, T, 2)), rand_unit(B, Hm, T, 2, dtype=F64).requires_grad_(),
-          g(B, Hm, T, D), rand_unit(B, Hm, T, 1, dtype=F64).requires_grad_(), "reference")),
-        ("gated_memory_write_", torch.ops.l2m.gated_memory_write_.default,
-         (g(B, N, D, requires_grad=False), torch.randint(-1, N, (B, T, 3), dtype=torch.int32),
-          rand_unit(B, T, 3, dtype=F64), g(B, T, D, requires_grad=False), rand_unit(B, T, D, dtype=F64),
-          "reference")),
-        ("gated_dense_update", torch.ops.l2m.gated_dense_update.default,
-         (g(B, N, D), g(B, N, D), g(B, 1, D), g(1, N, 1), "reference")),
-        ("memory_attention-joint", torch.ops.l2m.memory_attention.default,
-         (g(B, H, T, D), g(B, 2, 7, D), g(B, 2, 7, Dv), g(B, Hm, N, D), g(B, Hm, N, Dv), 3, 4, "joint", None,
-          D ** -0.5, None, False, "reference")),
-        ("memory_attention-gate", torch.ops.l2m.memory_attention.default,
-         (g(B, H, T, D), g(B, 2, 7, D), g(B, 2, 7, Dv), g(Hm, N, D), g(Hm, N, Dv), 2, None, "gate", g(H, 1, 1),
-          0.4, torch.tensor([N, 1]), False, "reference")),
-    ]
-    return cases
-
-
-CASES = op_cases()
-
-
-@pytest.mark.parametrize("name,op,args", CASES, ids=[c[0] for c in CASES])
-def test_opcheck(name, op, args):
+def _opcheck(case):
+    op, args = fuzz.custom_op_call(case)
     torch.library.opcheck(op, args)
 
 
+@pytest.mark.parametrize("op,backend", PAIRS, ids=[f"{op}-{backend}" for op, backend in PAIRS])
+def test_opcheck(op, backend):
+    """torch.library.opcheck (schema, autograd registration, fake kernel, AOT dispatch) of each
+    declared op's custom op on valid cases drawn by its fuzz strategy (in-place writes through the
+    ``<name>_`` variant)."""
+    why = fuzz.backend_unavailable(op, backend)
+    if why:
+        pytest.skip(why)
+    fuzz.each_valid_case(op, backend, _opcheck, examples=4, device=torch.device("cpu"))
+
+
 def test_every_public_op_has_a_custom_op():
-    for name in ("topk_memory_read", "product_key_read", "gated_memory_write", "gated_memory_write_",
-                 "gated_dense_update", "merge_attention", "gated_merge", "memory_attention"):
+    for name in list(registry.OPS) + ["gated_memory_write_"]:
         assert hasattr(torch.ops.l2m, name), name
 
 
