@@ -947,6 +947,17 @@ STRATEGIES = {
     "memory_attention": attention_params,
 }
 assert tuple(sorted(STRATEGIES)) == tuple(sorted(OPS)), "every op needs a strategy"
+# The invalid arguments each op's cases draw (tests/test_validation.py checks every one).
+MUTATIONS = {
+    "topk_memory_read": TOPK_MUTATIONS,
+    "product_key_read": PK_MUTATIONS,
+    "gated_memory_write": WRITE_MUTATIONS,
+    "gated_dense_update": DENSE_MUTATIONS,
+    "merge_attention": MERGE_MUTATIONS,
+    "gated_merge": GATED_MERGE_MUTATIONS,
+    "memory_attention": ATTN_MUTATIONS,
+}
+assert tuple(sorted(MUTATIONS)) == tuple(sorted(OPS)), "every op needs its invalid arguments"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1413,25 +1424,29 @@ def build_case(op: str, backend: str, params: dict, device=None) -> Case:
 # torch.library.opcheck): no test lists an op's inputs by hand.
 # ------------------------------------------------------------------------------------------------
 
-def valid_params(op: str, backend: str, *, strided: bool = False):
-    """The strategy of ``op``'s valid calls on ``backend``: no argument mutated, no NaN or infinity,
-    gradients wanted; ``strided``: at least one tensor is not contiguous (a transposed, sliced or
-    stride-0 view, as models produce them)."""
-    valid = STRATEGIES[op](backend).map(lambda p: dict(p, mutation=None, specials=[], mode="normal", grad=True))
-    return valid.filter(lambda p: any(v != "contiguous" for v in p["layouts"].values())) if strided else valid
+def drawn_params(op: str, backend: str, *, mutation: str | None = None, strided: bool = False):
+    """The strategy of ``op``'s calls on ``backend`` with no NaN or infinity and gradients wanted:
+    valid ones, or with ``mutation`` (one of ``MUTATIONS[op]``) the invalid argument it
+    names; ``strided``: at least one tensor is not contiguous (a transposed, sliced or stride-0
+    view, as models produce them)."""
+    drawn = STRATEGIES[op](backend).map(
+        lambda p: dict(p, mutation=mutation, specials=[], mode="normal", grad=True))
+    return drawn.filter(lambda p: any(v != "contiguous" for v in p["layouts"].values())) if strided else drawn
 
 
-def each_valid_case(op: str, backend: str, check: Callable, *, examples: int, strided: bool = False, device=None):
-    """Build ``examples`` valid cases of ``op`` on ``backend`` (the same ones on every run) and call
-    ``check(case)`` on each that the backend serves (a case it refuses, e.g. its dtype, is drawn again)."""
+def each_case(op: str, backend: str, check: Callable, *, examples: int, mutation: str | None = None,
+              strided: bool = False, device=None):
+    """Build ``examples`` cases of ``op`` on ``backend`` from :func:`drawn_params` (the same ones on
+    every run) and call ``check(case)`` on each; a valid case the backend refuses (e.g. its dtype)
+    is drawn again."""
 
     @settings(max_examples=examples, derandomize=True, database=None, deadline=None, print_blob=True,
               suppress_health_check=list(HealthCheck))
-    @given(params=valid_params(op, backend, strided=strided))
+    @given(params=drawn_params(op, backend, mutation=mutation, strided=strided))
     def holds(params):
         note(f"case: l2m_kernels.fuzz.build_case({op!r}, {backend!r}, {params!r})")
         case = build_case(op, backend, params, device)
-        assume(case.must_raise is None)
+        assume(mutation is not None or case.must_raise is None)
         check(case)
 
     holds()

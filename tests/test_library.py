@@ -22,9 +22,17 @@ OPCHECK_BACKENDS = ("reference", "cpu")
 PAIRS = [(op, backend) for op in registry.OPS for backend in OPCHECK_BACKENDS]
 
 
+def _fresh_if_empty(arg):
+    # opcheck copies its inputs with torch._dynamo.utils.clone_input, whose storage size of an
+    # empty strided view can be negative ("negative dimension -1"); an empty tensor's layout is moot.
+    if isinstance(arg, torch.Tensor) and arg.numel() == 0:
+        return torch.empty(arg.shape, dtype=arg.dtype, device=arg.device).requires_grad_(arg.requires_grad)
+    return arg
+
+
 def _opcheck(case):
     op, args = fuzz.custom_op_call(case)
-    torch.library.opcheck(op, args)
+    torch.library.opcheck(op, tuple(_fresh_if_empty(arg) for arg in args))
 
 
 @pytest.mark.parametrize("op,backend", PAIRS, ids=[f"{op}-{backend}" for op, backend in PAIRS])
@@ -35,7 +43,7 @@ def test_opcheck(op, backend):
     why = fuzz.backend_unavailable(op, backend)
     if why:
         pytest.skip(why)
-    fuzz.each_valid_case(op, backend, _opcheck, examples=4, device=torch.device("cpu"))
+    fuzz.each_case(op, backend, _opcheck, examples=4, device=torch.device("cpu"))
 
 
 def test_every_public_op_has_a_custom_op():

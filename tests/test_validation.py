@@ -1,9 +1,15 @@
-"""SPEC "Common rules": every bad input raises a clear exception, of the right type, naming the
-argument, before any kernel runs; a refused write leaves the memory untouched."""
+"""Every bad input raises a clear exception, of the right type, naming the argument, before any
+kernel runs; a refused write leaves the memory untouched.
+
+Every invalid argument each op's fuzz strategy draws (``l2m_kernels.fuzz.MUTATIONS``) is checked
+here on the reference and cpu backends, so a new op is covered by its strategy; the cases listed
+below add the ones written by hand.
+"""
 import pytest
 import torch
 
 import l2m_kernels as l2m
+from l2m_kernels import fuzz
 from l2m_kernels.testing import rand, rand_lse, rand_unit
 
 B, H, Hm, T, N, D = 2, 4, 2, 5, 11, 8
@@ -134,6 +140,29 @@ CASES = [
     ("gmerge-gate-dtype", l2m.gated_merge, gmerge_args(gate=rand(H, 1, 1, dtype=torch.float64)), TypeError, "gate"),
     ("gmerge-not-tensor", l2m.gated_merge, gmerge_args(gate=0.5), TypeError, "gate"),
 ]
+
+
+MUTATED = [(op, backend, mutation) for op in fuzz.OPS for mutation in fuzz.MUTATIONS[op]
+           for backend in ("reference", "cpu")]
+
+
+def _rejected(case):
+    want = case.must_raise
+    assert want is not None, "the mutation made no invalid argument"
+    before = fuzz._snapshot(case)
+    with pytest.raises(want.types) as info:
+        case.call()
+    assert fuzz.names_argument(str(info.value), want.names), \
+        f"{type(info.value).__name__} does not name {' or '.join(want.names)} ({want.why}): {info.value}"
+    fuzz._check_untouched(case, before, written=False)
+
+
+@pytest.mark.parametrize("op,backend,mutation", MUTATED, ids=["-".join(m) for m in MUTATED])
+def test_every_drawn_invalid_argument_is_rejected_naming_it(op, backend, mutation):
+    why = fuzz.backend_unavailable(op, backend)
+    if why:
+        pytest.skip(why)
+    fuzz.each_case(op, backend, _rejected, examples=3, mutation=mutation, device=torch.device("cpu"))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
