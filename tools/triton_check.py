@@ -36,9 +36,15 @@ rewrites the file with this run's results (only the current keys). The test suit
 written; ``python -m tools.triton_check --cache tests/triton_check_cache.json --update-cache``
 refreshes it.
 
+Machine code: each compiled configuration also records ``sass``, a digest of its SASS
+(``cuobjdump -sass``, addresses left out). ``--json`` writes it; ``--same-code-as EARLIER.json``
+compares this run with such a file, configuration by configuration (kernel, label, arch), and fails
+on any difference: run it without ``--cache`` (a cached result has no digest) at two commits to show
+that a refactoring of the kernels compiles to the same machine code.
+
 Usage:
     python -m tools.triton_check [--arch 80 90] [--jobs N] [--module MOD ...] [--json PATH]
-                                 [--cache PATH [--update-cache]]
+                                 [--cache PATH [--update-cache]] [--same-code-as EARLIER.json]
 
 Exit status: 0 when everything compiled and nothing spilled that may not; 1 otherwise; 2 when it
 cannot run at all (TRITON_INTERPRET set, triton or cuobjdump missing).
@@ -99,6 +105,7 @@ class CompileResult:
     allow_spills: bool = False
     key: str = ""
     cached: bool = False
+    sass: str = ""          # sass_digest() of its cubin ("" when taken from the cache)
 
     @property
     def spills(self) -> bool:
@@ -186,6 +193,37 @@ def resource_usage(cubin: bytes, cuobjdump: str) -> dict[str, dict[str, int]]:
     return usage
 
 
+_SASS_ADDRESS_RE = re.compile(r"/\*[0-9a-f]{4,}\*/")
+
+
+def sass_digest(cubin: bytes, cuobjdump: str) -> str:
+    """A digest of the cubin's SASS instructions and their encodings (addresses left out)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as handle:
+        handle.write(cubin)
+        path = handle.name
+    try:
+        text = subprocess.run([cuobjdump, "-sass", path], check=True, capture_output=True, text=True).stdout
+    finally:
+        os.unlink(path)
+    code = [_SASS_ADDRESS_RE.sub("", line).strip() for line in text.splitlines() if "/*" in line]
+    return hashlib.sha256("\n".join(code).encode()).hexdigest()[:16]
+
+
+def same_code(results: list[CompileResult], earlier: list[dict]) -> list[str]:
+    """The configurations whose SASS differs from (or is missing in) ``earlier`` (a --json list)."""
+    before = {(e["kernel"], e["label"], e["arch"]): e.get("sass", "") for e in earlier}
+    problems = []
+    for r in results:
+        where = f"{r.kernel} [{r.label}] sm_{r.arch}"
+        if not r.sass:
+            problems.append(f"{where}: no SASS digest (taken from the cache, or not compiled)")
+        elif (r.kernel, r.label, r.arch) not in before:
+            problems.append(f"{where}: not in the earlier run")
+        elif before[(r.kernel, r.label, r.arch)] != r.sass:
+            problems.append(f"{where}: SASS differs")
+    return problems
+
+
 # ---------------------------------------------------------------------------------------------
 # Checking
 # ---------------------------------------------------------------------------------------------
@@ -217,6 +255,7 @@ def compile_one(module_name: str, index: int, arch: int, cuobjdump: str) -> Comp
         options = dict(config.get("options", {}), num_warps=config["num_warps"])
         compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
         usage = resource_usage(compiled.asm["cubin"], cuobjdump)
+        result.sass = sass_digest(compiled.asm["cubin"], cuobjdump)
     except CheckUnavailable:
         raise
     except Exception as error:  # a compile failure is a result, reported in the table
@@ -323,6 +362,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", metavar="PATH", help="also write the results as a JSON list")
     parser.add_argument("--cache", metavar="PATH", help="results cache (see the module docstring)")
     parser.add_argument("--update-cache", action="store_true", help="rewrite --cache with this run's results")
+    parser.add_argument("--same-code-as", metavar="EARLIER_JSON",
+                        help="fail unless every configuration's SASS equals that of an earlier --json run")
     args = parser.parse_args(argv)
     if args.update_cache and not args.cache:
         parser.error("--update-cache needs --cache PATH")
@@ -350,11 +391,19 @@ def main(argv=None) -> int:
         # Only this run's keys of the checked modules and archs: entries for other modules stay.
         kept = {key: entry for key, entry in cache.items()
                 if entry.get("module") not in args.module or entry.get("arch") not in args.arch}
-        kept.update({r.key: {k: v for k, v in dataclasses.asdict(r).items() if k not in ("key", "cached")}
+        kept.update({r.key: {k: v for k, v in dataclasses.asdict(r).items() if k not in ("key", "cached", "sass")}
                      for r in results if r.ok})
         with open(args.cache, "w") as handle:
             json.dump(dict(sorted(kept.items())), handle, indent=0, sort_keys=True)
             handle.write("\n")
+    if args.same_code_as:
+        with open(args.same_code_as) as handle:
+            differing = same_code(results, json.load(handle))
+        if differing:
+            print(f"\n{len(differing)} of {len(results)} configurations do not have the SASS of "
+                  f"{args.same_code_as}:\n  " + "\n  ".join(differing), file=sys.stderr)
+            return 1
+        print(f"\nall {len(results)} configurations have the SASS of {args.same_code_as}")
     failed = [r for r in results if not r.passed]
     if failed:
         print(f"\n{len(failed)} of {len(results)} failed "
