@@ -61,7 +61,6 @@ constexpr int kKeysPerLane = kTileN / 32;  // sub-keys each lane scores per tile
 constexpr int kKeyRowPad = 4;              // floats of padding per sub-key row in shared memory
 constexpr int kMaxHalfDimPerLane = static_cast<int>(kProductKeyMaxDimK / 2 / 32);  // 8
 constexpr int kChunkPerLane = 8;           // columns per lane per chunk in the row loops
-constexpr long long kKeyMissing = static_cast<long long>(0x8000000000000000ull);  // INT64_MIN
 constexpr int kStaticSmemLimit = 48 * 1024;
 
 // Queries per warp of the half selection: the lists take kQueriesPerWarp * K_PAD / 32 int64
@@ -72,38 +71,16 @@ __host__ __device__ constexpr int queries_per_warp(int k_pad) {
 
 
 // ---------------------------------------------------------------------------------------------
-// Sort keys (copied from topk_read.cu, except NaN): (score descending, index ascending) as one
-// int64. NaN becomes the positive quiet NaN 0x7fc00000, whose image lies above +inf's, so NaN
-// ranks first (torch.sort, descending) and NaNs among themselves by index; decoding gives NaN
-// back. -0.0 ties with +0.0.
+// Sort keys (warp_list.cuh), NaN unlike topk_read.cu: NaN becomes the positive quiet NaN
+// 0x7fc00000, whose image lies above +inf's, so NaN ranks first (torch.sort, descending) and NaNs
+// among themselves by index; decoding gives NaN back. -0.0 ties with +0.0.
 
 __device__ __forceinline__ long long encode_key(float score, long long index) {
   int bits = __float_as_int(score);
   if (score != score) bits = 0x7fc00000;
   if (score == 0.0f) bits = 0;
-  const int ordered = bits < 0 ? (bits ^ 0x7fffffff) : bits;
-  const unsigned long long low = static_cast<unsigned long long>(0x7fffffffLL - index);
-  return static_cast<long long>((static_cast<unsigned long long>(static_cast<unsigned>(ordered))
-                                 << 32) | low);
+  return pack_key(bits, index);
 }
-
-struct DecodedKey {
-  bool exists;
-  float score;
-  long long index;
-};
-
-__device__ __forceinline__ DecodedKey decode_key(long long key) {
-  DecodedKey decoded;
-  const int high = static_cast<int>(key >> 32);
-  // No float maps to 0x80000000 (-inf maps to 0x807fffff): only kKeyMissing has that high word.
-  decoded.exists = high != static_cast<int>(0x80000000u);
-  const int bits = high < 0 ? (high ^ 0x7fffffff) : high;
-  decoded.score = __int_as_float(bits);
-  decoded.index = 0x7fffffffLL - static_cast<long long>(key & 0xffffffffLL);
-  return decoded;
-}
-
 
 inline int round_up_int(int64_t value, int64_t multiple) {
   return static_cast<int>((value + multiple - 1) / multiple * multiple);
@@ -465,14 +442,6 @@ cudaError_t launch_select(const ProductKeyFwdParams& params, cudaStream_t stream
   return cudaGetLastError();
 }
 
-template <typename T>
-cudaError_t launch_select_for_k_sub(const ProductKeyFwdParams& params, cudaStream_t stream) {
-  if (params.k_sub <= 32) return launch_select<T, 32>(params, stream);
-  if (params.k_sub <= 64) return launch_select<T, 64>(params, stream);
-  if (params.k_sub <= 128) return launch_select<T, 128>(params, stream);
-  return launch_select<T, 256>(params, stream);
-}
-
 cudaError_t launch_candidates(const ProductKeyFwdParams& params, cudaStream_t stream) {
   const unsigned grid = stride_grid(params.batch * params.heads * params.seq_len);
   if (params.k <= 32) {
@@ -491,7 +460,9 @@ template <typename T>
 cudaError_t launch_fwd(const ProductKeyFwdParams& params, cudaStream_t stream) {
   const int64_t rows = params.batch * params.heads * params.seq_len;
   if (rows > 0) {
-    cudaError_t status = launch_select_for_k_sub<T>(params, stream);
+    cudaError_t status = with_list_length(params.k_sub, [&](auto k_pad) {
+      return launch_select<T, k_pad.value>(params, stream);
+    });
     if (status != cudaSuccess) return status;
     status = launch_candidates(params, stream);
     if (status != cudaSuccess) return status;
