@@ -648,6 +648,20 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The backward kernels, one launch each (for L2M_CUDA_DISPATCH).
+template <typename T>
+cudaError_t launch_bwd_rows(const ProductKeyBwdParams& params, unsigned grid, cudaStream_t stream) {
+  product_key_bwd_rows_kernel<T><<<grid, kThreads, 0, stream>>>(params);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_segment(const ProductKeySegmentParams& params, unsigned grid,
+                           cudaStream_t stream) {
+  product_key_segment_kernel<T><<<grid, kThreads, 0, stream>>>(params);
+  return cudaGetLastError();
+}
+
 bool valid_sizes(int64_t batch, int64_t heads, int64_t seq_len, int64_t dim_k, int64_t n_sub,
                  int64_t dim_v) {
   if (batch < 0 || heads < 0 || seq_len < 0 || dim_k < 0 || dim_v < 0 || n_sub < 1) return false;
@@ -709,20 +723,7 @@ cudaError_t product_key_bwd_launch(const ProductKeyBwdParams& params, cudaStream
                             params.dim_v > 0))
     return cudaErrorInvalidValue;
   const unsigned grid = stride_grid(rows);
-  switch (params.dtype) {
-    case MergeDtype::kFloat32:
-      product_key_bwd_rows_kernel<float><<<grid, kThreads, 0, stream>>>(params);
-      break;
-    case MergeDtype::kFloat16:
-      product_key_bwd_rows_kernel<__half><<<grid, kThreads, 0, stream>>>(params);
-      break;
-    case MergeDtype::kBFloat16:
-      product_key_bwd_rows_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(params);
-      break;
-    default:
-      return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
+  L2M_CUDA_DISPATCH(params.dtype, launch_bwd_rows, params, grid, stream);
 }
 
 cudaError_t product_key_segment_launch(const ProductKeySegmentParams& params,
@@ -736,20 +737,7 @@ cudaError_t product_key_segment_launch(const ProductKeySegmentParams& params,
     return cudaErrorInvalidValue;
   // With no entries at all the arrays may be empty (nullptr); the runs are then all empty.
   const unsigned grid = stride_grid(params.num_dst);
-  switch (params.dtype) {
-    case MergeDtype::kFloat32:
-      product_key_segment_kernel<float><<<grid, kThreads, 0, stream>>>(params);
-      break;
-    case MergeDtype::kFloat16:
-      product_key_segment_kernel<__half><<<grid, kThreads, 0, stream>>>(params);
-      break;
-    case MergeDtype::kBFloat16:
-      product_key_segment_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(params);
-      break;
-    default:
-      return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
+  L2M_CUDA_DISPATCH(params.dtype, launch_segment, params, grid, stream);
 }
 
 }  // namespace cuda
