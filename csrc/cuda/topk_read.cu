@@ -611,32 +611,32 @@ cudaError_t prepare_fwd_kernel(Kernel kernel, const FwdLayout& layout) {
   return cudaSuccess;
 }
 
-template <typename T, int kKPad>
-cudaError_t launch_fwd(const TopkReadFwdParams& params, cudaStream_t stream) {
+// Launches a forward kernel (the selection or the pre-pass) of <T, kKPad> on its layout's blocks:
+// kernel(params, layout, extra...).
+template <typename T, int kKPad, typename Kernel, typename... Extra>
+cudaError_t launch_fwd_blocks(const TopkReadFwdParams& params, Kernel kernel, cudaStream_t stream,
+                              Extra... extra) {
   const FwdLayout layout = make_fwd_layout<T, kKPad>(params);
   const int64_t blocks = layout.num_row_blocks * params.batch * params.mem_heads;
   if (blocks <= 0) return cudaSuccess;
   if (blocks > 0x7fffffffLL) return cudaErrorInvalidValue;
-  auto kernel = topk_read_fwd_kernel<T, kKPad>;
   const cudaError_t status = prepare_fwd_kernel<T, kKPad>(kernel, layout);
   if (status != cudaSuccess) return status;
-  kernel<<<static_cast<unsigned>(blocks), kThreads, layout.smem_bytes, stream>>>(params, layout);
+  kernel<<<static_cast<unsigned>(blocks), kThreads, layout.smem_bytes, stream>>>(params, layout,
+                                                                                 extra...);
   return cudaGetLastError();
+}
+
+template <typename T, int kKPad>
+cudaError_t launch_fwd(const TopkReadFwdParams& params, cudaStream_t stream) {
+  return launch_fwd_blocks<T, kKPad>(params, topk_read_fwd_kernel<T, kKPad>, stream);
 }
 
 template <typename T, int kKPad>
 cudaError_t launch_chunk_max(const TopkReadFwdParams& params, int64_t* chunk_max,
                              cudaStream_t stream) {
-  const FwdLayout layout = make_fwd_layout<T, kKPad>(params);
-  const int64_t blocks = layout.num_row_blocks * params.batch * params.mem_heads;
-  if (blocks <= 0) return cudaSuccess;
-  if (blocks > 0x7fffffffLL) return cudaErrorInvalidValue;
-  auto kernel = topk_read_chunk_max_kernel<T, kKPad>;
-  const cudaError_t status = prepare_fwd_kernel<T, kKPad>(kernel, layout);
-  if (status != cudaSuccess) return status;
-  kernel<<<static_cast<unsigned>(blocks), kThreads, layout.smem_bytes, stream>>>(
-      params, layout, reinterpret_cast<long long*>(chunk_max));
-  return cudaGetLastError();
+  return launch_fwd_blocks<T, kKPad>(params, topk_read_chunk_max_kernel<T, kKPad>, stream,
+                                     reinterpret_cast<long long*>(chunk_max));
 }
 
 template <typename T>
