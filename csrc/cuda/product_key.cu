@@ -106,6 +106,23 @@ struct SelectLayout {
   int smem_bytes;
 };
 
+// Rows first .. first + tile_rows - 1 of a (count, dim) matrix of T with row stride src_stride,
+// as float32 into a shared-memory tile of `padded` columns (row stride tile_stride); rows past
+// `count` and columns past `dim` are 0. The block's warps take the rows round-robin.
+template <typename T>
+__device__ __forceinline__ void stage_rows(float* tile, int tile_rows, int tile_stride, int padded,
+                                           const T* src, int64_t first, int64_t count,
+                                           int64_t src_stride, int dim, int warp, int lane) {
+  for (int i = warp; i < tile_rows; i += kWarps) {
+    const int64_t row = first + i;
+    for (int col = lane; col < padded; col += 32) {
+      float x = 0.0f;
+      if (row < count && col < dim) x = to_float<T>(src[row * src_stride + col]);
+      tile[i * tile_stride + col] = x;
+    }
+  }
+}
+
 template <int kKsPad>
 SelectLayout make_select_layout(const ProductKeyFwdParams& params) {
   constexpr int kBlockRows = kWarps * queries_per_warp(kKsPad);
@@ -156,14 +173,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       static_cast<const T*>(params.subkeys) + (h * 2 + half) * n_sub * half_dim;
 
   // Queries as float32 (unscaled: the scale multiplies the dot product); padding is 0.
-  for (int i = warp; i < kBlockRows; i += kWarps) {
-    const int64_t t = row0 + i;
-    for (int col = lane; col < layout.half_dim_pad; col += 32) {
-      float x = 0.0f;
-      if (t < T_len && col < half_dim) x = to_float<T>(q[t * dim_k + col]);
-      q_tile[i * layout.q_stride + col] = x;
-    }
-  }
+  stage_rows(q_tile, kBlockRows, layout.q_stride, layout.half_dim_pad, q, row0, T_len, dim_k,
+             half_dim, warp, lane);
 
   long long top[kQueriesPerWarp][kRegs];  // per query: K_PAD keys, descending
   long long kth[kQueriesPerWarp];         // per query: the k_sub-th best so far
@@ -180,14 +191,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   for (int64_t n0 = 0; n0 < n_sub; n0 += kTileN) {  // uniform over the block
     __syncthreads();  // the previous tile is consumed (first time: the queries are staged)
-    for (int r = warp; r < kTileN; r += kWarps) {
-      const int64_t sub = n0 + r;
-      for (int col = lane; col < layout.half_dim_pad; col += 32) {
-        float x = 0.0f;
-        if (sub < n_sub && col < half_dim) x = to_float<T>(subkeys[sub * half_dim + col]);
-        key_tile[r * layout.key_stride + col] = x;
-      }
-    }
+    stage_rows(key_tile, kTileN, layout.key_stride, layout.half_dim_pad, subkeys, n0, n_sub,
+               half_dim, half_dim, warp, lane);
     __syncthreads();
 
     // score[i][c]: query i of the warp against sub-key n0 + c * 32 + lane.
