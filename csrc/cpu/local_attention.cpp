@@ -167,6 +167,19 @@ inline void gemm_rows(int64_t vecs, int64_t depth, const acc_t* a, int64_t lda, 
   }
 }
 
+// gemm_rows for the last rows of gemm, fewer than kRowBlock: rows == kRows, or fewer.
+template <typename acc_t, int64_t kRows>
+inline void gemm_tail(int64_t rows, int64_t vecs, int64_t depth, const acc_t* a, int64_t lda,
+                      const acc_t* b, int64_t ldb, acc_t* c, int64_t ldc, bool accumulate) {
+  if constexpr (kRows > 0) {
+    if (rows == kRows) {
+      gemm_rows<acc_t, kRows>(vecs, depth, a, lda, b, ldb, c, ldc, accumulate);
+    } else {
+      gemm_tail<acc_t, kRows - 1>(rows, vecs, depth, a, lda, b, ldb, c, ldc, accumulate);
+    }
+  }
+}
+
 // C[rows x cols] (+)= A[rows x depth] * B[depth x cols]; cols a multiple of the vector width
 // (buffers are padded with zeros to it).
 template <typename acc_t>
@@ -180,26 +193,8 @@ void gemm(int64_t rows, int64_t cols, int64_t depth, const acc_t* a, int64_t lda
       gemm_rows<acc_t, kRowBlock>(vecs, depth, a + row * lda, lda, b + col, ldb,
                                   c + row * ldc + col, ldc, accumulate);
     }
-    const acc_t* a_rest = a + row * lda;
-    acc_t* c_rest = c + row * ldc + col;
-    switch (rows - row) {  // the last rows, fewer than kRowBlock
-      case 0:
-        break;
-      case 1:
-        gemm_rows<acc_t, 1>(vecs, depth, a_rest, lda, b + col, ldb, c_rest, ldc, accumulate);
-        break;
-      case 2:
-        gemm_rows<acc_t, 2>(vecs, depth, a_rest, lda, b + col, ldb, c_rest, ldc, accumulate);
-        break;
-      case 3:
-        gemm_rows<acc_t, 3>(vecs, depth, a_rest, lda, b + col, ldb, c_rest, ldc, accumulate);
-        break;
-      case 4:
-        gemm_rows<acc_t, 4>(vecs, depth, a_rest, lda, b + col, ldb, c_rest, ldc, accumulate);
-        break;
-      default:
-        gemm_rows<acc_t, 5>(vecs, depth, a_rest, lda, b + col, ldb, c_rest, ldc, accumulate);
-    }
+    gemm_tail<acc_t, kRowBlock - 1>(rows - row, vecs, depth, a + row * lda, lda, b + col, ldb,
+                                    c + row * ldc + col, ldc, accumulate);
   }
 }
 
@@ -231,6 +226,20 @@ bool all_finite(const acc_t* x, int64_t n) {
     probe += x[i] * acc_t(0);
   }
   return probe == acc_t(0);
+}
+
+// C[rows x cols] += A[rows x depth] * B[depth x cols] for an A whose row r is zero outside its
+// visible columns [first[r], last[r]): the whole product, or, when B holds a non-finite value, the
+// product over each row's visible columns only (gemm_visible).
+template <typename acc_t>
+void gemm_masked(int64_t rows, int64_t cols, int64_t depth, const int64_t* first,
+                 const int64_t* last, const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb,
+                 acc_t* c, int64_t ldc) {
+  if (all_finite(b, depth * ldb)) {
+    gemm(rows, cols, depth, a, lda, b, ldb, c, ldc, /*accumulate=*/true);
+  } else {
+    gemm_visible(rows, cols, first, last, a, lda, b, ldb, c, ldc);
+  }
 }
 
 // exp in float32, written so that `omp simd` loops vectorise it (std::exp does not without
@@ -281,9 +290,11 @@ struct Geometry {
   int64_t window;       // in [0, S]: keys p - window < j <= p
   int64_t dim;
   int64_t dim_v;
+  int64_t d_pad;  // dim and dim_v rounded up to the vector width: the rows of the tiles
+  int64_t dv_pad;
 };
 
-template <typename Params>
+template <typename acc_t, typename Params>
 Geometry geometry_of(const Params& params) {
   Geometry g{};
   g.batch = params.batch;
@@ -297,12 +308,65 @@ Geometry geometry_of(const Params& params) {
   g.window = std::clamp<int64_t>(params.window, 0, params.context_len);
   g.dim = params.dim;
   g.dim_v = params.dim_v;
+  g.d_pad = round_up(params.dim, Simd<acc_t>::kWidth);
+  g.dv_pad = round_up(params.dim_v, Simd<acc_t>::kWidth);
   return g;
 }
 
-// Queries of one head per forward / pass-1 unit.
-inline int64_t query_block(int64_t group) {
-  return std::max<int64_t>(1, kUnitRows / std::max<int64_t>(group, 1));
+// Unit `unit` of the num_blocks units of each (batch, kv head), blocks in the folded order.
+struct UnitCoords {
+  int64_t head_group;  // b * Hkv + hkv
+  int64_t block;
+  int64_t b;
+  int64_t hkv;
+  int64_t kv_base;  // row of the kv head's key 0 in k and v
+};
+
+inline UnitCoords unit_coords(const Geometry& g, int64_t unit, int64_t num_blocks) {
+  const int64_t head_group = unit / num_blocks;
+  return {head_group, folded(unit % num_blocks, num_blocks), head_group / g.kv_heads,
+          head_group % g.kv_heads, head_group * g.context_len};
+}
+
+// The forward / pass-1 units: (batch, kv head, block of block_q queries), a unit holding its
+// block's queries of every query head that shares the kv head.
+struct QueryBlocks {
+  int64_t block_q;     // queries of one head per unit
+  int64_t num_blocks;  // units per (batch, kv head)
+  int64_t rows_cap;    // rows of a full unit
+  int64_t units;
+};
+
+inline QueryBlocks query_blocks(const Geometry& g) {
+  const int64_t block_q = std::max<int64_t>(1, kUnitRows / std::max<int64_t>(g.group, 1));
+  const int64_t num_blocks = ceil_div(g.seq_len, block_q);
+  return {block_q, num_blocks, g.group * block_q, g.batch * g.kv_heads * num_blocks};
+}
+
+// One such unit: its row r = gi * nq + i is query t0 + i of query head hkv * group + gi.
+struct QueryUnit : UnitCoords {
+  int64_t t0;
+  int64_t nq;         // queries of each head
+  int64_t rows;       // group * nq
+  int64_t key_begin;  // [key_begin, key_end): the keys some query of the unit sees
+  int64_t key_end;
+
+  int64_t query(int64_t r) const { return t0 + r % nq; }
+  // Row r's row (b, h, t) in q, dout, out.
+  int64_t row(const Geometry& g, int64_t r) const {
+    return (b * g.heads + hkv * g.group + r / nq) * g.seq_len + query(r);
+  }
+};
+
+inline QueryUnit query_unit(const Geometry& g, const QueryBlocks& blocks, int64_t unit) {
+  QueryUnit u;
+  static_cast<UnitCoords&>(u) = unit_coords(g, unit, blocks.num_blocks);
+  u.t0 = u.block * blocks.block_q;
+  u.nq = std::min(blocks.block_q, g.seq_len - u.t0);
+  u.rows = g.group * u.nq;
+  u.key_begin = std::max<int64_t>(0, g.offset + u.t0 - g.window + 1);
+  u.key_end = g.offset + u.t0 + u.nq;
+  return u;
 }
 
 // Columns [first, last) of a key tile starting at key j0 (nk keys) visible to the query at
@@ -353,10 +417,9 @@ inline void scatter_transposed(const acc_t* row, int64_t n, int64_t index, acc_t
 template <typename scalar_t>
 void local_attention_fwd_impl(const LocalAttentionFwdParams& params) {
   using acc_t = acc_type<scalar_t>;
-  constexpr int64_t W = Simd<acc_t>::kWidth;
   constexpr int64_t kKeys = kKeyTile<acc_t>;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-  const Geometry g = geometry_of(params);
+  const Geometry g = geometry_of<acc_type<scalar_t>>(params);
   const auto* q = static_cast<const scalar_t*>(params.q);
   const auto* k = static_cast<const scalar_t*>(params.k);
   const auto* v = static_cast<const scalar_t*>(params.v);
@@ -364,14 +427,11 @@ void local_attention_fwd_impl(const LocalAttentionFwdParams& params) {
   auto* lse = static_cast<acc_t*>(params.lse);
   const acc_t scale = static_cast<acc_t>(params.scale);
 
-  const int64_t dim = g.dim, dim_v = g.dim_v;
-  const int64_t d_pad = round_up(dim, W), dv_pad = round_up(dim_v, W);
-  const int64_t block_q = query_block(g.group);
-  const int64_t num_blocks = ceil_div(g.seq_len, block_q);
-  const int64_t rows_cap = g.group * block_q;
-  const int64_t units = g.batch * g.kv_heads * num_blocks;
+  const int64_t dim = g.dim, dim_v = g.dim_v, d_pad = g.d_pad, dv_pad = g.dv_pad;
+  const QueryBlocks blocks = query_blocks(g);
+  const int64_t rows_cap = blocks.rows_cap;
 
-  at::parallel_for(0, units, 1, [&](int64_t unit_begin, int64_t unit_end) {
+  at::parallel_for(0, blocks.units, 1, [&](int64_t unit_begin, int64_t unit_end) {
     std::vector<acc_t> q_rows(rows_cap * d_pad), keys_t(std::max<int64_t>(dim, 1) * kKeys);
     std::vector<acc_t> values(kKeys * dv_pad), scores(rows_cap * kKeys), acc_out(rows_cap * dv_pad);
     std::vector<acc_t> row_max(rows_cap), row_sum(rows_cap), staging(std::max(dim, dim_v) + 1);
@@ -379,38 +439,30 @@ void local_attention_fwd_impl(const LocalAttentionFwdParams& params) {
     std::vector<acc_t> out_row(dv_pad + 1);
 
     for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
-      const int64_t head_group = unit / num_blocks;  // b * Hkv + hkv
-      const int64_t block = folded(unit % num_blocks, num_blocks);
-      const int64_t b = head_group / g.kv_heads, hkv = head_group % g.kv_heads;
-      const int64_t t0 = block * block_q, nq = std::min(block_q, g.seq_len - t0);
-      const int64_t rows = g.group * nq;
+      const QueryUnit u = query_unit(g, blocks, unit);
+      const int64_t rows = u.rows;
 
-      // Row r = gi * nq + i: query head hkv * group + gi, query t0 + i; q scaled once, as the
-      // reference scales q before the matmul.
+      // q scaled once, as the reference scales q before the matmul.
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t head = hkv * g.group + r / nq, t = t0 + r % nq;
-        load_padded(q + params.q_rows.offset((b * g.heads + head) * g.seq_len + t), dim, d_pad,
-                    scale, staging.data(), q_rows.data() + r * d_pad);
-        position[r] = g.offset + t;
+        load_padded(q + params.q_rows.offset(u.row(g, r)), dim, d_pad, scale, staging.data(),
+                    q_rows.data() + r * d_pad);
+        position[r] = g.offset + u.query(r);
         row_max[r] = kNegInf;
         row_sum[r] = 0;
       }
       std::fill(acc_out.begin(), acc_out.begin() + rows * dv_pad, acc_t(0));
 
-      const int64_t key_begin = std::max<int64_t>(0, g.offset + t0 - g.window + 1);
-      const int64_t key_end = g.offset + t0 + nq;
-      const int64_t kv_base = head_group * g.context_len;
-      for (int64_t j0 = key_begin; j0 < key_end; j0 += kKeys) {
-        const int64_t nk = std::min(kKeys, key_end - j0);
+      for (int64_t j0 = u.key_begin; j0 < u.key_end; j0 += kKeys) {
+        const int64_t nk = std::min(kKeys, u.key_end - j0);
         if (nk < kKeys) {
           std::fill(keys_t.begin(), keys_t.end(), acc_t(0));
           std::fill(values.begin() + nk * dv_pad, values.end(), acc_t(0));
         }
         for (int64_t c = 0; c < nk; ++c) {
           const acc_t* key =
-              load_row(k + params.k_rows.offset(kv_base + j0 + c), dim, staging.data());
+              load_row(k + params.k_rows.offset(u.kv_base + j0 + c), dim, staging.data());
           scatter_transposed(key, dim, c, keys_t.data(), kKeys);
-          load_padded(v + params.v_rows.offset(kv_base + j0 + c), dim_v, dv_pad, acc_t(1),
+          load_padded(v + params.v_rows.offset(u.kv_base + j0 + c), dim_v, dv_pad, acc_t(1),
                       staging.data(), values.data() + c * dv_pad);
         }
         for (int64_t r = 0; r < rows; ++r) {
@@ -458,18 +510,12 @@ void local_attention_fwd_impl(const LocalAttentionFwdParams& params) {
           }
         }
 
-        if (all_finite(values.data(), nk * dv_pad)) {
-          gemm(rows, dv_pad, nk, scores.data(), kKeys, values.data(), dv_pad, acc_out.data(),
-               dv_pad, /*accumulate=*/true);
-        } else {
-          gemm_visible(rows, dv_pad, first.data(), last.data(), scores.data(), kKeys,
-                       values.data(), dv_pad, acc_out.data(), dv_pad);
-        }
+        gemm_masked(rows, dv_pad, nk, first.data(), last.data(), scores.data(), kKeys,
+                    values.data(), dv_pad, acc_out.data(), dv_pad);
       }
 
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t head = hkv * g.group + r / nq, t = t0 + r % nq;
-        const int64_t row = (b * g.heads + head) * g.seq_len + t;
+        const int64_t row = u.row(g, r);
         const acc_t sum = row_sum[r];
         // sum == 0: no visible key, or only -inf scores: out = 0 (0 * NaN stays NaN), lse = -inf.
         const acc_t inv_sum = sum == acc_t(0) ? acc_t(0) : acc_t(1) / sum;
@@ -487,14 +533,44 @@ void local_attention_fwd_impl(const LocalAttentionFwdParams& params) {
 
 // ---- backward ----
 
+// The backward's tensors, typed.
+template <typename scalar_t>
+struct BwdTensors {
+  using acc_t = acc_type<scalar_t>;
+
+  explicit BwdTensors(const LocalAttentionBwdParams& params)
+      : dout(static_cast<const scalar_t*>(params.dout)),
+        q(static_cast<const scalar_t*>(params.q)),
+        k(static_cast<const scalar_t*>(params.k)),
+        v(static_cast<const scalar_t*>(params.v)),
+        out(static_cast<const scalar_t*>(params.out)),
+        dlse(static_cast<const acc_t*>(params.dlse)),
+        lse(static_cast<const acc_t*>(params.lse)),
+        dq(static_cast<scalar_t*>(params.dq)),
+        dk(static_cast<scalar_t*>(params.dk)),
+        dv(static_cast<scalar_t*>(params.dv)) {}
+
+  const scalar_t* dout;
+  const scalar_t* q;
+  const scalar_t* k;
+  const scalar_t* v;
+  const scalar_t* out;
+  const acc_t* dlse;
+  const acc_t* lse;
+  scalar_t* dq;
+  scalar_t* dk;
+  scalar_t* dv;
+};
+
 // delta_i = <dout_i, out_i> - dlse_i for every query row.
 template <typename scalar_t>
-std::vector<acc_type<scalar_t>> backward_deltas(const LocalAttentionBwdParams& params) {
+std::vector<acc_type<scalar_t>> backward_deltas(const LocalAttentionBwdParams& params,
+                                                const BwdTensors<scalar_t>& tensors) {
   using acc_t = acc_type<scalar_t>;
   const int64_t num_rows = params.batch * params.heads * params.seq_len, dim_v = params.dim_v;
-  const auto* dout = static_cast<const scalar_t*>(params.dout);
-  const auto* out = static_cast<const scalar_t*>(params.out);
-  const auto* dlse = static_cast<const acc_t*>(params.dlse);
+  const scalar_t* dout = tensors.dout;
+  const scalar_t* out = tensors.out;
+  const acc_t* dlse = tensors.dlse;
   std::vector<acc_t> delta(num_rows);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(dim_v, 1));
   at::parallel_for(0, num_rows, grain, [&](int64_t row_begin, int64_t row_end) {
@@ -516,27 +592,20 @@ std::vector<acc_type<scalar_t>> backward_deltas(const LocalAttentionBwdParams& p
 // Pass 1: dq, parallel over (batch, kv head, query block) units as in the forward.
 template <typename scalar_t>
 void local_attention_bwd_dq(const LocalAttentionBwdParams& params, const Geometry& g,
-                            const acc_type<scalar_t>* delta) {
+                            const BwdTensors<scalar_t>& tensors, const acc_type<scalar_t>* delta) {
   using acc_t = acc_type<scalar_t>;
-  constexpr int64_t W = Simd<acc_t>::kWidth;
   constexpr int64_t kKeys = kKeyTile<acc_t>;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-  const auto* dout = static_cast<const scalar_t*>(params.dout);
-  const auto* q = static_cast<const scalar_t*>(params.q);
-  const auto* k = static_cast<const scalar_t*>(params.k);
-  const auto* v = static_cast<const scalar_t*>(params.v);
-  const auto* lse = static_cast<const acc_t*>(params.lse);
-  auto* dq = static_cast<scalar_t*>(params.dq);
+  const scalar_t* q = tensors.q;
+  const scalar_t* k = tensors.k;
+  const scalar_t* v = tensors.v;
+  const scalar_t* dout = tensors.dout;
   const acc_t scale = static_cast<acc_t>(params.scale);
+  const int64_t dim = g.dim, dim_v = g.dim_v, d_pad = g.d_pad, dv_pad = g.dv_pad;
+  const QueryBlocks blocks = query_blocks(g);
+  const int64_t rows_cap = blocks.rows_cap;
 
-  const int64_t dim = g.dim, dim_v = g.dim_v;
-  const int64_t d_pad = round_up(dim, W), dv_pad = round_up(dim_v, W);
-  const int64_t block_q = query_block(g.group);
-  const int64_t num_blocks = ceil_div(g.seq_len, block_q);
-  const int64_t rows_cap = g.group * block_q;
-  const int64_t units = g.batch * g.kv_heads * num_blocks;
-
-  at::parallel_for(0, units, 1, [&](int64_t unit_begin, int64_t unit_end) {
+  at::parallel_for(0, blocks.units, 1, [&](int64_t unit_begin, int64_t unit_end) {
     std::vector<acc_t> q_rows(rows_cap * d_pad), dout_rows(rows_cap * dv_pad);
     std::vector<acc_t> keys_t(std::max<int64_t>(dim, 1) * kKeys), key_rows(kKeys * d_pad);
     std::vector<acc_t> values_t(std::max<int64_t>(dim_v, 1) * kKeys);
@@ -546,30 +615,23 @@ void local_attention_bwd_dq(const LocalAttentionBwdParams& params, const Geometr
     std::vector<int64_t> first(rows_cap), last(rows_cap), position(rows_cap);
 
     for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
-      const int64_t head_group = unit / num_blocks;
-      const int64_t block = folded(unit % num_blocks, num_blocks);
-      const int64_t b = head_group / g.kv_heads, hkv = head_group % g.kv_heads;
-      const int64_t t0 = block * block_q, nq = std::min(block_q, g.seq_len - t0);
-      const int64_t rows = g.group * nq;
+      const QueryUnit u = query_unit(g, blocks, unit);
+      const int64_t rows = u.rows;
 
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t head = hkv * g.group + r / nq, t = t0 + r % nq;
-        const int64_t row = (b * g.heads + head) * g.seq_len + t;
+        const int64_t row = u.row(g, r);
         load_padded(q + params.q_rows.offset(row), dim, d_pad, scale, staging.data(),
                     q_rows.data() + r * d_pad);
         load_padded(dout + params.dout_rows.offset(row), dim_v, dv_pad, acc_t(1), staging.data(),
                     dout_rows.data() + r * dv_pad);
-        row_lse[r] = lse[row];
+        row_lse[r] = tensors.lse[row];
         row_delta[r] = delta[row];
-        position[r] = g.offset + t;
+        position[r] = g.offset + u.query(r);
       }
       std::fill(dq_acc.begin(), dq_acc.begin() + rows * d_pad, acc_t(0));
 
-      const int64_t key_begin = std::max<int64_t>(0, g.offset + t0 - g.window + 1);
-      const int64_t key_end = g.offset + t0 + nq;
-      const int64_t kv_base = head_group * g.context_len;
-      for (int64_t j0 = key_begin; j0 < key_end; j0 += kKeys) {
-        const int64_t nk = std::min(kKeys, key_end - j0);
+      for (int64_t j0 = u.key_begin; j0 < u.key_end; j0 += kKeys) {
+        const int64_t nk = std::min(kKeys, u.key_end - j0);
         if (nk < kKeys) {
           std::fill(keys_t.begin(), keys_t.end(), acc_t(0));
           std::fill(values_t.begin(), values_t.end(), acc_t(0));
@@ -577,11 +639,11 @@ void local_attention_bwd_dq(const LocalAttentionBwdParams& params, const Geometr
         }
         for (int64_t c = 0; c < nk; ++c) {
           acc_t* key_row = key_rows.data() + c * d_pad;
-          load_padded(k + params.k_rows.offset(kv_base + j0 + c), dim, d_pad, acc_t(1),
+          load_padded(k + params.k_rows.offset(u.kv_base + j0 + c), dim, d_pad, acc_t(1),
                       staging.data(), key_row);
           scatter_transposed(key_row, dim, c, keys_t.data(), kKeys);
           const acc_t* value =
-              load_row(v + params.v_rows.offset(kv_base + j0 + c), dim_v, staging.data());
+              load_row(v + params.v_rows.offset(u.kv_base + j0 + c), dim_v, staging.data());
           scatter_transposed(value, dim_v, c, values_t.data(), kKeys);
         }
         for (int64_t r = 0; r < rows; ++r) {
@@ -614,24 +676,18 @@ void local_attention_bwd_dq(const LocalAttentionBwdParams& params, const Geometr
           }
         }
 
-        if (all_finite(key_rows.data(), nk * d_pad)) {
-          gemm(rows, d_pad, nk, scores.data(), kKeys, key_rows.data(), d_pad, dq_acc.data(),
-               d_pad, /*accumulate=*/true);
-        } else {
-          gemm_visible(rows, d_pad, first.data(), last.data(), scores.data(), kKeys,
-                       key_rows.data(), d_pad, dq_acc.data(), d_pad);
-        }
+        gemm_masked(rows, d_pad, nk, first.data(), last.data(), scores.data(), kKeys,
+                    key_rows.data(), d_pad, dq_acc.data(), d_pad);
       }
 
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t head = hkv * g.group + r / nq, t = t0 + r % nq;
-        const int64_t row = (b * g.heads + head) * g.seq_len + t;
+        const int64_t row = u.row(g, r);
         const acc_t* acc_row = dq_acc.data() + r * d_pad;
 #pragma omp simd
         for (int64_t d = 0; d < dim; ++d) {
           dq_row[d] = acc_row[d] * scale;
         }
-        store_row(dq + row * dim, dq_row.data(), dim);
+        store_row(tensors.dq + row * dim, dq_row.data(), dim);
       }
     }
   });
@@ -641,23 +697,17 @@ void local_attention_bwd_dq(const LocalAttentionBwdParams& params, const Geometr
 // query (of every grouped head) that sees one of its keys, in tiles of kKeyTile queries.
 template <typename scalar_t>
 void local_attention_bwd_dkv(const LocalAttentionBwdParams& params, const Geometry& g,
+                             const BwdTensors<scalar_t>& tensors,
                              const acc_type<scalar_t>* delta) {
   using acc_t = acc_type<scalar_t>;
-  constexpr int64_t W = Simd<acc_t>::kWidth;
   constexpr int64_t kKeys = kKeyTile<acc_t>;
   constexpr int64_t kQueries = kKeyTile<acc_t>;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-  const auto* dout = static_cast<const scalar_t*>(params.dout);
-  const auto* q = static_cast<const scalar_t*>(params.q);
-  const auto* k = static_cast<const scalar_t*>(params.k);
-  const auto* v = static_cast<const scalar_t*>(params.v);
-  const auto* lse = static_cast<const acc_t*>(params.lse);
-  auto* dk = static_cast<scalar_t*>(params.dk);
-  auto* dv = static_cast<scalar_t*>(params.dv);
+  const scalar_t* q = tensors.q;
+  const scalar_t* dout = tensors.dout;
   const acc_t scale = static_cast<acc_t>(params.scale);
 
-  const int64_t dim = g.dim, dim_v = g.dim_v;
-  const int64_t d_pad = round_up(dim, W), dv_pad = round_up(dim_v, W);
+  const int64_t dim = g.dim, dim_v = g.dim_v, d_pad = g.d_pad, dv_pad = g.dv_pad;
   const int64_t num_blocks = ceil_div(g.context_len, kKeys);
   const int64_t units = g.batch * g.kv_heads * num_blocks;
 
@@ -672,16 +722,14 @@ void local_attention_bwd_dkv(const LocalAttentionBwdParams& params, const Geomet
     std::vector<int64_t> first(kKeys), last(kKeys);
 
     for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
-      const int64_t head_group = unit / num_blocks;
-      const int64_t block = folded(unit % num_blocks, num_blocks);
-      const int64_t b = head_group / g.kv_heads, hkv = head_group % g.kv_heads;
-      const int64_t j0 = block * kKeys, nk = std::min(kKeys, g.context_len - j0);
-      const int64_t kv_base = head_group * g.context_len;
+      const UnitCoords u = unit_coords(g, unit, num_blocks);
+      const int64_t b = u.b, hkv = u.hkv, kv_base = u.kv_base;
+      const int64_t j0 = u.block * kKeys, nk = std::min(kKeys, g.context_len - j0);
 
       for (int64_t r = 0; r < nk; ++r) {
-        load_padded(k + params.k_rows.offset(kv_base + j0 + r), dim, d_pad, acc_t(1),
+        load_padded(tensors.k + params.k_rows.offset(kv_base + j0 + r), dim, d_pad, acc_t(1),
                     staging.data(), key_rows.data() + r * d_pad);
-        load_padded(v + params.v_rows.offset(kv_base + j0 + r), dim_v, dv_pad, acc_t(1),
+        load_padded(tensors.v + params.v_rows.offset(kv_base + j0 + r), dim_v, dv_pad, acc_t(1),
                     staging.data(), value_rows.data() + r * dv_pad);
       }
       std::fill(dk_acc.begin(), dk_acc.begin() + nk * d_pad, acc_t(0));
@@ -710,7 +758,7 @@ void local_attention_bwd_dkv(const LocalAttentionBwdParams& params, const Geomet
                           staging.data(), dout_row);
               scatter_transposed(q_row, dim, c, q_tile_t.data(), kQueries);
               scatter_transposed(dout_row, dim_v, c, dout_tile_t.data(), kQueries);
-              tile_lse[c] = lse[row];
+              tile_lse[c] = tensors.lse[row];
               tile_delta[c] = delta[row];
             } else {
               tile_lse[c] = kNegInf;
@@ -748,26 +796,16 @@ void local_attention_bwd_dkv(const LocalAttentionBwdParams& params, const Geomet
             }
           }
 
-          if (all_finite(dout_tile.data(), nq * dv_pad)) {
-            gemm(nk, dv_pad, nq, probs.data(), kQueries, dout_tile.data(), dv_pad,
-                 dv_acc.data(), dv_pad, /*accumulate=*/true);
-          } else {
-            gemm_visible(nk, dv_pad, first.data(), last.data(), probs.data(), kQueries,
-                         dout_tile.data(), dv_pad, dv_acc.data(), dv_pad);
-          }
-          if (all_finite(q_tile.data(), nq * d_pad)) {
-            gemm(nk, d_pad, nq, dscores.data(), kQueries, q_tile.data(), d_pad, dk_acc.data(),
-                 d_pad, /*accumulate=*/true);
-          } else {
-            gemm_visible(nk, d_pad, first.data(), last.data(), dscores.data(), kQueries,
-                         q_tile.data(), d_pad, dk_acc.data(), d_pad);
-          }
+          gemm_masked(nk, dv_pad, nq, first.data(), last.data(), probs.data(), kQueries,
+                      dout_tile.data(), dv_pad, dv_acc.data(), dv_pad);
+          gemm_masked(nk, d_pad, nq, first.data(), last.data(), dscores.data(), kQueries,
+                      q_tile.data(), d_pad, dk_acc.data(), d_pad);
         }
       }
 
       for (int64_t r = 0; r < nk; ++r) {
-        store_row(dk + (kv_base + j0 + r) * dim, dk_acc.data() + r * d_pad, dim);
-        store_row(dv + (kv_base + j0 + r) * dim_v, dv_acc.data() + r * dv_pad, dim_v);
+        store_row(tensors.dk + (kv_base + j0 + r) * dim, dk_acc.data() + r * d_pad, dim);
+        store_row(tensors.dv + (kv_base + j0 + r) * dim_v, dv_acc.data() + r * dv_pad, dim_v);
       }
     }
   });
@@ -775,10 +813,11 @@ void local_attention_bwd_dkv(const LocalAttentionBwdParams& params, const Geomet
 
 template <typename scalar_t>
 void local_attention_bwd_impl(const LocalAttentionBwdParams& params) {
-  const Geometry g = geometry_of(params);
-  const auto delta = backward_deltas<scalar_t>(params);
-  local_attention_bwd_dq<scalar_t>(params, g, delta.data());
-  local_attention_bwd_dkv<scalar_t>(params, g, delta.data());
+  const Geometry g = geometry_of<acc_type<scalar_t>>(params);
+  const BwdTensors<scalar_t> tensors(params);
+  const auto delta = backward_deltas(params, tensors);
+  local_attention_bwd_dq(params, g, tensors, delta.data());
+  local_attention_bwd_dkv(params, g, tensors, delta.data());
 }
 
 }  // namespace

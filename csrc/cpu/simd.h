@@ -20,78 +20,48 @@ namespace l2m::cpu {
 inline namespace L2M_CPU_ISA {  // one copy per instruction-set variant (isa.h)
 namespace {
 
+template <typename acc_t>
+struct Lanes;
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+// Lanes<acc_t> on the vector type vec_t, from the intrinsics' names: `prefix` _mm512 or _mm256,
+// `suffix` ps (float) or pd (double); L2M_LANES_COMPARE (per instruction set) makes the masks.
+#define L2M_LANES_OF(acc_t, vec_t, prefix, suffix)                                    \
+  template <>                                                                        \
+  struct Lanes<acc_t> {                                                              \
+    using vec = vec_t;                                                               \
+    using mask = uint32_t;                                                           \
+    static constexpr int kWidth = static_cast<int>(sizeof(vec_t) / sizeof(acc_t));   \
+    static vec zero() { return prefix##_setzero_##suffix(); }                        \
+    static vec load(const acc_t* p) { return prefix##_loadu_##suffix(p); }           \
+    static vec broadcast(acc_t x) { return prefix##_set1_##suffix(x); }              \
+    static vec fma(vec a, vec b, vec c) { return prefix##_fmadd_##suffix(a, b, c); } \
+    static vec mul(vec a, vec b) { return prefix##_mul_##suffix(a, b); }             \
+    static void store(acc_t* p, vec v) { prefix##_storeu_##suffix(p, v); }           \
+    static mask passes(vec s, vec t) {                                               \
+      return L2M_LANES_COMPARE(suffix, s, t, _CMP_NLE_UQ);                           \
+    }                                                                                \
+    static mask at_or_above(vec s, vec t) {                                          \
+      return L2M_LANES_COMPARE(suffix, s, t, _CMP_NLT_UQ);                           \
+    }                                                                                \
+  };
+
 #if defined(__AVX512F__)
 #define L2M_SIMD_REGISTERS 32
-template <typename acc_t>
-struct Lanes;
-template <>
-struct Lanes<float> {
-  using vec = __m512;
-  using mask = uint32_t;
-  static constexpr int kWidth = 16;
-  static vec zero() { return _mm512_setzero_ps(); }
-  static vec load(const float* p) { return _mm512_loadu_ps(p); }
-  static vec broadcast(float x) { return _mm512_set1_ps(x); }
-  static vec fma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
-  static vec mul(vec a, vec b) { return _mm512_mul_ps(a, b); }
-  static void store(float* p, vec v) { _mm512_storeu_ps(p, v); }
-  static mask passes(vec s, vec t) { return _mm512_cmp_ps_mask(s, t, _CMP_NLE_UQ); }
-  static mask at_or_above(vec s, vec t) { return _mm512_cmp_ps_mask(s, t, _CMP_NLT_UQ); }
-};
-template <>
-struct Lanes<double> {
-  using vec = __m512d;
-  using mask = uint32_t;
-  static constexpr int kWidth = 8;
-  static vec zero() { return _mm512_setzero_pd(); }
-  static vec load(const double* p) { return _mm512_loadu_pd(p); }
-  static vec broadcast(double x) { return _mm512_set1_pd(x); }
-  static vec fma(vec a, vec b, vec c) { return _mm512_fmadd_pd(a, b, c); }
-  static vec mul(vec a, vec b) { return _mm512_mul_pd(a, b); }
-  static void store(double* p, vec v) { _mm512_storeu_pd(p, v); }
-  static mask passes(vec s, vec t) { return _mm512_cmp_pd_mask(s, t, _CMP_NLE_UQ); }
-  static mask at_or_above(vec s, vec t) { return _mm512_cmp_pd_mask(s, t, _CMP_NLT_UQ); }
-};
-#elif defined(__AVX2__) && defined(__FMA__)
+// AVX-512 comparisons give a mask register.
+#define L2M_LANES_COMPARE(suffix, s, t, predicate) _mm512_cmp_##suffix##_mask(s, t, predicate)
+L2M_LANES_OF(float, __m512, _mm512, ps)
+L2M_LANES_OF(double, __m512d, _mm512, pd)
+#else
 #define L2M_SIMD_REGISTERS 16
-template <typename acc_t>
-struct Lanes;
-template <>
-struct Lanes<float> {
-  using vec = __m256;
-  using mask = uint32_t;
-  static constexpr int kWidth = 8;
-  static vec zero() { return _mm256_setzero_ps(); }
-  static vec load(const float* p) { return _mm256_loadu_ps(p); }
-  static vec broadcast(float x) { return _mm256_set1_ps(x); }
-  static vec fma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
-  static vec mul(vec a, vec b) { return _mm256_mul_ps(a, b); }
-  static void store(float* p, vec v) { _mm256_storeu_ps(p, v); }
-  static mask passes(vec s, vec t) {
-    return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(s, t, _CMP_NLE_UQ)));
-  }
-  static mask at_or_above(vec s, vec t) {
-    return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(s, t, _CMP_NLT_UQ)));
-  }
-};
-template <>
-struct Lanes<double> {
-  using vec = __m256d;
-  using mask = uint32_t;
-  static constexpr int kWidth = 4;
-  static vec zero() { return _mm256_setzero_pd(); }
-  static vec load(const double* p) { return _mm256_loadu_pd(p); }
-  static vec broadcast(double x) { return _mm256_set1_pd(x); }
-  static vec fma(vec a, vec b, vec c) { return _mm256_fmadd_pd(a, b, c); }
-  static vec mul(vec a, vec b) { return _mm256_mul_pd(a, b); }
-  static void store(double* p, vec v) { _mm256_storeu_pd(p, v); }
-  static mask passes(vec s, vec t) {
-    return static_cast<uint32_t>(_mm256_movemask_pd(_mm256_cmp_pd(s, t, _CMP_NLE_UQ)));
-  }
-  static mask at_or_above(vec s, vec t) {
-    return static_cast<uint32_t>(_mm256_movemask_pd(_mm256_cmp_pd(s, t, _CMP_NLT_UQ)));
-  }
-};
+// AVX2 comparisons give all-ones / all-zeros lanes, which movemask gathers into bits.
+#define L2M_LANES_COMPARE(suffix, s, t, predicate) \
+  static_cast<uint32_t>(_mm256_movemask_##suffix(_mm256_cmp_##suffix(s, t, predicate)))
+L2M_LANES_OF(float, __m256, _mm256, ps)
+L2M_LANES_OF(double, __m256d, _mm256, pd)
+#endif
+#undef L2M_LANES_COMPARE
+#undef L2M_LANES_OF
 #else
 #define L2M_SIMD_REGISTERS 0
 // Portable fallback: plain arrays the compiler may vectorise. Where the target has FMA, std::fma

@@ -17,6 +17,7 @@
 // exactly 0 / 1 at huge |x|, no cancellation in 1 - sigmoid; a NaN logit gives NaN), IEEE tanhf
 // (+-1 at huge |x|; merge_common.cuh refuses --use_fast_math).
 #include <cstdint>
+#include <type_traits>
 
 #include "dense_update.h"
 #include "int_divide.cuh"
@@ -169,32 +170,32 @@ inline DenseIndexing make_indexing(const int64_t (&sizes)[4]) {
                        IntDivider::make(sizes[1])};
 }
 
+// Launches, over numel elements, the kernel kernel_of(contiguous) returns for the operands'
+// layout (passed as std::bool_constant, so that it can name its template argument).
+template <typename Params, typename KernelOf>
+cudaError_t launch_elements(const Params& params, int64_t numel, cudaStream_t stream,
+                            KernelOf&& kernel_of) {
+  const DenseIndexing indexing = make_indexing(params.sizes);
+  const auto kernel =
+      all_contiguous(params) ? kernel_of(std::true_type{}) : kernel_of(std::false_type{});
+  kernel<<<element_grid(numel), kThreads, 0, stream>>>(params, indexing, numel);
+  return cudaGetLastError();
+}
+
 template <typename T>
 cudaError_t launch_fwd(const GatedDenseUpdateFwdParams& params, int64_t numel,
                        cudaStream_t stream) {
-  const DenseIndexing indexing = make_indexing(params.sizes);
-  const unsigned grid = element_grid(numel);
-  if (all_contiguous(params)) {
-    gated_dense_update_fwd_kernel<T, true><<<grid, kThreads, 0, stream>>>(params, indexing, numel);
-  } else {
-    gated_dense_update_fwd_kernel<T, false><<<grid, kThreads, 0, stream>>>(params, indexing,
-                                                                          numel);
-  }
-  return cudaGetLastError();
+  return launch_elements(params, numel, stream, [](auto contiguous) {
+    return gated_dense_update_fwd_kernel<T, contiguous.value>;
+  });
 }
 
 template <typename T>
 cudaError_t launch_bwd(const GatedDenseUpdateBwdParams& params, int64_t numel,
                        cudaStream_t stream) {
-  const DenseIndexing indexing = make_indexing(params.sizes);
-  const unsigned grid = element_grid(numel);
-  if (all_contiguous(params)) {
-    gated_dense_update_bwd_kernel<T, true><<<grid, kThreads, 0, stream>>>(params, indexing, numel);
-  } else {
-    gated_dense_update_bwd_kernel<T, false><<<grid, kThreads, 0, stream>>>(params, indexing,
-                                                                          numel);
-  }
-  return cudaGetLastError();
+  return launch_elements(params, numel, stream, [](auto contiguous) {
+    return gated_dense_update_bwd_kernel<T, contiguous.value>;
+  });
 }
 
 }  // namespace

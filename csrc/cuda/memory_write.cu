@@ -34,6 +34,7 @@
 // a template parameter: as a runtime branch inside the chain loops it made ptxas spill on sm_80).
 // Entry ids are divided by kw and T * kw with IntDivider (int_divide.cuh), not int64 `/`.
 #include <cstdint>
+#include <type_traits>
 
 #include "int_divide.cuh"
 #include "memory_write.h"
@@ -85,29 +86,6 @@ struct LaneColumns {
   __device__ __forceinline__ bool any() const { return first < dim; }
 };
 
-// One 16-byte vector of T through ordinary loads (not the read-only path: the data may be
-// written by this kernel, see the callers).
-template <typename T, int N>
-__device__ __forceinline__ void load_vector_plain(const T* src, float (&dst)[N]) {
-  if constexpr (sizeof(T) == 4) {
-    static_assert(N == 4, "a float vector is 4 elements");
-    const float4 vector = *reinterpret_cast<const float4*>(src);
-    dst[0] = vector.x;
-    dst[1] = vector.y;
-    dst[2] = vector.z;
-    dst[3] = vector.w;
-  } else {
-    static_assert(sizeof(T) == 2 && N == 8, "a 16-bit vector is 8 elements");
-    const uint4 vector = *reinterpret_cast<const uint4*>(src);
-    const uint32_t words[4] = {vector.x, vector.y, vector.z, vector.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {  // little endian: the low half is the lower address
-      dst[2 * i] = to_float<T>(detail::from_bits<T>(words[i] & 0xffffu));
-      dst[2 * i + 1] = to_float<T>(detail::from_bits<T>(words[i] >> 16));
-    }
-  }
-}
-
 // The lane's columns of a row of T, as float32; columns past D read as 0. kReadOnly: through the
 // read-only path (__ldg), for tensors this kernel never writes.
 template <bool kReadOnly, typename T, bool kVectorised>
@@ -119,7 +97,7 @@ __device__ __forceinline__ void load_columns(const T* row, const LaneColumns<T, 
       if constexpr (kReadOnly) {
         load_chunk<T, kPerLane>(row + cols.first, values);
       } else {
-        load_vector_plain<T, kPerLane>(row + cols.first, values);
+        detail::load_vector<false>(row + cols.first, values);
       }
     } else {
 #pragma unroll
@@ -470,47 +448,27 @@ inline bool valid_sizes(const Params& params) {
          params.writes_per_step >= 0 && (params.erase_dim == 1 || params.erase_dim == params.dim);
 }
 
-// Launches Kernel<T, vectorised, one erase gate> for the runtime choices.
-template <template <typename, bool, bool> class Kernel, typename T, typename Params>
-cudaError_t launch_variant(const Params& params, bool vectorised, int64_t entries,
-                           cudaStream_t stream) {
+// Launches the kernel kernel_of(vectorised, one_erase_gate) returns for the runtime choices (passed
+// as std::bool_constant, so that it can name its template arguments); `rows` are the (., D)
+// tensors (see rows_vectorisable).
+template <typename T, typename Params, int kPointers, typename KernelOf>
+cudaError_t launch_variant(const Params& params, const void* const (&rows)[kPointers],
+                           int64_t entries, cudaStream_t stream, KernelOf&& kernel_of) {
   const unsigned grid = warp_grid(entries);
   const IntDivider step_divider = IntDivider::make(params.writes_per_step);
   const IntDivider group_divider = IntDivider::make(params.steps * params.writes_per_step);
-  const bool one_erase_gate = params.erase_dim == 1;
-  if (vectorised) {
-    if (one_erase_gate) {
-      Kernel<T, true, true>::launch(grid, stream, params, step_divider, group_divider);
-    } else {
-      Kernel<T, true, false>::launch(grid, stream, params, step_divider, group_divider);
-    }
+  const auto launch = [&](auto vectorised) {
+    const auto kernel = params.erase_dim == 1 ? kernel_of(vectorised, std::true_type{})
+                                              : kernel_of(vectorised, std::false_type{});
+    kernel<<<grid, kThreads, 0, stream>>>(params, step_divider, group_divider);
+  };
+  if (rows_vectorisable<T>(params.dim, rows)) {
+    launch(std::true_type{});
   } else {
-    if (one_erase_gate) {
-      Kernel<T, false, true>::launch(grid, stream, params, step_divider, group_divider);
-    } else {
-      Kernel<T, false, false>::launch(grid, stream, params, step_divider, group_divider);
-    }
+    launch(std::false_type{});
   }
   return cudaGetLastError();
 }
-
-template <typename T, bool kVectorised, bool kOneEraseGate>
-struct FwdKernel {
-  static void launch(unsigned grid, cudaStream_t stream, const GatedMemoryWriteFwdParams& params,
-                     const IntDivider& step_divider, const IntDivider& group_divider) {
-    gated_memory_write_fwd_kernel<T, kVectorised, kOneEraseGate>
-        <<<grid, kThreads, 0, stream>>>(params, step_divider, group_divider);
-  }
-};
-
-template <typename T, bool kVectorised, bool kOneEraseGate>
-struct BwdKernel {
-  static void launch(unsigned grid, cudaStream_t stream, const GatedMemoryWriteBwdParams& params,
-                     const IntDivider& step_divider, const IntDivider& group_divider) {
-    gated_memory_write_bwd_kernel<T, kVectorised, kOneEraseGate>
-        <<<grid, kThreads, 0, stream>>>(params, step_divider, group_divider);
-  }
-};
 
 template <typename T>
 cudaError_t launch_fwd(const GatedMemoryWriteFwdParams& params, int64_t entries,
@@ -518,8 +476,9 @@ cudaError_t launch_fwd(const GatedMemoryWriteFwdParams& params, int64_t entries,
   const bool one_erase_gate = params.erase_dim == 1;
   const void* const rows[] = {params.memory, params.add, params.out,
                               one_erase_gate ? nullptr : params.erase};
-  return launch_variant<FwdKernel, T>(params, rows_vectorisable<T>(params.dim, rows), entries,
-                                      stream);
+  return launch_variant<T>(params, rows, entries, stream, [](auto vectorised, auto one_gate) {
+    return gated_memory_write_fwd_kernel<T, vectorised.value, one_gate.value>;
+  });
 }
 
 template <typename T>
@@ -533,36 +492,45 @@ cudaError_t launch_bwd(const GatedMemoryWriteBwdParams& params, int64_t entries,
                               params.add_parts,
                               one_erase_gate ? nullptr : params.erase,
                               one_erase_gate ? nullptr : params.erase_parts};
-  return launch_variant<BwdKernel, T>(params, rows_vectorisable<T>(params.dim, rows), entries,
-                                      stream);
+  return launch_variant<T>(params, rows, entries, stream, [](auto vectorised, auto one_gate) {
+    return gated_memory_write_bwd_kernel<T, vectorised.value, one_gate.value>;
+  });
+}
+
+// What both entry points check before the dtype dispatch: the rows to write, or -1 for bad sizes
+// or a missing tensor (`required`: every pointer the op reads or writes). 0 writes nothing and
+// launches nothing (an empty grid is a launch error); N == 0 admits only -1 entries.
+template <typename Params, int kPointers>
+int64_t entries_to_write(const Params& params, const void* const (&required)[kPointers]) {
+  if (!valid_sizes(params)) return -1;
+  const int64_t entries = params.groups * params.steps * params.writes_per_step;
+  if (entries == 0 || params.dim == 0 || params.num_slots == 0) return 0;
+  for (const void* pointer : required) {
+    if (pointer == nullptr) return -1;
+  }
+  return entries;
 }
 
 }  // namespace
 
 cudaError_t gated_memory_write_fwd_launch(const GatedMemoryWriteFwdParams& params,
                                           cudaStream_t stream) {
-  if (!valid_sizes(params)) return cudaErrorInvalidValue;
-  const int64_t entries = params.groups * params.steps * params.writes_per_step;
-  // Nothing written (and no launch with an empty grid); N == 0 admits only -1 entries.
-  if (entries == 0 || params.dim == 0 || params.num_slots == 0) return cudaSuccess;
-  if (params.memory == nullptr || params.indices == nullptr || params.weights == nullptr ||
-      params.add == nullptr || params.erase == nullptr || params.order == nullptr ||
-      params.run_length == nullptr || params.out == nullptr)
-    return cudaErrorInvalidValue;
+  const void* const required[] = {params.memory, params.indices, params.weights,    params.add,
+                                  params.erase,  params.order,   params.run_length, params.out};
+  const int64_t entries = entries_to_write(params, required);
+  if (entries <= 0) return entries == 0 ? cudaSuccess : cudaErrorInvalidValue;
   L2M_CUDA_DISPATCH(params.dtype, launch_fwd, params, entries, stream);
 }
 
 cudaError_t gated_memory_write_bwd_launch(const GatedMemoryWriteBwdParams& params,
                                           cudaStream_t stream) {
-  if (!valid_sizes(params)) return cudaErrorInvalidValue;
-  const int64_t entries = params.groups * params.steps * params.writes_per_step;
-  if (entries == 0 || params.dim == 0 || params.num_slots == 0) return cudaSuccess;
-  if (params.dnew == nullptr || params.memory == nullptr || params.indices == nullptr ||
-      params.weights == nullptr || params.add == nullptr || params.erase == nullptr ||
-      params.order == nullptr || params.run_length == nullptr || params.dmemory == nullptr ||
-      params.dweights == nullptr || params.add_parts == nullptr ||
-      params.erase_parts == nullptr || params.dweight_partial == nullptr)
-    return cudaErrorInvalidValue;
+  const void* const required[] = {params.dnew,      params.memory,     params.indices,
+                                  params.weights,   params.add,        params.erase,
+                                  params.order,     params.run_length, params.dmemory,
+                                  params.dweights,  params.add_parts,  params.erase_parts,
+                                  params.dweight_partial};
+  const int64_t entries = entries_to_write(params, required);
+  if (entries <= 0) return entries == 0 ? cudaSuccess : cudaErrorInvalidValue;
   L2M_CUDA_DISPATCH(params.dtype, launch_bwd, params, entries, stream);
 }
 

@@ -51,34 +51,39 @@ constexpr unsigned kFullWarpMask = 0xffffffffu;
 // ---------------------------------------------------------------------------------------------
 // Element conversions (explicit intrinsics: torch builds with __CUDA_NO_HALF_CONVERSIONS__ etc.).
 
+// Both conversions of one element type.
 template <typename T>
-__device__ __forceinline__ float to_float(T value);
+struct Convert;
 template <>
-__device__ __forceinline__ float to_float<float>(float value) {
-  return value;
-}
+struct Convert<float> {
+  static __device__ __forceinline__ float to_float(float value) { return value; }
+  static __device__ __forceinline__ float from_float(float value) { return value; }
+};
 template <>
-__device__ __forceinline__ float to_float<__half>(__half value) {
-  return __half2float(value);
-}
+struct Convert<__half> {
+  static __device__ __forceinline__ float to_float(__half value) { return __half2float(value); }
+  static __device__ __forceinline__ __half from_float(float value) {
+    return __float2half_rn(value);
+  }
+};
 template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 value) {
-  return __bfloat162float(value);
+struct Convert<__nv_bfloat16> {
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 value) {
+    return __bfloat162float(value);
+  }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float value) {
+    return __float2bfloat16_rn(value);
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ float to_float(T value) {
+  return Convert<T>::to_float(value);
 }
 
 template <typename T>
-__device__ __forceinline__ T from_float(float value);
-template <>
-__device__ __forceinline__ float from_float<float>(float value) {
-  return value;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float value) {
-  return __float2half_rn(value);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float value) {
-  return __float2bfloat16_rn(value);
+__device__ __forceinline__ T from_float(float value) {
+  return Convert<T>::from_float(value);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -101,27 +106,46 @@ __device__ __forceinline__ __nv_bfloat16 from_bits<__nv_bfloat16>(uint32_t bits)
   return __ushort_as_bfloat16(static_cast<unsigned short>(bits));
 }
 
-// Inputs are read through the read-only path (__ldg); vectors as one float4 / uint4.
-template <typename T, int N>
-__device__ __forceinline__ void load_chunk(const T* __restrict__ src, float (&dst)[N]) {
-  if constexpr (N == 1) {
-    dst[0] = to_float<T>(__ldg(src));
-  } else if constexpr (sizeof(T) == 4) {
+// One 16-byte load: through the read-only path (__ldg) when kReadOnly, else an ordinary load (for
+// data the kernel itself writes).
+template <bool kReadOnly, typename Vector>
+__device__ __forceinline__ Vector load_16(const Vector* src) {
+  if constexpr (kReadOnly) {
+    return __ldg(src);
+  } else {
+    return *src;
+  }
+}
+
+// The N elements of one 16-byte vector of T at src, as float32.
+template <bool kReadOnly, typename T, int N>
+__device__ __forceinline__ void load_vector(const T* src, float (&dst)[N]) {
+  if constexpr (sizeof(T) == 4) {
     static_assert(N == 4, "a float vector is 4 elements");
-    const float4 vector = __ldg(reinterpret_cast<const float4*>(src));
+    const float4 vector = load_16<kReadOnly>(reinterpret_cast<const float4*>(src));
     dst[0] = vector.x;
     dst[1] = vector.y;
     dst[2] = vector.z;
     dst[3] = vector.w;
   } else {
     static_assert(sizeof(T) == 2 && N == 8, "a 16-bit vector is 8 elements");
-    const uint4 vector = __ldg(reinterpret_cast<const uint4*>(src));
+    const uint4 vector = load_16<kReadOnly>(reinterpret_cast<const uint4*>(src));
     const uint32_t words[4] = {vector.x, vector.y, vector.z, vector.w};
 #pragma unroll
     for (int i = 0; i < 4; ++i) {  // little endian: the low half is the lower address
       dst[2 * i] = to_float<T>(from_bits<T>(words[i] & 0xffffu));
       dst[2 * i + 1] = to_float<T>(from_bits<T>(words[i] >> 16));
     }
+  }
+}
+
+// Inputs are read through the read-only path (__ldg); vectors as one float4 / uint4.
+template <typename T, int N>
+__device__ __forceinline__ void load_chunk(const T* __restrict__ src, float (&dst)[N]) {
+  if constexpr (N == 1) {
+    dst[0] = to_float<T>(__ldg(src));
+  } else {
+    load_vector<true>(src, dst);
   }
 }
 

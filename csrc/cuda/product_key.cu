@@ -61,7 +61,6 @@ constexpr int kKeysPerLane = kTileN / 32;  // sub-keys each lane scores per tile
 constexpr int kKeyRowPad = 4;              // floats of padding per sub-key row in shared memory
 constexpr int kMaxHalfDimPerLane = static_cast<int>(kProductKeyMaxDimK / 2 / 32);  // 8
 constexpr int kChunkPerLane = 8;           // columns per lane per chunk in the row loops
-constexpr long long kKeyMissing = static_cast<long long>(0x8000000000000000ull);  // INT64_MIN
 constexpr int kStaticSmemLimit = 48 * 1024;
 
 // Queries per warp of the half selection: the lists take kQueriesPerWarp * K_PAD / 32 int64
@@ -72,38 +71,16 @@ __host__ __device__ constexpr int queries_per_warp(int k_pad) {
 
 
 // ---------------------------------------------------------------------------------------------
-// Sort keys (copied from topk_read.cu, except NaN): (score descending, index ascending) as one
-// int64. NaN becomes the positive quiet NaN 0x7fc00000, whose image lies above +inf's, so NaN
-// ranks first (torch.sort, descending) and NaNs among themselves by index; decoding gives NaN
-// back. -0.0 ties with +0.0.
+// Sort keys (warp_list.cuh), NaN unlike topk_read.cu: NaN becomes the positive quiet NaN
+// 0x7fc00000, whose image lies above +inf's, so NaN ranks first (torch.sort, descending) and NaNs
+// among themselves by index; decoding gives NaN back. -0.0 ties with +0.0.
 
 __device__ __forceinline__ long long encode_key(float score, long long index) {
   int bits = __float_as_int(score);
   if (score != score) bits = 0x7fc00000;
   if (score == 0.0f) bits = 0;
-  const int ordered = bits < 0 ? (bits ^ 0x7fffffff) : bits;
-  const unsigned long long low = static_cast<unsigned long long>(0x7fffffffLL - index);
-  return static_cast<long long>((static_cast<unsigned long long>(static_cast<unsigned>(ordered))
-                                 << 32) | low);
+  return pack_key(bits, index);
 }
-
-struct DecodedKey {
-  bool exists;
-  float score;
-  long long index;
-};
-
-__device__ __forceinline__ DecodedKey decode_key(long long key) {
-  DecodedKey decoded;
-  const int high = static_cast<int>(key >> 32);
-  // No float maps to 0x80000000 (-inf maps to 0x807fffff): only kKeyMissing has that high word.
-  decoded.exists = high != static_cast<int>(0x80000000u);
-  const int bits = high < 0 ? (high ^ 0x7fffffff) : high;
-  decoded.score = __int_as_float(bits);
-  decoded.index = 0x7fffffffLL - static_cast<long long>(key & 0xffffffffLL);
-  return decoded;
-}
-
 
 inline int round_up_int(int64_t value, int64_t multiple) {
   return static_cast<int>((value + multiple - 1) / multiple * multiple);
@@ -128,6 +105,23 @@ struct SelectLayout {
   int key_offset;          // bytes to the sub-key tile
   int smem_bytes;
 };
+
+// Rows first .. first + tile_rows - 1 of a (count, dim) matrix of T with row stride src_stride,
+// as float32 into a shared-memory tile of `padded` columns (row stride tile_stride); rows past
+// `count` and columns past `dim` are 0. The block's warps take the rows round-robin.
+template <typename T>
+__device__ __forceinline__ void stage_rows(float* tile, int tile_rows, int tile_stride, int padded,
+                                           const T* src, int64_t first, int64_t count,
+                                           int64_t src_stride, int dim, int warp, int lane) {
+  for (int i = warp; i < tile_rows; i += kWarps) {
+    const int64_t row = first + i;
+    for (int col = lane; col < padded; col += 32) {
+      float x = 0.0f;
+      if (row < count && col < dim) x = to_float<T>(src[row * src_stride + col]);
+      tile[i * tile_stride + col] = x;
+    }
+  }
+}
 
 template <int kKsPad>
 SelectLayout make_select_layout(const ProductKeyFwdParams& params) {
@@ -179,14 +173,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       static_cast<const T*>(params.subkeys) + (h * 2 + half) * n_sub * half_dim;
 
   // Queries as float32 (unscaled: the scale multiplies the dot product); padding is 0.
-  for (int i = warp; i < kBlockRows; i += kWarps) {
-    const int64_t t = row0 + i;
-    for (int col = lane; col < layout.half_dim_pad; col += 32) {
-      float x = 0.0f;
-      if (t < T_len && col < half_dim) x = to_float<T>(q[t * dim_k + col]);
-      q_tile[i * layout.q_stride + col] = x;
-    }
-  }
+  stage_rows(q_tile, kBlockRows, layout.q_stride, layout.half_dim_pad, q, row0, T_len, dim_k,
+             half_dim, warp, lane);
 
   long long top[kQueriesPerWarp][kRegs];  // per query: K_PAD keys, descending
   long long kth[kQueriesPerWarp];         // per query: the k_sub-th best so far
@@ -203,14 +191,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   for (int64_t n0 = 0; n0 < n_sub; n0 += kTileN) {  // uniform over the block
     __syncthreads();  // the previous tile is consumed (first time: the queries are staged)
-    for (int r = warp; r < kTileN; r += kWarps) {
-      const int64_t sub = n0 + r;
-      for (int col = lane; col < layout.half_dim_pad; col += 32) {
-        float x = 0.0f;
-        if (sub < n_sub && col < half_dim) x = to_float<T>(subkeys[sub * half_dim + col]);
-        key_tile[r * layout.key_stride + col] = x;
-      }
-    }
+    stage_rows(key_tile, kTileN, layout.key_stride, layout.half_dim_pad, subkeys, n0, n_sub,
+               half_dim, half_dim, warp, lane);
     __syncthreads();
 
     // score[i][c]: query i of the warp against sub-key n0 + c * 32 + lane.
@@ -465,14 +447,6 @@ cudaError_t launch_select(const ProductKeyFwdParams& params, cudaStream_t stream
   return cudaGetLastError();
 }
 
-template <typename T>
-cudaError_t launch_select_for_k_sub(const ProductKeyFwdParams& params, cudaStream_t stream) {
-  if (params.k_sub <= 32) return launch_select<T, 32>(params, stream);
-  if (params.k_sub <= 64) return launch_select<T, 64>(params, stream);
-  if (params.k_sub <= 128) return launch_select<T, 128>(params, stream);
-  return launch_select<T, 256>(params, stream);
-}
-
 cudaError_t launch_candidates(const ProductKeyFwdParams& params, cudaStream_t stream) {
   const unsigned grid = stride_grid(params.batch * params.heads * params.seq_len);
   if (params.k <= 32) {
@@ -491,7 +465,9 @@ template <typename T>
 cudaError_t launch_fwd(const ProductKeyFwdParams& params, cudaStream_t stream) {
   const int64_t rows = params.batch * params.heads * params.seq_len;
   if (rows > 0) {
-    cudaError_t status = launch_select_for_k_sub<T>(params, stream);
+    cudaError_t status = with_list_length(params.k_sub, [&](auto k_pad) {
+      return launch_select<T, k_pad.value>(params, stream);
+    });
     if (status != cudaSuccess) return status;
     status = launch_candidates(params, stream);
     if (status != cudaSuccess) return status;
@@ -677,6 +653,20 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The backward kernels, one launch each (for L2M_CUDA_DISPATCH).
+template <typename T>
+cudaError_t launch_bwd_rows(const ProductKeyBwdParams& params, unsigned grid, cudaStream_t stream) {
+  product_key_bwd_rows_kernel<T><<<grid, kThreads, 0, stream>>>(params);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_segment(const ProductKeySegmentParams& params, unsigned grid,
+                           cudaStream_t stream) {
+  product_key_segment_kernel<T><<<grid, kThreads, 0, stream>>>(params);
+  return cudaGetLastError();
+}
+
 bool valid_sizes(int64_t batch, int64_t heads, int64_t seq_len, int64_t dim_k, int64_t n_sub,
                  int64_t dim_v) {
   if (batch < 0 || heads < 0 || seq_len < 0 || dim_k < 0 || dim_v < 0 || n_sub < 1) return false;
@@ -738,20 +728,7 @@ cudaError_t product_key_bwd_launch(const ProductKeyBwdParams& params, cudaStream
                             params.dim_v > 0))
     return cudaErrorInvalidValue;
   const unsigned grid = stride_grid(rows);
-  switch (params.dtype) {
-    case MergeDtype::kFloat32:
-      product_key_bwd_rows_kernel<float><<<grid, kThreads, 0, stream>>>(params);
-      break;
-    case MergeDtype::kFloat16:
-      product_key_bwd_rows_kernel<__half><<<grid, kThreads, 0, stream>>>(params);
-      break;
-    case MergeDtype::kBFloat16:
-      product_key_bwd_rows_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(params);
-      break;
-    default:
-      return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
+  L2M_CUDA_DISPATCH(params.dtype, launch_bwd_rows, params, grid, stream);
 }
 
 cudaError_t product_key_segment_launch(const ProductKeySegmentParams& params,
@@ -765,20 +742,7 @@ cudaError_t product_key_segment_launch(const ProductKeySegmentParams& params,
     return cudaErrorInvalidValue;
   // With no entries at all the arrays may be empty (nullptr); the runs are then all empty.
   const unsigned grid = stride_grid(params.num_dst);
-  switch (params.dtype) {
-    case MergeDtype::kFloat32:
-      product_key_segment_kernel<float><<<grid, kThreads, 0, stream>>>(params);
-      break;
-    case MergeDtype::kFloat16:
-      product_key_segment_kernel<__half><<<grid, kThreads, 0, stream>>>(params);
-      break;
-    case MergeDtype::kBFloat16:
-      product_key_segment_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(params);
-      break;
-    default:
-      return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
+  L2M_CUDA_DISPATCH(params.dtype, launch_segment, params, grid, stream);
 }
 
 }  // namespace cuda

@@ -73,7 +73,6 @@ constexpr int kTileN = 64;                   // slots per key tile
 constexpr int kKeysPerLane = kTileN / 32;    // slots each lane scores per tile
 constexpr int kMaxDimPerLane = static_cast<int>(kTopkReadMaxDim / 32);  // feature registers
 constexpr int kKeyRowPad = 4;                // floats of padding per key row in shared memory
-constexpr long long kKeyMissing = static_cast<long long>(0x8000000000000000ull);  // INT64_MIN
 constexpr int kStaticSmemLimit = 48 * 1024;
 
 // Queries per warp: the lists take kQueriesPerWarp * K_PAD / 32 int64 registers per lane.
@@ -81,32 +80,12 @@ __host__ __device__ constexpr int queries_per_warp(int k_pad) { return k_pad <= 
 
 
 // ---------------------------------------------------------------------------------------------
-// Sort keys: (score descending, slot ascending) as one int64 (see the file comment).
+// Sort keys (warp_list.cuh; see the file comment).
 
 __device__ __forceinline__ long long encode_key(float score, long long slot) {
   if (score != score) score = INFINITY;  // NaN ranks like +inf
   if (score == 0.0f) score = 0.0f;       // -0.0 ties with +0.0
-  const int bits = __float_as_int(score);
-  const int ordered = bits < 0 ? (bits ^ 0x7fffffff) : bits;
-  const unsigned long long low = static_cast<unsigned long long>(0x7fffffffLL - slot);
-  return static_cast<long long>((static_cast<unsigned long long>(static_cast<unsigned>(ordered))
-                                 << 32) | low);
-}
-
-struct DecodedKey {
-  bool exists;
-  float score;
-  long long slot;
-};
-
-__device__ __forceinline__ DecodedKey decode_key(long long key) {
-  DecodedKey decoded;
-  const int high = static_cast<int>(key >> 32);
-  decoded.exists = high != static_cast<int>(0x80000000u);
-  const int bits = high < 0 ? (high ^ 0x7fffffff) : high;
-  decoded.score = __int_as_float(bits);
-  decoded.slot = 0x7fffffffLL - static_cast<long long>(key & 0xffffffffLL);
-  return decoded;
+  return pack_key(__float_as_int(score), slot);
 }
 
 
@@ -565,7 +544,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const DecodedKey decoded = decode_key(top[i][r]);
       live[r] = decoded.exists && r * 32 + lane < k;
       score[r] = decoded.score;
-      slot[r] = decoded.exists ? decoded.slot : -1;
+      slot[r] = decoded.exists ? decoded.index : -1;
       if (live[r]) row_max = fmaxf(row_max, decoded.score);
     }
     // A NaN score was ranked (and decodes) as +inf: exp(inf - inf) = NaN below makes the row NaN
@@ -632,50 +611,47 @@ cudaError_t prepare_fwd_kernel(Kernel kernel, const FwdLayout& layout) {
   return cudaSuccess;
 }
 
-template <typename T, int kKPad>
-cudaError_t launch_fwd(const TopkReadFwdParams& params, cudaStream_t stream) {
+// Launches a forward kernel (the selection or the pre-pass) of <T, kKPad> on its layout's blocks:
+// kernel(params, layout, extra...).
+template <typename T, int kKPad, typename Kernel, typename... Extra>
+cudaError_t launch_fwd_blocks(const TopkReadFwdParams& params, Kernel kernel, cudaStream_t stream,
+                              Extra... extra) {
   const FwdLayout layout = make_fwd_layout<T, kKPad>(params);
   const int64_t blocks = layout.num_row_blocks * params.batch * params.mem_heads;
   if (blocks <= 0) return cudaSuccess;
   if (blocks > 0x7fffffffLL) return cudaErrorInvalidValue;
-  auto kernel = topk_read_fwd_kernel<T, kKPad>;
   const cudaError_t status = prepare_fwd_kernel<T, kKPad>(kernel, layout);
   if (status != cudaSuccess) return status;
-  kernel<<<static_cast<unsigned>(blocks), kThreads, layout.smem_bytes, stream>>>(params, layout);
+  kernel<<<static_cast<unsigned>(blocks), kThreads, layout.smem_bytes, stream>>>(params, layout,
+                                                                                 extra...);
   return cudaGetLastError();
+}
+
+template <typename T, int kKPad>
+cudaError_t launch_fwd(const TopkReadFwdParams& params, cudaStream_t stream) {
+  return launch_fwd_blocks<T, kKPad>(params, topk_read_fwd_kernel<T, kKPad>, stream);
 }
 
 template <typename T, int kKPad>
 cudaError_t launch_chunk_max(const TopkReadFwdParams& params, int64_t* chunk_max,
                              cudaStream_t stream) {
-  const FwdLayout layout = make_fwd_layout<T, kKPad>(params);
-  const int64_t blocks = layout.num_row_blocks * params.batch * params.mem_heads;
-  if (blocks <= 0) return cudaSuccess;
-  if (blocks > 0x7fffffffLL) return cudaErrorInvalidValue;
-  auto kernel = topk_read_chunk_max_kernel<T, kKPad>;
-  const cudaError_t status = prepare_fwd_kernel<T, kKPad>(kernel, layout);
-  if (status != cudaSuccess) return status;
-  kernel<<<static_cast<unsigned>(blocks), kThreads, layout.smem_bytes, stream>>>(
-      params, layout, reinterpret_cast<long long*>(chunk_max));
-  return cudaGetLastError();
+  return launch_fwd_blocks<T, kKPad>(params, topk_read_chunk_max_kernel<T, kKPad>, stream,
+                                     reinterpret_cast<long long*>(chunk_max));
 }
 
 template <typename T>
 cudaError_t launch_fwd_for_k(const TopkReadFwdParams& params, cudaStream_t stream) {
-  if (params.k <= 32) return launch_fwd<T, 32>(params, stream);
-  if (params.k <= 64) return launch_fwd<T, 64>(params, stream);
-  if (params.k <= 128) return launch_fwd<T, 128>(params, stream);
-  return launch_fwd<T, 256>(params, stream);
+  return with_list_length(params.k,
+                          [&](auto k_pad) { return launch_fwd<T, k_pad.value>(params, stream); });
 }
 
 // The pre-pass must use the block layout (K_PAD) of the selection kernel it serves.
 template <typename T>
 cudaError_t launch_chunk_max_for_k(const TopkReadFwdParams& params, int64_t* chunk_max,
                                    cudaStream_t stream) {
-  if (params.k <= 32) return launch_chunk_max<T, 32>(params, chunk_max, stream);
-  if (params.k <= 64) return launch_chunk_max<T, 64>(params, chunk_max, stream);
-  if (params.k <= 128) return launch_chunk_max<T, 128>(params, chunk_max, stream);
-  return launch_chunk_max<T, 256>(params, chunk_max, stream);
+  return with_list_length(params.k, [&](auto k_pad) {
+    return launch_chunk_max<T, k_pad.value>(params, chunk_max, stream);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,8 +1,52 @@
 // Warp-distributed sorted lists of int64 sort keys, shared by the CUDA top-k and product-key
-// reads (topk_read.cu, product_key.cu). Device code only; include inside the kernels' namespace.
+// reads (topk_read.cu, product_key.cu). Include inside the kernels' namespace.
 #pragma once
 
 constexpr unsigned kFullMask = 0xffffffffu;
+constexpr long long kKeyMissing = static_cast<long long>(0x8000000000000000ull);  // INT64_MIN
+
+// ---------------------------------------------------------------------------------------------
+// Sort keys: (score descending, index ascending) as one int64, the order-preserving int32 image
+// of the score's float32 bits in the high word and 2**31 - 1 - index in the low word, so that
+// "larger key" is exactly "higher score, then smaller index". Each read maps NaN and -0.0 to the
+// bits it ranks them by before packing (its encode_key).
+
+__device__ __forceinline__ long long pack_key(int score_bits, long long index) {
+  const int ordered = score_bits < 0 ? (score_bits ^ 0x7fffffff) : score_bits;
+  const unsigned long long low = static_cast<unsigned long long>(0x7fffffffLL - index);
+  return static_cast<long long>((static_cast<unsigned long long>(static_cast<unsigned>(ordered))
+                                 << 32) | low);
+}
+
+struct DecodedKey {
+  bool exists;
+  float score;
+  long long index;
+};
+
+__device__ __forceinline__ DecodedKey decode_key(long long key) {
+  DecodedKey decoded;
+  const int high = static_cast<int>(key >> 32);
+  // No float maps to 0x80000000 (-inf maps to 0x807fffff): only kKeyMissing has that high word.
+  decoded.exists = high != static_cast<int>(0x80000000u);
+  const int bits = high < 0 ? (high ^ 0x7fffffff) : high;
+  decoded.score = __int_as_float(bits);
+  decoded.index = 0x7fffffffLL - static_cast<long long>(key & 0xffffffffLL);
+  return decoded;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lists.
+
+// Returns launch(std::integral_constant<int, K_PAD>{}) for the shortest list, K_PAD of 32, 64,
+// 128 or 256, that holds `length` (<= 256) keys.
+template <typename Launch>
+inline cudaError_t with_list_length(int64_t length, Launch&& launch) {
+  if (length <= 32) return launch(std::integral_constant<int, 32>{});
+  if (length <= 64) return launch(std::integral_constant<int, 64>{});
+  if (length <= 128) return launch(std::integral_constant<int, 128>{});
+  return launch(std::integral_constant<int, 256>{});
+}
 
 __device__ __forceinline__ long long max_key(long long a, long long b) { return a > b ? a : b; }
 __device__ __forceinline__ long long min_key(long long a, long long b) { return a < b ? a : b; }
@@ -80,3 +124,4 @@ __device__ __forceinline__ float warp_max(float value) {  // no NaN reaches it
     value = fmaxf(value, __shfl_xor_sync(kFullMask, value, offset));
   return value;
 }
+
