@@ -1,21 +1,17 @@
-// The torch-facing side of both extensions, written once: every op's operands described in one
-// list each (shape, dtype class, layout), from which the checks and their error texts follow, the
-// filling of the kernels' plain params structs (csrc/common/params.h), the entry points and their
-// registration. Included by csrc/cpu/bindings.cpp (l2m_kernels._C) and csrc/cuda/bindings.cpp
-// (l2m_kernels._C_cuda), which define before it:
-//   L2M_BINDING_CUDA  0 or 1: which extension. It decides the device, the layouts and dtypes
-//                     served and the error prefix ("l2m <op> (cuda)"), and selects the few
-//                     sections only one backend has (#if L2M_BINDING_CUDA): on CPU the row layouts
-//                     of operands read where they lie and the host checks of indices; on CUDA the
-//                     kernels' size limits, their scratch buffers, and the write plan.
-//   L2M_KERNEL_NS     the namespace of the launchers' params structs (l2m::cpu or l2m::cuda);
-//   L2M_LAUNCH(call, launcher, params, device_of)   runs a launcher on filled params.
-// Every entry point returns None and writes every element of its preallocated outputs (passed
-// last). The Python layer validates first; these checks keep a wrong call from reading or writing
-// out of bounds. Errors: ValueError for shapes, devices and layouts, TypeError for dtypes,
+// The torch-facing side of both extensions, written once: each entry point lists its operands
+// (Operand: shape, dtype, layout), from which its checks and their error texts follow; it fills the
+// kernels' plain params structs (csrc/common/params.h) and is registered by def_ops. Included by
+// csrc/cpu/bindings.cpp (l2m_kernels._C) and csrc/cuda/bindings.cpp (l2m_kernels._C_cuda), which
+// define before it L2M_BINDING_CUDA (0 or 1: the device, layouts, dtypes and error prefix, and the
+// sections only one backend has: on CPU the row layouts of operands read where they lie and the
+// host checks of indices; on CUDA the kernels' size limits, scratch buffers and write plan),
+// L2M_KERNEL_NS (the namespace of the params structs) and L2M_LAUNCH(call, launcher, params,
+// device_of). Every entry point returns None and writes every element of its preallocated outputs
+// (passed last); the Python layer validates first, these checks keep a wrong call from reading or
+// writing out of bounds. Errors: ValueError for shapes, devices and layouts, TypeError for dtypes,
 // IndexError for indices out of range, NotImplementedError for sizes a backend does not serve.
-// Sizes are formatted into a std::string (dims_text) rather than streamed into TORCH_CHECK: with
-// torch 2.11 and gcc 13, inserting an integer into the error's ostream crashed the process.
+// Sizes are formatted into a std::string rather than streamed into TORCH_CHECK: with torch 2.11
+// and gcc 13, inserting an integer into the error's ostream crashed the process.
 #pragma once
 
 #include <torch/extension.h>
@@ -152,6 +148,29 @@ inline l2m::Dtype kernel_dtype(c10::ScalarType dtype) {
   (params).tensor = static_cast<decltype((params).tensor)>((tensor).data_ptr());
 #define L2M_IN(params, ...) L2M_FOR_EACH(L2M_IN_, params, __VA_ARGS__)
 #define L2M_OUT(params, ...) L2M_FOR_EACH(L2M_OUT_, params, __VA_ARGS__)
+// The size fields of the params structs (params.h) and the shape symbols whose sizes they hold.
+constexpr std::pair<std::string_view, std::string_view> kSizeFields[] = {
+    {"batch", "B"},       {"heads", "H"},      {"seq_len", "T"},     {"mem_heads", "Hm"},
+    {"num_slots", "N"},   {"dim_k", "Dk"},     {"dim_v", "Dv"},      {"kv_heads", "Hkv"},
+    {"context_len", "S"}, {"dim", "D"},        {"head_dim", "D"},    {"rows", "R"},
+    {"groups", "G"},      {"steps", "T"},      {"writes_per_step", "kw"}, {"erase_dim", "De"}};
+constexpr std::string_view symbol_of(std::string_view field) {
+  for (const auto& [name, symbol] : kSizeFields) {
+    if (name == field) {
+      return symbol;
+    }
+  }
+  return field;  // k, n_sub: named alike
+}
+// L2M_SIZES(params, batch, heads, ...): params.dtype and the size fields named, from the dtype and
+// the sizes bound in `call`.
+#define L2M_SIZE_(params, field) (params).field = call[symbol_of(#field)];
+#define L2M_SIZES(params, ...)                     \
+  (params).dtype = kernel_dtype(call.dtype);       \
+  L2M_FOR_EACH(L2M_SIZE_, params, __VA_ARGS__)
+// L2M_ROWS(params, q, dout): params.q_rows = rows_of(q), ... (CPU).
+#define L2M_ROWS_(params, tensor) (params).tensor##_rows = rows_of(tensor);
+#define L2M_ROWS(params, ...) L2M_FOR_EACH(L2M_ROWS_, params, __VA_ARGS__)
 
 // The checks of one call of one op; `op` prefixes every message. The operands are checked in the
 // order given: place (device, layout), shape, dtype. On CUDA every tensor must be on the device of
@@ -391,9 +410,7 @@ class Call {
 template <typename Params>
 bool fill_rows(Call& call, Params& params) {
   call.apart(/*exact_alias=*/true);
-  params.dtype = kernel_dtype(call.dtype);
-  params.rows = call["R"];
-  params.head_dim = call["D"];
+  L2M_SIZES(params, rows, head_dim);
   return params.rows > 0;
 }
 
@@ -411,15 +428,7 @@ inline void read_operands(Call& call, TensorArg q, TensorArg keys, TensorArg val
 
 template <typename Params>
 void fill_read(Params& params, const Call& call, TensorArg keys, double scale) {
-  params.dtype = kernel_dtype(call.dtype);
-  params.batch = call["B"];
-  params.heads = call["H"];
-  params.seq_len = call["T"];
-  params.mem_heads = call["Hm"];
-  params.num_slots = call["N"];
-  params.dim_k = call["Dk"];
-  params.dim_v = call["Dv"];
-  params.k = call["k"];
+  L2M_SIZES(params, batch, heads, seq_len, mem_heads, num_slots, dim_k, dim_v, k);
   params.shared_memory = keys.dim() == 3;
   params.scale = scale;
 }
@@ -442,14 +451,7 @@ inline void product_key_operands(Call& call, TensorArg q, TensorArg subkeys, Ten
 
 template <typename Params>
 void fill_product_key(Params& params, const Call& call, double scale, bool sum_heads) {
-  params.dtype = kernel_dtype(call.dtype);
-  params.batch = call["B"];
-  params.heads = call["H"];
-  params.seq_len = call["T"];
-  params.dim_k = call["Dk"];
-  params.n_sub = call["n_sub"];
-  params.dim_v = call["Dv"];
-  params.k = call["k"];
+  L2M_SIZES(params, batch, heads, seq_len, dim_k, n_sub, dim_v, k);
   params.sum_heads = sum_heads;
   params.scale = scale;
 }
@@ -476,14 +478,7 @@ inline void local_operands(Call& call, TensorArg q, TensorArg k, TensorArg v, in
 
 template <typename Params>
 void fill_local(Params& params, const Call& call, int64_t window, double scale) {
-  params.dtype = kernel_dtype(call.dtype);
-  params.batch = call["B"];
-  params.heads = call["H"];
-  params.kv_heads = call["Hkv"];
-  params.seq_len = call["T"];
-  params.context_len = call["S"];
-  params.dim = call["D"];
-  params.dim_v = call["Dv"];
+  L2M_SIZES(params, batch, heads, kv_heads, seq_len, context_len, dim, dim_v);
   params.window = window < 0 ? call["S"] : window;
   params.scale = scale;
 }
@@ -521,6 +516,19 @@ inline void check_product_key_limits(const Call& call, TensorArg q, TensorArg su
   if (k > kp::kProductKeyMaxK) {
     call.not_served("1 <= k <= " + text(kp::kProductKeyMaxK) + " entries per query, got k = " +
                     text(k));
+  }
+}
+
+// Atomic mode's float32 accumulator of a gradient, zeroed: the gradient itself when float32, else
+// scratch that store_sum copies into it after the kernels.
+inline at::Tensor atomic_sum(TensorArg grad) {
+  return grad.scalar_type() == at::kFloat
+             ? grad.zero_()
+             : at::zeros(grad.sizes(), grad.options().dtype(at::kFloat));
+}
+inline void store_sum(TensorArg grad, TensorArg sum) {
+  if (!sum.is_same(grad)) {
+    grad.copy_(sum);
   }
 }
 
@@ -711,7 +719,7 @@ inline void topk_read_fwd(TensorArg q, TensorArg keys, TensorArg values, Optiona
     params.tau = tau.data_ptr<int64_t>();
   }
 #else
-  params.q_rows = rows_of(q);
+  L2M_ROWS(params, q);
 #endif
   L2M_LAUNCH(call, topk_read_fwd, params, q);
 }
@@ -770,23 +778,18 @@ inline void topk_read_bwd(TensorArg dout, TensorArg dweights, TensorArg dlse, Te
     ds = at::empty({rows * k}, indices.options().dtype(at::kFloat));
     L2M_OUT(params, ds, entry_order, entry_rows, run_starts);
   } else {
-    // Atomic mode: float32 accumulators, zeroed; float32 outputs accumulate in place.
-    const at::TensorOptions float_options = q.options().dtype(at::kFloat);
-    dkeys_acc = call.dtype == at::kFloat ? dkeys : at::empty(keys.sizes(), float_options);
-    dvalues_acc = call.dtype == at::kFloat ? dvalues : at::empty(values.sizes(), float_options);
-    dkeys_acc.zero_();
-    dvalues_acc.zero_();
+    dkeys_acc = atomic_sum(dkeys);
+    dvalues_acc = atomic_sum(dvalues);
     L2M_OUT(params, dkeys_acc, dvalues_acc);
   }
   L2M_LAUNCH(call, topk_read_bwd, params, q);
-  if (!deterministic && call.dtype != at::kFloat) {
-    dkeys.copy_(dkeys_acc);
-    dvalues.copy_(dvalues_acc);
+  if (!deterministic) {
+    store_sum(dkeys, dkeys_acc);
+    store_sum(dvalues, dvalues_acc);
   }
 #else
   check_indices(call, indices, "indices", /*minus_one=*/true, "N", call["N"]);
-  params.dout_rows = rows_of(dout);
-  params.q_rows = rows_of(q);
+  L2M_ROWS(params, dout, q);
   // Runs even without queries: dkeys and dvalues (shared memories) must still be zeroed.
   L2M_LAUNCH(call, topk_read_bwd, params, q);
 #endif
@@ -802,7 +805,8 @@ inline void memory_read_weights(TensorArg q, TensorArg keys, TensorArg values, T
   read_operands(call, q, keys, values);
   call.inputs({L2M_T(indices, "(B, H, T, k)", kInt64), L2M_T(lse, "(B, H, T)", kAcc),
                L2M_T(dout, "(B, H, T, Dv)", kData, kRowLayout)});
-  TORCH_CHECK_VALUE(!dout.has_value() || dots.has_value(), call.op + ": dots is required with dout");
+  TORCH_CHECK_VALUE(!dout.has_value() || dots.has_value(),
+                    call.op + ": dots is required with dout");
   call.outputs({L2M_T(weights, "(B, H, T, k)", kAcc), L2M_T(dots, "(B, H, T)", kAcc),
                 L2M_T(out, "(B, H, T, Dv)")});
   call.apart();
@@ -828,7 +832,7 @@ inline void memory_read_weights(TensorArg q, TensorArg keys, TensorArg values, T
   params.dots = dots.has_value() ? dots->data_ptr() : nullptr;
   params.out = out.has_value() ? out->data_ptr() : nullptr;
 #if !L2M_BINDING_CUDA
-  params.q_rows = rows_of(q);
+  L2M_ROWS(params, q);
   params.dout_rows = dout.has_value() ? rows_of(*dout) : Rows{};
 #endif
   L2M_LAUNCH(call, memory_read_weights, params, q);
@@ -880,7 +884,7 @@ inline void product_key_fwd(TensorArg q, TensorArg subkeys, TensorArg values, in
   const at::Tensor half_ids = at::empty({rows, 2, k_sub}, q.options().dtype(at::kInt));
   L2M_OUT(params, half_scores, half_ids);
 #else
-  params.q_rows = rows_of(q);
+  L2M_ROWS(params, q);
 #endif
   L2M_LAUNCH(call, product_key_fwd, params, q);
 }
@@ -903,10 +907,10 @@ inline void product_key_bwd(TensorArg dout, TensorArg dweights, TensorArg dlse, 
     call.value_error("indices must have k >= 1 entries per query, got " + shape_of(indices));
   }
 #if !L2M_BINDING_CUDA
-  TORCH_CHECK_VALUE(!sparse_grad || value_rows.has_value(),
-                    call.op + ": sparse_grad needs value_rows (the dvalues row of each entry)");
-  TORCH_CHECK_VALUE(sparse_grad || !value_rows.has_value(),
-                    call.op + ": value_rows is only for sparse_grad");
+  TORCH_CHECK_VALUE(sparse_grad == value_rows.has_value(),
+                    call.op + (sparse_grad ? ": sparse_grad needs value_rows (the dvalues row of "
+                                             "each entry)"
+                                           : ": value_rows is only for sparse_grad"));
 #endif
   call.let("B * H * T * k", rows * k);
   call.inputs({L2M_T(dout, sum_heads ? "(B, T, Dv)" : "(B, H, T, Dv)", kData, kRowLayout),
@@ -971,24 +975,14 @@ inline void product_key_bwd(TensorArg dout, TensorArg dweights, TensorArg dlse, 
     }
     return;
   }
-  // Atomic mode: float32 accumulators, zeroed; float32 outputs accumulate in place.
-  const bool in_place = call.dtype == at::kFloat;
-  const at::TensorOptions float_options = q.options().dtype(at::kFloat);
-  const at::Tensor dsubkeys_acc = in_place ? dsubkeys : at::empty(subkeys.sizes(), float_options);
-  dsubkeys_acc.zero_();
-  L2M_OUT(params, dsubkeys_acc);
-  at::Tensor dvalues_acc;
-  if (!sparse_grad) {
-    dvalues_acc = in_place ? dvalues : at::empty(values.sizes(), float_options);
-    dvalues_acc.zero_();
-    L2M_OUT(params, dvalues_acc);
-  }
+  const at::Tensor dsubkeys_acc = atomic_sum(dsubkeys);
+  const at::Tensor dvalues_acc = sparse_grad ? at::Tensor() : atomic_sum(dvalues);
+  params.dsubkeys_acc = dsubkeys_acc.data_ptr<float>();
+  params.dvalues_acc = sparse_grad ? nullptr : dvalues_acc.data_ptr<float>();
   L2M_LAUNCH(call, product_key_bwd, params, q);
-  if (!in_place) {
-    dsubkeys.copy_(dsubkeys_acc);
-    if (!sparse_grad) {
-      dvalues.copy_(dvalues_acc);
-    }
+  store_sum(dsubkeys, dsubkeys_acc);
+  if (!sparse_grad) {
+    store_sum(dvalues, dvalues_acc);
   }
 #else
   const int64_t num_value_rows = sparse_grad ? call["U"] : 0;
@@ -999,7 +993,7 @@ inline void product_key_bwd(TensorArg dout, TensorArg dweights, TensorArg dlse, 
   // With sum_heads, dout (B, T, Dv) serves every head: the (B, H, T) rows with head stride 0.
   params.dout_rows =
       sum_heads ? Rows::strided(H, T, dout.stride(0), 0, dout.stride(1)) : rows_of(dout);
-  params.q_rows = rows_of(q);
+  L2M_ROWS(params, q);
   L2M_OUT(params, dsubkeys, dvalues);
   params.value_rows = sparse_grad ? value_rows->const_data_ptr<int64_t>() : nullptr;
   params.num_value_rows = num_value_rows;
@@ -1030,16 +1024,13 @@ void write_operands(Call& call, Params& params, TensorArg memory, TensorArg indi
     call.value_error("erase must have the last dimension D = " + text(call["D"]) +
                      " or 1, got " + shape_of(erase));
   }
-  params.dtype = kernel_dtype(call.dtype);
+  if (!kCuda) {
+    call.let("G", memory.size(0) * (heads ? memory.size(1) : 1));
+  }
+  call.let("E", call["G"] * call["T"] * call["kw"]);
+  L2M_SIZES(params, groups, num_slots, dim, steps, writes_per_step, erase_dim);
   params.indices_int32 = indices.scalar_type() == at::kInt;
-  params.groups = memory.size(0) * (heads ? memory.size(1) : 1);
-  params.num_slots = call["N"];
-  params.dim = call["D"];
-  params.steps = call["T"];
-  params.writes_per_step = call["kw"];
-  params.erase_dim = call["De"];
   L2M_IN(params, memory, indices, weights, add, erase);
-  call.let("E", params.groups * params.steps * params.writes_per_step);
 #if L2M_BINDING_CUDA
   call.inputs({L2M_T(order, "(E,)", kInt64), L2M_T(run_length, "(E,)", kInt32)});
   L2M_IN(params, order, run_length);
@@ -1128,8 +1119,8 @@ inline bool dense_operands(Call& call, TensorArg memory, TensorArg update, Tenso
   for (const Operand& input : inputs) {
     call.storage(*input.tensor, input.name, layout);
     if (strided && input.tensor->dim() != 4) {
-      call.value_error(std::string("strided inputs must be 4-D views of the broadcast shape, got ") +
-                       input.name + " " + shape_of(*input.tensor));
+      call.value_error("strided inputs must be 4-D views of the broadcast shape, got " +
+                       std::string(input.name) + " " + shape_of(*input.tensor));
     }
   }
   call.inputs(inputs);
@@ -1140,8 +1131,8 @@ inline bool dense_operands(Call& call, TensorArg memory, TensorArg update, Tenso
 // (contiguous) or strided through its rows, and then no output may reach into their bytes (the
 // kernel reads them where they lie while it stores).
 template <typename Params>
-void fill_dense([[maybe_unused]] const Call& call, Params& params, [[maybe_unused]] bool strided, TensorArg memory,
-                TensorArg update, TensorArg input_gate, TensorArg forget_gate) {
+void fill_dense([[maybe_unused]] const Call& call, Params& params, [[maybe_unused]] bool strided,
+                TensorArg memory, TensorArg update, TensorArg input_gate, TensorArg forget_gate) {
   params.dtype = kernel_dtype(call.dtype);
 #if L2M_BINDING_CUDA
   const auto layout = [](TensorArg tensor) {
@@ -1231,9 +1222,7 @@ inline void local_attention_fwd(TensorArg q, TensorArg k, TensorArg v, int64_t w
   L2M_IN(params, q, k, v);
   L2M_OUT(params, out, lse);
 #if !L2M_BINDING_CUDA
-  params.q_rows = rows_of(q);
-  params.k_rows = rows_of(k);
-  params.v_rows = rows_of(v);
+  L2M_ROWS(params, q, k, v);
 #endif
   L2M_LAUNCH(call, local_attention_fwd, params, q);
 }
@@ -1263,10 +1252,7 @@ inline void local_attention_bwd(TensorArg dout, TensorArg dlse, TensorArg q, Ten
   const at::Tensor delta = at::empty({call["B"], call["H"], call["T"]}, lse.options());
   L2M_OUT(params, delta);
 #else
-  params.dout_rows = rows_of(dout);
-  params.q_rows = rows_of(q);
-  params.k_rows = rows_of(k);
-  params.v_rows = rows_of(v);
+  L2M_ROWS(params, dout, q, k, v);
 #endif
   // Runs even without queries (T == 0): dk and dv are zeroed.
   L2M_LAUNCH(call, local_attention_bwd, params, q);
