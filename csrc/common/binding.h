@@ -150,17 +150,17 @@ inline l2m::Dtype kernel_dtype(c10::ScalarType dtype) {
 #define L2M_OUT(params, ...) L2M_FOR_EACH(L2M_OUT_, params, __VA_ARGS__)
 // The size fields of the params structs (params.h) and the shape symbols whose sizes they hold.
 constexpr std::pair<std::string_view, std::string_view> kSizeFields[] = {
-    {"batch", "B"},       {"heads", "H"},      {"seq_len", "T"},     {"mem_heads", "Hm"},
-    {"num_slots", "N"},   {"dim_k", "Dk"},     {"dim_v", "Dv"},      {"kv_heads", "Hkv"},
-    {"context_len", "S"}, {"dim", "D"},        {"head_dim", "D"},    {"rows", "R"},
-    {"groups", "G"},      {"steps", "T"},      {"writes_per_step", "kw"}, {"erase_dim", "De"}};
+    {"batch", "B"},     {"heads", "H"},       {"seq_len", "T"},  {"mem_heads", "Hm"},
+    {"num_slots", "N"}, {"dim_k", "Dk"},      {"dim_v", "Dv"},   {"kv_heads", "Hkv"},
+    {"dim", "D"},       {"context_len", "S"}, {"head_dim", "D"}, {"rows", "R"},
+    {"groups", "G"},    {"steps", "T"},       {"writes_per_step", "kw"}};
 constexpr std::string_view symbol_of(std::string_view field) {
   for (const auto& [name, symbol] : kSizeFields) {
     if (name == field) {
       return symbol;
     }
   }
-  return field;  // k, n_sub: named alike
+  return field;  // k, n_sub, erase_dim: named alike
 }
 // L2M_SIZES(params, batch, heads, ...): params.dtype and the size fields named, from the dtype and
 // the sizes bound in `call`.
@@ -1018,11 +1018,11 @@ void write_operands(Call& call, Params& params, TensorArg memory, TensorArg indi
   call.inputs({L2M_T(indices, L2M_WRITE_SHAPE("T, kw)"), kIndex),
                L2M_T(weights, L2M_WRITE_SHAPE("T, kw)"), kData, kRowLayout),
                L2M_T(add, L2M_WRITE_SHAPE("T, D)"), kData, kRowLayout),
-               L2M_T(erase, L2M_WRITE_SHAPE("T, De)"), kData, kRowLayout)});
+               L2M_T(erase, L2M_WRITE_SHAPE("T, erase_dim)"), kData, kRowLayout)});
 #undef L2M_WRITE_SHAPE
-  if (call["De"] != 1 && call["De"] != call["D"]) {
-    call.value_error("erase must have the last dimension D = " + text(call["D"]) +
-                     " or 1, got " + shape_of(erase));
+  if (call["erase_dim"] != 1 && call["erase_dim"] != call["D"]) {
+    call.value_error("erase's last dimension erase_dim must be D = " + text(call["D"]) +
+                     " or 1, got erase " + shape_of(erase));
   }
   if (!kCuda) {
     call.let("G", memory.size(0) * (heads ? memory.size(1) : 1));
@@ -1079,7 +1079,7 @@ inline void gated_memory_write_bwd(TensorArg dnew, TensorArg memory, TensorArg i
   call.inputs({L2M_T(dnew, "like memory")});
   call.outputs({L2M_T(dmemory, "like memory"), L2M_T(dweights, "like weights"),
                 kCuda ? Operand{"add_parts", &dadd, "(E, D)", kFloat32} : L2M_T(dadd, "like add"),
-                kCuda ? Operand{"erase_parts", &derase, "(E, De)", kFloat32}
+                kCuda ? Operand{"erase_parts", &derase, "(E, erase_dim)", kFloat32}
                       : L2M_T(derase, "like erase")});
   call.apart();
   L2M_IN(params, dnew);
