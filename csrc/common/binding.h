@@ -907,10 +907,10 @@ inline void product_key_bwd(TensorArg dout, TensorArg dweights, TensorArg dlse, 
     call.value_error("indices must have k >= 1 entries per query, got " + shape_of(indices));
   }
 #if !L2M_BINDING_CUDA
-  TORCH_CHECK_VALUE(sparse_grad == value_rows.has_value(),
-                    call.op + (sparse_grad ? ": sparse_grad needs value_rows (the dvalues row of "
-                                             "each entry)"
-                                           : ": value_rows is only for sparse_grad"));
+  TORCH_CHECK_VALUE(!sparse_grad || value_rows.has_value(),
+                    call.op + ": sparse_grad needs value_rows (the dvalues row of each entry)");
+  TORCH_CHECK_VALUE(sparse_grad || !value_rows.has_value(),
+                    call.op + ": value_rows is only for sparse_grad");
 #endif
   call.let("B * H * T * k", rows * k);
   call.inputs({L2M_T(dout, sum_heads ? "(B, T, Dv)" : "(B, H, T, Dv)", kData, kRowLayout),

@@ -133,10 +133,10 @@ std::string built_names() {
   return names;
 }
 
-// L2M_CPU_ISA as set, or nullptr.
-const char* requested_isa() {
+// L2M_CPU_ISA, or "" when unset.
+std::string requested_isa() {
   const char* requested = std::getenv("L2M_CPU_ISA");
-  return requested != nullptr && *requested != '\0' ? requested : nullptr;
+  return requested != nullptr ? requested : "";
 }
 
 // Makes `name` ("auto", "default", "avx2", "avx512"; any case) the active variant and returns it.
@@ -172,9 +172,10 @@ const l2m::cpu::KernelTable& kernels() {
 }
 
 py::dict isa_info() {
+  const std::string requested = requested_isa();
   py::dict info;
   info["active"] = active_variant.load()->name;
-  info["requested"] = requested_isa() != nullptr ? requested_isa() : "auto";
+  info["requested"] = requested.empty() ? "auto" : requested;
   info["auto"] = auto_variant().name;
   info["torch_capability"] = at::get_cpu_capability();
   py::dict march, unusable;
@@ -211,17 +212,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   build_info["cuda_ext"] = static_cast<bool>(L2M_CUDA_EXT);  // _C_cuda built by the same setup.py
   build_info["cuda_archs"] = L2M_CUDA_ARCHS;                  // TORCH_CUDA_ARCH_LIST used for it
-  py::list cpu_isas;  // instruction-set variants of the kernels, lowest first
+  py::list cpu_isas;
   for (const IsaVariant& variant : built_variants()) {
     cpu_isas.append(variant.name);
   }
-  build_info["cpu_isas"] = cpu_isas;
+  build_info["cpu_isas"] = cpu_isas;  // instruction-set variants of the kernels, lowest first
   m.attr("BUILD_INFO") = build_info;
 
   // The variant: L2M_CPU_ISA, else the best this CPU runs (see auto_variant). A name that cannot
   // be honoured fails the import with the reason: l2m_kernels then reports the CPU backend as
   // unavailable with that reason, instead of running other code than asked for.
-  const std::string requested = requested_isa() != nullptr ? requested_isa() : "";
+  const std::string requested = requested_isa();
   try {
     set_isa(requested);
   } catch (const std::exception& error) {
