@@ -406,7 +406,8 @@ class Call {
 
 // ---- the operands and sizes of each family of ops ----
 
-// The sizes of a row-wise merge (R rows of D features), after its checks; false without rows.
+// After a row-wise merge's operand checks: its outputs may alias inputs only exactly (each row is
+// read before it is written), and its sizes (R rows of D features) fill params; false without rows.
 template <typename Params>
 bool fill_rows(Call& call, Params& params) {
   call.apart(/*exact_alias=*/true);
