@@ -4,20 +4,16 @@
 // functions that report and switch that variant. Every op runs with the GIL released.
 #include <torch/extension.h>
 
-#include <algorithm>
 #include <atomic>
 #include <cctype>
-#include <cstdint>
 #include <cstdlib>
-#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "kernels.h"
 
-// The shared contract (csrc/common/binding.h) for the CPU kernels: launched through the table of
-// the variant chosen at import.
+// The shared contract for the CPU kernels: launched through the table of the chosen variant.
 namespace {
 const l2m::cpu::KernelTable& kernels();
 }
@@ -112,13 +108,7 @@ std::string cpu_cannot_run(const IsaVariant& variant) {
 // caps nothing.
 int torch_capability_level() {
   const std::string capability = at::get_cpu_capability();
-  if (capability == "DEFAULT") {
-    return 0;
-  }
-  if (capability == "AVX2") {
-    return 1;
-  }
-  return 2;
+  return capability == "DEFAULT" ? 0 : capability == "AVX2" ? 1 : 2;
 }
 
 std::atomic<const IsaVariant*> active_variant{nullptr};
@@ -141,6 +131,12 @@ std::string built_names() {
     names += (names.empty() ? "" : ", ") + std::string(variant.name);
   }
   return names;
+}
+
+// L2M_CPU_ISA, or "" when unset.
+std::string requested_isa() {
+  const char* requested = std::getenv("L2M_CPU_ISA");
+  return requested != nullptr ? requested : "";
 }
 
 // Makes `name` ("auto", "default", "avx2", "avx512"; any case) the active variant and returns it.
@@ -176,10 +172,10 @@ const l2m::cpu::KernelTable& kernels() {
 }
 
 py::dict isa_info() {
-  const char* requested = std::getenv("L2M_CPU_ISA");
+  const std::string requested = requested_isa();
   py::dict info;
   info["active"] = active_variant.load()->name;
-  info["requested"] = requested != nullptr && *requested != '\0' ? requested : "auto";
+  info["requested"] = requested.empty() ? "auto" : requested;
   info["auto"] = auto_variant().name;
   info["torch_capability"] = at::get_cpu_capability();
   py::dict march, unusable;
@@ -226,12 +222,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The variant: L2M_CPU_ISA, else the best this CPU runs (see auto_variant). A name that cannot
   // be honoured fails the import with the reason: l2m_kernels then reports the CPU backend as
   // unavailable with that reason, instead of running other code than asked for.
-  const char* requested_isa = std::getenv("L2M_CPU_ISA");
+  const std::string requested = requested_isa();
   try {
-    set_isa(requested_isa != nullptr ? requested_isa : "");
+    set_isa(requested);
   } catch (const std::exception& error) {
-    throw py::import_error(std::string("L2M_CPU_ISA=") + (requested_isa ? requested_isa : "") +
-                           ": " + error.what());
+    throw py::import_error("L2M_CPU_ISA=" + requested + ": " + error.what());
   }
   m.def("isa", [] { return std::string(active_variant.load()->name); },
         "The instruction-set variant of the kernels in use: default, avx2 or avx512.");

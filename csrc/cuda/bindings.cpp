@@ -1,29 +1,19 @@
-// Torch-facing bindings of the CUDA kernels: extension `l2m_kernels._C_cuda`.
-//
-// The only file under csrc/cuda that includes torch headers (the kernels in *.cu see plain
-// structs). The argument checks and the params every op shares with the CPU extension are
-// csrc/common/binding.h; here are what only the CUDA kernels have: their size limits, the scratch
-// buffers they need (allocated with ATen on the call's stream), the device guard and the stream,
-// and a CUDA error turned into an exception. The Python layer validates first and passes
-// contiguous operands; these checks keep a wrong call from reading or writing out of bounds.
-//
-// Build: compiled with the host compiler as part of the CUDAExtension whose sources are
-// csrc/cuda/*.cu + this file. Optional string-literal macros in the cxx flags:
-// -DL2M_CUDA_ARCHS="8.0;9.0" (module attribute CUDA_ARCHS, else "unknown") and
-// -DL2M_TORCH_VERSION="<torch.__version__>" (module attribute TORCH_VERSION, else absent).
-//
-// c10's stream header rather than ATen/cuda/CUDAContext.h: the same getCurrentCUDAStream (ATen
-// re-exports it as at::cuda::getCurrentCUDAStream) without pulling in the cuBLAS/cuSPARSE headers.
+// Torch-facing bindings of the CUDA kernels: extension `l2m_kernels._C_cuda`, the only file under
+// csrc/cuda that includes torch headers (the kernels in *.cu see plain structs). The checks, params
+// and entry points are csrc/common/binding.h, shared with the CPU extension; here are the launch
+// on the current stream of the tensors' device and a CUDA error turned into an exception.
+// Compiled with the host compiler as part of the CUDAExtension (csrc/cuda/*.cu + this file).
+// Optional string-literal macros in the cxx flags: -DL2M_CUDA_ARCHS="8.0;9.0" (module attribute
+// CUDA_ARCHS, else "unknown") and -DL2M_TORCH_VERSION="<torch.__version__>" (TORCH_VERSION).
+// c10's stream header rather than ATen/cuda/CUDAContext.h: the same getCurrentCUDAStream without
+// pulling in the cuBLAS/cuSPARSE headers.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
 #include <cuda_runtime_api.h>
 
-#include <optional>
 #include <string>
-#include <tuple>
-#include <vector>
 
 #include "dense_update.h"
 #include "local_attention.h"
@@ -63,9 +53,7 @@ void check_launch(const std::string& op, cudaError_t status) {
 #include "../common/binding.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "l2m-kernels CUDA backend: merge ops, the top-k and product-key memory reads, gated "
-          "memory writes, the gated dense update, and the local attention and read weights of "
-          "memory_attention (low-level interface, preallocated outputs).";
+  m.doc() = "l2m-kernels CUDA kernels. Low-level: call through l2m_kernels.";
   m.attr("CUDA_ARCHS") = kCudaArchs;
   m.attr("CUDART_VERSION") = CUDART_VERSION;  // of the toolkit the extension was built with
 #ifdef L2M_TORCH_VERSION
