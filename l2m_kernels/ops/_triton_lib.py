@@ -9,7 +9,8 @@ under public names, and no op module imports another op's private names.
   (:func:`encode_keys`, :func:`encode_key`, :func:`decode_keys`).
 - **Merge math** (the merge ops, the fused memory attention): the merged log-sum-exp of two sides,
   each side's weight, and the sigmoid pair of a gate.
-- **Row blocks**: the (batch * memory head, row block) a program of a row-blocked grid owns.
+- **Row blocks**: the (batch * memory head, row block) a program of a row-blocked grid owns, and
+  that block's rows.
 - **Launch helpers** (host side): the device guard, power-of-two tile widths, the interpreter test
   and the float32-dot choice, and the compile options every launch passes.
 - **Compile-check metadata**: the argument types and the ``COMPILE_CONFIGS`` entries that
@@ -44,7 +45,7 @@ except ImportError:  # pragma: no cover - the interpreter module has always exis
 __all__ = [
     "INT64_MIN", "INT32_MIN", "INT32_MAX", "MIN_K_PAD", "COMPILE_OPTIONS", "SIGNATURE_DTYPE",
     "compare_swap", "bitonic_sort", "bitonic_merge", "order_bits", "encode_key", "encode_keys",
-    "decode_keys", "row_block", "log1p", "merged_lse", "side_weight", "sigmoid_pair",
+    "decode_keys", "row_block", "row_block_rows", "log1p", "merged_lse", "side_weight", "sigmoid_pair",
     "row_block_grid", "device_guard", "pow2_at_least", "block_d", "interpreted", "f32_dot",
     "argument_types", "constexpr_names", "compile_entry", "config_label",
 ]
@@ -181,6 +182,18 @@ def row_block(num_row_blocks, Hm):
     i_b = i_bh // Hm
     i_hm = i_bh - i_b * Hm
     return i_bh.to(tl.int64), i_tb.to(tl.int64), i_b.to(tl.int64), i_hm.to(tl.int64)
+
+
+@triton.jit
+def row_block_rows(num_row_blocks, Hm, R, BLOCK_T: tl.constexpr):
+    """(b * Hm + hm, b, hm, o_t, m_t, o_row) of this program: :func:`row_block`'s pair and the
+    block's rows, ``o_t`` [BLOCK_T] within the pair's ``R`` rows, ``m_t`` those that exist and
+    ``o_row`` their global row numbers (int64)."""
+    i_bh, i_tb, i_b, i_hm = row_block(num_row_blocks, Hm)
+    o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    m_t = o_t < R
+    o_row = i_bh * R + o_t
+    return i_bh, i_b, i_hm, o_t, m_t, o_row
 
 
 # ---------------------------------------------------------------------------------------------

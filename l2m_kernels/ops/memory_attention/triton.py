@@ -94,7 +94,7 @@ import triton.language as tl
 
 from ..._alloc import empty
 from .._triton_lib import (COMPILE_OPTIONS, argument_types, block_d, compile_entry, config_label,
-                          constexpr_names, device_guard, f32_dot, merged_lse, row_block,
+                          constexpr_names, device_guard, f32_dot, merged_lse, row_block_rows,
                           row_block_grid, side_weight, sigmoid_pair)
 from ..topk_read import triton as topk_triton
 
@@ -433,11 +433,14 @@ def memory_attention_bwd_mem_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
-    """Grid (num_row_blocks * B * Hm,): BLOCK_T query rows of one (batch, memory head)."""
-    i_bh, i_tb, i_b, i_hm = row_block(num_row_blocks, Hm)
-    o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
-    m_t = o_t < R
-    o_row = i_bh * R + o_t
+    """Grid (num_row_blocks * B * Hm,): BLOCK_T query rows of one (batch, memory head).
+
+    The memory side of the backward and of the merge: c_L and delta_L for the local kernels, the
+    memory share of dq, the gate's per-row gradient (MERGE_GATE), and each entry's terms of the
+    memory slot gradients (float32 atomics, or ds_j and c_M * W_j stored for the deterministic
+    slot reduction).
+    """
+    _, i_b, i_hm, o_t, m_t, o_row = row_block_rows(num_row_blocks, Hm, R, BLOCK_T)
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     m_d = o_d < D

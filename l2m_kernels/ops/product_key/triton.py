@@ -78,7 +78,7 @@ import triton.language as tl
 from .._triton_lib import (COMPILE_OPTIONS, INT64_MIN, MIN_K_PAD, argument_types, bitonic_merge,
                           bitonic_sort, block_d, compile_entry, config_label, constexpr_names,
                           decode_keys, device_guard, encode_key, encode_keys, f32_dot,
-                          pow2_at_least, row_block, row_block_grid)
+                          pow2_at_least, row_block, row_block_grid, row_block_rows)
 from ..topk_read.triton import MAX_BLOCK_D, select_config
 
 __all__ = ["product_key_fwd", "product_key_bwd", "COMPILE_CONFIGS", "MAX_K", "MAX_K_SUB"]
@@ -228,11 +228,8 @@ def product_key_fwd_topk_kernel(
     LOG_BLOCK_J: tl.constexpr,
 ):
     """Grid (num_row_blocks * B * H,): BLOCK_T query rows of one (batch, head)."""
-    i_bh, i_tb, _, _ = row_block(num_row_blocks, H)
+    _, _, _, o_t, m_t, o_row = row_block_rows(num_row_blocks, H, T, BLOCK_T)
 
-    o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
-    m_t = o_t < T
-    o_row = i_bh * T + o_t
     # [BT] each row's two half lists (scores and ids at the same offsets).
     o_half1 = o_row * 2 * k_sub
     o_half2 = o_half1 + k_sub
@@ -371,10 +368,7 @@ def product_key_bwd_dweights_kernel(
     BLOCK_DV: tl.constexpr,
 ):
     """Grid (num_row_blocks * B * H,): BLOCK_T query rows of one (batch, head)."""
-    i_bh, i_tb, i_b, _ = row_block(num_row_blocks, H)
-    o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
-    m_t = o_t < T
-    o_row = i_bh * T + o_t
+    _, i_b, _, o_t, m_t, o_row = row_block_rows(num_row_blocks, H, T, BLOCK_T)
     # Every head's read went into the same output row when summed.
     o_dout_row = i_b * T + o_t if SUM_HEADS else o_row
     o_d0 = tl.arange(0, BLOCK_DV)
@@ -441,10 +435,7 @@ def product_key_bwd_dq_kernel(
     BLOCK_DK: tl.constexpr,
 ):
     """Grid (num_row_blocks * B * H,): BLOCK_T query rows of one (batch, head)."""
-    i_bh, i_tb, _, i_h = row_block(num_row_blocks, H)
-    o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
-    m_t = o_t < T
-    o_row = i_bh * T + o_t
+    _, _, i_h, o_t, m_t, o_row = row_block_rows(num_row_blocks, H, T, BLOCK_T)
     N = n_sub * n_sub
 
     # [BT] sum_i w_i dw_i, in column chunks of BLOCK_KC.
