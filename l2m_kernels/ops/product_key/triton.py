@@ -77,8 +77,8 @@ import triton.language as tl
 
 from .._triton_lib import (COMPILE_OPTIONS, INT64_MIN, MIN_K_PAD, argument_types, bitonic_merge,
                           bitonic_sort, block_d, compile_entry, config_label, constexpr_names,
-                          decode_keys, device_guard, encode_key, encode_keys, f32_dot,
-                          pow2_at_least, row_block, row_block_grid, row_block_rows)
+                          decode_keys, device_guard, encode_key, encode_keys, f32_accumulator, f32_dot,
+                          pow2_at_least, row_block, row_block_grid, row_block_rows, store_accumulated)
 from ..topk_read.triton import MAX_BLOCK_D, select_config
 
 __all__ = ["product_key_fwd", "product_key_bwd", "COMPILE_CONFIGS", "MAX_K", "MAX_K_SUB"]
@@ -719,10 +719,6 @@ def product_key_bwd(dout, dweights, dlse, q, subkeys, values, indices, weights, 
     dw = torch.empty(E, dtype=torch.float32, device=device)
     atomic = not deterministic
 
-    def f32_accumulator(grad):
-        acc = grad if grad.dtype == torch.float32 else torch.empty(grad.shape, dtype=torch.float32, device=device)
-        return acc.zero_()
-
     dsubkeys_acc = f32_accumulator(dsubkeys) if atomic else dw  # dw: a never-touched stand-in
     if sparse_grad:
         values_grad, dvalues_acc, dvalue_rows = 2, dw, dvalues
@@ -766,10 +762,9 @@ def product_key_bwd(dout, dweights, dlse, q, subkeys, values, indices, weights, 
                     dout_row = dout_row // (H * T) * T + dout_row % T
                 _segment_reduce(dout, weights, order, dout_row * Dv, run_starts, dvalues, 1.0)
     if atomic:
-        if dsubkeys_acc is not dsubkeys:
-            dsubkeys.copy_(dsubkeys_acc)
-        if not sparse_grad and dvalues_acc is not dvalues:
-            dvalues.copy_(dvalues_acc)
+        store_accumulated(dsubkeys, dsubkeys_acc)
+        if not sparse_grad:
+            store_accumulated(dvalues, dvalues_acc)
 
 
 # ---------------------------------------------------------------------------------------------

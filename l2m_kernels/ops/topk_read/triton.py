@@ -157,8 +157,8 @@ from ... import _gpu_status
 from .._triton_lib import (COMPILE_OPTIONS, INT32_MIN, INT64_MIN, MIN_K_PAD, argument_types,
                           bitonic_merge, bitonic_sort, block_d, compile_entry, config_label,
                           constexpr_names, decode_keys, device_guard, encode_key, encode_keys,
-                          f32_dot, order_bits, pow2_at_least, row_block, row_block_grid,
-                          row_block_rows)
+                          f32_accumulator, f32_dot, order_bits, pow2_at_least, row_block, row_block_grid,
+                          row_block_rows, store_accumulated)
 
 __all__ = [
     "topk_read_fwd",
@@ -1425,13 +1425,7 @@ def topk_read_bwd(dout, dweights, dlse, q, keys, values, indices, weights, scale
     dw = torch.empty(E, dtype=torch.float32, device=device)
     atomic = not deterministic
     if atomic:
-        dkeys_acc = dkeys if dkeys.dtype == torch.float32 else torch.empty(keys.shape, dtype=torch.float32,
-                                                                              device=device)
-        dvalues_acc = dvalues if dvalues.dtype == torch.float32 else torch.empty(values.shape,
-                                                                                    dtype=torch.float32,
-                                                                                    device=device)
-        dkeys_acc.zero_()
-        dvalues_acc.zero_()
+        dkeys_acc, dvalues_acc = f32_accumulator(dkeys), f32_accumulator(dvalues)
         ds = dw  # not written in atomic mode
     else:
         ds = torch.empty(E, dtype=torch.float32, device=device)
@@ -1455,10 +1449,8 @@ def topk_read_bwd(dout, dweights, dlse, q, keys, values, indices, weights, scale
         if not atomic:
             slot_reduce_bwd(q, dout, weights, ds, indices, scale, Hm, N, shared, dkeys, dvalues)
     if atomic:
-        if dkeys_acc is not dkeys:
-            dkeys.copy_(dkeys_acc)
-        if dvalues_acc is not dvalues:
-            dvalues.copy_(dvalues_acc)
+        store_accumulated(dkeys, dkeys_acc)
+        store_accumulated(dvalues, dvalues_acc)
 
 
 # ---------------------------------------------------------------------------------------------
