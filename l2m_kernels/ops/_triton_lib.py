@@ -9,6 +9,8 @@ under public names, and no op module imports another op's private names.
   (:func:`encode_keys`, :func:`encode_key`, :func:`decode_keys`).
 - **Merge math** (the merge ops, the fused memory attention): the merged log-sum-exp of two sides,
   each side's weight, and the sigmoid pair of a gate.
+- **Top-k backward** (the top-k read, the product-key read): each row's sum of w_j dw_j over its
+  selection, which every ds_j subtracts.
 - **Row blocks**: the (batch * memory head, row block) a program of a row-blocked grid owns, and
   that block's rows.
 - **Launch helpers** (host side): the device guard, power-of-two tile widths, float32 gradient
@@ -47,6 +49,7 @@ __all__ = [
     "INT64_MIN", "INT32_MIN", "INT32_MAX", "MIN_K_PAD", "COMPILE_OPTIONS", "SIGNATURE_DTYPE",
     "compare_swap", "bitonic_sort", "bitonic_merge", "order_bits", "encode_key", "encode_keys",
     "decode_keys", "row_block", "row_block_rows", "log1p", "merged_lse", "side_weight", "sigmoid_pair",
+    "weighted_dw_sum",
     "row_block_grid", "device_guard", "pow2_at_least", "block_d", "f32_accumulator", "store_accumulated",
     "interpreted", "f32_dot",
     "argument_types", "constexpr_names", "compile_entry", "config_label",
@@ -238,6 +241,28 @@ def sigmoid_pair(b_gate):
     b_g = 1. / (1. + tl.exp(-b_gate))
     b_one_minus_g = 1. / (1. + tl.exp(b_gate))
     return b_g, b_one_minus_g
+
+
+# ---------------------------------------------------------------------------------------------
+# Top-k read backward
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def weighted_dw_sum(indices, weights, dw, o_row, m_t, k, N, BLOCK_T: tl.constexpr, BLOCK_KC: tl.constexpr):
+    """[BT] sum_j w_j dw_j over the live entries (slot in [0, N)) of rows ``o_row`` of a [rows, k]
+    selection, in column chunks of BLOCK_KC: the softmax term of ds_j = w_j (dw_j - sum + dlse)."""
+    b_wdw = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for c_start in range(0, k, BLOCK_KC):
+        o_c = c_start + tl.arange(0, BLOCK_KC)
+        m_tc = m_t[:, None] & (o_c < k)[None, :]
+        o_tc = o_row[:, None] * k + o_c[None, :]
+        # [BT, BKC]
+        b_idx = tl.load(indices + o_tc, mask=m_tc, other=-1)
+        m_live = m_tc & (b_idx >= 0) & (b_idx < N)
+        b_w = tl.load(weights + o_tc, mask=m_live, other=0.)
+        b_dw = tl.load(dw + o_tc, mask=m_live, other=0.)
+        b_wdw += tl.sum(tl.where(m_live, b_w * b_dw, 0.), axis=1)
+    return b_wdw
 
 
 # ---------------------------------------------------------------------------------------------

@@ -158,7 +158,7 @@ from .._triton_lib import (COMPILE_OPTIONS, INT32_MIN, INT64_MIN, MIN_K_PAD, arg
                           bitonic_merge, bitonic_sort, block_d, compile_entry, config_label,
                           constexpr_names, decode_keys, device_guard, encode_key, encode_keys,
                           f32_accumulator, f32_dot, order_bits, pow2_at_least, row_block, row_block_grid,
-                          row_block_rows, store_accumulated)
+                          row_block_rows, store_accumulated, weighted_dw_sum)
 
 __all__ = [
     "topk_read_fwd",
@@ -836,18 +836,8 @@ def topk_read_bwd_dq_kernel(
 
     p_k = keys + i_b * keys_batch_stride + i_hm * N * Dk
 
-    # [BT] sum_i w_i dw_i over the live entries, in column chunks of BLOCK_KC.
-    b_wdw = tl.zeros([BLOCK_T], dtype=tl.float32)
-    for c_start in range(0, k, BLOCK_KC):
-        o_c = c_start + tl.arange(0, BLOCK_KC)
-        m_tc = m_t[:, None] & (o_c < k)[None, :]
-        o_tc = o_row[:, None] * k + o_c[None, :]
-        # [BT, BKC]
-        b_idx = tl.load(indices + o_tc, mask=m_tc, other=-1)
-        m_live = m_tc & (b_idx >= 0) & (b_idx < N)
-        b_w = tl.load(weights + o_tc, mask=m_live, other=0.)
-        b_dw = tl.load(dw + o_tc, mask=m_live, other=0.)
-        b_wdw += tl.sum(tl.where(m_live, b_w * b_dw, 0.), axis=1)
+    # [BT]
+    b_wdw = weighted_dw_sum(indices, weights, dw, o_row, m_t, k, N, BLOCK_T, BLOCK_KC)
     b_dlse = tl.load(dlse + o_row, mask=m_t, other=0.)
 
     for i_d in range(0, tl.cdiv(Dk, BLOCK_DK)):
