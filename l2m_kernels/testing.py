@@ -362,66 +362,57 @@ def assert_valid_topk(slot_ids: torch.Tensor, scores: torch.Tensor, *, valid_len
     allowed = allowed.reshape(-1, num_slots)
     rivals = rivals.reshape(-1, num_slots)
 
-    def fail(bad_rows: torch.Tensor, what: str):
+    def check(bad: torch.Tensor, what):
+        """Raise unless ``bad`` is all false. ``bad``: [rows] or [rows, positions] bool; ``what``:
+        the message, or a function that writes it from the first failing row (and, for
+        [rows, positions], that row's first failing position)."""
+        if not bad.any():
+            return
+        bad_rows = bad if bad.dim() == 1 else bad.any(-1)
         row = int(bad_rows.nonzero()[0])
+        if callable(what):
+            what = what(row) if bad.dim() == 1 else what(row, int(bad[row].nonzero()[0]))
         shown = rows[row].tolist()
         listing = str(shown[:16])[:-1] + (", ...]" if len(shown) > 16 else "]")
-        raise AssertionError(f"{name}: {what(row) if callable(what) else what} in "
-                             f"{int(bad_rows.sum())} row(s), first {_row_name(row, lead)}: "
-                             f"{listing}")
+        raise AssertionError(f"{name}: {what} in {int(bad_rows.sum())} row(s), first "
+                             f"{_row_name(row, lead)}: {listing}")
 
-    out_of_range = (rows < -1) | (rows >= num_slots)
-    if out_of_range.any():
-        fail(out_of_range.any(-1), f"slot ids outside [-1, {num_slots})")
+    check((rows < -1) | (rows >= num_slots), f"slot ids outside [-1, {num_slots})")
     real = rows >= 0
-    if (~real[:, :-1] & real[:, 1:]).any():
-        fail((~real[:, :-1] & real[:, 1:]).any(-1), "a missing entry (-1) before a real one")
+    check(~real[:, :-1] & real[:, 1:], "a missing entry (-1) before a real one")
     ordered = rows.sort(dim=-1).values
-    twice = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
-    if twice.any():
-        fail(twice.any(-1), lambda r: f"slot {int(ordered[r, 1:][twice[r]][0])} selected twice")
+    check((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0),
+          lambda r, p: f"slot {int(ordered[r, p + 1])} selected twice")
     hits = torch.zeros(rank.shape, dtype=torch.int64).scatter_add_(1, rows.clamp_min(0),
                                                                   real.long())
     chosen = hits > 0
-    gone = chosen & ~exists.reshape(-1, num_slots)
-    if gone.any():
-        fail(gone.any(-1), lambda r: f"slot {int(gone[r].nonzero()[0])} selected, which does not "
-                                     "exist (slot >= valid_len)")
-    barred = chosen & ~allowed
-    if barred.any():
-        fail(barred.any(-1), lambda r: f"slot {int(barred[r].nonzero()[0])} selected, which is "
-                                       "not selectable")
+    check(chosen & ~exists.reshape(-1, num_slots),
+          lambda r, slot: f"slot {slot} selected, which does not exist (slot >= valid_len)")
+    check(chosen & ~allowed, lambda r, slot: f"slot {slot} selected, which is not selectable")
     want = rivals.sum(-1).clamp(max=k)
     count = real.sum(-1)
-    if not torch.equal(count, want):
-        wrong = count != want
-        fail(wrong, lambda r: f"{int(count[r])} real entries where min(k = {k}, existing = "
-                              f"{int(rivals[r].sum())}) = {int(want[r])} are due")
+    check(count != want, lambda r: f"{int(count[r])} real entries where min(k = {k}, existing = "
+                                   f"{int(rivals[r].sum())}) = {int(want[r])} are due")
 
     inf = math.inf
     lowest = torch.where(chosen, rank, inf).amin(-1)
     left = rivals & ~chosen
     highest_left = torch.where(left, rank, -inf).amax(-1)
-    not_top = ~(lowest >= highest_left - slack)
-    if not_top.any():
-        def displaced(r):
-            low = int(torch.where(chosen[r], rank[r], inf).argmin())
-            high = int(torch.where(left[r], rank[r], -inf).argmax())
-            return (f"not a top-k: slot {low} (score {rank[r, low].item():.6g}) selected, slot "
-                    f"{high} (score {rank[r, high].item():.6g}) left out, slack {slack:.2e}")
-        fail(not_top, displaced)
+
+    def displaced(r):
+        low = int(torch.where(chosen[r], rank[r], inf).argmin())
+        high = int(torch.where(left[r], rank[r], -inf).argmax())
+        return (f"not a top-k: slot {low} (score {rank[r, low].item():.6g}) selected, slot "
+                f"{high} (score {rank[r, high].item():.6g}) left out, slack {slack:.2e}")
+    check(~(lowest >= highest_left - slack), displaced)
 
     picked = torch.where(real, rank.gather(1, rows.clamp_min(0)), -inf)
     later_best = torch.cat([picked.flip(1).cummax(1).values.flip(1)[:, 1:],
                             torch.full_like(picked[:, :1], -inf)], dim=1)
-    disorder = later_best > picked + slack
-    if disorder.any():
-        def first_disorder(r):
-            i = int(disorder[r].nonzero()[0])
-            return (f"wrong order: entry {i} (slot {int(rows[r, i])}, score "
-                    f"{picked[r, i].item():.6g}) before a higher-scoring one (score "
-                    f"{later_best[r, i].item():.6g}), slack {slack:.2e}")
-        fail(disorder.any(-1), first_disorder)
+    check(later_best > picked + slack,
+          lambda r, i: (f"wrong order: entry {i} (slot {int(rows[r, i])}, score "
+                        f"{picked[r, i].item():.6g}) before a higher-scoring one (score "
+                        f"{later_best[r, i].item():.6g}), slack {slack:.2e}"))
 
     if not ties:
         return
@@ -436,26 +427,20 @@ def assert_valid_topk(slot_ids: torch.Tensor, scores: torch.Tensor, *, valid_len
     position = torch.arange(num_slots).expand_as(run_id)
     first_left = torch.full((int(run_id.max()) + 1,), num_slots, dtype=torch.int64)
     first_left.scatter_reduce_(0, run_id[left_sorted], position[left_sorted], reduce="amin")
-    tie_lost = chosen_sorted & (position > first_left[run_id])
-    if tie_lost.any():
-        def lost(r):
-            p = int(tie_lost[r].nonzero()[0])
-            winner = int(by_rank[r, p])
-            loser = int(by_rank[r, int(first_left[run_id[r, p]])])
-            return (f"wrong tie: slots {loser} and {winner} score exactly "
-                    f"{rank[r, winner].item():.6g}; the smaller slot wins, but {winner} was "
-                    f"selected and {loser} left out")
-        fail(tie_lost.any(-1), lost)
+
+    def lost(r, p):
+        winner = int(by_rank[r, p])
+        loser = int(by_rank[r, int(first_left[run_id[r, p]])])
+        return (f"wrong tie: slots {loser} and {winner} score exactly "
+                f"{rank[r, winner].item():.6g}; the smaller slot wins, but {winner} was "
+                f"selected and {loser} left out")
+    check(chosen_sorted & (position > first_left[run_id]), lost)
     # Exact ties, order: entries of equal score (stable sort keeps their positions' order) come
     # by ascending slot.
     sorted_picked, by_score = picked.sort(dim=1, descending=True, stable=True)
     slots_sorted = rows.gather(1, by_score)
     same = (sorted_picked[:, 1:] == sorted_picked[:, :-1]) & real.gather(1, by_score)[:, 1:]
-    tie_disorder = same & (slots_sorted[:, 1:] < slots_sorted[:, :-1])
-    if tie_disorder.any():
-        def tie_order(r):
-            p = int(tie_disorder[r].nonzero()[0])
-            return (f"wrong tie order: slots {int(slots_sorted[r, p])} and "
-                    f"{int(slots_sorted[r, p + 1])} score exactly {sorted_picked[r, p].item():.6g};"
-                    f" the smaller slot comes first")
-        fail(tie_disorder.any(-1), tie_order)
+    check(same & (slots_sorted[:, 1:] < slots_sorted[:, :-1]),
+          lambda r, p: (f"wrong tie order: slots {int(slots_sorted[r, p])} and "
+                        f"{int(slots_sorted[r, p + 1])} score exactly "
+                        f"{sorted_picked[r, p].item():.6g}; the smaller slot comes first"))

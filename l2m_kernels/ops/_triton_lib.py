@@ -9,9 +9,13 @@ under public names, and no op module imports another op's private names.
   (:func:`encode_keys`, :func:`encode_key`, :func:`decode_keys`).
 - **Merge math** (the merge ops, the fused memory attention): the merged log-sum-exp of two sides,
   each side's weight, and the sigmoid pair of a gate.
-- **Row blocks**: the (batch * memory head, row block) a program of a row-blocked grid owns.
-- **Launch helpers** (host side): the device guard, power-of-two tile widths, the interpreter test
-  and the float32-dot choice, and the compile options every launch passes.
+- **Top-k backward** (the top-k read, the product-key read): each row's sum of w_j dw_j over its
+  selection, which every ds_j subtracts.
+- **Row blocks**: the (batch * memory head, row block) a program of a row-blocked grid owns, and
+  that block's rows.
+- **Launch helpers** (host side): the device guard, power-of-two tile widths, float32 gradient
+  accumulators for atomics, the interpreter test and the float32-dot choice, and the compile
+  options every launch passes.
 - **Compile-check metadata**: the argument types and the ``COMPILE_CONFIGS`` entries that
   ``python -m tools.triton_check`` reads (:func:`compile_entry`).
 
@@ -44,8 +48,10 @@ except ImportError:  # pragma: no cover - the interpreter module has always exis
 __all__ = [
     "INT64_MIN", "INT32_MIN", "INT32_MAX", "MIN_K_PAD", "COMPILE_OPTIONS", "SIGNATURE_DTYPE",
     "compare_swap", "bitonic_sort", "bitonic_merge", "order_bits", "encode_key", "encode_keys",
-    "decode_keys", "row_block", "log1p", "merged_lse", "side_weight", "sigmoid_pair",
-    "row_block_grid", "device_guard", "pow2_at_least", "block_d", "interpreted", "f32_dot",
+    "decode_keys", "row_block", "row_block_rows", "log1p", "merged_lse", "side_weight", "sigmoid_pair",
+    "weighted_dw_sum",
+    "row_block_grid", "device_guard", "pow2_at_least", "block_d", "f32_accumulator", "store_accumulated",
+    "interpreted", "f32_dot",
     "argument_types", "constexpr_names", "compile_entry", "config_label",
 ]
 
@@ -183,6 +189,18 @@ def row_block(num_row_blocks, Hm):
     return i_bh.to(tl.int64), i_tb.to(tl.int64), i_b.to(tl.int64), i_hm.to(tl.int64)
 
 
+@triton.jit
+def row_block_rows(num_row_blocks, Hm, R, BLOCK_T: tl.constexpr):
+    """(b * Hm + hm, b, hm, o_t, m_t, o_row) of this program: :func:`row_block`'s pair and the
+    block's rows, ``o_t`` [BLOCK_T] within the pair's ``R`` rows, ``m_t`` those that exist and
+    ``o_row`` their global row numbers (int64)."""
+    i_bh, i_tb, i_b, i_hm = row_block(num_row_blocks, Hm)
+    o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    m_t = o_t < R
+    o_row = i_bh * R + o_t
+    return i_bh, i_b, i_hm, o_t, m_t, o_row
+
+
 # ---------------------------------------------------------------------------------------------
 # Merge math: two attention results by their log-sum-exps, or by a gate
 # ---------------------------------------------------------------------------------------------
@@ -226,6 +244,28 @@ def sigmoid_pair(b_gate):
 
 
 # ---------------------------------------------------------------------------------------------
+# Top-k read backward
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def weighted_dw_sum(indices, weights, dw, o_row, m_t, k, N, BLOCK_T: tl.constexpr, BLOCK_KC: tl.constexpr):
+    """[BT] sum_j w_j dw_j over the live entries (slot in [0, N)) of rows ``o_row`` of a [rows, k]
+    selection, in column chunks of BLOCK_KC: the softmax term of ds_j = w_j (dw_j - sum + dlse)."""
+    b_wdw = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for c_start in range(0, k, BLOCK_KC):
+        o_c = c_start + tl.arange(0, BLOCK_KC)
+        m_tc = m_t[:, None] & (o_c < k)[None, :]
+        o_tc = o_row[:, None] * k + o_c[None, :]
+        # [BT, BKC]
+        b_idx = tl.load(indices + o_tc, mask=m_tc, other=-1)
+        m_live = m_tc & (b_idx >= 0) & (b_idx < N)
+        b_w = tl.load(weights + o_tc, mask=m_live, other=0.)
+        b_dw = tl.load(dw + o_tc, mask=m_live, other=0.)
+        b_wdw += tl.sum(tl.where(m_live, b_w * b_dw, 0.), axis=1)
+    return b_wdw
+
+
+# ---------------------------------------------------------------------------------------------
 # Launch helpers (host side)
 # ---------------------------------------------------------------------------------------------
 
@@ -252,6 +292,19 @@ def block_d(D: int, max_block_d: int | None = None, min_block_d: int = 16) -> in
     ``min_block_d`` (tl.dot and ordinary tile layouts want 16), at most ``max_block_d``."""
     width = pow2_at_least(D, min_block_d)
     return width if max_block_d is None else min(width, max_block_d)
+
+
+def f32_accumulator(grad: torch.Tensor) -> torch.Tensor:
+    """A zeroed float32 tensor of ``grad``'s shape for float32 atomics to add into: ``grad`` itself
+    when it is float32, else a new one (:func:`store_accumulated` writes it back)."""
+    acc = grad if grad.dtype == torch.float32 else torch.empty(grad.shape, dtype=torch.float32, device=grad.device)
+    return acc.zero_()
+
+
+def store_accumulated(grad: torch.Tensor, acc: torch.Tensor) -> None:
+    """Write an :func:`f32_accumulator` back into its gradient (a no-op when it is the gradient)."""
+    if acc is not grad:
+        grad.copy_(acc)
 
 
 def interpreted() -> bool:

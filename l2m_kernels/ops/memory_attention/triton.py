@@ -94,8 +94,8 @@ import triton.language as tl
 
 from ..._alloc import empty
 from .._triton_lib import (COMPILE_OPTIONS, argument_types, block_d, compile_entry, config_label,
-                          constexpr_names, device_guard, f32_dot, merged_lse, row_block,
-                          row_block_grid, side_weight, sigmoid_pair)
+                          constexpr_names, device_guard, f32_accumulator, f32_dot, merged_lse, row_block_rows,
+                          row_block_grid, side_weight, sigmoid_pair, store_accumulated)
 from ..topk_read import triton as topk_triton
 
 __all__ = [
@@ -433,11 +433,14 @@ def memory_attention_bwd_mem_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
-    """Grid (num_row_blocks * B * Hm,): BLOCK_T query rows of one (batch, memory head)."""
-    i_bh, i_tb, i_b, i_hm = row_block(num_row_blocks, Hm)
-    o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
-    m_t = o_t < R
-    o_row = i_bh * R + o_t
+    """Grid (num_row_blocks * B * Hm,): BLOCK_T query rows of one (batch, memory head).
+
+    The memory side of the backward and of the merge: c_L and delta_L for the local kernels, the
+    memory share of dq, the gate's per-row gradient (MERGE_GATE), and each entry's terms of the
+    memory slot gradients (float32 atomics, or ds_j and c_M * W_j stored for the deterministic
+    slot reduction).
+    """
+    _, i_b, i_hm, o_t, m_t, o_row = row_block_rows(num_row_blocks, Hm, R, BLOCK_T)
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     m_d = o_d < D
@@ -1018,13 +1021,7 @@ def memory_attention_bwd(dout, dlse_local, dlse_mem, q, k, v, mem_keys, mem_valu
     dgate_rows = torch.empty(rows, dtype=torch.float32, device=device) if merge_gate else dscale
     atomic = not deterministic
     if atomic:
-        dmk_acc = dmem_keys if dmem_keys.dtype == torch.float32 else torch.empty(mem_keys.shape, dtype=torch.float32,
-                                                                                  device=device)
-        dmv_acc = dmem_values if dmem_values.dtype == torch.float32 else torch.empty(mem_values.shape,
-                                                                                      dtype=torch.float32,
-                                                                                      device=device)
-        dmk_acc.zero_()
-        dmv_acc.zero_()
+        dmk_acc, dmv_acc = f32_accumulator(dmem_keys), f32_accumulator(dmem_values)
         ds = cw = dscale  # float32 stand-ins, never written in this mode
     else:
         ds = torch.empty(rows * topk, dtype=torch.float32, device=device)
@@ -1062,10 +1059,8 @@ def memory_attention_bwd(dout, dlse_local, dlse_mem, q, k, v, mem_keys, mem_valu
         if not atomic:
             topk_triton.slot_reduce_bwd(q, dout, cw, ds, indices, scale, Hm, N, shared, dmem_keys, dmem_values)
     if atomic:
-        if dmk_acc is not dmem_keys:
-            dmem_keys.copy_(dmk_acc)
-        if dmv_acc is not dmem_values:
-            dmem_values.copy_(dmv_acc)
+        store_accumulated(dmem_keys, dmk_acc)
+        store_accumulated(dmem_values, dmv_acc)
     if merge_gate:
         # The per-row gate gradient summed over the dimensions the gate was broadcast along
         # (a fixed-order torch reduction: deterministic).

@@ -142,6 +142,41 @@ def _write_step(entry, weights, add, erase, o_d, m_d, D, KW, ERASE_PER_SLOT: tl.
 
 
 @triton.jit
+def _run_position(run_length):
+    """(plan position, column tile, run length there: 0 unless a run starts at it) of this program."""
+    i_pos = tl.program_id(0).to(tl.int64)
+    i_d = tl.program_id(1).to(tl.int64)
+    return i_pos, i_d, tl.load(run_length + i_pos)
+
+
+@triton.jit
+def _run_columns(order, indices, i_pos, i_d, N, D, P, BLOCK_D: tl.constexpr):
+    """(element offset of the run's memory row, columns o_d [BD] of the tile, their mask)."""
+    first_entry = tl.load(order + i_pos)
+    slot = tl.load(indices + first_entry).to(tl.int64)
+    row = (first_entry // P * N + slot) * D
+    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    return row, o_d, o_d < D
+
+
+@triton.jit
+def _apply_run(memory, weights, add, erase, order, pre_states, i_pos, length, row, o_d, m_d, D, KW,
+               ERASE_PER_SLOT: tl.constexpr, KEEP_PRE_STATES: tl.constexpr):
+    """[BD] float32: the run's slot after its writes in plan order, from memory's row. With
+    KEEP_PRE_STATES each entry's row of ``pre_states`` gets the slot as that write found it;
+    without, ``pre_states`` is not touched."""
+    b_m = tl.load(memory + row + o_d, mask=m_d, other=0.).to(tl.float32)
+    for k in range(0, length):
+        entry = tl.load(order + i_pos + k)
+        b_w, b_erase, b_add = _write_step(entry, weights, add, erase, o_d, m_d, D, KW, ERASE_PER_SLOT)
+        if KEEP_PRE_STATES:
+            tl.store(pre_states + entry * D + o_d, b_m, mask=m_d)
+        # The reference's operation order: m * (1 - w * e) + w * add.
+        b_m = b_m * (1. - b_w * b_erase) + b_w * b_add
+    return b_m
+
+
+@triton.jit
 def gated_memory_write_fwd_kernel(
     memory,  # [G, N, D] x
     indices,  # [G, T, kw] int32 / int64
@@ -159,23 +194,13 @@ def gated_memory_write_fwd_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """Grid (E, cdiv(D, BLOCK_D)): position i of the plan, column tile i_d."""
-    i_pos = tl.program_id(0).to(tl.int64)
-    i_d = tl.program_id(1).to(tl.int64)
-    length = tl.load(run_length + i_pos)
+    i_pos, i_d, length = _run_position(run_length)
     if length > 0:
-        first_entry = tl.load(order + i_pos)
-        slot = tl.load(indices + first_entry).to(tl.int64)
-        row = (first_entry // P * N + slot) * D
-        o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        m_d = o_d < D
-        # [BD]; read from memory, not out: the same values (out is a copy, or memory itself) and
-        # no dependence on the copy having reached this row.
-        b_m = tl.load(memory + row + o_d, mask=m_d, other=0.).to(tl.float32)
-        for k in range(0, length):
-            entry = tl.load(order + i_pos + k)
-            b_w, b_erase, b_add = _write_step(entry, weights, add, erase, o_d, m_d, D, KW, ERASE_PER_SLOT)
-            # The reference's operation order: m * (1 - w * e) + w * add.
-            b_m = b_m * (1. - b_w * b_erase) + b_w * b_add
+        row, o_d, m_d = _run_columns(order, indices, i_pos, i_d, N, D, P, BLOCK_D)
+        # Read from memory, not out: the same values (out is a copy, or memory itself) and no
+        # dependence on the copy having reached this row.
+        b_m = _apply_run(memory, weights, add, erase, order, out, i_pos, length, row, o_d, m_d, D, KW,
+                         ERASE_PER_SLOT, False)
         tl.store(out + row + o_d, b_m.to(out.dtype.element_ty), mask=m_d)
 
 
@@ -204,24 +229,12 @@ def gated_memory_write_bwd_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """Grid (E, cdiv(D, BLOCK_D)); SPLIT_D when that is more than one column tile."""
-    i_pos = tl.program_id(0).to(tl.int64)
-    i_d = tl.program_id(1).to(tl.int64)
-    length = tl.load(run_length + i_pos)
+    i_pos, i_d, length = _run_position(run_length)
     if length > 0:
-        first_entry = tl.load(order + i_pos)
-        slot = tl.load(indices + first_entry).to(tl.int64)
-        row = (first_entry // P * N + slot) * D
-        o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        m_d = o_d < D
-
+        row, o_d, m_d = _run_columns(order, indices, i_pos, i_d, N, D, P, BLOCK_D)
         # The chain forward, keeping each write's pre-state in its entry's add_parts row.
-        # [BD]
-        b_m = tl.load(memory + row + o_d, mask=m_d, other=0.).to(tl.float32)
-        for k in range(0, length):
-            entry = tl.load(order + i_pos + k)
-            b_w, b_erase, b_add = _write_step(entry, weights, add, erase, o_d, m_d, D, KW, ERASE_PER_SLOT)
-            tl.store(add_parts + entry * D + o_d, b_m, mask=m_d)
-            b_m = b_m * (1. - b_w * b_erase) + b_w * b_add
+        _apply_run(memory, weights, add, erase, order, add_parts, i_pos, length, row, o_d, m_d, D, KW,
+                   ERASE_PER_SLOT, True)
         # Makes the pre-states visible to every thread of the program (a replicated element is
         # stored by one thread and loaded by all of its holders).
         tl.debug_barrier()

@@ -56,6 +56,36 @@ NUM_WARPS = 4
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
+def _row_tile(R, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(column block i_d, rows o_r [BR], row mask, columns o_d [BD], [BR, BD] mask) of a forward
+    program: row block program_id(0), column block program_id(1)."""
+    i_r = tl.program_id(0).to(tl.int64)
+    i_d = tl.program_id(1).to(tl.int64)
+    o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    m_r = o_r < R
+    m_rd = m_r[:, None] & (o_d < D)[None, :]
+    return i_d, o_r, m_r, o_d, m_rd
+
+
+@triton.jit
+def _bwd_chunk(dout, x_a, x_b, d_a, d_b, b_ca, b_cb, o_r, m_r, i_d, D, ACC_DTYPE: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    """Column chunk ``i_d`` of the backward of ``out = c_a * x_a + c_b * x_b`` (c_a, c_b: [BR] per row):
+    stores ``d_a = c_a * dout`` and ``d_b = c_b * dout`` and returns the [BR, BD] tiles (dout, x_a,
+    x_b) for the caller's per-row dot products."""
+    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    m_rd = m_r[:, None] & (o_d < D)[None, :]
+    o_rd = o_r[:, None] * D + o_d[None, :]
+    b_do = tl.load(dout + o_rd, mask=m_rd, other=0.).to(ACC_DTYPE)
+    b_a = tl.load(x_a + o_rd, mask=m_rd, other=0.).to(ACC_DTYPE)
+    b_b = tl.load(x_b + o_rd, mask=m_rd, other=0.).to(ACC_DTYPE)
+    tl.store(d_a + o_rd, (b_ca[:, None] * b_do).to(d_a.dtype.element_ty), mask=m_rd)
+    tl.store(d_b + o_rd, (b_cb[:, None] * b_do).to(d_b.dtype.element_ty), mask=m_rd)
+    return b_do, b_a, b_b
+
+
+@triton.jit
 def merge_attention_fwd_kernel(
     out_a,  # [R, D] x
     lse_a,  # [R] acc
@@ -70,12 +100,7 @@ def merge_attention_fwd_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """Grid (cdiv(R, BLOCK_R), cdiv(D, BLOCK_D)); the programs with i_d == 0 also write lse."""
-    i_r = tl.program_id(0).to(tl.int64)
-    i_d = tl.program_id(1).to(tl.int64)
-    o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    m_r = o_r < R
-    m_rd = m_r[:, None] & (o_d < D)[None, :]
+    i_d, o_r, m_r, o_d, m_rd = _row_tile(R, D, BLOCK_R, BLOCK_D)
 
     # [BR]
     b_la = tl.load(lse_a + o_r, mask=m_r, other=0.).to(ACC_DTYPE)
@@ -130,15 +155,9 @@ def merge_attention_bwd_kernel(
     b_pb = tl.zeros([BLOCK_R], dtype=ACC_DTYPE)
 
     for i_d in range(0, tl.cdiv(D, BLOCK_D)):
-        o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        m_rd = m_r[:, None] & (o_d < D)[None, :]
-        o_rd = o_r[:, None] * D + o_d[None, :]
         # [BR, BD]
-        b_do = tl.load(dout + o_rd, mask=m_rd, other=0.).to(ACC_DTYPE)
-        b_a = tl.load(out_a + o_rd, mask=m_rd, other=0.).to(ACC_DTYPE)
-        b_b = tl.load(out_b + o_rd, mask=m_rd, other=0.).to(ACC_DTYPE)
-        tl.store(d_out_a + o_rd, (b_wa[:, None] * b_do).to(d_out_a.dtype.element_ty), mask=m_rd)
-        tl.store(d_out_b + o_rd, (b_wb[:, None] * b_do).to(d_out_b.dtype.element_ty), mask=m_rd)
+        b_do, b_a, b_b = _bwd_chunk(dout, out_a, out_b, d_out_a, d_out_b, b_wa, b_wb, o_r, m_r, i_d, D,
+                                    ACC_DTYPE, BLOCK_D)
         b_pa += tl.sum(b_do * b_a, axis=1)
         b_pb += tl.sum(b_do * b_b, axis=1)
 
@@ -164,12 +183,7 @@ def gated_merge_fwd_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """Grid (cdiv(R, BLOCK_R), cdiv(D, BLOCK_D))."""
-    i_r = tl.program_id(0).to(tl.int64)
-    i_d = tl.program_id(1).to(tl.int64)
-    o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    m_r = o_r < R
-    m_rd = m_r[:, None] & (o_d < D)[None, :]
+    i_d, o_r, m_r, o_d, m_rd = _row_tile(R, D, BLOCK_R, BLOCK_D)
 
     # [BR]
     b_gate = tl.load(gate + o_r, mask=m_r, other=0.).to(ACC_DTYPE)
@@ -210,15 +224,9 @@ def gated_merge_bwd_kernel(
     b_dot = tl.zeros([BLOCK_R], dtype=ACC_DTYPE)
 
     for i_d in range(0, tl.cdiv(D, BLOCK_D)):
-        o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        m_rd = m_r[:, None] & (o_d < D)[None, :]
-        o_rd = o_r[:, None] * D + o_d[None, :]
         # [BR, BD]
-        b_do = tl.load(dout + o_rd, mask=m_rd, other=0.).to(ACC_DTYPE)
-        b_local = tl.load(out_local + o_rd, mask=m_rd, other=0.).to(ACC_DTYPE)
-        b_mem = tl.load(out_mem + o_rd, mask=m_rd, other=0.).to(ACC_DTYPE)
-        tl.store(d_local + o_rd, (b_one_minus_g[:, None] * b_do).to(d_local.dtype.element_ty), mask=m_rd)
-        tl.store(d_mem + o_rd, (b_g[:, None] * b_do).to(d_mem.dtype.element_ty), mask=m_rd)
+        b_do, b_local, b_mem = _bwd_chunk(dout, out_local, out_mem, d_local, d_mem, b_one_minus_g, b_g, o_r, m_r,
+                                          i_d, D, ACC_DTYPE, BLOCK_D)
         b_dot += tl.sum(b_do * (b_mem - b_local), axis=1)
 
     # [BR]
@@ -268,6 +276,20 @@ def _constexprs(D: int, dtype: torch.dtype, backward: bool) -> tuple[dict, int]:
 # Launchers (the low-level merge interface)
 # ---------------------------------------------------------------------------------------------
 
+def _launch(kernel, rows: torch.Tensor, tensors: tuple, backward: bool) -> None:
+    """Launch a merge kernel on ``tensors`` for the (R, D) rows of ``rows``: a forward over row and
+    column blocks, a backward over row blocks (each program walks its rows' D chunks)."""
+    R, D = rows.shape
+    if R == 0:
+        return
+    constexprs, num_warps = _constexprs(D, rows.dtype, backward)
+    num_row_blocks = triton.cdiv(R, constexprs["BLOCK_R"])
+    # A forward has at least one D program, so merge_attention writes lse even for a degenerate D == 0.
+    grid = (num_row_blocks,) if backward else (num_row_blocks, max(1, triton.cdiv(D, constexprs["BLOCK_D"])))
+    with device_guard(rows):
+        kernel[grid](*tensors, R, D, **constexprs, num_warps=num_warps, **COMPILE_OPTIONS)
+
+
 def merge_attention_fwd(out_a, lse_a, out_b, lse_b, out, lse) -> None:
     """Merge two partial attention results over disjoint key sets, per row.
 
@@ -280,16 +302,7 @@ def merge_attention_fwd(out_a, lse_a, out_b, lse_b, out, lse) -> None:
         wa = exp(lse_a - lse) (0 where lse_a == -inf); wb likewise
         out = wa[:, None] * out_a + wb[:, None] * out_b
     """
-    R, D = out_a.shape
-    if R == 0:
-        return
-    constexprs, num_warps = _constexprs(D, out_a.dtype, backward=False)
-    # At least one D program so lse is written even for a degenerate D == 0.
-    grid = (triton.cdiv(R, constexprs["BLOCK_R"]), max(1, triton.cdiv(D, constexprs["BLOCK_D"])))
-    with device_guard(out_a):
-        merge_attention_fwd_kernel[grid](
-            out_a, lse_a, out_b, lse_b, out, lse, R, D, **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
-        )
+    _launch(merge_attention_fwd_kernel, out_a, (out_a, lse_a, out_b, lse_b, out, lse), backward=False)
 
 
 def merge_attention_bwd(dout, dlse, out_a, lse_a, out_b, lse_b, lse,
@@ -305,16 +318,8 @@ def merge_attention_bwd(dout, dlse, out_a, lse_a, out_b, lse_b, lse,
         d_out_a = wa[:, None] * dout;  d_lse_a = wa * (dlse + wb * (pa - pb))
         d_out_b = wb[:, None] * dout;  d_lse_b = wb * (dlse - wa * (pa - pb))
     """
-    R, D = out_a.shape
-    if R == 0:
-        return
-    constexprs, num_warps = _constexprs(D, out_a.dtype, backward=True)
-    grid = (triton.cdiv(R, constexprs["BLOCK_R"]),)
-    with device_guard(out_a):
-        merge_attention_bwd_kernel[grid](
-            dout, dlse, out_a, lse_a, out_b, lse_b, lse, d_out_a, d_lse_a, d_out_b, d_lse_b, R, D,
-            **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
-        )
+    _launch(merge_attention_bwd_kernel, out_a,
+            (dout, dlse, out_a, lse_a, out_b, lse_b, lse, d_out_a, d_lse_a, d_out_b, d_lse_b), backward=True)
 
 
 def gated_merge_fwd(out_local, out_mem, gate, out) -> None:
@@ -326,15 +331,7 @@ def gated_merge_fwd(out_local, out_mem, gate, out) -> None:
     Equivalent PyTorch:
         g = torch.sigmoid(gate)[:, None]; out = g * out_mem + (1 - g) * out_local
     """
-    R, D = out_local.shape
-    if R == 0:
-        return
-    constexprs, num_warps = _constexprs(D, out_local.dtype, backward=False)
-    grid = (triton.cdiv(R, constexprs["BLOCK_R"]), max(1, triton.cdiv(D, constexprs["BLOCK_D"])))
-    with device_guard(out_local):
-        gated_merge_fwd_kernel[grid](
-            out_local, out_mem, gate, out, R, D, **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
-        )
+    _launch(gated_merge_fwd_kernel, out_local, (out_local, out_mem, gate, out), backward=False)
 
 
 def gated_merge_bwd(dout, out_local, out_mem, gate, d_local, d_mem, d_gate) -> None:
@@ -348,16 +345,8 @@ def gated_merge_bwd(dout, out_local, out_mem, gate, d_local, d_mem, d_gate) -> N
         d_local = (1 - g) * dout;  d_mem = g * dout
         d_gate = g * (1 - g) * (dout * (out_mem - out_local)).sum(-1)
     """
-    R, D = out_local.shape
-    if R == 0:
-        return
-    constexprs, num_warps = _constexprs(D, out_local.dtype, backward=True)
-    grid = (triton.cdiv(R, constexprs["BLOCK_R"]),)
-    with device_guard(out_local):
-        gated_merge_bwd_kernel[grid](
-            dout, out_local, out_mem, gate, d_local, d_mem, d_gate, R, D,
-            **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
-        )
+    _launch(gated_merge_bwd_kernel, out_local, (dout, out_local, out_mem, gate, d_local, d_mem, d_gate),
+            backward=True)
 
 
 # ---------------------------------------------------------------------------------------------

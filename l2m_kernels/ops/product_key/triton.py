@@ -77,8 +77,9 @@ import triton.language as tl
 
 from .._triton_lib import (COMPILE_OPTIONS, INT64_MIN, MIN_K_PAD, argument_types, bitonic_merge,
                           bitonic_sort, block_d, compile_entry, config_label, constexpr_names,
-                          decode_keys, device_guard, encode_key, encode_keys, f32_dot,
-                          pow2_at_least, row_block, row_block_grid)
+                          decode_keys, device_guard, encode_key, encode_keys, f32_accumulator, f32_dot,
+                          pow2_at_least, row_block, row_block_grid, row_block_rows, store_accumulated,
+                          weighted_dw_sum)
 from ..topk_read.triton import MAX_BLOCK_D, select_config
 
 __all__ = ["product_key_fwd", "product_key_bwd", "COMPILE_CONFIGS", "MAX_K", "MAX_K_SUB"]
@@ -228,11 +229,8 @@ def product_key_fwd_topk_kernel(
     LOG_BLOCK_J: tl.constexpr,
 ):
     """Grid (num_row_blocks * B * H,): BLOCK_T query rows of one (batch, head)."""
-    i_bh, i_tb, _, _ = row_block(num_row_blocks, H)
+    _, _, _, o_t, m_t, o_row = row_block_rows(num_row_blocks, H, T, BLOCK_T)
 
-    o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
-    m_t = o_t < T
-    o_row = i_bh * T + o_t
     # [BT] each row's two half lists (scores and ids at the same offsets).
     o_half1 = o_row * 2 * k_sub
     o_half2 = o_half1 + k_sub
@@ -371,10 +369,7 @@ def product_key_bwd_dweights_kernel(
     BLOCK_DV: tl.constexpr,
 ):
     """Grid (num_row_blocks * B * H,): BLOCK_T query rows of one (batch, head)."""
-    i_bh, i_tb, i_b, _ = row_block(num_row_blocks, H)
-    o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
-    m_t = o_t < T
-    o_row = i_bh * T + o_t
+    _, i_b, _, o_t, m_t, o_row = row_block_rows(num_row_blocks, H, T, BLOCK_T)
     # Every head's read went into the same output row when summed.
     o_dout_row = i_b * T + o_t if SUM_HEADS else o_row
     o_d0 = tl.arange(0, BLOCK_DV)
@@ -441,24 +436,11 @@ def product_key_bwd_dq_kernel(
     BLOCK_DK: tl.constexpr,
 ):
     """Grid (num_row_blocks * B * H,): BLOCK_T query rows of one (batch, head)."""
-    i_bh, i_tb, _, i_h = row_block(num_row_blocks, H)
-    o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
-    m_t = o_t < T
-    o_row = i_bh * T + o_t
+    _, _, i_h, o_t, m_t, o_row = row_block_rows(num_row_blocks, H, T, BLOCK_T)
     N = n_sub * n_sub
 
-    # [BT] sum_i w_i dw_i, in column chunks of BLOCK_KC.
-    b_wdw = tl.zeros([BLOCK_T], dtype=tl.float32)
-    for c_start in range(0, k, BLOCK_KC):
-        o_c = c_start + tl.arange(0, BLOCK_KC)
-        m_tc = m_t[:, None] & (o_c < k)[None, :]
-        o_tc = o_row[:, None] * k + o_c[None, :]
-        # [BT, BKC]
-        b_idx = tl.load(indices + o_tc, mask=m_tc, other=-1)
-        m_live = m_tc & (b_idx >= 0) & (b_idx < N)
-        b_w = tl.load(weights + o_tc, mask=m_live, other=0.)
-        b_dw = tl.load(dw + o_tc, mask=m_live, other=0.)
-        b_wdw += tl.sum(tl.where(m_live, b_w * b_dw, 0.), axis=1)
+    # [BT]
+    b_wdw = weighted_dw_sum(indices, weights, dw, o_row, m_t, k, N, BLOCK_T, BLOCK_KC)
     b_dlse = tl.load(dlse + o_row, mask=m_t, other=0.)
 
     for i_half in tl.static_range(2):
@@ -728,10 +710,6 @@ def product_key_bwd(dout, dweights, dlse, q, subkeys, values, indices, weights, 
     dw = torch.empty(E, dtype=torch.float32, device=device)
     atomic = not deterministic
 
-    def f32_accumulator(grad):
-        acc = grad if grad.dtype == torch.float32 else torch.empty(grad.shape, dtype=torch.float32, device=device)
-        return acc.zero_()
-
     dsubkeys_acc = f32_accumulator(dsubkeys) if atomic else dw  # dw: a never-touched stand-in
     if sparse_grad:
         values_grad, dvalues_acc, dvalue_rows = 2, dw, dvalues
@@ -775,10 +753,9 @@ def product_key_bwd(dout, dweights, dlse, q, subkeys, values, indices, weights, 
                     dout_row = dout_row // (H * T) * T + dout_row % T
                 _segment_reduce(dout, weights, order, dout_row * Dv, run_starts, dvalues, 1.0)
     if atomic:
-        if dsubkeys_acc is not dsubkeys:
-            dsubkeys.copy_(dsubkeys_acc)
-        if not sparse_grad and dvalues_acc is not dvalues:
-            dvalues.copy_(dvalues_acc)
+        store_accumulated(dsubkeys, dsubkeys_acc)
+        if not sparse_grad:
+            store_accumulated(dvalues, dvalues_acc)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -157,7 +157,8 @@ from ... import _gpu_status
 from .._triton_lib import (COMPILE_OPTIONS, INT32_MIN, INT64_MIN, MIN_K_PAD, argument_types,
                           bitonic_merge, bitonic_sort, block_d, compile_entry, config_label,
                           constexpr_names, decode_keys, device_guard, encode_key, encode_keys,
-                          f32_dot, order_bits, pow2_at_least, row_block, row_block_grid)
+                          f32_accumulator, f32_dot, order_bits, pow2_at_least, row_block, row_block_grid,
+                          row_block_rows, store_accumulated, weighted_dw_sum)
 
 __all__ = [
     "topk_read_fwd",
@@ -402,11 +403,8 @@ def topk_read_fwd_collect_kernel(
     DK_CHUNKS: tl.constexpr,
 ):
     """Grid (num_row_blocks * B * Hm,): threshold pass 2, compacts every existing key >= tau."""
-    i_bh, i_tb, i_b, i_hm = row_block(num_row_blocks, Hm)
+    i_bh, i_b, i_hm, o_t, m_t, o_row = row_block_rows(num_row_blocks, Hm, R, BLOCK_T)
 
-    o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
-    m_t = o_t < R
-    o_row = i_bh * R + o_t
     o_bn = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, BLOCK_DK)
     p_q = q + i_bh * R * Dk
@@ -605,11 +603,8 @@ def topk_read_fwd_strided_collect_kernel(
     score is >= tau (NaN ranking as +inf) to the row's candidate list (:func:`_collect_tile`).
     The finish kernel sorts, so the order of the candidates does not matter.
     """
-    i_bh, i_tb, i_b, i_hm = row_block(num_row_blocks, Hm)
+    i_bh, i_b, i_hm, o_t, m_t, o_row = row_block_rows(num_row_blocks, Hm, R, BLOCK_T)
 
-    o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
-    m_t = o_t < R
-    o_row = i_bh * R + o_t
     o_bn = tl.arange(0, BLOCK_N)
     o_c = o_bn[None, :]
     o_d = tl.arange(0, BLOCK_DK)
@@ -778,10 +773,7 @@ def topk_read_bwd_dweights_kernel(
     BLOCK_DV: tl.constexpr,
 ):
     """Grid (num_row_blocks * B * Hm,): BLOCK_T query rows of one (batch, memory head)."""
-    i_bh, i_tb, i_b, i_hm = row_block(num_row_blocks, Hm)
-    o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
-    m_t = o_t < R
-    o_row = i_bh * R + o_t
+    _, i_b, i_hm, o_t, m_t, o_row = row_block_rows(num_row_blocks, Hm, R, BLOCK_T)
     p_v = values + i_b * values_batch_stride + i_hm * N * Dv
     p_dv = dvalues_acc + i_b * values_batch_stride + i_hm * N * Dv
     o_d0 = tl.arange(0, BLOCK_DV)
@@ -840,25 +832,12 @@ def topk_read_bwd_dq_kernel(
     BLOCK_DK: tl.constexpr,
 ):
     """Grid (num_row_blocks * B * Hm,): BLOCK_T query rows of one (batch, memory head)."""
-    i_bh, i_tb, i_b, i_hm = row_block(num_row_blocks, Hm)
+    _, i_b, i_hm, o_t, m_t, o_row = row_block_rows(num_row_blocks, Hm, R, BLOCK_T)
 
-    o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
-    m_t = o_t < R
-    o_row = i_bh * R + o_t
     p_k = keys + i_b * keys_batch_stride + i_hm * N * Dk
 
-    # [BT] sum_i w_i dw_i over the live entries, in column chunks of BLOCK_KC.
-    b_wdw = tl.zeros([BLOCK_T], dtype=tl.float32)
-    for c_start in range(0, k, BLOCK_KC):
-        o_c = c_start + tl.arange(0, BLOCK_KC)
-        m_tc = m_t[:, None] & (o_c < k)[None, :]
-        o_tc = o_row[:, None] * k + o_c[None, :]
-        # [BT, BKC]
-        b_idx = tl.load(indices + o_tc, mask=m_tc, other=-1)
-        m_live = m_tc & (b_idx >= 0) & (b_idx < N)
-        b_w = tl.load(weights + o_tc, mask=m_live, other=0.)
-        b_dw = tl.load(dw + o_tc, mask=m_live, other=0.)
-        b_wdw += tl.sum(tl.where(m_live, b_w * b_dw, 0.), axis=1)
+    # [BT]
+    b_wdw = weighted_dw_sum(indices, weights, dw, o_row, m_t, k, N, BLOCK_T, BLOCK_KC)
     b_dlse = tl.load(dlse + o_row, mask=m_t, other=0.)
 
     for i_d in range(0, tl.cdiv(Dk, BLOCK_DK)):
@@ -1436,13 +1415,7 @@ def topk_read_bwd(dout, dweights, dlse, q, keys, values, indices, weights, scale
     dw = torch.empty(E, dtype=torch.float32, device=device)
     atomic = not deterministic
     if atomic:
-        dkeys_acc = dkeys if dkeys.dtype == torch.float32 else torch.empty(keys.shape, dtype=torch.float32,
-                                                                              device=device)
-        dvalues_acc = dvalues if dvalues.dtype == torch.float32 else torch.empty(values.shape,
-                                                                                    dtype=torch.float32,
-                                                                                    device=device)
-        dkeys_acc.zero_()
-        dvalues_acc.zero_()
+        dkeys_acc, dvalues_acc = f32_accumulator(dkeys), f32_accumulator(dvalues)
         ds = dw  # not written in atomic mode
     else:
         ds = torch.empty(E, dtype=torch.float32, device=device)
@@ -1466,10 +1439,8 @@ def topk_read_bwd(dout, dweights, dlse, q, keys, values, indices, weights, scale
         if not atomic:
             slot_reduce_bwd(q, dout, weights, ds, indices, scale, Hm, N, shared, dkeys, dvalues)
     if atomic:
-        if dkeys_acc is not dkeys:
-            dkeys.copy_(dkeys_acc)
-        if dvalues_acc is not dvalues:
-            dvalues.copy_(dvalues_acc)
+        store_accumulated(dkeys, dkeys_acc)
+        store_accumulated(dvalues, dvalues_acc)
 
 
 # ---------------------------------------------------------------------------------------------
