@@ -85,6 +85,11 @@ def _h200(checks: str) -> GpuRun:
 
 _TOPK_TRITON_OPS = ("topk_memory_read", "memory_attention")   # memory_attention selects through it
 
+# _TRITON_EQUIVALENT: the Triton designs with an `equivalent` fingerprint, after the row-block,
+# float32-accumulator, dw-sum and write-chain helpers of _triton_lib and the op modules were written
+# once: every production configuration (tools.triton_check, 924 of them, sm_80 and sm_90, Triton
+# 3.9) compiled before and after has the same SASS (tools.triton_check --same-code-as).
+
 # The CUDA designs with an `equivalent` fingerprint: d1444d2 changed merged_lse in merge_common.cuh, which their
 # sources include but do not call. Compiled at 44f93db and at d1444d2 (nvcc 13.0, the extension's
 # flags, sm_80 and sm_90), every kernel's SASS is identical (cuobjdump -sass, anonymous-namespace
@@ -130,7 +135,8 @@ DESIGNS: tuple[Design, ...] = (
            ("topk_read_fwd_out_kernel", "topk_read_bwd_dweights_kernel", "topk_read_bwd_dq_kernel",
             "topk_read_bwd_slot_kernel"),
            _h200("test suite, l2m-check and l2m-bench"),
-           ran="db90d5dc7c37"),
+           ran="db90d5dc7c37",
+           equivalent=("93286d9f6139",)),  # same SASS as ran (_TRITON_EQUIVALENT)
     Design("product-key read", "triton", "product-key", ("product_key_read",),
            ("product_key_fwd_select_kernel", "product_key_fwd_topk_kernel", "product_key_fwd_out_kernel",
             "product_key_bwd_dweights_kernel", "product_key_bwd_dq_kernel", "product_key_bwd_segment_kernel"),
@@ -144,7 +150,8 @@ DESIGNS: tuple[Design, ...] = (
            ("gated_memory_write_fwd_kernel", "gated_memory_write_bwd_kernel", "gated_dense_update_fwd_kernel",
             "gated_dense_update_bwd_kernel"),
            _h200("test suite, l2m-check and l2m-bench"),
-           ran="e9a51b2a4438"),
+           ran="e9a51b2a4438",
+           equivalent=("29cfba24ae9d",)),  # same SASS as ran (_TRITON_EQUIVALENT)
     Design("memory attention", "triton", "fused", ("memory_attention",),
            ("memory_attention_fwd_kernel", "memory_attention_fwd_nonfinite_kernel",
             "memory_attention_bwd_mem_kernel", "memory_attention_bwd_dkdv_kernel",

@@ -74,6 +74,11 @@ from l2m_kernels.ops.registry import triton_modules
 TRITON_MODULES = triton_modules()
 DEFAULT_ARCHS = (80, 90)
 
+# Triton 3.9 warns that the default of TRITON_DEFAULT_FP_FUSION is to change. The check compiles with
+# fused multiply-adds (the default so far, "1"), and the variable is part of every result's cache key:
+# set here, so that every run (the tests', a refresh of the cache, a comparison of SASS) uses the same.
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
 _INTERPRET_MESSAGE = (
     "TRITON_INTERPRET is set: Triton decorated the kernels for its CPU interpreter, and they cannot "
     "be compiled for a GPU target. Run the check in a clean environment, e.g.\n"

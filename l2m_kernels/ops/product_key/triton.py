@@ -78,8 +78,7 @@ import triton.language as tl
 from .._triton_lib import (COMPILE_OPTIONS, INT64_MIN, MIN_K_PAD, argument_types, bitonic_merge,
                           bitonic_sort, block_d, compile_entry, config_label, constexpr_names,
                           decode_keys, device_guard, encode_key, encode_keys, f32_accumulator, f32_dot,
-                          pow2_at_least, row_block, row_block_grid, row_block_rows, store_accumulated,
-                          weighted_dw_sum)
+                          pow2_at_least, row_block, row_block_grid, row_block_rows, store_accumulated)
 from ..topk_read.triton import MAX_BLOCK_D, select_config
 
 __all__ = ["product_key_fwd", "product_key_bwd", "COMPILE_CONFIGS", "MAX_K", "MAX_K_SUB"]
@@ -436,11 +435,24 @@ def product_key_bwd_dq_kernel(
     BLOCK_DK: tl.constexpr,
 ):
     """Grid (num_row_blocks * B * H,): BLOCK_T query rows of one (batch, head)."""
-    _, _, i_h, o_t, m_t, o_row = row_block_rows(num_row_blocks, H, T, BLOCK_T)
+    i_bh, i_tb, _, i_h = row_block(num_row_blocks, H)
+    o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    m_t = o_t < T
+    o_row = i_bh * T + o_t
     N = n_sub * n_sub
 
-    # [BT]
-    b_wdw = weighted_dw_sum(indices, weights, dw, o_row, m_t, k, N, BLOCK_T, BLOCK_KC)
+    # [BT] sum_i w_i dw_i, in column chunks of BLOCK_KC.
+    b_wdw = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for c_start in range(0, k, BLOCK_KC):
+        o_c = c_start + tl.arange(0, BLOCK_KC)
+        m_tc = m_t[:, None] & (o_c < k)[None, :]
+        o_tc = o_row[:, None] * k + o_c[None, :]
+        # [BT, BKC]
+        b_idx = tl.load(indices + o_tc, mask=m_tc, other=-1)
+        m_live = m_tc & (b_idx >= 0) & (b_idx < N)
+        b_w = tl.load(weights + o_tc, mask=m_live, other=0.)
+        b_dw = tl.load(dw + o_tc, mask=m_live, other=0.)
+        b_wdw += tl.sum(tl.where(m_live, b_w * b_dw, 0.), axis=1)
     b_dlse = tl.load(dlse + o_row, mask=m_t, other=0.)
 
     for i_half in tl.static_range(2):

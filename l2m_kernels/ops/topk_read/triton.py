@@ -403,8 +403,11 @@ def topk_read_fwd_collect_kernel(
     DK_CHUNKS: tl.constexpr,
 ):
     """Grid (num_row_blocks * B * Hm,): threshold pass 2, compacts every existing key >= tau."""
-    i_bh, i_b, i_hm, o_t, m_t, o_row = row_block_rows(num_row_blocks, Hm, R, BLOCK_T)
+    i_bh, i_tb, i_b, i_hm = row_block(num_row_blocks, Hm)
 
+    o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    m_t = o_t < R
+    o_row = i_bh * R + o_t
     o_bn = tl.arange(0, BLOCK_N)
     o_d = tl.arange(0, BLOCK_DK)
     p_q = q + i_bh * R * Dk
@@ -603,8 +606,11 @@ def topk_read_fwd_strided_collect_kernel(
     score is >= tau (NaN ranking as +inf) to the row's candidate list (:func:`_collect_tile`).
     The finish kernel sorts, so the order of the candidates does not matter.
     """
-    i_bh, i_b, i_hm, o_t, m_t, o_row = row_block_rows(num_row_blocks, Hm, R, BLOCK_T)
+    i_bh, i_tb, i_b, i_hm = row_block(num_row_blocks, Hm)
 
+    o_t = i_tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    m_t = o_t < R
+    o_row = i_bh * R + o_t
     o_bn = tl.arange(0, BLOCK_N)
     o_c = o_bn[None, :]
     o_d = tl.arange(0, BLOCK_DK)
