@@ -441,7 +441,8 @@ def product_key_bwd_dq_kernel(
     o_row = i_bh * T + o_t
     N = n_sub * n_sub
 
-    # [BT] sum_i w_i dw_i, in column chunks of BLOCK_KC.
+    # [BT] sum_i w_i dw_i, in column chunks of BLOCK_KC: _triton_lib.weighted_dw_sum's loop, kept inline
+    # because the call compiles to other SASS in this kernel.
     b_wdw = tl.zeros([BLOCK_T], dtype=tl.float32)
     for c_start in range(0, k, BLOCK_KC):
         o_c = c_start + tl.arange(0, BLOCK_KC)
