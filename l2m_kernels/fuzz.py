@@ -1627,7 +1627,12 @@ def run_case(op: str, backend: str, params: dict, device=None, known: bool = Tru
 
 
 def _run_case(op, backend, params, device):
-    case = build_case(op, backend, params, device)
+    return run_built(build_case(op, backend, params, device))
+
+
+def run_built(case: Case) -> str:
+    """Run a built case and judge it as :func:`run_case` does (its outcome, or FuzzFailure)."""
+    op, backend = case.op, case.backend
     gen = case.extra["gen"]
     expected = ([case.must_raise] if case.must_raise else []) + case.may_raise
     snapshot = _snapshot(case)

@@ -41,5 +41,4 @@ def test_fake_kernels_match_the_real_ones_on_strided_inputs(op, backend):
     why = fuzz.backend_unavailable(op, backend)
     if why:
         pytest.skip(why)
-    fuzz.each_case(op, backend, _fake_and_real_agree, examples=6, strided=True,
-                         device=torch.device("cpu"))
+    fuzz.each_case(op, backend, _fake_and_real_agree, examples=6, strided=True, device=torch.device("cpu"))

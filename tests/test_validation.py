@@ -147,14 +147,8 @@ MUTATED = [(op, backend, mutation) for op in fuzz.OPS for mutation in fuzz.MUTAT
 
 
 def _rejected(case):
-    want = case.must_raise
-    assert want is not None, "the mutation made no invalid argument"
-    before = fuzz._snapshot(case)
-    with pytest.raises(want.types) as info:
-        case.call()
-    assert fuzz.names_argument(str(info.value), want.names), \
-        f"{type(info.value).__name__} does not name {' or '.join(want.names)} ({want.why}): {info.value}"
-    fuzz._check_untouched(case, before, written=False)
+    assert case.must_raise is not None, "the mutation made no invalid argument"
+    assert fuzz.run_built(case) == "rejected"   # the documented exception, inputs untouched
 
 
 @pytest.mark.parametrize("op,backend,mutation", MUTATED, ids=["-".join(m) for m in MUTATED])

@@ -178,16 +178,20 @@ _FUNCTION_RE = re.compile(r"^\s*Function\s+(\S+):\s*$")
 _FIELD_RE = re.compile(r"([A-Z_]+(?:\[\d+\])?):(\d+)")
 
 
-def resource_usage(cubin: bytes, cuobjdump: str) -> dict[str, dict[str, int]]:
-    """{function name: {"REG": .., "STACK": .., "SHARED": .., "LOCAL": .., ...}} of a cubin."""
+def _dump(cubin: bytes, cuobjdump: str, option: str) -> str:
+    """cuobjdump's ``option`` listing of a cubin."""
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as handle:
         handle.write(cubin)
         path = handle.name
     try:
-        text = subprocess.run([cuobjdump, "--dump-resource-usage", path], check=True,
-                              capture_output=True, text=True).stdout
+        return subprocess.run([cuobjdump, option, path], check=True, capture_output=True, text=True).stdout
     finally:
         os.unlink(path)
+
+
+def resource_usage(cubin: bytes, cuobjdump: str) -> dict[str, dict[str, int]]:
+    """{function name: {"REG": .., "STACK": .., "SHARED": .., "LOCAL": .., ...}} of a cubin."""
+    text = _dump(cubin, cuobjdump, "--dump-resource-usage")
     usage, current = {}, None
     for line in text.splitlines():
         match = _FUNCTION_RE.match(line)
@@ -203,13 +207,7 @@ _SASS_ADDRESS_RE = re.compile(r"/\*[0-9a-f]{4,}\*/")
 
 def sass_digest(cubin: bytes, cuobjdump: str) -> str:
     """A digest of the cubin's SASS instructions and their encodings (addresses left out)."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as handle:
-        handle.write(cubin)
-        path = handle.name
-    try:
-        text = subprocess.run([cuobjdump, "-sass", path], check=True, capture_output=True, text=True).stdout
-    finally:
-        os.unlink(path)
+    text = _dump(cubin, cuobjdump, "-sass")
     code = [_SASS_ADDRESS_RE.sub("", line).strip() for line in text.splitlines() if "/*" in line]
     return hashlib.sha256("\n".join(code).encode()).hexdigest()[:16]
 
