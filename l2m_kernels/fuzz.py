@@ -45,7 +45,9 @@ from __future__ import annotations
 import argparse
 import ast
 import collections
+import contextvars
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -61,8 +63,8 @@ try:
     from hypothesis import HealthCheck, Phase, assume, given, note, settings
     from hypothesis import seed as hypothesis_seed
     from hypothesis import strategies as st
-except ImportError as exc:  # pragma: no cover - hypothesis is a test dependency
-    raise ImportError("l2m_kernels.fuzz needs hypothesis: pip install hypothesis") from exc
+except ImportError:  # drawing cases needs hypothesis (a test dependency); building and judging them
+    st = None        # (l2m-check) does not
 
 import l2m_kernels as l2m
 
@@ -369,16 +371,54 @@ def _limit(dtype, exact, *baselines):
     return limit
 
 
+@dataclasses.dataclass
+class Judged:
+    """One output or gradient as :func:`run_judged` reports it: its error (relative RMS; absolute
+    where the reference is zero up to rounding), the error allowed, and why it failed (None: it
+    passed)."""
+
+    error: float
+    allowed: float
+    failure: str | None = None
+
+
+# While run_judged runs a case: every compared output and gradient, name -> Judged.
+_JUDGED = contextvars.ContextVar("l2m_fuzz_judged", default=None)
+
+
 def _check(name, actual, expected, dtype, tol):
     """:func:`assert_close` at ``tol``; a reference that is zero up to float64 rounding (RMS below
     1e-12: the fuzz data are of order 1) is compared absolutely, since the relative error against
-    rounding noise means nothing (terms that cancel exactly, e.g. a gate between equal values)."""
+    rounding noise means nothing (terms that cancel exactly, e.g. a gate between equal values).
+    Under :func:`run_judged`, the comparison is recorded and a mismatch does not raise."""
     e = expected.detach().to(torch.float64).cpu()
-    if e.numel() and bool(torch.isfinite(e).all()) and e.square().mean().sqrt() < 1e-12:
-        a = actual.detach().to(torch.float64).cpu()
-        if a.shape == e.shape and bool(torch.isfinite(a).all()) and (a - e).square().mean().sqrt() <= max(tol, 1e-12):
-            return
-    assert_close(name, actual, expected, dtype, tol=tol)
+    a = actual.detach().to(torch.float64).cpu()
+    if a.layout != torch.strided:
+        a = a.to_dense()
+    absolute = e.numel() and bool(torch.isfinite(e).all()) and e.square().mean().sqrt() < 1e-12
+    judged = _JUDGED.get()
+    try:
+        if absolute and a.shape == e.shape and bool(torch.isfinite(a).all()):
+            error = float((a - e).square().mean().sqrt())
+            if error <= max(tol, 1e-12):
+                if judged is not None:
+                    judged[name] = Judged(error, max(tol, 1e-12))
+                return
+        assert_close(name, actual, expected, dtype, tol=tol)
+    except AssertionError as exc:
+        if judged is None:
+            raise
+        judged[name] = Judged(_error(a, e), tol, str(exc))
+        return
+    if judged is not None:
+        judged[name] = Judged(_error(a, e), tol)
+
+
+def _error(actual, expected) -> float:
+    try:
+        return rel_rms_error(actual, expected)
+    except AssertionError:  # shapes differ: no error to report
+        return math.nan
 
 
 # Roundings a kernel may make computing one term in its accumulation dtype (float32; float64
@@ -537,8 +577,8 @@ def _check_selection(name, slot_ids, best, rank, k, dtype, exact, *, valid_len=N
     except AssertionError as exc:
         raise FuzzFailure(str(exc)) from None
     picked, want = _picked(rank, slot_ids), _picked(rank, best)
-    assert_close(f"{name} (scores of the selected slots)", picked.sort(-1, descending=True).values,
-                 want.sort(-1, descending=True).values, dtype)
+    _check("selection", picked.sort(-1, descending=True).values, want.sort(-1, descending=True).values, dtype,
+           TOLERANCE[dtype])
     if exact:
         if not torch.equal(slot_ids, best):
             raise FuzzFailure(f"{name}: exact data (exact ties), expected the reference's slots "
@@ -748,6 +788,18 @@ def judge_attention(case, res, gen):
 # Strategies: one per op, drawing plain parameters (the tensors are built from them).
 # ------------------------------------------------------------------------------------------------
 
+def _strategy(draw_params):
+    """``draw_params(draw, backend)`` as a function of the backend returning a hypothesis strategy
+    (``st.composite``), made when called: only drawing needs hypothesis."""
+
+    @functools.wraps(draw_params)
+    def strategy(backend):
+        if st is None:
+            raise ImportError("drawing fuzz cases needs hypothesis: pip install hypothesis")
+        return st.composite(draw_params)(backend)
+    return strategy
+
+
 def _tiny(backend: str) -> bool:
     """The interpreter is slow: Triton cases keep every size small."""
     return backend == "triton"
@@ -831,7 +883,7 @@ TOPK_MUTATIONS = ("q-rank", "keys-dk", "keys-heads", "values-n", "values-rank", 
                   "valid_len-shape", "scale-tensor", "backend-name", "n-zero")
 
 
-@st.composite
+@_strategy
 def topk_params(draw, backend):
     tiny = _tiny(backend)
     p = _common(draw, backend, ("q", "keys", "values", "valid_len"), TOPK_MUTATIONS, ("q", "keys", "values"))
@@ -851,7 +903,7 @@ PK_MUTATIONS = ("q-odd", "q-rank", "subkeys-heads", "subkeys-half", "values-n", 
                 "k-zero", "k-over", "k_sub-over", "k_sub-zero", "n_sub-zero", "backend-name")
 
 
-@st.composite
+@_strategy
 def product_key_params(draw, backend):
     tiny = _tiny(backend)
     p = _common(draw, backend, ("q", "subkeys", "values"), PK_MUTATIONS)
@@ -872,7 +924,7 @@ WRITE_MUTATIONS = ("memory-rank", "indices-shape", "indices-dtype", "index-high"
                    "weights-dtype", "add-d", "erase-shape", "backend-name")
 
 
-@st.composite
+@_strategy
 def write_params(draw, backend):
     tiny = _tiny(backend)
     p = _common(draw, backend, ("memory", "indices", "weights", "add", "erase"), WRITE_MUTATIONS,
@@ -889,7 +941,7 @@ def write_params(draw, backend):
 DENSE_MUTATIONS = ("shape-mismatch", "dtype", "not-a-tensor", "int-tensor", "backend-name")
 
 
-@st.composite
+@_strategy
 def dense_params(draw, backend):
     p = _common(draw, backend, ("memory", "update", "input_gate", "forget_gate"), DENSE_MUTATIONS)
     rank = draw(st.integers(0, 4))
@@ -905,7 +957,7 @@ def dense_params(draw, backend):
 MERGE_MUTATIONS = ("out_a-rank", "out_b-shape", "lse_a-shape", "lse_b-dtype", "out_b-dtype", "backend-name")
 
 
-@st.composite
+@_strategy
 def merge_params(draw, backend):
     tiny = _tiny(backend)
     p = _common(draw, backend, ("out_a", "lse_a", "out_b", "lse_b"), MERGE_MUTATIONS)
@@ -918,7 +970,7 @@ def merge_params(draw, backend):
 GATED_MERGE_MUTATIONS = ("gate-wide", "gate-rank", "out_mem-shape", "gate-dtype", "backend-name")
 
 
-@st.composite
+@_strategy
 def gated_merge_params(draw, backend):
     tiny = _tiny(backend)
     p = _common(draw, backend, ("out_local", "out_mem", "gate"), GATED_MERGE_MUTATIONS)
@@ -935,7 +987,7 @@ ATTN_MUTATIONS = ("q-rank", "k-short", "k-heads", "v-dv", "mem_values-dv", "mem_
                   "gate-wide", "valid_len-high", "backend-name")
 
 
-@st.composite
+@_strategy
 def attention_params(draw, backend):
     tiny = _tiny(backend)
     p = _common(draw, backend, ("q", "k", "v", "mem_keys", "mem_values", "gate", "valid_len"), ATTN_MUTATIONS,
@@ -1661,6 +1713,33 @@ def run_built(case: Case) -> str:
         _check_untouched(case, snapshot, written=bool(case.args.get("inplace")))
         case.judge(case, result, gen)
     return "ok+grad" if case.check_grad else "ok"
+
+
+def run_judged(case: Case) -> dict:
+    """Run a valid built case as :func:`run_built` does, but judge every output and gradient rather
+    than stop at the first mismatch: ``{name: Judged}`` (``l2m-check``'s table). A wrong shape,
+    dtype or selection, an exception or a modified input still raises."""
+    judged = {}
+    token = _JUDGED.set(judged)
+    try:
+        run_built(case)
+    finally:
+        _JUDGED.reset(token)
+    return judged
+
+
+# The parameters every declared case (registry ``Cases``: l2m-check's edge and random cases, the
+# wide cases) leaves to these defaults: contiguous tensors of normal data, no NaN/inf, gradients
+# checked, no invalid argument, the default scale, atomic (non-deterministic) gradients.
+DECLARED_DEFAULTS = dict(layouts={}, specials=(), mode="normal", grad=True, mutation=None, scale=None,
+                         deterministic=False)
+
+
+def declared_case(op: str, backend: str, params: dict, dtype: torch.dtype, seed: int, device=None) -> Case:
+    """The case of a declared shape (``registry.OPS[op].cases``, written in this module's parameter
+    names) at ``dtype``, its data from ``seed``."""
+    full = dict(DECLARED_DEFAULTS, **params, dtype=DTYPE_NAMES[dtype], seed=seed)
+    return build_case(op, backend, full, device)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,5 +1,8 @@
 """``l2m-check``: runs, reports in its table and JSON, and cannot pass a wrong backend silently."""
 import json
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -38,12 +41,13 @@ def test_check_passes_and_writes_json(tmp_path, capsys):
         assert len(rows) == 3 * len(dtypes)  # --quick: 2 edge cases + 1 random shape per dtype
         for r in rows:
             assert r["backend"] == "cpu" and r["status"] == "PASS"
-            assert r["tolerance"] == TOLERANCE[getattr(torch, r["dtype"])]
+            assert r["tolerance"] >= TOLERANCE[getattr(torch, r["dtype"])]
             assert r["max_error"] <= r["tolerance"] and r["worst"] in r["errors"]
+            assert all(r["errors"][name] <= r["limits"][name] for name in r["errors"])
     topk_names = set(next(r for r in results if r["op"] == "topk_memory_read")["errors"])
     assert topk_names == {"selection", "out", "weights", "lse", "dq", "dkeys", "dvalues"}
     merge_names = set(next(r for r in results if r["op"] == "merge_attention")["errors"])
-    assert merge_names == {"out", "lse", "d_out_a", "d_lse_a", "d_out_b", "d_lse_b"}
+    assert merge_names == {"out", "lse", "dout_a", "dlse_a", "dout_b", "dlse_b"}
     assert "merge_attention" in table and "PASS" in table and "FAIL" not in table
 
 
@@ -58,7 +62,7 @@ def test_perturbed_backend_fails(tmp_path, monkeypatch, capsys):
     assert dense and all(r["status"] == "FAIL" and r["worst"] == "out" for r in dense)
     assert all(r["max_error"] > r["tolerance"] for r in dense)
     # The gradients come from the untouched backward and still match.
-    assert all(r["errors"]["dmemory"] <= r["tolerance"] for r in dense)
+    assert all(r["errors"]["dmemory"] <= r["limits"]["dmemory"] for r in dense)
     assert all(r["status"] == "PASS" for r in report["results"] if r["op"] == "merge_attention")
     assert "FAIL" in out and "failures (3)" in out
 
@@ -91,8 +95,8 @@ def test_wrong_selection_fails(tmp_path, monkeypatch):
     failed = [r for r in report["results"] if r["status"] == "FAIL"]
     # testing.assert_valid_topk refuses the selection before any value is compared (evaluated at
     # the fused selection, the values themselves would agree).
-    assert failed and all(r["message"].startswith(("CheckError: indices: not a top-k",
-                                                    "CheckError: indices: wrong order")) for r in failed), failed
+    assert failed and all(r["message"].startswith(("FuzzFailure: indices: not a top-k",
+                                                    "FuzzFailure: indices: wrong order")) for r in failed), failed
 
 
 def test_crashing_backend_is_reported_and_the_check_goes_on(tmp_path, monkeypatch, capsys):
@@ -122,3 +126,31 @@ def test_unservable_backend_is_skipped_with_its_reason(tmp_path, monkeypatch, ca
     assert "SKIP" in capsys.readouterr().out
     # Nothing checkable at all is not a pass.
     assert main(["--device", "cpu", "--backends", "triton", "--ops", "gated_merge", "--no-progress"]) == 1
+
+
+def test_check_runs_without_hypothesis():
+    """hypothesis is a test dependency: l2m-check builds and judges cases without it."""
+    code = textwrap.dedent('''
+        import importlib.abc, importlib.machinery, sys
+
+        class Missing(importlib.abc.Loader):
+            def create_module(self, spec):
+                return None
+
+            def exec_module(self, module):
+                raise ImportError("No module named 'hypothesis'")
+
+        class Hide(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "hypothesis":
+                    return importlib.machinery.ModuleSpec(name, Missing())
+
+        sys.meta_path.insert(0, Hide())
+        from l2m_kernels import check, fuzz
+        assert fuzz.st is None
+        sys.exit(check.main(["--quick", "--device", "cpu", "--backends", "cpu", "--ops", "gated_merge",
+                             "--dtypes", "float32", "--no-progress"]))
+    ''')
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert "3 passed, 0 failed" in completed.stdout

@@ -69,7 +69,8 @@ class Cases:
     """The shapes ``l2m-check`` runs: ``edge`` (the first two also with ``--quick``) and random
     shapes from ``random(rng)``; ``label(params)`` describes one in the table. ``wide``: larger
     shapes that reach every vector width and tail of the CPU kernels (each instruction-set variant
-    is checked on them)."""
+    is checked on them). Each case is a dict in the parameter names of the op's builder in
+    :mod:`l2m_kernels.fuzz`, which builds and judges it (``fuzz.declared_case``)."""
 
     edge: tuple
     random: Callable[[random.Random], dict]
@@ -218,8 +219,8 @@ TOPK_MEMORY_READ = OpDecl(
 # ------------------------------------------------------------------------------------------------
 
 def pk_case(B, H, T, Dk, n_sub, Dv, k, k_sub, sum_heads=False, sparse_grad=False):
-    return dict(B=B, H=H, T=T, Dk=Dk, n_sub=n_sub, Dv=Dv, k=k, k_sub=k_sub, sum_heads=sum_heads,
-                sparse_grad=sparse_grad)
+    return dict(B=B, H=H, T=T, half=Dk // 2, n_sub=n_sub, Dv=Dv, k=k, k_sub=k_sub, pass_k_sub=True,
+                sum_heads=sum_heads, sparse_grad=sparse_grad)
 
 
 def _pk_random(rng: random.Random) -> dict:
@@ -231,7 +232,7 @@ def _pk_random(rng: random.Random) -> dict:
 
 
 def _pk_label(p: dict) -> str:
-    return (f"B{p['B']} H{p['H']} T{p['T']} Dk{p['Dk']} n_sub{p['n_sub']} Dv{p['Dv']} k{p['k']}"
+    return (f"B{p['B']} H{p['H']} T{p['T']} Dk{2 * p['half']} n_sub{p['n_sub']} Dv{p['Dv']} k{p['k']}"
             f" k_sub{p['k_sub']}" + (" sum_heads" if p["sum_heads"] else "")
             + (" sparse_grad" if p["sparse_grad"] else ""))
 
@@ -280,7 +281,9 @@ PRODUCT_KEY_READ = OpDecl(
 # ------------------------------------------------------------------------------------------------
 
 def write_case(B, Hm, N, D, T, kw, erase_one=False, index_dtype="int64"):
-    return dict(B=B, Hm=Hm, N=N, D=D, T=T, kw=kw, erase_one=erase_one, index_dtype=index_dtype)
+    """Hm None: a 3-D memory (B, N, D). Slot ids drawn from [-1, N) (repeats and skips)."""
+    return dict(B=B, Hm=Hm or 1, heads=Hm is not None, N=N, D=D, T=T, kw=kw, erase_one=erase_one,
+                index_dtype=index_dtype, slots="random", inplace=False)
 
 
 def _write_random(rng: random.Random) -> dict:
@@ -290,7 +293,7 @@ def _write_random(rng: random.Random) -> dict:
 
 
 def _write_label(p: dict) -> str:
-    heads = f"Hm{p['Hm']}" if p["Hm"] is not None else "3-D"
+    heads = f"Hm{p['Hm']}" if p["heads"] else "3-D"
     return (f"B{p['B']} {heads} N{p['N']} D{p['D']} T{p['T']} kw{p['kw']}"
             + (" erase(..,1)" if p["erase_one"] else "") + f" {p['index_dtype']}")
 
@@ -325,13 +328,18 @@ GATED_MEMORY_WRITE = OpDecl(
 )
 
 
+def dense_case(memory, update, input_gate, forget_gate):
+    """The four inputs' shapes (broadcast against each other)."""
+    return dict(shapes=dict(memory=memory, update=update, input_gate=input_gate, forget_gate=forget_gate))
+
+
 def _dense_random(rng: random.Random) -> dict:
     full = [rng.randint(1, 3) for _ in range(rng.randint(1, 3))] + [_odd(rng, 1, 129)]
 
     def broadcastable():
         shape = [1 if rng.random() < 0.4 else s for s in full]
         return tuple(shape[rng.randint(0, len(shape) - 1):])  # maybe drop leading dims
-    return dict(shapes=(tuple(full), broadcastable(), broadcastable(), broadcastable()))
+    return dense_case(tuple(full), broadcastable(), broadcastable(), broadcastable())
 
 
 GATED_DENSE_UPDATE = OpDecl(
@@ -349,14 +357,14 @@ GATED_DENSE_UPDATE = OpDecl(
     backends=_served("gated_dense_update_fwd"),
     cases=Cases(
         edge=(
-            dict(shapes=((2, 3, 5, 7),) * 4),
-            dict(shapes=((2, 2, 5, 63), (1, 63), (2, 2, 5, 1), (2, 2, 5, 1))),  # per-slot gates
-            dict(shapes=((3, 7), (7,), (3, 1), (1, 1))),
-            dict(shapes=((2, 1, 4, 129), (1, 3, 1, 129), (3, 1, 1), ())),     # memory broadcast too
+            dense_case(*((2, 3, 5, 7),) * 4),
+            dense_case((2, 2, 5, 63), (1, 63), (2, 2, 5, 1), (2, 2, 5, 1)),  # per-slot gates
+            dense_case((3, 7), (7,), (3, 1), (1, 1)),
+            dense_case((2, 1, 4, 129), (1, 3, 1, 129), (3, 1, 1), ()),     # memory broadcast too
         ),
         random=_dense_random,
-        label=lambda p: " ".join("x".join(map(str, s)) or "()" for s in p["shapes"]),
-        wide=(dict(shapes=((2, 4, 33, 130),) * 4),)),
+        label=lambda p: " ".join("x".join(map(str, s)) or "()" for s in p["shapes"].values()),
+        wide=(dense_case(*((2, 4, 33, 130),) * 4),)),
     bench=Bench("memory_write",
                 shapes={"dense-cpu": dict(B=8, Hm=4, N=4096, D=128)},    # gates (B, Hm, N, 1)
                 tiny={"dense-tiny": dict(B=1, Hm=2, N=64, D=16)}),
@@ -368,18 +376,23 @@ GATED_DENSE_UPDATE = OpDecl(
 # merge_attention, gated_merge
 # ------------------------------------------------------------------------------------------------
 
+def merge_case(B, H, T, D, gate=None):
+    """merge_attention: some rows of each side empty (lse -inf), on one side or both; gated_merge:
+    the gate's shape."""
+    return dict(B=B, H=H, T=T, D=D, empty="mixed") if gate is None else dict(B=B, H=H, T=T, D=D, gate=gate)
+
+
 def _merge_shape(rng: random.Random):
     return rng.randint(1, 3), rng.randint(1, 4), _odd(rng, 3, 41), rng.choice([1, 5, 33, 64, 130])
 
 
 def _gated_merge_random(rng: random.Random) -> dict:
     B, H, T, D = _merge_shape(rng)
-    gate = rng.choice([(H, 1, 1), (B, H, T, 1), (1,), (T, 1), (B, 1, 1, 1)])
-    return dict(shape=(B, H, T, D), gate=gate)
+    return merge_case(B, H, T, D, gate=rng.choice([(H, 1, 1), (B, H, T, 1), (1,), (T, 1), (B, 1, 1, 1)]))
 
 
 def _merge_label(p: dict) -> str:
-    label = "B{} H{} T{} D{}".format(*p["shape"])
+    label = "B{B} H{H} T{T} D{D}".format(**p)
     return label + " gate" + str(tuple(p["gate"])).replace(" ", "") if "gate" in p else label
 
 
@@ -398,13 +411,13 @@ MERGE_ATTENTION = OpDecl(
     backends=_served("merge_attention_fwd"),
     cases=Cases(
         edge=(
-            dict(shape=(2, 3, 7, 63)),                   # odd sizes; rows with one or both sides empty
-            dict(shape=(1, 2, 129, 7)),
-            dict(shape=(1, 1, 1, 1)),
-            dict(shape=(2, 1, 5, 129)),
+            merge_case(2, 3, 7, 63),                   # odd sizes; rows with one or both sides empty
+            merge_case(1, 2, 129, 7),
+            merge_case(1, 1, 1, 1),
+            merge_case(2, 1, 5, 129),
         ),
-        random=lambda rng: dict(shape=_merge_shape(rng)), label=_merge_label,
-        wide=(dict(shape=(2, 2, 33, 130)),)),
+        random=lambda rng: merge_case(*_merge_shape(rng)), label=_merge_label,
+        wide=(merge_case(2, 2, 33, 130),)),
     bench=Bench("merge", shapes={"merge-cpu": dict(B=1, H=8, T=4096, D=64)},
                 tiny={"merge-tiny": dict(B=1, H=2, T=64, D=16)}),
     reference="merge_attention_ref",
@@ -424,13 +437,13 @@ GATED_MERGE = OpDecl(
     backends=_served("gated_merge_fwd"),
     cases=Cases(
         edge=(
-            dict(shape=(2, 3, 7, 63), gate=(3, 1, 1)),   # one gate per head
-            dict(shape=(1, 2, 129, 7), gate=(1, 2, 129, 1)),
-            dict(shape=(2, 1, 5, 129), gate=()),
-            dict(shape=(2, 3, 7, 33), gate=(7, 1)),
+            merge_case(2, 3, 7, 63, gate=(3, 1, 1)),   # one gate per head
+            merge_case(1, 2, 129, 7, gate=(1, 2, 129, 1)),
+            merge_case(2, 1, 5, 129, gate=()),
+            merge_case(2, 3, 7, 33, gate=(7, 1)),
         ),
         random=_gated_merge_random, label=_merge_label,
-        wide=(dict(shape=(2, 2, 33, 130), gate=(2, 1, 1)),)),
+        wide=(merge_case(2, 2, 33, 130, gate=(2, 1, 1)),)),
     bench=Bench("merge"),
     reference="gated_merge_ref",
 )
