@@ -1,6 +1,7 @@
 """The ``memory_attention`` of the compiled backends (cpu, cuda): the fused top-k read, a
 FlashAttention-style local attention and the merge kernels of one extension module
-(``l2m_kernels._C`` or ``l2m_kernels._C_cuda``, which export the same functions), composed.
+(``l2m_kernels._C`` or ``l2m_kernels._C_cuda``, which export the same functions; the cuda local
+backward takes a scratch tensor more), composed.
 
 Forward (nothing of size ``T x S`` or ``T x N`` is ever held):
 
