@@ -4,7 +4,8 @@
 // csrc/cpu/bindings.cpp (l2m_kernels._C) and csrc/cuda/bindings.cpp (l2m_kernels._C_cuda), which
 // define before it L2M_BINDING_CUDA (0 or 1: the device, layouts, dtypes and error prefix, and the
 // sections only one backend has: on CPU the row layouts of operands read where they lie and the
-// host checks of indices; on CUDA the kernels' size limits, scratch buffers and write plan),
+// host checks of indices; on CUDA the kernels' size limits and the plan and scratch tensors, which
+// the Python launchers make and pass in like any operand),
 // L2M_KERNEL_NS (the namespace of the params structs) and L2M_LAUNCH(call, launcher, params,
 // device_of). Every entry point returns None and writes every element of its preallocated outputs
 // (passed last); the Python layer validates first, these checks keep a wrong call from reading or
@@ -119,7 +120,7 @@ inline l2m::Dtype kernel_dtype(c10::ScalarType dtype) {
                                   : l2m::Dtype::kFloat64;
 }
 
-// L2M_FOR_EACH(f, x, a, b, ...): f(x, a) f(x, b) ..., for up to 16 arguments.
+// L2M_FOR_EACH(f, x, a, b, ...): f(x, a) f(x, b) ..., for up to 20 arguments.
 #define L2M_EACH_1(f, x, a) f(x, a)
 #define L2M_EACH_2(f, x, a, ...) f(x, a) L2M_EACH_1(f, x, __VA_ARGS__)
 #define L2M_EACH_3(f, x, a, ...) f(x, a) L2M_EACH_2(f, x, __VA_ARGS__)
@@ -136,10 +137,16 @@ inline l2m::Dtype kernel_dtype(c10::ScalarType dtype) {
 #define L2M_EACH_14(f, x, a, ...) f(x, a) L2M_EACH_13(f, x, __VA_ARGS__)
 #define L2M_EACH_15(f, x, a, ...) f(x, a) L2M_EACH_14(f, x, __VA_ARGS__)
 #define L2M_EACH_16(f, x, a, ...) f(x, a) L2M_EACH_15(f, x, __VA_ARGS__)
-#define L2M_EACH_(_1, _2, _3, _4, _5, _6, _7, _8, _9, _10, _11, _12, _13, _14, _15, _16, N, ...) \
+#define L2M_EACH_17(f, x, a, ...) f(x, a) L2M_EACH_16(f, x, __VA_ARGS__)
+#define L2M_EACH_18(f, x, a, ...) f(x, a) L2M_EACH_17(f, x, __VA_ARGS__)
+#define L2M_EACH_19(f, x, a, ...) f(x, a) L2M_EACH_18(f, x, __VA_ARGS__)
+#define L2M_EACH_20(f, x, a, ...) f(x, a) L2M_EACH_19(f, x, __VA_ARGS__)
+#define L2M_EACH_(_1, _2, _3, _4, _5, _6, _7, _8, _9, _10, _11, _12, _13, _14, _15, _16, _17, _18, \
+                  _19, _20, N, ...)                                                                \
   L2M_EACH_##N
-#define L2M_FOR_EACH(f, x, ...)                                                                    \
-  L2M_EACH_(__VA_ARGS__, 16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1)(f, x, __VA_ARGS__)
+#define L2M_FOR_EACH(f, x, ...)                                                                   \
+  L2M_EACH_(__VA_ARGS__, 20, 19, 18, 17, 16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1) \
+  (f, x, __VA_ARGS__)
 // L2M_IN(params, a, b, ...): params.a = a's data (read-only), params.b = b's, ..., each as its
 // field's pointer type; L2M_OUT the same for outputs.
 #define L2M_IN_(params, tensor) \
@@ -520,52 +527,16 @@ inline void check_product_key_limits(const Call& call, TensorArg q, TensorArg su
   }
 }
 
-// Atomic mode's float32 accumulator of a gradient, zeroed: the gradient itself when float32, else
-// scratch that store_sum copies into it after the kernels.
-inline at::Tensor atomic_sum(TensorArg grad) {
-  return grad.scalar_type() == at::kFloat
-             ? grad.zero_()
-             : at::zeros(grad.sizes(), grad.options().dtype(at::kFloat));
-}
-inline void store_sum(TensorArg grad, TensorArg sum) {
-  if (!sum.is_same(grad)) {
-    grad.copy_(sum);
+// Atomic mode's float32 sums of the gradient `grad`, zeroed by the caller: `grad` itself when it is
+// float32, else scratch shaped like it that the caller copies into it afterwards. As an operand:
+// none when it is `grad` (checked as such), else a float32 output like `like`.
+inline Operand accumulator(const Call& call, const char* name, OptionalTensor acc, TensorArg grad,
+                           const char* like) {
+  if (!acc.has_value()) {
+    call.value_error(std::string("the atomic mode needs ") + name);
   }
-}
-
-// Entries grouped by key with a stable sort (keys >= num_keys: entries that contribute nothing,
-// sorted last): each sorted position's entry id and each key's first sorted position (binary
-// search), both deterministic on every device.
-inline std::pair<at::Tensor, at::Tensor> key_runs(TensorArg keys, int64_t num_keys) {
-  const auto [sorted, order] =
-      at::sort(keys, std::optional<bool>(true), /*dim=*/0, /*descending=*/false);
-  return {order.contiguous(),
-          at::searchsorted(sorted, at::arange(num_keys + 1, keys.options())).contiguous()};
-}
-
-// Deterministic segment sum (product_key.h) over the runs of `keys`; entry_coef / entry_src map
-// each entry id (the position in `keys`) to its coefficient and source row.
-inline void product_key_segment_sum(const Call& call, l2m::Dtype dtype, TensorArg keys,
-                                    TensorArg entry_coef, TensorArg entry_src, int64_t num_dst,
-                                    TensorArg src, int64_t num_src, TensorArg coef, double scale,
-                                    TensorArg dst, int64_t dim) {
-  const auto [order, run_starts] = key_runs(keys, num_dst);
-  const at::Tensor sorted_coef = entry_coef.index_select(0, order).contiguous();
-  const at::Tensor sorted_src = entry_src.index_select(0, order).contiguous();
-  kp::ProductKeySegmentParams params{};
-  params.dtype = dtype;
-  params.num_dst = num_dst;
-  params.num_src = num_src;
-  params.num_coef = coef.numel();
-  params.dim = dim;
-  params.scale = scale;
-  params.src = src.data_ptr();
-  params.coef = coef.data_ptr<float>();
-  params.entry_coef = sorted_coef.data_ptr<int64_t>();
-  params.entry_src = sorted_src.data_ptr<int64_t>();
-  params.run_starts = run_starts.data_ptr<int64_t>();
-  params.dst = dst.data_ptr();
-  L2M_LAUNCH(call, product_key_segment, params, src);
+  const bool itself = acc->is_same(grad) && grad.scalar_type() == at::kFloat;
+  return {name, itself ? nullptr : &*acc, like, kFloat32};
 }
 
 #else  // the CPU kernels
@@ -672,15 +643,10 @@ inline void gated_merge_bwd(TensorArg dout, TensorArg out_local, TensorArg out_m
   }
 }
 
-// Sparse top-k read; `k` in [1, min(N, 256)]. On CUDA, use_threshold (default true): a pre-pass
-// writes each row's chunk maxima of the sort keys (topk_read.h); the k-th largest of them, tau, is
-// a lower bound on the row's k-th best key, so the selection merges only candidates >= tau (about
-// k merges per query instead of k * ln(N / k)). With fewer than k chunks there is no bound and the
-// selection runs as without it; false: the selection kernel alone (the same result).
-inline void topk_read_fwd(TensorArg q, TensorArg keys, TensorArg values, OptionalTensor valid_len,
-                          int64_t k, double scale, TensorArg out, TensorArg indices,
-                          TensorArg weights, TensorArg lse L2M_CUDA_ONLY(bool use_threshold)) {
-  Call call("topk_read_fwd");
+// The top-k read's inputs: q, keys, values (read_operands), k in [1, min(N, 256)], valid_len (B,)
+// int64 or none.
+inline void topk_read_inputs(Call& call, TensorArg q, TensorArg keys, TensorArg values,
+                             OptionalTensor valid_len, int64_t k) {
   read_operands(call, q, keys, values);
   const int64_t max_k = std::min<int64_t>(call["N"], 256);
   if (k < 1 || k > max_k) {
@@ -688,6 +654,31 @@ inline void topk_read_fwd(TensorArg q, TensorArg keys, TensorArg values, Optiona
   }
   call.let("k", k);
   call.inputs({L2M_T(valid_len, "(B,)", kInt64)});
+}
+
+// What the forward's kernels read of those inputs.
+inline void fill_topk_read(kp::TopkReadFwdParams& params, const Call& call, TensorArg q,
+                           TensorArg keys, TensorArg values, OptionalTensor valid_len,
+                           double scale) {
+  fill_read(params, call, keys, scale);
+  L2M_IN(params, q, keys, values);
+  params.valid_len = valid_len.has_value() ? valid_len->const_data_ptr<int64_t>() : nullptr;
+}
+
+// Sparse top-k read; `k` in [1, min(N, 256)]. On CUDA, tau (B, H, T) int64 or none: a lower bound
+// on each row's k-th best sort key (topk_read.h; INT64_MIN: none), such as the k-th largest of the
+// chunk maxima of topk_read_chunk_max when there are at least k chunks (threshold_tau in
+// l2m_kernels/ops/topk_read/plan.py); the selection then merges only candidates >= tau (about k
+// merges per query instead of k * ln(N / k)). Without tau the selection kernel alone (the same
+// result).
+inline void topk_read_fwd(TensorArg q, TensorArg keys, TensorArg values, OptionalTensor valid_len,
+                          int64_t k, double scale L2M_CUDA_ONLY(OptionalTensor tau), TensorArg out,
+                          TensorArg indices, TensorArg weights, TensorArg lse) {
+  Call call("topk_read_fwd");
+  topk_read_inputs(call, q, keys, values, valid_len, k);
+#if L2M_BINDING_CUDA
+  call.inputs({L2M_T(tau, "(B, H, T)", kInt64)});
+#endif
   call.outputs({L2M_T(out, "(B, H, T, Dv)"), L2M_T(indices, "(B, H, T, k)", kInt64),
                 L2M_T(weights, "(B, H, T, k)", kAcc), L2M_T(lse, "(B, H, T)", kAcc)});
   call.apart();
@@ -699,39 +690,55 @@ inline void topk_read_fwd(TensorArg q, TensorArg keys, TensorArg values, Optiona
     return;
   }
   kp::TopkReadFwdParams params{};
-  fill_read(params, call, keys, scale);
-  L2M_IN(params, q, keys, values);
-  params.valid_len = valid_len.has_value() ? valid_len->const_data_ptr<int64_t>() : nullptr;
+  fill_topk_read(params, call, q, keys, values, valid_len, scale);
   L2M_OUT(params, out, indices, weights, lse);
 #if L2M_BINDING_CUDA
-  const c10::cuda::CUDAGuard device_guard(q.device());
-  at::Tensor tau;  // kept alive until the selection kernel is enqueued
-  const int64_t num_chunks = kp::topk_read_num_chunks(call["N"]);
-  if (use_threshold && num_chunks >= k) {
-    const at::Tensor chunk_max = at::empty({rows, num_chunks}, q.options().dtype(at::kLong));
-    check_launch(call.op, kp::topk_read_chunk_max_launch(params, chunk_max.data_ptr<int64_t>(),
-                                                         current_stream()));
-    // Exactly k chunks have a maximum >= the k-th largest maximum (the keys are distinct), so
-    // the row's k best keys are all >= it. Chunks without an existing slot hold INT64_MIN: when
-    // fewer than k chunks have one, tau is INT64_MIN (no bound).
-    tau = std::get<0>(at::topk(chunk_max, k, /*dim=*/1, /*largest=*/true, /*sorted=*/true))
-              .select(1, k - 1)
-              .contiguous();
-    params.tau = tau.data_ptr<int64_t>();
-  }
+  params.tau = tau.has_value() ? tau->const_data_ptr<int64_t>() : nullptr;
 #else
   L2M_ROWS(params, q);
 #endif
   L2M_LAUNCH(call, topk_read_fwd, params, q);
 }
 
+#if L2M_BINDING_CUDA
+// The top-k read's threshold pre-pass: chunk_max (B, H, T, n_chunks) int64, each row's largest sort
+// key over each chunk of kTopkReadChunkSlots slots (INT64_MIN where none exists), n_chunks =
+// topk_read_num_chunks(N). The other arguments as topk_read_fwd takes them, checked as it checks
+// them, in its name.
+inline void topk_read_chunk_max(TensorArg q, TensorArg keys, TensorArg values,
+                                OptionalTensor valid_len, int64_t k, double scale,
+                                TensorArg chunk_max) {
+  Call call("topk_read_fwd");
+  topk_read_inputs(call, q, keys, values, valid_len, k);
+  call.let("n_chunks", kp::topk_read_num_chunks(call["N"]));
+  call.outputs({L2M_T(chunk_max, "(B, H, T, n_chunks)", kInt64)});
+  call.apart();
+  check_read_limits(call, q, keys, values);
+  if (call["B"] * call["H"] * call["T"] == 0) {
+    return;
+  }
+  kp::TopkReadFwdParams params{};
+  fill_topk_read(params, call, q, keys, values, valid_len, scale);
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  check_launch(call.op, kp::topk_read_chunk_max_launch(params, chunk_max.data_ptr<int64_t>(),
+                                                       current_stream()));
+}
+#endif
+
 // Gradients of the read at a given selection: dq, dkeys, dvalues like q, keys, values. On CUDA,
-// deterministic: slot gradients summed per slot in a fixed order (else float32 atomics); the CPU
-// kernels always are.
+// deterministic: the slot gradients summed per slot in a fixed order, over the caller's grouping of
+// the E = B * H * T * k entries by slot (slot_runs in l2m_kernels/ops/topk_read/plan.py:
+// entry_order, entry_rows (E,) int64, run_starts (M * N + 1,) int64 for the M memories, Hm shared,
+// else B * Hm) with ds (E,) float32 scratch; else float32 atomics into dkeys_acc and dvalues_acc
+// (accumulator). The CPU kernels always are deterministic.
 inline void topk_read_bwd(TensorArg dout, TensorArg dweights, TensorArg dlse, TensorArg q,
                           TensorArg keys, TensorArg values, TensorArg indices, TensorArg weights,
-                          double scale L2M_CUDA_ONLY(bool deterministic), TensorArg dq,
-                          TensorArg dkeys, TensorArg dvalues) {
+                          double scale L2M_CUDA_ONLY(bool deterministic, OptionalTensor entry_order,
+                                                     OptionalTensor entry_rows,
+                                                     OptionalTensor run_starts, OptionalTensor ds,
+                                                     OptionalTensor dkeys_acc,
+                                                     OptionalTensor dvalues_acc),
+                          TensorArg dq, TensorArg dkeys, TensorArg dvalues) {
   Call call("topk_read_bwd");
   read_operands(call, q, keys, values);
   call.inputs({L2M_T(indices, "(B, H, T, k)", kInt64),
@@ -746,9 +753,9 @@ inline void topk_read_bwd(TensorArg dout, TensorArg dweights, TensorArg dlse, Te
   L2M_OUT(params, dq, dkeys, dvalues);
 #if L2M_BINDING_CUDA
   check_read_limits(call, q, keys, values);
-  const c10::cuda::CUDAGuard device_guard(q.device());
-  const int64_t H = call["H"], T = call["T"], rows = call["B"] * H * T, k = call["k"];
+  const int64_t rows = call["B"] * call["H"] * call["T"], k = call["k"];
   if (rows == 0) {  // no entry: every slot gradient is zero
+    const c10::cuda::CUDAGuard device_guard(q.device());
     dkeys.zero_();
     dvalues.zero_();
     return;
@@ -758,42 +765,32 @@ inline void topk_read_bwd(TensorArg dout, TensorArg dweights, TensorArg dlse, Te
                      shape_of(indices));
   }
   params.deterministic = deterministic;
-  // Scratch tensors of either mode live until the end of this scope; the caching allocator reuses
-  // their memory only for later work on this stream, so the kernels are done with them by then.
-  at::Tensor ds, entry_order, entry_rows, run_starts, dkeys_acc, dvalues_acc;
   if (deterministic) {
-    // Entries grouped by slot, as _slot_runs in l2m_kernels/ops/topk_read/triton.py: the runs of
-    // memory * N + slot (entries that contribute nothing last, key M * N).
-    const int64_t N = call["N"], mem_heads = call["Hm"], R = (H / mem_heads) * T;
-    const bool shared = keys.dim() == 3;
-    const int64_t memories = shared ? mem_heads : call["B"] * mem_heads;
-    const at::TensorOptions long_options = indices.options().dtype(at::kLong);
-    const at::Tensor row_memory_head = at::arange(rows, long_options).floor_divide(R);  // b*Hm+hm
-    const at::Tensor row_memory = shared ? row_memory_head.remainder(mem_heads) : row_memory_head;
-    const at::Tensor flat = indices.reshape({rows, k});
-    const at::Tensor live = flat.ge(0).logical_and(flat.lt(N));
-    const at::Tensor slot_key =
-        at::where(live, row_memory.unsqueeze(1) * N + flat, at::Scalar(memories * N)).reshape({-1});
-    std::tie(entry_order, run_starts) = key_runs(slot_key, memories * N);
-    entry_rows = entry_order.floor_divide(k).contiguous();
-    ds = at::empty({rows * k}, indices.options().dtype(at::kFloat));
-    L2M_OUT(params, ds, entry_order, entry_rows, run_starts);
+    if (!(entry_order && entry_rows && run_starts && ds)) {
+      call.value_error("the deterministic mode needs entry_order, entry_rows, run_starts and ds");
+    }
+    call.let("E", rows * k);
+    call.let("M * N + 1", (keys.dim() == 3 ? 1 : call["B"]) * call["Hm"] * call["N"] + 1);
+    call.inputs({L2M_T(entry_order, "(E,)", kInt64), L2M_T(entry_rows, "(E,)", kInt64),
+                 L2M_T(run_starts, "(M * N + 1,)", kInt64)});
+    call.outputs({L2M_T(ds, "(E,)", kFloat32)});
+    params.entry_order = entry_order->const_data_ptr<int64_t>();
+    params.entry_rows = entry_rows->const_data_ptr<int64_t>();
+    params.run_starts = run_starts->const_data_ptr<int64_t>();
+    params.ds = ds->data_ptr<float>();
   } else {
-    dkeys_acc = atomic_sum(dkeys);
-    dvalues_acc = atomic_sum(dvalues);
-    L2M_OUT(params, dkeys_acc, dvalues_acc);
+    call.outputs({accumulator(call, "dkeys_acc", dkeys_acc, dkeys, "like keys"),
+                  accumulator(call, "dvalues_acc", dvalues_acc, dvalues, "like values")});
+    params.dkeys_acc = dkeys_acc->data_ptr<float>();
+    params.dvalues_acc = dvalues_acc->data_ptr<float>();
   }
-  L2M_LAUNCH(call, topk_read_bwd, params, q);
-  if (!deterministic) {
-    store_sum(dkeys, dkeys_acc);
-    store_sum(dvalues, dvalues_acc);
-  }
+  call.apart();
 #else
   check_indices(call, indices, "indices", /*minus_one=*/true, "N", call["N"]);
   L2M_ROWS(params, dout, q);
   // Runs even without queries: dkeys and dvalues (shared memories) must still be zeroed.
-  L2M_LAUNCH(call, topk_read_bwd, params, q);
 #endif
+  L2M_LAUNCH(call, topk_read_bwd, params, q);
 }
 
 // The read's weights recomputed at a given selection (the memory_attention backward); dout, dots
@@ -840,10 +837,13 @@ inline void memory_read_weights(TensorArg q, TensorArg keys, TensorArg values, T
 }
 
 // Product-key read: 1 <= k_sub <= n_sub, 1 <= k <= k_sub ** 2; out (B, H, T, Dv) or, with
-// sum_heads, (B, T, Dv).
+// sum_heads, (B, T, Dv). On CUDA with the scratch between its first two kernels, each row's sorted
+// k_sub best sub-keys of both halves: half_scores (B * H * T, 2, k_sub) float32, half_ids int32
+// (half_scratch in l2m_kernels/ops/product_key/plan.py).
 inline void product_key_fwd(TensorArg q, TensorArg subkeys, TensorArg values, int64_t k,
-                            int64_t k_sub, double scale, bool sum_heads, TensorArg out,
-                            TensorArg indices, TensorArg weights, TensorArg lse) {
+                            int64_t k_sub, double scale,
+                            bool sum_heads L2M_CUDA_ONLY(TensorArg half_scores, TensorArg half_ids),
+                            TensorArg out, TensorArg indices, TensorArg weights, TensorArg lse) {
   Call call("product_key_fwd");
   product_key_operands(call, q, subkeys, values);
   if (k_sub < 1 || k_sub > call["n_sub"]) {
@@ -858,6 +858,12 @@ inline void product_key_fwd(TensorArg q, TensorArg subkeys, TensorArg values, in
   call.outputs({L2M_T(out, sum_heads ? "(B, T, Dv)" : "(B, H, T, Dv)"),
                 L2M_T(indices, "(B, H, T, k)", kInt64), L2M_T(weights, "(B, H, T, k)", kAcc),
                 L2M_T(lse, "(B, H, T)", kAcc)});
+#if L2M_BINDING_CUDA
+  call.let("B * H * T", call["B"] * call["H"] * call["T"]);
+  call.let("k_sub", k_sub);
+  call.outputs({L2M_T(half_scores, "(B * H * T, 2, k_sub)", kFloat32),
+                L2M_T(half_ids, "(B * H * T, 2, k_sub)", kInt32)});
+#endif
   call.apart();
 #if L2M_BINDING_CUDA
   check_product_key_limits(call, q, subkeys, k);
@@ -879,10 +885,6 @@ inline void product_key_fwd(TensorArg q, TensorArg subkeys, TensorArg values, in
   L2M_IN(params, q, subkeys, values);
   L2M_OUT(params, out, indices, weights, lse);
 #if L2M_BINDING_CUDA
-  // Scratch: each row's sorted top-k_sub of both halves (scores and sub-key ids), alive until the
-  // end of this scope (reused by the caching allocator only for later work on this stream).
-  const at::Tensor half_scores = at::empty({rows, 2, k_sub}, q.options().dtype(at::kFloat));
-  const at::Tensor half_ids = at::empty({rows, 2, k_sub}, q.options().dtype(at::kInt));
   L2M_OUT(params, half_scores, half_ids);
 #else
   L2M_ROWS(params, q);
@@ -893,13 +895,18 @@ inline void product_key_fwd(TensorArg q, TensorArg subkeys, TensorArg values, in
 // Gradients of the product-key read at a given selection: dq, dsubkeys like q, subkeys; dvalues
 // like values, or with sparse_grad one row per entry: on CUDA (B * H * T * k, Dv), entry m's
 // w_m * dout; on CPU coalesced (U, Dv), entry m adding w_m * dout to row value_rows[m]. On CUDA,
-// deterministic: fixed-order segment sums (else float32 atomics); the CPU kernels always are.
+// deterministic: dq, the sparse rows and ds (B * H * T * k,) float32 scratch here, then dsubkeys
+// and a dense dvalues by the caller's product_key_segment_sum calls (fixed-order sums); else
+// float32 atomics into dsubkeys_acc and (dense) dvalues_acc (accumulator). The CPU kernels always
+// are deterministic.
 inline void product_key_bwd(TensorArg dout, TensorArg dweights, TensorArg dlse, TensorArg q,
                             TensorArg subkeys, TensorArg values, TensorArg indices,
                             TensorArg weights, double scale, bool sum_heads,
-                            bool sparse_grad L2M_CUDA_ONLY(bool deterministic), TensorArg dq,
-                            TensorArg dsubkeys, TensorArg dvalues
-                                L2M_CPU_ONLY(OptionalTensor value_rows)) {
+                            bool sparse_grad L2M_CUDA_ONLY(bool deterministic, OptionalTensor ds,
+                                                           OptionalTensor dsubkeys_acc,
+                                                           OptionalTensor dvalues_acc),
+                            TensorArg dq, TensorArg dsubkeys,
+                            TensorArg dvalues L2M_CPU_ONLY(OptionalTensor value_rows)) {
   Call call("product_key_bwd");
   product_key_operands(call, q, subkeys, values);
   call.inputs({L2M_T(indices, "(B, H, T, k)", kInt64)});
@@ -930,8 +937,8 @@ inline void product_key_bwd(TensorArg dout, TensorArg dweights, TensorArg dlse, 
   L2M_OUT(params, dq);
 #if L2M_BINDING_CUDA
   check_product_key_limits(call, q, subkeys, k);
-  const c10::cuda::CUDAGuard device_guard(q.device());
   if (rows == 0) {  // no entry: every sub-key / value gradient is zero
+    const c10::cuda::CUDAGuard device_guard(q.device());
     dsubkeys.zero_();
     if (!sparse_grad) {
       dvalues.zero_();
@@ -940,51 +947,22 @@ inline void product_key_bwd(TensorArg dout, TensorArg dweights, TensorArg dlse, 
   }
   params.deterministic = deterministic;
   params.dvalues_rows = sparse_grad ? dvalues.data_ptr() : nullptr;
-  const int64_t n_sub = call["n_sub"], N = n_sub * n_sub, Dv = call["Dv"];
   if (deterministic) {
-    const at::TensorOptions long_options = indices.options().dtype(at::kLong);
-    const at::Tensor ds = at::empty({rows * k}, q.options().dtype(at::kFloat));
-    L2M_OUT(params, ds);
-    L2M_LAUNCH(call, product_key_bwd, params, q);
-    const at::Tensor flat = indices.reshape({rows, k});
-    const at::Tensor live = flat.ge(0).logical_and(flat.lt(N));
-    // Sub-keys: entry (row, m, half) -> destination row (h * 2 + half) * n_sub + sub-key id,
-    // source row row * 2 + half of q viewed as (rows * 2, Dk / 2), coefficient ds[row * k + m].
-    const int64_t num_sub_rows = H * 2 * n_sub;
-    const at::Tensor head =
-        at::arange(rows, long_options).floor_divide(T).remainder(H).unsqueeze(1);  // (rows, 1)
-    const at::Tensor dead = at::full({}, num_sub_rows, long_options);
-    const at::Tensor key0 = at::where(live, head * (2 * n_sub) + flat.floor_divide(n_sub), dead);
-    const at::Tensor key1 =
-        at::where(live, head * (2 * n_sub) + n_sub + flat.remainder(n_sub), dead);
-    const at::Tensor sub_keys = at::stack({key0, key1}, /*dim=*/2).reshape({-1});  // (E * 2,)
-    const at::Tensor sub_entry = at::arange(rows * k * 2, long_options);
-    const at::Tensor sub_coef = sub_entry.floor_divide(2);
-    const at::Tensor sub_src = sub_coef.floor_divide(k) * 2 + sub_entry.remainder(2);
-    product_key_segment_sum(call, params.dtype, sub_keys, sub_coef, sub_src, num_sub_rows, q,
-                            rows * 2, ds, scale, dsubkeys, call["Dk / 2"]);
-    if (!sparse_grad) {
-      // Values: entry (row, m) -> destination slot, source row of dout, coefficient weights.
-      const at::Tensor value_keys =
-          at::where(live, flat, at::full({}, N, long_options)).reshape({-1});
-      const at::Tensor value_entry = at::arange(rows * k, long_options);
-      const at::Tensor entry_row = value_entry.floor_divide(k);
-      const at::Tensor value_src =
-          sum_heads ? entry_row.floor_divide(H * T) * T + entry_row.remainder(T) : entry_row;
-      product_key_segment_sum(call, params.dtype, value_keys, value_entry, value_src, N, dout,
-                              sum_heads ? B * T : rows, weights.reshape({-1}), 1.0, dvalues, Dv);
+    if (!ds.has_value()) {
+      call.value_error("the deterministic mode needs ds");
     }
-    return;
+    call.outputs({L2M_T(ds, "(B * H * T * k,)", kFloat32)});
+    params.ds = ds->data_ptr<float>();
+  } else {
+    call.outputs({accumulator(call, "dsubkeys_acc", dsubkeys_acc, dsubkeys, "like subkeys"),
+                  sparse_grad ? Operand{"dvalues_acc", nullptr, "*"}
+                              : accumulator(call, "dvalues_acc", dvalues_acc, dvalues,
+                                            "like values")});
+    params.dsubkeys_acc = dsubkeys_acc->data_ptr<float>();
+    params.dvalues_acc = sparse_grad ? nullptr : dvalues_acc->data_ptr<float>();
   }
-  const at::Tensor dsubkeys_acc = atomic_sum(dsubkeys);
-  const at::Tensor dvalues_acc = sparse_grad ? at::Tensor() : atomic_sum(dvalues);
-  params.dsubkeys_acc = dsubkeys_acc.data_ptr<float>();
-  params.dvalues_acc = sparse_grad ? nullptr : dvalues_acc.data_ptr<float>();
+  call.apart();
   L2M_LAUNCH(call, product_key_bwd, params, q);
-  store_sum(dsubkeys, dsubkeys_acc);
-  if (!sparse_grad) {
-    store_sum(dvalues, dvalues_acc);
-  }
 #else
   const int64_t num_value_rows = sparse_grad ? call["U"] : 0;
   if (sparse_grad) {
@@ -1002,6 +980,36 @@ inline void product_key_bwd(TensorArg dout, TensorArg dweights, TensorArg dlse, 
   L2M_LAUNCH(call, product_key_bwd, params, q);
 #endif
 }
+
+#if L2M_BINDING_CUDA
+// The deterministic product-key backward's segment sum (product_key.h): dst (R, D) row s =
+// scale * the sum, in order, over the entries e in [run_starts[s], run_starts[s + 1]) of
+// coef[entry_coef[e]] * src[entry_src[e]]; src (S, D) of dst's dtype, coef (C,) float32, the
+// grouping entry_coef, entry_src (X,) int64 and run_starts (R + 1,) int64 of
+// subkey_segments / value_segments in l2m_kernels/ops/product_key/plan.py. Its messages name
+// product_key_bwd.
+inline void product_key_segment_sum(TensorArg src, TensorArg coef, TensorArg entry_coef,
+                                    TensorArg entry_src, TensorArg run_starts, double scale,
+                                    TensorArg dst) {
+  Call call("product_key_bwd");
+  call.inputs({L2M_T(src, "(S, D)"), L2M_T(coef, "(C,)", kFloat32),
+               L2M_T(entry_coef, "(X,)", kInt64), L2M_T(entry_src, "(X,)", kInt64)});
+  call.outputs({L2M_T(dst, "(R, D)")});
+  call.let("R + 1", call["R"] + 1);
+  call.inputs({L2M_T(run_starts, "(R + 1,)", kInt64)});
+  call.apart();
+  kp::ProductKeySegmentParams params{};
+  params.dtype = kernel_dtype(call.dtype);
+  params.num_dst = call["R"];
+  params.num_src = call["S"];
+  params.num_coef = call["C"];
+  params.dim = call["D"];
+  params.scale = scale;
+  L2M_IN(params, src, coef, entry_coef, entry_src, run_starts);
+  L2M_OUT(params, dst);
+  L2M_LAUNCH(call, product_key_segment, params, src);
+}
+#endif
 
 // Gated memory writes: memory (B, Hm, N, D) or (B, N, D), whose leading dimensions, (B, Hm) or
 // (B,), are the G memories (on CUDA memory is (G, N, D)); indices (int32 or int64) and weights
@@ -1066,11 +1074,13 @@ inline void gated_memory_write_fwd(TensorArg memory, TensorArg indices, TensorAr
 
 // Gradients of the writes. CPU: dmemory, dweights, dadd, derase like their inputs. CUDA: dmemory
 // (a copy of dnew) and dweights get the written slots; the per-entry float32 add_parts (E, D) and
-// erase_parts (E, erase_dim) of written entries (the caller zeroes them) stand for dadd, derase.
+// erase_parts (E, erase_dim) of written entries (the caller zeroes them) stand for dadd, derase;
+// dweight_partial (E,) float32 is scratch (memory_write.h).
 inline void gated_memory_write_bwd(TensorArg dnew, TensorArg memory, TensorArg indices,
                                    TensorArg weights, TensorArg add,
-                                   TensorArg erase
-                                       L2M_CUDA_ONLY(TensorArg order, TensorArg run_length),
+                                   TensorArg erase L2M_CUDA_ONLY(TensorArg order,
+                                                                 TensorArg run_length,
+                                                                 TensorArg dweight_partial),
                                    TensorArg dmemory, TensorArg dweights, TensorArg dadd,
                                    TensorArg derase) {
   Call call("gated_memory_write_bwd");
@@ -1082,6 +1092,9 @@ inline void gated_memory_write_bwd(TensorArg dnew, TensorArg memory, TensorArg i
                 kCuda ? Operand{"add_parts", &dadd, "(E, D)", kFloat32} : L2M_T(dadd, "like add"),
                 kCuda ? Operand{"erase_parts", &derase, "(E, erase_dim)", kFloat32}
                       : L2M_T(derase, "like erase")});
+#if L2M_BINDING_CUDA
+  call.outputs({L2M_T(dweight_partial, "(E,)", kFloat32)});
+#endif
   call.apart();
   L2M_IN(params, dnew);
   L2M_OUT(params, dmemory, dweights);
@@ -1090,10 +1103,6 @@ inline void gated_memory_write_bwd(TensorArg dnew, TensorArg memory, TensorArg i
   if (call["E"] == 0 || params.dim == 0 || params.num_slots == 0) {
     return;
   }
-  const c10::cuda::CUDAGuard device_guard(memory.device());
-  // Running float32 sum of each entry's dweight over the column chunks (memory_write.h), alive
-  // until the end of this scope.
-  const at::Tensor dweight_partial = at::empty({call["E"]}, memory.options().dtype(at::kFloat));
   params.add_parts = dadd.data_ptr<float>();
   params.erase_parts = derase.data_ptr<float>();
   L2M_OUT(params, dweight_partial);
@@ -1228,15 +1237,20 @@ inline void local_attention_fwd(TensorArg q, TensorArg k, TensorArg v, int64_t w
   L2M_LAUNCH(call, local_attention_fwd, params, q);
 }
 
-// Gradients of the local attention: dq, dk, dv like q, k, v.
+// Gradients of the local attention: dq, dk, dv like q, k, v. On CUDA with delta (B, H, T) acc
+// scratch: <dout, out> - dlse per row, written by the first kernel and read by the others.
 inline void local_attention_bwd(TensorArg dout, TensorArg dlse, TensorArg q, TensorArg k,
                                 TensorArg v, TensorArg out, TensorArg lse, int64_t window,
-                                double scale, TensorArg dq, TensorArg dk, TensorArg dv) {
+                                double scale L2M_CUDA_ONLY(TensorArg delta), TensorArg dq,
+                                TensorArg dk, TensorArg dv) {
   Call call("local_attention_bwd", /*float64=*/true);
   local_operands(call, q, k, v, window);
   call.inputs({L2M_T(dout, "(B, H, T, Dv)", kData, kRowLayout), L2M_T(dlse, "(B, H, T)", kAcc),
                L2M_T(out, "(B, H, T, Dv)"), L2M_T(lse, "(B, H, T)", kAcc)});
   call.outputs({L2M_T(dq, "like q"), L2M_T(dk, "like k"), L2M_T(dv, "like v")});
+#if L2M_BINDING_CUDA
+  call.outputs({L2M_T(delta, "(B, H, T)", kAcc)});
+#endif
   call.apart();
   // No key: dk, dv and (S >= T) dq have no elements.
   if (call["B"] * call["Hkv"] * call["S"] == 0) {
@@ -1247,10 +1261,6 @@ inline void local_attention_bwd(TensorArg dout, TensorArg dlse, TensorArg q, Ten
   L2M_IN(params, dout, dlse, q, k, v, out, lse);
   L2M_OUT(params, dq, dk, dv);
 #if L2M_BINDING_CUDA
-  const c10::cuda::CUDAGuard device_guard(q.device());
-  // delta = <dout, out> - dlse per row, written by the first kernel and read by the others, alive
-  // until the end of this scope.
-  const at::Tensor delta = at::empty({call["B"], call["H"], call["T"]}, lse.options());
   L2M_OUT(params, delta);
 #else
   L2M_ROWS(params, dout, q, k, v);
@@ -1278,23 +1288,26 @@ void def_ops(py::module_& m, const Extra&... extra) {
           out_local, out_mem, gate, out);
   L2M_DEF(gated_merge_bwd, "Gradients of gated_merge_fwd.", , dout, out_local, out_mem, gate,
           d_local, d_mem, d_gate);
-  L2M_DEF(topk_read_fwd, "Sparse top-k memory read.",
-          L2M_CUDA_ONLY(py::arg("use_threshold") = true), q, keys, values, valid_len, k, scale,
-          out, indices, weights, lse);
+  L2M_DEF(topk_read_fwd, "Sparse top-k memory read.", , q, keys, values, valid_len, k,
+          scale L2M_CUDA_ONLY(tau), out, indices, weights, lse);
   L2M_DEF(topk_read_bwd, "Gradients of topk_read_fwd at its indices.", , dout, dweights, dlse, q,
-          keys, values, indices, weights, scale L2M_CUDA_ONLY(deterministic), dq, dkeys, dvalues);
+          keys, values, indices, weights,
+          scale L2M_CUDA_ONLY(deterministic, entry_order, entry_rows, run_starts, ds, dkeys_acc,
+                              dvalues_acc),
+          dq, dkeys, dvalues);
   L2M_DEF(memory_read_weights, "The top-k read's weights at a given selection.", , q, keys,
           values, indices, lse, scale, dout, weights, dots, out);
   L2M_DEF(product_key_fwd, "Product-key memory read.", , q, subkeys, values, k, k_sub, scale,
-          sum_heads, out, indices, weights, lse);
+          sum_heads L2M_CUDA_ONLY(half_scores, half_ids), out, indices, weights, lse);
   L2M_DEF(product_key_bwd, "Gradients of product_key_fwd at its indices.",
           L2M_CPU_ONLY(py::arg("value_rows") = py::none()), dout, dweights, dlse, q, subkeys,
-          values, indices, weights, scale, sum_heads, sparse_grad L2M_CUDA_ONLY(deterministic),
-          dq, dsubkeys, dvalues);
+          values, indices, weights, scale, sum_heads,
+          sparse_grad L2M_CUDA_ONLY(deterministic, ds, dsubkeys_acc, dvalues_acc), dq, dsubkeys,
+          dvalues);
   L2M_DEF(gated_memory_write_fwd, "Gated memory writes.", , memory, indices, weights, add,
           erase L2M_CUDA_ONLY(order, run_length), out);
   L2M_DEF(gated_memory_write_bwd, "Gradients of gated_memory_write_fwd.", , dnew, memory, indices,
-          weights, add, erase L2M_CUDA_ONLY(order, run_length), dmemory,
+          weights, add, erase L2M_CUDA_ONLY(order, run_length, dweight_partial), dmemory,
           dweights L2M_CUDA_ONLY(add_parts, erase_parts) L2M_CPU_ONLY(dadd, derase));
   L2M_DEF(gated_dense_update_fwd, "Gated dense update, elementwise.", , memory, update,
           input_gate, forget_gate, out);
@@ -1302,7 +1315,18 @@ void def_ops(py::module_& m, const Extra&... extra) {
           input_gate, forget_gate, dmemory, dupdate, dinput_gate, dforget_gate);
   L2M_DEF(local_attention_fwd, "Causal local attention.", , q, k, v, window, scale, out, lse);
   L2M_DEF(local_attention_bwd, "Gradients of local_attention_fwd.", , dout, dlse, q, k, v, out,
-          lse, window, scale, dq, dk, dv);
+          lse, window, scale L2M_CUDA_ONLY(delta), dq, dk, dv);
+#if L2M_BINDING_CUDA
+  // The device steps that the cuda launchers (l2m_kernels/ops/<op>/function.py) run between two
+  // of the entry points above.
+  L2M_DEF(topk_read_chunk_max, "The threshold pre-pass of topk_read_fwd: each row's chunk maxima.",
+          , q, keys, values, valid_len, k, scale, chunk_max);
+  m.def("topk_read_num_chunks", &kp::topk_read_num_chunks,
+        "The number of chunks of topk_read_chunk_max for num_slots slots.", extra...,
+        py::arg("num_slots"));
+  L2M_DEF(product_key_segment_sum, "The segment sums of product_key_bwd's deterministic mode.", ,
+          src, coef, entry_coef, entry_src, run_starts, scale, dst);
+#endif
 }
 
 }  // namespace l2m::binding

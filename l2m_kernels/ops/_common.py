@@ -1,7 +1,7 @@
 """Pieces shared by the op packages: result tuples, per-backend launcher tables, the reference vjp."""
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -81,6 +81,37 @@ def autocast_promote(*tensors, to=None):
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype (and the dtype of weights/lse outputs) for inputs of ``dtype``."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def f32_accumulator(grad: Tensor) -> Tensor:
+    """A zeroed float32 tensor of ``grad``'s shape for float32 atomics to add into: ``grad`` itself
+    when it is float32, else a new one (:func:`store_accumulated` writes it back)."""
+    acc = grad if grad.dtype == torch.float32 else torch.empty(grad.shape, dtype=torch.float32, device=grad.device)
+    return acc.zero_()
+
+
+def store_accumulated(grad: Tensor, acc: Tensor) -> None:
+    """Write an :func:`f32_accumulator` back into its gradient (a no-op when it is the gradient)."""
+    if acc is not grad:
+        grad.copy_(acc)
+
+
+def key_runs(keys: Tensor, num_keys: int) -> Tuple[Tensor, Tensor]:
+    """Entries grouped by key for the GPU backends' fixed-order reductions: ``(order, run_starts)``.
+
+    ``keys`` (E,) int64 in ``[0, num_keys]``, the key ``num_keys`` marking an entry of no run (sorted
+    last). ``order`` (E,) int64: the entry ids sorted stably by key; ``run_starts`` (num_keys + 1,)
+    int64: ``order[run_starts[s] : run_starts[s + 1]]`` are the entries of key ``s``, in entry
+    order. A stable sort and a binary search: deterministic on every device, no host
+    synchronisation.
+
+    Equivalent Python:
+        order = sorted(range(E), key=lambda e: keys[e])
+        run_starts = [sum(1 for e in range(E) if keys[e] < s) for s in range(num_keys + 1)]
+    """
+    sorted_keys, order = torch.sort(keys, stable=True)
+    run_starts = torch.searchsorted(sorted_keys, torch.arange(num_keys + 1, device=keys.device, dtype=keys.dtype))
+    return order, run_starts
 
 
 def unavailable(op: str, backend: str):

@@ -13,9 +13,10 @@ under public names, and no op module imports another op's private names.
   selection, which every ds_j subtracts.
 - **Row blocks**: the (batch * memory head, row block) a program of a row-blocked grid owns, and
   that block's rows.
-- **Launch helpers** (host side): the device guard, power-of-two tile widths, float32 gradient
-  accumulators for atomics, the interpreter test and the float32-dot choice, and the compile
-  options every launch passes.
+- **Launch helpers** (host side): the device guard, power-of-two tile widths, the interpreter test
+  and the float32-dot choice, and the compile options every launch passes (the float32 gradient
+  accumulators for atomics and the grouping of entries by key, which the cuda launchers share,
+  are in ``ops/_common.py``).
 - **Compile-check metadata**: the argument types and the ``COMPILE_CONFIGS`` entries that
   ``python -m tools.triton_check`` reads (:func:`compile_entry`).
 
@@ -50,7 +51,7 @@ __all__ = [
     "compare_swap", "bitonic_sort", "bitonic_merge", "order_bits", "encode_key", "encode_keys",
     "decode_keys", "row_block", "row_block_rows", "log1p", "merged_lse", "side_weight", "sigmoid_pair",
     "weighted_dw_sum",
-    "row_block_grid", "device_guard", "pow2_at_least", "block_d", "f32_accumulator", "store_accumulated",
+    "row_block_grid", "device_guard", "pow2_at_least", "block_d",
     "interpreted", "f32_dot",
     "argument_types", "constexpr_names", "compile_entry", "config_label",
 ]
@@ -292,19 +293,6 @@ def block_d(D: int, max_block_d: int | None = None, min_block_d: int = 16) -> in
     ``min_block_d`` (tl.dot and ordinary tile layouts want 16), at most ``max_block_d``."""
     width = pow2_at_least(D, min_block_d)
     return width if max_block_d is None else min(width, max_block_d)
-
-
-def f32_accumulator(grad: torch.Tensor) -> torch.Tensor:
-    """A zeroed float32 tensor of ``grad``'s shape for float32 atomics to add into: ``grad`` itself
-    when it is float32, else a new one (:func:`store_accumulated` writes it back)."""
-    acc = grad if grad.dtype == torch.float32 else torch.empty(grad.shape, dtype=torch.float32, device=grad.device)
-    return acc.zero_()
-
-
-def store_accumulated(grad: torch.Tensor, acc: torch.Tensor) -> None:
-    """Write an :func:`f32_accumulator` back into its gradient (a no-op when it is the gradient)."""
-    if acc is not grad:
-        grad.copy_(acc)
 
 
 def interpreted() -> bool:

@@ -4,8 +4,12 @@ without a GPU, on CPU tensors: their inputs, the calls, the NaN-filled outputs a
 run as on the GPU, with the CPU kernels in the CUDA kernels' place. A test body that is broken
 fails here, not on scarce GPU time.
 
-Where the conventions differ, the CPU call gives the same result: the top-k read has one (exact,
-deterministic) selection and backward, so ``use_threshold`` and ``deterministic`` change nothing;
+Where the conventions differ, the CPU call gives the same result: the CUDA functions' plan and
+scratch arguments are taken and not read (the tests' calls still make them, through the same
+launchers and plans as the cuda backend); the top-k read has one (exact, deterministic) selection
+and backward, so ``tau``, ``use_threshold`` and ``deterministic`` change nothing (the threshold
+pre-pass bounds nothing: its chunk maxima are INT64_MIN); the backwards of both reads write their
+atomic mode's float32 accumulators too, and the product-key segment sums have nothing left to do;
 the product-key backward's per-entry value rows are the CPU's coalesced rows with one row per
 entry; the memory write's per-entry gradient parts carry the CPU's per-step gradient in the first
 written entry of each step (their sum over the step is what the tests compare); the dense update
@@ -31,30 +35,51 @@ class CpuKernelsAsCuda:
         self.cpu = _ext.cpu_extension()
 
     def __getattr__(self, name):
-        # merge, local attention and memory_read_weights share the CUDA signatures.
+        # merge, local_attention_fwd and memory_read_weights share the CUDA signatures.
         return getattr(self.cpu, name)
 
-    def topk_read_fwd(self, q, keys, values, valid_len, k, scale, out, indices, weights, lse,
-                      use_threshold=True):
+    def topk_read_num_chunks(self, num_slots):
+        return -(-num_slots // 128)  # chunks of 128 slots, as the CUDA kernels' kTopkReadChunkSlots
+
+    def topk_read_chunk_max(self, q, keys, values, valid_len, k, scale, chunk_max):
+        chunk_max.fill_(torch.iinfo(torch.int64).min)
+
+    def topk_read_fwd(self, q, keys, values, valid_len, k, scale, tau, out, indices, weights, lse):
         self.cpu.topk_read_fwd(q, keys, values, valid_len, k, scale, out, indices, weights, lse)
 
     def topk_read_bwd(self, dout, dweights, dlse, q, keys, values, indices, weights, scale,
-                      deterministic, dq, dkeys, dvalues):
+                      deterministic, entry_order, entry_rows, run_starts, ds, dkeys_acc,
+                      dvalues_acc, dq, dkeys, dvalues):
         self.cpu.topk_read_bwd(dout, dweights, dlse, q, keys, values, indices, weights, scale,
                                dq, dkeys, dvalues)
+        _accumulated((dkeys_acc, dkeys), (dvalues_acc, dvalues))
+
+    def product_key_fwd(self, q, subkeys, values, k, k_sub, scale, sum_heads, half_scores,
+                        half_ids, out, indices, weights, lse):
+        self.cpu.product_key_fwd(q, subkeys, values, k, k_sub, scale, sum_heads, out, indices,
+                                 weights, lse)
 
     def product_key_bwd(self, dout, dweights, dlse, q, subkeys, values, indices, weights, scale,
-                        sum_heads, sparse_grad, deterministic, dq, dsubkeys, dvalues):
+                        sum_heads, sparse_grad, deterministic, ds, dsubkeys_acc, dvalues_acc, dq,
+                        dsubkeys, dvalues):
         # Sparse: (B * H * T * k, Dv), row m = w_m * dout of entry m (one coalesced row each).
         value_rows = torch.arange(indices.numel()).view(indices.shape) if sparse_grad else None
         self.cpu.product_key_bwd(dout, dweights, dlse, q, subkeys, values, indices, weights, scale,
                                  sum_heads, sparse_grad, dq, dsubkeys, dvalues, value_rows)
+        _accumulated((dsubkeys_acc, dsubkeys), (dvalues_acc, dvalues))
+
+    def product_key_segment_sum(self, src, coef, entry_coef, entry_src, run_starts, scale, dst):
+        pass  # product_key_bwd wrote dst
+
+    def local_attention_bwd(self, dout, dlse, q, k, v, out, lse, window, scale, delta, dq, dk,
+                            dv):
+        self.cpu.local_attention_bwd(dout, dlse, q, k, v, out, lse, window, scale, dq, dk, dv)
 
     def gated_memory_write_fwd(self, memory, indices, weights, add, erase, order, run_length, out):
         self.cpu.gated_memory_write_fwd(memory, indices, weights, add, erase, out)
 
     def gated_memory_write_bwd(self, dnew, memory, indices, weights, add, erase, order, run_length,
-                               dmemory, dweights, add_parts, erase_parts):
+                               dweight_partial, dmemory, dweights, add_parts, erase_parts):
         G, T, kw = indices.shape
         dadd = torch.empty_like(add)
         derase = torch.empty_like(erase)
@@ -78,6 +103,14 @@ class CpuKernelsAsCuda:
         self.cpu.gated_dense_update_bwd(dout, *(t.contiguous() for t in (memory, update, input_gate,
                                                                          forget_gate)),
                                         dmemory, dupdate, dinput_gate, dforget_gate)
+
+
+def _accumulated(*pairs):
+    """The atomic mode's float32 accumulators given (not None) hold their gradients' values, as the
+    CUDA kernels leave them for the caller to copy back."""
+    for acc, grad in pairs:
+        if acc is not None and acc is not grad:
+            acc.copy_(grad)
 
 
 def cpu_kernels_as_cuda() -> CpuKernelsAsCuda:

@@ -1,6 +1,7 @@
 """The ``memory_attention`` of the compiled backends (cpu, cuda): the fused top-k read, a
 FlashAttention-style local attention and the merge kernels of one extension module
-(``l2m_kernels._C`` or ``l2m_kernels._C_cuda``, which export the same functions), composed.
+(``l2m_kernels._C`` or ``l2m_kernels._C_cuda``, which export the same functions; the cuda local
+backward takes a scratch tensor more), composed.
 
 Forward (nothing of size ``T x S`` or ``T x N`` is ever held):
 
@@ -36,6 +37,8 @@ fixed-order per-slot reduction, bitwise reproducible), which is passed through.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from ... import _ext
@@ -57,6 +60,15 @@ def extension(backend: str):
     if module is None:
         raise NotImplementedError(f"backend {backend!r} is unavailable: {error()}")
     return module
+
+
+def _local_attention_bwd(backend: str, ext):
+    """``backend``'s local attention backward, with the cpu extension's arguments: the cuda kernels
+    also take a scratch tensor (``cuda.local_attention_bwd``)."""
+    if backend == "cuda":
+        from .cuda import local_attention_bwd
+        return partial(local_attention_bwd, ext)
+    return ext.local_attention_bwd
 
 
 def _window_arg(window) -> int:
@@ -152,6 +164,7 @@ def memory_attention_bwd(backend, dout, dlse_local, dlse_mem, q, k, v, mem_keys,
     dlse_local, dlse_mem = dlse_local.to(acc).contiguous(), dlse_mem.to(acc).contiguous()
     lse_local, lse_mem, indices = lse_local.contiguous(), lse_mem.contiguous(), indices.contiguous()
     ext = extension(backend)
+    local_bwd = _local_attention_bwd(backend, ext)
     w = _window_arg(window)
 
     def read_bwd(dout_read, dweights, dlse_read, weights):
@@ -168,7 +181,7 @@ def memory_attention_bwd(backend, dout, dlse_local, dlse_mem, q, k, v, mem_keys,
     if rows == 0:
         # No query: every gradient is zero (the kernels zero dk / dv and the memory gradients).
         dlse_rows = torch.zeros((B, H, T), dtype=acc, device=device)
-        ext.local_attention_bwd(dout, dlse_rows, q, k, v, out, dlse_rows, w, scale, dq, dk, dv)
+        local_bwd(dout, dlse_rows, q, k, v, out, dlse_rows, w, scale, dq, dk, dv)
         no_weights = torch.zeros((B, H, T, topk), dtype=acc, device=device)
         _, dmem_keys, dmem_values = read_bwd(dout, no_weights, dlse_rows, no_weights.clone())
         dgate = torch.zeros_like(gate) if gate is not None else no_gate
@@ -183,7 +196,7 @@ def memory_attention_bwd(backend, dout, dlse_local, dlse_mem, q, k, v, mem_keys,
         dout_local = (dout_acc * w_local.unsqueeze(-1)).to(dtype)
         dout_mem = (dout_acc * w_mem.unsqueeze(-1)).to(dtype)
         del dout_acc
-        ext.local_attention_bwd(dout_local, dlse_local, q, k, v, out, lse_local, w, scale, dq, dk, dv)
+        local_bwd(dout_local, dlse_local, q, k, v, out, lse_local, w, scale, dq, dk, dv)
         dlse_read = dlse_mem + w_mem * (mem_dots - out_dots)
         dq_mem, dmem_keys, dmem_values = read_bwd(dout_mem, dweights, dlse_read, weights)
         dgate = no_gate
@@ -200,7 +213,7 @@ def memory_attention_bwd(backend, dout, dlse_local, dlse_mem, q, k, v, mem_keys,
                             _gate_rows(gate, B, H, T), d_local.view(rows, Dv), d_mem.view(rows, Dv),
                             d_gate_rows.view(rows))
         del out_mem
-        ext.local_attention_bwd(d_local, dlse_local, q, k, v, out_local, lse_local, w, scale, dq, dk, dv)
+        local_bwd(d_local, dlse_local, q, k, v, out_local, lse_local, w, scale, dq, dk, dv)
         dq_mem, dmem_keys, dmem_values = read_bwd(d_mem, dweights, dlse_mem, weights)
         dgate = _reduce_gate_grad(d_gate_rows, gate)
     dq.add_(dq_mem)

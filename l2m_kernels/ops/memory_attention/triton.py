@@ -93,9 +93,10 @@ import triton
 import triton.language as tl
 
 from ..._alloc import empty
+from .._common import f32_accumulator, store_accumulated
 from .._triton_lib import (COMPILE_OPTIONS, argument_types, block_d, compile_entry, config_label,
-                          constexpr_names, device_guard, f32_accumulator, f32_dot, merged_lse, row_block_rows,
-                          row_block_grid, side_weight, sigmoid_pair, store_accumulated)
+                          constexpr_names, device_guard, f32_dot, merged_lse, row_block_rows,
+                          row_block_grid, side_weight, sigmoid_pair)
 from ..topk_read import triton as topk_triton
 
 __all__ = [

@@ -83,11 +83,13 @@ def _cpu_write_bwd(dnew, memory, indices, weights, add, erase):
 #       flat (G, ...) contiguous inputs (see _flat_write_args), the plan of indices.view(G, T * kw);
 #       stores the written slots of out (G, N, D) only: out is a copy of memory, or memory itself.
 #   gated_memory_write_bwd(dnew, memory, indices, weights, add, erase, order, run_length,
-#                          dmemory, dweights, add_parts, erase_parts)
+#                          [cuda: dweight_partial,] dmemory, dweights, add_parts, erase_parts)
 #       dmemory (G, N, D) arrives as a copy of dnew (the kernel stores the written slots), dweights
 #       (G, T, kw) and the float32 (float64) per-entry parts add_parts (G * T * kw, D) and
 #       erase_parts (G * T * kw, erase_dim) arrive zeroed; the entry (g, t, j) gets w * dm in
 #       add_parts and its derase contribution in erase_parts (summed here over j, in j order).
+#       The cuda kernel also takes dweight_partial (G * T * kw,) float32 scratch, each entry's
+#       running dweight over its column chunks.
 
 def _gpu_kernels(backend: str):
     if backend == "cuda":
@@ -142,8 +144,9 @@ def _gpu_write_bwd(backend):
         erase_parts = torch.zeros((entries, erase_dim), dtype=acc, device=memory.device)
         plan = write_plan(flat[1].view(groups, steps * writes_per_step), num_slots)
         if entries and dim:
+            scratch = (torch.empty(entries, dtype=torch.float32, device=memory.device),) if backend == "cuda" else ()
             _gpu_kernels(backend).gated_memory_write_bwd(
-                dnew.contiguous().view(flat[0].shape), *flat, plan.order, plan.run_length,
+                dnew.contiguous().view(flat[0].shape), *flat, plan.order, plan.run_length, *scratch,
                 dmemory.view(flat[0].shape), dweights.view(flat[2].shape), add_parts, erase_parts)
         # Sums over the kw entries of each step, in j order (a fixed reduction: deterministic).
         dadd = add_parts.view(groups, steps, writes_per_step, dim).sum(2).to(add.dtype)

@@ -16,7 +16,9 @@ from torch import Tensor
 
 from ... import _ext
 from ..._alloc import empty
-from .._common import acc_dtype, contiguous_like, declared_op, reference_vjp, rows_for
+from .._common import (acc_dtype, contiguous_like, declared_op, f32_accumulator, reference_vjp, rows_for,
+                       store_accumulated)
+from .plan import half_scratch, subkey_segments, value_segments
 from .reference import product_key_gather, product_key_select
 from .validate import check_args
 
@@ -146,22 +148,68 @@ def _triton_bwd(dout, dweights, dlse, q, subkeys, values, indices, weights, scal
     return (dq, dsubkeys) + _gpu_value_grad(indices, dvalues, values, sparse_grad)
 
 
+def cuda_product_key_fwd(ext, q, subkeys, values, k, k_sub, scale, sum_heads, out, indices, weights, lse):
+    """The cuda forward into preallocated outputs, through ``ext`` (``l2m_kernels._C_cuda``; the
+    arguments of the triton launcher ``product_key_fwd``), with the scratch between its kernels
+    (:func:`.plan.half_scratch`). B * H * T == 0: nothing is written but a sum_heads ``out`` over no
+    heads, zeroed."""
+    # A k_sub out of range is refused by product_key_fwd, with the scratch of none.
+    half_scores, half_ids = half_scratch(q, max(k_sub, 0))
+    ext.product_key_fwd(q, subkeys, values, k, k_sub, scale, sum_heads, half_scores, half_ids, out, indices,
+                        weights, lse)
+
+
+def cuda_product_key_bwd(ext, dout, dweights, dlse, q, subkeys, values, indices, weights, scale, sum_heads,
+                         sparse_grad, deterministic, dq, dsubkeys, dvalues):
+    """The cuda backward into preallocated gradients, through ``ext`` (``l2m_kernels._C_cuda``; the
+    arguments of the triton launcher ``product_key_bwd``).
+
+    ``deterministic``: ``product_key_bwd`` writes dq, the sparse rows and each entry's ds (float32
+    scratch), then ``product_key_segment_sum`` sums dsubkeys and a dense dvalues over the entries
+    grouped by row (:func:`.plan.subkey_segments`, :func:`.plan.value_segments`) in a fixed order.
+    Else float32 atomics into zeroed accumulators, copied into dsubkeys / dvalues afterwards.
+    """
+    if not deterministic:
+        dsubkeys_acc = f32_accumulator(dsubkeys)
+        dvalues_acc = None if sparse_grad else f32_accumulator(dvalues)
+        ext.product_key_bwd(dout, dweights, dlse, q, subkeys, values, indices, weights, scale, sum_heads,
+                            sparse_grad, False, None, dsubkeys_acc, dvalues_acc, dq, dsubkeys, dvalues)
+        store_accumulated(dsubkeys, dsubkeys_acc)
+        if not sparse_grad:
+            store_accumulated(dvalues, dvalues_acc)
+        return
+    ds = torch.empty((indices.numel(),), dtype=torch.float32, device=q.device)
+    ext.product_key_bwd(dout, dweights, dlse, q, subkeys, values, indices, weights, scale, sum_heads,
+                        sparse_grad, True, ds, None, None, dq, dsubkeys, dvalues)
+    if indices.numel() == 0:  # no entry: product_key_bwd zeroed the gradients
+        return
+    # The call passed its checks: the shapes below are the kernels'. Explicit sizes: views of
+    # tensors without elements (Dk or Dv = 0) have no -1 size.
+    B, H, T, k = indices.shape
+    n_sub, half = subkeys.shape[-2:]
+    ext.product_key_segment_sum(q.view(B * H * T * 2, half), ds, *subkey_segments(indices, n_sub), scale,
+                                dsubkeys.view(H * 2 * n_sub, half))
+    if not sparse_grad:
+        dout_rows = dout.view((B * T if sum_heads else B * H * T), dout.shape[-1])
+        ext.product_key_segment_sum(dout_rows, weights.view(indices.numel()),
+                                    *value_segments(indices, values.shape[0], sum_heads), 1.0, dvalues)
+
+
 def _cuda_fwd(q, subkeys, values, k, k_sub, scale, sum_heads, deterministic):
     # The forward has no float atomics (heads summed in a fixed order): always deterministic.
     out, indices, weights, lse = _fwd_outputs(q, values, k, sum_heads)
-    # (B * H * T == 0: the binding writes nothing but zeros a sum_heads out over no heads.)
-    _ext.cuda_extension().product_key_fwd(q.contiguous(), subkeys.contiguous(), values.contiguous(), k,
-                                          k_sub, scale, sum_heads, out, indices, weights, lse)
+    cuda_product_key_fwd(_ext.cuda_extension(), q.contiguous(), subkeys.contiguous(), values.contiguous(), k,
+                         k_sub, scale, sum_heads, out, indices, weights, lse)
     return out, indices, weights, lse
 
 
 def _cuda_bwd(dout, dweights, dlse, q, subkeys, values, indices, weights, scale, sum_heads,
               sparse_grad, deterministic):
     dq, dsubkeys, dvalues = _gpu_bwd_outputs(q, subkeys, values, indices, sparse_grad)
-    _ext.cuda_extension().product_key_bwd(
-        dout.contiguous(), dweights.contiguous(), dlse.contiguous(), q.contiguous(), subkeys.contiguous(),
-        values.contiguous(), indices.contiguous(), weights.contiguous(), scale, sum_heads, sparse_grad,
-        deterministic, dq, dsubkeys, dvalues)
+    cuda_product_key_bwd(
+        _ext.cuda_extension(), dout.contiguous(), dweights.contiguous(), dlse.contiguous(), q.contiguous(),
+        subkeys.contiguous(), values.contiguous(), indices.contiguous(), weights.contiguous(), scale, sum_heads,
+        sparse_grad, deterministic, dq, dsubkeys, dvalues)
     return (dq, dsubkeys) + _gpu_value_grad(indices, dvalues, values, sparse_grad)
 
 

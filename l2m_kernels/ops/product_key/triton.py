@@ -75,10 +75,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .._common import f32_accumulator, store_accumulated
 from .._triton_lib import (COMPILE_OPTIONS, INT64_MIN, MIN_K_PAD, argument_types, bitonic_merge,
                           bitonic_sort, block_d, compile_entry, config_label, constexpr_names,
-                          decode_keys, device_guard, encode_key, encode_keys, f32_accumulator, f32_dot,
-                          pow2_at_least, row_block, row_block_grid, row_block_rows, store_accumulated)
+                          decode_keys, device_guard, encode_key, encode_keys, f32_dot,
+                          pow2_at_least, row_block, row_block_grid, row_block_rows)
+from .plan import half_scratch, subkey_segments, value_segments
 from ..topk_read.triton import MAX_BLOCK_D, select_config
 
 __all__ = ["product_key_fwd", "product_key_bwd", "COMPILE_CONFIGS", "MAX_K", "MAX_K_SUB"]
@@ -644,9 +646,7 @@ def product_key_fwd(q, subkeys, values, k, k_sub, scale, sum_heads, out, indices
         if out.numel():  # sum over no heads
             out.zero_()
         return
-    device = q.device
-    sub_scores = torch.empty((B * H * T, 2, k_sub), dtype=torch.float32, device=device)
-    sub_ids = torch.empty((B * H * T, 2, k_sub), dtype=torch.int32, device=device)
+    sub_scores, sub_ids = half_scratch(q, k_sub)
     with device_guard(q):
         constexprs, num_warps = _select_constexprs(k_sub, Dh, q.dtype)
         num_row_blocks, programs = row_block_grid(T, constexprs["BLOCK_T"], B * H)
@@ -670,20 +670,16 @@ def product_key_fwd(q, subkeys, values, k, k_sub, scale, sum_heads, out, indices
         )
 
 
-def _segments(keys: torch.Tensor, num_rows: int):
-    """Entries grouped by destination row: (entry_order, run_starts), stable, deterministic."""
-    sorted_keys, entry_order = torch.sort(keys, stable=True)
-    run_starts = torch.searchsorted(sorted_keys, torch.arange(num_rows + 1, device=keys.device, dtype=keys.dtype))
-    return entry_order, run_starts.contiguous()
-
-
-def _segment_reduce(src, coef, entry_coef, entry_src, run_starts, dst, scale):
+def _segment_reduce(src, coef, segments, dst, scale):
+    """``product_key_bwd_segment_kernel`` over the rows of ``dst (S, D)`` grouped by ``segments``
+    (plan.py), whose source rows are rows of ``src`` of width D (the kernel takes their element
+    offsets)."""
     num_rows, D = dst.shape
     if num_rows == 0:
         return
     constexprs, num_warps = _segment_constexprs(D)
     product_key_bwd_segment_kernel[(num_rows,)](
-        src, coef, entry_coef.contiguous(), entry_src.contiguous(), run_starts, dst, D, float(scale),
+        src, coef, segments.entry_coef, segments.entry_src * D, segments.run_starts, dst, D, float(scale),
         **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
     )
 
@@ -748,23 +744,10 @@ def product_key_bwd(dout, dweights, dlse, q, subkeys, values, indices, weights, 
             **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
         )
         if not atomic:
-            entry = torch.arange(E, device=device, dtype=torch.int64)
-            row = entry // k                                  # flat (b, h, t)
-            slot = indices.reshape(-1).to(torch.int64)
-            # Sub-key rows: (h, 0, slot // n_sub) for the first half, (h, 1, slot % n_sub) for the second.
-            head_base = (row // T % H) * (2 * n_sub)
-            sub_keys = torch.cat([head_base + slot // n_sub, head_base + n_sub + slot % n_sub])
-            order, run_starts = _segments(sub_keys, H * 2 * n_sub)
-            coef_entry = order % E
-            src_offset = row[coef_entry] * Dk + torch.where(order >= E, Dh, 0)
             if Dh:  # Dk = 0: dsubkeys has no element to reduce into (and no (-1, 0) view)
-                _segment_reduce(q, ds, coef_entry, src_offset, run_starts, dsubkeys.view(-1, Dh), scale)
+                _segment_reduce(q, ds, subkey_segments(indices, n_sub), dsubkeys.view(-1, Dh), scale)
             if not sparse_grad:
-                order, run_starts = _segments(slot, N)
-                dout_row = row[order]
-                if sum_heads:
-                    dout_row = dout_row // (H * T) * T + dout_row % T
-                _segment_reduce(dout, weights, order, dout_row * Dv, run_starts, dvalues, 1.0)
+                _segment_reduce(dout, weights, value_segments(indices, N, bool(sum_heads)), dvalues, 1.0)
     if atomic:
         store_accumulated(dsubkeys, dsubkeys_acc)
         if not sparse_grad:

@@ -7,6 +7,7 @@ the k selected slots per query are touched). Backends other than the reference p
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional, Tuple
 
 import torch
@@ -14,7 +15,9 @@ from torch import Tensor
 
 from ... import _ext
 from ..._alloc import empty
-from .._common import acc_dtype, contiguous_like, declared_op, reference_vjp, rows_for
+from .._common import (acc_dtype, contiguous_like, declared_op, f32_accumulator, reference_vjp, rows_for,
+                       store_accumulated)
+from .plan import slot_runs, threshold_tau
 from .reference import topk_read_gather, topk_read_select
 from .validate import check_args, check_values
 
@@ -31,13 +34,64 @@ def _reference_bwd(dout, dweights, dlse, q, keys, values, indices, weights, scal
                                (q, keys, values), (dout, dweights, dlse), (True, True, True)))
 
 
+def cuda_topk_read_fwd(ext, q, keys, values, valid_len, k, scale, out, indices, weights, lse,
+                       use_threshold=True):
+    """The cuda forward into preallocated outputs, through ``ext`` (``l2m_kernels._C_cuda``; the
+    arguments of the triton launcher ``topk_read_fwd``).
+
+    With ``use_threshold`` and at least k chunks of slots, a pre-pass (``topk_read_chunk_max``)
+    writes each row's chunk maxima of the sort keys, whose k-th largest, tau
+    (:func:`.plan.threshold_tau`), bounds the row's k-th best key from below: the selection then
+    merges only candidates >= tau. Without it the selection kernel alone (the same result).
+    """
+    tau = None
+    # A malformed q or keys: topk_read_fwd says what is wrong.
+    if use_threshold and q.dim() == 4 and keys.dim() >= 2 and q.shape[:-1].numel():
+        num_chunks = ext.topk_read_num_chunks(keys.shape[-2])
+        if num_chunks >= k:
+            chunk_max = torch.empty((*q.shape[:-1], num_chunks), dtype=torch.int64, device=q.device)
+            ext.topk_read_chunk_max(q, keys, values, valid_len, k, scale, chunk_max)
+            tau = threshold_tau(chunk_max, k)
+    ext.topk_read_fwd(q, keys, values, valid_len, k, scale, tau, out, indices, weights, lse)
+
+
+def cuda_topk_read_bwd(ext, dout, dweights, dlse, q, keys, values, indices, weights, scale, deterministic,
+                       dq, dkeys, dvalues):
+    """The cuda backward into preallocated gradients, through ``ext`` (``l2m_kernels._C_cuda``; the
+    arguments of the triton launcher ``topk_read_bwd``).
+
+    ``deterministic``: the slot gradients are summed per slot in a fixed order, over the entries
+    grouped by :func:`.plan.slot_runs`, with a (B*H*T*k,) float32 scratch of each entry's ds. Else
+    float32 atomics into zeroed accumulators, copied into dkeys / dvalues afterwards.
+    """
+    if deterministic:
+        plan = (None,) * 3
+        # Without entries no kernel runs; a malformed call is refused by topk_read_bwd.
+        if (indices.dim() == 4 and indices.numel() and keys.dim() in (3, 4) and keys.shape[-3]
+                and indices.shape[1] % keys.shape[-3] == 0):
+            plan = slot_runs(indices, keys.shape[-3], keys.shape[-2], keys.dim() == 3)
+        ds = torch.empty((indices.numel(),), dtype=torch.float32, device=q.device)
+        ext.topk_read_bwd(dout, dweights, dlse, q, keys, values, indices, weights, scale, True, *plan, ds,
+                          None, None, dq, dkeys, dvalues)
+        return
+    dkeys_acc, dvalues_acc = f32_accumulator(dkeys), f32_accumulator(dvalues)
+    ext.topk_read_bwd(dout, dweights, dlse, q, keys, values, indices, weights, scale, False, None, None, None,
+                      None, dkeys_acc, dvalues_acc, dq, dkeys, dvalues)
+    store_accumulated(dkeys, dkeys_acc)
+    store_accumulated(dvalues, dvalues_acc)
+
+
 def _kernels(backend: str):
+    """``backend``'s (topk_read_fwd, topk_read_bwd), with the triton launchers' arguments (the cpu
+    backward takes no ``deterministic``)."""
     if backend == "cpu":
-        return _ext.cpu_extension()
+        ext = _ext.cpu_extension()
+        return ext.topk_read_fwd, ext.topk_read_bwd
     if backend == "cuda":
-        return _ext.cuda_extension()
+        ext = _ext.cuda_extension()
+        return partial(cuda_topk_read_fwd, ext), partial(cuda_topk_read_bwd, ext)
     from . import triton as triton_kernels
-    return triton_kernels
+    return triton_kernels.topk_read_fwd, triton_kernels.topk_read_bwd
 
 
 def _fused_fwd(backend):
@@ -52,8 +106,8 @@ def _fused_fwd(backend):
         lse = empty((B, H, T), dtype=acc, device=q.device)
         if B * H * T:
             vl = None if valid_len is None else valid_len.to(torch.int64).contiguous()
-            _kernels(backend).topk_read_fwd(rows(q), keys.contiguous(), values.contiguous(), vl, k,
-                                           scale, out, indices, weights, lse)
+            _kernels(backend)[0](rows(q), keys.contiguous(), values.contiguous(), vl, k, scale, out, indices,
+                                 weights, lse)
         return out, indices, weights, lse
     return fwd
 
@@ -69,7 +123,7 @@ def _fused_bwd(backend):
                 values.contiguous(), indices.contiguous(), weights.contiguous(), scale)
         if backend != "cpu":  # the cpu backward is always deterministic (per-slot reduction order)
             args = args + (deterministic,)
-        _kernels(backend).topk_read_bwd(*args, dq, dkeys, dvalues)
+        _kernels(backend)[1](*args, dq, dkeys, dvalues)
         return dq, dkeys, dvalues
     return bwd
 

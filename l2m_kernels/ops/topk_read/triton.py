@@ -154,11 +154,13 @@ import triton
 import triton.language as tl
 
 from ... import _gpu_status
+from .._common import f32_accumulator, store_accumulated
 from .._triton_lib import (COMPILE_OPTIONS, INT32_MIN, INT64_MIN, MIN_K_PAD, argument_types,
                           bitonic_merge, bitonic_sort, block_d, compile_entry, config_label,
                           constexpr_names, decode_keys, device_guard, encode_key, encode_keys,
-                          f32_accumulator, f32_dot, order_bits, pow2_at_least, row_block, row_block_grid,
-                          row_block_rows, store_accumulated, weighted_dw_sum)
+                          f32_dot, order_bits, pow2_at_least, row_block, row_block_grid,
+                          row_block_rows, weighted_dw_sum)
+from .plan import slot_runs, threshold_tau
 
 __all__ = [
     "topk_read_fwd",
@@ -1284,7 +1286,7 @@ def _threshold_select(q, keys, valid_len, k, scale, indices, weights, lse, B, Hm
             q, keys, valid_len_arg, chunk_max, R, N, Dk, float(scale), Hm, keys_batch_stride,
             num_row_blocks, n_chunks, **constexprs, num_warps=num_warps, **COMPILE_OPTIONS,
         )
-        tau = torch.topk(chunk_max, k, dim=1).values[:, k - 1].contiguous()
+        tau = threshold_tau(chunk_max, k)
         del chunk_max
     cand, count = _candidate_buffers(R_total, cap, q.device)
     topk_read_fwd_collect_kernel[grid](
@@ -1340,28 +1342,9 @@ def _strided_threshold_select(q, keys, valid_len, k, scale, indices, weights, ls
 _THRESHOLD_SELECTS = {"threshold": _threshold_select, "threshold-strided": _strided_threshold_select}
 
 
-def _slot_runs(indices: torch.Tensor, B, H, T, Hm, N, R, M, shared: bool):
-    """Entries grouped by slot: (entry_order, entry_rows, run_starts) for topk_read_bwd_slot_kernel.
-
-    ``entry_order`` lists the flat (b, h, t, j) entry ids sorted stably by ``memory * N + slot``
-    (missing entries last, with key ``M * N``); ``run_starts[s]`` is where slot ``s`` (of the
-    ``M * N``) starts in it. A stable sort and a binary search: deterministic on every device.
-    """
-    k = indices.shape[-1]
-    device = indices.device
-    bh = torch.arange(B * H * T, device=device, dtype=torch.int64) // R   # b * Hm + hm of each row
-    memory = bh % Hm if shared else bh
-    flat = indices.reshape(B * H * T, k)
-    live = (flat >= 0) & (flat < N)
-    slot_key = torch.where(live, memory[:, None] * N + flat, M * N).reshape(-1)
-    sorted_keys, entry_order = torch.sort(slot_key, stable=True)
-    run_starts = torch.searchsorted(sorted_keys, torch.arange(M * N + 1, device=device, dtype=torch.int64))
-    return entry_order.contiguous(), (entry_order // k).contiguous(), run_starts.contiguous()
-
-
 def slot_reduce_bwd(q, dout, weights, ds, indices, scale, Hm, N, shared, dkeys, dvalues) -> None:
     """Deterministic slot gradients: ``topk_read_bwd_slot_kernel`` sums each slot's entries in a
-    fixed order (entries grouped by :func:`_slot_runs`), writing every row of ``dkeys`` and
+    fixed order (entries grouped by :func:`.plan.slot_runs`), writing every row of ``dkeys`` and
     ``dvalues`` (zeros for untouched slots). Used by the top-k read and the fused memory attention.
 
     Args:
@@ -1378,8 +1361,8 @@ def slot_reduce_bwd(q, dout, weights, ds, indices, scale, Hm, N, shared, dkeys, 
     """
     B, H, T, Dk = q.shape
     Dv = dout.shape[-1]
-    R, M = (H // Hm) * T, (Hm if shared else B * Hm)
-    entry_order, entry_rows, run_starts = _slot_runs(indices, B, H, T, Hm, N, R, M, shared)
+    M = Hm if shared else B * Hm
+    entry_order, entry_rows, run_starts = slot_runs(indices, Hm, N, shared)
     constexprs, num_warps = _slot_constexprs(Dk, Dv)
     topk_read_bwd_slot_kernel[(M * N,)](
         q, dout, weights, ds, entry_order, entry_rows, run_starts, dkeys, dvalues, Dk, Dv, float(scale),

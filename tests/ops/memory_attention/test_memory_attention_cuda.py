@@ -1,5 +1,6 @@
 """The CUDA kernels of the memory_attention cuda backend in ``l2m_kernels._C_cuda``, called
-directly: local_attention_fwd / _bwd against the float64 reference
+directly (local_attention_bwd with its scratch, through ``cuda.local_attention_bwd``):
+local_attention_fwd / _bwd against the float64 reference
 (``l2m_kernels/ops/memory_attention/reference.py``) and memory_read_weights against the top-k
 read's reference gather.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from l2m_kernels.ops.memory_attention.cuda import local_attention_bwd
 from l2m_kernels.ops.memory_attention.reference import local_attention_ref
 from l2m_kernels.ops.topk_read.reference import topk_read_gather
 from l2m_kernels.testing import assert_close, bits_equal, lse_dtype, nan_filled
@@ -73,8 +75,8 @@ def _local(ext, q, k, v, window, scale):
 
 def _local_bwd(ext, dout, dlse, q, k, v, out, lse, window, scale):
     grads = tuple(nan_filled(t.shape, t.dtype, t.device) for t in (q, k, v))
-    ext.local_attention_bwd(dout, dlse, q, k, v, out, lse, -1 if window is None else window,
-                            scale, *grads)
+    local_attention_bwd(ext, dout, dlse, q, k, v, out, lse, -1 if window is None else window,
+                        scale, *grads)
     return grads
 
 
@@ -295,7 +297,7 @@ def _bad_calls(device):
                     lse=torch.zeros(B, H, T, device=device), window=-1, scale=1.0,
                     dq=torch.empty_like(q), dk=torch.empty_like(kk), dv=torch.empty_like(v))
         args.update(changes)
-        return lambda ext: ext.local_attention_bwd(**args)
+        return lambda ext: local_attention_bwd(ext, **args)
 
     def weights(**changes):
         args = dict(q=q, keys=keys, values=values, indices=indices,

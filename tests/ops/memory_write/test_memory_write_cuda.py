@@ -1,6 +1,6 @@
 """The CUDA gated memory write kernels of ``l2m_kernels._C_cuda`` (gated_memory_write_fwd / _bwd),
-called directly as function.py's GPU launchers call them (flat (G, ...) operands and the write
-plan of ``plan.py``), against the float64 reference (``l2m_kernels/ops/memory_write/reference.py``).
+called directly as function.py's GPU launchers call them (flat (G, ...) operands, the write
+plan of ``plan.py`` and the backward's scratch), against the float64 reference (``l2m_kernels/ops/memory_write/reference.py``).
 
 float32, float16 and bfloat16 with int32 and int64 indices: the forward out of place (every
 written slot pre-filled with NaN; unwritten slots bitwise unchanged) and in place (bitwise equal
@@ -156,8 +156,9 @@ def check_memory_write(ext, device, case, dtype):
             dweights[live] = NAN
             add_parts[live_entries] = NAN
             erase_parts[live_entries] = NAN
+        dweight_partial = torch.empty(E, device=device)  # scratch
         ext.gated_memory_write_bwd(dnew_f, mem_f, idx_f, w_f, add_f, erase_f, plan.order,
-                                   plan.run_length, dmemory, dweights, add_parts,
+                                   plan.run_length, dweight_partial, dmemory, dweights, add_parts,
                                    erase_parts)
         dadd = add_parts.view(G, T, kw, D).sum(2).to(dtype)
         derase = erase_parts.view(G, T, kw, erase_dim).sum(2).to(dtype)
@@ -199,6 +200,7 @@ def _bad_calls(device):
     def bwd(**changes):
         args = dict(dnew=torch.randn_like(memory), memory=memory, indices=indices,
                     weights=weights, add=add, erase=erase, order=order, run_length=run_length,
+                    dweight_partial=torch.empty(E, device=device),
                     dmemory=torch.empty_like(memory), dweights=torch.zeros_like(weights),
                     add_parts=torch.zeros(E, D, device=device),
                     erase_parts=torch.zeros(E, D, device=device))

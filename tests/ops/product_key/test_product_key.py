@@ -287,3 +287,51 @@ def test_product_key_infinite_score_lse(backend, device):
         lse = read.lse.cpu()[0, 0]
         assert lse[0] == float("inf") and torch.isnan(lse[1]) and torch.isfinite(lse[2]), f"k={k}: {lse}"
         assert_close("lse", read.lse, want[3])
+
+
+# ---- the GPU backends' plans (product_key/plan.py), on the CPU against brute-force Python ----
+
+def _brute_force_segments(contributions, num_rows):
+    """(entry_coef, entry_src, run_starts) as lists from (row, coef, src) triples in entry order."""
+    runs = {}
+    for row, coef, src in contributions:
+        runs.setdefault(row, []).append((coef, src))
+    coefs, srcs, starts = [], [], []
+    for row in range(num_rows):
+        starts.append(len(coefs))
+        coefs += [c for c, _ in runs.get(row, [])]
+        srcs += [s for _, s in runs.get(row, [])]
+    starts.append(len(coefs))
+    return coefs, srcs, starts
+
+
+def _check_segments(segments, expected):
+    coefs, srcs, starts = expected
+    assert segments.run_starts.tolist() == starts
+    assert segments.entry_coef[:len(coefs)].tolist() == coefs
+    assert segments.entry_src[:len(srcs)].tolist() == srcs
+
+
+@pytest.mark.parametrize("sum_heads", [False, True])
+@pytest.mark.parametrize("B,H,T,n_sub,k", [(1, 1, 1, 1, 1), (2, 3, 4, 3, 5), (1, 2, 6, 5, 25)])
+def test_segments_match_brute_force(B, H, T, n_sub, k, sum_heads):
+    """Each entry's contributions grouped by the gradient row they add to, in entry order; entries
+    outside [0, n_sub ** 2) in no run."""
+    from l2m_kernels.ops.product_key.plan import subkey_segments, value_segments
+    N = n_sub * n_sub
+    g = torch.Generator().manual_seed(B * 100 + T * 10 + k)
+    indices = torch.randint(-1, N + 1, (B, H, T, k), generator=g)
+    subkey_rows, value_rows = [], []
+    for b in range(B):
+        for h in range(H):
+            for t in range(T):
+                row = (b * H + h) * T + t
+                for m in range(k):
+                    slot = int(indices[b, h, t, m])
+                    if not 0 <= slot < N:
+                        continue
+                    for half, sub in ((0, slot // n_sub), (1, slot % n_sub)):
+                        subkey_rows.append(((h * 2 + half) * n_sub + sub, row * k + m, row * 2 + half))
+                    value_rows.append((slot, row * k + m, b * T + t if sum_heads else row))
+    _check_segments(subkey_segments(indices, n_sub), _brute_force_segments(subkey_rows, H * 2 * n_sub))
+    _check_segments(value_segments(indices, N, sum_heads), _brute_force_segments(value_rows, N))

@@ -1,6 +1,7 @@
 """The CUDA product-key read kernels of ``l2m_kernels._C_cuda`` (product_key_fwd /
-product_key_bwd), called directly, against the float64 reference
-(``l2m_kernels/ops/product_key/reference.py``).
+product_key_bwd / product_key_segment_sum, with the scratch and plans the cuda launchers make:
+``cuda_product_key_fwd`` / ``cuda_product_key_bwd``), called directly, against the float64
+reference (``l2m_kernels/ops/product_key/reference.py``).
 
 float32, float16 and bfloat16 with outputs pre-filled with NaN (indices with a sentinel): the
 selection must be a valid top-k of the float64 candidate scores (``assert_valid_topk`` over
@@ -18,6 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from l2m_kernels.ops.product_key.function import cuda_product_key_bwd, cuda_product_key_fwd
 from l2m_kernels.ops.product_key.reference import product_key_gather, product_key_select
 from l2m_kernels.testing import (assert_close, assert_valid_topk, bits_equal, nan_filled,
                                  product_key_scores)
@@ -99,8 +101,8 @@ def check_product_key(ext, device, case, dtype):
     indices = torch.full((B, H, T, k), INDEX_SENTINEL, dtype=torch.int64, device=device)
     weights = nan_filled((B, H, T, k), torch.float32, device)
     lse = nan_filled((B, H, T), torch.float32, device)
-    ext.product_key_fwd(q, subkeys, values, k, k_sub, scale, sum_heads, out, indices,
-                        weights, lse)
+    cuda_product_key_fwd(ext, q, subkeys, values, k, k_sub, scale, sum_heads, out, indices,
+                         weights, lse)
 
     if B * H * T:
         scores, selectable, candidates = product_key_scores(q, subkeys, k_sub, scale)
@@ -128,8 +130,8 @@ def check_product_key(ext, device, case, dtype):
         dq = nan_filled(q.shape, dtype, device)
         dsub = nan_filled(subkeys.shape, dtype, device)
         dval = nan_filled((B * H * T * k, Dv) if sparse else values.shape, dtype, device)
-        ext.product_key_bwd(dout, dweights, dlse, q, subkeys, values, indices, weights,
-                            scale, sum_heads, sparse, deterministic, dq, dsub, dval)
+        cuda_product_key_bwd(ext, dout, dweights, dlse, q, subkeys, values, indices, weights,
+                             scale, sum_heads, sparse, deterministic, dq, dsub, dval)
         return dq, dsub, dval
 
     finite_rows = ~nan_rows
@@ -156,7 +158,8 @@ def check_product_key(ext, device, case, dtype):
 
 
 def _bad_calls(device):
-    """Bad product_key calls and the exception type each raises (they never launch)."""
+    """Bad product_key calls through the cuda launcher and the exception type each raises (they
+    never launch)."""
     B, H, T, Dk, n_sub, Dv, k, k_sub = 1, 2, 3, 8, 5, 4, 4, 3
     q = torch.randn(B, H, T, Dk, device=device)
     subkeys = torch.randn(H, 2, n_sub, Dk // 2, device=device)
@@ -167,24 +170,24 @@ def _bad_calls(device):
                 torch.empty(*shape, k_, dtype=torch.int64, device=device),
                 torch.empty(*shape, k_, device=device), torch.empty(*shape, device=device))
 
+    def fwd(*args):
+        return lambda ext: cuda_product_key_fwd(ext, *args)
+
     n_big = 300
     return {
-        "k > k_sub ** 2": (ValueError, lambda ext: ext.product_key_fwd(
-            q, subkeys, values, 10, k_sub, 1.0, False, *outs(10))),
-        "k_sub > n_sub": (ValueError, lambda ext: ext.product_key_fwd(
-            q, subkeys, values, k, 6, 1.0, False, *outs())),
-        "wrong subkeys shape": (ValueError, lambda ext: ext.product_key_fwd(
-            q, subkeys[:, :, :4].contiguous(), values, k, k_sub, 1.0, False, *outs())),
-        "wrong values shape": (ValueError, lambda ext: ext.product_key_fwd(
-            q, subkeys, values[:-1], k, k_sub, 1.0, False, *outs())),
-        "float64": (TypeError, lambda ext: ext.product_key_fwd(
-            q.double(), subkeys.double(), values.double(), k, k_sub, 1.0, False, *outs())),
-        "cpu tensor": (ValueError, lambda ext: ext.product_key_fwd(
-            q.cpu(), subkeys, values, k, k_sub, 1.0, False, *outs())),
-        "Dk > 512": (NotImplementedError, lambda ext: ext.product_key_fwd(
+        "k > k_sub ** 2": (ValueError, fwd(q, subkeys, values, 10, k_sub, 1.0, False, *outs(10))),
+        "k_sub > n_sub": (ValueError, fwd(q, subkeys, values, k, 6, 1.0, False, *outs())),
+        "wrong subkeys shape": (ValueError, fwd(q, subkeys[:, :, :4].contiguous(), values, k,
+                                                k_sub, 1.0, False, *outs())),
+        "wrong values shape": (ValueError, fwd(q, subkeys, values[:-1], k, k_sub, 1.0, False,
+                                               *outs())),
+        "float64": (TypeError, fwd(q.double(), subkeys.double(), values.double(), k, k_sub, 1.0,
+                                   False, *outs())),
+        "cpu tensor": (ValueError, fwd(q.cpu(), subkeys, values, k, k_sub, 1.0, False, *outs())),
+        "Dk > 512": (NotImplementedError, fwd(
             torch.randn(1, 1, 2, 514, device=device), torch.randn(1, 2, 4, 257, device=device),
             torch.randn(16, 4, device=device), 2, 2, 1.0, False, *outs(2, (1, 1, 2), 4))),
-        "k_sub > 256": (NotImplementedError, lambda ext: ext.product_key_fwd(
+        "k_sub > 256": (NotImplementedError, fwd(
             torch.randn(1, 1, 2, 4, device=device), torch.randn(1, 2, n_big, 2, device=device),
             torch.randn(n_big * n_big, 1, device=device), 4, 257, 1.0, False,
             *outs(4, (1, 1, 2), 1))),
@@ -205,14 +208,15 @@ def test_product_key_bwd_skips_out_of_range_indices(cuda_ext, deterministic):
     values = torch.randn(n_sub * n_sub, Dv, device="cuda")
     out, indices = torch.empty(B, H, T, Dv, device="cuda"), torch.empty(B, H, T, k, dtype=torch.int64, device="cuda")
     weights, lse = torch.empty(B, H, T, k, device="cuda"), torch.empty(B, H, T, device="cuda")
-    cuda_ext.product_key_fwd(q, subkeys, values, k, k_sub, 1.0, False, out, indices, weights, lse)
+    cuda_product_key_fwd(cuda_ext, q, subkeys, values, k, k_sub, 1.0, False, out, indices, weights,
+                         lse)
     bad = indices.clone()
     bad[0, 0, 0, 0] = n_sub * n_sub + 100
     bad[0, 1, 2, 1] = -5
     dq, dsub, dval = torch.empty_like(q), torch.empty_like(subkeys), torch.empty_like(values)
-    cuda_ext.product_key_bwd(torch.randn_like(out), torch.randn_like(weights), torch.randn_like(lse),
-                             q, subkeys, values, bad, weights, 1.0, False, False, deterministic,
-                             dq, dsub, dval)
+    cuda_product_key_bwd(cuda_ext, torch.randn_like(out), torch.randn_like(weights),
+                         torch.randn_like(lse), q, subkeys, values, bad, weights, 1.0, False, False,
+                         deterministic, dq, dsub, dval)
     torch.cuda.synchronize()
     assert torch.isfinite(dq).all() and torch.isfinite(dsub).all() and torch.isfinite(dval).all()
 

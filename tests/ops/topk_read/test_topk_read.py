@@ -107,3 +107,47 @@ def test_topk_read_deterministic_gradients(backend, device):
         runs.append(torch.autograd.grad(read.out.sum() + read.lse.sum(), (q, keys, values)))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+# ---- the GPU backends' plans (topk_read/plan.py), on the CPU against brute-force Python ----
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per-batch", "shared"])
+@pytest.mark.parametrize("B,H,Hm,T,N,k", [(1, 1, 1, 5, 1, 1), (2, 4, 2, 3, 6, 4), (3, 2, 1, 4, 17, 9)])
+def test_slot_runs_matches_brute_force(B, H, Hm, T, N, k, shared):
+    """Entries grouped by (memory, slot), stably, entries outside [0, N) left out of every run."""
+    from l2m_kernels.ops.topk_read.plan import slot_runs
+    g = torch.Generator().manual_seed(B * 1000 + N * 10 + k + shared)
+    indices = torch.randint(-2, N + 2, (B, H, T, k), generator=g)  # -2, -1, N, N + 1 contribute nothing
+    runs = slot_runs(indices, Hm, N, shared)
+    memories = Hm if shared else B * Hm
+    entries = {}  # (memory, slot) -> flat entry ids, in entry order
+    for b in range(B):
+        for h in range(H):
+            memory = (0 if shared else b * Hm) + h // (H // Hm)
+            for t in range(T):
+                for j in range(k):
+                    slot = int(indices[b, h, t, j])
+                    if 0 <= slot < N:
+                        entries.setdefault(memory * N + slot, []).append(((b * H + h) * T + t) * k + j)
+    order, starts = [], []
+    for key in range(memories * N):
+        starts.append(len(order))
+        order += entries.get(key, [])
+    starts.append(len(order))
+    assert runs.run_starts.tolist() == starts
+    assert runs.entry_order[:len(order)].tolist() == order
+    assert sorted(runs.entry_order[len(order):].tolist()) == runs.entry_order[len(order):].tolist()
+    assert torch.equal(runs.entry_rows, runs.entry_order // k)
+    assert sorted(runs.entry_order.tolist()) == list(range(indices.numel()))
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_threshold_tau_is_kth_largest(k):
+    from l2m_kernels.ops.topk_read.plan import threshold_tau
+    g = torch.Generator().manual_seed(k)
+    chunk_max = torch.randint(-2**62, 2**62, (2, 3, 4, 8), generator=g)
+    chunk_max[0, 0, 0, 2:] = torch.iinfo(torch.int64).min  # two chunks with a slot: no bound for k > 2
+    tau = threshold_tau(chunk_max, k)
+    assert tau.shape == (2, 3, 4) and tau.is_contiguous()
+    for index in torch.cartesian_prod(*(torch.arange(n) for n in (2, 3, 4))).tolist():
+        assert int(tau[tuple(index)]) == sorted(chunk_max[tuple(index)].tolist(), reverse=True)[k - 1]

@@ -1,5 +1,7 @@
-"""The CUDA top-k read kernels of ``l2m_kernels._C_cuda`` (topk_read_fwd / topk_read_bwd), called
-directly, against the float64 reference (``l2m_kernels/ops/topk_read/reference.py``).
+"""The CUDA top-k read kernels of ``l2m_kernels._C_cuda`` (topk_read_fwd / topk_read_bwd, with the
+threshold pre-pass and the plans the cuda launchers make: ``cuda_topk_read_fwd`` /
+``cuda_topk_read_bwd``), called directly, against the float64 reference
+(``l2m_kernels/ops/topk_read/reference.py``).
 
 float32, float16 and bfloat16 with outputs pre-filled with NaN (indices with a sentinel): the
 selection must be a valid top-k of the float64 scores (``assert_valid_topk``: descending order,
@@ -19,6 +21,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from l2m_kernels.ops.topk_read.function import cuda_topk_read_bwd, cuda_topk_read_fwd
 from l2m_kernels.ops.topk_read.reference import topk_memory_read_ref, topk_read_gather
 from l2m_kernels.testing import assert_close, assert_valid_topk, bits_equal, nan_filled, read_scores
 from .._cuda import DTYPES, INDEX_SENTINEL, NAN, NEG_INF, cpu_kernels_test
@@ -141,8 +144,8 @@ def check_topk_read(ext, device, case, dtype, use_threshold):
         indices = torch.full((B, H, T, k), INDEX_SENTINEL, dtype=torch.int64, device=device)
         weights = nan_filled((B, H, T, k), torch.float32, device)
         lse = nan_filled((B, H, T), torch.float32, device)
-        ext.topk_read_fwd(q, keys, values, valid_len, k, scale, out, indices, weights, lse,
-                          threshold)
+        cuda_topk_read_fwd(ext, q, keys, values, valid_len, k, scale, out, indices, weights, lse,
+                           threshold)
         return out, indices, weights, lse
 
     out, indices, weights, lse = forward()
@@ -160,8 +163,8 @@ def check_topk_read(ext, device, case, dtype, use_threshold):
     def backward(deterministic):
         grads = (nan_filled(q.shape, dtype, device), nan_filled(keys.shape, dtype, device),
                  nan_filled(values.shape, dtype, device))
-        ext.topk_read_bwd(dout, dweights, dlse, q, keys, values, indices, weights, scale,
-                          deterministic, *grads)
+        cuda_topk_read_bwd(ext, dout, dweights, dlse, q, keys, values, indices, weights, scale,
+                           deterministic, *grads)
         return grads
 
     grads_atomic = backward(False)
@@ -237,7 +240,8 @@ def check_topk_read(ext, device, case, dtype, use_threshold):
 
 
 def _bad_calls(device):
-    """Bad topk calls, each a function of the extension; they raise and never launch."""
+    """Bad topk calls through the cuda launchers, each a function of the extension; they raise and
+    never launch."""
     B, H, T, N, D, k = 2, 2, 3, 16, 8, 4
 
     def outputs(dtype=torch.float32, k=k, Dv=D, on=device):
@@ -249,8 +253,12 @@ def _bad_calls(device):
     keys = torch.randn(B, H, N, D, device=device)
     values = torch.randn(B, H, N, D, device=device)
 
+    def fwd(*args):
+        return lambda ext: cuda_topk_read_fwd(ext, *args)
+
     def bwd(indices_dtype=torch.int64, dkeys_rows=N, deterministic=False):
-        return lambda ext: ext.topk_read_bwd(
+        return lambda ext: cuda_topk_read_bwd(
+            ext,
             torch.randn(B, H, T, D, device=device), torch.randn(B, H, T, k, device=device),
             torch.randn(B, H, T, device=device), q, keys, values,
             torch.zeros(B, H, T, k, dtype=indices_dtype, device=device),
@@ -258,31 +266,25 @@ def _bad_calls(device):
             torch.empty(B, H, dkeys_rows, D, device=device), torch.empty_like(values))
 
     return {
-        "cpu tensor": lambda ext: ext.topk_read_fwd(q.cpu(), keys.cpu(), values.cpu(), None, k,
-                                                    1.0, *outputs(on="cpu")),
-        "float64": lambda ext: ext.topk_read_fwd(q.double(), keys.double(), values.double(), None,
-                                                 k, 1.0, *outputs(torch.float64)),
-        "k > N": lambda ext: ext.topk_read_fwd(q, keys, values, None, N + 1, 1.0,
-                                               *outputs(k=N + 1)),
-        "k = 0": lambda ext: ext.topk_read_fwd(q, keys, values, None, 0, 1.0, *outputs(k=0)),
-        "out shape": lambda ext: ext.topk_read_fwd(q, keys, values, None, k, 1.0,
-                                                   *outputs(Dv=D + 1)),
-        "keys shape": lambda ext: ext.topk_read_fwd(q, keys[:, :, :, :-1].contiguous(), values,
-                                                    None, k, 1.0, *outputs()),
-        "heads": lambda ext: ext.topk_read_fwd(torch.randn(B, 3, T, D, device=device), keys,
-                                               values, None, k, 1.0, *outputs()),
-        "Dk > 256": lambda ext: ext.topk_read_fwd(torch.randn(B, H, T, 300, device=device),
-                                                  torch.randn(B, H, N, 300, device=device),
-                                                  values, None, k, 1.0, *outputs()),
-        "valid_len int32": lambda ext: ext.topk_read_fwd(
-            q, keys, values, torch.full((B,), N, dtype=torch.int32, device=device), k, 1.0,
-            *outputs()),
-        "valid_len shape": lambda ext: ext.topk_read_fwd(
-            q, keys, values, torch.full((B + 1,), N, dtype=torch.int64, device=device), k, 1.0,
-            *outputs()),
-        "non-contiguous": lambda ext: ext.topk_read_fwd(
-            q.transpose(2, 3).contiguous().transpose(2, 3), keys, values, None, k, 1.0,
-            *outputs()),
+        "cpu tensor": fwd(q.cpu(), keys.cpu(), values.cpu(), None, k, 1.0, *outputs(on="cpu")),
+        "float64": fwd(q.double(), keys.double(), values.double(), None, k, 1.0,
+                       *outputs(torch.float64)),
+        "k > N": fwd(q, keys, values, None, N + 1, 1.0, *outputs(k=N + 1)),
+        "k = 0": fwd(q, keys, values, None, 0, 1.0, *outputs(k=0)),
+        "out shape": fwd(q, keys, values, None, k, 1.0, *outputs(Dv=D + 1)),
+        "keys shape": fwd(q, keys[:, :, :, :-1].contiguous(), values, None, k, 1.0, *outputs()),
+        "heads": fwd(torch.randn(B, 3, T, D, device=device), keys, values, None, k, 1.0,
+                     *outputs()),
+        "Dk > 256": fwd(torch.randn(B, H, T, 300, device=device),
+                        torch.randn(B, H, N, 300, device=device), values, None, k, 1.0,
+                        *outputs()),
+        "valid_len int32": fwd(q, keys, values, torch.full((B,), N, dtype=torch.int32, device=device),
+                               k, 1.0, *outputs()),
+        "valid_len shape": fwd(q, keys, values,
+                               torch.full((B + 1,), N, dtype=torch.int64, device=device), k, 1.0,
+                               *outputs()),
+        "non-contiguous": fwd(q.transpose(2, 3).contiguous().transpose(2, 3), keys, values, None,
+                              k, 1.0, *outputs()),
         "bwd dkeys shape": bwd(dkeys_rows=N - 1),
         "bwd indices dtype": bwd(indices_dtype=torch.int32, deterministic=True),
     }
@@ -335,8 +337,8 @@ def test_topk_read_cases_and_reference_side_on_cpu():
 
 # A few cases whose bodies also run on CPU tensors with the CPU kernels in the CUDA kernels' place:
 # odd sizes, grouped heads with valid_len, k = 256 shared with valid_len 0, exact ties, a NaN row,
-# a -inf slot, an empty batch, T = 0.
-CPU_CASES = [CASES[i] for i in (0, 3, 7, 12, 14, 15, 16, 18)]
+# a -inf slot, an empty batch, T = 0, the threshold pre-pass (8 chunks of slots, k = 3).
+CPU_CASES = [CASES[i] for i in (0, 3, 7, 12, 14, 15, 16, 18, 36)]
 
 
 def check_topk_read_with_threshold(ext, device, case, dtype):
