@@ -110,6 +110,36 @@ def test_merge_header_is_plain_cpp(tmp_path):
     assert completed.returncode == 0, completed.stderr
 
 
+def test_cuda_bindings_compile_with_the_host_compiler(tmp_path):
+    """csrc/cuda/bindings.cpp (with csrc/common/binding.h under L2M_BINDING_CUDA) passes the host
+    compiler's syntax and type checks, warnings as errors: the CUDA extension is not built here,
+    and this is what catches a binding that would not compile. torch's CPU wheels lack one
+    generated header of c10/cuda (the build's macros), written here as the CUDA builds have it."""
+    nvcc = nvcc_check.find_nvcc()
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if nvcc is None or compiler is None:
+        pytest.skip("nvcc not found" if nvcc is None else "no host C++ compiler")
+    cuda_include = nvcc_check.cuda_include_dir(nvcc)
+    if cuda_include is None:
+        pytest.skip("the CUDA toolkit's include directory (cuda_runtime_api.h) was not found")
+    import sysconfig
+
+    import torch.utils.cpp_extension as cpp_extension
+
+    if not any((Path(d) / "c10" / "cuda" / "CUDAGuard.h").exists() for d in cpp_extension.include_paths()):
+        pytest.skip("this torch has no c10/cuda headers")
+    macros = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+    macros.parent.mkdir(parents=True)
+    macros.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"], str(cuda_include),
+                str(tmp_path)]
+    completed = subprocess.run([compiler, "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror",
+                                "-DTORCH_EXTENSION_NAME=_C_cuda", *(f"-isystem{d}" for d in includes),
+                                f"-I{CUDA_DIR}", str(CUDA_DIR / "bindings.cpp")],
+                               capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+
+
 def test_cache_key_follows_the_sources_and_headers(tmp_path):
     """A cached report is used only for the same source, headers, flags, arch and nvcc release."""
     for name in ("merge_attention.cu", "merge.h"):

@@ -142,3 +142,20 @@ def test_docs_page_documents_every_declared_argument_and_output(decl):
     for backend in decl.backends:
         assert backend in text, f"{page.name} does not say whether {backend} serves it"
     assert f"ops/{decl.name}.md" in (DOCS / "README.md").read_text()
+
+
+@pytest.mark.parametrize("decl", DECLS, ids=IDS)
+def test_declared_entries_are_registered(decl):
+    """The compiled function each backend's declaration names (to refuse an extension built from
+    older sources) is one the bindings register: an L2M_DEF line of csrc/common/binding.h (the cuda
+    extension is not built here), and a function of the built cpu extension."""
+    from l2m_kernels import _ext
+
+    binding = (pathlib.Path(__file__).resolve().parents[1] / "csrc" / "common" / "binding.h").read_text()
+    registered = set(re.findall(r"L2M_DEF\((\w+),", binding))
+    for name in ("cpu", "cuda"):
+        entry = decl.backends[name].entry
+        assert entry in registered, (name, entry)
+    cpu = _ext.cpu_extension()
+    if cpu is not None:
+        assert hasattr(cpu, decl.backends["cpu"].entry)

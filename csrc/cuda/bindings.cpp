@@ -42,7 +42,7 @@ void check_launch(const std::string& op, cudaError_t status) {
 }  // namespace
 
 // The shared contract for the CUDA kernels: each launcher runs on the current stream of the
-// tensors' device (the entry points that allocate scratch set the device guard before).
+// tensors' device (an entry point that launches a kernel otherwise sets the device guard itself).
 #define L2M_BINDING_CUDA 1
 #define L2M_KERNEL_NS l2m::cuda
 #define L2M_LAUNCH(call, launcher, params, device_of)                                \

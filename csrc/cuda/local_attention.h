@@ -1,9 +1,9 @@
 // Local (causal, optionally sliding-window) attention on CUDA, the local half of memory_attention
 // (SPEC section 5): parameter structs and launchers.
 //
-// Plain C++ like merge.h: no torch headers, so the kernels build with nvcc alone. bindings.cpp
-// validates the tensors, fills these structs, allocates the backward's scratch (delta) and turns a
-// non-success return into an exception. Semantics: the cpu header csrc/cpu/local_attention.h and
+// Plain C++ like merge.h: no torch headers, so the kernels build with nvcc alone. The bindings
+// (csrc/common/binding.h) validate the tensors, the backward's scratch (delta) included, which the
+// Python launcher allocates, fill these structs and turn a non-success return into an exception. Semantics: the cpu header csrc/cpu/local_attention.h and
 // l2m_kernels/ops/memory_attention/reference.py::local_attention_ref. Every pointer addresses a
 // contiguous tensor; `acc` below is float64 for float64 input, else float32. Every output element
 // is written.

@@ -34,7 +34,7 @@
 //     values gradient scattered with float32 atomics, written as per-entry rows, or left to the
 //     segment kernel), ds_m, dq, and the sub-key gradient scattered with atomics or ds stored.
 //   product_key_segment_kernel (deterministic mode): one warp per destination row sums its
-//     entries in the order the caller sorted them (stable sort in bindings.cpp): once for the
+//     entries in the order the caller sorted them (a stable sort: ops/product_key/plan.py): once for the
 //     2 * H * n_sub sub-key rows, once for the n_sub ** 2 value rows (dense only).
 //
 // Numerics: inputs converted to float32 on load, float32 arithmetic, IEEE expf/logf (no

@@ -1,8 +1,9 @@
 // Product-key memory read on CUDA (SPEC section 2, issue 4): parameter structs and launchers.
 //
-// Plain C++ like merge.h / topk_read.h: no torch headers. bindings.cpp validates the tensors,
-// allocates the scratch buffers (and, for the deterministic backward, groups the entries by
-// destination row with ATen), fills these structs and turns a non-success return into an
+// Plain C++ like merge.h / topk_read.h: no torch headers. The bindings (csrc/common/binding.h)
+// validate the tensors, the scratch buffers and, for the deterministic backward, the grouping of
+// the entries by destination row included (both made by the Python launchers:
+// l2m_kernels/ops/product_key/plan.py), fill these structs and turn a non-success return into an
 // exception. Launchers never throw; they return cudaSuccess, the error of a CUDA call they made,
 // or cudaErrorInvalidValue (bad sizes, null pointers, or a limit below exceeded).
 //

@@ -17,7 +17,7 @@
 //   Either way a score depends only on its query and slot, not on where they sit in a tile.
 //
 //   Threshold pre-pass (topk_read_chunk_max_kernel, optional): the same blocks and scoring write
-//   the maximum sort key of every (row, chunk of kTopkReadChunkSlots slots); bindings.cpp takes
+//   the maximum sort key of every (row, chunk of kTopkReadChunkSlots slots); the launcher takes
 //   tau = the k-th largest chunk maximum of each row (a lower bound on the row's k-th best key:
 //   exactly k chunks reach it). The selection kernel then starts each row's gate at tau - 1, so
 //   an online top-k that would merge ~k * ln(N / k) times per query merges about k times.

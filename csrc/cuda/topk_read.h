@@ -1,8 +1,9 @@
 // Sparse top-k memory read on CUDA (SPEC section 1): parameter structs and launchers.
 //
-// Plain C++ like merge.h: no torch headers, so the kernels build with nvcc alone. bindings.cpp
-// validates the tensors, fills these structs, allocates the scratch buffers the backward needs
-// (with ATen) and turns a non-success return into an exception.
+// Plain C++ like merge.h: no torch headers, so the kernels build with nvcc alone. The bindings
+// (csrc/common/binding.h) validate the tensors, the plan and scratch tensors that the Python
+// launchers make (l2m_kernels/ops/topk_read/plan.py) included, fill these structs and turn a
+// non-success return into an exception.
 //
 // Semantics: exactly l2m_kernels/ops/topk_read/reference.py (see also the module docstring of
 // l2m_kernels/ops/topk_read/triton.py): per query the k best existing slots by descending score

@@ -147,11 +147,12 @@ _DETERMINISTIC = Arg("deterministic", "bool", "",
 
 
 def _served(entry: str, cuda_limits: Mapping[str, int] | None = None,
-            triton_limits: Mapping[str, int] | None = None) -> dict[str, Serving]:
+            triton_limits: Mapping[str, int] | None = None, cuda_entry: str | None = None) -> dict[str, Serving]:
+    """``cuda_entry``: the CUDA extension's newest function the op needs, where it differs."""
     return {"reference": Serving(),
             "cpu": Serving(entry=entry),
             "triton": Serving(size_limits=dict(triton_limits or {})),
-            "cuda": Serving(size_limits=dict(cuda_limits or {}), entry=entry)}
+            "cuda": Serving(size_limits=dict(cuda_limits or {}), entry=cuda_entry or entry)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -196,7 +197,7 @@ TOPK_MEMORY_READ = OpDecl(
     ),
     outputs=(Output("out", "(B, H, T, Dv)", "input dtype"), Output("indices", "(B, H, T, k)", "int64"),
              Output("weights", "(B, H, T, k)", "float32 (float64)"), Output("lse", "(B, H, T)", "float32 (float64)")),
-    backends=_served("topk_read_fwd", cuda_limits=_TOPK_CUDA_LIMITS),
+    backends=_served("topk_read_fwd", cuda_limits=_TOPK_CUDA_LIMITS, cuda_entry="topk_read_chunk_max"),
     cases=Cases(
         edge=(
             topk_case(2, 4, 2, 9, 129, 16, 8, 8, valid_len=[129, 40]),          # grouped heads, valid_len
@@ -258,6 +259,7 @@ PRODUCT_KEY_READ = OpDecl(
              Output("indices", "(B, H, T, k)", "int64 slot ids i * n_sub + j"),
              Output("weights", "(B, H, T, k)", "float32 (float64)"), Output("lse", "(B, H, T)", "float32 (float64)")),
     backends=_served("product_key_fwd", cuda_limits={"k": 256, "k_sub": 256, "N": 2 ** 31 - 1, "Dk": 512},
+                     cuda_entry="product_key_segment_sum",
                      triton_limits={"k": 256, "k_sub": 256, "N": 2 ** 31 - 1}),
     cases=Cases(
         edge=(
@@ -502,7 +504,8 @@ MEMORY_ATTENTION = OpDecl(
     outputs=(Output("out", "(B, H, T, Dv)", "input dtype"), Output("lse_local", "(B, H, T)", "float32 (float64)"),
              Output("lse_mem", "(B, H, T)", "float32 (float64)"), Output("indices", "(B, H, T, topk)", "int64")),
     # The cpu and cuda backends compose local attention with the top-k read (the cuda one's limits).
-    backends=_served("local_attention_fwd", cuda_limits=dict(_TOPK_CUDA_LIMITS, S=2 ** 30)),
+    backends=_served("local_attention_fwd", cuda_limits=dict(_TOPK_CUDA_LIMITS, S=2 ** 30),
+                     cuda_entry="topk_read_chunk_max"),
     # On CUDA tensors triton's one fused kernel (tensor cores) first; the cuda composition (CUDA
     # cores) serves when named, or when triton cannot.
     auto_order={"cuda": ("triton", "cuda", "reference")},
