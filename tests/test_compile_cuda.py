@@ -91,8 +91,9 @@ def test_only_bindings_include_torch():
         assert not re.search(r"#\s*include\s*[<\"](torch|ATen|c10)/", text), path.name
 
 
-def test_merge_header_is_plain_cpp(tmp_path):
-    """merge.h (what bindings.cpp sees of the kernels) compiles with the host compiler alone."""
+def _host_compiler():
+    """The host C++ compiler and the CUDA toolkit's include directory, or a skip saying which is
+    missing."""
     nvcc = nvcc_check.find_nvcc()
     compiler = shutil.which("c++") or shutil.which("g++")
     if nvcc is None or compiler is None:
@@ -100,6 +101,12 @@ def test_merge_header_is_plain_cpp(tmp_path):
     cuda_include = nvcc_check.cuda_include_dir(nvcc)
     if cuda_include is None:
         pytest.skip("the CUDA toolkit's include directory (cuda_runtime_api.h) was not found")
+    return compiler, cuda_include
+
+
+def test_merge_header_is_plain_cpp(tmp_path):
+    """merge.h (what bindings.cpp sees of the kernels) compiles with the host compiler alone."""
+    compiler, cuda_include = _host_compiler()
     unit = tmp_path / "uses_merge_h.cpp"
     unit.write_text('#include "merge.h"\n'
                     "static_assert(sizeof(l2m::cuda::MergeAttentionFwdParams) > 0, \"\");\n"
@@ -115,13 +122,7 @@ def test_cuda_bindings_compile_with_the_host_compiler(tmp_path):
     compiler's syntax and type checks, warnings as errors: the CUDA extension is not built here,
     and this is what catches a binding that would not compile. torch's CPU wheels lack one
     generated header of c10/cuda (the build's macros), written here as the CUDA builds have it."""
-    nvcc = nvcc_check.find_nvcc()
-    compiler = shutil.which("c++") or shutil.which("g++")
-    if nvcc is None or compiler is None:
-        pytest.skip("nvcc not found" if nvcc is None else "no host C++ compiler")
-    cuda_include = nvcc_check.cuda_include_dir(nvcc)
-    if cuda_include is None:
-        pytest.skip("the CUDA toolkit's include directory (cuda_runtime_api.h) was not found")
+    compiler, cuda_include = _host_compiler()
     import sysconfig
 
     import torch.utils.cpp_extension as cpp_extension
