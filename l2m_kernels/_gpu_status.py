@@ -194,6 +194,29 @@ DESIGNS: tuple[Design, ...] = (
 )
 
 
+@dataclass(frozen=True)
+class HostChange:
+    """A change to a GPU backend's host code (its bindings or Python launchers) since the last GPU
+    run, which the kernels' fingerprints do not cover."""
+
+    backend: str
+    commit: str
+    what: str
+
+
+# Host code changed since the last GPU run (commit 44f93db): the backend has not run in this form,
+# even where its kernels have. A GPU run of tools/gpu_suite.sh that passes empties the list.
+HOST_CHANGES = (
+    HostChange("cuda", "d30994e", "one binding layer for both extensions (csrc/common/binding.h); "
+               "the cuda extension compiles with the host compiler here but has not been built with nvcc since"),
+    HostChange("cuda", "7e6a149", "the Python launchers make the plans and scratch (topk_read/plan.py, "
+               "product_key/plan.py, the float32 accumulators) and pass them to the bindings; "
+               "topk_read_chunk_max and product_key_segment_sum are entry points of their own"),
+    HostChange("triton", "5a65d2f", "the deterministic backwards' groupings and the top-k threshold from "
+               "topk_read/plan.py and product_key/plan.py (the same tensors as before on valid indices)"),
+)
+
+
 def families() -> list[tuple[str, str]]:
     """(family, backend) pairs, in table order."""
     seen = []
@@ -246,6 +269,8 @@ def report_lines() -> list[str]:
     lines += [f"  {d.backend} {d.family}: {d.name} ({change})" for d in changed_since_run() for change in d.changed]
     if not changed_since_run():
         lines.append("  none")
+    lines.append("host code (bindings, launchers) changed since the last GPU run:")
+    lines += [f"  {c.backend}: {c.commit}: {c.what}" for c in HOST_CHANGES] or ["  none"]
     return lines
 
 

@@ -64,6 +64,8 @@ def test_info_lists_the_unmeasured_designs(monkeypatch):
     for family, backend in _gpu_status.families():
         default = _gpu_status.default_design(family, backend)
         assert f"* {default.name}" in text and str(default.gpu_run) in text
+    hosts = _section(text, "host code (bindings, launchers) changed since the last GPU run:")
+    assert hosts == ([f"{c.backend}: {c.commit}: {c.what}" for c in _gpu_status.HOST_CHANGES] or ["none"])
     # The report follows the registry: an added unmeasured design appears in the list.
     extra = _gpu_status.Design("merge", "triton", "merge-vector", ("merge_attention",), ("merge_attention_fwd_kernel",),
                                None, default=False, opt_in="(test)")
