@@ -103,9 +103,9 @@ def _describe_exception(exc: BaseException) -> str:
     return text
 
 
-def _ratio(judged: fuzz.Judged) -> float:
+def _ratio(error: float, allowed: float) -> float:
     """How close to its limit an error is (NaN: beyond any)."""
-    return math.inf if math.isnan(judged.error) else judged.error / judged.allowed
+    return math.inf if math.isnan(error) else error / allowed
 
 
 def run_case(op: str, backend: str, dtype: torch.dtype, device: torch.device, params: dict,
@@ -127,7 +127,7 @@ def run_case(op: str, backend: str, dtype: torch.dtype, device: torch.device, pa
     if not judged:
         return Result(op, backend, dtype_name, label, "FAIL", message="nothing was compared",
                       seconds=time.perf_counter() - start)
-    worst = max(judged, key=lambda name: _ratio(judged[name]))
+    worst = max(judged, key=lambda name: _ratio(judged[name].error, judged[name].allowed))
     failures = [f"{name}: {j.failure}" for name, j in judged.items() if j.failure is not None]
     return Result(op, backend, dtype_name, label, "FAIL" if failures else "PASS", judged[worst].error, worst,
                   judged[worst].allowed, {name: j.error for name, j in judged.items()},
@@ -190,7 +190,7 @@ def summary_rows(results):
             rows.append([op, backend, dtype, "-", "-", "-", "-", "SKIP  " + _short(group[0].message)])
             continue
         measured = [r for r in group if r.max_error is not None]
-        worst = max(measured, key=lambda r: math.inf if math.isnan(r.max_error) else r.max_error / r.tolerance,
+        worst = max(measured, key=lambda r: _ratio(r.max_error, r.tolerance),
                     default=None)
         failed = [r for r in group if r.status == "FAIL"]
         crashed = [r for r in failed if r.max_error is None]

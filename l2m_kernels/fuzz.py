@@ -386,38 +386,43 @@ class Judged:
 _JUDGED = contextvars.ContextVar("l2m_fuzz_judged", default=None)
 
 
-def _check(name, actual, expected, dtype, tol):
-    """:func:`assert_close` at ``tol``; a reference that is zero up to float64 rounding (RMS below
-    1e-12: the fuzz data are of order 1) is compared absolutely, since the relative error against
-    rounding noise means nothing (terms that cancel exactly, e.g. a gate between equal values).
-    Under :func:`run_judged`, the comparison is recorded and a mismatch does not raise."""
+def _check(name, actual, expected, dtype, tol, *, zero_absolute=True):
+    """:func:`assert_close` at ``tol``; with ``zero_absolute``, a reference that is zero up to
+    float64 rounding (RMS below 1e-12: the fuzz data are of order 1) is compared absolutely, since
+    the relative error against rounding noise means nothing (terms that cancel exactly, e.g. a gate
+    between equal values). Under :func:`run_judged`, the comparison is recorded and a mismatch does
+    not raise."""
     e = expected.detach().to(torch.float64).cpu()
-    a = actual.detach().to(torch.float64).cpu()
-    if a.layout != torch.strided:
-        a = a.to_dense()
-    absolute = e.numel() and bool(torch.isfinite(e).all()) and e.square().mean().sqrt() < 1e-12
     judged = _JUDGED.get()
-    try:
-        if absolute and a.shape == e.shape and bool(torch.isfinite(a).all()):
+    if zero_absolute and e.numel() and bool(torch.isfinite(e).all()) and e.square().mean().sqrt() < 1e-12:
+        a = _dense64(actual)
+        if a.shape == e.shape and bool(torch.isfinite(a).all()):
             error = float((a - e).square().mean().sqrt())
             if error <= max(tol, 1e-12):
                 if judged is not None:
                     judged[name] = Judged(error, max(tol, 1e-12))
                 return
+    try:
         assert_close(name, actual, expected, dtype, tol=tol)
     except AssertionError as exc:
         if judged is None:
             raise
-        judged[name] = Judged(_error(a, e), tol, str(exc))
+        judged[name] = Judged(_error(actual, e), tol, str(exc))
         return
     if judged is not None:
-        judged[name] = Judged(_error(a, e), tol)
+        judged[name] = Judged(_error(actual, e), tol)
+
+
+def _dense64(t):
+    t = t.detach().to(torch.float64).cpu()
+    return t.to_dense() if t.layout != torch.strided else t
 
 
 def _error(actual, expected) -> float:
+    """The relative RMS error of ``actual`` against float64 ``expected`` (NaN: shapes differ)."""
     try:
-        return rel_rms_error(actual, expected)
-    except AssertionError:  # shapes differ: no error to report
+        return rel_rms_error(_dense64(actual), expected)
+    except AssertionError:
         return math.nan
 
 
@@ -578,7 +583,7 @@ def _check_selection(name, slot_ids, best, rank, k, dtype, exact, *, valid_len=N
         raise FuzzFailure(str(exc)) from None
     picked, want = _picked(rank, slot_ids), _picked(rank, best)
     _check("selection", picked.sort(-1, descending=True).values, want.sort(-1, descending=True).values, dtype,
-           TOLERANCE[dtype])
+           TOLERANCE[dtype], zero_absolute=False)
     if exact:
         if not torch.equal(slot_ids, best):
             raise FuzzFailure(f"{name}: exact data (exact ties), expected the reference's slots "
