@@ -3,12 +3,18 @@
     l2m-bench [--quick] [--device cpu|cuda] [--out bench_out] [--only merge,topk_read,...]
               [--merge joint|gate]
 
-Measures the ceilings first (a large float32 matmul in GFLOP/s, bfloat16 too on CUDA; a large copy
-in GB/s), then runs every op benchmark at the SPEC shapes (``--quick``: their quick shapes) and one
-L2M model training step, on CUDA when available, else on the CPU. Every op benchmark compares the
-fused backends of the device with the reference in eager mode and under ``torch.compile``; the table
-gives median fwd / bwd / fwd+bwd times, the speedup over the eager reference, peak memory, and
-GB/s or GFLOP/s as a percentage of the ceilings. Writes ``suite.json``, ``suite.md`` and
+Measures the ceilings first (a float32 matmul in GFLOP/s, bfloat16 too on CUDA; a copy in GB/s),
+then runs every op benchmark at the declared shapes (``--quick``: their quick shapes) and one L2M
+model training step, on CUDA when available, else on the CPU. Every op benchmark is a comparison
+(:func:`l2m_kernels.benchmark.compare`) of the fused backends of the device, the reference in eager
+mode and under ``torch.compile``, and the peers a user would pick instead (faiss, plain PyTorch,
+``scaled_dot_product_attention``; a peer that is not installed is a row that says so), all
+interleaved round by round together with the ceilings. Each table is printed once, when its
+benchmark is done: median fwd / bwd / fwd+bwd times with the range of the timed runs, the speedup
+over the eager and the compiled reference, peak memory, and the time as a multiple of the hardware
+floor (what the op must move and compute, at the ceilings measured with it). The run reports the
+load average before and after and the CPU time other processes used meanwhile, with a warning when
+they used more than a quarter of a core. Writes ``suite.json``, ``suite.md`` and
 ``suite.png`` into ``--out``. ``--only <name>`` runs one benchmark alone. The ``rows`` of
 ``suite.json`` are result rows (:mod:`l2m_kernels.bench.results`: date, device, versions, commit,
 and per row the times with their spread, peak memory and multiple of the hardware floor), which
@@ -80,11 +86,10 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, desc="l2m-bench", unit="bench", file=sys.stderr)
 
 
-def _load_average() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
+def _busy_warning(load: bm.MachineLoad, when: str) -> str:
+    return (f"WARNING: the machine was busy {when}: other processes used {load.others_cores:.2f} CPU cores on "
+            f"average (more than {load.BUSY_CORES}); the variants of each comparison are interleaved, so "
+            f"their ratios hold better than their times, but rerun on an idle machine to quote figures.")
 
 
 def _command(args: argparse.Namespace) -> str:
@@ -139,49 +144,58 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: this torch has no usable CUDA device")
     start = time.perf_counter()
-    load_before = _load_average()
+    with bm.MachineLoad() as before:  # a second of the machine alone, before anything runs
+        time.sleep(0.0 if args.tiny else 1.0)
+    warnings = [_busy_warning(before, "before the run")] if before.busy else []
+    for warning in warnings:
+        print(warning, file=sys.stderr, flush=True)
     progress = _progress(1 + len(names), not args.no_progress)
-    progress.set_description("ceilings")
-    ceilings = measure_ceilings(device, quick=args.quick, tiny=args.tiny)
-    progress.update()
+    say = getattr(progress, "write", print)  # through tqdm, so that the bar stays below the tables
     rows, failures, seconds = [], [], {}
-    for name in names:
-        progress.set_description(name)
-        began = time.perf_counter()
-        try:
-            new_rows = run_benchmark(name, device, args.quick, ceilings, tiny=args.tiny, merge=args.merge,
-                                     alone=len(names) == 1)
-            rows += new_rows
-            # Each benchmark's table as soon as it is done, so that a run cut short keeps its figures.
-            print(f"{name} ({time.perf_counter() - began:.0f} s):\n{bm.format_table(new_rows, ceilings)}\n", flush=True)
-        except Exception as exc:  # report it in the table and go on with the others
-            failures.append(name)
-            traceback.print_exc()
-            rows.append(skipped_row(name, "-", torch.float32, "-", f"FAILED: {type(exc).__name__}: {exc}"[:300]))
-        seconds[name] = round(time.perf_counter() - began, 1)
+    with bm.MachineLoad() as load:
+        progress.set_description("ceilings")
+        ceilings = measure_ceilings(device, quick=args.quick, tiny=args.tiny)
         progress.update()
-    progress.close()
+        for name in names:
+            progress.set_description(name)
+            began = time.perf_counter()
+            try:
+                new_rows = run_benchmark(name, device, args.quick, ceilings, tiny=args.tiny, merge=args.merge,
+                                         alone=len(names) == 1)
+                rows += new_rows
+                # Each benchmark's table once, as soon as it is done (a run cut short keeps its figures).
+                say(f"\n{name} ({time.perf_counter() - began:.0f} s):\n{bm.format_table(new_rows)}")
+            except Exception as exc:  # report it in the table and go on with the others
+                failures.append(name)
+                say(traceback.format_exc())
+                rows.append(skipped_row(name, "-", torch.float32, "-", f"FAILED: {type(exc).__name__}: {exc}"[:300]))
+            seconds[name] = round(time.perf_counter() - began, 1)
+            progress.update()
+        progress.close()
     elapsed = time.perf_counter() - start
+    if load.busy:
+        warnings.append(_busy_warning(load, "during the run"))
 
     payload = bm.save(rows, ceilings, device, args.out, "suite")
     from . import model as model_bench
     from . import results
     model_md, model_records = model_bench.summary(rows)
-    load_after = _load_average()
     env = results.environment(device)
+    conditions = load.describe() + ("; busy" if warnings else "")
     payload["meta"].update({k: v for k, v in env.items() if k != "date"},  # meta's date keeps the time
                            quick=args.quick, elapsed_s=round(elapsed, 1), seconds_per_benchmark=seconds,
-                           load_average_before=load_before, load_average_after=load_after,
+                           load_average_before=load.load_before, load_average_after=load.load_after,
+                           other_processes_cores=load.others_cores, warnings=warnings,
                            benchmarks=names, failed=failures)
     # The rows in the repository's record format (python -m l2m_kernels.bench.results add suite.json).
     payload["rows"] = results.bench_rows(rows, ceilings, env, run=_run_title(args, names), source=_command(args),
-                                         conditions=f"load average {load_before} before, {load_after} after")
+                                         conditions=conditions)
     payload["model_step"] = model_records
     with open(os.path.join(args.out, "suite.json"), "w") as f:
         json.dump(payload, f, indent=2)
-    footer = (f"\n{'quick' if args.quick else 'full'} run in {elapsed:.0f} s "
-              f"(load average before {load_before}, after {_load_average()}); seconds per benchmark: "
-              + ", ".join(f"{k} {v}" for k, v in seconds.items()) + "\n")
+    footer = (f"\n{'quick' if args.quick else 'full'} run in {elapsed:.0f} s ({load.describe()}); seconds per "
+              f"benchmark: " + ", ".join(f"{k} {v}" for k, v in seconds.items()) + "\n"
+              + "".join(f"\n{warning}\n" for warning in warnings))
     if model_records:
         footer += (f"\nModel training step (forward + backward + AdamW; target on the 2-core CPU: fused "
                    f"tokens/s >= {model_bench.TARGET_SPEEDUP}x the reference, peak memory <= 1/3):\n\n"
@@ -189,11 +203,10 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "suite.md"), "a") as f:
         f.write(footer)
 
-    print(f"device: {bm.device_name(device)}, torch {torch.__version__}; ceilings: "
+    print(f"\ndevice: {bm.device_name(device)}, torch {torch.__version__}; ceilings at the start: "
           + ", ".join(f"{k} {v:.1f}" for k, v in ceilings.items()))
-    print(bm.format_table(rows, ceilings))
     print(footer)
-    print(f"written: {os.path.join(args.out, 'suite.json')}, suite.md, suite.png")
+    print(f"written: {os.path.join(args.out, 'suite.json')}, suite.md (every table), suite.png")
     if failures:
         print(f"FAILED: {', '.join(failures)}", file=sys.stderr)
         return 1

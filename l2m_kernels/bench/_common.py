@@ -73,27 +73,22 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _tiny_timing(kw: dict) -> dict:
-    # --tiny exercises the code paths, it measures nothing worth reading: one run, one input set.
-    return dict(kw, reps=1, warmup=1, rotate_bytes=0)
-
-
-def run_variant(op, shape, dtype, variant, forward, make_inputs, device, *, tiny: bool = False, **kw) -> bm.Row:
-    """:func:`l2m_kernels.benchmark.run_variant`, with ``tiny`` (tests): one timed run."""
-    if tiny:
-        kw = _tiny_timing(kw)
-    return bm.run_variant(op, shape, dtype, variant, forward, make_inputs, device, **kw)
-
-
 def compare(op, shape, dtype, fused, reference, make_inputs, device, *, tiny: bool = False,
-            compile_reference: bool = True, **kw) -> list:
-    """:func:`l2m_kernels.benchmark.compare`; with ``tiny`` (tests) one timed run per row and the
-    compiled reference skipped (its compilation alone takes longer than a test may)."""
-    if not tiny:
-        return bm.compare(op, shape, dtype, fused, reference, make_inputs, device,
-                          compile_reference=compile_reference, **kw)
-    rows = bm.compare(op, shape, dtype, fused, reference, make_inputs, device, compile_reference=False,
-                      **_tiny_timing(kw))
-    if compile_reference:
-        rows.append(skipped_row(op, shape, dtype, "reference+compile", "skipped: --tiny (tests)"))
-    return rows
+            compile_reference: bool = True, compile_note: str = "", **kw) -> list:
+    """:func:`l2m_kernels.benchmark.compare`; with ``tiny`` (tests) one round on one input set, and
+    the compiled reference skipped (its compilation alone takes longer than a test may)."""
+    if tiny:
+        kw = dict(kw, reps=1, max_reps=1, warmup=0, rotate_bytes=0, quick=True)
+        compile_reference, compile_note = False, "skipped: --tiny (tests)"
+    return bm.compare(op, shape, dtype, fused, reference, make_inputs, device, compile_reference=compile_reference,
+                      compile_note=compile_note, **kw)
+
+
+def optional_peer(module: str, package: str):
+    """``(module, None)``, or ``(None, why)`` when the peer is not installed: its row then says so."""
+    import importlib
+
+    try:
+        return importlib.import_module(module), None
+    except ImportError as exc:
+        return None, f"not installed: pip install {package} ({type(exc).__name__}: {exc})"[:200]

@@ -6,7 +6,14 @@ and N by 4. The backward seeds out, lse_local and lse_mem, so the gradients flow
 GFLOP/s counts the memory scoring (2·B·H·T·N·D) plus the local attention's two products over the
 visible keys (2·B·H·(D + Dv)·sum_t min(window, p_t + 1)).
 
-On CUDA a ``flash SDPA`` row times PyTorch's flash attention (``scaled_dot_product_attention``,
+Floor (:class:`l2m_kernels.benchmark.Cost`): the flops above (the backward: twice the local
+attention's, the memory part's recomputed weights being negligible) or reading q, k, v, the memory
+once and the selected rows, and writing out and the lse (the backward: the same again, and the
+dense memory gradients), whichever takes longer.
+
+Peer on the CPU: ``SDPA (local keys)``, PyTorch's ``scaled_dot_product_attention`` of the local part
+alone, with the sliding window as a boolean mask (the memory ignored). On CUDA a ``flash SDPA`` row
+times PyTorch's flash attention (``scaled_dot_product_attention``,
 causal, flash backend only) on the same q, k, v: the local attention alone, over every causal key
 (SDPA has no sliding window). The SPEC target compares throughput with the memory entries counted
 as extra keys: key visits per second, where a query of the fused op visits its visible local keys
@@ -18,11 +25,11 @@ from __future__ import annotations
 import torch
 
 import l2m_kernels as l2m
+from l2m_kernels.benchmark import Cost, Variant
 from l2m_kernels.ops import registry
-from l2m_kernels import benchmark as bm
 from l2m_kernels.ops.memory_attention.reference import memory_attention_ref
 
-from ._common import bench_dtype, compare, fused_backends, run_variant, spec_shapes
+from ._common import bench_dtype, compare, fused_backends, spec_shapes
 
 # The shapes of the op's declaration (l2m_kernels/ops/registry.py); TINY_SHAPES: tests only.
 SHAPES = registry.OPS["memory_attention"].bench.shapes
@@ -63,32 +70,47 @@ def run(device: torch.device, quick: bool = False, ceilings: dict | None = None,
             return forward
 
         fused = {b: fused_variant(b) for b in fused_backends("memory_attention", device, dtype)}
-        kw = dict(fwd_flops=flops, reps=5, warmup=1)
-        op_rows = compare("memory_attention", shape, dtype, fused, reference, make_inputs, device, tiny=tiny, **kw)
+        elt = torch.finfo(dtype).bits // 8
+        local_flops = 2 * B * H * visible * (D + Dv)
+        io = (B * H * T * (2 * D + Dv) + B * Hkv * S * (D + Dv) + B * H * T * topk * (D + Dv)) * elt
+        memory = B * Hm * N * (D + Dv) * elt
+        cost = Cost(fwd_flops=flops, fwd_bytes=io + memory, bwd_flops=2 * local_flops, bwd_bytes=2 * io + memory)
+        peers = {}
         if device.type == "cuda":
             causal = sum(S - T + t + 1 for t in range(T))
-            sdpa = _flash_sdpa_row(shape, dtype, make_inputs, device, causal_flops=2 * B * H * causal * (D + Dv),
-                                   tiny=tiny)
-            op_rows.append(sdpa)
-            _note_key_rate(op_rows, sdpa, fused_visits=B * H * (visible + T * N), sdpa_visits=B * H * causal)
+            peers["flash SDPA (local keys, causal)"] = Variant(
+                "flash SDPA (local keys, causal)", _flash_sdpa, cost=Cost(fwd_flops=2 * B * H * causal * (D + Dv),
+                                                                         bwd_flops=4 * B * H * causal * (D + Dv)))
+        else:
+            peers["SDPA (local keys)"] = Variant("SDPA (local keys)", _windowed_sdpa(T, S, window),
+                                                 cost=Cost(fwd_flops=local_flops, bwd_flops=2 * local_flops))
+        op_rows = compare("memory_attention", shape, dtype, fused, reference, make_inputs, device, cost=cost,
+                          peers=peers, reps=5, warmup=1, quick=quick, tiny=tiny)
+        sdpa = [r for r in op_rows if r.variant.startswith("flash SDPA")]
+        if sdpa:
+            causal = sum(S - T + t + 1 for t in range(T))
+            _note_key_rate(op_rows, sdpa[0], fused_visits=B * H * (visible + T * N), sdpa_visits=B * H * causal)
         rows += op_rows
     return rows
 
 
-def _flash_sdpa_row(shape, dtype, make_inputs, device, causal_flops, tiny):
+def _flash_sdpa(q, k, v, mem_keys, mem_values, gate=None):
     """PyTorch's flash attention, causal, on the benchmark's q, k, v (the memory ignored)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    def forward(q, k, v, mem_keys, mem_values, gate=None):
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-    try:
-        return run_variant("memory_attention", shape, dtype, "flash SDPA (local keys, causal)", forward, make_inputs,
-                           device, fwd_flops=causal_flops, reps=10, warmup=3, tiny=tiny)
-    except RuntimeError as exc:  # e.g. no flash kernel for this GPU or dtype: say so in the table
-        return bm.Row("memory_attention", shape, str(dtype).replace("torch.", ""), "flash SDPA (local keys, causal)",
-                      float("nan"), None, None, None, note=f"flash SDPA unavailable: {exc}"[:200])
+
+def _windowed_sdpa(T: int, S: int, window: int):
+    """``scaled_dot_product_attention`` of the local part: query t (position S - T + t) sees the keys
+    j with p - window < j <= p, as a boolean mask."""
+    def forward(q, k, v, mem_keys, mem_values, gate=None):
+        positions = torch.arange(S - T, S, device=q.device)[:, None]
+        keys = torch.arange(S, device=q.device)[None, :]
+        mask = (keys <= positions) & (keys > positions - window)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return forward
 
 
 def _note_key_rate(rows, sdpa, fused_visits, sdpa_visits):

@@ -5,17 +5,21 @@ Shape (SPEC): ``write-cpu`` B=2, Hm=4, N=4096, D=128, T=256, kw=4, float32; on C
 (B*8, bfloat16). ``--quick`` divides T by 4. The compiled reference runs only up to 256 write steps
 (it unrolls them); a skipped row says why. The in-place rows count, as the issue defines, each
 written slot read and written once plus the inputs read once (indices, weights, add, erase); the
-out-of-place rows add one read and one write of the whole memory (the copy).
+out-of-place rows add one read and one write of the whole memory (the copy); these bytes are the
+rows' floor (:class:`l2m_kernels.benchmark.Cost`), and the backward's is reading dnew and writing
+dmemory (the whole memory), reading the inputs and the written slots again and writing the inputs'
+gradients.
 """
 from __future__ import annotations
 
 import torch
 
 import l2m_kernels as l2m
+from l2m_kernels.benchmark import Cost, Variant
 from l2m_kernels.ops import registry
 from l2m_kernels.ops.memory_write.reference import gated_dense_update_ref, gated_memory_write_ref
 
-from ._common import bench_dtype, compare, fused_backends, run_variant, skipped_row, spec_shapes
+from ._common import bench_dtype, compare, fused_backends, spec_shapes
 
 # The shapes of the op's declaration (l2m_kernels/ops/registry.py); TINY_SHAPES: tests only.
 SHAPES = registry.OPS["gated_memory_write"].bench.shapes
@@ -55,38 +59,34 @@ def run(device: torch.device, quick: bool = False, ceilings: dict | None = None,
         def reference(memory, indices, weights, add, erase):
             return gated_memory_write_ref(memory, indices, weights, add, erase)
 
-        fused = {b: (lambda b_: lambda memory, indices, weights, add, erase: l2m.gated_memory_write(
-            memory, indices, weights, add, erase, backend=b_))(b)
-            for b in fused_backends("gated_memory_write", device, dtype)}
-        # The fused calls take about a millisecond: enough repetitions that the first calls (which
-        # fault in freshly mapped output pages) do not set the median. The reference takes seconds.
-        fused_timing = dict(reps=20, warmup=5)
-        for b, forward in fused.items():
-            rows.append(run_variant("gated_memory_write", shape, dtype, b, forward, make_inputs, device,
-                                    fwd_bytes=copy_bytes, tiny=tiny, **fused_timing))
-        # torch.compile unrolls the reference's T * kw steps: compile it only where that is practical.
-        compiled = skip_compile_note is None and T * kw <= MAX_COMPILED_STEPS
-        rows += compare("gated_memory_write", shape, dtype, {}, reference, make_inputs, device,
-                        fwd_bytes=copy_bytes, compile_reference=compiled, tiny=tiny, reps=5, warmup=1)
-        if skip_compile_note is not None:
-            rows.append(skipped_row("gated_memory_write", shape, dtype, "reference+compile", skip_compile_note))
-        elif T * kw > MAX_COMPILED_STEPS:
-            rows.append(skipped_row("gated_memory_write", shape, dtype, "reference+compile",
-                                    f"skipped: torch.compile would unroll {T * kw} write steps "
-                                    f"(over {MAX_COMPILED_STEPS}: minutes of compilation)"))
+        memory_bytes = 2 * B * Hm * N * D * elt
+        copy_cost = Cost(fwd_bytes=copy_bytes, bwd_bytes=memory_bytes + 2 * inputs_bytes + touched * D * elt)
+        fused = {}
+        for b in fused_backends("gated_memory_write", device, dtype):
+            fused[b] = Variant(b, (lambda b_: lambda memory, indices, weights, add, erase: l2m.gated_memory_write(
+                memory, indices, weights, add, erase, backend=b_))(b), cost=copy_cost)
         for b in fused_backends("gated_memory_write", device, dtype):
             def inplace(memory, indices, weights, add, erase, b_=b):
                 return l2m.gated_memory_write(memory, indices, weights, add, erase, inplace=True, backend=b_)
-            rows.append(run_variant("gated_memory_write", shape, dtype, f"{b} inplace (fwd)", inplace,
-                                    make_inputs, device, backward=False, fwd_bytes=inplace_bytes, tiny=tiny,
-                                    **fused_timing))
+            fused[f"{b} inplace (fwd)"] = Variant(f"{b} inplace (fwd)", inplace, backward=False,
+                                                  cost=Cost(fwd_bytes=inplace_bytes))
+        if skip_compile_note is not None:
+            compiled, note = False, skip_compile_note
+        elif T * kw > MAX_COMPILED_STEPS:
+            compiled, note = False, (f"skipped: torch.compile would unroll {T * kw} write steps "
+                                     f"(over {MAX_COMPILED_STEPS}: minutes of compilation)")
+        else:
+            compiled, note = True, ""
+        rows += compare("gated_memory_write", shape, dtype, fused, reference, make_inputs, device, cost=copy_cost,
+                        compile_reference=compiled, compile_note=note, reps=5, warmup=1, quick=quick, tiny=tiny)
     return rows + run_dense(device, quick, tiny=tiny)
 
 
 def run_dense(device: torch.device, quick: bool = False, *, tiny: bool = False) -> list:
     """gated_dense_update of a (B, Hm, N, D) memory with per-slot gates (B, Hm, N, 1), the LM2
-    layout; ``quick`` divides N by 4. GB/s counts reading memory, update and both gates and
-    writing the result once: the traffic of one fused pass."""
+    layout; ``quick`` divides N by 4. The floor counts reading memory, update and both gates and
+    writing the result once (the backward: reading dout, memory, update and the gates, writing the
+    four gradients): the traffic of one fused pass."""
     rows = []
     dtype = bench_dtype(device)
     elt = torch.finfo(dtype).bits // 8
@@ -103,6 +103,8 @@ def run_dense(device: torch.device, quick: bool = False, *, tiny: bool = False) 
 
         fused = {b: (lambda b_: lambda **x: l2m.gated_dense_update(**x, backend=b_))(b)
                  for b in fused_backends("gated_dense_update", device, dtype)}
+        M, G = B * Hm * N * D, B * Hm * N
         rows += compare("gated_dense_update", shape, dtype, fused, gated_dense_update_ref, make_inputs, device,
-                        fwd_bytes=(3 * N * D + 2 * N) * B * Hm * elt, tiny=tiny, reps=7, warmup=2)
+                        cost=Cost(fwd_bytes=(3 * M + 2 * G) * elt, bwd_bytes=(5 * M + 4 * G) * elt), reps=7,
+                        warmup=2, quick=quick, tiny=tiny)
     return rows

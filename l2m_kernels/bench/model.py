@@ -120,15 +120,17 @@ def run_mode(mode: str, device: torch.device, quick: bool = False, tiny: bool = 
     min_steps = 1 if quick or tiny else 2
     max_seconds = (5.0 if quick else 30.0) if max_seconds is None else max_seconds
 
-    rows = []
-    for variant, backend in ((_fused_name(mode, device, dtype), None), ("reference", "reference")):
-        model.load_state_dict(initial_weights)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    variants = ((_fused_name(mode, device, dtype), None), ("reference", "reference"))
+    steps = {}
+    for variant, backend in variants:
+        own = copy.deepcopy(model)  # each variant its own weights (the same initial ones) and optimizer
+        own.load_state_dict(initial_weights)
+        optimizer = torch.optim.AdamW(own.parameters(), lr=1e-4)
 
-        def step(times=None):
+        def step(times=None, own=own, optimizer=optimizer, backend=backend):
             bm.synchronize(device)
             start = time.perf_counter()
-            loss = model(inputs, state, labels=labels, backend=backend).loss
+            loss = own(inputs, state, labels=labels, backend=backend).loss
             bm.synchronize(device)
             forward_done = time.perf_counter()
             loss.backward()
@@ -140,21 +142,33 @@ def run_mode(mode: str, device: torch.device, quick: bool = False, tiny: bool = 
 
         for _ in range(warmup):  # also creates the optimizer state, which the peak then excludes
             step()
-        times = []
-        while len(times) < reps:
-            step(times)
-            if sum(f + b for f, b in times) > max_seconds and len(times) >= min_steps:
-                break
+        steps[variant] = step
+    del model
+    # The variants' steps interleaved (fused, reference, reference, fused, ...), so that a change of
+    # the machine's load reaches both alike.
+    times = {variant: [] for variant in steps}
+    order = list(steps)
+    while min(len(t) for t in times.values()) < reps:
+        for variant in order:
+            steps[variant](times[variant])
+        order.reverse()
+        spent = sum(f + b for t in times.values() for f, b in t)
+        if spent > max_seconds * len(steps) and min(len(t) for t in times.values()) >= min_steps:
+            break
+
+    rows = []
+    for variant, step in steps.items():
         peak = bm.peak_memory_bytes(step, device)
-        fwd = statistics.median(f for f, _ in times)
-        bwd = statistics.median(b for _, b in times)
-        both = statistics.median(f + b for f, b in times)
-        samples = {"fwd": [f for f, _ in times], "bwd": [b for _, b in times], "both": [f + b for f, b in times]}
+        timed = times[variant]
+        fwd = statistics.median(f for f, _ in timed)
+        bwd = statistics.median(b for _, b in timed)
+        both = statistics.median(f + b for f, b in timed)
+        samples = {"fwd": [f for f, _ in timed], "bwd": [b for _, b in timed], "both": [f + b for f, b in timed]}
         spreads = {f"{name}_spread_ms": [min(s) * 1e3, max(s) * 1e3] for name, s in samples.items()}
         rows.append(bm.Row(OP, shape, dtype_name(dtype), variant, fwd * 1e3, bwd * 1e3, both * 1e3,
-                           None if peak is None else peak / 2 ** 20,
-                           note=f"{batch * tokens / both:.0f} tokens/s ({len(times)} step{'s' * (len(times) > 1)} "
-                                f"timed after {warmup} warm-up)", **spreads))
+                           None if peak is None else peak / 2 ** 20, reps=len(timed),
+                           note=f"{batch * tokens / both:.0f} tokens/s ({len(timed)} step{'s' * (len(timed) > 1)} "
+                                f"timed after {warmup} warm-up, interleaved with the other variant)", **spreads))
     rows.append(skipped_row(OP, shape, dtype, "reference+compile",
                             "skipped: torch.compile of the whole step unrolls every segment and every "
                             "reference write step (minutes to hours of compilation)"))

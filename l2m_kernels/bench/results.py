@@ -26,9 +26,10 @@ A row (:data:`FIELDS`, every key present, ``None`` where not measured):
 - ``fwd_ms``, ``bwd_ms``, ``both_ms`` (medians; ``both`` is forward + backward timed together) and
   ``fwd_spread_ms``, ``bwd_spread_ms``, ``both_spread_ms`` ([fastest, slowest] of the timed runs);
 - ``peak_mb`` (peak memory the call added, MiB), ``fwd_gbps``, ``fwd_gflops``, ``ceilings`` (copy
-  GB/s and matmul GFLOP/s measured in the same run), ``floor_multiple`` (the forward's time over its
-  hardware floor: the larger of its bytes at the copy ceiling and its flops at the matmul ceiling of
-  its dtype);
+  GB/s and matmul GFLOP/s measured in the same run, interleaved with the row's comparison where
+  ``l2m-bench`` measured them so), ``floor_multiple`` (the forward's time over its hardware floor:
+  the larger of its bytes at the copy ceiling and its flops at the matmul ceiling of its dtype),
+  ``both_floor_multiple`` (forward + backward over the floor of both);
 - ``metrics`` (named values of ``check`` and ``metric`` rows), ``notes``.
 """
 from __future__ import annotations
@@ -51,11 +52,11 @@ COMMAND = "python -m l2m_kernels.bench.results"
 FIELDS = ("date", "device", "torch", "triton", "cuda", "l2m_kernels", "commit", "run", "source", "conditions",
           "op", "shape", "dtype", "variant", "kind", "fwd_ms", "bwd_ms", "both_ms", "fwd_spread_ms",
           "bwd_spread_ms", "both_spread_ms", "peak_mb", "fwd_gbps", "fwd_gflops", "ceilings", "floor_multiple",
-          "metrics", "notes")
+          "both_floor_multiple", "metrics", "notes")
 KINDS = ("fused", "reference eager", "reference compiled", "peer", "check", "metric")
 TIMED_KINDS = KINDS[:4]
 _TIMES = ("fwd_ms", "bwd_ms", "both_ms")
-_NUMBERS = _TIMES + ("peak_mb", "fwd_gbps", "fwd_gflops", "floor_multiple")
+_NUMBERS = _TIMES + ("peak_mb", "fwd_gbps", "fwd_gflops", "floor_multiple", "both_floor_multiple")
 _BACKENDS = ("cpu", "triton", "cuda")
 
 
@@ -144,8 +145,9 @@ def bench_rows(rows: list, ceilings: dict, env: dict, *, run: str, source: str, 
     return [make_row(env, run=run, source=source, conditions=conditions, op=r.op, shape=r.shape, dtype=r.dtype,
                      variant=r.variant, fwd_ms=r.fwd_ms, bwd_ms=r.bwd_ms, both_ms=r.both_ms,
                      fwd_spread_ms=r.fwd_spread_ms, bwd_spread_ms=r.bwd_spread_ms, both_spread_ms=r.both_spread_ms,
-                     peak_mb=r.peak_mb, fwd_gbps=r.fwd_gbps, fwd_gflops=r.fwd_gflops, ceilings=dict(ceilings),
-                     notes=r.note or "")
+                     peak_mb=r.peak_mb, fwd_gbps=r.fwd_gbps, fwd_gflops=r.fwd_gflops,
+                     ceilings=dict(r.ceilings or ceilings), floor_multiple=r.floor_multiple,
+                     both_floor_multiple=r.both_floor_multiple, notes=r.note or "")
             for r in rows]
 
 
@@ -287,6 +289,7 @@ _COLUMNS = (  # (header, cell), a column shown only when some row of the table h
     ("fwd GB/s", lambda r, rows: _fmt(r["fwd_gbps"], 1)),
     ("fwd GFLOP/s", lambda r, rows: _fmt(r["fwd_gflops"], 1)),
     ("x floor", lambda r, rows: _fmt(r["floor_multiple"], 2)),
+    ("x floor fwd+bwd", lambda r, rows: _fmt(r["both_floor_multiple"], 2)),
     ("result", lambda r, rows: _metrics(r)),
     ("notes", lambda r, rows: r["notes"] or "-"),
 )
@@ -326,7 +329,8 @@ def render(rows: list) -> str:
            "and backward timed together); the spread is the fastest and slowest timed run; speedups are",
            "against the eager reference (`reference`) of the same run, op, shape and dtype; `x floor` is the",
            "forward's time over its hardware floor (its bytes at the copy ceiling or its flops at the matmul",
-           "ceiling of its dtype, measured in the same run); peak MB is the memory the call added. Correctness",
+           "ceiling of its dtype, measured in the same run), `x floor fwd+bwd` the same for forward and",
+           "backward together; peak MB is the memory the call added. Correctness",
            "runs and measurements other than times give their values under `result`."]
     for device, by_device in _groups(rows, lambda r: r["device"]).items():
         out += ["", f"## {device}"]
