@@ -88,8 +88,11 @@ else:
     cpu_isas = CPU_ISA_MARCH if IS_X86_64 else {}
 
 # The code is C++17; the -std flag is left to torch, whose headers set the minimum (c++17 for
-# torch 2.6, c++20 for recent releases).
-cpu_cxx_flags = ["-O3", "-fopenmp", "-Wall"]
+# torch 2.6, c++20 for recent releases). -fno-trapping-math: the kernels never read floating-point
+# exception flags, and without it GCC keeps a clamp or a select of floats out of vector code on
+# AVX2 (it may not evaluate both sides of a comparison), so elementwise loops with exp or tanh
+# (csrc/cpu/vmath.h) run one element at a time. It changes no result.
+cpu_cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math", "-Wall"]
 cpu_link_flags = ["-fopenmp"]
 if cpu_arch:
     cpu_cxx_flags.append(f"-march={cpu_arch}")

@@ -3,14 +3,16 @@
 // Purely elementwise and bound by memory bandwidth: threads split the flat element range (or, when
 // an input is strided or broadcast, the rows of the broadcast shape) into fixed chunks
 // (at::parallel_for, so torch.set_num_threads applies and small calls stay on the calling thread);
-// each chunk is walked in tiles whose inner loops are `omp simd` (with -fopenmp, glibc's vector
-// exp/tanh serve them). Half types, and inputs broadcast along a row, are converted to acc in small
+// each chunk is walked in tiles whose inner loops are `omp simd`, with the vectorisable exp and tanh
+// of vmath.h and every multiply-add explicit (madd), so that an element gets the same bits in a
+// loop's vector body and in its remainder, whichever the tile it falls in. Half types, and inputs broadcast along a row, are converted to acc in small
 // stack buffers so those loops see plain arrays; float and double rows are used in place. Every
 // element is computed by the same code whatever the path and the thread count: bitwise
 // deterministic.
 #include "isa.h"  // first: names the variant that the declarations below belong to
 #include "dense_update.h"
 #include "convert.h"
+#include "vmath.h"
 
 #include <algorithm>
 #include <cmath>
@@ -30,12 +32,6 @@ namespace {
 constexpr int64_t kTile = 256;
 // Elements below which a chunk is not worth handing to another thread.
 constexpr int64_t kGrain = 32768;
-
-template <typename acc_t>
-inline acc_t sigmoid(acc_t logit) {
-  // exp(-logit) overflows to inf for very negative logits: 1 / inf = 0, the right limit.
-  return acc_t(1) / (acc_t(1) + std::exp(-logit));
-}
 
 // n elements of an input from `src` in acc: with step 1 as load_row (in place when the storage is
 // the acc type); with step 0 (broadcast along the row) its one element, repeated into `buffer`.
@@ -114,7 +110,7 @@ void fwd_impl(const GatedDenseUpdateFwdParams& params) {
     }
 #pragma omp simd
     for (int64_t k = 0; k < n; ++k) {
-      result[k] = sigmoid(fg[k]) * m[k] + sigmoid(ig[k]) * std::tanh(u[k]);
+      result[k] = madd(vsigmoid(fg[k]), m[k], vsigmoid(ig[k]) * vtanh(u[k]));
     }
     if constexpr (!std::is_same_v<scalar_t, acc_t>) {
       from_acc(out_buf, out + offset, n);
@@ -140,12 +136,12 @@ void bwd_impl(const GatedDenseUpdateBwdParams& params) {
     acc_t* df = dforget_gate + offset;
 #pragma omp simd
     for (int64_t k = 0; k < n; ++k) {
-      const acc_t sf = sigmoid(fg[k]);
-      const acc_t si = sigmoid(ig[k]);
-      const acc_t th = std::tanh(u[k]);
+      const acc_t sf = vsigmoid(fg[k]);
+      const acc_t si = vsigmoid(ig[k]);
+      const acc_t th = vtanh(u[k]);
       const acc_t grad = g[k];
       dm[k] = grad * sf;
-      du[k] = grad * si * (acc_t(1) - th * th);
+      du[k] = grad * si * madd(-th, th, acc_t(1));
       di[k] = grad * th * si * (acc_t(1) - si);
       df[k] = grad * m[k] * sf * (acc_t(1) - sf);
     }

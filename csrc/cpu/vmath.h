@@ -1,0 +1,88 @@
+// exp, tanh and sigmoid of float that `omp simd` loops vectorise: glibc's vector math (libmvec) is
+// only declared to the compiler under -ffast-math, so std::exp and std::tanh in such a loop are
+// one scalar library call per element, several times the cost of the memory traffic of an
+// elementwise kernel. These are the Cephes single-precision algorithms (exp: Cody-Waite range
+// reduction and a degree-5 polynomial, within 2 ulp of the exact value for finite results); double
+// keeps the library's functions (float64 is for checking, not speed). Every lane computes the
+// same operations: results do not depend on the vector width or the instruction set beyond the
+// use of fused multiply-adds (madd).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace l2m::cpu {
+inline namespace L2M_CPU_ISA {  // one copy per instruction-set variant (isa.h)
+namespace {
+
+// a * b + c: one fused multiply-add where the instruction set has it, else a product and a sum. Used
+// for every multiply-add of these functions and of the kernels that call them, so that the
+// compiler never chooses which products to fuse: an element then gets the same bits in the vector
+// body of a loop and in its scalar remainder, whatever the tiling.
+template <typename T>
+inline T madd(T a, T b, T c) {
+#if defined(__FMA__) || defined(__AVX512F__)
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+// e**x, with x clamped to [-88, 88] (e**88 = 1.7e38 stands for +inf; results below about 2**-126
+// flush to 0); NaN in, NaN out.
+inline float vexp(float x) {
+  // Only arithmetic, std::min, std::max and bit copies: floor and fmin would be library calls
+  // without -ffast-math, and a call (or the branch of a float-to-int conversion) keeps the loop
+  // from being vectorised. n = round(x / ln 2) by the 1.5 * 2**23 shift, which leaves n in the
+  // low bits of `shifted`.
+  const float clamped = std::min(std::max(x, -88.0f), 88.0f);  // NaN stays NaN, and so the result
+  constexpr float kShift = 12582912.0f;                          // 1.5 * 2**23, bits 0x4B400000
+  const float shifted = madd(clamped, 1.44269504088896341f, kShift);
+  const float n = shifted - kShift;
+  int32_t shifted_bits;
+  std::memcpy(&shifted_bits, &shifted, sizeof(shifted_bits));
+  const int32_t n_int = shifted_bits - 0x4B400000;
+  const float r = madd(n, 2.12194440e-4f, madd(n, -0.693359375f, clamped));  // x - n ln 2, in two parts
+  float p = 1.9875691500e-4f;
+  p = madd(p, r, 1.3981999507e-3f);
+  p = madd(p, r, 8.3334519073e-3f);
+  p = madd(p, r, 4.1665795894e-2f);
+  p = madd(p, r, 1.6666665459e-1f);
+  p = madd(p, r, 5.0000001201e-1f);
+  const float e_r = madd(p, r * r, r) + 1.0f;
+  const int32_t bits = (n_int + 127) << 23;  // 2**n (n = -127: 0)
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return e_r * scale;
+}
+
+inline double vexp(double x) { return std::exp(x); }
+
+// 1 / (1 + e**-x): 0 for x below -88 (the exact value is under 1e-38), 1 above 17.
+template <typename acc_t>
+inline acc_t vsigmoid(acc_t x) {
+  return acc_t(1) / (acc_t(1) + vexp(-x));
+}
+
+// tanh(x): an odd polynomial for |x| < 0.625 (where 1 - 2 / (e**2x + 1) would cancel), else
+// 1 - 2 / (e**2|x| + 1) with x's sign.
+inline float vtanh(float x) {
+  const float a = std::fabs(x);
+  const float z = x * x;
+  float p = -5.70498872745e-3f;
+  p = madd(p, z, 2.06390887954e-2f);
+  p = madd(p, z, -5.37397155531e-2f);
+  p = madd(p, z, 1.33314422036e-1f);
+  p = madd(p, z, -3.33332819422e-1f);
+  const float small = madd(p * z, x, x);
+  const float large = std::copysign(1.0f - 2.0f / (vexp(2.0f * a) + 1.0f), x);
+  return a < 0.625f ? small : large;
+}
+
+inline double vtanh(double x) { return std::tanh(x); }
+
+}  // namespace
+}  // namespace L2M_CPU_ISA
+}  // namespace l2m::cpu
