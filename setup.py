@@ -232,6 +232,8 @@ setup(
         "triton": ["triton>=3.3"],
         "test": ["pytest", "hypothesis"],
         "bench": ["matplotlib", "tqdm"],
+        # The peers l2m-bench compares with where installed (scripts/install.sh --peers).
+        "peers": ["faiss-cpu", "product-key-memory"],
     },
     ext_modules=ext_modules,
     entry_points={"console_scripts": ["l2m-check = l2m_kernels.check:main",

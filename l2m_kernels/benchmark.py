@@ -72,8 +72,26 @@ def time_samples(fn: Callable[[], object], device: torch.device, *, warmup: int 
     return samples
 
 
-_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 _GLIBC_DYNAMIC_MMAP_THRESHOLD_MAX = 32 * 2 ** 20  # 64-bit glibc
+_STEADY_TRIM_THRESHOLD = 2 ** 30
+
+
+def steady_allocator() -> bool:
+    """Puts glibc's allocator in the state a training loop reaches after its first steps, whatever
+    ran before in the process: allocations up to 32 MiB from the heap (the largest mmap threshold
+    glibc adapts to by itself) and up to 1 GiB of freed memory kept for reuse instead of returned to
+    the system. Otherwise each timed call may page-fault its outputs afresh or not, depending on
+    what earlier benchmarks of the run freed, and the same suite run twice disagrees by tens of
+    percent on allocation-heavy rows. Larger allocations are mapped and faulted in at every call,
+    as in any loop. Returns False where glibc is not found (no change)."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt(_M_MMAP_THRESHOLD, _GLIBC_DYNAMIC_MMAP_THRESHOLD_MAX)
+    mallopt(_M_TRIM_THRESHOLD, _STEADY_TRIM_THRESHOLD)
+    return True
 
 
 @contextlib.contextmanager
@@ -86,7 +104,8 @@ def _large_allocations_mapped():
     temporary per iteration: tens of GB at ``write-cpu``, where nothing but the profiler holds it.
     Mapped allocations go back to the system when freed. Afterwards the threshold is fixed at
     glibc's dynamic maximum, where it settles anyway once a large mapped block has been freed
-    (mallopt cannot restore the dynamic mode). A no-op where glibc is not found.
+    (mallopt cannot restore the dynamic mode), as :func:`steady_allocator` sets it. A no-op where
+    glibc is not found.
     """
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
@@ -319,6 +338,7 @@ class Variant:
     cost: Optional[Cost] = None
     note: str = ""
     torch_memory: bool = True  # False: it allocates outside torch's allocator (no peak reported)
+    parameters: tuple = ()     # tensors besides the inputs whose gradients each backward clears
 
 
 class _Timed:
@@ -349,7 +369,7 @@ class _Timed:
         return [t for t in inputs.values() if isinstance(t, torch.Tensor) and t.requires_grad]
 
     def _clear(self, inputs: dict) -> None:
-        for leaf in self._leaves(inputs):
+        for leaf in self._leaves(inputs) + list(self.variant.parameters):
             leaf.grad = None
 
     def _backward(self, outs: list, inputs: dict) -> None:
@@ -385,7 +405,7 @@ class _Timed:
 
         def keep_graph():
             torch.autograd.backward(self._outputs(inputs), self.cots)
-            return [leaf.grad for leaf in self._leaves(inputs)]
+            return [leaf.grad for leaf in self._leaves(inputs) + list(self.variant.parameters)]
 
         peak = peak_memory_bytes(keep_graph, self.device)
         self._clear(inputs)
@@ -507,7 +527,8 @@ def compare(op: str, shape: str, dtype: torch.dtype, fused: dict, reference: Cal
             peers: Optional[dict] = None, cost: Optional[Cost] = None, backward: bool = True, reps: int = 7,
             warmup: int = 2, max_reps: Optional[int] = None, max_seconds: float = 60.0, tolerance: float = 0.02,
             quick: bool = False, rotate_bytes: int = 256 * 2 ** 20) -> list:
-    """Rows for every fused variant of ``fused``, the eager reference, the reference under
+    """Rows for every fused variant of ``fused``, the eager ``reference`` (a forward or a
+    :class:`Variant`), the reference under
     ``torch.compile`` (or, without ``compile_reference``, a row saying ``compile_note``) and the
     ``peers``, measured interleaved (:func:`interleave`) together with the ceilings.
 
@@ -521,10 +542,12 @@ def compare(op: str, shape: str, dtype: torch.dtype, fused: dict, reference: Cal
     """
     dtype_text = dtype_name(dtype)
     variants = [_as_variant(name, entry, backward) for name, entry in fused.items()]
-    variants.append(Variant("reference", reference, backward=backward))
+    reference = _as_variant("reference", reference, backward)
+    variants.append(dataclasses.replace(reference, name="reference"))
     if compile_reference:
         torch._dynamo.reset()
-        variants.append(Variant("reference+compile", torch.compile(reference), backward=backward))
+        variants.append(dataclasses.replace(reference, name="reference+compile",
+                                            forward=torch.compile(reference.forward)))
     elif compile_note:
         variants.append(Variant("reference+compile", None, note=compile_note))
     variants += [_as_variant(name, entry, backward) for name, entry in (peers or {}).items()]
@@ -722,7 +745,12 @@ def plot(rows: list, path: str, title: str = "") -> None:
         ax_speed.legend(fontsize=7, loc="best")
         floors = [line[3] or 0 for line in lines]
         ax_floor.barh(ys, floors, height=0.6, color="tab:green")
-        log_axis(ax_floor)
+        if any(floors):
+            log_axis(ax_floor)
+        else:
+            ax_floor.text(0.5, 0.5, "no floor: the benchmark counts no bytes or flops", ha="center",
+                          va="center", fontsize=8, transform=ax_floor.transAxes)
+            ax_floor.set_xticks([])
         ax_floor.set_yticks(ys)
         ax_floor.set_yticklabels([""] * len(ys))
         ax_floor.set_title("time / hardware floor (1 = at the ceiling)", fontsize=9)

@@ -20,9 +20,16 @@ else
 fi
 
 # The build requirements of pyproject.toml (pip does not install them with --no-build-isolation),
-# then those of the tests and benchmarks.
+# then those of the tests and benchmarks; with --peers also the peers l2m-bench compares with
+# (faiss-cpu, product-key-memory: the "peers" extra of setup.py), each distribution:module.
 REQUIREMENTS=("setuptools>=64" wheel "triton>=3.3" numpy ninja pybind11 pytest hypothesis matplotlib
               tqdm)
+for argument in "$@"; do
+  case "$argument" in
+    --peers) REQUIREMENTS+=("faiss-cpu:faiss" "product-key-memory:product_key_memory") ;;
+    *) echo "install.sh: unknown argument $argument (known: --peers)" >&2; exit 2 ;;
+  esac
+done
 # The requirements that are missing (no distribution or no importable module) or too old.
 missing=$("$PY" - "${REQUIREMENTS[@]}" <<'EOF'
 import importlib.util
@@ -36,12 +43,13 @@ def release(version):
 
 
 for requirement in sys.argv[1:]:
+    requirement, _, module = requirement.partition(":")  # "faiss-cpu:faiss": its module's name
     name, _, minimum = requirement.partition(">=")
     try:
         version = metadata.version(name)
     except metadata.PackageNotFoundError:
         version = None
-    if version is None or importlib.util.find_spec(name) is None or (
+    if version is None or importlib.util.find_spec(module or name) is None or (
             minimum and release(version) < release(minimum)):
         print(requirement)
 EOF
@@ -51,7 +59,7 @@ if [ -n "$missing" ]; then
   # shellcheck disable=SC2086  # one requirement per word
   "$PY" -m pip install -q $missing
 else
-  echo "install.sh: skip pip: ${REQUIREMENTS[*]} are installed at acceptable versions"
+  echo "install.sh: skip pip: ${REQUIREMENTS[*]%%:*} are installed at acceptable versions"
 fi
 
 # The package: "skip <reason>" when the installed build is current, else "build <reason>" and the

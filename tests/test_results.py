@@ -137,3 +137,18 @@ def test_speedup_needs_the_same_run_op_shape_and_dtype():
     rows = [_row(variant="reference", fwd_ms=4.0), _row(fwd_ms=2.0), _row(fwd_ms=1.0, shape="B=2")]
     table = results.render(rows)
     assert "2.00x (fwd)" in table and table.count("x (fwd)") == 1
+
+
+def test_compare_puts_two_runs_speedups_side_by_side():
+    env = results.environment(torch.device("cpu"))
+
+    def run(fused_ms):
+        rows = [bm.Row("gated_merge", "B=1", "float32", variant, t, t, 2 * t, 1.0)
+                for variant, t in (("cpu", fused_ms), ("reference", 4.0), ("reference+compile", 2.0))]
+        return results.bench_rows(rows, {}, env, run="r", source="s")
+
+    table, differing = results.compare_runs(run(1.0), run(1.1))
+    assert "| gated_merge | B=1 | cpu | eager | 4.00x | 3.64x | 10% |" in table and differing == []
+    assert "| gated_merge | B=1 | reference+compile | eager | 2.00x | 2.00x | 0% |" in table
+    table, differing = results.compare_runs(run(1.0), run(1.5), tolerance=0.15)
+    assert ("gated_merge", "B=1", "float32", "cpu", "reference") in differing and "**over**" in table

@@ -144,6 +144,7 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: this torch has no usable CUDA device")
     start = time.perf_counter()
+    bm.steady_allocator()
     with bm.MachineLoad() as before:  # a second of the machine alone, before anything runs
         time.sleep(0.0 if args.tiny else 1.0)
     warnings = [_busy_warning(before, "before the run")] if before.busy else []

@@ -15,6 +15,12 @@ Peer: the plain PyTorch a user would write (``plain embedding_bag``): the two ha
 ``topk`` of each half, ``topk`` of the k_sub x k_sub sums, softmax, and ``F.embedding_bag`` with
 per-sample weights (``sparse=True`` for the sparse gradient).
 
+At module level (``ProductKeyMemory``, the op's sizes with dim = value_dim = 512, ``MODULE_DIM``):
+our module (sparse and dense values gradient) against lucidrains' ``product_key_memory.PKM`` at the
+same configuration (dim, heads, num_keys = n_sub, dim_head = key_dim / 2, topk = k; its values an
+``nn.EmbeddingBag``, dense gradient, and with ``sparse=True`` for the sparse rows), and our module on
+the reference backend, eager and compiled. Forward + backward include the parameters' gradients.
+
 Peak memory is that of forward + backward with the gradients kept. With a dense values gradient both
 the fused path and the reference hold the (N, Dv) gradient (1 GiB at pkm-cpu); the ``sparse_grad``
 rows show the memory that grows with the touched rows only.
@@ -28,7 +34,7 @@ from l2m_kernels.benchmark import Cost, Variant
 from l2m_kernels.ops import registry
 from l2m_kernels.ops.product_key.reference import product_key_read_ref
 
-from ._common import bench_dtype, compare, fused_backends, spec_shapes
+from ._common import bench_dtype, compare, fused_backends, optional_peer, spec_shapes
 
 # The shapes of the op's declaration (l2m_kernels/ops/registry.py); TINY_SHAPES: tests only.
 SHAPES = registry.OPS["product_key_read"].bench.shapes
@@ -83,7 +89,73 @@ def run(device: torch.device, quick: bool = False, ceilings: dict | None = None,
                                                        cost=sparse_cost)}
         rows += compare("product_key_read", shape, dtype, fused, reference, make_inputs, device, cost=dense_cost,
                         peers=peers, reps=3, warmup=1, quick=quick, tiny=tiny)
+        rows += run_module(device, dtype, dict(B=B, H=H, T=T, Dk=Dk, n_sub=n_sub, k=k), name, quick=quick, tiny=tiny)
     return rows
+
+
+MODULE_DIM, TINY_MODULE_DIM = 512, 16
+
+
+def run_module(device: torch.device, dtype: torch.dtype, sizes: dict, name: str, *, quick: bool = False,
+               tiny: bool = False) -> list:
+    """Our ``ProductKeyMemory`` against lucidrains' ``PKM`` at one configuration (see the module's
+    docstring): x (B, T, dim) -> (B, T, dim), forward + backward into every parameter."""
+    from l2m_kernels.modules import ProductKeyMemory
+
+    B, H, T, Dk, n_sub, k = (sizes[x] for x in ("B", "H", "T", "Dk", "n_sub", "k"))
+    dim = TINY_MODULE_DIM if tiny else MODULE_DIM
+    shape = f"{name} module dim={dim} heads={H} n_sub={n_sub} key_dim={Dk} k={k} B={B} T={T}"
+    elt = torch.finfo(dtype).bits // 8
+    torch.manual_seed(0)
+    ours = ProductKeyMemory(dim, n_sub, Dk, heads=H, k=k).to(device, dtype)
+    ours_params = tuple(ours.parameters())
+
+    def make_inputs(requires_grad):
+        return dict(x=torch.randn(B, T, dim, device=device, dtype=dtype).requires_grad_(requires_grad))
+
+    def ours_variant(backend, sparse_grad):
+        def forward(x):
+            ours.backend, ours.sparse_grad = backend, sparse_grad
+            return ours(x)
+        return forward
+
+    queries = B * H * T
+    projections = 2 * B * T * dim * H * Dk
+    fwd_bytes = (queries * (Dk + k * dim) + B * T * 2 * dim + H * n_sub * Dk) * elt
+    sparse = Cost(fwd_flops=2 * queries * n_sub * Dk + projections, fwd_bytes=fwd_bytes,
+                  bwd_flops=2 * projections, bwd_bytes=fwd_bytes + queries * k * dim * elt)
+    dense = Cost(sparse.fwd_bytes, sparse.fwd_flops, sparse.bwd_bytes + n_sub * n_sub * dim * elt, sparse.bwd_flops)
+    fused = {}
+    for b in fused_backends("product_key_read", device, dtype):
+        fused[f"{b} module"] = Variant(f"{b} module", ours_variant(b, False), cost=dense, parameters=ours_params)
+        fused[f"{b} module sparse_grad"] = Variant(f"{b} module sparse_grad", ours_variant(b, True), cost=sparse,
+                                                   parameters=ours_params)
+    peers = _lucidrains_pkm(dim, H, n_sub, Dk, k, device, dtype, dense, sparse)
+    return compare("ProductKeyMemory", shape, dtype, fused, Variant("reference", ours_variant("reference", False),
+                                                                    parameters=ours_params),
+                   make_inputs, device, cost=dense, peers=peers, reps=3, warmup=1, quick=quick, tiny=tiny)
+
+
+def _lucidrains_pkm(dim, heads, n_sub, key_dim, k, device, dtype, dense, sparse) -> dict:
+    """lucidrains' PKM as two peers (dense and sparse values gradient, one weight table), or the
+    reason it cannot run."""
+    pkm, why = optional_peer("product_key_memory", "product-key-memory")
+    if pkm is None:
+        return {"lucidrains PKM": why}
+    module = pkm.PKM(dim, heads=heads, num_keys=n_sub, topk=k, dim_head=key_dim // 2).to(device, dtype)
+    dense_bag = module.values
+    sparse_bag = torch.nn.EmbeddingBag(n_sub * n_sub, dim, mode="sum", sparse=True, _weight=dense_bag.weight)
+    params = tuple(module.parameters())
+
+    def variant(bag):
+        def forward(x):
+            module.values = bag
+            return module(x)
+        return forward
+
+    return {"lucidrains PKM": Variant("lucidrains PKM", variant(dense_bag), cost=dense, parameters=params),
+            "lucidrains PKM sparse": Variant("lucidrains PKM sparse", variant(sparse_bag), cost=sparse,
+                                             parameters=params)}
 
 
 def plain_pytorch(k: int, k_sub: int, sparse: bool):

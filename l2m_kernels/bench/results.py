@@ -8,11 +8,15 @@ this format (``suite.json``, ``rows``); to record a run:
                                             [--step NAME=SUMMARY ...] [--results FILE] [--markdown FILE]
     python -m l2m_kernels.bench.results render [--results FILE] [--markdown FILE]
     python -m l2m_kernels.bench.results check  [--results FILE] [--markdown FILE]
+    python -m l2m_kernels.bench.results compare A/suite.json B/suite.json [--tolerance 0.15]
 
 ``add`` appends the run's rows (and, with ``--check-json``, one row per op, backend and dtype of an
 ``l2m-check --json`` file; with ``--step``, one row per named step of a run, e.g. the test suite's
 summary) to the results file and regenerates the Markdown; ``render`` regenerates it; ``check``
-exits 1 when a row lacks a field or the Markdown is not what the rows generate.
+exits 1 when a row lacks a field or the Markdown is not what the rows generate; ``compare`` puts
+the speedups of two runs of the same suite side by side (over the eager and the compiled
+reference, per op, shape and variant) and exits 1 when one differs by more than ``--tolerance``
+(15%): how far a run's ratios can be trusted.
 
 A row (:data:`FIELDS`, every key present, ``None`` where not measured):
 
@@ -179,6 +183,45 @@ def step_rows(steps: list, env: dict, *, run: str, source: str) -> list:
         rows.append(make_row(env, run=run, source=source, op=name.strip(), shape="-", dtype="-", variant="-",
                              kind="check", notes=summary.strip()))
     return rows
+
+
+# ---- comparing runs ---------------------------------------------------------------------------
+
+def speedups(rows: list) -> dict:
+    """``{(op, shape, dtype, variant, baseline): speedup}`` of a run's rows over its eager
+    (``reference``) and compiled (``reference+compile``) reference, forward + backward where both
+    were timed so, else forward."""
+    refs = {(r["op"], r["shape"], r["dtype"], r["variant"]): r for r in rows
+            if r["variant"] in ("reference", "reference+compile")}
+    out = {}
+    for row in rows:
+        if row["kind"] not in TIMED_KINDS or row["variant"] == "reference":
+            continue
+        for baseline in ("reference", "reference+compile"):
+            ref = refs.get((row["op"], row["shape"], row["dtype"], baseline))
+            if ref is None or ref is row:
+                continue
+            for part in ("both_ms", "fwd_ms"):
+                if ref[part] and row[part]:
+                    out[(row["op"], row["shape"], row["dtype"], row["variant"], baseline)] = ref[part] / row[part]
+                    break
+    return out
+
+
+def compare_runs(first: list, second: list, tolerance: float = 0.15) -> tuple:
+    """``(markdown table, differing)``: the speedups of two runs side by side, and the keys whose
+    speedups differ by more than ``tolerance`` (relative to the smaller)."""
+    a, b = speedups(first), speedups(second)
+    lines = ["| op | shape | variant | over | first | second | difference |", "|---|---|---|---|---|---|---|"]
+    differing = []
+    for key in [k for k in a if k in b]:
+        op, shape, _, variant, baseline = key
+        diff = max(a[key], b[key]) / min(a[key], b[key]) - 1
+        if diff > tolerance:
+            differing.append(key)
+        lines.append(f"| {op} | {_cell(shape)} | {variant} | {'eager' if baseline == 'reference' else 'compiled'} | "
+                     f"{a[key]:.2f}x | {b[key]:.2f}x | {100 * diff:.0f}%{' **over**' if diff > tolerance else ''} |")
+    return "\n".join(lines), differing
 
 
 # ---- checking rows ----------------------------------------------------------------------------
@@ -377,8 +420,12 @@ def _out_of_date(results, markdown) -> list:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=("add", "render", "check"))
-    parser.add_argument("suite_json", nargs="?", help="add: an l2m-bench suite.json (or a per-op script's JSON)")
+    parser.add_argument("action", choices=("add", "render", "check", "compare"))
+    parser.add_argument("suite_json", nargs="?", help="add: an l2m-bench suite.json (or a per-op script's JSON); "
+                        "compare: the first run's")
+    parser.add_argument("other_json", nargs="?", help="compare: the second run's suite.json")
+    parser.add_argument("--tolerance", type=float, default=0.15,
+                        help="compare: the largest relative difference of a speedup (default %(default)s)")
     parser.add_argument("--check-json", help="add: an l2m-check --json file of the same run")
     parser.add_argument("--step", action="append", default=[], metavar="NAME=SUMMARY",
                         help="add: a step of the run and its outcome (repeatable)")
@@ -390,6 +437,18 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", default=str(MARKDOWN_FILE), help="the table (default: %(default)s)")
     args = parser.parse_args(argv)
 
+    if args.action == "compare":
+        if not (args.suite_json and args.other_json):
+            parser.error("compare: give two suite.json files")
+        runs = []
+        for path in (args.suite_json, args.other_json):
+            with open(path) as f:
+                runs.append(json.load(f)["rows"])
+        table, differing = compare_runs(*runs, tolerance=args.tolerance)
+        print(table)
+        print(f"\n{len(differing)} speedups differ by more than {100 * args.tolerance:.0f}%" if differing else
+              f"\nevery speedup within {100 * args.tolerance:.0f}% of the other run")
+        return 1 if differing else 0
     if args.action == "check":
         found = _out_of_date(args.results, args.markdown)
         print("\n".join(found) or f"{args.results}: every row complete; {args.markdown} up to date")
