@@ -567,7 +567,7 @@ def compare(op: str, shape: str, dtype: torch.dtype, fused: dict, reference: Cal
             failed[variant.name] = f"failed: {type(exc).__name__}: {exc}"[:200]
     probes = _ceiling_probes(device, quick)
     probe_samples = interleave(timed, probes, device, warmup=max(0, warmup - 1), reps=reps,
-                               max_reps=max_reps or max(reps, 4 * reps), max_seconds=max_seconds,
+                               max_reps=max_reps or max(4 * reps, 40), max_seconds=max_seconds,
                                tolerance=tolerance)
     ceilings = {name: _rate(name, statistics.median(s), probes[name]) for name, s in probe_samples.items() if s}
     del probes

@@ -51,6 +51,24 @@ def test_bench_tiny_writes_outputs(tmp_path, capsys, one_thread):
     assert "| L2M train step |" in printed
 
 
+def test_bench_tiny_compares_with_the_peers(tmp_path, one_thread):
+    # Every peer is a row: measured where installed, else a note saying how to install it.
+    out = tmp_path / "bench"
+    status = main(["--tiny", "--device", "cpu", "--out", str(out), "--no-progress", "--only", "topk_read,product_key"])
+    assert status == 0
+    rows = json.loads((out / "suite.json").read_text())["rows"]
+    variants = {(r["op"], r["variant"]): r for r in rows}
+    for op, peer in (("topk_memory_read", "faiss IndexFlatIP (search)"), ("topk_memory_read", "bare matmul (scores)"),
+                     ("product_key_read", "plain embedding_bag"), ("ProductKeyMemory", "lucidrains PKM"),
+                     ("ProductKeyMemory", "lucidrains PKM sparse")):
+        if (op, peer) not in variants:  # a peer that is not installed is one row under its family's name
+            peer = "lucidrains PKM"
+        row = variants[(op, peer)]
+        assert row["kind"] == "peer" and (row["fwd_ms"] or row["notes"].startswith("not installed")), row
+    ours = variants[("ProductKeyMemory", "cpu module sparse_grad")]
+    assert ours["kind"] == "fused" and ours["both_ms"] > 0 and ours["both_floor_multiple"] > 0
+
+
 def test_bench_rejects_unknown_names(capsys):
     with pytest.raises(SystemExit):
         main(["--only", "merge,nonsense"])
