@@ -34,7 +34,7 @@ its shapes):
   with the merge mode of ``--merge`` (default ``joint``)
 - ``model``: one L2MModel training step, both memory modes (:mod:`l2m_kernels.bench.model`)
 
-``--quick`` takes about 4 minutes on a 2-core CPU; there the compiled reference of
+``--quick`` takes about 5 minutes on a 2-core CPU; there the compiled reference of
 gated_memory_write is skipped when other benchmarks run too (compiling its unrolled write steps
 takes ~6 minutes); ``l2m-bench --quick --only memory_write`` measures it. A benchmark that raises is
 reported as a row with the error, and the suite goes on (exit status 1 at the end).
@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="l2m-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the quick shapes and fewer repetitions "
-                        "(about 4 minutes on a 2-core CPU)")
+                        "(about 5 minutes on a 2-core CPU)")
     parser.add_argument("--device", default=default_device(), help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--out", default="bench_out", help="folder for suite.json, suite.md, suite.png")
     parser.add_argument("--only", default="", help="comma-separated subset of " + ",".join(BENCHMARKS))
