@@ -547,8 +547,9 @@ void product_key_fwd_impl(const ProductKeyFwdParams& p) {
   at::parallel_for(0, num_units, 1, [&](int64_t unit_begin, int64_t unit_end) {
     FwdScratch<acc_t> scratch;
     scratch.q_block.resize(padded_capacity * p.dim_k);
-    // Selection buffers: twice the kept count, so a selection runs at most once per k pushes.
-    const int64_t half_capacity = 2 * k_sub;
+    // Selection buffers: four times the kept count, so a selection (O(capacity)) runs at most once
+    // per 3 k pushes: fewer selections save more than the bar, rising later, costs in pushes.
+    const int64_t half_capacity = 4 * k_sub;
     for (int half = 0; half < 2; ++half) {
       scratch.half_entries[half].resize(padded_capacity * half_capacity);
       scratch.half_counts[half].resize(padded_capacity);
