@@ -77,6 +77,14 @@ _GLIBC_DYNAMIC_MMAP_THRESHOLD_MAX = 32 * 2 ** 20  # 64-bit glibc
 _STEADY_TRIM_THRESHOLD = 2 ** 30
 
 
+def _glibc_mallopt():
+    """glibc's ``mallopt``, or None where glibc is not found."""
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return None
+
+
 def steady_allocator() -> bool:
     """Puts glibc's allocator in the state a training loop reaches after its first steps, whatever
     ran before in the process: allocations up to 32 MiB from the heap (the largest mmap threshold
@@ -85,9 +93,8 @@ def steady_allocator() -> bool:
     what earlier benchmarks of the run freed, and the same suite run twice disagrees by tens of
     percent on allocation-heavy rows. Larger allocations are mapped and faulted in at every call,
     as in any loop. Returns False where glibc is not found (no change)."""
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
+    mallopt = _glibc_mallopt()
+    if mallopt is None:
         return False
     mallopt(_M_MMAP_THRESHOLD, _GLIBC_DYNAMIC_MMAP_THRESHOLD_MAX)
     mallopt(_M_TRIM_THRESHOLD, _STEADY_TRIM_THRESHOLD)
@@ -107,9 +114,8 @@ def _large_allocations_mapped():
     (mallopt cannot restore the dynamic mode), as :func:`steady_allocator` sets it. A no-op where
     glibc is not found.
     """
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
+    mallopt = _glibc_mallopt()
+    if mallopt is None:
         yield
         return
     mallopt(_M_MMAP_THRESHOLD, 2 ** 20)
@@ -208,7 +214,7 @@ def _ceiling_probes(device: torch.device, quick: bool) -> dict:
     for dtype in ([torch.float32] if device.type == "cpu" else [torch.float32, torch.bfloat16]):
         a = torch.randn(n, n, device=device, dtype=dtype)
         b = torch.randn(n, n, device=device, dtype=dtype)
-        probes[f"matmul_gflops_{str(dtype).replace('torch.', '')}"] = (
+        probes[f"matmul_gflops_{dtype_name(dtype)}"] = (
             (lambda a=a, b=b: torch.mm(a, b)), 0, 2 * n ** 3)
     mib = (32 if quick else 64) if device.type == "cpu" else (256 if quick else 1024)
     src = torch.randn(mib * 2 ** 20 // 4, device=device)
@@ -601,30 +607,33 @@ def compare(op: str, shape: str, dtype: torch.dtype, fused: dict, reference: Cal
     return rows
 
 
+def speedup(ref: Optional[Row], row: Row) -> tuple:
+    """``(ref's time / row's time, forward_only)``: forward + backward where both were timed so,
+    else forward; ``(None, False)`` where they do not compare."""
+    for part in ("both_ms", "fwd_ms"):
+        a, b = (getattr(ref, part) if ref is not None else None), getattr(row, part)
+        if a and b and a == a and b == b and a > 0 and b > 0:
+            return a / b, part == "fwd_ms"
+    return None, False
+
+
+def _references(rows: list) -> dict:
+    """(op, shape, dtype, "reference" or "reference+compile") -> that row."""
+    return {(r.op, r.shape, r.dtype, r.variant): r for r in rows if r.variant in ("reference", "reference+compile")}
+
+
 def _speedups(rows: list) -> dict:
-    """id(row) -> (fwd+bwd speedup over the eager reference or "(fwd)" when only forwards compare,
-    and over the compiled reference), as text."""
-    out = {}
-    refs = {}
-    for r in rows:
-        if r.variant in ("reference", "reference+compile"):
-            refs[(r.op, r.shape, r.dtype, r.variant)] = r
+    """id(row) -> its speedups over the eager and the compiled reference, as text (``(fwd)`` when
+    only forwards compare)."""
+    refs = _references(rows)
 
-    def ratio(ref, r):
-        if ref is None:
-            return "-"
-        for part in ("both_ms", "fwd_ms"):
-            a, b = getattr(ref, part), getattr(r, part)
-            if a and b and a == a and b == b and a > 0 and b > 0:
-                return f"{a / b:.2f}x" + (" (fwd)" if part == "fwd_ms" else "")
-            if part == "both_ms" and (a or b):
-                continue
-        return "-"
+    def text(ref, row):
+        value, forward_only = speedup(ref, row)
+        return "-" if value is None else f"{value:.2f}x" + (" (fwd)" if forward_only else "")
 
-    for r in rows:
-        key = (r.op, r.shape, r.dtype)
-        out[id(r)] = (ratio(refs.get(key + ("reference",)), r), ratio(refs.get(key + ("reference+compile",)), r))
-    return out
+    return {id(r): tuple(text(refs.get((r.op, r.shape, r.dtype, base)), r) for base in ("reference", "reference+compile"))
+            for r in rows}
+
 
 def _cell(x, spec=".3f") -> str:
     return "-" if x is None or x != x else format(x, spec)
@@ -680,12 +689,6 @@ def save(rows: list, ceilings: dict, device: torch.device, out_dir: str, name: s
     return payload
 
 
-def _speedup_value(ref: Optional[Row], r: Row, forward_only: bool) -> Optional[float]:
-    part = "fwd_ms" if forward_only else "both_ms"
-    a, b = (getattr(ref, part) if ref is not None else None), getattr(r, part)
-    return a / b if a and b and a == a and b == b and b > 0 else None
-
-
 def plot(rows: list, path: str, title: str = "") -> None:
     """Per op, two panels of horizontal bars, one bar per measured row but the eager reference (the
     1x line): its speedup over the eager and the compiled reference, and its time over the hardware
@@ -720,16 +723,16 @@ def plot(rows: list, path: str, title: str = "") -> None:
         plt.close(fig)
         return
     entries = {}
+    refs = _references(rows)
     for op in ops:
-        refs = {(r.shape, r.dtype, r.variant): r for r in rows if r.op == op}
         lines = []
         for forward_only in (False, True):
             for r in rows:
                 if (r.op != op or r.fwd_ms != r.fwd_ms or (r.both_ms is None) != forward_only
                         or r.variant == "reference"):
                     continue
-                eager = _speedup_value(refs.get((r.shape, r.dtype, "reference")), r, forward_only)
-                compiled = _speedup_value(refs.get((r.shape, r.dtype, "reference+compile")), r, forward_only)
+                eager, _ = speedup(refs.get((op, r.shape, r.dtype, "reference")), r)
+                compiled, _ = speedup(refs.get((op, r.shape, r.dtype, "reference+compile")), r)
                 floor = r.floor_multiple if forward_only else r.both_floor_multiple
                 shape = r.shape.split()[0] if len(r.shape) > 24 else r.shape
                 lines.append((f"{r.variant} [{shape}]" + (" fwd" if forward_only else ""), eager, compiled, floor))

@@ -46,8 +46,7 @@ def spec_shapes(shapes: dict, tiny_shapes: dict, device: torch.device, tiny: boo
         yield name, sizes
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
+dtype_name = bm.dtype_name
 
 
 def skipped_row(op: str, shape: str, dtype: torch.dtype, variant: str, note: str) -> bm.Row:

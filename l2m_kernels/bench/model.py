@@ -29,7 +29,7 @@ Variants: ``config.backend = None`` (automatic: the fused backend of each op on 
 is named after the backends chosen) and ``backend="reference"`` (the naive PyTorch ops). The
 reference under ``torch.compile`` is not run: compiling the whole step would unroll every segment
 and, in the reference write, every (token, slot) write step (minutes to hours of compilation).
-Each variant starts from the same initial weights (restored from one copy) with a fresh optimizer,
+Each variant starts from the same initial weights (each its own copy of the initial model) with a fresh optimizer,
 and every step starts from the same memory state, so every step does the same work.
 
 Reported per row: ``fwd ms`` = forward with autograd, ``bwd ms`` = backward + optimizer step,
@@ -110,7 +110,6 @@ def run_mode(mode: str, device: torch.device, quick: bool = False, tiny: bool = 
              + (f" kw={config.write_topk}" if mode == "slots" else ""))
     torch.manual_seed(0)
     model = L2MModel(config).to(device, dtype)
-    initial_weights = copy.deepcopy(model.state_dict())
     gen = torch.Generator(device="cpu").manual_seed(0)
     input_ids = torch.randint(0, config.vocab_size, (batch, tokens + 1), generator=gen).to(device)
     inputs, labels = input_ids[:, :-1], input_ids[:, 1:]
@@ -123,8 +122,7 @@ def run_mode(mode: str, device: torch.device, quick: bool = False, tiny: bool = 
     variants = ((_fused_name(mode, device, dtype), None), ("reference", "reference"))
     steps = {}
     for variant, backend in variants:
-        own = copy.deepcopy(model)  # each variant its own weights (the same initial ones) and optimizer
-        own.load_state_dict(initial_weights)
+        own = copy.deepcopy(model)  # each variant its own copy of the initial weights, its own optimizer
         optimizer = torch.optim.AdamW(own.parameters(), lr=1e-4)
 
         def step(times=None, own=own, optimizer=optimizer, backend=backend):

@@ -27,6 +27,8 @@ rows show the memory that grows with the touched rows only.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 import l2m_kernels as l2m
@@ -124,7 +126,7 @@ def run_module(device: torch.device, dtype: torch.dtype, sizes: dict, name: str,
     fwd_bytes = (queries * (Dk + k * dim) + B * T * 2 * dim + H * n_sub * Dk) * elt
     sparse = Cost(fwd_flops=2 * queries * n_sub * Dk + projections, fwd_bytes=fwd_bytes,
                   bwd_flops=2 * projections, bwd_bytes=fwd_bytes + queries * k * dim * elt)
-    dense = Cost(sparse.fwd_bytes, sparse.fwd_flops, sparse.bwd_bytes + n_sub * n_sub * dim * elt, sparse.bwd_flops)
+    dense = dataclasses.replace(sparse, bwd_bytes=sparse.bwd_bytes + n_sub * n_sub * dim * elt)
     fused = {}
     for b in fused_backends("product_key_read", device, dtype):
         fused[f"{b} module"] = Variant(f"{b} module", ours_variant(b, False), cost=dense, parameters=ours_params)

@@ -201,11 +201,19 @@ def speedups(rows: list) -> dict:
             ref = refs.get((row["op"], row["shape"], row["dtype"], baseline))
             if ref is None or ref is row:
                 continue
-            for part in ("both_ms", "fwd_ms"):
-                if ref[part] and row[part]:
-                    out[(row["op"], row["shape"], row["dtype"], row["variant"], baseline)] = ref[part] / row[part]
-                    break
+            ratio = _time_ratio(ref, row)
+            if ratio is not None:
+                out[(row["op"], row["shape"], row["dtype"], row["variant"], baseline)] = ratio[0]
     return out
+
+
+def _time_ratio(base: dict, row: dict):
+    """``(base's time / row's time, forward_only)``, forward + backward where both have it, else
+    forward; None where they do not compare."""
+    for name in ("both_ms", "fwd_ms"):
+        if base[name] and row[name]:
+            return base[name] / row[name], name == "fwd_ms"
+    return None
 
 
 def compare_runs(first: list, second: list, tolerance: float = 0.15) -> tuple:
@@ -308,10 +316,8 @@ def _speedup(row: dict, rows: list) -> str:
                  all(r[k] == row[k] for k in ("op", "shape", "dtype"))), None)
     if base is None:
         return "-"
-    for name, label in (("both_ms", ""), ("fwd_ms", " (fwd)")):
-        if base[name] and row[name]:
-            return f"{base[name] / row[name]:.2f}x{label}"
-    return "-"
+    ratio = _time_ratio(base, row)
+    return "-" if ratio is None else f"{ratio[0]:.2f}x" + (" (fwd)" if ratio[1] else "")
 
 
 def _metrics(row: dict) -> str:
