@@ -9,6 +9,7 @@
 #include "isa.h"  // first: names the variant that the declarations below belong to
 #include "merge.h"
 #include "convert.h"
+#include "vmath.h"
 
 #include <algorithm>
 #include <cmath>
@@ -56,46 +57,72 @@ inline void store_tile(scalar_t* dst, const acc_type<scalar_t>* values, int64_t 
   }
 }
 
-// ---- per-row scalars ----
+// ---- per-row scalars, a block of rows at a time ----
+
+// Rows whose scalars are computed together before their elements are walked (stack arrays).
+constexpr int64_t kRowBlock = 64;
 
 // Weight of a side with log-sum-exp `side_lse` in the merged result: exactly 0 for an empty side
 // (-inf), so that empty rows give 0 rather than exp(-inf - (-inf)) = NaN.
 template <typename acc_t>
 inline acc_t side_weight(acc_t side_lse, acc_t merged_lse) {
-  return side_lse == -std::numeric_limits<acc_t>::infinity() ? acc_t(0)
-                                                             : std::exp(side_lse - merged_lse);
+  return side_lse == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : vexp(side_lse - merged_lse);
 }
 
+// lse = logaddexp(lse_a, lse_b) and each side's weight exp(lse_side - lse), for n rows.
 template <typename acc_t>
-struct MergeWeights {
-  acc_t lse;
-  acc_t weight_a;
-  acc_t weight_b;
-};
-
-template <typename acc_t>
-inline MergeWeights<acc_t> merge_weights(acc_t lse_a, acc_t lse_b) {
-  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-  // Not fmax, which drops NaN: a NaN on either side must give a NaN row. The comparison alone
-  // propagates a NaN lse_b; the isnan test also catches (NaN, -inf), which it would map to -inf.
-  acc_t max_lse = lse_a > lse_b ? lse_a : lse_b;
-  if (std::isnan(lse_a)) {
-    max_lse = lse_a;
+inline void merge_weights(const acc_t* lse_a, const acc_t* lse_b, int64_t n, acc_t* lse, acc_t* weight_a,
+                          acc_t* weight_b) {
+  constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t a = lse_a[i], b = lse_b[i];
+    // Not fmax, which drops NaN: a NaN on either side must give a NaN row. The comparison alone
+    // propagates a NaN b; the a != a test also catches (NaN, -inf), which it would map to -inf.
+    acc_t max_lse = a > b ? a : b;
+    max_lse = a != a ? a : max_lse;
+    const acc_t sum = max_lse + vlog1p_unit(vexp(-std::abs(a - b)));
+    // Both sides empty: -inf. A +inf side: +inf (the sum is NaN there). A NaN side: NaN (the sum).
+    const acc_t merged = max_lse == -kInf ? -kInf : max_lse == kInf ? max_lse : sum;
+    lse[i] = merged;
+    weight_a[i] = side_weight(a, merged);
+    weight_b[i] = side_weight(b, merged);
   }
-  const acc_t lse =
-      max_lse == kNegInf ? kNegInf
-      // A +inf side gives +inf (exp(-|inf - inf|) is NaN); max_lse is NaN when a side is.
-      : max_lse == -kNegInf ? max_lse
-                            : max_lse + std::log1p(std::exp(-std::abs(lse_a - lse_b)));
-  return {lse, side_weight(lse_a, lse), side_weight(lse_b, lse)};
 }
 
+// Each row's two side weights given the merged lse (the backward's).
 template <typename acc_t>
-inline acc_t sigmoid(acc_t logit) {
-  return acc_t(1) / (acc_t(1) + std::exp(-logit));
+inline void side_weights(const acc_t* lse_a, const acc_t* lse_b, const acc_t* lse, int64_t n, acc_t* weight_a,
+                         acc_t* weight_b) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    weight_a[i] = side_weight(lse_a[i], lse[i]);
+    weight_b[i] = side_weight(lse_b[i], lse[i]);
+  }
+}
+
+// g = sigmoid(logit) and 1 - g, computed as sigmoid(-logit): 1 - sigmoid(logit) loses its digits
+// when the gate saturates.
+template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
+inline void gate_weights(const scalar_t* gate, int64_t n, acc_t* g, acc_t* one_minus_g) {
+  acc_t buffer[kRowBlock];  // used by half types only
+  const acc_t* logits = load_row(gate, n, buffer);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    g[i] = vsigmoid(logits[i]);
+    one_minus_g[i] = vsigmoid(-logits[i]);
+  }
 }
 
 // ---- kernels ----
+
+// Calls body(block_begin, n) for consecutive blocks of at most kRowBlock rows of [begin, end).
+template <typename Body>
+inline void for_row_blocks(int64_t begin, int64_t end, const Body& body) {
+  for (int64_t block = begin; block < end; block += kRowBlock) {
+    body(block, std::min(kRowBlock, end - block));
+  }
+}
 
 template <typename scalar_t>
 void merge_attention_fwd_impl(const MergeAttentionFwdParams& params) {
@@ -110,22 +137,25 @@ void merge_attention_fwd_impl(const MergeAttentionFwdParams& params) {
 
   at::parallel_for(0, params.rows, rows_per_task(dim), [&](int64_t row_begin, int64_t row_end) {
     acc_t a_buffer[kTile], b_buffer[kTile], out_buffer[kTile];  // used by half types only
-    for (int64_t row = row_begin; row < row_end; ++row) {
-      const MergeWeights<acc_t> w = merge_weights(lse_a[row], lse_b[row]);
-      lse[row] = w.lse;
-      const int64_t row_offset = row * dim;
-      for (int64_t d0 = 0; d0 < dim; d0 += kTile) {
-        const int64_t n = std::min(kTile, dim - d0);
-        const acc_t* a = load_row(out_a + row_offset + d0, n, a_buffer);
-        const acc_t* b = load_row(out_b + row_offset + d0, n, b_buffer);
-        acc_t* merged = tile_target(out + row_offset + d0, out_buffer);
+    acc_t weight_a[kRowBlock], weight_b[kRowBlock];
+    for_row_blocks(row_begin, row_end, [&](int64_t block, int64_t rows) {
+      merge_weights(lse_a + block, lse_b + block, rows, lse + block, weight_a, weight_b);
+      for (int64_t r = 0; r < rows; ++r) {
+        const acc_t wa = weight_a[r], wb = weight_b[r];
+        const int64_t row_offset = (block + r) * dim;
+        for (int64_t d0 = 0; d0 < dim; d0 += kTile) {
+          const int64_t n = std::min(kTile, dim - d0);
+          const acc_t* a = load_row(out_a + row_offset + d0, n, a_buffer);
+          const acc_t* b = load_row(out_b + row_offset + d0, n, b_buffer);
+          acc_t* merged = tile_target(out + row_offset + d0, out_buffer);
 #pragma omp simd
-        for (int64_t i = 0; i < n; ++i) {
-          merged[i] = w.weight_a * a[i] + w.weight_b * b[i];
+          for (int64_t i = 0; i < n; ++i) {
+            merged[i] = madd(wa, a[i], wb * b[i]);
+          }
+          store_tile(out + row_offset + d0, merged, n);
         }
-        store_tile(out + row_offset + d0, merged, n);
       }
-    }
+    });
   });
 }
 
@@ -148,40 +178,47 @@ void merge_attention_bwd_impl(const MergeAttentionBwdParams& params) {
   at::parallel_for(0, params.rows, rows_per_task(dim), [&](int64_t row_begin, int64_t row_end) {
     acc_t dout_buffer[kTile], a_buffer[kTile], b_buffer[kTile];  // used by half types only
     acc_t da_buffer[kTile], db_buffer[kTile];
-    for (int64_t row = row_begin; row < row_end; ++row) {
-      const acc_t weight_a = side_weight(lse_a[row], lse[row]);
-      const acc_t weight_b = side_weight(lse_b[row], lse[row]);
-      const int64_t row_offset = row * dim;
-      // One pass: the d_out tiles need only the weights, the dot products only the inputs.
-      acc_t dot_a = 0;  // sum_d dout * out_a
-      acc_t dot_b = 0;  // sum_d dout * out_b
-      for (int64_t d0 = 0; d0 < dim; d0 += kTile) {
-        const int64_t n = std::min(kTile, dim - d0);
-        const acc_t* g = load_row(dout + row_offset + d0, n, dout_buffer);
-        const acc_t* a = load_row(out_a + row_offset + d0, n, a_buffer);
-        const acc_t* b = load_row(out_b + row_offset + d0, n, b_buffer);
-        acc_t* da = tile_target(d_out_a + row_offset + d0, da_buffer);
-        acc_t* db = tile_target(d_out_b + row_offset + d0, db_buffer);
-        acc_t tile_dot_a = 0, tile_dot_b = 0;
+    acc_t weight_a[kRowBlock], weight_b[kRowBlock], dot_diff[kRowBlock];
+    for_row_blocks(row_begin, row_end, [&](int64_t block, int64_t rows) {
+      side_weights(lse_a + block, lse_b + block, lse + block, rows, weight_a, weight_b);
+      for (int64_t r = 0; r < rows; ++r) {
+        const acc_t wa = weight_a[r], wb = weight_b[r];
+        const int64_t row_offset = (block + r) * dim;
+        // One pass: the d_out tiles need only the weights, the dot products only the inputs.
+        acc_t dot_a = 0;  // sum_d dout * out_a
+        acc_t dot_b = 0;  // sum_d dout * out_b
+        for (int64_t d0 = 0; d0 < dim; d0 += kTile) {
+          const int64_t n = std::min(kTile, dim - d0);
+          const acc_t* g = load_row(dout + row_offset + d0, n, dout_buffer);
+          const acc_t* a = load_row(out_a + row_offset + d0, n, a_buffer);
+          const acc_t* b = load_row(out_b + row_offset + d0, n, b_buffer);
+          acc_t* da = tile_target(d_out_a + row_offset + d0, da_buffer);
+          acc_t* db = tile_target(d_out_b + row_offset + d0, db_buffer);
+          acc_t tile_dot_a = 0, tile_dot_b = 0;
 #pragma omp simd reduction(+ : tile_dot_a, tile_dot_b)
-        for (int64_t i = 0; i < n; ++i) {
-          const acc_t grad = g[i];
-          tile_dot_a += grad * a[i];
-          tile_dot_b += grad * b[i];
-          da[i] = weight_a * grad;
-          db[i] = weight_b * grad;
+          for (int64_t i = 0; i < n; ++i) {
+            const acc_t grad = g[i];
+            tile_dot_a += grad * a[i];
+            tile_dot_b += grad * b[i];
+            da[i] = wa * grad;
+            db[i] = wb * grad;
+          }
+          dot_a += tile_dot_a;
+          dot_b += tile_dot_b;
+          store_tile(d_out_a + row_offset + d0, da, n);
+          store_tile(d_out_b + row_offset + d0, db, n);
         }
-        dot_a += tile_dot_a;
-        dot_b += tile_dot_b;
-        store_tile(d_out_a + row_offset + d0, da, n);
-        store_tile(d_out_b + row_offset + d0, db, n);
+        dot_diff[r] = dot_a - dot_b;
       }
       // wa (dlse + pa - (wa pa + wb pb)) with wa + wb = 1, written without the cancelling
       // difference (the same form as the CUDA and Triton kernels); exact 0 / dlse on empty sides.
-      const acc_t dot_diff = dot_a - dot_b;
-      d_lse_a[row] = weight_a * (dlse[row] + weight_b * dot_diff);
-      d_lse_b[row] = weight_b * (dlse[row] - weight_a * dot_diff);
-    }
+#pragma omp simd
+      for (int64_t r = 0; r < rows; ++r) {
+        const acc_t wa = weight_a[r], wb = weight_b[r], d = dlse[block + r];
+        d_lse_a[block + r] = wa * madd(wb, dot_diff[r], d);
+        d_lse_b[block + r] = wb * madd(-wa, dot_diff[r], d);
+      }
+    });
   });
 }
 
@@ -196,23 +233,25 @@ void gated_merge_fwd_impl(const GatedMergeFwdParams& params) {
 
   at::parallel_for(0, params.rows, rows_per_task(dim), [&](int64_t row_begin, int64_t row_end) {
     acc_t local_buffer[kTile], mem_buffer[kTile], out_buffer[kTile];  // used by half types only
-    for (int64_t row = row_begin; row < row_end; ++row) {
-      const acc_t logit = static_cast<acc_t>(gate[row]);
-      // 1 - g as sigmoid(-logit): 1 - sigmoid(logit) loses its digits when the gate saturates.
-      const acc_t g = sigmoid(logit), one_minus_g = sigmoid(-logit);
-      const int64_t row_offset = row * dim;
-      for (int64_t d0 = 0; d0 < dim; d0 += kTile) {
-        const int64_t n = std::min(kTile, dim - d0);
-        const acc_t* local = load_row(out_local + row_offset + d0, n, local_buffer);
-        const acc_t* mem = load_row(out_mem + row_offset + d0, n, mem_buffer);
-        acc_t* blended = tile_target(out + row_offset + d0, out_buffer);
+    acc_t gates[kRowBlock], one_minus_gates[kRowBlock];
+    for_row_blocks(row_begin, row_end, [&](int64_t block, int64_t rows) {
+      gate_weights(gate + block, rows, gates, one_minus_gates);
+      for (int64_t r = 0; r < rows; ++r) {
+        const acc_t g = gates[r], one_minus_g = one_minus_gates[r];
+        const int64_t row_offset = (block + r) * dim;
+        for (int64_t d0 = 0; d0 < dim; d0 += kTile) {
+          const int64_t n = std::min(kTile, dim - d0);
+          const acc_t* local = load_row(out_local + row_offset + d0, n, local_buffer);
+          const acc_t* mem = load_row(out_mem + row_offset + d0, n, mem_buffer);
+          acc_t* blended = tile_target(out + row_offset + d0, out_buffer);
 #pragma omp simd
-        for (int64_t i = 0; i < n; ++i) {
-          blended[i] = g * mem[i] + one_minus_g * local[i];
+          for (int64_t i = 0; i < n; ++i) {
+            blended[i] = madd(g, mem[i], one_minus_g * local[i]);
+          }
+          store_tile(out + row_offset + d0, blended, n);
         }
-        store_tile(out + row_offset + d0, blended, n);
       }
-    }
+    });
   });
 }
 
@@ -231,33 +270,35 @@ void gated_merge_bwd_impl(const GatedMergeBwdParams& params) {
   at::parallel_for(0, params.rows, rows_per_task(dim), [&](int64_t row_begin, int64_t row_end) {
     acc_t dout_buffer[kTile], local_buffer[kTile], mem_buffer[kTile];  // used by half types only
     acc_t d_local_buffer[kTile], d_mem_buffer[kTile];
-    for (int64_t row = row_begin; row < row_end; ++row) {
-      const acc_t logit = static_cast<acc_t>(gate[row]);
-      // 1 - g as sigmoid(-logit): 1 - sigmoid(logit) loses its digits when the gate saturates.
-      const acc_t g = sigmoid(logit), one_minus_g = sigmoid(-logit);
-      const int64_t row_offset = row * dim;
-      acc_t dot_diff = 0;  // sum_d dout * (out_mem - out_local)
-      for (int64_t d0 = 0; d0 < dim; d0 += kTile) {
-        const int64_t n = std::min(kTile, dim - d0);
-        const acc_t* grad_out = load_row(dout + row_offset + d0, n, dout_buffer);
-        const acc_t* local = load_row(out_local + row_offset + d0, n, local_buffer);
-        const acc_t* mem = load_row(out_mem + row_offset + d0, n, mem_buffer);
-        acc_t* dl = tile_target(d_local + row_offset + d0, d_local_buffer);
-        acc_t* dm = tile_target(d_mem + row_offset + d0, d_mem_buffer);
-        acc_t tile_dot = 0;
+    acc_t gates[kRowBlock], one_minus_gates[kRowBlock];
+    for_row_blocks(row_begin, row_end, [&](int64_t block, int64_t rows) {
+      gate_weights(gate + block, rows, gates, one_minus_gates);
+      for (int64_t r = 0; r < rows; ++r) {
+        const acc_t g = gates[r], one_minus_g = one_minus_gates[r];
+        const int64_t row_offset = (block + r) * dim;
+        acc_t dot_diff = 0;  // sum_d dout * (out_mem - out_local)
+        for (int64_t d0 = 0; d0 < dim; d0 += kTile) {
+          const int64_t n = std::min(kTile, dim - d0);
+          const acc_t* grad_out = load_row(dout + row_offset + d0, n, dout_buffer);
+          const acc_t* local = load_row(out_local + row_offset + d0, n, local_buffer);
+          const acc_t* mem = load_row(out_mem + row_offset + d0, n, mem_buffer);
+          acc_t* dl = tile_target(d_local + row_offset + d0, d_local_buffer);
+          acc_t* dm = tile_target(d_mem + row_offset + d0, d_mem_buffer);
+          acc_t tile_dot = 0;
 #pragma omp simd reduction(+ : tile_dot)
-        for (int64_t i = 0; i < n; ++i) {
-          const acc_t grad = grad_out[i];
-          tile_dot += grad * (mem[i] - local[i]);
-          dl[i] = one_minus_g * grad;
-          dm[i] = g * grad;
+          for (int64_t i = 0; i < n; ++i) {
+            const acc_t grad = grad_out[i];
+            tile_dot += grad * (mem[i] - local[i]);
+            dl[i] = one_minus_g * grad;
+            dm[i] = g * grad;
+          }
+          dot_diff += tile_dot;
+          store_tile(d_local + row_offset + d0, dl, n);
+          store_tile(d_mem + row_offset + d0, dm, n);
         }
-        dot_diff += tile_dot;
-        store_tile(d_local + row_offset + d0, dl, n);
-        store_tile(d_mem + row_offset + d0, dm, n);
+        d_gate[block + r] = g * one_minus_g * dot_diff;
       }
-      d_gate[row] = g * one_minus_g * dot_diff;
-    }
+    });
   });
 }
 

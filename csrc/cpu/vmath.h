@@ -60,10 +60,49 @@ inline float vexp(float x) {
 
 inline double vexp(double x) { return std::exp(x); }
 
+// log(x) for positive finite x (Cephes logf: x = m 2**e with m in [sqrt(1/2), sqrt(2)), a degree-8
+// polynomial in m - 1, ln 2 in two parts); only called by vlog1p, on [1, 2].
+inline float vlog_positive(float x) {
+  int32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  int32_t e = ((bits >> 23) & 0xff) - 126;  // x = m 2**e with m in [0.5, 1)
+  const int32_t m_bits = (bits & 0x007fffff) | 0x3f000000;
+  float m;
+  std::memcpy(&m, &m_bits, sizeof(m));
+  const bool low = m < 0.707106781186547524f;
+  e = low ? e - 1 : e;
+  const float f = low ? m + m - 1.0f : m - 1.0f;
+  const float z = f * f;
+  float p = 7.0376836292e-2f;
+  p = madd(p, f, -1.1514610310e-1f);
+  p = madd(p, f, 1.1676998740e-1f);
+  p = madd(p, f, -1.2420140846e-1f);
+  p = madd(p, f, 1.4249322787e-1f);
+  p = madd(p, f, -1.6668057665e-1f);
+  p = madd(p, f, 2.0000714765e-1f);
+  p = madd(p, f, -2.4999993993e-1f);
+  p = madd(p, f, 3.3333331174e-1f);
+  const float fe = static_cast<float>(e);
+  float y = madd(fe, -2.12194440e-4f, p * f * z);
+  y = madd(-0.5f, z, y);
+  return madd(fe, 0.693359375f, f + y);
+}
+
+// log(1 + x) for x in [0, 1] (what a log-sum-exp of two terms needs), with the relative accuracy
+// of log at small x: log(u) x / (u - 1) for u = 1 + x rounded (exact x when u rounds to 1).
+inline float vlog1p_unit(float x) {
+  const float u = 1.0f + x;
+  const float d = u - 1.0f;
+  return d == 0.0f ? x : vlog_positive(u) * (x / d);
+}
+
+inline double vlog1p_unit(double x) { return std::log1p(x); }
+
 // 1 / (1 + e**-x): 0 for x below -88 (the exact value is under 1e-38), 1 above 17.
 template <typename acc_t>
 inline acc_t vsigmoid(acc_t x) {
-  return acc_t(1) / (acc_t(1) + vexp(-x));
+  // vexp clamps at 88 (e**88 is finite), so the exact 0 of a saturated gate is selected here.
+  return x < acc_t(-88) ? acc_t(0) : acc_t(1) / (acc_t(1) + vexp(-x));
 }
 
 // tanh(x): an odd polynomial for |x| < 0.625 (where 1 - 2 / (e**2x + 1) would cancel), else

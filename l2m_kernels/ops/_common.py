@@ -153,3 +153,51 @@ def declared_op(name: str):
     read: the declaration is the one source of the schema)."""
     decl = registry.OPS[name]
     return torch.library.custom_op(decl.qualname, mutates_args=(), schema=decl.schema)
+
+
+def eager_call(*tensors) -> bool:
+    """Whether a public call may take its op's eager entry (:func:`register_autograd`) rather than
+    the custom op: not while ``torch.compile`` traces, and only for plain tensors (fake, functional
+    and other subclass tensors go through the dispatcher, whose fake kernels serve them)."""
+    if torch.compiler.is_compiling():
+        return False
+    return all(type(t) is Tensor for t in tensors)  # noqa: E721 (subclasses excluded on purpose)
+
+
+def register_autograd(op, forward: Callable, setup_context: Callable, backward: Callable,
+                      backward_op: Callable, backward_launcher: Callable) -> Callable:
+    """Autograd of the custom op ``op``, and the same formula as an eager entry point.
+
+    ``backward(ctx, *grads, kernel=...)`` computes the input gradients by calling
+    ``kernel(...)``: ``backward_op`` (the custom backward op, which ``torch.compile`` traces) when
+    autograd runs through ``op``, ``backward_launcher`` (the launcher that op calls) in the eager
+    entry. ``forward(*inputs)`` is the launcher ``op`` runs once its arguments are checked.
+
+    Returns ``apply(*inputs)``: ``forward`` under a ``torch.autograd.Function`` with the same
+    ``setup_context`` and ``backward`` (``forward`` alone when no input requires a gradient or
+    gradients are disabled). A public function whose arguments it has already checked
+    calls it when :func:`eager_call` allows: the same kernels and gradients as ``op``, without the
+    dispatcher's and the second check's cost, which at the sizes of the row-wise ops (a few MB)
+    is as long as the kernel.
+    """
+    torch.library.register_autograd(op, lambda ctx, *grads: backward(ctx, *grads, kernel=backward_op),
+                                    setup_context=setup_context)
+    def forward_with_context(ctx, *inputs):
+        # The ctx-first form: with a separate setup_context staticmethod, Function.apply binds the
+        # arguments through inspect.signature on every call (tens of microseconds).
+        output = forward(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
+
+    name = getattr(op, "_name", str(op)).split("::")[-1]
+    function = type(f"{name}_eager", (torch.autograd.Function,), {
+        "forward": staticmethod(forward_with_context),
+        "backward": staticmethod(lambda ctx, *grads: backward(ctx, *grads, kernel=backward_launcher)),
+    })
+
+    def apply(*inputs):
+        if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in inputs):
+            return function.apply(*inputs)
+        return forward(*inputs)  # nothing to differentiate: no graph node, nothing saved
+
+    return apply

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from .._common import autocast_promote
-from .function import gated_dense_update_op, gated_memory_write_inplace_op, gated_memory_write_op
+from .._common import autocast_promote, eager_call
+from .function import (gated_dense_update_eager, gated_dense_update_op, gated_memory_write_inplace_op,
+                       gated_memory_write_op)
 from .reference import gated_dense_update_ref, gated_memory_write_ref, gated_memory_write_ref_
 from .validate import check_dense_args, check_write_args, check_write_values
 
@@ -81,4 +82,6 @@ def gated_dense_update(memory, update, input_gate, forget_gate, *, backend=None)
     name = check_dense_args(memory, update, input_gate, forget_gate, backend)
     if name == "reference":
         return gated_dense_update_ref(memory, update, input_gate, forget_gate)
+    if eager_call(memory, update, input_gate, forget_gate):
+        return gated_dense_update_eager(memory, update, input_gate, forget_gate, name)
     return gated_dense_update_op(memory, update, input_gate, forget_gate, name)

@@ -1,4 +1,8 @@
-"""Launchers, custom ops and autograd for ``gated_memory_write`` and ``gated_dense_update``."""
+"""Launchers, custom ops and autograd for ``gated_memory_write`` and ``gated_dense_update``.
+
+``gated_dense_update_eager`` runs the dense update's launchers and autograd formula without the
+dispatcher, for eager calls whose arguments the public function has checked
+(:func:`l2m_kernels.ops._common.register_autograd`)."""
 from __future__ import annotations
 
 import math
@@ -9,7 +13,7 @@ from torch import Tensor
 
 from ... import _ext
 from ..._alloc import empty
-from .._common import contiguous_like, declared_op, reference_vjp, rows_for
+from .._common import contiguous_like, declared_op, reference_vjp, register_autograd, rows_for
 from .plan import write_plan
 from .reference import gated_dense_update_ref, gated_memory_write_ref, gated_memory_write_ref_
 from .validate import check_dense_args, check_write_args, check_write_values
@@ -314,12 +318,16 @@ def _(dout, memory, update, input_gate, forget_gate, backend):
 
 def _dense_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:4])
-    ctx.backend = check_dense_args(*inputs)  # "auto" resolved as the forward did
+    backend = inputs[4]
+    ctx.backend = backend if backend != "auto" else check_dense_args(*inputs)  # as the forward resolved it
 
 
-def _dense_backward(ctx, dout):
-    grads = torch.ops.l2m.gated_dense_update_backward(dout, *ctx.saved_tensors, ctx.backend)
+def _dense_backward(ctx, dout, *, kernel):
+    grads = kernel(dout, *ctx.saved_tensors, ctx.backend)
     return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad)) + (None,)
 
 
-torch.library.register_autograd("l2m::gated_dense_update", _dense_backward, setup_context=_dense_setup)
+gated_dense_update_eager = register_autograd(
+    gated_dense_update_op, lambda m, u, i, f, backend: DENSE_FWD[backend](m, u, i, f), _dense_setup,
+    _dense_backward, backward_op=torch.ops.l2m.gated_dense_update_backward,
+    backward_launcher=lambda dout, m, u, i, f, backend: DENSE_BWD[backend](dout, m, u, i, f))

@@ -1,8 +1,8 @@
 """Merging attention over two key sets: ``merge_attention`` (exact log-sum-exp) and ``gated_merge``."""
 from __future__ import annotations
 
-from .._common import autocast_promote
-from .function import gated_merge_op, merge_attention_op
+from .._common import autocast_promote, eager_call
+from .function import gated_merge_eager, gated_merge_op, merge_attention_eager, merge_attention_op
 from .reference import gated_merge_ref, merge_attention_ref
 from .validate import check_gated_merge_args, check_merge_args
 
@@ -31,6 +31,8 @@ def merge_attention(out_a, lse_a, out_b, lse_b, *, backend=None):
     name = check_merge_args(out_a, lse_a, out_b, lse_b, backend)
     if name == "reference":
         return merge_attention_ref(out_a, lse_a, out_b, lse_b)
+    if eager_call(out_a, lse_a, out_b, lse_b):
+        return merge_attention_eager(out_a, lse_a, out_b, lse_b, name)
     return merge_attention_op(out_a, lse_a, out_b, lse_b, name)
 
 
@@ -54,4 +56,6 @@ def gated_merge(out_local, out_mem, gate, *, backend=None):
     name = check_gated_merge_args(out_local, out_mem, gate, backend)
     if name == "reference":
         return gated_merge_ref(out_local, out_mem, gate)
+    if eager_call(out_local, out_mem, gate):
+        return gated_merge_eager(out_local, out_mem, gate, name)
     return gated_merge_op(out_local, out_mem, gate, name)

@@ -5,6 +5,9 @@ The four row kernels (see ``csrc/cpu/merge.cpp``, ``csrc/cuda/merge.h``, ``trito
 (B, H, T) into rows, allocate outputs with :func:`l2m_kernels._alloc.empty`, and pick the backend's
 kernel table. ``torch.ops.l2m.merge_attention`` / ``gated_merge`` (and their ``*_backward``) are the
 custom ops; autograd is registered on the forward ops and calls the backward ops.
+``merge_attention_eager`` / ``gated_merge_eager`` run the same launchers and the same autograd
+formulas without the dispatcher, for eager calls whose arguments the public function has checked
+(:func:`l2m_kernels.ops._common.register_autograd`).
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from torch import Tensor
 
 from ... import _ext
 from ..._alloc import empty
-from .._common import contiguous_like, declared_op
+from .._common import contiguous_like, declared_op, register_autograd
 from .reference import gated_merge_ref, merge_attention_ref
 from .validate import check_gated_merge_args, check_merge_args
 
@@ -136,20 +139,22 @@ def _(dout, dlse, out_a, lse_a, out_b, lse_b, lse, backend):
 
 def _merge_attention_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:4], output[1])
-    ctx.backend = check_merge_args(*inputs)  # "auto" resolved as the forward did
+    backend = inputs[4]
+    ctx.backend = backend if backend != "auto" else check_merge_args(*inputs)  # as the forward resolved it
 
 
-def _merge_attention_backward(ctx, dout, dlse):
+def _merge_attention_backward(ctx, dout, dlse, *, kernel):
     out_a, lse_a, out_b, lse_b, lse = ctx.saved_tensors
     dout = torch.zeros_like(out_a) if dout is None else dout
     dlse = torch.zeros_like(lse) if dlse is None else dlse
-    grads = torch.ops.l2m.merge_attention_backward(dout, dlse, out_a, lse_a, out_b, lse_b, lse, ctx.backend)
+    grads = kernel(dout, dlse, out_a, lse_a, out_b, lse_b, lse, ctx.backend)
     needs = ctx.needs_input_grad
     return tuple(g if needs[i] else None for i, g in enumerate(grads)) + (None,)
 
 
-torch.library.register_autograd("l2m::merge_attention", _merge_attention_backward,
-                                setup_context=_merge_attention_setup)
+merge_attention_eager = register_autograd(
+    merge_attention_op, merge_attention_fwd, _merge_attention_setup, _merge_attention_backward,
+    backward_op=torch.ops.l2m.merge_attention_backward, backward_launcher=merge_attention_bwd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,14 +217,17 @@ def _(dout, out_local, out_mem, gate, backend):
 
 def _gated_merge_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:3])
-    ctx.backend = check_gated_merge_args(*inputs)  # "auto" resolved as the forward did
+    backend = inputs[3]
+    ctx.backend = backend if backend != "auto" else check_gated_merge_args(*inputs)  # as the forward resolved it
 
 
-def _gated_merge_backward(ctx, dout):
+def _gated_merge_backward(ctx, dout, *, kernel):
     out_local, out_mem, gate = ctx.saved_tensors
-    grads = torch.ops.l2m.gated_merge_backward(dout, out_local, out_mem, gate, ctx.backend)
+    grads = kernel(dout, out_local, out_mem, gate, ctx.backend)
     needs = ctx.needs_input_grad
     return tuple(g if needs[i] else None for i, g in enumerate(grads)) + (None,)
 
 
-torch.library.register_autograd("l2m::gated_merge", _gated_merge_backward, setup_context=_gated_merge_setup)
+gated_merge_eager = register_autograd(
+    gated_merge_op, gated_merge_fwd, _gated_merge_setup, _gated_merge_backward,
+    backward_op=torch.ops.l2m.gated_merge_backward, backward_launcher=gated_merge_bwd)

@@ -118,3 +118,22 @@ def test_dense_update_strided_inputs(backend, device):
                                                                       forget_gate), dout)
     for name, grad, ref_grad in zip(NAMES, grads, ref_grads):
         assert_close(name, grad, ref_grad)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_dense_update_eager_entry_equals_the_custom_op(backend, device):
+    # Outside torch.compile the public call runs the launchers under an autograd.Function of the op's
+    # own formula; torch.compile traces the custom op. Same bits for the output and every gradient.
+    case = CASES[4]  # broadcast memory, update, gates and a 0-d forget gate
+    inputs = [t.to(device) for t in _inputs(case, torch.float32, "cpu")]
+    out = l2m.gated_dense_update(*inputs, backend=backend)
+    assert type(out.grad_fn).__name__.startswith("gated_dense_update_eager")
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(device)
+    grads = torch.autograd.grad(out, inputs, dout)
+    op_out = torch.ops.l2m.gated_dense_update(*inputs, backend)
+    op_grads = torch.autograd.grad(op_out, inputs, dout)
+    assert torch.equal(out, op_out)
+    for name, actual, expected in zip(NAMES, grads, op_grads):
+        assert actual.shape == expected.shape and torch.equal(actual, expected), name
+    with torch.no_grad():
+        assert torch.equal(l2m.gated_dense_update(*inputs, backend=backend), out)

@@ -265,3 +265,34 @@ def test_merge_attention_infinite_lse(backend, device):
     want = torch.tensor([[[inf, inf, inf, inf, nan, nan, -inf]]])
     assert torch.equal(lse.cpu().nan_to_num(nan=7.0), want.nan_to_num(nan=7.0)), lse
     assert torch.isnan(out[0, 0, :6]).all() and torch.equal(out[0, 0, 6].cpu(), torch.zeros(3))
+
+
+@pytest.mark.parametrize("backend,device", fused_backend_params("merge_attention"))
+def test_eager_entry_equals_the_custom_op(backend, device):
+    # A public call outside torch.compile runs the launchers under an autograd.Function of the op's
+    # own formula (no dispatcher); the custom op is what torch.compile traces. Both must give the same
+    # bits, outputs and every gradient, with the graph node saying which path ran.
+    gen = torch.Generator().manual_seed(3)
+    shape = (2, 3, 37, 24)
+    inputs = [t.to(device) for t in _merge_inputs(shape, torch.float32, "cpu")]
+    gate = torch.randn(3, 1, 1, generator=gen).to(device)
+    cases = [
+        (lambda *x: l2m.merge_attention(*x, backend=backend),
+         lambda *x: torch.ops.l2m.merge_attention(*x, backend), inputs, "merge_attention_eager"),
+        (lambda *x: l2m.gated_merge(*x, backend=backend),
+         lambda *x: torch.ops.l2m.gated_merge(*x, backend), [inputs[0], inputs[2], gate], "gated_merge_eager"),
+    ]
+    for public, custom_op, args, node in cases:
+        leaves = [x.detach().clone().requires_grad_(True) for x in args]
+        outs = public(*leaves)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        assert type(outs[0].grad_fn).__name__.startswith(node)
+        cot = [torch.randn(o.shape, generator=gen).to(device) for o in outs]
+        grads = torch.autograd.grad(outs, leaves, cot)
+        op_outs, op_grads = _grads(custom_op, args, cot)
+        for actual, expected in zip(list(outs) + list(grads), op_outs + op_grads):
+            assert torch.equal(actual.detach(), expected)
+        with torch.no_grad():
+            plain = public(*leaves)
+        plain = plain if isinstance(plain, tuple) else (plain,)
+        assert all(p.grad_fn is None and torch.equal(p, o.detach()) for p, o in zip(plain, outs))
