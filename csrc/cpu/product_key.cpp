@@ -8,19 +8,18 @@
 // panels; against each panel (in L1), a register-blocked micro-kernel computes kRows queries x
 // kPanel sub-keys of scores, each one sequential FMA chain over d = 0 .. Dh - 1 followed by the
 // scale (dot first, then scale, as the reference), so a score does not depend on the tiling or
-// the thread count. Still in registers, the scores are compared with each query's current bar
-// (the k_sub-th best kept); only the ones that pass are pushed into the query's buffer of 2 k_sub
-// entries, which a selection cuts back to the k_sub best whenever it fills (amortised O(1) per
-// push). The two sorted halves are then combined: candidates (i, j) in order, pruned as soon as
-// s1_i + s2_j (both halves descending, so the sum is monotone) falls below the current k-th best;
-// then softmax, lse and the weighted sum of the k value rows (an embedding bag), per head or
+// the thread count. The unit's scores of one half (rows x n_sub, in L2) are then selected row by
+// row: the smallest of k_sub group maxima bounds the k_sub-th best from below, the scores at or
+// above it are collected with one vector compare per kWidth sub-keys, and the k_sub best of those
+// are kept, sorted. The two sorted halves are then combined: candidates (i, j) in order, pruned as
+// soon as s1_i + s2_j (both halves descending, so the sum is monotone) falls below the current
+// k-th best; then softmax, lse and the weighted sum of the k value rows (an embedding bag, the
+// unit's rows * k value rows read in one sequence with prefetches a few rows ahead), per head or
 // summed over heads in acc.
 //
 // Selection order: descending score; ties by the smaller sub-key (halves) or slot (candidates);
-// NaN ranks above everything (torch.sort), NaNs among themselves by index. Each half sees its
-// sub-keys in increasing order, so a later one loses every tie with a kept one: the register
-// filter "not (score <= bar)" (NaN passes, ties do not) and the selection rely on that.
-// Candidates arrive in no slot order, so their selection compares (score, slot) in full.
+// NaN ranks above everything (torch.sort), NaNs among themselves by index. Both selections
+// compare (score, id) in full (goes_before), so ties do not depend on the order of collection.
 //
 // Backward. Phase 1, parallel over query rows: ds per entry, grouped per distinct sub-key of
 // each half (g = scale * sum ds, as the reference's scatter then matmul), and dq. Phase 2:
@@ -105,6 +104,13 @@ inline acc_t dot_product(const acc_t* a, const acc_t* b, int64_t n) {
   return total;
 }
 
+// Value rows the forward's gather prefetches ahead of the one it reads (L2M_GATHER_AHEAD at build
+// time for experiments).
+#ifndef L2M_GATHER_AHEAD
+#define L2M_GATHER_AHEAD 4
+#endif
+constexpr int64_t kGatherAhead = L2M_GATHER_AHEAD;
+
 // Queries per forward work unit: their half of q (kUnitRows x Dh) stays in L1/L2 while each
 // sub-key panel is reused by all of them.
 constexpr int64_t kUnitRows = 32;
@@ -116,12 +122,6 @@ template <typename acc_t>
 inline bool ranks_above(acc_t a, acc_t b) {
   return std::isnan(a) ? !std::isnan(b) : (!std::isnan(b) && a > b);
 }
-// What the register filter compares with: a kept NaN ranks like +inf there (only NaN passes).
-template <typename acc_t>
-inline acc_t filter_rank(acc_t score) {
-  return std::isnan(score) ? std::numeric_limits<acc_t>::infinity() : score;
-}
-
 // A scored sub-key (halves) or slot (candidates).
 template <typename acc_t>
 struct Ranked {
@@ -157,88 +157,13 @@ inline void sort_best(Ranked<acc_t>* entries, int64_t& count, int64_t k) {
   std::sort(entries, entries + count, goes_before<acc_t>);
 }
 
-// The k_sub best (score, sub-key) pairs of one half for each query row of a unit. Each row sees
-// its sub-keys in increasing order, so a later one loses every tie with a kept one: once a
-// selection has kept k, thresholds[row] = filter rank of the k-th, and only scores that pass
-// "not (score <= threshold)" (NaN included) are pushed. Before that it is NaN: everything passes.
-template <typename acc_t>
-struct HalfLists {
-  int64_t k = 0;
-  int64_t capacity = 0;          // buffer entries per row, > k
-  Ranked<acc_t>* entries = nullptr;  // (rows, capacity)
-  int64_t* counts = nullptr;     // (rows,)
-  acc_t* thresholds = nullptr;   // (rows,)
-
-  // Padding rows get +inf: only NaN scores pass their filter, and those are never offered.
-  void reset(int64_t rows, int64_t padded_rows) {
-    std::fill(counts, counts + padded_rows, int64_t(0));
-    std::fill(thresholds, thresholds + rows, std::numeric_limits<acc_t>::quiet_NaN());
-    std::fill(thresholds + rows, thresholds + padded_rows,
-              std::numeric_limits<acc_t>::infinity());
-  }
-
-  acc_t* select_buffer = nullptr;  // (capacity,) scratch for the selection
-
-  void offer(int64_t row, acc_t score, int64_t id) {
-    Ranked<acc_t>* row_entries = entries + row * capacity;
-    int64_t& count = counts[row];
-    row_entries[count++] = {score, id};
-    if (count == capacity) {
-      thresholds[row] = compact(row_entries, count);
-    }
-  }
-
-  // Keeps the k best of a full buffer, still in increasing id order; returns the new threshold.
-  // Without NaN, the pushes arrive in id order, so the k-th largest score value (a plain float
-  // selection) decides: keep every larger score and, of the scores equal to it, the first ones.
-  acc_t compact(Ranked<acc_t>* row_entries, int64_t& count) {
-    bool has_nan = false;
-    for (int64_t i = 0; i < count; ++i) {
-      select_buffer[i] = row_entries[i].score;
-      has_nan |= std::isnan(row_entries[i].score);
-    }
-    if (has_nan) {  // rare (NaN rows): the full order, then back to id order
-      keep_best(row_entries, count, k);
-      const acc_t kth = row_entries[k - 1].score;
-      std::sort(row_entries, row_entries + count,
-                [](const Ranked<acc_t>& a, const Ranked<acc_t>& b) { return a.id < b.id; });
-      return filter_rank(kth);
-    }
-    std::nth_element(select_buffer, select_buffer + (k - 1), select_buffer + count,
-                     std::greater<acc_t>());
-    const acc_t kth = select_buffer[k - 1];
-    int64_t equal_quota = k;
-    for (int64_t i = 0; i < count; ++i) {
-      equal_quota -= row_entries[i].score > kth ? 1 : 0;
-    }
-    int64_t kept = 0;
-    for (int64_t i = 0; i < count; ++i) {
-      const acc_t score = row_entries[i].score;
-      if (score > kth || (score == kth && equal_quota-- > 0)) {
-        row_entries[kept++] = row_entries[i];
-      }
-    }
-    count = kept;
-    return kth;
-  }
-
-  // The row's k best, sorted in the output order.
-  const Ranked<acc_t>* finish(int64_t row) {
-    Ranked<acc_t>* row_entries = entries + row * capacity;
-    sort_best(row_entries, counts[row], k);
-    return row_entries;
-  }
-};
-
-// Scores of kRowsHere query rows against one panel of kPanel sub-keys, then the filter and the
-// offers.
+// Scores of kRowsHere query rows against one panel of kPanel sub-keys, stored (scaled) into
+// `scores` (row r at scores + r * score_stride, lane i at first_sub + i).
 //   q_rows: row r's half-query at q_rows + r * q_stride, Dh values (acc, unscaled)
-//   panel:  (Dh, kPanel) acc; lane i is sub-key first_sub + i, lanes >= live_lanes are padding
-//   rows >= live_rows are padding: scored, never offered
+//   panel:  (Dh, kPanel) acc; lane i is sub-key first_sub + i, lanes past num_sub are padding
 template <typename acc_t, int kRowsHere>
 inline void score_panel(const acc_t* q_rows, int64_t q_stride, int64_t dim_h, const acc_t* panel,
-                        acc_t scale, HalfLists<acc_t>& lists, int64_t first_row,
-                        int64_t live_rows, int64_t first_sub, int live_lanes) {
+                        acc_t scale, acc_t* scores, int64_t score_stride) {
   using L = Lanes<acc_t>;
   using vec = typename L::vec;
   constexpr int kPanel = kVecs * L::kWidth;
@@ -267,43 +192,88 @@ inline void score_panel(const acc_t* q_rows, int64_t q_stride, int64_t dim_h, co
   }
   // Dot first, then the scale: the reference's (q_half @ subkeys^T) * scale.
   const vec scale_vec = L::broadcast(scale);
-  uint32_t passed[kRowsHere][kVecs];
-  uint32_t any_passed = 0;
 #pragma GCC unroll 16
   for (int r = 0; r < kRowsHere; ++r) {
-    const vec threshold = L::broadcast(lists.thresholds[first_row + r]);
 #pragma GCC unroll 4
     for (int v = 0; v < kVecs; ++v) {
-      acc[r][v] = L::mul(acc[r][v], scale_vec);
-      passed[r][v] = L::passes(acc[r][v], threshold);
-      any_passed |= passed[r][v];
+      L::store(scores + r * score_stride + v * L::kWidth, L::mul(acc[r][v], scale_vec));
     }
   }
-  if (__builtin_expect(any_passed == 0, 1)) {
-    return;
+  (void)kPanel;
+}
+
+// The k best (score, sub-key) pairs of one row's n half scores, sorted in the output order into
+// `best` (room for n entries). Without NaN: the maxima of k groups (sub-keys i with i mod k = g) are
+// k distinct scores, so at least k scores are at or above the smallest of them, and the k best
+// are among those: only they are collected (in increasing sub-key order, a mask per vector), then
+// selected. A row with a NaN (which ranks above everything) takes the full order on every score.
+template <typename acc_t>
+void select_half(const acc_t* scores, int64_t n, int64_t k, acc_t* group_max, acc_t* select_buffer,
+                 Ranked<acc_t>* best) {
+  using L = Lanes<acc_t>;
+  constexpr int W = L::kWidth;
+  int nan_found = 0;
+#pragma omp simd reduction(| : nan_found)
+  for (int64_t i = 0; i < n; ++i) {
+    nan_found |= scores[i] != scores[i];
   }
-  alignas(64) acc_t scores[kRowsHere][kPanel];
-  for (int r = 0; r < kRowsHere; ++r) {
-    for (int v = 0; v < kVecs; ++v) {
-      L::store(&scores[r][v * L::kWidth], acc[r][v]);
-    }
-  }
-  // Sub-keys in increasing order per query; the offer re-checks against the current k-th best.
-  for (int r = 0; r < kRowsHere; ++r) {
-    if (first_row + r >= live_rows) {
-      break;
-    }
-    for (int v = 0; v < kVecs; ++v) {
-      uint32_t bits = passed[r][v];
-      while (bits) {
-        const int lane = v * L::kWidth + __builtin_ctz(bits);
-        bits &= bits - 1;
-        if (lane < live_lanes) {
-          lists.offer(first_row + r, scores[r][lane], first_sub + lane);
-        }
+  acc_t bar = -std::numeric_limits<acc_t>::infinity();
+  if (k < n && !nan_found) {
+    std::copy(scores, scores + k, group_max);
+    for (int64_t base = k; base < n; base += k) {
+      const int64_t width = std::min(k, n - base);
+#pragma omp simd
+      for (int64_t g = 0; g < width; ++g) {
+        const acc_t score = scores[base + g];
+        group_max[g] = score > group_max[g] ? score : group_max[g];
       }
     }
+    bar = *std::min_element(group_max, group_max + k);
   }
+  int64_t count = 0;
+  if (!(bar > -std::numeric_limits<acc_t>::infinity())) {
+    // k == n, a NaN (which ranks above everything) or a bar of -inf: the full order.
+    for (int64_t i = 0; i < n; ++i) {
+      best[i] = {scores[i], i};
+    }
+    count = n;
+    sort_best(best, count, k);
+    return;
+  }
+  const typename L::vec bar_vec = L::broadcast(bar);
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    uint32_t bits = L::at_or_above(L::load(scores + i), bar_vec);
+    while (bits) {
+      const int64_t id = i + __builtin_ctz(bits);
+      bits &= bits - 1;
+      select_buffer[count] = scores[id];
+      best[count++] = {scores[id], id};
+    }
+  }
+  for (; i < n; ++i) {
+    if (scores[i] >= bar) {
+      select_buffer[count] = scores[i];
+      best[count++] = {scores[i], i};
+    }
+  }
+  // No NaN: the k-th largest value decides; of the scores equal to it, the first ones (smaller
+  // sub-keys: `best` is in increasing id order) are kept. Then the k kept in the output order.
+  std::nth_element(select_buffer, select_buffer + (k - 1), select_buffer + count, std::greater<acc_t>());
+  const acc_t kth = select_buffer[k - 1];
+  int64_t equal_quota = k;
+  for (int64_t j = 0; j < count; ++j) {
+    equal_quota -= best[j].score > kth ? 1 : 0;
+  }
+  int64_t kept = 0;
+  for (int64_t j = 0; j < count; ++j) {
+    if (best[j].score > kth || (best[j].score == kth && equal_quota-- > 0)) {
+      best[kept++] = best[j];
+    }
+  }
+  std::sort(best, best + kept, [](const Ranked<acc_t>& a, const Ranked<acc_t>& b) {
+    return a.score > b.score || (a.score == b.score && a.id < b.id);  // no NaN here
+  });
 }
 
 // The k best of the k_sub x k_sub candidates half1[a] + half2[b] (slot id1 * n_sub + id2),
@@ -380,13 +350,12 @@ void softmax_lse(const acc_t* scores, int64_t k, acc_t* weights, acc_t* lse) {
 template <typename acc_t>
 struct FwdScratch {
   std::vector<acc_t> q_block;  // (padded rows, Dk): the unit's queries of one head, unscaled
-  std::vector<Ranked<acc_t>> half_entries[2];
-  std::vector<int64_t> half_counts[2];
-  std::vector<acc_t> half_thresholds[2];
-  std::vector<acc_t> select_buffers[2];
-  HalfLists<acc_t> lists[2];
+  std::vector<acc_t> half_scores;          // (padded rows, padded n_sub): one half's scores
+  std::vector<acc_t> group_max;            // (k_sub,)
+  std::vector<acc_t> select_buffer;        // (n_sub,)
+  std::vector<Ranked<acc_t>> selection;    // (n_sub,): one row's collected scores
+  std::vector<Ranked<acc_t>> half_best[2];  // (rows, k_sub): each row's k_sub best per half
   std::vector<Ranked<acc_t>> candidates;  // (candidate capacity,)
-  std::vector<int64_t> slots;             // (k,)
   std::vector<acc_t> scores;              // (k,)
   std::vector<acc_t> value_row, out_acc, head_sum;  // head_sum: (rows, Dv) with sum_heads
 };
@@ -422,47 +391,62 @@ struct FwdRunner {
       }
       std::fill(q_block + rows * dim_k, q_block + padded_rows * dim_k, acc_t(0));
 
+      // Per half: every score of the unit's rows (panel by panel, each panel in L1 while the rows
+      // walk it), then each row's k_sub best.
+      const int64_t score_stride = num_panels * kPanel;
+      acc_t* half_scores = scratch.half_scores.data();
       for (int half = 0; half < 2; ++half) {
-        HalfLists<acc_t>& lists = scratch.lists[half];
-        lists.reset(rows, padded_rows);
         const acc_t* half_packed = packed + (h * 2 + half) * num_panels * dim_h * kPanel;
         const acc_t* q_half = q_block + half * dim_h;
         for (int64_t panel = 0; panel < num_panels; ++panel) {
           const acc_t* panel_data = half_packed + panel * dim_h * kPanel;
-          const int64_t first_sub = panel * kPanel;
-          const int live_lanes = static_cast<int>(std::min<int64_t>(kPanel, num_sub - first_sub));
           for (int64_t r = 0; r < padded_rows; r += kRows) {
-            score_panel<acc_t, kRows>(q_half + r * dim_k, dim_k, dim_h, panel_data, scale, lists,
-                                      r, rows, first_sub, live_lanes);
+            score_panel<acc_t, kRows>(q_half + r * dim_k, dim_k, dim_h, panel_data, scale,
+                                      half_scores + r * score_stride + panel * kPanel, score_stride);
           }
+        }
+        Ranked<acc_t>* selection = scratch.selection.data();
+        for (int64_t r = 0; r < rows; ++r) {
+          select_half(half_scores + r * score_stride, num_sub, k_sub, scratch.group_max.data(),
+                      scratch.select_buffer.data(), selection);
+          std::copy(selection, selection + k_sub, scratch.half_best[half].data() + r * k_sub);
         }
       }
 
+      // Every row's k slots and weights first, then the gather over the unit's rows * k value rows
+      // in one sequence, prefetched kGatherAhead rows ahead across query boundaries (random rows
+      // of a table far larger than the caches: the misses, not the arithmetic, set the pace).
       Ranked<acc_t>* candidates = scratch.candidates.data();
-      int64_t* slots = scratch.slots.data();
       acc_t* scores = scratch.scores.data();
       for (int64_t r = 0; r < rows; ++r) {
-        combine_halves(scratch.lists[0].finish(r), scratch.lists[1].finish(r), k_sub, num_sub, k,
-                       candidates, static_cast<int64_t>(scratch.candidates.size()));
+        combine_halves(scratch.half_best[0].data() + r * k_sub, scratch.half_best[1].data() + r * k_sub,
+                       k_sub, num_sub, k, candidates, static_cast<int64_t>(scratch.candidates.size()));
+        const int64_t row = first_row + r;
+        int64_t* row_slots = p.indices + row * k;
         for (int64_t j = 0; j < k; ++j) {
           scores[j] = candidates[j].score;
-          slots[j] = candidates[j].id;
+          row_slots[j] = candidates[j].id;
         }
-        const int64_t row = first_row + r;
-        std::memcpy(p.indices + row * k, slots, k * sizeof(int64_t));
-        acc_t* row_weights = weights + row * k;
-        softmax_lse(scores, k, row_weights, lse + row);
+        softmax_lse(scores, k, weights + row * k, lse + row);
+      }
 
-        // Embedding bag: this head's read, in acc.
-        acc_t* out_acc = scratch.out_acc.data();
+      const int64_t* unit_slots = p.indices + first_row * k;  // (rows, k), contiguous
+      const int64_t reads = rows * k;
+      for (int64_t e = 0; e < std::min(reads, kGatherAhead); ++e) {
+        prefetch_row(values + unit_slots[e] * dim_v, dim_v);
+      }
+      acc_t* out_acc = scratch.out_acc.data();
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t row = first_row + r;
+        const acc_t* row_weights = weights + row * k;
         std::fill(out_acc, out_acc + dim_v, acc_t(0));
-        prefetch_row(values + slots[0] * dim_v, dim_v);
         for (int64_t j = 0; j < k; ++j) {
-          if (j + 1 < k) {
-            prefetch_row(values + slots[j + 1] * dim_v, dim_v);  // random rows: hide the miss
+          const int64_t e = r * k + j;
+          if (e + kGatherAhead < reads) {
+            prefetch_row(values + unit_slots[e + kGatherAhead] * dim_v, dim_v);
           }
           const acc_t weight = row_weights[j];
-          const acc_t* value = load_row(values + slots[j] * dim_v, dim_v, scratch.value_row.data());
+          const acc_t* value = load_row(values + unit_slots[e] * dim_v, dim_v, scratch.value_row.data());
 #pragma omp simd
           for (int64_t i = 0; i < dim_v; ++i) {
             out_acc[i] += weight * value[i];
@@ -547,24 +531,14 @@ void product_key_fwd_impl(const ProductKeyFwdParams& p) {
   at::parallel_for(0, num_units, 1, [&](int64_t unit_begin, int64_t unit_end) {
     FwdScratch<acc_t> scratch;
     scratch.q_block.resize(padded_capacity * p.dim_k);
-    // Selection buffers: four times the kept count, so a selection (O(capacity)) runs at most once
-    // per 3 k pushes: fewer selections save more than the bar, rising later, costs in pushes.
-    const int64_t half_capacity = 4 * k_sub;
+    scratch.half_scores.resize(padded_capacity * num_panels * kPanel);
+    scratch.group_max.resize(k_sub);
+    scratch.selection.resize(num_sub);
+    scratch.select_buffer.resize(num_sub);
     for (int half = 0; half < 2; ++half) {
-      scratch.half_entries[half].resize(padded_capacity * half_capacity);
-      scratch.half_counts[half].resize(padded_capacity);
-      scratch.half_thresholds[half].resize(padded_capacity);
-      HalfLists<acc_t>& lists = scratch.lists[half];
-      lists.k = k_sub;
-      lists.capacity = half_capacity;
-      lists.entries = scratch.half_entries[half].data();
-      lists.counts = scratch.half_counts[half].data();
-      lists.thresholds = scratch.half_thresholds[half].data();
-      scratch.select_buffers[half].resize(half_capacity);
-      lists.select_buffer = scratch.select_buffers[half].data();
+      scratch.half_best[half].resize(capacity * k_sub);
     }
     scratch.candidates.resize(2 * k);
-    scratch.slots.resize(k);
     scratch.scores.resize(k);
     scratch.value_row.resize(p.dim_v);
     scratch.out_acc.resize(p.dim_v);
