@@ -603,8 +603,10 @@ void product_key_bwd_impl(const ProductKeyBwdParams& p) {
       const acc_t* grad_out = load_row(dout + dout_offset(row), dim_v, dout_buffer.data());
       acc_t weighted_sum = 0;  // sum_j w_j dw_j
       for (int64_t j = 0; j < k; ++j) {
-        if (j + 1 < k) {
-          prefetch_row(values + row_indices[j + 1] * dim_v, dim_v);
+        // As the forward's gather: kGatherAhead value rows ahead, into the task's next rows.
+        const int64_t ahead = row * k + j + kGatherAhead;
+        if (ahead < row_end * k) {
+          prefetch_row(values + indices[ahead] * dim_v, dim_v);
         }
         const acc_t* value = load_row(values + row_indices[j] * dim_v, dim_v, row_buffer.data());
         weight_grads[j] = dweights[row * k + j] + dot_product(grad_out, value, dim_v);
@@ -716,10 +718,12 @@ void product_key_bwd_impl(const ProductKeyBwdParams& p) {
   const int64_t* entry_row = p.sparse_grad ? p.value_rows : indices;
   const int64_t num_out_rows = p.sparse_grad ? p.num_value_rows : num_slots;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    // Storage is the acc type: one task per row range zeroes it, then walks every entry in order
-    // and adds those that land in its range, straight into dvalues (no sort needed).
+    // Storage is the acc type: one task per row range walks every entry in order and adds those
+    // that land in its range straight into dvalues (no sort needed): the first entry of a row
+    // stores 0 + w dout (one pass over the row instead of a zero fill and an add), the rows no
+    // entry reaches are zeroed at the end.
     at::parallel_for(0, num_out_rows, 4096, [&](int64_t begin, int64_t end) {
-      std::fill_n(dvalues + begin * dim_v, (end - begin) * dim_v, scalar_t(0));
+      std::vector<uint8_t> written(end - begin, 0);
       std::vector<acc_t> dout_buffer(dim_v);
       for (int64_t entry = 0; entry < num_entries; ++entry) {
         const int64_t out_row = entry_row[entry];
@@ -729,9 +733,22 @@ void product_key_bwd_impl(const ProductKeyBwdParams& p) {
         const acc_t* grad_out = load_row(dout + dout_offset(entry / k), dim_v, dout_buffer.data());
         const acc_t w = weights[entry];
         acc_t* dst = dvalues + out_row * dim_v;
+        if (written[out_row - begin]) {
 #pragma omp simd
-        for (int64_t i = 0; i < dim_v; ++i) {
-          dst[i] += w * grad_out[i];
+          for (int64_t i = 0; i < dim_v; ++i) {
+            dst[i] += w * grad_out[i];
+          }
+        } else {
+          written[out_row - begin] = 1;
+#pragma omp simd
+          for (int64_t i = 0; i < dim_v; ++i) {
+            dst[i] = acc_t(0) + w * grad_out[i];  // as a zero fill then an add: +0 for -0
+          }
+        }
+      }
+      for (int64_t out_row = begin; out_row < end; ++out_row) {
+        if (!written[out_row - begin]) {
+          std::fill_n(dvalues + out_row * dim_v, dim_v, scalar_t(0));
         }
       }
     });
