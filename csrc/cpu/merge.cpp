@@ -124,6 +124,29 @@ inline void for_row_blocks(int64_t begin, int64_t end, const Body& body) {
   }
 }
 
+// out[r] = w1[r] x1[r] + w2[r] x2[r] for `rows` rows of `dim` elements starting at row `first` (the
+// forward of both merges: per-row weights, one multiply-add per element).
+template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
+inline void blend_rows(const scalar_t* x1, const acc_t* w1, const scalar_t* x2, const acc_t* w2, scalar_t* out,
+                       int64_t first, int64_t rows, int64_t dim) {
+  acc_t x1_buffer[kTile], x2_buffer[kTile], out_buffer[kTile];  // used by half types only
+  for (int64_t r = 0; r < rows; ++r) {
+    const acc_t weight1 = w1[r], weight2 = w2[r];
+    const int64_t row_offset = (first + r) * dim;
+    for (int64_t d0 = 0; d0 < dim; d0 += kTile) {
+      const int64_t n = std::min(kTile, dim - d0);
+      const acc_t* a = load_row(x1 + row_offset + d0, n, x1_buffer);
+      const acc_t* b = load_row(x2 + row_offset + d0, n, x2_buffer);
+      acc_t* blended = tile_target(out + row_offset + d0, out_buffer);
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        blended[i] = madd(weight1, a[i], weight2 * b[i]);
+      }
+      store_tile(out + row_offset + d0, blended, n);
+    }
+  }
+}
+
 template <typename scalar_t>
 void merge_attention_fwd_impl(const MergeAttentionFwdParams& params) {
   using acc_t = acc_type<scalar_t>;
@@ -136,25 +159,10 @@ void merge_attention_fwd_impl(const MergeAttentionFwdParams& params) {
   const int64_t dim = params.head_dim;
 
   at::parallel_for(0, params.rows, rows_per_task(dim), [&](int64_t row_begin, int64_t row_end) {
-    acc_t a_buffer[kTile], b_buffer[kTile], out_buffer[kTile];  // used by half types only
     acc_t weight_a[kRowBlock], weight_b[kRowBlock];
     for_row_blocks(row_begin, row_end, [&](int64_t block, int64_t rows) {
       merge_weights(lse_a + block, lse_b + block, rows, lse + block, weight_a, weight_b);
-      for (int64_t r = 0; r < rows; ++r) {
-        const acc_t wa = weight_a[r], wb = weight_b[r];
-        const int64_t row_offset = (block + r) * dim;
-        for (int64_t d0 = 0; d0 < dim; d0 += kTile) {
-          const int64_t n = std::min(kTile, dim - d0);
-          const acc_t* a = load_row(out_a + row_offset + d0, n, a_buffer);
-          const acc_t* b = load_row(out_b + row_offset + d0, n, b_buffer);
-          acc_t* merged = tile_target(out + row_offset + d0, out_buffer);
-#pragma omp simd
-          for (int64_t i = 0; i < n; ++i) {
-            merged[i] = madd(wa, a[i], wb * b[i]);
-          }
-          store_tile(out + row_offset + d0, merged, n);
-        }
-      }
+      blend_rows(out_a, weight_a, out_b, weight_b, out, block, rows, dim);
     });
   });
 }
@@ -232,25 +240,10 @@ void gated_merge_fwd_impl(const GatedMergeFwdParams& params) {
   const int64_t dim = params.head_dim;
 
   at::parallel_for(0, params.rows, rows_per_task(dim), [&](int64_t row_begin, int64_t row_end) {
-    acc_t local_buffer[kTile], mem_buffer[kTile], out_buffer[kTile];  // used by half types only
     acc_t gates[kRowBlock], one_minus_gates[kRowBlock];
     for_row_blocks(row_begin, row_end, [&](int64_t block, int64_t rows) {
       gate_weights(gate + block, rows, gates, one_minus_gates);
-      for (int64_t r = 0; r < rows; ++r) {
-        const acc_t g = gates[r], one_minus_g = one_minus_gates[r];
-        const int64_t row_offset = (block + r) * dim;
-        for (int64_t d0 = 0; d0 < dim; d0 += kTile) {
-          const int64_t n = std::min(kTile, dim - d0);
-          const acc_t* local = load_row(out_local + row_offset + d0, n, local_buffer);
-          const acc_t* mem = load_row(out_mem + row_offset + d0, n, mem_buffer);
-          acc_t* blended = tile_target(out + row_offset + d0, out_buffer);
-#pragma omp simd
-          for (int64_t i = 0; i < n; ++i) {
-            blended[i] = madd(g, mem[i], one_minus_g * local[i]);
-          }
-          store_tile(out + row_offset + d0, blended, n);
-        }
-      }
+      blend_rows(out_mem, gates, out_local, one_minus_gates, out, block, rows, dim);
     });
   });
 }

@@ -104,12 +104,8 @@ inline acc_t dot_product(const acc_t* a, const acc_t* b, int64_t n) {
   return total;
 }
 
-// Value rows the forward's gather prefetches ahead of the one it reads (L2M_GATHER_AHEAD at build
-// time for experiments).
-#ifndef L2M_GATHER_AHEAD
-#define L2M_GATHER_AHEAD 4
-#endif
-constexpr int64_t kGatherAhead = L2M_GATHER_AHEAD;
+// Value rows the gathers (forward, and the backward's dweights) prefetch ahead of the one they read.
+constexpr int64_t kGatherAhead = 4;
 
 // Queries per forward work unit: their half of q (kUnitRows x Dh) stays in L1/L2 while each
 // sub-key panel is reused by all of them.
@@ -158,9 +154,9 @@ inline void sort_best(Ranked<acc_t>* entries, int64_t& count, int64_t k) {
 }
 
 // Scores of kRowsHere query rows against one panel of kPanel sub-keys, stored (scaled) into
-// `scores` (row r at scores + r * score_stride, lane i at first_sub + i).
+// `scores`, which points at the panel's first sub-key in row 0 (row r at scores + r * score_stride).
 //   q_rows: row r's half-query at q_rows + r * q_stride, Dh values (acc, unscaled)
-//   panel:  (Dh, kPanel) acc; lane i is sub-key first_sub + i, lanes past num_sub are padding
+//   panel:  (Dh, kPanel) acc; lane i is the panel's i-th sub-key, lanes past num_sub are padding
 template <typename acc_t, int kRowsHere>
 inline void score_panel(const acc_t* q_rows, int64_t q_stride, int64_t dim_h, const acc_t* panel,
                         acc_t scale, acc_t* scores, int64_t score_stride) {
@@ -199,7 +195,6 @@ inline void score_panel(const acc_t* q_rows, int64_t q_stride, int64_t dim_h, co
       L::store(scores + r * score_stride + v * L::kWidth, L::mul(acc[r][v], scale_vec));
     }
   }
-  (void)kPanel;
 }
 
 // The k best (score, sub-key) pairs of one row's n half scores, sorted in the output order into

@@ -182,6 +182,7 @@ def register_autograd(op, forward: Callable, setup_context: Callable, backward: 
     """
     torch.library.register_autograd(op, lambda ctx, *grads: backward(ctx, *grads, kernel=backward_op),
                                     setup_context=setup_context)
+
     def forward_with_context(ctx, *inputs):
         # The ctx-first form: with a separate setup_context staticmethod, Function.apply binds the
         # arguments through inspect.signature on every call (tens of microseconds).
