@@ -280,7 +280,7 @@ DENSE_INPUTS = {  # name -> the four inputs of gated_dense_update (B, Hm, N, D) 
 
 def _dense_flat(inputs, dout):
     """The flat path (every input materialised contiguous at the broadcast shape, as the launcher
-    did before it read strides): output and the gradients summed back to each input's shape."""
+    did before it read strides): the output and the four gradients at the broadcast shape, in acc."""
     ext = _ext.cpu_extension()
     full = tuple(t.contiguous() for t in torch.broadcast_tensors(*inputs))
     out = torch.empty_like(full[0])
@@ -288,14 +288,22 @@ def _dense_flat(inputs, dout):
     acc = torch.float64 if full[0].dtype == torch.float64 else torch.float32
     grads = tuple(torch.empty(full[0].shape, dtype=acc) for _ in full)
     ext.gated_dense_update_bwd(dout.contiguous(), *full, *grads)
-    return out, tuple(g.sum_to_size(t.shape).to(t.dtype) for g, t in zip(grads, inputs))
+    return out, grads
+
+
+def _summed_along_rows(t, shape):
+    """Whether the cpu kernel sums t's gradient along the last dimension (t broadcast along it)."""
+    return len(shape) > 0 and shape[-1] > 1 and (t.dim() == 0 or t.shape[-1] == 1)
 
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
 @pytest.mark.parametrize("case", DENSE_INPUTS)
 def test_dense_update_reads_broadcast_and_strided_inputs(case, dtype):
     """Gates broadcast over any dimension (stride 0) and transposed inputs are read where they lie,
-    not materialised at the broadcast shape; outputs and gradients are bitwise the flat path's."""
+    not materialised at the broadcast shape; the output and the gradients that torch reduces are
+    bitwise the flat path's, and a gate broadcast along the last dimension has its gradient summed
+    along the rows by the kernel, to within a few roundings of the same elementwise gradients'
+    float64 sum."""
     inputs = DENSE_INPUTS[case](torch.Generator().manual_seed(13), dtype)
     shape = torch.broadcast_shapes(*(t.shape for t in inputs))
     dout = rand(*shape, generator=torch.Generator().manual_seed(14), dtype=dtype)
@@ -307,11 +315,23 @@ def test_dense_update_reads_broadcast_and_strided_inputs(case, dtype):
         assert recorder.copies and all("clone" in c for c in recorder.copies), recorder.copies
     else:
         assert recorder.copies == [], f"inputs were copied: {recorder.copies}"
-    want_out, want_grads = _dense_flat(inputs, dout)
+    want_out, full_grads = _dense_flat(inputs, dout)
     torch.testing.assert_close(out, want_out, rtol=0, atol=0, equal_nan=True)
-    for name, got, want in zip(("dmemory", "dupdate", "dinput_gate", "dforget_gate"), grads, want_grads):
-        assert got.shape == want.shape, name
-        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True, msg=name)
+    names = ("dmemory", "dupdate", "dinput_gate", "dforget_gate")
+    for name, got, full, t in zip(names, grads, full_grads, inputs):
+        assert got.shape == t.shape, name
+        if not _summed_along_rows(t, shape):  # summed by torch, as the flat path does: bitwise
+            want = full.sum_to_size(t.shape).to(t.dtype)
+            torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True, msg=name)
+            continue
+        # Summed along the rows by the kernel in its own order: within a few roundings of the float64
+        # sum of the same elementwise gradients, relative to the sum of their magnitudes.
+        want = full.double().sum_to_size(t.shape)
+        scale = full.double().abs().sum_to_size(t.shape)
+        ulp = torch.finfo(t.dtype).eps
+        error = (got.double() - want).abs()
+        assert (error <= 8 * torch.finfo(full.dtype).eps * scale + ulp * want.abs()).all(), \
+            f"{name}: {(error / scale).max().item():.2e} of the magnitudes"
 
 
 def test_dense_update_binding_checks_strided_inputs():
@@ -327,6 +347,17 @@ def test_dense_update_binding_checks_strided_inputs():
     with pytest.raises(ValueError, match="4-D views"):
         ext.gated_dense_update_fwd(m.view(6, 4, 5), m.view(6, 4, 5), gate.reshape(6, 4, 5)[:, :, :1].expand(6, 4, 5),
                                    m.view(6, 4, 5), out.view(6, 4, 5))
+    # The gradient of a gate broadcast along the last dimension may be its row sums (S0, S1, S2, 1);
+    # an input that is not broadcast along it must get the full gradient.
+    dout = rand(2, 3, 4, 5)
+    full = [torch.empty(2, 3, 4, 5) for _ in range(4)]
+    ext.gated_dense_update_bwd(dout, m, m, gate, gate, *full)
+    rows = [torch.full((2, 3, 4, 1), float("nan")) for _ in range(2)]
+    ext.gated_dense_update_bwd(dout, m, m, gate, gate, full[0], full[1], *rows)
+    for summed, elementwise in zip(rows, full[2:]):
+        torch.testing.assert_close(summed, elementwise.sum(-1, keepdim=True))
+    with pytest.raises(ValueError, match="dmemory must have shape like memory"):
+        ext.gated_dense_update_bwd(dout, m, m, gate, gate, rows[0], *full[1:])
     # A broadcast gate that views the output's own storage: read while written, so refused before
     # the kernel runs, and the storage is left as it was.
     storage = rand(2, 3, 4, 5)

@@ -1203,8 +1203,24 @@ inline void gated_dense_update_bwd(TensorArg dout, TensorArg memory, TensorArg u
   Call call("gated_dense_update_bwd");
   const bool strided = dense_operands(call, memory, update, input_gate, forget_gate);
   call.inputs({L2M_T(dout, "like memory")});
-  call.outputs({L2M_T(dmemory, "like memory", kAcc), L2M_T(dupdate, "like memory", kAcc),
-                L2M_T(dinput_gate, "like memory", kAcc), L2M_T(dforget_gate, "like memory", kAcc)});
+  // On CPU, the gradient of an input broadcast along the last dimension (stride 0) may be its sums
+  // along that dimension, (S0, S1, S2, 1): the kernel reduces it as it goes.
+  const auto row_sums = [&](TensorArg input, TensorArg grad) {
+    return !kCuda && strided && input.size(3) > 1 && input.stride(3) == 0 && grad.dim() == 4 &&
+           grad.size(3) == 1;
+  };
+  if (strided) {
+    constexpr const char* kSizes[] = {"S0", "S1", "S2", "S3"};  // bound by name: not temporaries
+    for (int d = 0; d < 4; ++d) {
+      call.let(kSizes[d], memory.size(d));
+    }
+  }
+  const auto grad_operand = [&](const char* name, TensorArg grad, TensorArg input) {
+    return Operand{name, &grad, row_sums(input, grad) ? "(S0, S1, S2, 1)" : "like memory", kAcc};
+  };
+  call.outputs({grad_operand("dmemory", dmemory, memory), grad_operand("dupdate", dupdate, update),
+                grad_operand("dinput_gate", dinput_gate, input_gate),
+                grad_operand("dforget_gate", dforget_gate, forget_gate)});
   // The gradients may have another dtype than the inputs (acc): no overlap at all.
   call.apart();
   if (kCuda && dout.numel() == 0) {
@@ -1214,6 +1230,12 @@ inline void gated_dense_update_bwd(TensorArg dout, TensorArg memory, TensorArg u
   fill_dense(call, params, strided, memory, update, input_gate, forget_gate);
   L2M_IN(params, dout);
   L2M_OUT(params, dmemory, dupdate, dinput_gate, dforget_gate);
+#if !L2M_BINDING_CUDA
+  params.row_sums[0] = row_sums(memory, dmemory);
+  params.row_sums[1] = row_sums(update, dupdate);
+  params.row_sums[2] = row_sums(input_gate, dinput_gate);
+  params.row_sums[3] = row_sums(forget_gate, dforget_gate);
+#endif
   L2M_LAUNCH(call, gated_dense_update_bwd, params, memory);
 }
 

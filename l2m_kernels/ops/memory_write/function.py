@@ -260,7 +260,9 @@ def _dense_kernels(backend: str):
 #   gated_dense_update_bwd(dout, memory, update, input_gate, forget_gate,
 #                          dmemory, dupdate, dinput_gate, dforget_gate)
 #       dout contiguous 4-D; the four gradients contiguous 4-D of the broadcast shape in float32
-#       (float64 for float64), reduced here to each input's shape before the one rounding.
+#       (float64 for float64), reduced here to each input's shape before the one rounding. The cpu
+#       kernel also takes (S0, S1, S2, 1) for an input broadcast along the last dimension (stride 0)
+#       and sums that gradient along it as it goes.
 def _fused_dense_fwd(backend):
     def fwd(memory, update, input_gate, forget_gate):
         views, shape = _dense_views(backend, memory, update, input_gate, forget_gate)
@@ -276,11 +278,18 @@ def _fused_dense_bwd(backend):
         inputs = (memory, update, input_gate, forget_gate)
         views, shape = _dense_views(backend, *inputs)
         acc = torch.float64 if memory.dtype == torch.float64 else torch.float32
-        grads = tuple(empty(views[0].shape, dtype=acc, device=memory.device) for _ in inputs)
+        full = views[0].shape
+        # cpu: an input that the op broadcasts along the last dimension (its own is 1 or absent) gets
+        # its gradient summed along it by the kernel. (An input that is itself an expanded view
+        # has a gradient per element, summed by autograd.)
+        summed = [backend == "cpu" and len(shape) <= 4 and full[-1] > 1 and (t.dim() == 0 or t.shape[-1] == 1)
+                  for t in inputs]
+        grads = tuple(empty(full[:-1] + (1,) if s else full, dtype=acc, device=memory.device) for s in summed)
         if dout.numel():
             _dense_kernels(backend).gated_dense_update_bwd(
-                dout.to(memory.dtype).contiguous().view(views[0].shape), *views, *grads)
-        return tuple(g.view(shape).sum_to_size(t.shape).to(t.dtype) for g, t in zip(grads, inputs))
+                dout.to(memory.dtype).contiguous().view(full), *views, *grads)
+        return tuple((g.view(shape[:-1] + (1,)) if s else g.view(shape)).sum_to_size(t.shape).to(t.dtype)
+                     for g, s, t in zip(grads, summed, inputs))
     return bwd
 
 
