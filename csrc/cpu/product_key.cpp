@@ -11,11 +11,13 @@
 // the thread count. The unit's scores of one half (rows x n_sub, in L2) are then selected row by
 // row: the smallest of k_sub group maxima bounds the k_sub-th best from below, the scores at or
 // above it are collected with one vector compare per kWidth sub-keys, and the k_sub best of those
-// are kept, sorted. The two sorted halves are then combined: candidates (i, j) in order, pruned as
-// soon as s1_i + s2_j (both halves descending, so the sum is monotone) falls below the current
-// k-th best; then softmax, lse and the weighted sum of the k value rows (an embedding bag, the
-// unit's rows * k value rows read in one sequence with prefetches a few rows ahead), per head or
-// summed over heads in acc.
+// are placed by rank (each one's count of larger scores: vector compares, no data-dependent
+// branch). The two sorted halves are then combined: the pairs (i, j) with (i + 1)(j + 1) <= k,
+// which hold the k best unless a sum ties the k-th, are placed by rank too (on a tie, or with a
+// non-finite score: candidates (i, j) in order, pruned as soon as s1_i + s2_j, both halves
+// descending so the sum is monotone, falls below the current k-th best). Then softmax, lse and
+// the weighted sum of the k value rows (an embedding bag, the unit's rows * k value rows read in
+// one sequence with prefetches a few rows ahead), per head or summed over heads in acc.
 //
 // Selection order: descending score; ties by the smaller sub-key (halves) or slot (candidates);
 // NaN ranks above everything (torch.sort), NaNs among themselves by index. Both selections
@@ -153,6 +155,44 @@ inline void sort_best(Ranked<acc_t>* entries, int64_t& count, int64_t k) {
   std::sort(entries, entries + count, goes_before<acc_t>);
 }
 
+// Entries above which place_by_rank (quadratic) leaves the selection to a sort.
+constexpr int64_t kRankedMax = 256;
+
+// The min(k, c) best of c entries with no NaN, in the output order, into `out` (not `entries`),
+// without sorting: entry i goes to its rank, the number of entries with a larger score. `scores`
+// holds entries[i].score at i, with room for kWidth - 1 more (padded here with -inf, which no
+// entry has); the larger and at-or-above counts are one vector compare each per kWidth entries,
+// and no branch depends on the order of the data: up to a few hundred entries, this costs less
+// than a comparison sort's mispredictions. Returns false, with `out` undefined, for more than
+// kRankedMax entries or when two scores are equal (the ids then decide: the caller sorts).
+template <typename acc_t>
+bool place_by_rank(acc_t* scores, const Ranked<acc_t>* entries, int64_t c, int64_t k,
+                   Ranked<acc_t>* out) {
+  using L = Lanes<acc_t>;
+  constexpr int W = L::kWidth;
+  if (c > kRankedMax) {
+    return false;
+  }
+  const int64_t padded = (c + W - 1) / W * W;
+  std::fill(scores + c, scores + padded, -std::numeric_limits<acc_t>::infinity());
+  for (int64_t i = 0; i < c; ++i) {
+    const typename L::vec s = L::broadcast(scores[i]);
+    int64_t above = 0, at_or_above = 0;
+    for (int64_t j = 0; j < padded; j += W) {
+      const typename L::vec other = L::load(scores + j);
+      above += __builtin_popcount(L::passes(other, s));
+      at_or_above += __builtin_popcount(L::at_or_above(other, s));
+    }
+    if (at_or_above - above != 1) {  // another entry has this score
+      return false;
+    }
+    if (above < k) {
+      out[above] = entries[i];
+    }
+  }
+  return true;
+}
+
 // Scores of kRowsHere query rows against one panel of kPanel sub-keys, stored (scaled) into
 // `scores`, which points at the panel's first sub-key in row 0 (row r at scores + r * score_stride).
 //   q_rows: row r's half-query at q_rows + r * q_stride, Dh values (acc, unscaled)
@@ -197,14 +237,14 @@ inline void score_panel(const acc_t* q_rows, int64_t q_stride, int64_t dim_h, co
   }
 }
 
-// The k best (score, sub-key) pairs of one row's n half scores, sorted in the output order into
-// `best` (room for n entries). Without NaN: the maxima of k groups (sub-keys i with i mod k = g) are
+// The k best (score, sub-key) pairs of one row's n half scores, in the output order into `out`
+// (`best`: room for n entries, `select_buffer` for n + kWidth). Without NaN: the maxima of k groups (sub-keys i with i mod k = g) are
 // k distinct scores, so at least k scores are at or above the smallest of them, and the k best
 // are among those: only they are collected (in increasing sub-key order, a mask per vector), then
-// selected. A row with a NaN (which ranks above everything) takes the full order on every score.
+// placed by rank (place_by_rank), or selected and sorted when there are many or two are equal. A row with a NaN (which ranks above everything) takes the full order on every score.
 template <typename acc_t>
 void select_half(const acc_t* scores, int64_t n, int64_t k, acc_t* group_max, acc_t* select_buffer,
-                 Ranked<acc_t>* best) {
+                 Ranked<acc_t>* best, Ranked<acc_t>* out) {
   using L = Lanes<acc_t>;
   constexpr int W = L::kWidth;
   int nan_found = 0;
@@ -233,6 +273,7 @@ void select_half(const acc_t* scores, int64_t n, int64_t k, acc_t* group_max, ac
     }
     count = n;
     sort_best(best, count, k);
+    std::copy(best, best + k, out);
     return;
   }
   const typename L::vec bar_vec = L::broadcast(bar);
@@ -252,8 +293,11 @@ void select_half(const acc_t* scores, int64_t n, int64_t k, acc_t* group_max, ac
       best[count++] = {scores[i], i};
     }
   }
-  // No NaN: the k-th largest value decides; of the scores equal to it, the first ones (smaller
-  // sub-keys: `best` is in increasing id order) are kept. Then the k kept in the output order.
+  if (place_by_rank(select_buffer, best, count, k, out)) {
+    return;
+  }
+  // Many candidates, or equal scores: the k-th largest value decides; of the scores equal to it,
+  // the first ones (smaller sub-keys: `best` is in increasing id order) are kept, then sorted.
   std::nth_element(select_buffer, select_buffer + (k - 1), select_buffer + count, std::greater<acc_t>());
   const acc_t kth = select_buffer[k - 1];
   int64_t equal_quota = k;
@@ -269,6 +313,46 @@ void select_half(const acc_t* scores, int64_t n, int64_t k, acc_t* group_max, ac
   std::sort(best, best + kept, [](const Ranked<acc_t>& a, const Ranked<acc_t>& b) {
     return a.score > b.score || (a.score == b.score && a.id < b.id);  // no NaN here
   });
+  std::copy(best, best + k, out);
+}
+
+// combine_halves' first try, for halves whose scores are all finite: the candidates (a, b) with
+// (a + 1)(b + 1) <= k (the staircase), placed by rank into `out`. A pair outside it has at least
+// k others of at least its sum (every (a', b') <= (a, b): the sum is monotone in both), so it can
+// only join the k best by tying the k-th best's sum with a smaller slot: the staircase's k best
+// are the answer unless the first excluded pair of some row reaches their k-th sum. Returns false
+// when it cannot tell (a tie, or a staircase of more than kRankedMax pairs), leaving `out`
+// undefined. `scores` and `entries`: room for kRankedMax (+ kWidth) entries.
+template <typename acc_t>
+bool combine_staircase(const Ranked<acc_t>* half1, const Ranked<acc_t>* half2, int64_t k_sub,
+                       int64_t num_sub, int64_t k, acc_t* scores, Ranked<acc_t>* entries,
+                       Ranked<acc_t>* out) {
+  const auto row_width = [&](int64_t a) { return std::min(k_sub, k / (a + 1)); };
+  int64_t count = 0;
+  for (int64_t a = 0; a < k_sub && row_width(a) > 0; ++a) {
+    const int64_t width = row_width(a);
+    if (count + width > kRankedMax) {
+      return false;
+    }
+    const acc_t s1 = half1[a].score;
+    const int64_t slot_base = half1[a].id * num_sub;
+    for (int64_t b = 0; b < width; ++b) {
+      const acc_t score = s1 + half2[b].score;
+      scores[count] = score;
+      entries[count++] = {score, slot_base + half2[b].id};
+    }
+  }
+  if (count < k || !place_by_rank(scores, entries, count, k, out)) {
+    return false;
+  }
+  const acc_t kth = out[k - 1].score;
+  for (int64_t a = 0; a < k_sub; ++a) {
+    const int64_t width = row_width(a);
+    if (width < k_sub && half1[a].score + half2[width].score >= kth) {
+      return false;
+    }
+  }
+  return true;
 }
 
 // The k best of the k_sub x k_sub candidates half1[a] + half2[b] (slot id1 * n_sub + id2),
@@ -279,10 +363,15 @@ void select_half(const acc_t* scores, int64_t n, int64_t k, acc_t* group_max, ac
 // equal to the bar are still pushed: the smaller slot wins those.
 template <typename acc_t>
 void combine_halves(const Ranked<acc_t>* half1, const Ranked<acc_t>* half2, int64_t k_sub,
-                    int64_t num_sub, int64_t k, Ranked<acc_t>* buffer, int64_t capacity) {
+                    int64_t num_sub, int64_t k, Ranked<acc_t>* buffer, int64_t capacity,
+                    acc_t* rank_scores, Ranked<acc_t>* rank_entries) {
   const bool all_finite = std::isfinite(half1[0].score) &&
                           std::isfinite(half1[k_sub - 1].score) &&
                           std::isfinite(half2[0].score) && std::isfinite(half2[k_sub - 1].score);
+  if (all_finite &&
+      combine_staircase(half1, half2, k_sub, num_sub, k, rank_scores, rank_entries, buffer)) {
+    return;
+  }
   int64_t count = 0;
   acc_t bar = -std::numeric_limits<acc_t>::infinity();  // nothing pruned until a selection
   for (int64_t a = 0; a < k_sub; ++a) {
@@ -347,10 +436,12 @@ struct FwdScratch {
   std::vector<acc_t> q_block;  // (padded rows, Dk): the unit's queries of one head, unscaled
   std::vector<acc_t> half_scores;          // (padded rows, padded n_sub): one half's scores
   std::vector<acc_t> group_max;            // (k_sub,)
-  std::vector<acc_t> select_buffer;        // (n_sub,)
+  std::vector<acc_t> select_buffer;        // (n_sub + kWidth,)
   std::vector<Ranked<acc_t>> selection;    // (n_sub,): one row's collected scores
   std::vector<Ranked<acc_t>> half_best[2];  // (rows, k_sub): each row's k_sub best per half
   std::vector<Ranked<acc_t>> candidates;  // (candidate capacity,)
+  std::vector<acc_t> rank_scores;          // (kRankedMax + kWidth,): combine_staircase
+  std::vector<Ranked<acc_t>> rank_entries;  // (kRankedMax,)
   std::vector<acc_t> scores;              // (k,)
   std::vector<acc_t> value_row, out_acc, head_sum;  // head_sum: (rows, Dv) with sum_heads
 };
@@ -403,8 +494,8 @@ struct FwdRunner {
         Ranked<acc_t>* selection = scratch.selection.data();
         for (int64_t r = 0; r < rows; ++r) {
           select_half(half_scores + r * score_stride, num_sub, k_sub, scratch.group_max.data(),
-                      scratch.select_buffer.data(), selection);
-          std::copy(selection, selection + k_sub, scratch.half_best[half].data() + r * k_sub);
+                      scratch.select_buffer.data(), selection,
+                      scratch.half_best[half].data() + r * k_sub);
         }
       }
 
@@ -415,7 +506,8 @@ struct FwdRunner {
       acc_t* scores = scratch.scores.data();
       for (int64_t r = 0; r < rows; ++r) {
         combine_halves(scratch.half_best[0].data() + r * k_sub, scratch.half_best[1].data() + r * k_sub,
-                       k_sub, num_sub, k, candidates, static_cast<int64_t>(scratch.candidates.size()));
+                       k_sub, num_sub, k, candidates, static_cast<int64_t>(scratch.candidates.size()),
+                       scratch.rank_scores.data(), scratch.rank_entries.data());
         const int64_t row = first_row + r;
         int64_t* row_slots = p.indices + row * k;
         for (int64_t j = 0; j < k; ++j) {
@@ -529,11 +621,13 @@ void product_key_fwd_impl(const ProductKeyFwdParams& p) {
     scratch.half_scores.resize(padded_capacity * num_panels * kPanel);
     scratch.group_max.resize(k_sub);
     scratch.selection.resize(num_sub);
-    scratch.select_buffer.resize(num_sub);
+    scratch.select_buffer.resize(num_sub + Lanes<acc_t>::kWidth);
     for (int half = 0; half < 2; ++half) {
       scratch.half_best[half].resize(capacity * k_sub);
     }
     scratch.candidates.resize(2 * k);
+    scratch.rank_scores.resize(kRankedMax + Lanes<acc_t>::kWidth);
+    scratch.rank_entries.resize(kRankedMax);
     scratch.scores.resize(k);
     scratch.value_row.resize(p.dim_v);
     scratch.out_acc.resize(p.dim_v);
