@@ -238,10 +238,14 @@ inline void score_panel(const acc_t* q_rows, int64_t q_stride, int64_t dim_h, co
 }
 
 // The k best (score, sub-key) pairs of one row's n half scores, in the output order into `out`
-// (`best`: room for n entries, `select_buffer` for n + kWidth). Without NaN: the maxima of k groups (sub-keys i with i mod k = g) are
-// k distinct scores, so at least k scores are at or above the smallest of them, and the k best
-// are among those: only they are collected (in increasing sub-key order, a mask per vector), then
-// placed by rank (place_by_rank), or selected and sorted when there are many or two are equal. A row with a NaN (which ranks above everything) takes the full order on every score.
+// (`best`: room for n entries, `select_buffer` for n + kWidth, `group_max` for 2k + kWidth).
+// Without NaN: the maxima of G >= k groups (sub-keys i with i mod G = g) are the scores of G
+// distinct sub-keys, so at least k scores are at or above the k-th largest of them (the bar), and
+// the k best are among those: only they are collected (in increasing sub-key order, a mask per
+// vector), then placed by rank (place_by_rank), or selected and sorted when there are many or two
+// are equal. G = 2k where n >= 4k (a higher bar: about half as many collected, for a quadratic
+// placement), else k (the bar is the smallest maximum). A row with a NaN (which ranks above
+// everything) takes the full order on every score.
 template <typename acc_t>
 void select_half(const acc_t* scores, int64_t n, int64_t k, acc_t* group_max, acc_t* select_buffer,
                  Ranked<acc_t>* best, Ranked<acc_t>* out) {
@@ -254,16 +258,30 @@ void select_half(const acc_t* scores, int64_t n, int64_t k, acc_t* group_max, ac
   }
   acc_t bar = -std::numeric_limits<acc_t>::infinity();
   if (k < n && !nan_found) {
-    std::copy(scores, scores + k, group_max);
-    for (int64_t base = k; base < n; base += k) {
-      const int64_t width = std::min(k, n - base);
+    const int64_t groups = n >= 4 * k ? 2 * k : k;
+    std::copy(scores, scores + groups, group_max);
+    for (int64_t base = groups; base < n; base += groups) {
+      const int64_t width = std::min(groups, n - base);
 #pragma omp simd
       for (int64_t g = 0; g < width; ++g) {
         const acc_t score = scores[base + g];
         group_max[g] = score > group_max[g] ? score : group_max[g];
       }
     }
-    bar = *std::min_element(group_max, group_max + k);
+    if (groups == k) {
+      bar = *std::min_element(group_max, group_max + k);
+    } else {  // the k-th largest maximum: the largest with k maxima at or above it
+      const int64_t padded = (groups + W - 1) / W * W;
+      std::fill(group_max + groups, group_max + padded, -std::numeric_limits<acc_t>::infinity());
+      for (int64_t g = 0; g < groups; ++g) {
+        const typename L::vec m = L::broadcast(group_max[g]);
+        int64_t at_or_above = 0;
+        for (int64_t j = 0; j < padded; j += W) {
+          at_or_above += __builtin_popcount(L::at_or_above(L::load(group_max + j), m));
+        }
+        bar = at_or_above >= k && group_max[g] > bar ? group_max[g] : bar;
+      }
+    }
   }
   int64_t count = 0;
   if (!(bar > -std::numeric_limits<acc_t>::infinity())) {
@@ -435,7 +453,7 @@ template <typename acc_t>
 struct FwdScratch {
   std::vector<acc_t> q_block;  // (padded rows, Dk): the unit's queries of one head, unscaled
   std::vector<acc_t> half_scores;          // (padded rows, padded n_sub): one half's scores
-  std::vector<acc_t> group_max;            // (k_sub,)
+  std::vector<acc_t> group_max;            // (2 k_sub + kWidth,)
   std::vector<acc_t> select_buffer;        // (n_sub + kWidth,)
   std::vector<Ranked<acc_t>> selection;    // (n_sub,): one row's collected scores
   std::vector<Ranked<acc_t>> half_best[2];  // (rows, k_sub): each row's k_sub best per half
@@ -619,7 +637,7 @@ void product_key_fwd_impl(const ProductKeyFwdParams& p) {
     FwdScratch<acc_t> scratch;
     scratch.q_block.resize(padded_capacity * p.dim_k);
     scratch.half_scores.resize(padded_capacity * num_panels * kPanel);
-    scratch.group_max.resize(k_sub);
+    scratch.group_max.resize(2 * k_sub + Lanes<acc_t>::kWidth);
     scratch.selection.resize(num_sub);
     scratch.select_buffer.resize(num_sub + Lanes<acc_t>::kWidth);
     for (int half = 0; half < 2; ++half) {
