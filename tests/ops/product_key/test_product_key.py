@@ -163,6 +163,32 @@ def test_product_key_exact_ties_match_reference(backend, device, dtype):
             assert_close("lse", read.lse, want[3], dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("data", ["random", "twins", "integer"])
+def test_product_key_cpu_selection_paths_match_reference(dtype, data):
+    """The cpu forward's selections at sizes that take each path: halves with n_sub >= 4 k_sub (the
+    bar from 2 k_sub group maxima) and below, a few hundred collected scores or more (placement by
+    rank, or the sort), the staircase of combined pairs decided or not. Random data has no equal
+    scores; "twins" repeats every fourth sub-key once (pairs of equal scores in a half, and of equal
+    sums among the combined pairs); integer-valued data ties everywhere."""
+    skip_unless_served("cpu", dtype)
+    g = torch.Generator().manual_seed(5)
+    for n_sub, k, k_sub, Dk in ((64, 32, 16, 16), (130, 32, 32, 8), (300, 32, 32, 16), (512, 128, 128, 8),
+                               (40, 200, 40, 8)):
+        q = torch.randn(1, 2, 19, Dk, generator=g)
+        subkeys = torch.randn(2, 2, n_sub, Dk // 2, generator=g)
+        if data == "twins":
+            subkeys[:, :, 1::4] = subkeys[:, :, 0::4][:, :, :subkeys[:, :, 1::4].shape[2]]
+        if data == "integer":
+            q, subkeys = q.round().clamp(-1, 1), subkeys.round().clamp(-1, 1)
+        q, subkeys = q.to(dtype), subkeys.to(dtype)
+        values = torch.randn(n_sub * n_sub, 3, generator=g).to(dtype)
+        read = l2m.product_key_read(q, subkeys, values, k, k_sub=k_sub, backend="cpu")
+        want = product_key_read_ref(q, subkeys, values, k, k_sub=k_sub)
+        assert torch.equal(read.indices, want[1]), f"n_sub={n_sub} k={k} k_sub={k_sub}"
+        assert_close("weights", read.weights, want[2], dtype)
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("sum_heads", [False, True])
 def test_product_key_nan_rows(backend, device, sum_heads):
