@@ -158,36 +158,53 @@ inline void sort_best(Ranked<acc_t>* entries, int64_t& count, int64_t k) {
 // Entries above which place_by_rank (quadratic) leaves the selection to a sort.
 constexpr int64_t kRankedMax = 256;
 
+// The scores padded with -inf (which no score is) to whole vectors: room for kWidth - 1 more.
+// Returns the padded count, for rank_counts.
+template <typename acc_t>
+inline int64_t pad_scores(acc_t* scores, int64_t c) {
+  constexpr int W = Lanes<acc_t>::kWidth;
+  const int64_t padded = (c + W - 1) / W * W;
+  std::fill(scores + c, scores + padded, -std::numeric_limits<acc_t>::infinity());
+  return padded;
+}
+// How many of the padded scores (no NaN) are larger than x, and how many at or above it: one
+// vector compare each per kWidth scores.
+struct RankCounts {
+  int64_t above = 0, at_or_above = 0;
+};
+template <typename acc_t>
+inline RankCounts rank_counts(const acc_t* padded_scores, int64_t padded, acc_t x) {
+  using L = Lanes<acc_t>;
+  const typename L::vec value = L::broadcast(x);
+  RankCounts counts;
+  for (int64_t j = 0; j < padded; j += L::kWidth) {
+    const typename L::vec other = L::load(padded_scores + j);
+    counts.above += __builtin_popcount(L::passes(other, value));
+    counts.at_or_above += __builtin_popcount(L::at_or_above(other, value));
+  }
+  return counts;
+}
+
 // The min(k, c) best of c entries with no NaN, in the output order, into `out` (not `entries`),
-// without sorting: entry i goes to its rank, the number of entries with a larger score. `scores`
-// holds entries[i].score at i, with room for kWidth - 1 more (padded here with -inf, which no
-// entry has); the larger and at-or-above counts are one vector compare each per kWidth entries,
-// and no branch depends on the order of the data: up to a few hundred entries, this costs less
+// without sorting: entry i goes to its rank, the number of entries with a larger score
+// (rank_counts). `scores` holds entries[i].score at i, with room for kWidth - 1 more; no branch
+// depends on the order of the data: up to a few hundred entries, this costs less
 // than a comparison sort's mispredictions. Returns false, with `out` undefined, for more than
 // kRankedMax entries or when two scores are equal (the ids then decide: the caller sorts).
 template <typename acc_t>
 bool place_by_rank(acc_t* scores, const Ranked<acc_t>* entries, int64_t c, int64_t k,
                    Ranked<acc_t>* out) {
-  using L = Lanes<acc_t>;
-  constexpr int W = L::kWidth;
   if (c > kRankedMax) {
     return false;
   }
-  const int64_t padded = (c + W - 1) / W * W;
-  std::fill(scores + c, scores + padded, -std::numeric_limits<acc_t>::infinity());
+  const int64_t padded = pad_scores(scores, c);
   for (int64_t i = 0; i < c; ++i) {
-    const typename L::vec s = L::broadcast(scores[i]);
-    int64_t above = 0, at_or_above = 0;
-    for (int64_t j = 0; j < padded; j += W) {
-      const typename L::vec other = L::load(scores + j);
-      above += __builtin_popcount(L::passes(other, s));
-      at_or_above += __builtin_popcount(L::at_or_above(other, s));
-    }
-    if (at_or_above - above != 1) {  // another entry has this score
+    const RankCounts counts = rank_counts(scores, padded, scores[i]);
+    if (counts.at_or_above - counts.above != 1) {  // another entry has this score
       return false;
     }
-    if (above < k) {
-      out[above] = entries[i];
+    if (counts.above < k) {
+      out[counts.above] = entries[i];
     }
   }
   return true;
@@ -271,15 +288,10 @@ void select_half(const acc_t* scores, int64_t n, int64_t k, acc_t* group_max, ac
     if (groups == k) {
       bar = *std::min_element(group_max, group_max + k);
     } else {  // the k-th largest maximum: the largest with k maxima at or above it
-      const int64_t padded = (groups + W - 1) / W * W;
-      std::fill(group_max + groups, group_max + padded, -std::numeric_limits<acc_t>::infinity());
+      const int64_t padded = pad_scores(group_max, groups);
       for (int64_t g = 0; g < groups; ++g) {
-        const typename L::vec m = L::broadcast(group_max[g]);
-        int64_t at_or_above = 0;
-        for (int64_t j = 0; j < padded; j += W) {
-          at_or_above += __builtin_popcount(L::at_or_above(L::load(group_max + j), m));
-        }
-        bar = at_or_above >= k && group_max[g] > bar ? group_max[g] : bar;
+        const bool qualifies = rank_counts(group_max, padded, group_max[g]).at_or_above >= k;
+        bar = qualifies && group_max[g] > bar ? group_max[g] : bar;
       }
     }
   }
