@@ -7,6 +7,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from ._alloc import cache_info, empty_cache, set_cache_limit  # noqa: F401
 from .backends import available_backends, select_backend  # noqa: F401
 from .ops.merge import gated_merge, merge_attention  # noqa: F401
 from .ops._common import MemoryAttention, MemoryRead  # noqa: F401,E402
@@ -19,5 +20,5 @@ from . import modules  # noqa: F401,E402
 __all__ = [
     "topk_memory_read", "product_key_read", "gated_memory_write", "gated_dense_update",
     "merge_attention", "gated_merge", "memory_attention", "MemoryRead", "MemoryAttention",
-    "available_backends", "select_backend",
+    "available_backends", "select_backend", "empty_cache", "set_cache_limit", "cache_info",
 ]

@@ -147,7 +147,11 @@ def _lucidrains_pkm(dim, heads, n_sub, key_dim, k, device, dtype, dense, sparse)
     module = pkm.PKM(dim, heads=heads, num_keys=n_sub, topk=k, dim_head=key_dim // 2).to(device, dtype)
     dense_bag = module.values
     sparse_bag = torch.nn.EmbeddingBag(n_sub * n_sub, dim, mode="sum", sparse=True, _weight=dense_bag.weight)
+    # One Parameter for both bags (``_weight=`` wraps the tensor in a new one): the benchmark clears
+    # its gradient after each backward, or sparse gradients would pile up from call to call.
+    sparse_bag.weight = dense_bag.weight
     params = tuple(module.parameters())
+    assert any(p is sparse_bag.weight for p in params)
 
     def variant(bag):
         def forward(x):
