@@ -582,6 +582,28 @@ inline void check_indices(const Call& call, TensorArg indices, const char* name,
   }
 }
 
+// entry_order (E,) must list the E entries once each, sorted by their row `rows` (E,) and those of
+// one row in increasing order: the product-key backward sums each dvalues row in this order and
+// finds where a task's rows start by bisection.
+inline void check_entry_order(const Call& call, TensorArg entry_order, TensorArg rows,
+                              const char* rows_name) {
+  const int64_t* order = entry_order.const_data_ptr<int64_t>();
+  const int64_t* row = rows.const_data_ptr<int64_t>();
+  const int64_t n = entry_order.numel();
+  for (int64_t i = 0; i < n; ++i) {
+    if (order[i] < 0 || order[i] >= n) {
+      call.index_error("entry_order must be in [0, B * H * T * k) with B * H * T * k = " + text(n) +
+                       ", got " + text(order[i]));
+    }
+    if (i > 0 && !(row[order[i - 1]] < row[order[i]] ||
+                   (row[order[i - 1]] == row[order[i]] && order[i - 1] < order[i]))) {
+      call.value_error(std::string("entry_order must list the entries sorted by ") + rows_name +
+                       ", those of one row in increasing order (a stable sort), but position " +
+                       text(i) + " does not follow " + text(i - 1));
+    }
+  }
+}
+
 #endif
 
 // ---- the entry points ----
@@ -904,7 +926,8 @@ inline void product_key_bwd(TensorArg dout, TensorArg dweights, TensorArg dlse, 
                             TensorArg weights, double scale, bool sum_heads,
                             bool sparse_grad L2M_CUDA_ONLY(bool deterministic, OptionalTensor ds,
                                                            OptionalTensor dsubkeys_acc,
-                                                           OptionalTensor dvalues_acc),
+                                                           OptionalTensor dvalues_acc)
+                                L2M_CPU_ONLY(TensorArg entry_order),
                             TensorArg dq, TensorArg dsubkeys,
                             TensorArg dvalues L2M_CPU_ONLY(OptionalTensor value_rows)) {
   Call call("product_key_bwd");
@@ -924,7 +947,8 @@ inline void product_key_bwd(TensorArg dout, TensorArg dweights, TensorArg dlse, 
   call.inputs({L2M_T(dout, sum_heads ? "(B, T, Dv)" : "(B, H, T, Dv)", kData, kRowLayout),
                L2M_T(dweights, "(B, H, T, k)", kAcc), L2M_T(dlse, "(B, H, T)", kAcc),
                L2M_T(weights, "(B, H, T, k)", kAcc)
-                   L2M_CPU_ONLY(L2M_T(value_rows, "(B, H, T, k)", kInt64))});
+                   L2M_CPU_ONLY(L2M_T(value_rows, "(B, H, T, k)", kInt64))
+                       L2M_CPU_ONLY(L2M_T(entry_order, "(B * H * T * k,)", kInt64))});
   call.outputs({L2M_T(dq, "like q"), L2M_T(dsubkeys, "like subkeys"),
                 L2M_T(dvalues, !sparse_grad ? "like values"
                                : kCuda      ? "(B * H * T * k, Dv)"
@@ -969,6 +993,8 @@ inline void product_key_bwd(TensorArg dout, TensorArg dweights, TensorArg dlse, 
     check_indices(call, *value_rows, "value_rows", /*minus_one=*/false, "U", num_value_rows);
   }
   check_indices(call, indices, "indices", /*minus_one=*/false, "n_sub ** 2", call["n_sub ** 2"]);
+  check_entry_order(call, entry_order, sparse_grad ? *value_rows : indices,
+                    sparse_grad ? "value_rows" : "indices");
   // With sum_heads, dout (B, T, Dv) serves every head: the (B, H, T) rows with head stride 0.
   params.dout_rows =
       sum_heads ? Rows::strided(H, T, dout.stride(0), 0, dout.stride(1)) : rows_of(dout);
@@ -976,6 +1002,7 @@ inline void product_key_bwd(TensorArg dout, TensorArg dweights, TensorArg dlse, 
   L2M_OUT(params, dsubkeys, dvalues);
   params.value_rows = sparse_grad ? value_rows->const_data_ptr<int64_t>() : nullptr;
   params.num_value_rows = num_value_rows;
+  params.entry_order = entry_order.const_data_ptr<int64_t>();
   // Runs even without queries: dsubkeys and a dense dvalues must still be zeroed.
   L2M_LAUNCH(call, product_key_bwd, params, q);
 #endif
@@ -1324,8 +1351,9 @@ void def_ops(py::module_& m, const Extra&... extra) {
   L2M_DEF(product_key_bwd, "Gradients of product_key_fwd at its indices.",
           L2M_CPU_ONLY(py::arg("value_rows") = py::none()), dout, dweights, dlse, q, subkeys,
           values, indices, weights, scale, sum_heads,
-          sparse_grad L2M_CUDA_ONLY(deterministic, ds, dsubkeys_acc, dvalues_acc), dq, dsubkeys,
-          dvalues);
+          sparse_grad L2M_CUDA_ONLY(deterministic, ds, dsubkeys_acc, dvalues_acc)
+              L2M_CPU_ONLY(entry_order),
+          dq, dsubkeys, dvalues);
   L2M_DEF(gated_memory_write_fwd, "Gated memory writes.", , memory, indices, weights, add,
           erase L2M_CUDA_ONLY(order, run_length), out);
   L2M_DEF(gated_memory_write_bwd, "Gradients of gated_memory_write_fwd.", , dnew, memory, indices,

@@ -18,7 +18,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__SSE2__)
 #include <immintrin.h>
 #endif
 
@@ -114,6 +114,49 @@ inline const acc_type<scalar_t>* load_row(const scalar_t* src, int64_t n, acc_ty
 template <typename scalar_t>
 inline void store_row(scalar_t* dst, const acc_type<scalar_t>* values, int64_t n) {
   from_acc(values, dst, n);
+}
+
+// store_row for rows written once and not read again soon (a gradient larger than the caches):
+// float32 with streaming (non-temporal) stores where the target has them, which write whole cache
+// lines without first reading them in; other types as store_row. A task that streamed rows calls
+// stream_fence() after its last, before another thread may read them.
+template <typename scalar_t>
+inline void stream_row(scalar_t* dst, const acc_type<scalar_t>* values, int64_t n) {
+#if defined(__AVX512F__) || defined(__AVX__) || defined(__SSE2__)
+  if constexpr (std::is_same_v<scalar_t, float>) {
+#if defined(__AVX512F__)
+    constexpr int64_t kLanes = 16;
+#elif defined(__AVX__)
+    constexpr int64_t kLanes = 8;
+#else
+    constexpr int64_t kLanes = 4;
+#endif
+    int64_t i = 0;
+    for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) % (kLanes * 4)) != 0; ++i) {
+      dst[i] = values[i];  // up to the first aligned vector (rows of 4-byte floats)
+    }
+    for (; i + kLanes <= n; i += kLanes) {
+#if defined(__AVX512F__)
+      _mm512_stream_ps(dst + i, _mm512_loadu_ps(values + i));
+#elif defined(__AVX__)
+      _mm256_stream_ps(dst + i, _mm256_loadu_ps(values + i));
+#else
+      _mm_stream_ps(dst + i, _mm_loadu_ps(values + i));
+#endif
+    }
+    for (; i < n; ++i) {
+      dst[i] = values[i];
+    }
+    return;
+  }
+#endif
+  store_row(dst, values, n);
+}
+
+inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
 }
 
 // Calls fn(scalar_t{}) for the storage type named by dtype (float, double, c10::Half,

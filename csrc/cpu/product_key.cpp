@@ -830,86 +830,45 @@ void product_key_bwd_impl(const ProductKeyBwdParams& p) {
     }
   });
 
-  // Phase 3: dvalues, one row per slot (dense) or per distinct slot read (sparse_grad): every row
-  // is written, zeros where no entry adds to it; each row sums its entries in increasing entry
-  // order.
+  // Phase 3: dvalues, one row per slot (dense) or per distinct slot read (sparse_grad), in row
+  // order: entry_order lists the entries by their row, each row's in increasing entry order, so
+  // each task finds its first entry by bisection, sums every row of its range in that fixed order
+  // and writes it once (streamed: rows no entry adds to are zeros).
   const int64_t num_entries = num_rows * k;
   const int64_t* entry_row = p.sparse_grad ? p.value_rows : indices;
+  const int64_t* entry_order = p.entry_order;
   const int64_t num_out_rows = p.sparse_grad ? p.num_value_rows : num_slots;
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    // Storage is the acc type: one task per row range walks every entry in order and adds those
-    // that land in its range straight into dvalues (no sort needed): the first entry of a row
-    // stores 0 + w dout (one pass over the row instead of a zero fill and an add), the rows no
-    // entry reaches are zeroed at the end.
-    at::parallel_for(0, num_out_rows, 4096, [&](int64_t begin, int64_t end) {
-      std::vector<uint8_t> written(end - begin, 0);
-      std::vector<acc_t> dout_buffer(dim_v);
-      for (int64_t entry = 0; entry < num_entries; ++entry) {
-        const int64_t out_row = entry_row[entry];
-        if (out_row < begin || out_row >= end) {
-          continue;
+  auto row_at = [&](int64_t position) { return entry_row[entry_order[position]]; };
+  at::parallel_for(0, num_out_rows, 256, [&](int64_t begin, int64_t end) {
+    int64_t position = 0;
+    for (int64_t count = num_entries; count > 0;) {  // the first position of a row >= begin
+      const int64_t half = count / 2;
+      if (row_at(position + half) < begin) {
+        position += half + 1;
+        count -= half + 1;
+      } else {
+        count = half;
+      }
+    }
+    std::vector<acc_t> dout_buffer(dim_v), dvalue_acc(dim_v);
+    for (int64_t out_row = begin; out_row < end; ++out_row) {
+      std::fill(dvalue_acc.begin(), dvalue_acc.end(), acc_t(0));
+      for (; position < num_entries && row_at(position) == out_row; ++position) {
+        const int64_t entry = entry_order[position];
+        if (position + kGatherAhead < num_entries) {
+          prefetch_row(dout + dout_offset(entry_order[position + kGatherAhead] / k), dim_v);
         }
         const acc_t* grad_out = load_row(dout + dout_offset(entry / k), dim_v, dout_buffer.data());
         const acc_t w = weights[entry];
-        acc_t* dst = dvalues + out_row * dim_v;
-        if (written[out_row - begin]) {
 #pragma omp simd
-          for (int64_t i = 0; i < dim_v; ++i) {
-            dst[i] += w * grad_out[i];
-          }
-        } else {
-          written[out_row - begin] = 1;
-#pragma omp simd
-          for (int64_t i = 0; i < dim_v; ++i) {
-            dst[i] = acc_t(0) + w * grad_out[i];  // as a zero fill then an add: +0 for -0
-          }
+        for (int64_t i = 0; i < dim_v; ++i) {
+          dvalue_acc[i] += w * grad_out[i];
         }
       }
-      for (int64_t out_row = begin; out_row < end; ++out_row) {
-        if (!written[out_row - begin]) {
-          std::fill_n(dvalues + out_row * dim_v, dim_v, scalar_t(0));
-        }
-      }
-    });
-  } else {
-    // Half types: sum in acc. The entries grouped by row (counting sort, in entry order), then
-    // one task per row range.
-    std::vector<int64_t> row_begin(num_out_rows + 1, 0);
-    for (int64_t entry = 0; entry < num_entries; ++entry) {
-      ++row_begin[entry_row[entry] + 1];
+      stream_row(dvalues + out_row * dim_v, dvalue_acc.data(), dim_v);
     }
-    std::partial_sum(row_begin.begin(), row_begin.end(), row_begin.begin());
-    std::vector<int64_t> row_entries(num_entries);
-    {
-      std::vector<int64_t> fill(row_begin.begin(), row_begin.end() - 1);
-      for (int64_t entry = 0; entry < num_entries; ++entry) {
-        row_entries[fill[entry_row[entry]]++] = entry;
-      }
-    }
-    const int64_t rows_per_task = std::max<int64_t>(1, 16384 / std::max<int64_t>(dim_v, 1));
-    at::parallel_for(0, num_out_rows, rows_per_task, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> dout_buffer(dim_v), dvalue_acc(dim_v);
-      for (int64_t out_row = begin; out_row < end; ++out_row) {
-        scalar_t* dst = dvalues + out_row * dim_v;
-        if (row_begin[out_row] == row_begin[out_row + 1]) {
-          std::fill_n(dst, dim_v, scalar_t(0));  // +0.0, any dtype
-          continue;
-        }
-        std::fill(dvalue_acc.begin(), dvalue_acc.end(), acc_t(0));
-        for (int64_t e = row_begin[out_row]; e < row_begin[out_row + 1]; ++e) {
-          const int64_t entry = row_entries[e];
-          const acc_t* grad_out =
-              load_row(dout + dout_offset(entry / k), dim_v, dout_buffer.data());
-          const acc_t w = weights[entry];
-#pragma omp simd
-          for (int64_t i = 0; i < dim_v; ++i) {
-            dvalue_acc[i] += w * grad_out[i];
-          }
-        }
-        store_row(dst, dvalue_acc.data(), dim_v);
-      }
-    });
-  }
+    stream_fence();
+  });
 }
 
 }  // namespace

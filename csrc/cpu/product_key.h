@@ -43,6 +43,9 @@ struct ProductKeyBwdParams : l2m::ProductKeyBwdParams {
   // [0, num_value_rows)): one row per distinct slot.
   const int64_t* value_rows;
   int64_t num_value_rows;
+  // (B * H * T * k,): the entries m sorted by their dvalues row (indices[m], or value_rows[m] with
+  // sparse_grad), those of one row in increasing m: the order in which each row is summed.
+  const int64_t* entry_order;
 };
 
 }  // namespace l2m::cpu

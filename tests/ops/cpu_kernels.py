@@ -64,8 +64,10 @@ class CpuKernelsAsCuda:
                         dsubkeys, dvalues):
         # Sparse: (B * H * T * k, Dv), row m = w_m * dout of entry m (one coalesced row each).
         value_rows = torch.arange(indices.numel()).view(indices.shape) if sparse_grad else None
+        entry_order = (torch.arange(indices.numel()) if sparse_grad
+                       else torch.sort(indices.reshape(-1), stable=True).indices)
         self.cpu.product_key_bwd(dout, dweights, dlse, q, subkeys, values, indices, weights, scale,
-                                 sum_heads, sparse_grad, dq, dsubkeys, dvalues, value_rows)
+                                 sum_heads, sparse_grad, entry_order, dq, dsubkeys, dvalues, value_rows)
         _accumulated((dsubkeys_acc, dsubkeys), (dvalues_acc, dvalues))
 
     def product_key_segment_sum(self, src, coef, entry_coef, entry_src, run_starts, scale, dst):

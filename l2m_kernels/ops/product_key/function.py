@@ -116,14 +116,18 @@ def _cpu_bwd(dout, dweights, dlse, q, subkeys, values, indices, weights, scale, 
              sparse_grad, deterministic):
     dq = empty(q.shape, dtype=q.dtype, device=q.device)
     dsubkeys = empty(subkeys.shape, dtype=subkeys.dtype, device=q.device)
+    indices = indices.contiguous()
+    # The entries by slot, each slot's in entry order: the order the kernel sums every dvalues row in.
+    sorted_slots, entry_order = torch.sort(indices.reshape(-1), stable=True)
     slots, value_rows = _no_slots(values), None
-    if sparse_grad:  # the kernel sums each entry into the row of its slot's rank among the distinct
-        slots, value_rows = torch.unique(indices, sorted=True, return_inverse=True)
+    if sparse_grad:  # one row per distinct slot: entry m adds to the row of its slot's rank
+        slots, sorted_rows = torch.unique_consecutive(sorted_slots, return_inverse=True)
+        value_rows = torch.empty_like(sorted_rows).scatter_(0, entry_order, sorted_rows).view(indices.shape)
     dvalues_shape = (slots.numel(), values.shape[-1]) if sparse_grad else values.shape
     dvalues = empty(dvalues_shape, dtype=values.dtype, device=q.device)
     _ext.cpu_extension().product_key_bwd(
         cpu_rows(dout), dweights.contiguous(), dlse.contiguous(), cpu_rows(q), subkeys.contiguous(),
-        values.contiguous(), indices.contiguous(), weights.contiguous(), scale, sum_heads, sparse_grad,
+        values.contiguous(), indices, weights.contiguous(), scale, sum_heads, sparse_grad, entry_order,
         dq, dsubkeys, dvalues, value_rows)
     return dq, dsubkeys, dvalues, slots
 

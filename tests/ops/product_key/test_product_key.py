@@ -286,13 +286,31 @@ def test_cpu_kernels_reject_bad_arguments():
     ext.product_key_fwd(q, subkeys, values, k, 2, 1.0, False, out, indices, weights, lse)
     grads = (torch.empty_like(q), torch.empty_like(subkeys), torch.empty_like(values))
     cots = (torch.randn(B, H, T, Dv), torch.randn(B, H, T, k), torch.randn(B, H, T))
+    order = torch.sort(indices.reshape(-1), stable=True).indices
     for bad_slot in (-1, n_sub ** 2):
         bad = indices.clone()
         bad[0, 1, 2, 1] = bad_slot
         with pytest.raises(IndexError, match="indices"):
-            ext.product_key_bwd(*cots, q, subkeys, values, bad, weights, 1.0, False, False, *grads)
+            ext.product_key_bwd(*cots, q, subkeys, values, bad, weights, 1.0, False, False, order, *grads)
     with pytest.raises(ValueError, match="dvalues"):
-        ext.product_key_bwd(*cots, q, subkeys, values, indices, weights, 1.0, False, True, *grads)
+        ext.product_key_bwd(*cots, q, subkeys, values, indices, weights, 1.0, False, True, order, *grads)
+    # entry_order: each entry once, by slot, a slot's entries in increasing order (a stable sort).
+    twice = indices.clone()
+    twice[0, 0, 0, 1] = twice[0, 0, 0, 0]  # two entries of one slot
+    twice_order = torch.sort(twice.reshape(-1), stable=True).indices
+    position = int((twice_order == 0).nonzero())
+    unstable = twice_order.clone()
+    unstable[position], unstable[position + 1] = twice_order[position + 1], twice_order[position]
+    out_of_range = twice_order.clone()
+    out_of_range[-1] = order.numel()
+    for entry_order, error, match in ((twice_order.flip(0), ValueError, "sorted by indices"),
+                                      (unstable, ValueError, "increasing order"),
+                                      (out_of_range, IndexError, "entry_order must be in"),
+                                      (twice_order[:-1], ValueError, "entry_order")):
+        with pytest.raises(error, match=match):
+            ext.product_key_bwd(*cots, q, subkeys, values, twice, weights, 1.0, False, False, entry_order,
+                                *grads)
+    ext.product_key_bwd(*cots, q, subkeys, values, twice, weights, 1.0, False, False, twice_order, *grads)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
