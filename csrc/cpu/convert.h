@@ -116,6 +116,10 @@ inline void store_row(scalar_t* dst, const acc_type<scalar_t>* values, int64_t n
   from_acc(values, dst, n);
 }
 
+// Outputs of at least this many bytes are worth streaming (stream_row): larger than what the caches
+// would keep for whoever reads them next.
+constexpr int64_t kStreamMinBytes = int64_t(8) << 20;
+
 // store_row for rows written once and not read again soon (a gradient larger than the caches):
 // float32 with streaming (non-temporal) stores where the target has them, which write whole cache
 // lines without first reading them in; other types as store_row. A task that streamed rows calls

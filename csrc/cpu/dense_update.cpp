@@ -108,6 +108,7 @@ void for_each_run(const Params& params, Tile&& tile, RowEnd&& row_end) {
              load_sigmoids(inputs[2] + start, n, buffers[2]),
              load_sigmoids(inputs[3] + start, n, buffers[3]), static_cast<RowSums<acc_t>*>(nullptr));
       }
+      stream_fence();  // the tiles' streaming stores, before another thread reads them
     });
     return;
   }
@@ -144,6 +145,7 @@ void for_each_run(const Params& params, Tile&& tile, RowEnd&& row_end) {
       }
       row_end(row, sums);
     }
+    stream_fence();
   });
 }
 
@@ -151,23 +153,22 @@ template <typename scalar_t>
 void fwd_impl(const GatedDenseUpdateFwdParams& params) {
   using acc_t = acc_type<scalar_t>;
   auto* out = static_cast<scalar_t*>(params.out);
+  const bool stream = params.numel * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamMinBytes;
   for_each_run<scalar_t>(
       params,
       [&](int64_t offset, int64_t n, const acc_t* m, const acc_t* u, const acc_t* si,
           const acc_t* sf, RowSums<acc_t>*) {
-        acc_t out_buf[kTile];  // half types
-        acc_t* result;
+        acc_t out_buf[kTile];  // half types, and streamed outputs
+        acc_t* result = out_buf;
         if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          result = out + offset;
-        } else {
-          result = out_buf;
+          result = stream ? out_buf : out + offset;
         }
 #pragma omp simd
         for (int64_t k = 0; k < n; ++k) {
           result[k] = madd(sf[k], m[k], si[k] * vtanh(u[k]));
         }
-        if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-          from_acc(out_buf, out + offset, n);
+        if (result == out_buf) {
+          stream ? stream_row(out + offset, out_buf, n) : store_row(out + offset, out_buf, n);
         }
       },
       [](int64_t, RowSums<acc_t>&) {});
@@ -180,16 +181,17 @@ void bwd_impl(const GatedDenseUpdateBwdParams& params) {
   acc_t* grads[4] = {static_cast<acc_t*>(params.dmemory), static_cast<acc_t*>(params.dupdate),
                      static_cast<acc_t*>(params.dinput_gate), static_cast<acc_t*>(params.dforget_gate)};
   const bool* row_sums = params.row_sums;
+  const bool stream = params.numel * static_cast<int64_t>(sizeof(acc_t)) >= kStreamMinBytes;
   for_each_run<scalar_t>(
       params,
       [&](int64_t offset, int64_t n, const acc_t* m, const acc_t* u, const acc_t* si,
           const acc_t* sf, RowSums<acc_t>* sums) {
         acc_t g_buf[kTile];  // half types
-        acc_t sum_buf[4][kTile];  // the gradients summed along the row
+        acc_t staged[4][kTile];  // the gradients summed along the row, and streamed ones
         const acc_t* g = load_row(dout + offset, n, g_buf);
         acc_t* d[4];
         for (int i = 0; i < 4; ++i) {
-          d[i] = row_sums[i] ? sum_buf[i] : grads[i] + offset;
+          d[i] = row_sums[i] || stream ? staged[i] : grads[i] + offset;
         }
         acc_t* dm = d[0];
         acc_t* du = d[1];
@@ -206,7 +208,9 @@ void bwd_impl(const GatedDenseUpdateBwdParams& params) {
         }
         for (int i = 0; i < 4; ++i) {
           if (row_sums[i]) {
-            sums->add(i, sum_buf[i], n);
+            sums->add(i, staged[i], n);
+          } else if (stream) {
+            stream_row(grads[i] + offset, staged[i], n);
           }
         }
       },

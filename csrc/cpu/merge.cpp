@@ -39,22 +39,31 @@ int64_t rows_per_task(int64_t dim) {
   return std::max<int64_t>(1, kMinElementsPerTask / std::max<int64_t>(dim, 1));
 }
 
-// Where to compute an output tile: the output itself when it has the accumulation type, else
-// `buffer`, which store_tile then converts into the output.
+// Where to compute an output tile: the output itself when it has the accumulation type and is not
+// streamed, else `buffer`, which store_tile then converts or streams into the output.
 template <typename scalar_t>
-inline acc_type<scalar_t>* tile_target(scalar_t* dst, acc_type<scalar_t>* buffer) {
+inline acc_type<scalar_t>* tile_target(scalar_t* dst, acc_type<scalar_t>* buffer, bool stream) {
   if constexpr (std::is_same_v<scalar_t, acc_type<scalar_t>>) {
-    return dst;
+    return stream ? buffer : dst;
   } else {
     return buffer;
   }
 }
 
 template <typename scalar_t>
-inline void store_tile(scalar_t* dst, const acc_type<scalar_t>* values, int64_t n) {
-  if constexpr (!std::is_same_v<scalar_t, acc_type<scalar_t>>) {
+inline void store_tile(scalar_t* dst, const acc_type<scalar_t>* values, int64_t n, bool stream) {
+  if (stream) {
+    stream_row(dst, values, n);
+  } else if constexpr (!std::is_same_v<scalar_t, acc_type<scalar_t>>) {
     from_acc(values, dst, n);
   }
+}
+
+// Whether a kernel streams its (rows, dim) outputs (stream_row; then each task ends with
+// stream_fence()).
+template <typename scalar_t>
+inline bool streamed(int64_t rows, int64_t dim) {
+  return rows * dim * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamMinBytes;
 }
 
 // ---- per-row scalars, a block of rows at a time ----
@@ -128,8 +137,8 @@ inline void for_row_blocks(int64_t begin, int64_t end, const Body& body) {
 // forward of both merges: per-row weights, one multiply-add per element).
 template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
 inline void blend_rows(const scalar_t* x1, const acc_t* w1, const scalar_t* x2, const acc_t* w2, scalar_t* out,
-                       int64_t first, int64_t rows, int64_t dim) {
-  acc_t x1_buffer[kTile], x2_buffer[kTile], out_buffer[kTile];  // used by half types only
+                       int64_t first, int64_t rows, int64_t dim, bool stream) {
+  acc_t x1_buffer[kTile], x2_buffer[kTile], out_buffer[kTile];  // half types, streamed outputs
   for (int64_t r = 0; r < rows; ++r) {
     const acc_t weight1 = w1[r], weight2 = w2[r];
     const int64_t row_offset = (first + r) * dim;
@@ -137,12 +146,12 @@ inline void blend_rows(const scalar_t* x1, const acc_t* w1, const scalar_t* x2, 
       const int64_t n = std::min(kTile, dim - d0);
       const acc_t* a = load_row(x1 + row_offset + d0, n, x1_buffer);
       const acc_t* b = load_row(x2 + row_offset + d0, n, x2_buffer);
-      acc_t* blended = tile_target(out + row_offset + d0, out_buffer);
+      acc_t* blended = tile_target(out + row_offset + d0, out_buffer, stream);
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) {
         blended[i] = madd(weight1, a[i], weight2 * b[i]);
       }
-      store_tile(out + row_offset + d0, blended, n);
+      store_tile(out + row_offset + d0, blended, n, stream);
     }
   }
 }
@@ -157,13 +166,17 @@ void merge_attention_fwd_impl(const MergeAttentionFwdParams& params) {
   auto* out = static_cast<scalar_t*>(params.out);
   auto* lse = static_cast<acc_t*>(params.lse);
   const int64_t dim = params.head_dim;
+  const bool stream = streamed<scalar_t>(params.rows, dim);
 
   at::parallel_for(0, params.rows, rows_per_task(dim), [&](int64_t row_begin, int64_t row_end) {
     acc_t weight_a[kRowBlock], weight_b[kRowBlock];
     for_row_blocks(row_begin, row_end, [&](int64_t block, int64_t rows) {
       merge_weights(lse_a + block, lse_b + block, rows, lse + block, weight_a, weight_b);
-      blend_rows(out_a, weight_a, out_b, weight_b, out, block, rows, dim);
+      blend_rows(out_a, weight_a, out_b, weight_b, out, block, rows, dim, stream);
     });
+    if (stream) {
+      stream_fence();
+    }
   });
 }
 
@@ -182,10 +195,11 @@ void merge_attention_bwd_impl(const MergeAttentionBwdParams& params) {
   auto* d_lse_a = static_cast<acc_t*>(params.d_lse_a);
   auto* d_lse_b = static_cast<acc_t*>(params.d_lse_b);
   const int64_t dim = params.head_dim;
+  const bool stream = streamed<scalar_t>(params.rows, dim);
 
   at::parallel_for(0, params.rows, rows_per_task(dim), [&](int64_t row_begin, int64_t row_end) {
     acc_t dout_buffer[kTile], a_buffer[kTile], b_buffer[kTile];  // used by half types only
-    acc_t da_buffer[kTile], db_buffer[kTile];
+    acc_t da_buffer[kTile], db_buffer[kTile];  // half types, streamed outputs
     acc_t weight_a[kRowBlock], weight_b[kRowBlock], dot_diff[kRowBlock];
     for_row_blocks(row_begin, row_end, [&](int64_t block, int64_t rows) {
       side_weights(lse_a + block, lse_b + block, lse + block, rows, weight_a, weight_b);
@@ -200,8 +214,8 @@ void merge_attention_bwd_impl(const MergeAttentionBwdParams& params) {
           const acc_t* g = load_row(dout + row_offset + d0, n, dout_buffer);
           const acc_t* a = load_row(out_a + row_offset + d0, n, a_buffer);
           const acc_t* b = load_row(out_b + row_offset + d0, n, b_buffer);
-          acc_t* da = tile_target(d_out_a + row_offset + d0, da_buffer);
-          acc_t* db = tile_target(d_out_b + row_offset + d0, db_buffer);
+          acc_t* da = tile_target(d_out_a + row_offset + d0, da_buffer, stream);
+          acc_t* db = tile_target(d_out_b + row_offset + d0, db_buffer, stream);
           acc_t tile_dot_a = 0, tile_dot_b = 0;
 #pragma omp simd reduction(+ : tile_dot_a, tile_dot_b)
           for (int64_t i = 0; i < n; ++i) {
@@ -213,8 +227,8 @@ void merge_attention_bwd_impl(const MergeAttentionBwdParams& params) {
           }
           dot_a += tile_dot_a;
           dot_b += tile_dot_b;
-          store_tile(d_out_a + row_offset + d0, da, n);
-          store_tile(d_out_b + row_offset + d0, db, n);
+          store_tile(d_out_a + row_offset + d0, da, n, stream);
+          store_tile(d_out_b + row_offset + d0, db, n, stream);
         }
         dot_diff[r] = dot_a - dot_b;
       }
@@ -227,6 +241,9 @@ void merge_attention_bwd_impl(const MergeAttentionBwdParams& params) {
         d_lse_b[block + r] = wb * madd(-wa, dot_diff[r], d);
       }
     });
+    if (stream) {
+      stream_fence();
+    }
   });
 }
 
@@ -238,13 +255,17 @@ void gated_merge_fwd_impl(const GatedMergeFwdParams& params) {
   const auto* gate = static_cast<const scalar_t*>(params.gate);
   auto* out = static_cast<scalar_t*>(params.out);
   const int64_t dim = params.head_dim;
+  const bool stream = streamed<scalar_t>(params.rows, dim);
 
   at::parallel_for(0, params.rows, rows_per_task(dim), [&](int64_t row_begin, int64_t row_end) {
     acc_t gates[kRowBlock], one_minus_gates[kRowBlock];
     for_row_blocks(row_begin, row_end, [&](int64_t block, int64_t rows) {
       gate_weights(gate + block, rows, gates, one_minus_gates);
-      blend_rows(out_mem, gates, out_local, one_minus_gates, out, block, rows, dim);
+      blend_rows(out_mem, gates, out_local, one_minus_gates, out, block, rows, dim, stream);
     });
+    if (stream) {
+      stream_fence();
+    }
   });
 }
 
@@ -259,10 +280,11 @@ void gated_merge_bwd_impl(const GatedMergeBwdParams& params) {
   auto* d_mem = static_cast<scalar_t*>(params.d_mem);
   auto* d_gate = static_cast<acc_t*>(params.d_gate);
   const int64_t dim = params.head_dim;
+  const bool stream = streamed<scalar_t>(params.rows, dim);
 
   at::parallel_for(0, params.rows, rows_per_task(dim), [&](int64_t row_begin, int64_t row_end) {
     acc_t dout_buffer[kTile], local_buffer[kTile], mem_buffer[kTile];  // used by half types only
-    acc_t d_local_buffer[kTile], d_mem_buffer[kTile];
+    acc_t d_local_buffer[kTile], d_mem_buffer[kTile];  // half types, streamed outputs
     acc_t gates[kRowBlock], one_minus_gates[kRowBlock];
     for_row_blocks(row_begin, row_end, [&](int64_t block, int64_t rows) {
       gate_weights(gate + block, rows, gates, one_minus_gates);
@@ -275,8 +297,8 @@ void gated_merge_bwd_impl(const GatedMergeBwdParams& params) {
           const acc_t* grad_out = load_row(dout + row_offset + d0, n, dout_buffer);
           const acc_t* local = load_row(out_local + row_offset + d0, n, local_buffer);
           const acc_t* mem = load_row(out_mem + row_offset + d0, n, mem_buffer);
-          acc_t* dl = tile_target(d_local + row_offset + d0, d_local_buffer);
-          acc_t* dm = tile_target(d_mem + row_offset + d0, d_mem_buffer);
+          acc_t* dl = tile_target(d_local + row_offset + d0, d_local_buffer, stream);
+          acc_t* dm = tile_target(d_mem + row_offset + d0, d_mem_buffer, stream);
           acc_t tile_dot = 0;
 #pragma omp simd reduction(+ : tile_dot)
           for (int64_t i = 0; i < n; ++i) {
@@ -286,12 +308,15 @@ void gated_merge_bwd_impl(const GatedMergeBwdParams& params) {
             dm[i] = g * grad;
           }
           dot_diff += tile_dot;
-          store_tile(d_local + row_offset + d0, dl, n);
-          store_tile(d_mem + row_offset + d0, dm, n);
+          store_tile(d_local + row_offset + d0, dl, n, stream);
+          store_tile(d_mem + row_offset + d0, dm, n, stream);
         }
         d_gate[block + r] = g * one_minus_g * dot_diff;
       }
     });
+    if (stream) {
+      stream_fence();
+    }
   });
 }
 
