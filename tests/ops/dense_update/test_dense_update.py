@@ -75,6 +75,32 @@ def test_dense_update_saturated_and_nonfinite(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+def test_dense_update_tanh_within_a_few_ulp(backend, device):
+    # Input gate saturated at 1 and forget gate at 0: out = tanh(update) exactly as the kernel computes
+    # it, over every magnitude (the cpu kernel's rational tanh: within 5 ulp of the float64 tanh,
+    # +-1 at +-inf, NaN for NaN), and dupdate = dout * (1 - tanh**2).
+    grid = torch.linspace(-12, 12, 200001, dtype=torch.float64)
+    tiny = torch.logspace(-30, 1, 20001, dtype=torch.float64)
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 8.999, 9.0, 7.905, -7.906])
+    update = torch.cat([grid, tiny, -tiny, special.double()]).float().to(device).requires_grad_(True)
+    memory = torch.randn(update.shape, device=device)
+    input_gate = torch.full((1,), 200.0, device=device)
+    forget_gate = torch.full((1,), -200.0, device=device)
+    out = l2m.gated_dense_update(memory, update, input_gate, forget_gate, backend=backend)
+    exact = torch.tanh(update.detach().double())
+    ulp = (out.detach().double() - exact).abs() / torch.finfo(torch.float32).eps / exact.abs().clamp_min(2 ** -126)
+    finite = ~exact.isnan()
+    assert float(ulp[finite].max()) <= 5.0 * 2  # eps is 2 ulp of values in [1/2, 1)
+    assert out[~finite].isnan().all()
+    assert torch.equal(out.detach()[-9:-5].cpu(), torch.tensor([0.0, -0.0, 1.0, -1.0]))
+    dout = torch.randn(update.shape, device=device)
+    out.backward(dout)
+    th = out.detach().double()
+    expected = dout.double() * (1 - th * th)
+    assert_close("dupdate", update.grad[finite], expected[finite].float(), torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("shapes", [((0, 5), (0, 5), (0, 1), (1,)), ((2, 0, 3), (3,), (1, 1, 3), ())],
                          ids=["rows0", "mid0"])
 def test_dense_update_empty(backend, device, shapes):
