@@ -117,11 +117,14 @@ def _cpu_bwd(dout, dweights, dlse, q, subkeys, values, indices, weights, scale, 
     dq = empty(q.shape, dtype=q.dtype, device=q.device)
     dsubkeys = empty(subkeys.shape, dtype=subkeys.dtype, device=q.device)
     indices = indices.contiguous()
-    # The entries by slot, each slot's in entry order: the order the kernel sums every dvalues row in.
-    sorted_slots, entry_order = torch.sort(indices.reshape(-1), stable=True)
+    # The entries by slot, each slot's in entry order: the order the kernel sums every dvalues row in
+    # (int32 keys where the slots fit: half the radix sort's passes).
+    keys = indices.reshape(-1)
+    sorted_slots, entry_order = torch.sort(keys.int() if values.shape[0] < 2**31 else keys, stable=True)
     slots, value_rows = _no_slots(values), None
     if sparse_grad:  # one row per distinct slot: entry m adds to the row of its slot's rank
         slots, sorted_rows = torch.unique_consecutive(sorted_slots, return_inverse=True)
+        slots = slots.long()
         value_rows = torch.empty_like(sorted_rows).scatter_(0, entry_order, sorted_rows).view(indices.shape)
     dvalues_shape = (slots.numel(), values.shape[-1]) if sparse_grad else values.shape
     dvalues = empty(dvalues_shape, dtype=values.dtype, device=q.device)
