@@ -81,14 +81,23 @@ struct RowSums {
   }
 };
 
+// One value for every index: a gate broadcast along the row, handed to a tile as its sigmoid
+// without filling a run with it.
+template <typename acc_t>
+struct Broadcast {
+  acc_t value;
+  acc_t operator[](int64_t) const { return value; }
+};
+
 // Calls tile(offset, n, m, u, si, sf, sums) for consecutive runs of at most kTile elements that
 // together cover the flat output range [0, numel), in parallel: m and u are memory's and update's
 // runs in acc, si and sf the sigmoids of the gates' runs, `sums` the RowSums of the calling thread
 // (strided path only, else null), and row_end(row, sums) after each row of the strided path.
 // Flat path: every input contiguous, runs of the flat range. Strided path: runs within a row of
 // S3 elements, each input read through its layout; a gate broadcast along the row has its sigmoid
-// taken once per row. Every element is computed by the same code whatever the path and the thread
-// count: bitwise the same results.
+// taken once per row, and when both are, they reach the tile as Broadcast values (si and sf are
+// then Broadcast<acc_t>, else acc_t pointers: tile is generic in them). Every element is computed
+// by the same code whatever the path and the thread count: bitwise the same results.
 template <typename scalar_t, typename Params, typename Tile, typename RowEnd>
 void for_each_run(const Params& params, Tile&& tile, RowEnd&& row_end) {
   using acc_t = acc_type<scalar_t>;
@@ -117,6 +126,7 @@ void for_each_run(const Params& params, Tile&& tile, RowEnd&& row_end) {
     return;
   }
   const int64_t rows = params.numel / row_len;
+  const bool gates_broadcast = layouts[2]->step == 0 && layouts[3]->step == 0;
   at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / row_len), [&](int64_t begin, int64_t end) {
     acc_t buffers[4][kTile];  // half types, the sigmoids, and inputs broadcast along the row
     RowSums<acc_t> sums;
@@ -126,22 +136,31 @@ void for_each_run(const Params& params, Tile&& tile, RowEnd&& row_end) {
         row_start[i] = inputs[i] + layouts[i]->rows.offset(row);
       }
       sums.clear();
+      acc_t row_values[4];
       for (int i = 0; i < 4; ++i) {  // an input broadcast along the row: one value, once
         if (layouts[i]->step == 0) {
           const acc_t value = static_cast<acc_t>(row_start[i][0]);
-          std::fill_n(buffers[i], std::min(kTile, row_len), i < 2 ? value : vsigmoid(value));
+          row_values[i] = i < 2 ? value : vsigmoid(value);
+          if (!gates_broadcast || i < 2) {
+            std::fill_n(buffers[i], std::min(kTile, row_len), row_values[i]);
+          }
         }
       }
       for (int64_t col = 0; col < row_len; col += kTile) {
         const int64_t n = std::min(kTile, row_len - col);
         const acc_t* runs[4];
-        for (int i = 0; i < 4; ++i) {
+        for (int i = 0; i < (gates_broadcast ? 2 : 4); ++i) {
           const scalar_t* src = row_start[i] + col;
           runs[i] = layouts[i]->step == 0 ? buffers[i]
                     : i < 2              ? load_row(src, n, buffers[i])
                                          : load_sigmoids(src, n, buffers[i]);
         }
-        tile(row * row_len + col, n, runs[0], runs[1], runs[2], runs[3], &sums);
+        if (gates_broadcast) {
+          tile(row * row_len + col, n, runs[0], runs[1], Broadcast<acc_t>{row_values[2]},
+               Broadcast<acc_t>{row_values[3]}, &sums);
+        } else {
+          tile(row * row_len + col, n, runs[0], runs[1], runs[2], runs[3], &sums);
+        }
       }
       row_end(row, sums);
     }
@@ -156,8 +175,8 @@ void fwd_impl(const GatedDenseUpdateFwdParams& params) {
   const bool stream = params.numel * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamMinBytes;
   for_each_run<scalar_t>(
       params,
-      [&](int64_t offset, int64_t n, const acc_t* m, const acc_t* u, const acc_t* si,
-          const acc_t* sf, RowSums<acc_t>*) {
+      [&](int64_t offset, int64_t n, const acc_t* m, const acc_t* u, auto si, auto sf,
+          RowSums<acc_t>*) {
         acc_t out_buf[kTile];  // half types, and streamed outputs
         acc_t* result = out_buf;
         if constexpr (std::is_same_v<scalar_t, acc_t>) {
@@ -184,8 +203,8 @@ void bwd_impl(const GatedDenseUpdateBwdParams& params) {
   const bool stream = params.numel * static_cast<int64_t>(sizeof(acc_t)) >= kStreamMinBytes;
   for_each_run<scalar_t>(
       params,
-      [&](int64_t offset, int64_t n, const acc_t* m, const acc_t* u, const acc_t* si,
-          const acc_t* sf, RowSums<acc_t>* sums) {
+      [&](int64_t offset, int64_t n, const acc_t* m, const acc_t* u, auto si, auto sf,
+          RowSums<acc_t>* sums) {
         acc_t g_buf[kTile];  // half types
         acc_t staged[4][kTile];  // the gradients summed along the row, and streamed ones
         const acc_t* g = load_row(dout + offset, n, g_buf);
