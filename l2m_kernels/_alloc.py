@@ -157,6 +157,14 @@ def empty_cache() -> None:
     CACHE.clear()
 
 
+def stream_stores_wanted() -> bool:
+    """Whether the cpu kernels should write their large float32 outputs with streaming stores
+    (csrc/cpu/convert.h): only while this cache keeps large outputs' pages mapped between calls.
+    Into freshly mapped pages, which the page fault has just zeroed through the CPU caches, a
+    streaming store first evicts the zeroed line, and plain stores are faster."""
+    return CACHE.limit > 0 and CACHE._use_count is not None and CACHE._dispatch_depth is not None
+
+
 def set_cache_limit(nbytes: int) -> int:
     """Hold at most ``nbytes`` of cached CPU output buffers (default 4 GiB, or
     ``L2M_CPU_CACHE_LIMIT`` bytes; 0 turns the cache off and releases it). Returns the previous
@@ -166,6 +174,9 @@ def set_cache_limit(nbytes: int) -> int:
     previous, CACHE.limit = CACHE.limit, int(nbytes)
     if nbytes == 0:
         CACHE.clear()
+    from . import _ext
+
+    _ext._sync_stream_stores()
     return previous
 
 

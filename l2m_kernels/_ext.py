@@ -43,8 +43,21 @@ def _load(module_name: str) -> tuple[object, str | None]:
                 reason = (f"extension {module_name} was built for torch {built} but torch "
                           f"{torch.__version__} is installed; rebuild with: {REBUILD_COMMAND}")
                 module = None
+        if module is not None and module_name == "l2m_kernels._C":
+            _sync_stream_stores(module)
         _cache[module_name] = (module, reason)
         return module, reason
+
+
+def _sync_stream_stores(module=None) -> None:
+    """Tell the CPU extension whether to stream its large outputs (``_alloc.stream_stores_wanted``):
+    at its first load, and whenever the output cache's limit changes."""
+    from . import _alloc
+
+    module = module if module is not None else _cache.get("l2m_kernels._C", (None, None))[0]
+    setter = getattr(module, "_set_stream_stores", None)
+    if setter is not None:
+        setter(_alloc.stream_stores_wanted())
 
 
 def cpu_extension():

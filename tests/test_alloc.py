@@ -205,3 +205,15 @@ def test_the_limit_from_the_environment(value, expect):
     run = subprocess.run([sys.executable, "-c", "import l2m_kernels as l; print(f\"limit={l.cache_info()['limit']}\")"],
                          env=env, capture_output=True, text=True, timeout=120)
     assert expect in run.stdout + run.stderr
+
+
+def test_streaming_stores_only_while_the_cache_keeps_outputs_warm():
+    from l2m_kernels import _ext
+
+    ext = _ext.cpu_extension()
+    if ext is None:
+        pytest.skip(f"the cpu extension is not loaded: {_ext.cpu_extension_error()}")
+    assert ext._stream_stores() == _alloc.stream_stores_wanted() and _alloc.stream_stores_wanted()
+    with _alloc.cache_limit(0):
+        assert not ext._stream_stores()
+    assert ext._stream_stores()

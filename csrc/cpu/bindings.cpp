@@ -193,6 +193,10 @@ py::dict isa_info() {
 
 }  // namespace
 
+namespace l2m::cpu {
+std::atomic<bool> g_stream_stores{true};  // convert.h
+}  // namespace l2m::cpu
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "l2m-kernels CPU (C++/OpenMP) kernels. Low-level: call through l2m_kernels.";
 
@@ -234,6 +238,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "dict: active, requested (L2M_CPU_ISA or auto), auto (the variant auto picks here),\n"
         "torch_capability, march (built variant -> -march), unusable (variant -> why this CPU\n"
         "cannot run it).");
+  m.def(
+      "_set_stream_stores",
+      [](bool enabled) { l2m::cpu::g_stream_stores.store(enabled, std::memory_order_relaxed); },
+      py::arg("enabled"),
+      "Whether the kernels write their large float32 outputs with streaming stores (set by\n"
+      "l2m_kernels._alloc: on while the output cache keeps those outputs' pages warm).");
+  m.def("_stream_stores", [] { return l2m::cpu::g_stream_stores.load(std::memory_order_relaxed); },
+        "Whether the kernels stream their large outputs (see _set_stream_stores).");
   m.def("_set_isa", &set_isa, py::arg("name"),
         "Switch the kernels to another built variant (default, avx2, avx512, or auto) and return\n"
         "its name; ValueError for an unknown or unbuilt name, RuntimeError for a variant this CPU\n"

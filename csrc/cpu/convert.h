@@ -9,6 +9,7 @@
 #include "isa.h"
 #include "../common/params.h"
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -23,6 +24,13 @@
 #endif
 
 namespace l2m::cpu {
+// Whether stream_row streams (bindings.cpp; set from Python, see l2m_kernels/_alloc.py): on while
+// large outputs come from buffers kept warm between calls. Into freshly mapped pages, which the
+// page fault has just zeroed through the cache, a streaming store first evicts the zeroed line,
+// and plain stores are faster.
+extern std::atomic<bool> g_stream_stores;
+inline bool stream_stores_enabled() { return g_stream_stores.load(std::memory_order_relaxed); }
+
 // In the variant's namespace: these inline helpers compile differently per instruction set (F16C),
 // and one shared out-of-line copy would serve every variant.
 inline namespace L2M_CPU_ISA {
@@ -119,15 +127,20 @@ inline void store_row(scalar_t* dst, const acc_type<scalar_t>* values, int64_t n
 // Outputs of at least this many bytes are worth streaming (stream_row): larger than what the caches
 // would keep for whoever reads them next.
 constexpr int64_t kStreamMinBytes = int64_t(8) << 20;
+inline bool stream_output(int64_t bytes) { return bytes >= kStreamMinBytes && stream_stores_enabled(); }
 
 // store_row for rows written once and not read again soon (a gradient larger than the caches):
-// float32 with streaming (non-temporal) stores where the target has them, which write whole cache
-// lines without first reading them in; other types as store_row. A task that streamed rows calls
+// float32 with streaming (non-temporal) stores where the target has them and stream_stores_enabled(),
+// which write whole cache lines without first reading them in; otherwise as store_row. A task that streamed rows calls
 // stream_fence() after its last, before another thread may read them.
 template <typename scalar_t>
 inline void stream_row(scalar_t* dst, const acc_type<scalar_t>* values, int64_t n) {
 #if defined(__AVX512F__) || defined(__AVX__) || defined(__SSE2__)
   if constexpr (std::is_same_v<scalar_t, float>) {
+    if (!stream_stores_enabled()) {
+      store_row(dst, values, n);
+      return;
+    }
 #if defined(__AVX512F__)
     constexpr int64_t kLanes = 16;
 #elif defined(__AVX__)

@@ -172,7 +172,7 @@ template <typename scalar_t>
 void fwd_impl(const GatedDenseUpdateFwdParams& params) {
   using acc_t = acc_type<scalar_t>;
   auto* out = static_cast<scalar_t*>(params.out);
-  const bool stream = params.numel * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamMinBytes;
+  const bool stream = stream_output(params.numel * static_cast<int64_t>(sizeof(scalar_t)));
   for_each_run<scalar_t>(
       params,
       [&](int64_t offset, int64_t n, const acc_t* m, const acc_t* u, auto si, auto sf,
@@ -200,7 +200,7 @@ void bwd_impl(const GatedDenseUpdateBwdParams& params) {
   acc_t* grads[4] = {static_cast<acc_t*>(params.dmemory), static_cast<acc_t*>(params.dupdate),
                      static_cast<acc_t*>(params.dinput_gate), static_cast<acc_t*>(params.dforget_gate)};
   const bool* row_sums = params.row_sums;
-  const bool stream = params.numel * static_cast<int64_t>(sizeof(acc_t)) >= kStreamMinBytes;
+  const bool stream = stream_output(params.numel * static_cast<int64_t>(sizeof(acc_t)));
   for_each_run<scalar_t>(
       params,
       [&](int64_t offset, int64_t n, const acc_t* m, const acc_t* u, auto si, auto sf,

@@ -63,7 +63,7 @@ inline void store_tile(scalar_t* dst, const acc_type<scalar_t>* values, int64_t 
 // stream_fence()).
 template <typename scalar_t>
 inline bool streamed(int64_t rows, int64_t dim) {
-  return rows * dim * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamMinBytes;
+  return stream_output(rows * dim * static_cast<int64_t>(sizeof(scalar_t)));
 }
 
 // ---- per-row scalars, a block of rows at a time ----
