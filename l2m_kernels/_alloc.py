@@ -8,8 +8,10 @@ Large CPU outputs come from a small cache of buffers (:class:`BufferCache`): the
 keeps no freed memory above glibc's largest mmap threshold (32 MiB), so without it every call maps
 its large outputs afresh and the kernel page-faults them in as it writes (the dense values gradient
 of a product-key memory, hundreds of MB per training step). A cached buffer is handed out again only
-once nothing but the cache holds its storage: the storage's use count says so. Everything else,
-and every output on another device, is exactly ``torch.empty``.
+once nothing but the cache holds its storage: the storage's use count and the Python references to
+its storage object say so. Everything else, and every output on another device, is exactly
+``torch.empty``. While the cache is on, the cpu kernels write their large float32 outputs with
+streaming stores (:func:`stream_stores_wanted`).
 """
 from __future__ import annotations
 
