@@ -58,9 +58,13 @@ class BufferCache:
         self._use_count = getattr(torch._C, "_storage_Use_Count", None)
         self._dispatch_depth = getattr(torch._C, "_len_torch_dispatch_stack", None)
 
+    @property
+    def enabled(self) -> bool:
+        """A limit above 0, and a torch that lets the cache tell whether a buffer is referenced."""
+        return self.limit > 0 and self._use_count is not None and self._dispatch_depth is not None
+
     def usable(self, nbytes: int, device) -> bool:
-        return (nbytes >= max(self.min_bytes, 1) and self.limit > 0 and self._use_count is not None
-                and self._dispatch_depth is not None and torch.device(device).type == "cpu"
+        return (nbytes >= max(self.min_bytes, 1) and self.enabled and torch.device(device).type == "cpu"
                 and self._dispatch_depth() == 0)
 
     def _counts(self, storage) -> tuple:
@@ -164,7 +168,7 @@ def stream_stores_wanted() -> bool:
     (csrc/cpu/convert.h): only while this cache keeps large outputs' pages mapped between calls.
     Into freshly mapped pages, which the page fault has just zeroed through the CPU caches, a
     streaming store first evicts the zeroed line, and plain stores are faster."""
-    return CACHE.limit > 0 and CACHE._use_count is not None and CACHE._dispatch_depth is not None
+    return CACHE.enabled
 
 
 def set_cache_limit(nbytes: int) -> int:

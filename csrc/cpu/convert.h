@@ -130,17 +130,14 @@ constexpr int64_t kStreamMinBytes = int64_t(8) << 20;
 inline bool stream_output(int64_t bytes) { return bytes >= kStreamMinBytes && stream_stores_enabled(); }
 
 // store_row for rows written once and not read again soon (a gradient larger than the caches):
-// float32 with streaming (non-temporal) stores where the target has them and stream_stores_enabled(),
-// which write whole cache lines without first reading them in; otherwise as store_row. A task that streamed rows calls
-// stream_fence() after its last, before another thread may read them.
+// float32 with streaming (non-temporal) stores where the target has them, which write whole cache
+// lines without first reading them in; otherwise as store_row. Callers decide when to stream
+// (stream_output, stream_stores_enabled); a task that streamed rows calls stream_fence() after its
+// last, before another thread may read them.
 template <typename scalar_t>
 inline void stream_row(scalar_t* dst, const acc_type<scalar_t>* values, int64_t n) {
 #if defined(__AVX512F__) || defined(__AVX__) || defined(__SSE2__)
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (!stream_stores_enabled()) {
-      store_row(dst, values, n);
-      return;
-    }
 #if defined(__AVX512F__)
     constexpr int64_t kLanes = 16;
 #elif defined(__AVX__)
@@ -174,6 +171,26 @@ inline void stream_fence() {
 #if defined(__SSE2__)
   _mm_sfence();
 #endif
+}
+
+// Where to compute an output tile of n values: the output itself when it has the accumulation type
+// and is not streamed, else `buffer`, which store_tile then converts or streams into the output.
+template <typename scalar_t>
+inline acc_type<scalar_t>* tile_target(scalar_t* dst, acc_type<scalar_t>* buffer, bool stream) {
+  if constexpr (std::is_same_v<scalar_t, acc_type<scalar_t>>) {
+    return stream ? buffer : dst;
+  } else {
+    return buffer;
+  }
+}
+
+template <typename scalar_t>
+inline void store_tile(scalar_t* dst, const acc_type<scalar_t>* values, int64_t n, bool stream) {
+  if (stream) {
+    stream_row(dst, values, n);
+  } else if constexpr (!std::is_same_v<scalar_t, acc_type<scalar_t>>) {
+    from_acc(values, dst, n);
+  }
 }
 
 // Calls fn(scalar_t{}) for the storage type named by dtype (float, double, c10::Half,

@@ -178,17 +178,12 @@ void fwd_impl(const GatedDenseUpdateFwdParams& params) {
       [&](int64_t offset, int64_t n, const acc_t* m, const acc_t* u, auto si, auto sf,
           RowSums<acc_t>*) {
         acc_t out_buf[kTile];  // half types, and streamed outputs
-        acc_t* result = out_buf;
-        if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          result = stream ? out_buf : out + offset;
-        }
+        acc_t* result = tile_target(out + offset, out_buf, stream);
 #pragma omp simd
         for (int64_t k = 0; k < n; ++k) {
           result[k] = madd(sf[k], m[k], si[k] * vtanh(u[k]));
         }
-        if (result == out_buf) {
-          stream ? stream_row(out + offset, out_buf, n) : store_row(out + offset, out_buf, n);
-        }
+        store_tile(out + offset, result, n, stream);
       },
       [](int64_t, RowSums<acc_t>&) {});
 }
@@ -210,7 +205,7 @@ void bwd_impl(const GatedDenseUpdateBwdParams& params) {
         const acc_t* g = load_row(dout + offset, n, g_buf);
         acc_t* d[4];
         for (int i = 0; i < 4; ++i) {
-          d[i] = row_sums[i] || stream ? staged[i] : grads[i] + offset;
+          d[i] = tile_target(grads[i] + offset, staged[i], row_sums[i] || stream);
         }
         acc_t* dm = d[0];
         acc_t* du = d[1];
@@ -228,8 +223,8 @@ void bwd_impl(const GatedDenseUpdateBwdParams& params) {
         for (int i = 0; i < 4; ++i) {
           if (row_sums[i]) {
             sums->add(i, staged[i], n);
-          } else if (stream) {
-            stream_row(grads[i] + offset, staged[i], n);
+          } else {
+            store_tile(grads[i] + offset, d[i], n, stream);
           }
         }
       },

@@ -39,26 +39,6 @@ int64_t rows_per_task(int64_t dim) {
   return std::max<int64_t>(1, kMinElementsPerTask / std::max<int64_t>(dim, 1));
 }
 
-// Where to compute an output tile: the output itself when it has the accumulation type and is not
-// streamed, else `buffer`, which store_tile then converts or streams into the output.
-template <typename scalar_t>
-inline acc_type<scalar_t>* tile_target(scalar_t* dst, acc_type<scalar_t>* buffer, bool stream) {
-  if constexpr (std::is_same_v<scalar_t, acc_type<scalar_t>>) {
-    return stream ? buffer : dst;
-  } else {
-    return buffer;
-  }
-}
-
-template <typename scalar_t>
-inline void store_tile(scalar_t* dst, const acc_type<scalar_t>* values, int64_t n, bool stream) {
-  if (stream) {
-    stream_row(dst, values, n);
-  } else if constexpr (!std::is_same_v<scalar_t, acc_type<scalar_t>>) {
-    from_acc(values, dst, n);
-  }
-}
-
 // Whether a kernel streams its (rows, dim) outputs (stream_row; then each task ends with
 // stream_fence()).
 template <typename scalar_t>

@@ -839,6 +839,7 @@ void product_key_bwd_impl(const ProductKeyBwdParams& p) {
   const int64_t* entry_order = p.entry_order;
   const int64_t num_out_rows = p.sparse_grad ? p.num_value_rows : num_slots;
   auto row_at = [&](int64_t position) { return entry_row[entry_order[position]]; };
+  const bool stream = stream_stores_enabled();
   at::parallel_for(0, num_out_rows, 256, [&](int64_t begin, int64_t end) {
     int64_t position = 0;
     for (int64_t count = num_entries; count > 0;) {  // the first position of a row >= begin
@@ -865,7 +866,11 @@ void product_key_bwd_impl(const ProductKeyBwdParams& p) {
           dvalue_acc[i] += w * grad_out[i];
         }
       }
-      stream_row(dvalues + out_row * dim_v, dvalue_acc.data(), dim_v);
+      if (stream) {
+        stream_row(dvalues + out_row * dim_v, dvalue_acc.data(), dim_v);
+      } else {
+        store_row(dvalues + out_row * dim_v, dvalue_acc.data(), dim_v);
+      }
     }
     stream_fence();
   });
