@@ -230,8 +230,10 @@ setup(
     install_requires=["torch>=2.6", "numpy"],
     extras_require={
         "triton": ["triton>=3.3"],
-        "test": ["pytest", "hypothesis"],
+        "test": ["pytest", "hypothesis", "transformers>=5"],
         "bench": ["matplotlib", "tqdm"],
+        # l2m_kernels.integrations.transformers (attach_memory).
+        "transformers": ["transformers>=5"],
         # The peers l2m-bench compares with where installed (scripts/install.sh --peers).
         "peers": ["faiss-cpu", "product-key-memory"],
     },

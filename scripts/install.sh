@@ -20,10 +20,11 @@ else
 fi
 
 # The build requirements of pyproject.toml (pip does not install them with --no-build-isolation),
-# then those of the tests and benchmarks; with --peers also the peers l2m-bench compares with
+# then those of the tests and benchmarks (transformers: the Hugging Face integration's tests); with
+# --peers also the peers l2m-bench compares with
 # (faiss-cpu, product-key-memory: the "peers" extra of setup.py), each distribution:module.
 REQUIREMENTS=("setuptools>=64" wheel "triton>=3.3" numpy ninja pybind11 pytest hypothesis matplotlib
-              tqdm)
+              tqdm "transformers>=5")
 for argument in "$@"; do
   case "$argument" in
     --peers) REQUIREMENTS+=("faiss-cpu:faiss" "product-key-memory:product_key_memory") ;;

@@ -1,0 +1,591 @@
+"""A block memory of past keys and values for Hugging Face ``transformers`` decoder-only models.
+
+    from l2m_kernels.integrations.transformers import attach_memory, detach_memory, MemoryConfig
+
+    model = AutoModelForCausalLM.from_pretrained(...)
+    attach_memory(model, window=512, block_size=64, topk_blocks=8, sink=4)
+    out = model.generate(long_input_ids, max_new_tokens=32)     # or model(...) with a cache
+    detach_memory(model)                                        # the original attention, exactly
+
+What attaching does (InfLLM's scheme, after Xiao et al. 2024): every attention layer keeps the
+first ``sink`` tokens, a local segment of at least the last ``window`` tokens, and every older token
+in blocks of ``block_size`` (at most ``capacity`` tokens of blocks: the oldest blocks go first). The
+queries of a chunk of at most ``chunk_size`` tokens attend, causally, to the local segment, and to
+the sink plus the ``topk_blocks`` blocks whose representative keys score best against the chunk's
+queries (``block_repr``: ``"mean"``, the mean key of the block, or ``"max"``, every key of the block,
+the block scoring its best key); the two parts are merged exactly by their log-sum-exp
+(:func:`l2m_kernels.merge_attention`). The selection is per key-value head (a group of query heads
+shares it), by the sum of the chunk's query scores, and stays on the device.
+
+``position_mode``:
+  ``"original"``: memory keys keep their true positions (the keys the model rotated), so that with
+  ``topk_blocks`` at least the number of blocks the output is the unpatched model's.
+  ``"fixed"``: memory keys (sink and blocks) are stored without their rotary position and read as if
+  at ``fixed_distance`` (default: ``window``) before every query, as InfLLM does, so that inputs far
+  longer than the trained length never show the model a larger distance than about ``window`` plus
+  ``block_size`` plus ``chunk_size``. Needs rotary position embeddings (Llama, Mistral, Qwen2).
+
+The model's own ``model(...)`` and ``model.generate(...)`` work after attaching: the memory lives in a
+:class:`MemoryCache`, which attaching swaps in for an empty cache (or none) at the model's input; a
+call that brings many tokens is processed in chunks of ``chunk_size`` queries inside each layer, so a
+long prompt in one call uses the memory as a chunked prefill does. Padding masks (a 2D
+``attention_mask``) are honoured: a padded key is never attended, locally or from memory. Without
+a cache of ours (a cache of another kind passed in, or the memory detached) the layers attend exactly.
+
+Hooks only, no forward method rewritten: the attention is registered with transformers'
+``AttentionInterface`` (and its mask with ``AttentionMaskInterface``), and forward pre-hooks hand each
+attention layer the call's cache. Supported: decoder-only models whose attention layers dispatch
+through ``AttentionInterface`` (Llama, Mistral, Qwen2, GPT-2 and most current families), with
+transformers >= 5.0; anything else is refused with the missing piece named.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Optional
+
+import torch
+
+try:
+    import transformers
+    from transformers.cache_utils import Cache, CacheLayerMixin
+    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+except ImportError as exc:  # an optional dependency
+    raise ImportError("l2m_kernels.integrations.transformers needs transformers >= 5.0 "
+                      "(pip install 'transformers>=5')") from exc
+
+if int(transformers.__version__.split(".")[0]) < 5:
+    raise ImportError(f"l2m_kernels.integrations.transformers needs transformers >= 5.0 (found "
+                      f"{transformers.__version__}): it builds on its Cache layers and mask interface")
+
+__all__ = ["MemoryConfig", "MemoryCache", "attach_memory", "detach_memory", "IMPLEMENTATION"]
+
+# The name under which the attention (and its mask) is registered with transformers.
+IMPLEMENTATION = "l2m_memory"
+_BLOCK_REPRS = ("mean", "max")
+_POSITION_MODES = ("original", "fixed")
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryConfig:
+    """How a model's attention keeps and reads its past (see the module docstring).
+
+    sink:           first tokens of the sequence every query reads (memory side), >= 0
+    window:         at least this many most recent tokens are attended locally, >= 1
+    block_size:     tokens per memory block, >= 1
+    topk_blocks:    blocks read per chunk of queries and key-value head, >= 0
+    capacity:       most tokens kept in blocks (whole blocks; the oldest evicted first), None: no limit
+    block_repr:     "mean" (a block is scored by its mean key) or "max" (by its best key)
+    position_mode:  "original" (memory keeps true positions) or "fixed" (memory at fixed_distance)
+    chunk_size:     queries processed together when one call brings more tokens, >= 1
+    fixed_distance: "fixed" mode: the distance memory tokens are read at (None: window)
+    """
+    sink: int = 4
+    window: int = 512
+    block_size: int = 64
+    topk_blocks: int = 8
+    capacity: Optional[int] = None
+    block_repr: str = "mean"
+    position_mode: str = "original"
+    chunk_size: int = 512
+    fixed_distance: Optional[int] = None
+
+    def __post_init__(self):
+        for name, low in (("sink", 0), ("window", 1), ("block_size", 1), ("topk_blocks", 0), ("chunk_size", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"MemoryConfig.{name} must be an int >= {low}, got {value!r}")
+        for name in ("capacity", "fixed_distance"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"MemoryConfig.{name} must be None or an int >= 0, got {value!r}")
+        if self.block_repr not in _BLOCK_REPRS:
+            raise ValueError(f"MemoryConfig.block_repr must be one of {_BLOCK_REPRS}, got {self.block_repr!r}")
+        if self.position_mode not in _POSITION_MODES:
+            raise ValueError(f"MemoryConfig.position_mode must be one of {_POSITION_MODES}, "
+                             f"got {self.position_mode!r}")
+
+    @property
+    def distance(self) -> int:
+        return self.window if self.fixed_distance is None else self.fixed_distance
+
+
+# ---- rotary positions ("fixed" mode) ----
+
+def _rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D) rotated by the rotary angles of ``positions`` (B, T) (may be negative), in the
+    rotate-half convention of Llama, Mistral and Qwen2. Rotations compose: rotating a key the model
+    rotated at p by -p gives the key without position."""
+    angles = positions.to(torch.float32)[..., None] * inv_freq.to(device=x.device, dtype=torch.float32)
+    emb = torch.cat((angles, angles), dim=-1)[:, None]          # (B, 1, T, D)
+    half = x.shape[-1] // 2
+    xf = x.to(torch.float32)
+    rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
+    return (xf * emb.cos() + rotated * emb.sin()).to(x.dtype)
+
+
+# ---- attention with its log-sum-exp ----
+
+def _attend(q, k, v, allowed, scale, dropout, training):
+    """Softmax attention of q (B, Hk, G, C, D) over k, v (B, Hk, L, D) in float32, with ``allowed``
+    (bool, broadcast to (B, Hk, G, C, L)) or None. Returns out (B, Hk, G, C, Dv), zero where a query
+    may attend nothing, and lse (B, Hk, G, C), -inf there."""
+    scores = torch.einsum("bhgcd,bhld->bhgcl", q.to(torch.float32), k.to(torch.float32)) * scale
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
+    if dropout and training:
+        probs = torch.nn.functional.dropout(probs, p=dropout, training=True)
+    return torch.einsum("bhgcl,bhld->bhgcd", probs, v.to(torch.float32)), lse
+
+
+def _merge(out_a, lse_a, out_b, lse_b):
+    """The exact merge of two attention parts over disjoint keys (l2m_kernels.merge_attention)."""
+    from l2m_kernels import merge_attention
+    shape = out_a.shape
+    out, _ = merge_attention(out_a.reshape(shape[0], -1, shape[-2], shape[-1]),
+                             lse_a.reshape(shape[0], -1, shape[-2]),
+                             out_b.reshape(shape[0], -1, shape[-2], shape[-1]),
+                             lse_b.reshape(shape[0], -1, shape[-2]))
+    return out.reshape(shape)
+
+
+# ---- the cache ----
+
+class _Grown:
+    """A tensor that grows along one dimension by doubling its storage (appends are amortised O(1))."""
+
+    def __init__(self, dim: int):
+        self.dim, self.data, self.length = dim, None, 0
+
+    def append(self, x: torch.Tensor) -> None:
+        n = x.shape[self.dim]
+        if torch.is_grad_enabled() and (x.requires_grad or (self.data is not None and self.data.requires_grad)):
+            # Under autograd, out of place: earlier reads of the storage are saved for the backward.
+            self.data = x if self.data is None else torch.cat([self.view(), x], dim=self.dim)
+            self.length = self.data.shape[self.dim]
+            return
+        if self.data is None:
+            shape = list(x.shape)
+            shape[self.dim] = max(n, 4)
+            self.data = x.new_empty(shape)
+        elif self.length + n > self.data.shape[self.dim]:
+            shape = list(self.data.shape)
+            shape[self.dim] = max(2 * shape[self.dim], self.length + n)
+            grown = self.data.new_empty(shape)
+            grown.narrow(self.dim, 0, self.length).copy_(self.view())
+            self.data = grown
+        self.data.narrow(self.dim, self.length, n).copy_(x)
+        self.length += n
+
+    def view(self) -> Optional[torch.Tensor]:
+        return None if self.data is None else self.data.narrow(self.dim, 0, self.length)
+
+    def drop_front(self, n: int) -> None:
+        if n:
+            kept = self.view().narrow(self.dim, n, self.length - n).clone()
+            self.data, self.length = None, 0
+            if kept.shape[self.dim]:
+                self.append(kept)
+
+    def map_batch(self, fn) -> None:
+        if self.data is not None:
+            self.data = fn(self.view())
+            self.length = self.data.shape[self.dim]
+
+
+class MemoryLayer(CacheLayerMixin):
+    """One attention layer's memory: ``keys``/``values`` (B, Hk, L, D) are the local segment, the
+    tokens from position ``local_start`` to ``seen``; older tokens are in the sink (the first
+    ``config.sink``) and in blocks. transformers sees the local segment as the layer's cache (its
+    masks cover it: ``get_mask_sizes``)."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, config: MemoryConfig, inv_freq: Optional[torch.Tensor] = None):
+        super().__init__()
+        self.config, self.inv_freq = config, inv_freq
+        self._clear()
+
+    def _clear(self):
+        self.keys = self.values = None
+        self.is_initialized = False
+        self.seen = 0             # tokens of the sequence so far
+        self.local_start = 0      # position of keys[..., 0, :]
+        self.local_valid = None   # (B, L) bool: the local keys that are not padding
+        self.local_pos = None     # (B, L) position ids of the local tokens ("fixed" mode)
+        self.sink_keys, self.sink_values, self.sink_valid = _Grown(2), _Grown(2), _Grown(1)
+        self.block_keys, self.block_values = _Grown(2), _Grown(2)     # (B, Hk, nb, bs, D)
+        self.block_valid, self.block_repr = _Grown(1), _Grown(2)      # (B, nb, bs), (B, Hk, nb, D)
+        self.evicted_blocks = 0
+
+    # CacheLayerMixin
+    def lazy_initialization(self, key_states, value_states):
+        self.device = key_states.device
+        self.keys, self.values = key_states[..., :0, :], value_states[..., :0, :]
+        batch = key_states.shape[0]
+        self.local_valid = torch.ones(batch, 0, dtype=torch.bool, device=self.device)
+        self.local_pos = torch.zeros(batch, 0, dtype=torch.long, device=self.device)
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.seen += key_states.shape[-2]
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple:
+        return self.seen - self.local_start + query_length, self.local_start
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self._clear()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a MemoryCache cannot be cropped: tokens already moved into memory blocks "
+                                  "are not taken back (assisted decoding and similar rollbacks need a DynamicCache)")
+
+    def _map_batch(self, fn) -> None:
+        if not self.is_initialized:
+            return
+        self.keys, self.values = fn(self.keys), fn(self.values)
+        self.local_valid, self.local_pos = fn(self.local_valid), fn(self.local_pos)
+        for grown in (self.sink_keys, self.sink_values, self.sink_valid, self.block_keys, self.block_values,
+                      self.block_valid, self.block_repr):
+            grown.map_batch(fn)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices])
+
+    # memory
+    @property
+    def num_blocks(self) -> int:
+        return self.block_keys.length
+
+    def note_inputs(self, valid: torch.Tensor, positions: torch.Tensor) -> None:
+        """The validity of the local segment (B, L) and the position ids of the call's tokens (B, C)."""
+        self.local_valid = valid
+        self.local_pos = torch.cat([self.local_pos, positions], dim=1)
+
+    def roll(self, chunk_start: int) -> None:
+        """Moves the local tokens older than ``window`` before ``chunk_start`` into the sink (positions
+        below ``sink``) and into whole blocks, then evicts the oldest blocks past ``capacity``."""
+        cfg = self.config
+        while True:
+            n = cfg.sink - self.local_start if self.local_start < cfg.sink else cfg.block_size
+            if chunk_start - (self.local_start + n) < cfg.window or self.keys.shape[-2] < n:
+                break
+            keys, values = self.keys[:, :, :n], self.values[:, :, :n]
+            valid = self.local_valid[:, :n]
+            if cfg.position_mode == "fixed":
+                keys = _rotate(keys, -self.local_pos[:, :n], self.inv_freq)
+            if self.local_start < cfg.sink:
+                self.sink_keys.append(keys)
+                self.sink_values.append(values)
+                self.sink_valid.append(valid)
+            else:
+                self.block_keys.append(keys.unsqueeze(2))
+                self.block_values.append(values.unsqueeze(2))
+                self.block_valid.append(valid.unsqueeze(1))
+                if cfg.block_repr == "mean":
+                    weight = valid[:, None, :, None].to(torch.float32)
+                    mean = (keys.to(torch.float32) * weight).sum(2) / weight.sum(2).clamp(min=1)
+                    self.block_repr.append(mean.to(keys.dtype).unsqueeze(2))
+            self.keys, self.values = self.keys[:, :, n:], self.values[:, :, n:]
+            self.local_valid, self.local_pos = self.local_valid[:, n:], self.local_pos[:, n:]
+            self.local_start += n
+        if cfg.capacity is not None:
+            excess = self.num_blocks - cfg.capacity // cfg.block_size
+            if excess > 0:
+                for grown in (self.block_keys, self.block_values, self.block_repr):
+                    grown.drop_front(excess)
+                self.block_valid.drop_front(excess)
+                self.evicted_blocks += excess
+
+    def memory(self, q: torch.Tensor, scale: float):
+        """The memory keys, values and validity that the queries q (B, Hk, G, C, D) of one chunk
+        read: the sink and the selected blocks in the order they were written, (B, Hk, M, D) and
+        (B, Hk, M); None when there are none."""
+        keys, values, valid = [], [], []
+        batch, heads = q.shape[0], q.shape[1]
+        if self.sink_keys.length:
+            keys.append(self.sink_keys.view())
+            values.append(self.sink_values.view())
+            valid.append(self.sink_valid.view()[:, None].expand(batch, heads, -1))
+        blocks = self.num_blocks
+        take = min(self.config.topk_blocks, blocks)
+        if take:
+            block_keys, block_values = self.block_keys.view(), self.block_values.view()
+            block_valid = self.block_valid.view()[:, None].expand(batch, heads, -1, -1)
+            if take < blocks:
+                chosen = self._select(q, scale, take)                        # (B, Hk, take)
+                size, dim, dim_v = block_keys.shape[3], block_keys.shape[4], block_values.shape[4]
+                block_keys = block_keys.gather(2, chosen[..., None, None].expand(-1, -1, -1, size, dim))
+                block_values = block_values.gather(2, chosen[..., None, None].expand(-1, -1, -1, size, dim_v))
+                block_valid = block_valid.gather(2, chosen[..., None].expand(-1, -1, -1, size))
+            keys.append(block_keys.flatten(2, 3))
+            values.append(block_values.flatten(2, 3))
+            valid.append(block_valid.flatten(2, 3))
+        if not keys:
+            return None
+        return torch.cat(keys, dim=2), torch.cat(values, dim=2), torch.cat(valid, dim=2)
+
+    def _select(self, q: torch.Tensor, scale: float, take: int) -> torch.Tensor:
+        """The ``take`` best blocks per (batch, key-value head), in increasing block order."""
+        qf = q.to(torch.float32)
+        if self.config.block_repr == "mean":
+            scores = torch.einsum("bhgcd,bhnd->bhn", qf, self.block_repr.view().to(torch.float32))
+        else:  # "max": each query scores a block by its best valid key; slabs of blocks bound the memory
+            block_keys, block_valid = self.block_keys.view(), self.block_valid.view()
+            per_block = q.shape[2] * q.shape[3] * block_keys.shape[3]
+            step = max(1, (1 << 24) // max(1, per_block * q.shape[0] * q.shape[1]))
+            parts = []
+            for start in range(0, block_keys.shape[2], step):
+                keys = block_keys[:, :, start:start + step].to(torch.float32)
+                s = torch.einsum("bhgcd,bhntd->bhgcnt", qf, keys)
+                s = s.masked_fill(~block_valid[:, None, None, None, start:start + step], float("-inf"))
+                best = s.amax(dim=-1)
+                parts.append(torch.where(torch.isfinite(best), best, torch.zeros_like(best)).sum(dim=(2, 3)))
+            scores = torch.cat(parts, dim=-1)
+        return (scores * scale).topk(take, dim=-1).indices.sort(dim=-1).values
+
+
+class MemoryCache(Cache):
+    """The cache of a model with memory attached: one :class:`MemoryLayer` per layer.
+    ``attach_memory`` swaps one in where a call has none (or an empty cache of another kind); pass one
+    yourself (``MemoryCache.for_model(model)``) to prefill in chunks of your own:
+
+        cache = MemoryCache.for_model(model)
+        for chunk in input_ids.split(1024, dim=1):
+            out = model(chunk, past_key_values=cache, use_cache=True)
+    """
+
+    def __init__(self, config: MemoryConfig, num_layers: int, inv_freq: Optional[torch.Tensor] = None):
+        super().__init__(layers=[MemoryLayer(config, inv_freq) for _ in range(num_layers)])
+        self.memory_config = config
+
+    @classmethod
+    def for_model(cls, model) -> "MemoryCache":
+        state = getattr(model, "_l2m_memory", None)
+        if state is None:
+            raise ValueError("MemoryCache.for_model: the model has no memory attached (attach_memory(model) first)")
+        return cls(state.config, state.num_layers, state.inv_freq)
+
+
+# ---- transformers' extension points ----
+
+def memory_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):
+    """The mask our attention takes: the 2D padding mask's columns of the keys the layer attends
+    locally, (B, kv_length) bool, or None without padding mask. Causality and the memory are the
+    attention's own: no (q_length, kv_length) mask is formed."""
+    if attention_mask is None:
+        return None
+    if attention_mask.ndim != 2:
+        raise ValueError(f"attach_memory: the attention mask must be a 2D padding mask (batch, keys), got shape "
+                         f"{tuple(attention_mask.shape)}")
+    if attention_mask.shape[-1] < kv_offset + kv_length:
+        raise ValueError(f"attach_memory: the attention mask covers {attention_mask.shape[-1]} tokens, but the "
+                         f"sequence has {kv_offset + kv_length} (it must cover past and current tokens)")
+    return attention_mask[:, kv_offset:kv_offset + kv_length].to(torch.bool)
+
+
+def memory_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The attention transformers calls for ``IMPLEMENTATION``: query (B, H, C, D), key and value
+    (B, Hk, L, D) as the layer's cache returned them, ``attention_mask`` from :func:`memory_mask`.
+    Returns (out (B, C, H, Dv), None)."""
+    batch, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    if heads % kv_heads:
+        raise ValueError(f"attach_memory: {heads} query heads are not a multiple of {kv_heads} key-value heads")
+    group = heads // kv_heads
+    scale = dim ** -0.5 if scaling is None else scaling
+    training = module.training
+    if attention_mask is not None and (attention_mask.ndim != 2 or attention_mask.shape[-1] != key.shape[-2]):
+        raise ValueError("attach_memory: the attention received a mask it did not make (expected a 2D padding "
+                         f"mask of {key.shape[-2]} keys, got shape {tuple(attention_mask.shape)})")
+    state = getattr(module, "_l2m_state", None)
+    cache = getattr(module, "_l2m_cache", None)
+    layer = cache.layers[module.layer_idx] if isinstance(cache, MemoryCache) else None
+    config = state.config if state is not None else MemoryConfig()
+    q = query.reshape(batch, kv_heads, group, length, dim)
+    valid = (attention_mask if attention_mask is not None
+             else torch.ones(batch, key.shape[-2], dtype=torch.bool, device=key.device))
+
+    if layer is None:  # no memory: exact causal attention over every key given, in chunks of queries
+        past = key.shape[-2] - length
+        outs = []
+        for a in range(0, length, config.chunk_size):
+            b = min(length, a + config.chunk_size)
+            allowed = _causal(a + past, b - a, key.shape[-2], key.device) & valid[:, None, None, None, :]
+            outs.append(_attend(q[:, :, :, a:b], key, value, allowed, scale, dropout, training)[0])
+        out = torch.cat(outs, dim=3)
+    else:
+        start = layer.seen - length                    # position of the call's first query
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            positions = torch.arange(start, layer.seen, device=key.device)[None]
+        layer.note_inputs(valid, positions.to(key.device).expand(batch, length))
+        outs = []
+        for a in range(0, length, config.chunk_size):
+            b = min(length, a + config.chunk_size)
+            layer.roll(start + a)
+            visible = start + b - layer.local_start
+            allowed = (_causal(start + a - layer.local_start, b - a, visible, key.device)
+                       & layer.local_valid[:, None, None, None, :visible])
+            q_chunk = q[:, :, :, a:b]
+            out_local, lse_local = _attend(q_chunk, layer.keys[:, :, :visible], layer.values[:, :, :visible],
+                                           allowed, scale, dropout, training)
+            q_memory = q_chunk
+            if config.position_mode == "fixed":
+                shift = config.distance - layer.local_pos[:, start + a - layer.local_start:visible]
+                q_memory = _rotate(q_chunk.flatten(1, 2), shift, layer.inv_freq).view_as(q_chunk)
+            memory = layer.memory(q_memory, scale)
+            if memory is not None:
+                mem_keys, mem_values, mem_valid = memory
+                out_memory, lse_memory = _attend(q_memory, mem_keys, mem_values, mem_valid[:, :, None, None, :],
+                                                 scale, dropout, training)
+                out_local = _merge(out_local, lse_local, out_memory, lse_memory)
+            outs.append(out_local)
+        out = torch.cat(outs, dim=3)
+    out = out.to(query.dtype).reshape(batch, heads, length, -1)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _causal(first_query: int, queries: int, keys: int, device) -> torch.Tensor:
+    """(queries, keys) bool: query i (at key index first_query + i) may see keys 0 .. first_query + i."""
+    rows = torch.arange(queries, device=device)[:, None] + first_query
+    return torch.arange(keys, device=device)[None, :] <= rows
+
+
+AttentionInterface.register(IMPLEMENTATION, memory_attention_forward)
+AttentionMaskInterface.register(IMPLEMENTATION, memory_mask)
+
+
+@dataclasses.dataclass
+class _Attached:
+    config: MemoryConfig
+    num_layers: int
+    inv_freq: Optional[torch.Tensor]
+    previous_implementation: object
+    handles: list
+
+
+def _cache_argument(module) -> str:
+    parameters = inspect.signature(module.forward).parameters
+    for name in ("cache", "past_key_values", "past_key_value", "layer_past"):
+        if name in parameters:
+            return name
+    raise TypeError(f"attach_memory: {type(module).__name__}.forward takes no cache argument "
+                    "(cache / past_key_values): the memory cannot reach it")
+
+
+def _dispatches_through_interface(module) -> bool:
+    try:
+        return "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return False
+
+
+def attach_memory(model, config: Optional[MemoryConfig] = None, **overrides):
+    """Gives a transformers decoder-only model a block memory of its past keys and values, in place
+    (see the module docstring). ``config``: a :class:`MemoryConfig` (default ``MemoryConfig()``);
+    keyword overrides take its field names. Returns the model. Raises TypeError naming what is
+    missing for a model that is not supported, ValueError for a bad configuration or a model that
+    already has memory attached."""
+    config = dataclasses.replace(config or MemoryConfig(), **overrides)
+    if getattr(model, "_l2m_memory", None) is not None:
+        raise ValueError("attach_memory: the model already has memory attached (detach_memory(model) first)")
+    model_config = getattr(model, "config", None)
+    if model_config is None or not hasattr(model, "set_attn_implementation"):
+        raise TypeError(f"attach_memory: {type(model).__name__} is not a transformers PreTrainedModel")
+    text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    if getattr(model_config, "is_encoder_decoder", False):
+        raise TypeError(f"attach_memory: {type(model).__name__} is an encoder-decoder model; only decoder-only "
+                        "models are supported")
+    base = model.base_model
+    cache_name = _cache_argument(base)
+    attention = [m for m in base.modules() if hasattr(m, "layer_idx") and _dispatches_through_interface(m)]
+    if not attention:
+        raise TypeError(f"attach_memory: no attention layer of {type(model).__name__} dispatches through "
+                        "transformers' AttentionInterface (layers with a layer_idx whose forward calls "
+                        "ALL_ATTENTION_FUNCTIONS)")
+    num_layers = getattr(text_config, "num_hidden_layers", None) or (max(m.layer_idx for m in attention) + 1)
+    inv_freq = None
+    if config.position_mode == "fixed":
+        rotary = [m for m in base.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
+        head_dim = getattr(attention[0], "head_dim", None)
+        if not rotary:
+            raise TypeError(f"attach_memory: position_mode='fixed' needs rotary position embeddings, and "
+                            f"{type(model).__name__} has none (a module with inv_freq); use position_mode='original'")
+        inv_freq = rotary[0].inv_freq.detach().clone()
+        if head_dim is not None and 2 * inv_freq.numel() != head_dim:
+            raise TypeError(f"attach_memory: position_mode='fixed' needs rotary embeddings over the whole head "
+                            f"({head_dim}), {type(model).__name__} rotates {2 * inv_freq.numel()} dimensions")
+    previous = model_config._attn_implementation
+    model.set_attn_implementation(IMPLEMENTATION)
+    if model_config._attn_implementation != IMPLEMENTATION:
+        model.set_attn_implementation(previous)
+        raise TypeError(f"attach_memory: {type(model).__name__} does not let its attention implementation be set "
+                        "(transformers' set_attn_implementation refused it)")
+    state = _Attached(config, num_layers, inv_freq, previous, [])
+
+    def swap_cache(module, args, kwargs):
+        cache = kwargs.get(cache_name)
+        if isinstance(cache, MemoryCache):
+            return None
+        if cache is None or (isinstance(cache, Cache) and cache.get_seq_length() == 0):
+            kwargs[cache_name] = MemoryCache(config, num_layers, inv_freq)
+            return args, kwargs
+        return None  # a filled cache of another kind: exact attention over it
+
+    state.handles.append(base.register_forward_pre_hook(swap_cache, with_kwargs=True))
+    for module in attention:
+        name = _cache_argument(module)
+        position = list(inspect.signature(module.forward).parameters).index(name)
+
+        def hand_cache(module, args, kwargs, name=name, position=position):
+            module._l2m_cache = kwargs.get(name, args[position] if len(args) > position else None)
+
+        def release_cache(module, args, output):
+            module._l2m_cache = None
+
+        module._l2m_state = state
+        state.handles.append(module.register_forward_pre_hook(hand_cache, with_kwargs=True))
+        state.handles.append(module.register_forward_hook(release_cache))
+    model._l2m_memory = state
+    model._l2m_attention = attention
+    return model
+
+
+def detach_memory(model):
+    """Undoes :func:`attach_memory`: removes the hooks and restores the attention implementation the
+    model had. Returns the model. Raises ValueError when no memory is attached."""
+    state = getattr(model, "_l2m_memory", None)
+    if state is None:
+        raise ValueError("detach_memory: the model has no memory attached")
+    for handle in state.handles:
+        handle.remove()
+    for module in model._l2m_attention:
+        for name in ("_l2m_state", "_l2m_cache"):
+            if hasattr(module, name):
+                delattr(module, name)
+    model.set_attn_implementation(state.previous_implementation)
+    del model._l2m_memory, model._l2m_attention
+    return model

@@ -1,0 +1,299 @@
+"""attach_memory on random tiny transformers models (Llama, Mistral, Qwen2, GPT-2), float32.
+
+Exactness: with the window at least the input, or with every block read in position_mode
+"original", the logits equal the unpatched model's (sdpa) to 1e-4, in one call, in a chunked prefill
+and through generate; padding masks are honoured; "fixed" mode against a brute-force loop; the block
+selection against brute force; capacity; errors; detach restores the model bitwise.
+"""
+import dataclasses
+import math
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", minversion="5.0",
+                                   reason="the integration needs transformers >= 5 (scripts/install.sh installs it)")
+
+from l2m_kernels.integrations import transformers as hf  # noqa: E402
+
+VOCAB = 101
+TOL = 1e-4
+
+
+def tiny(family, seed=0):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    if family == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    elif family == "mistral":
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(sliding_window=None, **common))
+    elif family == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    elif family == "gpt2":
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=4096, bos_token_id=0, eos_token_id=0))
+    else:
+        raise ValueError(family)
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "gpt2"]
+EXACT = [dict(window=512, block_size=16, topk_blocks=0, sink=4, chunk_size=512),        # window >= input
+         dict(window=64, block_size=16, topk_blocks=10 ** 6, sink=4, chunk_size=50),     # every block
+         dict(window=37, block_size=9, topk_blocks=10 ** 6, sink=0, chunk_size=23, block_repr="max"),
+         dict(window=20, block_size=7, topk_blocks=10 ** 6, sink=3, chunk_size=1)]
+
+
+def max_error(a, b):
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("settings", EXACT, ids=["window", "all-blocks", "max-repr", "token-chunks"])
+def test_exact_one_call_chunked_prefill_and_generate(family, settings):
+    model = tiny(family)
+    ids = torch.randint(1, VOCAB, (2, 211))
+    with torch.no_grad():
+        reference = model(ids).logits
+        expected = model.generate(ids[:, :150], max_new_tokens=12, do_sample=False)
+        hf.attach_memory(model, **settings)
+        assert max_error(model(ids).logits, reference) < TOL
+        cache = hf.MemoryCache.for_model(model)
+        pieces = [model(piece, cache=cache, use_cache=True).logits for piece in ids.split(41, dim=1)]
+        assert max_error(torch.cat(pieces, dim=1), reference) < TOL
+        layer = cache.layers[0]
+        assert layer.seen == ids.shape[1]
+        if settings["window"] < ids.shape[1]:  # the memory was used
+            assert layer.num_blocks > 0 and layer.local_start > 0
+        assert torch.equal(model.generate(ids[:, :150], max_new_tokens=12, do_sample=False), expected)
+
+
+def test_memory_changes_the_output_when_blocks_are_left_out():
+    model = tiny("llama")
+    ids = torch.randint(1, VOCAB, (1, 300))
+    with torch.no_grad():
+        reference = model(ids).logits
+        hf.attach_memory(model, window=32, block_size=16, topk_blocks=1, sink=2, chunk_size=32)
+        out = model(ids).logits
+    # Positions whose whole past is local or read agree; later ones read 1 block of many.
+    assert max_error(out[:, :32], reference[:, :32]) < TOL
+    assert max_error(out[:, -32:], reference[:, -32:]) > 1e-3
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_left_padding_is_honoured(family):
+    model = tiny(family)
+    ids = torch.randint(1, VOCAB, (2, 160))
+    mask = torch.ones_like(ids)
+    mask[1, :45] = 0  # row 1: 45 pad tokens in front, which fall into the sink and the blocks
+    with torch.no_grad():
+        reference = model(ids, attention_mask=mask).logits
+        hf.attach_memory(model, window=24, block_size=8, topk_blocks=10 ** 6, sink=4, chunk_size=30)
+        out = model(ids, attention_mask=mask).logits
+    valid = mask.bool()
+    assert max_error(out[valid], reference[valid]) < TOL
+    # Without the mask the padded keys are read: the logits move.
+    with torch.no_grad():
+        assert max_error(model(ids).logits[1, -1], reference[1, -1]) > 1e-3
+
+
+def test_padded_generate_matches_unpatched():
+    model = tiny("qwen2")
+    ids = torch.randint(1, VOCAB, (2, 120))
+    mask = torch.ones_like(ids)
+    mask[0, :30] = 0
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+        hf.attach_memory(model, window=32, block_size=8, topk_blocks=10 ** 6, sink=2, chunk_size=40)
+        assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False), expected)
+
+
+def brute_force_memory_read(q, k, v, positions, *, window, block_size, sink, chunk, distance, inv_freq, scale):
+    """InfLLM's read with every block, by loops: q, k, v (H, T, D) as the model rotated them at
+    ``positions``; for each chunk, keys of the local segment (whose start follows the cache's rule:
+    the sink, then whole blocks, while at least ``window`` tokens stay before the chunk) are scored
+    at their true distance, older keys at ``distance``."""
+    T = q.shape[1]
+    out = torch.empty(q.shape[0], T, v.shape[-1], dtype=torch.float64)
+    raw_k = hf._rotate(k[None], -positions[None], inv_freq)[0].double()
+    start = 0
+    for a in range(0, T, chunk):
+        while True:
+            n = sink - start if start < sink else block_size
+            if a - (start + n) < window:
+                break
+            start += n
+        for t in range(a, min(T, a + chunk)):
+            q_far = hf._rotate(q[:, t:t + 1][None], torch.tensor([[distance - positions[t]]]), inv_freq)[0, :, 0]
+            for h in range(q.shape[0]):
+                scores = []
+                for j in range(t + 1):
+                    if j >= start:
+                        scores.append(q[h, t].double() @ k[h, j].double())
+                    else:
+                        scores.append(q_far[h].double() @ raw_k[h, j])
+                weights = torch.softmax(torch.stack(scores) * scale, dim=0)
+                out[h, t] = weights @ v[h, :t + 1].double()
+    return out
+
+
+def test_fixed_positions_against_brute_force():
+    torch.manual_seed(3)
+    H, T, D = 2, 90, 16
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
+    positions = torch.arange(T)
+    q = hf._rotate(torch.randn(1, H, T, D), positions[None], inv_freq)
+    k = hf._rotate(torch.randn(1, H, T, D), positions[None], inv_freq)
+    v = torch.randn(1, H, T, D)
+    config = hf.MemoryConfig(window=16, block_size=8, topk_blocks=10 ** 6, sink=3, chunk_size=11,
+                             position_mode="fixed", fixed_distance=20)
+
+    class Layer(torch.nn.Module):
+        layer_idx = 0
+
+    module = Layer()
+    module._l2m_state = hf._Attached(config, 1, inv_freq, None, [])
+    cache = hf.MemoryCache(config, 1, inv_freq)
+    module._l2m_cache = cache
+    keys, values = cache.update(k, v, 0)
+    out, _ = hf.memory_attention_forward(module, q, keys, values, None, scaling=D ** -0.5,
+                                         position_ids=positions[None])
+    expected = brute_force_memory_read(q[0], k[0], v[0], positions, window=16, block_size=8, sink=3, chunk=11,
+                                       distance=20, inv_freq=inv_freq, scale=D ** -0.5)
+    assert cache.layers[0].num_blocks > 0
+    assert max_error(out[0].transpose(0, 1).double(), expected) < 1e-5
+
+
+def test_fixed_mode_is_exact_within_the_window_and_differs_beyond():
+    model = tiny("llama")
+    ids = torch.randint(1, VOCAB, (1, 200))
+    with torch.no_grad():
+        reference = model(ids).logits
+        hf.attach_memory(model, window=256, position_mode="fixed")
+        assert max_error(model(ids).logits, reference) < TOL
+        hf.detach_memory(model)
+        hf.attach_memory(model, window=32, block_size=16, topk_blocks=10 ** 6, sink=4, position_mode="fixed",
+                         chunk_size=32)
+        out = model(ids).logits
+    assert max_error(out[:, :32], reference[:, :32]) < TOL
+    assert max_error(out[:, -1], reference[:, -1]) > 1e-4
+
+
+@pytest.mark.parametrize("block_repr", ["mean", "max"])
+def test_block_selection_against_brute_force(block_repr):
+    torch.manual_seed(1)
+    config = hf.MemoryConfig(window=4, block_size=5, topk_blocks=3, sink=0, block_repr=block_repr)
+    layer = hf.MemoryLayer(config)
+    B, Hk, G, C, D = 2, 2, 3, 4, 8
+    keys, values = torch.randn(B, Hk, 64, D), torch.randn(B, Hk, 64, D)
+    layer.update(keys, values)
+    valid = torch.rand(B, 64) > 0.2
+    layer.note_inputs(valid, torch.arange(64).expand(B, 64))
+    layer.roll(64)
+    blocks = layer.num_blocks
+    assert blocks == (64 - 4) // 5
+    q = torch.randn(B, Hk, G, C, D)
+    chosen = layer._select(q, 0.5, 3)
+    for b in range(B):
+        for h in range(Hk):
+            scores = []
+            for n in range(blocks):
+                block = keys[b, h, n * 5:(n + 1) * 5]
+                ok = valid[b, n * 5:(n + 1) * 5]
+                if block_repr == "mean":
+                    rep = (block * ok[:, None]).sum(0) / max(int(ok.sum()), 1)
+                    scores.append(sum(float(q[b, h, g, c] @ rep) for g in range(G) for c in range(C)))
+                else:
+                    total = 0.0
+                    for g in range(G):
+                        for c in range(C):
+                            best = [float(q[b, h, g, c] @ block[t]) for t in range(5) if ok[t]]
+                            total += max(best) if best else 0.0
+                    scores.append(total)
+            expected = sorted(sorted(range(blocks), key=lambda n: -scores[n])[:3])
+            assert chosen[b, h].tolist() == expected
+
+
+def test_capacity_evicts_the_oldest_blocks():
+    model = tiny("llama")
+    ids = torch.randint(1, VOCAB, (1, 400))
+    hf.attach_memory(model, window=32, block_size=16, topk_blocks=2, sink=4, capacity=64, chunk_size=32)
+    cache = hf.MemoryCache.for_model(model)
+    with torch.no_grad():
+        model(ids, cache=cache, use_cache=True)
+    layer = cache.layers[1]
+    assert layer.num_blocks == 4 and layer.evicted_blocks > 0
+    assert layer.block_keys.view().shape[2] == 4
+    assert layer.local_start + layer.keys.shape[-2] == 400
+
+
+def test_detach_restores_the_model_bitwise():
+    model = tiny("gpt2")
+    ids = torch.randint(1, VOCAB, (1, 100))
+    before = model.config._attn_implementation
+    with torch.no_grad():
+        reference = model(ids).logits
+        hf.attach_memory(model, window=16, block_size=8, topk_blocks=1)
+        assert model.config._attn_implementation == hf.IMPLEMENTATION
+        hf.detach_memory(model)
+        assert model.config._attn_implementation == before
+        assert torch.equal(model(ids).logits, reference)
+    assert not any(hasattr(m, "_l2m_cache") or hasattr(m, "_l2m_state") for m in model.modules())
+
+
+def test_training_step_with_memory_has_gradients():
+    model = tiny("llama").train()
+    ids = torch.randint(1, VOCAB, (2, 120))
+    hf.attach_memory(model, window=16, block_size=8, topk_blocks=4, sink=2, chunk_size=24)
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_errors_are_clear():
+    model = tiny("gpt2")
+    with pytest.raises(TypeError, match="rotary"):
+        hf.attach_memory(model, position_mode="fixed")
+    hf.attach_memory(model)
+    with pytest.raises(ValueError, match="already has memory"):
+        hf.attach_memory(model)
+    hf.detach_memory(model)
+    with pytest.raises(ValueError, match="no memory attached"):
+        hf.detach_memory(model)
+    with pytest.raises(ValueError, match="no memory attached"):
+        hf.MemoryCache.for_model(model)
+    with pytest.raises(TypeError, match="not a transformers PreTrainedModel"):
+        hf.attach_memory(torch.nn.Linear(2, 2))
+    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=VOCAB, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16))
+    with pytest.raises(TypeError, match="encoder-decoder"):
+        hf.attach_memory(t5)
+    for bad in (dict(window=0), dict(block_size=0), dict(sink=-1), dict(topk_blocks=1.5), dict(chunk_size=True),
+                dict(capacity=-1), dict(block_repr="median"), dict(position_mode="relative")):
+        with pytest.raises(ValueError, match="MemoryConfig"):
+            hf.MemoryConfig(**bad)
+    with pytest.raises(TypeError):
+        hf.attach_memory(model, no_such_option=1)
+    model = tiny("llama")
+    hf.attach_memory(model)
+    cache = hf.MemoryCache.for_model(model)
+    with pytest.raises(ValueError, match="must cover past and current"):
+        with torch.no_grad():
+            model(torch.randint(1, VOCAB, (1, 10)), cache=cache, use_cache=True)
+            model(torch.randint(1, VOCAB, (1, 5)), attention_mask=torch.ones(1, 5, dtype=torch.long), cache=cache,
+                  use_cache=True)
+    with pytest.raises(NotImplementedError, match="cannot be cropped"):
+        cache.crop(-1)
+
+
+def test_config_overrides_and_defaults():
+    config = hf.MemoryConfig(window=100)
+    assert config.distance == 100
+    assert dataclasses.replace(config, fixed_distance=7).distance == 7
+    model = tiny("llama")
+    hf.attach_memory(model, config, sink=0)
+    assert model._l2m_memory.config == hf.MemoryConfig(window=100, sink=0)
+    assert math.isclose(hf.MemoryConfig().window, 512)
