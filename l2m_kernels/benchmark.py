@@ -753,11 +753,16 @@ def plot(rows: list, path: str, title: str = "") -> None:
                                             (0.2, 2, "vs compiled reference", "tab:orange")):
             values = [line[index] or 0 for line in lines]
             ax_speed.barh([y + offset for y in ys], values, height=0.38, label=label, color=color)
-        log_axis(ax_speed)
+        if any(line[1] or line[2] for line in lines):
+            log_axis(ax_speed)
+            ax_speed.legend(fontsize=7, loc="best")
+        else:
+            ax_speed.text(0.5, 0.5, "no reference rows: the times are in the table", ha="center",
+                          va="center", fontsize=8, transform=ax_speed.transAxes)
+            ax_speed.set_xticks([])
         ax_speed.set_yticks(ys)
         ax_speed.set_yticklabels(labels, fontsize=8)
         ax_speed.set_title(f"{op}: speedup (fwd+bwd; 'fwd': forward only)", fontsize=9)
-        ax_speed.legend(fontsize=7, loc="best")
         floors = [line[3] or 0 for line in lines]
         ax_floor.barh(ys, floors, height=0.6, color="tab:green")
         if any(floors):

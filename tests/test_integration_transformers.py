@@ -297,3 +297,34 @@ def test_config_overrides_and_defaults():
     hf.attach_memory(model, config, sink=0)
     assert model._l2m_memory.config == hf.MemoryConfig(window=100, sink=0)
     assert math.isclose(hf.MemoryConfig().window, 512)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_flash_path_matches_the_eager_attention(grad):
+    """_attend_any (PyTorch's CPU flash kernel without autograd, else _attend) against _attend, with
+    padding, grouped heads and rows that may attend nothing (output 0, lse -inf)."""
+    torch.manual_seed(2)
+    B, Hk, G, C, L, D = 2, 2, 3, 5, 9, 8
+    q = torch.randn(B, Hk, G, C, D, requires_grad=grad)
+    k, v = torch.randn(B, Hk, L, D), torch.randn(B, Hk, L, D)
+    local = hf._causal(L - C, C, L, "cpu") & (torch.rand(B, L) > 0.3)[:, None, None, None, :]
+    local[1, ..., 2, :] = False
+    memory = (torch.rand(B, Hk, L) > 0.3)[:, :, None, None, :]
+    memory[0, 1] = False
+    for allowed in (local, memory):
+        expected_out, expected_lse = hf._attend(q, k, v, allowed, 0.3, 0.0, False)
+        out, lse = hf._attend_any(q, k, v, allowed, 0.3, 0.0, False)
+        assert torch.equal(torch.isinf(lse), torch.isinf(expected_lse)) and torch.isinf(expected_lse).any()
+        assert max_error(out, expected_out) < 1e-5
+        finite = torch.isfinite(expected_lse)
+        assert max_error(lse[finite], expected_lse[finite]) < 1e-5
+        assert (out[~finite] == 0).all()
+
+
+def test_prefill_benchmark_tiny():
+    from l2m_kernels.bench import hf_memory
+    rows = hf_memory.run(torch.device("cpu"), tiny=True)
+    measured = [r for r in rows if r.fwd_ms == r.fwd_ms]
+    assert {r.variant for r in measured} == set(hf_memory.VARIANTS)
+    assert all(r.fwd_ms > 0 and "tokens/s" in r.note for r in measured)
+    assert any(r.variant == "sdpa (unpatched)" and "not run" in r.note for r in rows)

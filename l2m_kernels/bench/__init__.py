@@ -32,6 +32,8 @@ its shapes):
 - ``merge``: merge_attention and gated_merge at merge-cpu (:mod:`l2m_kernels.bench.merge`)
 - ``memory_attention``: memory_attention at attn-cpu (:mod:`l2m_kernels.bench.memory_attention`),
   with the merge mode of ``--merge`` (default ``joint``)
+- ``hf_memory``: the prefill of a Hugging Face Llama with memory attached against the unpatched model
+  with sdpa (:mod:`l2m_kernels.bench.hf_memory`; a row that says so without transformers)
 - ``model``: one L2MModel training step, both memory modes (:mod:`l2m_kernels.bench.model`)
 
 ``--quick`` takes about 5 minutes on a 2-core CPU; there the compiled reference of
@@ -56,8 +58,9 @@ from l2m_kernels.ops import registry
 
 from ._common import default_device, measure_ceilings, skipped_row
 
-# The op benchmarks of the ops' declarations (l2m_kernels/ops/registry.py), then the model step.
-BENCHMARKS = registry.benchmarks() + ("model",)
+# The op benchmarks of the ops' declarations (l2m_kernels/ops/registry.py), then the Hugging Face
+# prefill and the model step.
+BENCHMARKS = registry.benchmarks() + ("hf_memory", "model")
 QUICK_WRITE_COMPILE_NOTE = ("skipped in the --quick suite: torch.compile unrolls the write steps "
                             "(~6 minutes of compilation on 2 cores); l2m-bench --quick --only memory_write "
                             "measures it")

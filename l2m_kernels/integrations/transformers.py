@@ -130,15 +130,49 @@ def _rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) ->
 def _attend(q, k, v, allowed, scale, dropout, training):
     """Softmax attention of q (B, Hk, G, C, D) over k, v (B, Hk, L, D) in float32, with ``allowed``
     (bool, broadcast to (B, Hk, G, C, L)) or None. Returns out (B, Hk, G, C, Dv), zero where a query
-    may attend nothing, and lse (B, Hk, G, C), -inf there."""
-    scores = torch.einsum("bhgcd,bhld->bhgcl", q.to(torch.float32), k.to(torch.float32)) * scale
+    may attend nothing, and lse (B, Hk, G, C), -inf there. One exponential per score: the row
+    maximum is subtracted, the normalisation is applied to the output rows."""
+    scores = torch.einsum("bhgcd,bhld->bhgcl", q.to(torch.float32) * scale, k.to(torch.float32))
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
+    top = scores.amax(dim=-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # rows with nothing allowed
+    probs = torch.exp(scores - top)
+    total = probs.sum(dim=-1, keepdim=True)
     if dropout and training:
         probs = torch.nn.functional.dropout(probs, p=dropout, training=True)
-    return torch.einsum("bhgcl,bhld->bhgcd", probs, v.to(torch.float32)), lse
+    out = torch.einsum("bhgcl,bhld->bhgcd", probs, v.to(torch.float32))
+    out = out / torch.where(total > 0, total, torch.ones_like(total))
+    return out, (top + torch.log(total)).squeeze(-1)
+
+
+def _flash_cpu():
+    """PyTorch's CPU flash-attention kernel that also returns the log-sum-exp (None where this torch
+    lacks it). Its log-sum-exp has no gradient, so it serves calls without autograd only."""
+    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _attend_any(q, k, v, allowed, scale, dropout, training):
+    """:func:`_attend`, through PyTorch's CPU flash-attention kernel where it can serve the call (a
+    CPU tensor, no autograd, no dropout): the same results, without forming the scores in memory."""
+    kernel = _flash_cpu()
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if kernel is None or q.device.type != "cpu" or grad or (dropout and training) or q.dtype != k.dtype:
+        return _attend(q, k, v, allowed, scale, dropout, training)
+    batch, kv_heads, group, length, dim = q.shape
+    keys = k[:, :, None].expand(-1, -1, group, -1, -1).reshape(batch, kv_heads * group, -1, dim)
+    values = v[:, :, None].expand(-1, -1, group, -1, -1).reshape(batch, kv_heads * group, -1, v.shape[-1])
+    if allowed.shape[1] == 1 and allowed.shape[2] == 1:                            # (B, 1, C or 1, L)
+        allowed = allowed[:, 0]
+    else:                                                                          # (B, H, C or 1, L)
+        allowed = allowed.expand(-1, kv_heads, group, -1, -1).reshape(batch, kv_heads * group, *allowed.shape[3:])
+    bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
+    out, lse = kernel(q.reshape(batch, kv_heads * group, length, dim), keys, values, 0.0, False,
+                      attn_mask=bias, scale=scale)
+    # A query that may attend nothing: the kernel gives 0 and lse 0; lse is -inf there.
+    lse = torch.where(allowed.any(dim=-1).expand_as(lse), lse, torch.full_like(lse, float("-inf")))
+    return (out.view(batch, kv_heads, group, length, -1).to(torch.float32),
+            lse.view(batch, kv_heads, group, length))
 
 
 def _merge(out_a, lse_a, out_b, lse_b):
@@ -434,7 +468,7 @@ def memory_attention_forward(module, query, key, value, attention_mask, scaling=
         for a in range(0, length, config.chunk_size):
             b = min(length, a + config.chunk_size)
             allowed = _causal(a + past, b - a, key.shape[-2], key.device) & valid[:, None, None, None, :]
-            outs.append(_attend(q[:, :, :, a:b], key, value, allowed, scale, dropout, training)[0])
+            outs.append(_attend_any(q[:, :, :, a:b], key, value, allowed, scale, dropout, training)[0])
         out = torch.cat(outs, dim=3)
     else:
         start = layer.seen - length                    # position of the call's first query
@@ -450,7 +484,7 @@ def memory_attention_forward(module, query, key, value, attention_mask, scaling=
             allowed = (_causal(start + a - layer.local_start, b - a, visible, key.device)
                        & layer.local_valid[:, None, None, None, :visible])
             q_chunk = q[:, :, :, a:b]
-            out_local, lse_local = _attend(q_chunk, layer.keys[:, :, :visible], layer.values[:, :, :visible],
+            out_local, lse_local = _attend_any(q_chunk, layer.keys[:, :, :visible], layer.values[:, :, :visible],
                                            allowed, scale, dropout, training)
             q_memory = q_chunk
             if config.position_mode == "fixed":
@@ -459,7 +493,7 @@ def memory_attention_forward(module, query, key, value, attention_mask, scaling=
             memory = layer.memory(q_memory, scale)
             if memory is not None:
                 mem_keys, mem_values, mem_valid = memory
-                out_memory, lse_memory = _attend(q_memory, mem_keys, mem_values, mem_valid[:, :, None, None, :],
+                out_memory, lse_memory = _attend_any(q_memory, mem_keys, mem_values, mem_valid[:, :, None, None, :],
                                                  scale, dropout, training)
                 out_local = _merge(out_local, lse_local, out_memory, lse_memory)
             outs.append(out_local)
