@@ -328,3 +328,25 @@ def test_prefill_benchmark_tiny():
     assert {r.variant for r in measured} == set(hf_memory.VARIANTS)
     assert all(r.fwd_ms > 0 and "tokens/s" in r.note for r in measured)
     assert any(r.variant == "sdpa (unpatched)" and "not run" in r.note for r in rows)
+
+
+def test_compiles_without_graph_breaks():
+    """torch.compile(fullgraph=True) of the attached model: a forward whose layers read memory blocks
+    (no cache passed: attaching swaps one in) and a training step, equal to eager."""
+    model = tiny("llama")
+    ids = torch.randint(1, VOCAB, (1, 160))
+    with torch.no_grad():
+        reference = model(ids).logits
+    hf.attach_memory(model, window=32, block_size=16, topk_blocks=10 ** 6, sink=4, chunk_size=40)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert max_error(compiled(ids, use_cache=False).logits, reference) < TOL
+    model.train()
+    eager_loss = model(ids, labels=ids, use_cache=False).loss
+    eager_loss.backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    loss = compiled(ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    assert abs(loss.item() - eager_loss.item()) < 1e-5
+    assert all(max_error(p.grad, g) < 1e-4 for p, g in zip(model.parameters(), eager_grads))

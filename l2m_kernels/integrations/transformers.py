@@ -389,7 +389,7 @@ class MemoryLayer(CacheLayerMixin):
         else:  # "max": each query scores a block by its best valid key; slabs of blocks bound the memory
             block_keys, block_valid = self.block_keys.view(), self.block_valid.view()
             per_block = q.shape[2] * q.shape[3] * block_keys.shape[3]
-            step = max(1, (1 << 24) // max(1, per_block * q.shape[0] * q.shape[1]))
+            step = max(1, (1 << 21) // max(1, per_block * q.shape[0] * q.shape[1]))  # 8 MB of scores
             parts = []
             for start in range(0, block_keys.shape[2], step):
                 keys = block_keys[:, :, start:start + step].to(torch.float32)
