@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -94,13 +93,10 @@ def train(model, settings: Settings, log=print) -> list:
     generator = torch.Generator().manual_seed(settings.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.01)
 
-    def rate(step):
-        if step < settings.warmup:
-            return (step + 1) / settings.warmup
-        progress = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
+    schedule = torch.optim.lr_scheduler.SequentialLR(optimizer, [
+        torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1 / settings.warmup, total_iters=settings.warmup),
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, settings.steps - settings.warmup))],
+        milestones=[settings.warmup])
     model.train()
     curve = []
     for step in range(settings.steps):

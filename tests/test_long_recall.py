@@ -1,29 +1,19 @@
 """The long-context recall demo (examples/long_recall.py) at a tiny setting: it trains all three
 runs, writes its JSON and PNG and reports accuracies in [0, 1]. The accuracy target itself is the
 demo's job (minutes of training), not this test's."""
-import importlib.util
 import json
 import math
-import pathlib
 import random
-import sys
 
 import pytest
 import torch
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "examples" / "long_recall.py"
-
+from _examples import example_module
 
 @pytest.fixture(scope="module")
 def long_recall():
-    spec = importlib.util.spec_from_file_location("long_recall", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["long_recall"] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
+    with example_module("long_recall") as module:
         yield module
-    finally:
-        sys.modules.pop("long_recall", None)
 
 
 def test_task_layout(long_recall):

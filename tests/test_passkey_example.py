@@ -1,30 +1,21 @@
 """The passkey example (examples/passkey.py) at a tiny setting: the task's layout, and a smoke run that
 trains, evaluates with and without memory and writes its JSON. The accuracy itself is the example's
 job (about three minutes of training and evaluation), not this test's."""
-import importlib.util
 import json
-import pathlib
-import sys
 
 import pytest
 import torch
 
+from _examples import example_module
+
 pytest.importorskip("transformers", minversion="5.0",
                     reason="the example needs transformers >= 5 (scripts/install.sh installs it)")
-
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "examples" / "passkey.py"
 
 
 @pytest.fixture(scope="module")
 def passkey():
-    spec = importlib.util.spec_from_file_location("passkey", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["passkey"] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
+    with example_module("passkey") as module:
         yield module
-    finally:
-        sys.modules.pop("passkey", None)
 
 
 def test_task_layout(passkey):
