@@ -350,3 +350,48 @@ def test_compiles_without_graph_breaks():
     loss.backward()
     assert abs(loss.item() - eager_loss.item()) < 1e-5
     assert all(max_error(p.grad, g) < 1e-4 for p, g in zip(model.parameters(), eager_grads))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_product_key_memory_in_place_of_mlps_round_trips(family, tmp_path):
+    from l2m_kernels.modules import ProductKeyMemory
+    model = tiny(family)
+    ids = torch.randint(1, VOCAB, (2, 30))
+    with torch.no_grad():
+        before = model(ids).logits
+    hf.replace_mlp_with_memory(model, layers=[-1], n_sub=16, key_dim=32, heads=2, k=4, gated=True)
+    decoder, _ = hf._decoder_layers(model)
+    assert isinstance(decoder[1].mlp, ProductKeyMemory) and not isinstance(decoder[0].mlp, ProductKeyMemory)
+    assert model.config.l2m_memory == {"mlp": [{"layers": [1], "args": dict(n_sub=16, key_dim=32, heads=2, k=4,
+                                                                              gated=True)}]}
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    assert decoder[1].mlp.values.grad is not None and decoder[1].mlp.values.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        after = model(ids).logits
+    assert max_error(after, before) > 1e-3
+    model.save_pretrained(tmp_path)
+    loaded = hf.from_pretrained(tmp_path).eval()
+    assert type(loaded).__name__ == type(model).__name__
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, after)
+        # Memory attached on top: exact with every block read.
+        hf.attach_memory(loaded, window=8, block_size=4, topk_blocks=10 ** 6, sink=1, chunk_size=8)
+        assert max_error(loaded(ids).logits, after) < TOL
+
+
+def test_replace_mlp_with_memory_errors():
+    model = tiny("qwen2")
+    with pytest.raises(TypeError, match="unknown ProductKeyMemory argument"):
+        hf.replace_mlp_with_memory(model, n_sub=8, key_dim=16, dim=64)
+    with pytest.raises(TypeError, match="n_sub is required"):
+        hf.replace_mlp_with_memory(model, key_dim=16)
+    with pytest.raises(ValueError, match="indices of the 2 decoder layers"):
+        hf.replace_mlp_with_memory(model, layers=[2], n_sub=8, key_dim=16)
+    with pytest.raises(ValueError, match="key_dim"):
+        hf.replace_mlp_with_memory(model, layers=[0, 1], n_sub=8, key_dim=15, k=4)
+    assert getattr(model.config, "l2m_memory", None) is None
+    assert not any(type(m).__name__ == "ProductKeyMemory" for m in model.modules())
+    hf.replace_mlp_with_memory(model, n_sub=8, key_dim=16, k=4)  # default: the middle layer
+    assert model.config.l2m_memory["mlp"][0]["layers"] == [1]

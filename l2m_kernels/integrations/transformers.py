@@ -59,7 +59,8 @@ if int(transformers.__version__.split(".")[0]) < 5:
     raise ImportError(f"l2m_kernels.integrations.transformers needs transformers >= 5.0 (found "
                       f"{transformers.__version__}): it builds on its Cache layers and mask interface")
 
-__all__ = ["MemoryConfig", "MemoryCache", "attach_memory", "detach_memory", "IMPLEMENTATION"]
+__all__ = ["MemoryConfig", "MemoryCache", "attach_memory", "detach_memory", "IMPLEMENTATION",
+           "replace_mlp_with_memory", "from_pretrained"]
 
 # The name under which the attention (and its mask) is registered with transformers.
 IMPLEMENTATION = "l2m_memory"
@@ -623,3 +624,94 @@ def detach_memory(model):
     model.set_attn_implementation(state.previous_implementation)
     del model._l2m_memory, model._l2m_attention
     return model
+
+
+# ---- product-key memory layers in place of MLPs ----
+
+_MLP_NAMES = ("mlp", "feed_forward", "ffn")
+# The ProductKeyMemory arguments a checkpoint records (config.l2m_memory): everything but device/dtype.
+_PKM_ARGUMENTS = ("n_sub", "key_dim", "value_dim", "heads", "k", "k_sub", "gated", "sparse_grad", "backend")
+
+
+def _decoder_layers(model):
+    """The base model's list of decoder layers: its nn.ModuleList of num_hidden_layers modules."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    count = getattr(config, "num_hidden_layers", None)
+    for module in model.base_model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
+            return module, config
+    raise TypeError(f"replace_mlp_with_memory: no list of {count} decoder layers found in "
+                    f"{type(model.base_model).__name__}")
+
+
+def _put_memory_layers(model, spec: dict) -> None:
+    from l2m_kernels.modules import ProductKeyMemory
+    layers, config = _decoder_layers(model)
+    replacements = []  # every memory layer built before any is put in: a bad argument changes nothing
+    for index in spec["layers"]:
+        layer = layers[index]
+        name = next((n for n in _MLP_NAMES if isinstance(getattr(layer, n, None), torch.nn.Module)), None)
+        if name is None:
+            raise TypeError(f"replace_mlp_with_memory: decoder layer {index} ({type(layer).__name__}) has no MLP "
+                            f"attribute (one of {', '.join(_MLP_NAMES)})")
+        reference = next(getattr(layer, name).parameters(), None)
+        factory = {} if reference is None else dict(device=reference.device, dtype=reference.dtype)
+        replacements.append((layer, name, ProductKeyMemory(config.hidden_size, **spec["args"], **factory)))
+    for layer, name, memory in replacements:
+        setattr(layer, name, memory)
+
+
+def replace_mlp_with_memory(model, layers=None, **pkm_args):
+    """Replaces the MLP of decoder layers ``layers`` (indices; default: the middle layer) of a
+    transformers model by :class:`l2m_kernels.modules.ProductKeyMemory` ``(dim=hidden_size,
+    **pkm_args)`` (``n_sub`` and ``key_dim`` required), in place, on the MLP's device and dtype, and
+    records the replacement in ``model.config.l2m_memory`` so that :func:`from_pretrained` rebuilds
+    it from a ``save_pretrained`` checkpoint. Returns the model.
+
+        replace_mlp_with_memory(model, layers=[4], n_sub=512, key_dim=256, heads=4, k=32, gated=True)
+        model.save_pretrained(path)
+        model = from_pretrained(path)                 # the same model, memory layers included
+    """
+    unknown = sorted(set(pkm_args) - set(_PKM_ARGUMENTS))
+    if unknown:
+        raise TypeError(f"replace_mlp_with_memory: unknown ProductKeyMemory argument(s) {', '.join(unknown)} "
+                        f"(known: {', '.join(_PKM_ARGUMENTS)}; dim is the model's hidden size)")
+    for name in ("n_sub", "key_dim"):
+        if name not in pkm_args:
+            raise TypeError(f"replace_mlp_with_memory: the ProductKeyMemory argument {name} is required")
+    decoder, _ = _decoder_layers(model)
+    layers = [len(decoder) // 2] if layers is None else [int(i) for i in layers]
+    if any(not -len(decoder) <= i < len(decoder) for i in layers) or not layers:
+        raise ValueError(f"replace_mlp_with_memory: layers must be indices of the {len(decoder)} decoder layers, "
+                         f"got {layers}")
+    layers = sorted({i % len(decoder) for i in layers})
+    recorded = dict(getattr(model.config, "l2m_memory", None) or {})
+    spec = {"layers": layers, "args": dict(pkm_args)}
+    _put_memory_layers(model, spec)
+    recorded.setdefault("mlp", []).append(spec)
+    model.config.l2m_memory = recorded
+    return model
+
+
+def from_pretrained(path, model_class=None, **kwargs):
+    """Loads a ``save_pretrained`` checkpoint of a model with product-key memory layers
+    (:func:`replace_mlp_with_memory`): the class of ``config.architectures[0]`` (or ``model_class``),
+    extended so that construction puts the memory layers where ``config.l2m_memory`` records them,
+    then transformers' own ``from_pretrained`` (``**kwargs``: its options) loads every weight. A
+    checkpoint without memory layers loads as the plain class does."""
+    config = transformers.AutoConfig.from_pretrained(path)
+    if model_class is None:
+        names = getattr(config, "architectures", None) or []
+        model_class = getattr(transformers, names[0], None) if names else None
+        if model_class is None:
+            raise ValueError(f"from_pretrained: the checkpoint's config names no transformers architecture "
+                             f"({names}); pass model_class")
+
+    class WithMemory(model_class):
+        def __init__(self, config, *args, **init_kwargs):
+            super().__init__(config, *args, **init_kwargs)
+            for spec in (getattr(config, "l2m_memory", None) or {}).get("mlp", []):
+                _put_memory_layers(self, spec)
+
+    WithMemory.__name__ = WithMemory.__qualname__ = model_class.__name__
+    return WithMemory.from_pretrained(path, **kwargs)
