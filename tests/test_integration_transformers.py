@@ -395,3 +395,53 @@ def test_replace_mlp_with_memory_errors():
     assert not any(type(m).__name__ == "ProductKeyMemory" for m in model.modules())
     hf.replace_mlp_with_memory(model, n_sub=8, key_dim=16, k=4)  # default: the middle layer
     assert model.config.l2m_memory["mlp"][0]["layers"] == [1]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_memory_attention_without_memory_is_the_model(family):
+    """add_memory_attention with no memory yet: the package's MemoryAttention, carrying the layer's
+    weights, computes the model's attention (forward and generate, through the transformers cache)."""
+    model = tiny(family)
+    ids = torch.randint(1, VOCAB, (2, 50))
+    with torch.no_grad():
+        reference = model(ids).logits
+        expected = model.generate(ids[:, :30], max_new_tokens=8, do_sample=False)
+        hf.add_memory_attention(model, layers=[0, 1], num_slots=None)
+        assert sum(isinstance(m, hf.HFMemoryAttention) for m in model.modules()) == 2
+        assert max_error(model(ids).logits, reference) < TOL
+        assert torch.equal(model.generate(ids[:, :30], max_new_tokens=8, do_sample=False), expected)
+
+
+def test_memory_attention_trains_and_round_trips(tmp_path):
+    model = tiny("llama")
+    ids = torch.randint(1, VOCAB, (2, 40))
+    hf.add_memory_attention(model, num_slots=64, topk=4, merge="gate")
+    decoder, _ = hf._decoder_layers(model)
+    inner = decoder[-1].self_attn.inner
+    assert inner.memory.num_slots == 64 and inner.merge == "gate"
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    assert inner.memory.keys.grad is not None and inner.memory.values.grad.abs().sum() > 0
+    assert inner.gate.grad is not None
+    model.eval()
+    with torch.no_grad():
+        out = model(ids).logits
+    model.save_pretrained(tmp_path)
+    loaded = hf.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, out)
+    mask = torch.ones_like(ids)
+    mask[0, 0] = 0
+    with pytest.raises(ValueError, match="no padding mask"):
+        loaded(ids, attention_mask=mask)
+    loaded(ids, attention_mask=torch.ones_like(ids))  # an all-ones mask is no padding
+
+
+def test_add_memory_attention_errors():
+    model = tiny("llama")
+    with pytest.raises(ValueError, match="indices of the 2 decoder layers"):
+        hf.add_memory_attention(model, layers=[5])
+    model.config.rope_parameters = dict(model.config.rope_parameters, rope_type="linear", factor=2.0)
+    with pytest.raises(TypeError, match="rotary type 'linear'"):
+        hf.add_memory_attention(model)
+    assert not any(isinstance(m, hf.HFMemoryAttention) for m in model.modules())
