@@ -644,17 +644,33 @@ def _decoder_layers(model):
                     f"{type(model.base_model).__name__}")
 
 
+def _sublayer(layer, names: tuple, index: int, caller: str, what: str):
+    """(attribute name, module) of the first of ``names`` that decoder layer ``index`` has."""
+    name = next((n for n in names if isinstance(getattr(layer, n, None), torch.nn.Module)), None)
+    if name is None:
+        raise TypeError(f"{caller}: decoder layer {index} ({type(layer).__name__}) has no {what} attribute "
+                        f"(one of {', '.join(names)})")
+    return name, getattr(layer, name)
+
+
+def _layer_indices(decoder, layers, default: int, caller: str) -> list:
+    """The sorted distinct decoder-layer indices of ``layers`` (negative ones from the end), or [default]."""
+    if layers is None:
+        return [default]
+    layers = [int(i) for i in layers]
+    if not layers or any(not -len(decoder) <= i < len(decoder) for i in layers):
+        raise ValueError(f"{caller}: layers must be indices of the {len(decoder)} decoder layers, got {layers}")
+    return sorted({i % len(decoder) for i in layers})
+
+
 def _put_memory_layers(model, spec: dict) -> None:
     from l2m_kernels.modules import ProductKeyMemory
     layers, config = _decoder_layers(model)
     replacements = []  # every memory layer built before any is put in: a bad argument changes nothing
     for index in spec["layers"]:
         layer = layers[index]
-        name = next((n for n in _MLP_NAMES if isinstance(getattr(layer, n, None), torch.nn.Module)), None)
-        if name is None:
-            raise TypeError(f"replace_mlp_with_memory: decoder layer {index} ({type(layer).__name__}) has no MLP "
-                            f"attribute (one of {', '.join(_MLP_NAMES)})")
-        reference = next(getattr(layer, name).parameters(), None)
+        name, mlp = _sublayer(layer, _MLP_NAMES, index, "replace_mlp_with_memory", "MLP")
+        reference = next(mlp.parameters(), None)
         factory = {} if reference is None else dict(device=reference.device, dtype=reference.dtype)
         replacements.append((layer, name, ProductKeyMemory(config.hidden_size, **spec["args"], **factory)))
     for layer, name, memory in replacements:
@@ -680,11 +696,7 @@ def replace_mlp_with_memory(model, layers=None, **pkm_args):
         if name not in pkm_args:
             raise TypeError(f"replace_mlp_with_memory: the ProductKeyMemory argument {name} is required")
     decoder, _ = _decoder_layers(model)
-    layers = [len(decoder) // 2] if layers is None else [int(i) for i in layers]
-    if any(not -len(decoder) <= i < len(decoder) for i in layers) or not layers:
-        raise ValueError(f"replace_mlp_with_memory: layers must be indices of the {len(decoder)} decoder layers, "
-                         f"got {layers}")
-    layers = sorted({i % len(decoder) for i in layers})
+    layers = _layer_indices(decoder, layers, len(decoder) // 2, "replace_mlp_with_memory")
     recorded = dict(getattr(model.config, "l2m_memory", None) or {})
     spec = {"layers": layers, "args": dict(pkm_args)}
     _put_memory_layers(model, spec)
@@ -756,10 +768,7 @@ def add_memory_attention(model, layers=None, *, num_slots: Optional[int] = 4096,
     spec = {"layers": layers, "args": dict(num_slots=num_slots, topk=topk, merge=merge, memory_heads=memory_heads,
                                            trainable=trainable, deterministic=deterministic, backend=backend)}
     decoder, _ = _decoder_layers(model)
-    spec["layers"] = [len(decoder) - 1] if layers is None else sorted({int(i) % len(decoder) for i in layers})
-    if layers is not None and (not layers or any(not -len(decoder) <= int(i) < len(decoder) for i in layers)):
-        raise ValueError(f"add_memory_attention: layers must be indices of the {len(decoder)} decoder layers, "
-                         f"got {layers}")
+    spec["layers"] = _layer_indices(decoder, layers, len(decoder) - 1, "add_memory_attention")
     _put_memory_attention(model, spec, copy_weights=True)
     recorded = dict(getattr(model.config, "l2m_memory", None) or {})
     recorded.setdefault("attention", []).append(spec)
@@ -784,11 +793,7 @@ def _put_memory_attention(model, spec: dict, copy_weights: bool) -> None:
     replacements = []
     for index in spec["layers"]:
         layer = decoder[index]
-        name = next((n for n in _ATTENTION_NAMES if isinstance(getattr(layer, n, None), torch.nn.Module)), None)
-        if name is None:
-            raise TypeError(f"add_memory_attention: decoder layer {index} has no attention attribute "
-                            f"(one of {', '.join(_ATTENTION_NAMES)})")
-        attention = getattr(layer, name)
+        name, attention = _sublayer(layer, _ATTENTION_NAMES, index, "add_memory_attention", "attention")
         head_dim = getattr(attention, "head_dim", None) or config.hidden_size // heads
         parts = _split_projections(attention, config.hidden_size, heads, kv_heads, head_dim)
         rotary = hasattr(attention, "q_proj")
