@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers", minversion="5.0",
                                    reason="the integration needs transformers >= 5 (scripts/install.sh installs it)")
 
 from l2m_kernels.integrations import transformers as hf  # noqa: E402
+from l2m_kernels.integrations.transformers import block_memory, layers  # noqa: E402
 
 VOCAB = 101
 TOL = 1e-4
@@ -117,7 +118,7 @@ def brute_force_memory_read(q, k, v, positions, *, window, block_size, sink, chu
     at their true distance, older keys at ``distance``."""
     T = q.shape[1]
     out = torch.empty(q.shape[0], T, v.shape[-1], dtype=torch.float64)
-    raw_k = hf._rotate(k[None], -positions[None], inv_freq)[0].double()
+    raw_k = block_memory._rotate(k[None], -positions[None], inv_freq)[0].double()
     start = 0
     for a in range(0, T, chunk):
         while True:
@@ -126,7 +127,7 @@ def brute_force_memory_read(q, k, v, positions, *, window, block_size, sink, chu
                 break
             start += n
         for t in range(a, min(T, a + chunk)):
-            q_far = hf._rotate(q[:, t:t + 1][None], torch.tensor([[distance - positions[t]]]), inv_freq)[0, :, 0]
+            q_far = block_memory._rotate(q[:, t:t + 1][None], torch.tensor([[distance - positions[t]]]), inv_freq)[0, :, 0]
             for h in range(q.shape[0]):
                 scores = []
                 for j in range(t + 1):
@@ -144,8 +145,8 @@ def test_fixed_positions_against_brute_force():
     H, T, D = 2, 90, 16
     inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
     positions = torch.arange(T)
-    q = hf._rotate(torch.randn(1, H, T, D), positions[None], inv_freq)
-    k = hf._rotate(torch.randn(1, H, T, D), positions[None], inv_freq)
+    q = block_memory._rotate(torch.randn(1, H, T, D), positions[None], inv_freq)
+    k = block_memory._rotate(torch.randn(1, H, T, D), positions[None], inv_freq)
     v = torch.randn(1, H, T, D)
     config = hf.MemoryConfig(window=16, block_size=8, topk_blocks=10 ** 6, sink=3, chunk_size=11,
                              position_mode="fixed", fixed_distance=20)
@@ -154,11 +155,11 @@ def test_fixed_positions_against_brute_force():
         layer_idx = 0
 
     module = Layer()
-    module._l2m_state = hf._Attached(config, 1, inv_freq, None, [])
+    module._l2m_state = block_memory._Attached(config, 1, inv_freq, None, [])
     cache = hf.MemoryCache(config, 1, inv_freq)
     module._l2m_cache = cache
     keys, values = cache.update(k, v, 0)
-    out, _ = hf.memory_attention_forward(module, q, keys, values, None, scaling=D ** -0.5,
+    out, _ = block_memory.memory_attention_forward(module, q, keys, values, None, scaling=D ** -0.5,
                                          position_ids=positions[None])
     expected = brute_force_memory_read(q[0], k[0], v[0], positions, window=16, block_size=8, sink=3, chunk=11,
                                        distance=20, inv_freq=inv_freq, scale=D ** -0.5)
@@ -307,13 +308,13 @@ def test_flash_path_matches_the_eager_attention(grad):
     B, Hk, G, C, L, D = 2, 2, 3, 5, 9, 8
     q = torch.randn(B, Hk, G, C, D, requires_grad=grad)
     k, v = torch.randn(B, Hk, L, D), torch.randn(B, Hk, L, D)
-    local = hf._causal(L - C, C, L, "cpu") & (torch.rand(B, L) > 0.3)[:, None, None, None, :]
+    local = block_memory._causal(L - C, C, L, "cpu") & (torch.rand(B, L) > 0.3)[:, None, None, None, :]
     local[1, ..., 2, :] = False
     memory = (torch.rand(B, Hk, L) > 0.3)[:, :, None, None, :]
     memory[0, 1] = False
     for allowed in (local, memory):
-        expected_out, expected_lse = hf._attend(q, k, v, allowed, 0.3, 0.0, False)
-        out, lse = hf._attend_any(q, k, v, allowed, 0.3, 0.0, False)
+        expected_out, expected_lse = block_memory._attend(q, k, v, allowed, 0.3, 0.0, False)
+        out, lse = block_memory._attend_any(q, k, v, allowed, 0.3, 0.0, False)
         assert torch.equal(torch.isinf(lse), torch.isinf(expected_lse)) and torch.isinf(expected_lse).any()
         assert max_error(out, expected_out) < 1e-5
         finite = torch.isfinite(expected_lse)
@@ -360,7 +361,7 @@ def test_product_key_memory_in_place_of_mlps_round_trips(family, tmp_path):
     with torch.no_grad():
         before = model(ids).logits
     hf.replace_mlp_with_memory(model, layers=[-1], n_sub=16, key_dim=32, heads=2, k=4, gated=True)
-    decoder, _ = hf._decoder_layers(model)
+    decoder, _ = layers._decoder_layers(model)
     assert isinstance(decoder[1].mlp, ProductKeyMemory) and not isinstance(decoder[0].mlp, ProductKeyMemory)
     assert model.config.l2m_memory == {"mlp": [{"layers": [1], "args": dict(n_sub=16, key_dim=32, heads=2, k=4,
                                                                               gated=True)}]}
@@ -416,7 +417,7 @@ def test_memory_attention_trains_and_round_trips(tmp_path):
     model = tiny("llama")
     ids = torch.randint(1, VOCAB, (2, 40))
     hf.add_memory_attention(model, num_slots=64, topk=4, merge="gate")
-    decoder, _ = hf._decoder_layers(model)
+    decoder, _ = layers._decoder_layers(model)
     inner = decoder[-1].self_attn.inner
     assert inner.memory.num_slots == 64 and inner.merge == "gate"
     model.train()

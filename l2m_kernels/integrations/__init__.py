@@ -2,5 +2,7 @@
 
 - :mod:`l2m_kernels.integrations.transformers`: a block memory of past keys and values for Hugging
   Face ``transformers`` decoder-only models (``attach_memory``), through transformers' own extension
-  points (``AttentionInterface``, ``AttentionMaskInterface`` and a ``Cache``).
+  points (``AttentionInterface``, ``AttentionMaskInterface`` and a ``Cache``), and the package's
+  memory modules inside such models (``replace_mlp_with_memory``, ``add_memory_attention``,
+  ``from_pretrained``).
 """
