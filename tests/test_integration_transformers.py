@@ -446,3 +446,14 @@ def test_add_memory_attention_errors():
     with pytest.raises(TypeError, match="rotary type 'linear'"):
         hf.add_memory_attention(model)
     assert not any(isinstance(m, hf.HFMemoryAttention) for m in model.modules())
+
+
+def test_beam_search_reorders_the_memory():
+    """num_beams expands (batch_repeat_interleave) and reorders (reorder_cache) every part of the
+    memory: with every block read, the beams are the unpatched model's."""
+    model = tiny("llama")
+    ids = torch.randint(1, VOCAB, (2, 120))
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False)
+        hf.attach_memory(model, window=32, block_size=8, topk_blocks=10 ** 6, sink=2, chunk_size=40)
+        assert torch.equal(model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False), expected)
