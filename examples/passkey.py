@@ -10,7 +10,7 @@ question token, at which the model must predict the passkey. Chance is ``1 / N_K
 sits uniformly in the first ``1 - 1/16`` of the context, so at 16x L and beyond it is always
 farther back than L tokens.
 
-Training: a randomly initialised ``LlamaForCausalLM`` (2 layers, hidden 64, 4 query and 2 key-value
+Training: a randomly initialised ``LlamaForCausalLM`` (2 layers, hidden 128, 4 query and 2 key-value
 heads, rotary positions, ``max_position_embeddings = L``), on contexts of exactly L tokens, with the
 loss on the answer only (AdamW, warmup and cosine decay). No weights are downloaded.
 
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -82,7 +83,7 @@ class Settings:
 def make_model(length: int, seed: int):
     import transformers
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=length,
                                       attn_implementation="sdpa")
     return transformers.LlamaForCausalLM(config)
@@ -93,10 +94,13 @@ def train(model, settings: Settings, log=print) -> list:
     generator = torch.Generator().manual_seed(settings.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.01)
 
-    schedule = torch.optim.lr_scheduler.SequentialLR(optimizer, [
-        torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1 / settings.warmup, total_iters=settings.warmup),
-        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, settings.steps - settings.warmup))],
-        milestones=[settings.warmup])
+    def rate(step):  # linear warmup, then cosine decay to 0
+        if step < settings.warmup:
+            return (step + 1) / settings.warmup
+        progress = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
     model.train()
     curve = []
     for step in range(settings.steps):
