@@ -457,3 +457,18 @@ def test_beam_search_reorders_the_memory():
         expected = model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False)
         hf.attach_memory(model, window=32, block_size=8, topk_blocks=10 ** 6, sink=2, chunk_size=40)
         assert torch.equal(model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False), expected)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_bfloat16_model_within_the_dtype_tolerance(family):
+    """A bfloat16 model with every block read: the logits within bfloat16's relative RMS tolerance
+    of the unpatched bfloat16 model (l2m_kernels.testing.assert_close)."""
+    from l2m_kernels.testing import assert_close
+    model = tiny(family).to(torch.bfloat16)
+    ids = torch.randint(1, VOCAB, (2, 200))
+    with torch.no_grad():
+        reference = model(ids).logits
+        hf.attach_memory(model, window=32, block_size=16, topk_blocks=10 ** 6, sink=4, chunk_size=50)
+        out = model(ids).logits
+    assert out.dtype == torch.bfloat16
+    assert_close("logits", out, reference, dtype=torch.bfloat16)
