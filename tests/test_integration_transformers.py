@@ -327,6 +327,7 @@ def test_prefill_benchmark_tiny():
     rows = hf_memory.run(torch.device("cpu"), tiny=True)
     measured = [r for r in rows if r.fwd_ms == r.fwd_ms]
     assert {r.variant for r in measured} == set(hf_memory.VARIANTS)
+    assert {r.op for r in measured} == {hf_memory.OP, hf_memory.DECODE_OP}
     assert all(r.fwd_ms > 0 and "tokens/s" in r.note for r in measured)
     assert any(r.variant == "sdpa (unpatched)" and "not run" in r.note for r in rows)
 

@@ -12,13 +12,16 @@ flash-attention kernel, no T x T buffer), and the same model with memory attache
 T tokens in chunks of 512 queries inside each layer. Lengths: 4K, 8K, 16K for both, and 32K for the
 memory only (``--quick``: 2K and 4K, and 8K for the memory). Each length's variants run interleaved.
 
-Rows: ``fwd ms`` (median, with the range), tokens/s in the note, ``peak MB``: the allocator-level
-peak of one forward above what is live before it (weights excluded). The memory's peak grows
+Rows ("HF prefill"): ``fwd ms`` (median, with the range), tokens/s in the note, ``peak MB``: the
+allocator-level peak of one forward above what is live before it (weights excluded). Rows ("HF
+decode"), at the same lengths: after a prefill, ``DECODE_STEPS`` greedy one-token calls per variant
+through its cache (the variants alternating token by token); ``fwd ms`` is the median per token. The memory's peak grows
 linearly in T (the blocks), the local and memory parts are bounded by the chunk; the unpatched
 model's keys and values grow linearly too.
 """
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 
@@ -28,7 +31,8 @@ from l2m_kernels import benchmark as bm
 
 from ._common import skipped_row
 
-OP = "HF prefill"
+OP, DECODE_OP = "HF prefill", "HF decode"
+DECODE_STEPS = 16
 CONFIG = dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
               num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1 << 16)
 MEMORY = dict(window=512, block_size=64, topk_blocks=8, sink=4, chunk_size=512, position_mode="fixed")
@@ -101,4 +105,36 @@ def run(device: torch.device, quick: bool = False, ceilings: dict | None = None,
             rows.append(bm.Row(OP, shape, "float32", name, median * 1e3, None, None,
                                None if peak is None else peak / 2 ** 20, note=note, reps=len(times[name]),
                                fwd_spread_ms=[min(times[name]) * 1e3, max(times[name]) * 1e3]))
+        rows += _decode_rows(models, ids, f"{describe} context={length}", 2 if tiny else DECODE_STEPS, device)
+    return rows
+
+
+def _decode_rows(models: dict, ids: torch.Tensor, shape: str, steps: int, device: torch.device) -> list:
+    """Greedy decoding after a prefill of ``ids``: each variant's cache built by one call, then
+    ``steps`` one-token calls per variant, the variants alternating token by token."""
+    state = {}
+    with torch.no_grad():
+        for name, model in models.items():
+            cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+            out = model(ids, use_cache=True)
+            state[name] = (cache_name, out.past_key_values, out.logits[:, -1:].argmax(-1))
+        times = {name: [] for name in models}
+        for _ in range(steps):
+            for name, model in models.items():
+                cache_name, cache, token = state[name]
+                bm.synchronize(device)
+                start = time.perf_counter()
+                out = model(token, use_cache=True, **{cache_name: cache})
+                bm.synchronize(device)
+                times[name].append(time.perf_counter() - start)
+                state[name] = (cache_name, cache, out.logits[:, -1:].argmax(-1))
+    rows = []
+    for name in VARIANTS:
+        if name not in models:
+            continue
+        median = statistics.median(times[name])
+        rows.append(bm.Row(DECODE_OP, shape, "float32", name, median * 1e3, None, None, None,
+                           note=f"{1 / median:.0f} tokens/s per sequence ({steps} greedy tokens, the variants "
+                                "alternating); peak memory not measured",
+                           reps=steps, fwd_spread_ms=[min(times[name]) * 1e3, max(times[name]) * 1e3]))
     return rows
