@@ -312,9 +312,11 @@ def test_flash_path_matches_the_eager_attention(grad):
     local[1, ..., 2, :] = False
     memory = (torch.rand(B, Hk, L) > 0.3)[:, :, None, None, :]
     memory[0, 1] = False
-    for allowed in (local, memory):
-        expected_out, expected_lse = block_memory._attend(q, k, v, allowed, 0.3, 0.0, False)
-        out, lse = block_memory._attend_any(q, k, v, allowed, 0.3, 0.0, False)
+    decoding = (q[:, :, :, -1:], local[..., -1:, :].clone())  # one query: the mask folds into the key-value heads
+    decoding[1][0, ..., :] = False                      # and a sequence whose query may attend nothing
+    for queries, allowed in ((q, local), (q, memory), decoding):
+        expected_out, expected_lse = block_memory._attend(queries, k, v, allowed, 0.3, 0.0, False)
+        out, lse = block_memory._attend_any(queries, k, v, allowed, 0.3, 0.0, False)
         assert torch.equal(torch.isinf(lse), torch.isinf(expected_lse)) and torch.isinf(expected_lse).any()
         assert max_error(out, expected_out) < 1e-5
         finite = torch.isfinite(expected_lse)

@@ -122,15 +122,22 @@ def _attend_any(q, k, v, allowed, scale, dropout, training):
     if kernel is None or q.device.type != "cpu" or grad or (dropout and training) or q.dtype != k.dtype:
         return _attend(q, k, v, allowed, scale, dropout, training)
     batch, kv_heads, group, length, dim = q.shape
-    keys = k[:, :, None].expand(-1, -1, group, -1, -1).reshape(batch, kv_heads * group, -1, dim)
-    values = v[:, :, None].expand(-1, -1, group, -1, -1).reshape(batch, kv_heads * group, -1, v.shape[-1])
-    if allowed.shape[1] == 1 and allowed.shape[2] == 1:                            # (B, 1, C or 1, L)
-        allowed = allowed[:, 0]
-    else:                                                                          # (B, H, C or 1, L)
-        allowed = allowed.expand(-1, kv_heads, group, -1, -1).reshape(batch, kv_heads * group, *allowed.shape[3:])
+    if allowed.shape[2] == 1 and allowed.shape[3] == 1:
+        # The mask is the same for every query of a key-value head (memory reads, decoding): the
+        # group's queries become rows of one head, and the keys and values are read as they are.
+        rows, keys, values = q.reshape(batch, kv_heads, group * length, dim), k, v
+        allowed = allowed[:, :, 0]                                                 # (B, 1 or Hk, 1, L)
+    else:  # a mask per query row: one head per query head, the keys and values repeated per group
+        rows = q.reshape(batch, kv_heads * group, length, dim)
+        keys = k[:, :, None].expand(-1, -1, group, -1, -1).reshape(batch, kv_heads * group, -1, dim)
+        values = v[:, :, None].expand(-1, -1, group, -1, -1).reshape(batch, kv_heads * group, -1, v.shape[-1])
+        if allowed.shape[1] == 1 and allowed.shape[2] == 1:                        # (B, 1, C, L)
+            allowed = allowed[:, 0]
+        else:                                                                      # (B, H, C, L)
+            allowed = allowed.expand(-1, kv_heads, group, -1, -1).reshape(batch, kv_heads * group,
+                                                                          *allowed.shape[3:])
     bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
-    out, lse = kernel(q.reshape(batch, kv_heads * group, length, dim), keys, values, 0.0, False,
-                      attn_mask=bias, scale=scale)
+    out, lse = kernel(rows, keys, values, 0.0, False, attn_mask=bias, scale=scale)
     # A query that may attend nothing: the kernel gives 0 and lse 0; lse is -inf there.
     lse = torch.where(allowed.any(dim=-1).expand_as(lse), lse, torch.full_like(lse, float("-inf")))
     return (out.view(batch, kv_heads, group, length, -1).to(torch.float32),
