@@ -475,3 +475,30 @@ def test_bfloat16_model_within_the_dtype_tolerance(family):
         out = model(ids).logits
     assert out.dtype == torch.bfloat16
     assert_close("logits", out, reference, dtype=torch.bfloat16)
+
+
+def test_soft_capped_logits_and_refused_sinks():
+    """Gemma 2's attention logit soft-capping is applied in both parts (exact against the unpatched
+    eager model, whose sdpa path does not cap); learned attention sinks (gpt-oss's s_aux) are refused
+    rather than ignored."""
+    torch.manual_seed(0)
+    config = transformers.Gemma2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                       max_position_embeddings=4096, sliding_window=4096,
+                                       attn_logit_softcapping=0.5, attn_implementation="eager")
+    model = transformers.Gemma2ForCausalLM(config).eval()
+    with torch.no_grad():  # scores of a few units (random init gives ~0.01), so that the cap at 0.5 matters
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(40)
+    ids = torch.randint(1, VOCAB, (2, 150))
+    with torch.no_grad():
+        reference = model(ids).logits
+        hf.attach_memory(model, window=32, block_size=8, topk_blocks=10 ** 6, sink=2, chunk_size=30)
+        assert max_error(model(ids).logits, reference) < TOL
+
+    class Layer(torch.nn.Module):
+        layer_idx = 0
+
+    q, k = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)
+    with pytest.raises(NotImplementedError, match="s_aux"):
+        block_memory.memory_attention_forward(Layer(), q, k, k, None, s_aux=torch.zeros(2))

@@ -26,6 +26,9 @@ if int(transformers.__version__.split(".")[0]) < 5:
 # The name under which the attention (and its mask) is registered with transformers.
 IMPLEMENTATION = "l2m_memory"
 _BLOCK_REPRS = ("mean", "max")
+# Keyword arguments some models pass to their attention function that change what it computes and
+# that the memory attention does not implement: refused rather than ignored.
+_UNSUPPORTED_ARGUMENTS = {"s_aux": "learned attention sinks, as in gpt-oss", "sinks": "learned attention sinks"}
 _POSITION_MODES = ("original", "fixed")
 
 
@@ -89,12 +92,14 @@ def _rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) ->
 
 # ---- attention with its log-sum-exp ----
 
-def _attend(q, k, v, allowed, scale, dropout, training):
+def _attend(q, k, v, allowed, scale, dropout, training, softcap=None):
     """Softmax attention of q (B, Hk, G, C, D) over k, v (B, Hk, L, D) in float32, with ``allowed``
     (bool, broadcast to (B, Hk, G, C, L)) or None. Returns out (B, Hk, G, C, Dv), zero where a query
     may attend nothing, and lse (B, Hk, G, C), -inf there. One exponential per score: the row
     maximum is subtracted, the normalisation is applied to the output rows."""
     scores = torch.einsum("bhgcd,bhld->bhgcl", q.to(torch.float32) * scale, k.to(torch.float32))
+    if softcap:  # logit soft-capping (Gemma 2), applied to the scaled scores as transformers does
+        scores = softcap * torch.tanh(scores / softcap)
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
     top = scores.amax(dim=-1, keepdim=True)
@@ -114,13 +119,15 @@ def _flash_cpu():
     return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
-def _attend_any(q, k, v, allowed, scale, dropout, training):
+def _attend_any(q, k, v, allowed, scale, dropout, training, softcap=None):
     """:func:`_attend`, through PyTorch's CPU flash-attention kernel where it can serve the call (a
-    CPU tensor, no autograd, no dropout): the same results, without forming the scores in memory."""
+    CPU tensor, no autograd, no dropout, no soft-capping): the same results, without forming the
+    scores in memory."""
     kernel = _flash_cpu()
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if kernel is None or q.device.type != "cpu" or grad or (dropout and training) or q.dtype != k.dtype:
-        return _attend(q, k, v, allowed, scale, dropout, training)
+    if (kernel is None or q.device.type != "cpu" or grad or (dropout and training) or q.dtype != k.dtype
+            or softcap):
+        return _attend(q, k, v, allowed, scale, dropout, training, softcap)
     batch, kv_heads, group, length, dim = q.shape
     if allowed.shape[2] == 1 and allowed.shape[3] == 1:
         # The mask is the same for every query of a key-value head (memory reads, decoding): the
@@ -420,6 +427,11 @@ def memory_attention_forward(module, query, key, value, attention_mask, scaling=
     group = heads // kv_heads
     scale = dim ** -0.5 if scaling is None else scaling
     training = module.training
+    softcap = kwargs.get("softcap")
+    for name, what in _UNSUPPORTED_ARGUMENTS.items():
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"attach_memory: {type(module).__name__} passes {name}= to its attention "
+                                      f"({what}), which the memory attention does not implement")
     if attention_mask is not None and (attention_mask.ndim != 2 or attention_mask.shape[-1] != key.shape[-2]):
         raise ValueError("attach_memory: the attention received a mask it did not make (expected a 2D padding "
                          f"mask of {key.shape[-2]} keys, got shape {tuple(attention_mask.shape)})")
@@ -437,7 +449,7 @@ def memory_attention_forward(module, query, key, value, attention_mask, scaling=
         for a in range(0, length, config.chunk_size):
             b = min(length, a + config.chunk_size)
             allowed = _causal(a + past, b - a, key.shape[-2], key.device) & valid[:, None, None, None, :]
-            outs.append(_attend_any(q[:, :, :, a:b], key, value, allowed, scale, dropout, training)[0])
+            outs.append(_attend_any(q[:, :, :, a:b], key, value, allowed, scale, dropout, training, softcap)[0])
         out = torch.cat(outs, dim=3)
     else:
         start = layer.seen - length                    # position of the call's first query
@@ -454,7 +466,7 @@ def memory_attention_forward(module, query, key, value, attention_mask, scaling=
                        & layer.local_valid[:, None, None, None, :visible])
             q_chunk = q[:, :, :, a:b]
             out_local, lse_local = _attend_any(q_chunk, layer.keys[:, :, :visible], layer.values[:, :, :visible],
-                                           allowed, scale, dropout, training)
+                                           allowed, scale, dropout, training, softcap)
             q_memory = q_chunk
             if config.position_mode == "fixed":
                 shift = config.distance - layer.local_pos[:, start + a - layer.local_start:visible]
@@ -463,7 +475,7 @@ def memory_attention_forward(module, query, key, value, attention_mask, scaling=
             if memory is not None:
                 mem_keys, mem_values, mem_valid = memory
                 out_memory, lse_memory = _attend_any(q_memory, mem_keys, mem_values, mem_valid[:, :, None, None, :],
-                                                 scale, dropout, training)
+                                                 scale, dropout, training, softcap)
                 out_local = _merge(out_local, lse_local, out_memory, lse_memory)
             outs.append(out_local)
         out = torch.cat(outs, dim=3)
