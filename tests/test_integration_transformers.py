@@ -217,10 +217,12 @@ def test_block_selection_against_brute_force(block_repr):
             assert chosen[b, h].tolist() == expected
 
 
-def test_capacity_evicts_the_oldest_blocks():
+@pytest.mark.parametrize("block_repr", ["mean", "max"])
+def test_capacity_evicts_the_oldest_blocks(block_repr):
     model = tiny("llama")
     ids = torch.randint(1, VOCAB, (1, 400))
-    hf.attach_memory(model, window=32, block_size=16, topk_blocks=2, sink=4, capacity=64, chunk_size=32)
+    hf.attach_memory(model, window=32, block_size=16, topk_blocks=2, sink=4, capacity=64, chunk_size=32,
+                     block_repr=block_repr)
     cache = hf.MemoryCache.for_model(model)
     with torch.no_grad():
         model(ids, cache=cache, use_cache=True)
@@ -228,6 +230,15 @@ def test_capacity_evicts_the_oldest_blocks():
     assert layer.num_blocks == 4 and layer.evicted_blocks > 0
     assert layer.block_keys.view().shape[2] == 4
     assert layer.local_start + layer.keys.shape[-2] == 400
+    # The kept blocks are the newest ones: layer 0's keys do not depend on what memory was read.
+    unbounded = hf.MemoryCache(dataclasses.replace(model._l2m_memory.config, capacity=None), 2)
+    with torch.no_grad():
+        model(ids, cache=unbounded, use_cache=True)
+    kept, every = cache.layers[0], unbounded.layers[0]
+    assert torch.equal(kept.block_keys.view(), every.block_keys.view()[:, :, -4:])
+    assert torch.equal(kept.block_valid.view(), every.block_valid.view()[:, -4:])
+    if block_repr == "mean":
+        assert torch.equal(kept.block_repr.view(), every.block_repr.view()[:, :, -4:])
 
 
 def test_detach_restores_the_model_bitwise():
@@ -364,7 +375,7 @@ def test_product_key_memory_in_place_of_mlps_round_trips(family, tmp_path):
     with torch.no_grad():
         before = model(ids).logits
     hf.replace_mlp_with_memory(model, layers=[-1], n_sub=16, key_dim=32, heads=2, k=4, gated=True)
-    decoder, _ = layers._decoder_layers(model)
+    decoder, _ = layers._decoder_layers(model, "test")
     assert isinstance(decoder[1].mlp, ProductKeyMemory) and not isinstance(decoder[0].mlp, ProductKeyMemory)
     assert model.config.l2m_memory == {"mlp": [{"layers": [1], "args": dict(n_sub=16, key_dim=32, heads=2, k=4,
                                                                               gated=True)}]}
@@ -420,7 +431,7 @@ def test_memory_attention_trains_and_round_trips(tmp_path):
     model = tiny("llama")
     ids = torch.randint(1, VOCAB, (2, 40))
     hf.add_memory_attention(model, num_slots=64, topk=4, merge="gate")
-    decoder, _ = layers._decoder_layers(model)
+    decoder, _ = layers._decoder_layers(model, "test")
     inner = decoder[-1].self_attn.inner
     assert inner.memory.num_slots == 64 and inner.merge == "gate"
     model.train()

@@ -9,6 +9,8 @@ from typing import Optional
 
 import torch
 
+from l2m_kernels.ops.merge import merge_attention
+
 try:
     import transformers
     from transformers.cache_utils import Cache, CacheLayerMixin
@@ -153,7 +155,6 @@ def _attend_any(q, k, v, allowed, scale, dropout, training, softcap=None):
 
 def _merge(out_a, lse_a, out_b, lse_b):
     """The exact merge of two attention parts over disjoint keys (l2m_kernels.merge_attention)."""
-    from l2m_kernels import merge_attention
     shape = out_a.shape
     out, _ = merge_attention(out_a.reshape(shape[0], -1, shape[-2], shape[-1]),
                              lse_a.reshape(shape[0], -1, shape[-2]),
@@ -165,45 +166,41 @@ def _merge(out_a, lse_a, out_b, lse_b):
 # ---- the cache ----
 
 class _Grown:
-    """A tensor that grows along one dimension by doubling its storage (appends are amortised O(1))."""
+    """A tensor that grows at the back and shrinks at the front along one dimension: the rows
+    ``start .. start + length`` of a storage that doubles when full (appends and drops amortised
+    O(1): a drop only moves ``start``, and the storage is compacted when it next grows)."""
 
     def __init__(self, dim: int):
-        self.dim, self.data, self.length = dim, None, 0
+        self.dim, self.data, self.start, self.length = dim, None, 0, 0
 
     def append(self, x: torch.Tensor) -> None:
         n = x.shape[self.dim]
         if torch.is_grad_enabled() and (x.requires_grad or (self.data is not None and self.data.requires_grad)):
             # Under autograd, out of place: earlier reads of the storage are saved for the backward.
             self.data = x if self.data is None else torch.cat([self.view(), x], dim=self.dim)
-            self.length = self.data.shape[self.dim]
+            self.start, self.length = 0, self.data.shape[self.dim]
             return
-        if self.data is None:
+        if self.data is None or self.start + self.length + n > self.data.shape[self.dim]:
             shape = list(x.shape)
-            shape[self.dim] = max(n, 4)
-            self.data = x.new_empty(shape)
-        elif self.length + n > self.data.shape[self.dim]:
-            shape = list(self.data.shape)
-            shape[self.dim] = max(2 * shape[self.dim], self.length + n)
-            grown = self.data.new_empty(shape)
-            grown.narrow(self.dim, 0, self.length).copy_(self.view())
-            self.data = grown
-        self.data.narrow(self.dim, self.length, n).copy_(x)
+            shape[self.dim] = max(2 * self.length, self.length + n, 4)
+            grown = x.new_empty(shape)
+            if self.length:
+                grown.narrow(self.dim, 0, self.length).copy_(self.view())
+            self.data, self.start = grown, 0
+        self.data.narrow(self.dim, self.start + self.length, n).copy_(x)
         self.length += n
 
     def view(self) -> Optional[torch.Tensor]:
-        return None if self.data is None else self.data.narrow(self.dim, 0, self.length)
+        return None if self.data is None else self.data.narrow(self.dim, self.start, self.length)
 
     def drop_front(self, n: int) -> None:
-        if n:
-            kept = self.view().narrow(self.dim, n, self.length - n).clone()
-            self.data, self.length = None, 0
-            if kept.shape[self.dim]:
-                self.append(kept)
+        n = min(n, self.length)  # an unused one (block_repr "max" keeps no representatives) stays empty
+        self.start, self.length = self.start + n, self.length - n
 
     def map_batch(self, fn) -> None:
         if self.data is not None:
             self.data = fn(self.view())
-            self.length = self.data.shape[self.dim]
+            self.start, self.length = 0, self.data.shape[self.dim]
 
 
 class MemoryLayer(CacheLayerMixin):
@@ -324,9 +321,8 @@ class MemoryLayer(CacheLayerMixin):
         if cfg.capacity is not None:
             excess = self.num_blocks - cfg.capacity // cfg.block_size
             if excess > 0:
-                for grown in (self.block_keys, self.block_values, self.block_repr):
+                for grown in (self.block_keys, self.block_values, self.block_valid, self.block_repr):
                     grown.drop_front(excess)
-                self.block_valid.drop_front(excess)
                 self.evicted_blocks += excess
 
     def memory(self, q: torch.Tensor, scale: float):
@@ -389,7 +385,6 @@ class MemoryCache(Cache):
 
     def __init__(self, config: MemoryConfig, num_layers: int, inv_freq: Optional[torch.Tensor] = None):
         super().__init__(layers=[MemoryLayer(config, inv_freq) for _ in range(num_layers)])
-        self.memory_config = config
 
     @classmethod
     def for_model(cls, model) -> "MemoryCache":

@@ -16,14 +16,14 @@ _MLP_NAMES = ("mlp", "feed_forward", "ffn")
 _PKM_ARGUMENTS = ("n_sub", "key_dim", "value_dim", "heads", "k", "k_sub", "gated", "sparse_grad", "backend")
 
 
-def _decoder_layers(model):
+def _decoder_layers(model, caller: str):
     """The base model's list of decoder layers: its nn.ModuleList of num_hidden_layers modules."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     count = getattr(config, "num_hidden_layers", None)
     for module in model.base_model.modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == count:
             return module, config
-    raise TypeError(f"replace_mlp_with_memory: no list of {count} decoder layers found in "
+    raise TypeError(f"{caller}: no list of {count} decoder layers found in "
                     f"{type(model.base_model).__name__}")
 
 
@@ -48,7 +48,7 @@ def _layer_indices(decoder, layers, default: int, caller: str) -> list:
 
 def _put_memory_layers(model, spec: dict) -> None:
     from l2m_kernels.modules import ProductKeyMemory
-    layers, config = _decoder_layers(model)
+    layers, config = _decoder_layers(model, "replace_mlp_with_memory")
     replacements = []  # every memory layer built before any is put in: a bad argument changes nothing
     for index in spec["layers"]:
         layer = layers[index]
@@ -78,7 +78,7 @@ def replace_mlp_with_memory(model, layers=None, **pkm_args):
     for name in ("n_sub", "key_dim"):
         if name not in pkm_args:
             raise TypeError(f"replace_mlp_with_memory: the ProductKeyMemory argument {name} is required")
-    decoder, _ = _decoder_layers(model)
+    decoder, _ = _decoder_layers(model, "replace_mlp_with_memory")
     layers = _layer_indices(decoder, layers, len(decoder) // 2, "replace_mlp_with_memory")
     recorded = dict(getattr(model.config, "l2m_memory", None) or {})
     spec = {"layers": layers, "args": dict(pkm_args)}
@@ -150,7 +150,7 @@ def add_memory_attention(model, layers=None, *, num_slots: Optional[int] = 4096,
     absolute positions)."""
     spec = {"layers": layers, "args": dict(num_slots=num_slots, topk=topk, merge=merge, memory_heads=memory_heads,
                                            trainable=trainable, deterministic=deterministic, backend=backend)}
-    decoder, _ = _decoder_layers(model)
+    decoder, _ = _decoder_layers(model, "add_memory_attention")
     spec["layers"] = _layer_indices(decoder, layers, len(decoder) - 1, "add_memory_attention")
     _put_memory_attention(model, spec, copy_weights=True)
     recorded = dict(getattr(model.config, "l2m_memory", None) or {})
@@ -168,7 +168,7 @@ def _refuse_padding(module, args, kwargs):
 
 def _put_memory_attention(model, spec: dict, copy_weights: bool) -> None:
     from l2m_kernels.modules import MemoryAttention, TopKMemory
-    decoder, config = _decoder_layers(model)
+    decoder, config = _decoder_layers(model, "add_memory_attention")
     args = dict(spec["args"])
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
