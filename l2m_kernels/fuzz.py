@@ -70,6 +70,7 @@ import l2m_kernels as l2m
 
 from .backends import BACKENDS, OPS
 from .ops import registry
+from .ops.block_memory.reference import block_read_ref, block_scores_ref, select_blocks
 from .ops.memory_attention.reference import _local_attention_acc, _merge_acc, memory_attention_gather
 from .ops.memory_write.reference import gated_dense_update_ref, gated_memory_write_ref
 from .ops.merge.reference import gated_merge_ref, merge_attention_ref
@@ -789,6 +790,53 @@ def judge_attention(case, res, gen):
             modelled=rounded_parts, model_cotangents=stored_outputs, gradient_terms=gate_terms)
 
 
+def judge_block_topk(case, res, gen):
+    q, reprs, k = case.args["q"], case.args["reprs"], case.args["k"]
+    B, Hk, NB = reprs.shape[:3]
+    scale = resolve_scale(case.args.get("scale"), q.shape[-1])
+    valid = case.args.get("repr_valid")
+    _expect_tensor("indices", res.indices, (B, Hk, k), torch.int64)
+    _expect_tensor("scores", res.scores, (B, Hk, NB), lse_dtype(case.dtype))
+    want = block_scores_ref(_f64(q), _f64(reprs), None if valid is None else valid.cpu(), scale)
+    scores, ids = res.scores.detach().cpu(), res.indices.detach().cpu()
+    finite = torch.isfinite(want)
+    if not torch.equal(torch.isneginf(scores), torch.isneginf(want) & ~torch.isnan(want)) and not want.isnan().any():
+        raise FuzzFailure("scores: the blocks scoring -inf (no valid representative) differ from the reference's")
+    if finite.any():
+        _check("scores", scores[finite], want[finite], case.dtype, TOLERANCE[case.dtype], zero_absolute=False)
+    # The selection follows the op's own scores by the documented order (NaN first, then
+    # descending, ties to the smaller block, returned in increasing order) ...
+    if not torch.equal(ids, select_blocks(scores, k)):
+        raise FuzzFailure(f"indices: {ids.flatten().tolist()[:16]} are not the k best of the returned scores "
+                          f"by the documented order ({select_blocks(scores, k).flatten().tolist()[:16]})")
+    # ... and those agree with the float64 reference's up to rounding; exact data: the same blocks.
+    if case.extra["exact"] and not want.isnan().any() and not torch.equal(ids, select_blocks(want, k)):
+        raise FuzzFailure("indices: exact data, expected the reference's blocks "
+                          f"{select_blocks(want, k).flatten().tolist()[:16]}, got {ids.flatten().tolist()[:16]}")
+    if k and finite.all():
+        picked = want.gather(-1, ids).amin(-1)
+        left = want.scatter(-1, ids, float("-inf")).amax(-1)
+        slack = 8 * TOLERANCE[case.dtype] * want.abs().amax(-1).clamp_min(1.0)
+        if bool((left > picked + slack).any()):
+            raise FuzzFailure("indices: a block left out scores above a selected one (float64 reference scores)")
+
+
+def judge_block_read(case, res, gen):
+    q, block_values, indices = case.args["q"], case.args["block_values"], case.args["indices"]
+    B, H, T, _ = q.shape
+    scale = resolve_scale(case.args.get("scale"), q.shape[-1])
+    valid = case.args.get("block_valid")
+    valid = None if valid is None else valid.cpu()
+    ids = indices.cpu()
+    _expect_tensor("out", res.out, (B, H, T, block_values.shape[-1]), case.dtype)
+    _expect_tensor("lse", res.lse, (B, H, T), lse_dtype(case.dtype))
+    terms = block_read_ref(_f64(q), _f64(case.args["block_keys"]), _f64(block_values).abs(), ids, valid, scale)[0]
+    compare(case, ("out", "lse"), (res.out, res.lse),
+            lambda x: block_read_ref(x["q"], x["block_keys"], x["block_values"], ids, valid, scale), gen,
+            model_cotangents=lambda outs, cots: (cots[0], cots[1] - _stored_error(cots[0], outs[0], case.dtype)),
+            output_terms={"out": terms})
+
+
 # ------------------------------------------------------------------------------------------------
 # Strategies: one per op, drawing plain parameters (the tensors are built from them).
 # ------------------------------------------------------------------------------------------------
@@ -1013,6 +1061,35 @@ def attention_params(draw, backend):
     return p
 
 
+BLOCK_TOPK_MUTATIONS = ("q-rank", "reprs-rank", "reprs-heads", "reprs-dim", "k-over", "repr_valid-shape",
+                        "repr_valid-dtype", "reprs-dtype", "backend-name")
+BLOCK_READ_MUTATIONS = ("q-rank", "block_keys-heads", "block_values-size", "indices-shape", "indices-dtype",
+                        "indices-high", "indices-low", "block_valid-shape", "block_keys-dtype", "backend-name")
+
+
+def _blocks_params(draw, backend, tensors, mutations):
+    tiny = _tiny(backend)
+    p = _common(draw, backend, tensors, mutations, special_names=tensors[:2])
+    Hk = draw(st.integers(1, 2))
+    p.update(_sizes(draw, dict(B=(1, 2), T=(1, 4 if tiny else 9), NB=(1, 12), S=(1, 9), D=(1, 9 if tiny else 40),
+                               Dv=(1, 9 if tiny else 33)), ("B", "T", "D")))
+    p.update(Hk=Hk, H=Hk * draw(st.integers(1, 3)), k=_edge_int(draw, 0, p["NB"]),
+             valid=draw(st.sampled_from((None, "random", "sparse"))), repeats=draw(st.booleans()),
+             strided=False, ties=draw(st.integers(0, 4)) == 0, scale=_scale(draw, p["mode"]))
+    p["R"] = draw(st.sampled_from((1, p["S"])))
+    return p
+
+
+@_strategy
+def block_topk_params(draw, backend):
+    return _blocks_params(draw, backend, ("q", "reprs"), BLOCK_TOPK_MUTATIONS)
+
+
+@_strategy
+def block_read_params(draw, backend):
+    return _blocks_params(draw, backend, ("q", "block_keys", "block_values"), BLOCK_READ_MUTATIONS)
+
+
 STRATEGIES = {
     "topk_memory_read": topk_params,
     "product_key_read": product_key_params,
@@ -1021,6 +1098,8 @@ STRATEGIES = {
     "merge_attention": merge_params,
     "gated_merge": gated_merge_params,
     "memory_attention": attention_params,
+    "block_topk": block_topk_params,
+    "block_read": block_read_params,
 }
 assert tuple(sorted(STRATEGIES)) == tuple(sorted(OPS)), "every op needs a strategy"
 # The invalid arguments each op's cases draw (tests/test_validation.py checks every one).
@@ -1032,6 +1111,8 @@ MUTATIONS = {
     "merge_attention": MERGE_MUTATIONS,
     "gated_merge": GATED_MERGE_MUTATIONS,
     "memory_attention": ATTN_MUTATIONS,
+    "block_topk": BLOCK_TOPK_MUTATIONS,
+    "block_read": BLOCK_READ_MUTATIONS,
 }
 assert tuple(sorted(MUTATIONS)) == tuple(sorted(OPS)), "every op needs its invalid arguments"
 
@@ -1054,6 +1135,8 @@ OTHER_DTYPE_MUTATIONS = {  # mutation: (argument, why)
     "out_b-dtype": ("out_b", "out_b in another dtype"),
     "gate-dtype": ("gate", "gate in another dtype"),
     "mem_keys-dtype": ("mem_keys", "mem_keys in another dtype"),
+    "reprs-dtype": ("reprs", "reprs in another dtype"),
+    "block_keys-dtype": ("block_keys", "block_keys in another dtype"),
 }
 
 
@@ -1433,6 +1516,117 @@ def build_attention(p, backend, device, gen):
     return case
 
 
+def _block_mask(p, gen, shape, device):
+    """A (B, NB, X) validity mask as ``p["valid"]`` asks (see registry.blocks_case), or None."""
+    if p["valid"] is None:
+        return None
+    mask = torch.rand(shape, generator=gen) < (0.75 if p["valid"] == "random" else 0.5)
+    if p["valid"] == "sparse" and mask.numel():
+        mask[:, 0] = False              # a block with no valid token
+        if shape[0] > 1:
+            mask[-1] = False            # a batch element whose every token is padding
+    return mask.to(device)
+
+
+def _block_layouts(p, names):
+    """``strided`` (declared cases): q transposed from (B, T, H, D), the blocks from (B, NB, Hk, S, D)."""
+    if p.get("strided") and not p["layouts"]:
+        return dict(p, layouts={n: "transposed" for n in names})
+    return p
+
+
+def _blocks(p, b, gen, name, dtype, device, last):
+    """A (B, Hk, NB, S or R, last) block tensor; with ``ties`` the odd blocks repeat the even ones."""
+    B, Hk, NB = p["B"], p["Hk"], p["NB"]
+    rows = p["R"] if name == "reprs" else p["S"]
+    t = _float_tensor(b, gen, name, (B, Hk, NB, rows, last), dtype, p, device, bdims=(0,))
+    if p.get("ties") and NB > 1 and b.layouts[name] != "expanded":
+        with torch.no_grad():
+            pairs = NB // 2 * 2
+            t[:, :, 1:pairs:2] = t[:, :, 0:pairs:2]   # written through the view into its base
+    return t
+
+
+def build_block_topk(p, backend, device, gen):
+    dtype = NAMED_DTYPES[p["dtype"]]
+    p = _block_layouts(p, ("q", "reprs"))
+    B, H, Hk, T, NB, R, D, k = (p[n] for n in ("B", "H", "Hk", "T", "NB", "R", "D", "k"))
+    b = Built()
+    q = _float_tensor(b, gen, "q", (B, H, T, D), dtype, p, device, bdims=(0,))
+    reprs = _blocks(p, b, gen, "reprs", dtype, device, D)
+    valid = _block_mask(p, gen, (B, NB, R), device)
+    args = dict(q=q, reprs=reprs, k=k, repr_valid=valid, scale=p["scale"], backend=backend)
+    case = Case("block_topk", backend, dtype, args, ("q", "reprs", "k"), judge=judge_block_topk, built=b,
+                extra=dict(exact=p["mode"] == "int"))
+    m = p["mutation"]
+    if m == "q-rank":
+        args["q"], case.must_raise = q.flatten(0, 1), _bad([ValueError], ["q"], "3-D q")
+    elif m == "reprs-rank":
+        args["reprs"], case.must_raise = reprs.flatten(2, 3), _bad([ValueError], ["reprs"], "4-D reprs")
+    elif m == "reprs-heads":
+        bad = _non_divisor(H)
+        args["reprs"] = torch.zeros(B, bad, NB, R, D, dtype=dtype, device=device)
+        case.must_raise = _bad([ValueError], ["reprs"], f"Hk = {bad} does not divide H = {H}")
+    elif m == "reprs-dim":
+        args["reprs"] = torch.zeros(B, Hk, NB, R, D + 1, dtype=dtype, device=device)
+        case.must_raise = _bad([ValueError], ["reprs"], "reprs with D + 1")
+    elif m == "k-over":
+        args["k"], case.must_raise = NB + 1, _bad([ValueError], ["k"], "k = NB + 1")
+    elif m == "repr_valid-shape":
+        args["repr_valid"] = torch.ones(B, NB + 1, R, dtype=torch.bool, device=device)
+        case.must_raise = _bad([ValueError], ["repr_valid"], "repr_valid with NB + 1 blocks")
+    elif m == "repr_valid-dtype":
+        args["repr_valid"] = torch.ones(B, NB, R, dtype=torch.int32, device=device)
+        case.must_raise = _bad([TypeError], ["repr_valid"], "int32 repr_valid")
+    return case
+
+
+def build_block_read(p, backend, device, gen):
+    dtype = NAMED_DTYPES[p["dtype"]]
+    p = _block_layouts(p, ("q", "block_keys", "block_values"))
+    B, H, Hk, T, NB, S, D, Dv, K = (p[n] for n in ("B", "H", "Hk", "T", "NB", "S", "D", "Dv", "k"))
+    b = Built()
+    q = _float_tensor(b, gen, "q", (B, H, T, D), dtype, p, device, bdims=(0,))
+    block_keys = _blocks(p, b, gen, "block_keys", dtype, device, D)
+    block_values = _blocks(p, b, gen, "block_values", dtype, device, Dv)
+    if p["repeats"] or K > NB:
+        ids = torch.randint(0, max(NB, 1), (B, Hk, K), generator=gen)
+    else:
+        ids = torch.rand(B, Hk, NB, generator=gen).argsort(-1)[..., :K].sort(-1).values
+    indices = _int_tensor(b, "indices", ids.to(torch.int64), p, device, -7)
+    valid = _block_mask(p, gen, (B, NB, S), device)
+    names = ("q", "block_keys", "block_values")
+    args = dict(q=q, block_keys=block_keys, block_values=block_values, indices=indices, block_valid=valid,
+                scale=p["scale"], backend=backend)
+    case = Case("block_read", backend, dtype, args, names + ("indices",), diff_inputs=names,
+                judge=judge_block_read, built=b)
+    m = p["mutation"]
+    if m == "q-rank":
+        args["q"], case.must_raise = q.flatten(0, 1), _bad([ValueError], ["q"], "3-D q")
+    elif m == "block_keys-heads":
+        bad = _non_divisor(H)
+        args["block_keys"] = torch.zeros(B, bad, NB, S, D, dtype=dtype, device=device)
+        case.must_raise = _bad([ValueError], ["block_keys"], f"Hk = {bad} does not divide H = {H}")
+    elif m == "block_values-size":
+        args["block_values"] = torch.zeros(B, Hk, NB, S + 1, Dv, dtype=dtype, device=device)
+        case.must_raise = _bad([ValueError], ["block_values"], "block_values with S + 1 tokens")
+    elif m == "indices-shape":
+        args["indices"] = torch.zeros(B, Hk + 1, K, dtype=torch.int64, device=device)
+        case.must_raise = _bad([ValueError], ["indices"], "indices with Hk + 1 heads")
+    elif m == "indices-dtype":
+        args["indices"] = ids.to(torch.int32).to(device)
+        case.must_raise = _bad([TypeError], ["indices"], "int32 indices")
+    elif m in ("indices-high", "indices-low"):
+        # (With B = 0 there is no id to check: the batch size of the indices is then the error.)
+        bad = NB if m == "indices-high" else -1
+        args["indices"] = torch.full((max(B, 1), Hk, max(K, 1)), bad, dtype=torch.int64, device=device)
+        case.must_raise = _bad([IndexError, ValueError], ["indices"], f"a block id = {bad}")
+    elif m == "block_valid-shape":
+        args["block_valid"] = torch.ones(B, NB, S + 1, dtype=torch.bool, device=device)
+        case.must_raise = _bad([ValueError], ["block_valid"], "block_valid with S + 1 tokens")
+    return case
+
+
 BUILDERS = {
     "topk_memory_read": build_topk,
     "product_key_read": build_product_key,
@@ -1441,6 +1635,8 @@ BUILDERS = {
     "merge_attention": build_merge,
     "gated_merge": build_gated_merge,
     "memory_attention": build_attention,
+    "block_topk": build_block_topk,
+    "block_read": build_block_read,
 }
 
 

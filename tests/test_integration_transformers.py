@@ -191,29 +191,28 @@ def test_block_selection_against_brute_force(block_repr):
     keys, values = torch.randn(B, Hk, 64, D), torch.randn(B, Hk, 64, D)
     layer.update(keys, values)
     valid = torch.rand(B, 64) > 0.2
+    valid[0, 4:9] = False  # a block of padding only
     layer.note_inputs(valid, torch.arange(64).expand(B, 64))
     layer.roll(64)
     blocks = layer.num_blocks
     assert blocks == (64 - 4) // 5
     q = torch.randn(B, Hk, G, C, D)
-    chosen = layer._select(q, 0.5, 3)
+    chosen = layer.select(q, 0.5, 3)
     for b in range(B):
         for h in range(Hk):
             scores = []
             for n in range(blocks):
                 block = keys[b, h, n * 5:(n + 1) * 5]
                 ok = valid[b, n * 5:(n + 1) * 5]
-                if block_repr == "mean":
-                    rep = (block * ok[:, None]).sum(0) / max(int(ok.sum()), 1)
+                if not ok.any():  # padding only: never chosen before a block with a token
+                    scores.append(float("-inf"))
+                elif block_repr == "mean":
+                    rep = (block * ok[:, None]).sum(0) / int(ok.sum())
                     scores.append(sum(float(q[b, h, g, c] @ rep) for g in range(G) for c in range(C)))
                 else:
-                    total = 0.0
-                    for g in range(G):
-                        for c in range(C):
-                            best = [float(q[b, h, g, c] @ block[t]) for t in range(5) if ok[t]]
-                            total += max(best) if best else 0.0
-                    scores.append(total)
-            expected = sorted(sorted(range(blocks), key=lambda n: -scores[n])[:3])
+                    scores.append(sum(max(float(q[b, h, g, c] @ block[t]) for t in range(5) if ok[t])
+                                      for g in range(G) for c in range(C)))
+            expected = sorted(sorted(range(blocks), key=lambda n: (-scores[n], n))[:3])
             assert chosen[b, h].tolist() == expected
 
 

@@ -154,6 +154,8 @@ def test_declared_entries_are_registered(decl):
     binding = (pathlib.Path(__file__).resolve().parents[1] / "csrc" / "common" / "binding.h").read_text()
     registered = set(re.findall(r"L2M_DEF\((\w+),", binding))
     for name in ("cpu", "cuda"):
+        if name not in decl.backends:  # an op that backend does not serve
+            continue
         entry = decl.backends[name].entry
         assert entry in registered, (name, entry)
     cpu = _ext.cpu_extension()

@@ -65,7 +65,7 @@ constexpr Layout kRowLayout = kCuda ? kContiguous : kRows;
 // An operand's dtype: the op's floating storage dtype (fixed by its first kData operand), its
 // accumulation dtype kAcc (float64 for float64 storage, else float32), or a fixed one; kIndex is
 // int32 or int64.
-enum Kind { kData, kAcc, kInt64, kInt32, kFloat32, kIndex };
+enum Kind { kData, kAcc, kInt64, kInt32, kFloat32, kIndex, kBool };
 
 // One operand as an entry point describes it: its name, the tensor (nullptr: an absent optional),
 // its shape, dtype and layout. A shape is "(B, H, T, Dk)": sizes named by symbols, each bound by
@@ -160,7 +160,8 @@ constexpr std::pair<std::string_view, std::string_view> kSizeFields[] = {
     {"batch", "B"},     {"heads", "H"},       {"seq_len", "T"},  {"mem_heads", "Hm"},
     {"num_slots", "N"}, {"dim_k", "Dk"},      {"dim_v", "Dv"},   {"kv_heads", "Hkv"},
     {"dim", "D"},       {"context_len", "S"}, {"head_dim", "D"}, {"rows", "R"},
-    {"groups", "G"},    {"steps", "T"},       {"writes_per_step", "kw"}};
+    {"groups", "G"},    {"steps", "T"},       {"writes_per_step", "kw"},
+    {"num_blocks", "NB"}, {"num_reprs", "R"},   {"block_size", "S"}, {"num_selected", "K"}};
 constexpr std::string_view symbol_of(std::string_view field) {
   for (const auto& [name, symbol] : kSizeFields) {
     if (name == field) {
@@ -395,6 +396,7 @@ class Call {
                                    : kind == kAcc   ? acc
                                    : kind == kInt64 ? at::kLong
                                    : kind == kInt32 ? at::kInt
+                                   : kind == kBool  ? at::kBool
                                                     : at::kFloat;
       if (given != want) {
         type_error(std::string(name) + " must have dtype " + c10::toString(want) + ", got " +
@@ -1318,6 +1320,150 @@ inline void local_attention_bwd(TensorArg dout, TensorArg dlse, TensorArg q, Ten
   L2M_LAUNCH(call, local_attention_bwd, params, q);
 }
 
+#if !L2M_BINDING_CUDA
+// ---- block memory (CPU only; l2m_kernels/ops/block_memory) ----
+
+// A (B, Hkv, NB, X, Y) block tensor: its last two dimensions contiguous (the kernels step through
+// dimensions 0-2 by their strides, which may be those of a window of a larger buffer).
+inline void check_block_layout(const Call& call, TensorArg tensor, const char* name) {
+  const bool last = tensor.size(4) <= 1 || tensor.stride(4) == 1;
+  const bool rows = tensor.size(3) <= 1 || tensor.stride(3) == tensor.size(4);
+  if (tensor.numel() > 0 && !(last && rows)) {
+    call.value_error(std::string(name) + " must have contiguous last two dimensions (strides (" +
+                     text(tensor.size(4)) + ", 1)), got strides " + dims_text(tensor.strides()));
+  }
+}
+
+inline void copy_strides(TensorArg tensor, int64_t* strides, int64_t count) {
+  for (int64_t axis = 0; axis < count; ++axis) {
+    strides[axis] = tensor.stride(axis);
+  }
+}
+
+// A (B, NB, X) bool validity mask's data and the strides of its dimensions 0-1; null without one.
+inline const bool* mask_of(OptionalTensor mask, int64_t* strides) {
+  if (!mask.has_value()) {
+    strides[0] = strides[1] = 0;
+    return nullptr;
+  }
+  copy_strides(*mask, strides, 2);
+  return mask->const_data_ptr<bool>();
+}
+
+// q (B, H, T, D); the block tensor `blocks` named `name` of shape `shape`, (B, Hkv, NB, ., .) with
+// Hkv dividing H.
+inline void block_operands(Call& call, TensorArg q, TensorArg blocks, const char* name,
+                           const char* shape) {
+  call.inputs({L2M_T(q, "(B, H, T, D)", kData, kRowLayout),
+               Operand{name, &blocks, shape, kData, kAny}});
+  if (call["Hkv"] < 1 || call["H"] % call["Hkv"] != 0) {
+    call.value_error(std::string(name) + " must have Hkv dividing H = " + text(call["H"]) +
+                     ", got " + shape_of(blocks));
+  }
+  check_block_layout(call, blocks, name);
+}
+
+// Scores every block against the chunk q and selects the k best per (batch, kv head): reprs
+// (B, Hkv, NB, R, D), repr_valid (B, NB, R) bool or none, k in [0, NB]; indices (B, Hkv, k) int64
+// in increasing order, scores (B, Hkv, NB) acc.
+inline void block_topk_fwd(TensorArg q, TensorArg reprs, OptionalTensor repr_valid, int64_t k,
+                           double scale, TensorArg indices, TensorArg scores) {
+  Call call("block_topk_fwd", /*float64=*/true);
+  block_operands(call, q, reprs, "reprs", "(B, Hkv, NB, R, D)");
+  call.inputs({L2M_T(repr_valid, "(B, NB, R)", kBool, kRows)});
+  if (k < 0 || k > call["NB"]) {
+    call.value_error("k must be in [0, NB] = [0, " + text(call["NB"]) + "], got " + text(k));
+  }
+  call.let("k", k);
+  call.outputs({L2M_T(indices, "(B, Hkv, k)", kInt64), L2M_T(scores, "(B, Hkv, NB)", kAcc)});
+  call.apart();
+  call.spans_apart();
+  if (call["B"] * call["Hkv"] == 0) {
+    return;
+  }
+  kp::BlockTopkFwdParams params{};
+  L2M_SIZES(params, batch, heads, kv_heads, seq_len, num_blocks, num_reprs, dim, k);
+  params.scale = scale;
+  L2M_IN(params, q, reprs);
+  L2M_OUT(params, indices, scores);
+  copy_strides(reprs, params.reprs_strides, 3);
+  params.repr_valid = mask_of(repr_valid, params.repr_valid_strides);
+  L2M_ROWS(params, q);
+  L2M_LAUNCH(call, block_topk_fwd, params, q);
+}
+
+// The read's inputs: q, block_keys (B, Hkv, NB, S, D), block_values (B, Hkv, NB, S, Dv), indices
+// (B, Hkv, K) int64 in [0, NB), block_valid (B, NB, S) bool or none.
+inline void block_read_operands(Call& call, TensorArg q, TensorArg block_keys,
+                                TensorArg block_values, TensorArg indices,
+                                OptionalTensor block_valid) {
+  block_operands(call, q, block_keys, "block_keys", "(B, Hkv, NB, S, D)");
+  call.inputs({L2M_T(block_values, "(B, Hkv, NB, S, Dv)", kData, kAny),
+               L2M_T(indices, "(B, Hkv, K)", kInt64),
+               L2M_T(block_valid, "(B, NB, S)", kBool, kRows)});
+  check_block_layout(call, block_values, "block_values");
+  check_indices(call, indices, "indices", /*minus_one=*/false, "NB", call["NB"]);
+}
+
+template <typename Params>
+void fill_block_read(Params& params, const Call& call, TensorArg block_keys,
+                     TensorArg block_values, OptionalTensor block_valid, double scale) {
+  L2M_SIZES(params, batch, heads, kv_heads, seq_len, num_blocks, block_size, dim, dim_v,
+            num_selected);
+  params.scale = scale;
+  copy_strides(block_keys, params.key_strides, 3);
+  copy_strides(block_values, params.value_strides, 3);
+  params.block_valid = mask_of(block_valid, params.valid_strides);
+}
+
+// Softmax attention of each query row over the valid tokens of its kv head's selected blocks:
+// out (B, H, T, Dv), lse (B, H, T) acc.
+inline void block_read_fwd(TensorArg q, TensorArg block_keys, TensorArg block_values,
+                           TensorArg indices, OptionalTensor block_valid, double scale,
+                           TensorArg out, TensorArg lse) {
+  Call call("block_read_fwd", /*float64=*/true);
+  block_read_operands(call, q, block_keys, block_values, indices, block_valid);
+  call.outputs({L2M_T(out, "(B, H, T, Dv)"), L2M_T(lse, "(B, H, T)", kAcc)});
+  call.apart();
+  call.spans_apart();
+  if (call["B"] * call["H"] * call["T"] == 0) {
+    return;
+  }
+  kp::BlockReadFwdParams params{};
+  fill_block_read(params, call, block_keys, block_values, block_valid, scale);
+  L2M_IN(params, q, block_keys, block_values, indices);
+  L2M_OUT(params, out, lse);
+  L2M_ROWS(params, q);
+  L2M_LAUNCH(call, block_read_fwd, params, q);
+}
+
+// Gradients of block_read_fwd: dq like q, dkeys and dvalues like block_keys and block_values but
+// contiguous (zero for blocks not read).
+inline void block_read_bwd(TensorArg dout, TensorArg dlse, TensorArg q, TensorArg block_keys,
+                           TensorArg block_values, TensorArg indices, OptionalTensor block_valid,
+                           TensorArg out, TensorArg lse, double scale, TensorArg dq,
+                           TensorArg dkeys, TensorArg dvalues) {
+  Call call("block_read_bwd", /*float64=*/true);
+  block_read_operands(call, q, block_keys, block_values, indices, block_valid);
+  call.inputs({L2M_T(dout, "(B, H, T, Dv)", kData, kRowLayout), L2M_T(dlse, "(B, H, T)", kAcc),
+               L2M_T(out, "(B, H, T, Dv)"), L2M_T(lse, "(B, H, T)", kAcc)});
+  call.outputs({L2M_T(dq, "(B, H, T, D)"), L2M_T(dkeys, "(B, Hkv, NB, S, D)"),
+                L2M_T(dvalues, "(B, Hkv, NB, S, Dv)")});
+  call.apart();
+  call.spans_apart();
+  if (call["B"] * call["Hkv"] == 0) {
+    return;
+  }
+  kp::BlockReadBwdParams params{};
+  fill_block_read(params, call, block_keys, block_values, block_valid, scale);
+  L2M_IN(params, dout, dlse, q, block_keys, block_values, indices, out, lse);
+  L2M_OUT(params, dq, dkeys, dvalues);
+  L2M_ROWS(params, dout, q);
+  // Runs even without queries (T == 0): dkeys and dvalues are zeroed.
+  L2M_LAUNCH(call, block_read_bwd, params, q);
+}
+#endif
+
 // ---- registration: the same functions and arguments in both extensions ----
 
 // L2M_DEF(op, doc, tail, a, b, ...): op registered (after `extra`) with the arguments a, b, ...,
@@ -1366,6 +1512,14 @@ void def_ops(py::module_& m, const Extra&... extra) {
   L2M_DEF(local_attention_fwd, "Causal local attention.", , q, k, v, window, scale, out, lse);
   L2M_DEF(local_attention_bwd, "Gradients of local_attention_fwd.", , dout, dlse, q, k, v, out,
           lse, window, scale L2M_CUDA_ONLY(delta), dq, dk, dv);
+#if !L2M_BINDING_CUDA
+  L2M_DEF(block_topk_fwd, "Block scores and the k best blocks per (batch, kv head).", , q, reprs,
+          repr_valid, k, scale, indices, scores);
+  L2M_DEF(block_read_fwd, "Attention over the valid tokens of the selected blocks.", , q,
+          block_keys, block_values, indices, block_valid, scale, out, lse);
+  L2M_DEF(block_read_bwd, "Gradients of block_read_fwd.", , dout, dlse, q, block_keys,
+          block_values, indices, block_valid, out, lse, scale, dq, dkeys, dvalues);
+#endif
 #if L2M_BINDING_CUDA
   // The device steps that the cuda launchers (l2m_kernels/ops/<op>/function.py) run between two
   // of the entry points above.

@@ -3,6 +3,7 @@
 // variant chosen at import.
 #pragma once
 
+#include "block_memory.h"
 #include "dense_update.h"
 #include "local_attention.h"
 #include "memory_attention.h"
@@ -28,7 +29,10 @@
   X(local_attention_bwd, LocalAttentionBwdParams)      \
   X(memory_read_weights, MemoryReadWeightsParams)      \
   X(gated_dense_update_fwd, GatedDenseUpdateFwdParams) \
-  X(gated_dense_update_bwd, GatedDenseUpdateBwdParams)
+  X(gated_dense_update_bwd, GatedDenseUpdateBwdParams) \
+  X(block_topk_fwd, BlockTopkFwdParams)                \
+  X(block_read_fwd, BlockReadFwdParams)                \
+  X(block_read_bwd, BlockReadBwdParams)
 
 namespace l2m::cpu {
 

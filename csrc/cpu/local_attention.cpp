@@ -21,6 +21,7 @@
 #include "isa.h"  // first: names the variant that the declarations below belong to
 #include "local_attention.h"
 #include "convert.h"
+#include "tile_gemm.h"
 
 #include <algorithm>
 #include <cmath>
@@ -38,164 +39,17 @@ namespace l2m::cpu {
 inline namespace L2M_CPU_ISA {  // one copy per instruction-set variant (isa.h)
 namespace {
 
-// ---- SIMD vectors: GCC/Clang vector extensions of the target's register width (one zmm under
-// AVX-512, one ymm under AVX/AVX2, one xmm otherwise), so one source serves every -march ----
-
-#if defined(__AVX512F__)
-constexpr int kVectorBytes = 64;
-// kRowBlock x kMaxVecs accumulators (24 of 32 zmm) + kMaxVecs B vectors + 1 broadcast.
-constexpr int64_t kRowBlock = 6;
-constexpr int64_t kMaxVecs = 4;
-#elif defined(__AVX__)
-constexpr int kVectorBytes = 32;
-// 16 ymm: 2 x 4 accumulators + 4 B vectors + 1 broadcast.
-constexpr int64_t kRowBlock = 2;
-constexpr int64_t kMaxVecs = 4;
-#else
-constexpr int kVectorBytes = 16;
-constexpr int64_t kRowBlock = 2;
-constexpr int64_t kMaxVecs = 4;
-#endif
-
-typedef float f32_vec __attribute__((vector_size(kVectorBytes)));
-typedef float f32_vec_unaligned __attribute__((vector_size(kVectorBytes), aligned(4), may_alias));
-typedef double f64_vec __attribute__((vector_size(kVectorBytes)));
-typedef double f64_vec_unaligned __attribute__((vector_size(kVectorBytes), aligned(8), may_alias));
-
-template <typename acc_t>
-struct Simd;
-template <>
-struct Simd<float> {
-  using vec = f32_vec;
-  using unaligned = f32_vec_unaligned;
-  static constexpr int64_t kWidth = kVectorBytes / sizeof(float);
-};
-template <>
-struct Simd<double> {
-  using vec = f64_vec;
-  using unaligned = f64_vec_unaligned;
-  static constexpr int64_t kWidth = kVectorBytes / sizeof(double);
-};
-
-template <typename acc_t>
-inline typename Simd<acc_t>::vec load_vec(const acc_t* p) {
-  return *reinterpret_cast<const typename Simd<acc_t>::unaligned*>(p);
-}
-
-template <typename acc_t>
-inline void store_vec(acc_t* p, typename Simd<acc_t>::vec value) {
-  *reinterpret_cast<typename Simd<acc_t>::unaligned*>(p) = value;
-}
-
-// Keys per tile (forward, backward pass 1) and per block (pass 2), queries per tile (pass 2):
-// kMaxVecs vectors, so a row of a score tile is one register block of the micro-kernel (64 float32
-// keys under AVX-512).
-template <typename acc_t>
-constexpr int64_t kKeyTile = kMaxVecs * Simd<acc_t>::kWidth;
+// Tiles of kKeyTile (tile_gemm.h) keys in the forward and backward pass 1, key blocks and query
+// tiles of as many in pass 2.
 // Query rows per forward / pass-1 unit, all grouped heads together: enough to reuse each K/V tile,
 // few enough that the unit's tiles stay in L1/L2 and that masking wastes little of a tile.
 constexpr int64_t kUnitRows = 64;
-
-inline int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
-
-inline int64_t round_up(int64_t a, int64_t b) {
-  return ceil_div(a, b) * b;
-}
 
 // The i-th of n blocks in the order 0, n-1, 1, n-2, ...: causal units differ in cost (early
 // queries see fewer keys, early keys are seen by more queries), and at::parallel_for hands each
 // thread a contiguous range of units, so alternating cheap and costly ones balances the threads.
 inline int64_t folded(int64_t i, int64_t n) {
   return (i % 2 == 0) ? i / 2 : n - 1 - i / 2;
-}
-
-// ---- micro-kernels ----
-
-// C[kRows x kVecs*W] (+)= A[kRows x depth] * B[depth x kVecs*W]; row-major with leading dims.
-template <typename acc_t, int64_t kRows, int64_t kVecs>
-inline void gemm_block(int64_t depth, const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb,
-                       acc_t* c, int64_t ldc, bool accumulate) {
-  using vec = typename Simd<acc_t>::vec;
-  constexpr int64_t W = Simd<acc_t>::kWidth;
-  vec sum[kRows][kVecs];
-  for (int64_t r = 0; r < kRows; ++r) {
-    for (int64_t v = 0; v < kVecs; ++v) {
-      sum[r][v] = accumulate ? load_vec(c + r * ldc + v * W) : vec{};
-    }
-  }
-  for (int64_t d = 0; d < depth; ++d) {
-    vec b_vec[kVecs];
-    for (int64_t v = 0; v < kVecs; ++v) {
-      b_vec[v] = load_vec(b + d * ldb + v * W);
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-      // Keep the B row in registers: folded into each FMA as a memory operand it would be loaded
-      // once per row of the block (kRows times), which makes the loop load-bound.
-      __asm__("" : "+v"(b_vec[v]));
-#endif
-    }
-    for (int64_t r = 0; r < kRows; ++r) {
-      const acc_t a_value = a[r * lda + d];
-      for (int64_t v = 0; v < kVecs; ++v) {
-        sum[r][v] += a_value * b_vec[v];
-      }
-    }
-  }
-  for (int64_t r = 0; r < kRows; ++r) {
-    for (int64_t v = 0; v < kVecs; ++v) {
-      store_vec(c + r * ldc + v * W, sum[r][v]);
-    }
-  }
-}
-
-template <typename acc_t, int64_t kRows>
-inline void gemm_rows(int64_t vecs, int64_t depth, const acc_t* a, int64_t lda, const acc_t* b,
-                      int64_t ldb, acc_t* c, int64_t ldc, bool accumulate) {
-  switch (vecs) {
-    case 4:
-      gemm_block<acc_t, kRows, 4>(depth, a, lda, b, ldb, c, ldc, accumulate);
-      break;
-    case 3:
-      gemm_block<acc_t, kRows, 3>(depth, a, lda, b, ldb, c, ldc, accumulate);
-      break;
-    case 2:
-      gemm_block<acc_t, kRows, 2>(depth, a, lda, b, ldb, c, ldc, accumulate);
-      break;
-    default:
-      gemm_block<acc_t, kRows, 1>(depth, a, lda, b, ldb, c, ldc, accumulate);
-  }
-}
-
-// gemm_rows for the last rows of gemm, fewer than kRowBlock: rows == kRows, or fewer.
-template <typename acc_t, int64_t kRows>
-inline void gemm_tail(int64_t rows, int64_t vecs, int64_t depth, const acc_t* a, int64_t lda,
-                      const acc_t* b, int64_t ldb, acc_t* c, int64_t ldc, bool accumulate) {
-  if constexpr (kRows > 0) {
-    if (rows == kRows) {
-      gemm_rows<acc_t, kRows>(vecs, depth, a, lda, b, ldb, c, ldc, accumulate);
-    } else {
-      gemm_tail<acc_t, kRows - 1>(rows, vecs, depth, a, lda, b, ldb, c, ldc, accumulate);
-    }
-  }
-}
-
-// C[rows x cols] (+)= A[rows x depth] * B[depth x cols]; cols a multiple of the vector width
-// (buffers are padded with zeros to it).
-template <typename acc_t>
-void gemm(int64_t rows, int64_t cols, int64_t depth, const acc_t* a, int64_t lda, const acc_t* b,
-          int64_t ldb, acc_t* c, int64_t ldc, bool accumulate) {
-  constexpr int64_t W = Simd<acc_t>::kWidth;
-  for (int64_t col = 0; col < cols; col += kMaxVecs * W) {
-    const int64_t vecs = std::min<int64_t>(kMaxVecs, (cols - col) / W);
-    int64_t row = 0;
-    for (; row + kRowBlock <= rows; row += kRowBlock) {
-      gemm_rows<acc_t, kRowBlock>(vecs, depth, a + row * lda, lda, b + col, ldb,
-                                  c + row * ldc + col, ldc, accumulate);
-    }
-    gemm_tail<acc_t, kRowBlock - 1>(rows - row, vecs, depth, a + row * lda, lda, b + col, ldb,
-                                    c + row * ldc + col, ldc, accumulate);
-  }
 }
 
 // C[r] += sum over d in [first[r], last[r]) of A[r, d] * B[d]: the product restricted to each row's
@@ -217,17 +71,6 @@ void gemm_visible(int64_t rows, int64_t cols, const int64_t* first, const int64_
   }
 }
 
-// True when every one of the n values is finite (x * 0 is NaN exactly for inf and NaN).
-template <typename acc_t>
-bool all_finite(const acc_t* x, int64_t n) {
-  acc_t probe = 0;
-#pragma omp simd reduction(+ : probe)
-  for (int64_t i = 0; i < n; ++i) {
-    probe += x[i] * acc_t(0);
-  }
-  return probe == acc_t(0);
-}
-
 // C[rows x cols] += A[rows x depth] * B[depth x cols] for an A whose row r is zero outside its
 // visible columns [first[r], last[r]): the whole product, or, when B holds a non-finite value, the
 // product over each row's visible columns only (gemm_visible).
@@ -240,41 +83,6 @@ void gemm_masked(int64_t rows, int64_t cols, int64_t depth, const int64_t* first
   } else {
     gemm_visible(rows, cols, first, last, a, lda, b, ldb, c, ldc);
   }
-}
-
-// exp in float32, written so that `omp simd` loops vectorise it (std::exp does not without
-// -ffast-math): Cephes' expf, 2^n * exp(r) with |r| <= ln2 / 2 and a degree-6 polynomial, within
-// about 1 ulp of std::exp. -inf gives 0 (and anything below -87.3, where exp would be denormal),
-// +inf gives inf, NaN gives NaN.
-inline float exp_acc(float x) {
-  constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2Hi = 0.693359375f;
-  constexpr float kLn2Lo = -2.12194440e-4f;
-  constexpr float kRoundShift = 12582912.0f;  // 1.5 * 2^23: x + it - it rounds x to an integer
-  constexpr float kMin = -87.3f;
-  constexpr float kMax = 88.3f;
-  const float clamped = x < kMin ? kMin : (x > kMax ? kMax : x);  // NaN stays NaN
-  const float n = (clamped * kLog2e + kRoundShift) - kRoundShift;
-  float r = clamped - n * kLn2Hi;
-  r = r - n * kLn2Lo;
-  float poly = 1.9875691500e-4f;
-  poly = poly * r + 1.3981999507e-3f;
-  poly = poly * r + 8.3334519073e-3f;
-  poly = poly * r + 4.1665795894e-2f;
-  poly = poly * r + 1.6666665459e-1f;
-  poly = poly * r + 5.0000001201e-1f;
-  poly = poly * (r * r) + r + 1.0f;
-  const int32_t exponent_bits = (static_cast<int32_t>(n) + 127) << 23;
-  float power;
-  std::memcpy(&power, &exponent_bits, sizeof(power));
-  float result = poly * power;
-  result = x < kMin ? 0.0f : result;
-  result = x > kMax ? std::numeric_limits<float>::infinity() : result;
-  return result;
-}
-
-inline double exp_acc(double x) {
-  return std::exp(x);
 }
 
 // ---- geometry ----
@@ -389,29 +197,6 @@ inline void visible_queries(int64_t key, int64_t window, int64_t p0, int64_t nq,
   *last = std::max(begin, end);
 }
 
-// n elements of `src` as acc_t times `factor` into dst, then zeros up to `padded`.
-template <typename scalar_t>
-inline void load_padded(const scalar_t* src, int64_t n, int64_t padded, acc_type<scalar_t> factor,
-                        acc_type<scalar_t>* staging, acc_type<scalar_t>* dst) {
-  using acc_t = acc_type<scalar_t>;
-  const acc_t* values = load_row(src, n, staging);
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    dst[i] = values[i] * factor;
-  }
-  std::fill(dst + n, dst + padded, acc_t(0));
-}
-
-// Row `index` (of `count` rows) of a tile: the row-major copy (width `padded`) and/or the
-// transposed copy (column `index` of a dim x ld_t matrix).
-template <typename acc_t>
-inline void scatter_transposed(const acc_t* row, int64_t n, int64_t index, acc_t* transposed,
-                               int64_t ld_t) {
-  for (int64_t d = 0; d < n; ++d) {
-    transposed[d * ld_t + index] = row[d];
-  }
-}
-
 // ---- forward ----
 
 template <typename scalar_t>
@@ -487,27 +272,18 @@ void local_attention_fwd_impl(const LocalAttentionFwdParams& params) {
           }
           // A NaN score is not caught by these comparisons; it reaches exp below and makes the
           // row's sum (hence out and lse) NaN, as in the reference.
-          const acc_t old_max = row_max[r];
-          const acc_t new_max = tile_max > old_max ? tile_max : old_max;
-          const acc_t shift = new_max == kNegInf ? acc_t(0) : new_max;
-          const acc_t correction = old_max == kNegInf ? acc_t(0) : exp_acc(old_max - new_max);
+          const SoftmaxStep<acc_t> step = softmax_step(row_max[r], tile_max);
           acc_t tile_sum = 0;
 #pragma omp simd reduction(+ : tile_sum)
           for (int64_t c = 0; c < kKeys; ++c) {
-            const acc_t e = exp_acc(s_row[c] - shift);
+            const acc_t e = exp_acc(s_row[c] - step.shift);
             const acc_t prob = (c >= begin && c < end) ? e : acc_t(0);
             s_row[c] = prob;
             tile_sum += prob;
           }
-          row_sum[r] = row_sum[r] * correction + tile_sum;
-          row_max[r] = new_max;
-          if (correction != acc_t(1)) {
-            acc_t* o_row = acc_out.data() + r * dv_pad;
-#pragma omp simd
-            for (int64_t e = 0; e < dv_pad; ++e) {
-              o_row[e] *= correction;
-            }
-          }
+          row_sum[r] = row_sum[r] * step.correction + tile_sum;
+          row_max[r] = step.new_max;
+          rescale_row(acc_out.data() + r * dv_pad, dv_pad, step.correction);
         }
 
         gemm_masked(rows, dv_pad, nk, first.data(), last.data(), scores.data(), kKeys,
@@ -516,16 +292,8 @@ void local_attention_fwd_impl(const LocalAttentionFwdParams& params) {
 
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t row = u.row(g, r);
-        const acc_t sum = row_sum[r];
-        // sum == 0: no visible key, or only -inf scores: out = 0 (0 * NaN stays NaN), lse = -inf.
-        const acc_t inv_sum = sum == acc_t(0) ? acc_t(0) : acc_t(1) / sum;
-        const acc_t* o_row = acc_out.data() + r * dv_pad;
-#pragma omp simd
-        for (int64_t e = 0; e < dim_v; ++e) {
-          out_row[e] = o_row[e] * inv_sum;
-        }
-        store_row(out + row * dim_v, out_row.data(), dim_v);
-        lse[row] = sum == acc_t(0) ? kNegInf : row_max[r] + std::log(sum);
+        store_softmax_row(acc_out.data() + r * dv_pad, dim_v, row_sum[r], row_max[r],
+                          out_row.data(), out + row * dim_v, lse + row);
       }
     }
   });

@@ -528,9 +528,99 @@ MEMORY_ATTENTION = OpDecl(
 )
 
 
+# ------------------------------------------------------------------------------------------------
+# block_topk, block_read
+# ------------------------------------------------------------------------------------------------
+
+def blocks_case(B, H, Hk, T, NB, S, D, Dv=None, k=None, R=None, valid=None, repeats=False, strided=False,
+                ties=False):
+    """One case of the block ops: queries (B, H, T, D) over NB blocks of S tokens per key-value head
+    (Hk); block_topk scores R representatives per block (None: R = S, the block's keys) and selects
+    k; block_read reads k blocks (Dv: the value size). ``valid``: None (every token exists),
+    "random" (some padding) or "sparse" (some blocks and some rows' blocks with no valid token);
+    ``repeats``: block_read's indices repeat a block; ``strided``: q transposed from (B, T, H, D)
+    and the blocks narrowed from a larger buffer; ``ties``: block_topk's blocks have equal
+    representatives in pairs."""
+    return dict(B=B, H=H, Hk=Hk, T=T, NB=NB, S=S, D=D, Dv=D if Dv is None else Dv,
+                k=NB if k is None else k, R=S if R is None else R, valid=valid, repeats=repeats,
+                strided=strided, ties=ties)
+
+
+def _blocks_random(rng: random.Random) -> dict:
+    Hk = rng.choice([1, 2])
+    NB, S = rng.randint(1, 12), rng.randint(1, 9)
+    return blocks_case(rng.randint(1, 2), Hk * rng.choice([1, 2, 3]), Hk, _odd(rng, 1, 15), NB, S,
+                       rng.choice([3, 8, 16, 33]), rng.choice([1, 5, 16]), rng.randint(0, NB),
+                       R=rng.choice([1, S]), valid=rng.choice([None, "random", "sparse"]),
+                       repeats=rng.random() < 0.3, strided=rng.random() < 0.5, ties=rng.random() < 0.2)
+
+
+def _blocks_label(p: dict) -> str:
+    return (f"B{p['B']} H{p['H']}/kv{p['Hk']} T{p['T']} NB{p['NB']} S{p['S']} R{p['R']} D{p['D']} Dv{p['Dv']}"
+            f" k{p['k']}" + (f" valid={p['valid']}" if p["valid"] else "") + (" repeats" if p["repeats"] else "")
+            + (" strided" if p["strided"] else "") + (" ties" if p["ties"] else ""))
+
+
+# Served on every device by the reference, on CPU tensors by the cpu kernels.
+_BLOCK_SERVED = {"reference": Serving(), "cpu": Serving(entry="block_read_bwd")}
+_BLOCK_CASES = Cases(
+    edge=(
+        blocks_case(2, 4, 2, 7, 9, 5, 7, 5, k=3, R=1, valid="random"),        # grouped heads, padding
+        blocks_case(1, 2, 1, 5, 6, 4, 8, 3, k=6, valid="sparse", repeats=True, strided=True),  # k = NB
+        blocks_case(2, 3, 3, 1, 4, 1, 16, 16, k=0),                           # k = 0: nothing read
+        blocks_case(1, 2, 2, 9, 8, 3, 5, 1, k=4, R=3, ties=True),             # equal blocks: smaller id first
+        blocks_case(0, 2, 1, 3, 5, 4, 8, 8, k=2),                             # empty batch
+    ),
+    random=_blocks_random, label=_blocks_label,
+    wide=(blocks_case(1, 4, 2, 40, 24, 70, 64, 40, k=6, valid="random"),))
+_BLOCK_BENCH_SHAPE = dict(B=1, H=8, Hk=2, T=512, NB=128, S=64, D=128, Dv=128, k=16)
+_BLOCK_BENCH_TINY = dict(B=1, H=4, Hk=2, T=16, NB=16, S=8, D=16, Dv=16, k=4)
+
+BLOCK_TOPK = OpDecl(
+    name="block_topk",
+    package="block_memory",
+    summary="scores[b,g,n] = scale·Σ_{rows of group g} max_{valid r} q·reprs[n,r]; the k best blocks "
+            "(NaN first, ties: smaller block), in increasing order",
+    args=(
+        Arg("q", "Tensor", "(B, H, T, D)", "queries, floating, H % Hk == 0"),
+        Arg("reprs", "Tensor", "(B, Hk, NB, R, D)", "representative keys of each block, q's dtype"),
+        Arg("k", "SymInt", "", "blocks selected, 0 <= k <= NB"),
+        Arg("repr_valid", "Tensor?", "(B, NB, R)", "bool: which representatives exist", "None"),
+        Arg("scale", "float?", "", "score scale, default D ** -0.5", "None"),
+        _BACKEND,
+    ),
+    outputs=(Output("indices", "(B, Hk, k)", "int64"), Output("scores", "(B, Hk, NB)", "float32 (float64)")),
+    backends=dict(_BLOCK_SERVED, cpu=Serving(entry="block_topk_fwd")),
+    cases=_BLOCK_CASES,
+    bench=Bench("block_memory", shapes={"blocks-cpu": _BLOCK_BENCH_SHAPE}, tiny={"blocks-tiny": _BLOCK_BENCH_TINY}),
+    reference="block_topk_ref",
+)
+
+BLOCK_READ = OpDecl(
+    name="block_read",
+    package="block_memory",
+    summary="attention of each query over the valid tokens of its key-value head's selected blocks, "
+            "with its log-sum-exp",
+    args=(
+        Arg("q", "Tensor", "(B, H, T, D)", "queries, floating, H % Hk == 0"),
+        Arg("block_keys", "Tensor", "(B, Hk, NB, S, D)", "keys in blocks of S tokens, q's dtype"),
+        Arg("block_values", "Tensor", "(B, Hk, NB, S, Dv)", "values, q's dtype"),
+        Arg("indices", "Tensor", "(B, Hk, K)", "int64 block ids in [0, NB) read by key-value head g, K >= 0"),
+        Arg("block_valid", "Tensor?", "(B, NB, S)", "bool: which tokens exist", "None"),
+        Arg("scale", "float?", "", "score scale, default D ** -0.5", "None"),
+        _BACKEND,
+    ),
+    outputs=(Output("out", "(B, H, T, Dv)", "input dtype"), Output("lse", "(B, H, T)", "float32 (float64)")),
+    backends=_BLOCK_SERVED,
+    cases=_BLOCK_CASES,
+    bench=Bench("block_memory"),
+    reference="block_read_ref",
+)
+
+
 OPS: dict[str, OpDecl] = {decl.name: decl for decl in (
     TOPK_MEMORY_READ, PRODUCT_KEY_READ, GATED_MEMORY_WRITE, GATED_DENSE_UPDATE, MERGE_ATTENTION,
-    GATED_MERGE, MEMORY_ATTENTION)}
+    GATED_MERGE, MEMORY_ATTENTION, BLOCK_TOPK, BLOCK_READ)}
 
 
 def served_by(backend: str) -> frozenset:

@@ -9,6 +9,7 @@ from typing import Optional
 
 import torch
 
+from l2m_kernels.ops.block_memory import block_read, block_topk
 from l2m_kernels.ops.merge import merge_attention
 
 try:
@@ -154,13 +155,14 @@ def _attend_any(q, k, v, allowed, scale, dropout, training, softcap=None):
 
 
 def _merge(out_a, lse_a, out_b, lse_b):
-    """The exact merge of two attention parts over disjoint keys (l2m_kernels.merge_attention)."""
+    """The exact merge of two attention parts over disjoint keys (l2m_kernels.merge_attention):
+    (out, lse) in the shapes of out_a and lse_a."""
     shape = out_a.shape
-    out, _ = merge_attention(out_a.reshape(shape[0], -1, shape[-2], shape[-1]),
-                             lse_a.reshape(shape[0], -1, shape[-2]),
-                             out_b.reshape(shape[0], -1, shape[-2], shape[-1]),
-                             lse_b.reshape(shape[0], -1, shape[-2]))
-    return out.reshape(shape)
+    out, lse = merge_attention(out_a.reshape(shape[0], -1, shape[-2], shape[-1]),
+                               lse_a.reshape(shape[0], -1, shape[-2]),
+                               out_b.reshape(shape[0], -1, shape[-2], shape[-1]),
+                               lse_b.reshape(shape[0], -1, shape[-2]))
+    return out.reshape(shape), lse.reshape(lse_a.shape)
 
 
 # ---- the cache ----
@@ -325,52 +327,67 @@ class MemoryLayer(CacheLayerMixin):
                     grown.drop_front(excess)
                 self.evicted_blocks += excess
 
-    def memory(self, q: torch.Tensor, scale: float):
-        """The memory keys, values and validity that the queries q (B, Hk, G, C, D) of one chunk
-        read: the sink and the selected blocks in the order they were written, (B, Hk, M, D) and
-        (B, Hk, M); None when there are none."""
-        keys, values, valid = [], [], []
-        batch, heads = q.shape[0], q.shape[1]
+    def select(self, q: torch.Tensor, scale: float, take: int) -> torch.Tensor:
+        """The ``take`` best blocks for the queries q (B, Hk, G, C, D) per (batch, key-value head),
+        in increasing block order (``l2m_kernels.block_topk``; every block when ``take`` is their
+        number). ``block_repr="mean"`` scores a block by its mean valid key, ``"max"`` by its best
+        valid key for each query; a block of padding only scores -inf."""
+        batch, heads, group, length, dim = q.shape
+        blocks = self.num_blocks
+        if take >= blocks:
+            return torch.arange(blocks, device=q.device).expand(batch, heads, blocks)
+        block_valid = self.block_valid.view()
+        if self.config.block_repr == "mean":
+            reprs, repr_valid = self.block_repr.view().unsqueeze(3), block_valid.any(-1, keepdim=True)
+        else:
+            reprs, repr_valid = self.block_keys.view(), block_valid
+        rows = q.reshape(batch, heads * group, length, dim)
+        return block_topk(rows, reprs, take, repr_valid=repr_valid, scale=scale).indices
+
+    def read(self, q: torch.Tensor, scale: float, dropout: float, training: bool, softcap=None):
+        """The memory part of the attention of the queries q (B, Hk, G, C, D) of one chunk: the sink
+        and the ``topk_blocks`` best blocks (``l2m_kernels.block_topk``), read by
+        ``l2m_kernels.block_read`` and merged by their log-sum-exp. Returns (out (B, Hk, G, C, Dv)
+        float32, lse (B, Hk, G, C)), or None when the memory holds nothing."""
+        parts = []
+        batch, heads, group, length, dim = q.shape
         if self.sink_keys.length:
-            keys.append(self.sink_keys.view())
-            values.append(self.sink_values.view())
-            valid.append(self.sink_valid.view()[:, None].expand(batch, heads, -1))
+            valid = self.sink_valid.view()[:, None, None, None, :]
+            parts.append(_attend_any(q, self.sink_keys.view(), self.sink_values.view(), valid, scale, dropout,
+                                     training, softcap))
         blocks = self.num_blocks
         take = min(self.config.topk_blocks, blocks)
         if take:
+            rows = q.reshape(batch, heads * group, length, dim)           # (B, H, C, D), a view
             block_keys, block_values = self.block_keys.view(), self.block_values.view()
-            block_valid = self.block_valid.view()[:, None].expand(batch, heads, -1, -1)
-            if take < blocks:
-                chosen = self._select(q, scale, take)                        # (B, Hk, take)
-                size, dim, dim_v = block_keys.shape[3], block_keys.shape[4], block_values.shape[4]
-                block_keys = block_keys.gather(2, chosen[..., None, None].expand(-1, -1, -1, size, dim))
-                block_values = block_values.gather(2, chosen[..., None, None].expand(-1, -1, -1, size, dim_v))
-                block_valid = block_valid.gather(2, chosen[..., None].expand(-1, -1, -1, size))
-            keys.append(block_keys.flatten(2, 3))
-            values.append(block_values.flatten(2, 3))
-            valid.append(block_valid.flatten(2, 3))
-        if not keys:
+            block_valid = self.block_valid.view()
+            chosen = self.select(q, scale, take)
+            if (dropout and training) or softcap:
+                # What block_read does not implement: the selected blocks gathered and read by _attend.
+                size, dim_v = block_keys.shape[3], block_values.shape[4]
+                keys = block_keys.gather(2, chosen[..., None, None].expand(-1, -1, -1, size, dim)).flatten(2, 3)
+                values = block_values.gather(2, chosen[..., None, None].expand(-1, -1, -1, size, dim_v))
+                valid = block_valid[:, None].expand(-1, heads, -1, -1).gather(
+                    2, chosen[..., None].expand(-1, -1, -1, size)).flatten(2, 3)
+                parts.append(_attend(q, keys, values.flatten(2, 3), valid[:, :, None, None], scale, dropout,
+                                     training, softcap))
+            else:
+                if torch.is_grad_enabled() and (rows.requires_grad or block_keys.requires_grad
+                                                or block_values.requires_grad):
+                    # The read saves what its backward needs, and the storage grows in place for
+                    # the tensors that need no gradient: those are passed as copies.
+                    block_valid = block_valid.clone()
+                    block_keys = block_keys if block_keys.requires_grad else block_keys.clone()
+                    block_values = block_values if block_values.requires_grad else block_values.clone()
+                out, lse = block_read(rows, block_keys, block_values, chosen, block_valid=block_valid, scale=scale)
+                parts.append((out.to(torch.float32).view(batch, heads, group, length, -1),
+                              lse.view(batch, heads, group, length)))
+        if not parts:
             return None
-        return torch.cat(keys, dim=2), torch.cat(values, dim=2), torch.cat(valid, dim=2)
-
-    def _select(self, q: torch.Tensor, scale: float, take: int) -> torch.Tensor:
-        """The ``take`` best blocks per (batch, key-value head), in increasing block order."""
-        qf = q.to(torch.float32)
-        if self.config.block_repr == "mean":
-            scores = torch.einsum("bhgcd,bhnd->bhn", qf, self.block_repr.view().to(torch.float32))
-        else:  # "max": each query scores a block by its best valid key; slabs of blocks bound the memory
-            block_keys, block_valid = self.block_keys.view(), self.block_valid.view()
-            per_block = q.shape[2] * q.shape[3] * block_keys.shape[3]
-            step = max(1, (1 << 21) // max(1, per_block * q.shape[0] * q.shape[1]))  # 8 MB of scores
-            parts = []
-            for start in range(0, block_keys.shape[2], step):
-                keys = block_keys[:, :, start:start + step].to(torch.float32)
-                s = torch.einsum("bhgcd,bhntd->bhgcnt", qf, keys)
-                s = s.masked_fill(~block_valid[:, None, None, None, start:start + step], float("-inf"))
-                best = s.amax(dim=-1)
-                parts.append(torch.where(torch.isfinite(best), best, torch.zeros_like(best)).sum(dim=(2, 3)))
-            scores = torch.cat(parts, dim=-1)
-        return (scores * scale).topk(take, dim=-1).indices.sort(dim=-1).values
+        out, lse = parts[0]
+        for other_out, other_lse in parts[1:]:
+            out, lse = _merge(out, lse, other_out, other_lse)
+        return out, lse
 
 
 class MemoryCache(Cache):
@@ -466,12 +483,9 @@ def memory_attention_forward(module, query, key, value, attention_mask, scaling=
             if config.position_mode == "fixed":
                 shift = config.distance - layer.local_pos[:, start + a - layer.local_start:visible]
                 q_memory = _rotate(q_chunk.flatten(1, 2), shift, layer.inv_freq).view_as(q_chunk)
-            memory = layer.memory(q_memory, scale)
+            memory = layer.read(q_memory, scale, dropout, training, softcap)
             if memory is not None:
-                mem_keys, mem_values, mem_valid = memory
-                out_memory, lse_memory = _attend_any(q_memory, mem_keys, mem_values, mem_valid[:, :, None, None, :],
-                                                 scale, dropout, training, softcap)
-                out_local = _merge(out_local, lse_local, out_memory, lse_memory)
+                out_local = _merge(out_local, lse_local, *memory)[0]
             outs.append(out_local)
         out = torch.cat(outs, dim=3)
     out = out.to(query.dtype).reshape(batch, heads, length, -1)
