@@ -102,15 +102,26 @@ void load_query_tile(const scalar_t* q, const Rows& q_rows, const BlockGeometry&
 
 // ---- block_topk_fwd ----
 
-// max over the valid columns of a row, NaN if one is NaN (as torch.amax), -inf if none is valid.
+// max over the columns of a row whose `keep` is 0 (the others are -inf: invalid or padding), NaN if
+// one of those is NaN (as torch.amax), -inf if there is none; n a multiple of the vector width.
 template <typename acc_t>
-inline acc_t valid_max(const acc_t* row, const bool* valid, int64_t n) {
-  acc_t best = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t x = row[i];
-    best = valid[i] && (x > best || std::isnan(x)) && !std::isnan(best) ? x : best;
+inline acc_t valid_max(const acc_t* row, const acc_t* keep, int64_t n) {
+  using vec = typename Simd<acc_t>::vec;
+  constexpr int64_t W = Simd<acc_t>::kWidth;
+  const vec neg_inf = vec{} - std::numeric_limits<acc_t>::infinity();
+  vec best = neg_inf, nan = vec{};
+  for (int64_t c = 0; c < n; c += W) {
+    vec x = load_vec(row + c);
+    x = load_vec(keep + c) == 0 ? x : neg_inf;
+    nan = x != x ? x : nan;
+    best = x > best ? x : best;
   }
-  return best;
+  acc_t result = best[0];
+  for (int64_t lane = 0; lane < W; ++lane) {
+    result = best[lane] > result ? best[lane] : result;
+    result = nan[lane] != nan[lane] ? nan[lane] : result;
+  }
+  return result;
 }
 
 // The representative validity of block n of batch b, R flags (all true without repr_valid).
@@ -182,7 +193,7 @@ void block_scores_multi(const BlockTopkFwdParams& params, const BlockGeometry& g
   at::parallel_for(0, g.pairs * tiles, 1, [&](int64_t unit_begin, int64_t unit_end) {
     const int64_t cols_cap = tile_blocks * r_pad;
     std::vector<acc_t> reprs_t(std::max<int64_t>(dim, 1) * cols_cap), q_tile(kReadRows * d_pad);
-    std::vector<acc_t> tile_scores(kReadRows * cols_cap), sums(tile_blocks);
+    std::vector<acc_t> tile_scores(kReadRows * cols_cap), sums(tile_blocks), keep(cols_cap);
     std::vector<acc_t> staging(dim + 1);
     const std::unique_ptr<bool[]> flags(new bool[tile_blocks * std::max<int64_t>(reprs, 1)]);
     const std::unique_ptr<bool[]> any_valid(new bool[tile_blocks]);
@@ -198,6 +209,10 @@ void block_scores_multi(const BlockTopkFwdParams& params, const BlockGeometry& g
         repr_flags(params, b, n0 + i, block_valid);
         any_valid[i] = std::any_of(block_valid, block_valid + reprs, [](bool v) { return v; });
         const scalar_t* block = repr_block<scalar_t>(params, pair, n0 + i);
+        for (int64_t r = 0; r < r_pad; ++r) {
+          keep[i * r_pad + r] = r < reprs && block_valid[r] ? acc_t(0)
+                                                             : -std::numeric_limits<acc_t>::infinity();
+        }
         for (int64_t r = 0; r < reprs; ++r) {
           if (block_valid[r]) {
             const acc_t* repr = load_row(block + r * dim, dim, staging.data());
@@ -215,7 +230,7 @@ void block_scores_multi(const BlockTopkFwdParams& params, const BlockGeometry& g
         for (int64_t r = 0; r < rows; ++r) {
           const acc_t* s_row = tile_scores.data() + r * cols;
           for (int64_t i = 0; i < nb; ++i) {
-            sums[i] += valid_max(s_row + i * r_pad, valid + i * reprs, reprs);
+            sums[i] += valid_max(s_row + i * r_pad, keep.data() + i * r_pad, r_pad);
           }
         }
       }
@@ -361,6 +376,92 @@ bool stage_tokens(const Selection<scalar_t, Params>& sel, int64_t j0, int64_t nk
   return true;
 }
 
+// Every tile of some (batch, kv head) pairs, staged once and read by every tile of query rows:
+// per tile the parts `TileParts` names (elements per tile; 0: not staged), in a TokenTile.
+struct TileParts {
+  int64_t keys_t, key_rows, value_rows, values_t;
+  int64_t total() const { return keys_t + key_rows + value_rows + values_t; }
+};
+
+template <typename acc_t>
+struct StagedTiles {
+  StagedTiles(const TileParts& parts, int64_t tiles)
+      : parts(parts), data(tiles * parts.total()), live(new bool[tiles * kKeyTile<acc_t>]),
+        any(tiles), all_live(tiles) {}
+
+  TokenTile<acc_t> tile(int64_t t) {
+    acc_t* base = data.data() + t * parts.total();
+    const auto part = [&base](int64_t n) {
+      acc_t* start = n ? base : nullptr;
+      base += n;
+      return start;
+    };
+    acc_t* keys_t = part(parts.keys_t);
+    acc_t* key_rows = part(parts.key_rows);
+    acc_t* value_rows = part(parts.value_rows);
+    acc_t* values_t = part(parts.values_t);
+    return {keys_t, key_rows, value_rows, values_t, live.get() + t * kKeyTile<acc_t>};
+  }
+
+  // Stages tile t of `sel` into staged tile `slot`; any[slot]: whether it holds a valid token.
+  template <typename scalar_t, typename Params>
+  void stage(const Selection<scalar_t, Params>& sel, int64_t tokens, int64_t t, int64_t slot,
+             acc_t* staging) {
+    const int64_t j0 = t * kKeyTile<acc_t>;
+    const TokenTile<acc_t> staged = tile(slot);
+    any[slot] = stage_tokens(sel, j0, std::min(kKeyTile<acc_t>, tokens - j0), staged, staging);
+    all_live[slot] = std::all_of(staged.live, staged.live + kKeyTile<acc_t>, [](bool on) { return on; });
+  }
+
+  TileParts parts;
+  std::vector<acc_t> data;
+  std::unique_ptr<bool[]> live;
+  std::vector<char> any, all_live;  // per tile: some column / every column is a valid token
+};
+
+// Whether the scaled query row q_row (D values) scores NaN against a valid token of the staged
+// tiles [first, first + count): told apart from a score of +inf only where the row's maximum is
+// +inf, which the online softmax cannot (both make its sum NaN).
+template <typename acc_t>
+bool row_has_nan(StagedTiles<acc_t>& staged, int64_t first, int64_t count, const acc_t* q_row,
+                 int64_t dim) {
+  constexpr int64_t kKeys = kKeyTile<acc_t>;
+  for (int64_t t = first; t < first + count; ++t) {
+    const TokenTile<acc_t> tile = staged.tile(t);
+    for (int64_t c = 0; c < kKeys; ++c) {
+      acc_t dot = 0;
+      for (int64_t d = 0; d < dim; ++d) {
+        dot += q_row[d] * tile.keys_t[d * kKeys + c];
+      }
+      if (tile.live[c] && std::isnan(dot)) {
+        return true;
+      }
+    }
+  }
+  return false;
+}
+
+// The maximum of a row of kKeyTile scores, a vector of lanes at a time (a NaN is passed over, as
+// std::max does; it reaches the row's sum through exp).
+template <typename acc_t>
+inline acc_t tile_max_of(const acc_t* row) {
+  using vec = typename Simd<acc_t>::vec;
+  constexpr int64_t W = Simd<acc_t>::kWidth;
+  vec best = load_vec(row);
+  for (int64_t c = W; c < kKeyTile<acc_t>; c += W) {
+    const vec x = load_vec(row + c);
+    best = x > best ? x : best;
+  }
+  acc_t result = best[0];
+  for (int64_t lane = 1; lane < W; ++lane) {
+    result = best[lane] > result ? best[lane] : result;
+  }
+  return result;
+}
+
+// At most this many bytes of staged tiles at once in the forward (pairs are staged in rounds).
+constexpr int64_t kStagedBytes = int64_t{64} << 20;
+
 template <typename scalar_t>
 void block_read_fwd_impl(const BlockReadFwdParams& params) {
   using acc_t = acc_type<scalar_t>;
@@ -375,74 +476,85 @@ void block_read_fwd_impl(const BlockReadFwdParams& params) {
   const int64_t tokens = params.num_selected * g.block_size;
   const int64_t row_tiles = ceil_div(g.group_rows, kReadRows);
 
-  at::parallel_for(0, g.pairs * row_tiles, 1, [&](int64_t unit_begin, int64_t unit_end) {
-    std::vector<acc_t> q_tile(kReadRows * d_pad), keys_t(std::max<int64_t>(dim, 1) * kKeys);
-    std::vector<acc_t> values(kKeys * dv_pad), scores(kReadRows * kKeys);
-    std::vector<acc_t> acc_out(kReadRows * dv_pad), out_row(dv_pad + 1);
-    std::vector<acc_t> row_max(kReadRows), row_sum(kReadRows), staging(std::max(dim, dim_v) + 1);
-    std::vector<char> row_nan(kReadRows);  // a live score of the row was NaN
-    const std::unique_ptr<bool[]> live_flags(new bool[kKeys]);
-    bool* live = live_flags.get();
-    const TokenTile<acc_t> tile{keys_t.data(), nullptr, values.data(), nullptr, live};
+  const int64_t tiles = ceil_div(tokens, kKeys);
+  const TileParts parts{std::max<int64_t>(dim, 1) * kKeys, 0, kKeys * dv_pad, 0};
+  const int64_t round = std::clamp<int64_t>(
+      kStagedBytes / (static_cast<int64_t>(sizeof(acc_t)) * std::max<int64_t>(1, tiles * parts.total())), 1,
+      g.pairs);
+  StagedTiles<acc_t> staged(parts, round * tiles);
 
-    for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
-      const int64_t pair = unit / row_tiles, m0 = (unit % row_tiles) * kReadRows;
-      const int64_t rows = std::min(kReadRows, g.group_rows - m0);
-      const Selection<scalar_t, BlockReadFwdParams> sel(params, g, pair);
-      load_query_tile(q, params.q_rows, g, pair, m0, rows, scale, staging.data(), q_tile.data());
-      std::fill(row_max.begin(), row_max.end(), kNegInf);
-      std::fill(row_nan.begin(), row_nan.end(), 0);
-      std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
-      std::fill(acc_out.begin(), acc_out.begin() + rows * dv_pad, acc_t(0));
+  for (int64_t p0 = 0; p0 < g.pairs; p0 += round) {
+    const int64_t pairs = std::min(round, g.pairs - p0);
+    // Each selected token converted (and its key transposed) once, for every tile of query rows.
+    at::parallel_for(0, pairs * tiles, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> staging(std::max(dim, dim_v) + 1);
+      for (int64_t slot = begin; slot < end; ++slot) {
+        const Selection<scalar_t, BlockReadFwdParams> sel(params, g, p0 + slot / tiles);
+        staged.stage(sel, tokens, slot % tiles, slot, staging.data());
+      }
+    });
 
-      for (int64_t j0 = 0; j0 < tokens; j0 += kKeys) {
-        if (!stage_tokens(sel, j0, std::min(kKeys, tokens - j0), tile, staging.data())) {
-          continue;
-        }
-        gemm(rows, kKeys, dim, q_tile.data(), d_pad, keys_t.data(), kKeys, scores.data(), kKeys,
-             /*accumulate=*/false);
+    at::parallel_for(0, pairs * row_tiles, 1, [&](int64_t unit_begin, int64_t unit_end) {
+      std::vector<acc_t> q_tile(kReadRows * d_pad), scores(kReadRows * kKeys);
+      std::vector<acc_t> acc_out(kReadRows * dv_pad), out_row(dv_pad + 1);
+      std::vector<acc_t> row_max(kReadRows), row_sum(kReadRows), staging(std::max(dim, dim_v) + 1);
 
-        // Online softmax over the live columns: P = exp(S - running max), the running sum and
-        // output rescaled.
-        for (int64_t r = 0; r < rows; ++r) {
-          acc_t* s_row = scores.data() + r * kKeys;
-          acc_t tile_max = kNegInf;
-          int nans = 0;
-#pragma omp simd reduction(max : tile_max) reduction(+ : nans)
-          for (int64_t c = 0; c < kKeys; ++c) {
-            tile_max = std::max(tile_max, live[c] ? s_row[c] : kNegInf);
-            nans += live[c] && s_row[c] != s_row[c];
+      for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
+        const int64_t pair = p0 + unit / row_tiles, m0 = (unit % row_tiles) * kReadRows;
+        const int64_t rows = std::min(kReadRows, g.group_rows - m0);
+        load_query_tile(q, params.q_rows, g, pair, m0, rows, scale, staging.data(), q_tile.data());
+        std::fill(row_max.begin(), row_max.end(), kNegInf);
+        std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
+        std::fill(acc_out.begin(), acc_out.begin() + rows * dv_pad, acc_t(0));
+
+        for (int64_t t = 0; t < tiles; ++t) {
+          const int64_t slot = (pair - p0) * tiles + t;
+          if (!staged.any[slot]) {
+            continue;
           }
-          row_nan[r] |= nans > 0;
-          // A NaN score is not caught by these comparisons; it reaches exp below and makes the
-          // row's sum (hence out and lse) NaN, as in the reference.
-          const SoftmaxStep<acc_t> step = softmax_step(row_max[r], tile_max);
-          acc_t tile_sum = 0;
+          const TokenTile<acc_t> tile = staged.tile(slot);
+          const bool* live = tile.live;
+          gemm(rows, kKeys, dim, q_tile.data(), d_pad, tile.keys_t, kKeys, scores.data(), kKeys,
+               /*accumulate=*/false);
+          if (!staged.all_live[slot]) {  // padding: its scores -inf, so exp gives exact zeros
+            for (int64_t r = 0; r < rows; ++r) {
+              for (int64_t c = 0; c < kKeys; ++c) {
+                scores[r * kKeys + c] = live[c] ? scores[r * kKeys + c] : kNegInf;
+              }
+            }
+          }
+          // Online softmax: P = exp(S - running max), the running sum and output rescaled. A NaN
+          // score passes the maximum and makes the row's sum (hence out and lse) NaN.
+          for (int64_t r = 0; r < rows; ++r) {
+            acc_t* s_row = scores.data() + r * kKeys;
+            const SoftmaxStep<acc_t> step = softmax_step(row_max[r], tile_max_of(s_row));
+            acc_t tile_sum = 0;
 #pragma omp simd reduction(+ : tile_sum)
-          for (int64_t c = 0; c < kKeys; ++c) {
-            const acc_t e = exp_acc(s_row[c] - step.shift);
-            const acc_t prob = live[c] ? e : acc_t(0);
-            s_row[c] = prob;
-            tile_sum += prob;
+            for (int64_t c = 0; c < kKeys; ++c) {
+              const acc_t prob = exp_acc(s_row[c] - step.shift);
+              s_row[c] = prob;
+              tile_sum += prob;
+            }
+            row_sum[r] = row_sum[r] * step.correction + tile_sum;
+            row_max[r] = step.new_max;
+            rescale_row(acc_out.data() + r * dv_pad, dv_pad, step.correction);
           }
-          row_sum[r] = row_sum[r] * step.correction + tile_sum;
-          row_max[r] = step.new_max;
-          rescale_row(acc_out.data() + r * dv_pad, dv_pad, step.correction);
+          gemm(rows, dv_pad, kKeys, scores.data(), kKeys, tile.value_rows, dv_pad, acc_out.data(),
+               dv_pad, /*accumulate=*/true);
         }
-        gemm(rows, dv_pad, kKeys, scores.data(), kKeys, values.data(), dv_pad, acc_out.data(),
-             dv_pad, /*accumulate=*/true);
-      }
 
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t row = pair * g.group_rows + m0 + r;
-        store_softmax_row(acc_out.data() + r * dv_pad, dim_v, row_sum[r], row_max[r],
-                          out_row.data(), out + row * dim_v, lse + row);
-        if (row_max[r] == std::numeric_limits<acc_t>::infinity() && !row_nan[r]) {
-          lse[row] = row_max[r];  // a score of +inf and none NaN: lse +inf (out is NaN, inf / inf)
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t row = pair * g.group_rows + m0 + r;
+          store_softmax_row(acc_out.data() + r * dv_pad, dim_v, row_sum[r], row_max[r],
+                            out_row.data(), out + row * dim_v, lse + row);
+          if (row_max[r] == std::numeric_limits<acc_t>::infinity() &&
+              !row_has_nan(staged, (pair - p0) * tiles, tiles, q_tile.data() + r * d_pad, dim)) {
+            lse[row] = row_max[r];  // a score of +inf and none NaN: lse +inf (out is NaN, inf / inf)
+          }
         }
       }
-    }
-  });
+    });
+  }
 }
 
 // The scratch of one backward unit, reused across the units a thread runs.
@@ -452,9 +564,6 @@ struct BwdScratch {
       : q_tile(kReadRows * g.d_pad),
         dout_tile(kReadRows * g.dv_pad),
         dq_acc(kReadRows * g.d_pad),
-        keys_t(std::max<int64_t>(g.dim, 1) * kKeyTile<acc_t>),
-        key_rows(kKeyTile<acc_t> * g.d_pad),
-        values_t(std::max<int64_t>(g.dim_v, 1) * kKeyTile<acc_t>),
         scores(kReadRows * kKeyTile<acc_t>),
         dprobs(kReadRows * kKeyTile<acc_t>),
         probs_t(kKeyTile<acc_t> * kReadRows),
@@ -464,13 +573,11 @@ struct BwdScratch {
         row_lse(kReadRows),
         row_delta(kReadRows),
         staging(std::max(g.dim, g.dim_v) + 1),
-        out_row(std::max(g.d_pad, g.dv_pad) + 1),
-        live(new bool[kKeyTile<acc_t>]) {}
+        out_row(std::max(g.d_pad, g.dv_pad) + 1) {}
 
-  std::vector<acc_t> q_tile, dout_tile, dq_acc, keys_t, key_rows, values_t;
+  std::vector<acc_t> q_tile, dout_tile, dq_acc;
   std::vector<acc_t> scores, dprobs, probs_t, dscores_t, dk_acc, dv_acc;
   std::vector<acc_t> row_lse, row_delta, staging, out_row;
-  std::unique_ptr<bool[]> live;
 };
 
 // Stores the pair's dkeys and dvalues: per block the sum of its occurrences' rows of dk_acc and
@@ -531,16 +638,22 @@ void block_read_bwd_impl(const BlockReadBwdParams& params) {
   const int64_t dim = g.dim, dim_v = g.dim_v, d_pad = g.d_pad, dv_pad = g.dv_pad;
   const int64_t tokens = params.num_selected * g.block_size;
 
+  const int64_t tiles = ceil_div(tokens, kKeys);
+  const TileParts parts{std::max<int64_t>(dim, 1) * kKeys, kKeys * d_pad, 0,
+                        std::max<int64_t>(dim_v, 1) * kKeys};
+
   at::parallel_for(0, g.pairs, 1, [&](int64_t pair_begin, int64_t pair_end) {
     BwdScratch<acc_t> w(g, tokens);
-    bool* live = w.live.get();
-    const TokenTile<acc_t> tile{w.keys_t.data(), w.key_rows.data(), nullptr, w.values_t.data(),
-                                live};
+    StagedTiles<acc_t> staged(parts, tiles);
 
     for (int64_t pair = pair_begin; pair < pair_end; ++pair) {
       const Selection<scalar_t, BlockReadBwdParams> sel(params, g, pair);
       std::fill(w.dk_acc.begin(), w.dk_acc.end(), acc_t(0));
       std::fill(w.dv_acc.begin(), w.dv_acc.end(), acc_t(0));
+      // Each selected token converted (and transposed) once, for every tile of query rows.
+      for (int64_t t = 0; t < tiles; ++t) {
+        staged.stage(sel, tokens, t, t, w.staging.data());
+      }
 
       for (int64_t m0 = 0; m0 < g.group_rows; m0 += kReadRows) {
         const int64_t rows = std::min(kReadRows, g.group_rows - m0);
@@ -564,12 +677,14 @@ void block_read_bwd_impl(const BlockReadBwdParams& params) {
 
         for (int64_t j0 = 0; j0 < tokens; j0 += kKeys) {
           const int64_t nk = std::min(kKeys, tokens - j0);
-          if (!stage_tokens(sel, j0, nk, tile, w.staging.data())) {
+          if (!staged.any[j0 / kKeys]) {
             continue;
           }
-          gemm(rows, kKeys, dim, w.q_tile.data(), d_pad, w.keys_t.data(), kKeys, w.scores.data(),
+          const TokenTile<acc_t> tile = staged.tile(j0 / kKeys);
+          const bool* live = tile.live;
+          gemm(rows, kKeys, dim, w.q_tile.data(), d_pad, tile.keys_t, kKeys, w.scores.data(),
                kKeys, /*accumulate=*/false);
-          gemm(rows, kKeys, dim_v, w.dout_tile.data(), dv_pad, w.values_t.data(), kKeys,
+          gemm(rows, kKeys, dim_v, w.dout_tile.data(), dv_pad, tile.values_t, kKeys,
                w.dprobs.data(), kKeys, /*accumulate=*/false);
 
           // P and dS on the live columns of rows with a softmax, exact zeros elsewhere: dS row-major
@@ -589,7 +704,7 @@ void block_read_bwd_impl(const BlockReadBwdParams& params) {
             }
           }
 
-          gemm(rows, d_pad, kKeys, w.scores.data(), kKeys, w.key_rows.data(), d_pad,
+          gemm(rows, d_pad, kKeys, w.scores.data(), kKeys, tile.key_rows, d_pad,
                w.dq_acc.data(), d_pad, /*accumulate=*/true);
           gemm(nk, dv_pad, rows, w.probs_t.data(), kReadRows, w.dout_tile.data(), dv_pad,
                w.dv_acc.data() + j0 * dv_pad, dv_pad, /*accumulate=*/true);
