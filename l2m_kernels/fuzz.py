@@ -831,10 +831,42 @@ def judge_block_read(case, res, gen):
     _expect_tensor("out", res.out, (B, H, T, block_values.shape[-1]), case.dtype)
     _expect_tensor("lse", res.lse, (B, H, T), lse_dtype(case.dtype))
     terms = block_read_ref(_f64(q), _f64(case.args["block_keys"]), _f64(block_values).abs(), ids, valid, scale)[0]
+
+    def softmax_grad_terms(cots):
+        # dq and dk are sums of dS_j = p_j (dP_j - delta) times k_j (q): each dS_j is itself a
+        # difference, of terms of size p_j (|dP_j| + |delta|), which the sums then carry
+        # (cancellation in dP_j - delta moves them by far more than the tolerance of the sum).
+        names = ("q", "block_keys", "block_values")
+        leaves = _leaves(case, names)
+        q64, keys64, values64 = (leaves[n] for n in names)
+        B, Hk, _, S, D = keys64.shape
+        if not (q64.numel() and ids.numel() and S):
+            return {}
+        idx = ids[..., None, None]
+        keys = keys64.gather(2, idx.expand(-1, -1, -1, S, D)).flatten(2, 3)
+        values = values64.detach().gather(2, idx.expand(-1, -1, -1, S, values64.shape[-1])).flatten(2, 3)
+        ok = torch.ones(keys.shape[:3], dtype=torch.bool) if valid is None else \
+            valid[:, None].expand(-1, Hk, -1, -1).gather(2, ids[..., None].expand(-1, -1, -1, S)).flatten(2, 3)
+        rows = q64.reshape(B, Hk, -1, D)
+        with torch.no_grad():
+            s = torch.einsum("bgmd,bgld->bgml", rows * scale, keys).masked_fill(~ok[:, :, None], float("-inf"))
+            p = torch.softmax(s, -1).nan_to_num(0.0)
+            dp = torch.einsum("bgmd,bgld->bgml", cots[0].reshape(B, Hk, -1, cots[0].shape[-1]), values)
+            delta = (p * dp).sum(-1, keepdim=True) - cots[1].reshape(B, Hk, -1, 1)
+            size = (p * (dp.abs() + delta.abs())).nan_to_num(0.0)
+        dq_sum = scale * torch.einsum("bgml,bgmd,bgld->", size, rows, keys.detach().abs())
+        dk_sum = scale * torch.einsum("bgml,bgmd,bgld->", size, rows.detach().abs(), keys)
+        terms = {}
+        for name, total in (("q", dq_sum), ("block_keys", dk_sum)):
+            (grad,) = torch.autograd.grad(total, leaves.bases[name], allow_unused=True)
+            if grad is not None:
+                terms[name] = grad.abs()
+        return terms
+
     compare(case, ("out", "lse"), (res.out, res.lse),
             lambda x: block_read_ref(x["q"], x["block_keys"], x["block_values"], ids, valid, scale), gen,
             model_cotangents=lambda outs, cots: (cots[0], cots[1] - _stored_error(cots[0], outs[0], case.dtype)),
-            output_terms={"out": terms})
+            output_terms={"out": terms}, gradient_terms=softmax_grad_terms)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1752,6 +1784,15 @@ KNOWN_FAILURES: list = []
 
 # Cases that once failed, kept as fixed reproducers: (name, what was wrong, (op, backend, params)).
 REGRESSIONS: list = [
+    ("block-read-dq-cancelling",
+     "a tolerance too tight for the fuzzer's own check: block_read's dq at D = 1 over 11 repeated "
+     "one-token blocks is a sum of dS_j k_j whose dS_j = p_j (dP_j - delta) cancel; the kernel's "
+     "float32 rounding of them exceeded 1e-5 by 7%; the allowed error of dq and dblock_keys now counts "
+     "the terms p_j (|dP_j| + |delta|) of each dS_j",
+     ("block_read", "cpu", {"dtype": "float32", "seed": 548, "layouts": {}, "specials": [], "mode": "normal",
+                            "grad": True, "mutation": None, "B": 1, "T": 1, "NB": 11, "S": 1, "D": 1, "Dv": 1,
+                            "Hk": 1, "H": 1, "k": 11, "valid": None, "repeats": True, "strided": False,
+                            "ties": True, "scale": 0.5, "R": 1})),
     ("pk-inf-tie-order",
      "a rule too strict in the fuzzer's own check: a product-key read orders candidates of equal "
      "(here infinite) score by their sub-keys' ranks, not by slot, so the top-k read's exact-tie "

@@ -557,26 +557,50 @@ void block_read_fwd_impl(const BlockReadFwdParams& params) {
   }
 }
 
+// One row of the backward's tile: in `probs` the scores S, in `dscores` dP on entry; on return
+// P = exp(S - lse) and dS = P (dP - delta) where `keep` is 0 and the row has a softmax (lse > -inf),
+// exact zeros elsewhere.
+template <typename acc_t>
+inline void softmax_grad_row(acc_t* probs, acc_t* dscores, const acc_t* keep, acc_t lse, acc_t delta) {
+  constexpr int64_t kKeys = kKeyTile<acc_t>;
+  if (lse == -std::numeric_limits<acc_t>::infinity()) {
+    std::fill(probs, probs + kKeys, acc_t(0));
+    std::fill(dscores, dscores + kKeys, acc_t(0));
+    return;
+  }
+#pragma omp simd
+  for (int64_t c = 0; c < kKeys; ++c) {
+    const bool on = keep[c] == acc_t(0);
+    const acc_t prob = exp_acc(probs[c] - lse);
+    probs[c] = on ? prob : acc_t(0);
+    dscores[c] = on ? prob * (dscores[c] - delta) : acc_t(0);
+  }
+}
+
 // The scratch of one backward unit, reused across the units a thread runs.
 template <typename acc_t>
 struct BwdScratch {
   BwdScratch(const BlockGeometry& g, int64_t tokens)
       : q_tile(kReadRows * g.d_pad),
         dout_tile(kReadRows * g.dv_pad),
+        q_t(std::max<int64_t>(g.dim, 1) * kReadRows),
+        dout_t(std::max<int64_t>(g.dim_v, 1) * kReadRows),
         dq_acc(kReadRows * g.d_pad),
-        scores(kReadRows * kKeyTile<acc_t>),
-        dprobs(kReadRows * kKeyTile<acc_t>),
-        probs_t(kKeyTile<acc_t> * kReadRows),
-        dscores_t(kKeyTile<acc_t> * kReadRows),
-        dk_acc(tokens * g.d_pad),
-        dv_acc(tokens * g.dv_pad),
+        probs(kReadRows * kKeyTile<acc_t>),
+        dscores(kReadRows * kKeyTile<acc_t>),
+        dk_acc(round_up(tokens, kKeyTile<acc_t>) * g.dim),
+        dv_acc(round_up(tokens, kKeyTile<acc_t>) * g.dim_v),
+        keep(kKeyTile<acc_t>),
         row_lse(kReadRows),
         row_delta(kReadRows),
         staging(std::max(g.dim, g.dim_v) + 1),
         out_row(std::max(g.d_pad, g.dv_pad) + 1) {}
 
-  std::vector<acc_t> q_tile, dout_tile, dq_acc;
-  std::vector<acc_t> scores, dprobs, probs_t, dscores_t, dk_acc, dv_acc;
+  // q_t, dout_t: the row tile transposed (D x kReadRows, Dv x kReadRows), the left operands of
+  // dk^T += q^T dS and dv^T += dout^T P; dk_acc, dv_acc: per key tile dk^T (D x kKeyTile) and
+  // dv^T (Dv x kKeyTile).
+  std::vector<acc_t> q_tile, dout_tile, q_t, dout_t, dq_acc;
+  std::vector<acc_t> probs, dscores, dk_acc, dv_acc, keep;
   std::vector<acc_t> row_lse, row_delta, staging, out_row;
 };
 
@@ -596,14 +620,16 @@ void store_block_grads(const BlockReadBwdParams& params, const BlockGeometry& g,
   std::stable_sort(order.begin(), order.end(),
                    [indices](int64_t a, int64_t b) { return indices[a] < indices[b]; });
   acc_t* sum = scratch.out_row.data();
+  constexpr int64_t kKeys = kKeyTile<acc_t>;
+  // Token j's gradient is column j % kKeys of its key tile's (width x kKeys) transposed sums.
   const auto store = [&](scalar_t* dst, const std::vector<acc_t>& acc, int64_t width,
-                         int64_t pad, int64_t first, int64_t last, int64_t s) {
+                         int64_t first, int64_t last, int64_t s) {
     std::fill(sum, sum + width, acc_t(0));
     for (int64_t i = first; i < last; ++i) {
-      const acc_t* row = acc.data() + (order[i] * size + s) * pad;
-#pragma omp simd
+      const int64_t j = order[i] * size + s;
+      const acc_t* column = acc.data() + (j / kKeys) * width * kKeys + j % kKeys;
       for (int64_t e = 0; e < width; ++e) {
-        sum[e] += row[e];
+        sum[e] += column[e * kKeys];
       }
     }
     store_row(dst, sum, width);
@@ -615,8 +641,8 @@ void store_block_grads(const BlockReadBwdParams& params, const BlockGeometry& g,
       ++last;
     }
     for (int64_t s = 0; s < size; ++s) {
-      store(dkeys + (n * size + s) * g.dim, scratch.dk_acc, g.dim, g.d_pad, first, last, s);
-      store(dvalues + (n * size + s) * g.dim_v, scratch.dv_acc, g.dim_v, g.dv_pad, first, last, s);
+      store(dkeys + (n * size + s) * g.dim, scratch.dk_acc, g.dim, first, last, s);
+      store(dvalues + (n * size + s) * g.dim_v, scratch.dv_acc, g.dim_v, first, last, s);
     }
     first = last;
   }
@@ -674,42 +700,40 @@ void block_read_bwd_impl(const BlockReadBwdParams& params) {
           w.row_lse[r] = lse[row];
         }
         std::fill(w.dq_acc.begin(), w.dq_acc.begin() + rows * d_pad, acc_t(0));
+        // The tile's q (scaled) and dout transposed, once for every key tile.
+        std::fill(w.q_t.begin(), w.q_t.end(), acc_t(0));
+        std::fill(w.dout_t.begin(), w.dout_t.end(), acc_t(0));
+        for (int64_t r = 0; r < rows; ++r) {
+          scatter_transposed(w.q_tile.data() + r * d_pad, dim, r, w.q_t.data(), kReadRows);
+          scatter_transposed(w.dout_tile.data() + r * dv_pad, dim_v, r, w.dout_t.data(), kReadRows);
+        }
 
-        for (int64_t j0 = 0; j0 < tokens; j0 += kKeys) {
-          const int64_t nk = std::min(kKeys, tokens - j0);
-          if (!staged.any[j0 / kKeys]) {
+        for (int64_t t = 0; t < tiles; ++t) {
+          if (!staged.any[t]) {
             continue;
           }
-          const TokenTile<acc_t> tile = staged.tile(j0 / kKeys);
-          const bool* live = tile.live;
-          gemm(rows, kKeys, dim, w.q_tile.data(), d_pad, tile.keys_t, kKeys, w.scores.data(),
-               kKeys, /*accumulate=*/false);
+          const TokenTile<acc_t> tile = staged.tile(t);
+          for (int64_t c = 0; c < kKeys; ++c) {
+            w.keep[c] = tile.live[c] ? acc_t(0) : kNegInf;
+          }
+          gemm(rows, kKeys, dim, w.q_tile.data(), d_pad, tile.keys_t, kKeys, w.probs.data(), kKeys,
+               /*accumulate=*/false);
           gemm(rows, kKeys, dim_v, w.dout_tile.data(), dv_pad, tile.values_t, kKeys,
-               w.dprobs.data(), kKeys, /*accumulate=*/false);
+               w.dscores.data(), kKeys, /*accumulate=*/false);
 
-          // P and dS on the live columns of rows with a softmax, exact zeros elsewhere: dS row-major
-          // (in scores) for dq, both transposed for dk and dv.
+          // P = exp(S - lse) and dS = P (dP - delta) on the live columns of rows with a softmax,
+          // exact zeros elsewhere (row-major: the right operands of every product below).
           for (int64_t r = 0; r < rows; ++r) {
-            acc_t* s_row = w.scores.data() + r * kKeys;
-            const acc_t* dp_row = w.dprobs.data() + r * kKeys;
-            const acc_t row_lse = w.row_lse[r], row_delta = w.row_delta[r];
-            const bool empty = row_lse == kNegInf;
-            for (int64_t c = 0; c < kKeys; ++c) {
-              const bool on = live[c] && !empty;
-              const acc_t prob = on ? exp_acc(s_row[c] - row_lse) : acc_t(0);
-              const acc_t ds = on ? prob * (dp_row[c] - row_delta) : acc_t(0);
-              s_row[c] = ds;
-              w.probs_t[c * kReadRows + r] = prob;
-              w.dscores_t[c * kReadRows + r] = ds;
-            }
+            softmax_grad_row(w.probs.data() + r * kKeys, w.dscores.data() + r * kKeys, w.keep.data(),
+                             w.row_lse[r], w.row_delta[r]);
           }
 
-          gemm(rows, d_pad, kKeys, w.scores.data(), kKeys, tile.key_rows, d_pad,
-               w.dq_acc.data(), d_pad, /*accumulate=*/true);
-          gemm(nk, dv_pad, rows, w.probs_t.data(), kReadRows, w.dout_tile.data(), dv_pad,
-               w.dv_acc.data() + j0 * dv_pad, dv_pad, /*accumulate=*/true);
-          gemm(nk, d_pad, rows, w.dscores_t.data(), kReadRows, w.q_tile.data(), d_pad,
-               w.dk_acc.data() + j0 * d_pad, d_pad, /*accumulate=*/true);
+          gemm(rows, d_pad, kKeys, w.dscores.data(), kKeys, tile.key_rows, d_pad, w.dq_acc.data(),
+               d_pad, /*accumulate=*/true);
+          gemm(dim_v, kKeys, rows, w.dout_t.data(), kReadRows, w.probs.data(), kKeys,
+               w.dv_acc.data() + t * dim_v * kKeys, kKeys, /*accumulate=*/true);
+          gemm(dim, kKeys, rows, w.q_t.data(), kReadRows, w.dscores.data(), kKeys,
+               w.dk_acc.data() + t * dim * kKeys, kKeys, /*accumulate=*/true);
         }
 
         for (int64_t r = 0; r < rows; ++r) {
