@@ -38,12 +38,17 @@
 #include "convert.h"
 #include "tile_gemm.h"
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <memory>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -441,6 +446,30 @@ bool row_has_nan(StagedTiles<acc_t>& staged, int64_t first, int64_t count, const
   return false;
 }
 
+// The largest and the sum of the lanes of a vector.
+template <typename acc_t>
+inline acc_t lanes_max(typename Simd<acc_t>::vec v) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return _mm512_reduce_max_ps(reinterpret_cast<__m512>(v));
+  }
+#endif
+  acc_t result = v[0];
+  for (int64_t lane = 1; lane < Simd<acc_t>::kWidth; ++lane) {
+    result = v[lane] > result ? v[lane] : result;
+  }
+  return result;
+}
+
+template <typename acc_t>
+inline acc_t lanes_sum(typename Simd<acc_t>::vec v) {
+  acc_t result = 0;
+  for (int64_t lane = 0; lane < Simd<acc_t>::kWidth; ++lane) {
+    result += v[lane];
+  }
+  return result;
+}
+
 // The maximum of a row of kKeyTile scores, a vector of lanes at a time (a NaN is passed over, as
 // std::max does; it reaches the row's sum through exp).
 template <typename acc_t>
@@ -452,11 +481,7 @@ inline acc_t tile_max_of(const acc_t* row) {
     const vec x = load_vec(row + c);
     best = x > best ? x : best;
   }
-  acc_t result = best[0];
-  for (int64_t lane = 1; lane < W; ++lane) {
-    result = best[lane] > result ? best[lane] : result;
-  }
-  return result;
+  return lanes_max<acc_t>(best);
 }
 
 // At most this many bytes of staged tiles at once in the forward (pairs are staged in rounds).
@@ -465,6 +490,8 @@ constexpr int64_t kStagedBytes = int64_t{64} << 20;
 template <typename scalar_t>
 void block_read_fwd_impl(const BlockReadFwdParams& params) {
   using acc_t = acc_type<scalar_t>;
+  using vec = typename Simd<acc_t>::vec;
+  constexpr int64_t W = Simd<acc_t>::kWidth;
   constexpr int64_t kKeys = kKeyTile<acc_t>;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   const BlockGeometry g = block_geometry<acc_t>(params, params.block_size, params.dim_v);
@@ -497,14 +524,15 @@ void block_read_fwd_impl(const BlockReadFwdParams& params) {
     at::parallel_for(0, pairs * row_tiles, 1, [&](int64_t unit_begin, int64_t unit_end) {
       std::vector<acc_t> q_tile(kReadRows * d_pad), scores(kReadRows * kKeys);
       std::vector<acc_t> acc_out(kReadRows * dv_pad), out_row(dv_pad + 1);
-      std::vector<acc_t> row_max(kReadRows), row_sum(kReadRows), staging(std::max(dim, dim_v) + 1);
+      // row_sums: per row a vector of partial sums, added up once the row is done.
+      std::vector<acc_t> row_max(kReadRows), row_sums(kReadRows * W), staging(std::max(dim, dim_v) + 1);
 
       for (int64_t unit = unit_begin; unit < unit_end; ++unit) {
         const int64_t pair = p0 + unit / row_tiles, m0 = (unit % row_tiles) * kReadRows;
         const int64_t rows = std::min(kReadRows, g.group_rows - m0);
         load_query_tile(q, params.q_rows, g, pair, m0, rows, scale, staging.data(), q_tile.data());
         std::fill(row_max.begin(), row_max.end(), kNegInf);
-        std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
+        std::fill(row_sums.begin(), row_sums.end(), acc_t(0));
         std::fill(acc_out.begin(), acc_out.begin() + rows * dv_pad, acc_t(0));
 
         for (int64_t t = 0; t < tiles; ++t) {
@@ -528,14 +556,15 @@ void block_read_fwd_impl(const BlockReadFwdParams& params) {
           for (int64_t r = 0; r < rows; ++r) {
             acc_t* s_row = scores.data() + r * kKeys;
             const SoftmaxStep<acc_t> step = softmax_step(row_max[r], tile_max_of(s_row));
-            acc_t tile_sum = 0;
-#pragma omp simd reduction(+ : tile_sum)
+#pragma omp simd
             for (int64_t c = 0; c < kKeys; ++c) {
-              const acc_t prob = exp_acc(s_row[c] - step.shift);
-              s_row[c] = prob;
-              tile_sum += prob;
+              s_row[c] = exp_acc(s_row[c] - step.shift);
             }
-            row_sum[r] = row_sum[r] * step.correction + tile_sum;
+            vec sum = load_vec(row_sums.data() + r * W) * step.correction;
+            for (int64_t c = 0; c < kKeys; c += W) {
+              sum += load_vec(s_row + c);
+            }
+            store_vec(row_sums.data() + r * W, sum);
             row_max[r] = step.new_max;
             rescale_row(acc_out.data() + r * dv_pad, dv_pad, step.correction);
           }
@@ -545,7 +574,8 @@ void block_read_fwd_impl(const BlockReadFwdParams& params) {
 
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t row = pair * g.group_rows + m0 + r;
-          store_softmax_row(acc_out.data() + r * dv_pad, dim_v, row_sum[r], row_max[r],
+          const acc_t row_sum = lanes_sum<acc_t>(load_vec(row_sums.data() + r * W));
+          store_softmax_row(acc_out.data() + r * dv_pad, dim_v, row_sum, row_max[r],
                             out_row.data(), out + row * dim_v, lse + row);
           if (row_max[r] == std::numeric_limits<acc_t>::infinity() &&
               !row_has_nan(staged, (pair - p0) * tiles, tiles, q_tile.data() + r * d_pad, dim)) {
