@@ -114,15 +114,15 @@ def test_padded_generate_matches_unpatched():
 def brute_force_memory_read(q, k, v, positions, *, window, block_size, sink, chunk, distance, inv_freq, scale):
     """InfLLM's read with every block, by loops: q, k, v (H, T, D) as the model rotated them at
     ``positions``; for each chunk, keys of the local segment (whose start follows the cache's rule:
-    the sink, then whole blocks, while at least ``window`` tokens stay before the chunk) are scored
-    at their true distance, older keys at ``distance``."""
+    the sink, then blocks ending at multiples of ``block_size``, while at least ``window`` tokens stay
+    before the chunk) are scored at their true distance, older keys at ``distance``."""
     T = q.shape[1]
     out = torch.empty(q.shape[0], T, v.shape[-1], dtype=torch.float64)
     raw_k = block_memory._rotate(k[None], -positions[None], inv_freq)[0].double()
     start = 0
     for a in range(0, T, chunk):
         while True:
-            n = sink - start if start < sink else block_size
+            n = sink - start if start < sink else block_size - start % block_size
             if a - (start + n) < window:
                 break
             start += n
@@ -227,17 +227,22 @@ def test_capacity_evicts_the_oldest_blocks(block_repr):
         model(ids, cache=cache, use_cache=True)
     layer = cache.layers[1]
     assert layer.num_blocks == 4 and layer.evicted_blocks > 0
-    assert layer.block_keys.view().shape[2] == 4
+    assert layer.sink_blocks == 1 and layer.block_keys.view().shape[2] == 1 + 4   # the sink's block kept
     assert layer.local_start + layer.keys.shape[-2] == 400
-    # The kept blocks are the newest ones: layer 0's keys do not depend on what memory was read.
+    # The kept blocks are the sink's and the newest ones: layer 0's keys do not depend on what
+    # memory was read.
     unbounded = hf.MemoryCache(dataclasses.replace(model._l2m_memory.config, capacity=None), 2)
     with torch.no_grad():
         model(ids, cache=unbounded, use_cache=True)
     kept, every = cache.layers[0], unbounded.layers[0]
-    assert torch.equal(kept.block_keys.view(), every.block_keys.view()[:, :, -4:])
-    assert torch.equal(kept.block_valid.view(), every.block_valid.view()[:, -4:])
+
+    def expected(t, dim):
+        return torch.cat([t.narrow(dim, 0, 1), t.narrow(dim, t.shape[dim] - 4, 4)], dim)
+    assert torch.equal(kept.block_keys.view(), expected(every.block_keys.view(), 2))
+    assert torch.equal(kept.block_valid.view(), expected(every.block_valid.view(), 1))
+    assert kept.block_valid.view()[:, 0].sum() == 4                                # 4 sink tokens, padding
     if block_repr == "mean":
-        assert torch.equal(kept.block_repr.view(), every.block_repr.view()[:, :, -4:])
+        assert torch.equal(kept.block_repr.view(), expected(every.block_repr.view(), 2))
 
 
 def test_detach_restores_the_model_bitwise():

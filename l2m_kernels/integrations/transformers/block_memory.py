@@ -168,9 +168,10 @@ def _merge(out_a, lse_a, out_b, lse_b):
 # ---- the cache ----
 
 class _Grown:
-    """A tensor that grows at the back and shrinks at the front along one dimension: the rows
+    """A tensor that grows at the back and drops rows near the front along one dimension: the rows
     ``start .. start + length`` of a storage that doubles when full (appends and drops amortised
-    O(1): a drop only moves ``start``, and the storage is compacted when it next grows)."""
+    O(1): a drop moves ``start`` and the few rows kept before the dropped ones, and the storage is
+    compacted when it next grows)."""
 
     def __init__(self, dim: int):
         self.dim, self.data, self.start, self.length = dim, None, 0, 0
@@ -195,8 +196,20 @@ class _Grown:
     def view(self) -> Optional[torch.Tensor]:
         return None if self.data is None else self.data.narrow(self.dim, self.start, self.length)
 
-    def drop_front(self, n: int) -> None:
-        n = min(n, self.length)  # an unused one (block_repr "max" keeps no representatives) stays empty
+    def drop_after(self, keep: int, n: int) -> None:
+        """Drops the n rows after the first ``keep`` (which move up by n)."""
+        n = min(n, self.length - keep)
+        if n <= 0:
+            return
+        if torch.is_grad_enabled() and self.data.requires_grad:  # out of place, as append
+            view = self.view()
+            self.data = torch.cat([view.narrow(self.dim, 0, keep), view.narrow(self.dim, keep + n,
+                                                                             self.length - keep - n)], dim=self.dim)
+            self.start, self.length = 0, self.data.shape[self.dim]
+            return
+        if keep:
+            kept = self.data.narrow(self.dim, self.start, keep).clone()
+            self.data.narrow(self.dim, self.start + n, keep).copy_(kept)
         self.start, self.length = self.start + n, self.length - n
 
     def map_batch(self, fn) -> None:
@@ -227,9 +240,12 @@ class MemoryLayer(CacheLayerMixin):
         self.local_start = 0      # position of keys[..., 0, :]
         self.local_valid = None   # (B, L) bool: the local keys that are not padding
         self.local_pos = None     # (B, L) position ids of the local tokens ("fixed" mode)
-        self.sink_keys, self.sink_values, self.sink_valid = _Grown(2), _Grown(2), _Grown(1)
-        self.block_keys, self.block_values = _Grown(2), _Grown(2)     # (B, Hk, nb, bs, D)
-        self.block_valid, self.block_repr = _Grown(1), _Grown(2)      # (B, nb, bs), (B, Hk, nb, D)
+        # The sink, padded to whole blocks, then the memory blocks: the first sink_blocks blocks of
+        # block_keys (B, Hk, nb, bs, D), block_values, block_valid (B, nb, bs) and, with
+        # block_repr="mean", block_repr (B, Hk, nb, D).
+        self.block_keys, self.block_values = _Grown(2), _Grown(2)
+        self.block_valid, self.block_repr = _Grown(1), _Grown(2)
+        self.sink_blocks = 0
         self.evicted_blocks = 0
 
     # CacheLayerMixin
@@ -270,8 +286,7 @@ class MemoryLayer(CacheLayerMixin):
             return
         self.keys, self.values = fn(self.keys), fn(self.values)
         self.local_valid, self.local_pos = fn(self.local_valid), fn(self.local_pos)
-        for grown in (self.sink_keys, self.sink_values, self.sink_valid, self.block_keys, self.block_values,
-                      self.block_valid, self.block_repr):
+        for grown in (self.block_keys, self.block_values, self.block_valid, self.block_repr):
             grown.map_batch(fn)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -286,7 +301,8 @@ class MemoryLayer(CacheLayerMixin):
     # memory
     @property
     def num_blocks(self) -> int:
-        return self.block_keys.length
+        """Memory blocks (the sink's aside)."""
+        return self.block_keys.length - self.sink_blocks
 
     def note_inputs(self, valid: torch.Tensor, positions: torch.Tensor) -> None:
         """The validity of the local segment (B, L) and the position ids of the call's tokens (B, C)."""
@@ -298,25 +314,36 @@ class MemoryLayer(CacheLayerMixin):
         below ``sink``) and into whole blocks, then evicts the oldest blocks past ``capacity``."""
         cfg = self.config
         while True:
-            n = cfg.sink - self.local_start if self.local_start < cfg.sink else cfg.block_size
+            # The sink, then blocks that start at multiples of block_size (the first one after the
+            # sink partial): the local segment then starts there too, and its length is the same
+            # with or without a sink.
+            n = (cfg.sink - self.local_start if self.local_start < cfg.sink
+                 else cfg.block_size - self.local_start % cfg.block_size)
             if chunk_start - (self.local_start + n) < cfg.window or self.keys.shape[-2] < n:
                 break
             keys, values = self.keys[:, :, :n], self.values[:, :, :n]
             valid = self.local_valid[:, :n]
             if cfg.position_mode == "fixed":
                 keys = _rotate(keys, -self.local_pos[:, :n], self.inv_freq)
+            # Whole blocks, padded with tokens that do not exist (the sink's, read with every
+            # chunk's selected blocks in the same call, and the first memory block).
+            blocks = -(-n // cfg.block_size)
+            pad = blocks * cfg.block_size - n
+            if pad:
+                keys = torch.nn.functional.pad(keys, (0, 0, 0, pad))
+                values = torch.nn.functional.pad(values, (0, 0, 0, pad))
+                valid = torch.nn.functional.pad(valid, (0, pad), value=False)
             if self.local_start < cfg.sink:
-                self.sink_keys.append(keys)
-                self.sink_values.append(values)
-                self.sink_valid.append(valid)
-            else:
-                self.block_keys.append(keys.unsqueeze(2))
-                self.block_values.append(values.unsqueeze(2))
-                self.block_valid.append(valid.unsqueeze(1))
-                if cfg.block_repr == "mean":
-                    weight = valid[:, None, :, None].to(torch.float32)
-                    mean = (keys.to(torch.float32) * weight).sum(2) / weight.sum(2).clamp(min=1)
-                    self.block_repr.append(mean.to(keys.dtype).unsqueeze(2))
+                self.sink_blocks += blocks
+            batch, heads = keys.shape[:2]
+            self.block_keys.append(keys.reshape(batch, heads, blocks, cfg.block_size, -1))
+            self.block_values.append(values.reshape(batch, heads, blocks, cfg.block_size, -1))
+            self.block_valid.append(valid.reshape(batch, blocks, cfg.block_size))
+            if cfg.block_repr == "mean":
+                weight = valid.reshape(batch, 1, blocks, cfg.block_size, 1).to(torch.float32)
+                blocked = keys.to(torch.float32).reshape(batch, heads, blocks, cfg.block_size, -1)
+                mean = (blocked * weight).sum(3) / weight.sum(3).clamp(min=1)
+                self.block_repr.append(mean.to(keys.dtype))
             self.keys, self.values = self.keys[:, :, n:], self.values[:, :, n:]
             self.local_valid, self.local_pos = self.local_valid[:, n:], self.local_pos[:, n:]
             self.local_start += n
@@ -324,70 +351,61 @@ class MemoryLayer(CacheLayerMixin):
             excess = self.num_blocks - cfg.capacity // cfg.block_size
             if excess > 0:
                 for grown in (self.block_keys, self.block_values, self.block_valid, self.block_repr):
-                    grown.drop_front(excess)
+                    grown.drop_after(self.sink_blocks, excess)
                 self.evicted_blocks += excess
 
     def select(self, q: torch.Tensor, scale: float, take: int) -> torch.Tensor:
-        """The ``take`` best blocks for the queries q (B, Hk, G, C, D) per (batch, key-value head),
-        in increasing block order (``l2m_kernels.block_topk``; every block when ``take`` is their
-        number). ``block_repr="mean"`` scores a block by its mean valid key, ``"max"`` by its best
-        valid key for each query; a block of padding only scores -inf."""
+        """The blocks the queries q (B, Hk, G, C, D) of one chunk read, per (batch, key-value head),
+        in increasing order: the sink's, then the ``take`` best memory blocks
+        (``l2m_kernels.block_topk``; every block when ``take`` is their number).
+        ``block_repr="mean"`` scores a block by its mean valid key, ``"max"`` by its best valid key
+        for each query; a block of padding only scores -inf."""
         batch, heads, group, length, dim = q.shape
-        blocks = self.num_blocks
+        sinks, blocks = self.sink_blocks, self.num_blocks
         if take >= blocks:
-            return torch.arange(blocks, device=q.device).expand(batch, heads, blocks)
-        block_valid = self.block_valid.view()
+            return torch.arange(sinks + blocks, device=q.device).expand(batch, heads, sinks + blocks)
+        block_valid = self.block_valid.view().narrow(1, sinks, blocks)
         if self.config.block_repr == "mean":
-            reprs, repr_valid = self.block_repr.view().unsqueeze(3), block_valid.any(-1, keepdim=True)
+            reprs = self.block_repr.view().narrow(2, sinks, blocks).unsqueeze(3)
+            repr_valid = block_valid.any(-1, keepdim=True)
         else:
-            reprs, repr_valid = self.block_keys.view(), block_valid
+            reprs, repr_valid = self.block_keys.view().narrow(2, sinks, blocks), block_valid
         rows = q.reshape(batch, heads * group, length, dim)
-        return block_topk(rows, reprs, take, repr_valid=repr_valid, scale=scale).indices
+        chosen = block_topk(rows, reprs, take, repr_valid=repr_valid, scale=scale).indices
+        if not sinks:
+            return chosen
+        return torch.cat([torch.arange(sinks, device=q.device).expand(batch, heads, sinks), chosen + sinks], dim=-1)
 
     def read(self, q: torch.Tensor, scale: float, dropout: float, training: bool, softcap=None):
         """The memory part of the attention of the queries q (B, Hk, G, C, D) of one chunk: the sink
-        and the ``topk_blocks`` best blocks (``l2m_kernels.block_topk``), read by
-        ``l2m_kernels.block_read`` and merged by their log-sum-exp. Returns (out (B, Hk, G, C, Dv)
-        float32, lse (B, Hk, G, C)), or None when the memory holds nothing."""
-        parts = []
+        and the ``topk_blocks`` best blocks (:meth:`select`), read by ``l2m_kernels.block_read``.
+        Returns (out (B, Hk, G, C, Dv) float32, lse (B, Hk, G, C)), or None when the memory holds
+        nothing."""
         batch, heads, group, length, dim = q.shape
-        if self.sink_keys.length:
-            valid = self.sink_valid.view()[:, None, None, None, :]
-            parts.append(_attend_any(q, self.sink_keys.view(), self.sink_values.view(), valid, scale, dropout,
-                                     training, softcap))
-        blocks = self.num_blocks
-        take = min(self.config.topk_blocks, blocks)
-        if take:
-            rows = q.reshape(batch, heads * group, length, dim)           # (B, H, C, D), a view
-            block_keys, block_values = self.block_keys.view(), self.block_values.view()
-            block_valid = self.block_valid.view()
-            chosen = self.select(q, scale, take)
-            if (dropout and training) or softcap:
-                # What block_read does not implement: the selected blocks gathered and read by _attend.
-                size, dim_v = block_keys.shape[3], block_values.shape[4]
-                keys = block_keys.gather(2, chosen[..., None, None].expand(-1, -1, -1, size, dim)).flatten(2, 3)
-                values = block_values.gather(2, chosen[..., None, None].expand(-1, -1, -1, size, dim_v))
-                valid = block_valid[:, None].expand(-1, heads, -1, -1).gather(
-                    2, chosen[..., None].expand(-1, -1, -1, size)).flatten(2, 3)
-                parts.append(_attend(q, keys, values.flatten(2, 3), valid[:, :, None, None], scale, dropout,
-                                     training, softcap))
-            else:
-                if torch.is_grad_enabled() and (rows.requires_grad or block_keys.requires_grad
-                                                or block_values.requires_grad):
-                    # The read saves what its backward needs, and the storage grows in place for
-                    # the tensors that need no gradient: those are passed as copies.
-                    block_valid = block_valid.clone()
-                    block_keys = block_keys if block_keys.requires_grad else block_keys.clone()
-                    block_values = block_values if block_values.requires_grad else block_values.clone()
-                out, lse = block_read(rows, block_keys, block_values, chosen, block_valid=block_valid, scale=scale)
-                parts.append((out.to(torch.float32).view(batch, heads, group, length, -1),
-                              lse.view(batch, heads, group, length)))
-        if not parts:
+        take = min(self.config.topk_blocks, self.num_blocks)
+        if not (take or self.sink_blocks):
             return None
-        out, lse = parts[0]
-        for other_out, other_lse in parts[1:]:
-            out, lse = _merge(out, lse, other_out, other_lse)
-        return out, lse
+        block_keys, block_values = self.block_keys.view(), self.block_values.view()
+        block_valid = self.block_valid.view()
+        chosen = self.select(q, scale, take)
+        if (dropout and training) or softcap:
+            # What block_read does not implement: the selected blocks gathered and read by _attend.
+            size, dim_v = block_keys.shape[3], block_values.shape[4]
+            keys = block_keys.gather(2, chosen[..., None, None].expand(-1, -1, -1, size, dim)).flatten(2, 3)
+            values = block_values.gather(2, chosen[..., None, None].expand(-1, -1, -1, size, dim_v))
+            valid = block_valid[:, None].expand(-1, heads, -1, -1).gather(
+                2, chosen[..., None].expand(-1, -1, -1, size)).flatten(2, 3)
+            return _attend(q, keys, values.flatten(2, 3), valid[:, :, None, None], scale, dropout, training,
+                           softcap)
+        if torch.is_grad_enabled() and (q.requires_grad or block_keys.requires_grad or block_values.requires_grad):
+            # The read saves what its backward needs, and the storage grows in place for the
+            # tensors that need no gradient: those are passed as copies.
+            block_valid = block_valid.clone()
+            block_keys = block_keys if block_keys.requires_grad else block_keys.clone()
+            block_values = block_values if block_values.requires_grad else block_values.clone()
+        rows = q.reshape(batch, heads * group, length, dim)           # (B, H, C, D), a view
+        out, lse = block_read(rows, block_keys, block_values, chosen, block_valid=block_valid, scale=scale)
+        return out.to(torch.float32).view(batch, heads, group, length, -1), lse.view(batch, heads, group, length)
 
 
 class MemoryCache(Cache):
