@@ -487,6 +487,92 @@ inline acc_t tile_max_of(const acc_t* row) {
 // At most this many bytes of staged tiles at once in the forward (pairs are staged in rounds).
 constexpr int64_t kStagedBytes = int64_t{64} << 20;
 
+// Query rows per (batch, kv head) up to which the forward reads the selected tokens where they lie,
+// one dot product per row and token, instead of staging them for the micro-kernel (decoding: one
+// query per head, whose staging would cost more than its products).
+constexpr int64_t kDirectRows = 8;
+
+// The forward for few rows: per (batch, kv head), the rows' scores over every selected token (the
+// tokens that do not exist: -inf), their maximum passing over NaN, P = exp(S - max) and the sums,
+// then out = P V / sum; the same results as the tiled path up to rounding, and the same rules for
+// empty rows (out 0, lse -inf), NaN and +inf scores.
+template <typename scalar_t>
+void block_read_fwd_direct(const BlockReadFwdParams& params, const BlockGeometry& g, int64_t tokens) {
+  using acc_t = acc_type<scalar_t>;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
+  const auto* q = static_cast<const scalar_t*>(params.q);
+  auto* out = static_cast<scalar_t*>(params.out);
+  auto* lse = static_cast<acc_t*>(params.lse);
+  const acc_t scale = static_cast<acc_t>(params.scale);
+  const int64_t rows = g.group_rows, dim = g.dim, dim_v = g.dim_v;
+
+  at::parallel_for(0, g.pairs, 1, [&](int64_t pair_begin, int64_t pair_end) {
+    std::vector<acc_t> q_tile(rows * g.d_pad), scores(rows * std::max<int64_t>(tokens, 1));
+    std::vector<acc_t> acc_out(rows * g.dv_pad), staging(std::max(dim, dim_v) + 1);
+    std::vector<acc_t> row_max(rows), row_sum(rows);
+    std::vector<char> row_nan(rows);
+    std::vector<char> live(std::max<int64_t>(tokens, 1));
+    for (int64_t pair = pair_begin; pair < pair_end; ++pair) {
+      const Selection<scalar_t, BlockReadFwdParams> sel(params, g, pair);
+      load_query_tile(q, params.q_rows, g, pair, 0, rows, scale, staging.data(), q_tile.data());
+      std::fill(row_max.begin(), row_max.end(), kNegInf);
+      std::fill(row_nan.begin(), row_nan.end(), 0);
+      for (int64_t j = 0; j < tokens; ++j) {
+        live[j] = sel.valid(j);
+        if (!live[j]) {
+          continue;
+        }
+        const acc_t* key = load_row(sel.key(j), dim, staging.data());
+        for (int64_t r = 0; r < rows; ++r) {
+          const acc_t* q_row = q_tile.data() + r * g.d_pad;
+          acc_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t d = 0; d < dim; ++d) {
+            dot += q_row[d] * key[d];
+          }
+          scores[r * tokens + j] = dot;
+          row_max[r] = dot > row_max[r] ? dot : row_max[r];
+          row_nan[r] |= dot != dot;
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const acc_t shift = row_max[r] == kNegInf ? acc_t(0) : row_max[r];
+        acc_t sum = 0;
+        for (int64_t j = 0; j < tokens; ++j) {
+          acc_t& s = scores[r * tokens + j];
+          s = live[j] ? exp_acc(s - shift) : acc_t(0);
+          sum += s;
+        }
+        row_sum[r] = sum;
+      }
+      std::fill(acc_out.begin(), acc_out.end(), acc_t(0));
+      for (int64_t j = 0; j < tokens; ++j) {
+        if (!live[j]) {
+          continue;
+        }
+        const acc_t* value = load_row(sel.value(j), dim_v, staging.data());
+        for (int64_t r = 0; r < rows; ++r) {
+          const acc_t p = scores[r * tokens + j];
+          acc_t* o = acc_out.data() + r * g.dv_pad;
+#pragma omp simd
+          for (int64_t e = 0; e < dim_v; ++e) {
+            o[e] += p * value[e];
+          }
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t row = pair * rows + r;
+        store_softmax_row(acc_out.data() + r * g.dv_pad, dim_v, row_sum[r], row_max[r], staging.data(),
+                          out + row * dim_v, lse + row);
+        if (row_max[r] == kInf && !row_nan[r]) {
+          lse[row] = kInf;  // a score of +inf and none NaN: lse +inf (out is NaN, inf / inf)
+        }
+      }
+    }
+  });
+}
+
 template <typename scalar_t>
 void block_read_fwd_impl(const BlockReadFwdParams& params) {
   using acc_t = acc_type<scalar_t>;
@@ -502,6 +588,10 @@ void block_read_fwd_impl(const BlockReadFwdParams& params) {
   const int64_t dim = g.dim, dim_v = g.dim_v, d_pad = g.d_pad, dv_pad = g.dv_pad;
   const int64_t tokens = params.num_selected * g.block_size;
   const int64_t row_tiles = ceil_div(g.group_rows, kReadRows);
+  if (g.group_rows <= kDirectRows) {
+    block_read_fwd_direct<scalar_t>(params, g, tokens);
+    return;
+  }
 
   const int64_t tiles = ceil_div(tokens, kKeys);
   const TileParts parts{std::max<int64_t>(dim, 1) * kKeys, 0, kKeys * dv_pad, 0};

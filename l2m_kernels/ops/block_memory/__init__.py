@@ -7,8 +7,8 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-from .._common import autocast_promote
-from .function import block_read_op, block_topk_op
+from .._common import autocast_promote, eager_call
+from .function import block_read_eager, block_read_op, block_topk_eager, block_topk_op
 from .reference import block_read_ref, block_topk_ref
 from .validate import check_read_args, check_read_values, check_topk_args
 
@@ -63,6 +63,8 @@ def block_topk(q, reprs, k, *, repr_valid=None, scale=None, backend=None) -> Blo
     k, scale, name = check_topk_args(q, reprs, k, repr_valid, scale, backend)
     if name == "reference":
         return BlockSelection(*block_topk_ref(q, reprs, k, repr_valid, scale))
+    if eager_call(*(t for t in (q, reprs, repr_valid) if t is not None)):
+        return BlockSelection(*block_topk_eager(q, reprs, k, repr_valid, scale, name))
     return BlockSelection(*block_topk_op(q, reprs, k, repr_valid, scale, name))
 
 
@@ -98,5 +100,7 @@ def block_read(q, block_keys, block_values, indices, *, block_valid=None, scale=
     if name == "reference":
         check_read_values(block_keys, indices)
         return BlockRead(*block_read_ref(q, block_keys, block_values, indices, block_valid, scale))
+    if eager_call(*(t for t in (q, block_keys, block_values, indices, block_valid) if t is not None)):
+        return BlockRead(*block_read_eager(q, block_keys, block_values, indices, block_valid, scale, name))
     # The custom op checks the block ids itself, at call time (also inside compiled graphs).
     return BlockRead(*block_read_op(q, block_keys, block_values, indices, block_valid, scale, name))

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ... import _ext
 from ..._alloc import empty
-from .._common import acc_dtype, contiguous_like, declared_op, reference_vjp, rows_for
+from .._common import acc_dtype, contiguous_like, declared_op, reference_vjp, register_autograd, rows_for
 from .reference import block_read_ref, block_topk_ref
 from .validate import check_read_args, check_read_values, check_topk_args
 
@@ -62,6 +62,12 @@ def _cpu_topk_fwd(q, reprs, k, repr_valid, scale):
 
 
 TOPK_FWD = {"reference": _reference_topk_fwd, "cpu": _cpu_topk_fwd}
+
+
+def block_topk_eager(q, reprs, k, repr_valid, scale, backend):
+    """The forward on checked arguments, without the dispatcher (no gradient flows through it)."""
+    with torch.no_grad():
+        return TOPK_FWD[backend](q, reprs, k, repr_valid, scale)
 
 
 @declared_op("block_topk")
@@ -126,13 +132,22 @@ READ_FWD = {"reference": _reference_read_fwd, "cpu": _cpu_read_fwd}
 READ_BWD = {"reference": _reference_read_bwd, "cpu": _cpu_read_bwd}
 
 
+def block_read_fwd(q, block_keys, block_values, indices, block_valid, scale, backend):
+    """The forward of ``backend`` on checked arguments: the block ids' values first, then the kernels."""
+    check_read_values(block_keys, indices)
+    return READ_FWD[backend](q, block_keys, block_values, indices, block_valid, scale)
+
+
+def block_read_bwd(dout, dlse, q, block_keys, block_values, indices, block_valid, out, lse, scale, backend):
+    return READ_BWD[backend](dout, dlse, q, block_keys, block_values, indices, block_valid, out, lse, scale)
+
+
 @declared_op("block_read")
 def block_read_op(q: Tensor, block_keys: Tensor, block_values: Tensor, indices: Tensor,
                   block_valid: Optional[Tensor] = None, scale: Optional[float] = None,
                   backend: str = "auto") -> Tuple[Tensor, Tensor]:
     scale, backend = check_read_args(q, block_keys, block_values, indices, block_valid, scale, backend)
-    check_read_values(block_keys, indices)
-    return READ_FWD[backend](q, block_keys, block_values, indices, block_valid, scale)
+    return block_read_fwd(q, block_keys, block_values, indices, block_valid, scale, backend)
 
 
 @block_read_op.register_fake
@@ -145,7 +160,7 @@ def _(q, block_keys, block_values, indices, block_valid, scale, backend):
 def block_read_backward_op(dout: Tensor, dlse: Tensor, q: Tensor, block_keys: Tensor, block_values: Tensor,
                            indices: Tensor, block_valid: Optional[Tensor], out: Tensor, lse: Tensor, scale: float,
                            backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    return READ_BWD[backend](dout, dlse, q, block_keys, block_values, indices, block_valid, out, lse, scale)
+    return block_read_bwd(dout, dlse, q, block_keys, block_values, indices, block_valid, out, lse, scale, backend)
 
 
 @block_read_backward_op.register_fake
@@ -154,21 +169,26 @@ def _(dout, dlse, q, block_keys, block_values, indices, block_valid, out, lse, s
 
 
 def _read_setup(ctx, inputs, output):
-    q, block_keys, block_values, indices, block_valid = inputs[:5]
-    scale, backend = check_read_args(*inputs)  # the default scale and "auto", as the forward resolved them
+    q, block_keys, block_values, indices, block_valid, scale, backend = inputs
+    if scale is None or backend == "auto":  # the default scale and "auto", as the forward resolved them
+        scale, backend = check_read_args(*inputs)
     ctx.save_for_backward(q, block_keys, block_values, indices, block_valid, *output)
     ctx.scale, ctx.backend = scale, backend
 
 
-def _read_backward(ctx, dout, dlse):
+def _read_backward(ctx, dout, dlse, *, kernel):
     q, block_keys, block_values, indices, block_valid, out, lse = ctx.saved_tensors
     dout = torch.zeros_like(out) if dout is None else dout
     dlse = torch.zeros_like(lse) if dlse is None else dlse
-    dq, dkeys, dvalues = torch.ops.l2m.block_read_backward(dout, dlse, q, block_keys, block_values, indices,
-                                                          block_valid, out, lse, ctx.scale, ctx.backend)
+    dq, dkeys, dvalues = kernel(dout, dlse, q, block_keys, block_values, indices, block_valid, out, lse, ctx.scale,
+                                ctx.backend)
     needs = ctx.needs_input_grad
     return (dq if needs[0] else None, dkeys if needs[1] else None, dvalues if needs[2] else None,
             None, None, None, None)
 
 
-torch.library.register_autograd("l2m::block_read", _read_backward, setup_context=_read_setup)
+# The eager entry (ops/_common.register_autograd): the same launchers and gradients without the
+# dispatcher, whose cost is that of the kernels themselves at one query per head (decoding).
+block_read_eager = register_autograd(block_read_op, block_read_fwd, _read_setup, _read_backward,
+                                     backward_op=torch.ops.l2m.block_read_backward,
+                                     backward_launcher=block_read_bwd)
