@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from l2m_kernels.ops.block_memory import block_read, block_topk
+from l2m_kernels.ops.block_memory import block_read, block_read_ref, block_topk
 from l2m_kernels.ops.merge import merge_attention
 
 try:
@@ -404,7 +404,12 @@ class MemoryLayer(CacheLayerMixin):
             block_keys = block_keys if block_keys.requires_grad else block_keys.clone()
             block_values = block_values if block_values.requires_grad else block_values.clone()
         rows = q.reshape(batch, heads * group, length, dim)           # (B, H, C, D), a view
-        out, lse = block_read(rows, block_keys, block_values, chosen, block_valid=block_valid, scale=scale)
+        if rows.device.type == "cpu":
+            out, lse = block_read(rows, block_keys, block_values, chosen, block_valid=block_valid, scale=scale)
+        else:
+            # block_read checks its block ids' values, a host synchronisation on a GPU; these come
+            # from select() and are in range. The op's reference serves other devices anyway.
+            out, lse = block_read_ref(rows, block_keys, block_values, chosen, block_valid, scale)
         return out.to(torch.float32).view(batch, heads, group, length, -1), lse.view(batch, heads, group, length)
 
 
