@@ -15,8 +15,9 @@ key-value head (1024 tokens), float32; ``--quick`` halves T and NB. On CUDA the 
   exactly), and by PyTorch's CPU flash kernel, which returns one (forward only: its log-sum-exp
   has no gradient).
 
-Floors (:class:`l2m_kernels.benchmark.Cost`): block_topk computes 2·B·H·T·NB·R·D flops and reads q
-and the representatives; block_read computes 2·B·H·T·k·S·(D + Dv) flops and reads q and the k
+Floors (:class:`l2m_kernels.benchmark.Cost`): block_topk computes 2·B·H·T·NB·R·D flops (R = 1: the
+summed queries, B·H·T·D, times the representatives, 2·B·Hk·NB·D) and reads q and the
+representatives; block_read computes 2·B·H·T·k·S·(D + Dv) flops and reads q and the k
 selected blocks, writing out and lse; its backward computes 2·B·H·T·k·S·(3·D + 2·Dv) flops (the
 scores again, dP, dq, dk, dv), reads q, dout, out and the selected blocks and writes dq and the
 dense gradients of every block.
@@ -85,7 +86,9 @@ def run(device: torch.device, quick: bool = False, ceilings: dict | None = None,
                     scores = scores.masked_fill(~repr_valid[:, None, :, 0], float("-inf"))
                     return scores, scores.topk(k, dim=-1).indices
                 peers["sum+matmul+topk"] = Variant("sum+matmul+topk", summed, backward=False)
-            cost = Cost(fwd_flops=2 * B * H * T * NB * R * D, fwd_bytes=(B * H * T * D + B * Hk * NB * R * D) * es)
+            # With one representative the scores are the summed queries times it: that is the work.
+            flops = B * H * T * D + 2 * B * Hk * NB * D if R == 1 else 2 * B * H * T * NB * R * D
+            cost = Cost(fwd_flops=flops, fwd_bytes=(B * H * T * D + B * Hk * NB * R * D) * es)
             rows += compare("block_topk", f"{shape} {label}", dtype, fused, Variant("reference", topk_reference,
                                                                                      backward=False),
                             topk_inputs, device, peers=peers, cost=cost, backward=False, reps=5 if quick else 9,
