@@ -802,17 +802,17 @@ def judge_block_topk(case, res, gen):
     finite = torch.isfinite(want)
     if not torch.equal(torch.isneginf(scores), torch.isneginf(want) & ~torch.isnan(want)) and not want.isnan().any():
         raise FuzzFailure("scores: the blocks scoring -inf (no valid representative) differ from the reference's")
-    if finite.any():
-        # A score is a sum over the query rows of each row's best dot product: those terms may
-        # cancel, each rounded once or more by a kernel that sums them in another order.
-        q64, reprs64 = _f64(q), _f64(reprs)
-        rows = q.shape[1] // Hk * q.shape[2]
-        s = torch.einsum("bgmd,bgnrd->bgmnr", q64.reshape(B, Hk, rows, q.shape[-1]) * scale, reprs64)
-        if valid is not None:
-            s = s.masked_fill(~valid.cpu()[:, None, None], float("-inf"))
-        terms = s.amax(-1).abs().nan_to_num(0.0, 0.0, 0.0).sum(2) if s.shape[-1] else torch.zeros_like(want)
-        allowed = _limit(case.dtype, want[finite], (want + _term_error(case.dtype) * terms)[finite])
-        _check("scores", scores[finite], want[finite], case.dtype, allowed, zero_absolute=False)
+    # A score is a sum over the query rows of each row's best dot product: those terms may cancel,
+    # each rounded once or more by a kernel that sums them in another order. (Compared also when no
+    # score is finite, e.g. an empty batch: the comparison is recorded.)
+    q64, reprs64 = _f64(q), _f64(reprs)
+    rows = q.shape[1] // Hk * q.shape[2]
+    s = torch.einsum("bgmd,bgnrd->bgmnr", q64.reshape(B, Hk, rows, q.shape[-1]) * scale, reprs64)
+    if valid is not None:
+        s = s.masked_fill(~valid.cpu()[:, None, None], float("-inf"))
+    terms = s.amax(-1).abs().nan_to_num(0.0, 0.0, 0.0).sum(2) if s.shape[-1] else torch.zeros_like(want)
+    allowed = _limit(case.dtype, want[finite], (want + _term_error(case.dtype) * terms)[finite])
+    _check("scores", scores[finite], want[finite], case.dtype, allowed, zero_absolute=False)
     # The selection follows the op's own scores by the documented order (NaN first, then
     # descending, ties to the smaller block, returned in increasing order) ...
     if not torch.equal(ids, select_blocks(scores, k)):
