@@ -155,3 +155,37 @@ def test_autocast_promotes_to_the_memory_dtype():
     assert out.dtype == torch.float32 and selection.scores.dtype == torch.float32
     assert_close("out", out, block_read_ref(q.bfloat16().double(), keys.double(), values.double(), indices, valid)[0],
                  torch.bfloat16)
+
+
+def test_calls_from_several_threads_give_the_single_thread_results():
+    """Forward and backward from 4 Python threads at once (each kernel parallel inside): the same bits
+    as one call at a time."""
+    import threading
+
+    torch.manual_seed(4)
+    cases = []
+    for seed in range(4):
+        q, keys, values, valid = _memory((1, 4, 2, 9, 12, 8, 16, 8, 4), torch.float32, "cpu")
+        indices = torch.randint(0, 12, (1, 2, 4))
+        cases.append((q, keys, values, valid, indices))
+
+    def run(q, keys, values, valid, indices):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (q, keys, values)]
+        selection = l2m.block_topk(leaves[0], leaves[1], 4, repr_valid=valid)
+        out, lse = l2m.block_read(*leaves, indices, block_valid=valid)
+        grads = torch.autograd.grad((out.square().sum() + lse.sum()), leaves)
+        return (selection.indices, selection.scores, out, lse, *grads)
+
+    alone = [run(*case) for case in cases]
+    together = [None] * len(cases)
+
+    def worker(i):
+        together[i] = run(*cases[i])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(cases))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for one, other in zip(alone, together):
+        assert all(torch.equal(a, b) for a, b in zip(one, other))
