@@ -70,7 +70,7 @@ import l2m_kernels as l2m
 
 from .backends import BACKENDS, OPS
 from .ops import registry
-from .ops.block_memory.reference import block_read_ref, block_scores_ref, select_blocks
+from .ops.block_memory.reference import block_read_ref, block_scores_ref, gather_blocks, select_blocks
 from .ops.memory_attention.reference import _local_attention_acc, _merge_acc, memory_attention_gather
 from .ops.memory_write.reference import gated_dense_update_ref, gated_memory_write_ref
 from .ops.merge.reference import gated_merge_ref, merge_attention_ref
@@ -851,11 +851,7 @@ def judge_block_read(case, res, gen):
         B, Hk, _, S, D = keys64.shape
         if not (q64.numel() and ids.numel() and S):
             return {}
-        idx = ids[..., None, None]
-        keys = keys64.gather(2, idx.expand(-1, -1, -1, S, D)).flatten(2, 3)
-        values = values64.detach().gather(2, idx.expand(-1, -1, -1, S, values64.shape[-1])).flatten(2, 3)
-        ok = torch.ones(keys.shape[:3], dtype=torch.bool) if valid is None else \
-            valid[:, None].expand(-1, Hk, -1, -1).gather(2, ids[..., None].expand(-1, -1, -1, S)).flatten(2, 3)
+        keys, values, ok = gather_blocks(keys64, values64.detach(), ids, valid)
         rows = q64.reshape(B, Hk, -1, D)
         with torch.no_grad():
             s = torch.einsum("bgmd,bgld->bgml", rows * scale, keys).masked_fill(~ok[:, :, None], float("-inf"))

@@ -15,19 +15,23 @@
 // the thread count. Selection, one unit per (batch, kv head): the k first blocks in the order
 // (NaN, then descending score, then smaller index), written in increasing block order.
 //
-// block_read_fwd: FlashAttention as local_attention.cpp. Units (batch, kv head, tile of up to
-// kReadRows query rows), which walk the K * S selected tokens (the blocks indices[b, g, :] in
-// order, one pass per occurrence) in tiles of kKeyTile tokens that may straddle blocks:
-// S = (scale Q) K^T by the micro-kernel, an online softmax per row in the accumulation type,
-// O += P V. Nothing larger than one rows x kKeyTile score tile is formed.
+// block_read_fwd: FlashAttention as local_attention.cpp. The K * S selected tokens of each (batch,
+// kv head) pair (the blocks indices[b, g, :] in order, one pass per occurrence) are staged once per
+// call, in tiles of kKeyTile tokens that may straddle blocks (keys transposed, values as rows).
+// Units (batch, kv head, tile of up to kReadRows query rows) walk those tiles: S = (scale Q) K^T by
+// the micro-kernel, an online softmax per row in the accumulation type (row sums kept as vectors of
+// partial sums), O += P V. Nothing larger than one rows x kKeyTile score tile is formed. A pair of
+// at most kDirectRows query rows (decoding) reads its tokens where they lie instead, one dot
+// product per row and token.
 //
-// block_read_bwd: FlashAttention-2, one unit per (batch, kv head). It walks its row tiles and for
-// each the same token tiles: P = exp(S - lse), dP = dO V^T, dS = P * (dP - delta) with
-// delta = <dO, O> - dlse, dq += dS K (stored once the row tile is done), and dV += P^T dO,
-// dK += dS^T (scale Q) accumulated per selected token occurrence in acc scratch. Then every block
-// of the pair is stored once: zeros for blocks not selected, else the sum of its occurrences in
-// index order, rounded once. A unit owns all its outputs and reduces them in a fixed order: the
-// gradients are bitwise independent of the thread count.
+// block_read_bwd: FlashAttention-2, one unit per (batch, kv head). The pair's tiles are staged once
+// (keys transposed and as rows, values transposed); for each row tile and token tile,
+// P = exp(S - lse), dP = dO V^T, dS = P * (dP - delta) with delta = <dO, O> - dlse, dq += dS K
+// (stored once the row tile is done), and dV^T += dO^T P, dK^T += (scale Q)^T dS accumulated per
+// token tile in acc scratch. Then every block of the pair is stored once: zeros for blocks not
+// selected, else the sum of its occurrences in index order, rounded once. A unit owns all its
+// outputs and reduces them in a fixed order: the gradients are bitwise independent of the thread
+// count.
 //
 // Invalid tokens (block_valid false) and padding columns of a tile are staged as zero keys and
 // values and their probabilities and dS set to exactly zero, so that whatever their rows hold

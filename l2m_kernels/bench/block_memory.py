@@ -30,23 +30,12 @@ import torch.nn.functional as F
 import l2m_kernels as l2m
 from l2m_kernels.benchmark import Cost, Variant
 from l2m_kernels.ops import registry
-from l2m_kernels.ops.block_memory.reference import block_read_ref, block_topk_ref
+from l2m_kernels.ops.block_memory.reference import block_read_ref, block_topk_ref, gather_blocks
 
 from ._common import bench_dtype, compare, fused_backends, spec_shapes
 
 SHAPES = registry.OPS["block_topk"].bench.shapes
 TINY_SHAPES = registry.OPS["block_topk"].bench.tiny
-
-
-def _gathered(block_keys, block_values, indices, block_valid):
-    """The selected blocks as (B, Hk, k * S, .) keys and values and their (B, Hk, k * S) validity."""
-    S, D, Dv = block_keys.shape[3], block_keys.shape[4], block_values.shape[4]
-    idx = indices[..., None, None]
-    keys = block_keys.gather(2, idx.expand(-1, -1, -1, S, D)).flatten(2, 3)
-    values = block_values.gather(2, idx.expand(-1, -1, -1, S, Dv)).flatten(2, 3)
-    valid = block_valid[:, None].expand(-1, block_keys.shape[1], -1, -1)
-    valid = valid.gather(2, indices[..., None].expand(-1, -1, -1, S)).flatten(2, 3)
-    return keys, values, valid
 
 
 def run(device: torch.device, quick: bool = False, ceilings: dict | None = None, *, tiny: bool = False) -> list:
@@ -111,7 +100,7 @@ def run(device: torch.device, quick: bool = False, ceilings: dict | None = None,
             for b in fused_backends("block_read", device, dtype)}
 
         def sdpa(q, block_keys, block_values, indices, block_valid):
-            keys, values, valid = _gathered(block_keys, block_values, indices, block_valid)
+            keys, values, valid = gather_blocks(block_keys, block_values, indices, block_valid)
             out = F.scaled_dot_product_attention(q.reshape(B, Hk, G * T, D), keys, values,
                                                  attn_mask=valid[:, :, None])
             return out.reshape(B, H, T, Dv)
@@ -120,7 +109,7 @@ def run(device: torch.device, quick: bool = False, ceilings: dict | None = None,
         flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
         if device.type == "cpu" and flash is not None:
             def gather_flash(q, block_keys, block_values, indices, block_valid):
-                keys, values, valid = _gathered(block_keys, block_values, indices, block_valid)
+                keys, values, valid = gather_blocks(block_keys, block_values, indices, block_valid)
                 bias = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill_(~valid, float("-inf"))
                 out, lse = flash(q.reshape(B, Hk, G * T, D), keys, values, 0.0, False, attn_mask=bias[:, :, None])
                 return out.reshape(B, H, T, Dv), lse.reshape(B, H, T)

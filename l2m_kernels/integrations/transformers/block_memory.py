@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from l2m_kernels.ops.block_memory import block_read, block_read_ref, block_topk
+from l2m_kernels.ops.block_memory.reference import gather_blocks
 from l2m_kernels.ops.merge import merge_attention
 
 try:
@@ -242,9 +243,10 @@ class MemoryLayer(CacheLayerMixin):
         self.local_pos = None     # (B, L) position ids of the local tokens ("fixed" mode)
         # The sink, padded to whole blocks, then the memory blocks: the first sink_blocks blocks of
         # block_keys (B, Hk, nb, bs, D), block_values, block_valid (B, nb, bs) and, with
-        # block_repr="mean", block_repr (B, Hk, nb, D).
+        # block_repr="mean", block_repr (B, Hk, nb, D) and block_has_token (B, nb, 1): whether the
+        # block holds a token that exists (its representative's validity for block_topk).
         self.block_keys, self.block_values = _Grown(2), _Grown(2)
-        self.block_valid, self.block_repr = _Grown(1), _Grown(2)
+        self.block_valid, self.block_repr, self.block_has_token = _Grown(1), _Grown(2), _Grown(1)
         self.sink_blocks = 0
         self.evicted_blocks = 0
 
@@ -286,7 +288,7 @@ class MemoryLayer(CacheLayerMixin):
             return
         self.keys, self.values = fn(self.keys), fn(self.values)
         self.local_valid, self.local_pos = fn(self.local_valid), fn(self.local_pos)
-        for grown in (self.block_keys, self.block_values, self.block_valid, self.block_repr):
+        for grown in self._blocks():
             grown.map_batch(fn)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -299,6 +301,10 @@ class MemoryLayer(CacheLayerMixin):
         self._map_batch(lambda t: t[indices])
 
     # memory
+    def _blocks(self) -> tuple:
+        """The block storage, every tensor indexed by block."""
+        return self.block_keys, self.block_values, self.block_valid, self.block_repr, self.block_has_token
+
     @property
     def num_blocks(self) -> int:
         """Memory blocks (the sink's aside)."""
@@ -344,13 +350,14 @@ class MemoryLayer(CacheLayerMixin):
                 blocked = keys.to(torch.float32).reshape(batch, heads, blocks, cfg.block_size, -1)
                 mean = (blocked * weight).sum(3) / weight.sum(3).clamp(min=1)
                 self.block_repr.append(mean.to(keys.dtype))
+                self.block_has_token.append(valid.reshape(batch, blocks, cfg.block_size).any(-1, keepdim=True))
             self.keys, self.values = self.keys[:, :, n:], self.values[:, :, n:]
             self.local_valid, self.local_pos = self.local_valid[:, n:], self.local_pos[:, n:]
             self.local_start += n
         if cfg.capacity is not None:
             excess = self.num_blocks - cfg.capacity // cfg.block_size
             if excess > 0:
-                for grown in (self.block_keys, self.block_values, self.block_valid, self.block_repr):
+                for grown in self._blocks():
                     grown.drop_after(self.sink_blocks, excess)
                 self.evicted_blocks += excess
 
@@ -364,12 +371,12 @@ class MemoryLayer(CacheLayerMixin):
         sinks, blocks = self.sink_blocks, self.num_blocks
         if take >= blocks:
             return torch.arange(sinks + blocks, device=q.device).expand(batch, heads, sinks + blocks)
-        block_valid = self.block_valid.view().narrow(1, sinks, blocks)
         if self.config.block_repr == "mean":
             reprs = self.block_repr.view().narrow(2, sinks, blocks).unsqueeze(3)
-            repr_valid = block_valid.any(-1, keepdim=True)
+            repr_valid = self.block_has_token.view().narrow(1, sinks, blocks)
         else:
-            reprs, repr_valid = self.block_keys.view().narrow(2, sinks, blocks), block_valid
+            reprs = self.block_keys.view().narrow(2, sinks, blocks)
+            repr_valid = self.block_valid.view().narrow(1, sinks, blocks)
         rows = q.reshape(batch, heads * group, length, dim)
         chosen = block_topk(rows, reprs, take, repr_valid=repr_valid, scale=scale).indices
         if not sinks:
@@ -390,13 +397,8 @@ class MemoryLayer(CacheLayerMixin):
         chosen = self.select(q, scale, take)
         if (dropout and training) or softcap:
             # What block_read does not implement: the selected blocks gathered and read by _attend.
-            size, dim_v = block_keys.shape[3], block_values.shape[4]
-            keys = block_keys.gather(2, chosen[..., None, None].expand(-1, -1, -1, size, dim)).flatten(2, 3)
-            values = block_values.gather(2, chosen[..., None, None].expand(-1, -1, -1, size, dim_v))
-            valid = block_valid[:, None].expand(-1, heads, -1, -1).gather(
-                2, chosen[..., None].expand(-1, -1, -1, size)).flatten(2, 3)
-            return _attend(q, keys, values.flatten(2, 3), valid[:, :, None, None], scale, dropout, training,
-                           softcap)
+            keys, values, valid = gather_blocks(block_keys, block_values, chosen, block_valid)
+            return _attend(q, keys, values, valid[:, :, None, None], scale, dropout, training, softcap)
         if torch.is_grad_enabled() and (q.requires_grad or block_keys.requires_grad or block_values.requires_grad):
             # The read saves what its backward needs, and the storage grows in place for the
             # tensors that need no gradient: those are passed as copies.

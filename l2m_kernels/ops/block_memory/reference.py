@@ -101,6 +101,27 @@ def block_topk_ref(q, reprs, k, repr_valid=None, scale=None):
         return select_blocks(scores, k), scores
 
 
+def gather_blocks(block_keys, block_values, indices, block_valid=None):
+    """The selected blocks of each key-value head as token rows: keys (B, Hk, K * S, D), values
+    (B, Hk, K * S, Dv) and their validity (B, Hk, K * S) bool (all true without ``block_valid``),
+    in the dtypes given; differentiable in the block tensors (a repeated block is gathered again).
+
+    Equivalent PyTorch:
+        keys = block_keys.gather(2, indices[..., None, None].expand(-1, -1, -1, S, D)).flatten(2, 3)
+    """
+    batch, kv_heads, _, size, dim = block_keys.shape
+    idx = indices.to(torch.int64)
+    keys = block_keys.gather(2, idx[..., None, None].expand(-1, -1, -1, size, dim)).flatten(2, 3)
+    values = block_values.gather(
+        2, idx[..., None, None].expand(-1, -1, -1, size, block_values.shape[-1])).flatten(2, 3)
+    if block_valid is None:
+        valid = torch.ones(keys.shape[:3], dtype=torch.bool, device=keys.device)
+    else:
+        valid = block_valid.to(torch.bool)[:, None].expand(-1, kv_heads, -1, -1)
+        valid = valid.gather(2, idx[..., None].expand(-1, -1, -1, size)).flatten(2, 3)
+    return keys, values, valid
+
+
 def block_read_ref(q, block_keys, block_values, indices, block_valid=None, scale=None):
     """Softmax attention of each query row over the valid tokens of its key-value head's selected
     blocks, with its log-sum-exp.
@@ -125,18 +146,8 @@ def block_read_ref(q, block_keys, block_values, indices, block_valid=None, scale
     acc = _acc(q.dtype)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     batch, heads, length, dim = q.shape
-    kv_heads, num_blocks, size = block_keys.shape[1], block_keys.shape[2], block_keys.shape[3]
-    selected = indices.shape[-1]
-    idx = indices.to(torch.int64)
-    keys = block_keys.to(acc).gather(2, idx[..., None, None].expand(-1, -1, -1, size, dim))
-    values = block_values.to(acc).gather(
-        2, idx[..., None, None].expand(-1, -1, -1, size, block_values.shape[-1]))
-    keys, values = keys.flatten(2, 3), values.flatten(2, 3)             # (B, Hk, K * S, .)
-    if block_valid is None:
-        valid = torch.ones(batch, kv_heads, selected * size, dtype=torch.bool, device=q.device)
-    else:
-        valid = block_valid.to(torch.bool)[:, None].expand(-1, kv_heads, -1, -1)
-        valid = valid.gather(2, idx[..., None].expand(-1, -1, -1, size)).flatten(2, 3)
+    kv_heads = block_keys.shape[1]
+    keys, values, valid = gather_blocks(block_keys.to(acc), block_values.to(acc), indices, block_valid)
     # Tokens that do not exist never reach a result, whatever their keys and values hold.
     keys = keys.masked_fill(~valid[..., None], 0)
     values = values.masked_fill(~valid[..., None], 0)
