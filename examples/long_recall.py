@@ -320,9 +320,10 @@ def held_out(task: RecallTask, sequences: int, batch_size: int, seed: int) -> Li
 
 
 def train_run(run: str, task: RecallTask, config: L2MConfig, s: TrainSettings, seed: int,
-              log=print) -> dict:
+              log=print, return_model: bool = False):
     """Train one model on freshly sampled sequences (the same stream for every run) and evaluate
-    it on held-out sequences; returns the curves, the final accuracies and the wall times."""
+    it on held-out sequences; returns the curves, the final accuracies and the wall times (and,
+    with ``return_model``, ``(that dict, the trained model)``)."""
     torch.manual_seed(seed)
     model = L2MModel(config)
     share_slot_projections(model)
@@ -380,9 +381,10 @@ def train_run(run: str, task: RecallTask, config: L2MConfig, s: TrainSettings, s
     hint.handle.remove()
     eval_time += time.perf_counter() - t0
     tokens = s.batch_size * (s.short_steps * task.segment_len + s.steps * task.seq_len)
-    return {"run": run, "config": dataclasses.asdict(config), "curve": curve, "final": final,
-            "train_s": train_time, "eval_s": eval_time, "wall_s": time.perf_counter() - start,
-            "train_tokens_per_s": tokens / max(train_time, 1e-9)}
+    result = {"run": run, "config": dataclasses.asdict(config), "curve": curve, "final": final,
+              "train_s": train_time, "eval_s": eval_time, "wall_s": time.perf_counter() - start,
+              "train_tokens_per_s": tokens / max(train_time, 1e-9)}
+    return (result, model) if return_model else result
 
 
 def plot(results: Dict[str, dict], task: RecallTask, settings: TrainSettings, path: str) -> Optional[str]:

@@ -197,6 +197,115 @@ namespace l2m::cpu {
 std::atomic<bool> g_stream_stores{true};  // convert.h
 }  // namespace l2m::cpu
 
+namespace {
+
+// ---- MemoryStore reads (l2m_kernels/memory/read.py, which validates the arguments; the checks
+// here keep a wrong call from reading out of bounds) ----
+
+void check_store(bool ok, const std::string& what) {
+  if (!ok) {
+    throw std::invalid_argument("l2m_kernels._C store read: " + what);
+  }
+}
+
+// Exact top-k over int8 keys: q (Hm, R, D) float32, keys (Hm, N, D) int8 (last dimension
+// contiguous), key_abs / key_sum (Hm, N) int32. Returns scores (Hm, R, k) float32, slots int64.
+std::vector<at::Tensor> store_int8_topk(const at::Tensor& q, const at::Tensor& keys,
+                                        const at::Tensor& key_abs, const at::Tensor& key_sum,
+                                        int64_t k) {
+  check_store(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous() && q.is_cpu(),
+              "q must be a contiguous (Hm, R, D) float32 CPU tensor");
+  const int64_t heads = q.size(0), rows = q.size(1), dim = q.size(2);
+  check_store(keys.dim() == 3 && keys.scalar_type() == at::kChar && keys.is_cpu() &&
+                  keys.size(0) == heads && keys.size(2) == dim &&
+                  (dim <= 1 || keys.stride(2) == 1),
+              "keys must be an (Hm, N, D) int8 CPU tensor with a contiguous last dimension");
+  const int64_t slots = keys.size(1);
+  for (const at::Tensor* t : {&key_abs, &key_sum}) {
+    check_store(t->dim() == 2 && t->scalar_type() == at::kInt && t->is_contiguous() &&
+                    t->size(0) == heads && t->size(1) == slots && t->is_cpu(),
+                "key_abs and key_sum must be contiguous (Hm, N) int32 CPU tensors");
+  }
+  check_store(k >= 1, "k must be at least 1");
+  at::Tensor scores = at::empty({heads, rows, k}, q.options());
+  at::Tensor indices = at::empty({heads, rows, k}, q.options().dtype(at::kLong));
+  if (heads * rows > 0) {
+    l2m::Int8TopkParams params{};
+    params.heads = heads;
+    params.rows = rows;
+    params.slots = slots;
+    params.dim = dim;
+    params.k = k;
+    params.q = q.data_ptr<float>();
+    params.keys = keys.data_ptr<int8_t>();
+    params.key_strides[0] = keys.stride(0);
+    params.key_strides[1] = keys.stride(1);
+    params.key_abs = key_abs.data_ptr<int32_t>();
+    params.key_sum = key_sum.data_ptr<int32_t>();
+    params.scores = scores.data_ptr<float>();
+    params.indices = indices.data_ptr<int64_t>();
+    kernels().int8_topk_fwd(params);
+  }
+  return {scores, indices};
+}
+
+// Exact top-k within each row's staged blocks: q (Hm, R, D) float32, keys (U, Hm, S, D) float32
+// or int8 contiguous, blocks (Hm, R, KB) int64 in [-1, U), block_slot / block_len (U,) int64.
+std::vector<at::Tensor> store_block_candidates_topk(const at::Tensor& q, const at::Tensor& keys,
+                                                    const at::Tensor& blocks,
+                                                    const at::Tensor& block_slot,
+                                                    const at::Tensor& block_len, int64_t k) {
+  check_store(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous() && q.is_cpu(),
+              "q must be a contiguous (Hm, R, D) float32 CPU tensor");
+  const int64_t heads = q.size(0), rows = q.size(1), dim = q.size(2);
+  check_store(keys.dim() == 4 && keys.is_contiguous() && keys.is_cpu() &&
+                  (keys.scalar_type() == at::kFloat || keys.scalar_type() == at::kChar) &&
+                  keys.size(1) == heads && keys.size(3) == dim,
+              "keys must be a contiguous (U, Hm, S, D) float32 or int8 CPU tensor");
+  const int64_t units = keys.size(0), size = keys.size(2);
+  check_store(blocks.dim() == 3 && blocks.scalar_type() == at::kLong && blocks.is_contiguous() &&
+                  blocks.size(0) == heads && blocks.size(1) == rows && blocks.is_cpu(),
+              "blocks must be a contiguous (Hm, R, KB) int64 CPU tensor");
+  for (const at::Tensor* t : {&block_slot, &block_len}) {
+    check_store(t->dim() == 1 && t->scalar_type() == at::kLong && t->is_contiguous() &&
+                    t->size(0) == units && t->is_cpu(),
+                "block_slot and block_len must be contiguous (U,) int64 CPU tensors");
+  }
+  check_store(k >= 1, "k must be at least 1");
+  const int64_t* ids = blocks.data_ptr<int64_t>();
+  for (int64_t i = 0, n = blocks.numel(); i < n; ++i) {
+    check_store(ids[i] >= -1 && ids[i] < units, "a block id is outside [-1, U)");
+  }
+  const int64_t* lens = block_len.data_ptr<int64_t>();
+  for (int64_t u = 0; u < units; ++u) {
+    check_store(lens[u] >= 0 && lens[u] <= size, "a block length is outside [0, S]");
+  }
+  at::Tensor scores = at::empty({heads, rows, k}, q.options());
+  at::Tensor indices = at::empty({heads, rows, k}, q.options().dtype(at::kLong));
+  if (heads * rows > 0) {
+    l2m::BlockCandidatesParams params{};
+    params.int8_keys = keys.scalar_type() == at::kChar;
+    params.heads = heads;
+    params.rows = rows;
+    params.num_blocks = units;
+    params.block_size = size;
+    params.dim = dim;
+    params.num_selected = blocks.size(2);
+    params.k = k;
+    params.q = q.data_ptr<float>();
+    params.keys = keys.data_ptr();
+    params.blocks = ids;
+    params.block_slot = block_slot.data_ptr<int64_t>();
+    params.block_len = lens;
+    params.scores = scores.data_ptr<float>();
+    params.indices = indices.data_ptr<int64_t>();
+    kernels().block_candidates_topk_fwd(params);
+  }
+  return {scores, indices};
+}
+
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "l2m-kernels CPU (C++/OpenMP) kernels. Low-level: call through l2m_kernels.";
 
@@ -253,4 +362,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   // The ops (csrc/common/binding.h), run with the GIL released.
   l2m::binding::def_ops(m, py::call_guard<py::gil_scoped_release>());
+
+  // MemoryStore reads (l2m_kernels.memory), internal: validated by their Python callers.
+  m.def("_store_int8_topk", &store_int8_topk, py::arg("q"), py::arg("keys"), py::arg("key_abs"),
+        py::arg("key_sum"), py::arg("k"), py::call_guard<py::gil_scoped_release>());
+  m.def("_store_block_candidates_topk", &store_block_candidates_topk, py::arg("q"),
+        py::arg("keys"), py::arg("blocks"), py::arg("block_slot"), py::arg("block_len"),
+        py::arg("k"), py::call_guard<py::gil_scoped_release>());
 }

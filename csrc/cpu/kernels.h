@@ -7,6 +7,7 @@
 #include "dense_update.h"
 #include "local_attention.h"
 #include "memory_attention.h"
+#include "memory_store.h"
 #include "memory_write.h"
 #include "merge.h"
 #include "product_key.h"
@@ -32,7 +33,9 @@
   X(gated_dense_update_bwd, GatedDenseUpdateBwdParams) \
   X(block_topk_fwd, BlockTopkFwdParams)                \
   X(block_read_fwd, BlockReadFwdParams)                \
-  X(block_read_bwd, BlockReadBwdParams)
+  X(block_read_bwd, BlockReadBwdParams)                \
+  X(int8_topk_fwd, Int8TopkParams)                     \
+  X(block_candidates_topk_fwd, BlockCandidatesParams)
 
 namespace l2m::cpu {
 

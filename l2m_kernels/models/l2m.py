@@ -9,6 +9,12 @@ complete, each memory layer writes it into its memory with :func:`l2m_kernels.ga
 - ``memory_mode="append"`` (Memorizing Transformers): the segment's keys and values (rotary
   applied, detached) go to the next slots of a ring buffer of ``memory_slots`` entries, weight 1
   and erase 1; ``valid_len`` counts the filled slots.
+- ``memory_mode="store"``: as "append", into a :class:`l2m_kernels.memory.MemoryStore` per layer
+  (``store_options``: tiers, int8 keys, eviction policy, consolidation; ``store_blocks``: two-level
+  reads) instead of a ring buffer: a full store frees slots with its eviction policy (default
+  FIFO, which keeps what the ring buffer keeps). The local attention and the store read are merged
+  exactly by log-sum-exp (or by the gate). The store is mutable state, like a key-value cache: a
+  returned state's store keeps changing with later calls that are passed that state.
 - ``memory_mode="slots"``: a learned slot memory (fixed learned keys, written values). Each token
   of the segment addresses its ``write_topk`` best slots by the similarity of a learned write key
   to the slot keys (:func:`l2m_kernels.topk_memory_read`, softmax weights) and updates their
@@ -33,7 +39,7 @@ from ..modules.memory_attention import MemoryAttention
 from ..ops.memory_write import gated_memory_write
 from ..ops.topk_read import topk_memory_read
 
-MEMORY_MODES = ("append", "slots")
+MEMORY_MODES = ("append", "slots", "store")
 
 
 @dataclass
@@ -50,7 +56,13 @@ class L2MConfig:
         window:        local sliding window, ``1 <= window <= segment_len`` (default ``segment_len``).
         memory_slots:  N, memory entries per layer and key/value head.
         topk:          memory entries read per query and head.
-        memory_mode:   "append" (ring buffer of past keys/values) or "slots" (learned gated writes).
+        memory_mode:   "append" (ring buffer of past keys/values), "store" (past keys/values in a
+                       MemoryStore) or "slots" (learned gated writes).
+        store_options: "store" mode: keyword arguments of :class:`l2m_kernels.memory.MemoryStore`
+                       (``block_size`` (default ``min(segment_len, 256)``, must divide
+                       ``memory_slots``), ``tiers``, ``key_format``, ``value_format``,
+                       ``eviction`` (default ``"fifo"``), ``usage_decay``, ``consolidate``, ...).
+        store_blocks:  "store" mode: blocks per query of a two-level read (None: exact reads).
         write_topk:    slots written per token in "slots" mode.
         merge:         "joint" (one softmax over local keys and memory entries) or "gate"
                        (learned per-head gate).
@@ -78,6 +90,8 @@ class L2MConfig:
     memory_slots: int = 1024
     topk: int = 8
     memory_mode: str = "append"
+    store_options: Optional[dict] = None
+    store_blocks: Optional[int] = None
     write_topk: int = 4
     merge: str = "joint"
     memory_layers: Optional[Tuple[int, ...]] = None
@@ -109,6 +123,14 @@ class L2MConfig:
         if self.topk > self.memory_slots or self.write_topk > self.memory_slots:
             raise ValueError(f"topk, write_topk: expected <= memory_slots = {self.memory_slots}, "
                              f"got {self.topk}, {self.write_topk}")
+        if self.memory_mode == "store":
+            options = dict(self.store_options or {})
+            options.setdefault("block_size", min(self.segment_len, 256))
+            options.setdefault("eviction", "fifo")
+            if self.memory_slots % options["block_size"]:
+                raise ValueError(f"memory_slots: must be a multiple of the store's block_size = "
+                                 f"{options['block_size']}, got {self.memory_slots}")
+            self.store_options = options
         layers = range(self.n_layers) if self.memory_layers is None else self.memory_layers
         for i in layers:
             if not -self.n_layers <= i < self.n_layers:
@@ -128,6 +150,9 @@ class L2MLayerState:
         valid_len:  (B,) int64 filled slots ("append"); None otherwise.
         pending:    (B, position % segment_len, d_model) "slots" mode: the normalised inputs of the
                     current, not yet written segment; None otherwise.
+        store:      "store" mode: the layer's :class:`l2m_kernels.memory.MemoryStore` (B * Hkv
+                    heads, one memory per batch element); None otherwise. Mutable, shared by the
+                    states that hold it.
     """
 
     cache_keys: torch.Tensor
@@ -136,10 +161,13 @@ class L2MLayerState:
     mem_values: Optional[torch.Tensor] = None
     valid_len: Optional[torch.Tensor] = None
     pending: Optional[torch.Tensor] = None
+    store: Optional[object] = None
 
     def detach(self) -> "L2MLayerState":
-        return L2MLayerState(**{field.name: None if getattr(self, field.name) is None
-                                else getattr(self, field.name).detach() for field in dataclasses.fields(self)})
+        def detached(value):
+            return value.detach() if isinstance(value, torch.Tensor) else value
+        return L2MLayerState(**{field.name: detached(getattr(self, field.name))
+                                for field in dataclasses.fields(self)})
 
 
 @dataclass
@@ -279,6 +307,10 @@ class L2MModel(nn.Module):
                 memory = torch.zeros(batch_size, c.n_kv_heads, c.memory_slots, c.head_dim, device=device, dtype=dtype)
                 layer.mem_keys, layer.mem_values = memory, memory
                 layer.valid_len = torch.zeros(batch_size, dtype=torch.int64, device=device)
+            elif block.has_memory and c.memory_mode == "store":
+                from ..memory import MemoryStore
+                layer.store = MemoryStore(batch_size * c.n_kv_heads, c.head_dim, c.head_dim,
+                                          c.memory_slots, device=device, **c.store_options)
             elif block.slots is not None:
                 layer.mem_values = block.slots.initial_values.to(device, dtype).expand(batch_size, -1, -1, -1)
                 layer.pending = torch.zeros(batch_size, 0, c.d_model, device=device, dtype=dtype)
@@ -290,7 +322,8 @@ class L2MModel(nn.Module):
         fresh = self.init_state(state.batch_size, state.layers[0].cache_keys.device,
                                 state.layers[0].cache_keys.dtype)
         layers = [dataclasses.replace(old, mem_keys=new.mem_keys, mem_values=new.mem_values,
-                                      valid_len=new.valid_len) for old, new in zip(state.layers, fresh.layers)]
+                                      valid_len=new.valid_len, store=new.store)
+                  for old, new in zip(state.layers, fresh.layers)]
         return L2MState(state.position, 0, layers)
 
     # ---- forward ----
@@ -352,9 +385,14 @@ class L2MModel(nn.Module):
                 mem_keys, mem_values = block.slots.keys(B), layer.mem_values
             elif block.has_memory:
                 mem_keys, mem_values, valid_len = layer.mem_keys, layer.mem_values, layer.valid_len
-            attended = block.attn.attend(normed, mem_keys, mem_values, valid_len=valid_len,
-                                         past_kv=(layer.cache_keys, layer.cache_values),
-                                         start_pos=state.position, backend=backend)
+            if layer.store is not None:
+                attended = block.attn.attend_store(normed, layer.store, blocks=c.store_blocks,
+                                                   past_kv=(layer.cache_keys, layer.cache_values),
+                                                   start_pos=state.position, backend=backend)
+            else:
+                attended = block.attn.attend(normed, mem_keys, mem_values, valid_len=valid_len,
+                                             past_kv=(layer.cache_keys, layer.cache_values),
+                                             start_pos=state.position, backend=backend)
             hidden = hidden + attended.out
             hidden = hidden + block.mlp(block.mlp_norm(hidden))
             layer = dataclasses.replace(layer, cache_keys=attended.context_keys,
@@ -381,6 +419,13 @@ class L2MModel(nn.Module):
             values = block.slots.write(layer.mem_values, layer.pending, backend=backend,
                                        deterministic=c.deterministic)
             return dataclasses.replace(layer, mem_values=values, pending=layer.pending[:, :0])
+        if layer.store is not None:
+            # "store": the segment's keys/values appended (detached); a full store evicts.
+            B, H = layer.cache_keys.shape[:2]
+            keys = layer.cache_keys[:, :, -c.segment_len:].reshape(B * H, c.segment_len, -1)
+            values = layer.cache_values[:, :, -c.segment_len:].reshape(B * H, c.segment_len, -1)
+            layer.store.append(keys.detach(), values.detach())
+            return layer
         # "append": the segment's keys/values to the next ring slots (in order: with more tokens
         # than slots the later ones win), weight 1 and erase 1; detached, as in Memorizing Transformers.
         B, H = layer.cache_keys.shape[:2]

@@ -194,6 +194,49 @@ class MemoryAttention(nn.Module):
         out = self.o_proj(result.out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         return AttentionOutput(out, k, v, result)
 
+    def attend_store(self, x: torch.Tensor, store, *, blocks: Optional[int] = None,
+                     past_kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                     start_pos: Optional[int] = None, backend: Optional[str] = None) -> AttentionOutput:
+        """:meth:`attend` with a :class:`l2m_kernels.memory.MemoryStore` as the memory.
+
+        The store holds one memory per batch element: its ``num_heads`` is ``B * n_kv_heads``
+        (batch element ``b``'s key/value head ``g`` is store head ``b * n_kv_heads + g``). The
+        local attention runs in the fused op, the store is read with ``store.read(q, topk,
+        blocks=blocks)`` (exact when ``blocks`` is None, two-level otherwise), and the two are
+        merged exactly by log-sum-exp (``merge="joint"``) or by the gate. Differentiable in the
+        projections (the store's entries are state).
+        """
+        from ..ops.merge import gated_merge, merge_attention
+
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x: expected shape (B, T, {self.d_model}), got {tuple(x.shape)}")
+        B, T, _ = x.shape
+        if store.num_heads != B * self.n_kv_heads or store.key_dim != self.head_dim:
+            raise ValueError(f"store: expected num_heads = B * n_kv_heads = {B * self.n_kv_heads} and "
+                             f"key_dim = {self.head_dim}, got {store.num_heads} and {store.key_dim}")
+        past_len = 0 if past_kv is None else past_kv[0].shape[2]
+        q, k, v = self.project(x, past_len if start_pos is None else start_pos)
+        if past_kv is not None:
+            k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
+        backend = self.backend if backend is None else backend
+        empty = x.new_zeros(1, 1, self.head_dim)
+        local = memory_attention(q, k, v, empty, empty, 1, window=self.window, merge="joint",
+                                 scale=self.scale, valid_len=torch.zeros(B, dtype=torch.int64,
+                                                                         device=x.device),
+                                 deterministic=self.deterministic, backend=backend)
+        read = store.read(q.reshape(1, B * self.n_heads, T, self.head_dim), self.topk,
+                          blocks=blocks, scale=self.scale)
+        out_mem = read.out.view(B, self.n_heads, T, self.head_dim).to(local.out.dtype)
+        lse_mem = read.lse.view(B, self.n_heads, T)
+        if self.merge == "joint":
+            out, _ = merge_attention(local.out, local.lse_local, out_mem, lse_mem, backend=backend)
+        else:
+            out = gated_merge(local.out, out_mem, self.gate, backend=backend)
+        result = MemoryAttentionResult(out, local.lse_local, lse_mem,
+                                       read.indices.view(B, self.n_heads, T, self.topk))
+        out = self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return AttentionOutput(out, k, v, result)
+
     def forward(self, x: torch.Tensor, mem_keys: Optional[torch.Tensor] = None,
                 mem_values: Optional[torch.Tensor] = None, *, valid_len: Optional[torch.Tensor] = None,
                 past_kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
