@@ -517,3 +517,46 @@ def test_soft_capped_logits_and_refused_sinks():
     q, k = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)
     with pytest.raises(NotImplementedError, match="s_aux"):
         block_memory.memory_attention_forward(Layer(), q, k, k, None, s_aux=torch.zeros(2))
+
+
+STORE = dict(capacity=512, block_size=8)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("sink", [0, 3])
+def test_store_memory_reading_every_entry_is_the_model(family, sink):
+    model = tiny(family)
+    ids = torch.randint(1, VOCAB, (2, 211))
+    with torch.no_grad():
+        reference = model(ids).logits
+        expected = model.generate(ids[:, :150], max_new_tokens=8, do_sample=False)
+        hf.attach_memory(model, window=40, block_size=8, sink=sink, chunk_size=32, store=STORE,
+                         store_topk=256)
+        assert max_error(model(ids).logits, reference) < TOL
+        cache = hf.MemoryCache.for_model(model)
+        pieces = [model(piece, cache=cache, use_cache=True).logits for piece in ids.split(41, dim=1)]
+        assert max_error(torch.cat(pieces, dim=1), reference) < TOL
+        store = cache.layers[0].store
+        assert store is not None and len(store) > 100 and store.num_heads == 2 * (4 if family == "gpt2" else 2)
+        assert torch.equal(model.generate(ids[:, :150], max_new_tokens=8, do_sample=False), expected)
+
+
+def test_store_memory_compressed_two_level_and_refusals():
+    model = tiny("llama")
+    ids = torch.randint(1, VOCAB, (1, 300))
+    with torch.no_grad():
+        reference = model(ids).logits
+        hf.attach_memory(model, window=32, block_size=8, sink=4, chunk_size=64, store_topk=16,
+                         store_blocks=4, store=dict(capacity=128, block_size=8, key_format="int8",
+                                                    value_format="int8", eviction="usage"))
+        logits = model(ids).logits
+        assert torch.isfinite(logits).all()
+        assert max_error(logits[:, :32], reference[:, :32]) < TOL   # inside the window: exact
+        padded = torch.ones(2, 120, dtype=torch.long)
+        padded[0, :5] = 0
+        with pytest.raises(NotImplementedError, match="padded"):
+            model(torch.randint(1, VOCAB, (2, 120)), attention_mask=padded)
+        with pytest.raises(NotImplementedError, match="beam"):
+            model.generate(torch.randint(1, VOCAB, (1, 100)), max_new_tokens=2, num_beams=2, do_sample=False)
+    with pytest.raises(ValueError, match="capacity"):
+        hf.MemoryConfig(store=dict(block_size=8))

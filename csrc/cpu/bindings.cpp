@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 
 #include <atomic>
+#include <optional>
 #include <cctype>
 #include <cstdlib>
 #include <stdexcept>
@@ -210,9 +211,14 @@ void check_store(bool ok, const std::string& what) {
 
 // Exact top-k over int8 keys: q (Hm, R, D) float32, keys (Hm, N, D) int8 (last dimension
 // contiguous), key_abs / key_sum (Hm, N) int32. Returns scores (Hm, R, k) float32, slots int64.
+// Optional refinement: q_refine (Hm, R, D) float32, refine_keys (Hm, N, D) float32 (last dimension
+// contiguous), slack (Hm, R) float32: the scores are q_refine . refine_keys, filtered through the
+// int8 keys with the per-row slack added to the bound.
 std::vector<at::Tensor> store_int8_topk(const at::Tensor& q, const at::Tensor& keys,
                                         const at::Tensor& key_abs, const at::Tensor& key_sum,
-                                        int64_t k) {
+                                        int64_t k, const std::optional<at::Tensor>& q_refine,
+                                        const std::optional<at::Tensor>& refine_keys,
+                                        const std::optional<at::Tensor>& slack) {
   check_store(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous() && q.is_cpu(),
               "q must be a contiguous (Hm, R, D) float32 CPU tensor");
   const int64_t heads = q.size(0), rows = q.size(1), dim = q.size(2);
@@ -227,6 +233,23 @@ std::vector<at::Tensor> store_int8_topk(const at::Tensor& q, const at::Tensor& k
                 "key_abs and key_sum must be contiguous (Hm, N) int32 CPU tensors");
   }
   check_store(k >= 1, "k must be at least 1");
+  check_store(q_refine.has_value() == refine_keys.has_value() &&
+                  q_refine.has_value() == slack.has_value(),
+              "q_refine, refine_keys and slack go together");
+  if (q_refine.has_value()) {
+    check_store(q_refine->sizes() == q.sizes() && q_refine->scalar_type() == at::kFloat &&
+                    q_refine->is_contiguous() && q_refine->is_cpu(),
+                "q_refine must be a contiguous float32 CPU tensor of q's shape");
+    check_store(refine_keys->dim() == 3 && refine_keys->scalar_type() == at::kFloat &&
+                    refine_keys->is_cpu() && refine_keys->size(0) == heads &&
+                    refine_keys->size(1) == slots && refine_keys->size(2) == dim &&
+                    (dim <= 1 || refine_keys->stride(2) == 1),
+                "refine_keys must be an (Hm, N, D) float32 CPU tensor with a contiguous last "
+                "dimension");
+    check_store(slack->dim() == 2 && slack->size(0) == heads && slack->size(1) == rows &&
+                    slack->scalar_type() == at::kFloat && slack->is_contiguous() && slack->is_cpu(),
+                "slack must be a contiguous (Hm, R) float32 CPU tensor");
+  }
   at::Tensor scores = at::empty({heads, rows, k}, q.options());
   at::Tensor indices = at::empty({heads, rows, k}, q.options().dtype(at::kLong));
   if (heads * rows > 0) {
@@ -244,6 +267,13 @@ std::vector<at::Tensor> store_int8_topk(const at::Tensor& q, const at::Tensor& k
     params.key_sum = key_sum.data_ptr<int32_t>();
     params.scores = scores.data_ptr<float>();
     params.indices = indices.data_ptr<int64_t>();
+    if (q_refine.has_value()) {
+      params.q_refine = q_refine->data_ptr<float>();
+      params.refine_keys = refine_keys->data_ptr<float>();
+      params.refine_strides[0] = refine_keys->stride(0);
+      params.refine_strides[1] = refine_keys->stride(1);
+      params.slack = slack->data_ptr<float>();
+    }
     kernels().int8_topk_fwd(params);
   }
   return {scores, indices};
@@ -365,7 +395,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   // MemoryStore reads (l2m_kernels.memory), internal: validated by their Python callers.
   m.def("_store_int8_topk", &store_int8_topk, py::arg("q"), py::arg("keys"), py::arg("key_abs"),
-        py::arg("key_sum"), py::arg("k"), py::call_guard<py::gil_scoped_release>());
+        py::arg("key_sum"), py::arg("k"), py::arg("q_refine") = py::none(),
+        py::arg("refine_keys") = py::none(), py::arg("slack") = py::none(),
+        py::call_guard<py::gil_scoped_release>());
   m.def("_store_block_candidates_topk", &store_block_candidates_topk, py::arg("q"),
         py::arg("keys"), py::arg("blocks"), py::arg("block_slot"), py::arg("block_len"),
         py::arg("k"), py::call_guard<py::gil_scoped_release>());

@@ -146,6 +146,47 @@ inline double exact_score(const float* q, const int8_t* key, int64_t dim) {
   return sum;
 }
 
+// The exact score against a float32 key (refinement): the same association as exact_score, every
+// product of two floats being exact in float64 too.
+inline double exact_score(const float* q, const float* key, int64_t dim) {
+  alignas(64) double part[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t d = 0;
+#if defined(__AVX512F__)
+  __m512d acc = _mm512_setzero_pd();
+  for (; d + kLanes <= dim; d += kLanes) {
+    const __m512d q_vec = _mm512_maskz_cvtps_pd(0xff, _mm256_loadu_ps(q + d));
+    const __m512d key_vec = _mm512_maskz_cvtps_pd(0xff, _mm256_loadu_ps(key + d));
+    acc = _mm512_fmadd_pd(q_vec, key_vec, acc);
+  }
+  _mm512_store_pd(part, acc);
+#elif defined(__AVX2__) && defined(__FMA__)
+  __m256d acc_lo = _mm256_setzero_pd(), acc_hi = _mm256_setzero_pd();
+  for (; d + kLanes <= dim; d += kLanes) {
+    acc_lo = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm_loadu_ps(q + d)),
+                             _mm256_cvtps_pd(_mm_loadu_ps(key + d)), acc_lo);
+    acc_hi = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm_loadu_ps(q + d + 4)),
+                             _mm256_cvtps_pd(_mm_loadu_ps(key + d + 4)), acc_hi);
+  }
+  _mm256_store_pd(part, acc_lo);
+  _mm256_store_pd(part + 4, acc_hi);
+#else
+  for (; d + kLanes <= dim; d += kLanes) {
+#pragma GCC unroll 8
+    for (int l = 0; l < kLanes; ++l) {
+      part[l] += static_cast<double>(q[d + l]) * static_cast<double>(key[d + l]);
+    }
+  }
+#endif
+  for (int l = 0; d < dim; ++d, ++l) {
+    part[l] += static_cast<double>(q[d]) * static_cast<double>(key[d]);
+  }
+  double sum = 0;
+  for (int l = 0; l < kLanes; ++l) {
+    sum += part[l];
+  }
+  return sum;
+}
+
 // Rank of a score in the selection order: NaN ranks like +inf.
 inline double rank_of(double score) {
   return std::isnan(score) ? std::numeric_limits<double>::infinity() : score;
@@ -156,15 +197,16 @@ inline int64_t bound_units(int32_t key_abs) {
   return (static_cast<int64_t>(key_abs) * ((1 << 13) + 1) + (1 << 14) - 1) >> 14;
 }
 
-// An integer m with a * m <= kth (a > 0), clamped to [-clamp, clamp]: floor(kth / a) but for
-// the rare quotient within 2^-20 above an integer; clamp when a = 0 (a zero row, whose scores are
-// all 0 = kth). While |kth / a| < 2^28, the float64 quotient is within 2^-24 of it, so the margin
-// keeps m <= kth / a.
-inline int64_t threshold_units(double kth, float scale, int64_t clamp) {
+// An integer m with a * m <= kth - slack (a > 0), clamped to [-clamp, clamp]: floor((kth - slack)
+// / a) but for the rare quotient within 2^-20 above an integer; clamp when a = 0 (a zero row,
+// whose scores are all 0 = kth; never with a slack). While |(kth - slack) / a| < 2^28, the
+// rounding of the difference and of the quotient in float64 stay within 2^-25 + 2^-24 of it, so
+// the margin keeps m <= (kth - slack) / a. Without refinement the slack is 0 and kth - 0 = kth.
+inline int64_t threshold_units(double kth, double slack, float scale, int64_t clamp) {
   if (scale == 0.0f) {
     return clamp;
   }
-  const double x = kth / static_cast<double>(scale) - 0x1p-20;
+  const double x = (kth - slack) / static_cast<double>(scale) - 0x1p-20;
   if (!(x < static_cast<double>(clamp))) {
     return clamp;
   }
@@ -172,6 +214,21 @@ inline int64_t threshold_units(double kth, float scale, int64_t clamp) {
     return -clamp;
   }
   return static_cast<int64_t>(std::floor(x));
+}
+
+// An integer w >= 2 * slack / a (a > 0, slack finite >= 0): the warm start's shift. The float64
+// quotient and the product are each within a relative 2^-53, far inside the 2^-40 added before the
+// ceiling; beyond 2^40 (the filter is then useless anyway) w saturates, which disables the warm
+// start of the row.
+inline int64_t slack_shift_units(double slack, float scale) {
+  if (slack == 0.0) {
+    return 0;
+  }
+  const double x = (2.0 * slack / static_cast<double>(scale)) * (1.0 + 0x1p-40);
+  if (!(x < 0x1p40)) {
+    return int64_t(1) << 40;
+  }
+  return static_cast<int64_t>(std::ceil(x));
 }
 
 // Quantises one query row into q8 (dim values; zeros unless filtered) and its scale; returns
@@ -215,6 +272,36 @@ inline uint8_t quantize_row(const float* q, int64_t dim, int8_t* q8, float* scal
   return kFiltered;
 }
 
+// The kind of a row with refinement, given its kind from quantize_row: NaN in the rescoring
+// query makes every score NaN; an infinity in it, a row the filter does not serve, a slack that
+// is not a finite value >= 0, or a zero row (scale 0) with a positive slack are scored exactly.
+// Sets the row's slack and warm-start shift (0 unless filtered); q8 and scale as quantize_row's
+// (zeros unless filtered).
+inline uint8_t refine_row(uint8_t kind, const float* q_refine, int64_t dim, float slack, int8_t* q8,
+                          float* scale, double* row_slack, int64_t* shift) {
+  bool has_nan = false, finite = true;
+  for (int64_t d = 0; d < dim; ++d) {
+    has_nan |= std::isnan(q_refine[d]);
+    finite &= std::isfinite(q_refine[d]);
+  }
+  *row_slack = 0.0;
+  *shift = 0;
+  if (has_nan) {
+    kind = kNaNRow;
+  } else if (!finite || kind != kFiltered || !(slack >= 0.0f && std::isfinite(slack)) ||
+             (*scale == 0.0f && slack != 0.0f)) {
+    kind = kExact;
+  }
+  if (kind != kFiltered) {
+    std::fill(q8, q8 + dim, int8_t(0));
+    *scale = 0.0f;
+    return kind;
+  }
+  *row_slack = slack;
+  *shift = *scale == 0.0f ? 0 : slack_shift_units(slack, *scale);
+  return kind;
+}
+
 // The k best (score, slot) pairs seen so far for each row of a unit, as arrays sorted in the
 // output order (rank descending, then slot ascending), and each filtered row's threshold m (in
 // the filter's value type: int32 or float). Insertion relies on each row seeing its slots in
@@ -229,12 +316,25 @@ struct UnitLists {
   value_t* thresholds = nullptr;  // (padded rows,): m, +clamp for rows and lanes never filtered
   value_t* floors = nullptr;      // (rows,): the least threshold (warm start), else -clamp
   const float* scales = nullptr;  // (rows,)
+  const double* slacks = nullptr;  // (rows,): a filtered row's slack, 0 without refinement
   int64_t clamp = 0;
-  // Where rescoring reads: unit row 0's query, the head's keys.
+  // Where rescoring reads: unit row 0's query, the head's keys; with refinement (refine_keys set)
+  // unit row 0's rescoring query and the head's float keys instead.
   const float* q = nullptr;
   int64_t dim = 0;
   const int8_t* keys = nullptr;
   int64_t key_stride = 0;
+  const float* refine_q = nullptr;
+  const float* refine_keys = nullptr;
+  int64_t refine_stride = 0;
+
+  // The exact score of (row, slot).
+  double score_of(int64_t row, int64_t slot) const {
+    if (refine_keys != nullptr) {
+      return exact_score(refine_q + row * dim, refine_keys + slot * refine_stride, dim);
+    }
+    return exact_score(q + row * dim, keys + slot * key_stride, dim);
+  }
 
   // Inserts (score, slot) if it ranks among the row's cap best; true when it was inserted.
   bool offer(int64_t row, double score, int64_t slot) {
@@ -287,15 +387,23 @@ struct UnitLists {
         ++count;
       }
     }
-    for (int i = 0; i < count; ++i) {
-      batch_scores[i] = exact_score(q + (lane_base + batch_rows[i]) * dim,
-                                    keys + (first_slot + batch_keys[i]) * key_stride, dim);
+    if (refine_keys != nullptr) {
+      for (int i = 0; i < count; ++i) {
+        batch_scores[i] = exact_score(refine_q + (lane_base + batch_rows[i]) * dim,
+                                      refine_keys + (first_slot + batch_keys[i]) * refine_stride,
+                                      dim);
+      }
+    } else {
+      for (int i = 0; i < count; ++i) {
+        batch_scores[i] = exact_score(q + (lane_base + batch_rows[i]) * dim,
+                                      keys + (first_slot + batch_keys[i]) * key_stride, dim);
+      }
     }
     for (int i = 0; i < count; ++i) {
       const int64_t row = lane_base + batch_rows[i];
       if (offer(row, batch_scores[i], first_slot + batch_keys[i]) && counts[row] == cap) {
         const auto m = static_cast<value_t>(
-            threshold_units(scores[row * cap + cap - 1], scales[row], clamp));
+            threshold_units(scores[row * cap + cap - 1], slacks[row], scales[row], clamp));
         thresholds[row] = std::max(m, floors[row]);
       }
     }
@@ -303,9 +411,8 @@ struct UnitLists {
 
   // Exact scoring of every slot, for a row the filter does not serve.
   void scan(int64_t row, int64_t num_slots) {
-    const float* q_row = q + row * dim;
     for (int64_t slot = 0; slot < num_slots; ++slot) {
-      offer(row, exact_score(q_row, keys + slot * key_stride, dim), slot);
+      offer(row, score_of(row, slot), slot);
     }
   }
 };
@@ -319,6 +426,8 @@ struct Scratch {
   std::vector<value_t> thresholds;   // (padded unit rows,)
   std::vector<value_t> floors;       // (unit rows,)
   std::vector<float> scales;         // (unit rows,)
+  std::vector<double> slacks;        // (unit rows,)
+  std::vector<int64_t> shifts;       // (unit rows,): the warm start's shift w, 0 without slack
   std::vector<uint8_t> kinds;        // (unit rows,)
   std::vector<int8_t> q8;            // (unit rows, dim)
   std::vector<value_t> tile_init;    // (tile slots,): accumulator start of each slot
@@ -337,6 +446,8 @@ struct Scratch {
     thresholds.resize(padded_rows);
     floors.resize(unit_rows);
     scales.resize(unit_rows);
+    slacks.resize(unit_rows);
+    shifts.resize(unit_rows);
     kinds.resize(unit_rows);
     q8.resize(unit_rows * dim);
     tile_init.resize(tile_slots);
@@ -347,19 +458,22 @@ struct Scratch {
     lists.thresholds = thresholds.data();
     lists.floors = floors.data();
     lists.scales = scales.data();
+    lists.slacks = slacks.data();
   }
 };
 
 // A filtered row with scale a > 0 whose `parts` distinct keys all have t - kb >= lower: each of
-// them scores at least a * lower, so a key with t + kb < lower scores less than k others and is
-// skipped from the start (floor and threshold lower - 1). Not for a zero row: its scores all tie.
+// them scores at least a * lower - slack, so a key with t + kb < lower - w (w >= 2 slack / a)
+// scores at most a * (t + kb) + slack < a * lower - slack, less than k others, and is skipped from
+// the start (floor and threshold lower - 1 - w). Not for a zero row: its scores all tie.
 template <typename value_t>
-void set_floor(UnitLists<value_t>& lists, const std::vector<uint8_t>& kinds, int64_t row,
+void set_floor(UnitLists<value_t>& lists, const Scratch<value_t>& scratch, int64_t row,
                int64_t lower) {
-  if (kinds[row] != kFiltered || lists.scales[row] == 0.0f) {
+  if (scratch.kinds[row] != kFiltered || lists.scales[row] == 0.0f) {
     return;
   }
-  const int64_t floor = std::min(std::max(lower - 1, -lists.clamp), lists.clamp);
+  const int64_t floor =
+      std::min(std::max(lower - 1 - scratch.shifts[row], -lists.clamp), lists.clamp);
   lists.floors[row] = static_cast<value_t>(floor);
   lists.thresholds[row] = std::max(lists.thresholds[row], static_cast<value_t>(floor));
 }
@@ -375,12 +489,23 @@ void begin_unit(const Int8TopkParams& p, int64_t head, int64_t row_begin, int64_
   lists.dim = dim;
   lists.keys = p.keys + head * p.key_strides[0];
   lists.key_stride = p.key_strides[1];
+  const bool refine = p.q_refine != nullptr;
+  lists.refine_q = refine ? p.q_refine + (head * p.rows + row_begin) * dim : nullptr;
+  lists.refine_keys = refine ? p.refine_keys + head * p.refine_strides[0] : nullptr;
+  lists.refine_stride = refine ? p.refine_strides[1] : 0;
   for (int64_t row = 0; row < padded_rows; ++row) {
     lists.thresholds[row] = static_cast<value_t>(clamp);  // never passes
   }
   for (int64_t row = 0; row < rows; ++row) {
-    const uint8_t kind =
-        quantize_row(lists.q + row * dim, dim, scratch.q8.data() + row * dim, &scratch.scales[row]);
+    int8_t* q8 = scratch.q8.data() + row * dim;
+    uint8_t kind = quantize_row(lists.q + row * dim, dim, q8, &scratch.scales[row]);
+    scratch.slacks[row] = 0.0;
+    scratch.shifts[row] = 0;
+    if (refine) {
+      kind = refine_row(kind, lists.refine_q + row * dim, dim,
+                        p.slack[head * p.rows + row_begin + row], q8, &scratch.scales[row],
+                        &scratch.slacks[row], &scratch.shifts[row]);
+    }
     scratch.kinds[row] = kind;
     lists.counts[row] = 0;
     lists.floors[row] = static_cast<value_t>(-clamp);
@@ -839,7 +964,7 @@ void vnni_topk(const Int8TopkParams& p) {
                                        s.q_bytes.data() + block * groups * kBlock * 4,
                                        s.lower_init.data(), floors);
               for (int lane = 0; lane < kBlock && block * kBlock + lane < rows; ++lane) {
-                set_floor(lists, s.kinds, block * kBlock + lane, floors[lane]);
+                set_floor(lists, s, block * kBlock + lane, floors[lane]);
               }
             }
           }

@@ -23,6 +23,13 @@ namespace l2m {
 // where q already carries the softmax scale and the keys' per-channel scales, so the int8 key is
 // used as stored. The kernel may skip a slot only when a bound proves it cannot enter the top-k:
 // the result equals the brute-force ranking of every s.
+//
+// Refinement (q_refine set): the int8 keys only filter, and the score of slot n for row r is
+//   s = sum_d q_refine[h, r, d] * refine_keys[h, n, d]         (float64 accumulation)
+// against float32 keys (e.g. the originals the int8 keys quantise). The caller guarantees, for
+// every slot, |s - sum_d q[h, r, d] * keys[h, n, d]| <= slack[h, r]; the kernel widens its bounds
+// by the slack, and the result equals the brute-force ranking of every s. A row whose slack is
+// not finite is scored exactly slot by slot.
 struct Int8TopkParams {
   int64_t heads;  // Hm
   int64_t rows;   // R query rows per memory head
@@ -36,6 +43,11 @@ struct Int8TopkParams {
   const int32_t* key_sum;   // (Hm, N) contiguous: sum_d keys[h, n, d]
   float* scores;            // (Hm, R, k)
   int64_t* indices;         // (Hm, R, k)
+  // Refinement (optional; q_refine == nullptr: off).
+  const float* q_refine;       // (Hm, R, D) contiguous float32: the rescoring query
+  const float* refine_keys;    // slot n of head h at refine_keys + h * refine_strides[0] +
+  int64_t refine_strides[2];   //   n * refine_strides[1], its D floats contiguous
+  const float* slack;          // (Hm, R) contiguous, >= 0: the bound on |s - int8 score|
 };
 
 // Exact top-k within each row's blocks. A staging buffer holds U blocks of S key rows (float32 or

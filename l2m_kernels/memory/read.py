@@ -87,14 +87,25 @@ def exact_topk_ref(q: torch.Tensor, keys: torch.Tensor, k: int, *, chunk: int = 
 
 
 def int8_topk(q: torch.Tensor, keys: torch.Tensor, key_abs: torch.Tensor, key_sum: torch.Tensor,
-              k: int):
+              k: int, refine=None):
     """Exact top-k of ``q (Hm, R, D)`` float32 over int8 ``keys (Hm, N, D)``; ``key_abs`` /
     ``key_sum`` ``(Hm, N)`` int32 are each key's ``sum |k8|`` / ``sum k8``. Returns
-    ``(scores (Hm, R, k) float32, slots (Hm, R, k) int64)``."""
+    ``(scores (Hm, R, k) float32, slots (Hm, R, k) int64)``.
+
+    ``refine = (q_refine (Hm, R, D), refine_keys (Hm, N, D) float32, slack (Hm, R))``: the scores
+    are ``q_refine . refine_keys`` (exact over the float keys), the int8 keys only filtering;
+    ``slack`` bounds, per row, the difference of the two scores over every slot."""
     ext = _kernels(q, keys)
     if ext is not None and keys.shape[1] > 0:
+        extra = {}
+        if refine is not None:
+            q_refine, refine_keys, slack = refine
+            extra = dict(q_refine=q_refine.float().contiguous(), refine_keys=refine_keys,
+                         slack=slack.float().contiguous())
         return ext._store_int8_topk(q.float().contiguous(), keys, key_abs.contiguous(),
-                                    key_sum.contiguous(), k)
+                                    key_sum.contiguous(), k, **extra)
+    if refine is not None:
+        return exact_topk_ref(refine[0], refine[1], k)
     return exact_topk_ref(q, keys, k)
 
 

@@ -15,7 +15,7 @@ from ..ops.topk_read import topk_memory_read
 from ..ops.topk_read.reference import masked_softmax_lse
 from . import formats
 from .read import _NO_SLOT, block_candidates_topk, exact_topk_ref, int8_topk, rank_top
-from .tiers import Tier, parse_tiers
+from .tiers import TIER_KINDS, Tier, parse_tiers
 
 EVICTION_POLICIES = ("fifo", "lru", "usage")
 # Rows of a two-level read's second level handled at once: bounds its staging buffer.
@@ -73,8 +73,8 @@ class MemoryStore:
                  value_format: Optional[str] = None, key_scales: Optional[torch.Tensor] = None,
                  key_margin: float = 2.0,
                  eviction: Union[None, str, Callable[["MemoryStore"], torch.Tensor]] = None,
-                 usage_decay: float = 0.99, consolidate: Optional[int] = None, device=None,
-                 directory: Optional[str] = None):
+                 usage_decay: float = 0.99, consolidate: Optional[int] = None,
+                 key_refine: Optional[str] = None, device=None, directory: Optional[str] = None):
         if min(num_heads, key_dim, value_dim, block_size) < 1:
             raise ValueError("num_heads, key_dim, value_dim and block_size must be >= 1, got "
                              f"{num_heads}, {key_dim}, {value_dim}, {block_size}")
@@ -99,15 +99,23 @@ class MemoryStore:
                              f"consolidate={consolidate}, eviction={eviction!r}")
         if key_margin < 1.0:
             raise ValueError(f"key_margin must be >= 1, got {key_margin}")
+        if key_refine is not None and (key_format != "int8" or key_refine not in TIER_KINDS):
+            raise ValueError(f"key_refine is for key_format='int8' and names where the float32 keys "
+                             f"are kept, one of {TIER_KINDS}; got key_refine={key_refine!r} with "
+                             f"key_format={key_format!r}")
         self.num_heads, self.key_dim, self.value_dim = num_heads, key_dim, value_dim
         self._capacity, self.block_size = capacity, block_size
         self.key_format, self.value_format = key_format, value_format
         self.key_margin = key_margin
+        self.key_refine = key_refine
+        # The largest |key / channel_scale - k8| of the entries written (refinement's bound).
+        self.key_residual = 0.0
         self.eviction, self.usage_decay, self.consolidate = eviction, usage_decay, consolidate
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self._tier_specs = parse_tiers(tiers, capacity, block_size)
         self._tempdir = None
-        if directory is None and any(spec.kind == "disk" for spec in self._tier_specs):
+        if directory is None and (key_refine == "disk"
+                                  or any(spec.kind == "disk" for spec in self._tier_specs)):
             self._tempdir = tempfile.TemporaryDirectory(prefix="l2m-store-")
             directory = self._tempdir.name
         self.directory = directory
@@ -117,12 +125,14 @@ class MemoryStore:
         if key_format == "int8":
             layout["key_abs"] = (torch.int32, ())
             layout["key_sum"] = (torch.int32, ())
+        if key_refine is not None:
+            layout["keys_float"] = (torch.float32, (key_dim,), key_refine)
         if value_format in ("int8", "float8"):
             layout["value_scale"] = (torch.float32, ())
         self.tiers: list[Tier] = []
         for index, spec in enumerate(self._tier_specs):
             sub = None
-            if spec.kind == "disk":
+            if spec.kind == "disk" or key_refine == "disk":
                 sub = os.path.join(directory, f"tier{index}")
                 os.makedirs(sub, exist_ok=True)
             self.tiers.append(Tier(spec.kind, spec.capacity // block_size, block_size, num_heads,
@@ -226,6 +236,8 @@ class MemoryStore:
 
     def _stored_keys(self, slots: torch.Tensor) -> torch.Tensor:
         """Keys at per-head slots ``(Hm, M)`` as float32 (dequantised)."""
+        if self.key_refine is not None:
+            return self._gather("keys_float", slots)
         keys = self._gather("keys", slots)
         if self.key_format == "int8" and self.key_scales is not None:  # else nothing stored yet
             return formats.dequantize_keys(keys, self.key_scales.unsqueeze(1))
@@ -252,6 +264,11 @@ class MemoryStore:
         (``None``: leave that part as it is)."""
         if keys is not None and self.key_format == "int8":
             k8, key_abs, key_sum = formats.quantize_keys(keys, self.key_scales)
+            if self.key_refine is not None:
+                self._scatter("keys_float", slots, keys.float())
+                residual = (keys.float() / self.key_scales.unsqueeze(1) - k8.float()).abs()
+                if residual.numel():
+                    self.key_residual = max(self.key_residual, float(residual.max()))
             self._scatter("keys", slots, k8)
             self._scatter("key_abs", slots, key_abs)
             self._scatter("key_sum", slots, key_sum)
@@ -519,13 +536,13 @@ class MemoryStore:
         return {"num_heads": self.num_heads, "key_dim": self.key_dim, "value_dim": self.value_dim,
                 "capacity": self._capacity, "block_size": self.block_size,
                 "key_format": self.key_format, "value_format": self.value_format,
-                "tiers": [(spec.kind, spec.capacity) for spec in self._tier_specs]}
+                "key_refine": self.key_refine, "tiers": [(spec.kind, spec.capacity) for spec in self._tier_specs]}
 
     def state_dict(self) -> dict:
         """Everything needed to restore the store bitwise: configuration, counters, block table,
         statistics, summaries and every tier's used rows (copied to CPU tensors)."""
         state = {"config": self._config(), "length": self._length, "step": self.step,
-                 "appended": self.appended,
+                 "appended": self.appended, "key_residual": self.key_residual,
                  "key_scales": None if self.key_scales is None else self.key_scales.cpu().clone()}
         for name in ("block_tier", "block_place", "block_len", "summaries", "usage", "last_used",
                      "written"):
@@ -544,6 +561,7 @@ class MemoryStore:
             raise ValueError(f"load_state_dict: the state was saved from a store configured as "
                              f"{state.get('config')}, this one is {self._config()}")
         self._length, self.step, self.appended = state["length"], state["step"], state["appended"]
+        self.key_residual = state["key_residual"]
         scales = state["key_scales"]
         self.key_scales = None if scales is None else scales.to(self.device).clone()
         for name in ("block_tier", "block_place", "block_len", "summaries", "usage", "last_used",
@@ -581,6 +599,23 @@ class MemoryStore:
         last = x.shape[-1]
         return x.reshape(self.num_heads, batch, group * seq, last).transpose(0, 1).reshape(
             batch, heads, seq, last)
+
+    @property
+    def _rank_keys(self) -> str:
+        """The array the exact scores use: the float copies when refining, else the keys."""
+        return "keys_float" if self.key_refine is not None else "keys"
+
+    def _exact_q(self, q: torch.Tensor, scale: float, q_rows: torch.Tensor) -> torch.Tensor:
+        """The query rows of the exact scores (``_rank_keys``)."""
+        if self.key_refine is not None:
+            return (self._rows_of_queries(q.detach().float()) * scale).contiguous()
+        return q_rows
+
+    def _slack(self, q_rows: torch.Tensor) -> torch.Tensor:
+        """Per row, a bound on |score on the float key - score on the int8 key| over every entry:
+        ``residual * sum_d |q_eff_d|``, rounded up."""
+        residual = (self.key_residual + 1e-6) * (1 + 1e-5)
+        return (q_rows.abs().sum(-1) * residual + 1e-30).float().contiguous()
 
     def _effective_q(self, q: torch.Tensor, scale: float) -> torch.Tensor:
         rows = self._rows_of_queries(q.detach().float()) * scale
@@ -668,6 +703,7 @@ class MemoryStore:
         """Exact top-k over every entry: per tier, then merged. Returns ``(Hm, R, k)`` float32
         scores and global slots."""
         q_rows = self._effective_q(q, scale)
+        q_exact = self._exact_q(q, scale, q_rows)
         size = self.block_size
         parts_scores, parts_slots = [], []
         rescore = len(self.tiers) > 1
@@ -677,8 +713,11 @@ class MemoryStore:
                 continue
             keys = tier.arrays["keys"][:, :rows]
             if self.key_format == "int8":
+                refine = None
+                if self.key_refine is not None:
+                    refine = (q_exact, tier.arrays["keys_float"][:, :rows], self._slack(q_rows))
                 scores, local = int8_topk(q_rows, keys, tier.arrays["key_abs"][:, :rows],
-                                          tier.arrays["key_sum"][:, :rows], k)
+                                          tier.arrays["key_sum"][:, :rows], k, refine)
             elif k <= 256 and keys.device == q_rows.device:
                 # The fused float read selects; its scores are recomputed below in float64.
                 local = topk_memory_read(q_rows.unsqueeze(0).to(keys.dtype), keys,
@@ -700,9 +739,9 @@ class MemoryStore:
         if rescore:
             # The candidates of every tier ranked alike: float64 scores of the stored keys.
             safe = torch.where(slots == _NO_SLOT, 0, slots)
-            keys = self._gather("keys", safe.reshape(self.num_heads, -1)).double()
+            keys = self._gather(self._rank_keys, safe.reshape(self.num_heads, -1)).double()
             keys = keys.view(*slots.shape, self.key_dim)
-            scores = torch.einsum("hrd,hrcd->hrc", q_rows.double(), keys)
+            scores = torch.einsum("hrd,hrcd->hrc", q_exact.double(), keys)
         return rank_top(scores, slots, k)
 
     def _zeros(self, rows: int) -> torch.Tensor:
@@ -731,7 +770,7 @@ class MemoryStore:
                 torch.arange(used_blocks, device=self.device),
                 torch.ones(used_blocks, dtype=torch.int64, device=self.device), blocks)
         first = torch.sort(first, dim=-1).values                      # (Hm, R, KB) ascending
-        q_rows = self._effective_q(q, scale)
+        q_rows = self._exact_q(q, scale, self._effective_q(q, scale))
         out_scores, out_slots = [], []
         staged = 0
         for start in range(0, q_rows.shape[1], _STAGE_ROWS):
@@ -745,8 +784,9 @@ class MemoryStore:
                 self.block_len[units], k)
             out_scores.append(scores)
             out_slots.append(slots)
-        key_bytes = 1 if self.key_format == "int8" else formats.storage_dtype(
-            self.key_format).itemsize
+        key_bytes = (1 if self._rank_keys == "keys" and self.key_format == "int8" else
+                     4 if self._rank_keys == "keys_float" else
+                     formats.storage_dtype(self.key_format).itemsize)
         self.last_read_stats = {
             "blocks": staged,
             "bytes": (self.num_heads * used_blocks * self.key_dim * 4
@@ -756,7 +796,8 @@ class MemoryStore:
     def _stage_blocks(self, units: torch.Tensor) -> torch.Tensor:
         """The keys of blocks ``units (U,)`` as one ``(U, Hm, S, Dk)`` buffer: one gather per tier."""
         size = self.block_size
-        dtype = torch.int8 if self.key_format == "int8" else torch.float32
+        name = self._rank_keys
+        dtype = torch.int8 if name == "keys" and self.key_format == "int8" else torch.float32
         stage = torch.empty(units.numel(), self.num_heads, size, self.key_dim, dtype=dtype,
                             device=self.device)
         tier_of = self.block_tier[units]
@@ -765,7 +806,7 @@ class MemoryStore:
             mine = (tier_of == index).nonzero().squeeze(1)
             if mine.numel() == 0:
                 continue
-            view = tier.block_view("keys")
+            view = tier.block_view(name)
             gathered = view.index_select(1, places[mine].to(view.device))  # (Hm, u, S, D)
             stage[mine] = gathered.transpose(0, 1).to(self.device, dtype)
         return stage

@@ -68,7 +68,10 @@ def parse_tiers(tiers, capacity: int, block_size: int) -> list[TierSpec]:
 
 
 class Tier:
-    """The arrays of one tier: ``arrays[name]`` is ``(Hm, places * block_size, *tail)``."""
+    """The arrays of one tier: ``arrays[name]`` is ``(Hm, places * block_size, *tail)``.
+
+    ``layout`` maps each array's name to ``(dtype, tail)`` or ``(dtype, tail, kind)``: an array
+    may live on another kind than its tier (e.g. the float copies of int8 keys on disk)."""
 
     def __init__(self, kind: str, places: int, block_size: int, heads: int,
                  layout: Dict[str, tuple], device: torch.device, directory: Optional[str]):
@@ -76,10 +79,11 @@ class Tier:
         rows = places * block_size
         self.arrays: Dict[str, torch.Tensor] = {}
         self.files: Dict[str, str] = {}
-        pin = kind == "host" and device.type == "cuda"
-        for name, (dtype, tail) in layout.items():
+        for name, entry in layout.items():
+            dtype, tail = entry[0], entry[1]
+            where = entry[2] if len(entry) > 2 and entry[2] is not None else kind
             shape = (heads, rows) + tuple(tail)
-            if kind == "disk":
+            if where == "disk":
                 if directory is None:
                     raise ValueError("a disk tier needs a directory")
                 path = os.path.join(directory, f"{name}.bin")
@@ -92,14 +96,11 @@ class Tier:
                 raw = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
                 self.arrays[name] = raw.view(dtype).view(shape)
                 self.files[name] = path
-            elif kind == "host":
-                self.arrays[name] = torch.zeros(shape, dtype=dtype, pin_memory=pin)
+            elif where == "host":
+                self.arrays[name] = torch.zeros(shape, dtype=dtype,
+                                                pin_memory=device.type == "cuda")
             else:
                 self.arrays[name] = torch.zeros(shape, dtype=dtype, device=device)
-
-    @property
-    def device(self) -> torch.device:
-        return next(iter(self.arrays.values())).device
 
     def block_view(self, name: str) -> torch.Tensor:
         """``arrays[name]`` as ``(Hm, places, block_size, *tail)``."""

@@ -307,3 +307,22 @@ def test_formats_round_trip_and_bound():
     assert torch.equal(key_abs, k8.int().abs().sum(-1)) and torch.equal(key_sum, k8.int().sum(-1))
     back = formats.dequantize_keys(k8, scales[:, None])
     assert ((back - keys).abs() <= scales[:, None] / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("refine", ["device", "disk"])
+@pytest.mark.parametrize("tiers", ["device", "device+disk"])
+def test_int8_keys_refined_by_float_keys_read_the_float_keys_exactly(refine, tiers):
+    store, keys, values = _store(TIERS[tiers], key_format="int8", key_refine=refine, key_margin=1.0)
+    # Later keys beyond the first append's range saturate their int8 codes: still exact.
+    extra_k, extra_v = _entries(2, 40, 16, 12, seed=7)
+    store.append(extra_k * 3, extra_v)
+    keys, values = torch.cat([keys, extra_k * 3], 1), torch.cat([values, extra_v], 1)
+    q = _q()
+    for k in (1, 8, 64):
+        got = store.read(q, k)
+        ref = l2m.topk_memory_read(q.double(), keys.double(), values.double(), k)
+        assert torch.equal(got.indices, ref.indices)
+        torch.testing.assert_close(got.out.double(), ref.out, rtol=1e-4, atol=1e-4)
+    every = store.read(q, 8, blocks=store.num_blocks)
+    assert torch.equal(every.indices, store.read(q, 8).indices)
+    torch.testing.assert_close(store.keys(), keys)

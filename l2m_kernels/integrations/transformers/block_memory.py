@@ -49,6 +49,15 @@ class MemoryConfig:
     position_mode:  "original" (memory keeps true positions) or "fixed" (memory at fixed_distance)
     chunk_size:     queries processed together when one call brings more tokens, >= 1
     fixed_distance: "fixed" mode: the distance memory tokens are read at (None: window)
+    store:          None (blocks), or the keyword arguments of a
+                    :class:`l2m_kernels.memory.MemoryStore` (``capacity`` required; ``block_size``,
+                    ``tiers``, ``key_format``, ``value_format``, ``eviction`` (default "fifo"),
+                    ...): the tokens past the sink go into one store per layer (one memory per batch
+                    element and key-value head) and each query reads its ``store_topk`` best
+                    entries (Memorizing Transformers' kNN memory) instead of blocks; ``capacity``,
+                    ``topk_blocks`` and ``block_repr`` then do not apply
+    store_topk:     entries each query reads from the store, >= 1
+    store_blocks:   blocks per query of a two-level store read (None: exact)
     """
     sink: int = 4
     window: int = 512
@@ -59,6 +68,9 @@ class MemoryConfig:
     position_mode: str = "original"
     chunk_size: int = 512
     fixed_distance: Optional[int] = None
+    store: Optional[dict] = None
+    store_topk: int = 32
+    store_blocks: Optional[int] = None
 
     def __post_init__(self):
         for name, low in (("sink", 0), ("window", 1), ("block_size", 1), ("topk_blocks", 0), ("chunk_size", 1)):
@@ -74,6 +86,11 @@ class MemoryConfig:
         if self.position_mode not in _POSITION_MODES:
             raise ValueError(f"MemoryConfig.position_mode must be one of {_POSITION_MODES}, "
                              f"got {self.position_mode!r}")
+        if self.store is not None and (not isinstance(self.store, dict) or "capacity" not in self.store):
+            raise ValueError(f"MemoryConfig.store must be None or a dict of MemoryStore options with a "
+                             f"'capacity', got {self.store!r}")
+        if isinstance(self.store_topk, bool) or not isinstance(self.store_topk, int) or self.store_topk < 1:
+            raise ValueError(f"MemoryConfig.store_topk must be an int >= 1, got {self.store_topk!r}")
 
     @property
     def distance(self) -> int:
@@ -249,6 +266,7 @@ class MemoryLayer(CacheLayerMixin):
         self.block_valid, self.block_repr, self.block_has_token = _Grown(1), _Grown(2), _Grown(1)
         self.sink_blocks = 0
         self.evicted_blocks = 0
+        self.store = None  # config.store: the MemoryStore of the tokens past the sink
 
     # CacheLayerMixin
     def lazy_initialization(self, key_states, value_states):
@@ -286,6 +304,10 @@ class MemoryLayer(CacheLayerMixin):
     def _map_batch(self, fn) -> None:
         if not self.is_initialized:
             return
+        if self.store is not None:
+            raise NotImplementedError(
+                "attach_memory(store=...): the batch cannot be reordered or repeated (beam search): "
+                "a MemoryStore keeps each batch element's memory in its heads; use blocks (store=None)")
         self.keys, self.values = fn(self.keys), fn(self.values)
         self.local_valid, self.local_pos = fn(self.local_valid), fn(self.local_pos)
         for grown in self._blocks():
@@ -341,6 +363,12 @@ class MemoryLayer(CacheLayerMixin):
                 valid = torch.nn.functional.pad(valid, (0, pad), value=False)
             if self.local_start < cfg.sink:
                 self.sink_blocks += blocks
+            elif cfg.store is not None:
+                self._to_store(keys[:, :, :n], values[:, :, :n], valid[:, :n])
+                self.keys, self.values = self.keys[:, :, n:], self.values[:, :, n:]
+                self.local_valid, self.local_pos = self.local_valid[:, n:], self.local_pos[:, n:]
+                self.local_start += n
+                continue
             batch, heads = keys.shape[:2]
             self.block_keys.append(keys.reshape(batch, heads, blocks, cfg.block_size, -1))
             self.block_values.append(values.reshape(batch, heads, blocks, cfg.block_size, -1))
@@ -354,12 +382,43 @@ class MemoryLayer(CacheLayerMixin):
             self.keys, self.values = self.keys[:, :, n:], self.values[:, :, n:]
             self.local_valid, self.local_pos = self.local_valid[:, n:], self.local_pos[:, n:]
             self.local_start += n
-        if cfg.capacity is not None:
+        if cfg.capacity is not None and cfg.store is None:
             excess = self.num_blocks - cfg.capacity // cfg.block_size
             if excess > 0:
                 for grown in self._blocks():
                     grown.drop_after(self.sink_blocks, excess)
                 self.evicted_blocks += excess
+
+    def _to_store(self, keys, values, valid) -> None:
+        """Appends tokens (B, Hk, n, D) to the layer's MemoryStore (created at the first)."""
+        from l2m_kernels.memory import MemoryStore
+
+        if not bool(valid.all()):
+            raise NotImplementedError("attach_memory(store=...): padded inputs are not supported (a "
+                                      "MemoryStore entry has no per-batch-element validity); use blocks "
+                                      "(store=None) or unpadded inputs")
+        batch, heads, n, dim = keys.shape
+        if self.store is None:
+            options = dict(self.config.store)
+            options.setdefault("eviction", "fifo")
+            options.setdefault("block_size", self.config.block_size)
+            self.store = MemoryStore(batch * heads, dim, values.shape[-1], device=keys.device, **options)
+        elif self.store.num_heads != batch * heads:
+            raise ValueError(f"attach_memory(store=...): the batch changed ({self.store.num_heads} "
+                             f"memories, {batch * heads} now); start a new cache")
+        self.store.append(keys.reshape(batch * heads, n, dim).detach(),
+                          values.reshape(batch * heads, n, -1).detach())
+
+    def _read_store(self, q: torch.Tensor, scale: float):
+        """The store's part of the read: each query's ``store_topk`` best entries. q (B, Hk, G, C, D)
+        -> (out (B, Hk, G, C, Dv) float32, lse (B, Hk, G, C)), or None when the store is empty."""
+        if self.store is None or len(self.store) == 0:
+            return None
+        batch, heads, group, length, dim = q.shape
+        read = self.store.read(q.reshape(1, batch * heads * group, length, dim), self.config.store_topk,
+                               blocks=self.config.store_blocks, scale=scale)
+        return (read.out.to(torch.float32).view(batch, heads, group, length, -1),
+                read.lse.view(batch, heads, group, length))
 
     def select(self, q: torch.Tensor, scale: float, take: int) -> torch.Tensor:
         """The blocks the queries q (B, Hk, G, C, D) of one chunk read, per (batch, key-value head),
@@ -389,6 +448,25 @@ class MemoryLayer(CacheLayerMixin):
         Returns (out (B, Hk, G, C, Dv) float32, lse (B, Hk, G, C)), or None when the memory holds
         nothing."""
         batch, heads, group, length, dim = q.shape
+        if self.config.store is not None:
+            if (dropout and training) or softcap:
+                raise NotImplementedError("attach_memory(store=...): attention dropout in training and "
+                                          "logit soft-capping are not implemented by the store read")
+            stored = self._read_store(q, scale)
+            if not self.sink_blocks:
+                return stored
+            sink = block_read(q.reshape(batch, heads * group, length, dim), self.block_keys.view(),
+                              self.block_values.view(),
+                              torch.arange(self.sink_blocks, device=q.device).expand(batch, heads, -1),
+                              block_valid=self.block_valid.view(), scale=scale) \
+                if q.device.type == "cpu" else block_read_ref(
+                    q.reshape(batch, heads * group, length, dim), self.block_keys.view(),
+                    self.block_values.view(),
+                    torch.arange(self.sink_blocks, device=q.device).expand(batch, heads, -1),
+                    self.block_valid.view(), scale)
+            sink = (sink[0].to(torch.float32).view(batch, heads, group, length, -1),
+                    sink[1].view(batch, heads, group, length))
+            return sink if stored is None else _merge(*sink, *stored)
         take = min(self.config.topk_blocks, self.num_blocks)
         if not (take or self.sink_blocks):
             return None
