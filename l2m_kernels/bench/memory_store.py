@@ -6,8 +6,8 @@ size and tiers, recall, and the cost of the usage statistics.
    (:func:`l2m_kernels.benchmark.compare`): the store with int8 keys (the VNNI-filtered kernel), the
    store with float32 keys (which is ``topk_memory_read``'s fused kernel), the reference read of
    the float32 keys (eager and compiled), and faiss (``IndexScalarQuantizer`` with 8-bit codes,
-   inner product: faiss's own int8 exact search, selection only) when installed. The note gives
-   the share of queries whose top-k set equals the float32 read's.
+   inner product: faiss's own int8 exact search, selection only) when installed. The shape gives
+   the share of queries whose top-k set equals the float32 read's, for int8 and for int8+refine.
 2. **Read time against memory size** with most of the memory in slower tiers: memories of 64K to
    16M entries (``--quick``: to 1M) of clustered keys (below), int8 keys and int8 values, Dk=Dv=64,
    blocks of 256, the first 1M entries in the device tier and the rest on disk (memory-mapped
@@ -156,11 +156,13 @@ def _format_rows(T, N, device, quick, tiny) -> list:
     keys = torch.randn(1, N, DIM, generator=gen)
     values = torch.randn(1, N, DIM, generator=gen)
     stores = {}
-    for fmt in ("int8", "float32"):
+    for name, options in (("int8", dict(key_format="int8")),
+                          ("int8+refine", dict(key_format="int8", key_refine="disk")),
+                          ("float32", dict(key_format="float32"))):
         store = MemoryStore(1, DIM, DIM, N, block_size=256 if N % 256 == 0 else 64,
-                            key_format=fmt, value_format="float32")
+                            value_format="float32", **options)
         store.append(keys, values)
-        stores[fmt] = store
+        stores[name] = store
     stored_keys = stores["int8"].keys()
 
     def inputs(requires_grad):
@@ -168,6 +170,8 @@ def _format_rows(T, N, device, quick, tiny) -> list:
 
     fused = {
         "store int8 keys": lambda q: tuple(stores["int8"].read(q, K, track=False)),
+        "store int8 keys + float32 refine (disk)":
+            lambda q: tuple(stores["int8+refine"].read(q, K, track=False)),
         "store float32 keys": lambda q: tuple(stores["float32"].read(q, K, track=False)),
     }
     peers = {}
@@ -187,13 +191,17 @@ def _format_rows(T, N, device, quick, tiny) -> list:
                                                      backward=False, torch_memory=False,
                                                      note="selection only; its own quantiser")
     probe = torch.randn(1, 1, T, DIM, generator=gen)
-    same = (torch.sort(stores["int8"].read(probe, K, track=False).indices, -1).values
-            == torch.sort(stores["float32"].read(probe, K, track=False).indices, -1).values).all(-1)
+    float_set = torch.sort(stores["float32"].read(probe, K, track=False).indices, -1).values
+
+    def same_set(name):
+        got = torch.sort(stores[name].read(probe, K, track=False).indices, -1).values
+        return (got == float_set).all(-1).float().mean().item()
+
     int8_exact = stores["int8"].read(probe, K, track=False).indices
     ref_exact = l2m.topk_memory_read(probe.double(), stored_keys.double(), values.double(), K).indices
-    shape = (f"read-cpu B=1 H=1 T={T} N={N} D=64 k={K}; same top-{K} set as float32 keys on "
-             f"{same.float().mean().item():.3f} of queries; equal to the exact read of the stored "
-             f"int8 keys: {bool(torch.equal(int8_exact, ref_exact))}")
+    shape = (f"read-cpu B=1 H=1 T={T} N={N} D=64 k={K}; queries with the float32 keys' top-{K} set: "
+             f"int8 {same_set('int8'):.3f}, int8+refine {same_set('int8+refine'):.3f}; int8 = exact "
+             f"read of the stored int8 keys: {bool(torch.equal(int8_exact, ref_exact))}")
     flops = 2 * T * N * DIM
     cost = bm.Cost(fwd_flops=flops, fwd_bytes=N * DIM * 4 + T * DIM * 8)
     return compare(OP, shape, torch.float32, fused,
