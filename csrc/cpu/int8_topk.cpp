@@ -272,19 +272,34 @@ inline uint8_t quantize_row(const float* q, int64_t dim, int8_t* q8, float* scal
   return kFiltered;
 }
 
+// Refinement's second filter, B = slack (1 + 2^-40) + 2^-28 sum_d |q[d]| for a finite row q:
+// a slot whose computed int8 score s8 has s8 + B <= the list's k-th score S (both in float64)
+// scores at most S. The computed s8 is within dim 2^-53 127 sum |q| < 2^-31 sum |q| of the
+// exact dot product (dim <= 16384), the float64 sum s8 + B within 2^-53 (127 sum |q| + B) of its
+// exact value, and B's own rounding within 2^-51 B: the terms past the slack cover all three.
+inline double refine_reach(const float* q, int64_t dim, float slack) {
+  double sum = 0;
+  for (int64_t d = 0; d < dim; ++d) {
+    sum += std::fabs(static_cast<double>(q[d]));
+  }
+  return static_cast<double>(slack) * (1.0 + 0x1p-40) + 0x1p-28 * sum;
+}
+
 // The kind of a row with refinement, given its kind from quantize_row: NaN in the rescoring
 // query makes every score NaN; an infinity in it, a row the filter does not serve, a slack that
 // is not a finite value >= 0, or a zero row (scale 0) with a positive slack are scored exactly.
 // Sets the row's slack and warm-start shift (0 unless filtered); q8 and scale as quantize_row's
 // (zeros unless filtered).
-inline uint8_t refine_row(uint8_t kind, const float* q_refine, int64_t dim, float slack, int8_t* q8,
-                          float* scale, double* row_slack, int64_t* shift) {
+inline uint8_t refine_row(uint8_t kind, const float* q, const float* q_refine, int64_t dim,
+                          float slack, int8_t* q8, float* scale, double* row_slack,
+                          double* reach, int64_t* shift) {
   bool has_nan = false, finite = true;
   for (int64_t d = 0; d < dim; ++d) {
     has_nan |= std::isnan(q_refine[d]);
     finite &= std::isfinite(q_refine[d]);
   }
   *row_slack = 0.0;
+  *reach = 0.0;
   *shift = 0;
   if (has_nan) {
     kind = kNaNRow;
@@ -298,6 +313,7 @@ inline uint8_t refine_row(uint8_t kind, const float* q_refine, int64_t dim, floa
     return kind;
   }
   *row_slack = slack;
+  *reach = refine_reach(q, dim, slack);
   *shift = *scale == 0.0f ? 0 : slack_shift_units(slack, *scale);
   return kind;
 }
@@ -317,6 +333,7 @@ struct UnitLists {
   value_t* floors = nullptr;      // (rows,): the least threshold (warm start), else -clamp
   const float* scales = nullptr;  // (rows,)
   const double* slacks = nullptr;  // (rows,): a filtered row's slack, 0 without refinement
+  const double* reaches = nullptr;  // (rows,): refinement, a filtered row's B (refine_reach)
   int64_t clamp = 0;
   // Where rescoring reads: unit row 0's query, the head's keys; with refinement (refine_keys set)
   // unit row 0's rescoring query and the head's float keys instead.
@@ -388,6 +405,23 @@ struct UnitLists {
       }
     }
     if (refine_keys != nullptr) {
+      // Second filter: a slot of a full list whose exact int8 score s8 has s8 + B <= the k-th
+      // rank cannot enter (refine_reach), so its float key row is not read.
+      int kept = 0;
+      for (int i = 0; i < count; ++i) {
+        const int64_t row = lane_base + batch_rows[i];
+        if (counts[row] == cap) {
+          const double s8 =
+              exact_score(q + row * dim, keys + (first_slot + batch_keys[i]) * key_stride, dim);
+          if (!(s8 + reaches[row] > rank_of(scores[row * cap + cap - 1]))) {
+            continue;
+          }
+        }
+        batch_rows[kept] = batch_rows[i];
+        batch_keys[kept] = batch_keys[i];
+        ++kept;
+      }
+      count = kept;
       for (int i = 0; i < count; ++i) {
         batch_scores[i] = exact_score(refine_q + (lane_base + batch_rows[i]) * dim,
                                       refine_keys + (first_slot + batch_keys[i]) * refine_stride,
@@ -427,6 +461,7 @@ struct Scratch {
   std::vector<value_t> floors;       // (unit rows,)
   std::vector<float> scales;         // (unit rows,)
   std::vector<double> slacks;        // (unit rows,)
+  std::vector<double> reaches;       // (unit rows,)
   std::vector<int64_t> shifts;       // (unit rows,): the warm start's shift w, 0 without slack
   std::vector<uint8_t> kinds;        // (unit rows,)
   std::vector<int8_t> q8;            // (unit rows, dim)
@@ -447,6 +482,7 @@ struct Scratch {
     floors.resize(unit_rows);
     scales.resize(unit_rows);
     slacks.resize(unit_rows);
+    reaches.resize(unit_rows);
     shifts.resize(unit_rows);
     kinds.resize(unit_rows);
     q8.resize(unit_rows * dim);
@@ -459,6 +495,7 @@ struct Scratch {
     lists.floors = floors.data();
     lists.scales = scales.data();
     lists.slacks = slacks.data();
+    lists.reaches = reaches.data();
   }
 };
 
@@ -502,9 +539,9 @@ void begin_unit(const Int8TopkParams& p, int64_t head, int64_t row_begin, int64_
     scratch.slacks[row] = 0.0;
     scratch.shifts[row] = 0;
     if (refine) {
-      kind = refine_row(kind, lists.refine_q + row * dim, dim,
+      kind = refine_row(kind, lists.q + row * dim, lists.refine_q + row * dim, dim,
                         p.slack[head * p.rows + row_begin + row], q8, &scratch.scales[row],
-                        &scratch.slacks[row], &scratch.shifts[row]);
+                        &scratch.slacks[row], &scratch.reaches[row], &scratch.shifts[row]);
     }
     scratch.kinds[row] = kind;
     lists.counts[row] = 0;
