@@ -29,6 +29,24 @@
 // scores NaN everywhere (its top-k is the first k slots); a row with an infinity, or one that
 // fails the check (e.g. a subnormal scale), is scored exactly slot by slot.
 //
+// Refinement (q_refine set). The ranked score is s, the float64 dot product of q_refine[r] and
+// the float32 key refine_keys[n] with the same association (a product of two floats is exact in
+// float64 too); the int8 keys only filter. The caller guarantees |s - q[r] . key[n]| <= slack[r],
+// so a * (t - kb[n]) - slack <= s <= a * (t + kb[n]) + slack, and:
+//  - m is an integer with a * m <= S - slack (threshold_units of S - slack: the float64
+//    difference rounds within 2^-25 units, inside its margin);
+//  - the warm start's floor is L - 1 - w with an integer w >= 2 slack / a (slack_shift_units: the
+//    ceiling of the float64 quotient enlarged by 2^-40): a slot with t + kb < L - w scores at most
+//    a * (t + kb) + slack < a * L - slack, less than each of k slots;
+//  - a passing slot of a full list is checked again before its float row is read: with its
+//    exact int8 score s8 (the int8 key row is still in cache), it cannot enter if s8 + B <= S,
+//    B = slack (1 + 2^-40) + 2^-28 sum_d |q[d]| (refine_reach: the terms past the slack cover the
+//    rounding of s8 and of the sum); only the other slots read refine_keys and are offered.
+// A row whose q_refine has a NaN scores NaN everywhere; one with an infinity in q_refine, a slack
+// that is not finite or negative, a zero int8 row (a = 0) with a positive slack, or a row the int8
+// filter does not serve is scored exactly (against the float keys) slot by slot. Without
+// refinement the slack is 0 and every step is the one above.
+//
 // Layout. Work units are (memory head, block of up to kUnitRows query rows), over
 // at::parallel_for. A unit walks the slots in key tiles that stay in L2; against each tile, a
 // register-blocked micro-kernel computes kRows keys x (kVecs vectors of query rows) values
