@@ -15,12 +15,13 @@ from .ops.memory_attention import memory_attention  # noqa: F401,E402
 from .ops.block_memory import BlockRead, BlockSelection, block_read, block_topk  # noqa: F401,E402
 from .ops.memory_write import gated_dense_update, gated_memory_write  # noqa: F401,E402
 from .ops.product_key import product_key_read  # noqa: F401,E402
+from .ops.quantized_read import quantized_topk_read  # noqa: F401,E402
 from .ops.topk_read import topk_memory_read  # noqa: F401,E402
 from . import modules  # noqa: F401,E402
 
 __all__ = [
     "topk_memory_read", "product_key_read", "gated_memory_write", "gated_dense_update",
-    "merge_attention", "gated_merge", "memory_attention", "block_topk", "block_read", "MemoryRead",
+    "merge_attention", "gated_merge", "memory_attention", "block_topk", "block_read", "quantized_topk_read", "MemoryRead",
     "MemoryAttention", "BlockSelection", "BlockRead",
     "available_backends", "select_backend", "empty_cache", "set_cache_limit", "cache_info",
 ]

@@ -618,9 +618,74 @@ BLOCK_READ = OpDecl(
 )
 
 
+# ------------------------------------------------------------------------------------------------
+# quantized_topk_read
+# ------------------------------------------------------------------------------------------------
+
+def quantized_case(B, H, Hm, T, N, Dk, Dv, k, values="float32", keys="random"):
+    """One case of the quantized read: int8 keys (Hm, N, Dk) read by queries (B, H, T, Dk).
+    ``values``: the value format, "q" (q's dtype), a float dtype name, "int8" or "float8";
+    ``keys``: "random" (int8 in [-127, 127]), "extremes" (mostly +-127) or "ties" (slots in pairs
+    of identical rows, read smaller slot first)."""
+    return dict(B=B, H=H, Hm=Hm, T=T, N=N, Dk=Dk, Dv=Dv, k=k, values=values, keys=keys)
+
+
+def _quantized_random(rng: random.Random) -> dict:
+    Hm = rng.randint(1, 2)
+    N = rng.randint(1, 300)
+    return quantized_case(rng.randint(1, 3), Hm * rng.choice([1, 2, 3]), Hm, _odd(rng, 1, 21), N,
+                          rng.choice([3, 8, 16, 31, 64, 65]), rng.choice([1, 5, 16, 33]), rng.randint(1, min(N, 40)),
+                          values=rng.choice(["q", "float32", "bfloat16", "int8", "float8"]),
+                          keys=rng.choice(["random", "extremes", "ties"]))
+
+
+def _quantized_label(p: dict) -> str:
+    return (f"B{p['B']} H{p['H']}/{p['Hm']} T{p['T']} N{p['N']} Dk{p['Dk']} Dv{p['Dv']} k{p['k']} "
+            f"values={p['values']}" + (f" keys={p['keys']}" if p["keys"] != "random" else ""))
+
+
+QUANTIZED_TOPK_READ = OpDecl(
+    name="quantized_topk_read",
+    package="quantized_read",
+    summary="qe = (q·scale)·key_scale (float32); s = qe·keysᵀ over int8 keys (float64); the k best slots I "
+            "(ties: smaller slot); out = Σ_{i∈I} softmax(s_I)_i·values_i·value_scale_i",
+    args=(
+        Arg("q", "Tensor", "(B, H, T, Dk)", "queries, floating"),
+        Arg("keys", "Tensor", "(Hm, N, Dk)", "int8 keys in [-127, 127], shared by the batch, H % Hm == 0, N >= 1"),
+        Arg("key_scale", "Tensor", "(Hm, Dk)", "float32 channel scales, finite and > 0: key = keys·key_scale"),
+        Arg("values", "Tensor", "(Hm, N, Dv)", "float (used as is), int8 or float8_e4m3fn (times value_scale)"),
+        Arg("k", "SymInt", "", "slots read per query, 1 <= k <= N"),
+        Arg("value_scale", "Tensor?", "(Hm, N)", "float32 entry scales: required for int8/float8 values, refused "
+            "for float ones", "None"),
+        Arg("scale", "float?", "", "score scale, default Dk ** -0.5", "None"),
+        _BACKEND,
+    ),
+    outputs=(Output("out", "(B, H, T, Dv)", "input dtype"), Output("indices", "(B, H, T, k)", "int64"),
+             Output("weights", "(B, H, T, k)", "float32 (float64)"), Output("lse", "(B, H, T)", "float32 (float64)")),
+    # Served on every device by the reference, on CPU tensors by the cpu kernels.
+    backends={"reference": Serving(), "cpu": Serving(entry="_topk_values_read")},
+    cases=Cases(
+        edge=(
+            quantized_case(2, 4, 2, 5, 9, 16, 8, 9, values="int8"),                 # k = N, grouped heads
+            quantized_case(1, 2, 1, 3, 1, 7, 5, 1, values="float8"),                # N = 1
+            quantized_case(1, 3, 1, 7, 33, 13, 1, 5, values="q"),                   # Dv = 1, odd sizes
+            quantized_case(2, 4, 2, 6, 40, 32, 16, 8, keys="ties"),                 # identical rows: smaller slot
+            quantized_case(1, 2, 1, 9, 70, 64, 24, 16, values="bfloat16", keys="extremes"),  # keys +-127
+            quantized_case(0, 2, 1, 3, 10, 8, 8, 3),                                # empty batch
+        ),
+        random=_quantized_random, label=_quantized_label,
+        # Full VNNI tiles of slots and channels with tails past them, several vectors of values.
+        wide=(quantized_case(1, 2, 1, 70, 700, 64, 40, 32, values="int8"),
+              quantized_case(1, 2, 1, 33, 300, 100, 33, 16, values="float32", keys="ties"))),
+    # Timed through the store's int8 reads (the benchmark's shapes are its own).
+    bench=Bench("memory_store", shapes={}, tiny={}),
+    reference="quantized_topk_read_ref",
+)
+
+
 OPS: dict[str, OpDecl] = {decl.name: decl for decl in (
     TOPK_MEMORY_READ, PRODUCT_KEY_READ, GATED_MEMORY_WRITE, GATED_DENSE_UPDATE, MERGE_ATTENTION,
-    GATED_MERGE, MEMORY_ATTENTION, BLOCK_TOPK, BLOCK_READ)}
+    GATED_MERGE, MEMORY_ATTENTION, BLOCK_TOPK, BLOCK_READ, QUANTIZED_TOPK_READ)}
 
 
 def served_by(backend: str) -> frozenset:
