@@ -75,6 +75,7 @@ from .ops.memory_attention.reference import _local_attention_acc, _merge_acc, me
 from .ops.memory_write.reference import gated_dense_update_ref, gated_memory_write_ref
 from .ops.merge.reference import gated_merge_ref, merge_attention_ref
 from .ops.product_key.reference import product_key_gather, product_key_select
+from .ops.quantized_read.reference import dequantize_values, quantized_read_gather, quantized_scores_ref
 from .ops.topk_read.reference import _topk_read_gather_acc, full_scores, topk_read_gather, topk_read_select
 from .ops.topk_read.validate import resolve_scale
 from .testing import (TOLERANCE, assert_close, assert_valid_topk, lse_dtype, poisoned_outputs, product_key_scores,
@@ -874,6 +875,33 @@ def judge_block_read(case, res, gen):
             output_terms={"out": terms}, gradient_terms=softmax_grad_terms)
 
 
+def judge_quantized_read(case, read, gen):
+    q, keys, key_scale, values = (case.args[n] for n in ("q", "keys", "key_scale", "values"))
+    value_scale, k = case.args.get("value_scale"), case.args["k"]
+    B, H, T, Dk = q.shape
+    scale = resolve_scale(case.args.get("scale"), Dk)
+    acc = lse_dtype(case.dtype)
+    _expect_tensor("out", read.out, (B, H, T, values.shape[-1]), case.dtype)
+    _expect_tensor("indices", read.indices, (B, H, T, k), torch.int64)
+    _expect_tensor("weights", read.weights, (B, H, T, k), acc)
+    _expect_tensor("lse", read.lse, (B, H, T), acc)
+    slot_ids = read.indices.detach().cpu()
+    keys, key_scale = keys.cpu(), key_scale.cpu()
+    # The selection ranks float64 sums of the float32 qe = (q * scale) * key_scale for every dtype,
+    # float64 q too: judged against exactly those scores (a near-tie within their float64 rounding).
+    rank = _rank(quantized_scores_ref(q.detach().cpu(), keys, key_scale, scale))
+    best = torch.sort(rank, dim=-1, descending=True, stable=True).indices[..., :k]
+    _check_selection("indices", slot_ids, best, rank, k, case.dtype, case.extra["exact"])
+    values = values.cpu()
+    value_scale = None if value_scale is None else value_scale.cpu()
+    magnitudes = dequantize_values(values, value_scale, torch.float64).abs()
+    terms = quantized_read_gather(_f64(q), keys, key_scale, magnitudes, slot_ids, None, scale)[0]  # sum w_j |v_j|
+    compare(case, ("out", "weights", "lse"), (read.out, read.weights, read.lse),
+            lambda x: quantized_read_gather(x["q"], keys, key_scale, values, slot_ids, value_scale, scale), gen,
+            model_cotangents=lambda outs, cots: _read_cotangents(outs, cots, case.dtype),
+            output_terms={"out": terms})
+
+
 # ------------------------------------------------------------------------------------------------
 # Strategies: one per op, drawing plain parameters (the tensors are built from them).
 # ------------------------------------------------------------------------------------------------
@@ -1127,6 +1155,32 @@ def block_read_params(draw, backend):
     return _blocks_params(draw, backend, ("q", "block_keys", "block_values"), BLOCK_READ_MUTATIONS)
 
 
+QUANTIZED_READ_MUTATIONS = ("q-rank", "q-int", "keys-rank", "keys-dk", "keys-heads", "keys-dtype", "keys-min",
+                            "n-zero", "key_scale-shape", "key_scale-dtype", "key_scale-zero", "key_scale-nan",
+                            "values-n", "values-int32", "value_scale-missing", "value_scale-extra",
+                            "value_scale-shape", "value_scale-dtype", "k-zero", "k-over", "k-float", "scale-tensor",
+                            "backend-name")
+# Value formats: "q" (q's dtype), a float dtype used as is, or int8/float8 with per-entry scales.
+QUANTIZED_VALUE_FORMATS = ("q", "float32", "bfloat16", "float64", "int8", "float8")
+
+
+@_strategy
+def quantized_read_params(draw, backend):
+    tiny = _tiny(backend)
+    # NaN/inf only where a float tensor can hold them: q and float values (int8 keys cannot; the
+    # channel scales must be finite and positive, which a mutation checks).
+    p = _common(draw, backend, ("q", "keys", "key_scale", "values", "value_scale"), QUANTIZED_READ_MUTATIONS,
+                ("q", "values"))
+    p.update(_sizes(draw, dict(B=(1, 3), Hm=(1, 3), group=(1, 3), T=(1, 5), Dk=(1, 9 if tiny else 40),
+                               Dv=(1, 9 if tiny else 33)), ("B", "group", "T", "Dv")))
+    p["H"] = p["Hm"] * p.pop("group")
+    p["N"] = draw(st.integers(1, 9)) if tiny else _rarely(draw, st.integers(1, 12), st.sampled_from((63, 64, 300)))
+    p["k"] = _edge_int(draw, 1, p["N"])
+    p.update(values=draw(st.sampled_from(QUANTIZED_VALUE_FORMATS)),
+             keys=draw(st.sampled_from(("random", "random", "extremes", "ties"))), scale=_scale(draw, p["mode"]))
+    return p
+
+
 STRATEGIES = {
     "topk_memory_read": topk_params,
     "product_key_read": product_key_params,
@@ -1137,6 +1191,7 @@ STRATEGIES = {
     "memory_attention": attention_params,
     "block_topk": block_topk_params,
     "block_read": block_read_params,
+    "quantized_topk_read": quantized_read_params,
 }
 assert tuple(sorted(STRATEGIES)) == tuple(sorted(OPS)), "every op needs a strategy"
 # The invalid arguments each op's cases draw (tests/test_validation.py checks every one).
@@ -1150,6 +1205,7 @@ MUTATIONS = {
     "memory_attention": ATTN_MUTATIONS,
     "block_topk": BLOCK_TOPK_MUTATIONS,
     "block_read": BLOCK_READ_MUTATIONS,
+    "quantized_topk_read": QUANTIZED_READ_MUTATIONS,
 }
 assert tuple(sorted(MUTATIONS)) == tuple(sorted(OPS)), "every op needs its invalid arguments"
 
@@ -1664,6 +1720,126 @@ def build_block_read(p, backend, device, gen):
     return case
 
 
+def _quantized_keys(p, gen):
+    """int8 keys (Hm, N, Dk) as ``p["keys"]`` asks (see registry.quantized_case); small integers for
+    exact data."""
+    Hm, N, Dk = p["Hm"], p["N"], p["Dk"]
+    if p["mode"] == "int":
+        keys = torch.randint(-3, 4, (Hm, N, Dk), generator=gen)
+    elif p["keys"] == "extremes":
+        keys = torch.where(torch.rand(Hm, N, Dk, generator=gen) < 0.5, -127, 127)
+        keys = torch.where(torch.rand(Hm, N, Dk, generator=gen) < 0.2, torch.randint(-127, 128, (Hm, N, Dk),
+                                                                                     generator=gen), keys)
+    else:
+        keys = torch.randint(-127, 128, (Hm, N, Dk), generator=gen)
+    if p["keys"] == "ties" and N > 1:
+        pairs = N // 2 * 2
+        keys[:, 1:pairs:2] = keys[:, 0:pairs:2]
+    return keys.to(torch.int8)
+
+
+def _positive_scales(p, gen, shape, spread):
+    """float32 scales > 0: around ``spread``, or powers of two with exact data (exact scores)."""
+    if p["mode"] == "int":
+        return torch.pow(2.0, -torch.randint(0, 3, shape, generator=gen).float())
+    return (0.5 + torch.rand(shape, generator=gen)) * spread
+
+
+def build_quantized_read(p, backend, device, gen):
+    dtype = NAMED_DTYPES[p["dtype"]]
+    B, H, Hm, T, N, Dk, Dv, k = (p[n] for n in ("B", "H", "Hm", "T", "N", "Dk", "Dv", "k"))
+    b = Built()
+    q = _float_tensor(b, gen, "q", (B, H, T, Dk), dtype, p, device, bdims=(0,))
+    # Integer and scale tensors in the drawn layouts (their padding poisons: -128 keys, NaN scales,
+    # NaN float8 bytes); stride-0 expansion applies to none of them (each slot is its own entry).
+    keys = _int_tensor(b, "keys", _quantized_keys(p, gen), p, device, -128)
+    # Keys of a few units: 127 * scale(1/100) = 1.3 per channel.
+    key_scale = _int_tensor(b, "key_scale", _positive_scales(p, gen, (Hm, Dk), 0.01), p, device, float("nan"))
+    fmt = p["values"]
+    value_scale = None
+    if fmt == "int8":
+        stored = torch.randint(-4, 5, (Hm, N, Dv), generator=gen) if p["mode"] == "int" else \
+            torch.randint(-127, 128, (Hm, N, Dv), generator=gen)
+        values = _int_tensor(b, "values", stored.to(torch.int8), p, device, -128)
+    elif fmt == "float8":
+        floats = (_data(gen, (Hm, N, Dv), "normal", p["mode"], torch.float32) * 100).clamp(-448, 448)
+        stored = floats.to(torch.float8_e4m3fn).view(torch.uint8)
+        values = _int_tensor(b, "values", stored, p, device, 0x7F).view(torch.float8_e4m3fn)  # 0x7F: NaN
+    else:
+        values = _float_tensor(b, gen, "values", (Hm, N, Dv), dtype if fmt == "q" else NAMED_DTYPES[fmt], p, device)
+    if fmt in ("int8", "float8"):
+        value_scale = _int_tensor(b, "value_scale", _positive_scales(p, gen, (Hm, N), 0.01), p, device,
+                                  float("nan"))
+    args = dict(q=q, keys=keys, key_scale=key_scale, values=values, k=k, value_scale=value_scale, scale=p["scale"],
+                backend=backend)
+    case = Case("quantized_topk_read", backend, dtype, args, ("q", "keys", "key_scale", "values", "k"),
+                diff_inputs=("q",), judge=judge_quantized_read, built=b, extra=dict(exact=p["mode"] == "int"))
+    m = p["mutation"]
+    i8 = dict(dtype=torch.int8, device=device)
+    f32 = dict(dtype=torch.float32, device=device)
+    if m == "q-rank":
+        args["q"], case.must_raise = q.flatten(0, 1), _bad([ValueError], ["q"], "3-D q")
+    elif m == "q-int":
+        args["q"] = torch.ones(q.shape, dtype=torch.int64, device=device)
+        case.must_raise = _bad([TypeError], ["q"], "q is int64")
+    elif m == "keys-rank":
+        args["keys"], case.must_raise = keys.unsqueeze(0), _bad([ValueError], ["keys"], "4-D keys")
+    elif m == "keys-dk":
+        args["keys"] = torch.zeros(Hm, N, Dk + 1, **i8)
+        case.must_raise = _bad([ValueError], ["keys"], "keys with Dk + 1")
+    elif m == "keys-heads":
+        bad = _non_divisor(H)
+        args.update(keys=torch.zeros(bad, N, Dk, **i8), key_scale=torch.ones(bad, Dk, **f32),
+                    values=torch.zeros(bad, N, Dv, device=device), value_scale=None)
+        case.must_raise = _bad([ValueError], ["keys"], f"Hm = {bad} does not divide H = {H}")
+    elif m == "keys-min":
+        bad = keys.clone()
+        bad[-1, -1, -1] = -128
+        args["keys"], case.must_raise = bad, _bad([ValueError], ["keys"], "a key element is -128")
+    elif m == "n-zero":
+        args.update(keys=torch.zeros(Hm, 0, Dk, **i8), values=torch.zeros(Hm, 0, Dv, device=device),
+                    value_scale=None)
+        case.must_raise = _bad([ValueError], ["keys", "k"], "N = 0 leaves no valid k")
+    elif m == "key_scale-shape":
+        args["key_scale"] = torch.ones(Hm, Dk + 1, **f32)
+        case.must_raise = _bad([ValueError], ["key_scale"], "key_scale with Dk + 1 channels")
+    elif m == "key_scale-dtype":
+        args["key_scale"] = key_scale.double()
+        case.must_raise = _bad([TypeError], ["key_scale"], "float64 key_scale")
+    elif m in ("key_scale-zero", "key_scale-nan"):
+        bad = key_scale.clone()
+        bad[-1, -1] = 0.0 if m == "key_scale-zero" else float("nan")
+        args["key_scale"], case.must_raise = bad, _bad([ValueError], ["key_scale"], f"a channel scale is {bad[-1, -1]}")
+    elif m == "values-n":
+        args.update(values=torch.zeros(Hm, N + 1, Dv, device=device), value_scale=None)
+        case.must_raise = _bad([ValueError], ["values"], "values with N + 1 slots")
+    elif m == "values-int32":
+        args.update(values=torch.zeros(Hm, N, Dv, dtype=torch.int32, device=device), value_scale=None)
+        case.must_raise = _bad([TypeError], ["values"], "int32 values")
+    elif m == "value_scale-missing":
+        args.update(values=torch.zeros(Hm, N, Dv, **i8), value_scale=None)
+        case.must_raise = _bad([ValueError], ["value_scale"], "int8 values without value_scale")
+    elif m == "value_scale-extra":
+        args.update(values=torch.zeros(Hm, N, Dv, device=device), value_scale=torch.ones(Hm, N, **f32))
+        case.must_raise = _bad([ValueError], ["value_scale"], "float values with a value_scale")
+    elif m == "value_scale-shape":
+        args.update(values=torch.zeros(Hm, N, Dv, **i8), value_scale=torch.ones(Hm, N + 1, **f32))
+        case.must_raise = _bad([ValueError], ["value_scale"], "value_scale with N + 1 entries")
+    elif m == "value_scale-dtype":
+        args.update(values=torch.zeros(Hm, N, Dv, **i8), value_scale=torch.ones(Hm, N, dtype=torch.float64,
+                                                                                device=device))
+        case.must_raise = _bad([TypeError], ["value_scale"], "float64 value_scale")
+    elif m == "k-zero":
+        args["k"], case.must_raise = 0, _bad([ValueError], ["k"], "k = 0")
+    elif m == "k-over":
+        args["k"], case.must_raise = N + 1, _bad([ValueError], ["k"], "k = N + 1")
+    elif m == "k-float":
+        args["k"], case.must_raise = float(k), _bad([TypeError], ["k"], "k is a float")
+    elif m == "scale-tensor":
+        args["scale"], case.must_raise = torch.tensor(0.5), _bad([TypeError], ["scale"], "scale is a tensor")
+    return case
+
+
 BUILDERS = {
     "topk_memory_read": build_topk,
     "product_key_read": build_product_key,
@@ -1674,6 +1850,7 @@ BUILDERS = {
     "memory_attention": build_attention,
     "block_topk": build_block_topk,
     "block_read": build_block_read,
+    "quantized_topk_read": build_quantized_read,
 }
 
 
