@@ -209,13 +209,44 @@ void check_store(bool ok, const std::string& what) {
   }
 }
 
+// sum_d |keys[h, n, d]| and sum_d keys[h, n, d] of an (Hm, N, D) int8 tensor (last dimension
+// contiguous); -128 is refused (the int8 read's bounds assume keys in [-127, 127]).
+void key_sums(const at::Tensor& keys, at::Tensor& key_abs, at::Tensor& key_sum) {
+  const int64_t heads = keys.size(0), slots = keys.size(1), dim = keys.size(2);
+  const int8_t* base = keys.data_ptr<int8_t>();
+  int32_t* abs_out = key_abs.data_ptr<int32_t>();
+  int32_t* sum_out = key_sum.data_ptr<int32_t>();
+  const int64_t s0 = keys.stride(0), s1 = keys.stride(1);
+  std::atomic<bool> saturated{false};
+  at::parallel_for(0, heads * slots, 1024, [&](int64_t begin, int64_t end) {
+    bool low = false;
+    for (int64_t i = begin; i < end; ++i) {
+      const int8_t* row = base + (i / slots) * s0 + (i % slots) * s1;
+      int32_t a = 0, t = 0;
+      for (int64_t d = 0; d < dim; ++d) {
+        low |= row[d] == -128;
+        a += row[d] < 0 ? -row[d] : row[d];
+        t += row[d];
+      }
+      abs_out[i] = a;
+      sum_out[i] = t;
+    }
+    if (low) {
+      saturated.store(true, std::memory_order_relaxed);
+    }
+  });
+  check_store(!saturated.load(), "keys must be in [-127, 127] (found -128)");
+}
+
 // Exact top-k over int8 keys: q (Hm, R, D) float32, keys (Hm, N, D) int8 (last dimension
-// contiguous), key_abs / key_sum (Hm, N) int32. Returns scores (Hm, R, k) float32, slots int64.
+// contiguous), key_abs / key_sum (Hm, N) int32 (both None: computed here, and a key of -128
+// refused). Returns scores (Hm, R, k) float32, slots int64.
 // Optional refinement: q_refine (Hm, R, D) float32, refine_keys (Hm, N, D) float32 (last dimension
 // contiguous), slack (Hm, R) float32: the scores are q_refine . refine_keys, filtered through the
 // int8 keys with the per-row slack added to the bound.
 std::vector<at::Tensor> store_int8_topk(const at::Tensor& q, const at::Tensor& keys,
-                                        const at::Tensor& key_abs, const at::Tensor& key_sum,
+                                        const std::optional<at::Tensor>& key_abs_arg,
+                                        const std::optional<at::Tensor>& key_sum_arg,
                                         int64_t k, const std::optional<at::Tensor>& q_refine,
                                         const std::optional<at::Tensor>& refine_keys,
                                         const std::optional<at::Tensor>& slack) {
@@ -227,6 +258,17 @@ std::vector<at::Tensor> store_int8_topk(const at::Tensor& q, const at::Tensor& k
                   (dim <= 1 || keys.stride(2) == 1),
               "keys must be an (Hm, N, D) int8 CPU tensor with a contiguous last dimension");
   const int64_t slots = keys.size(1);
+  check_store(key_abs_arg.has_value() == key_sum_arg.has_value(),
+              "key_abs and key_sum go together");
+  at::Tensor key_abs, key_sum;
+  if (key_abs_arg.has_value()) {
+    key_abs = *key_abs_arg;
+    key_sum = *key_sum_arg;
+  } else {
+    key_abs = at::empty({heads, slots}, keys.options().dtype(at::kInt));
+    key_sum = at::empty({heads, slots}, keys.options().dtype(at::kInt));
+    key_sums(keys, key_abs, key_sum);
+  }
   for (const at::Tensor* t : {&key_abs, &key_sum}) {
     check_store(t->dim() == 2 && t->scalar_type() == at::kInt && t->is_contiguous() &&
                     t->size(0) == heads && t->size(1) == slots && t->is_cpu(),
@@ -334,6 +376,77 @@ std::vector<at::Tensor> store_block_candidates_topk(const at::Tensor& q, const a
   return {scores, indices};
 }
 
+// The read of a selection (topk_values_read_fwd): scores (Hm, R, k) float32 and indices
+// (Hm, R, k) int64 in [-1, N), contiguous; values (Hm, N, Dv) float32/float16/bfloat16/float64,
+// int8 or uint8 (the bytes of float8_e4m3fn) with a contiguous last dimension; value_scale
+// (Hm, N) float32, required for int8 and uint8 values only. Returns out (Hm, R, Dv), weights
+// (Hm, R, k) and lse (Hm, R), float32.
+std::vector<at::Tensor> topk_values_read(const at::Tensor& scores, const at::Tensor& indices,
+                                         const at::Tensor& values,
+                                         const std::optional<at::Tensor>& value_scale) {
+  check_store(scores.dim() == 3 && scores.scalar_type() == at::kFloat && scores.is_contiguous() &&
+                  scores.is_cpu(),
+              "scores must be a contiguous (Hm, R, k) float32 CPU tensor");
+  const int64_t heads = scores.size(0), rows = scores.size(1), k = scores.size(2);
+  check_store(indices.sizes() == scores.sizes() && indices.scalar_type() == at::kLong &&
+                  indices.is_contiguous() && indices.is_cpu(),
+              "indices must be a contiguous int64 CPU tensor of scores' shape");
+  check_store(values.dim() == 3 && values.is_cpu() && values.size(0) == heads &&
+                  (values.size(2) <= 1 || values.stride(2) == 1),
+              "values must be an (Hm, N, Dv) CPU tensor with a contiguous last dimension");
+  const int64_t slots = values.size(1), dim = values.size(2);
+  l2m::StoredValues type;
+  switch (values.scalar_type()) {
+    case at::kFloat: type = l2m::StoredValues::kFloat32; break;
+    case at::kHalf: type = l2m::StoredValues::kFloat16; break;
+    case at::kBFloat16: type = l2m::StoredValues::kBFloat16; break;
+    case at::kDouble: type = l2m::StoredValues::kFloat64; break;
+    case at::kChar: type = l2m::StoredValues::kInt8; break;
+    case at::kByte: type = l2m::StoredValues::kFloat8E4M3; break;
+    default: check_store(false, "values must be float32, float16, bfloat16, float64, int8 or uint8");
+  }
+  const bool quantized = type == l2m::StoredValues::kInt8 || type == l2m::StoredValues::kFloat8E4M3;
+  check_store(value_scale.has_value() == quantized,
+              "value_scale is required for int8 and uint8 (float8) values, and only for them");
+  if (quantized) {
+    check_store(value_scale->dim() == 2 && value_scale->size(0) == heads &&
+                    value_scale->size(1) == slots && value_scale->scalar_type() == at::kFloat &&
+                    value_scale->is_cpu(),
+                "value_scale must be an (Hm, N) float32 CPU tensor");
+  }
+  const int64_t* ids = indices.data_ptr<int64_t>();
+  for (int64_t i = 0, n = indices.numel(); i < n; ++i) {
+    check_store(ids[i] >= -1 && ids[i] < slots, "an index is outside [-1, N)");
+  }
+  at::Tensor out = at::empty({heads, rows, dim}, scores.options());
+  at::Tensor weights = at::empty({heads, rows, k}, scores.options());
+  at::Tensor lse = at::empty({heads, rows}, scores.options());
+  if (heads * rows > 0) {
+    l2m::TopkValuesReadParams params{};
+    params.heads = heads;
+    params.rows = rows;
+    params.k = k;
+    params.slots = slots;
+    params.dim = dim;
+    params.scores = scores.data_ptr<float>();
+    params.indices = ids;
+    params.value_type = type;
+    params.values = values.data_ptr();
+    params.value_strides[0] = values.stride(0);
+    params.value_strides[1] = values.stride(1);
+    if (quantized) {
+      params.value_scale = value_scale->data_ptr<float>();
+      params.value_scale_strides[0] = value_scale->stride(0);
+      params.value_scale_strides[1] = value_scale->stride(1);
+    }
+    params.out = out.data_ptr<float>();
+    params.weights = weights.data_ptr<float>();
+    params.lse = lse.data_ptr<float>();
+    kernels().topk_values_read_fwd(params);
+  }
+  return {out, weights, lse};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -394,11 +507,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   l2m::binding::def_ops(m, py::call_guard<py::gil_scoped_release>());
 
   // MemoryStore reads (l2m_kernels.memory), internal: validated by their Python callers.
-  m.def("_store_int8_topk", &store_int8_topk, py::arg("q"), py::arg("keys"), py::arg("key_abs"),
-        py::arg("key_sum"), py::arg("k"), py::arg("q_refine") = py::none(),
+  m.def("_store_int8_topk", &store_int8_topk, py::arg("q"), py::arg("keys"),
+        py::arg("key_abs"), py::arg("key_sum"), py::arg("k"), py::arg("q_refine") = py::none(),
         py::arg("refine_keys") = py::none(), py::arg("slack") = py::none(),
         py::call_guard<py::gil_scoped_release>());
   m.def("_store_block_candidates_topk", &store_block_candidates_topk, py::arg("q"),
         py::arg("keys"), py::arg("blocks"), py::arg("block_slot"), py::arg("block_len"),
         py::arg("k"), py::call_guard<py::gil_scoped_release>());
+  m.def("_topk_values_read", &topk_values_read, py::arg("scores"), py::arg("indices"),
+        py::arg("values"), py::arg("value_scale") = py::none(),
+        py::call_guard<py::gil_scoped_release>());
 }

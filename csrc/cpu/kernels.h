@@ -35,7 +35,8 @@
   X(block_read_fwd, BlockReadFwdParams)                \
   X(block_read_bwd, BlockReadBwdParams)                \
   X(int8_topk_fwd, Int8TopkParams)                     \
-  X(block_candidates_topk_fwd, BlockCandidatesParams)
+  X(block_candidates_topk_fwd, BlockCandidatesParams)  \
+  X(topk_values_read_fwd, TopkValuesReadParams)
 
 namespace l2m::cpu {
 

@@ -3,8 +3,9 @@
 // top-k selection within per-row lists of blocks (block_candidates_topk_fwd, store_read.cpp).
 //
 // Both kernels select only: they return, per query row, the k best scores and their slot ids.
-// The weights, the log-sum-exp and the output are computed from those by the caller
-// (l2m_kernels/memory/read.py), which is O(rows x k) work.
+// A third one (topk_values_read_fwd, store_read.cpp) reads a selection: the softmax weights of the
+// k selected scores, their log-sum-exp and the weighted sum of the selected value rows, which it
+// dequantises itself (int8 or float8 values with per-entry scales), O(rows x k x Dv) work.
 //
 // Selection order, as every top-k of the package: descending score, ties to the smaller slot, NaN
 // ranked like +inf (NaN scores first, among them the smaller slot first). Fewer than k candidates:
@@ -74,6 +75,40 @@ struct BlockCandidatesParams {
   int64_t* indices;           // (Hm, R, k)
 };
 
+// How the value rows of topk_values_read_fwd are stored.
+enum class StoredValues : int {
+  kFloat32,
+  kFloat16,
+  kBFloat16,
+  kFloat64,   // read as float32 (rounded once)
+  kInt8,      // value = v8 * value_scale[h, n]
+  kFloat8E4M3,  // the bytes of float8_e4m3fn; value = fp8 * value_scale[h, n]
+};
+
+// The read of a selection. Per row (h, r), over the live entries j (indices[h, r, j] >= 0):
+//   m = max_j scores[j];  e_j = exp(scores[j] - m);  weights[j] = e_j / sum e;
+//   lse = m + log(sum e);  out = sum_j weights[j] * value(h, indices[h, r, j])
+// in float32 (the weights summed in entry order, out accumulated over j in entry order). Dead
+// entries get weight 0; a row with no live entry (or only -inf scores) gets weights 0, lse = -inf
+// and out = 0; a NaN among the live scores makes the row's weights and lse NaN (and out NaN).
+struct TopkValuesReadParams {
+  int64_t heads;  // Hm
+  int64_t rows;   // R
+  int64_t k;
+  int64_t slots;  // N (the indices are in [-1, N))
+  int64_t dim;    // Dv
+  const float* scores;     // (Hm, R, k) contiguous
+  const int64_t* indices;  // (Hm, R, k) contiguous
+  StoredValues value_type;
+  const void* values;         // row n of head h at values + h * value_strides[0] +
+  int64_t value_strides[2];   //   n * value_strides[1] (elements), its Dv elements contiguous
+  const float* value_scale;   // int8 / float8: (Hm, N), [h, n] at h * value_scale_strides[0] +
+  int64_t value_scale_strides[2];  //   n * value_scale_strides[1]; else nullptr
+  float* out;      // (Hm, R, Dv) contiguous
+  float* weights;  // (Hm, R, k) contiguous
+  float* lse;      // (Hm, R) contiguous
+};
+
 }  // namespace l2m
 
 #include "isa.h"
@@ -83,6 +118,7 @@ inline namespace L2M_CPU_ISA {
 
 void int8_topk_fwd(const Int8TopkParams& params);
 void block_candidates_topk_fwd(const BlockCandidatesParams& params);
+void topk_values_read_fwd(const TopkValuesReadParams& params);
 
 }  // namespace L2M_CPU_ISA
 }  // namespace l2m::cpu

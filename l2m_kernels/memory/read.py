@@ -15,12 +15,18 @@ returned as float32.
 
 Elsewhere (CUDA tensors, or no compiled extension) both run the brute-force references below in
 chunks of rows, which never hold more than ``chunk x candidates`` scores.
+
+:func:`topk_values_read` then reads a selection: the softmax weights and log-sum-exp of the ``k``
+selected scores and the weighted sum of the selected value rows, dequantised inside the CPU kernel
+(``csrc/cpu/store_read.cpp``); its reference is :func:`topk_values_read_ref`.
 """
 from __future__ import annotations
 
 import torch
 
 from .._ext import cpu_extension
+from ..ops.topk_read.reference import masked_softmax_lse
+from . import formats
 
 _NO_SLOT = torch.iinfo(torch.int64).max
 
@@ -149,3 +155,40 @@ def block_candidates_topk(q, keys, blocks, block_slot, block_len, k):
                                                 blocks.contiguous(), block_slot.contiguous(),
                                                 block_len.contiguous(), k)
     return block_candidates_ref(q, keys, blocks, block_slot, block_len, k)
+
+
+def topk_values_read_ref(scores: torch.Tensor, rows: torch.Tensor, values: torch.Tensor,
+                         value_scale=None):
+    """The read of a selection: ``scores (Hm, R, k)`` float32, ``rows (Hm, R, k)`` int64 rows of
+    ``values (Hm, N, Dv)`` (-1: no entry), stored as a float dtype, int8 or uint8 (float8 bytes)
+    with ``value_scale (Hm, N)`` for the last two. Returns ``(out (Hm, R, Dv), weights (Hm, R, k),
+    lse (Hm, R))`` float32.
+
+    Equivalent PyTorch:
+        weights, lse = masked_softmax_lse(scores, rows < 0)
+        out = (weights[..., None] * dequantised values[h, rows]).sum(-2)
+    """
+    heads, count, k = rows.shape
+    missing = rows < 0
+    flat = rows.clamp_min(0).reshape(heads, -1, 1)
+    gathered = values.gather(1, flat.expand(-1, -1, values.shape[-1]))
+    scale = None if value_scale is None else value_scale.gather(1, flat.squeeze(-1))
+    stored = formats.dequantize_values(gathered, scale).view(heads, count, k, values.shape[-1])
+    weights, lse = masked_softmax_lse(scores.float(), missing)
+    stored = torch.where(missing.unsqueeze(-1), 0.0, stored)
+    out = torch.matmul(weights.unsqueeze(-2), stored).squeeze(-2)
+    return out, weights, lse
+
+
+def topk_values_read(scores: torch.Tensor, rows: torch.Tensor, values: torch.Tensor,
+                     value_scale=None):
+    """:func:`topk_values_read_ref` by the CPU kernel where the tensors allow it (values with a
+    contiguous last dimension on the CPU)."""
+    ext = _kernels(scores, rows, values)
+    if ext is not None and hasattr(ext, "_topk_values_read") and (
+            values.shape[-1] <= 1 or values.stride(-1) == 1):
+        if value_scale is not None and value_scale.stride(-1) != 1:
+            value_scale = value_scale.contiguous()
+        return tuple(ext._topk_values_read(scores.float().contiguous(), rows.contiguous(), values,
+                                           value_scale))
+    return topk_values_read_ref(scores, rows, values, value_scale)

@@ -14,7 +14,8 @@ from ..ops.memory_write import gated_memory_write
 from ..ops.topk_read import topk_memory_read
 from ..ops.topk_read.reference import masked_softmax_lse
 from . import formats
-from .read import _NO_SLOT, block_candidates_topk, exact_topk_ref, int8_topk, rank_top
+from .read import (_NO_SLOT, block_candidates_topk, exact_topk_ref, int8_topk, rank_top,
+                   topk_values_read)
 from .tiers import TIER_KINDS, Tier, parse_tiers
 
 EVICTION_POLICIES = ("fifo", "lru", "usage")
@@ -662,9 +663,12 @@ class MemoryStore:
                 scores, slots = self._select_exact(q, k, scale)
             else:
                 scores, slots = self._select_two_level(q, k, blocks, scale)
-            scores = self._to_queries(scores, batch, heads, seq)
-            slots = self._to_queries(slots, batch, heads, seq)
-            result = self._finish(q, slots, scale, scores)
+            if self.device.type == "cpu" and not (torch.is_grad_enabled() and q.requires_grad):
+                result = self._read_selection(q, scores, slots)
+            else:
+                scores = self._to_queries(scores, batch, heads, seq)
+                slots = self._to_queries(slots, batch, heads, seq)
+                result = self._finish(q, slots, scale, scores)
         if blocks is not None and self.last_read_stats:
             per_entry = self.value_dim * formats.storage_dtype(self.value_format).itemsize + (
                 4 if self.value_format in ("int8", "float8") else 0)
@@ -726,15 +730,20 @@ class MemoryStore:
                 rescore = True
             else:
                 scores, local = exact_topk_ref(q_rows, keys.to(self.device), k)
-            block = self.place_block[index][torch.div(local.clamp_min(0), size,
-                                                      rounding_mode="floor")]
-            slots = torch.where(local >= 0, block * size + local % size, _NO_SLOT)
-            parts_scores.append(scores.double())
+            if len(self.tiers) == 1:  # blocks move only between tiers: a slot is its row
+                slots = torch.where(local >= 0, local, _NO_SLOT) if rescore else local
+            else:
+                block = self.place_block[index][torch.div(local.clamp_min(0), size,
+                                                          rounding_mode="floor")]
+                slots = torch.where(local >= 0, block * size + local % size, _NO_SLOT)
+            parts_scores.append(scores)
             parts_slots.append(slots)
         if len(parts_scores) == 1 and not rescore:  # one kernel's ranking, already final
             scores, slots = parts_scores[0].float(), parts_slots[0]
+            if len(self.tiers) == 1:
+                return scores, slots
             return scores, torch.where(slots == _NO_SLOT, -1, slots)
-        scores = torch.cat(parts_scores, -1)
+        scores = torch.cat([part.double() for part in parts_scores], -1)
         slots = torch.cat(parts_slots, -1)
         if rescore:
             # The candidates of every tier ranked alike: float64 scores of the stored keys.
@@ -810,6 +819,30 @@ class MemoryStore:
             gathered = view.index_select(1, places[mine].to(view.device))  # (Hm, u, S, D)
             stage[mine] = gathered.transpose(0, 1).to(self.device, dtype)
         return stage
+
+    def _read_selection(self, q, scores, slots) -> MemoryRead:
+        """Weights, lse and out of a selection ``(Hm, R, k)`` (scores, global slots, -1: none)
+        without autograd: the value rows are read, and dequantised, by one kernel
+        (:func:`~l2m_kernels.memory.read.topk_values_read`), in place in a single tier, else
+        from one gather per tier of the selected rows in their stored format."""
+        batch, heads, seq, _ = q.shape
+        scaled = "value_scale" in self.tiers[0].arrays
+        if len(self.tiers) == 1:  # a slot is its row (see _select_exact)
+            arrays = self.tiers[0].arrays
+            values, value_scale = arrays["values"], arrays["value_scale"] if scaled else None
+            rows = slots
+        else:
+            live = slots >= 0
+            flat = slots.clamp_min(0).reshape(self.num_heads, -1)
+            values = self._gather("values", flat)
+            value_scale = self._gather("value_scale", flat) if scaled else None
+            rows = torch.arange(flat.shape[1], device=slots.device).view(slots.shape[1:])
+            rows = torch.where(live, rows, -1)
+        out, weights, lse = topk_values_read(scores, rows, values, value_scale)
+        return MemoryRead(self._to_queries(out, batch, heads, seq).to(q.dtype),
+                          self._to_queries(slots, batch, heads, seq),
+                          self._to_queries(weights, batch, heads, seq),
+                          self._to_queries(lse.unsqueeze(-1), batch, heads, seq).squeeze(-1))
 
     def _finish(self, q, slots, scale, scores) -> MemoryRead:
         """Weights, lse and out of the selected global ``slots (B, H, T, k)`` (-1: none).

@@ -1,12 +1,15 @@
 """The CPU kernels of MemoryStore reads against their brute-force references: the exact top-k over
-int8 keys (VNNI filter + exact rescoring) and the top-k within per-row block lists. Indices must be
+int8 keys (VNNI filter + exact rescoring) and the top-k within per-row block lists (indices
 identical, scores the float64 scores rounded to float32; ties, NaN, missing entries, odd sizes,
-strided keys, and thread counts."""
+strided keys, and thread counts); and the read of a selection, whose values are dequantised in
+the kernel (every storage format, against the PyTorch reference)."""
 import pytest
 import torch
 
 from l2m_kernels import _ext
-from l2m_kernels.memory.read import block_candidates_ref, exact_topk_ref
+from l2m_kernels.memory import formats
+from l2m_kernels.memory.read import (block_candidates_ref, exact_topk_ref, topk_values_read,
+                                     topk_values_read_ref)
 
 ext = _ext.cpu_extension()
 pytestmark = pytest.mark.skipif(ext is None or not hasattr(ext, "_store_int8_topk"),
@@ -113,3 +116,70 @@ def test_block_candidates_refuse_bad_ids():
     length[1] = 9
     with pytest.raises(ValueError, match="length"):
         ext._store_block_candidates_topk(q, keys, blocks, slot, length, 3)
+
+
+def test_int8_topk_computes_key_sums_and_refuses_minus_128():
+    gen = torch.Generator().manual_seed(10)
+    q = torch.randn(2, 9, 64, generator=gen)
+    keys = _int8((2, 300, 64), gen)
+    keys[1, 5, 7] = 127
+    assert all(torch.equal(a, b) for a, b in zip(ext._store_int8_topk(q, keys, None, None, 7),
+                                                  _run_int8(q, keys, 7)))
+    keys[1, 17, 3] = -128
+    with pytest.raises(ValueError, match="-128"):
+        ext._store_int8_topk(q, keys, None, None, 7)
+
+
+@pytest.mark.parametrize("fmt", ["float32", "float16", "bfloat16", "float64", "int8", "float8"])
+@pytest.mark.parametrize("H,R,k,N,Dv", [(2, 37, 5, 50, 33), (1, 8, 1, 1, 1), (3, 5, 16, 16, 64),
+                                        (1, 0, 3, 4, 8)])
+def test_values_read_matches_reference(fmt, H, R, k, N, Dv):
+    gen = torch.Generator().manual_seed(11)
+    values = torch.randn(H, N, Dv, generator=gen) * 3
+    if fmt in ("int8", "float8"):
+        stored, value_scale = formats.quantize_values(values, fmt)
+    else:
+        stored, value_scale = values.to(formats.FLOAT_FORMATS[fmt]), None
+    scores = torch.randn(H, R, k, generator=gen) * 3
+    rows = torch.randint(-1, N, (H, R, k), generator=gen)   # repeated rows and missing entries
+    if R > 3:
+        rows[:, 0] = -1                       # nothing to read: weights 0, lse -inf, out 0
+        scores[:, 1, 0] = float("nan")        # NaN among the live scores: NaN weights and lse
+        rows[:, 1, 0] = 0
+        scores[:, 2] = float("-inf")          # only -inf scores: read as nothing
+        scores[:, 3, 0] = float("-inf")       # one -inf score: weight 0
+    got = ext._topk_values_read(scores, rows, stored, value_scale)
+    want = topk_values_read_ref(scores, rows, stored, value_scale)
+    for name, a, b in zip(("out", "weights", "lse"), got, want):
+        assert a.dtype == torch.float32 and a.shape == b.shape, name
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6, equal_nan=True, msg=name)
+    if R > 3:
+        assert torch.isneginf(got[2][:, 0]).all() and torch.isneginf(got[2][:, 2]).all()
+        assert torch.isnan(got[2][:, 1]).all()
+        assert (got[1][:, 3, 0] == 0).all()
+
+
+def test_values_read_strided_values_and_wrapper():
+    gen = torch.Generator().manual_seed(12)
+    base = torch.randn(2, 40, 24, generator=gen)
+    values = base[:, ::2, 4:20]                   # rows and heads strided, last dim contiguous
+    scores = torch.randn(2, 6, 4, generator=gen)
+    rows = torch.randint(-1, 20, (2, 6, 4), generator=gen)
+    got = topk_values_read(scores, rows, values)
+    for a, b in zip(got, topk_values_read_ref(scores, rows, values)):
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
+
+
+def test_values_read_refuses_bad_arguments():
+    scores = torch.zeros(1, 2, 3)
+    values = torch.zeros(1, 5, 4)
+    with pytest.raises(ValueError, match="outside"):
+        ext._topk_values_read(scores, torch.full((1, 2, 3), 5), values, None)
+    with pytest.raises(ValueError, match="outside"):
+        ext._topk_values_read(scores, torch.full((1, 2, 3), -2), values, None)
+    with pytest.raises(ValueError, match="value_scale"):
+        ext._topk_values_read(scores, torch.zeros(1, 2, 3, dtype=torch.int64),
+                              values.to(torch.int8), None)
+    with pytest.raises(ValueError, match="value_scale"):
+        ext._topk_values_read(scores, torch.zeros(1, 2, 3, dtype=torch.int64), values,
+                              torch.ones(1, 5))
