@@ -38,10 +38,12 @@
 //  - the warm start's floor is L - 1 - w with an integer w >= 2 slack / a (slack_shift_units: the
 //    ceiling of the float64 quotient enlarged by 2^-40): a slot with t + kb < L - w scores at most
 //    a * (t + kb) + slack < a * L - slack, less than each of k slots;
-//  - a passing slot of a full list is checked again before its float row is read: with its
-//    exact int8 score s8 (the int8 key row is still in cache), it cannot enter if s8 + B <= S,
-//    B = slack (1 + 2^-40) + 2^-28 sum_d |q[d]| (refine_reach: the terms past the slack cover the
-//    rounding of s8 and of the sum); only the other slots read refine_keys and are offered.
+//  - a passing slot gets its exact int8 score s8 (its int8 key row is still in cache): when the
+//    list is full and s8 + B <= S, B = slack (1 + 2^-40) + 2^-28 sum_d |q[d]| (refine_reach: the
+//    terms past the slack cover the rounding of s8 and of the sum), it cannot enter. The others
+//    wait in a short queue; a flush repeats that check against the lists as they are then,
+//    prefetches the float rows of the remaining slots together (they are scattered), scores them
+//    and offers them in the queue's order, which keeps each row's slots in increasing order.
 // A row whose q_refine has a NaN scores NaN everywhere; one with an infinity in q_refine, a slack
 // that is not finite or negative, a zero int8 row (a = 0) with a positive slack, or a row the int8
 // filter does not serve is scored exactly (against the float keys) slot by slot. Without
@@ -108,6 +110,11 @@ constexpr int64_t kFloatClamp = int64_t(1) << 24;  // and every integer below it
 
 // Passing lanes of one micro-kernel call, at most (12 keys x 32 lanes or 6 x 64).
 constexpr int kMaxBatch = 384;
+
+// Refinement: passing slots queued before their float key rows are read, and the bytes of a
+// float row prefetched.
+constexpr int kPending = 32;
+constexpr int64_t kPrefetchBytes = 1024;
 
 // Warm start: the first num_slots / kWarmShare slots (within the first tile), in ceil(k / kWarmTop)
 // parts of at least kWarmMinPart slots, else none.
@@ -306,7 +313,7 @@ inline double refine_reach(const float* q, int64_t dim, float slack) {
 // The kind of a row with refinement, given its kind from quantize_row: NaN in the rescoring
 // query makes every score NaN; an infinity in it, a row the filter does not serve, a slack that
 // is not a finite value >= 0, or a zero row (scale 0) with a positive slack are scored exactly.
-// Sets the row's slack and warm-start shift (0 unless filtered); q8 and scale as quantize_row's
+// Sets the row's slack, B and warm-start shift (0 unless filtered); q8 and scale as quantize_row's
 // (zeros unless filtered).
 inline uint8_t refine_row(uint8_t kind, const float* q, const float* q_refine, int64_t dim,
                           float slack, int8_t* q8, float* scale, double* row_slack,
@@ -362,6 +369,11 @@ struct UnitLists {
   const float* refine_q = nullptr;
   const float* refine_keys = nullptr;
   int64_t refine_stride = 0;
+  // Refinement: slots waiting for their float rescoring (queue, flush).
+  int pending = 0;
+  int64_t pending_rows[kPending];
+  int64_t pending_slots[kPending];
+  double pending_bounds[kPending];
 
   // The exact score of (row, slot).
   double score_of(int64_t row, int64_t slot) const {
@@ -423,42 +435,79 @@ struct UnitLists {
       }
     }
     if (refine_keys != nullptr) {
-      // Second filter: a slot of a full list whose exact int8 score s8 has s8 + B <= the k-th
-      // rank cannot enter (refine_reach), so its float key row is not read.
-      int kept = 0;
       for (int i = 0; i < count; ++i) {
-        const int64_t row = lane_base + batch_rows[i];
-        if (counts[row] == cap) {
-          const double s8 =
-              exact_score(q + row * dim, keys + (first_slot + batch_keys[i]) * key_stride, dim);
-          if (!(s8 + reaches[row] > rank_of(scores[row * cap + cap - 1]))) {
-            continue;
-          }
-        }
-        batch_rows[kept] = batch_rows[i];
-        batch_keys[kept] = batch_keys[i];
-        ++kept;
+        queue(lane_base + batch_rows[i], first_slot + batch_keys[i]);
       }
-      count = kept;
-      for (int i = 0; i < count; ++i) {
-        batch_scores[i] = exact_score(refine_q + (lane_base + batch_rows[i]) * dim,
-                                      refine_keys + (first_slot + batch_keys[i]) * refine_stride,
-                                      dim);
-      }
-    } else {
-      for (int i = 0; i < count; ++i) {
-        batch_scores[i] = exact_score(q + (lane_base + batch_rows[i]) * dim,
-                                      keys + (first_slot + batch_keys[i]) * key_stride, dim);
-      }
+      return;
     }
     for (int i = 0; i < count; ++i) {
-      const int64_t row = lane_base + batch_rows[i];
-      if (offer(row, batch_scores[i], first_slot + batch_keys[i]) && counts[row] == cap) {
-        const auto m = static_cast<value_t>(
-            threshold_units(scores[row * cap + cap - 1], slacks[row], scales[row], clamp));
-        thresholds[row] = std::max(m, floors[row]);
-      }
+      batch_scores[i] = exact_score(q + (lane_base + batch_rows[i]) * dim,
+                                    keys + (first_slot + batch_keys[i]) * key_stride, dim);
     }
+    for (int i = 0; i < count; ++i) {
+      accept(lane_base + batch_rows[i], batch_scores[i], first_slot + batch_keys[i]);
+    }
+  }
+
+  // Offers (score, slot) and, when the row's list is full after an insertion, raises m.
+  void accept(int64_t row, double score, int64_t slot) {
+    if (offer(row, score, slot) && counts[row] == cap) {
+      const auto m = static_cast<value_t>(
+          threshold_units(scores[row * cap + cap - 1], slacks[row], scales[row], clamp));
+      thresholds[row] = std::max(m, floors[row]);
+    }
+  }
+
+  // Refinement: a passing (row, slot) gets its exact int8 score s8; unless its list is full and
+  // s8 + B <= the k-th rank (refine_reach: it cannot enter), it waits in the pending queue with
+  // its bound s8 + B. The queue keeps the order of arrival, so each row's slots stay in
+  // increasing order.
+  void queue(int64_t row, int64_t slot) {
+    const double bound = exact_score(q + row * dim, keys + slot * key_stride, dim) + reaches[row];
+    if (counts[row] == cap && !(bound > rank_of(scores[row * cap + cap - 1]))) {
+      return;
+    }
+    pending_rows[pending] = row;
+    pending_slots[pending] = slot;
+    pending_bounds[pending] = bound;
+    if (++pending == kPending) {
+      flush();
+    }
+  }
+
+  // Rescoring of the pending slots against the float keys: the bounds are checked again against
+  // the lists as they are now, the float rows of the remaining slots are prefetched together (they
+  // are scattered), then scored and offered in the queue's order (an offer after its row's
+  // threshold rose within the queue is simply turned down by the list).
+  void flush() {
+    int kept = 0;
+    for (int i = 0; i < pending; ++i) {
+      const int64_t row = pending_rows[i];
+      if (counts[row] == cap && !(pending_bounds[i] > rank_of(scores[row * cap + cap - 1]))) {
+        continue;
+      }
+      const char* key_row =
+          reinterpret_cast<const char*>(refine_keys + pending_slots[i] * refine_stride);
+      const int64_t bytes = std::min<int64_t>(dim * sizeof(float), kPrefetchBytes);
+      for (int64_t b = 0; b < bytes; b += 64) {
+        __builtin_prefetch(key_row + b);
+      }
+      if (bytes > 0) {
+        __builtin_prefetch(key_row + bytes - 1);
+      }
+      pending_rows[kept] = row;
+      pending_slots[kept] = pending_slots[i];
+      ++kept;
+    }
+    double pending_scores[kPending];
+    for (int i = 0; i < kept; ++i) {
+      pending_scores[i] = exact_score(refine_q + pending_rows[i] * dim,
+                                      refine_keys + pending_slots[i] * refine_stride, dim);
+    }
+    for (int i = 0; i < kept; ++i) {
+      accept(pending_rows[i], pending_scores[i], pending_slots[i]);
+    }
+    pending = 0;
   }
 
   // Exact scoring of every slot, for a row the filter does not serve.
@@ -548,6 +597,7 @@ void begin_unit(const Int8TopkParams& p, int64_t head, int64_t row_begin, int64_
   lists.refine_q = refine ? p.q_refine + (head * p.rows + row_begin) * dim : nullptr;
   lists.refine_keys = refine ? p.refine_keys + head * p.refine_strides[0] : nullptr;
   lists.refine_stride = refine ? p.refine_strides[1] : 0;
+  lists.pending = 0;
   for (int64_t row = 0; row < padded_rows; ++row) {
     lists.thresholds[row] = static_cast<value_t>(clamp);  // never passes
   }
@@ -555,6 +605,7 @@ void begin_unit(const Int8TopkParams& p, int64_t head, int64_t row_begin, int64_
     int8_t* q8 = scratch.q8.data() + row * dim;
     uint8_t kind = quantize_row(lists.q + row * dim, dim, q8, &scratch.scales[row]);
     scratch.slacks[row] = 0.0;
+    scratch.reaches[row] = 0.0;
     scratch.shifts[row] = 0;
     if (refine) {
       kind = refine_row(kind, lists.q + row * dim, lists.refine_q + row * dim, dim,
@@ -577,12 +628,15 @@ void begin_unit(const Int8TopkParams& p, int64_t head, int64_t row_begin, int64_
   }
 }
 
-// Exact scans of the rows the filter does not serve, then the output.
+// The pending rescoring, exact scans of the rows the filter does not serve, then the output.
 template <typename value_t>
 void finish_unit(const Int8TopkParams& p, int64_t head, int64_t row_begin, int64_t rows,
                  Scratch<value_t>& scratch) {
   UnitLists<value_t>& lists = scratch.lists;
   const int64_t k = p.k, cap = lists.cap;
+  if (lists.pending > 0) {
+    lists.flush();
+  }
   for (int64_t row = 0; row < rows; ++row) {
     if (scratch.kinds[row] == kExact) {
       lists.scan(row, p.slots);
