@@ -3,8 +3,9 @@ size and tiers, recall, and the cost of the usage statistics.
 
 1. **int8 against float32 keys, exact read** at ``read-cpu`` (one memory head, T=4096 queries,
    N=65536 entries, Dk=Dv=64, k=32; ``--quick``: T=1024, N=16384), interleaved
-   (:func:`l2m_kernels.benchmark.compare`): the store with int8 keys (the VNNI-filtered kernel), the
-   store with float32 keys (which is ``topk_memory_read``'s fused kernel), the reference read of
+   (:func:`l2m_kernels.benchmark.compare`): the store with int8 keys (the VNNI-filtered kernel, then
+   the kernel that reads the selected values), the op ``quantized_topk_read`` on the same int8 keys,
+   the store with float32 keys (which is ``topk_memory_read``'s fused kernel), the reference read of
    the float32 keys (eager and compiled), and faiss (``IndexScalarQuantizer`` with 8-bit codes,
    inner product: faiss's own int8 exact search, selection only) when installed. The shape gives
    the share of queries whose top-k set equals the float32 read's, for int8 and for int8+refine.
@@ -164,6 +165,8 @@ def _format_rows(T, N, device, quick, tiny) -> list:
         store.append(keys, values)
         stores[name] = store
     stored_keys = stores["int8"].keys()
+    int8_keys = stores["int8"].tiers[0].arrays["keys"][:, :N]
+    key_scales = stores["int8"].key_scales
 
     def inputs(requires_grad):
         return dict(q=torch.randn(1, 1, T, DIM, generator=gen))
@@ -173,6 +176,8 @@ def _format_rows(T, N, device, quick, tiny) -> list:
         "store int8 keys + float32 refine (disk)":
             lambda q: tuple(stores["int8+refine"].read(q, K, track=False)),
         "store float32 keys": lambda q: tuple(stores["float32"].read(q, K, track=False)),
+        "quantized_topk_read (the op on the store's int8 keys)":
+            lambda q: tuple(l2m.quantized_topk_read(q, int8_keys, key_scales, values, K)),
     }
     peers = {}
     faiss, why = optional_peer("faiss", "faiss-cpu")
