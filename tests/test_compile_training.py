@@ -8,7 +8,7 @@ The number of tokens ``T`` is marked dynamic, so a second length reuses the comp
 under ``torch.autocast("cpu", dtype=torch.bfloat16)``.
 
 Inductor compiles are slow on a 2-core machine, so the cases are few and each covers several ops
-and layouts at once: one step through all seven ops and one through the four modules (each in float32
+and layouts at once: one step through all eight ops and one through the four modules (each in float32
 and under autocast), and two AdamW steps of ``L2MModel`` per memory mode.
 """
 import copy
@@ -57,6 +57,11 @@ class AllOps(nn.Module):
         self.gate = nn.Parameter(torch.randn(H, 1, 1))
         self.memory = nn.Parameter(torch.randn(B, Hm, N, D))
         self.forget = nn.Parameter(torch.randn(1, 1, D))
+        # An int8 memory as a MemoryStore holds it (state, not parameters), sliced to N slots.
+        self.register_buffer("int8_keys", torch.randint(-127, 128, (Hm, 2 * N, D), dtype=torch.int8))
+        self.register_buffer("key_scale", torch.rand(Hm, D) * 0.05 + 0.01)
+        self.register_buffer("int8_values", torch.randint(-127, 128, (Hm, N, D), dtype=torch.int8))
+        self.register_buffer("value_scale", torch.rand(Hm, N) * 0.01 + 1e-3)
 
     def forward(self, x):
         T = x.shape[1]
@@ -80,9 +85,12 @@ class AllOps(nn.Module):
                                             add, erase)
         dense = l2m.gated_dense_update(new_memory, upd[:, :Hm, :1], erase.mean(2, keepdim=True),
                                        self.forget)
+        quantized = l2m.quantized_topk_read(k, self.int8_keys[:, :N], self.key_scale, self.int8_values, 4,
+                                            value_scale=self.value_scale)
         return (blended.float().square().mean() + lse.mean() + attn.out.float().mean()
                 + attn.lse_mem.mean() + gated.out.float().square().mean()
-                + dense.float().square().mean() + read.weights.mean())
+                + dense.float().square().mean() + read.weights.mean()
+                + quantized.out.float().square().mean() + quantized.lse.mean())
 
 
 class AllModules(nn.Module):

@@ -18,6 +18,7 @@ from l2m_kernels import _ext
 from l2m_kernels.ops.memory_attention import function as memory_attention_function
 from l2m_kernels.ops.memory_write import function as memory_write_function
 from l2m_kernels.ops.product_key import function as product_key_function
+from l2m_kernels.ops.quantized_read import function as quantized_read_function
 from l2m_kernels.ops.topk_read import function as topk_read_function
 from l2m_kernels.testing import rand
 
@@ -100,6 +101,40 @@ def test_topk_read_reads_strided_rows(layout, dtype):
     dlse = rand(B, H, T, generator=g, dtype=weights.dtype)
     _check(lambda dout_, q_: bwd(dout_, dweights, dlse, q_, keys, values, indices, weights, scale, False),
            [dout, q], in_place)
+
+
+@pytest.mark.parametrize("value_format", ["int8", "float8", "float32"])
+@pytest.mark.parametrize("layout", ["store-prefix", "every-other-slot", "channels-strided"])
+def test_quantized_read_reads_store_buffers_in_place(layout, value_format):
+    """A memory store's int8 keys and its values are the first N rows of larger buffers (or any
+    slots of them): read in place; a buffer whose channels are strided is copied once."""
+    g = torch.Generator().manual_seed(4)
+    Hm, N, Dv = 2, 40, 6
+
+    def buffer(last, convert):
+        if layout == "channels-strided":
+            return convert(torch.randn(Hm, last, N, generator=g)).transpose(1, 2)
+        full = convert(torch.randn(Hm, 2 * N + 3, last, generator=g))
+        return full[:, :N] if layout == "store-prefix" else full[:, :2 * N:2]
+
+    def to_int8(t):
+        return (t * 40).clamp(-127, 127).to(torch.int8)
+
+    keys = buffer(D, to_int8)
+    values = buffer(Dv, {"int8": to_int8, "float8": lambda t: t.to(torch.float8_e4m3fn),
+                         "float32": lambda t: t}[value_format])
+    key_scale = torch.rand(Hm, D, generator=g) * 0.05 + 0.01
+    value_scale = None if value_format == "float32" else torch.rand(Hm, N, generator=g) + 0.1
+    q = rand(B, H, T, D, generator=g)
+    k, scale = 5, D ** -0.5
+    fwd, bwd = quantized_read_function.FWD["cpu"], quantized_read_function.BWD["cpu"]
+    in_place = layout != "channels-strided"
+    _check(lambda keys_, values_: fwd(q, keys_, key_scale, values_, k, value_scale, scale), [keys, values], in_place)
+    out, indices, weights, lse = fwd(q, keys.contiguous(), key_scale, values.contiguous(), k, value_scale, scale)
+    dout, dweights = rand(*out.shape, generator=g), rand(*weights.shape, generator=g)
+    dlse = rand(*lse.shape, generator=g)
+    _check(lambda keys_, values_: (bwd(dout, dweights, dlse, q, keys_, key_scale, values_, value_scale, indices,
+                                       weights, scale),), [keys, values], True)
 
 
 @pytest.mark.parametrize("sum_heads", [False, True], ids=["per-head", "sum-heads"])

@@ -69,8 +69,16 @@ def _all_ops(q, keys, values, subkeys, pk_values, memory, w_idx, w_weights, add,
     dense = l2m.gated_dense_update(new_memory, memory, erase.mean(-2, keepdim=True), add.mean(-2, keepdim=True),
                                    backend=backend)
     attn = l2m.memory_attention(q, k_ctx, v_ctx, keys, values, 3, window=3, backend=backend)
+    quantized = l2m.quantized_topk_read(q, *_INT8_MEMORY, 4, value_scale=_VALUE_SCALE, backend=backend)
     return (blended.sum() + lse.sum() + dense.square().sum() + attn.out.sum() + attn.lse_mem.sum()
-            + read.weights.sum())
+            + read.weights.sum() + quantized.out.sum() + quantized.lse.sum())
+
+
+# An int8 memory (keys, channel scales, int8 values) and its entry scales: stored state, no gradient.
+_INT8_MEMORY = (torch.randint(-127, 128, (Hm, N, D), generator=torch.Generator().manual_seed(5)).to(torch.int8),
+                torch.full((Hm, D), 0.02), torch.randint(-127, 128, (Hm, N, D), dtype=torch.int8,
+                                                         generator=torch.Generator().manual_seed(6)))
+_VALUE_SCALE = torch.full((Hm, N), 0.01)
 
 
 def _inputs():

@@ -17,7 +17,7 @@ from l2m_kernels.backends import BACKENDS
 from l2m_kernels.testing import rand, rand_lse, rand_unit
 
 CPU = torch.device("cpu")
-CPU_REASONS = [r for op in ("topk_memory_read", "memory_attention", "gated_memory_write")
+CPU_REASONS = [r for op in ("topk_memory_read", "memory_attention", "gated_memory_write", "quantized_topk_read")
                for r in BACKENDS["cpu"].not_supported_reasons(op, CPU, torch.float32)]
 B, H, Hm, T, N, D = 2, 4, 2, 6, 40, 8
 
@@ -29,11 +29,15 @@ def _inputs(seed):
     return dict(q=r(B, H, T, D), keys=r(B, Hm, N, D), values=r(B, Hm, N, D), subkeys=r(H, 2, 5, D // 2),
                 pk_values=r(25, D), memory=r(B, Hm, N, D), slots=torch.randint(-1, N, (B, Hm, T, 3), generator=g),
                 weights=unit(B, Hm, T, 3), add=r(B, Hm, T, D), erase=unit(B, Hm, T, 1), ctx=r(B, Hm, 9, D),
-                lse=(torch.randn(B, H, T, generator=g) * 3).requires_grad_(), gate=r(H, 1, 1))
+                lse=(torch.randn(B, H, T, generator=g) * 3).requires_grad_(), gate=r(H, 1, 1),
+                int8_keys=torch.randint(-127, 128, (Hm, N, D), generator=g).to(torch.int8),
+                key_scale=torch.rand(Hm, D, generator=g) * 0.05 + 0.01,
+                float8_values=torch.randn(Hm, N, D, generator=g).to(torch.float8_e4m3fn),
+                value_scale=torch.rand(Hm, N, generator=g) + 0.1)
 
 
 def _op_calls(x, backend):
-    """One closure per op (the seven ops), each returning that op's outputs."""
+    """One closure per op (the eight ops), each returning that op's outputs."""
     return [
         lambda: l2m.topk_memory_read(x["q"], x["keys"], x["values"], 5, backend=backend),
         lambda: l2m.product_key_read(x["q"], x["subkeys"], x["pk_values"], 4, backend=backend),
@@ -46,6 +50,8 @@ def _op_calls(x, backend):
                                         x["gate"][:Hm], backend=backend),),
         lambda: l2m.memory_attention(x["q"], x["ctx"], x["ctx"], x["keys"], x["values"], 3, window=4,
                                      backend=backend),
+        lambda: l2m.quantized_topk_read(x["q"], x["int8_keys"], x["key_scale"], x["float8_values"], 6,
+                                        value_scale=x["value_scale"], backend=backend),
     ]
 
 
@@ -98,7 +104,7 @@ def _resident_bytes():
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc/self/statm (Linux)")
 @pytest.mark.skipif(bool(CPU_REASONS), reason="cpu backend: " + "; ".join(CPU_REASONS))
 def test_a_thousand_calls_leave_memory_flat():
-    """1,000 forward+backward calls, the seven ops in turn (about 143 each), on the cpu backend."""
+    """1,000 forward+backward calls, the eight ops in turn (125 each), on the cpu backend."""
     x = _inputs(0)
     leaves = [t for t in x.values() if t.requires_grad]
     calls = _op_calls(x, "cpu")

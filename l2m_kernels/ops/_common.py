@@ -38,6 +38,18 @@ def contiguous_like(tensor: Tensor) -> Tensor:
     return tensor.new_empty(tensor.shape)
 
 
+def read_outputs_like(q: Tensor, value_dim: int, k: int, *, fill=None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The row-major outputs of a top-k read by ``q (B, H, T, Dk)``: ``out (B, H, T, value_dim)`` in
+    q's dtype, ``indices (B, H, T, k)`` int64, ``weights (B, H, T, k)`` and ``lse (B, H, T)`` in the
+    accumulation dtype; uninitialised (fake kernels), or filled with ``fill``."""
+    B, H, T, _ = q.shape
+    acc = acc_dtype(q.dtype)
+    specs = (((B, H, T, value_dim), q.dtype), ((B, H, T, k), torch.int64), ((B, H, T, k), acc), ((B, H, T), acc))
+    if fill is None:
+        return tuple(q.new_empty(shape, dtype=dtype) for shape, dtype in specs)
+    return tuple(q.new_full(shape, fill, dtype=dtype) for shape, dtype in specs)
+
+
 def rows_for(backend: str) -> Callable[[Tensor], Tensor]:
     """How ``backend``'s kernels take a (B, H, T, D) operand that may be strided.
 

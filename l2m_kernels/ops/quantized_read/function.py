@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ... import _ext
-from .._common import acc_dtype, contiguous_like, declared_op, reference_vjp, register_autograd
+from .._common import acc_dtype, contiguous_like, declared_op, read_outputs_like, reference_vjp, register_autograd
 from ..topk_read.reference import gather_slots
 from .reference import (effective_queries, head_scales, quantized_read_gather, quantized_topk_read_ref,
                         selected_values)
@@ -57,13 +57,6 @@ def _to_queries(x: Tensor, batch: int, heads: int, length: int) -> Tensor:
     group = heads // mem_heads
     return x.reshape(mem_heads, batch, group * length, last).transpose(0, 1).reshape(
         batch, heads, length, last).contiguous()
-
-
-def _empty_outputs(q, values, k):
-    B, H, T, _ = q.shape
-    acc = acc_dtype(q.dtype)
-    return (q.new_zeros((B, H, T, values.shape[-1])), q.new_zeros((B, H, T, k), dtype=torch.int64),
-            q.new_zeros((B, H, T, k), dtype=acc), q.new_zeros((B, H, T), dtype=acc))
 
 
 # ---- reference ----
@@ -104,7 +97,7 @@ def _cpu_fwd(q, keys, key_scale, values, k, value_scale, scale):
     if B * H * T == 0:
         if _kernel_summarises_keys(_cpu()):
             check_keys(keys)    # no kernel runs to check them
-        return _empty_outputs(q, values, k)
+        return read_outputs_like(q, values.shape[-1], k, fill=0)
     scores, slots = _cpu_select(q, keys, key_scale, k, scale)
     indices = _to_queries(slots, B, H, T)
     if q.dtype == torch.float64:
@@ -165,10 +158,7 @@ def quantized_topk_read_op(q: Tensor, keys: Tensor, key_scale: Tensor, values: T
 
 @quantized_topk_read_op.register_fake
 def _(q, keys, key_scale, values, k, value_scale, scale, backend):
-    B, H, T, _ = q.shape
-    acc = acc_dtype(q.dtype)
-    return (q.new_empty((B, H, T, values.shape[-1])), q.new_empty((B, H, T, k), dtype=torch.int64),
-            q.new_empty((B, H, T, k), dtype=acc), q.new_empty((B, H, T), dtype=acc))
+    return read_outputs_like(q, values.shape[-1], k)
 
 
 @torch.library.custom_op("l2m::quantized_topk_read_backward", mutates_args=())

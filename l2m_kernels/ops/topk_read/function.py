@@ -15,8 +15,8 @@ from torch import Tensor
 
 from ... import _ext
 from ..._alloc import empty
-from .._common import (acc_dtype, contiguous_like, declared_op, f32_accumulator, reference_vjp, rows_for,
-                       store_accumulated)
+from .._common import (acc_dtype, contiguous_like, declared_op, f32_accumulator, read_outputs_like, reference_vjp,
+                       rows_for, store_accumulated)
 from .plan import slot_runs, threshold_tau
 from .reference import topk_read_gather, topk_read_select
 from .validate import check_args, check_values
@@ -152,10 +152,7 @@ def topk_memory_read_op(q: Tensor, keys: Tensor, values: Tensor, k: int, scale: 
 
 @topk_memory_read_op.register_fake
 def _(q, keys, values, k, scale, valid_len, deterministic, backend):
-    B, H, T, _ = q.shape
-    acc = acc_dtype(q.dtype)
-    return (q.new_empty((B, H, T, values.shape[-1])), q.new_empty((B, H, T, k), dtype=torch.int64),
-            q.new_empty((B, H, T, k), dtype=acc), q.new_empty((B, H, T), dtype=acc))
+    return read_outputs_like(q, values.shape[-1], k)
 
 
 @torch.library.custom_op("l2m::topk_memory_read_backward", mutates_args=())
