@@ -1,0 +1,13 @@
+"""Memory sharded across the ranks of a ``torch.distributed`` process group (SPEC section 9).
+
+Each rank holds a contiguous range of the memory's slots; the reads are exact (the result of the
+single-device op on the concatenated memory, with global slot ids) and exchange ``O(P x k + Dv)``
+numbers per query, never the memory. Guide: ``docs/distributed.md``.
+
+Imported on demand (``import l2m_kernels.distributed``), not by ``import l2m_kernels``.
+"""
+from __future__ import annotations
+
+from .topk import sharded_topk_memory_read
+
+__all__ = ["sharded_topk_memory_read"]
