@@ -14,7 +14,6 @@ selected keys and values.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional, Tuple
 
 import torch
@@ -33,14 +32,6 @@ def _cpu():
     if ext is None:
         raise NotImplementedError(f"backend 'cpu' is unavailable: {_ext.cpu_extension_error()}")
     return ext
-
-
-@functools.lru_cache(maxsize=None)
-def _kernel_summarises_keys(ext) -> bool:
-    """Whether ``ext._store_int8_topk`` computes the keys' ``sum |k|`` / ``sum k`` itself (and refuses
-    a -128) when given None for them; an extension built from older sources needs them passed."""
-    doc = getattr(ext._store_int8_topk, "__doc__", "") or ""
-    return any(f"key_abs: {none}" in doc for none in ("torch.Tensor | None", "Optional[torch.Tensor]"))
 
 
 def _rows_of_queries(x: Tensor, mem_heads: int) -> Tensor:
@@ -74,18 +65,13 @@ def _reference_bwd(dout, dweights, dlse, q, keys, key_scale, values, value_scale
 # ---- cpu ----
 
 def _cpu_select(q, keys, key_scale, k, scale):
-    """The selection kernel: ``(scores (Hm, R, k) float32, slots (Hm, R, k) int64)``; checks the
-    keys itself when it summarises them (else :func:`validate.check_keys` has)."""
+    """The selection kernel: ``(scores (Hm, R, k) float32, slots (Hm, R, k) int64)``; it checks the
+    keys' values itself."""
     ext = _cpu()
     q_rows = _rows_of_queries(effective_queries(q, key_scale, scale), keys.shape[0])
     key_rows = keys if keys.stride(-1) == 1 else keys.contiguous()
-    if _kernel_summarises_keys(ext):
-        key_abs = key_sum = None
-    else:
-        wide = key_rows.to(torch.int32)
-        key_abs, key_sum = wide.abs().sum(-1, dtype=torch.int32), wide.sum(-1, dtype=torch.int32)
-    try:
-        return ext._store_int8_topk(q_rows, key_rows, key_abs, key_sum, k)
+    try:  # the kernel computes the keys' sum |k| and sum k (its bound) and refuses a -128
+        return ext._store_int8_topk(q_rows, key_rows, None, None, k)
     except ValueError as exc:   # its check of the keys, before any work: named as the argument
         if "-128" in str(exc):
             raise ValueError(f"keys: expected int8 elements in [-127, 127], got -128 ({exc})") from None
@@ -95,8 +81,7 @@ def _cpu_select(q, keys, key_scale, k, scale):
 def _cpu_fwd(q, keys, key_scale, values, k, value_scale, scale):
     B, H, T, _ = q.shape
     if B * H * T == 0:
-        if _kernel_summarises_keys(_cpu()):
-            check_keys(keys)    # no kernel runs to check them
+        check_keys(keys)    # no kernel runs to check them
         return read_outputs_like(q, values.shape[-1], k, fill=0)
     scores, slots = _cpu_select(q, keys, key_scale, k, scale)
     indices = _to_queries(slots, B, H, T)
@@ -138,8 +123,7 @@ BWD = {"reference": _reference_bwd, "cpu": _cpu_bwd}
 
 def quantized_read_fwd(q, keys, key_scale, values, k, value_scale, scale, backend):
     """The forward of ``backend`` on checked arguments: the values' checks first, then the kernels."""
-    keys_checked = backend == "cpu" and _kernel_summarises_keys(_cpu())
-    check_values(q, keys, key_scale, values, k, value_scale, scale, backend, keys_checked=keys_checked)
+    check_values(q, keys, key_scale, values, k, value_scale, scale, backend, keys_checked=backend == "cpu")
     return FWD[backend](q, keys, key_scale, values, k, value_scale, scale)
 
 
