@@ -124,6 +124,58 @@ def _check_read(rank, world_size, *, sizes="uneven", B=2, H=2, Hm=2, T=3, Dk=8, 
     assert_close("dvalues", dvalues, ref_dvalues[..., offset:offset + size, :], dtype)
 
 
+def _ddp_step_with_a_sharded_memory(rank, world_size):
+    """DDP over a model whose memory shard is left out of DDP's gradient averaging: the projection's
+    gradient is that of the mean loss; each shard's gradient sums every rank's queries, so it is
+    world_size times that of the mean loss."""
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel
+
+    import l2m_kernels as l2m
+    from l2m_kernels.distributed import sharded_topk_memory_read
+    from l2m_kernels.testing import assert_close
+
+    gen = torch.Generator().manual_seed(11)
+    B, T, H, Dk, Dv, D_model, k = 2, 3, 2, 8, 6, 5, 4
+    sizes = _shard_sizes(world_size, "uneven")
+    offset, size = _offsets(sizes)[rank], sizes[rank]
+    keys_full = torch.randn(H, sum(sizes), Dk, generator=gen)
+    values_full = torch.randn(H, sum(sizes), Dv, generator=gen)
+    proj_weight = torch.randn(H * Dk, D_model, generator=gen)
+    x = torch.randn(world_size * B, T, D_model, generator=gen)
+    target = torch.randn(world_size * B, H, T, Dv, generator=gen)
+
+    class Reader(nn.Module):
+        def __init__(self, keys, values, sharded):
+            super().__init__()
+            self.proj = nn.Linear(D_model, H * Dk, bias=False)
+            self.proj.weight.data.copy_(proj_weight)
+            self.memory = nn.Module()  # a submodule: DDP matches ignored names with its prefix
+            self.memory.keys = nn.Parameter(keys.clone())
+            self.memory.values = nn.Parameter(values.clone())
+            self.sharded = sharded
+
+        def forward(self, x):
+            q = self.proj(x).view(x.shape[0], T, H, Dk).transpose(1, 2)
+            read = sharded_topk_memory_read if self.sharded else l2m.topk_memory_read
+            kwargs = dict(queries="sharded") if self.sharded else {}
+            return read(q, self.memory.keys, self.memory.values, k, **kwargs).out
+
+    model = Reader(keys_full[:, offset:offset + size], values_full[:, offset:offset + size], True)
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ["memory.keys", "memory.values"])
+    ddp_model = DistributedDataParallel(model)
+    own = slice(rank * B, (rank + 1) * B)
+    (ddp_model(x[own]) - target[own]).square().mean().backward()
+
+    reference = Reader(keys_full, values_full, False)
+    (reference(x) - target).square().mean().backward()
+    assert_close("proj", model.proj.weight.grad, reference.proj.weight.grad)
+    assert_close("dkeys", model.memory.keys.grad / world_size,
+                 reference.memory.keys.grad[:, offset:offset + size])
+    assert_close("dvalues", model.memory.values.grad / world_size,
+                 reference.memory.values.grad[:, offset:offset + size])
+
+
 def _valid_len_mixed(total, batch):
     """0 slots, a prefix ending in the first non-empty shard, every slot, and the rest in between."""
     choices = [0, 2, total, total - 1, 1, total // 2]
@@ -214,6 +266,7 @@ CASES = {
         r, p, queries="sharded", shared=False, dtype=torch.float64, integer=True, scale=0.5, k=6,
         sizes="empty_first", seed=7),
     "without_check": lambda r, p: _check_read(r, p, check=False, queries="sharded", seed=8),
+    "ddp_step_with_the_memory_ignored": _ddp_step_with_a_sharded_memory,
     "nan_query_row": lambda r, p: _check_read(r, p, nan_query=True, grads=False, k=6, seed=9),
     "mismatched_query_shape_raises_everywhere": _mismatched_query_shape,
     "mismatched_k_and_dtype_raise_everywhere": _mismatched_k_and_dtype,
