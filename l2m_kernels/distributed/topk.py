@@ -258,7 +258,9 @@ def _all_gather_candidates(scores: Tensor, slot_ids: Tensor, plan: _Plan) -> Tup
     parts = [torch.empty_like(packed) for _ in range(plan.layout.world_size)]
     dist.all_gather(parts, packed, group=plan.group)
     packed = torch.cat(parts, -2)
-    scores = packed[..., :words].contiguous().view(torch.float64).squeeze(-1)
+    # A fresh row-major copy: viewing int words as float64 needs even strides, which .contiguous()
+    # of an empty tensor need not give.
+    scores = packed[..., :words].clone(memory_format=torch.contiguous_format).view(torch.float64).squeeze(-1)
     return scores, packed[..., words].to(torch.int64)
 
 

@@ -265,6 +265,9 @@ CASES = {
     "sharded_queries_batched_float64_ties": lambda r, p: _check_read(
         r, p, queries="sharded", shared=False, dtype=torch.float64, integer=True, scale=0.5, k=6,
         sizes="empty_first", seed=7),
+    "replicated_bfloat16_grouped": lambda r, p: _check_read(
+        r, p, dtype=torch.bfloat16, H=4, Hm=2, k=5, seed=12),
+    "no_queries": lambda r, p: _check_read(r, p, T=0, queries="sharded", seed=13),
     "without_check": lambda r, p: _check_read(r, p, check=False, queries="sharded", seed=8),
     "ddp_step_with_the_memory_ignored": _ddp_step_with_a_sharded_memory,
     "nan_query_row": lambda r, p: _check_read(r, p, nan_query=True, grads=False, k=6, seed=9),
