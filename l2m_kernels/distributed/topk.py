@@ -115,8 +115,9 @@ def sharded_topk_memory_read(q, keys, values, k, *, group=None, queries="replica
 
     Equivalent PyTorch (``gather`` = all-gather along dim ``-2`` of the memory, in rank order):
         q_all = q if queries == "replicated" else torch.cat(all_gather(q))       # (P·B, ...)
+        valid_all = valid_len if queries == "replicated" else torch.cat(all_gather(valid_len))
         read = topk_memory_read(q_all, gather(keys), gather(values), k, scale=scale,
-                                valid_len=valid_len)                             # global ids
+                                valid_len=valid_all)                             # global ids
         # queries == "sharded": this rank's slice [r·B, (r + 1)·B) of every output
     """
     v.require_tensor("q", q)
@@ -163,8 +164,9 @@ def _check_local(q, keys, values, k, queries, scale, valid_len, world_size: int,
     v.require_int("k", k, 1, MAX_K, f" (at most {MAX_K})")
     valid_len = validate_valid_len(valid_len, B)
     device = v.require_same_device(q=q, keys=keys, values=values, valid_len=valid_len)
+    read_batch = world_size * B if queries == "sharded" else B
     select_backend("topk_memory_read", device, q.dtype, backend,
-                   sizes=dict(Dk=Dk, Dv=0, N=N, rows=world_size * B * H * T))
+                   sizes=dict(Dk=Dk, Dv=0, N=N, rows=read_batch * H * T))
     return resolve_scale(scale, Dk), valid_len
 
 
