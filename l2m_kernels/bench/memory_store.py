@@ -5,7 +5,10 @@ size and tiers, recall, and the cost of the usage statistics.
    N=65536 entries, Dk=Dv=64, k=32; ``--quick``: T=1024, N=16384), interleaved
    (:func:`l2m_kernels.benchmark.compare`): the store with int8 keys (the VNNI-filtered kernel, then
    the kernel that reads the selected values), the op ``quantized_topk_read`` on the same int8 keys,
-   the store with float32 keys (which is ``topk_memory_read``'s fused kernel), the reference read of
+   the store with int8 keys refined by float32 copies on disk (``key_refine="disk"``: the float32
+   selection), with the default ``key_margin=2`` and with ``key_margin=1`` (the int8 range fitted to
+   the keys, as when every key is known up front), the store with float32 keys (which is
+   ``topk_memory_read``'s fused kernel), the reference read of
    the float32 keys (eager and compiled), and faiss (``IndexScalarQuantizer`` with 8-bit codes,
    inner product: faiss's own int8 exact search, selection only) when installed. The shape gives
    the share of queries whose top-k set equals the float32 read's, for int8 and for int8+refine.
@@ -159,6 +162,7 @@ def _format_rows(T, N, device, quick, tiny) -> list:
     stores = {}
     for name, options in (("int8", dict(key_format="int8")),
                           ("int8+refine", dict(key_format="int8", key_refine="disk")),
+                          ("int8+refine m1", dict(key_format="int8", key_refine="disk", key_margin=1.0)),
                           ("float32", dict(key_format="float32"))):
         store = MemoryStore(1, DIM, DIM, N, block_size=256 if N % 256 == 0 else 64,
                             value_format="float32", **options)
@@ -175,6 +179,8 @@ def _format_rows(T, N, device, quick, tiny) -> list:
         "store int8 keys": lambda q: tuple(stores["int8"].read(q, K, track=False)),
         "store int8 keys + float32 refine (disk)":
             lambda q: tuple(stores["int8+refine"].read(q, K, track=False)),
+        "store int8 keys (key_margin=1) + float32 refine (disk)":
+            lambda q: tuple(stores["int8+refine m1"].read(q, K, track=False)),
         "store float32 keys": lambda q: tuple(stores["float32"].read(q, K, track=False)),
         "quantized_topk_read (the op on the store's int8 keys)":
             lambda q: tuple(l2m.quantized_topk_read(q, int8_keys, key_scales, values, K)),
@@ -205,7 +211,8 @@ def _format_rows(T, N, device, quick, tiny) -> list:
     int8_exact = stores["int8"].read(probe, K, track=False).indices
     ref_exact = l2m.topk_memory_read(probe.double(), stored_keys.double(), values.double(), K).indices
     shape = (f"read-cpu B=1 H=1 T={T} N={N} D=64 k={K}; queries with the float32 keys' top-{K} set: "
-             f"int8 {same_set('int8'):.3f}, int8+refine {same_set('int8+refine'):.3f}; int8 = exact "
+             f"int8 {same_set('int8'):.3f}, int8+refine {same_set('int8+refine'):.3f} (key_margin=1: "
+             f"{same_set('int8+refine m1'):.3f}); int8 = exact "
              f"read of the stored int8 keys: {bool(torch.equal(int8_exact, ref_exact))}")
     flops = 2 * T * N * DIM
     cost = bm.Cost(fwd_flops=flops, fwd_bytes=N * DIM * 4 + T * DIM * 8)
