@@ -171,6 +171,7 @@ class MemoryStore:
         self.step = 0        # reads so far
         self.appended = 0    # entries appended so far
         self._zero_values = None
+        self._side_stream = None  # CUDA: the stream of the copies from host memory and disk (_fetch)
         # What the last two-level read moved: blocks staged, bytes of summaries, staged keys and
         # the selected values.
         self.last_read_stats: dict = {}
@@ -213,7 +214,7 @@ class MemoryStore:
         if len(self.tiers) == 1:
             flat = (rows + head_base * first.shape[1]).reshape(-1).to(first.device)
             out = first.reshape(-1, *tail).index_select(0, flat)
-            return out.view(heads, count, *tail).to(self.device)
+            return self._fetch(out.view(heads, count, *tail))
         out = torch.empty((heads * count, *tail), dtype=first.dtype, device=self.device)
         tier_flat = tier_of.reshape(-1)
         for index, tier in enumerate(self.tiers):
@@ -222,8 +223,25 @@ class MemoryStore:
                 continue
             array = tier.arrays[name]
             flat = (rows + head_base * array.shape[1]).reshape(-1)[pos].to(array.device)
-            out.index_copy_(0, pos, array.reshape(-1, *tail).index_select(0, flat).to(self.device))
+            out.index_copy_(0, pos, self._fetch(array.reshape(-1, *tail).index_select(0, flat)))
         return out.view(heads, count, *tail)
+
+    def _fetch(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows gathered from a tier, on the store's device. From host memory or disk to a CUDA
+        device the copy goes through pinned memory on the store's side stream, which the current
+        stream then waits for: the host thread goes on to the next tier's gather while the copy
+        runs (no host synchronisation)."""
+        if rows.device == self.device or self.device.type != "cuda":
+            return rows.to(self.device)
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(self.device)
+        current = torch.cuda.current_stream(self.device)
+        staged = rows if rows.is_pinned() else rows.pin_memory()
+        with torch.cuda.stream(self._side_stream):
+            out = staged.to(self.device, non_blocking=True)
+        current.wait_stream(self._side_stream)
+        out.record_stream(current)  # allocated on the side stream, used on the current one
+        return out
 
     def _scatter(self, name: str, slots: torch.Tensor, data: torch.Tensor) -> None:
         """Writes ``data (Hm, M, *tail)`` at slots ``(M,)`` (every head)."""
@@ -817,7 +835,7 @@ class MemoryStore:
                 continue
             view = tier.block_view(name)
             gathered = view.index_select(1, places[mine].to(view.device))  # (Hm, u, S, D)
-            stage[mine] = gathered.transpose(0, 1).to(self.device, dtype)
+            stage[mine] = self._fetch(gathered).transpose(0, 1).to(dtype)
         return stage
 
     def _read_selection(self, q, scores, slots) -> MemoryRead:

@@ -326,3 +326,18 @@ def test_int8_keys_refined_by_float_keys_read_the_float_keys_exactly(refine, tie
     every = store.read(q, 8, blocks=store.num_blocks)
     assert torch.equal(every.indices, store.read(q, 8).indices)
     torch.testing.assert_close(store.keys(), keys)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: the host and disk "
+                    "tiers' blocks reach it through pinned memory on the store's side stream")
+@pytest.mark.parametrize("key_format", ["float32", "int8"])
+def test_cuda_store_reads_its_host_and_disk_tiers_like_the_cpu_store(key_format):
+    tiers = TIERS["host+device+disk"]
+    cpu, _, _ = _store(tiers, key_format=key_format, value_format="int8")
+    cuda, _, _ = _store(tiers, key_format=key_format, value_format="int8", device="cuda")
+    q = _q()
+    for blocks in (None, 3):
+        got = cuda.read(q.cuda(), 9, blocks=blocks)
+        want = cpu.read(q, 9, blocks=blocks)
+        assert torch.equal(got.indices.cpu(), want.indices)
+        torch.testing.assert_close(got.out.cpu(), want.out, rtol=1e-5, atol=1e-5)
