@@ -2,12 +2,14 @@
 
 Each rank holds a contiguous range of the memory's slots; the reads are exact (the result of the
 single-device op on the concatenated memory, with global slot ids) and exchange ``O(P x k + Dv)``
-numbers per query, never the memory. Guide: ``docs/distributed.md``.
+numbers per query, never the memory; the writes apply, on each rank, those that fall in its slots.
+Guide: ``docs/distributed.md``.
 
 Imported on demand (``import l2m_kernels.distributed``), not by ``import l2m_kernels``.
 """
 from __future__ import annotations
 
 from .topk import sharded_topk_memory_read
+from .write import sharded_gated_memory_write
 
-__all__ = ["sharded_topk_memory_read"]
+__all__ = ["sharded_topk_memory_read", "sharded_gated_memory_write"]

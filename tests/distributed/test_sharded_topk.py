@@ -3,26 +3,20 @@ memory: outputs, indices and every gradient, both query layouts, ties across sha
 empty shards, valid_len, k larger than a shard, grouped heads, shared and batched memories, and
 mismatched arguments raising on every rank.
 
-Each process group is spawned once per world size and runs every case (``CASES``) in order; each
-rank records per case either nothing or its traceback, and one pytest test per (world size, case)
-reports them. The comparisons run after a case's collectives, so a rank goes on after a failed
-comparison; after any other error it stops, and the others fail in their next collective (the
-process group's timeout) rather than hang.
+Each process group is spawned once per world size and runs every case (``CASES``) in order
+(:mod:`harness`).
 """
 from __future__ import annotations
-
-import json
-import multiprocessing
-import os
-import traceback
-from datetime import timedelta
 
 import pytest
 import torch
 
+from . import harness
+from .harness import expect_error as _expect_error
+from .harness import leaf as _leaf
+from .harness import offsets as _offsets
+
 WORLD_SIZES = (2, 4)
-COLLECTIVE_TIMEOUT_S = 30
-JOIN_TIMEOUT_S = 150
 
 
 # ---- inputs -------------------------------------------------------------------------------------
@@ -39,13 +33,6 @@ def _shard_sizes(world_size: int, pattern: str):
     }[(world_size, pattern)]
 
 
-def _offsets(sizes):
-    starts = [0]
-    for size in sizes[:-1]:
-        starts.append(starts[-1] + size)
-    return starts
-
-
 def _memory(lead, num_slots, dim_k, dim_v, dtype, gen, integer=False):
     """Full keys and values ``lead + (N, D)``; ``integer``: small integers with every other key
     row repeated further on, so that exact score ties span the shards."""
@@ -58,10 +45,6 @@ def _memory(lead, num_slots, dim_k, dim_v, dtype, gen, integer=False):
         keys = torch.randn(*lead, num_slots, dim_k, generator=gen, dtype=dtype)
         values = torch.randn(*lead, num_slots, dim_v, generator=gen, dtype=dtype)
     return keys, values
-
-
-def _leaf(tensor):
-    return tensor.detach().clone().requires_grad_(True)
 
 
 def _check_read(rank, world_size, *, sizes="uneven", B=2, H=2, Hm=2, T=3, Dk=8, Dv=6, k=4,
@@ -182,14 +165,6 @@ def _valid_len_mixed(total, batch):
     return [choices[b % len(choices)] for b in range(batch)]
 
 
-def _expect_error(fragments, call):
-    with pytest.raises(ValueError) as info:
-        call()
-    message = str(info.value)
-    for fragment in fragments:
-        assert fragment in message, message
-
-
 def _small_read_inputs(T=3, Dk=8, slots=4, dtype=torch.float32, seed=0):
     """q (1, 2, T, Dk), shared keys (2, slots, Dk) and values (2, slots, 6), the same on every rank."""
     gen = torch.Generator().manual_seed(seed)
@@ -282,77 +257,10 @@ CASES = {
 }
 
 
-# ---- process groups -----------------------------------------------------------------------------
-
-def _worker(rank: int, world_size: int, folder: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    results = {}
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank,
-                                world_size=world_size, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-        for name, case in CASES.items():
-            try:
-                case(rank, world_size)
-                results[name] = None
-            except AssertionError:  # raised after the case's collectives: the ranks are in step
-                results[name] = traceback.format_exc()
-            except BaseException:  # noqa: BLE001 - every failure is reported to pytest
-                results[name] = traceback.format_exc()
-                break  # the other ranks' collectives may no longer match this rank's
-        dist.destroy_process_group()
-    except BaseException:  # noqa: BLE001
-        results["<process group>"] = traceback.format_exc()
-    with open(os.path.join(folder, f"rank{rank}.json"), "w") as handle:
-        json.dump(results, handle)
-
-
-def _run_group(world_size: int, folder: str):
-    """Per case, the failures of the ranks: ``{case: ["rank r: traceback", ...]}``."""
-    context = multiprocessing.get_context("spawn")
-    processes = [context.Process(target=_worker, args=(rank, world_size, folder)) for rank in range(world_size)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(JOIN_TIMEOUT_S)
-    failures = {name: [] for name in CASES}
-    for rank, process in enumerate(processes):
-        if process.is_alive():
-            process.kill()
-            process.join()
-        path = os.path.join(folder, f"rank{rank}.json")
-        if not os.path.exists(path):
-            for name in CASES:
-                failures[name].append(f"rank {rank}: the process ended (exit code {process.exitcode}) "
-                                      f"without reporting, within {JOIN_TIMEOUT_S} s")
-            continue
-        with open(path) as handle:
-            results = json.load(handle)
-        group_error = results.pop("<process group>", None)
-        for name in CASES:
-            if name not in results:
-                failures[name].append(f"rank {rank}: not run (an earlier case failed on this rank)"
-                                      + (f"\n{group_error}" if group_error else ""))
-            elif results[name] is not None:
-                failures[name].append(f"rank {rank}:\n{results[name]}")
-    return failures
-
-
-@pytest.fixture(scope="module")
-def group_results(tmp_path_factory):
-    cache = {}
-
-    def results(world_size):
-        if world_size not in cache:
-            cache[world_size] = _run_group(world_size, str(tmp_path_factory.mktemp(f"gloo{world_size}")))
-        return cache[world_size]
-    return results
+group_results = harness.group_results(__name__)
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 @pytest.mark.parametrize("case", list(CASES))
 def test_sharded_topk_read(group_results, world_size, case):
-    failures = group_results(world_size)[case]
-    if failures:
-        pytest.fail(f"{case} on {world_size} gloo processes:\n" + "\n".join(failures), pytrace=False)
+    harness.report(group_results(world_size)[case], case, world_size)
