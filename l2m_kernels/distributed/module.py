@@ -1,0 +1,209 @@
+"""``ShardedTopKMemory``: a learned key-value memory whose slots are split across the ranks of a
+process group, its seeded initialisation, and how to keep it out of DDP's gradient averaging."""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..ops._common import MemoryRead
+from . import _meta
+from ._meta import QUERY_LAYOUTS, ShardLayout
+from .topk import sharded_topk_memory_read
+
+INIT_CHUNK = 1024  # slots per seeded chunk of the initial memory
+
+
+def shard_sizes(num_slots: int, world_size: int) -> List[int]:
+    """An even split of ``num_slots`` slots over ``world_size`` ranks, the first ranks one more."""
+    if num_slots < 0 or world_size < 1:
+        raise ValueError(f"num_slots, world_size: expected >= 0 and >= 1, got {num_slots}, {world_size}")
+    base, extra = divmod(num_slots, world_size)
+    return [base + (rank < extra) for rank in range(world_size)]
+
+
+def shard_of(full: Tensor, *, sizes: Optional[Sequence[int]] = None, group=None, dim: int = -2) -> Tensor:
+    """This rank's slots of a tensor holding the whole memory (a view).
+
+    Args:
+        full:  the whole memory, its slots along ``dim``, e.g. keys (Hm, N, Dk).
+        sizes: slots per rank, in group order, summing to N (default: :func:`shard_sizes`).
+        group: the process group (default: the world); only its rank and size are read.
+        dim:   the slot dimension.
+
+    Equivalent PyTorch:
+        full.narrow(dim, sum(sizes[:rank]), sizes[rank])
+    """
+    rank, world_size = _meta.group_rank(group)
+    total = full.shape[dim]
+    sizes = shard_sizes(total, world_size) if sizes is None else [int(s) for s in sizes]
+    if len(sizes) != world_size or sum(sizes) != total or min(sizes) < 0:
+        raise ValueError(f"sizes: expected {world_size} non-negative slot counts summing to "
+                         f"N = {total}, got {sizes}")
+    return full.narrow(dim, sum(sizes[:rank]), sizes[rank])
+
+
+def seeded_memory(num_slots: int, key_dim: int, value_dim: int, num_heads: int = 1, *, seed: int = 0,
+                  start: int = 0, count: Optional[int] = None, dtype=None, device=None):
+    """Slots ``[start, start + count)`` of the initial memory of ``seed``: ``(keys (Hm, count, Dk),
+    values (Hm, count, Dv))``, keys ~ N(0, 1) and values ~ N(0, 1 / Dv) as in ``TopKMemory``.
+
+    The memory is drawn in chunks of ``INIT_CHUNK`` slots, chunk ``c`` from its own generator
+    (seeded with ``seed`` and ``c``), so a slot's initial value depends only on ``seed`` and its
+    global slot id: the shards of every rank, each drawn alone, concatenate to the memory drawn
+    whole (``num_slots`` only bounds ``start + count``).
+
+    Equivalent PyTorch (whole memory):
+        chunks = [randn(Hm, INIT_CHUNK, Dk + Dv, generator=gen(seed, c)) for c in ...]
+        keys, values = cat(chunks, 1)[:, :N].split([Dk, Dv], -1); values /= sqrt(Dv)
+    """
+    count = num_slots - start if count is None else count
+    if not 0 <= start <= start + count <= num_slots:
+        raise ValueError(f"start, count: expected 0 <= start <= start + count <= num_slots = {num_slots}, "
+                         f"got {start}, {count}")
+    if not 0 <= seed < 2 ** 31:
+        raise ValueError(f"seed: expected an int in [0, 2**31), got {seed}")
+    first, last = start // INIT_CHUNK, -(-(start + count) // INIT_CHUNK)
+    chunks = [torch.randn(num_heads, INIT_CHUNK, key_dim + value_dim,
+                          generator=torch.Generator().manual_seed((seed << 32) + chunk))
+              for chunk in range(first, last)]
+    rows = torch.cat(chunks, 1) if chunks else torch.empty(num_heads, 0, key_dim + value_dim)
+    rows = rows[:, start - first * INIT_CHUNK:start - first * INIT_CHUNK + count]
+    keys, values = rows.split([key_dim, value_dim], -1)
+    values = values / math.sqrt(value_dim)
+    factory = dict(dtype=dtype or torch.get_default_dtype(), device=device)
+    return keys.to(**factory).contiguous(), values.to(**factory).contiguous()
+
+
+class ShardedTopKMemory(nn.Module):
+    """A learned key-value memory of ``num_heads`` heads whose slots are split across ``group``,
+    read exactly with :func:`sharded_topk_memory_read`.
+
+    This rank holds ``keys (Hm, N_r, Dk)`` and ``values (Hm, N_r, Dv)`` parameters, the global slots
+    ``[offset, offset + N_r)``; every rank of the group constructs it together (one all-gather of
+    the shard sizes) and calls it together.
+
+    Args:
+        num_slots_local: N_r, this rank's slots (may differ across ranks, may be 0).
+        key_dim, value_dim: Dk, Dv.
+        k:         slots read per query.
+        num_heads: Hm; queries may have any H divisible by Hm.
+        group:     the process group (default: the world).
+        queries:   "replicated" (every rank reads the same queries) or "sharded" (each rank its own
+                   batch), as in :func:`sharded_topk_memory_read`.
+        scale:     score scale (default Dk ** -0.5).
+        seed:      the initial memory (:func:`seeded_memory`), the same on every rank: each rank
+                   draws its own slots, and the shards together are the memory a single process
+                   draws whole with the same seed.
+        check:     the cross-rank argument check of each read.
+        backend:   the backend of the local selection.
+
+    ``forward(q (B, H, T, Dk), valid_len=None) -> MemoryRead`` with global slot ids.
+
+    Keep its parameters out of DDP's gradient averaging: ``exclude_from_ddp(model)`` before
+    wrapping ``model`` in ``DistributedDataParallel``.
+
+    Example:
+        memory = ShardedTopKMemory(16384, 64, 64, k=32, num_heads=8)   # this rank's 16384 slots
+        read = memory(q)                                                # q (B, 8, T, 64)
+    """
+
+    def __init__(self, num_slots_local: int, key_dim: int, value_dim: int, k: int, *, num_heads: int = 1,
+                 group=None, queries: str = "replicated", scale: Optional[float] = None, seed: int = 0,
+                 check: bool = True, backend: Optional[str] = None, device=None, dtype=None):
+        super().__init__()
+        if num_slots_local < 0 or min(key_dim, value_dim, k, num_heads) < 1:
+            raise ValueError("num_slots_local >= 0 and key_dim, value_dim, k, num_heads >= 1 expected, got "
+                             f"{num_slots_local}, {key_dim}, {value_dim}, {k}, {num_heads}")
+        if queries not in QUERY_LAYOUTS:
+            raise ValueError(f"queries: expected one of {QUERY_LAYOUTS}, got {queries!r}")
+        self.key_dim, self.value_dim, self.k, self.num_heads = key_dim, value_dim, k, num_heads
+        self.group, self.queries, self.scale, self.seed = group, queries, scale, seed
+        self.check, self.backend = check, backend
+        device = torch.device("cpu") if device is None else torch.device(device)
+        # The group's shard sizes (a collective), checked like a read's arguments.
+        self.layout: ShardLayout = _meta.exchange("ShardedTopKMemory", group, device, num_slots_local,
+                                                  (), {}, None, False)[0]
+        factory = dict(device=device, dtype=dtype)
+        self.keys = nn.Parameter(torch.empty(num_heads, num_slots_local, key_dim, **factory))
+        self.values = nn.Parameter(torch.empty(num_heads, num_slots_local, value_dim, **factory))
+        self.reset_parameters()
+
+    @property
+    def num_slots(self) -> int:
+        """N, the slots of every rank together."""
+        return self.layout.total
+
+    @property
+    def offset(self) -> int:
+        """The global id of this rank's first slot."""
+        return self.layout.offset
+
+    def reset_parameters(self) -> None:
+        """This rank's slots of :func:`seeded_memory` of ``seed``."""
+        keys, values = seeded_memory(self.num_slots, self.key_dim, self.value_dim, self.num_heads,
+                                     seed=self.seed, start=self.offset, count=self.layout.size)
+        with torch.no_grad():
+            self.keys.copy_(keys)
+            self.values.copy_(values)
+
+    @classmethod
+    def from_full(cls, keys: Tensor, values: Tensor, k: int, *, sizes: Optional[Sequence[int]] = None,
+                  group=None, **kwargs) -> "ShardedTopKMemory":
+        """The module holding this rank's slots of the whole memory ``keys (Hm, N, Dk)``, ``values
+        (Hm, N, Dv)`` (the same on every rank), split by ``sizes`` (default :func:`shard_sizes`);
+        ``kwargs``: the constructor's."""
+        if keys.dim() != 3 or values.dim() != 3 or keys.shape[:2] != values.shape[:2]:
+            raise ValueError(f"keys, values: expected (Hm, N, Dk) and (Hm, N, Dv), got {tuple(keys.shape)} "
+                             f"and {tuple(values.shape)}")
+        key_shard = shard_of(keys, sizes=sizes, group=group)
+        memory = cls(key_shard.shape[1], keys.shape[2], values.shape[2], k, num_heads=keys.shape[0],
+                     group=group, device=keys.device, dtype=keys.dtype, **kwargs)
+        with torch.no_grad():
+            memory.keys.copy_(key_shard)
+            memory.values.copy_(shard_of(values, sizes=sizes, group=group))
+        return memory
+
+    def forward(self, q: Tensor, valid_len: Optional[Tensor] = None) -> MemoryRead:
+        """The exact read of the whole memory for ``q (B, H, T, Dk)``: see
+        :func:`sharded_topk_memory_read`."""
+        return sharded_topk_memory_read(q, self.keys, self.values, self.k, group=self.group,
+                                        queries=self.queries, scale=self.scale, valid_len=valid_len,
+                                        check=self.check, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"slots {self.offset}..{self.offset + self.layout.size} of {self.num_slots}, "
+                f"key_dim={self.key_dim}, value_dim={self.value_dim}, k={self.k}, "
+                f"num_heads={self.num_heads}, queries={self.queries!r}")
+
+
+def ddp_ignored_parameters(model: nn.Module) -> List[str]:
+    """The names, in ``model.named_parameters()``, of the parameters of every
+    :class:`ShardedTopKMemory` inside ``model``."""
+    return [f"{prefix}.{name}" if prefix else name
+            for prefix, module in model.named_modules() if isinstance(module, ShardedTopKMemory)
+            for name, _ in module.named_parameters(recurse=False)]
+
+
+def exclude_from_ddp(model: nn.Module) -> List[str]:
+    """Keep every :class:`ShardedTopKMemory` of ``model`` out of ``DistributedDataParallel``:
+    call it before wrapping ``model``. DDP then neither broadcasts these shards from rank 0, nor
+    checks that their shapes agree, nor averages their gradients. Returns the names left out.
+
+    A memory must be a submodule, not ``model`` itself (DDP matches the ignored names with their
+    module's prefix, which the root module lacks).
+
+    Equivalent PyTorch:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            model, ddp_ignored_parameters(model))
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, ShardedTopKMemory):
+        raise ValueError("model: a ShardedTopKMemory itself cannot be left out of the DDP that wraps "
+                         "it; make it a submodule of the wrapped model, or do not wrap it in DDP")
+    names = ddp_ignored_parameters(model)
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+    return names
