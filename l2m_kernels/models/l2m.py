@@ -28,6 +28,7 @@ multiples of ``segment_len``, so the results do not depend on how the input is s
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import List, NamedTuple, Optional, Tuple
 
@@ -76,6 +77,15 @@ class L2MConfig:
         tie_embeddings: the LM head shares the token embedding.
         backend:       backend of every op (None: automatic); ``forward(backend=...)`` overrides.
         deterministic: bitwise-reproducible gradients on the GPU backends.
+        memory_group:  a ``torch.distributed`` process group whose ranks split every memory's
+                       ``memory_slots`` ("append" and "slots" modes): rank r holds the slots of
+                       :func:`l2m_kernels.distributed.shard_sizes` (an even split), every rank runs
+                       the same tokens (replicated queries), and the memory is read and written
+                       exactly with :func:`l2m_kernels.distributed.sharded_topk_memory_read` and
+                       :func:`~l2m_kernels.distributed.sharded_gated_memory_write`, so every rank
+                       gets the single-process model's loss and the gradients of the parameters it
+                       holds ("slots" mode: ``slot_keys`` and ``initial_values`` are this rank's
+                       slots). None: the whole memory on this process.
     """
 
     vocab_size: int = 256
@@ -101,6 +111,7 @@ class L2MConfig:
     tie_embeddings: bool = True
     backend: Optional[str] = None
     deterministic: bool = False
+    memory_group: Optional[object] = None
 
     def __post_init__(self):
         if min(self.vocab_size, self.d_model, self.n_layers, self.n_heads, self.segment_len,
@@ -131,6 +142,9 @@ class L2MConfig:
                 raise ValueError(f"memory_slots: must be a multiple of the store's block_size = "
                                  f"{options['block_size']}, got {self.memory_slots}")
             self.store_options = options
+        if self.memory_group is not None and self.memory_mode == "store":
+            raise ValueError("memory_group: a sharded memory is supported in the 'append' and 'slots' "
+                             "memory modes, not in 'store'")
         layers = range(self.n_layers) if self.memory_layers is None else self.memory_layers
         for i in layers:
             if not -self.n_layers <= i < self.n_layers:
@@ -202,13 +216,27 @@ class Generation(NamedTuple):
     state: L2MState
 
 
+def memory_shard(config: L2MConfig) -> Tuple[int, int]:
+    """``(offset, size)``: the global id of this rank's first slot of each memory and its slot count
+    (``(0, memory_slots)`` without ``memory_group``)."""
+    if config.memory_group is None:
+        return 0, config.memory_slots
+    import torch.distributed as dist
+
+    from ..distributed import shard_sizes
+    sizes = shard_sizes(config.memory_slots, dist.get_world_size(config.memory_group))
+    rank = dist.get_rank(config.memory_group)
+    return sum(sizes[:rank]), sizes[rank]
+
+
 class SlotMemory(nn.Module):
     """A layer's learned slot memory ("slots" mode): ``slot_keys`` and ``initial_values``
-    ``(heads, N, head_dim)`` parameters, and the write projections of hidden states."""
+    ``(heads, N, head_dim)`` parameters, and the write projections of hidden states. With ``group``
+    the ``N`` slots are this rank's share of a memory sharded across the process group."""
 
-    def __init__(self, d_model: int, heads: int, head_dim: int, slots: int, write_topk: int):
+    def __init__(self, d_model: int, heads: int, head_dim: int, slots: int, write_topk: int, group=None):
         super().__init__()
-        self.heads, self.head_dim, self.write_topk = heads, head_dim, write_topk
+        self.heads, self.head_dim, self.write_topk, self.group = heads, head_dim, write_topk, group
         self.slot_keys = nn.Parameter(torch.randn(heads, slots, head_dim))
         self.initial_values = nn.Parameter(torch.zeros(heads, slots, head_dim))
         self.key_proj = nn.Linear(d_model, heads * head_dim, bias=False)
@@ -236,6 +264,12 @@ class SlotMemory(nn.Module):
         write_keys = heads(self.key_proj(x))
         erase = torch.sigmoid(heads(self.erase_proj(x)))
         add = heads(self.add_proj(x))
+        if self.group is not None:
+            from ..distributed import sharded_gated_memory_write, sharded_topk_memory_read
+            read = sharded_topk_memory_read(write_keys, self.keys(B), values, self.write_topk,
+                                            group=self.group, backend=backend)
+            return sharded_gated_memory_write(values, read.indices, read.weights.to(values.dtype), add,
+                                              erase, group=self.group, backend=backend)
         read = topk_memory_read(write_keys, self.keys(B), values, self.write_topk,
                                 deterministic=deterministic, backend=backend)
         return gated_memory_write(values, read.indices, read.weights.to(values.dtype), add, erase,
@@ -259,7 +293,8 @@ class L2MBlock(nn.Module):
         self.mlp_norm = nn.RMSNorm(c.d_model, eps=c.norm_eps)
         self.mlp = nn.Sequential(nn.Linear(c.d_model, c.mlp_hidden, bias=False), nn.GELU(),
                                  nn.Linear(c.mlp_hidden, c.d_model, bias=False))
-        self.slots = (SlotMemory(c.d_model, c.n_kv_heads, c.head_dim, c.memory_slots, c.write_topk)
+        self.slots = (SlotMemory(c.d_model, c.n_kv_heads, c.head_dim, memory_shard(c)[1], c.write_topk,
+                                 c.memory_group)
                       if has_memory and c.memory_mode == "slots" else None)
 
 
@@ -304,7 +339,8 @@ class L2MModel(nn.Module):
         for block in self.blocks:
             layer = L2MLayerState(empty, empty)
             if block.has_memory and c.memory_mode == "append":
-                memory = torch.zeros(batch_size, c.n_kv_heads, c.memory_slots, c.head_dim, device=device, dtype=dtype)
+                memory = torch.zeros(batch_size, c.n_kv_heads, memory_shard(c)[1], c.head_dim, device=device,
+                                     dtype=dtype)
                 layer.mem_keys, layer.mem_values = memory, memory
                 layer.valid_len = torch.zeros(batch_size, dtype=torch.int64, device=device)
             elif block.has_memory and c.memory_mode == "store":
@@ -385,7 +421,11 @@ class L2MModel(nn.Module):
                 mem_keys, mem_values = block.slots.keys(B), layer.mem_values
             elif block.has_memory:
                 mem_keys, mem_values, valid_len = layer.mem_keys, layer.mem_values, layer.valid_len
-            if layer.store is not None:
+            if block.has_memory and c.memory_group is not None:
+                attended = block.attn.attend_read(normed, self._sharded_read(block, mem_keys, mem_values, valid_len),
+                                                  past_kv=(layer.cache_keys, layer.cache_values),
+                                                  start_pos=state.position, backend=backend)
+            elif layer.store is not None:
                 attended = block.attn.attend_store(normed, layer.store, blocks=c.store_blocks,
                                                    past_kv=(layer.cache_keys, layer.cache_values),
                                                    start_pos=state.position, backend=backend)
@@ -412,6 +452,17 @@ class L2MModel(nn.Module):
             write_pos = (write_pos + c.segment_len) % c.memory_slots
         return hidden, L2MState(state.position + T, write_pos, layers)
 
+    def _sharded_read(self, block: L2MBlock, mem_keys, mem_values, valid_len):
+        """The read of :meth:`MemoryAttention.attend_read` for a memory sharded across
+        ``memory_group``."""
+        from ..distributed import sharded_topk_memory_read
+
+        def read(q):
+            result = sharded_topk_memory_read(q, mem_keys, mem_values, block.attn.topk, scale=block.attn.scale,
+                                              valid_len=valid_len, group=self.config.memory_group)
+            return result.out, result.lse, result.indices
+        return read
+
     def _write_segment(self, block: L2MBlock, layer: L2MLayerState, write_pos: int, backend) -> L2MLayerState:
         """Write the just-completed segment into the layer's memory."""
         c = self.config
@@ -434,11 +485,14 @@ class L2MModel(nn.Module):
         slot_ids = (write_pos + torch.arange(seg, device=device)) % c.memory_slots
         indices = slot_ids.view(1, 1, seg, 1).expand(B, H, seg, 1).contiguous()
         ones = torch.ones(B, H, seg, 1, device=device, dtype=layer.mem_values.dtype)
+        write = gated_memory_write
+        if c.memory_group is not None:  # global slot ids; each rank writes those it holds
+            from ..distributed import sharded_gated_memory_write
+            write = functools.partial(sharded_gated_memory_write, group=c.memory_group)
         with torch.no_grad():
-            mem_keys = gated_memory_write(layer.mem_keys, indices, ones, layer.cache_keys[:, :, -seg:], ones,
-                                          backend=backend)
-            mem_values = gated_memory_write(layer.mem_values, indices, ones, layer.cache_values[:, :, -seg:],
-                                            ones, backend=backend)
+            mem_keys = write(layer.mem_keys, indices, ones, layer.cache_keys[:, :, -seg:], ones, backend=backend)
+            mem_values = write(layer.mem_values, indices, ones, layer.cache_values[:, :, -seg:], ones,
+                               backend=backend)
         valid_len = (layer.valid_len + seg).clamp_max(c.memory_slots)
         return dataclasses.replace(layer, mem_keys=mem_keys, mem_values=mem_values, valid_len=valid_len)
 

@@ -206,14 +206,40 @@ class MemoryAttention(nn.Module):
         merged exactly by log-sum-exp (``merge="joint"``) or by the gate. Differentiable in the
         projections (the store's entries are state).
         """
-        from ..ops.merge import gated_merge, merge_attention
-
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x: expected shape (B, T, {self.d_model}), got {tuple(x.shape)}")
         B, T, _ = x.shape
         if store.num_heads != B * self.n_kv_heads or store.key_dim != self.head_dim:
             raise ValueError(f"store: expected num_heads = B * n_kv_heads = {B * self.n_kv_heads} and "
                              f"key_dim = {self.head_dim}, got {store.num_heads} and {store.key_dim}")
+
+        def read_store(q):
+            read = store.read(q.reshape(1, B * self.n_heads, T, self.head_dim), self.topk,
+                              blocks=blocks, scale=self.scale)
+            return (read.out.view(B, self.n_heads, T, self.head_dim), read.lse.view(B, self.n_heads, T),
+                    read.indices.view(B, self.n_heads, T, self.topk))
+        return self.attend_read(x, read_store, past_kv=past_kv, start_pos=start_pos, backend=backend)
+
+    def attend_read(self, x: torch.Tensor, read, *, past_kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                    start_pos: Optional[int] = None, backend: Optional[str] = None) -> AttentionOutput:
+        """:meth:`attend` with the memory read by ``read``, a callable ``q (B, n_heads, T, head_dim)
+        -> (out (B, n_heads, T, head_dim), lse (B, n_heads, T), indices (B, n_heads, T, topk))``,
+        e.g. a :class:`l2m_kernels.memory.MemoryStore` read or a read of a memory sharded across
+        processes (:func:`l2m_kernels.distributed.sharded_topk_memory_read`).
+
+        The local attention runs in the fused op (with an empty memory) and the two are merged
+        exactly by log-sum-exp (``merge="joint"``) or by the gate, as the fused op merges them.
+
+        Equivalent PyTorch:
+            local = memory_attention(q, k, v, empty, empty, 1, valid_len=zeros)
+            out_mem, lse_mem, _ = read(q)
+            out = merge_attention(local.out, local.lse_local, out_mem, lse_mem)[0]   # "joint"
+        """
+        from ..ops.merge import gated_merge, merge_attention
+
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x: expected shape (B, T, {self.d_model}), got {tuple(x.shape)}")
+        B, T, _ = x.shape
         past_len = 0 if past_kv is None else past_kv[0].shape[2]
         q, k, v = self.project(x, past_len if start_pos is None else start_pos)
         if past_kv is not None:
@@ -224,16 +250,13 @@ class MemoryAttention(nn.Module):
                                  scale=self.scale, valid_len=torch.zeros(B, dtype=torch.int64,
                                                                          device=x.device),
                                  deterministic=self.deterministic, backend=backend)
-        read = store.read(q.reshape(1, B * self.n_heads, T, self.head_dim), self.topk,
-                          blocks=blocks, scale=self.scale)
-        out_mem = read.out.view(B, self.n_heads, T, self.head_dim).to(local.out.dtype)
-        lse_mem = read.lse.view(B, self.n_heads, T)
+        out_mem, lse_mem, indices = read(q)
+        out_mem = out_mem.to(local.out.dtype)
         if self.merge == "joint":
             out, _ = merge_attention(local.out, local.lse_local, out_mem, lse_mem, backend=backend)
         else:
             out = gated_merge(local.out, out_mem, self.gate, backend=backend)
-        result = MemoryAttentionResult(out, local.lse_local, lse_mem,
-                                       read.indices.view(B, self.n_heads, T, self.topk))
+        result = MemoryAttentionResult(out, local.lse_local, lse_mem, indices)
         out = self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         return AttentionOutput(out, k, v, result)
 
