@@ -103,3 +103,28 @@ def test_bench_options_reach_the_benchmarks(tmp_path, monkeypatch):
     assert status == 0 and calls["memory_attention"] == dict(merge="gate", tiny=True, quick=False)
     with pytest.raises(SystemExit):
         main(["--merge", "sum"])
+
+
+def test_bench_distributed_tiny(tmp_path):
+    # Spawned gloo groups of 1 and 2 processes; the bytes of the sharded read are counted, the
+    # naive read's are the whole memory. Not in the --quick suite unless named.
+    from l2m_kernels.bench import NOT_IN_QUICK, build_parser
+    from l2m_kernels.bench import _names as bench_names
+    from l2m_kernels.bench.distributed import DIM, K, TINY
+
+    status = main(["--tiny", "--device", "cpu", "--out", str(tmp_path), "--no-progress", "--only", "distributed"])
+    assert status == 0
+    rows = json.loads((tmp_path / "suite.json").read_text())["rows"]
+    assert [results.problems(r) for r in rows] == [[]] * len(rows) == [[]] * 2 * len(TINY["ranks"])
+    for row in rows:
+        assert row["fwd_ms"] > 0 and row["both_ms"] > 0, row
+    world_size = TINY["ranks"][-1]
+    sharded = next(r for r in rows if r["variant"] == "cpu sharded" and r["shape"].startswith(f"P={world_size} "))
+    candidates = world_size * K * 12 * TINY["queries"]
+    assert f"all_gather {candidates + 29 * 8 * world_size:,}" in sharded["notes"], sharded["notes"]
+    assert f"all_reduce {TINY['queries'] * DIM * 4:,}" in sharded["notes"], sharded["notes"]
+    naive = next(r for r in rows if r["variant"].startswith("naive") and r["shape"].startswith(f"P={world_size} "))
+    assert f"forward {TINY['slots'] * 2 * DIM * 4:,} " in naive["notes"], naive["notes"]
+    parser = build_parser()
+    assert set(NOT_IN_QUICK) & set(bench_names("", parser, quick=True)) == set()
+    assert "distributed" in bench_names("", parser) and bench_names("distributed", parser, quick=True) == ["distributed"]

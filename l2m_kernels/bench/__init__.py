@@ -38,6 +38,9 @@ its shapes):
   (:mod:`l2m_kernels.bench.memory_store`)
 - ``hf_memory``: the prefill of a Hugging Face Llama with memory attached against the unpatched model
   with sdpa (:mod:`l2m_kernels.bench.hf_memory`; a row that says so without transformers)
+- ``distributed``: the sharded memory read on 1, 2 and 4 gloo processes against gathering the
+  memory: read time and bytes communicated per read (:mod:`l2m_kernels.bench.distributed`; not in
+  the ``--quick`` suite unless named: ``l2m-bench --quick --only distributed``)
 - ``model``: one L2MModel training step, both memory modes (:mod:`l2m_kernels.bench.model`)
 
 ``--quick`` takes about 5 minutes on a 2-core CPU; there the compiled reference of
@@ -64,19 +67,23 @@ from ._common import default_device, measure_ceilings, skipped_row
 
 # The op benchmarks of the ops' declarations (l2m_kernels/ops/registry.py; memory_store times
 # quantized_topk_read through the store's int8 reads), then the Hugging Face prefill and the model step.
-BENCHMARKS = registry.benchmarks() + ("hf_memory", "model")
+BENCHMARKS = registry.benchmarks() + ("distributed", "hf_memory", "model")
+# Run by --quick only when named with --only (it spawns processes and times several world sizes).
+NOT_IN_QUICK = ("distributed",)
 QUICK_WRITE_COMPILE_NOTE = ("skipped in the --quick suite: torch.compile unrolls the write steps "
                             "(~6 minutes of compilation on 2 cores); l2m-bench --quick --only memory_write "
                             "measures it")
 
 
-def _names(only: str, parser: argparse.ArgumentParser) -> list:
+def _names(only: str, parser: argparse.ArgumentParser, quick: bool = False) -> list:
     names = [n.strip() for n in only.split(",") if n.strip()]
     names = [n[len("bench_"):] if n.startswith("bench_") else n for n in names]
     unknown = sorted(set(names) - set(BENCHMARKS))
     if unknown:
         parser.error(f"--only: unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
-    return [n for n in BENCHMARKS if n in names] if names else list(BENCHMARKS)
+    if names:
+        return [n for n in BENCHMARKS if n in names]
+    return [n for n in BENCHMARKS if not (quick and n in NOT_IN_QUICK)]
 
 
 def _progress(total: int, enabled: bool):
@@ -146,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    names = _names(args.only, parser)
+    names = _names(args.only, parser, args.quick)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: this torch has no usable CUDA device")

@@ -12,7 +12,9 @@ from __future__ import annotations
 from .module import (INIT_CHUNK, ShardedTopKMemory, ddp_ignored_parameters, exclude_from_ddp, seeded_memory,
                      shard_of, shard_sizes)
 from .topk import sharded_topk_memory_read
+from .traffic import collective_bytes
 from .write import sharded_gated_memory_write
 
 __all__ = ["sharded_topk_memory_read", "sharded_gated_memory_write", "ShardedTopKMemory",
-           "exclude_from_ddp", "ddp_ignored_parameters", "shard_of", "shard_sizes", "seeded_memory"]
+           "exclude_from_ddp", "ddp_ignored_parameters", "shard_of", "shard_sizes", "seeded_memory",
+           "collective_bytes"]
