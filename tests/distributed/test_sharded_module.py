@@ -1,7 +1,8 @@
 """ShardedTopKMemory on 2 and 4 gloo processes: its seeded shards concatenate to the memory drawn
 whole, and a training step of a small model (a projection, the memory, a loss) gives the loss and
 gradients of the single-process model reading the whole memory with ``topk_memory_read``, alone
-and with DDP around the rest of the model (replicated and sharded queries).
+and with DDP around the model or FSDP2 (``fully_shard``) on the rest of it (replicated and sharded
+queries).
 
 Each process group is spawned once per world size and runs every case (``CASES``) in order
 (:mod:`harness`).
@@ -57,11 +58,12 @@ class _WholeMemory(nn.Module):
         return l2m.topk_memory_read(q, self.keys, self.values, K)
 
 
-def _training_step(rank, world_size, *, queries="replicated", ddp=False, B=2, seed=0):
+def _training_step(rank, world_size, *, queries="replicated", wrap=None, B=2, seed=0):
     """One step on this rank against the same step of the single-process model on every rank's
     batch; with sharded queries the loss is the mean over the ranks' batches, and the memory's
-    gradient (summed over the ranks' queries, outside DDP's averaging) is world_size times its
-    gradient."""
+    gradient (summed over the ranks' queries, outside DDP's or FSDP2's averaging) is world_size
+    times its gradient. ``wrap``: None, "ddp" (DDP around the model, the memory excluded) or
+    "fsdp2" (``fully_shard`` on the projection only)."""
     from torch.nn.parallel import DistributedDataParallel
 
     from l2m_kernels.distributed import ShardedTopKMemory, exclude_from_ddp, shard_of
@@ -79,10 +81,13 @@ def _training_step(rank, world_size, *, queries="replicated", ddp=False, B=2, se
     sizes = UNEVEN[world_size]
     model = _Model(ShardedTopKMemory.from_full(keys, values, K, sizes=sizes, queries=queries), proj_weight)
     runner = model
-    if ddp:
+    if wrap == "ddp":
         names = exclude_from_ddp(model)
         assert names == ["memory.keys", "memory.values"], names
         runner = DistributedDataParallel(model)
+    elif wrap == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+        fully_shard(model.proj)
     own = slice(rank * B, (rank + 1) * B) if queries == "sharded" else slice(None)
     loss = (runner(x[own]) - target[own]).square().mean()
     loss.backward()
@@ -93,7 +98,10 @@ def _training_step(rank, world_size, *, queries="replicated", ddp=False, B=2, se
     memory_factor = world_size if queries == "sharded" else 1
     if queries == "replicated":
         assert_close("loss", loss, ref_loss)
-    assert_close("proj", model.proj.weight.grad, reference.proj.weight.grad)
+    proj_grad = model.proj.weight.grad
+    if wrap == "fsdp2":  # a DTensor sharded across the ranks
+        proj_grad = proj_grad.full_tensor()
+    assert_close("proj", proj_grad, reference.proj.weight.grad)
     assert_close("dkeys", model.memory.keys.grad / memory_factor,
                  shard_of(reference.memory.keys.grad, sizes=sizes))
     assert_close("dvalues", model.memory.values.grad / memory_factor,
@@ -110,8 +118,11 @@ def _root_memory_refused(rank, world_size):
 CASES = {
     "initial_shards_concatenate": _initial_shards_concatenate,
     "step_replicated_queries": lambda r, p: _training_step(r, p),
-    "step_replicated_queries_with_ddp": lambda r, p: _training_step(r, p, ddp=True, seed=1),
-    "step_sharded_queries_with_ddp": lambda r, p: _training_step(r, p, queries="sharded", ddp=True, seed=2),
+    "step_replicated_queries_with_ddp": lambda r, p: _training_step(r, p, wrap="ddp", seed=1),
+    "step_sharded_queries_with_ddp": lambda r, p: _training_step(r, p, queries="sharded", wrap="ddp", seed=2),
+    "step_sharded_queries_with_fsdp2": lambda r, p: _training_step(r, p, queries="sharded", wrap="fsdp2",
+                                                                   seed=3),
+    "step_replicated_queries_with_fsdp2": lambda r, p: _training_step(r, p, wrap="fsdp2", seed=4),
     "root_memory_refused_by_exclude_from_ddp": _root_memory_refused,
 }
 
