@@ -21,7 +21,6 @@ not the speed of P machines.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import statistics
 import tempfile
@@ -117,23 +116,14 @@ def _worker(rank: int, world_size: int, folder: str, sizes: dict) -> None:
 
 
 def _run_group(world_size: int, sizes: dict) -> dict:
-    context = multiprocessing.get_context("spawn")
+    from l2m_kernels.distributed.spawn import spawn_processes
+
     with tempfile.TemporaryDirectory() as folder:
-        processes = [context.Process(target=_worker, args=(rank, world_size, folder, sizes))
-                     for rank in range(world_size)]
-        for process in processes:
-            process.start()
-        for process in processes:
-            process.join(TIMEOUT_S)
-        failed = [p.exitcode for p in processes if p.exitcode != 0]
-        for process in processes:
-            if process.is_alive():
-                process.kill()
-                process.join()
+        codes = spawn_processes(_worker, world_size, (folder, sizes), TIMEOUT_S)
         path = os.path.join(folder, "result.json")
-        if failed or not os.path.exists(path):
-            raise RuntimeError(f"the benchmark's {world_size} gloo processes failed (exit codes "
-                               f"{[p.exitcode for p in processes]})")
+        if any(code != 0 for code in codes) or not os.path.exists(path):
+            raise RuntimeError(f"the benchmark's {world_size} gloo processes failed (exit codes {codes}; "
+                               f"None: still running after {TIMEOUT_S} s)")
         with open(path) as handle:
             return json.load(handle)
 

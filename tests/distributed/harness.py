@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import multiprocessing
 import os
 import traceback
 from datetime import timedelta
@@ -70,23 +69,16 @@ def _worker(rank: int, world_size: int, folder: str, module: str) -> None:
 
 def run_group(world_size: int, folder: str, module: str):
     """Per case of ``module``'s ``CASES``, the failures of the ranks: ``{case: ["rank r: ...", ...]}``."""
+    from l2m_kernels.distributed.spawn import spawn_processes
+
     names = list(importlib.import_module(module).CASES)
-    context = multiprocessing.get_context("spawn")
-    processes = [context.Process(target=_worker, args=(rank, world_size, folder, module))
-                 for rank in range(world_size)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(JOIN_TIMEOUT_S)
+    codes = spawn_processes(_worker, world_size, (folder, module), JOIN_TIMEOUT_S)
     failures = {name: [] for name in names}
-    for rank, process in enumerate(processes):
-        if process.is_alive():
-            process.kill()
-            process.join()
+    for rank, code in enumerate(codes):
         path = os.path.join(folder, f"rank{rank}.json")
         if not os.path.exists(path):
             for name in names:
-                failures[name].append(f"rank {rank}: the process ended (exit code {process.exitcode}) "
+                failures[name].append(f"rank {rank}: the process ended (exit code {code}; None: killed) "
                                       f"without reporting, within {JOIN_TIMEOUT_S} s")
             continue
         with open(path) as handle:
@@ -117,6 +109,16 @@ def group_results(module: str):
     return results_fixture
 
 
-def report(failures, case: str, world_size: int) -> None:
-    if failures:
-        pytest.fail(f"{case} on {world_size} gloo processes:\n" + "\n".join(failures), pytrace=False)
+def case_tests(module: str, world_sizes):
+    """``(fixture, test)`` for a test module: bind them at module level as ``group_results`` (the
+    fixture's name) and ``test_<name>``; the test runs once per (world size, case of ``CASES``)
+    and reports the ranks' failures."""
+    cases = list(importlib.import_module(module).CASES)
+
+    @pytest.mark.parametrize("world_size", world_sizes)
+    @pytest.mark.parametrize("case", cases)
+    def test(group_results, world_size, case):
+        failures = group_results(world_size)[case]
+        if failures:
+            pytest.fail(f"{case} on {world_size} gloo processes:\n" + "\n".join(failures), pytrace=False)
+    return group_results(module), test

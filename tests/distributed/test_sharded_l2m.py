@@ -66,13 +66,7 @@ CASES = {
 }
 
 
-group_results = harness.group_results(__name__)
-
-
-@pytest.mark.parametrize("world_size", WORLD_SIZES)
-@pytest.mark.parametrize("case", list(CASES))
-def test_sharded_l2m_training_step(group_results, world_size, case):
-    harness.report(group_results(world_size)[case], case, world_size)
+group_results, test_sharded_l2m_training_step = harness.case_tests(__name__, WORLD_SIZES)
 
 
 def test_sharded_memory_refused_in_store_mode():

@@ -127,13 +127,7 @@ CASES = {
 }
 
 
-group_results = harness.group_results(__name__)
-
-
-@pytest.mark.parametrize("world_size", WORLD_SIZES)
-@pytest.mark.parametrize("case", list(CASES))
-def test_sharded_topk_memory_module(group_results, world_size, case):
-    harness.report(group_results(world_size)[case], case, world_size)
+group_results, test_sharded_topk_memory_module = harness.case_tests(__name__, WORLD_SIZES)
 
 
 def test_seeded_memory_slices_equal_the_whole():

@@ -8,7 +8,6 @@ Each process group is spawned once per world size and runs every case (``CASES``
 """
 from __future__ import annotations
 
-import pytest
 import torch
 
 from . import harness
@@ -257,10 +256,4 @@ CASES = {
 }
 
 
-group_results = harness.group_results(__name__)
-
-
-@pytest.mark.parametrize("world_size", WORLD_SIZES)
-@pytest.mark.parametrize("case", list(CASES))
-def test_sharded_topk_read(group_results, world_size, case):
-    harness.report(group_results(world_size)[case], case, world_size)
+group_results, test_sharded_topk_read = harness.case_tests(__name__, WORLD_SIZES)
