@@ -1,8 +1,9 @@
 """Memory sharded across the ranks of a ``torch.distributed`` process group (SPEC section 9).
 
-Each rank holds a contiguous range of the memory's slots; the reads are exact (the result of the
-single-device op on the concatenated memory, with global slot ids) and exchange ``O(P x k + Dv)``
-numbers per query, never the memory; the writes apply, on each rank, those that fall in its slots.
+Each rank holds a contiguous range of the memory's slots (or, for the product-key read, of its
+value features); the reads are exact (the result of the single-device op on the concatenated
+memory, with global slot ids) and exchange ``O(P x k + Dv)`` numbers per query, never the memory;
+the writes apply, on each rank, those that fall in its slots.
 Guide: ``docs/distributed.md``.
 
 Imported on demand (``import l2m_kernels.distributed``), not by ``import l2m_kernels``.
@@ -11,10 +12,11 @@ from __future__ import annotations
 
 from .module import (INIT_CHUNK, ShardedTopKMemory, ddp_ignored_parameters, exclude_from_ddp, seeded_memory,
                      shard_of, shard_sizes)
+from .product_key import sharded_product_key_read
 from .topk import sharded_topk_memory_read
 from .traffic import collective_bytes
 from .write import sharded_gated_memory_write
 
-__all__ = ["sharded_topk_memory_read", "sharded_gated_memory_write", "ShardedTopKMemory",
+__all__ = ["sharded_topk_memory_read", "sharded_product_key_read", "sharded_gated_memory_write", "ShardedTopKMemory",
            "exclude_from_ddp", "ddp_ignored_parameters", "shard_of", "shard_sizes", "seeded_memory",
            "collective_bytes"]
