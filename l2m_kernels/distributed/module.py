@@ -1,19 +1,29 @@
-"""``ShardedTopKMemory``: a learned key-value memory whose slots are split across the ranks of a
-process group, its seeded initialisation, and how to keep it out of DDP's gradient averaging."""
+"""``ShardedTopKMemory`` and ``ShardedProductKeyMemory``: learned memories whose slots (or value
+features) are split across the ranks of a process group, their seeded initialisation, and how to
+keep the shards out of DDP's gradient averaging."""
 from __future__ import annotations
 
 import math
 from typing import List, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..modules.product_key_memory import ProductKeyMemory
 from ..ops._common import MemoryRead
 from . import _meta
 from ._meta import QUERY_LAYOUTS, ShardLayout
+from .product_key import SHARD_MODES, sharded_product_key_read
 from .topk import sharded_topk_memory_read
 
 INIT_CHUNK = 1024  # slots per seeded chunk of the initial memory
+
+
+def _chunk_generator(seed: int, chunk: int) -> torch.Generator:
+    """The generator of chunk ``chunk`` of the initial memory of ``seed``. (A CPU generator keeps
+    only the low 32 bits of its seed, so the pair is hashed to 32 bits by numpy's SeedSequence.)"""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, chunk]).generate_state(1)[0]))
 
 
 def shard_sizes(num_slots: int, world_size: int) -> List[int]:
@@ -66,8 +76,7 @@ def seeded_memory(num_slots: int, key_dim: int, value_dim: int, num_heads: int =
     if not 0 <= seed < 2 ** 31:
         raise ValueError(f"seed: expected an int in [0, 2**31), got {seed}")
     first, last = start // INIT_CHUNK, -(-(start + count) // INIT_CHUNK)
-    chunks = [torch.randn(num_heads, INIT_CHUNK, key_dim + value_dim,
-                          generator=torch.Generator().manual_seed((seed << 32) + chunk))
+    chunks = [torch.randn(num_heads, INIT_CHUNK, key_dim + value_dim, generator=_chunk_generator(seed, chunk))
               for chunk in range(first, last)]
     rows = torch.cat(chunks, 1) if chunks else torch.empty(num_heads, 0, key_dim + value_dim)
     rows = rows[:, start - first * INIT_CHUNK:start - first * INIT_CHUNK + count]
@@ -109,6 +118,9 @@ class ShardedTopKMemory(nn.Module):
         memory = ShardedTopKMemory(16384, 64, 64, k=32, num_heads=8)   # this rank's 16384 slots
         read = memory(q)                                                # q (B, 8, T, 64)
     """
+
+    # The parameters that hold this rank's shard (left out of DDP: exclude_from_ddp).
+    SHARDED_PARAMETERS = ("keys", "values")
 
     def __init__(self, num_slots_local: int, key_dim: int, value_dim: int, k: int, *, num_heads: int = 1,
                  group=None, queries: str = "replicated", scale: Optional[float] = None, seed: int = 0,
@@ -179,18 +191,141 @@ class ShardedTopKMemory(nn.Module):
                 f"num_heads={self.num_heads}, queries={self.queries!r}")
 
 
+def seeded_value_rows(seed: int, start: int, count: int, value_dim: int, *, columns=None, dtype=None,
+                      device=None) -> Tensor:
+    """Rows ``[start, start + count)`` of the initial values of ``seed``, ``(count, Dv)`` ~ N(0, 1 / Dv)
+    (or their ``columns``, a ``slice``), drawn in chunks of ``INIT_CHUNK`` rows, chunk ``c`` from its
+    own generator (seeded with ``seed`` and ``c``): a row depends only on ``seed`` and its slot id,
+    so the shards of every rank concatenate to the values drawn whole."""
+    first, last = start // INIT_CHUNK, -(-(start + count) // INIT_CHUNK)
+    columns = slice(None) if columns is None else columns
+    chunks = [torch.randn(INIT_CHUNK, value_dim, generator=_chunk_generator(seed, chunk))[:, columns]
+              for chunk in range(first, last)]
+    width = len(range(value_dim)[columns])
+    rows = torch.cat(chunks, 0) if chunks else torch.empty(0, width)
+    rows = rows[start - first * INIT_CHUNK:start - first * INIT_CHUNK + count] * value_dim ** -0.5
+    return rows.to(dtype=dtype or torch.get_default_dtype(), device=device).contiguous()
+
+
+class ShardedProductKeyMemory(ProductKeyMemory):
+    """:class:`~l2m_kernels.modules.ProductKeyMemory` with its values split across ``group``, read
+    exactly with :func:`sharded_product_key_read` (replicated queries: every rank of the group runs
+    the same tokens, as in a tensor-parallel group).
+
+    The query projection, its normalisation, the sub-keys and the output projections are replicated
+    (the same on every rank, drawn from ``seed``); ``values`` holds this rank's shard:
+    ``shard="rows"``: ``(N_r, value_dim)``, the slots ``[offset, offset + N_r)`` of the ``n_sub ** 2``;
+    ``shard="columns"``: ``(n_sub ** 2, Dv_r)``, the value features ``[offset, offset + Dv_r)``. The
+    shard sizes (``local_size``: N_r or Dv_r) may differ across ranks and be 0; every rank
+    constructs and calls the module together.
+
+    Args: those of :class:`~l2m_kernels.modules.ProductKeyMemory` (``sparse_grad`` is not
+    supported), and
+        local_size: N_r or Dv_r, this rank's share.
+        shard:      "rows" or "columns".
+        group:      the process group (default: the world).
+        seed:       the initial parameters, the same on every rank; the values' shards together are
+                    the values a single process draws whole with the same seed
+                    (:func:`seeded_value_rows`).
+        check:      the cross-rank argument check of each read.
+
+    ``exclude_from_ddp(model)`` leaves ``values`` out of DDP; the replicated parameters stay in it.
+
+    Example:
+        layer = ShardedProductKeyMemory(512, n_sub=1024, key_dim=256, local_size=1024 ** 2 // P)
+    """
+
+    SHARDED_PARAMETERS = ("values",)
+
+    def __init__(self, dim: int, n_sub: int, key_dim: int, *, local_size: int, shard: str = "rows",
+                 group=None, seed: int = 0, check: bool = True, value_dim: Optional[int] = None,
+                 device=None, dtype=None, **kwargs):
+        if kwargs.get("sparse_grad"):
+            raise NotImplementedError("sparse_grad: the sharded read gives the values shard a dense gradient")
+        if shard not in SHARD_MODES:
+            raise ValueError(f"shard: expected one of {SHARD_MODES}, got {shard!r}")
+        if local_size < 0:
+            raise ValueError(f"local_size: expected >= 0, got {local_size}")
+        # Built on the meta device (the full values are never allocated), then materialised.
+        super().__init__(dim, n_sub, key_dim, value_dim=value_dim, device="meta", dtype=dtype, **kwargs)
+        self.shard, self.group, self.seed, self.check = shard, group, seed, check
+        device = torch.device("cpu") if device is None else torch.device(device)
+        self.layout: ShardLayout = _meta.exchange("ShardedProductKeyMemory", group, device, local_size,
+                                                  (), {}, None, False)[0]
+        total = n_sub * n_sub if shard == "rows" else self.value_dim
+        if self.layout.total != total:
+            raise ValueError(f"local_size: the ranks' shares sum to {self.layout.total} "
+                             f"({list(self.layout.sizes)}), expected {total} "
+                             f"({'n_sub ** 2 slots' if shard == 'rows' else 'value_dim features'})")
+        shape = (local_size, self.value_dim) if shard == "rows" else (n_sub * n_sub, local_size)
+        self.values = nn.Parameter(torch.empty(shape, device="meta", dtype=self.subkeys.dtype))
+        self.to_empty(device=device)
+        self.reset_parameters()
+
+    @property
+    def offset(self) -> int:
+        """The first slot (rows) or value feature (columns) this rank holds."""
+        return self.layout.offset
+
+    def reset_parameters(self) -> None:
+        """The replicated parameters from ``seed`` (the same on every rank), and this rank's share
+        of the values of ``seed``."""
+        if not hasattr(self, "layout"):  # ProductKeyMemory.__init__ on the meta device
+            return
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            super().reset_parameters()
+        if self.shard == "rows":
+            rows = seeded_value_rows(self.seed, self.offset, self.layout.size, self.value_dim)
+        else:
+            rows = seeded_value_rows(self.seed, 0, self.n_sub * self.n_sub, self.value_dim,
+                                     columns=slice(self.offset, self.offset + self.layout.size))
+        with torch.no_grad():
+            self.values.copy_(rows)
+
+    @classmethod
+    def from_full(cls, memory: ProductKeyMemory, *, shard: str = "rows", sizes: Optional[Sequence[int]] = None,
+                  group=None, **kwargs) -> "ShardedProductKeyMemory":
+        """The module holding this rank's share of ``memory``'s values (the same memory on every
+        rank), split by ``sizes`` (default :func:`shard_sizes`), with its other parameters copied."""
+        dim = -2 if shard == "rows" else -1
+        values = shard_of(memory.values.detach(), sizes=sizes, group=group, dim=dim)
+        sharded = cls(memory.dim, memory.n_sub, memory.key_dim, local_size=values.shape[dim], shard=shard,
+                      group=group, value_dim=memory.value_dim, heads=memory.heads, k=memory.k,
+                      k_sub=memory.k_sub, gated=memory.gated, backend=memory.backend,
+                      device=memory.values.device, dtype=memory.values.dtype, **kwargs)
+        state = {name: tensor for name, tensor in memory.state_dict().items() if name != "values"}
+        state["values"] = values
+        sharded.load_state_dict(state)
+        return sharded
+
+    def read(self, x: Tensor, *, deterministic: bool = False) -> MemoryRead:
+        """:meth:`ProductKeyMemory.read` over the values of every rank."""
+        return sharded_product_key_read(self.queries(x), self.subkeys, self.values, self.k, k_sub=self.k_sub,
+                                        group=self.group, shard=self.shard, scale=(self.key_dim // 2) ** -0.5,
+                                        sum_heads=True, check=self.check, backend=self.backend,
+                                        deterministic=deterministic)
+
+    def extra_repr(self) -> str:
+        what = "slots" if self.shard == "rows" else "value features"
+        return (f"{super().extra_repr()}, {what} {self.offset}..{self.offset + self.layout.size} "
+                f"of {self.layout.total}")
+
+
 def ddp_ignored_parameters(model: nn.Module) -> List[str]:
-    """The names, in ``model.named_parameters()``, of the parameters of every
-    :class:`ShardedTopKMemory` inside ``model``."""
+    """The names, in ``model.named_parameters()``, of the sharded parameters (``SHARDED_PARAMETERS``)
+    of every :class:`ShardedTopKMemory` and :class:`ShardedProductKeyMemory` inside ``model``."""
     return [f"{prefix}.{name}" if prefix else name
-            for prefix, module in model.named_modules() if isinstance(module, ShardedTopKMemory)
-            for name, _ in module.named_parameters(recurse=False)]
+            for prefix, module in model.named_modules()
+            for name in getattr(module, "SHARDED_PARAMETERS", ())
+            if isinstance(module, (ShardedTopKMemory, ShardedProductKeyMemory))]
 
 
 def exclude_from_ddp(model: nn.Module) -> List[str]:
-    """Keep every :class:`ShardedTopKMemory` of ``model`` out of ``DistributedDataParallel``:
-    call it before wrapping ``model``. DDP then neither broadcasts these shards from rank 0, nor
-    checks that their shapes agree, nor averages their gradients. Returns the names left out.
+    """Keep the shards of every :class:`ShardedTopKMemory` and :class:`ShardedProductKeyMemory` of
+    ``model`` out of ``DistributedDataParallel``: call it before wrapping ``model``. DDP then neither
+    broadcasts these shards from rank 0, nor checks that their shapes agree, nor averages their
+    gradients. Returns the names left out.
 
     A memory must be a submodule, not ``model`` itself (DDP matches the ignored names with their
     module's prefix, which the root module lacks).
@@ -201,8 +336,8 @@ def exclude_from_ddp(model: nn.Module) -> List[str]:
     """
     from torch.nn.parallel import DistributedDataParallel
 
-    if isinstance(model, ShardedTopKMemory):
-        raise ValueError("model: a ShardedTopKMemory itself cannot be left out of the DDP that wraps "
+    if isinstance(model, (ShardedTopKMemory, ShardedProductKeyMemory)):
+        raise ValueError(f"model: a {type(model).__name__} itself cannot be left out of the DDP that wraps "
                          "it; make it a submodule of the wrapped model, or do not wrap it in DDP")
     names = ddp_ignored_parameters(model)
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)

@@ -140,3 +140,16 @@ def test_seeded_memory_slices_equal_the_whole():
     assert shard_sizes(10, 4) == [3, 3, 2, 2]
     with pytest.raises(ValueError, match="start, count"):
         seeded_memory(10, 3, 4, start=8, count=3)
+
+
+def test_seeds_draw_different_memories():
+    from l2m_kernels.distributed import INIT_CHUNK, seeded_memory, seeded_value_rows
+
+    for start in (0, INIT_CHUNK + 3):  # the first chunk and a later one
+        a = seeded_memory(3 * INIT_CHUNK, 4, 4, seed=1, start=start, count=8)
+        b = seeded_memory(3 * INIT_CHUNK, 4, 4, seed=2, start=start, count=8)
+        assert not torch.equal(a[0], b[0]) and not torch.equal(a[1], b[1])
+        assert not torch.equal(seeded_value_rows(1, start, 8, 4), seeded_value_rows(2, start, 8, 4))
+    # Chunks of one seed differ from each other.
+    whole = seeded_value_rows(1, 0, 2 * INIT_CHUNK, 4)
+    assert not torch.equal(whole[:INIT_CHUNK], whole[INIT_CHUNK:])

@@ -1,0 +1,94 @@
+"""ShardedProductKeyMemory on 2 and 4 gloo processes: its seeded shards (by rows and by columns)
+concatenate to the values drawn whole, and a training step of a small model around it gives the
+loss and every gradient of the single-process model around ProductKeyMemory (the values' gradient
+sliced to the shard), alone and with DDP around the model (the values shard left out of it).
+
+Each process group is spawned once per world size and runs every case (``CASES``) in order
+(:mod:`harness`).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import harness
+
+WORLD_SIZES = (2, 4)
+DIM, N_SUB, KEY_DIM, VALUE_DIM, HEADS, K, B, T = 6, 40, 8, 7, 2, 5, 2, 3  # 1,600 slots: two init chunks
+ROWS = {2: [900, 700], 4: [300, 0, 1100, 200]}
+COLUMNS = {2: [4, 3], 4: [2, 0, 4, 1]}
+
+
+def _shares(shard, world_size):
+    return (ROWS if shard == "rows" else COLUMNS)[world_size]
+
+
+def _seeded_shards_concatenate(rank, world_size, shard):
+    from l2m_kernels.distributed import ShardedProductKeyMemory, seeded_value_rows
+
+    sizes = _shares(shard, world_size)
+    layer, other = (ShardedProductKeyMemory(DIM, N_SUB, KEY_DIM, local_size=sizes[rank], shard=shard,
+                                            value_dim=VALUE_DIM, heads=HEADS, k=K, seed=3) for _ in range(2))
+    # (The comparisons after every collective of the case: see harness.)
+    whole = seeded_value_rows(3, 0, N_SUB * N_SUB, VALUE_DIM)
+    start = harness.offsets(sizes)[rank]
+    want = whole[start:start + sizes[rank]] if shard == "rows" else whole[:, start:start + sizes[rank]]
+    assert torch.equal(layer.values.detach(), want)
+    for (name, a), (_, b) in zip(layer.named_parameters(), other.named_parameters()):
+        assert torch.equal(a, b), name   # replicated parameters: the same from the same seed
+
+
+class _Model(nn.Module):
+    def __init__(self, memory):
+        super().__init__()
+        self.proj = nn.Linear(DIM, DIM)
+        self.memory = memory
+
+    def forward(self, x):
+        return self.memory(self.proj(x))
+
+
+def _training_step(rank, world_size, shard, *, gated=False, ddp=False, seed=0):
+    from torch.nn.parallel import DistributedDataParallel
+
+    from l2m_kernels.distributed import ShardedProductKeyMemory, exclude_from_ddp, shard_of
+    from l2m_kernels.modules import ProductKeyMemory
+    from l2m_kernels.testing import assert_close
+
+    torch.manual_seed(seed)  # the same full model on every rank
+    reference = _Model(ProductKeyMemory(DIM, N_SUB, KEY_DIM, value_dim=VALUE_DIM, heads=HEADS, k=K,
+                                        gated=gated))
+    sizes = _shares(shard, world_size)
+    model = _Model(ShardedProductKeyMemory.from_full(reference.memory, shard=shard, sizes=sizes))
+    model.proj.load_state_dict(reference.proj.state_dict())
+    runner = model
+    if ddp:
+        assert exclude_from_ddp(model) == ["memory.values"]
+        runner = DistributedDataParallel(model)
+    gen = torch.Generator().manual_seed(seed + 100)
+    x = torch.randn(B, T, DIM, generator=gen)
+    target = torch.randn(B, T, DIM, generator=gen)
+    loss = (runner(x) - target).square().mean()
+    loss.backward()
+    ref_loss = (reference(x) - target).square().mean()
+    ref_loss.backward()
+    assert_close("loss", loss, ref_loss)
+    shards = dict(model.named_parameters())
+    for name, param in reference.named_parameters():
+        grad = param.grad
+        if name == "memory.values":
+            grad = shard_of(grad, sizes=sizes, dim=-2 if shard == "rows" else -1)
+        assert_close(name, shards[name].grad, grad)
+
+
+CASES = {
+    "seeded_row_shards_concatenate": lambda r, p: _seeded_shards_concatenate(r, p, "rows"),
+    "seeded_column_shards_concatenate": lambda r, p: _seeded_shards_concatenate(r, p, "columns"),
+    "step_rows": lambda r, p: _training_step(r, p, "rows"),
+    "step_columns_gated": lambda r, p: _training_step(r, p, "columns", gated=True, seed=1),
+    "step_rows_with_ddp": lambda r, p: _training_step(r, p, "rows", ddp=True, seed=2),
+    "step_columns_with_ddp": lambda r, p: _training_step(r, p, "columns", ddp=True, seed=3),
+}
+
+
+group_results, test_sharded_product_key_memory = harness.case_tests(__name__, WORLD_SIZES)
