@@ -235,7 +235,10 @@ void key_sums(const at::Tensor& keys, at::Tensor& key_abs, at::Tensor& key_sum) 
       saturated.store(true, std::memory_order_relaxed);
     }
   });
-  check_store(!saturated.load(), "keys must be in [-127, 127] (found -128)");
+  if (saturated.load()) {  // named as the argument (the subject of the message), as every op's checks
+    throw std::invalid_argument("keys: expected int8 elements in [-127, 127], got -128 (the int8 "
+                                "filter bounds |key| by 127)");
+  }
 }
 
 // Exact top-k over int8 keys: q (Hm, R, D) float32, keys (Hm, N, D) int8 (last dimension

@@ -125,6 +125,26 @@ constexpr int64_t kWarmMinPart = 16;
 // Row kinds.
 enum : uint8_t { kFiltered = 0, kExact = 1, kNaNRow = 2 };
 
+// The partial sums of q . key from element d on (the scalar loop of exact_score, and the tail of
+// its SIMD loops), then summed in lane order.
+template <typename key_t>
+inline double lanes_sum(double* part, const float* q, const key_t* key, int64_t d, int64_t dim) {
+  for (; d + kLanes <= dim; d += kLanes) {
+#pragma GCC unroll 8
+    for (int l = 0; l < kLanes; ++l) {
+      part[l] += static_cast<double>(q[d + l]) * static_cast<double>(key[d + l]);
+    }
+  }
+  for (int l = 0; d < dim; ++d, ++l) {
+    part[l] += static_cast<double>(q[d]) * static_cast<double>(key[d]);
+  }
+  double sum = 0;
+  for (int l = 0; l < kLanes; ++l) {
+    sum += part[l];
+  }
+  return sum;
+}
+
 // The exact score. The SIMD loops compute the same partial sums as the scalar one (a product is
 // exact, so a fused multiply-add rounds once, like the add). AVX-512 conversions, min and max are
 // written in their zero-masking forms with a full mask throughout this file: the plain forms trip
@@ -153,22 +173,8 @@ inline double exact_score(const float* q, const int8_t* key, int64_t dim) {
   }
   _mm256_store_pd(part, acc_lo);
   _mm256_store_pd(part + 4, acc_hi);
-#else
-  for (; d + kLanes <= dim; d += kLanes) {
-#pragma GCC unroll 8
-    for (int l = 0; l < kLanes; ++l) {
-      part[l] += static_cast<double>(q[d + l]) * static_cast<double>(key[d + l]);
-    }
-  }
 #endif
-  for (int l = 0; d < dim; ++d, ++l) {
-    part[l] += static_cast<double>(q[d]) * static_cast<double>(key[d]);
-  }
-  double sum = 0;
-  for (int l = 0; l < kLanes; ++l) {
-    sum += part[l];
-  }
-  return sum;
+  return lanes_sum(part, q, key, d, dim);
 }
 
 // The exact score against a float32 key (refinement): the same association as exact_score, every
@@ -194,22 +200,8 @@ inline double exact_score(const float* q, const float* key, int64_t dim) {
   }
   _mm256_store_pd(part, acc_lo);
   _mm256_store_pd(part + 4, acc_hi);
-#else
-  for (; d + kLanes <= dim; d += kLanes) {
-#pragma GCC unroll 8
-    for (int l = 0; l < kLanes; ++l) {
-      part[l] += static_cast<double>(q[d + l]) * static_cast<double>(key[d + l]);
-    }
-  }
 #endif
-  for (int l = 0; d < dim; ++d, ++l) {
-    part[l] += static_cast<double>(q[d]) * static_cast<double>(key[d]);
-  }
-  double sum = 0;
-  for (int l = 0; l < kLanes; ++l) {
-    sum += part[l];
-  }
-  return sum;
+  return lanes_sum(part, q, key, d, dim);
 }
 
 // Rank of a score in the selection order: NaN ranks like +inf.

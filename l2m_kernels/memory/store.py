@@ -9,7 +9,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from ..ops._common import MemoryRead
+from ..ops._common import MemoryRead, rows_of_queries, to_queries
 from ..ops.memory_write import gated_memory_write
 from ..ops.topk_read import topk_memory_read
 from ..ops.topk_read.reference import masked_softmax_lse
@@ -607,28 +607,13 @@ class MemoryStore:
 
     def _rows_of_queries(self, q: torch.Tensor) -> torch.Tensor:
         """``q (B, H, T, D)`` -> ``(Hm, B * g * T, D)``: the rows each memory head serves."""
-        batch, heads, seq, dim = q.shape
-        group = heads // self.num_heads
-        return q.reshape(batch, self.num_heads, group * seq, dim).transpose(0, 1).reshape(
-            self.num_heads, batch * group * seq, dim)
-
-    def _to_queries(self, x: torch.Tensor, batch: int, heads: int, seq: int) -> torch.Tensor:
-        """Inverse of :meth:`_rows_of_queries` for ``(Hm, R, k)``."""
-        group = heads // self.num_heads
-        last = x.shape[-1]
-        return x.reshape(self.num_heads, batch, group * seq, last).transpose(0, 1).reshape(
-            batch, heads, seq, last)
+        return rows_of_queries(q, self.num_heads)
 
     @property
     def _rank_keys(self) -> str:
         """The array the exact scores use: the float copies when refining, else the keys."""
         return "keys_float" if self.key_refine is not None else "keys"
 
-    def _exact_q(self, q: torch.Tensor, scale: float, q_rows: torch.Tensor) -> torch.Tensor:
-        """The query rows of the exact scores (``_rank_keys``)."""
-        if self.key_refine is not None:
-            return (self._rows_of_queries(q.detach().float()) * scale).contiguous()
-        return q_rows
 
     def _slack(self, q_rows: torch.Tensor) -> torch.Tensor:
         """Per row, a bound on |score on the float key - score on the int8 key| over every entry:
@@ -636,11 +621,15 @@ class MemoryStore:
         residual = (self.key_residual + 1e-6) * (1 + 1e-5)
         return (q_rows.abs().sum(-1) * residual + 1e-30).float().contiguous()
 
-    def _effective_q(self, q: torch.Tensor, scale: float) -> torch.Tensor:
-        rows = self._rows_of_queries(q.detach().float()) * scale
-        if self.key_format == "int8":
-            rows = rows * self.key_scales.unsqueeze(1)
-        return rows.contiguous()
+    def _query_rows(self, q: torch.Tensor, scale: float):
+        """``(q_rows, q_exact)`` ``(Hm, R, Dk)`` float32: the rows the selection kernels score
+        (times the int8 channel scales for int8 keys), and those of the exact scores
+        (``_rank_keys``: without the channel scales when refining on float keys)."""
+        scaled = self._rows_of_queries(q.detach().float()) * scale
+        if self.key_format != "int8":
+            return scaled, scaled
+        q_rows = (scaled * self.key_scales.unsqueeze(1)).contiguous()
+        return q_rows, (scaled if self.key_refine is not None else q_rows)
 
     def read(self, q: torch.Tensor, k: int, *, blocks: Optional[int] = None,
              scale: Optional[float] = None, track: bool = True) -> MemoryRead:
@@ -684,8 +673,8 @@ class MemoryStore:
             if self.device.type == "cpu" and not (torch.is_grad_enabled() and q.requires_grad):
                 result = self._read_selection(q, scores, slots)
             else:
-                scores = self._to_queries(scores, batch, heads, seq)
-                slots = self._to_queries(slots, batch, heads, seq)
+                scores = to_queries(scores, batch, heads, seq)
+                slots = to_queries(slots, batch, heads, seq)
                 result = self._finish(q, slots, scale, scores)
         if blocks is not None and self.last_read_stats:
             per_entry = self.value_dim * formats.storage_dtype(self.value_format).itemsize + (
@@ -724,8 +713,7 @@ class MemoryStore:
     def _select_exact(self, q, k, scale):
         """Exact top-k over every entry: per tier, then merged. Returns ``(Hm, R, k)`` float32
         scores and global slots."""
-        q_rows = self._effective_q(q, scale)
-        q_exact = self._exact_q(q, scale, q_rows)
+        q_rows, q_exact = self._query_rows(q, scale)
         size = self.block_size
         parts_scores, parts_slots = [], []
         rescore = len(self.tiers) > 1
@@ -797,7 +785,7 @@ class MemoryStore:
                 torch.arange(used_blocks, device=self.device),
                 torch.ones(used_blocks, dtype=torch.int64, device=self.device), blocks)
         first = torch.sort(first, dim=-1).values                      # (Hm, R, KB) ascending
-        q_rows = self._exact_q(q, scale, self._effective_q(q, scale))
+        q_rows = self._query_rows(q, scale)[1]
         out_scores, out_slots = [], []
         staged = 0
         for start in range(0, q_rows.shape[1], _STAGE_ROWS):
@@ -857,10 +845,10 @@ class MemoryStore:
             rows = torch.arange(flat.shape[1], device=slots.device).view(slots.shape[1:])
             rows = torch.where(live, rows, -1)
         out, weights, lse = topk_values_read(scores, rows, values, value_scale)
-        return MemoryRead(self._to_queries(out, batch, heads, seq).to(q.dtype),
-                          self._to_queries(slots, batch, heads, seq),
-                          self._to_queries(weights, batch, heads, seq),
-                          self._to_queries(lse.unsqueeze(-1), batch, heads, seq).squeeze(-1))
+        return MemoryRead(to_queries(out, batch, heads, seq).to(q.dtype),
+                          to_queries(slots, batch, heads, seq),
+                          to_queries(weights, batch, heads, seq),
+                          to_queries(lse.unsqueeze(-1), batch, heads, seq).squeeze(-1))
 
     def _finish(self, q, slots, scale, scores) -> MemoryRead:
         """Weights, lse and out of the selected global ``slots (B, H, T, k)`` (-1: none).
@@ -877,10 +865,10 @@ class MemoryStore:
             keys = self._stored_keys(flat).view(*rows.shape, self.key_dim)
             q_rows = self._rows_of_queries(q.float()) * scale
             scores = torch.einsum("hrd,hrkd->hrk", q_rows, keys)
-            scores = self._to_queries(scores, batch, heads, seq)
+            scores = to_queries(scores, batch, heads, seq)
         else:
             scores = scores.float()
-        values = self._to_queries(values.reshape(self.num_heads, rows.shape[1], k * self.value_dim),
+        values = to_queries(values.reshape(self.num_heads, rows.shape[1], k * self.value_dim),
                                   batch, heads, seq).view(batch, heads, seq, k, self.value_dim)
         weights, lse = masked_softmax_lse(scores, missing)
         if bool(missing.any()):

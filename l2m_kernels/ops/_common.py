@@ -50,6 +50,27 @@ def read_outputs_like(q: Tensor, value_dim: int, k: int, *, fill=None) -> Tuple[
     return tuple(q.new_full(shape, fill, dtype=dtype) for shape, dtype in specs)
 
 
+def rows_of_queries(x: Tensor, mem_heads: int) -> Tensor:
+    """``x (B, H, T, D)`` -> ``(Hm, B * (H // Hm) * T, D)``: the query rows each memory head serves
+    (query head h reads memory head h // (H // Hm)), row-major.
+
+    Equivalent PyTorch:
+        x.reshape(B, Hm, H // Hm * T, D).transpose(0, 1).reshape(Hm, -1, D)
+    """
+    batch, heads, length, dim = x.shape
+    group = heads // mem_heads
+    return x.reshape(batch, mem_heads, group * length, dim).transpose(0, 1).reshape(
+        mem_heads, batch * group * length, dim).contiguous()
+
+
+def to_queries(x: Tensor, batch: int, heads: int, length: int) -> Tensor:
+    """Inverse of :func:`rows_of_queries` for ``x (Hm, R, last)`` -> ``(B, H, T, last)``, row-major."""
+    mem_heads, last = x.shape[0], x.shape[-1]
+    group = heads // mem_heads
+    return x.reshape(mem_heads, batch, group * length, last).transpose(0, 1).reshape(
+        batch, heads, length, last).contiguous()
+
+
 def rows_for(backend: str) -> Callable[[Tensor], Tensor]:
     """How ``backend``'s kernels take a (B, H, T, D) operand that may be strided.
 

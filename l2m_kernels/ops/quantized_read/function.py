@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from ... import _ext
-from .._common import acc_dtype, contiguous_like, declared_op, read_outputs_like, reference_vjp, register_autograd
+from .._common import (acc_dtype, contiguous_like, declared_op, read_outputs_like, reference_vjp, register_autograd,
+                       rows_of_queries, to_queries)
 from ..topk_read.reference import gather_slots
 from .reference import (effective_queries, head_scales, quantized_read_gather, quantized_topk_read_ref,
                         selected_values)
@@ -32,22 +33,6 @@ def _cpu():
     if ext is None:
         raise NotImplementedError(f"backend 'cpu' is unavailable: {_ext.cpu_extension_error()}")
     return ext
-
-
-def _rows_of_queries(x: Tensor, mem_heads: int) -> Tensor:
-    """(B, H, T, D) -> (Hm, B * (H // Hm) * T, D): the rows each memory head serves, row-major."""
-    batch, heads, length, dim = x.shape
-    group = heads // mem_heads
-    return x.reshape(batch, mem_heads, group * length, dim).transpose(0, 1).reshape(
-        mem_heads, batch * group * length, dim).contiguous()
-
-
-def _to_queries(x: Tensor, batch: int, heads: int, length: int) -> Tensor:
-    """Inverse of :func:`_rows_of_queries` for ``(Hm, R, last)``, row-major."""
-    mem_heads, last = x.shape[0], x.shape[-1]
-    group = heads // mem_heads
-    return x.reshape(mem_heads, batch, group * length, last).transpose(0, 1).reshape(
-        batch, heads, length, last).contiguous()
 
 
 # ---- reference ----
@@ -68,14 +53,10 @@ def _cpu_select(q, keys, key_scale, k, scale):
     """The selection kernel: ``(scores (Hm, R, k) float32, slots (Hm, R, k) int64)``; it checks the
     keys' values itself."""
     ext = _cpu()
-    q_rows = _rows_of_queries(effective_queries(q, key_scale, scale), keys.shape[0])
+    q_rows = rows_of_queries(effective_queries(q, key_scale, scale), keys.shape[0])
     key_rows = keys if keys.stride(-1) == 1 else keys.contiguous()
-    try:  # the kernel computes the keys' sum |k| and sum k (its bound) and refuses a -128
-        return ext._store_int8_topk(q_rows, key_rows, None, None, k)
-    except ValueError as exc:   # its check of the keys, before any work: named as the argument
-        if "-128" in str(exc):
-            raise ValueError(f"keys: expected int8 elements in [-127, 127], got -128 ({exc})") from None
-        raise
+    # The kernel computes the keys' sum |k| and sum k (its bound) and refuses a -128, before any work.
+    return ext._store_int8_topk(q_rows, key_rows, None, None, k)
 
 
 def _cpu_fwd(q, keys, key_scale, values, k, value_scale, scale):
@@ -84,7 +65,7 @@ def _cpu_fwd(q, keys, key_scale, values, k, value_scale, scale):
         check_keys(keys)    # no kernel runs to check them
         return read_outputs_like(q, values.shape[-1], k, fill=0)
     scores, slots = _cpu_select(q, keys, key_scale, k, scale)
-    indices = _to_queries(slots, B, H, T)
+    indices = to_queries(slots, B, H, T)
     if q.dtype == torch.float64:
         out, weights, lse = quantized_read_gather(q.detach(), keys, key_scale, values, indices, value_scale, scale)
         return out.contiguous(), indices, weights.contiguous(), lse.contiguous()
@@ -93,8 +74,8 @@ def _cpu_fwd(q, keys, key_scale, values, k, value_scale, scale):
         value_rows = value_rows.view(torch.uint8)   # the kernel reads float8_e4m3fn as its bytes
     row_scales = None if value_scale is None else value_scale.contiguous()
     out, weights, lse = _cpu()._topk_values_read(scores, slots, value_rows, row_scales)
-    return (_to_queries(out.to(q.dtype), B, H, T), indices, _to_queries(weights, B, H, T),
-            _to_queries(lse.unsqueeze(-1), B, H, T).squeeze(-1))
+    return (to_queries(out.to(q.dtype), B, H, T), indices, to_queries(weights, B, H, T),
+            to_queries(lse.unsqueeze(-1), B, H, T).squeeze(-1))
 
 
 def _cpu_bwd(dout, dweights, dlse, q, keys, key_scale, values, value_scale, indices, weights, scale):
