@@ -58,13 +58,13 @@ DTYPE_NAMES = {str(d).replace("torch.", ""): d for d in DTYPES}
 
 def shape_label(op: str, p: dict) -> str:
     """A short description of a case's shape, for the table (the op's declared label)."""
-    return registry.OPS[op].cases.label(p)
+    return (registry.OPS.get(op) or registry.SHARDED_OPS[op]).cases.label(p)
 
 
 def build_cases(op: str, seed: int, quick: bool) -> list[dict]:
     """The shapes checked for ``op``: its declared edge cases (2 with --quick, else all) plus random
     shapes from its declared generator."""
-    cases = registry.OPS[op].cases
+    cases = (registry.OPS.get(op) or registry.SHARDED_OPS[op]).cases
     rng = random.Random(f"l2m-check/{seed}/{op}")
     edges = cases.edge[:2] if quick else cases.edge
     return [dict(edge) for edge in edges] + [cases.random(rng) for _ in range(1 if quick else 2)]
@@ -265,8 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "tolerance). Exit status 1 when anything fails.")
     parser.add_argument("--device", default=None,
                         help="device to check on (default: cuda if available, else cpu)")
-    parser.add_argument("--ops", type=_csv("op", OPS), default=list(OPS),
-                        help="comma-separated ops (default: all): " + ", ".join(OPS))
+    parser.add_argument("--ops", type=_csv("op", OPS + tuple(registry.SHARDED_OPS)), default=None,
+                        help="comma-separated ops (default: all; with --distributed, the sharded ones): "
+                             + ", ".join(OPS + tuple(registry.SHARDED_OPS)))
     parser.add_argument("--backends", type=_csv("backend", tuple(BACKENDS)), default=None,
                         help="comma-separated backends (default: the fused backends for the device; "
                              "'reference' may be named to check the reference itself)")
@@ -279,6 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="one table row per shape instead of per op/backend/dtype")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--distributed", type=int, metavar="P", default=None,
+                        help="check the sharded ops of l2m_kernels.distributed instead, each on P gloo "
+                             "processes of this machine against its single-device op run whole "
+                             "(float32 and float64)")
     return parser
 
 
@@ -304,6 +309,9 @@ def main(argv=None) -> int:
         backend_names = args.backends
     dtypes = [DTYPE_NAMES[n] for n in args.dtypes]
     env = _environment(device)
+    if args.distributed is not None:
+        return _main_distributed(args, env)
+    ops = [op for op in args.ops or OPS if op in OPS]
 
     print(f"l2m-check {__version__}: fused backends vs the float64 reference (relative RMS error of "
           f"every output and gradient)")
@@ -311,7 +319,7 @@ def main(argv=None) -> int:
           + (", TRITON_INTERPRET=1" if triton_interpret_enabled() else "")
           + f"; seed {args.seed}{', quick' if args.quick else ''}")
 
-    runs, skips = plan_runs(args.ops, backend_names, dtypes, device, args.seed, args.quick)
+    runs, skips = plan_runs(ops, backend_names, dtypes, device, args.seed, args.quick)
     results = list(skips)
     bar = _progress(len(runs), not args.no_progress)
     tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
@@ -331,9 +339,30 @@ def main(argv=None) -> int:
             bar.close()
 
     # Table order: op, then backend, then dtype, as planned (skips in place).
-    order = {op: i for i, op in enumerate(args.ops)}
+    order = {op: i for i, op in enumerate(ops)}
     border = {b: i for i, b in enumerate(backend_names)}
     results.sort(key=lambda r: (order[r.op], border[r.backend]))
+    return _report(args, env, results, bool(runs), "the float64 reference, tol = l2m_kernels.testing."
+                   "TOLERANCE[dtype], or twice the error of the same computation in PyTorch at the input "
+                   "dtype where that is larger")
+
+
+def _main_distributed(args, env) -> int:
+    """``--distributed P``: the sharded ops on P gloo processes (l2m_kernels.distributed.check)."""
+    from .distributed import check as distributed_check
+
+    ops = distributed_check.sharded_ops(args.ops)
+    dtypes = [DTYPE_NAMES[n] for n in args.dtypes if DTYPE_NAMES[n] in distributed_check.DTYPES]
+    print(f"l2m-check {__version__}: sharded ops on {args.distributed} gloo processes vs the single-device "
+          f"op on the whole memory (slot ids identical; relative RMS error of every output and gradient)")
+    print(f"torch {env['torch']}; seed {args.seed}{', quick' if args.quick else ''}")
+    results = distributed_check.run(args.distributed, ops, dtypes, args.seed, args.quick) if ops and dtypes else []
+    return _report(args, env, results, bool(results), "the single-device op run whole in the same process "
+                   "(slot ids: identical), tol = l2m_kernels.testing.TOLERANCE[dtype]")
+
+
+def _report(args, env, results, ran: bool, against: str) -> int:
+    """Print the table and the failures, write ``--json``; the exit status."""
     headers_summary = ["op", "backend", "dtype", "shapes", "max err", "worst (output/grad @ shape)", "tol",
                        "result"]
     headers_detail = ["op", "backend", "dtype", "shape", "max err", "worst", "tol", "result"]
@@ -354,10 +383,8 @@ def main(argv=None) -> int:
                     if r.max_error is not None else r.message)
             print(f"  {r.op} [{r.backend}, {r.dtype}] {r.shape}: {what}")
     print(f"\n{len(passed)} passed, {len(failed)} failed (op/backend/dtype/shape runs), "
-          f"{len(results) - len(passed) - len(failed)} skipped; max err = relative RMS error against the "
-          f"float64 reference, tol = l2m_kernels.testing.TOLERANCE[dtype], or twice the error of the same "
-          f"computation in PyTorch at the input dtype where that is larger")
-    if not runs:
+          f"{len(results) - len(passed) - len(failed)} skipped; max err = relative RMS error against {against}")
+    if not ran:
         print("nothing was checked: no requested backend can run on this device (see SKIP reasons)")
 
     if args.json:
@@ -367,7 +394,7 @@ def main(argv=None) -> int:
             "quick": args.quick,
             "tolerance": {str(d)[6:]: t for d, t in TOLERANCE.items()},
             "summary": {"passed": len(passed), "failed": len(failed),
-                        "skipped": len(results) - len(passed) - len(failed), "ok": bool(runs) and not failed},
+                        "skipped": len(results) - len(passed) - len(failed), "ok": ran and not failed},
             "results": [{k: ({n: _json_number(e) for n, e in v.items()} if isinstance(v, dict) else _json_number(v))
                          for k, v in dataclasses.asdict(r).items()} for r in results],
         }
@@ -376,7 +403,7 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=1)
         print(f"results written to {args.json}")
-    return 1 if failed or not runs else 0
+    return 1 if failed or not ran else 0
 
 
 if __name__ == "__main__":

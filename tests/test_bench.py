@@ -106,25 +106,67 @@ def test_bench_options_reach_the_benchmarks(tmp_path, monkeypatch):
 
 
 def test_bench_distributed_tiny(tmp_path):
-    # Spawned gloo groups of 1 and 2 processes; the bytes of the sharded read are counted, the
-    # naive read's are the whole memory. Not in the --quick suite unless named.
+    # Spawned gloo groups of 1 and 2 processes; the bytes of the sharded reads and write are
+    # counted, the naive reads' are the whole memory (top-k) or the whole values (product-key, in
+    # both shard modes), the naive write's the whole memory (and every rank's writes). Not in the
+    # --quick suite unless named.
     from l2m_kernels.bench import NOT_IN_QUICK, build_parser
     from l2m_kernels.bench import _names as bench_names
-    from l2m_kernels.bench.distributed import DIM, K, TINY
+    from l2m_kernels.bench.distributed import DIM, K, KW, OP, PK_OP, PK_SHARDS, TINY, WRITE_OP
+    from l2m_kernels.distributed.write import _FIELDS as WRITE_FIELDS
 
     status = main(["--tiny", "--device", "cpu", "--out", str(tmp_path), "--no-progress", "--only", "distributed"])
     assert status == 0
     rows = json.loads((tmp_path / "suite.json").read_text())["rows"]
-    assert [results.problems(r) for r in rows] == [[]] * len(rows) == [[]] * 2 * len(TINY["ranks"])
+    assert [results.problems(r) for r in rows] == [[]] * len(rows) == [[]] * 10 * len(TINY["ranks"])
     for row in rows:
         assert row["fwd_ms"] > 0 and row["both_ms"] > 0, row
     world_size = TINY["ranks"][-1]
-    sharded = next(r for r in rows if r["variant"] == "cpu sharded" and r["shape"].startswith(f"P={world_size} "))
+    topk = [r for r in rows if r["op"] == OP and r["shape"].startswith(f"P={world_size} ")]
+    sharded = next(r for r in topk if r["variant"] == "cpu sharded")
     candidates = world_size * K * 12 * TINY["queries"]
     assert f"all_gather {candidates + 29 * 8 * world_size:,}" in sharded["notes"], sharded["notes"]
     assert f"all_reduce {TINY['queries'] * DIM * 4:,}" in sharded["notes"], sharded["notes"]
-    naive = next(r for r in rows if r["variant"].startswith("naive") and r["shape"].startswith(f"P={world_size} "))
+    naive = next(r for r in topk if r["variant"].startswith("naive"))
     assert f"forward {TINY['slots'] * 2 * DIM * 4:,} " in naive["notes"], naive["notes"]
+    # Product-key read: the sharded forward sends T x Dv x 4 (an all-reduce by rows, an all-gather
+    # of the columns, with the metadata), its backward the k numbers dout . v_j per query; the naive
+    # read gathers the whole (n_sub ** 2, Dv) values and sends as much back in its backward.
+    values_bytes, out_bytes = TINY["n_sub"] ** 2 * DIM * 4, TINY["queries"] * DIM * 4
+    for shard in PK_SHARDS:
+        pk = [r for r in rows if r["op"] == PK_OP and r["shape"].startswith(f"P={world_size} shard={shard} ")]
+        sharded, naive = (next(r for r in pk if r["variant"].startswith(v)) for v in ("cpu sharded", "naive"))
+        if shard == "rows":
+            assert f"all_reduce {out_bytes:,}" in sharded["notes"], sharded["notes"]
+        else:
+            forward = sharded["notes"].split("; backward")[0]
+            assert "all_gather " in forward and "all_reduce" not in forward, sharded["notes"]
+        assert f"backward {TINY['queries'] * TINY['pk_k'] * 4:,} " in sharded["notes"], sharded["notes"]
+        assert f"forward {values_bytes:,} " in naive["notes"], naive["notes"]
+        assert f"backward {values_bytes:,} " in naive["notes"], naive["notes"]
+    # Gated write: replicated writes send only the metadata in the forward (the error flag, the
+    # shard size and the fields, int64, from every rank), their backward one all-reduce of the
+    # packed (weights, add, erase) gradients; sharded writes all-gather those and the int64 slot ids
+    # too, and reduce-scatter their gradients back. The naive write gathers the whole memory
+    # (P batch rows of it with sharded writes), and every rank's writes.
+    steps = TINY["writes"]
+    metadata = (2 + sum(field.width for field in WRITE_FIELDS)) * 8 * world_size
+    packed, ids = steps * (KW + 2 * DIM) * 4, steps * KW * 8
+    memory_bytes = TINY["slots"] * DIM * 4
+    write = {(r["shape"].split()[1], r["variant"].split()[0]): r for r in rows
+             if r["op"] == WRITE_OP and r["shape"].startswith(f"P={world_size} ")}
+    assert len(write) == 4 and all("per write step" in r["notes"] for r in write.values()), write
+    notes = write["queries=replicated", "cpu"]["notes"]
+    assert f"forward {metadata:,} (all_gather {metadata:,})" in notes, notes
+    assert f"backward {packed:,} (all_reduce {packed:,})" in notes, notes
+    notes = write["queries=sharded", "cpu"]["notes"]
+    sent = metadata + world_size * (packed + ids)
+    assert f"forward {sent:,} (all_gather {sent:,})" in notes, notes
+    assert f"backward {world_size * packed:,} (reduce_scatter {world_size * packed:,})" in notes, notes
+    notes = write["queries=replicated", "naive:"]["notes"]
+    assert f"forward {memory_bytes:,} " in notes and f"backward {memory_bytes + packed:,} " in notes, notes
+    notes = write["queries=sharded", "naive:"]["notes"]
+    assert f"forward {world_size * (memory_bytes + packed + ids):,} " in notes, notes
     parser = build_parser()
     assert set(NOT_IN_QUICK) & set(bench_names("", parser, quick=True)) == set()
     assert "distributed" in bench_names("", parser) and bench_names("distributed", parser, quick=True) == ["distributed"]

@@ -38,8 +38,9 @@ its shapes):
   (:mod:`l2m_kernels.bench.memory_store`)
 - ``hf_memory``: the prefill of a Hugging Face Llama with memory attached against the unpatched model
   with sdpa (:mod:`l2m_kernels.bench.hf_memory`; a row that says so without transformers)
-- ``distributed``: the sharded memory read on 1, 2 and 4 gloo processes against gathering the
-  memory: read time and bytes communicated per read (:mod:`l2m_kernels.bench.distributed`; not in
+- ``distributed``: the sharded top-k and product-key reads and the sharded gated write on 1, 2 and
+  4 gloo processes against gathering the memory: time and bytes communicated per call
+  (:mod:`l2m_kernels.bench.distributed`; not in
   the ``--quick`` suite unless named: ``l2m-bench --quick --only distributed``)
 - ``model``: one L2MModel training step, both memory modes (:mod:`l2m_kernels.bench.model`)
 

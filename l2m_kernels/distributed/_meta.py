@@ -5,6 +5,8 @@ Every rank contributes one fixed-length int64 row to one all-gather: its shard s
 query layout, the scale's bits, ...). Every rank then holds the same table and reaches the same
 verdict, so a mismatch raises the same ``ValueError`` on every rank instead of leaving some ranks
 waiting in a later collective whose sizes disagree.
+
+:func:`eager_only` keeps the sharded ops out of ``torch.compile``'s graphs (see there).
 """
 from __future__ import annotations
 
@@ -120,6 +122,42 @@ def bits_checksum(tensor: torch.Tensor) -> int:
     if flat.dtype.is_floating_point or flat.dtype == torch.bool:
         flat = flat.view(bits_dtype) if flat.dtype != torch.bool else flat.to(torch.int8)
     return int(flat.sum(dtype=torch.int64))
+
+
+def _compiler_disable():
+    """``torch.compiler.disable`` (torch >= 2.1), else ``torch._dynamo.disable``."""
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    if disable is None:
+        import torch._dynamo as dynamo
+        disable = dynamo.disable
+    return disable
+
+
+def eager_only(fn: Callable) -> Callable:
+    """``fn`` (a sharded op's public function) run eagerly, never traced by ``torch.compile``.
+
+    A compiled function calling it breaks its graph there and calls it as it is, like any eager
+    autograd op: the code before and after it compiles, and autograd runs its backward (with its
+    collectives) eagerly. Traced, the op goes wrong in several ways (seen with torch 2.13), so the
+    whole call (argument checks, metadata exchange, the autograd.Function and its collectives)
+    stays out of the graphs:
+
+    - the cross-rank checks turn tensors into Python ints (checksums, shard sizes, valid_len
+      ranges: ``int()``, ``.tolist()``), each a graph break after which Dynamo specialises the
+      resumed code on these ints: with replicated queries every new q (a new checksum) recompiles
+      the rest of the read, until the recompile limit sends it back to eager;
+    - the metadata row is baked into a graph as a constant;
+    - Dynamo cannot trace the autograd.Function and compiles its forward as separate frames, with
+      the collectives turned into functional collectives.
+
+    Recursive: nothing the call runs (the local selection, the collectives) is compiled either.
+    """
+    disable = _compiler_disable()
+    try:
+        return disable(fn, recursive=True,
+                       reason=f"{fn.__name__}: runs collectives and cross-rank checks eagerly")
+    except TypeError:  # older torch: no ``reason``
+        return disable(fn, recursive=True)
 
 
 def group_rank(group) -> Tuple[int, int]:

@@ -209,8 +209,9 @@ def seeded_value_rows(seed: int, start: int, count: int, value_dim: int, *, colu
 
 class ShardedProductKeyMemory(ProductKeyMemory):
     """:class:`~l2m_kernels.modules.ProductKeyMemory` with its values split across ``group``, read
-    exactly with :func:`sharded_product_key_read` (replicated queries: every rank of the group runs
-    the same tokens, as in a tensor-parallel group).
+    exactly with :func:`sharded_product_key_read`: with ``queries="replicated"`` every rank of the
+    group runs the same tokens (a tensor-parallel group); with ``queries="sharded"`` each rank runs
+    its own batch (data parallel; the batches must have one shape) and reads every rank's values.
 
     The query projection, its normalisation, the sub-keys and the output projections are replicated
     (the same on every rank, drawn from ``seed``); ``values`` holds this rank's shard:
@@ -219,10 +220,11 @@ class ShardedProductKeyMemory(ProductKeyMemory):
     shard sizes (``local_size``: N_r or Dv_r) may differ across ranks and be 0; every rank
     constructs and calls the module together.
 
-    Args: those of :class:`~l2m_kernels.modules.ProductKeyMemory` (``sparse_grad`` is not
-    supported), and
+    Args: those of :class:`~l2m_kernels.modules.ProductKeyMemory` (``sparse_grad``: the values
+    shard's gradient is sparse), and
         local_size: N_r or Dv_r, this rank's share.
         shard:      "rows" or "columns".
+        queries:    "replicated" or "sharded", as above.
         group:      the process group (default: the world).
         seed:       the initial parameters, the same on every rank; the values' shards together are
                     the values a single process draws whole with the same seed
@@ -238,17 +240,17 @@ class ShardedProductKeyMemory(ProductKeyMemory):
     SHARDED_PARAMETERS = ("values",)
 
     def __init__(self, dim: int, n_sub: int, key_dim: int, *, local_size: int, shard: str = "rows",
-                 group=None, seed: int = 0, check: bool = True, value_dim: Optional[int] = None,
-                 device=None, dtype=None, **kwargs):
-        if kwargs.get("sparse_grad"):
-            raise NotImplementedError("sparse_grad: the sharded read gives the values shard a dense gradient")
+                 queries: str = "replicated", group=None, seed: int = 0, check: bool = True,
+                 value_dim: Optional[int] = None, device=None, dtype=None, **kwargs):
         if shard not in SHARD_MODES:
             raise ValueError(f"shard: expected one of {SHARD_MODES}, got {shard!r}")
+        if queries not in QUERY_LAYOUTS:
+            raise ValueError(f"queries: expected one of {QUERY_LAYOUTS}, got {queries!r}")
         if local_size < 0:
             raise ValueError(f"local_size: expected >= 0, got {local_size}")
         # Built on the meta device (the full values are never allocated), then materialised.
         super().__init__(dim, n_sub, key_dim, value_dim=value_dim, device="meta", dtype=dtype, **kwargs)
-        self.shard, self.group, self.seed, self.check = shard, group, seed, check
+        self.shard, self.queries_layout, self.group, self.seed, self.check = shard, queries, group, seed, check
         device = torch.device("cpu") if device is None else torch.device(device)
         self.layout: ShardLayout = _meta.exchange("ShardedProductKeyMemory", group, device, local_size,
                                                   (), {}, None, False)[0]
@@ -272,9 +274,19 @@ class ShardedProductKeyMemory(ProductKeyMemory):
         of the values of ``seed``."""
         if not hasattr(self, "layout"):  # ProductKeyMemory.__init__ on the meta device
             return
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            super().reset_parameters()
+        # ProductKeyMemory.reset_parameters draws the values between the sub-keys and the
+        # projections: drawing this rank's shard there (its size differs across ranks) would shift
+        # the projections' draws, and the replicated parameters would differ across ranks (and the
+        # read's q checksum check fail). It draws into an empty stand-in instead; the shard is
+        # drawn below, from its own generators.
+        shard = self._parameters["values"]
+        self._parameters["values"] = nn.Parameter(shard.new_empty((0, shard.shape[1])), requires_grad=False)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)
+                super().reset_parameters()
+        finally:
+            self._parameters["values"] = shard
         if self.shard == "rows":
             rows = seeded_value_rows(self.seed, self.offset, self.layout.size, self.value_dim)
         else:
@@ -292,7 +304,8 @@ class ShardedProductKeyMemory(ProductKeyMemory):
         values = shard_of(memory.values.detach(), sizes=sizes, group=group, dim=dim)
         sharded = cls(memory.dim, memory.n_sub, memory.key_dim, local_size=values.shape[dim], shard=shard,
                       group=group, value_dim=memory.value_dim, heads=memory.heads, k=memory.k,
-                      k_sub=memory.k_sub, gated=memory.gated, backend=memory.backend,
+                      k_sub=memory.k_sub, gated=memory.gated, sparse_grad=memory.sparse_grad,
+                      backend=memory.backend,
                       device=memory.values.device, dtype=memory.values.dtype, **kwargs)
         state = {name: tensor for name, tensor in memory.state_dict().items() if name != "values"}
         state["values"] = values
@@ -302,14 +315,15 @@ class ShardedProductKeyMemory(ProductKeyMemory):
     def read(self, x: Tensor, *, deterministic: bool = False) -> MemoryRead:
         """:meth:`ProductKeyMemory.read` over the values of every rank."""
         return sharded_product_key_read(self.queries(x), self.subkeys, self.values, self.k, k_sub=self.k_sub,
-                                        group=self.group, shard=self.shard, scale=(self.key_dim // 2) ** -0.5,
-                                        sum_heads=True, check=self.check, backend=self.backend,
-                                        deterministic=deterministic)
+                                        group=self.group, shard=self.shard, queries=self.queries_layout,
+                                        scale=(self.key_dim // 2) ** -0.5, sum_heads=True, check=self.check,
+                                        backend=self.backend, deterministic=deterministic,
+                                        sparse_grad=self.sparse_grad)
 
     def extra_repr(self) -> str:
         what = "slots" if self.shard == "rows" else "value features"
         return (f"{super().extra_repr()}, {what} {self.offset}..{self.offset + self.layout.size} "
-                f"of {self.layout.total}")
+                f"of {self.layout.total}, queries={self.queries_layout!r}")
 
 
 def ddp_ignored_parameters(model: nn.Module) -> List[str]:

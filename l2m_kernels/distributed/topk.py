@@ -31,7 +31,7 @@ from ..ops._common import MemoryRead, acc_dtype, autocast_promote
 from ..ops.topk_read import MAX_K, resolve_scale, topk_memory_read
 from ..ops.topk_read.reference import gather_slots, masked_softmax_lse
 from ..ops.topk_read.validate import shared_if_broadcast, validate_memory, validate_valid_len
-from . import _meta
+from . import _comm, _meta
 from ._meta import (MISSING, QUERY_LAYOUTS, Field, ShardLayout, bits_checksum, dtype_code,
                     field_values, float_code, shape_code, show_dtype, show_flag, show_float,
                     show_layout, show_shape)
@@ -70,6 +70,8 @@ class _Plan:
     backend: Optional[str]
 
 
+# Called eagerly also from compiled code (a graph break): see _meta.eager_only.
+@_meta.eager_only
 def sharded_topk_memory_read(q, keys, values, k, *, group=None, queries="replicated", scale=None,
                              valid_len=None, check=True, backend=None) -> MemoryRead:
     """Exact top-k memory read of a memory whose slots are split across the ranks of ``group``.
@@ -112,6 +114,9 @@ def sharded_topk_memory_read(q, keys, values, k, *, group=None, queries="replica
         replicated queries, of the one loss every rank computes alike; with sharded queries,
         summed over every rank's queries). Every rank must run the backward of a read whose
         output requires grad.
+
+    Under ``torch.compile`` it runs eagerly, a graph break in the compiled function (its collectives
+    and cross-rank checks stay out of the graphs; the code around it compiles).
 
     Equivalent PyTorch (``gather`` = all-gather along dim ``-2`` of the memory, in rank order):
         q_all = q if queries == "replicated" else torch.cat(all_gather(q))       # (P·B, ...)
@@ -220,11 +225,7 @@ def _codes(q, keys, values, k, queries, scale, valid_len, local_ok: bool):
 # ---- collectives ------------------------------------------------------------------------------
 
 def _all_gather_batch(tensor: Tensor, plan: _Plan) -> Tensor:
-    """Every rank's ``tensor`` concatenated along dim 0, in rank order."""
-    parts = [torch.empty_like(tensor, memory_format=torch.contiguous_format)
-             for _ in range(plan.layout.world_size)]
-    dist.all_gather(parts, tensor.contiguous(), group=plan.group)
-    return torch.cat(parts, 0)
+    return _comm.all_gather_batch(tensor, plan.group, plan.layout)
 
 
 def _reduce_batch(partial: Tensor, plan: _Plan) -> Tensor:
@@ -233,18 +234,11 @@ def _reduce_batch(partial: Tensor, plan: _Plan) -> Tensor:
     if not plan.sharded_queries:
         dist.all_reduce(partial, group=plan.group)
         return partial
-    world_size = plan.layout.world_size
-    pieces = list(partial.reshape(world_size, partial.shape[0] // world_size, *partial.shape[1:]).unbind(0))
-    mine = torch.empty_like(pieces[0])
-    dist.reduce_scatter(mine, pieces, group=plan.group)
-    return mine
+    return _comm.reduce_scatter_batch(partial, plan.group, plan.layout)
 
 
 def _own_slice(tensor: Tensor, plan: _Plan) -> Tensor:
-    if not plan.sharded_queries:
-        return tensor
-    batch = tensor.shape[0] // plan.layout.world_size
-    return tensor[plan.layout.rank * batch:(plan.layout.rank + 1) * batch]
+    return _comm.own_slice(tensor, plan.layout) if plan.sharded_queries else tensor
 
 
 def _all_gather_candidates(scores: Tensor, slot_ids: Tensor, plan: _Plan) -> Tuple[Tensor, Tensor]:
@@ -253,17 +247,12 @@ def _all_gather_candidates(scores: Tensor, slot_ids: Tensor, plan: _Plan) -> Tup
     One collective of 12 bytes a candidate: the float64 score's bits as two int32 words and the
     slot id as int32 (int64 words, 16 bytes, when the memory has 2**31 slots or more).
     """
-    word = torch.int32 if plan.layout.total < 2**31 else torch.int64
-    words = 8 // torch.empty((), dtype=word).element_size()
-    score_words = scores.contiguous().view(word).reshape(*scores.shape, words)
-    packed = torch.cat([score_words, slot_ids.to(word).unsqueeze(-1)], -1)
+    wide = plan.layout.total >= 2**31
+    packed = _comm.pack_entries(scores, slot_ids, wide)
     parts = [torch.empty_like(packed) for _ in range(plan.layout.world_size)]
     dist.all_gather(parts, packed, group=plan.group)
-    packed = torch.cat(parts, -2)
-    # A fresh row-major copy: viewing int words as float64 needs even strides, which .contiguous()
-    # of an empty tensor need not give.
-    scores = packed[..., :words].clone(memory_format=torch.contiguous_format).view(torch.float64).squeeze(-1)
-    return scores, packed[..., words].to(torch.int64)
+    unpacked = [_comm.unpack_entries(part, torch.float64, scores.shape[-1], wide) for part in parts]
+    return torch.cat([u[0] for u in unpacked], -1), torch.cat([u[1] for u in unpacked], -1)
 
 
 # ---- forward pieces ---------------------------------------------------------------------------

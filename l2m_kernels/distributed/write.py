@@ -21,7 +21,7 @@ from .. import _validation as v
 from ..ops._common import autocast_promote
 from ..ops.memory_write import gated_memory_write
 from ..ops.memory_write.validate import check_write_args
-from . import _meta
+from . import _comm, _meta
 from ._meta import (MISSING, QUERY_LAYOUTS, Field, ShardLayout, bits_checksum, dtype_code,
                     field_values, shape_code, show_dtype, show_flag, show_layout, show_shape)
 
@@ -62,6 +62,8 @@ class _Plan:
     sharded_writes: bool
 
 
+# Called eagerly also from compiled code (a graph break): see _meta.eager_only.
+@_meta.eager_only
 def sharded_gated_memory_write(memory, indices, weights, add, erase, *, group=None,
                                queries="replicated", check=True, backend=None) -> Tensor:
     """Gated, erase-then-add writes, in order, into a memory whose slots are split across ``group``.
@@ -103,6 +105,9 @@ def sharded_gated_memory_write(memory, indices, weights, add, erase, *, group=No
         gradient of the one loss every rank computes alike (an all-reduce), and with sharded writes
         each rank holds the full gradient of its own writes (a reduce-scatter). Every rank must run
         the backward of a write whose writes require grad.
+
+    Under ``torch.compile`` it runs eagerly, a graph break in the compiled function (its collectives
+    and cross-rank checks stay out of the graphs; the code around it compiles).
 
     Equivalent PyTorch (``gather`` = all-gather along dim ``-2`` of the memory, in rank order;
     ``cat_writes`` = all-gather of each write tensor along dim 0, in rank order):
@@ -215,11 +220,7 @@ def _local_slot_ids(indices: Tensor, layout: ShardLayout) -> Tensor:
 
 
 def _all_gather_batch(tensor: Tensor, plan: _Plan) -> Tensor:
-    """Every rank's ``tensor`` concatenated along dim 0, in rank order."""
-    parts = [torch.empty_like(tensor, memory_format=torch.contiguous_format)
-             for _ in range(plan.layout.world_size)]
-    dist.all_gather(parts, tensor.contiguous(), group=plan.group)
-    return torch.cat(parts, 0)
+    return _comm.all_gather_batch(tensor, plan.group, plan.layout)
 
 
 class _GatherWrites(torch.autograd.Function):
@@ -233,11 +234,7 @@ class _GatherWrites(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        plan = ctx.plan
-        pieces = list(grad.contiguous().chunk(plan.layout.world_size, 0))
-        mine = torch.empty_like(pieces[0])
-        dist.reduce_scatter(mine, pieces, group=plan.group)
-        return mine, None
+        return _comm.reduce_scatter_batch(grad, ctx.plan.group, ctx.plan.layout), None
 
 
 class _SumGradients(torch.autograd.Function):

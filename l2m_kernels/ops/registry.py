@@ -688,6 +688,216 @@ OPS: dict[str, OpDecl] = {decl.name: decl for decl in (
     GATED_MERGE, MEMORY_ATTENTION, BLOCK_TOPK, BLOCK_READ, QUANTIZED_TOPK_READ)}
 
 
+# ------------------------------------------------------------------------------------------------
+# Sharded ops (l2m_kernels.distributed): each gives the result of a single-device op above on the
+# memory of every rank of a torch.distributed group together.
+# ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ShardedOpDecl:
+    """One op of :mod:`l2m_kernels.distributed`, declared once.
+
+    ``of``: the op of :data:`OPS` whose result it gives on the concatenated memory (its reference:
+    ``l2m-check --distributed`` and the tests compare with that op run whole in one process).
+    ``args``: the public function's arguments in order (its docs table in ``docs/distributed.md``
+    has a row for each). ``cases``: ``l2m-check --distributed``'s edge cases and random shapes,
+    dicts in the parameter names of :mod:`l2m_kernels.distributed.cases` (``sizes``: the shard
+    pattern, whatever the number of ranks). ``bench``: the benchmark that times it against the
+    number of ranks. No ``torch.ops`` entry and no backends of its own: it runs collectives and
+    calls ``of`` (or its selection) on each rank's shard, on that op's backends.
+    """
+
+    name: str
+    module: str                     # l2m_kernels.distributed.<module>
+    of: str
+    summary: str
+    args: tuple[Arg, ...]
+    outputs: tuple[Output, ...]
+    cases: Cases
+    bench: Bench
+
+
+_GROUP = Arg("group", "ProcessGroup?", "", "the process group, default the world", "None")
+_QUERIES = Arg("queries", "str", "", '"replicated" (every rank the same inputs) or "sharded" (each rank its own '
+               "batch, of one shape on every rank)", '"replicated"')
+_CHECK = Arg("check", "bool", "", "compare every rank's arguments in one small all-gather first, raising the "
+             "same ValueError on every rank on a mismatch", "True")
+
+
+def _shard_pattern(rng: random.Random) -> str:
+    return rng.choice(("even", "uneven", "empty_first", "one_holds_all"))
+
+
+def sharded_topk_case(B, H, Hm, T, N, Dk, Dv, k, **switches):
+    return dict(B=B, H=H, Hm=Hm, T=T, N=N, Dk=Dk, Dv=Dv, k=k, **switches)
+
+
+def _sharded_topk_random(rng: random.Random) -> dict:
+    Hm = rng.randint(1, 2)
+    N = rng.randint(4, 90)
+    return sharded_topk_case(rng.randint(1, 2), Hm * rng.choice([1, 2]), Hm, _odd(rng, 1, 7), N,
+                             rng.choice([3, 8, 16]), rng.choice([1, 5, 16]), rng.randint(1, min(N, 24)),
+                             shared=rng.random() < 0.5, queries=rng.choice(("replicated", "sharded")),
+                             sizes=_shard_pattern(rng), valid_len=rng.choice((None, "random", "short")),
+                             ties=rng.random() < 0.3)
+
+
+def _switches(p: dict, names) -> str:
+    return "".join(f" {name}" if p.get(name) is True else f" {name}={p[name]}"
+                   for name in names if p.get(name) not in (None, False))
+
+
+def _sharded_topk_label(p: dict) -> str:
+    return (_compact(f"B{p['B']} H{p['H']}/{p['Hm']} T{p['T']} N{p['N']} Dk{p['Dk']} Dv{p['Dv']} k{p['k']}")
+            + _switches(p, ("queries", "sizes", "shared", "valid_len", "ties")))
+
+
+SHARDED_TOPK_MEMORY_READ = ShardedOpDecl(
+    name="sharded_topk_memory_read",
+    module="topk",
+    of="topk_memory_read",
+    summary="topk_memory_read of the slots of every rank together (global slot ids); O(P·k + Dv) numbers a "
+            "query cross the wire",
+    args=(
+        Arg("q", "Tensor", "(B, H, T, Dk)", "queries: the same on every rank, or this rank's batch"),
+        Arg("keys", "Tensor", "(B, Hm, N_r, Dk) or (Hm, N_r, Dk)", "this rank's slots [offset_r, offset_r + N_r) "
+            "(P·B leading with sharded queries)"),
+        Arg("values", "Tensor", "(B, Hm, N_r, Dv) or (Hm, N_r, Dv)", "keys' leading shape"),
+        Arg("k", "SymInt", "", "slots read per query, 1 <= k <= min(N_0 + ... + N_{P-1}, 256); may exceed N_r"),
+        _GROUP, _QUERIES,
+        Arg("scale", "float?", "", "score scale, default Dk ** -0.5", "None"),
+        Arg("valid_len", "Tensor?", "(B,)", "over the global slots; this rank's batch with sharded queries", "None"),
+        _CHECK,
+        _BACKEND,
+    ),
+    outputs=TOPK_MEMORY_READ.outputs,
+    cases=Cases(
+        edge=(
+            sharded_topk_case(2, 2, 2, 3, 16, 8, 6, 4),                                  # uneven shards
+            sharded_topk_case(1, 2, 1, 3, 9, 8, 5, 9, queries="sharded", sizes="empty_first",
+                              shared=True),                                              # k = N > every shard
+            sharded_topk_case(2, 2, 1, 4, 12, 4, 3, 6, ties=True, shared=True),          # ties across shards
+            sharded_topk_case(2, 2, 2, 3, 20, 8, 4, 5, valid_len="short",
+                              queries="sharded"),                                        # valid_len < k
+            sharded_topk_case(1, 1, 1, 2, 7, 5, 3, 3, sizes="one_holds_all"),            # empty shards
+            sharded_topk_case(2, 2, 2, 0, 10, 8, 4, 3, queries="sharded"),               # no queries
+        ),
+        random=_sharded_topk_random, label=_sharded_topk_label),
+    bench=Bench("distributed"),
+)
+
+
+def sharded_product_key_case(B, H, T, Dk, n_sub, Dv, k, **switches):
+    return dict(B=B, H=H, T=T, Dk=Dk, n_sub=n_sub, Dv=Dv, k=k, **switches)
+
+
+def _sharded_product_key_random(rng: random.Random) -> dict:
+    n_sub = rng.randint(2, 9)
+    k_sub = rng.randint(1, n_sub)
+    return sharded_product_key_case(rng.randint(1, 2), rng.randint(1, 3), _odd(rng, 1, 5), rng.choice([4, 8, 16]),
+                                    n_sub, rng.choice([1, 5, 9]), rng.randint(1, k_sub * k_sub), k_sub=k_sub,
+                                    shard=rng.choice(("rows", "columns")),
+                                    queries=rng.choice(("replicated", "sharded")), sizes=_shard_pattern(rng),
+                                    sum_heads=rng.random() < 0.5, sparse_grad=rng.random() < 0.3,
+                                    ties=rng.random() < 0.3)
+
+
+def _sharded_product_key_label(p: dict) -> str:
+    return (_compact(f"B{p['B']} H{p['H']} T{p['T']} Dk{p['Dk']} n_sub{p['n_sub']} Dv{p['Dv']} k{p['k']}")
+            + _switches(p, ("k_sub", "shard", "queries", "sizes", "sum_heads", "sparse_grad", "ties")))
+
+
+SHARDED_PRODUCT_KEY_READ = ShardedOpDecl(
+    name="sharded_product_key_read",
+    module="product_key",
+    of="product_key_read",
+    summary="product_key_read with replicated sub-keys and the values split across the ranks by rows (slots) "
+            "or by columns (features)",
+    args=(
+        Arg("q", "Tensor", "(B, H, T, Dk)", "queries: the same on every rank, or this rank's batch"),
+        Arg("subkeys", "Tensor", "(H, 2, n_sub, Dk // 2)", "the same on every rank"),
+        Arg("values", "Tensor", "(N_r, Dv) or (n_sub ** 2, Dv_r)", "this rank's rows or columns"),
+        Arg("k", "SymInt", "", "slots read per query and head, 1 <= k <= k_sub ** 2"),
+        Arg("k_sub", "SymInt?", "", "candidates kept per half, default k", "None"),
+        _GROUP,
+        Arg("shard", "str", "", '"rows" or "columns"', '"rows"'),
+        _QUERIES,
+        Arg("scale", "float?", "", "score scale, default Dk ** -0.5", "None"),
+        Arg("sum_heads", "bool", "", "sum the heads' reads into one (B, T, Dv) output", "False"),
+        _CHECK,
+        _BACKEND,
+        _DETERMINISTIC,
+        Arg("sparse_grad", "bool", "", "the values shard's gradient as a coalesced sparse COO tensor", "False"),
+    ),
+    outputs=PRODUCT_KEY_READ.outputs,
+    cases=Cases(
+        edge=(
+            sharded_product_key_case(2, 3, 4, 8, 5, 7, 4),                               # rows, uneven
+            sharded_product_key_case(1, 2, 3, 8, 4, 6, 5, k_sub=3, shard="columns",
+                                     queries="sharded", sum_heads=True),                 # columns, data parallel
+            sharded_product_key_case(2, 2, 3, 4, 3, 5, 9, k_sub=3, ties=True,
+                                     sizes="empty_first"),                               # k = N, ties
+            sharded_product_key_case(1, 1, 5, 8, 6, 4, 3, shard="columns", sizes="one_holds_all",
+                                     sparse_grad=True),                                  # empty column shards
+            sharded_product_key_case(2, 2, 2, 8, 4, 3, 4, queries="sharded", sparse_grad=True),
+            sharded_product_key_case(1, 2, 0, 8, 4, 3, 2, shard="columns"),              # no queries
+        ),
+        random=_sharded_product_key_random, label=_sharded_product_key_label),
+    bench=Bench("distributed"),
+)
+
+
+def sharded_write_case(B, Hm, T, kw, N, D, **switches):
+    return dict(B=B, Hm=Hm, T=T, kw=kw, N=N, D=D, **switches)
+
+
+def _sharded_write_random(rng: random.Random) -> dict:
+    return sharded_write_case(rng.randint(1, 2), rng.choice([0, 1, 2]), rng.randint(1, 6), rng.randint(1, 4),
+                              rng.randint(2, 40), rng.choice([1, 4, 7]), queries=rng.choice(("replicated", "sharded")),
+                              sizes=_shard_pattern(rng), int32_ids=rng.random() < 0.3,
+                              erase_per_feature=rng.random() < 0.7)
+
+
+def _sharded_write_label(p: dict) -> str:
+    return (f"B{p['B']} Hm{p['Hm']} T{p['T']} kw{p['kw']} N{p['N']} D{p['D']}"
+            + _switches(p, ("queries", "sizes", "int32_ids")) + ("" if p.get("erase_per_feature", True)
+                                                               else " erase=(T,1)"))
+
+
+SHARDED_GATED_MEMORY_WRITE = ShardedOpDecl(
+    name="sharded_gated_memory_write",
+    module="write",
+    of="gated_memory_write",
+    summary="gated_memory_write into the slots of every rank together: each rank applies, in order, the writes "
+            "that fall in its slots",
+    args=(
+        Arg("memory", "Tensor", "(B, Hm, N_r, D) or (B, N_r, D)", "this rank's slots (P·B leading with sharded "
+            "writes)"),
+        Arg("indices", "Tensor", "(B, Hm, T, kw) or (B, T, kw)", "int32/int64 global slot ids in [-1, N), -1: no "
+            "write"),
+        Arg("weights", "Tensor", "indices' shape", "write strengths in [0, 1]"),
+        Arg("add", "Tensor", "(B, Hm, T, D) or (B, T, D)", "vectors to add"),
+        Arg("erase", "Tensor", "(B, Hm, T, D or 1) or (B, T, D or 1)", "erase strengths in [0, 1]"),
+        _GROUP, _QUERIES, _CHECK, _BACKEND,
+    ),
+    outputs=(Output("memory", "memory's shape", "memory's dtype"),),
+    cases=Cases(
+        edge=(
+            sharded_write_case(2, 2, 5, 3, 16, 4),                                       # repeats across shards
+            sharded_write_case(1, 0, 4, 2, 9, 5, queries="sharded", sizes="empty_first",
+                               erase_per_feature=False),                                 # 3-D memory
+            sharded_write_case(2, 1, 3, 4, 6, 3, int32_ids=True, sizes="one_holds_all"),  # empty shards
+            sharded_write_case(0, 2, 3, 2, 8, 4),                                        # empty batch
+        ),
+        random=_sharded_write_random, label=_sharded_write_label),
+    bench=Bench("distributed"),
+)
+
+
+SHARDED_OPS: dict[str, ShardedOpDecl] = {decl.name: decl for decl in (
+    SHARDED_TOPK_MEMORY_READ, SHARDED_PRODUCT_KEY_READ, SHARDED_GATED_MEMORY_WRITE)}
+
+
 def served_by(backend: str) -> frozenset:
     """The ops ``backend`` has kernels for."""
     return frozenset(name for name, decl in OPS.items() if backend in decl.backends)

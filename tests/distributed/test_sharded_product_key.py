@@ -1,7 +1,8 @@
 """sharded_product_key_read on 2 and 4 gloo processes against product_key_read on the whole values:
-outputs, indices, weights, lse and every gradient (q, subkeys, the values shard), values sharded by
-rows (uneven, with empty shards) and by columns (uneven, with an empty one), sum_heads, k_sub,
-ties, float32 and float64, and mismatched arguments raising on every rank.
+outputs, indices, weights, lse and every gradient (q, subkeys, the values shard, dense or sparse),
+values sharded by rows (uneven, with empty shards) and by columns (uneven, with an empty one),
+replicated and sharded queries, sum_heads, k_sub, ties, empty batches, float32 and float64, and
+mismatched arguments raising on every rank.
 
 Each process group is spawned once per world size and runs every case (``CASES``) in order
 (:mod:`harness`).
@@ -40,8 +41,11 @@ def _shard_of(full, shard, sizes, rank):
 
 def _check_read(rank, world_size, *, shard="rows", sizes="uneven", B=2, H=3, T=4, Dk=8, k=4, k_sub=None,
                 sum_heads=False, dtype=torch.float32, integer=False, check=True, seed=0,
-                selection_grads=True):
-    """One read, compared with product_key_read of the whole values run in this process."""
+                selection_grads=True, queries="replicated", sparse_grad=False):
+    """One read, compared with product_key_read of the whole values run in this process (with
+    sharded queries: of every rank's queries, this rank's slice of it)."""
+    import torch.distributed as dist
+
     import l2m_kernels as l2m
     from l2m_kernels.distributed import sharded_product_key_read
     from l2m_kernels.testing import assert_close
@@ -50,34 +54,44 @@ def _check_read(rank, world_size, *, shard="rows", sizes="uneven", B=2, H=3, T=4
     Dv = 7
     num_slots = N_SUB * N_SUB
     shard_sizes = _shard_sizes(world_size, shard, sizes)
+    sharded = queries == "sharded"
+    batch_all = B * world_size if sharded else B
     if integer:  # exact score ties within and across shards
-        q_full = torch.randint(-1, 2, (B, H, T, Dk), generator=gen).to(dtype)
+        q_full = torch.randint(-1, 2, (batch_all, H, T, Dk), generator=gen).to(dtype)
         subkeys_full = torch.randint(-1, 2, (H, 2, N_SUB, Dk // 2), generator=gen).to(dtype)
     else:
-        q_full = torch.randn(B, H, T, Dk, generator=gen, dtype=dtype)
+        q_full = torch.randn(batch_all, H, T, Dk, generator=gen, dtype=dtype)
         subkeys_full = torch.randn(H, 2, N_SUB, Dk // 2, generator=gen, dtype=dtype)
     values_full = torch.randn(num_slots, Dv, generator=gen, dtype=dtype)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    cot_out = torch.randn((B, T, Dv) if sum_heads else (B, H, T, Dv), generator=gen, dtype=dtype)
-    cot_weights = torch.randn(B, H, T, k, generator=gen, dtype=acc)
-    cot_lse = torch.randn(B, H, T, generator=gen, dtype=acc)
+    cot_out = torch.randn((batch_all, T, Dv) if sum_heads else (batch_all, H, T, Dv), generator=gen, dtype=dtype)
+    cot_weights = torch.randn(batch_all, H, T, k, generator=gen, dtype=acc)
+    cot_lse = torch.randn(batch_all, H, T, generator=gen, dtype=acc)
 
-    def inputs(values):
+    def own(t):  # this rank's slice of every rank's batch (sharded queries)
+        return t[rank * B:(rank + 1) * B] if sharded else t
+
+    def inputs(q, values):
         if selection_grads:
-            return _leaf(q_full), _leaf(subkeys_full), _leaf(values)
-        return q_full.clone(), subkeys_full.clone(), _leaf(values)
+            return _leaf(q), _leaf(subkeys_full), _leaf(values)
+        return q.clone(), subkeys_full.clone(), _leaf(values)
 
-    q_ref, subkeys_ref, values_ref = inputs(values_full)
+    q_ref, subkeys_ref, values_ref = inputs(q_full, values_full)
     expected = l2m.product_key_read(q_ref, subkeys_ref, values_ref, k, k_sub=k_sub, sum_heads=sum_heads)
 
-    q, subkeys, values = inputs(_shard_of(values_full, shard, shard_sizes, rank))
+    q, subkeys, values = inputs(own(q_full), _shard_of(values_full, shard, shard_sizes, rank))
     read = sharded_product_key_read(q, subkeys, values, k, k_sub=k_sub, shard=shard, sum_heads=sum_heads,
-                                    check=check)
+                                    check=check, queries=queries, sparse_grad=sparse_grad)
     wrt = (q, subkeys, values) if selection_grads else (values,)
     outputs = (read.out, read.weights, read.lse) if selection_grads else (read.out,)
     cotangents = (cot_out, cot_weights, cot_lse) if selection_grads else (cot_out,)
-    grads = torch.autograd.grad(outputs, wrt, cotangents)  # every collective before the comparisons
+    grads = list(torch.autograd.grad(outputs, wrt, [own(c) for c in cotangents]))
+    if sharded and selection_grads:  # dsubkeys of this rank's queries: summed, the whole batch's
+        dist.all_reduce(grads[1])
+    # Every collective happened before the comparisons.
 
+    full = expected
+    expected = type(full)(*(own(t) for t in full))
     assert torch.equal(read.indices, expected.indices), (read.indices, expected.indices)
     assert read.out.dtype == dtype and read.weights.dtype == acc and read.lse.dtype == acc
     assert read.out.shape == expected.out.shape
@@ -85,14 +99,21 @@ def _check_read(rank, world_size, *, shard="rows", sizes="uneven", B=2, H=3, T=4
     assert torch.equal(read.lse, expected.lse)
     assert_close("out", read.out, expected.out, dtype)
     ref_wrt = (q_ref, subkeys_ref, values_ref) if selection_grads else (values_ref,)
-    ref_outputs = ((expected.out, expected.weights, expected.lse) if selection_grads
-                   else (expected.out,))
+    ref_outputs = (full.out, full.weights, full.lse) if selection_grads else (full.out,)
     ref_grads = torch.autograd.grad(ref_outputs, ref_wrt, cotangents)
     if selection_grads:
-        assert_close("dq", grads[0], ref_grads[0], dtype)
+        assert_close("dq", grads[0], own(ref_grads[0]), dtype)
         assert_close("dsubkeys", grads[1], ref_grads[1], dtype)
-    assert grads[-1].dtype == dtype and grads[-1].shape == values.shape
-    assert_close("dvalues", grads[-1], _shard_of(ref_grads[-1], shard, shard_sizes, rank), dtype)
+    dvalues = grads[-1]
+    assert dvalues.dtype == dtype and dvalues.shape == values.shape
+    ref_dvalues = _shard_of(ref_grads[-1], shard, shard_sizes, rank)
+    if sparse_grad:  # one row per slot of the shard that was read: those with a gradient, at most
+        assert dvalues.is_sparse and dvalues.is_coalesced()
+        rows = set(dvalues.indices()[0].tolist())
+        assert len(rows) == dvalues.indices().shape[1] <= values.shape[0]
+        assert set(ref_dvalues.abs().sum(-1).nonzero().flatten().tolist()) <= rows
+        dvalues = dvalues.to_dense()
+    assert_close("dvalues", dvalues, ref_dvalues, dtype)
 
 
 def _small_inputs(dtype=torch.float32, rows=None, columns=3):
@@ -153,12 +174,20 @@ def _subkeys_differ(rank, world_size):
                   lambda: sharded_product_key_read(q, subkeys, values, 2))
 
 
-def _sparse_grad_refused(rank, world_size):
+def _sharded_query_batches_differ(rank, world_size):
+    """Sharded queries: each rank its own batch, but of one shape."""
     from l2m_kernels.distributed import sharded_product_key_read
     q, subkeys, values = _small_inputs()
-    _expect_error(["sparse_grad"], lambda: sharded_product_key_read(q, subkeys, values, 2, shard="columns",
-                                                                    sparse_grad=True),
-                  error=NotImplementedError)
+    q = q.expand(1 + rank % 2, -1, -1, -1)
+    _expect_error(["q.shape differs across ranks", ": (2, 2, 3, 8)"],
+                  lambda: sharded_product_key_read(q, subkeys, values, 2, shard="columns", queries="sharded"))
+
+
+def _unknown_query_layout(rank, world_size):
+    from l2m_kernels.distributed import sharded_product_key_read
+    q, subkeys, values = _small_inputs()
+    _expect_error(["queries: expected one of ('replicated', 'sharded'), got 'data'"],
+                  lambda: sharded_product_key_read(q, subkeys, values, 2, shard="columns", queries="data"))
 
 
 CASES = {
@@ -175,13 +204,31 @@ CASES = {
     "columns_values_grad_only_sum_heads": lambda r, p: _check_read(
         r, p, shard="columns", sum_heads=True, selection_grads=False, seed=9),
     "no_queries": lambda r, p: _check_read(r, p, T=0, seed=10),
+    "sharded_queries_rows": lambda r, p: _check_read(r, p, queries="sharded", seed=13),
+    "sharded_queries_rows_float64_ties_sum_heads": lambda r, p: _check_read(
+        r, p, queries="sharded", dtype=torch.float64, integer=True, sum_heads=True, sizes="empty", k=6,
+        k_sub=3, seed=14),
+    "sharded_queries_columns": lambda r, p: _check_read(r, p, queries="sharded", shard="columns", seed=15),
+    "sharded_queries_columns_float64_sum_heads": lambda r, p: _check_read(
+        r, p, queries="sharded", shard="columns", sizes="empty", dtype=torch.float64, sum_heads=True, seed=16),
+    "sharded_queries_values_grad_only": lambda r, p: _check_read(
+        r, p, queries="sharded", selection_grads=False, seed=17),
+    "sharded_queries_empty_batch": lambda r, p: _check_read(r, p, queries="sharded", shard="columns", B=0,
+                                                            seed=18),
+    "sharded_queries_without_check": lambda r, p: _check_read(r, p, queries="sharded", check=False, seed=19),
+    "sparse_grad_rows": lambda r, p: _check_read(r, p, sparse_grad=True, seed=20),
+    "sparse_grad_columns_sharded_queries": lambda r, p: _check_read(
+        r, p, shard="columns", queries="sharded", sparse_grad=True, seed=21),
+    "sparse_grad_empty_shard": lambda r, p: _check_read(r, p, sizes="empty", sparse_grad=True,
+                                                        dtype=torch.float64, seed=22),
     "without_check": lambda r, p: _check_read(r, p, shard="columns", check=False, seed=11),
     "mismatched_query_shape_raises_everywhere": _mismatched_query_shape,
     "mismatched_mode_k_sub_and_dtype_raise_everywhere": _mismatched_mode_k_sub_and_dtype,
     "one_rank_bad_values_raises_everywhere": _one_rank_bad_values,
     "rows_not_the_whole_memory_raise": _rows_not_the_memory,
     "replicated_subkeys_that_differ_raise": _subkeys_differ,
-    "sparse_grad_refused": _sparse_grad_refused,
+    "sharded_query_batches_of_different_shapes_raise": _sharded_query_batches_differ,
+    "unknown_query_layout_raises": _unknown_query_layout,
     # After the refusals the group still works.
     "read_after_the_refusals": lambda r, p: _check_read(r, p, sum_heads=True, seed=12),
 }

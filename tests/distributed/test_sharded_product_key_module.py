@@ -1,7 +1,9 @@
 """ShardedProductKeyMemory on 2 and 4 gloo processes: its seeded shards (by rows and by columns)
 concatenate to the values drawn whole, and a training step of a small model around it gives the
 loss and every gradient of the single-process model around ProductKeyMemory (the values' gradient
-sliced to the shard), alone and with DDP around the model (the values shard left out of it).
+sliced to the shard), alone and with DDP around the model (the values shard left out of it), with
+replicated queries and with sharded queries (each rank its own batch under DDP: the values shard's
+gradient sums every rank's, world_size times the gradient of the mean loss), dense and sparse.
 
 Each process group is spawned once per world size and runs every case (``CASES``) in order
 (:mod:`harness`).
@@ -48,7 +50,8 @@ class _Model(nn.Module):
         return self.memory(self.proj(x))
 
 
-def _training_step(rank, world_size, shard, *, gated=False, ddp=False, seed=0):
+def _training_step(rank, world_size, shard, *, gated=False, ddp=False, seed=0, queries="replicated",
+                   sparse_grad=False):
     from torch.nn.parallel import DistributedDataParallel
 
     from l2m_kernels.distributed import ShardedProductKeyMemory, exclude_from_ddp, shard_of
@@ -57,28 +60,38 @@ def _training_step(rank, world_size, shard, *, gated=False, ddp=False, seed=0):
 
     torch.manual_seed(seed)  # the same full model on every rank
     reference = _Model(ProductKeyMemory(DIM, N_SUB, KEY_DIM, value_dim=VALUE_DIM, heads=HEADS, k=K,
-                                        gated=gated))
+                                        gated=gated, sparse_grad=sparse_grad))
     sizes = _shares(shard, world_size)
-    model = _Model(ShardedProductKeyMemory.from_full(reference.memory, shard=shard, sizes=sizes))
+    model = _Model(ShardedProductKeyMemory.from_full(reference.memory, shard=shard, sizes=sizes,
+                                                     queries=queries))
     model.proj.load_state_dict(reference.proj.state_dict())
     runner = model
     if ddp:
         assert exclude_from_ddp(model) == ["memory.values"]
         runner = DistributedDataParallel(model)
     gen = torch.Generator().manual_seed(seed + 100)
-    x = torch.randn(B, T, DIM, generator=gen)
-    target = torch.randn(B, T, DIM, generator=gen)
-    loss = (runner(x) - target).square().mean()
+    sharded = queries == "sharded"
+    x = torch.randn(B * world_size if sharded else B, T, DIM, generator=gen)
+    target = torch.randn(x.shape, generator=gen)
+    mine = slice(rank * B, (rank + 1) * B) if sharded else slice(None)
+    loss = (runner(x[mine]) - target[mine]).square().mean()
     loss.backward()
+    losses = [torch.zeros(()) for _ in range(world_size)]
+    torch.distributed.all_gather(losses, loss.detach())
     ref_loss = (reference(x) - target).square().mean()
     ref_loss.backward()
-    assert_close("loss", loss, ref_loss)
+    assert_close("loss", torch.stack(losses).mean(), ref_loss)
     shards = dict(model.named_parameters())
     for name, param in reference.named_parameters():
         grad = param.grad
+        got = shards[name].grad
         if name == "memory.values":
-            grad = shard_of(grad, sizes=sizes, dim=-2 if shard == "rows" else -1)
-        assert_close(name, shards[name].grad, grad)
+            assert got.is_sparse == sparse_grad
+            got = got.to_dense() if sparse_grad else got
+            grad = shard_of(grad.to_dense() if sparse_grad else grad, sizes=sizes,
+                            dim=-2 if shard == "rows" else -1)
+            grad = grad * (world_size if sharded else 1)   # every rank's loss, not their mean
+        assert_close(name, got, grad)
 
 
 CASES = {
@@ -88,6 +101,13 @@ CASES = {
     "step_columns_gated": lambda r, p: _training_step(r, p, "columns", gated=True, seed=1),
     "step_rows_with_ddp": lambda r, p: _training_step(r, p, "rows", ddp=True, seed=2),
     "step_columns_with_ddp": lambda r, p: _training_step(r, p, "columns", ddp=True, seed=3),
+    "step_sharded_queries_rows_with_ddp": lambda r, p: _training_step(r, p, "rows", ddp=True, seed=4,
+                                                                      queries="sharded"),
+    "step_sharded_queries_columns_gated_with_ddp": lambda r, p: _training_step(
+        r, p, "columns", ddp=True, gated=True, seed=5, queries="sharded"),
+    "step_rows_sparse_grad": lambda r, p: _training_step(r, p, "rows", seed=6, sparse_grad=True),
+    "step_sharded_queries_columns_sparse_grad_with_ddp": lambda r, p: _training_step(
+        r, p, "columns", ddp=True, seed=7, queries="sharded", sparse_grad=True),
 }
 
 
