@@ -106,10 +106,10 @@ def test_bench_options_reach_the_benchmarks(tmp_path, monkeypatch):
 
 
 def test_bench_distributed_tiny(tmp_path):
-    # Spawned gloo groups of 1 and 2 processes; the bytes of the sharded reads and write are
-    # counted, the naive reads' are the whole memory (top-k) or the whole values (product-key, in
-    # both shard modes), the naive write's the whole memory (and every rank's writes). Not in the
-    # --quick suite unless named.
+    # Spawned gloo groups of 1 and 2 processes; the bytes of the sharded reads (replicated and
+    # sharded queries) and write are counted, the naive reads' are the whole memory (top-k) or the
+    # whole values (product-key, in both shard modes), the naive write's the whole memory (and every
+    # rank's writes). Not in the --quick suite unless named.
     from l2m_kernels.bench import NOT_IN_QUICK, build_parser
     from l2m_kernels.bench import _names as bench_names
     from l2m_kernels.bench.distributed import DIM, K, KW, OP, PK_OP, PK_SHARDS, TINY, WRITE_OP
@@ -118,17 +118,44 @@ def test_bench_distributed_tiny(tmp_path):
     status = main(["--tiny", "--device", "cpu", "--out", str(tmp_path), "--no-progress", "--only", "distributed"])
     assert status == 0
     rows = json.loads((tmp_path / "suite.json").read_text())["rows"]
-    assert [results.problems(r) for r in rows] == [[]] * len(rows) == [[]] * 10 * len(TINY["ranks"])
+    # Per P: the top-k read's 4 rows (2 query layouts), the product-key read's 8 (2 shard modes x 2
+    # query layouts), the write's 4.
+    assert [results.problems(r) for r in rows] == [[]] * len(rows) == [[]] * 16 * len(TINY["ranks"])
     for row in rows:
         assert row["fwd_ms"] > 0 and row["both_ms"] > 0, row
     world_size = TINY["ranks"][-1]
-    topk = [r for r in rows if r["op"] == OP and r["shape"].startswith(f"P={world_size} ")]
+    topk = [r for r in rows if r["op"] == OP and r["shape"].startswith(f"P={world_size} N=")]
     sharded = next(r for r in topk if r["variant"] == "cpu sharded")
     candidates = world_size * K * 12 * TINY["queries"]
     assert f"all_gather {candidates + 29 * 8 * world_size:,}" in sharded["notes"], sharded["notes"]
     assert f"all_reduce {TINY['queries'] * DIM * 4:,}" in sharded["notes"], sharded["notes"]
     naive = next(r for r in topk if r["variant"].startswith("naive"))
     assert f"forward {TINY['slots'] * 2 * DIM * 4:,} " in naive["notes"], naive["notes"]
+    # Sharded queries (each rank T / P of its own, the group's P·(T / P) = T): the forward all-gathers
+    # every rank's queries and the candidates of all of them from every rank, and reduce-scatters the
+    # partial outputs; its backward all-gathers the cotangents (dout, dweights and the shift) and
+    # reduce-scatters dq. Bytes per query of the group: Dk·4 + P·k·12 + Dv·4 and the metadata's share.
+    group = TINY["queries"]
+    shape = f"P={world_size} queries=sharded N={TINY['slots']} T={group // world_size} "
+    topk = {r["variant"].split()[0]: r for r in rows if r["op"] == OP and r["shape"].startswith(shape)}
+    assert len(topk) == 2, topk
+    notes = topk["cpu"]["notes"]
+    gathered = 29 * 8 * world_size + group * DIM * 4 + world_size * group * K * 12
+    forward = gathered + group * DIM * 4
+    assert notes.startswith("each rank its own queries"), notes
+    assert (f"forward {forward:,} (all_gather {gathered:,}, reduce_scatter {group * DIM * 4:,}), "
+            f"{forward / group:,.0f} per query of the group") in notes, notes
+    assert f"backward {group * (DIM + K + 1) * 4 + group * DIM * 4:,} " in notes, notes
+    notes, whole_memory = topk["naive:"]["notes"], TINY["slots"] * 2 * DIM * 4
+    assert f"forward {whole_memory:,} " in notes and f"backward {whole_memory:,} " in notes, notes
+    pk = [r for r in rows if r["op"] == PK_OP and r["shape"].startswith(f"P={world_size} queries=sharded ")]
+    assert len(pk) == 4 and all("each rank its own queries" in r["notes"] for r in pk), pk
+    # With sharded queries the columns travel by all-to-all: this rank's columns of every rank's
+    # queries out (T / P of each, Dv / P wide), every rank's columns of its own back, each way.
+    columns = next(r for r in pk if "shard=columns" in r["shape"] and r["variant"] == "cpu sharded")
+    exchanged = world_size * (group // world_size) * (DIM // world_size) * 4
+    assert f"all_to_all_single {exchanged:,}" in columns["notes"].split("; backward")[0], columns["notes"]
+    assert f"all_to_all_single {exchanged:,}" in columns["notes"].split("; backward")[1], columns["notes"]
     # Product-key read: the sharded forward sends T x Dv x 4 (an all-reduce by rows, an all-gather
     # of the columns, with the metadata), its backward the k numbers dout . v_j per query; the naive
     # read gathers the whole (n_sub ** 2, Dv) values and sends as much back in its backward.

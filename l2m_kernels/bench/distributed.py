@@ -2,30 +2,42 @@
 the product-key read and the gated write) against the number of ranks.
 
 For P = 1, 2 and 4 gloo processes on the CPU (``torch.set_num_threads(1)`` each; ``--tiny``: 1 and
-2), one memory head, float32, T = 1,024 replicated queries for the reads (``--quick``: 256;
-``--tiny``: 32), and three memories, every variant below interleaved rep by rep with every other:
+2), one memory head, float32, T = 1,024 queries per read in the group (``--quick``: 256;
+``--tiny``: 32), and three memories, every variant below interleaved rep by rep with every other.
+The reads run in each of the two query layouts: ``queries="replicated"`` (every rank the same T
+queries) and ``queries="sharded"`` (data parallel: each rank its own T / P queries, seeded per
+rank, so that the group reads P·(T / P) = T queries as with replicated ones; the shape of these
+rows says ``queries=sharded`` and gives the T of one rank).
 
-Top-k read: a memory of N = 65,536 slots in total (N / P per rank; ``--quick``: 16,384; ``--tiny``:
-1,024), Dk = Dv = 64, k = 32, two variants:
+Top-k read: a shared (Hm, N_r, Dk) memory of N = 65,536 slots in total (N / P per rank;
+``--quick``: 16,384; ``--tiny``: 1,024), Dk = Dv = 64, k = 32, two variants per query layout:
 
 - ``cpu sharded``: :func:`~l2m_kernels.distributed.sharded_topk_memory_read` (the local selection
   on the cpu backend), forward alone and forward + backward (gradients of q, keys and values);
+  with sharded queries it all-gathers every rank's queries, selects candidates for all of them and
+  reduce-scatters the partial outputs, and its keys' and values' gradients sum every rank's
+  queries' contributions;
 - ``naive: gather the memory``: all-gather the keys and values of every rank, then
-  :func:`l2m_kernels.topk_memory_read` of the whole memory; its backward reduce-scatters the
-  gradients of the gathered memory back to the shards.
+  :func:`l2m_kernels.topk_memory_read` of the whole memory (with sharded queries, of this rank's
+  own queries); its backward reduce-scatters the gradients of the gathered memory back to the
+  shards (with sharded queries: every rank's gradient of its own queries, summed over the ranks,
+  the sharded read's gradient).
 
 Product-key read: a memory of n_sub = 256 sub-keys per half, N = n_sub ** 2 = 65,536 slots
 (``--quick``: n_sub = 128, N = 16,384; ``--tiny``: n_sub = 32, N = 1,024), replicated sub-keys,
 Dk = Dv = 64, k = k_sub = 32 (``--tiny``: 8), the values split in each of the two shard modes
 (``shard="rows"``: N / P slots per rank; ``shard="columns"``: Dv / P features of every slot per
-rank), two variants per mode:
+rank), two variants per mode and query layout:
 
 - ``cpu sharded``: :func:`~l2m_kernels.distributed.sharded_product_key_read` (the selection on the
-  cpu backend), forward alone and forward + backward (gradients of q, subkeys and values);
+  cpu backend), forward alone and forward + backward (gradients of q, subkeys and values); with
+  sharded queries each rank selects for its own queries and the selections are all-gathered;
 - ``naive: gather the values``: all-gather the value shards of every rank (rows: along dim 0;
-  columns: along dim 1), then :func:`l2m_kernels.product_key_read` of the whole memory; its
-  backward sends the gradient of the gathered values back to its owners: reduce-scattered by rows
-  (rows), or all-reduced, each rank keeping its own columns of the sum (columns).
+  columns: along dim 1), then :func:`l2m_kernels.product_key_read` of the whole memory (with
+  sharded queries, of this rank's own queries); its backward sends the gradient of the gathered
+  values back to its owners: reduce-scattered by rows (rows), or all-reduced, each rank keeping its
+  own columns of the sum (columns), in both layouts (with sharded queries the sum over the ranks
+  is the sharded read's values gradient).
 
 Gated write: a memory of N = 65,536 slots in total (N / P per rank; ``--quick``: 16,384;
 ``--tiny``: 1,024), B = 1, D = 64, T = 256 write steps (``--quick``: 64; ``--tiny``: 8) of kw = 4
@@ -48,9 +60,15 @@ Times: the median over the reps of rank 0's time between two barriers (the colle
 ranks in step). Bytes: counted while one read or write runs
 (:func:`l2m_kernels.distributed.collective_bytes`: the buffer of every collective, per rank: an
 all-gather's output, an all-reduce's tensor, a reduce-scatter's whole input), forward and backward
-apart, and per query for the reads, per write step (of this rank's T) for the write. With P
-processes on fewer cores the processes share them; the times then show the cost of the exchange on
-one machine, not the speed of P machines.
+apart, and per query for the reads, per write step (of this rank's T) for the write. With sharded
+queries a read's bytes are per query of the group: a rank's bytes divided by the P·(T / P) = T
+queries of every rank together (the notes say "per query of the group"), comparable with the
+replicated rows' per query (an all-to-all counts what the rank receives). (Each rank reads T / P sharded queries rather than T: the group then
+serves as many queries as in the replicated rows, on the same memory, and the sharded read's
+selection per rank, over all P·(T / P) queries, is as large as the replicated read's: the run grows
+by about the replicated reads' time instead of P times it.) With P processes on fewer cores the
+processes share them; the times then show the cost of the exchange on one machine, not the speed
+of P machines.
 """
 from __future__ import annotations
 
@@ -72,6 +90,7 @@ PK_OP = "sharded_product_key_read"
 PK_SHARDS = ("rows", "columns")
 WRITE_OP = "sharded_gated_memory_write"
 WRITE_LAYOUTS = ("replicated", "sharded")
+READ_LAYOUTS = ("replicated", "sharded")  # the reads' query layouts (sharded: T / P per rank)
 DIM, K, SEED = 64, 32, 0
 KW = 4  # the write's slots per step
 # slots, K: the top-k read's (and the write's slot count); n_sub, pk_k (= k_sub): the product-key
@@ -110,83 +129,121 @@ def _narrow_column_grads(grad, rank, world_size):
     return summed.narrow(-1, rank * width, width)
 
 
-def _topk_variants(rank: int, world_size: int, sizes: dict) -> dict:
-    """The top-k read's timed functions, by name (the names of the recorded results)."""
+def _read_queries(sizes: dict, world_size: int, layout: str) -> int:
+    """A read's queries per rank: all T of them (replicated), or T / P (sharded: each rank its own,
+    P·(T / P) = T in the group, the replicated rows' count)."""
+    return sizes["queries"] if layout == "replicated" else sizes["queries"] // world_size
+
+
+def _layout_prefix(layout: str) -> str:
+    """The query layout in a read's shape string and result names: nothing for replicated queries
+    (their rows' names as before), ``"queries=sharded "`` for sharded ones."""
+    return "" if layout == "replicated" else f"queries={layout} "
+
+
+def _own_queries(rank: int, world_size: int, sizes: dict):
+    """Sharded queries: this rank's own (q, cotangent of out), (1, 1, T / P, DIM) each, seeded per
+    rank."""
+    count = _read_queries(sizes, world_size, "sharded")
+    gen = torch.Generator().manual_seed(SEED + 300 + rank)
+    return torch.randn(1, 1, count, DIM, generator=gen), torch.randn(1, 1, count, DIM, generator=gen)
+
+
+def _topk_variants(rank: int, world_size: int, sizes: dict, layout: str) -> dict:
+    """The top-k read's timed functions for one query layout, by name (the names of the recorded
+    results). The fwd + bwd functions return ``(out, (dq, dkeys, dvalues))`` of this rank: its
+    queries' ``dq``, its shard's ``dkeys`` and ``dvalues``."""
     import l2m_kernels as l2m
     from l2m_kernels.distributed import sharded_topk_memory_read
 
-    slots_local, queries = sizes["slots"] // world_size, sizes["queries"]
+    slots_local = sizes["slots"] // world_size
     gen = torch.Generator().manual_seed(SEED + rank)
-    keys = torch.randn(1, slots_local, DIM, generator=gen)
+    keys = torch.randn(1, slots_local, DIM, generator=gen)  # shared (Hm, N_r, Dk)
     values = torch.randn(1, slots_local, DIM, generator=gen)
-    q = torch.randn(1, 1, queries, DIM, generator=torch.Generator().manual_seed(SEED))
-    cotangent = torch.randn(1, 1, queries, DIM, generator=torch.Generator().manual_seed(SEED + 1))
+    if layout == "replicated":
+        q = torch.randn(1, 1, sizes["queries"], DIM, generator=torch.Generator().manual_seed(SEED))
+        cotangent = torch.randn(1, 1, sizes["queries"], DIM,
+                                generator=torch.Generator().manual_seed(SEED + 1))
+    else:
+        q, cotangent = _own_queries(rank, world_size, sizes)
     leaves = [t.clone().requires_grad_(True) for t in (q, keys, values)]
 
     def sharded_fwd():
         with torch.no_grad():
-            sharded_topk_memory_read(q, keys, values, K)
+            return sharded_topk_memory_read(q, keys, values, K, queries=layout).out
 
     def sharded_both():
-        read = sharded_topk_memory_read(*leaves, K)
-        torch.autograd.grad(read.out, leaves, cotangent)
+        read = sharded_topk_memory_read(*leaves, K, queries=layout)
+        return read.out, torch.autograd.grad(read.out, leaves, cotangent)
 
     def naive_fwd():
         with torch.no_grad():
-            l2m.topk_memory_read(q, _gather_slots(keys, world_size), _gather_slots(values, world_size), K)
+            return l2m.topk_memory_read(q, _gather_slots(keys, world_size), _gather_slots(values, world_size),
+                                        K).out
 
     def naive_both():
+        # Sharded queries: the reduce-scatter sums every rank's queries' gradient of the gathered
+        # memory, as the sharded read's dkeys and dvalues do.
         full = [_gather_slots(t, world_size).requires_grad_(True) for t in (keys, values)]
         q_leaf = q.clone().requires_grad_(True)
         read = l2m.topk_memory_read(q_leaf, *full, K)
         grads = torch.autograd.grad(read.out, [q_leaf, *full], cotangent)
-        for grad in grads[1:]:
-            _scatter_slot_grads(grad, world_size)
+        return read.out, (grads[0], *(_scatter_slot_grads(grad, world_size) for grad in grads[1:]))
 
-    return {"sharded fwd": sharded_fwd, "sharded both": sharded_both, "naive fwd": naive_fwd,
-            "naive both": naive_both}
+    prefix = _layout_prefix(layout)
+    return {f"{prefix}sharded fwd": sharded_fwd, f"{prefix}sharded both": sharded_both,
+            f"{prefix}naive fwd": naive_fwd, f"{prefix}naive both": naive_both}
 
 
-def _pk_variants(rank: int, world_size: int, sizes: dict, shard: str) -> dict:
-    """The product-key read's timed functions for one shard mode, by name."""
+def _pk_variants(rank: int, world_size: int, sizes: dict, shard: str, layout: str = "replicated") -> dict:
+    """The product-key read's timed functions for one shard mode and query layout, by name. The fwd
+    + bwd functions return ``(out, (dq, dsubkeys, dvalues))`` of this rank: its queries' ``dq`` and
+    ``dsubkeys``, its shard's ``dvalues``."""
     import l2m_kernels as l2m
     from l2m_kernels.distributed import sharded_product_key_read
 
-    n_sub, k, queries = sizes["n_sub"], sizes["pk_k"], sizes["queries"]
+    n_sub, k = sizes["n_sub"], sizes["pk_k"]
     by_rows = shard == "rows"
     shape = (n_sub * n_sub // world_size, DIM) if by_rows else (n_sub * n_sub, DIM // world_size)
     values = torch.randn(*shape, generator=torch.Generator().manual_seed(SEED + 100 + rank))
     replicated = torch.Generator().manual_seed(SEED + 2)
-    q = torch.randn(1, 1, queries, DIM, generator=replicated)
-    subkeys = torch.randn(1, 2, n_sub, DIM // 2, generator=replicated)
-    cotangent = torch.randn(1, 1, queries, DIM, generator=replicated)
+    q = torch.randn(1, 1, sizes["queries"], DIM, generator=replicated)
+    subkeys = torch.randn(1, 2, n_sub, DIM // 2, generator=replicated)  # replicated in both layouts
+    cotangent = torch.randn(1, 1, sizes["queries"], DIM, generator=replicated)
+    if layout == "sharded":
+        q, cotangent = _own_queries(rank, world_size, sizes)
     leaves = [t.clone().requires_grad_(True) for t in (q, subkeys, values)]
     gather_dim = 0 if by_rows else 1
 
     def sharded_fwd():
         with torch.no_grad():
-            sharded_product_key_read(q, subkeys, values, k, k_sub=k, shard=shard)
+            return sharded_product_key_read(q, subkeys, values, k, k_sub=k, shard=shard, queries=layout).out
 
     def sharded_both():
-        read = sharded_product_key_read(*leaves, k, k_sub=k, shard=shard)
-        torch.autograd.grad(read.out, leaves, cotangent)
+        read = sharded_product_key_read(*leaves, k, k_sub=k, shard=shard, queries=layout)
+        return read.out, torch.autograd.grad(read.out, leaves, cotangent)
 
     def naive_fwd():
         with torch.no_grad():
-            l2m.product_key_read(q, subkeys, _gather_slots(values, world_size, gather_dim), k, k_sub=k)
+            return l2m.product_key_read(q, subkeys, _gather_slots(values, world_size, gather_dim), k,
+                                        k_sub=k).out
 
     def naive_both():
+        # Both send every rank's gradient of the gathered values to its owners summed over the
+        # ranks: with sharded queries, every rank's queries' contributions, as the sharded read's.
         full = _gather_slots(values, world_size, gather_dim).requires_grad_(True)
         q_leaf, subkeys_leaf = (t.clone().requires_grad_(True) for t in (q, subkeys))
         read = l2m.product_key_read(q_leaf, subkeys_leaf, full, k, k_sub=k)
         grads = torch.autograd.grad(read.out, [q_leaf, subkeys_leaf, full], cotangent)
         if by_rows:
-            _scatter_slot_grads(grads[2], world_size)
+            mine = _scatter_slot_grads(grads[2], world_size)
         else:
-            _narrow_column_grads(grads[2], rank, world_size)
+            mine = _narrow_column_grads(grads[2], rank, world_size)
+        return read.out, (grads[0], grads[1], mine)
 
-    return {f"pk {shard} sharded fwd": sharded_fwd, f"pk {shard} sharded both": sharded_both,
-            f"pk {shard} naive fwd": naive_fwd, f"pk {shard} naive both": naive_both}
+    prefix = f"pk {_layout_prefix(layout)}{shard}"
+    return {f"{prefix} sharded fwd": sharded_fwd, f"{prefix} sharded both": sharded_both,
+            f"{prefix} naive fwd": naive_fwd, f"{prefix} naive both": naive_both}
 
 
 def _write_variants(rank: int, world_size: int, sizes: dict, layout: str) -> dict:
@@ -260,9 +317,12 @@ def _worker(rank: int, world_size: int, folder: str, sizes: dict) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank,
                             world_size=world_size, timeout=timedelta(seconds=TIMEOUT_S))
-    timed = _topk_variants(rank, world_size, sizes)
+    timed = {}
+    for layout in READ_LAYOUTS:
+        timed.update(_topk_variants(rank, world_size, sizes, layout))
     for shard in PK_SHARDS:
-        timed.update(_pk_variants(rank, world_size, sizes, shard))
+        for layout in READ_LAYOUTS:
+            timed.update(_pk_variants(rank, world_size, sizes, shard, layout))
     for layout in WRITE_LAYOUTS:
         timed.update(_write_variants(rank, world_size, sizes, layout))
     traffic = {}
@@ -323,20 +383,37 @@ def _row(op: str, shape: str, variant: str, extra: str, key: str, result: dict, 
                   both_spread_ms=[min(both_ms), max(both_ms)], reps=len(fwd_ms))
 
 
-def _topk_rows(world_size: int, sizes: dict, result: dict) -> list:
-    queries, slots = sizes["queries"], sizes["slots"]
-    shape = f"P={world_size} N={slots} T={queries} Dk=Dv={DIM} k={K}"
+def _layout_text(world_size: int, sizes: dict, layout: str):
+    """A read's (shape prefix, T, note, queries its bytes are divided by, their unit) per layout:
+    sharded queries are normalised per query of the group, P·T of them."""
+    if layout == "replicated":
+        return "", sizes["queries"], "replicated queries", sizes["queries"], "query"
+    per_rank = _read_queries(sizes, world_size, layout)
+    group = world_size * per_rank
+    note = f"each rank its own queries (T per rank, P·T = {group:,} in the group)"
+    return _layout_prefix(layout), per_rank, note, group, "query of the group"
+
+
+def _topk_rows(world_size: int, sizes: dict, result: dict, layout: str = "replicated") -> list:
+    slots = sizes["slots"]
+    prefix, queries, own, count, unit = _layout_text(world_size, sizes, layout)
+    shape = f"P={world_size} {prefix}N={slots} T={queries} Dk=Dv={DIM} k={K}"
     naive_bytes = world_size * (slots // world_size) * 2 * DIM * 4
-    return [_row(OP, shape, variant, extra, key, result, queries) for variant, key, extra in (
-        ("cpu sharded", "sharded", "replicated queries"),
-        ("naive: gather the memory", "naive",
-         f"all-gather of P·N_r·(Dk+Dv)·4 = {naive_bytes:,} bytes per rank per read"))]
+    naive = f"all-gather of P·N_r·(Dk+Dv)·4 = {naive_bytes:,} bytes per rank per read"
+    if layout == "sharded":
+        naive = (f"{own}; {naive}, its own queries read, its backward a reduce-scatter of the gathered "
+                 "memory's gradient (every rank's queries' summed)")
+    return [_row(OP, shape, variant, extra, f"{prefix}{name}", result, count, unit=unit)
+            for variant, name, extra in (("cpu sharded", "sharded", own),
+                                         ("naive: gather the memory", "naive", naive))]
 
 
-def _pk_rows(world_size: int, sizes: dict, result: dict, shard: str) -> list:
-    queries, n_sub, k = sizes["queries"], sizes["n_sub"], sizes["pk_k"]
+def _pk_rows(world_size: int, sizes: dict, result: dict, shard: str, layout: str = "replicated") -> list:
+    n_sub, k = sizes["n_sub"], sizes["pk_k"]
+    prefix, queries, own, count, unit = _layout_text(world_size, sizes, layout)
     slots = n_sub * n_sub
-    shape = f"P={world_size} shard={shard} n_sub={n_sub} N={slots} T={queries} Dk=Dv={DIM} k=k_sub={k}"
+    shape = (f"P={world_size} {prefix}shard={shard} n_sub={n_sub} N={slots} T={queries} Dk=Dv={DIM} "
+             f"k=k_sub={k}")
     if shard == "rows":
         naive = (f"all-gather of P·N_r·Dv·4 = {world_size * (slots // world_size) * DIM * 4:,} bytes per rank "
                  "per read, its backward a reduce-scatter of the gathered values' gradient")
@@ -344,9 +421,14 @@ def _pk_rows(world_size: int, sizes: dict, result: dict, shard: str) -> list:
         naive = (f"all-gather of P·N·Dv_r·4 = {world_size * slots * (DIM // world_size) * 4:,} bytes per rank "
                  "per read, its backward an all-reduce of the gathered values' gradient, each rank keeping "
                  "its columns")
-    return [_row(PK_OP, shape, variant, extra, key, result, queries) for variant, key, extra in (
-        ("cpu sharded", f"pk {shard} sharded", "replicated queries and sub-keys"),
-        ("naive: gather the values", f"pk {shard} naive", naive))]
+    if layout == "replicated":
+        sharded = f"{own} and sub-keys"
+    else:
+        sharded = f"{own}, replicated sub-keys"
+        naive = f"{own}; {naive} (every rank's queries' summed)"
+    return [_row(PK_OP, shape, variant, extra, f"pk {prefix}{shard} {name}", result, count, unit=unit)
+            for variant, name, extra in (("cpu sharded", "sharded", sharded),
+                                         ("naive: gather the values", "naive", naive))]
 
 
 def _write_rows(world_size: int, sizes: dict, result: dict, layout: str) -> list:
@@ -378,14 +460,16 @@ def run(device: torch.device, quick: bool = False, ceilings: dict | None = None,
                 for op in (OP, PK_OP, WRITE_OP)]
     sizes = TINY if tiny else QUICK if quick else FULL
     results = {world_size: _run_group(world_size, sizes) for world_size in sizes["ranks"]}
-    # The top-k read's rows for every P, then the product-key read's, by shard mode, then the
-    # write's, by query layout.
+    # The top-k read's rows for every P, by query layout, then the product-key read's, by shard mode
+    # and query layout, then the write's, by query layout.
     rows = []
-    for world_size, result in results.items():
-        rows += _topk_rows(world_size, sizes, result)
-    for shard in PK_SHARDS:
+    for layout in READ_LAYOUTS:
         for world_size, result in results.items():
-            rows += _pk_rows(world_size, sizes, result, shard)
+            rows += _topk_rows(world_size, sizes, result, layout)
+    for shard in PK_SHARDS:
+        for layout in READ_LAYOUTS:
+            for world_size, result in results.items():
+                rows += _pk_rows(world_size, sizes, result, shard, layout)
     for layout in WRITE_LAYOUTS:
         for world_size, result in results.items():
             rows += _write_rows(world_size, sizes, result, layout)

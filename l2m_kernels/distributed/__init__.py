@@ -11,7 +11,8 @@ Imported on demand (``import l2m_kernels.distributed``), not by ``import l2m_ker
 from __future__ import annotations
 
 from .module import (INIT_CHUNK, ShardedProductKeyMemory, ShardedTopKMemory, ddp_ignored_parameters,
-                     exclude_from_ddp, seeded_memory, seeded_value_rows, shard_of, shard_sizes)
+                     exclude_from_ddp, seeded_memory, seeded_value_rows, shard_of, shard_sizes,
+                     sharded_parameters)
 from .product_key import sharded_product_key_read
 from .topk import sharded_topk_memory_read
 from .traffic import collective_bytes
@@ -19,5 +20,5 @@ from .write import sharded_gated_memory_write
 
 __all__ = ["sharded_topk_memory_read", "sharded_product_key_read", "sharded_gated_memory_write", "ShardedTopKMemory",
            "ShardedProductKeyMemory", "seeded_value_rows",
-           "exclude_from_ddp", "ddp_ignored_parameters", "shard_of", "shard_sizes", "seeded_memory",
+           "exclude_from_ddp", "ddp_ignored_parameters", "sharded_parameters", "shard_of", "shard_sizes", "seeded_memory",
            "collective_bytes"]

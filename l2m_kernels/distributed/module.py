@@ -4,7 +4,7 @@ keep the shards out of DDP's gradient averaging."""
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Set
 
 import numpy as np
 import torch
@@ -356,3 +356,16 @@ def exclude_from_ddp(model: nn.Module) -> List[str]:
     names = ddp_ignored_parameters(model)
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
     return names
+
+
+def sharded_parameters(model: nn.Module) -> Set[nn.Parameter]:
+    """The sharded parameters (``SHARDED_PARAMETERS``) of every :class:`ShardedTopKMemory` and
+    :class:`ShardedProductKeyMemory` inside ``model``: FSDP2's ``ignored_params``.
+
+    Example (torch >= 2.7, whose ``fully_shard`` takes ``ignored_params``):
+        fully_shard(model, ignored_params=sharded_parameters(model))
+    shards and averages every other parameter (the memories' replicated ones included) and leaves
+    the memory shards as they are, their gradients summed by the sharded read itself.
+    """
+    params = dict(model.named_parameters())
+    return {params[name] for name in ddp_ignored_parameters(model)}

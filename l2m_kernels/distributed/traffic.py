@@ -9,7 +9,8 @@ import torch
 import torch.distributed as dist
 
 # Collective -> the bytes of its buffer: the all-gathers' output (what every rank receives), the
-# all-reduce's tensor, the reduce-scatter's input list (the whole buffer being reduced).
+# all-reduce's tensor, the reduce-scatter's input list (the whole buffer being reduced), the
+# all-to-all's output (what this rank receives).
 _BUFFERS = {
     "all_gather": lambda output, tensor, *a, **k: sum(_nbytes(t) for t in output),
     "all_gather_into_tensor": lambda output, tensor, *a, **k: _nbytes(output),
@@ -17,6 +18,7 @@ _BUFFERS = {
     "reduce_scatter": lambda output, inputs, *a, **k: sum(_nbytes(t) for t in inputs),
     "reduce_scatter_tensor": lambda output, tensor, *a, **k: _nbytes(tensor),
     "all_to_all": lambda outputs, inputs, *a, **k: sum(_nbytes(t) for t in outputs),
+    "all_to_all_single": lambda output, tensor, *a, **k: _nbytes(output),
     "broadcast": lambda tensor, *a, **k: _nbytes(tensor),
 }
 

@@ -2,8 +2,9 @@
 concatenate to the values drawn whole, and a training step of a small model around it gives the
 loss and every gradient of the single-process model around ProductKeyMemory (the values' gradient
 sliced to the shard), alone and with DDP around the model (the values shard left out of it), with
-replicated queries and with sharded queries (each rank its own batch under DDP: the values shard's
-gradient sums every rank's, world_size times the gradient of the mean loss), dense and sparse.
+or FSDP2 (``fully_shard`` on the model, the values shard in ``ignored_params``), with replicated queries and with sharded queries
+(each rank its own batch: the values shard's gradient sums every rank's, world_size times the
+gradient of the mean loss), dense and sparse.
 
 Each process group is spawned once per world size and runs every case (``CASES``) in order
 (:mod:`harness`).
@@ -50,8 +51,11 @@ class _Model(nn.Module):
         return self.memory(self.proj(x))
 
 
-def _training_step(rank, world_size, shard, *, gated=False, ddp=False, seed=0, queries="replicated",
-                   sparse_grad=False):
+def _training_step(rank, world_size, shard, *, gated=False, ddp=False, fsdp2=False, seed=0,
+                   queries="replicated", sparse_grad=False):
+    """One step against the single-process model on every rank's batch. ``ddp``: DDP around the
+    model (the values shard excluded); ``fsdp2``: ``fully_shard`` on the whole model, the values shard
+    in ``ignored_params`` (the memory's replicated parameters sharded and averaged like the rest)."""
     from torch.nn.parallel import DistributedDataParallel
 
     from l2m_kernels.distributed import ShardedProductKeyMemory, exclude_from_ddp, shard_of
@@ -69,6 +73,12 @@ def _training_step(rank, world_size, shard, *, gated=False, ddp=False, seed=0, q
     if ddp:
         assert exclude_from_ddp(model) == ["memory.values"]
         runner = DistributedDataParallel(model)
+    if fsdp2:
+        from torch.distributed.fsdp import fully_shard
+
+        from l2m_kernels.distributed import sharded_parameters
+        assert sharded_parameters(model) == {model.memory.values}
+        fully_shard(model, ignored_params=sharded_parameters(model))
     gen = torch.Generator().manual_seed(seed + 100)
     sharded = queries == "sharded"
     x = torch.randn(B * world_size if sharded else B, T, DIM, generator=gen)
@@ -85,6 +95,8 @@ def _training_step(rank, world_size, shard, *, gated=False, ddp=False, seed=0, q
     for name, param in reference.named_parameters():
         grad = param.grad
         got = shards[name].grad
+        if fsdp2 and name != "memory.values":  # a DTensor sharded across the ranks
+            got = got.full_tensor()
         if name == "memory.values":
             assert got.is_sparse == sparse_grad
             got = got.to_dense() if sparse_grad else got
@@ -105,6 +117,9 @@ CASES = {
                                                                       queries="sharded"),
     "step_sharded_queries_columns_gated_with_ddp": lambda r, p: _training_step(
         r, p, "columns", ddp=True, gated=True, seed=5, queries="sharded"),
+    "step_sharded_queries_rows_with_fsdp2": lambda r, p: _training_step(r, p, "rows", fsdp2=True, seed=8,
+                                                                        queries="sharded"),
+    "step_columns_with_fsdp2": lambda r, p: _training_step(r, p, "columns", fsdp2=True, seed=9),
     "step_rows_sparse_grad": lambda r, p: _training_step(r, p, "rows", seed=6, sparse_grad=True),
     "step_sharded_queries_columns_sparse_grad_with_ddp": lambda r, p: _training_step(
         r, p, "columns", ddp=True, seed=7, queries="sharded", sparse_grad=True),
