@@ -130,16 +130,21 @@ def _topk(p: dict, dtype, seed: int, rank: int, world_size: int, group) -> Judge
                   torch.randn(batch_all, H, T, k, generator=gen, dtype=acc),
                   torch.randn(batch_all, H, T, generator=gen, dtype=acc))
     mine = slice(rank * B, (rank + 1) * B) if sharded else slice(None)
+    # Ties: small integers and a power-of-two scale, so that every score is exact in float32 (the
+    # single-device op's) and float64 (the merge's): equal scores are equal in both, and so are
+    # their orders. (Scores that differ only by float32 rounding may be ordered otherwise by the
+    # merge's float64 scores: docs/distributed.md.)
+    scale = 0.25 if p["ties"] else None
 
     inputs = (_leaf(q[mine]), _leaf(keys[..., offset:offset + size, :]),
               _leaf(values[..., offset:offset + size, :]))
-    read = sharded_topk_memory_read(*inputs, k, group=group, queries=p["queries"],
+    read = sharded_topk_memory_read(*inputs, k, group=group, queries=p["queries"], scale=scale,
                                     valid_len=None if valid_len is None else valid_len[mine])
     grads = torch.autograd.grad((read.out, read.weights, read.lse), inputs,
                                 tuple(c[mine] for c in cotangents))
 
     ref_inputs = tuple(_leaf(t) for t in (q, keys, values))
-    expected = l2m.topk_memory_read(*ref_inputs, k, valid_len=valid_len)
+    expected = l2m.topk_memory_read(*ref_inputs, k, scale=scale, valid_len=valid_len)
     ref_grads = torch.autograd.grad((expected.out, expected.weights, expected.lse), ref_inputs, cotangents)
     judge = Judge(dtype)
     judge.equal("indices", read.indices, expected.indices[mine])
