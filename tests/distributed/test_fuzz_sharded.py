@@ -24,7 +24,7 @@ from . import harness
 
 WORLD_SIZES = (2, 3)
 # Per op and world size; L2M_FUZZ_EXAMPLES sets more for a longer sweep.
-EXAMPLES = int(os.environ.get("L2M_FUZZ_EXAMPLES", "25"))
+EXAMPLES = int(os.environ.get("L2M_FUZZ_EXAMPLES", "60"))
 
 
 def _fuzz(rank, world_size, op):
