@@ -311,6 +311,8 @@ class _ShardedWeightedSum(torch.autograd.Function):
             partial = all_weights.new_zeros((*all_weights.shape[:-1], width))
         if plan.sum_heads:
             partial = partial.sum(1)
+        if not plan.by_rows:  # finished columns: they travel in the output dtype
+            partial = partial.to(plan.out_dtype)
         out = _finish_out(partial.contiguous(), plan)
         ctx.plan = plan
         ctx.save_for_backward(all_weights, all_indices, values)
@@ -323,7 +325,7 @@ class _ShardedWeightedSum(torch.autograd.Function):
         acc = all_weights.dtype
         _, need_weights, _, need_values = ctx.needs_input_grad
         mine, local_ids = _held_entries(all_indices, plan)
-        head_dout = _dout_of_held(dout.to(acc).contiguous(), plan)
+        head_dout = _dout_of_held(dout.contiguous(), plan).to(acc)  # travels in its own dtype
         if plan.sum_heads:
             head_dout = head_dout.unsqueeze(1)  # every head read into the same output
         held = bool(values.shape[0] and values.shape[-1])
