@@ -1,7 +1,7 @@
 """sharded_product_key_read on 2 and 4 gloo processes against product_key_read on the whole values:
 outputs, indices, weights, lse and every gradient (q, subkeys, the values shard, dense or sparse),
 values sharded by rows (uneven, with empty shards) and by columns (uneven, with an empty one),
-replicated and sharded queries, sum_heads, k_sub, ties, empty batches, float32 and float64, and
+replicated and sharded queries, sum_heads, k_sub, ties, empty batches, float32, float64, float16 and bfloat16, and
 mismatched arguments raising on every rank.
 
 Each process group is spawned once per world size and runs every case (``CASES``) in order
@@ -216,6 +216,11 @@ CASES = {
     "sharded_queries_empty_batch": lambda r, p: _check_read(r, p, queries="sharded", shard="columns", B=0,
                                                             seed=18),
     "sharded_queries_without_check": lambda r, p: _check_read(r, p, queries="sharded", check=False, seed=19),
+    "rows_float16_sharded_queries": lambda r, p: _check_read(r, p, queries="sharded", dtype=torch.float16,
+                                                             seed=23),
+    "columns_bfloat16_sharded_queries_sum_heads": lambda r, p: _check_read(
+        r, p, shard="columns", queries="sharded", dtype=torch.bfloat16, sum_heads=True, seed=24),
+    "columns_bfloat16": lambda r, p: _check_read(r, p, shard="columns", dtype=torch.bfloat16, seed=25),
     "sparse_grad_rows": lambda r, p: _check_read(r, p, sparse_grad=True, seed=20),
     "sparse_grad_columns_sharded_queries": lambda r, p: _check_read(
         r, p, shard="columns", queries="sharded", sparse_grad=True, seed=21),
