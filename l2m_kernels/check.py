@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--distributed", type=int, metavar="P", default=None,
                         help="check the sharded ops of l2m_kernels.distributed instead, each on P gloo "
                              "processes of this machine against its single-device op run whole "
-                             "(float32 and float64)")
+                             "(every dtype of --dtypes)")
     return parser
 
 

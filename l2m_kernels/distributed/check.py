@@ -2,7 +2,7 @@
 this machine against the single-device op it is declared to equal, run whole in each process.
 
 The cases are the op's declared edge cases and random shapes (``l2m-check``'s ``build_cases``), each
-at float32 and float64 (``--dtypes`` narrows them); :func:`l2m_kernels.distributed.cases.run_case`
+at float32, float16, bfloat16 and float64 (``--dtypes`` narrows them); :func:`l2m_kernels.distributed.cases.run_case`
 builds and judges one on every rank. A case passes when it passes on every rank; its error is the
 largest over the ranks. A rank whose case raised stops there (the others' next collective fails
 within the group's timeout rather than hanging), and the cases not run are reported as failures.
@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-DTYPES = (torch.float32, torch.float64)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 COLLECTIVE_TIMEOUT_S = 60
 
 

@@ -80,29 +80,31 @@ def test_unknown_shard_pattern_raises():
         cases.pattern_sizes("random", 5, 2)
 
 
-# (world size, seed, quick): every declared edge case with random shapes of two seeds on 2 and 4
-# processes, and the quick set on 3 (a world size that divides nothing evenly).
-RUNS = [(2, 0, False), (4, 1, False), (3, 2, True)]
+# (world size, seed, quick, dtypes): every declared edge case with random shapes of two seeds on 2
+# and 4 processes in float32 and float64, and the quick set on 3 (a world size that divides nothing
+# evenly) in every dtype.
+FULL = (torch.float32, torch.float64)
+RUNS = [(2, 0, False, FULL), (4, 1, False, FULL), (3, 2, True, distributed_check.DTYPES)]
 
 
 @pytest.fixture(scope="module")
 def check_results():
     cache = {}
 
-    def results(world_size, seed, quick):
-        key = (world_size, seed, quick)
+    def results(world_size, seed, quick, dtypes):
+        key = (world_size, seed, quick, dtypes)
         if key not in cache:
-            cache[key] = distributed_check.run(world_size, list(registry.SHARDED_OPS), seed=seed, quick=quick,
-                                               timeout_s=240)
+            cache[key] = distributed_check.run(world_size, list(registry.SHARDED_OPS), dtypes, seed=seed,
+                                               quick=quick, timeout_s=240)
         return cache[key]
     return results
 
 
-@pytest.mark.parametrize("world_size, seed, quick", RUNS)
+@pytest.mark.parametrize("world_size, seed, quick, dtypes", RUNS)
 @pytest.mark.parametrize("op", IDS)
-def test_l2m_check_distributed_passes_every_declared_case(check_results, op, world_size, seed, quick):
-    results = [r for r in check_results(world_size, seed, quick) if r.op == op]
-    expected = len(check.build_cases(op, seed, quick)) * len(distributed_check.DTYPES)
+def test_l2m_check_distributed_passes_every_declared_case(check_results, op, world_size, seed, quick, dtypes):
+    results = [r for r in check_results(world_size, seed, quick, dtypes) if r.op == op]
+    expected = len(check.build_cases(op, seed, quick)) * len(dtypes)
     assert len(results) == expected
     failed = [f"{r.dtype} {r.shape}: {r.message}" for r in results if r.status != "PASS"]
     assert not failed, "\n".join(failed)

@@ -1,8 +1,8 @@
 """sharded_product_key_read on 2 and 4 gloo processes against product_key_read on the whole values:
 outputs, indices, weights, lse and every gradient (q, subkeys, the values shard, dense or sparse),
 values sharded by rows (uneven, with empty shards) and by columns (uneven, with an empty one),
-replicated and sharded queries, sum_heads, k_sub, ties, empty batches, float32, float64, float16 and bfloat16, and
-mismatched arguments raising on every rank.
+replicated and sharded queries, sum_heads, k_sub, ties, empty batches, float32, float64, float16
+and bfloat16, and mismatched arguments raising on every rank.
 
 Each process group is spawned once per world size and runs every case (``CASES``) in order
 (:mod:`harness`).
