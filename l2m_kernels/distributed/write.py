@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import _validation as v
-from ..ops._common import autocast_promote
+from ..ops._common import acc_dtype, autocast_promote
 from ..ops.memory_write import gated_memory_write
 from ..ops.memory_write.validate import check_write_args
 from . import _comm, _meta
@@ -143,6 +143,12 @@ def sharded_gated_memory_write(memory, indices, weights, add, erase, *, group=No
     widths = [weights.shape[-1], add.shape[-1], erase.shape[-1]]
     # One buffer for the three float operands: one collective in each direction.
     packed = torch.cat([weights, add, erase], -1)
+    dtype = memory.dtype
+    if torch.is_grad_enabled() and packed.requires_grad and acc_dtype(dtype) != dtype:
+        # float16/bfloat16 writes that need gradients: the shard's write runs in float32, so that
+        # the writes' gradients are summed over the ranks before they are rounded, once, as on one
+        # device (rounding each rank's part first could lose the sum where the parts cancel).
+        memory, packed = memory.to(acc_dtype(dtype)), packed.to(acc_dtype(dtype))
     if plan.sharded_writes:
         packed = _GatherWrites.apply(packed, plan)
         indices = _all_gather_batch(indices, plan)
@@ -151,8 +157,8 @@ def sharded_gated_memory_write(memory, indices, weights, add, erase, *, group=No
     weights, add, erase = packed.split(widths, -1)
     local_ids = _local_slot_ids(indices, layout)
     if layout.size == 0:
-        return _EmptyShard.apply(memory, packed)
-    return gated_memory_write(memory, local_ids, weights, add, erase, backend=backend)
+        return _EmptyShard.apply(memory, packed).to(dtype)
+    return gated_memory_write(memory, local_ids, weights, add, erase, backend=backend).to(dtype)
 
 
 def _check_local(memory, indices, weights, add, erase, queries, world_size: int, backend):

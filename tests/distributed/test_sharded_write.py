@@ -165,7 +165,20 @@ def _weights_outside_zero_one(rank, world_size):
                                                             erase, queries="sharded"))
 
 
+def _half_precision_gradients(rank, world_size):
+    """float16/bfloat16 writes: the writes' gradients are summed over the ranks before they are
+    rounded (a case where the ranks' parts cancel, found by fuzzing)."""
+    from l2m_kernels.distributed.cases import run_case
+
+    params = dict(B=2, Hm=1, T=1, kw=3, N=2, D=1, queries="replicated", sizes="even", int32_ids=True,
+                  erase_per_feature=False)
+    failures = {dtype: run_case("sharded_gated_memory_write", params, dtype, 70, rank, world_size).failures
+                for dtype in (torch.float16, torch.bfloat16)}
+    assert not any(failures.values()), failures
+
+
 CASES = {
+    "half_precision_gradients_summed_before_rounding": _half_precision_gradients,
     "replicated_4d_float32": lambda r, p: _check_write(r, p),
     "replicated_3d_float64_int32_ids": lambda r, p: _check_write(
         r, p, Hm=0, dtype=torch.float64, index_dtype=torch.int32, erase_width=1, seed=1),
