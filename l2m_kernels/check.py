@@ -352,7 +352,7 @@ def _main_distributed(args, env) -> int:
     from .distributed import check as distributed_check
 
     ops = distributed_check.sharded_ops(args.ops)
-    dtypes = [DTYPE_NAMES[n] for n in args.dtypes if DTYPE_NAMES[n] in distributed_check.DTYPES]
+    dtypes = [DTYPE_NAMES[n] for n in args.dtypes]
     print(f"l2m-check {__version__}: sharded ops on {args.distributed} gloo processes vs the single-device "
           f"op on the whole memory (slot ids identical; relative RMS error of every output and gradient)")
     print(f"torch {env['torch']}; seed {args.seed}{', quick' if args.quick else ''}")

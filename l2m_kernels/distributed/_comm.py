@@ -42,13 +42,12 @@ def split_batch(tensor: Tensor, layout: ShardLayout) -> List[Tensor]:
                                *tensor.shape[1:]).unbind(0))
 
 
-def all_to_all_pieces(pieces: Sequence[Tensor], group, layout: ShardLayout) -> List[Tensor]:
+def all_to_all_pieces(pieces: Sequence[Tensor], width: int, group, layout: ShardLayout) -> List[Tensor]:
     """Send ``pieces[s]`` to rank s and receive rank s's piece for this rank, for every s, in one
     ``all_to_all_single``. The pieces have one shape but for the last dimension; they travel padded
-    to the widest, ``widest`` being the same on every rank (the caller's), and come back padded:
-    the caller cuts each received piece to the width its sender gave it."""
-    widest = max(piece.shape[-1] for piece in pieces)
-    padded = torch.stack([torch.nn.functional.pad(piece, (0, widest - piece.shape[-1]))
+    to ``width`` (the same on every rank) and come back padded: the caller cuts each received piece
+    to the width its sender gave it."""
+    padded = torch.stack([torch.nn.functional.pad(piece, (0, width - piece.shape[-1]))
                           for piece in pieces]).contiguous()
     received = torch.empty_like(padded)
     dist.all_to_all_single(received, padded, group=group)

@@ -21,7 +21,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..ops._common import acc_dtype
 from ..testing import TOLERANCE, rel_rms_error
+from .module import shard_sizes
 
 SHARD_PATTERNS = ("even", "uneven", "empty_first", "one_holds_all")
 
@@ -39,7 +41,7 @@ def pattern_sizes(pattern: str, total: int, world_size: int) -> List[int]:
     if world_size == 1:
         return [total]
     if pattern == "even":
-        return [total // world_size + (rank < total % world_size) for rank in range(world_size)]
+        return shard_sizes(total, world_size)
     if pattern == "uneven":
         parts = world_size * (world_size + 1) // 2
         sizes = [total * (rank + 1) // parts for rank in range(world_size - 1)]
@@ -57,10 +59,6 @@ def _offset(sizes: List[int], rank: int) -> int:
 
 def _leaf(tensor: Tensor) -> Tensor:
     return tensor.detach().clone().requires_grad_(True)
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class Judge:
@@ -86,6 +84,24 @@ class Judge:
         if not torch.equal(actual, expected):
             differ = (actual != expected).sum().item() if actual.shape == expected.shape else "shape"
             self.failures[name] = f"not identical ({differ} entries differ)"
+
+
+def _read_grads(read, inputs, cotangents, mine):
+    """The gradients of ``inputs`` of a read's (out, weights, lse) for this rank's slice of the
+    cotangents."""
+    return list(torch.autograd.grad((read.out, read.weights, read.lse), inputs,
+                                    tuple(c[mine] for c in cotangents)))
+
+
+def _reference_grads(expected, inputs, cotangents):
+    return torch.autograd.grad((expected.out, expected.weights, expected.lse), inputs, cotangents)
+
+
+def _judge_read(judge: Judge, read, expected, mine) -> None:
+    """Slot ids identical and (out, weights, lse) close to this rank's slice of ``expected``."""
+    judge.equal("indices", read.indices, expected.indices[mine])
+    for name in ("out", "weights", "lse"):
+        judge.close(name, getattr(read, name), getattr(expected, name)[mine])
 
 
 def _draw(gen: torch.Generator, shape, dtype, ties: bool, low=-2, high=3) -> Tensor:
@@ -125,7 +141,7 @@ def _topk(p: dict, dtype, seed: int, rank: int, world_size: int, group) -> Judge
     values = _draw(gen, (*lead, N, Dv), dtype, False)
     q = _draw(gen, (batch_all, H, T, Dk), dtype, p["ties"])
     valid_len = _valid_lens(p["valid_len"], batch_all, N, k, gen)
-    acc = _acc(dtype)
+    acc = acc_dtype(dtype)
     cotangents = (torch.randn(batch_all, H, T, Dv, generator=gen, dtype=dtype),
                   torch.randn(batch_all, H, T, k, generator=gen, dtype=acc),
                   torch.randn(batch_all, H, T, generator=gen, dtype=acc))
@@ -140,17 +156,13 @@ def _topk(p: dict, dtype, seed: int, rank: int, world_size: int, group) -> Judge
               _leaf(values[..., offset:offset + size, :]))
     read = sharded_topk_memory_read(*inputs, k, group=group, queries=p["queries"], scale=scale,
                                     valid_len=None if valid_len is None else valid_len[mine])
-    grads = torch.autograd.grad((read.out, read.weights, read.lse), inputs,
-                                tuple(c[mine] for c in cotangents))
+    grads = _read_grads(read, inputs, cotangents, mine)
 
     ref_inputs = tuple(_leaf(t) for t in (q, keys, values))
     expected = l2m.topk_memory_read(*ref_inputs, k, scale=scale, valid_len=valid_len)
-    ref_grads = torch.autograd.grad((expected.out, expected.weights, expected.lse), ref_inputs, cotangents)
+    ref_grads = _reference_grads(expected, ref_inputs, cotangents)
     judge = Judge(dtype)
-    judge.equal("indices", read.indices, expected.indices[mine])
-    for name, got, want in zip(("out", "weights", "lse"), (read.out, read.weights, read.lse),
-                               (expected.out, expected.weights, expected.lse)):
-        judge.close(name, got, want[mine])
+    _judge_read(judge, read, expected, mine)
     judge.close("dq", grads[0], ref_grads[0][mine])
     judge.close("dkeys", grads[1], ref_grads[1][..., offset:offset + size, :])
     judge.close("dvalues", grads[2], ref_grads[2][..., offset:offset + size, :])
@@ -174,7 +186,7 @@ def _product_key(p: dict, dtype, seed: int, rank: int, world_size: int, group) -
     q = _draw(gen, (batch_all, H, T, Dk), dtype, p["ties"], -1, 2)
     subkeys = _draw(gen, (H, 2, n_sub, Dk // 2), dtype, p["ties"], -1, 2)
     values = torch.randn(num_slots, Dv, generator=gen, dtype=dtype)
-    acc = _acc(dtype)
+    acc = acc_dtype(dtype)
     cotangents = (torch.randn((batch_all, T, Dv) if p["sum_heads"] else (batch_all, H, T, Dv), generator=gen,
                               dtype=dtype),
                   torch.randn(batch_all, H, T, k, generator=gen, dtype=acc),
@@ -187,19 +199,15 @@ def _product_key(p: dict, dtype, seed: int, rank: int, world_size: int, group) -
     inputs = (_leaf(q[mine]), _leaf(subkeys), _leaf(shard_of(values)))
     read = sharded_product_key_read(*inputs, k, k_sub=k_sub, group=group, shard=p["shard"], queries=p["queries"],
                                     sum_heads=p["sum_heads"], sparse_grad=p["sparse_grad"])
-    grads = list(torch.autograd.grad((read.out, read.weights, read.lse), inputs,
-                                     tuple(c[mine] for c in cotangents)))
+    grads = _read_grads(read, inputs, cotangents, mine)
     if sharded:   # this rank's queries' sub-key gradient: summed over the ranks, the whole batch's
         dist.all_reduce(grads[1], group=group)
 
     ref_inputs = tuple(_leaf(t) for t in (q, subkeys, values))
     expected = l2m.product_key_read(*ref_inputs, k, k_sub=k_sub, sum_heads=p["sum_heads"])
-    ref_grads = torch.autograd.grad((expected.out, expected.weights, expected.lse), ref_inputs, cotangents)
+    ref_grads = _reference_grads(expected, ref_inputs, cotangents)
     judge = Judge(dtype)
-    judge.equal("indices", read.indices, expected.indices[mine])
-    for name, got, want in zip(("out", "weights", "lse"), (read.out, read.weights, read.lse),
-                               (expected.out, expected.weights, expected.lse)):
-        judge.close(name, got, want[mine])
+    _judge_read(judge, read, expected, mine)
     judge.close("dq", grads[0], ref_grads[0][mine])
     judge.close("dsubkeys", grads[1], ref_grads[1])
     dvalues = grads[2]

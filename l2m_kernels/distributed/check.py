@@ -18,7 +18,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+from ..check import DTYPES  # every dtype l2m-check knows
+
 COLLECTIVE_TIMEOUT_S = 60
 
 

@@ -256,16 +256,12 @@ def _finish_out(partial: Tensor, plan: _Plan) -> Tensor:
     widest = max(layout.sizes)
     if plan.sharded_queries:
         # Rank s gets its queries' slice of these columns; every rank's columns of ours come back.
-        parts = _comm.all_to_all_pieces(_padded(_comm.split_batch(partial, layout), widest), group, layout)
+        parts = _comm.all_to_all_pieces(_comm.split_batch(partial, layout), widest, group, layout)
     else:
-        padded = _padded([partial], widest)[0].contiguous()
+        padded = torch.nn.functional.pad(partial, (0, widest - partial.shape[-1])).contiguous()
         parts = [torch.empty_like(padded) for _ in range(layout.world_size)]
         dist.all_gather(parts, padded, group=group)
     return torch.cat([part[..., :width] for part, width in zip(parts, layout.sizes)], -1)
-
-
-def _padded(tensors, width: int):
-    return [torch.nn.functional.pad(t, (0, width - t.shape[-1])) for t in tensors]
 
 
 def _dout_of_held(dout: Tensor, plan: _Plan) -> Tensor:
@@ -278,7 +274,7 @@ def _dout_of_held(dout: Tensor, plan: _Plan) -> Tensor:
         return dout.narrow(-1, layout.offset, layout.size)
     # Rank s gets our queries' gradient at its columns; our columns of every rank's queries come back.
     columns = [dout.narrow(-1, offset, width) for offset, width in zip(layout.offsets, layout.sizes)]
-    parts = _comm.all_to_all_pieces(_padded(columns, max(layout.sizes)), plan.group, layout)
+    parts = _comm.all_to_all_pieces(columns, max(layout.sizes), plan.group, layout)
     return torch.cat([part[..., :layout.size] for part in parts], 0)
 
 
